@@ -1,0 +1,1 @@
+"""Settings, domain values, errors and logging. Imports nothing of ours (STYLE.md §1)."""

@@ -1,0 +1,118 @@
+"""One hierarchy of expected failures, each carrying its mapping to every boundary.
+
+The single table (STYLE.md §3), like Orthanc's ``ConvertErrorCodeToHttpStatus``:
+DIMSE status (PS3.7 Annex C / PS3.4 B.2.3 for Storage), HTTP status (problem+json,
+RFC 9457) and FHIR ``OperationOutcome.issue.code`` (FHIR R4 ValueSet issue-type).
+Each class also subclasses the matching builtin, as zarr's
+``NodeNotFoundError(BaseZarrError, FileNotFoundError)`` does, so callers that only
+know the builtins still catch them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "DuplicateError",
+    "InvalidDatasetError",
+    "InvalidQueryError",
+    "LabMessageError",
+    "NotFoundError",
+    "OutOfResourcesError",
+    "ProcedureStepStateError",
+    "SOPClassMismatchError",
+    "ServiceError",
+]
+
+
+class ServiceError(Exception):
+    """An expected failure that we can explain to a peer.
+
+    ``str(exc)`` must never contain patient data: it ends up in DIMSE
+    ErrorComment, problem+json ``detail`` and logs.
+    """
+
+    title: ClassVar[str] = "Processing failure"
+    http_status: ClassVar[int] = 500
+    dimse_status: ClassVar[int] = 0x0110
+    fhir_code: ClassVar[str] = "processing"
+
+
+class InvalidDatasetError(ServiceError, ValueError):
+    """Unparseable DICOM, or a required attribute is missing (PS3.4 B.2.3 0xC000)."""
+
+    title = "Invalid dataset"
+    http_status = 400
+    dimse_status = 0xC000
+    fhir_code = "invalid"
+
+
+class SOPClassMismatchError(ServiceError, ValueError):
+    """Dataset disagrees with the request's SOP Class/Instance (PS3.4 B.2.3 0xA900)."""
+
+    title = "Data set does not match SOP Class"
+    http_status = 400
+    dimse_status = 0xA900
+    fhir_code = "invalid"
+
+
+class InvalidQueryError(ServiceError, ValueError):
+    """Bad C-FIND identifier or QIDO parameters (PS3.4 C.4.1.1.4 0xA900)."""
+
+    title = "Invalid query"
+    http_status = 400
+    dimse_status = 0xA900
+    fhir_code = "invalid"
+
+
+class NotFoundError(ServiceError, LookupError):
+    """Unknown study, tile, result or MPPS (PS3.7 C.5.7 0x0112 No such SOP Instance)."""
+
+    title = "Not found"
+    http_status = 404
+    dimse_status = 0x0112
+    fhir_code = "not-found"
+
+
+class DuplicateError(ServiceError, ValueError):
+    """N-CREATE for an existing SOP Instance (PS3.7 C.5.9 0x0111)."""
+
+    title = "Duplicate SOP Instance"
+    http_status = 409
+    dimse_status = 0x0111
+    fhir_code = "duplicate"
+
+
+class ProcedureStepStateError(ServiceError, ValueError):
+    """N-SET after COMPLETED or DISCONTINUED (PS3.4 F.7.2.2 0x0110)."""
+
+    title = "Invalid procedure step state"
+    http_status = 409
+    dimse_status = 0x0110
+    fhir_code = "business-rule"
+
+
+class OutOfResourcesError(ServiceError, OSError):
+    """Storage full or index unavailable (PS3.4 B.2.3 0xA700 Out of Resources)."""
+
+    title = "Out of resources"
+    http_status = 507
+    dimse_status = 0xA700
+    fhir_code = "no-store"
+
+
+class LabMessageError(ServiceError, ValueError):
+    """An analyzer file that cannot be parsed; the file moves to ``rejected/``.
+
+    ``where`` names the line/record so the reason file can point at it.
+    """
+
+    title = "Unparseable lab message"
+    http_status = 422
+    dimse_status = 0xC000
+    fhir_code = "invalid"
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        super().__init__(message if where is None else f"{message} (at {where})")
+        self.reason = message
+        self.where = where

@@ -1,0 +1,1 @@
+"""pacslab pacslab."""
