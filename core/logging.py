@@ -75,4 +75,6 @@ def configure(level: str = "INFO", *, json_format: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at DEBUG and identifiers at INFO; keep it quiet and
     # let our handlers say what matters.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    logging.getLogger("pynetdicom").setLevel(quiet)
+    logging.getLogger("alembic").setLevel(quiet)

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 __all__ = ["SyntheticSeries", "ct_phantom_slice", "ct_series", "write_ct_series"]
 
@@ -143,8 +148,9 @@ def ct_series(
         yield ds
 
 
-def write_ct_series(directory: Path, slices: int = 120, rows: int = 512, columns: int = 512,
-                    **kwargs: str) -> list[Path]:
+def write_ct_series(
+    directory: Path, slices: int = 120, rows: int = 512, columns: int = 512, **kwargs: str
+) -> list[Path]:
     """Write a series as Part-10 files ``directory/CT_000001.dcm`` …; return the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,0 +1,94 @@
+"""Thin adapters between the DICOM transports and :class:`IngestService` (STYLE.md §8 A).
+
+They only translate: a :class:`ServiceError` becomes its DIMSE status with a short
+ErrorComment free of patient data; anything else is a bug and propagates (pynetdicom
+answers 0xC211 and logs it; the fast path aborts the association).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+
+from core.errors import ServiceError
+from ingest.dicom.dimse import Command
+from storage.staging import StagedWriter
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+    from ingest.service import IngestService
+
+__all__ = ["handle_echo", "handle_store", "status_dataset", "store_staged"]
+
+logger = logging.getLogger(__name__)
+
+
+def _comment(exc: ServiceError) -> str:
+    text = f"{exc.title}: {exc}" if str(exc) else exc.title
+    return text[:64]
+
+
+def store_staged(
+    service: IngestService, writer: StagedWriter, command: Command, calling_ae: str
+) -> tuple[int, str]:
+    """Fast-path C-STORE: finish the staged file and hand it to ingest."""
+    try:
+        staged = writer.finish(fsync=False)  # the archive fsyncs after validating
+        service.accept_instance(staged, calling_ae=calling_ae)
+    except ServiceError as exc:
+        return exc.dimse_status, _comment(exc)
+    return 0x0000, ""
+
+
+def status_dataset(status: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _dataset_offset(path: str) -> int:
+    """Where the data set starts in a Part-10 file written by pynetdicom (PS3.10 7.1)."""
+    with open(path, "rb") as fp:
+        head = fp.read(144)
+    # preamble (128) + "DICM" + (0002,0000) UL element of 12 bytes holding the group length
+    (group_length,) = struct.unpack_from("<I", head, 140)
+    return 144 + group_length
+
+
+def handle_store(event: Event, service: IngestService) -> int | Dataset:
+    """EVT_C_STORE for associations pynetdicom serves (TLS, mixed services)."""
+    request = event.request
+    sop_class = str(request.AffectedSOPClassUID)
+    sop_instance = str(request.AffectedSOPInstanceUID)
+    ts = str(event.context.transfer_syntax)
+    path = str(event.dataset_path)
+    writer: StagedWriter | None = None
+    try:
+        writer = StagedWriter(service.archive.staging_dir(), sop_class, sop_instance, ts)
+        with open(path, "rb") as src:
+            src.seek(_dataset_offset(path))
+            while chunk := src.read(1 << 20):
+                writer.write(chunk)
+        staged = writer.finish(fsync=False)
+        writer = None
+        service.accept_instance(staged, calling_ae=event.assoc.requestor.ae_title)
+    except ServiceError as exc:
+        return status_dataset(exc.dimse_status, _comment(exc))
+    finally:
+        if writer is not None:
+            writer.abort()
+        with contextlib.suppress(OSError):
+            event.dataset_path.unlink()
+    return 0x0000
+
+
+def handle_echo(event: Event) -> int:
+    """EVT_C_ECHO: Verification SOP Class (PS3.4 A.4) always succeeds."""
+    return 0x0000

@@ -1,0 +1,278 @@
+"""The DICOM receiver: one listening socket, fast path for storage, pynetdicom for the rest.
+
+Every accepted connection is peeked at (``MSG_PEEK``, nothing consumed): an
+A-ASSOCIATE-RQ that proposes only Storage and Verification contexts is served by
+:class:`~ingest.dicom.association.FastAssociation`; anything else (worklist, MPPS,
+role selection, user identity, TLS) is handed untouched to a pynetdicom
+``AssociationServer`` in the same process, with the handlers the composition root
+registered. Several processes may serve one listening socket (pre-fork, see
+:mod:`pacslab.services`): the kernel hands each connection to one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
+
+from core.settings import DicomSettings
+from ingest.dicom.association import (
+    A_ASSOCIATE_RQ_TYPE,
+    AssociationPolicy,
+    FastAssociation,
+    is_fast_path,
+)
+from ingest.dicom.handlers import handle_echo, handle_store, store_staged
+from ingest.service import IngestService
+
+__all__ = ["TRANSFER_SYNTAXES", "DicomReceiver", "bind_listener"]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted as received, never transcoded (PS3.5 Annex A, PS3.6 Table A-1).
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.100",  # MPEG2 MP@ML (US/endoscopy video)
+    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264
+    "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD
+    "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main
+]
+
+
+def storage_contexts() -> list[PresentationContext]:
+    return [
+        build_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts
+    ]
+
+
+def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen before forking, so every receiver process shares the socket."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca is not None:
+        ctx.load_verify_locations(settings.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class DicomReceiver:
+    """Accept loop of one process; see the module docstring.
+
+    Parameters
+    ----------
+    settings
+        The ``dicom`` section.
+    service
+        Where received instances go.
+    extra_contexts, extra_handlers
+        Presentation contexts and pynetdicom event handlers of other services that
+        share this AE and port (worklist C-FIND, MPPS), served by pynetdicom.
+    fsync
+        From ``storage.fsync``.
+    """
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        service: IngestService,
+        *,
+        extra_contexts: Sequence[PresentationContext] = (),
+        extra_handlers: Sequence[tuple[Any, ...]] = (),
+        fsync: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        contexts = [*storage_contexts(), build_context(Verification, TRANSFER_SYNTAXES[:2])]
+        self.policy = AssociationPolicy(
+            ae_title=settings.ae_title,
+            contexts=contexts,
+            storage_sop_classes=frozenset(
+                str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+            ),
+            allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
+            max_pdu=settings.max_pdu,
+            acse_timeout_s=settings.acse_timeout_s,
+            network_timeout_s=settings.network_timeout_s,
+            max_associations=settings.max_associations,
+            fsync=fsync,
+        )
+        self.ssl_context = _ssl_context(settings)
+        self._configure_pynetdicom()
+        self.ae = self._build_ae(contexts, extra_contexts)
+        handlers = [
+            (evt.EVT_C_STORE, handle_store, [service]),
+            (evt.EVT_C_ECHO, handle_echo),
+            *extra_handlers,
+        ]
+        # pynetdicom serves only connections we hand over; its own listening socket is
+        # a loopback placeholder that nobody connects to.
+        self.slow_server = self.ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=handlers, ssl_context=None
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _configure_pynetdicom(self) -> None:
+        # Set once per process from Settings (STYLE.md §4); these are pynetdicom globals.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        _config.LOG_HANDLER_LEVEL = "none"
+        _config.PASS_CONTEXTVARS = True
+        # We accept data sets as received: value validation on read only produces
+        # warnings (pydicom's default WARN mode) and its regexes cost more than the
+        # rest of header parsing. Refusals are decided by instance_record().
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        # pynetdicom's chunked receive writes to tempfile's directory: keep it on the
+        # same file system as the originals.
+        tempfile.tempdir = str(self.service.archive.staging_dir())
+
+    def _build_ae(
+        self, contexts: Sequence[PresentationContext], extra: Sequence[PresentationContext]
+    ) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.dimse_timeout_s
+        ae.network_timeout = self.settings.network_timeout_s
+        ae.maximum_associations = self.settings.max_associations
+        ae.require_calling_aet = list(self.policy.allowed_calling_aes)
+        for cx in [*contexts, *extra]:
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        return ae
+
+    # -- accept loop ---------------------------------------------------------------
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept connections until :meth:`stop` (blocking)."""
+        listener.settimeout(0.5)  # so stop() is noticed
+        while not self._stop.is_set():
+            try:
+                sock, addr = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                logger.error("accept failed", exc_info=True)
+                continue
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            thread = threading.Thread(
+                target=self._handle, args=(sock, addr, peer), name=f"dicom-{peer}", daemon=True
+            )
+            thread.start()
+
+    def start(self, listener: socket.socket) -> threading.Thread:
+        thread = threading.Thread(
+            target=self.serve, args=(listener,), name="dicom-accept", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self.slow_server.shutdown()
+
+    def _handle(self, sock: socket.socket, addr: Any, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            try:
+                sock.settimeout(self.settings.acse_timeout_s)
+                tls = self.ssl_context.wrap_socket(sock, server_side=True)
+                tls.settimeout(None)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", peer, type(exc).__name__)
+                sock.close()
+                return
+            self.slow_server.process_request(tls, addr)
+            return
+        try:
+            rq_bytes = self._peek_associate_rq(sock)
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "connection from %s dropped before A-ASSOCIATE: %s", peer, type(exc).__name__
+            )
+            sock.close()
+            return
+        if rq_bytes is not None:
+            rq = A_ASSOCIATE_RQ()
+            try:
+                rq.decode(rq_bytes)
+                fast = is_fast_path(rq.to_primitive(), self.policy.storage_sop_classes)
+            except Exception:
+                fast = False  # let pynetdicom answer malformed requests per PS3.8
+            if fast:
+                _recv_consume(sock, len(rq_bytes))
+                FastAssociation(
+                    sock,
+                    peer,
+                    self.policy,
+                    partial(store_staged, self.service),
+                    self.service.archive.staging_dir(),
+                ).run(rq_bytes)
+                return
+        sock.settimeout(None)
+        self.slow_server.process_request(sock, addr)
+
+    def _peek_associate_rq(self, sock: socket.socket) -> bytes | None:
+        """The A-ASSOCIATE-RQ PDU, read without consuming it; None if it is another PDU."""
+        sock.settimeout(self.settings.acse_timeout_s)
+        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(header) < 6:
+            raise ConnectionError("closed")
+        pdu_type, _, length = struct.unpack(">BBI", header)
+        if pdu_type != A_ASSOCIATE_RQ_TYPE or length > 1 << 20:
+            return None
+        data = sock.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(data) < 6 + length:
+            raise ConnectionError("closed during A-ASSOCIATE-RQ")
+        return data
+
+
+def _recv_consume(sock: socket.socket, n: int) -> None:
+    while n:
+        chunk = sock.recv(min(n, 65536))
+        if not chunk:
+            raise ConnectionError("closed")
+        n -= len(chunk)

@@ -1,0 +1,3 @@
+from pacslab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Receiver processes: pre-forked children sharing one listening socket (issue #2 §7).
+
+One Python process is bound by its GIL; the kernel spreads accepted connections over
+the children blocked in ``accept`` on the inherited socket, so parallel associations
+use every core. Children die with their parent (PR_SET_PDEATHSIG), so a killed
+service never leaves a receiver holding the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+from core.logging import configure
+from core.settings import Settings
+from ingest.dicom.scp import DicomReceiver, bind_listener
+from pacslab.wiring import build_index, build_ingest
+
+__all__ = ["DicomProcesses", "run_receiver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_receiver(
+    listener: socket.socket, settings: Settings, stop: threading.Event | None = None
+) -> None:
+    """Serve DICOM on ``listener`` in this process until ``stop`` (or forever)."""
+    index = build_index(settings, migrate=False)
+    service = build_ingest(settings, index)
+    extra_contexts, extra_handlers = _other_dicom_services(settings, index)
+    receiver = DicomReceiver(
+        settings.dicom,
+        service,
+        extra_contexts=extra_contexts,
+        extra_handlers=extra_handlers,
+        fsync=settings.storage.fsync,
+    )
+    thread = receiver.start(listener)
+    try:
+        while thread.is_alive() and not (stop and stop.is_set()):
+            time.sleep(0.2)
+    finally:
+        receiver.stop()
+        service.archive.close()
+        index.close()
+
+
+def _other_dicom_services(settings: Settings, index: object) -> tuple[list, list]:  # type: ignore[type-arg]
+    """Worklist and MPPS share the AE and port; wired in once they exist."""
+    return [], []
+
+
+def _child_main(listener: socket.socket, settings: Settings) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    configure(settings.log.level, json_format=settings.log.json_format)
+    run_receiver(listener, settings)
+
+
+class DicomProcesses:
+    """Bind the DICOM port, fork the receivers, restart any that dies."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.listener = bind_listener(settings.dicom.host, settings.dicom.port)
+        self.port = self.listener.getsockname()[1]
+        self.count = settings.dicom.workers or os.cpu_count() or 1
+        self._ctx = mp.get_context("fork")
+        self._procs: list[BaseProcess] = []
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self._procs.append(self._spawn())
+        logger.info(
+            "DICOM %s listening on port %d with %d receiver processes",
+            self.settings.dicom.ae_title,
+            self.port,
+            self.count,
+        )
+        self._watch = threading.Thread(target=self._supervise, name="dicom-supervisor", daemon=True)
+        self._watch.start()
+
+    def _spawn(self) -> BaseProcess:
+        proc = self._ctx.Process(
+            target=_child_main,
+            args=(self.listener, self.settings),
+            name="pacslab-dicom",
+            daemon=True,
+        )
+        proc.start()
+        return proc
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            for i, proc in enumerate(self._procs):
+                if not proc.is_alive() and not self._stop.is_set():
+                    logger.error(
+                        "receiver process %s exited (%s); restarting", proc.pid, proc.exitcode
+                    )
+                    self._procs[i] = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=5)
+        self.listener.close()

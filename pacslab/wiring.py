@@ -1,0 +1,38 @@
+"""Composition root: build each service's parts from Settings (STYLE.md §1).
+
+The one place that knows every concrete class. Each process (receiver child, worker,
+API) calls these once at start.
+"""
+
+from __future__ import annotations
+
+from core.settings import Settings
+from ingest.service import IngestService
+from storage.archive import Archive
+from storage.index.sql import SqlIndex
+from storage.originals import FileOriginalStore
+
+__all__ = ["build_archive", "build_index", "build_ingest"]
+
+
+def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
+    section = settings.index
+    if migrate is not None:
+        section = section.model_copy(update={"migrate": migrate})
+    return SqlIndex(section)
+
+
+def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
+    assert settings.storage.originals_dir is not None
+    assert settings.storage.quarantine_dir is not None
+    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
+    return Archive(
+        originals,
+        index or build_index(settings),
+        quarantine=settings.storage.quarantine_dir,
+        fsync=settings.storage.fsync,
+    )
+
+
+def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:
+    return IngestService(build_archive(settings, index))

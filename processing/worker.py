@@ -1,0 +1,126 @@
+"""Job worker: claims ``pending`` jobs from the index and runs them (STYLE.md §1).
+
+Restart-safe and idempotent: a job is claimed (``running``), its handler runs, and it is
+marked ``done`` with its result. A handler that raises records the error and is
+retried with back-off until ``max_attempts``; then the job is ``failed`` and stays
+visible. One poison input fails alone and never blocks the queue. Jobs left
+``running`` by a worker that died are requeued when a worker with the same name
+starts again, or by anyone once their lease has expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from core.errors import ServiceError
+from core.logging import correlation
+from storage.abc import Job
+
+__all__ = ["JobHandler", "JobWorker"]
+
+logger = logging.getLogger(__name__)
+
+JobHandler = Callable[[Job], Mapping[str, Any] | None]
+
+
+class JobWorker:
+    def __init__(
+        self,
+        index: Any,
+        handlers: Mapping[str, JobHandler],
+        *,
+        name: str,
+        poll_interval_s: float = 0.5,
+        max_attempts: int = 3,
+        batch: int = 8,
+        lease_s: float = 600.0,
+    ) -> None:
+        self.index = index
+        self.handlers = dict(handlers)
+        self.name = name
+        self.poll_interval_s = poll_interval_s
+        self.max_attempts = max_attempts
+        self.batch = batch
+        self.lease_s = lease_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_idle: list[Callable[[], None]] = []
+        self.on_start: list[Callable[[], None]] = []
+
+    def run_once(self) -> int:
+        """Claim and run up to ``batch`` jobs; return how many ran."""
+        jobs = self.index.claim_jobs(self.name, limit=self.batch)
+        done: list[tuple[int, dict[str, Any]]] = []
+        try:
+            for job in jobs:
+                result = self._run(job)
+                if result is not None:
+                    done.append((job.id, result))
+        finally:
+            self.index.finish_jobs(done)
+        return len(jobs)
+
+    def _run(self, job: Job) -> dict[str, Any] | None:
+        """Run one job; its result if it succeeded (the caller marks it done)."""
+        handler = self.handlers.get(job.kind)
+        with correlation(job.correlation_id or None):
+            if handler is None:
+                self.index.fail_job(job.id, f"no handler for job kind {job.kind!r}")
+                return None
+            started = time.perf_counter()
+            try:
+                result = handler(job)
+            except Exception as exc:
+                expected = isinstance(exc, ServiceError)
+                error = f"{type(exc).__name__}: {exc}"
+                retry = (
+                    None
+                    if job.attempts >= self.max_attempts or expected
+                    else min(60.0, 2.0**job.attempts)
+                )
+                # A ServiceError (bad input) will fail the same way again: no retry.
+                self.index.fail_job(job.id, error, retry_in_s=retry)
+                log = logger.warning if expected else logger.error
+                log(
+                    "job %d %s %s failed (attempt %d): %s",
+                    job.id,
+                    job.kind,
+                    job.target,
+                    job.attempts,
+                    error,
+                    exc_info=not expected,
+                )
+                return None
+            logger.debug(
+                "job %d %s done in %.3f s", job.id, job.kind, time.perf_counter() - started
+            )
+            return dict(result or {})
+
+    def run(self) -> None:
+        for hook in self.on_start:
+            hook()
+        self.index.requeue_stale_jobs(self.lease_s)
+        while not self._stop.is_set():
+            try:
+                ran = self.run_once()
+                if not ran:
+                    for hook in self.on_idle:
+                        hook()
+            except Exception:
+                logger.error("worker loop error", exc_info=True)
+                ran = 0
+            if not ran:
+                self._stop.wait(self.poll_interval_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"worker-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,147 @@
+"""Storage seams (STYLE.md §6): Protocols the services depend on, with capability flags.
+
+Only the standard library here, so every layer can import it without cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "AddOutcome",
+    "Job",
+    "MetadataIndex",
+    "NewInstance",
+    "OriginalStore",
+    "StoredInstance",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class NewInstance:
+    """An instance whose original is durably stored, ready to be indexed.
+
+    ``record`` is a :class:`core.instance.InstanceRecord` (typed ``Any`` so this module
+    needs nothing but the standard library).
+    """
+
+    record: Any
+    blob_key: str
+    size: int
+    calling_ae: str
+    received_at: datetime
+    metadata_json: str = "{}"
+    correlation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AddOutcome:
+    """What indexing one instance did.
+
+    ``stored``: new SOP Instance; ``duplicate``: same UID and same bytes, nothing added;
+    ``replaced``: same UID, other bytes: a new version is current, the old one kept.
+    """
+
+    sop_instance_uid: str
+    status: Literal["stored", "duplicate", "replaced"]
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    size: int
+    version: int
+    is_current: bool
+    received_at: datetime
+    instance_number: int | None = None
+    metadata_json: str = "{}"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A processing job row (the hand-off from ingest to processing, STYLE.md §1)."""
+
+    id: int
+    kind: str
+    target: str
+    status: str
+    attempts: int
+    correlation_id: str = ""
+    error: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class OriginalStore(Protocol):
+    """Content-addressed store of Part-10 originals, keyed by SHA-256 of the data set."""
+
+    @property
+    def has_local_paths(self) -> bool:
+        """True when :meth:`path` returns a file a decoder can open directly."""
+        ...
+
+    def staging_dir(self) -> Path:
+        """A directory on the same file system, for files being received."""
+        ...
+
+    def commit(self, staged: Path, key: str) -> bool:
+        """Move a fully written, fsync'ed staged file into place under ``key``.
+
+        Returns False when the key already existed (the staged file is removed).
+        The rename is durable (parent directory fsync'ed) when this returns.
+        """
+        ...
+
+    def path(self, key: str) -> Path: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+@runtime_checkable
+class MetadataIndex(Protocol):
+    """The index of patients, studies, series, instances and processing jobs."""
+
+    def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
+        """Index a batch in one transaction, each with a pending ``instance`` job."""
+        ...
+
+    def get_instance(self, sop_instance_uid: str) -> StoredInstance:
+        """The current version; raises ``NotFoundError``."""
+        ...
+
+    def instance_versions(self, sop_instance_uid: str) -> list[StoredInstance]: ...
+
+    def series_instances(self, series_instance_uid: str) -> list[StoredInstance]: ...
+
+    def iter_instances(self) -> Iterator[StoredInstance]: ...
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table and jobs per status, for /metrics and tests."""
+        ...
+
+    def claim_jobs(self, worker: str, *, kind: str | None = None, limit: int = 1) -> list[Job]: ...
+
+    def finish_job(self, job_id: int, *, result: dict[str, Any] | None = None) -> None: ...
+
+    def finish_jobs(self, done: Sequence[tuple[int, dict[str, Any]]]) -> None: ...
+
+    def fail_job(self, job_id: int, error: str, *, retry_in_s: float | None = None) -> None: ...
+
+    def requeue_stale_jobs(self, older_than_s: float) -> int:
+        """Running jobs whose worker died go back to pending (restart safety)."""
+        ...
+
+    def close(self) -> None: ...

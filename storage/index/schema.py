@@ -1,0 +1,137 @@
+"""Tables of the metadata index (SQLAlchemy Core), one definition for SQLite and PostgreSQL.
+
+Patient → study → series → instance mirrors the DICOM information model (PS3.3 A.1.2).
+Counts (instances per series, series per study) are derived by queries, not stored,
+so parallel receivers never contend on a counter row. Every version of an instance is
+a row: a re-sent SOP Instance UID with other bytes adds a version and keeps the old
+one (``is_current`` marks the newest).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = ["instances", "jobs", "metadata", "patients", "series", "studies"]
+
+# Deterministic constraint names keep Alembic migrations identical on both dialects.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # PatientID is unique only together with its issuer (PS3.3 C.7.1.1 Issuer of Patient ID).
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer", String(64), nullable=False, server_default=""),
+    Column("name", String(324), nullable=False, server_default=""),
+    Column("birth_date", String(8), nullable=False, server_default=""),
+    Column("sex", String(16), nullable=False, server_default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "issuer", name="uq_patients_patient_id_issuer"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, unique=True),
+    Column("patient_pk", ForeignKey("patients.id"), nullable=False, index=True),
+    Column("study_date", String(8), nullable=False, server_default="", index=True),
+    Column("study_time", String(16), nullable=False, server_default=""),
+    Column("accession_number", String(16), nullable=False, server_default="", index=True),
+    Column("study_id", String(16), nullable=False, server_default=""),
+    Column("description", String(64), nullable=False, server_default=""),
+    Column("referring_physician_name", String(324), nullable=False, server_default=""),
+    Column("institution_name", String(64), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_instance_uid", UID, nullable=False, unique=True),
+    Column("study_pk", ForeignKey("studies.id"), nullable=False, index=True),
+    Column("modality", String(16), nullable=False, server_default="", index=True),
+    Column("series_number", Integer),
+    Column("description", String(64), nullable=False, server_default=""),
+    Column("series_date", String(8), nullable=False, server_default=""),
+    Column("series_time", String(16), nullable=False, server_default=""),
+    Column("body_part_examined", String(16), nullable=False, server_default=""),
+    Column("laterality", String(16), nullable=False, server_default=""),
+    Column("station_name", String(16), nullable=False, server_default=""),
+    Column("pps_start_date", String(8), nullable=False, server_default=""),
+    Column("pps_start_time", String(16), nullable=False, server_default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False, index=True),
+    Column("series_pk", ForeignKey("series.id"), nullable=False, index=True),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID, nullable=False),
+    Column("instance_number", Integer),
+    Column("rows", Integer),
+    Column("columns", Integer),
+    Column("number_of_frames", Integer),
+    Column("bits_allocated", Integer),
+    Column("photometric_interpretation", String(16), nullable=False, server_default=""),
+    # SHA-256 of the data set as received: the original's key in the store.
+    Column("blob_key", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("is_current", Boolean, nullable=False),
+    Column("calling_ae", String(16), nullable=False, server_default=""),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    # DICOM JSON of the header (PS3.18 F.2) so /metadata is one query, no file reads.
+    Column("metadata_json", Text, nullable=False, server_default="{}"),
+    UniqueConstraint("sop_instance_uid", "blob_key", name="uq_instances_sop_blob"),
+    Index("ix_instances_current", "series_pk", "is_current"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # "instance" | "series"
+    Column("target", UID, nullable=False),  # SOP Instance UID or Series Instance UID
+    Column("status", String(16), nullable=False),  # pending | running | done | failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=False, server_default=""),
+    Column("correlation_id", String(32), nullable=False, server_default=""),
+    Column("claimed_by", String(64), nullable=False, server_default=""),
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("not_before", Float, nullable=False, server_default="0"),
+    Column("result_json", Text, nullable=False, server_default="{}"),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_jobs_status_kind", "status", "kind"),
+    Index("ix_jobs_target", "kind", "target"),
+)

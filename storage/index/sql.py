@@ -1,0 +1,522 @@
+"""The metadata index over SQLAlchemy 2: one query builder for SQLite and PostgreSQL.
+
+Dialect quirks (engine set-up, upsert construct, job-claim locking) live in
+``sqlite.py`` and ``postgres.py``, as in Orthanc's ``ISqlLookupFormatter``.
+Database errors that mean "cannot store now" (locked, unreachable, disk full)
+become :class:`~core.errors.OutOfResourcesError`, which C-STORE answers with 0xA700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, bindparam, func, select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core.errors import NotFoundError, OutOfResourcesError
+from core.settings import IndexSettings
+from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
+from storage.index import postgres as _pg
+from storage.index import sqlite as _sqlite
+from storage.index.schema import instances, jobs, patients, series, studies
+
+__all__ = ["SqlIndex"]
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+_PATIENT_KEYS = ["patient_id", "issuer", "name", "birth_date", "sex", "updated_at"]
+_STUDY_KEYS = [
+    "study_instance_uid",
+    "patient_pk",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "description",
+    "referring_physician_name",
+    "institution_name",
+    "created_at",
+    "updated_at",
+]
+_SERIES_KEYS = [
+    "series_instance_uid",
+    "study_pk",
+    "modality",
+    "series_number",
+    "description",
+    "series_date",
+    "series_time",
+    "body_part_examined",
+    "laterality",
+    "station_name",
+    "pps_start_date",
+    "pps_start_time",
+    "updated_at",
+]
+
+
+def _patient_values(rec: Any, now: datetime) -> dict[str, Any]:
+    pid = rec.patient_id
+    return {
+        "patient_id": pid,
+        # An empty Patient ID (Type 2) must not merge unrelated patients into one row.
+        "issuer": rec.issuer_of_patient_id if pid else f"study:{rec.study_instance_uid}",
+        "name": rec.patient_name,
+        "birth_date": rec.patient_birth_date[:8],
+        "sex": rec.patient_sex[:16],
+        "updated_at": now,
+    }
+
+
+def _study_values(rec: Any, patient_pk: int, now: datetime) -> dict[str, Any]:
+    return {
+        "study_instance_uid": rec.study_instance_uid,
+        "patient_pk": patient_pk,
+        "study_date": rec.study_date[:8],
+        "study_time": rec.study_time[:16],
+        "accession_number": rec.accession_number[:16],
+        "study_id": rec.study_id[:16],
+        "description": rec.study_description[:64],
+        "referring_physician_name": rec.referring_physician_name,
+        "institution_name": rec.institution_name[:64],
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _series_values(rec: Any, study_pk: int, now: datetime) -> dict[str, Any]:
+    return {
+        "series_instance_uid": rec.series_instance_uid,
+        "study_pk": study_pk,
+        "modality": rec.modality[:16],
+        "series_number": rec.series_number,
+        "description": rec.series_description[:64],
+        "series_date": rec.series_date[:8],
+        "series_time": rec.series_time[:16],
+        "body_part_examined": rec.body_part_examined[:16],
+        "laterality": rec.laterality[:16],
+        "station_name": rec.station_name[:16],
+        "pps_start_date": rec.performed_procedure_step_start_date[:8],
+        "pps_start_time": rec.performed_procedure_step_start_time[:16],
+        "updated_at": now,
+    }
+
+
+def _instance_values(item: NewInstance, series_pk: int, version: int) -> dict[str, Any]:
+    rec = item.record
+    return {
+        "sop_instance_uid": rec.sop_instance_uid,
+        "series_pk": series_pk,
+        "sop_class_uid": rec.sop_class_uid,
+        "transfer_syntax_uid": rec.transfer_syntax_uid,
+        "instance_number": rec.instance_number,
+        "rows": rec.rows,
+        "columns": rec.columns,
+        "number_of_frames": rec.number_of_frames,
+        "bits_allocated": rec.bits_allocated,
+        "photometric_interpretation": rec.photometric_interpretation[:16],
+        "blob_key": item.blob_key,
+        "size": item.size,
+        "version": version,
+        "is_current": True,
+        "calling_ae": item.calling_ae,
+        "received_at": item.received_at,
+        "metadata_json": item.metadata_json,
+    }
+
+
+class SqlIndex:
+    """:class:`storage.abc.MetadataIndex` on SQLAlchemy (SQLite by default)."""
+
+    def __init__(self, settings: IndexSettings) -> None:
+        self.url = settings.url
+        self.is_sqlite = settings.url.startswith("sqlite")
+        dialect = _sqlite if self.is_sqlite else _pg
+        if self.is_sqlite and settings.url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(settings.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self._upsert = dialect.upsert
+        self.engine: Engine = dialect.make_engine(
+            settings.url, busy_timeout_s=settings.busy_timeout_s
+        )
+        self._write_lock = dialect.write_lock(settings.url)
+        self._series_cache: dict[str, int] = {}
+        self._prepare_statements()
+        if settings.migrate:
+            from storage.index.migrate import upgrade
+
+            upgrade(self.engine)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction, queued behind other writers (see ``sqlite.WriteLock``)."""
+        held = self._write_lock.held() if self._write_lock else contextlib.nullcontext()
+        with held, self.engine.begin() as conn:
+            yield conn
+
+    # -- writes -----------------------------------------------------------------
+
+    def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
+        if not items:
+            return []
+        try:
+            with self._write() as conn:
+                outcomes, added = self._add(conn, items)
+        except (OperationalError, DBAPIError) as exc:
+            logger.error("index write failed: %s", type(exc.orig).__name__ if exc.orig else exc)
+            raise OutOfResourcesError("index unavailable") from exc
+        if len(self._series_cache) > 10_000:
+            self._series_cache.clear()
+        self._series_cache.update(added)
+        return outcomes
+
+    def _prepare_statements(self) -> None:
+        """Build the write statements once: constructing an upsert per call costs more
+        than executing it (SQLAlchemy then reuses the compiled form)."""
+
+        def upsert_stmt(
+            table: Any, keys: list[str], conflict: list[str], update_cols: list[str]
+        ) -> Any:
+            stmt = self._upsert(table).values({k: bindparam(k) for k in keys})
+            return stmt.on_conflict_do_update(
+                index_elements=conflict, set_={k: stmt.excluded[k] for k in update_cols}
+            ).returning(table.c.id)
+
+        self._patient_upsert = upsert_stmt(
+            patients,
+            _PATIENT_KEYS,
+            ["patient_id", "issuer"],
+            ["name", "birth_date", "sex", "updated_at"],
+        )
+        self._study_upsert = upsert_stmt(
+            studies, _STUDY_KEYS, ["study_instance_uid"], ["updated_at"]
+        )
+        self._series_upsert = upsert_stmt(
+            series, _SERIES_KEYS, ["series_instance_uid"], ["updated_at"]
+        )
+        self._existing = select(
+            instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version
+        ).where(instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+
+    def _add(
+        self, conn: Connection, items: Sequence[NewInstance]
+    ) -> tuple[list[AddOutcome], dict[str, int]]:
+        now = _now()
+        series_pk: dict[str, int] = {}
+        # Patient/study/series rows are written once per series: a series this process
+        # has already indexed needs no upsert at all (its pk is cached), which keeps a
+        # single-instance transaction to two INSERTs.
+        for item in items:
+            rec = item.record
+            uid = rec.series_instance_uid
+            if uid in series_pk:
+                continue
+            cached = self._series_cache.get(uid)
+            if cached is not None:
+                series_pk[uid] = cached
+                continue
+            patient_pk = conn.execute(self._patient_upsert, _patient_values(rec, now)).scalar_one()
+            study_pk = conn.execute(
+                self._study_upsert, _study_values(rec, patient_pk, now)
+            ).scalar_one()
+            pk = int(
+                conn.execute(self._series_upsert, _series_values(rec, study_pk, now)).scalar_one()
+            )
+            series_pk[uid] = pk
+        uids = list({i.record.sop_instance_uid for i in items})
+        existing: dict[str, list[tuple[str, int]]] = {}
+        for row in conn.execute(self._existing, {"uids": uids}):
+            existing.setdefault(row.sop_instance_uid, []).append((row.blob_key, row.version))
+
+        outcomes: list[AddOutcome] = []
+        rows: list[dict[str, Any]] = []
+        job_rows: list[dict[str, Any]] = []
+        replaced: list[str] = []
+        for item in items:
+            rec = item.record
+            versions = existing.setdefault(rec.sop_instance_uid, [])
+            same = [v for key, v in versions if key == item.blob_key]
+            if same:
+                outcomes.append(AddOutcome(rec.sop_instance_uid, "duplicate", same[0]))
+                continue
+            version = max((v for _, v in versions), default=0) + 1
+            versions.append((item.blob_key, version))
+            if version > 1:
+                replaced.append(rec.sop_instance_uid)
+            outcomes.append(
+                AddOutcome(rec.sop_instance_uid, "replaced" if version > 1 else "stored", version)
+            )
+            rows.append(_instance_values(item, series_pk[rec.series_instance_uid], version))
+            job_rows.append(
+                {
+                    "kind": "instance",
+                    "target": rec.sop_instance_uid,
+                    "status": "pending",
+                    "correlation_id": item.correlation_id,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        if replaced:
+            conn.execute(
+                update(instances)
+                .where(instances.c.sop_instance_uid.in_(replaced))
+                .values(is_current=False)
+            )
+        if rows:
+            conn.execute(instances.insert(), rows)
+            conn.execute(jobs.insert(), job_rows)
+        # The caller caches series_pk only once the transaction committed.
+        return outcomes, series_pk
+
+    # -- reads ------------------------------------------------------------------
+
+    def _instance_select(self) -> Any:
+        return select(
+            instances.c.sop_instance_uid,
+            instances.c.sop_class_uid,
+            series.c.series_instance_uid,
+            studies.c.study_instance_uid,
+            instances.c.transfer_syntax_uid,
+            instances.c.blob_key,
+            instances.c.size,
+            instances.c.version,
+            instances.c.is_current,
+            instances.c.received_at,
+            instances.c.instance_number,
+            instances.c.metadata_json,
+        ).select_from(
+            instances.join(series, instances.c.series_pk == series.c.id).join(
+                studies, series.c.study_pk == studies.c.id
+            )
+        )
+
+    @staticmethod
+    def _stored(row: Any) -> StoredInstance:
+        return StoredInstance(**row._asdict())
+
+    def get_instance(self, sop_instance_uid: str) -> StoredInstance:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                self._instance_select().where(
+                    and_(instances.c.sop_instance_uid == sop_instance_uid, instances.c.is_current)
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no instance {sop_instance_uid}")
+        return self._stored(row)
+
+    def instance_versions(self, sop_instance_uid: str) -> list[StoredInstance]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                self._instance_select()
+                .where(instances.c.sop_instance_uid == sop_instance_uid)
+                .order_by(instances.c.version)
+            ).all()
+        return [self._stored(r) for r in rows]
+
+    def series_instances(self, series_instance_uid: str) -> list[StoredInstance]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                self._instance_select()
+                .where(
+                    and_(
+                        series.c.series_instance_uid == series_instance_uid, instances.c.is_current
+                    )
+                )
+                .order_by(instances.c.instance_number, instances.c.id)
+            ).all()
+        return [self._stored(r) for r in rows]
+
+    def iter_instances(self) -> Iterator[StoredInstance]:
+        with self.engine.connect() as conn:
+            for row in conn.execute(self._instance_select().order_by(instances.c.id)):
+                yield self._stored(row)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for name, table in (
+                ("patients", patients),
+                ("studies", studies),
+                ("series", series),
+                ("instances", instances),
+            ):
+                out[name] = int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+            out["instances_current"] = int(
+                conn.execute(
+                    select(func.count()).select_from(instances).where(instances.c.is_current)
+                ).scalar_one()
+            )
+            for status, n in conn.execute(
+                select(jobs.c.status, func.count()).group_by(jobs.c.status)
+            ):
+                out[f"jobs_{status}"] = int(n)
+        return out
+
+    # -- jobs -------------------------------------------------------------------
+
+    def claim_jobs(self, worker: str, *, kind: str | None = None, limit: int = 1) -> list[Job]:
+        now = _now()
+        cond = and_(jobs.c.status == "pending", jobs.c.not_before <= time.time())
+        if kind is not None:
+            cond = and_(cond, jobs.c.kind == kind)
+        query = select(jobs).where(cond).order_by(jobs.c.id).limit(limit)
+        if not self.is_sqlite:
+            # Several workers on several machines share one queue (issue #8).
+            query = query.with_for_update(skip_locked=True)
+        with self._write() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids))
+                .values(
+                    status="running",
+                    claimed_by=worker,
+                    claimed_at=now,
+                    updated_at=now,
+                    attempts=jobs.c.attempts + 1,
+                )
+            )
+        return [
+            Job(
+                id=r.id,
+                kind=r.kind,
+                target=r.target,
+                status="running",
+                attempts=r.attempts + 1,
+                correlation_id=r.correlation_id,
+            )
+            for r in rows
+        ]
+
+    def add_job(
+        self, kind: str, target: str, *, correlation_id: str = "", delay_s: float = 0.0
+    ) -> None:
+        """Queue a job unless an unfinished one for the same target exists."""
+        now = _now()
+        with self._write() as conn:
+            pending = conn.execute(
+                select(jobs.c.id).where(
+                    and_(
+                        jobs.c.kind == kind,
+                        jobs.c.target == target,
+                        jobs.c.status.in_(("pending", "running")),
+                    )
+                )
+            ).first()
+            if pending is None:
+                conn.execute(
+                    jobs.insert().values(
+                        kind=kind,
+                        target=target,
+                        status="pending",
+                        correlation_id=correlation_id,
+                        not_before=time.time() + delay_s,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+
+    def finish_job(self, job_id: int, *, result: dict[str, Any] | None = None) -> None:
+        self.finish_jobs([(job_id, result or {})])
+
+    def finish_jobs(self, done: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        """Mark several jobs done in one transaction (one WAL fsync, not one per job)."""
+        if not done:
+            return
+        now = _now()
+        with self._write() as conn:
+            for job_id, result in done:
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(status="done", error="", updated_at=now, result_json=json.dumps(result))
+                )
+
+    def fail_job(self, job_id: int, error: str, *, retry_in_s: float | None = None) -> None:
+        values: dict[str, Any] = {"error": error[:2000], "updated_at": _now()}
+        if retry_in_s is None:
+            values["status"] = "failed"
+        else:
+            values.update(status="pending", not_before=time.time() + retry_in_s)
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+
+    def get_jobs(self, *, target: str | None = None) -> list[Job]:
+        query = select(jobs).order_by(jobs.c.id)
+        if target is not None:
+            query = query.where(jobs.c.target == target)
+        with self.engine.connect() as conn:
+            return [
+                Job(
+                    id=r.id,
+                    kind=r.kind,
+                    target=r.target,
+                    status=r.status,
+                    attempts=r.attempts,
+                    correlation_id=r.correlation_id,
+                    error=r.error,
+                    result=json.loads(r.result_json or "{}"),
+                )
+                for r in conn.execute(query)
+            ]
+
+    def requeue_stale_jobs(self, older_than_s: float) -> int:
+        cutoff = datetime.fromtimestamp(time.time() - older_than_s, UTC)
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.status == "running", jobs.c.claimed_at < cutoff))
+                .values(status="pending", updated_at=_now())
+            )
+        return int(result.rowcount or 0)
+
+    def set_metadata_json(self, sop_instance_uid: str, blob_key: str, metadata: str) -> None:
+        """Store the DICOM JSON of one version (computed by the instance job)."""
+        with self._write() as conn:
+            conn.execute(
+                update(instances)
+                .where(
+                    and_(
+                        instances.c.sop_instance_uid == sop_instance_uid,
+                        instances.c.blob_key == blob_key,
+                    )
+                )
+                .values(metadata_json=metadata)
+            )
+
+    def blob_referenced(self, key: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(instances.c.id).where(instances.c.blob_key == key).limit(1)
+                ).first()
+                is not None
+            )
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()

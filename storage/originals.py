@@ -1,0 +1,89 @@
+"""Content-addressed originals on a local file system.
+
+Layout ``<root>/ab/cd/<sha256>.dcm``: the path comes from the SHA-256 of the data set
+as received, never from patient data, and two fan-out levels keep directories small
+(as Orthanc's storage area does with its UUIDs). Files arrive in ``<root>/.staging``
+on the same file system so that publishing is an atomic ``rename``; the caller fsyncs
+the file, :meth:`FileOriginalStore.commit` fsyncs the directory that gained the name,
+so an acknowledged original survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from core.errors import NotFoundError, OutOfResourcesError
+
+__all__ = ["FileOriginalStore", "fsync_dir"]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileOriginalStore:
+    """:class:`storage.abc.OriginalStore` on a directory."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self._staging = root / ".staging"
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    @property
+    def has_local_paths(self) -> bool:
+        return True
+
+    def staging_dir(self) -> Path:
+        return self._staging
+
+    def path(self, key: str) -> Path:
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            raise NotFoundError("not a content key")
+        return self.root / key[:2] / key[2:4] / f"{key}.dcm"
+
+    def commit(self, staged: Path, key: str) -> bool:
+        final = self.path(key)
+        parent = final.parent
+        try:
+            if parent not in self._known_dirs:
+                parent.mkdir(parents=True, exist_ok=True)
+                if self.fsync:
+                    # New fan-out directories must themselves be durable entries.
+                    fsync_dir(parent.parent)
+                    fsync_dir(parent.parent.parent)
+                self._known_dirs.add(parent)
+            if final.exists():
+                staged.unlink(missing_ok=True)
+                return False
+            os.replace(staged, final)
+            if self.fsync:
+                fsync_dir(parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                staged.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise OutOfResourcesError("original store full or read-only") from exc
+            raise
+        return True
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.path(key).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFoundError("original missing") from exc
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
