@@ -37,9 +37,15 @@ def _die_with_parent() -> None:
 
 
 def run_receiver(
-    listener: socket.socket, settings: Settings, stop: threading.Event | None = None
+    listener: socket.socket,
+    settings: Settings,
+    stop: threading.Event | None = None,
+    started: dict[str, object] | None = None,
 ) -> None:
-    """Serve DICOM on ``listener`` in this process until ``stop`` (or forever)."""
+    """Serve DICOM on ``listener`` in this process until ``stop`` (or forever).
+
+    ``started`` (for tests) receives the service once the receiver accepts connections.
+    """
     index = build_index(settings, migrate=False)
     service = build_ingest(settings, index)
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
@@ -51,6 +57,9 @@ def run_receiver(
         fsync=settings.storage.fsync,
     )
     thread = receiver.start(listener)
+    if started is not None:
+        started["service"] = service
+        started["receiver"] = receiver
     try:
         while thread.is_alive() and not (stop and stop.is_set()):
             time.sleep(0.2)

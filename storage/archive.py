@@ -42,6 +42,7 @@ __all__ = ["Accepted", "Archive", "check_pixel_data"]
 
 logger = logging.getLogger(__name__)
 
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 _NATIVE = {
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
@@ -66,13 +67,16 @@ def check_pixel_data(ds: object, transfer_syntax_uid: str, file_size: int) -> No
     from pydicom.dataset import Dataset
 
     assert isinstance(ds, Dataset)
-    raw = ds.get_item("PixelData") if "PixelData" in ds else None
+    # The raw element (not converted, value possibly deferred) has the encoded length.
+    raw = ds._dict.get(0x7FE00010)
     if raw is None:
         return
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
     if length is None or length == 0xFFFFFFFF:
         return
+    if transfer_syntax_uid == _DEFLATED:
+        return  # offsets are in the inflated stream; pydicom already read it whole
     if tell is not None and tell + length > file_size:
         raise InvalidDatasetError("Pixel Data truncated: file ends inside the element")
     if transfer_syntax_uid not in _NATIVE:
@@ -84,6 +88,8 @@ def check_pixel_data(ds: object, transfer_syntax_uid: str, file_size: int) -> No
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidDatasetError("Image Pixel attributes missing or invalid") from exc
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        spp = 2  # PS3.3 C.7.6.3.1.2: CB and CR are horizontally subsampled by 2
     expected_bits = rows * cols * spp * frames * bits
     expected = (expected_bits + 7) // 8
     if length < expected:

@@ -9,7 +9,7 @@ from core.settings import Settings
 
 
 def test_defaults_follow_data_dir(settings: Settings) -> None:
-    assert settings.dicom.port == 11112
+    assert Settings().dicom.port == 11112  # the fixture uses a free port instead
     assert settings.dicom.ae_title == "PACSLAB"
     assert settings.http.port == 8000
     assert settings.index.url == f"sqlite:///{(settings.data_dir / 'index.db').as_posix()}"

@@ -319,7 +319,11 @@ class FastAssociation:
                         if command is None or context_id != cmd_context:
                             raise AbortError(0x02, "data set fragment without its command")
                         if writer is not None:
-                            writer.write(data)
+                            try:
+                                writer.write(data)
+                            except ServiceError as exc:  # disk full: answer at the end
+                                logger.error("cannot stage incoming instance: %s", exc.title)
+                                writer = None
                         if header & 0x02:
                             self._dispatch(command, cmd_context, writer)
                             writer = None

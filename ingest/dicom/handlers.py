@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def _comment(exc: ServiceError) -> str:
-    text = f"{exc.title}: {exc}" if str(exc) else exc.title
-    return text[:64]
+    # ErrorComment is LO (64 chars): the specific reason says more than the class title.
+    return (str(exc) or exc.title)[:64]
 
 
 def store_staged(
