@@ -159,24 +159,29 @@ def _status(ds: Dataset) -> MppsStatus:
 _TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
 
+def _materialize(ds: Dataset, non_ascii: list[bool]) -> Dataset:
+    """Copy with every element converted (text decoded with its own character set)."""
+    out = Dataset()
+    for elem in ds:  # iterating converts raw elements with ds's Specific Character Set
+        if elem.VR == "SQ":
+            out.add_new(elem.tag, "SQ", [_materialize(item, non_ascii) for item in elem.value])
+            continue
+        if elem.VR in _TEXT_VRS and elem.value is not None:
+            values = elem.value if isinstance(elem.value, list) else [elem.value]
+            if not all(str(v).isascii() for v in values):
+                non_ascii.append(True)
+        out.add(copy.deepcopy(elem))
+    return out
+
+
 def _own_copy(ds: Dataset) -> Dataset:
     """A private, decoded copy; UTF-8 when any text is not ASCII (F.7.2.2.3)."""
-    out = copy.deepcopy(ds)
-    out.decode()
-
-    def non_ascii(d: Dataset) -> bool:
-        for elem in d:
-            if elem.VR == "SQ":
-                if any(non_ascii(item) for item in elem.value):
-                    return True
-            elif elem.VR in _TEXT_VRS and elem.value is not None:
-                values = elem.value if isinstance(elem.value, list) else [elem.value]
-                if not all(str(v).isascii() for v in values):
-                    return True
-        return False
-
-    if non_ascii(out):
+    non_ascii: list[bool] = []
+    out = _materialize(ds, non_ascii)
+    if non_ascii:
         out.SpecificCharacterSet = "ISO_IR 192"
+    elif "SpecificCharacterSet" in out:
+        del out.SpecificCharacterSet
     return out
 
 

@@ -327,9 +327,9 @@ def _date_test(keyword: str, values: list[str]) -> Predicate:
 
 
 def _time_test(keyword: str, values: list[str]) -> Predicate:
-    lo, hi, is_range = _time_bounds(keyword, values)
-    if is_range and lo and hi and lo > hi:
-        raise InvalidQueryError(f"{keyword}: range crosses midnight (C.2.2.2.5.2)")
+    # A range crossing midnight is refused in _parse_level, once it is known that it
+    # is not half of a combined date-time range.
+    lo, hi, _ = _time_bounds(keyword, values)
     inside = _between(lo, hi)
     return lambda value: bool(value) and inside(_parse_time(keyword, value, upper=False))
 
@@ -444,6 +444,12 @@ def _parse_level(
             # One datetime range replaces the two separate tests.
             tests = [(t, p) for t, p in tests if t not in (_SPS_START_DATE, _SPS_START_TIME)]
             tests.append((_SPS_START_DATE, combined))
+    for tag, values in raw.items():
+        attr = table[tag]
+        if attr.kind is Kind.TIME and values and any(t == tag for t, _ in tests):
+            lo, hi, is_range = _time_bounds(attr.keyword, values)
+            if is_range and lo and hi and lo > hi:
+                raise InvalidQueryError(f"{attr.keyword}: range crosses midnight (C.2.2.2.5.2)")
     return tuple(keys), tuple(p for _, p in tests), raw
 
 
@@ -518,10 +524,8 @@ def build_query(identifier: Dataset, options: MatchOptions | None = None) -> Wor
         more than one item, a key sent with the wrong VR.
     """
     opts = options or MatchOptions()
-    try:
-        identifier.decode()
-    except (LookupError, ValueError) as exc:
-        raise InvalidQueryError("Specific Character Set cannot be decoded") from exc
+    # No explicit decode(): pydicom converts each raw (wire) element on access with the
+    # dataset's Specific Character Set, items inheriting it from their parent.
     unsupported: list[int] = []
     keys, tests, _ = _parse_level(identifier, ITEM_BY_TAG, opts, unsupported, parent=None)
     sps_raw: dict[int, list[str]] = {}
