@@ -12,6 +12,7 @@ REF = StepRef("A1", "RPA1", "SPSA1", "1.2.826.0.1.3680043.10.1234.1")
 
 def n_create(status: str = "IN PROGRESS") -> Create:
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PerformedProcedureStepStatus = status
     ds.PatientName = "NGUYỄN^VĂN AN"
     ds.PatientID = "PA1"
