@@ -124,6 +124,7 @@ def pacslab_server(
             source, InMemoryMppsRepository(), options or MatchOptions(), source.apply_effects
         ),
     )
+    assert server is not None
     try:
         yield int(server.server_address[1]), source
     finally:
@@ -150,13 +151,25 @@ def findscu(
     for old in outdir.glob("rsp*.dcm"):
         old.unlink()
     cmd = [
-        "findscu", "-W", "-aet", "MODALITY1", "-aec", called_ae,
-        "-X", "-od", str(outdir), "-to", "20", "127.0.0.1", str(port), str(query),
-    ]  # fmt: skip
+        "findscu",
+        "-W",
+        "-aet",
+        "MODALITY1",
+        "-aec",
+        called_ae,
+        "-X",
+        "-od",
+        str(outdir),
+        "-to",
+        "20",
+        "127.0.0.1",
+        str(port),
+        str(query),
+    ]
     proc = subprocess.run(
         cmd, env={**os.environ, **(env or {})}, capture_output=True, timeout=60, check=False
     )
-    responses = [pydicom.dcmread(p) for p in sorted(outdir.glob("rsp*.dcm"))]
+    responses: list[Dataset] = [pydicom.dcmread(p) for p in sorted(outdir.glob("rsp*.dcm"))]
     return FindResult(proc.returncode, responses, proc.stderr.decode(errors="replace"))
 
 
@@ -169,6 +182,10 @@ class FindSCU:
         self.assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
         if not self.assoc.is_established:
             raise RuntimeError("association refused")
+        # The same client for every server: no Nagle delay on our side either.
+        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         out = []

@@ -29,7 +29,7 @@ def _items(spec: list[tuple[int, int, int]]) -> list:  # type: ignore[type-arg]
                 station_ae_title=ae,
                 modality=ae[:2],
                 start=DAY0 + timedelta(days=day, hours=hour),
-            )  # fmt: skip
+            )
         )
     return out
 
@@ -43,9 +43,12 @@ def _items(spec: list[tuple[int, int, int]]) -> list:  # type: ignore[type-arg]
     width=st.one_of(st.none(), st.integers(0, 3)),
 )
 def test_candidates_equal_a_brute_force_scan(
-    spec: list[tuple[int, int, int]], station: str | None, modality: str | None,
-    lo: int | None, width: int | None,
-) -> None:  # fmt: skip
+    spec: list[tuple[int, int, int]],
+    station: str | None,
+    modality: str | None,
+    lo: int | None,
+    width: int | None,
+) -> None:
     items = _items(spec)
     start_from = None if lo is None else DAY0.date() + timedelta(days=lo)
     start_until = None if width is None else (start_from or DAY0.date()) + timedelta(days=width)

@@ -19,7 +19,7 @@ from worklist.query import MatchOptions, build_query, fold_person_name, match
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 
 
-def _sps(**keys: str) -> Dataset:
+def _sps(**keys: object) -> Dataset:
     item = Dataset()
     for keyword in (
         "ScheduledStationAETitle",
@@ -57,7 +57,7 @@ ITEMS = [
         station_ae_title="MR1",
         modality="MR",
         start=datetime(2026, 11, 25, 23, 0),
-    ),  # fmt: skip
+    ),
     make_item("A3", patient_name="ĐẶNG^THỊ HOA", start=datetime(2026, 11, 26, 7, 30)),
     make_item("A4", patient_name="DOE^JANE", start=datetime(2026, 11, 27, 14, 0)),
 ]
@@ -120,8 +120,13 @@ def test_c_2_2_2_4_wildcards_are_refused_for_uids() -> None:
 
 def test_c_2_2_2_3_universal_matching_returns_every_requested_key_even_when_empty() -> None:
     item = replace(ITEMS[3], order=replace(ITEMS[3].order, admission_id=""))
-    q = _query(_sps(ScheduledProcedureStepDescription="", PreMedication=""), AdmissionID="",
-               PatientBirthDate="", PregnancyStatus=None, RequestedProcedureCodeSequence=[])  # fmt: skip
+    q = _query(
+        _sps(ScheduledProcedureStepDescription="", PreMedication=""),
+        AdmissionID="",
+        PatientBirthDate="",
+        PregnancyStatus=None,
+        RequestedProcedureCodeSequence=[],
+    )
     [rsp] = match(build_query(q), item)
     assert rsp.AdmissionID == ""
     assert rsp.PatientBirthDate == "19800102"
@@ -211,18 +216,29 @@ def test_c_2_2_2_5_2_a_time_range_crossing_midnight_alone_is_refused() -> None:
 
 def test_table_k_6_1_date_and_time_ranges_combine_into_one_datetime_range() -> None:
     """Remark on (0040,0003) in PS3.4 Table K.6-1, and C.2.2.2.5.4."""
-    q = _query(_sps(ScheduledProcedureStepStartDate="20261125-20261126",
-                    ScheduledProcedureStepStartTime="2200-0800"))  # fmt: skip
+    q = _query(
+        _sps(
+            ScheduledProcedureStepStartDate="20261125-20261126",
+            ScheduledProcedureStepStartTime="2200-0800",
+        )
+    )
     # 25th 22:00 .. 26th 08:00: not A1 (25th 09:00), but A2 (25th 23:00) and A3 (26th 07:30).
     assert _accessions(q, ITEMS) == ["A2", "A3"]
-    q = _query(_sps(ScheduledProcedureStepStartDate="20261125-20261126",
-                    ScheduledProcedureStepStartTime="1000-0800"))  # fmt: skip
+    q = _query(
+        _sps(
+            ScheduledProcedureStepStartDate="20261125-20261126",
+            ScheduledProcedureStepStartTime="1000-0800",
+        )
+    )
     assert _accessions(q, ITEMS) == ["A2", "A3"]
 
 
 def test_single_date_with_time_range_is_that_day_only() -> None:
-    q = _query(_sps(ScheduledProcedureStepStartDate="20261125",
-                    ScheduledProcedureStepStartTime="0800-1000"))  # fmt: skip
+    q = _query(
+        _sps(
+            ScheduledProcedureStepStartDate="20261125", ScheduledProcedureStepStartTime="0800-1000"
+        )
+    )
     assert _accessions(q, ITEMS) == ["A1"]
 
 
@@ -325,8 +341,15 @@ def test_a_key_with_the_wrong_vr_is_refused() -> None:
 
 
 def test_prefilter_for_the_index() -> None:
-    q = build_query(_query(_sps(ScheduledStationAETitle="CT1", Modality="C*",
-                                ScheduledProcedureStepStartDate="20261125-")))  # fmt: skip
+    q = build_query(
+        _query(
+            _sps(
+                ScheduledStationAETitle="CT1",
+                Modality="C*",
+                ScheduledProcedureStepStartDate="20261125-",
+            )
+        )
+    )
     assert q.prefilter.station_ae_title == "CT1"
     assert q.prefilter.modality is None  # a wildcard cannot use the index
     assert str(q.prefilter.start_from) == "2026-11-25" and q.prefilter.start_until is None
@@ -374,8 +397,9 @@ def test_response_keeps_latin1_when_the_scu_asked_for_it_and_it_suffices() -> No
 
 
 def test_response_vrs_follow_table_k_6_1() -> None:
-    q = _query(_sps(), PatientBirthDate="", StudyInstanceUID="", PregnancyStatus=None,
-               PatientWeight="")  # fmt: skip
+    q = _query(
+        _sps(), PatientBirthDate="", StudyInstanceUID="", PregnancyStatus=None, PatientWeight=""
+    )
     [rsp] = match(build_query(q), ITEMS[0])
     vrs = {e.keyword: e.VR for e in rsp}
     assert vrs["PatientBirthDate"] == "DA" and vrs["StudyInstanceUID"] == "UI"

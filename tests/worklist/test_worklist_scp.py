@@ -25,9 +25,9 @@ from tests.worklist.dcmtk import (
     HAVE_DCMTK,
     findscu,
     pacslab_server,
+    wlmscpfs,
     write_query,
     write_wl_folder,
-    wlmscpfs,
 )
 from tests.worklist.mpps_requests import n_create, n_set
 from worklist.memory import InMemoryWorklist
@@ -41,13 +41,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 def _items() -> list[WorklistItem]:
     return [
         make_item("A1", patient_name="NGUYỄN^VĂN AN", start=datetime(2026, 11, 25, 9, 0)),
-        make_item("A2", patient_name="Smith^John", station_ae_title="MR1", modality="MR",
-                  start=datetime(2026, 11, 25, 23, 0)),  # fmt: skip
+        make_item(
+            "A2",
+            patient_name="Smith^John",
+            station_ae_title="MR1",
+            modality="MR",
+            start=datetime(2026, 11, 25, 23, 0),
+        ),
         make_item("A3", patient_name="ĐẶNG^THỊ HOA", start=datetime(2026, 11, 26, 7, 30)),
-        make_item("A4", patient_name="DOE^JANE", start=datetime(2026, 11, 27, 14, 0),
-                  priority="STAT"),  # fmt: skip
-        make_item("A5", patient_name="TRẦN^MINH", station_ae_title="US1", modality="US",
-                  start=datetime(2026, 11, 26, 10, 0)),  # fmt: skip
+        make_item(
+            "A4", patient_name="DOE^JANE", start=datetime(2026, 11, 27, 14, 0), priority="STAT"
+        ),
+        make_item(
+            "A5",
+            patient_name="TRẦN^MINH",
+            station_ae_title="US1",
+            modality="US",
+            start=datetime(2026, 11, 26, 10, 0),
+        ),
     ]
 
 
@@ -62,7 +73,9 @@ def _event(identifier: Dataset, cancel_after: int | None = None) -> Any:
         def is_cancelled(self) -> bool:
             return cancel_after is not None and state["yielded"] >= cancel_after
 
-    ev = Event(identifier=identifier, assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="X")))
+    ev = Event(
+        identifier=identifier, assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="X"))
+    )
     ev.state = state
     return ev
 
@@ -120,7 +133,9 @@ def test_invalid_identifier_is_0xa900_with_a_phi_free_comment() -> None:
 
 
 def _uid(accession: str) -> str:
-    return next(i.order.study_instance_uid for i in _items() if i.order.accession_number == accession)
+    return next(
+        i.order.study_instance_uid for i in _items() if i.order.accession_number == accession
+    )
 
 
 @dataclass(frozen=True)
@@ -138,16 +153,27 @@ class Case:
 CASES = [
     Case("station_ae", sps={"ScheduledStationAETitle": "CT1"}, expected=("A1", "A3", "A4")),
     Case("modality", sps={"Modality": "MR"}, expected=("A2",)),
-    Case("date_range", sps={"ScheduledProcedureStepStartDate": "20261125-20261126"},
-         expected=("A1", "A2", "A3", "A5")),  # fmt: skip
-    Case("date_open_end", sps={"ScheduledProcedureStepStartDate": "20261126-"},
-         expected=("A3", "A4", "A5")),  # fmt: skip
-    Case("date_open_start", sps={"ScheduledProcedureStepStartDate": "-20261125"},
-         expected=("A1", "A2")),  # fmt: skip
+    Case(
+        "date_range",
+        sps={"ScheduledProcedureStepStartDate": "20261125-20261126"},
+        expected=("A1", "A2", "A3", "A5"),
+    ),
+    Case(
+        "date_open_end",
+        sps={"ScheduledProcedureStepStartDate": "20261126-"},
+        expected=("A3", "A4", "A5"),
+    ),
+    Case(
+        "date_open_start",
+        sps={"ScheduledProcedureStepStartDate": "-20261125"},
+        expected=("A1", "A2"),
+    ),
     Case(
         "date_and_time_range_combined",
-        sps={"ScheduledProcedureStepStartDate": "20261125-20261126",
-             "ScheduledProcedureStepStartTime": "2200-0800"},  # fmt: skip
+        sps={
+            "ScheduledProcedureStepStartDate": "20261125-20261126",
+            "ScheduledProcedureStepStartTime": "2200-0800",
+        },
         expected=("A2", "A3"),
         clause="Table K.6-1 remark on (0040,0003): one datetime range; wlmscpfs agrees",
     ),
@@ -218,8 +244,13 @@ def _identifier(case: Case) -> Dataset:
     for keyword, value in case.names.items():
         setattr(q, keyword, value)
     sps = Dataset()
-    for keyword in ("ScheduledStationAETitle", "Modality", "ScheduledProcedureStepStartDate",
-                    "ScheduledProcedureStepStartTime", "ScheduledProcedureStepID"):  # fmt: skip
+    for keyword in (
+        "ScheduledStationAETitle",
+        "Modality",
+        "ScheduledProcedureStepStartDate",
+        "ScheduledProcedureStepStartTime",
+        "ScheduledProcedureStepID",
+    ):
         setattr(sps, keyword, case.sps.get(keyword, ""))
     q.ScheduledProcedureStepSequence = [sps]
     return q
