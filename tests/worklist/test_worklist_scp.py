@@ -375,3 +375,20 @@ def test_started_steps_leave_the_worklist() -> None:
     item = source.items()[0]
     source.put(item.with_step_status("SPSA1", SpsStatus.STARTED))
     assert _drain(_event(_all_keys()), source, MatchOptions()) == []
+
+
+def test_handlers_keep_identifiers_out_of_pynetdicom_logs() -> None:
+    from pynetdicom import _config, evt
+
+    from worklist.memory import InMemoryMppsRepository
+    from worklist.scp import handlers, presentation_contexts
+
+    registered = handlers(InMemoryWorklist(), InMemoryMppsRepository(), MatchOptions())
+    assert _config.LOG_REQUEST_IDENTIFIERS is False
+    assert _config.LOG_RESPONSE_IDENTIFIERS is False
+    events = {h[0] for h in registered}
+    assert {evt.EVT_C_FIND, evt.EVT_N_CREATE, evt.EVT_N_SET, evt.EVT_CONN_OPEN} <= events
+    assert [c.abstract_syntax for c in presentation_contexts()] == [
+        "1.2.840.10008.5.1.4.31",
+        "1.2.840.10008.3.1.2.3.3",
+    ]
