@@ -15,8 +15,10 @@ from typing import ClassVar
 __all__ = [
     "DuplicateError",
     "InvalidDatasetError",
+    "InvalidAttributeValueError",
     "InvalidQueryError",
     "LabMessageError",
+    "MissingAttributeError",
     "NotFoundError",
     "OutOfResourcesError",
     "ProcedureStepStateError",
@@ -45,6 +47,27 @@ class InvalidDatasetError(ServiceError, ValueError):
     http_status = 400
     dimse_status = 0xC000
     fhir_code = "invalid"
+
+
+class InvalidAttributeValueError(InvalidDatasetError):
+    """An attribute value the SCP may not accept (PS3.7 Annex C 0x0106 Invalid Attribute Value).
+
+    E.g. an MPPS N-CREATE whose Performed Procedure Step Status is not IN PROGRESS
+    (PS3.4 F.7.2.1.3), or an N-SET that changes an attribute Table F.7.2-1 marks
+    "Not allowed".
+    """
+
+    dimse_status = 0x0106
+
+
+class MissingAttributeError(InvalidDatasetError):
+    """A required attribute is absent (PS3.7 Annex C 0x0120 Missing Attribute).
+
+    E.g. an MPPS N-SET to COMPLETED without the Final State attributes of PS3.4
+    Table F.7.2-1.
+    """
+
+    dimse_status = 0x0120
 
 
 class SOPClassMismatchError(ServiceError, ValueError):

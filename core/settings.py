@@ -33,6 +33,7 @@ __all__ = [
     "ProcessingSettings",
     "Settings",
     "StorageSettings",
+    "WorklistSettings",
 ]
 
 
@@ -123,6 +124,22 @@ class IngestSettings(BaseModel):
     lab_rescan_s: float = Field(5.0, gt=0)
 
 
+class WorklistSettings(BaseModel):
+    """Modality Worklist (PS3.4 Annex K) and MPPS (Annex F) behaviour.
+
+    The PN options are what PS3.4 C.2.2.2.1.1 lets an SCP choose; the conformance
+    statement must say which were chosen.
+    """
+
+    #: Match Person Name keys insensitive to case (PS3.4 C.2.2.2.1.1).
+    pn_case_insensitive: bool = True
+    #: Match Person Name keys insensitive to accents, so ``NGUYEN^VAN AN`` finds
+    #: ``NGUYỄN^VĂN AN`` (PS3.4 C.2.2.2.1.1 and its Note 1).
+    pn_accent_insensitive: bool = True
+    #: Most C-FIND responses per query; one more match ends with 0xA700.
+    max_results: int = Field(500, ge=1)
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -147,6 +164,7 @@ class Settings(BaseSettings):
     dask: DaskSettings = DaskSettings()
     processing: ProcessingSettings = ProcessingSettings()
     ingest: IngestSettings = IngestSettings()
+    worklist: WorklistSettings = WorklistSettings()
     log: LogSettings = LogSettings()
 
     @classmethod

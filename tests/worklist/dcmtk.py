@@ -1,0 +1,200 @@
+"""DCMTK helpers for worklist tests and benchmarks: ``findscu -W`` and ``wlmscpfs``.
+
+Both servers get the same items: ours from memory, wlmscpfs from ``.wl`` files in
+``<root>/<called AE title>/`` (one file per scheduled step, plus the empty
+``lockfile`` wlmscpfs insists on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
+
+from worklist.memory import InMemoryWorklist
+from worklist.model import WorklistItem, iter_entries, to_dataset
+from worklist.query import MatchOptions
+from worklist.scp import build_ae, handlers
+
+HAVE_DCMTK = all(shutil.which(tool) for tool in ("findscu", "wlmscpfs"))
+
+#: The two environments every DCMTK call runs in.
+ENVIRONMENTS: Mapping[str, Mapping[str, str]] = {"default": {}, "nodelay": {"TCP_NODELAY": "1"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _file(ds: Dataset, path: Path) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ModalityWorklistInformationFind
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_query(keys: Dataset, path: Path) -> Path:
+    """Write a C-FIND identifier as a DICOM file ``findscu`` can read."""
+    _file(keys, path)
+    return path
+
+
+def write_wl_folder(items: Iterable[WorklistItem], root: Path, called_ae: str) -> Path:
+    """Export items as wlmscpfs's data files: ``<root>/<called_ae>/*.wl`` and ``lockfile``."""
+    folder = root / called_ae
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "lockfile").touch()
+    for n, (item, sps) in enumerate(iter_entries(items)):
+        _file(to_dataset(item, sps), folder / f"item{n:06d}.wl")
+    return root
+
+
+def _wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def wlmscpfs(root: Path, env: Mapping[str, str] | None = None) -> Iterator[int]:
+    """Run ``wlmscpfs`` on a free loopback port over ``root``; yield the port."""
+    port = free_port()
+    cmd = [
+        "wlmscpfs",
+        "--data-files-path",
+        str(root),
+        "--keep-char-set",
+        "--single-process",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def pacslab_server(
+    items: Iterable[WorklistItem], options: MatchOptions | None = None, ae_title: str = "PACSLAB"
+) -> Iterator[tuple[int, InMemoryWorklist]]:
+    """Our MWL/MPPS SCP on 127.0.0.1, port 0, over an in-memory worklist."""
+    from worklist.memory import InMemoryMppsRepository
+
+    source = InMemoryWorklist(items)
+    ae = build_ae(ae_title=ae_title)
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=handlers(
+            source, InMemoryMppsRepository(), options or MatchOptions(), source.apply_effects
+        ),
+    )
+    assert server is not None
+    try:
+        yield int(server.server_address[1]), source
+    finally:
+        server.shutdown()
+
+
+@dataclass(frozen=True)
+class FindResult:
+    returncode: int
+    responses: list[Dataset]
+    stderr: str
+
+
+def findscu(
+    port: int,
+    query: Path,
+    outdir: Path,
+    *,
+    called_ae: str = "PACSLAB",
+    env: Mapping[str, str] | None = None,
+) -> FindResult:
+    """Query with DCMTK ``findscu -W`` and read back the extracted responses."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    for old in outdir.glob("rsp*.dcm"):
+        old.unlink()
+    cmd = [
+        "findscu",
+        "-W",
+        "-aet",
+        "MODALITY1",
+        "-aec",
+        called_ae,
+        "-X",
+        "-od",
+        str(outdir),
+        "-to",
+        "20",
+        "127.0.0.1",
+        str(port),
+        str(query),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, **(env or {})}, capture_output=True, timeout=60, check=False
+    )
+    responses: list[Dataset] = [pydicom.dcmread(p) for p in sorted(outdir.glob("rsp*.dcm"))]
+    return FindResult(proc.returncode, responses, proc.stderr.decode(errors="replace"))
+
+
+class FindSCU:
+    """One pynetdicom association reused for many MWL C-FINDs (for benchmarks)."""
+
+    def __init__(self, port: int, called_ae: str) -> None:
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(ModalityWorklistInformationFind)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+        if not self.assoc.is_established:
+            raise RuntimeError("association refused")
+        # The same client for every server: no Nagle delay on our side either.
+        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        out = []
+        for status, ds in self.assoc.send_c_find(identifier, ModalityWorklistInformationFind):
+            if status and status.Status in (0xFF00, 0xFF01) and ds is not None:
+                out.append(ds)
+            elif status and status.Status != 0x0000:
+                raise RuntimeError(f"C-FIND status 0x{status.Status:04X}")
+        return out
+
+    def close(self) -> None:
+        self.assoc.release()

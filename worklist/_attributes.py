@@ -1,0 +1,243 @@
+"""The Modality Worklist attribute table: which DICOM attribute comes from which field.
+
+One row per attribute of PS3.4 Table K.6-1 that we keep. The C-FIND matcher
+(:mod:`worklist.query`), the response builder and :func:`worklist.model.to_dataset`
+all walk these tuples; nothing else knows an attribute path.
+
+Each row's ``get`` reads the value from a *context*: an :class:`Entry` at the top
+level, a :class:`~worklist.model.ScheduledProcedureStep` inside the Scheduled
+Procedure Step Sequence, a :class:`~worklist.model.Code` inside a code sequence.
+For a sequence row, ``get`` returns the contexts of its items.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, NamedTuple
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+
+from worklist.model import Code, ScheduledProcedureStep, WorklistItem
+
+__all__ = ["CODE", "ITEM", "REF", "SPS", "Attr", "Entry", "Kind", "full_dataset"]
+
+
+class Entry(NamedTuple):
+    """One worklist entry: a scheduled step with the item it belongs to (PS3.4 K.6.1.2.1)."""
+
+    item: WorklistItem
+    sps: ScheduledProcedureStep
+
+
+class Kind(enum.Enum):
+    """How a key of this attribute is matched (PS3.4 C.2.2.2)."""
+
+    TEXT = "text"  # Single Value (C.2.2.2.1) or Wild Card (C.2.2.2.4), case-sensitive
+    PN = "pn"  # as TEXT, with the PN latitude of C.2.2.2.1.1
+    DATE = "date"  # Single Value or Range (C.2.2.2.5.1)
+    TIME = "time"  # Single Value or Range (C.2.2.2.5.2)
+    UID = "uid"  # Single Value or List of UID (C.2.2.2.2)
+    NUMBER = "number"  # Single Value only
+    SEQUENCE = "sequence"  # Sequence Matching (C.2.2.2.6)
+
+
+_KIND_BY_VR = {
+    "AE": Kind.TEXT,
+    "CS": Kind.TEXT,
+    "LO": Kind.TEXT,
+    "LT": Kind.TEXT,
+    "SH": Kind.TEXT,
+    "ST": Kind.TEXT,
+    "UC": Kind.TEXT,
+    "UT": Kind.TEXT,
+    "PN": Kind.PN,
+    "DA": Kind.DATE,
+    "TM": Kind.TIME,
+    "UI": Kind.UID,
+    "DS": Kind.NUMBER,
+    "IS": Kind.NUMBER,
+    "US": Kind.NUMBER,
+    "SQ": Kind.SEQUENCE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """One attribute of the worklist information model.
+
+    Parameters
+    ----------
+    keyword : str
+        pydicom keyword; the tag is looked up from it.
+    vr : str
+        Value Representation used in responses.
+    get : callable
+        Context -> value: ``str`` (``""`` when unknown), ``int | None`` for US, or
+        for SQ a tuple of item contexts.
+    children : tuple of Attr
+        The item attributes of a sequence.
+    optional : bool
+        Type 3/1C: left out of :func:`full_dataset` when empty. A C-FIND response
+        still returns it, empty, when requested.
+    """
+
+    keyword: str
+    vr: str
+    get: Callable[[Any], Any]
+    children: tuple[Attr, ...] = ()
+    optional: bool = False
+    tag: int = field(init=False)
+    kind: Kind = field(init=False)
+
+    def __post_init__(self) -> None:
+        tag = tag_for_keyword(self.keyword)
+        if tag is None:  # pragma: no cover - a typo in the table below
+            raise ValueError(f"unknown DICOM keyword {self.keyword}")
+        object.__setattr__(self, "tag", tag)
+        object.__setattr__(self, "kind", _KIND_BY_VR[self.vr])
+
+
+def _da(value: date | None) -> str:
+    return value.strftime("%Y%m%d") if value else ""
+
+
+def _ds(value: float | None) -> str:
+    # DS is at most 16 characters (PS3.5 6.2); %g keeps weights and sizes short.
+    return "" if value is None else f"{value:.6g}"
+
+
+def _codes(code: Code | None) -> tuple[Code, ...]:
+    return () if code is None else (code,)
+
+
+# PS3.3 Table 8.8-1 Code Sequence Macro (basic code attributes).
+CODE: tuple[Attr, ...] = (
+    Attr("CodeValue", "SH", lambda c: c.value),
+    Attr("CodingSchemeDesignator", "SH", lambda c: c.scheme),
+    Attr("CodingSchemeVersion", "SH", lambda c: c.scheme_version, optional=True),
+    Attr("CodeMeaning", "LO", lambda c: c.meaning),
+)
+
+# SOP Instance Reference Macro; we never hold referenced studies or patients, so these
+# sequences are returned empty (they are Type 2 in Table K.6-1).
+REF: tuple[Attr, ...] = (
+    Attr("ReferencedSOPClassUID", "UI", lambda r: r[0]),
+    Attr("ReferencedSOPInstanceUID", "UI", lambda r: r[1]),
+)
+
+# PS3.4 Table K.6-1, Scheduled Procedure Step: items of (0040,0100).
+SPS: tuple[Attr, ...] = (
+    Attr("Modality", "CS", lambda s: s.modality),
+    Attr("RequestedContrastAgent", "LO", lambda s: s.contrast_agent),
+    Attr("ScheduledStationAETitle", "AE", lambda s: s.station_ae_title),
+    Attr("ScheduledProcedureStepStartDate", "DA", lambda s: s.start.strftime("%Y%m%d")),
+    Attr("ScheduledProcedureStepStartTime", "TM", lambda s: s.start.strftime("%H%M%S")),
+    Attr("ScheduledPerformingPhysicianName", "PN", lambda s: s.performing_physician),
+    Attr("ScheduledProcedureStepDescription", "LO", lambda s: s.description),
+    Attr("ScheduledProtocolCodeSequence", "SQ", lambda s: s.protocol_codes, CODE),
+    Attr("ScheduledProcedureStepID", "SH", lambda s: s.step_id),
+    Attr("ScheduledStationName", "SH", lambda s: s.station_name),
+    Attr("ScheduledProcedureStepLocation", "SH", lambda s: s.location),
+    Attr("PreMedication", "LO", lambda s: s.pre_medication),
+    Attr("ScheduledProcedureStepStatus", "CS", lambda s: str(s.status)),
+    Attr("CommentsOnTheScheduledProcedureStep", "LT", lambda s: s.comments, optional=True),
+)
+
+# PS3.4 Table K.6-1, top level. Order does not matter (datasets sort by tag).
+ITEM: tuple[Attr, ...] = (
+    # Scheduled Procedure Step: one item per worklist entry.
+    Attr("ScheduledProcedureStepSequence", "SQ", lambda e: (e.sps,), SPS),
+    # Requested Procedure
+    Attr("RequestedProcedureID", "SH", lambda e: e.item.order.requested_procedure_id),
+    Attr(
+        "RequestedProcedureDescription",
+        "LO",
+        lambda e: e.item.order.requested_procedure_description,
+    ),
+    Attr(
+        "RequestedProcedureCodeSequence",
+        "SQ",
+        lambda e: _codes(e.item.order.requested_procedure_code),
+        CODE,
+    ),
+    Attr("StudyInstanceUID", "UI", lambda e: e.item.order.study_instance_uid),
+    Attr("ReferencedStudySequence", "SQ", lambda e: (), REF),
+    Attr("RequestedProcedurePriority", "SH", lambda e: e.item.order.priority),
+    Attr("PatientTransportArrangements", "LO", lambda e: e.item.order.transport_arrangements),
+    # Imaging Service Request
+    Attr("AccessionNumber", "SH", lambda e: e.item.order.accession_number),
+    Attr("RequestingPhysician", "PN", lambda e: e.item.order.requesting_physician),
+    Attr("ReferringPhysicianName", "PN", lambda e: e.item.order.referring_physician),
+    # Visit Identification, Status, Relationship
+    Attr("AdmissionID", "LO", lambda e: e.item.order.admission_id),
+    Attr("CurrentPatientLocation", "LO", lambda e: e.item.order.current_location),
+    Attr("ReferencedPatientSequence", "SQ", lambda e: (), REF),
+    # Patient Identification, Demographic, Medical
+    Attr("PatientName", "PN", lambda e: e.item.patient.name),
+    Attr("PatientID", "LO", lambda e: e.item.patient.id),
+    Attr("IssuerOfPatientID", "LO", lambda e: e.item.patient.issuer, optional=True),
+    Attr("PatientBirthDate", "DA", lambda e: _da(e.item.patient.birth_date)),
+    Attr("PatientSex", "CS", lambda e: e.item.patient.sex),
+    Attr("PatientWeight", "DS", lambda e: _ds(e.item.patient.weight_kg)),
+    Attr("PatientSize", "DS", lambda e: _ds(e.item.patient.size_m), optional=True),
+    Attr(
+        "ConfidentialityConstraintOnPatientDataDescription",
+        "LO",
+        lambda e: e.item.patient.confidentiality,
+    ),
+    Attr("PatientState", "LO", lambda e: e.item.patient.patient_state),
+    Attr("PregnancyStatus", "US", lambda e: e.item.patient.pregnancy_status),
+    Attr("MedicalAlerts", "LO", lambda e: e.item.patient.medical_alerts),
+    Attr("Allergies", "LO", lambda e: e.item.patient.allergies),
+    Attr("SpecialNeeds", "LO", lambda e: e.item.patient.special_needs),
+)
+
+#: Tag -> row, per level, for the query parser.
+ITEM_BY_TAG: dict[int, Attr] = {a.tag: a for a in ITEM}
+CHILDREN_BY_TAG: dict[int, dict[int, Attr]] = {
+    a.tag: {c.tag: c for c in a.children} for a in (*ITEM, *SPS) if a.vr == "SQ"
+}
+
+
+def element_value(attr: Attr, value: Any) -> Any:
+    """Convert a ``get`` result to what pydicom stores for an element of ``attr.vr``."""
+    if value == "" and attr.vr in ("US", "DS", "IS"):
+        return None
+    return value
+
+
+def fill(attrs: tuple[Attr, ...], ctx: Any, ds: Dataset, non_ascii: list[str]) -> None:
+    """Add every attribute of ``attrs`` read from ``ctx`` to ``ds``.
+
+    Non-ASCII text values are appended to ``non_ascii`` so the caller can choose the
+    Specific Character Set.
+    """
+    for attr in attrs:
+        value = attr.get(ctx)
+        if attr.vr == "SQ":
+            items = []
+            for child in value:
+                sub = Dataset()
+                fill(attr.children, child, sub, non_ascii)
+                items.append(sub)
+            ds.add_new(attr.tag, "SQ", items)
+            continue
+        if attr.optional and value in ("", None):
+            continue
+        if isinstance(value, str) and not value.isascii():
+            non_ascii.append(value)
+        ds.add_new(attr.tag, attr.vr, element_value(attr, value))
+
+
+def full_dataset(item: WorklistItem, sps: ScheduledProcedureStep) -> Dataset:
+    """All attributes of one worklist entry; see :func:`worklist.model.to_dataset`."""
+    ds = Dataset()
+    non_ascii: list[str] = []
+    fill(ITEM, Entry(item, sps), ds, non_ascii)
+    if non_ascii:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
