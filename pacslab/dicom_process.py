@@ -95,6 +95,7 @@ class DicomProcesses:
         self._watch: threading.Thread | None = None
 
     def start(self) -> None:
+        self._clear_staging()
         for _ in range(self.count):
             self._procs.append(self._spawn())
         logger.info(
@@ -105,6 +106,19 @@ class DicomProcesses:
         )
         self._watch = threading.Thread(target=self._supervise, name="dicom-supervisor", daemon=True)
         self._watch.start()
+
+    def _clear_staging(self) -> None:
+        # Whatever is in staging was never acknowledged (a crash mid-receive): the SCU
+        # got no success and will send it again. Only done before any receiver runs.
+        assert self.settings.storage.originals_dir is not None
+        staging = self.settings.storage.originals_dir / ".staging"
+        removed = 0
+        for leftover in staging.glob("*"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.warning("removed %d unacknowledged partial files from staging", removed)
 
     def _spawn(self) -> BaseProcess:
         proc = self._ctx.Process(
