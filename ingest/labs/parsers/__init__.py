@@ -96,7 +96,7 @@ def get_parser(name: str) -> Parser:
 
 
 _BOM: Final = b"\xef\xbb\xbf"
-_LINK_CONTROL: Final = b"\x05\x02\x06\x04\x15"  # ENQ STX ACK EOT NAK (E1381 §6)
+_LINK_CONTROL: Final = b"\x05\x02\x04"  # ENQ STX EOT (E1381 §6)
 
 
 def detect(raw: bytes) -> str:
@@ -117,14 +117,12 @@ def detect(raw: bytes) -> str:
     head = raw[:64]
     if head.startswith(_BOM):
         head = head[len(_BOM) :]
-    head = head.lstrip(b"\r\n\t ")
+    # A capture may start with the receiver's ACK/NAK or with blank lines.
+    head = head.lstrip(b"\r\n\t \x06\x15")
     if not head:
         raise LabMessageError("empty file: not an ASTM or HL7 v2 message")
     if head[0] in _LINK_CONTROL:
-        if head[0] == 0x06 or head[0] == 0x15:
-            head = head.lstrip(b"\x06\x15")
-        if head[:1] in (b"\x05", b"\x02", b"\x04"):
-            return "astm"
+        return "astm"
     if head[0] == 0x0B:
         head = head[1:]
     if head[:3] in (b"MSH", b"FHS", b"BHS") and len(head) > 3 and not _alnum(head[3]):
