@@ -118,7 +118,12 @@ def test_our_delimiters_escapes_and_values(lab_file: LabFile) -> None:
     assert glu.comments == ("Above linear range| diluted^retest \\ lot @ 42",)
     assert na.status is ResultStatus.CORRECTED
     assert (wbc.unit, wbc.ucum_unit) == ("10^9/L", "10*9/L")
-    assert (crp.value, crp.comparator, crp.reference_high, crp.reference_low) == (0.5, "<", 5.0, None)
+    assert (crp.value, crp.comparator, crp.reference_high, crp.reference_low) == (
+        0.5,
+        "<",
+        5.0,
+        None,
+    )
     assert (uro.raw_value, uro.value, uro.status) == ("3+", None, ResultStatus.FINAL)
     assert (k.raw_value, k.value, k.status) == ("***.**", None, ResultStatus.CANCELLED)
     assert not first.is_qc and not any(o.is_qc for o in first.observations)

@@ -101,9 +101,15 @@ def test_german_decimal_comma_latin1(lab_file: LabFile) -> None:
 
 def test_without_decimal_comma_the_values_are_not_numbers(lab_file: LabFile) -> None:
     profile = DelimitedProfile(
-        name="x", columns=GERMAN.columns, encoding="latin-1", header_row=1, date_format="%d.%m.%Y %H:%M"
+        name="x",
+        columns=GERMAN.columns,
+        encoding="latin-1",
+        header_row=1,
+        date_format="%d.%m.%Y %H:%M",
     )
-    obs = delimited.parse(lab_file("files/ours_decimal_comma_latin1_de.csv"), profile=profile).observations
+    obs = delimited.parse(
+        lab_file("files/ours_decimal_comma_latin1_de.csv"), profile=profile
+    ).observations
     assert obs[0].value is None  # "14,3" is ambiguous without the profile saying so
 
 
@@ -123,7 +129,9 @@ def test_vietnamese_cp1258_is_nfc_and_scaled(lab_file: LabFile) -> None:
 
 
 def test_missing_header_column_is_rejected(lab_file: LabFile) -> None:
-    with pytest.raises(LabMessageError, match="column 'Probe' \\(specimen_id\\) is not in the header"):
+    with pytest.raises(
+        LabMessageError, match="column 'Probe' \\(specimen_id\\) is not in the header"
+    ):
         delimited.parse(lab_file("files/roche_cobas_c111_export_semicolon.csv"), profile=GERMAN)
 
 

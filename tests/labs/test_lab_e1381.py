@@ -86,7 +86,7 @@ def test_capture_ending_inside_a_record_is_rejected() -> None:
 
 def test_truncated_frame_is_rejected(lab_file: LabFile) -> None:
     capture = lab_file(FRAMED)
-    with pytest.raises(LabMessageError, match="truncated|checksum"):
+    with pytest.raises(LabMessageError, match=r"truncated|checksum"):
         astm.parse(capture[: len(capture) // 2])
 
 

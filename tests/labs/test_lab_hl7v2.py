@@ -151,7 +151,9 @@ def test_result_linked_to_order_by_placer_and_filler(lab_file: LabFile) -> None:
 
 
 def test_genexpert_subcomponents_and_sub_ids(lab_file: LabFile) -> None:
-    (message,) = hl7v2.parse(lab_file("hl7/cepheid_genexpert_oru_r32_v25_subcomponents.hl7")).messages
+    (message,) = hl7v2.parse(
+        lab_file("hl7/cepheid_genexpert_oru_r32_v25_subcomponents.hl7")
+    ).messages
     assert message.message_type == "ORU^R32"
     assert len(message.observations) == 23
     first = message.observations[0]
@@ -166,9 +168,7 @@ def test_genexpert_subcomponents_and_sub_ids(lab_file: LabFile) -> None:
 
 
 def test_hapi_batch_results_when_orders_are_skipped(lab_file: LabFile) -> None:
-    result = hl7v2.parse(
-        lab_file("hl7/hapi_oml_o21_oul_r22_multi_v251.hl7"), skip_non_results=True
-    )
+    result = hl7v2.parse(lab_file("hl7/hapi_oml_o21_oul_r22_multi_v251.hl7"), skip_non_results=True)
     assert [m.message_type for m in result.messages] == ["OUL^R22"] * 4 + ["ORU^R01"]
     assert [m.control_id for m in result.messages] == [
         "msgOF103",
@@ -220,7 +220,11 @@ def test_our_latin1_crlf_value_types(lab_file: LabFile) -> None:
     assert (crp.value, crp.comparator, crp.reference_high) == (0.5, "<", 5.0)
     assert (titer.text, titer.value) == ("1:128", None)
     creat = obs[4]
-    assert (creat.unit, creat.ucum_unit, creat.status) == ("µmol/L", "umol/L", ResultStatus.CORRECTED)
+    assert (creat.unit, creat.ucum_unit, creat.status) == (
+        "µmol/L",
+        "umol/L",
+        ResultStatus.CORRECTED,
+    )
     assert obs[5].text == "a|b^c&d~e\\f AB"
     assert obs[6].text == "Zeile eins\nZeile zwei\nAbsatz zwei"
     assert obs[6].comments == ("Kommentar zum Befund: geprüft",)
@@ -261,7 +265,9 @@ def test_declared_charset_mismatch_warns() -> None:
     result = hl7v2.parse(raw.encode("utf-8"))
     assert result.messages[0].patient is not None
     assert result.messages[0].patient.name == "Gödel"
-    assert [w.message for w in result.warnings] == ["bytes do not match MSH-18 'ASCII'; read as utf-8"]
+    assert [w.message for w in result.warnings] == [
+        "bytes do not match MSH-18 'ASCII'; read as utf-8"
+    ]
 
 
 def test_unsupported_charset_is_rejected() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -68,7 +68,7 @@ def test_parse_reference_range(text: str, expected: tuple[float | None, float | 
         ("202309260758", datetime(2023, 9, 26, 7, 58)),
         ("20220311", datetime(2022, 3, 11)),
         ("2022", datetime(2022, 1, 1)),
-        ("20230101010000-0000", datetime(2023, 1, 1, 1, tzinfo=timezone.utc)),
+        ("20230101010000-0000", datetime(2023, 1, 1, 1, tzinfo=UTC)),
         (
             "20240315083000.1234+0700",
             datetime(2024, 3, 15, 8, 30, 0, 123400, tzinfo=timezone(timedelta(hours=7))),

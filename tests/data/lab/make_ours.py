@@ -1,3 +1,4 @@
+# ruff: noqa: E501  -- fixture lines are kept whole so each reads as one record
 """Regenerate the fixtures marked "ours" in SOURCES.md (run from the repo root).
 
     python tests/data/lab/make_ours.py
@@ -46,52 +47,58 @@ def cp1258(text: str) -> bytes:
     return bytes(out)
 
 
-ASTM_DELIMS = "\r".join(
-    [
-        r"H|@^\|MSG001||CHEM-SIM^1.0^SN-77|||||LIS||P|LIS2-A2|20240315083000",
-        "P|1|PID-VN-001|||Nguyễn^Thị Hồng||19850214|F",
-        r"O|1|SPC-1001||^^^GLU@^^^NA@^^^WBC@^^^CRP@^^^URO@^^^K|R||||||N||||Serum",
-        r"R|1|^^^GLU^Glucose|>8|mmol/L|3.9 to 6.1|H@A||F||op1||20240315081500|CHEM-SIM-01",
-        r"C|1|I|Above linear range\F\ diluted\S\retest \E\ lot \R\ 42|G",
-        r"R|2|^^^NA^Sodium|140|mmol/L|135-145|N||C||op1||20240315081500|CHEM-SIM-01",
-        r"R|3|^^^WBC^Leukocytes|7.5|10\S\9/L|4.0-10.0|N||F||op1||20240315081500|CHEM-SIM-01",
-        r"R|4|^^^CRP^C-reactive protein|<0.5|mg/L|<5|N||F||op1||20240315081500|CHEM-SIM-01",
-        r"R|5|^^^URO^Urobilinogen|3+|||||F||op1||20240315081500|CHEM-SIM-01",
-        r"R|6|^^^K^Potassium|***.**|mmol/L|3.5-5.1|||X||op1||20240315081500|CHEM-SIM-01",
-        "L|1|N",
-        r"H|@^\|MSG002||CHEM-SIM^1.0^SN-77|||||LIS||P|LIS2-A2|20240315090000",
-        r"O|1|QC-LOT-42||^^^GLU|R||||||Q",
-        r"R|1|^^^GLU^Glucose|5.4|mmol/L|5.0-5.8|N||F||op1||20240315085900|CHEM-SIM-01",
-        "L|1|N",
-        r"H|@^\|MSG003||CHEM-SIM^1.0^SN-77|||||LIS||Q|LIS2-A2|20240315091000",
-        "P|1",
-        r"O|1|CTRL-HIGH||^^^NA|R",
-        r"R|1|^^^NA^Sodium|160|mmol/L||HH||F||op1||20240315090900|CHEM-SIM-01",
-        "L|1|N",
-    ]
-) + "\r"
+ASTM_DELIMS = (
+    "\r".join(
+        [
+            r"H|@^\|MSG001||CHEM-SIM^1.0^SN-77|||||LIS||P|LIS2-A2|20240315083000",
+            "P|1|PID-VN-001|||Nguyễn^Thị Hồng||19850214|F",
+            r"O|1|SPC-1001||^^^GLU@^^^NA@^^^WBC@^^^CRP@^^^URO@^^^K|R||||||N||||Serum",
+            r"R|1|^^^GLU^Glucose|>8|mmol/L|3.9 to 6.1|H@A||F||op1||20240315081500|CHEM-SIM-01",
+            r"C|1|I|Above linear range\F\ diluted\S\retest \E\ lot \R\ 42|G",
+            r"R|2|^^^NA^Sodium|140|mmol/L|135-145|N||C||op1||20240315081500|CHEM-SIM-01",
+            r"R|3|^^^WBC^Leukocytes|7.5|10\S\9/L|4.0-10.0|N||F||op1||20240315081500|CHEM-SIM-01",
+            r"R|4|^^^CRP^C-reactive protein|<0.5|mg/L|<5|N||F||op1||20240315081500|CHEM-SIM-01",
+            r"R|5|^^^URO^Urobilinogen|3+|||||F||op1||20240315081500|CHEM-SIM-01",
+            r"R|6|^^^K^Potassium|***.**|mmol/L|3.5-5.1|||X||op1||20240315081500|CHEM-SIM-01",
+            "L|1|N",
+            r"H|@^\|MSG002||CHEM-SIM^1.0^SN-77|||||LIS||P|LIS2-A2|20240315090000",
+            r"O|1|QC-LOT-42||^^^GLU|R||||||Q",
+            r"R|1|^^^GLU^Glucose|5.4|mmol/L|5.0-5.8|N||F||op1||20240315085900|CHEM-SIM-01",
+            "L|1|N",
+            r"H|@^\|MSG003||CHEM-SIM^1.0^SN-77|||||LIS||Q|LIS2-A2|20240315091000",
+            "P|1",
+            r"O|1|CTRL-HIGH||^^^NA|R",
+            r"R|1|^^^NA^Sodium|160|mmol/L||HH||F||op1||20240315090900|CHEM-SIM-01",
+            "L|1|N",
+        ]
+    )
+    + "\r"
+)
 
-HL7_LATIN1 = "\r\n".join(
-    [
-        r"MSH|^~\&|CHEMLAB|KLINIKUM|PACSLAB|RAD|20240315083000+0100||ORU^R01^ORU_R01|CTL-8859-1|P|2.5.1|||||DEU|8859/1",
-        "PID|1||PAT-4711^^^KLINIKUM^MR||Müller^Jürgen||19700102|M",
-        r"ORC|RE|PL-1|FI-1",
-        r"OBR|1|PL-1|FI-1|CHEM^Chemistry panel^L|||20240315070000",
-        r"OBX|1|NM|2345-7^Glucose^LN||5.4|mmol/L|3.9-6.1|N|||F|||20240315081500+0100",
-        r"OBX|2|SN|14979-9^aPTT^LN||^>^8|s|||||P|||20240315081500.123-0500",
-        r"OBX|3|SN|1988-5^CRP^LN||<^0.5|mg/L|<5|N|||F",
-        r"OBX|4|SN|5370-3^Titer^LN||^1^:^128||||||F",
-        r"OBX|5|NM|14682-9^Kreatinin^LN||78|µmol/L|59-104||||C",
-        r"OBX|6|ST|X-ESC^Escapes^L||a\F\b\S\c\T\d\R\e\E\f \X41\\X42\|||||||F",
-        r"OBX|7|TX|X-TX^Befund^L||Zeile eins\.br\Zeile zwei~Absatz zwei||||||F",
-        "NTE|1|L|Kommentar zum Befund: geprüft",
-        r"OBX|8|CWE|600-7^Blood culture^LN||3092008^Staphylococcus aureus^SCT^SA^Staph aureus^L||||||F",
-        r"OBX|9|ED|PDF^Report^L||^application^pdf^Base64^JVBERi0xLjQK||||||F",
-        r"OBR|2|PL-2|FI-2|HEM^Haematology^L",
-        r"OBX|1|NM|6690-2^Leukozyten^LN||12.5|10*9/L|4.0-10.0|H|||F",
-        r"OBX|2|NM|718-7^Haemoglobin^LN||***.**|g/dL|12.0-16.0||||X",
-    ]
-) + "\r\n"
+HL7_LATIN1 = (
+    "\r\n".join(
+        [
+            r"MSH|^~\&|CHEMLAB|KLINIKUM|PACSLAB|RAD|20240315083000+0100||ORU^R01^ORU_R01|CTL-8859-1|P|2.5.1|||||DEU|8859/1",
+            "PID|1||PAT-4711^^^KLINIKUM^MR||Müller^Jürgen||19700102|M",
+            r"ORC|RE|PL-1|FI-1",
+            r"OBR|1|PL-1|FI-1|CHEM^Chemistry panel^L|||20240315070000",
+            r"OBX|1|NM|2345-7^Glucose^LN||5.4|mmol/L|3.9-6.1|N|||F|||20240315081500+0100",
+            r"OBX|2|SN|14979-9^aPTT^LN||^>^8|s|||||P|||20240315081500.123-0500",
+            r"OBX|3|SN|1988-5^CRP^LN||<^0.5|mg/L|<5|N|||F",
+            r"OBX|4|SN|5370-3^Titer^LN||^1^:^128||||||F",
+            r"OBX|5|NM|14682-9^Kreatinin^LN||78|µmol/L|59-104||||C",
+            r"OBX|6|ST|X-ESC^Escapes^L||a\F\b\S\c\T\d\R\e\E\f \X41\\X42\|||||||F",
+            r"OBX|7|TX|X-TX^Befund^L||Zeile eins\.br\Zeile zwei~Absatz zwei||||||F",
+            "NTE|1|L|Kommentar zum Befund: geprüft",
+            r"OBX|8|CWE|600-7^Blood culture^LN||3092008^Staphylococcus aureus^SCT^SA^Staph aureus^L||||||F",
+            r"OBX|9|ED|PDF^Report^L||^application^pdf^Base64^JVBERi0xLjQK||||||F",
+            r"OBR|2|PL-2|FI-2|HEM^Haematology^L",
+            r"OBX|1|NM|6690-2^Leukozyten^LN||12.5|10*9/L|4.0-10.0|H|||F",
+            r"OBX|2|NM|718-7^Haemoglobin^LN||***.**|g/dL|12.0-16.0||||X",
+        ]
+    )
+    + "\r\n"
+)
 
 HL7_UTF8 = (
     "\x0b"
@@ -117,26 +124,32 @@ HL7_UTF8 = (
     + "\r\x1c\r"
 )
 
-CSV_DE = "\r\n".join(
-    [
-        "Laborexport Süd;;;;;;;;;",
-        "Probe;Patienten-Nr;Name;Geburtsdatum;Test;Wert;Einheit;Referenz;Kennz.;Datum",
-        "S-001;P-77;Müller^Jürgen;02.01.1970;HB;14,3;g/dl;12,0-16,0;N;15.03.2024 08:15",
-        "S-001;P-77;Müller^Jürgen;02.01.1970;K;5,6;mmol/l;3,5-5,1;H;15.03.2024 08:15",
-        "S-002;P-78;Weiß^Ärmin;30.11.1955;CRP;<0,5;mg/l;<5,0;;15.03.2024 09:40",
-        "S-002;P-78;Weiß^Ärmin;30.11.1955;HB;;g/dl;12,0-16,0;;15.03.2024 09:40",
-    ]
-) + "\r\n"
+CSV_DE = (
+    "\r\n".join(
+        [
+            "Laborexport Süd;;;;;;;;;",
+            "Probe;Patienten-Nr;Name;Geburtsdatum;Test;Wert;Einheit;Referenz;Kennz.;Datum",
+            "S-001;P-77;Müller^Jürgen;02.01.1970;HB;14,3;g/dl;12,0-16,0;N;15.03.2024 08:15",
+            "S-001;P-77;Müller^Jürgen;02.01.1970;K;5,6;mmol/l;3,5-5,1;H;15.03.2024 08:15",
+            "S-002;P-78;Weiß^Ärmin;30.11.1955;CRP;<0,5;mg/l;<5,0;;15.03.2024 09:40",
+            "S-002;P-78;Weiß^Ärmin;30.11.1955;HB;;g/dl;12,0-16,0;;15.03.2024 09:40",
+        ]
+    )
+    + "\r\n"
+)
 
-TXT_VI = "\r\n".join(
-    [
-        "Mã mẫu\tMã BN\tHọ tên\tXét nghiệm\tKết quả\tSố mũ\tĐơn vị\tCờ\tNgày giờ",
-        "M-0001\tBN-01\tNguyễn Thị Hồng\tGLU\t548\t-2\tmmol/L\tN\t16/03/2024 07:30",
-        "M-0001\tBN-01\tNguyễn Thị Hồng\tWBC\t1275\t-2\t10^9/L\tH\t16/03/2024 07:30",
-        "M-0002\tBN-02\tTrần Văn Đức\tGLU\t61\t-1\tmmol/L\t\t16/03/2024 08:05",
-        "QC-0001\t\t\tGLU\t540\t-2\tmmol/L\t\t16/03/2024 06:55",
-    ]
-) + "\r\n"
+TXT_VI = (
+    "\r\n".join(
+        [
+            "Mã mẫu\tMã BN\tHọ tên\tXét nghiệm\tKết quả\tSố mũ\tĐơn vị\tCờ\tNgày giờ",
+            "M-0001\tBN-01\tNguyễn Thị Hồng\tGLU\t548\t-2\tmmol/L\tN\t16/03/2024 07:30",
+            "M-0001\tBN-01\tNguyễn Thị Hồng\tWBC\t1275\t-2\t10^9/L\tH\t16/03/2024 07:30",
+            "M-0002\tBN-02\tTrần Văn Đức\tGLU\t61\t-1\tmmol/L\t\t16/03/2024 08:05",
+            "QC-0001\t\t\tGLU\t540\t-2\tmmol/L\t\t16/03/2024 06:55",
+        ]
+    )
+    + "\r\n"
+)
 
 
 def main() -> None:
