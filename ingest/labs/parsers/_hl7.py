@@ -31,9 +31,11 @@ __all__ = [
     "charset_codec",
     "decode_message",
     "parse_delimiters",
+    "read_message",
     "read_message_type",
     "split_messages",
     "split_segments",
+    "unescaper",
 ]
 
 _BOM: Final = b"\xef\xbb\xbf"
@@ -285,13 +287,13 @@ def read_message(raw: bytes, index: int) -> tuple[HL7Message, list[ParseWarning]
     where = f"message {index}"
     text, codec, warnings = decode_message(raw, where=where)
     first = _LINE_BREAK.split(text, 1)[0]
-    delimiters = parse_delimiters_at(first, where)
+    delimiters = _parse_delimiters_at(first, where)
     segments, more = split_segments(text, delimiters, where=where)
     warnings.extend(more)
     return HL7Message(index, tuple(segments), delimiters, codec), warnings
 
 
-def parse_delimiters_at(msh: str, where: str) -> Delimiters:
+def _parse_delimiters_at(msh: str, where: str) -> Delimiters:
     """:func:`parse_delimiters` with the location added to errors."""
     try:
         return parse_delimiters(msh)

@@ -222,7 +222,7 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
             if builder is not None:
                 warnings.append(ParseWarning("message ends without an L record", builder.where))
                 messages.append(builder.build())
-            delims = parse_delimiters_at(record, where)
+            delims = _parse_delimiters_at(record, where)
             builder = _MessageBuilder(
                 _Reader(delims, encoding), record, where, len(messages) + 1, warnings
             )
@@ -241,7 +241,7 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
     return ParseResult(tuple(messages), tuple(warnings))
 
 
-def parse_delimiters_at(record: str, where: str) -> Delimiters:
+def _parse_delimiters_at(record: str, where: str) -> Delimiters:
     """:func:`parse_delimiters` with the record's location added to errors."""
     try:
         return parse_delimiters(record)
