@@ -1,1 +1,6 @@
-"""pacslab ingest/labs."""
+"""Lab results: pure parsers (``parsers/``) over shared value objects (``model``).
+
+``parsers.detect(raw)`` names the format, ``parsers.get_parser(name)(raw)``
+returns a :class:`~ingest.labs.model.ParseResult`. No I/O happens here; the file
+watcher that feeds bytes in and stores results out lives in ``watcher.py``.
+"""
