@@ -97,6 +97,9 @@ class AssociationPolicy:
             self._active -= 1
 
 
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
     got, n = 0, len(view)
     while got < n:
@@ -119,6 +122,12 @@ class PduReader:
         self._buf = bytearray(65536)
 
     def read(self) -> tuple[int, memoryview]:
+        # Acknowledge at once instead of after the 40 ms delayed-ACK timer: a peer with
+        # Nagle's algorithm on (Debian's DCMTK) holds the tail of each data set until
+        # the command PDU before it is acknowledged. Linux clears QUICKACK after use.
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         _recv_into(self.sock, memoryview(self._header))
         pdu_type, _, length = struct.unpack(">BBI", self._header)
         if self.limit and length > self.limit:

@@ -1,0 +1,149 @@
+"""One contract for every MetadataIndex backend (STYLE.md example C, zarr's StoreTests).
+
+SQLite always runs; PostgreSQL runs when PACSLAB_TEST_POSTGRES_URL names a database
+(``.ci/run`` provides one once the PostgreSQL issue lands).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from core.errors import NotFoundError
+from core.instance import InstanceRecord
+from core.settings import IndexSettings
+from storage.abc import MetadataIndex, NewInstance
+from storage.index.sql import SqlIndex
+
+
+def record(i: int, *, series: str = "1.2.3.1", study: str = "1.2.3", patient: str = "P1"
+           ) -> InstanceRecord:
+    return InstanceRecord(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"1.2.3.1.{i}",
+        study_instance_uid=study, series_instance_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id=patient,
+        patient_name="TRẦN^THỊ BÌNH", modality="CT", instance_number=i, rows=512,
+        columns=512, study_date="20261125", accession_number="ACC1")
+
+
+def new(rec: InstanceRecord, key: str) -> NewInstance:
+    return NewInstance(record=rec, blob_key=key.ljust(64, "0"), size=10, calling_ae="CT1",
+                       received_at=datetime.now(UTC))
+
+
+class IndexContract:
+    @pytest.fixture
+    def index(self, tmp_path: Path) -> MetadataIndex:
+        raise NotImplementedError
+
+    def test_add_then_find(self, index: SqlIndex) -> None:
+        outcomes = index.add_instances([new(record(i), f"{i:x}") for i in range(1, 4)])
+        assert [o.status for o in outcomes] == ["stored"] * 3
+        inst = index.get_instance("1.2.3.1.2")
+        assert (inst.series_instance_uid, inst.study_instance_uid, inst.version) == (
+            "1.2.3.1", "1.2.3", 1)
+        assert [i.instance_number for i in index.series_instances("1.2.3.1")] == [1, 2, 3]
+        counts = index.counts()
+        assert counts["patients"] == counts["studies"] == counts["series"] == 1
+        assert counts["instances"] == 3 and counts["jobs_pending"] == 3
+
+    def test_same_bytes_stored_once(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(1), "a")])
+        assert index.add_instances([new(record(1), "a")])[0].status == "duplicate"
+        assert index.counts()["instances"] == 1 and index.counts()["jobs_pending"] == 1
+
+    def test_other_bytes_add_a_current_version(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(1), "a")])
+        out = index.add_instances([new(record(1), "b")])[0]
+        assert (out.status, out.version) == ("replaced", 2)
+        versions = index.instance_versions("1.2.3.1.1")
+        assert [(v.version, v.is_current) for v in versions] == [(1, False), (2, True)]
+        assert index.get_instance("1.2.3.1.1").blob_key.startswith("b")
+
+    def test_both_versions_in_one_batch(self, index: SqlIndex) -> None:
+        out = index.add_instances([new(record(1), "a"), new(record(1), "b"),
+                                   new(record(1), "a")])
+        assert [o.status for o in out] == ["stored", "replaced", "duplicate"]
+
+    def test_unknown_instance(self, index: SqlIndex) -> None:
+        with pytest.raises(NotFoundError):
+            index.get_instance("9.9.9")
+
+    def test_empty_patient_ids_are_not_merged(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(1, patient="", study="1.1", series="1.1.1"), "a"),
+                             new(record(2, patient="", study="2.2", series="2.2.1"), "b")])
+        assert index.counts()["patients"] == 2
+
+    def test_jobs_claim_finish_fail_requeue(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(i), f"{i:x}") for i in range(1, 4)])
+        first = index.claim_jobs("w1", limit=2)
+        second = index.claim_jobs("w2", limit=5)
+        assert len(first) == 2 and len(second) == 1
+        assert not {j.id for j in first} & {j.id for j in second}
+        index.finish_jobs([(first[0].id, {"ok": True})])
+        index.fail_job(first[1].id, "boom", retry_in_s=None)
+        assert index.requeue_stale_jobs(0) == 1  # second[0] was left running
+        counts = index.counts()
+        assert (counts["jobs_done"], counts["jobs_failed"], counts["jobs_pending"]) == (1, 1, 1)
+        retried = index.claim_jobs("w3")
+        assert retried[0].attempts == 2
+
+    def test_concurrent_writers(self, index: SqlIndex) -> None:
+        errors: list[BaseException] = []
+
+        def write(t: int) -> None:
+            try:
+                for i in range(20):
+                    rec = record(t * 100 + i, series=f"1.2.3.{t}")
+                    index.add_instances([new(rec, f"{t}{i:03d}")])
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(1, 5)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert errors == []
+        assert index.counts()["instances"] == 80 and index.counts()["series"] == 4
+
+    def test_record_fields_round_trip(self, index: SqlIndex) -> None:
+        rec = replace(record(1), series_number=7)
+        index.add_instances([new(rec, "a")])
+        with index.engine.connect() as conn:
+            name = conn.execute(text("SELECT name FROM patients")).scalar_one()
+        assert name == "TRẦN^THỊ BÌNH"
+
+
+class TestSqliteIndex(IndexContract):
+    @pytest.fixture
+    def index(self, tmp_path: Path) -> SqlIndex:
+        idx = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path}/index.db"))
+        yield idx  # type: ignore[misc]
+        idx.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("PACSLAB_TEST_POSTGRES_URL"),
+                    reason="PACSLAB_TEST_POSTGRES_URL not set")
+class TestPostgresIndex(IndexContract):
+    @pytest.fixture
+    def index(self) -> SqlIndex:
+        from storage.index.schema import metadata
+
+        url = os.environ["PACSLAB_TEST_POSTGRES_URL"]
+        idx = SqlIndex(IndexSettings(url=url, migrate=False))
+        metadata.drop_all(idx.engine)
+        with idx.engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        from storage.index.migrate import upgrade
+
+        upgrade(idx.engine)
+        yield idx  # type: ignore[misc]
+        idx.close()
