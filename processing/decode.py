@@ -462,7 +462,8 @@ def read_instance_info(path: str | os.PathLike[str]) -> InstanceInfo:
 def _apply_lut(info: InstanceInfo, frame: np.ndarray, index: int) -> np.ndarray:
     """Apply the Modality LUT of frame ``index`` when ``info`` says so (PS3.3 C.11.1)."""
     if not info.modality_lut_applied:
-        return frame
+        # Big-endian sources decode to '>' dtypes; frames are always native order.
+        return frame.astype(np.dtype(info.dtype).newbyteorder("="), copy=False)
     plane = info.frames[index] if index < len(info.frames) else info.frames[0]
     out = np.dtype(info.dtype)
     slope, icpt = plane.rescale_slope, plane.rescale_intercept
