@@ -164,15 +164,23 @@ def downsample(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
     pad += [(0, 0)] * (block.ndim - 3)
     if any(p[1] for p in pad):
         block = np.pad(block, pad, mode="edge")
-    z, y, x = block.shape[:3]
-    sz, sy, sx = step
-    rest = block.shape[3:]
-    view = block.reshape(z // sz, sz, y // sy, sy, x // sx, sx, *rest)
-    n = sz * sy * sx
-    if block.dtype.kind == "f":
-        return view.mean(axis=(1, 3, 5), dtype=np.float64).astype(block.dtype)
-    acc_dtype: Any = np.int64 if block.dtype.itemsize >= 4 else np.int32
-    total = view.sum(axis=(1, 3, 5), dtype=acc_dtype)
-    total += n // 2
-    total //= n
-    return total.astype(block.dtype)
+    n = step[0] * step[1] * step[2]
+    floating = block.dtype.kind == "f"
+    acc_dtype: Any = np.float64 if floating else (
+        np.int64 if block.dtype.itemsize >= 4 else np.int32)
+    # Pairwise adds of strided views, one axis at a time: each pass halves the data,
+    # several times faster than a reshape-and-sum over a 6-D view.
+    acc: np.ndarray | None = None
+    for axis, s in enumerate(step):
+        if s == 1:
+            continue
+        src = block if acc is None else acc
+        lo = (slice(None),) * axis + (slice(0, None, 2),)
+        hi = (slice(None),) * axis + (slice(1, None, 2),)
+        acc = np.add(src[lo], src[hi], dtype=acc_dtype)
+    assert acc is not None
+    if floating:
+        return (acc / n).astype(block.dtype)
+    acc += n // 2
+    acc //= n
+    return acc.astype(block.dtype)
