@@ -46,7 +46,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import iter_pixels
+from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import UID
 
 from core.errors import InvalidDatasetError
@@ -531,7 +531,8 @@ def _mask_unused_bits(info: InstanceInfo, frame: np.ndarray) -> np.ndarray:
     if info.pixel_representation == 1:
         shift = bits - stored
         return (frame << shift) >> shift  # sign-extend from the high bit
-    return frame & np.array((1 << stored) - 1, dtype=frame.dtype)
+    masked: np.ndarray = frame & np.array((1 << stored) - 1, dtype=frame.dtype)
+    return masked
 
 
 def read_frames(info: InstanceInfo, indices: Iterable[int]) -> Iterator[np.ndarray]:

@@ -137,8 +137,8 @@ def _flat_stack(p: PlaneRef) -> Stack:
     ps = _pixel_spacing(p, warnings)
     direction: tuple[Vec3, Vec3, Vec3] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
     if p.orientation is not None:
-        row = _norm(p.orientation[:3])  # type: ignore[arg-type]
-        col = _norm(p.orientation[3:])  # type: ignore[arg-type]
+        row = _norm(p.orientation[:3])
+        col = _norm(p.orientation[3:])
         direction = (row, col, _norm(_cross(row, col)))
     origin = p.position or (0.0, 0.0, 0.0)
     if p.number_of_frames > 1:
@@ -161,7 +161,7 @@ def _volume_stacks(group: list[PlaneRef]) -> list[Stack]:
     """Order one orientation/size group along its normal and split it into stacks."""
     o = group[0].orientation
     assert o is not None
-    row, col = _norm(o[:3]), _norm(o[3:])  # type: ignore[arg-type]
+    row, col = _norm(o[:3]), _norm(o[3:])
     normal = _norm(_cross(row, col))
     keyed = sorted(group, key=lambda p: (_dot(p.position, normal), p.key, p.frame))  # type: ignore[arg-type]
 

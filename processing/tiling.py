@@ -34,8 +34,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import dask
 import numpy as np
+from dask.base import compute as dask_compute
+from dask.delayed import delayed
 
 from core.errors import InvalidDatasetError
 from processing.decode import InstanceInfo, read_frames, read_instance_info, read_rows
@@ -309,7 +310,7 @@ def _graph(job: _Job, source: _StackSource) -> list[Any]:
     tasks: dict[tuple[int, int, int], Any] = {}
     for index in np.ndindex(*levels[0].shard_grid):
         region = _shard_region(levels[0], index)
-        tasks[index] = dask.delayed(_leaf, pure=False)(job, source, region)
+        tasks[index] = delayed(_leaf, pure=False)(job, source, region)
     for level in levels[1:]:
         children: dict[tuple[int, int, int], list[Any]] = defaultdict(list)
         prev = levels[level.index - 1]
@@ -318,7 +319,7 @@ def _graph(job: _Job, source: _StackSource) -> list[Any]:
             parent = tuple(r[0] // s for r, s in zip(region, level.shards, strict=True))
             children[parent].append(task)  # type: ignore[index]
         tasks = {
-            parent: dask.delayed(_node, pure=False)(job, level.index,
+            parent: delayed(_node, pure=False)(job, level.index,
                                                     _shard_region(level, parent), *kids)
             for parent, kids in children.items()
         }
@@ -411,13 +412,13 @@ def _compute(graphs: list[Any], scheduler: str | None, workers: int | None) -> l
     if scheduler and "://" in scheduler:
         from distributed import Client
 
-        with Client(scheduler, set_as_default=False) as client:
+        with Client(scheduler, set_as_default=False) as client:  # type: ignore[no-untyped-call]
             futures = client.compute(graphs)
             return list(client.gather(futures))
     kwargs: dict[str, Any] = {"scheduler": scheduler or "threads"}
     if workers:
         kwargs["num_workers"] = workers
-    return list(dask.compute(*graphs, **kwargs))
+    return list(dask_compute(*graphs, **kwargs))  # type: ignore[no-untyped-call]
 
 
 def convert_many(
