@@ -10,7 +10,7 @@ fictional.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +24,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["SyntheticSeries", "ct_phantom_slice", "ct_series", "write_ct_series"]
+__all__ = [
+    "SyntheticSeries",
+    "ct_phantom_slice",
+    "ct_series",
+    "write_ct_series",
+    "write_projection_image",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +165,68 @@ def write_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_projection_image(
+    path: Path,
+    rows: int,
+    columns: int,
+    band: Callable[[int, int], np.ndarray],
+    *,
+    samples_per_pixel: int = 1,
+    modality: str = "DX",
+    pixel_spacing_mm: float = 0.1,
+    band_rows: int = 1024,
+) -> Path:
+    """Write a large single-frame 2-D image (DX, or RGB secondary capture) by row bands.
+
+    ``band(r0, r1)`` returns rows ``r0:r1`` as uint16 ``(n, columns)`` for greyscale
+    or uint8 ``(n, columns, 3)`` for RGB. Pixel Data is streamed after the header,
+    so images larger than memory (30000² RGB) can be written. Explicit VR Little
+    Endian; Digital X-Ray (PS3.3 A.26) or Secondary Capture (PS3.3 A.8) without
+    patient geometry, as projection radiographs and whole-slide captures come.
+    """
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage
+
+    rgb = samples_per_pixel == 3
+    sop_class = SecondaryCaptureImageStorage if rgb else DigitalXRayImageStorageForPresentation
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT" if rgb else modality
+    ds.PatientName = "TEST^PLANE"
+    ds.PatientID = "SYN0002"
+    ds.SamplesPerPixel = samples_per_pixel
+    ds.PhotometricInterpretation = "RGB" if rgb else "MONOCHROME2"
+    if rgb:
+        ds.PlanarConfiguration = 0
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.ImagerPixelSpacing = [f"{pixel_spacing_mm:g}", f"{pixel_spacing_mm:g}"]
+    bits = 8 if rgb else 16
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    length = rows * columns * samples_per_pixel * bits // 8
+    with open(path, "ab") as fp:
+        # (7FE0,0010) OB/OW, explicit VR little endian: tag, VR, 2 reserved, UL length.
+        fp.write(b"\xe0\x7f\x10\x00" + (b"OB" if rgb else b"OW") + b"\x00\x00"
+                 + int(length + length % 2).to_bytes(4, "little"))
+        dtype = np.uint8 if rgb else np.dtype("<u2")
+        for r0 in range(0, rows, band_rows):
+            r1 = min(rows, r0 + band_rows)
+            fp.write(np.ascontiguousarray(band(r0, r1), dtype=dtype).tobytes())
+        if length % 2:
+            fp.write(b"\x00")
+    return path
