@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import record
+
 from core.synthetic import write_ct_series
 
 pytestmark = pytest.mark.network

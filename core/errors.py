@@ -14,8 +14,8 @@ from typing import ClassVar
 
 __all__ = [
     "DuplicateError",
-    "InvalidDatasetError",
     "InvalidAttributeValueError",
+    "InvalidDatasetError",
     "InvalidQueryError",
     "LabMessageError",
     "MissingAttributeError",

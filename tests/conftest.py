@@ -54,9 +54,9 @@ class Receiver:
 @pytest.fixture
 def receiver(settings: Settings) -> Iterator[Receiver]:
     """A DICOM receiver in this process on a free loopback port (STYLE.md §7)."""
+    from ingest.dicom.scp import bind_listener
     from pacslab.dicom_process import run_receiver
     from pacslab.wiring import build_index
-    from ingest.dicom.scp import bind_listener
 
     build_index(settings, migrate=True).close()
     listener = bind_listener("127.0.0.1", 0)

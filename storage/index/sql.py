@@ -501,6 +501,49 @@ class SqlIndex:
                 .values(metadata_json=metadata)
             )
 
+    def series_due(self, quiet_s: float, *, limit: int = 50) -> list[str]:
+        """Series quiet for ``quiet_s`` with instances newer than their last series job.
+
+        The roll-up rule of issue #3: a series is complete when no instance arrived for
+        the quiet period; a later instance (or a re-sent version) makes it due again.
+        """
+        cutoff = datetime.fromtimestamp(time.time() - quiet_s, UTC)
+        last = (
+            select(series.c.series_instance_uid.label("uid"),
+                   func.max(instances.c.received_at).label("last"))
+            .select_from(instances.join(series, instances.c.series_pk == series.c.id))
+            .group_by(series.c.series_instance_uid)
+            .subquery()
+        )
+        done = (
+            select(jobs.c.target.label("uid"), func.max(jobs.c.created_at).label("queued"))
+            .where(jobs.c.kind == "series")
+            .group_by(jobs.c.target)
+            .subquery()
+        )
+        query = (
+            select(last.c.uid)
+            .select_from(last.outerjoin(done, done.c.uid == last.c.uid))
+            .where(and_(last.c.last <= cutoff,
+                        (done.c.queued.is_(None)) | (done.c.queued < last.c.last)))
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [r.uid for r in conn.execute(query)]
+
+    def latest_job(self, kind: str, target: str, *, status: str = "done") -> Job | None:
+        """The newest job of a kind for a target, e.g. where a series' pyramid is."""
+        query = (select(jobs).where(and_(jobs.c.kind == kind, jobs.c.target == target,
+                                         jobs.c.status == status))
+                 .order_by(jobs.c.id.desc()).limit(1))
+        with self.engine.connect() as conn:
+            r = conn.execute(query).first()
+        if r is None:
+            return None
+        return Job(id=r.id, kind=r.kind, target=r.target, status=r.status, attempts=r.attempts,
+                   correlation_id=r.correlation_id, error=r.error,
+                   result=json.loads(r.result_json or "{}"))
+
     def blob_referenced(self, key: str) -> bool:
         with self.engine.connect() as conn:
             return (

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import dcmtk, run_dcmtk
 from pydicom import dcmread
 
-from conftest import dcmtk, run_dcmtk
 from core.settings import Settings
 from core.synthetic import write_ct_series
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_cli import env_for  # noqa: E402
+from test_cli import env_for
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import Receiver, run_dcmtk
 from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import Receiver, run_dcmtk
 from core.synthetic import write_ct_series
 
 pytestmark = pytest.mark.network
