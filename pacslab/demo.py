@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pydicom.uid import CTImageStorage
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
 from core.errors import InvalidDatasetError, ServiceError
 from core.instance import InstanceRecord, instance_record
@@ -42,6 +43,7 @@ __all__ = ["Accepted", "Archive", "check_pixel_data"]
 
 logger = logging.getLogger(__name__)
 
+_PIXEL_DATA = Tag(0x7FE00010)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _NATIVE = {
     "1.2.840.10008.1.2",
@@ -68,7 +70,7 @@ def check_pixel_data(ds: object, transfer_syntax_uid: str, file_size: int) -> No
 
     assert isinstance(ds, Dataset)
     # The raw element (not converted, value possibly deferred) has the encoded length.
-    raw = ds._dict.get(0x7FE00010)
+    raw = ds._dict.get(_PIXEL_DATA)
     if raw is None:
         return
     length = getattr(raw, "length", None)

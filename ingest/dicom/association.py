@@ -246,7 +246,7 @@ class FastAssociation:
         )
         for cx in results:
             if cx.result == 0x00:
-                self.accepted[int(cx.context_id)] = (
+                self.accepted[int(cx.context_id or 0)] = (
                     str(cx.abstract_syntax),
                     str(cx.transfer_syntax[0]),
                 )

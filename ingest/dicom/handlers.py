@@ -59,14 +59,14 @@ def _dataset_offset(path: str) -> int:
         head = fp.read(144)
     # preamble (128) + "DICM" + (0002,0000) UL element of 12 bytes holding the group length
     (group_length,) = struct.unpack_from("<I", head, 140)
-    return 144 + group_length
+    return 144 + int(group_length)
 
 
 def handle_store(event: Event, service: IngestService) -> int | Dataset:
     """EVT_C_STORE for associations pynetdicom serves (TLS, mixed services)."""
     request = event.request
-    sop_class = str(request.AffectedSOPClassUID)
-    sop_instance = str(request.AffectedSOPInstanceUID)
+    sop_class = str(getattr(request, "AffectedSOPClassUID", ""))
+    sop_instance = str(getattr(request, "AffectedSOPInstanceUID", ""))
     ts = str(event.context.transfer_syntax)
     path = str(event.dataset_path)
     writer: StagedWriter | None = None

@@ -25,7 +25,7 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.settings import DicomSettings
 from ingest.dicom.association import (
@@ -68,7 +68,7 @@ TRANSFER_SYNTAXES = [
 
 def storage_contexts() -> list[PresentationContext]:
     return [
-        build_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        build_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts
     ]
 
@@ -144,9 +144,11 @@ class DicomReceiver:
         ]
         # pynetdicom serves only connections we hand over; its own listening socket is
         # a loopback placeholder that nobody connects to.
-        self.slow_server = self.ae.start_server(
+        server = self.ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=handlers, ssl_context=None
         )
+        assert server is not None  # block=False returns the server
+        self.slow_server = server
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -176,7 +178,7 @@ class DicomReceiver:
         ae.maximum_associations = self.settings.max_associations
         ae.require_calling_aet = list(self.policy.allowed_calling_aes)
         for cx in [*contexts, *extra]:
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
         return ae
 
     # -- accept loop ---------------------------------------------------------------
