@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
 from pydicom.uid import CTImageStorage
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
