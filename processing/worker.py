@@ -103,6 +103,9 @@ class JobWorker:
     def run(self) -> None:
         for hook in self.on_start:
             hook()
+        # A worker restarting under its name resumes what it was doing when it died;
+        # jobs of workers that never came back are taken over after their lease.
+        self.index.requeue_worker_jobs(self.name)
         self.index.requeue_stale_jobs(self.lease_s)
         while not self._stop.is_set():
             try:

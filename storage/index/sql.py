@@ -477,6 +477,16 @@ class SqlIndex:
                 for r in conn.execute(query)
             ]
 
+    def requeue_worker_jobs(self, worker: str) -> int:
+        """Jobs a worker of this name left running: it died, they go back to pending."""
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(and_(jobs.c.status == "running", jobs.c.claimed_by == worker))
+                .values(status="pending", updated_at=_now())
+            )
+        return int(result.rowcount or 0)
+
     def requeue_stale_jobs(self, older_than_s: float) -> int:
         cutoff = datetime.fromtimestamp(time.time() - older_than_s, UTC)
         with self._write() as conn:

@@ -79,7 +79,7 @@ def test_kill_9_during_storescu_loses_nothing_acknowledged(tmp_path: Path, trial
         index = worker.index
         assert settings.storage.originals_dir is not None
         store = FileOriginalStore(settings.storage.originals_dir)
-        index.requeue_stale_jobs(0)
+        index.requeue_worker_jobs(worker.name)  # what JobWorker.run() does first
         while worker.run_once():
             pass
         for uid in acknowledged:

@@ -1,0 +1,62 @@
+"""JobWorker: restart-safe, idempotent, a poison input never blocks the queue."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from core.errors import InvalidDatasetError
+from core.instance import InstanceRecord
+from core.settings import IndexSettings
+from processing.worker import JobWorker
+from storage.abc import Job, NewInstance
+from storage.index.sql import SqlIndex
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> SqlIndex:
+    idx = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path}/index.db"))
+    items = [NewInstance(record=InstanceRecord("1.2", f"1.2.3.{i}", "1.2.3", "1.2.3.4",
+                                               "1.2.840.10008.1.2.1"),
+                         blob_key=f"{i:064x}", size=1, calling_ae="X",
+                         received_at=datetime.now(UTC)) for i in range(5)]
+    idx.add_instances(items)
+    yield idx  # type: ignore[misc]
+    idx.close()
+
+
+def test_poison_fails_alone_and_bugs_are_retried(index: SqlIndex) -> None:
+    seen: list[str] = []
+    flaky = {"1.2.3.3": 1}
+
+    def handler(job: Job) -> dict[str, str]:
+        seen.append(job.target)
+        if job.target == "1.2.3.1":
+            raise InvalidDatasetError("undecodable pixel data")  # bad input: no retry
+        if flaky.get(job.target):
+            flaky[job.target] -= 1
+            raise RuntimeError("transient")  # a bug or hiccup: retried later
+        return {"ok": job.target}
+
+    worker = JobWorker(index, {"instance": handler}, name="w", batch=10)
+    assert worker.run_once() == 5
+    jobs = {j.target: j for j in index.get_jobs()}
+    assert jobs["1.2.3.1"].status == "failed" and "undecodable" in jobs["1.2.3.1"].error
+    assert jobs["1.2.3.3"].status == "pending" and "transient" in jobs["1.2.3.3"].error
+    assert [j.status for t, j in sorted(jobs.items()) if t not in {"1.2.3.1", "1.2.3.3"}] \
+        == ["done"] * 3
+    assert jobs["1.2.3.0"].result == {"ok": "1.2.3.0"}
+
+
+def test_restart_resumes_running_jobs(index: SqlIndex) -> None:
+    claimed = index.claim_jobs("host-embedded", limit=2)  # then the worker died
+    assert len(claimed) == 2
+    done: list[str] = []
+    worker = JobWorker(index, {"instance": lambda job: done.append(job.target) or {}},
+                       name="host-embedded", batch=10)
+    worker.on_idle.append(worker.stop)
+    worker.run()  # requeues its own jobs first, runs everything, stops when idle
+    assert sorted(done) == [f"1.2.3.{i}" for i in range(5)]
+    assert index.counts()["jobs_done"] == 5
