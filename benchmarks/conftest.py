@@ -1,23 +1,12 @@
-"""Benchmark helpers: enabled/smoke mode, and side-by-side ratio tables at the end.
-
-Benchmarks record ``benchmark.extra_info`` with a ``target`` (pacslab or an anchor), a
-``case`` (what is compared) and a rate; ``pytest_terminal_summary`` prints each case's
-rates and the pacslab/anchor ratios, so one run gives the figures for the closing note.
-"""
+"""Benchmark fixtures; the side-by-side ratio table is printed at the end of the run."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import pytest
 
-_RESULTS: dict[str, dict[str, tuple[float, str]]] = defaultdict(dict)
-
-
-def benchmarks_enabled(config: pytest.Config) -> bool:
-    """--benchmark-enable given (addopts always carries --benchmark-disable)."""
-    return bool(config.getoption("benchmark_enable", default=False))
+from benchmarks.support import benchmarks_enabled, terminal_summary
 
 
 @pytest.fixture
@@ -26,22 +15,6 @@ def measuring(request: pytest.FixtureRequest) -> bool:
     return benchmarks_enabled(request.config)
 
 
-def record(case: str, target: str, value: float, unit: str) -> None:
-    _RESULTS[case][target] = (value, unit)
-
-
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
                             ) -> None:
-    if not _RESULTS:
-        return
-    tr = terminalreporter
-    tr.section("pacslab side by side")
-    for case in sorted(_RESULTS):
-        rows = _RESULTS[case]
-        tr.write_line(f"{case}:")
-        ours = rows.get("pacslab")
-        for target, (value, unit) in sorted(rows.items()):
-            ratio = ""
-            if ours and target != "pacslab" and value:
-                ratio = f"   pacslab/{target} = {ours[0] / value:.2f}x"
-            tr.write_line(f"    {target:24s} {value:10.1f} {unit}{ratio}")
+    terminal_summary(terminalreporter, exitstatus, config)

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import record
 
+from benchmarks.support import benchmarks_enabled, record
 from core.synthetic import write_ct_series
 
 pytestmark = pytest.mark.network
@@ -52,8 +52,6 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
            ) -> dict[str, object]:
-    from conftest import benchmarks_enabled
-
     measuring = benchmarks_enabled(request.config)
     count, size = (500, 512) if measuring else (20, 64)
     root = tmp_path_factory.mktemp("ct")

@@ -1,20 +1,16 @@
-"""Shared fixtures: ``settings(tmp_path)``, an in-process DICOM receiver, DCMTK helpers."""
+"""Shared fixtures: ``settings(tmp_path)`` and an in-process DICOM receiver."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from core.settings import Settings
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.support import Receiver
 
 
 @pytest.fixture
@@ -24,31 +20,6 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         if key.startswith("PACSLAB_"):
             monkeypatch.delenv(key)
     return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"})
-
-
-def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"DCMTK {tool} not installed (Debian package dcmtk; .ci/run installs it)")
-    return path
-
-
-def run_dcmtk(args: list[str], *, nodelay: bool = False, timeout: float = 120
-              ) -> subprocess.CompletedProcess[str]:
-    """Run a DCMTK tool; ``nodelay`` sets TCP_NODELAY=1 (the Debian build leaves Nagle on)."""
-    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
-    if nodelay:
-        env["TCP_NODELAY"] = "1"
-    return subprocess.run([dcmtk(args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
-
-
-@dataclass
-class Receiver:
-    settings: Settings
-    port: int
-    index: object
-    service: object
 
 
 @pytest.fixture

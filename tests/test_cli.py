@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def env_for(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
-    env.update(PACSLAB_DATA_DIR=str(data_dir), PACSLAB_DICOM__PORT=str(free_port()),
-               PACSLAB_HTTP__PORT=str(free_port()), PACSLAB_DICOM__HOST="127.0.0.1",
-               PACSLAB_HTTP__HOST="127.0.0.1")
-    return env
+from tests.support import env_for
 
 
 def test_help_lists_the_commands() -> None:

@@ -17,14 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dcmtk, run_dcmtk
 from pydicom import dcmread
 
 from core.settings import Settings
 from core.synthetic import write_ct_series
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_cli import env_for
+from tests.support import dcmtk, env_for, run_dcmtk
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

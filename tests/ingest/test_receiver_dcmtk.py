@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import Receiver, run_dcmtk
 from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset
@@ -20,6 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from core.synthetic import write_ct_series
+from tests.support import Receiver, run_dcmtk
 
 pytestmark = pytest.mark.network
 

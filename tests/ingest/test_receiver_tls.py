@@ -12,9 +12,9 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE
 
-from conftest import Receiver
 from core.settings import Settings
 from core.synthetic import write_ct_series
+from tests.support import Receiver
 
 pytestmark = pytest.mark.network
 
