@@ -366,7 +366,18 @@ class FastAssociation:
         elif writer is None:
             status, comment = 0xA700, "Out of resources: cannot stage data set"
         else:
-            status, comment = self.on_store(writer, command, self.calling_ae)
+            try:
+                status, comment = self.on_store(writer, command, self.calling_ae)
+            except Exception:
+                # A bug, not bad input: never acknowledged, logged with its traceback;
+                # 0xC211 is what pynetdicom answers when a handler raises.
+                logger.error(
+                    "C-STORE of %s failed unexpectedly",
+                    command.affected_sop_instance_uid,
+                    exc_info=True,
+                )
+                writer.abort()
+                status, comment = 0xC211, "Unexpected failure while storing"
         if status in (0x0000,) or status >> 12 == 0xB:
             self.stored += 1
         self._respond(context_id, encode_response(C_STORE_RSP, command, status, comment))

@@ -351,3 +351,16 @@ def test_non_storage_association_is_served_by_pynetdicom(receiver: Receiver) -> 
 
 def test_get_testdata_file_sanity() -> None:
     assert get_testdata_file("CT_small.dcm") is not None
+
+
+def test_a_bug_answers_c211_and_the_service_stays_up(receiver: Receiver, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = receiver.service.archive  # type: ignore[attr-defined]
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(archive, "accept", bug)
+    assert _send(receiver, dcmread(_ct(tmp_path))).Status == 0xC211
+    monkeypatch.undo()
+    assert _send(receiver, dcmread(_ct(tmp_path / "again"))).Status == 0x0000
