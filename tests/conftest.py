@@ -33,14 +33,21 @@ def dcmtk(tool: str) -> str:
     return path
 
 
-def run_dcmtk(args: list[str], *, nodelay: bool = False, timeout: float = 120
-              ) -> subprocess.CompletedProcess[str]:
+def run_dcmtk(
+    args: list[str], *, nodelay: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK tool; ``nodelay`` sets TCP_NODELAY=1 (the Debian build leaves Nagle on)."""
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
     if nodelay:
         env["TCP_NODELAY"] = "1"
-    return subprocess.run([dcmtk(args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+    return subprocess.run(
+        [dcmtk(args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 @dataclass
@@ -63,8 +70,12 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
     port = listener.getsockname()[1]
     stop = threading.Event()
     started: dict[str, object] = {}
-    thread = threading.Thread(target=run_receiver, args=(listener, settings, stop),
-                              kwargs={"started": started}, daemon=True)
+    thread = threading.Thread(
+        target=run_receiver,
+        args=(listener, settings, stop),
+        kwargs={"started": started},
+        daemon=True,
+    )
     thread.start()
     for _ in range(100):
         if "service" in started:
