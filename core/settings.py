@@ -206,7 +206,7 @@ class Settings(BaseSettings):
     processing: ProcessingSettings = ProcessingSettings()
     ingest: IngestSettings = IngestSettings()
     worklist: WorklistSettings = WorklistSettings()
-    orders: OrdersSettings = OrdersSettings()
+    orders: OrdersSettings = Field(default_factory=OrdersSettings)
     log: LogSettings = LogSettings()
 
     @classmethod

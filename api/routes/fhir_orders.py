@@ -24,7 +24,8 @@ FHIR ImagingStudy/ServiceRequest pattern):
   description. ``orderDetail`` coding in the DICOM DCM system → Modality;
   ``locationCode`` coding in ``urn:pacslab:ae-title`` → Scheduled Station AE Title.
 * ``occurrenceDateTime`` → step start in this server's local time (DICOM DA/TM
-  carry no offset; FHIR needs one, so we emit the local one); ``priority`` routine/urgent/asap/stat → ROUTINE/HIGH/HIGH/STAT.
+  carry no offset; FHIR needs one, so we emit the local one); ``priority``
+  routine/urgent/asap/stat → ROUTINE/HIGH/HIGH/STAT.
 * ``status``: scheduled and in-progress orders are ``active`` (R4 RequestStatus has
   no in-progress; the extension ``procedure-status`` carries it), completed is
   ``completed``, cancelled and discontinued are ``revoked``.
@@ -130,9 +131,7 @@ def _patient(resource: dict[str, Any]) -> Patient:
         (
             c
             for c in resource.get("contained") or []
-            if isinstance(c, dict)
-            and c.get("resourceType") == "Patient"
-            and c.get("id") == ref[1:]
+            if isinstance(c, dict) and c.get("resourceType") == "Patient" and c.get("id") == ref[1:]
         ),
         None,
     )
@@ -225,9 +224,7 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
         "",
     )
     occurrence = resource.get("occurrenceDateTime")
-    notes = " ".join(
-        str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict)
-    )
+    notes = " ".join(str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict))
     steps: tuple[ScheduledProcedureStep, ...] = ()
     if occurrence or modality or station:
         steps = (
@@ -235,9 +232,7 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
                 step_id="",
                 station_ae_title=station[:16],
                 modality=modality[:16],
-                start=_start(occurrence)
-                if occurrence
-                else datetime.now().replace(microsecond=0),
+                start=_start(occurrence) if occurrence else datetime.now().replace(microsecond=0),
                 description=description,
                 comments=notes,
             ),
@@ -321,8 +316,10 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
     code: dict[str, Any] = {}
     if o.requested_procedure_code is not None:
         c = o.requested_procedure_code
-        coding = {"system": _SYSTEMS.get(c.scheme, f"urn:pacslab:scheme:{c.scheme}"),
-                  "code": c.value}
+        coding = {
+            "system": _SYSTEMS.get(c.scheme, f"urn:pacslab:scheme:{c.scheme}"),
+            "code": c.value,
+        }
         if c.meaning:
             coding["display"] = c.meaning
         code["coding"] = [coding]
@@ -332,9 +329,7 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
         resource["code"] = code
     modalities = sorted({s.modality for s in item.steps if s.modality})
     if modalities:
-        resource["orderDetail"] = [
-            {"coding": [{"system": DCM, "code": m}]} for m in modalities
-        ]
+        resource["orderDetail"] = [{"coding": [{"system": DCM, "code": m}]} for m in modalities]
     stations = sorted({s.station_ae_title for s in item.steps if s.station_ae_title})
     if stations:
         resource["locationCode"] = [
@@ -372,8 +367,9 @@ def _outcome(exc: ServiceError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.http_status, media_type=FHIR_JSON)
 
 
-def _fhir(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-          ) -> JSONResponse:
+def _fhir(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
@@ -493,8 +489,9 @@ def search_service_requests(request: Request) -> Response:
         if identifier and not records:
             records = [
                 r
-                for r in _service(request).search(status=statuses, updated_from=lo,
-                                                  updated_before=hi, limit=count)
+                for r in _service(request).search(
+                    status=statuses, updated_from=lo, updated_before=hi, limit=count
+                )
                 if r.study_instance_uid == identifier
             ]
     except ServiceError as exc:

@@ -7,8 +7,8 @@ R4B's ServiceRequest, Patient and Bundle are R4's (R4B changed other resources),
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -24,8 +24,13 @@ from fhir.resources.R4B.bundle import Bundle  # noqa: E402
 from fhir.resources.R4B.servicerequest import ServiceRequest  # noqa: E402
 
 
-def service_request(placer: str = "HIS-1001", *, status: str = "active",
-                    family: str = "NGUYỄN", modality: str = "CT") -> dict[str, Any]:
+def service_request(
+    placer: str = "HIS-1001",
+    *,
+    status: str = "active",
+    family: str = "NGUYỄN",
+    modality: str = "CT",
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "contained": [
@@ -40,8 +45,11 @@ def service_request(placer: str = "HIS-1001", *, status: str = "active",
         ],
         "identifier": [
             {
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                     "code": "PLAC"}]},
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "PLAC"}
+                    ]
+                },
                 "system": "urn:his",
                 "value": placer,
             }
@@ -50,12 +58,16 @@ def service_request(placer: str = "HIS-1001", *, status: str = "active",
         "intent": "order",
         "priority": "stat",
         "code": {
-            "coding": [{"system": "http://loinc.org", "code": "24627-2",
-                        "display": "CT Chest"}],
+            "coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}],
             "text": "CT chest",
         },
-        "orderDetail": [{"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
-                                     "code": modality}]}],
+        "orderDetail": [
+            {
+                "coding": [
+                    {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": modality}
+                ]
+            }
+        ],
         "locationCode": [{"coding": [{"system": "urn:pacslab:ae-title", "code": "CT1"}]}],
         "subject": {"reference": "#p"},
         "occurrenceDateTime": "2026-11-25T09:30:00+07:00",
@@ -86,8 +98,9 @@ def test_post_get_round_trip_is_valid_r4(client: TestClient) -> None:
     patient = body["contained"][0]
     assert patient["name"] == [{"family": "NGUYỄN", "given": ["VĂN", "AN"]}]
     assert patient["birthDate"] == "1980-01-02" and patient["gender"] == "male"
-    values = {i.get("type", {}).get("coding", [{}])[0].get("code"): i["value"]
-              for i in body["identifier"]}
+    values = {
+        i.get("type", {}).get("coding", [{}])[0].get("code"): i["value"] for i in body["identifier"]
+    }
     assert values["PLAC"] == "HIS-1001"
     assert values["ACSN"] == "A00000001"
     assert values[None].startswith("urn:oid:")  # Study Instance UID, generated at scheduling
@@ -103,18 +116,21 @@ def test_put_updates_and_revoked_cancels(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["meta"]["versionId"] == "2"
     assert r.json()["orderDetail"][0]["coding"][0]["code"] == "MR"
-    r = client.put(f"/fhir/ServiceRequest/{sr_id}",
-                   json=service_request(status="revoked") | {"id": sr_id})
+    r = client.put(
+        f"/fhir/ServiceRequest/{sr_id}", json=service_request(status="revoked") | {"id": sr_id}
+    )
     assert r.status_code == 200
     assert ServiceRequest.model_validate(r.json()).status == "revoked"
     # Update-as-create with a client id.
-    r = client.put("/fhir/ServiceRequest/his-2002",
-                   json=service_request("HIS-2002") | {"id": "his-2002"})
+    r = client.put(
+        "/fhir/ServiceRequest/his-2002", json=service_request("HIS-2002") | {"id": "his-2002"}
+    )
     assert r.status_code == 201 and r.json()["id"] == "his-2002"
 
 
-def test_search_by_status_identifier_and_last_updated(client: TestClient, settings: Settings
-                                                      ) -> None:
+def test_search_by_status_identifier_and_last_updated(
+    client: TestClient, settings: Settings
+) -> None:
     first = client.post("/fhir/ServiceRequest", json=service_request("HIS-1")).json()
     time.sleep(0.01)
     second = client.post("/fhir/ServiceRequest", json=service_request("HIS-2")).json()
@@ -126,8 +142,9 @@ def test_search_by_status_identifier_and_last_updated(client: TestClient, settin
     assert [e["resource"]["id"] for e in r.json()["entry"]] == [second["id"]]
     # An MPPS start changes the order: it comes back in the change feed.
     service = client.app.state.order_service  # type: ignore[attr-defined]
-    service.step_status(accession="A00000001", procedure_id="", step_id="",
-                        status=SpsStatus.STARTED)
+    service.step_status(
+        accession="A00000001", procedure_id="", step_id="", status=SpsStatus.STARTED
+    )
     since2 = second["meta"]["lastUpdated"]
     feed = client.get("/fhir/ServiceRequest", params={"_lastUpdated": f"gt{since2}"}).json()
     (entry,) = feed["entry"]

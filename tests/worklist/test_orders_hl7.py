@@ -1,6 +1,7 @@
-"""HL7 v2 orders: real files from ../shared/data/lab/hl7, intake with ACKs, MLLP, inbox.
+"""HL7 v2 orders: real files, intake with ACKs, MLLP loopback, the order inbox.
 
-Files: copies in ``tests/data/orders/hl7`` (rows of SOURCES.md beside them; unmodified): ``cdc_epic_orm_o01_v23.hl7`` (ORM^O01
+Files are copies of ../shared/data/lab/hl7 in ``tests/data/orders/hl7`` (their
+SOURCES.md rows beside them; unmodified): ``cdc_epic_orm_o01_v23.hl7`` (ORM^O01
 v2.3 with ORC-1 CA), ``cdc_orm_o01_v251_order_linked.hl7`` (ORM^O01 v2.5.1, NW);
 the OML/ORU/ACK files are not imaging orders and are refused, as is the OML with
 segments run together.
