@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -554,20 +554,3 @@ class OrderService:
                 continue
         logger.warning("order %s: images-arrived not recorded (concurrent changes)", public_id)
 
-
-def placed_from_record(rec: OrderRecord, action: OrderAction, source: str) -> PlacedOrder:
-    """A :class:`PlacedOrder` restating ``rec`` (for callers that edit one field)."""
-    return PlacedOrder(
-        action=action,
-        placer_order_number=rec.placer_order_number,
-        patient=rec.item.patient,
-        order=rec.item.order,
-        steps=rec.item.steps,
-        filler_order_number=rec.filler_order_number,
-        source=source,
-    )
-
-
-def statuses(values: Sequence[str]) -> list[OrderStatus]:
-    """Parse order statuses (``ValueError`` on an unknown one)."""
-    return [OrderStatus(v) for v in values]
