@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
+from api.routes import fhir_orders
 from core.settings import Settings
 from storage.index.sql import SqlIndex
 
@@ -46,4 +47,5 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
             lines.append(f"# TYPE {metric} gauge\n{metric} {value}")
         return "\n".join(lines) + "\n"
 
+    fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     return app

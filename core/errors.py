@@ -20,6 +20,7 @@ __all__ = [
     "LabMessageError",
     "MissingAttributeError",
     "NotFoundError",
+    "OrderMessageError",
     "OutOfResourcesError",
     "ProcedureStepStateError",
     "SOPClassMismatchError",
@@ -139,3 +140,33 @@ class LabMessageError(ServiceError, ValueError):
         super().__init__(message if where is None else f"{message} (at {where})")
         self.reason = message
         self.where = where
+
+
+class OrderMessageError(ServiceError, ValueError):
+    """An order message we refuse (HL7 v2.5.1 2.9.2, 2.14.1 ERR; FHIR R4 ``invalid``).
+
+    ``ack_code`` is the MSA-1 to answer with: ``AR`` (application reject: message
+    type, event, version or processing id we do not take, or an unparseable MSH) or
+    ``AE`` (application error: the content is wrong). ``hl7_code`` is the HL7 Table
+    0357 condition for ERR-3; ``where`` names the segment/field (ERR-2, and the
+    ``.error.json`` beside a rejected file). The message carries no patient data.
+    """
+
+    title = "Order message refused"
+    http_status = 422
+    dimse_status = 0xC000
+    fhir_code = "invalid"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str | None = None,
+        hl7_code: int = 207,
+        ack_code: str = "AE",
+    ) -> None:
+        super().__init__(message if where is None else f"{message} (at {where})")
+        self.reason = message
+        self.where = where
+        self.hl7_code = hl7_code
+        self.ack_code = ack_code

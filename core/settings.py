@@ -30,6 +30,7 @@ __all__ = [
     "IndexSettings",
     "IngestSettings",
     "LogSettings",
+    "OrdersSettings",
     "ProcessingSettings",
     "Settings",
     "StorageSettings",
@@ -140,6 +141,46 @@ class WorklistSettings(BaseModel):
     max_results: int = Field(500, ge=1)
 
 
+class OrdersSettings(BaseModel):
+    """Orders from the record system: HL7 v2 inbox and MLLP, scheduling, reconciliation.
+
+    ``PACSLAB_ORDERS__MLLP_PORT=2575`` etc. The inbox folder is
+    ``<data_dir>/inbox/orders`` (:attr:`Settings.orders_inbox`).
+    """
+
+    #: MLLP listener for ORM^O01 / OMI^O23 (HL7 v2.5.1 Appendix C); 0 turns it off.
+    mllp_port: int = Field(2575, ge=0, le=65535)
+    mllp_host: str = "0.0.0.0"
+    #: Seconds a dropped order file must keep the same size and mtime before it is read.
+    stable_s: float = Field(1.0, ge=0)
+    #: Seconds between full rescans of the inbox (watchdog events can be lost).
+    rescan_s: float = Field(5.0, gt=0)
+    #: Modality of a step when the order names none (OBR-24 empty; FHIR without code).
+    default_modality: str = "OT"
+    #: Scheduled Station AE Title per modality, when the order names no station.
+    station_by_modality: dict[str, str] = Field(default_factory=dict)
+    #: Prefix of the Accession Numbers we assign (SH: 16 characters in all).
+    accession_prefix: str = Field("A", max_length=6)
+    #: UID root of generated Study Instance UIDs; empty uses pydicom's root.
+    uid_root: str = ""
+    #: On reconciliation the order's patient demographics replace the modality's
+    #: (the modality's are kept beside the link).
+    demographics_from_order: bool = True
+    #: POST a small JSON to this URL on every order status change; empty: no webhook.
+    webhook_url: str = ""
+    webhook_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _check_uid_root(cls, value: str) -> str:
+        # PS3.5 9.1: digits and dots; pydicom wants the prefix to end with a dot.
+        if value and (not value.endswith(".") or not value.replace(".", "").isdigit()):
+            raise ValueError("orders.uid_root must be digits and dots, ending with a dot")
+        if len(value) > 40:
+            raise ValueError("orders.uid_root leaves too little room for a UID (64 chars)")
+        return value
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -165,6 +206,7 @@ class Settings(BaseSettings):
     processing: ProcessingSettings = ProcessingSettings()
     ingest: IngestSettings = IngestSettings()
     worklist: WorklistSettings = WorklistSettings()
+    orders: OrdersSettings = Field(default_factory=OrdersSettings)
     log: LogSettings = LogSettings()
 
     @classmethod

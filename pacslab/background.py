@@ -31,4 +31,33 @@ def start_background(settings: Settings) -> Background:
     from pacslab.worker_process import start_worker
 
     background.stoppers.append(start_worker(settings))
+    background.stoppers.append(start_orders(settings))
     return background
+
+
+def start_orders(settings: Settings) -> Callable[[], None]:
+    """HL7 v2 order intake: the inbox folder, and MLLP unless ``orders.mllp_port`` is 0."""
+    from pacslab.wiring import build_index, build_order_service
+    from worklist.orders.intake import Hl7OrderIntake
+    from worklist.orders.mllp import MllpServer
+    from worklist.orders.watcher import OrderInbox
+
+    index = build_index(settings, migrate=False)
+    intake = Hl7OrderIntake(build_order_service(settings, index))
+    section = settings.orders
+    inbox = OrderInbox(
+        settings.orders_inbox, intake, stable_s=section.stable_s, rescan_s=section.rescan_s
+    ).start()
+    mllp = (
+        MllpServer(intake, section.mllp_host, section.mllp_port).start()
+        if section.mllp_port
+        else None
+    )
+
+    def stop() -> None:
+        if mllp is not None:
+            mllp.stop()
+        inbox.stop()
+        index.close()
+
+    return stop

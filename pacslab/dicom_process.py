@@ -17,11 +17,15 @@ import socket
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from typing import Any
+
+from pynetdicom.presentation import PresentationContext
 
 from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
-from pacslab.wiring import build_index, build_ingest
+from pacslab.wiring import build_index, build_ingest, build_order_service
+from storage.index.sql import SqlIndex
 
 __all__ = ["DicomProcesses", "run_receiver"]
 
@@ -69,9 +73,29 @@ def run_receiver(
         index.close()
 
 
-def _other_dicom_services(settings: Settings, index: object) -> tuple[list, list]:  # type: ignore[type-arg]
-    """Worklist and MPPS share the AE and port; wired in once they exist."""
-    return [], []
+def _other_dicom_services(
+    settings: Settings, index: SqlIndex
+) -> tuple[list[PresentationContext], list[Any]]:
+    """Modality Worklist C-FIND and MPPS on the receiver's AE and port (PS3.4 K, F).
+
+    The worklist reads the SQL order store; MPPS steps are kept in the index, and
+    their effects move orders along and queue ``series`` jobs for the series an
+    MPPS reports complete.
+    """
+    from storage.index.orders import SqlMppsRepository, SqlWorklistSource
+    from worklist.mpps import restore_step
+    from worklist.orders.effects import OrderEffects
+    from worklist.scp import handlers, presentation_contexts
+
+    service = build_order_service(settings, index)
+    sink = OrderEffects(service, lambda uid: index.add_job("series", uid))
+    evt_handlers = handlers(
+        SqlWorklistSource(index),
+        SqlMppsRepository(index, restore_step),
+        settings.worklist,
+        sink,
+    )
+    return presentation_contexts(), evt_handlers
 
 
 def _child_main(listener: socket.socket, settings: Settings) -> None:

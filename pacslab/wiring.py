@@ -9,10 +9,12 @@ from __future__ import annotations
 from core.settings import Settings
 from ingest.service import IngestService
 from storage.archive import Archive
+from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
+from storage.orders import OrderService
 from storage.originals import FileOriginalStore
 
-__all__ = ["build_archive", "build_index", "build_ingest"]
+__all__ = ["build_archive", "build_index", "build_ingest", "build_order_service"]
 
 
 def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
@@ -36,3 +38,9 @@ def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
 
 def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:
     return IngestService(build_archive(settings, index))
+
+
+def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:
+    """The order service over ``index`` (webhook jobs queued when a URL is set)."""
+    store = SqlOrderStore(index, webhook=bool(settings.orders.webhook_url))
+    return OrderService(store, settings.orders)

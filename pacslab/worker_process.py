@@ -9,16 +9,20 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 
+from core.errors import NotFoundError
 from core.instance import metadata_json
 from core.settings import Settings
-from pacslab.wiring import build_index
+from pacslab.wiring import build_index, build_order_service
 from processing.integrity import verify_original
+from processing.orders import order_keys, status_notice
 from processing.tiling import convert_series
+from processing.webhook import post_json
 from processing.worker import JobWorker
 from storage.abc import Job
 from storage.originals import FileOriginalStore
@@ -46,32 +50,77 @@ def build_worker(settings: Settings) -> JobWorker:
     scheduler = settings.dask.scheduler or None
     workers = settings.dask.workers or None
 
+    orders = build_order_service(settings, index)
+
     def instance_job(job: Job) -> Mapping[str, Any]:
         inst = index.get_instance(job.target)
         verify_original(originals, inst)
         with originals.open(inst.blob_key) as fp:
             ds = dcmread(fp, defer_size=1024)
         index.set_metadata_json(inst.sop_instance_uid, inst.blob_key, metadata_json(ds))
-        return {"blob_key": inst.blob_key, "verified": True}
+        # Reconciliation (issue #4): after the C-STORE was acknowledged, never in it.
+        keys = order_keys(ds)
+        link = orders.reconcile(
+            keys.study_instance_uid,
+            accession=keys.accession_number,
+            procedure_id=keys.requested_procedure_id,
+        )
+        return {"blob_key": inst.blob_key, "verified": True, "order": link.order_id or None}
 
     def series_job(job: Job) -> Mapping[str, Any]:
+        # Queued when the series goes quiet or an MPPS completes (PS3.4 F.7.2.2.2).
         members = index.series_instances(job.target)
+        if not members:
+            return {"instances": 0}
+        link = orders.reconcile(members[0].study_instance_uid)
         paths = [str(originals.path(i.blob_key)) for i in members]
         # One store per series and job: a re-run never rewrites tiles a viewer has
         # cached (tiles are immutable per store version, issue #6).
         out_url = f"{zarr_root}/{job.target}/{job.id}.zarr"
         result = convert_series(paths, out_url, scheduler=scheduler, workers=workers)
-        logger.info("series %s: %d instances -> %d image(s) in %.2f s (%d failed)",
-                    job.target, len(paths), len(result.images), result.seconds,
-                    len(result.failed_instances))
+        logger.info(
+            "series %s: %d instances -> %d image(s) in %.2f s (%d failed)",
+            job.target,
+            len(paths),
+            len(result.images),
+            result.seconds,
+            len(result.failed_instances),
+        )
         out: dict[str, Any] = _jsonable(result)
         out["instances"] = len(paths)
+        out["order"] = link.order_id or None
         return out
 
-    worker = JobWorker(index, {"instance": instance_job, "series": series_job},
-                       name=f"{socket.gethostname()}-embedded",
-                       poll_interval_s=settings.processing.poll_interval_s,
-                       max_attempts=settings.processing.max_attempts)
+    def webhook_job(job: Job) -> Mapping[str, Any]:
+        public_id, _, version = job.target.rpartition(":")
+        history = {v.version: v for v in orders.history(public_id)}
+        kept = history.get(int(version))
+        if kept is None:
+            raise NotFoundError(f"order {public_id} has no version {version}")
+        rec = orders.get(public_id)
+        at_version = replace(
+            rec,
+            item=kept.item,
+            status=kept.status,
+            version=kept.version,
+            updated_at=kept.changed_at,
+        )
+        notice = status_notice(at_version, kept.event)
+        status = post_json(
+            settings.orders.webhook_url, notice, timeout_s=settings.orders.webhook_timeout_s
+        )
+        return {"http_status": status}
+
+    handlers: dict[str, Any] = {"instance": instance_job, "series": series_job}
+    if settings.orders.webhook_url:
+        handlers["webhook"] = webhook_job
+    worker = JobWorker(
+        index,
+        handlers,
+        name=f"{socket.gethostname()}-embedded",
+        poll_interval_s=settings.processing.poll_interval_s,
+        max_attempts=settings.processing.max_attempts,
+    )
 
     def roll_up() -> None:
         for uid in index.series_due(settings.processing.series_quiet_s):

@@ -34,8 +34,12 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
     port = listener.getsockname()[1]
     stop = threading.Event()
     started: dict[str, object] = {}
-    thread = threading.Thread(target=run_receiver, args=(listener, settings, stop),
-                              kwargs={"started": started}, daemon=True)
+    thread = threading.Thread(
+        target=run_receiver,
+        args=(listener, settings, stop),
+        kwargs={"started": started},
+        daemon=True,
+    )
     thread.start()
     for _ in range(100):
         if "service" in started:

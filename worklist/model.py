@@ -12,14 +12,25 @@ Which attribute comes from which field is written once, in the tables of
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, datetime
 
 from pydicom.dataset import Dataset
 
+# The values themselves live in core (shared with storage and api); re-exported here.
+from core.orders import (
+    OFFERED,
+    Code,
+    Order,
+    Patient,
+    ScheduledProcedureStep,
+    SpsStatus,
+    WorklistItem,
+)
+
 __all__ = [
+    "OFFERED",
     "Code",
     "Order",
     "Patient",
@@ -27,119 +38,10 @@ __all__ = [
     "SpsStatus",
     "WorklistItem",
     "from_dataset",
+    "iter_entries",
     "make_item",
     "to_dataset",
 ]
-
-
-class SpsStatus(enum.StrEnum):
-    """Scheduled Procedure Step Status (0040,0020), PS3.3 C.4.10 Defined Terms we use."""
-
-    SCHEDULED = "SCHEDULED"
-    ARRIVED = "ARRIVED"
-    STARTED = "STARTED"
-    COMPLETED = "COMPLETED"
-    DISCONTINUED = "DISCONTINUED"
-
-
-#: Steps a modality may still pick from the worklist.
-OFFERED: frozenset[SpsStatus] = frozenset({SpsStatus.SCHEDULED, SpsStatus.ARRIVED})
-
-
-@dataclass(frozen=True, slots=True)
-class Code:
-    """A coded entry (PS3.3 Table 8.8-1 Code Sequence Macro, basic attributes)."""
-
-    value: str
-    scheme: str
-    meaning: str
-    scheme_version: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Patient:
-    """Patient Identification, Demographic and Medical modules (PS3.3 C.2, C.2.3-5).
-
-    ``name`` is the DICOM PN string (``FAMILY^GIVEN^MIDDLE^PREFIX^SUFFIX``).
-    """
-
-    name: str
-    id: str
-    issuer: str = ""
-    birth_date: date | None = None
-    sex: str = ""
-    weight_kg: float | None = None
-    size_m: float | None = None
-    medical_alerts: str = ""
-    allergies: str = ""
-    pregnancy_status: int | None = None  # (0010,21C0) US: 1 no, 2 possible, 3 yes, 4 unknown
-    special_needs: str = ""
-    patient_state: str = ""
-    confidentiality: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Order:
-    """Imaging Service Request, Requested Procedure and Visit (PS3.3 C.4.11, C.4.12, C.3.2).
-
-    ``version`` is ours, not DICOM's: it counts updates of the order so a store can
-    refuse a stale write.
-    """
-
-    accession_number: str
-    requested_procedure_id: str
-    requested_procedure_description: str = ""
-    requested_procedure_code: Code | None = None
-    study_instance_uid: str = ""
-    referring_physician: str = ""
-    requesting_physician: str = ""
-    admission_id: str = ""
-    current_location: str = ""
-    priority: str = ""  # (0040,1003): STAT, HIGH, ROUTINE, MEDIUM, LOW
-    transport_arrangements: str = ""
-    version: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledProcedureStep:
-    """One item of the Scheduled Procedure Step Sequence (PS3.3 C.4.10)."""
-
-    step_id: str
-    station_ae_title: str
-    modality: str
-    start: datetime
-    description: str = ""
-    station_name: str = ""
-    location: str = ""
-    performing_physician: str = ""
-    protocol_codes: tuple[Code, ...] = ()
-    status: SpsStatus = SpsStatus.SCHEDULED
-    contrast_agent: str = ""
-    pre_medication: str = ""
-    comments: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class WorklistItem:
-    """A Requested Procedure with its patient, order and scheduled steps."""
-
-    patient: Patient
-    order: Order
-    steps: tuple[ScheduledProcedureStep, ...]
-
-    def __post_init__(self) -> None:
-        if not self.steps:
-            raise ValueError("a worklist item needs at least one scheduled procedure step")
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """Identity of the item: (Accession Number, Requested Procedure ID)."""
-        return (self.order.accession_number, self.order.requested_procedure_id)
-
-    def with_step_status(self, step_id: str, status: SpsStatus) -> WorklistItem:
-        """Return a copy with step ``step_id`` set to ``status``."""
-        steps = tuple(replace(s, status=status) if s.step_id == step_id else s for s in self.steps)
-        return replace(self, steps=steps, order=replace(self.order, version=self.order.version + 1))
 
 
 def to_dataset(item: WorklistItem, sps: ScheduledProcedureStep) -> Dataset:

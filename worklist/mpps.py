@@ -46,6 +46,7 @@ __all__ = [
     "StepRef",
     "apply",
     "effects",
+    "restore_step",
     "transition",
 ]
 
@@ -347,3 +348,16 @@ def transition(
     """:func:`apply`, plus the :func:`effects` of the change."""
     after = apply(step, req)
     return after, effects(step, after)
+
+
+def restore_step(
+    sop_instance_uid: str, status: str, attributes: Dataset, version: int
+) -> ProcedureStep:
+    """Rebuild a stored step (what ``storage.index.orders.SqlMppsRepository`` is given).
+
+    Raises
+    ------
+    ValueError
+        ``status`` is not a Performed Procedure Step Status we store.
+    """
+    return ProcedureStep(sop_instance_uid, MppsStatus(status), attributes, version)

@@ -23,9 +23,22 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
-__all__ = ["instances", "jobs", "metadata", "patients", "series", "studies"]
+__all__ = [
+    "instances",
+    "jobs",
+    "metadata",
+    "mpps",
+    "order_versions",
+    "orders",
+    "patients",
+    "scheduled_steps",
+    "series",
+    "studies",
+    "study_links",
+]
 
 # Deterministic constraint names keep Alembic migrations identical on both dialects.
 metadata = MetaData(
@@ -134,4 +147,112 @@ jobs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_jobs_status_kind", "status", "kind"),
     Index("ix_jobs_target", "kind", "target"),
+)
+
+
+# ----------------------------------------------------------------- orders (issue #4)
+#
+# An order is one Requested Procedure (PS3.3 C.4.11-C.4.12) as placed by the record
+# system. ``orders`` holds the current version, with the identifiers and the
+# demographics as ordered in columns (searchable) and the whole worklist item as JSON
+# (what C-FIND answers from); every version is kept in ``order_versions``, which is
+# also the change feed (FHIR ``_lastUpdated``). ``scheduled_steps`` has one row per
+# Scheduled Procedure Step, indexed the way modalities poll: "my station, today"
+# (see ``worklist/ports.py``).
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("public_id", String(64), nullable=False, unique=True),  # FHIR ServiceRequest.id
+    Column("placer_order_number", String(64), nullable=False, server_default="", index=True),
+    Column("filler_order_number", String(64), nullable=False, server_default=""),
+    # Assigned at scheduling; NULL only inside the creating transaction.
+    Column("accession_number", String(16), unique=True),
+    Column("requested_procedure_id", String(16), nullable=False, server_default=""),
+    Column("study_instance_uid", UID, unique=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    Column("source", String(16), nullable=False, server_default=""),
+    # Patient as ordered (PS3.3 C.2.2): the reference when images are reconciled.
+    Column("patient_id", String(64), nullable=False, server_default="", index=True),
+    Column("issuer", String(64), nullable=False, server_default=""),
+    Column("patient_name", String(324), nullable=False, server_default=""),
+    Column("birth_date", String(8), nullable=False, server_default=""),
+    Column("sex", String(16), nullable=False, server_default=""),
+    Column("item_json", Text, nullable=False),
+    Column("linked_study_uid", UID, nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+order_versions = Table(
+    "order_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("order_pk", ForeignKey("orders.id"), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    # placed | changed | cancelled | step | images | linked
+    Column("event", String(16), nullable=False),
+    Column("source", String(16), nullable=False, server_default=""),
+    Column("item_json", Text, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False, index=True),
+    UniqueConstraint("order_pk", "version", name="uq_order_versions_order_version"),
+)
+
+# Steps a modality may still pick (worklist.model.OFFERED), for the partial index.
+_OFFERED_SQL = text("status IN ('SCHEDULED', 'ARRIVED')")
+
+scheduled_steps = Table(
+    "scheduled_steps",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("order_pk", ForeignKey("orders.id"), nullable=False, index=True),
+    Column("step_id", String(16), nullable=False),
+    Column("station_ae_title", String(16), nullable=False, server_default=""),
+    Column("modality", String(16), nullable=False, server_default=""),
+    # Local wall-clock time, as DICOM DA/TM carry it (no offset).
+    Column("start_at", DateTime(timezone=False), nullable=False),
+    Column("status", String(16), nullable=False),
+    UniqueConstraint("order_pk", "step_id", name="uq_scheduled_steps_order_step"),
+    Index("ix_sps_station_start", "station_ae_title", "start_at"),
+    Index("ix_sps_modality_start", "modality", "start_at"),
+    Index("ix_sps_start", "start_at"),
+    Index(
+        "ix_sps_offered_start",
+        "start_at",
+        sqlite_where=_OFFERED_SQL,
+        postgresql_where=_OFFERED_SQL,
+    ),
+)
+
+# Modality Performed Procedure Steps (PS3.4 F.7): attributes as DICOM JSON (PS3.18 F.2).
+mpps = Table(
+    "mpps",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("attributes_json", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Reconciliation: one row per received study. ``order_pk`` NULL means "unmatched"
+# (listed by the API until someone links it). ``original_json`` keeps the
+# modality's patient/study values that the order's replaced.
+study_links = Table(
+    "study_links",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, unique=True),
+    Column("order_pk", ForeignKey("orders.id"), index=True),
+    Column("matched_by", String(32), nullable=False, server_default=""),
+    Column("accession_number", String(16), nullable=False, server_default=""),
+    Column("requested_procedure_id", String(16), nullable=False, server_default=""),
+    Column("original_json", Text, nullable=False, server_default="{}"),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    Column("linked_at", DateTime(timezone=True)),
 )

@@ -166,6 +166,10 @@ class SqlIndex:
         with held, self.engine.begin() as conn:
             yield conn
 
+    def write(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction for the other stores of this index (``orders.py``)."""
+        return self._write()
+
     # -- writes -----------------------------------------------------------------
 
     def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:

@@ -30,7 +30,7 @@ def dataset_bytes(path: Path) -> bytes:
     """The data set part of a Part-10 file (after the File Meta Information)."""
     raw = path.read_bytes()
     assert raw[128:132] == b"DICM"
-    return raw[144 + int.from_bytes(raw[140:144], "little"):]
+    return raw[144 + int.from_bytes(raw[140:144], "little") :]
 
 
 def valid_storage_files() -> list[Path]:
@@ -84,8 +84,11 @@ def test_storescu_every_valid_test_file_is_stored_bit_identical(
         group.mkdir()
         for f in files[start : start + 20]:
             (group / f.name).symlink_to(f)
-        result = run_dcmtk(["storescu", "-v", "-R", "-nh", "+sd", "127.0.0.1",
-                            str(receiver.port), str(group)], nodelay=True, timeout=300)
+        result = run_dcmtk(
+            ["storescu", "-v", "-R", "-nh", "+sd", "127.0.0.1", str(receiver.port), str(group)],
+            nodelay=True,
+            timeout=300,
+        )
         current: Path | None = None
         for line in result.stderr.splitlines():
             if line.startswith("I: Sending file: "):
@@ -148,12 +151,13 @@ def test_raw_bytes_read_back_bit_identical(receiver: Receiver) -> None:
     assert stored == len(files) > 80
 
 
-def test_synthetic_ct_with_default_dcmtk_and_duplicates(receiver: Receiver,
-                                                        tmp_path: Path) -> None:
+def test_synthetic_ct_with_default_dcmtk_and_duplicates(receiver: Receiver, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", slices=12, rows=128, columns=128)
     for nodelay in (False, True):  # the second send is all duplicates
-        result = run_dcmtk(["storescu", "+sd", "127.0.0.1", str(receiver.port),
-                            str(tmp_path / "ct")], nodelay=nodelay)
+        result = run_dcmtk(
+            ["storescu", "+sd", "127.0.0.1", str(receiver.port), str(tmp_path / "ct")],
+            nodelay=nodelay,
+        )
         assert result.returncode == 0, result.stderr
     counts = receiver.index.counts()  # type: ignore[attr-defined]
     assert counts["instances"] == 12 and counts["series"] == 1 and counts["patients"] == 1
@@ -172,8 +176,7 @@ def _send_files_raw(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
-def _send(receiver: Receiver, ds_or_path: Dataset | str, *, ae_title: str = "TESTSCU"
-          ) -> Dataset:
+def _send(receiver: Receiver, ds_or_path: Dataset | str, *, ae_title: str = "TESTSCU") -> Dataset:
     ae = AE(ae_title=ae_title)
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     ae.add_requested_context(Verification)
@@ -275,8 +278,9 @@ def test_unparseable_data_set(receiver: Receiver, tmp_path: Path) -> None:
     assert len(_quarantined(receiver)) == 1
 
 
-def test_calling_ae_not_allowed_is_rejected(settings: object, tmp_path: Path,
-                                            request: pytest.FixtureRequest) -> None:
+def test_calling_ae_not_allowed_is_rejected(
+    settings: object, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     settings.dicom.allowed_calling_aes = ["CT1"]  # type: ignore[attr-defined]
     receiver: Receiver = request.getfixturevalue("receiver")
     refused = run_dcmtk(["echoscu", "-aet", "INTRUDER", "127.0.0.1", str(receiver.port)])
@@ -302,8 +306,9 @@ class _FullDisk:
         self.real.close()  # type: ignore[attr-defined]
 
 
-def test_disk_full_answers_a700_and_leaves_nothing(receiver: Receiver, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_answers_a700_and_leaves_nothing(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from storage.staging import StagedWriter
 
     original_init = StagedWriter.__init__
@@ -320,8 +325,9 @@ def test_disk_full_answers_a700_and_leaves_nothing(receiver: Receiver, tmp_path:
     assert receiver.index.counts()["instances"] == 0  # type: ignore[attr-defined]
 
 
-def test_index_unavailable_answers_a700(receiver: Receiver, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_unavailable_answers_a700(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sqlalchemy.exc import OperationalError
 
     index = receiver.service.archive.index  # type: ignore[attr-defined]
