@@ -80,6 +80,9 @@ def make_engine(url: str, *, busy_timeout_s: float) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # LIKE is case-sensitive on PostgreSQL; make SQLite agree, so that QIDO wildcard
+        # matching (PS3.4 C.2.2.2.4) behaves the same on both (queries.py lowers PN).
+        cur.execute("PRAGMA case_sensitive_like=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 

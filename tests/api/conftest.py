@@ -1,0 +1,76 @@
+"""Fixtures of the API tests: an app over a fresh index, instances stored through the
+same path as C-STORE and STOW-RS (``stage_part10`` → ``Archive.accept``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+
+from api.app import create_app
+from core.settings import Settings
+from core.synthetic import write_ct_series
+from storage.archive import Archive
+from storage.index.sql import SqlIndex
+from storage.staging import stage_part10
+
+
+@pytest.fixture
+def api_settings(settings: Settings) -> Settings:
+    # fsync costs tens of ms per file on CI disks and proves nothing here.
+    storage = settings.storage.model_copy(update={"fsync": False})
+    return settings.model_copy(update={"storage": storage})
+
+
+@pytest.fixture
+def app(api_settings: Settings) -> Iterator[FastAPI]:
+    SqlIndex(api_settings.index).close()  # migrate the fresh index
+    application = create_app(api_settings)
+    yield application
+    application.state.archive.close()
+    application.state.index.close()
+
+
+@pytest.fixture
+def client(app: FastAPI) -> TestClient:
+    return TestClient(app)
+
+
+def store_files(archive: Archive, paths: list[Path], *, calling_ae: str = "TEST") -> None:
+    for path in paths:
+        with path.open("rb") as fp:
+            staged = stage_part10(archive.staging_dir(), fp, fsync=False)
+        archive.accept(staged, calling_ae=calling_ae)
+
+
+def dataset_bytes(raw: bytes) -> bytes:
+    """The data set of a Part-10 file (after the File Meta Information)."""
+    assert raw[128:132] == b"DICM"
+    return raw[144 + int.from_bytes(raw[140:144], "little") :]
+
+
+@dataclass
+class Stored:
+    study: str
+    series: str
+    sops: list[str]
+    paths: list[Path]
+
+
+@pytest.fixture
+def ct(app: FastAPI, tmp_path: Path) -> Stored:
+    """Four small CT slices of one series, stored and indexed."""
+    paths = write_ct_series(tmp_path / "ct", slices=4, rows=32, columns=32)
+    store_files(app.state.archive, paths)
+    ds = [dcmread(p, stop_before_pixels=True) for p in paths]
+    return Stored(
+        str(ds[0].StudyInstanceUID),
+        str(ds[0].SeriesInstanceUID),
+        [str(d.SOPInstanceUID) for d in ds],
+        paths,
+    )
