@@ -527,14 +527,18 @@ class SqlIndex:
 
     # -- queries (QIDO-RS, WADO-RS metadata, FHIR search; see queries.py) ------------
 
+    def _read(self) -> Connection:
+        """A connection for read-only queries (a deferred BEGIN on SQLite)."""
+        return self.engine.connect().execution_options(**{_sqlite.READ_ONLY: True})
+
     def find(self, query: Query) -> list[dict[str, Any]]:
         """Rows matching ``query``, keyed by DICOM keyword (plus ``patient_pk`` …)."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [dict(row._mapping) for row in conn.execute(find_query(query))]
 
     def count(self, query: Query) -> int:
         """How many rows ``query`` matches without its limit and offset."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(count_query(query)).scalar_one())
 
     def instance_metadata(
@@ -545,7 +549,7 @@ class SqlIndex:
     ) -> list[MetadataRow]:
         """Current instances of a study, series or instance, in one query."""
         stmt = metadata_query(study_instance_uid, series_instance_uid, sop_instance_uid)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [MetadataRow(*row) for row in conn.execute(stmt)]
 
     def ping(self) -> bool:

@@ -74,3 +74,68 @@ def ct(app: FastAPI, tmp_path: Path) -> Stored:
         [str(d.SOPInstanceUID) for d in ds],
         paths,
     )
+
+
+def make_study(
+    directory: Path,
+    *,
+    slices: int = 2,
+    modality: str = "CT",
+    **attributes: str,
+) -> list[Path]:
+    """A small synthetic series with some header attributes overridden (keywords)."""
+    from core.synthetic import ct_series
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(ct_series(slices, 16, 16)):
+        ds.Modality = modality
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        path = directory / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def catalogue(app: FastAPI, tmp_path: Path) -> dict[str, str]:
+    """Three studies of two patients for matching tests; returns their Study UIDs."""
+    studies = {
+        "a": make_study(
+            tmp_path / "a", PatientName="NGUYEN^VAN AN", PatientID="P1", StudyDate="20240105",
+            StudyTime="083000", AccessionNumber="ACC-A", StudyDescription="CT CHEST",
+        ),
+        "b": make_study(
+            tmp_path / "b", slices=3, modality="MR", PatientName="Tran^Thi Binh", PatientID="P2",
+            StudyDate="20240220", StudyTime="141500", AccessionNumber="ACC-B",
+            StudyDescription="MR BRAIN",
+        ),
+        "c": make_study(
+            tmp_path / "c", PatientName="NGUYEN^VAN AN", PatientID="P1", StudyDate="20231231",
+            StudyTime="235900", AccessionNumber="ACC-C", StudyDescription="CT ABDOMEN",
+        ),
+    }
+    out = {}
+    for name, paths in studies.items():
+        store_files(app.state.archive, paths)
+        out[name] = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    return out
+
+
+def run_metadata_step(app: FastAPI) -> int:
+    """What the instance job does for /metadata (pacslab/worker_process.py): DICOM JSON
+    of each current instance into ``instances.metadata_json``."""
+    from core.instance import metadata_json
+
+    index = app.state.index
+    originals = app.state.archive.originals
+    done = 0
+    for inst in list(index.iter_instances()):  # iter_instances holds a transaction
+        if inst.metadata_json != "{}":
+            continue
+        with originals.open(inst.blob_key) as fp:
+            meta = metadata_json(dcmread(fp, defer_size=1024))
+        index.set_metadata_json(inst.sop_instance_uid, inst.blob_key, meta)
+        done += 1
+    return done
