@@ -16,7 +16,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
@@ -163,7 +163,8 @@ def _read_meta(head: bytes) -> tuple[dict[int, bytes], int]:
     so elements are read until the group changes."""
     if len(head) < 132 or head[128:132] != b"DICM":
         raise InvalidDatasetError("not a DICOM Part-10 file (no DICM prefix)")
-    pos, found = 132, {}
+    pos = 132
+    found: dict[int, bytes] = {}
     while pos + 8 <= len(head):
         group, elem = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
@@ -184,8 +185,14 @@ def _read_meta(head: bytes) -> tuple[dict[int, bytes], int]:
     raise InvalidDatasetError("File Meta Information truncated or too long")
 
 
+class Readable(Protocol):
+    """A binary stream: a file, or a view of one part of a STOW-RS body."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def stage_part10(
-    staging: Path, fp: BinaryIO, *, fsync: bool = True, chunk_size: int = 1 << 20
+    staging: Path, fp: Readable, *, fsync: bool = True, chunk_size: int = 1 << 20
 ) -> StagedFile:
     """Stage a Part-10 file read from ``fp`` (STOW-RS parts, files on disk).
 

@@ -65,7 +65,9 @@ def content_type_params(value: str) -> tuple[str, dict[str, str]]:
 
 
 def _split_header(value: str) -> list[str]:
-    out, depth, current = [], False, []
+    out: list[str] = []
+    current: list[str] = []
+    depth = False
     for ch in value:
         if ch == '"':
             depth = not depth

@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
+from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from api.dicomweb._multipart import MediaRange
 from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
@@ -37,6 +41,7 @@ __all__ = [
     "choose_frame_syntax",
     "choose_instance_syntax",
     "frame_media_type",
+    "read_bulkdata",
     "read_frames",
     "render",
     "transcode",
@@ -73,7 +78,7 @@ _FRAME_MEDIA = {
 
 
 def _can_decode(transfer_syntax_uid: str) -> bool:
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels.decoders.base import get_decoder
 
     try:
         return bool(get_decoder(transfer_syntax_uid).is_available)
@@ -89,9 +94,7 @@ def _reachable(stored: str, target: str) -> bool:
     return stored in _LITTLE_NATIVE or (stored not in NATIVE and _can_decode(stored))
 
 
-def choose_instance_syntax(
-    accept: Sequence[MediaRange], stored: Sequence[str]
-) -> str | None:
+def choose_instance_syntax(accept: Sequence[MediaRange], stored: Sequence[str]) -> str | None:
     """The transfer syntax to send instances in: ``"*"`` (each as stored), a UID, or None
     when nothing acceptable can be produced for every instance (406).
 
@@ -137,10 +140,15 @@ def choose_frame_syntax(accept: Sequence[MediaRange], stored: str) -> tuple[str,
         as_stored = f"{media}; transfer-syntax={stored}"
         if rng.media_type in ("*/*", "*") and rng.transfer_syntax in (None, "*", stored):
             return as_stored, False
-        if rng.matches(media) and rng.media_type != native_type and rng.transfer_syntax in (
-            None,
-            "*",
-            stored,
+        if (
+            rng.matches(media)
+            and rng.media_type != native_type
+            and rng.transfer_syntax
+            in (
+                None,
+                "*",
+                stored,
+            )
         ):
             return as_stored, False
         if rng.media_type == native_type:
@@ -160,7 +168,7 @@ def transcode(path: Path, target: str) -> bytes:
         ds = dcmread(path)
         if ds.file_meta.TransferSyntaxUID not in NATIVE:
             ds.decompress(generate_instance_uid=False)
-        ds.file_meta.TransferSyntaxUID = target
+        ds.file_meta.TransferSyntaxUID = UID(target)
         out = io.BytesIO()
         ds.save_as(
             out, implicit_vr=target == IMPLICIT_LE, little_endian=True, enforce_file_format=True
@@ -232,7 +240,7 @@ def read_frames(path: Path, numbers: Sequence[int], *, decode: bool = False) -> 
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidDatasetError("Image Pixel attributes missing") from exc
     frame_bits = rows * cols * spp * bits
-    raw = ds._dict.get(0x7FE00010)
+    raw = ds._dict.get(Tag(0x7FE00010))
     tell = getattr(raw, "value_tell", None)
     out: list[Frame] = []
     if frame_bits % 8 == 0 and tell is not None and ts != DEFLATED_LE:
@@ -256,6 +264,29 @@ def read_frames(path: Path, numbers: Sequence[int], *, decode: bool = False) -> 
         )
         for n in numbers
     ]
+
+
+def read_bulkdata(path: Path, tag: int) -> bytes:
+    """The value of a top-level element as encoded in the file (PS3.18 10.4.1.1.5).
+
+    Read with a seek where the file gives the offset, so large values are not parsed.
+    """
+    ds = _header(path)
+    raw = ds._dict.get(Tag(tag))
+    if raw is None or raw.VR == "SQ":
+        raise NotFoundError(f"no bulk data element {tag:08X}")
+    tell = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    native_file = str(ds.file_meta.TransferSyntaxUID) != DEFLATED_LE
+    seekable = isinstance(raw, RawDataElement) and tell is not None and native_file
+    if seekable and length is not None and length != 0xFFFFFFFF:
+        with path.open("rb") as fp:
+            fp.seek(tell)
+            return fp.read(length)
+    value = ds[Tag(tag)].value
+    if isinstance(value, bytes):
+        return value
+    raise NotFoundError(f"element {tag:08X} is not bulk data")
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +347,9 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 
 def _first(value: object) -> float:
-    if isinstance(value, list | tuple) or hasattr(value, "__getitem__") and not isinstance(
-        value, str | bytes
-    ):
-        value = value[0]  # type: ignore[index]
+    """The first value of a possibly multi-valued DS (Window Center/Width, PS3.3 C.11.2)."""
+    if not isinstance(value, str | bytes | int | float) and hasattr(value, "__getitem__"):
+        value = value[0]
     return float(value)  # type: ignore[arg-type]
 
 
@@ -356,7 +386,8 @@ def _fit(arr: np.ndarray, viewport: tuple[int, int]) -> np.ndarray:
     new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
     ri = np.minimum((np.arange(new_rows) + 0.5) / scale, rows - 1).astype(np.intp)
     ci = np.minimum((np.arange(new_cols) + 0.5) / scale, cols - 1).astype(np.intp)
-    return arr[ri][:, ci]
+    fitted: np.ndarray = arr[ri][:, ci]
+    return fitted
 
 
 def render(path: Path, frame_number: int, options: RenderOptions) -> bytes:

@@ -191,9 +191,11 @@ def _defaults(level: Level, context: Mapping[str, str]) -> tuple[str, ...]:
     if level == "study":
         return _STUDY_RETURN
     if level == "series":
-        base = _SERIES_RETURN + ("StudyInstanceUID",)
-        return base if "StudyInstanceUID" in context else base + _STUDY_PLAIN
-    base = _INSTANCE_RETURN + ("StudyInstanceUID", "SeriesInstanceUID")
+        series_base: tuple[str, ...] = (*_SERIES_RETURN, "StudyInstanceUID")
+        if "StudyInstanceUID" in context:
+            return series_base
+        return (*series_base, *_STUDY_PLAIN)
+    base: tuple[str, ...] = (*_INSTANCE_RETURN, "StudyInstanceUID", "SeriesInstanceUID")
     if "SeriesInstanceUID" in context:
         return base
     if "StudyInstanceUID" in context:

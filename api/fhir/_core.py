@@ -137,7 +137,12 @@ def parse_date_param(raw: str) -> DateParam:
             end = start + timedelta(days=1)
         else:
             start = datetime(
-                year, int(m["m"]), int(m["d"]), int(m["H"]), int(m["M"]), int(m["S"] or 0),
+                year,
+                int(m["m"]),
+                int(m["d"]),
+                int(m["H"]),
+                int(m["M"]),
+                int(m["S"] or 0),
                 tzinfo=tz,
             )
             end = start + (timedelta(seconds=1) if m["S"] else timedelta(minutes=1))

@@ -197,9 +197,7 @@ def imaging_study(
         res["started"] = started
     res["endpoint"] = [{"reference": f"Endpoint/{ENDPOINT_ID}"}]
     res["numberOfSeries"] = int(study.get("NumberOfStudyRelatedSeries") or len(series_rows))
-    res["numberOfInstances"] = int(
-        study.get("NumberOfStudyRelatedInstances") or len(instance_rows)
-    )
+    res["numberOfInstances"] = int(study.get("NumberOfStudyRelatedInstances") or len(instance_rows))
     if study.get("StudyDescription"):
         res["description"] = study["StudyDescription"]
     by_series: dict[str, list[Mapping[str, Any]]] = {}
@@ -226,7 +224,10 @@ def imaging_study(
         for inst in members:
             entry: dict[str, Any] = {
                 "uid": inst["SOPInstanceUID"],
-                "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{inst['SOPClassUID']}"},
+                "sopClass": {
+                    "system": "urn:ietf:rfc:3986",
+                    "code": f"urn:oid:{inst['SOPClassUID']}",
+                },
             }
             if inst.get("InstanceNumber") is not None:
                 entry["number"] = int(inst["InstanceNumber"])

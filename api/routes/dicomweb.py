@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,7 @@ from api.dicomweb._pixels import (
     choose_instance_syntax,
     parse_viewport,
     parse_window,
+    read_bulkdata,
     read_frames,
     render,
     transcode,
@@ -86,16 +88,16 @@ def _check_json_accept(request: Request) -> None:
 # -- QIDO-RS (PS3.18 10.6) ------------------------------------------------------------
 
 
-def _search(
-    request: Request, index: SqlIndex, level: Level, context: dict[str, str]
-) -> Response:
+def _search(request: Request, index: SqlIndex, level: Level, context: dict[str, str]) -> Response:
     _check_json_accept(request)
     search = parse_search(level, list(request.query_params.multi_items()), context=context)
     rows = index.find(search.query)
     headers = {}
     if search.ignored:
         names = ", ".join(sorted(set(search.ignored)))[:500]
-        headers["Warning"] = f'299 pacslab "The following attributes are not supported for matching and were ignored: {names}"'
+        # PS3.18 8.3.4.1: unsupported matching keys are ignored, and said so.
+        text = f"The following attributes are not supported for matching: {names}"
+        headers["Warning"] = f'299 pacslab "{text}"'
     if not rows:
         return Response(status_code=204, headers=headers)
     base = _base(request)
@@ -145,9 +147,7 @@ def search_study_instances(request: Request, index: IndexDep, study: Uid) -> Res
     summary="QIDO-RS: instances of a series",
     **_QIDO,  # type: ignore[arg-type]
 )
-def search_series_instances(
-    request: Request, index: IndexDep, study: Uid, series: Uid
-) -> Response:
+def search_series_instances(request: Request, index: IndexDep, study: Uid, series: Uid) -> Response:
     context = {"StudyInstanceUID": _uid(study), "SeriesInstanceUID": _uid(series)}
     return _search(request, index, "instance", context)
 
@@ -271,7 +271,9 @@ def study_metadata(request: Request, index: IndexDep, archive: ArchiveDep, study
 
 
 @router.get(
-    "/studies/{study}/series/{series}/metadata", summary="WADO-RS: series metadata", **_META  # type: ignore[arg-type]
+    "/studies/{study}/series/{series}/metadata",
+    summary="WADO-RS: series metadata",
+    **_META,  # type: ignore[arg-type]
 )
 def series_metadata(
     request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid
@@ -353,16 +355,7 @@ def retrieve_bulkdata(
     """The value of a top-level bulk data element (PS3.18 10.4.1.1.5), as encoded."""
     (row,) = _rows(index, study, series, sop)
     path = _path(archive, row.blob_key)
-    ds = dcmread(path, defer_size=1024)
-    elem = ds.get(int(tag, 16))
-    if elem is None or elem.VR == "SQ":
-        raise NotFoundError(f"no bulk data element {tag.upper()}")
-    value = elem.value
-    data = value if isinstance(value, bytes) else elem.to_json_dict(0, None).get("InlineBinary", "")
-    if isinstance(data, str):
-        import base64
-
-        data = base64.b64decode(data) if data else b""
+    data = read_bulkdata(path, int(tag, 16))
     accept = parse_accept(request.headers.get("accept"))
     if not any(r.matches("application/octet-stream") for r in accept):
         raise _not_acceptable("bulk data is application/octet-stream")
@@ -376,7 +369,10 @@ def retrieve_bulkdata(
 
 
 def _render_options(
-    request: Request, window: str | None, viewport: str | None, quality: int | None,
+    request: Request,
+    window: str | None,
+    viewport: str | None,
+    quality: int | None,
     default_viewport: tuple[int, int] | None = None,
 ) -> RenderOptions:
     media = None
@@ -399,9 +395,7 @@ def _render_options(
     )
 
 
-def _rendered(
-    archive: Archive, row: MetadataRow, frame: int, options: RenderOptions
-) -> Response:
+def _rendered(archive: Archive, row: MetadataRow, frame: int, options: RenderOptions) -> Response:
     image = render(_path(archive, row.blob_key), frame, options)
     return Response(image, media_type=options.media_type)
 
@@ -476,7 +470,10 @@ def _representative(rows: list[MetadataRow]) -> MetadataRow:
 
 @router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail", **_IMG)  # type: ignore[arg-type]
 def study_thumbnail(
-    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid,
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
     viewport: Viewport = None,
 ) -> Response:
     """A small image standing for the study (PS3.18 10.4.1.1.6)."""
@@ -485,10 +482,16 @@ def study_thumbnail(
 
 
 @router.get(
-    "/studies/{study}/series/{series}/thumbnail", summary="WADO-RS: series thumbnail", **_IMG  # type: ignore[arg-type]
+    "/studies/{study}/series/{series}/thumbnail",
+    summary="WADO-RS: series thumbnail",
+    **_IMG,  # type: ignore[arg-type]
 )
 def series_thumbnail(
-    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid,
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
     viewport: Viewport = None,
 ) -> Response:
     options = _render_options(request, None, viewport, None, _THUMB)
@@ -501,7 +504,12 @@ def series_thumbnail(
     **_IMG,  # type: ignore[arg-type]
 )
 def instance_thumbnail(
-    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid, sop: Uid,
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
     viewport: Viewport = None,
 ) -> Response:
     options = _render_options(request, None, viewport, None, _THUMB)
@@ -553,9 +561,7 @@ async def _stow(request: Request, archive: Archive, study: str | None) -> Respon
     finally:
         with contextlib.suppress(OSError):
             spool.unlink()
-    logger.info(
-        "STOW-RS: %d stored, %d failed", len(result.stored), len(result.failed)
-    )
+    logger.info("STOW-RS: %d stored, %d failed", len(result.stored), len(result.failed))
     body: dict[str, Any] = result.response(_base(request), study)
     return JSONResponse(body, status_code=result.status, media_type=DICOM_JSON)
 
@@ -570,4 +576,3 @@ async def store_instances(request: Request, archive: ArchiveDep) -> Response:
 async def store_study_instances(request: Request, archive: ArchiveDep, study: Uid) -> Response:
     """Store instances of one study; others fail with 0xA900 (PS3.18 10.5.1)."""
     return await _stow(request, archive, _uid(study))
-

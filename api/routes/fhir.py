@@ -187,9 +187,7 @@ def _studies(index: SqlIndex, study_rows: list[dict[str, Any]]) -> list[dict[str
         return []
     uids = "\\".join(r["StudyInstanceUID"] for r in study_rows)
     series_rows = index.find(Query(level="series", matches=(Match("StudyInstanceUID", uids),)))
-    instance_rows = index.find(
-        Query(level="instance", matches=(Match("StudyInstanceUID", uids),))
-    )
+    instance_rows = index.find(Query(level="instance", matches=(Match("StudyInstanceUID", uids),)))
     out = []
     for st in study_rows:
         uid = st["StudyInstanceUID"]
@@ -213,7 +211,10 @@ def search_imaging_study(request: Request, index: IndexDep) -> JSONResponse:
     total = index.count(query)
     rows = index.find(query) if paging.count else []
     included = []
-    if ("_include", "ImagingStudy:subject") in items or ("_include", "ImagingStudy:patient") in items:
+    if ("_include", "ImagingStudy:subject") in items or (
+        "_include",
+        "ImagingStudy:patient",
+    ) in items:
         pks = sorted({r["patient_pk"] for r in rows})
         for pk in pks:
             included += [patient(p) for p in index.find(Query(level="patient", patient_pk=pk))]

@@ -210,6 +210,15 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in re.split(r"[\\,]", value) if v.strip()]
 
 
+def _plausible(vr: str, value: str) -> bool:
+    """Field ranges of DA and TM (PS3.5 Table 6.2-1): month 1-12, hour 0-23 …"""
+    if vr == "DA":
+        return 1 <= int(value[4:6]) <= 12 and 1 <= int(value[6:8]) <= 31
+    limits = (23, 59, 60)  # a leap second is a valid SS
+    fields = [value[i : i + 2] for i in range(0, min(len(value.split(".")[0]), 6), 2)]
+    return all(int(f) <= limit for f, limit in zip(fields, limits, strict=False))
+
+
 def _range(vr: str, value: str) -> tuple[str | None, str | None]:
     """Bounds of a DA/TM range (PS3.4 C.2.2.2.5) as comparable strings."""
     lo, sep, hi = value.partition("-")
@@ -217,7 +226,7 @@ def _range(vr: str, value: str) -> tuple[str | None, str | None]:
         lo = hi = value
     pattern = _DA if vr == "DA" else _TM
     for part in (lo, hi):
-        if part and not pattern.fullmatch(part.strip()):
+        if part and not (pattern.fullmatch(part.strip()) and _plausible(vr, part.strip())):
             raise InvalidQueryError(f"malformed {vr} range")
     if not lo and not hi:
         raise InvalidQueryError(f"empty {vr} range")
@@ -251,14 +260,12 @@ def _string_match(column: Any, value: str, vr: str, fuzzy: bool) -> ColumnElemen
         if fuzzy:
             prefix = _like_pattern(val.rstrip("*")) + "%"
             # any component (^), group (=) or word (space) may start with the value
-            return or_(
-                *(col.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% "))
-            )
+            return or_(*(col.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% ")))
         if _has_wildcard(val):
             return col.like(_like_pattern(val), escape="\\")
         return col == val
     if _has_wildcard(value):
-        return column.like(_like_pattern(value), escape="\\")
+        return column.like(_like_pattern(value), escape="\\")  # type: ignore[no-any-return]
     return column == value  # type: ignore[no-any-return]
 
 
@@ -487,4 +494,3 @@ def metadata_query(
         .where(and_(*conds))
         .order_by(series.c.id, instances.c.instance_number, instances.c.id)
     )
-

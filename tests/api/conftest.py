@@ -103,17 +103,33 @@ def catalogue(app: FastAPI, tmp_path: Path) -> dict[str, str]:
     """Three studies of two patients for matching tests; returns their Study UIDs."""
     studies = {
         "a": make_study(
-            tmp_path / "a", PatientName="NGUYEN^VAN AN", PatientID="P1", StudyDate="20240105",
-            StudyTime="083000", AccessionNumber="ACC-A", StudyDescription="CT CHEST",
+            tmp_path / "a",
+            PatientName="NGUYEN^VAN AN",
+            PatientID="P1",
+            StudyDate="20240105",
+            StudyTime="083000",
+            AccessionNumber="ACC-A",
+            StudyDescription="CT CHEST",
         ),
         "b": make_study(
-            tmp_path / "b", slices=3, modality="MR", PatientName="Tran^Thi Binh", PatientID="P2",
-            StudyDate="20240220", StudyTime="141500", AccessionNumber="ACC-B",
+            tmp_path / "b",
+            slices=3,
+            modality="MR",
+            PatientName="Tran^Thi Binh",
+            PatientID="P2",
+            StudyDate="20240220",
+            StudyTime="141500",
+            AccessionNumber="ACC-B",
             StudyDescription="MR BRAIN",
         ),
         "c": make_study(
-            tmp_path / "c", PatientName="NGUYEN^VAN AN", PatientID="P1", StudyDate="20231231",
-            StudyTime="235900", AccessionNumber="ACC-C", StudyDescription="CT ABDOMEN",
+            tmp_path / "c",
+            PatientName="NGUYEN^VAN AN",
+            PatientID="P1",
+            StudyDate="20231231",
+            StudyTime="235900",
+            AccessionNumber="ACC-C",
+            StudyDescription="CT ABDOMEN",
         ),
     }
     out = {}

@@ -110,7 +110,7 @@ def test_bundle_paging(client: TestClient, catalogue: dict[str, str]) -> None:
     assert ids == set(catalogue.values())
     assert "previous" in {link["relation"] for link in nxt["link"]}
     counted = get(client, "/fhir/ImagingStudy", _count=0)
-    assert counted["total"] == 3 and "entry" not in counted or counted["entry"] == []
+    assert (counted["total"] == 3 and "entry" not in counted) or counted["entry"] == []
 
 
 def test_include_subject(client: TestClient, catalogue: dict[str, str]) -> None:

@@ -18,8 +18,9 @@ def test_problem_json_for_routing_and_validation(client: TestClient) -> None:
     r = client.delete("/dicomweb/studies")
     assert r.status_code == 405 and r.json()["status"] == 405
     # a bad typed query parameter is the client's fault: 400, not 422 or 500
-    r = client.get("/dicomweb/studies/1.2/series/3.4/instances/5.6/rendered",
-                   params={"quality": "high"})
+    r = client.get(
+        "/dicomweb/studies/1.2/series/3.4/instances/5.6/rendered", params={"quality": "high"}
+    )
     assert r.status_code == 400
     assert r.json()["title"] == "Invalid request"
 

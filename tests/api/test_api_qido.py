@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from tests.api.conftest import Stored, run_metadata_step
 
@@ -29,9 +28,24 @@ def values(results: list[dict[str, Any]], tag: str) -> list[Any]:
 def test_study_required_return_attributes(client: TestClient, ct: Stored) -> None:
     (study,) = search(client, "/studies")
     # PS3.18 Table 10.6.1-5
-    for tag in ("00080020", "00080030", "00080050", "00080056", "00080061", "00080090",
-                "00081190", "00100010", "00100020", "00100030", "00100040", "0020000D",
-                "00200010", "00201206", "00201208", "00080005"):
+    for tag in (
+        "00080020",
+        "00080030",
+        "00080050",
+        "00080056",
+        "00080061",
+        "00080090",
+        "00081190",
+        "00100010",
+        "00100020",
+        "00100030",
+        "00100040",
+        "0020000D",
+        "00200010",
+        "00201206",
+        "00201208",
+        "00080005",
+    ):
         assert tag in study, tag
     assert study["00201206"] == {"vr": "IS", "Value": [1]}
     assert study["00201208"] == {"vr": "IS", "Value": [4]}

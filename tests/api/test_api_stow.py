@@ -93,7 +93,11 @@ def test_unparseable_request_is_400(client: TestClient) -> None:
 
 def test_wrong_media_type_is_415(client: TestClient) -> None:
     assert post(client, b"{}", content_type="application/json").status_code == 415
-    r = post(client, b"", content_type=f'multipart/related; type="application/dicom+xml"; boundary={BOUNDARY}')
+    r = post(
+        client,
+        b"",
+        content_type=f'multipart/related; type="application/dicom+xml"; boundary={BOUNDARY}',
+    )
     assert r.status_code == 415
 
 

@@ -45,7 +45,10 @@ def test_retrieve_study_series_instance_bit_identical(client: TestClient, ct: St
         (f"/dicomweb/studies/{ct.study}/series/{ct.series}", 4),
         (instance_url(ct, 2), 1),
     ):
-        r = client.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        r = client.get(
+            url,
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
         assert r.status_code == 200
         got = parts(r)
         assert len(got) == n
@@ -57,7 +60,9 @@ def test_retrieve_study_series_instance_bit_identical(client: TestClient, ct: St
 def test_retrieve_default_accept_explicit_le(client: TestClient, ct: Stored) -> None:
     # application/dicom without transfer-syntax means Explicit VR Little Endian; the
     # synthetic CT is stored in it, so it comes back as stored.
-    r = client.get(instance_url(ct), headers={"Accept": 'multipart/related; type="application/dicom"'})
+    r = client.get(
+        instance_url(ct), headers={"Accept": 'multipart/related; type="application/dicom"'}
+    )
     assert r.status_code == 200
     ((_, body),) = parts(r)
     assert dataset_bytes(body) == dataset_bytes(ct.paths[0].read_bytes())
@@ -172,14 +177,25 @@ def test_rendered_windowed(client: TestClient, ct: Stored) -> None:
     assert jpeg.headers["content-type"] == "image/jpeg"
     assert decode(jpeg.content).shape == (32, 32)
     # explicit window from the query: lung window makes air less black than it was
-    lung = decode(client.get(instance_url(ct) + "/rendered", params={"window": "-600,1500"},
-                             headers={"Accept": "image/png"}).content)
+    lung = decode(
+        client.get(
+            instance_url(ct) + "/rendered",
+            params={"window": "-600,1500"},
+            headers={"Accept": "image/png"},
+        ).content
+    )
     assert lung.mean() > img.mean()
-    small = client.get(instance_url(ct) + "/frames/1/rendered", params={"viewport": "16,16"},
-                       headers={"Accept": "image/png"})
+    small = client.get(
+        instance_url(ct) + "/frames/1/rendered",
+        params={"viewport": "16,16"},
+        headers={"Accept": "image/png"},
+    )
     assert decode(small.content).shape == (16, 16)
     assert client.get(instance_url(ct) + "/rendered", params={"window": "1"}).status_code == 400
-    assert client.get(instance_url(ct) + "/rendered", headers={"Accept": "image/gif"}).status_code == 406
+    assert (
+        client.get(instance_url(ct) + "/rendered", headers={"Accept": "image/gif"}).status_code
+        == 406
+    )
 
 
 def test_monochrome1_is_inverted(client: TestClient, app: FastAPI, tmp_path: Path) -> None:
@@ -191,16 +207,20 @@ def test_monochrome1_is_inverted(client: TestClient, app: FastAPI, tmp_path: Pat
     images = []
     for path in (mono2[0], mono1[0]):
         ds = dcmread(path, stop_before_pixels=True)
-        url = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-               f"/instances/{ds.SOPInstanceUID}/rendered")
+        url = (
+            f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/rendered"
+        )
         images.append(decode(client.get(url, headers={"Accept": "image/png"}).content).astype(int))
     assert np.array_equal(images[1], 255 - images[0])
 
 
 def test_thumbnails(client: TestClient, app: FastAPI, ct: Stored) -> None:
-    for url in (f"/dicomweb/studies/{ct.study}/thumbnail",
-                f"/dicomweb/studies/{ct.study}/series/{ct.series}/thumbnail",
-                instance_url(ct) + "/thumbnail"):
+    for url in (
+        f"/dicomweb/studies/{ct.study}/thumbnail",
+        f"/dicomweb/studies/{ct.study}/series/{ct.series}/thumbnail",
+        instance_url(ct) + "/thumbnail",
+    ):
         r = client.get(url, params={"viewport": "8,8"}, headers={"Accept": "image/png"})
         assert r.status_code == 200, url
         assert decode(r.content).shape == (8, 8)

@@ -71,7 +71,10 @@ def test_search_retrieve_frames_metadata(server: str, ct: Stored) -> None:
     assert "BulkDataURI" in metadata[0]["7FE00010"]
 
     (frame,) = client.retrieve_instance_frames(
-        ct.study, ct.series, ct.sops[1], frame_numbers=[1],
+        ct.study,
+        ct.series,
+        ct.sops[1],
+        frame_numbers=[1],
         media_types=("application/octet-stream",),
     )
     assert frame == dcmread(ct.paths[1]).PixelData
