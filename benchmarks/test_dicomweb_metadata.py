@@ -3,8 +3,8 @@
 The series is stored through the durable path (``stage_part10`` → ``Archive.accept``),
 then the instance job's metadata step fills ``instances.metadata_json``, so the
 endpoint answers from one index query (PS3.18 10.4.1.1.2). Measured in-process with
-TestClient, over uvicorn on loopback and, side by side, Orthanc with its DICOMweb plugin when Debian's
-``orthanc-dicomweb`` is installed (skipped otherwise).
+TestClient, over uvicorn on loopback and, side by side, Orthanc with its DICOMweb
+plugin when Debian's ``orthanc-dicomweb`` is installed (skipped otherwise).
 
 ``--benchmark-disable`` (the default ``addopts``) makes this a smoke run: 40 instances,
 each benchmark executed once.

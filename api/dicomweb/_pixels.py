@@ -278,8 +278,8 @@ def read_bulkdata(path: Path, tag: int) -> bytes:
     tell = getattr(raw, "value_tell", None)
     length = getattr(raw, "length", None)
     native_file = str(ds.file_meta.TransferSyntaxUID) != DEFLATED_LE
-    seekable = isinstance(raw, RawDataElement) and tell is not None and native_file
-    if seekable and length is not None and length != 0xFFFFFFFF:
+    seekable = isinstance(raw, RawDataElement) and native_file
+    if seekable and tell is not None and length is not None and length != 0xFFFFFFFF:
         with path.open("rb") as fp:
             fp.seek(tell)
             return fp.read(length)
