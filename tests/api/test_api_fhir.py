@@ -15,7 +15,7 @@ from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 
-from tests.api.conftest import Stored
+from tests.api._support import Stored
 
 FHIR = "application/fhir+json"
 

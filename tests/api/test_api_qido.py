@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.api.conftest import Stored, run_metadata_step
+from tests.api._support import Stored, run_metadata_step
 
 
 def search(client: TestClient, path: str, **params: Any) -> list[dict[str, Any]]:

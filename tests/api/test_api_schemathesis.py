@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.api.conftest import Stored
+from tests.api._support import Stored
 
 EXAMPLES = 25
 

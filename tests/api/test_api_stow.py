@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 
-from tests.api.conftest import dataset_bytes, make_study
+from tests.api._support import dataset_bytes, make_study
 
 BOUNDARY = "pacslab-test-boundary"
 CT = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'

@@ -16,7 +16,7 @@ from pydicom.encaps import generate_frames
 
 from api.dicomweb import iter_parts
 from api.dicomweb._multipart import content_type_params
-from tests.api.conftest import Stored, dataset_bytes, run_metadata_step, store_files
+from tests.api._support import Stored, dataset_bytes, run_metadata_step, store_files
 
 
 def parts(response: object) -> list[tuple[dict[str, str], bytes]]:
@@ -199,7 +199,7 @@ def test_rendered_windowed(client: TestClient, ct: Stored) -> None:
 
 
 def test_monochrome1_is_inverted(client: TestClient, app: FastAPI, tmp_path: Path) -> None:
-    from tests.api.conftest import make_study
+    from tests.api._support import make_study
 
     mono2 = make_study(tmp_path / "m2", slices=1)
     mono1 = make_study(tmp_path / "m1", slices=1, PhotometricInterpretation="MONOCHROME1")

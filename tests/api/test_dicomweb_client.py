@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
 
-from tests.api.conftest import Stored, dataset_bytes, make_study
+from tests.api._support import Stored, dataset_bytes, make_study
 
 pytestmark = pytest.mark.network
 

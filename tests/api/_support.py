@@ -1,15 +1,16 @@
-"""Fixtures of the API tests: an app over a fresh index, instances stored through the
-same path as C-STORE and STOW-RS (``stage_part10`` → ``Archive.accept``)."""
+"""Helpers of the API tests: instances stored through the same path as C-STORE and
+STOW-RS (``stage_part10`` → ``Archive.accept``). The fixtures built on them (``app``,
+``client``, ``ct``, ``catalogue``) are in ``tests/conftest.py``: a second
+``conftest.py`` here would shadow the root one for modules that ``import conftest``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from pydicom import dcmread
 
 from api.app import create_app
@@ -20,25 +21,19 @@ from storage.index.sql import SqlIndex
 from storage.staging import stage_part10
 
 
-@pytest.fixture
-def api_settings(settings: Settings) -> Settings:
-    # fsync costs tens of ms per file on CI disks and proves nothing here.
+@contextmanager
+def running_app(settings: Settings) -> Iterator[FastAPI]:
+    """``create_app`` over a freshly migrated index, without fsync (it costs tens of ms
+    per file on CI disks and proves nothing here)."""
     storage = settings.storage.model_copy(update={"fsync": False})
-    return settings.model_copy(update={"storage": storage})
-
-
-@pytest.fixture
-def app(api_settings: Settings) -> Iterator[FastAPI]:
-    SqlIndex(api_settings.index).close()  # migrate the fresh index
-    application = create_app(api_settings)
-    yield application
-    application.state.archive.close()
-    application.state.index.close()
-
-
-@pytest.fixture
-def client(app: FastAPI) -> TestClient:
-    return TestClient(app)
+    settings = settings.model_copy(update={"storage": storage})
+    SqlIndex(settings.index).close()  # migrate the fresh index
+    application = create_app(settings)
+    try:
+        yield application
+    finally:
+        application.state.archive.close()
+        application.state.index.close()
 
 
 def store_files(archive: Archive, paths: list[Path], *, calling_ae: str = "TEST") -> None:
@@ -62,10 +57,9 @@ class Stored:
     paths: list[Path]
 
 
-@pytest.fixture
-def ct(app: FastAPI, tmp_path: Path) -> Stored:
+def store_ct(app: FastAPI, directory: Path) -> Stored:
     """Four small CT slices of one series, stored and indexed."""
-    paths = write_ct_series(tmp_path / "ct", slices=4, rows=32, columns=32)
+    paths = write_ct_series(directory, slices=4, rows=32, columns=32)
     store_files(app.state.archive, paths)
     ds = [dcmread(p, stop_before_pixels=True) for p in paths]
     return Stored(
@@ -98,8 +92,7 @@ def make_study(
     return paths
 
 
-@pytest.fixture
-def catalogue(app: FastAPI, tmp_path: Path) -> dict[str, str]:
+def store_catalogue(app: FastAPI, tmp_path: Path) -> dict[str, str]:
     """Three studies of two patients for matching tests; returns their Study UIDs."""
     studies = {
         "a": make_study(
