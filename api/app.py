@@ -1,27 +1,74 @@
-"""FastAPI application factory (STYLE.md §1: ``create_app(settings)``)."""
+"""FastAPI application factory (STYLE.md §1: ``create_app(settings)``).
+
+Routers are mounted under fixed prefixes, one module each in ``api/routes/``:
+``/dicomweb`` (PS3.18 QIDO-RS, WADO-RS, STOW-RS) and ``/fhir`` (FHIR R4). The tile
+services plug in beside them: ``/iiif`` (IIIF Image API), ``/dzi`` (Deep Zoom) and
+``/viewer`` come from ``api/routes/tiles.py`` and are added to :data:`ROUTERS` when
+the pyramids exist.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import PlainTextResponse
 
-from api.routes import fhir_orders
+from api.errors import install_error_handlers
+from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
+from api.routes import dicomweb, fhir, fhir_orders
 from core.settings import Settings
+from storage.archive import Archive
 from storage.index.sql import SqlIndex
+from storage.originals import FileOriginalStore
 
-__all__ = ["create_app"]
+__all__ = ["ROUTERS", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: Every router of the API, with its fixed prefix (the prefix is part of the router).
+#: Tiles add ``/iiif``, ``/dzi`` and ``/viewer`` routers here.
+ROUTERS: tuple[APIRouter, ...] = (dicomweb.router, fhir.router)
 
 
-def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
+def _build_archive(settings: Settings, index: SqlIndex) -> Archive:
+    """The STOW-RS path: the same Archive (originals, index, quarantine) as C-STORE."""
+    assert settings.storage.originals_dir is not None
+    assert settings.storage.quarantine_dir is not None
+    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
+    return Archive(
+        originals,
+        index,
+        quarantine=settings.storage.quarantine_dir,
+        fsync=settings.storage.fsync,
+    )
+
+
+def create_app(
+    settings: Settings, *, index: SqlIndex | None = None, archive: Archive | None = None
+) -> FastAPI:
+    """The HTTP API over ``settings``' index and stores.
+
+    Parameters
+    ----------
+    settings
+        The process's settings (the composition root built them).
+    index, archive
+        Already-built stores to share (``pacslab serve``, tests); built from
+        ``settings`` when omitted, and then closed on shutdown.
+    """
     own_index = index is None
     idx = index or SqlIndex(settings.index.model_copy(update={"migrate": False}))
+    own_archive = archive is None
+    arc = archive or _build_archive(settings, idx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        if own_archive:
+            arc.close()
         if own_index:
             idx.close()
 
@@ -33,6 +80,13 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.index = idx
+    app.state.archive = arc
+    metrics = HttpMetrics()
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.get("/health", tags=["ops"])
     def health() -> dict[str, object]:
@@ -40,12 +94,17 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
         return {"status": "ok" if ok else "degraded", "index": ok}
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-    def metrics() -> str:
-        lines = []
-        for name, value in sorted(idx.counts().items()):
-            metric = f"pacslab_{name}"
-            lines.append(f"# TYPE {metric} gauge\n{metric} {value}")
-        return "\n".join(lines) + "\n"
+    def metrics_text() -> PlainTextResponse:
+        try:
+            gauges = render_gauges(idx.counts())
+        except Exception:
+            # A metrics scrape must not fail because the index is away (STYLE.md §5).
+            logger.error("index counts unavailable for /metrics", exc_info=True)
+            gauges = ""
+        return PlainTextResponse(
+            metrics.exposition() + gauges,
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
 
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     return app

@@ -16,11 +16,11 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from core.errors import OutOfResourcesError
+from core.errors import InvalidDatasetError, OutOfResourcesError
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -28,6 +28,7 @@ __all__ = [
     "StagedFile",
     "StagedWriter",
     "part10_prefix",
+    "stage_part10",
 ]
 
 # pydicom's root (1.2.826.0.1.3680043.8.498) with our own suffix until pacslab has a root.
@@ -151,3 +152,80 @@ class StagedWriter:
         self._file = None
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+
+
+def _read_meta(head: bytes) -> tuple[dict[int, bytes], int]:
+    """File Meta elements (PS3.10 7.1, Explicit VR Little Endian) and where the data set
+    starts. Parsed by hand: the group length may be absent or wrong in what peers send,
+    so elements are read until the group changes."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise InvalidDatasetError("not a DICOM Part-10 file (no DICM prefix)")
+    pos = 132
+    found: dict[int, bytes] = {}
+    while pos + 8 <= len(head):
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            return found, pos
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                break
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF or start + length > len(head):
+            break
+        found[elem] = head[start : start + length]
+        pos = start + length
+    raise InvalidDatasetError("File Meta Information truncated or too long")
+
+
+class Readable(Protocol):
+    """A binary stream: a file, or a view of one part of a STOW-RS body."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def stage_part10(
+    staging: Path, fp: Readable, *, fsync: bool = True, chunk_size: int = 1 << 20
+) -> StagedFile:
+    """Stage a Part-10 file read from ``fp`` (STOW-RS parts, files on disk).
+
+    Only the data set is kept as it came: the File Meta Information is rewritten
+    canonically by :class:`StagedWriter`, so the content key equals the one a C-STORE of
+    the same data set gets.
+
+    Raises
+    ------
+    InvalidDatasetError
+        Not a Part-10 file, or its meta lacks the SOP Class/Instance or Transfer Syntax
+        UID (PS3.10 7.1 Type 1 elements).
+    """
+    head = fp.read(65536)
+    meta, offset = _read_meta(head)
+
+    def uid(elem: int, name: str) -> str:
+        value = meta.get(elem, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        if not value:
+            raise InvalidDatasetError(f"File Meta Information lacks {name}")
+        return value
+
+    writer = StagedWriter(
+        staging,
+        uid(0x0002, "MediaStorageSOPClassUID"),
+        uid(0x0003, "MediaStorageSOPInstanceUID"),
+        uid(0x0010, "TransferSyntaxUID"),
+    )
+    try:
+        writer.write(memoryview(head)[offset:])
+        while chunk := fp.read(chunk_size):
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(fsync=fsync)

@@ -52,3 +52,38 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
     thread.join(timeout=10)
     listener.close()
     index.close()  # type: ignore[attr-defined]
+
+
+# -- API (tests/api; helpers in tests/api/_support.py) -------------------------------
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[object]:
+    """``create_app(settings)`` over a fresh index (STYLE.md §7: no overrides)."""
+    from tests.api._support import running_app
+
+    with running_app(settings) as application:
+        yield application
+
+
+@pytest.fixture
+def client(app: object) -> object:
+    from fastapi.testclient import TestClient
+
+    return TestClient(app)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ct(app: object, tmp_path: Path) -> object:
+    """Four small CT slices of one series, stored through Archive.accept."""
+    from tests.api._support import store_ct
+
+    return store_ct(app, tmp_path / "ct")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def catalogue(app: object, tmp_path: Path) -> dict[str, str]:
+    """Three studies of two patients for matching tests; their Study UIDs by name."""
+    from tests.api._support import store_catalogue
+
+    return store_catalogue(app, tmp_path)  # type: ignore[arg-type]

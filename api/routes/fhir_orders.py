@@ -39,9 +39,9 @@ The API may not import ``worklist`` (STYLE.md §1), so it uses
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -476,7 +476,7 @@ def search_service_requests(request: Request) -> Response:
         if identifier and identifier.startswith("urn:oid:"):
             identifier = identifier.removeprefix("urn:oid:")
         try:
-            count = min(int(params.get("_count", "100")), 1000)
+            count = max(1, min(int(params.get("_count", "100")), 1000))
         except ValueError:
             raise InvalidResourceError("_count must be an integer") from None
         records = _service(request).search(
@@ -547,7 +547,11 @@ def _problem(exc: ServiceError, request: Request) -> JSONResponse:
 
 
 @router.get("/orders/unmatched", tags=["orders"])
-def list_unmatched(request: Request, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+def list_unmatched(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+) -> list[dict[str, Any]]:
     """Received studies that match no order (reconciliation), oldest first."""
     return [_link_json(x) for x in _service(request).unmatched(limit=limit, offset=offset)]
 

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,9 +25,10 @@ from core.settings import IndexSettings
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
 from storage.index import sqlite as _sqlite
+from storage.index.queries import Query, count_query, find_query, metadata_query
 from storage.index.schema import instances, jobs, patients, series, studies
 
-__all__ = ["SqlIndex"]
+__all__ = ["MetadataRow", "SqlIndex"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,19 @@ def _instance_values(item: NewInstance, series_pk: int, version: int) -> dict[st
         "received_at": item.received_at,
         "metadata_json": item.metadata_json,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataRow:
+    """One current instance as WADO-RS ``/metadata`` needs it (PS3.18 10.4.1.1.2)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: str
+    metadata_json: str
 
 
 class SqlIndex:
@@ -566,6 +581,33 @@ class SqlIndex:
                 ).first()
                 is not None
             )
+
+    # -- queries (QIDO-RS, WADO-RS metadata, FHIR search; see queries.py) ------------
+
+    def _read(self) -> Connection:
+        """A connection for read-only queries (a deferred BEGIN on SQLite)."""
+        return self.engine.connect().execution_options(**{_sqlite.READ_ONLY: True})
+
+    def find(self, query: Query) -> list[dict[str, Any]]:
+        """Rows matching ``query``, keyed by DICOM keyword (plus ``patient_pk`` …)."""
+        with self._read() as conn:
+            return [dict(row._mapping) for row in conn.execute(find_query(query))]
+
+    def count(self, query: Query) -> int:
+        """How many rows ``query`` matches without its limit and offset."""
+        with self._read() as conn:
+            return int(conn.execute(count_query(query)).scalar_one())
+
+    def instance_metadata(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[MetadataRow]:
+        """Current instances of a study, series or instance, in one query."""
+        stmt = metadata_query(study_instance_uid, series_instance_uid, sop_instance_uid)
+        with self._read() as conn:
+            return [MetadataRow(*row) for row in conn.execute(stmt)]
 
     def ping(self) -> bool:
         try:

@@ -26,7 +26,10 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-__all__ = ["WriteLock", "make_engine", "upsert", "write_lock"]
+__all__ = ["READ_ONLY", "WriteLock", "make_engine", "upsert", "write_lock"]
+
+#: Execution option of connections that only read (see ``_on_begin``).
+READ_ONLY = "pacslab_read_only"
 
 upsert = sqlite_insert
 
@@ -80,11 +83,20 @@ def make_engine(url: str, *, busy_timeout_s: float) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # LIKE is case-sensitive on PostgreSQL; make SQLite agree, so that QIDO wildcard
+        # matching (PS3.4 C.2.2.2.4) behaves the same on both (queries.py lowers PN).
+        cur.execute("PRAGMA case_sensitive_like=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Queries that only read (QIDO-RS, /metadata, FHIR search) ask for a deferred
+        # BEGIN: in WAL mode they then read a snapshot without taking the write lock,
+        # so API reads never queue behind, or hold up, receivers' commits.
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

@@ -1,0 +1,578 @@
+"""DICOMweb (PS3.18) under ``/dicomweb``: QIDO-RS, WADO-RS and STOW-RS.
+
+Thin HTTP adapters: parsing and rendering are in :mod:`api.dicomweb`, queries in
+:mod:`storage.index.queries`, storing in :class:`storage.archive.Archive` (the same
+durable path as C-STORE). Blocking work runs in FastAPI's thread pool (plain ``def``
+endpoints); STOW-RS spools the body asynchronously first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydicom import dcmread
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ArchiveDep, IndexDep, base_url
+from api.dicomweb import (
+    fill_bulkdata_uris,
+    multipart_body,
+    parse_accept,
+    parse_search,
+    qido_json,
+    store_body,
+)
+from api.dicomweb._multipart import content_type_params, new_boundary
+from api.dicomweb._pixels import (
+    RenderOptions,
+    choose_frame_syntax,
+    choose_instance_syntax,
+    parse_viewport,
+    parse_window,
+    read_bulkdata,
+    read_frames,
+    render,
+    transcode,
+)
+from core.errors import InvalidQueryError, NotFoundError
+from core.instance import metadata_json
+from storage.archive import Archive
+from storage.index.queries import Level
+from storage.index.sql import MetadataRow, SqlIndex
+
+__all__ = ["PREFIX", "router"]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/dicomweb"
+DICOM_JSON = "application/dicom+json"
+router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_CHUNK = 1 << 20
+
+Uid = Annotated[str, PathParam(max_length=64, description="A DICOM UID (PS3.5 9.1)")]
+
+
+def _uid(value: str) -> str:
+    if not _UID_RE.fullmatch(value) or len(value) > 64:
+        raise NotFoundError("not a UID")
+    return value
+
+
+def _base(request: Request) -> str:
+    return base_url(request, PREFIX)
+
+
+def _not_acceptable(what: str) -> HTTPException:
+    return HTTPException(status_code=406, detail=f"none of the Accept media types: {what}")
+
+
+def _check_json_accept(request: Request) -> None:
+    for rng in parse_accept(request.headers.get("accept")):
+        if rng.matches(DICOM_JSON) or rng.matches("application/json"):
+            return
+    raise _not_acceptable("application/dicom+json is what this resource provides")
+
+
+# -- QIDO-RS (PS3.18 10.6) ------------------------------------------------------------
+
+
+def _search(request: Request, index: SqlIndex, level: Level, context: dict[str, str]) -> Response:
+    _check_json_accept(request)
+    search = parse_search(level, list(request.query_params.multi_items()), context=context)
+    rows = index.find(search.query)
+    headers = {}
+    if search.ignored:
+        names = ", ".join(sorted(set(search.ignored)))[:500]
+        # PS3.18 8.3.4.1: unsupported matching keys are ignored, and said so.
+        text = f"The following attributes are not supported for matching: {names}"
+        headers["Warning"] = f'299 pacslab "{text}"'
+    if not rows:
+        return Response(status_code=204, headers=headers)
+    base = _base(request)
+    body = [qido_json(row, search, base) for row in rows]
+    return JSONResponse(body, media_type=DICOM_JSON, headers=headers)
+
+
+_QIDO = {
+    "responses": {
+        200: {"description": "Matches, as DICOM JSON", "content": {DICOM_JSON: {}}},
+        204: {"description": "No match"},
+        400: {"description": "Invalid query parameters"},
+    }
+}
+
+
+@router.get("/studies", summary="QIDO-RS: search for studies", **_QIDO)  # type: ignore[arg-type]
+def search_studies(request: Request, index: IndexDep) -> Response:
+    """Search for studies (PS3.18 10.6.1, Table 10.6.1-5 return attributes)."""
+    return _search(request, index, "study", {})
+
+
+@router.get("/series", summary="QIDO-RS: search for series", **_QIDO)  # type: ignore[arg-type]
+def search_series(request: Request, index: IndexDep) -> Response:
+    """Search for series of all studies (PS3.18 10.6.1, Table 10.6.1-6)."""
+    return _search(request, index, "series", {})
+
+
+@router.get("/instances", summary="QIDO-RS: search for instances", **_QIDO)  # type: ignore[arg-type]
+def search_instances(request: Request, index: IndexDep) -> Response:
+    """Search for instances of all studies (PS3.18 10.6.1, Table 10.6.1-7)."""
+    return _search(request, index, "instance", {})
+
+
+@router.get("/studies/{study}/series", summary="QIDO-RS: series of a study", **_QIDO)  # type: ignore[arg-type]
+def search_study_series(request: Request, index: IndexDep, study: Uid) -> Response:
+    return _search(request, index, "series", {"StudyInstanceUID": _uid(study)})
+
+
+@router.get("/studies/{study}/instances", summary="QIDO-RS: instances of a study", **_QIDO)  # type: ignore[arg-type]
+def search_study_instances(request: Request, index: IndexDep, study: Uid) -> Response:
+    return _search(request, index, "instance", {"StudyInstanceUID": _uid(study)})
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    summary="QIDO-RS: instances of a series",
+    **_QIDO,  # type: ignore[arg-type]
+)
+def search_series_instances(request: Request, index: IndexDep, study: Uid, series: Uid) -> Response:
+    context = {"StudyInstanceUID": _uid(study), "SeriesInstanceUID": _uid(series)}
+    return _search(request, index, "instance", context)
+
+
+# -- WADO-RS instances (PS3.18 10.4.1.1.1) --------------------------------------------
+
+
+def _rows(
+    index: SqlIndex, study: str, series: str | None = None, sop: str | None = None
+) -> list[MetadataRow]:
+    rows = index.instance_metadata(
+        _uid(study), _uid(series) if series else None, _uid(sop) if sop else None
+    )
+    if not rows:
+        raise NotFoundError("no such study, series or instance")
+    return rows
+
+
+def _path(archive: Archive, key: str) -> Path:
+    path = archive.originals.path(key)
+    if not path.exists():
+        raise NotFoundError("original missing from the store")
+    return path
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fp:
+        while chunk := fp.read(_CHUNK):
+            yield chunk
+
+
+def _retrieve(request: Request, archive: Archive, rows: list[MetadataRow]) -> Response:
+    accept = parse_accept(request.headers.get("accept"))
+    target = choose_instance_syntax(accept, [r.transfer_syntax_uid for r in rows])
+    if target is None:
+        raise _not_acceptable("application/dicom in a transfer syntax we can produce")
+    paths = [(r, _path(archive, r.blob_key)) for r in rows]
+    boundary = new_boundary()
+
+    def parts() -> Iterator[tuple[str, Iterable[bytes]]]:
+        for row, path in paths:
+            if target in ("*", row.transfer_syntax_uid):
+                ts = row.transfer_syntax_uid
+                yield f"application/dicom; transfer-syntax={ts}", _file_chunks(path)
+            else:
+                yield f"application/dicom; transfer-syntax={target}", [transcode(path, target)]
+
+    type_param = "application/dicom"
+    if target != "*":
+        type_param += f"; transfer-syntax={target}"
+    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    if target != "*":
+        media += f"; transfer-syntax={target}"
+    return StreamingResponse(multipart_body(parts(), boundary), media_type=media)
+
+
+_WADO = {
+    "responses": {
+        200: {
+            "description": "multipart/related; type=application/dicom",
+            "content": {"multipart/related": {}},
+        },
+        404: {"description": "Unknown study, series or instance"},
+        406: {"description": "No acceptable media type or transfer syntax"},
+    }
+}
+
+
+@router.get("/studies/{study}", summary="WADO-RS: retrieve a study", **_WADO)  # type: ignore[arg-type]
+def retrieve_study(request: Request, index: IndexDep, archive: ArchiveDep, study: Uid) -> Response:
+    """All instances of a study as multipart/related (PS3.18 10.4.1.1.1)."""
+    return _retrieve(request, archive, _rows(index, study))
+
+
+@router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series", **_WADO)  # type: ignore[arg-type]
+def retrieve_series(
+    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid
+) -> Response:
+    return _retrieve(request, archive, _rows(index, study, series))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}",
+    summary="WADO-RS: retrieve an instance",
+    **_WADO,  # type: ignore[arg-type]
+)
+def retrieve_instance(
+    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid, sop: Uid
+) -> Response:
+    return _retrieve(request, archive, _rows(index, study, series, sop))
+
+
+# -- WADO-RS metadata (PS3.18 10.4.1.1.2) ---------------------------------------------
+
+
+def _metadata(request: Request, archive: Archive, rows: list[MetadataRow]) -> Response:
+    _check_json_accept(request)
+    base = _base(request)
+    items = []
+    for row in rows:
+        meta = row.metadata_json
+        if meta == "{}":
+            # The instance job has not run yet: read the header ourselves.
+            with archive.originals.open(row.blob_key) as fp:
+                meta = metadata_json(dcmread(fp, defer_size=1024))
+        url = (
+            f"{base}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}"
+            f"/instances/{row.sop_instance_uid}"
+        )
+        items.append(fill_bulkdata_uris(meta, url))
+    body = ("[" + ",".join(items) + "]").encode("utf-8")
+    return Response(body, media_type=DICOM_JSON)
+
+
+_META = {"responses": {200: {"description": "DICOM JSON", "content": {DICOM_JSON: {}}}}}
+
+
+@router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata", **_META)  # type: ignore[arg-type]
+def study_metadata(request: Request, index: IndexDep, archive: ArchiveDep, study: Uid) -> Response:
+    return _metadata(request, archive, _rows(index, study))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    summary="WADO-RS: series metadata",
+    **_META,  # type: ignore[arg-type]
+)
+def series_metadata(
+    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid
+) -> Response:
+    return _metadata(request, archive, _rows(index, study, series))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/metadata",
+    summary="WADO-RS: instance metadata",
+    **_META,  # type: ignore[arg-type]
+)
+def instance_metadata(
+    request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid, sop: Uid
+) -> Response:
+    return _metadata(request, archive, _rows(index, study, series, sop))
+
+
+# -- WADO-RS frames, bulk data (PS3.18 10.4.1.1.3, 10.4.1.1.5) -----------------------
+
+
+def _frame_numbers(frames: str) -> list[int]:
+    try:
+        numbers = [int(f) for f in frames.split(",")]
+    except ValueError as exc:
+        raise InvalidQueryError("frame list must be comma-separated integers") from exc
+    if not numbers or len(numbers) > 10_000 or any(n < 1 for n in numbers):
+        raise InvalidQueryError("frame numbers start at 1")
+    return numbers
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+    summary="WADO-RS: retrieve frames",
+    **_WADO,  # type: ignore[arg-type]
+)
+def retrieve_frames(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    frames: str,
+) -> Response:
+    """Frames as stored (PS3.18 10.4.1.1.3): octet-stream, or the compressed bitstream."""
+    numbers = _frame_numbers(frames)
+    (row,) = _rows(index, study, series, sop)
+    accept = parse_accept(request.headers.get("accept"))
+    chosen = choose_frame_syntax(accept, row.transfer_syntax_uid)
+    if chosen is None:
+        raise _not_acceptable("frames are available as stored or as octet-stream")
+    content_type, decode = chosen
+    path = _path(archive, row.blob_key)
+    data = read_frames(path, numbers, decode=decode)
+    boundary = new_boundary()
+    main, params = content_type_params(content_type)
+    media = f'multipart/related; type="{main}"; boundary={boundary}'
+    if "transfer-syntax" in params:
+        media += f"; transfer-syntax={params['transfer-syntax']}"
+    parts = ((content_type, [f.data]) for f in data)
+    return Response(b"".join(multipart_body(parts, boundary)), media_type=media)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
+    summary="WADO-RS: retrieve bulk data",
+    **_WADO,  # type: ignore[arg-type]
+)
+def retrieve_bulkdata(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    tag: Annotated[str, PathParam(pattern=r"^[0-9A-Fa-f]{8}$")],
+) -> Response:
+    """The value of a top-level bulk data element (PS3.18 10.4.1.1.5), as encoded."""
+    (row,) = _rows(index, study, series, sop)
+    path = _path(archive, row.blob_key)
+    data = read_bulkdata(path, int(tag, 16))
+    accept = parse_accept(request.headers.get("accept"))
+    if not any(r.matches("application/octet-stream") for r in accept):
+        raise _not_acceptable("bulk data is application/octet-stream")
+    boundary = new_boundary()
+    body = b"".join(multipart_body([("application/octet-stream", [data])], boundary))
+    media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    return Response(body, media_type=media)
+
+
+# -- WADO-RS rendered and thumbnail (PS3.18 10.4.1.1.4, 10.4.1.1.6) ------------------
+
+
+def _render_options(
+    request: Request,
+    window: str | None,
+    viewport: str | None,
+    quality: int | None,
+    default_viewport: tuple[int, int] | None = None,
+) -> RenderOptions:
+    media = None
+    for rng in parse_accept(request.headers.get("accept")):
+        if rng.matches("image/jpeg"):
+            media = "image/jpeg"
+            break
+        if rng.matches("image/png"):
+            media = "image/png"
+            break
+    if media is None:
+        raise _not_acceptable("rendered images are image/jpeg or image/png")
+    if quality is not None and not 1 <= quality <= 100:
+        raise InvalidQueryError("quality must be between 1 and 100")
+    return RenderOptions(
+        media_type=media,
+        quality=quality or 90,
+        window=parse_window(window),
+        viewport=parse_viewport(viewport) or default_viewport,
+    )
+
+
+def _rendered(archive: Archive, row: MetadataRow, frame: int, options: RenderOptions) -> Response:
+    image = render(_path(archive, row.blob_key), frame, options)
+    return Response(image, media_type=options.media_type)
+
+
+Window = Annotated[str | None, Query(description="center,width[,function] (PS3.18 8.3.5.1.5)")]
+Viewport = Annotated[str | None, Query(description="vw,vh (PS3.18 8.3.5.1.3)")]
+Quality = Annotated[int | None, Query(description="1-100 (PS3.18 8.3.5.1.2)")]
+_IMG = {
+    "responses": {
+        200: {"description": "A rendered image", "content": {"image/jpeg": {}, "image/png": {}}},
+        404: {"description": "Unknown instance or frame"},
+        406: {"description": "No acceptable image media type"},
+    }
+}
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/rendered",
+    summary="WADO-RS: rendered instance",
+    **_IMG,  # type: ignore[arg-type]
+)
+def instance_rendered(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    window: Window = None,
+    viewport: Viewport = None,
+    quality: Quality = None,
+) -> Response:
+    """The first frame rendered (PS3.18 10.4.1.1.4)."""
+    options = _render_options(request, window, viewport, quality)
+    (row,) = _rows(index, study, series, sop)
+    return _rendered(archive, row, 1, options)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}/rendered",
+    summary="WADO-RS: rendered frame",
+    **_IMG,  # type: ignore[arg-type]
+)
+def frame_rendered(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    frames: str,
+    window: Window = None,
+    viewport: Viewport = None,
+    quality: Quality = None,
+) -> Response:
+    """One frame rendered; of a frame list, the first (PS3.18 10.4.1.1.4)."""
+    numbers = _frame_numbers(frames)
+    options = _render_options(request, window, viewport, quality)
+    (row,) = _rows(index, study, series, sop)
+    return _rendered(archive, row, numbers[0], options)
+
+
+_THUMB = (128, 128)
+
+
+def _representative(rows: list[MetadataRow]) -> MetadataRow:
+    # The middle instance of the first series: for a CT stack, a slice through the body.
+    first = rows[0].series_instance_uid
+    members = [r for r in rows if r.series_instance_uid == first]
+    return members[len(members) // 2]
+
+
+@router.get("/studies/{study}/thumbnail", summary="WADO-RS: study thumbnail", **_IMG)  # type: ignore[arg-type]
+def study_thumbnail(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    viewport: Viewport = None,
+) -> Response:
+    """A small image standing for the study (PS3.18 10.4.1.1.6)."""
+    options = _render_options(request, None, viewport, None, _THUMB)
+    return _rendered(archive, _representative(_rows(index, study)), 1, options)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/thumbnail",
+    summary="WADO-RS: series thumbnail",
+    **_IMG,  # type: ignore[arg-type]
+)
+def series_thumbnail(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    viewport: Viewport = None,
+) -> Response:
+    options = _render_options(request, None, viewport, None, _THUMB)
+    return _rendered(archive, _representative(_rows(index, study, series)), 1, options)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/thumbnail",
+    summary="WADO-RS: instance thumbnail",
+    **_IMG,  # type: ignore[arg-type]
+)
+def instance_thumbnail(
+    request: Request,
+    index: IndexDep,
+    archive: ArchiveDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    viewport: Viewport = None,
+) -> Response:
+    options = _render_options(request, None, viewport, None, _THUMB)
+    (row,) = _rows(index, study, series, sop)
+    return _rendered(archive, row, 1, options)
+
+
+# -- STOW-RS (PS3.18 10.5) ------------------------------------------------------------
+
+_STOW = {
+    "responses": {
+        200: {"description": "All instances stored", "content": {DICOM_JSON: {}}},
+        202: {"description": "Some instances stored, some failed"},
+        400: {"description": "The request could not be parsed"},
+        409: {"description": "No instance stored"},
+        415: {"description": "Not multipart/related; type=application/dicom"},
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/related": {
+                    "schema": {"type": "string", "format": "binary"},
+                }
+            },
+        }
+    },
+}
+
+
+async def _stow(request: Request, archive: Archive, study: str | None) -> Response:
+    content_type = request.headers.get("content-type", "")
+    main, params = content_type_params(content_type)
+    if main != "multipart/related":
+        raise HTTPException(415, detail="STOW-RS takes multipart/related; type=application/dicom")
+    if params.get("type", "application/dicom").lower() != "application/dicom":
+        raise HTTPException(415, detail="only application/dicom parts are supported")
+    # Spool to the staging area (same file system as the originals), so that parts
+    # of any size are parsed from a memory map and never held in memory.
+    fd, name = tempfile.mkstemp(suffix=".stow", dir=archive.staging_dir())
+    spool = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.stream():
+                out.write(chunk)
+        result = await run_in_threadpool(
+            store_body, archive, spool, content_type, study_instance_uid=study
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            spool.unlink()
+    logger.info("STOW-RS: %d stored, %d failed", len(result.stored), len(result.failed))
+    body: dict[str, Any] = result.response(_base(request), study)
+    return JSONResponse(body, status_code=result.status, media_type=DICOM_JSON)
+
+
+@router.post("/studies", summary="STOW-RS: store instances", **_STOW)  # type: ignore[arg-type]
+async def store_instances(request: Request, archive: ArchiveDep) -> Response:
+    """Store instances (PS3.18 10.5.1) through the C-STORE path (Archive.accept)."""
+    return await _stow(request, archive, None)
+
+
+@router.post("/studies/{study}", summary="STOW-RS: store instances of a study", **_STOW)  # type: ignore[arg-type]
+async def store_study_instances(request: Request, archive: ArchiveDep, study: Uid) -> Response:
+    """Store instances of one study; others fail with 0xA900 (PS3.18 10.5.1)."""
+    return await _stow(request, archive, _uid(study))

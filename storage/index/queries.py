@@ -1,0 +1,496 @@
+"""Read queries of the index: QIDO-RS matching, WADO-RS metadata, FHIR search (pure).
+
+One query builder for SQLite and PostgreSQL (STYLE.md §6): each function turns a
+:class:`Query` value into a SQLAlchemy ``Select``; :class:`storage.index.sql.SqlIndex`
+executes it. Matching follows PS3.4 C.2.2.2 as profiled for QIDO-RS by PS3.18 8.3.4:
+
+* single value matching (C.2.2.2.1), case-insensitive for PN (our choice under
+  C.2.2.2.1.1, the same as the worklist's default);
+* wildcard matching with ``*`` and ``?`` (C.2.2.2.4);
+* range matching of DA and TM (C.2.2.2.5), ``a-b``, ``a-`` and ``-b``;
+* list of UID matching (C.2.2.2.2), separated by ``\\`` or ``,`` (PS3.18 8.3.4.1),
+  also accepted for CS keys such as ModalitiesInStudy;
+* universal matching for an empty value or a lone ``*`` (C.2.2.2.3);
+* ``fuzzymatching=true`` (PS3.18 8.3.4.1.1): PN matches case-insensitively on the
+  prefix of any name component or word.
+
+Counts and ModalitiesInStudy are derived with aggregates (the index keeps no counters,
+see ``schema.py``). Only current versions of instances count.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    distinct,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+)
+
+from core.errors import InvalidQueryError
+from storage.index.schema import instances, patients, series, studies
+
+__all__ = [
+    "ATTRIBUTES",
+    "Attribute",
+    "Level",
+    "Match",
+    "Query",
+    "count_query",
+    "find_query",
+    "metadata_query",
+    "parse_match",
+]
+
+Level = Literal["patient", "study", "series", "instance"]
+_DEPTH: dict[str, int] = {"patient": 0, "study": 1, "series": 2, "instance": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    """A matchable/returnable DICOM attribute of the index.
+
+    ``derived`` attributes are aggregates (counts, ModalitiesInStudy) computed per row.
+    """
+
+    keyword: str
+    tag: str  # 8 hex digits, as in DICOM JSON (PS3.18 F.2.1.1)
+    vr: str
+    level: Level
+    column: Any = None
+    derived: bool = False
+
+
+def _a(keyword: str, tag: str, vr: str, level: Level, column: Any = None) -> Attribute:
+    return Attribute(keyword, tag, vr, level, column, derived=column is None)
+
+
+#: Attributes the index can match and return (PS3.18 Tables 10.6.1-5/6/7 and more).
+ATTRIBUTES: Mapping[str, Attribute] = {
+    a.keyword: a
+    for a in (
+        _a("PatientName", "00100010", "PN", "patient", patients.c.name),
+        _a("PatientID", "00100020", "LO", "patient", patients.c.patient_id),
+        _a("IssuerOfPatientID", "00100021", "LO", "patient", patients.c.issuer),
+        _a("PatientBirthDate", "00100030", "DA", "patient", patients.c.birth_date),
+        _a("PatientSex", "00100040", "CS", "patient", patients.c.sex),
+        _a("StudyInstanceUID", "0020000D", "UI", "study", studies.c.study_instance_uid),
+        _a("StudyDate", "00080020", "DA", "study", studies.c.study_date),
+        _a("StudyTime", "00080030", "TM", "study", studies.c.study_time),
+        _a("AccessionNumber", "00080050", "SH", "study", studies.c.accession_number),
+        _a("StudyID", "00200010", "SH", "study", studies.c.study_id),
+        _a("StudyDescription", "00081030", "LO", "study", studies.c.description),
+        _a(
+            "ReferringPhysicianName",
+            "00080090",
+            "PN",
+            "study",
+            studies.c.referring_physician_name,
+        ),
+        _a("InstitutionName", "00080080", "LO", "study", studies.c.institution_name),
+        _a("ModalitiesInStudy", "00080061", "CS", "study"),
+        _a("NumberOfStudyRelatedSeries", "00201206", "IS", "study"),
+        _a("NumberOfStudyRelatedInstances", "00201208", "IS", "study"),
+        _a("SeriesInstanceUID", "0020000E", "UI", "series", series.c.series_instance_uid),
+        _a("Modality", "00080060", "CS", "series", series.c.modality),
+        _a("SeriesNumber", "00200011", "IS", "series", series.c.series_number),
+        _a("SeriesDescription", "0008103E", "LO", "series", series.c.description),
+        _a("SeriesDate", "00080021", "DA", "series", series.c.series_date),
+        _a("SeriesTime", "00080031", "TM", "series", series.c.series_time),
+        _a("BodyPartExamined", "00180015", "CS", "series", series.c.body_part_examined),
+        _a("Laterality", "00200060", "CS", "series", series.c.laterality),
+        _a("StationName", "00081010", "SH", "series", series.c.station_name),
+        _a(
+            "PerformedProcedureStepStartDate",
+            "00400244",
+            "DA",
+            "series",
+            series.c.pps_start_date,
+        ),
+        _a(
+            "PerformedProcedureStepStartTime",
+            "00400245",
+            "TM",
+            "series",
+            series.c.pps_start_time,
+        ),
+        _a("NumberOfSeriesRelatedInstances", "00201209", "IS", "series"),
+        _a("SOPInstanceUID", "00080018", "UI", "instance", instances.c.sop_instance_uid),
+        _a("SOPClassUID", "00080016", "UI", "instance", instances.c.sop_class_uid),
+        _a("InstanceNumber", "00200013", "IS", "instance", instances.c.instance_number),
+        _a("Rows", "00280010", "US", "instance", instances.c.rows),
+        _a("Columns", "00280011", "US", "instance", instances.c.columns),
+        _a("NumberOfFrames", "00280008", "IS", "instance", instances.c.number_of_frames),
+        _a("BitsAllocated", "00280100", "US", "instance", instances.c.bits_allocated),
+        _a(
+            "PhotometricInterpretation",
+            "00280004",
+            "CS",
+            "instance",
+            instances.c.photometric_interpretation,
+        ),
+        _a(
+            "AvailableTransferSyntaxUID",
+            "00083002",
+            "UI",
+            "instance",
+            instances.c.transfer_syntax_uid,
+        ),
+    )
+}
+
+_INT_VRS = frozenset({"IS", "US", "UL", "SS", "SL"})
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One matching key: a keyword of :data:`ATTRIBUTES` and its DICOM matching string."""
+
+    keyword: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A search of the index at one level (PS3.4 C.6.1 Patient Root / Study Root).
+
+    ``fields`` names the derived attributes to compute (plain columns are always
+    returned: they cost nothing). ``patient_pk`` and the ``updated_*`` bounds serve the
+    FHIR ``patient`` and ``_lastUpdated`` search parameters (FHIR R4 3.1.1.5.3).
+    """
+
+    level: Level
+    matches: tuple[Match, ...] = ()
+    fuzzy: bool = False
+    fields: frozenset[str] = field(default_factory=frozenset)
+    limit: int | None = None
+    offset: int = 0
+    patient_pk: int | None = None
+    updated_after: datetime | None = None
+    updated_after_inclusive: bool = True
+    updated_before: datetime | None = None
+    updated_before_inclusive: bool = True
+
+
+def parse_match(keyword: str, value: str) -> Match:
+    """Validate one matching key (PS3.18 8.3.4.1); raise :class:`InvalidQueryError`."""
+    attr = ATTRIBUTES.get(keyword)
+    if attr is None:
+        raise InvalidQueryError(f"matching on {keyword} is not supported")
+    if len(value) > 1024:
+        raise InvalidQueryError(f"value of {keyword} is too long")
+    if attr.vr in ("DA", "TM") and value not in ("", "*"):
+        _range(attr.vr, value)  # raises on a malformed range
+    elif attr.vr in _INT_VRS and value not in ("", "*"):
+        for item in _split_list(value):
+            if not re.fullmatch(r"[+-]?\d{1,10}", item):
+                raise InvalidQueryError(f"{keyword} must be an integer")
+    return Match(keyword, value)
+
+
+# -- matching ---------------------------------------------------------------------
+
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in re.split(r"[\\,]", value) if v.strip()]
+
+
+def _plausible(vr: str, value: str) -> bool:
+    """Field ranges of DA and TM (PS3.5 Table 6.2-1): month 1-12, hour 0-23 …"""
+    if vr == "DA":
+        return 1 <= int(value[4:6]) <= 12 and 1 <= int(value[6:8]) <= 31
+    limits = (23, 59, 60)  # a leap second is a valid SS
+    fields = [value[i : i + 2] for i in range(0, min(len(value.split(".")[0]), 6), 2)]
+    return all(int(f) <= limit for f, limit in zip(fields, limits, strict=False))
+
+
+def _range(vr: str, value: str) -> tuple[str | None, str | None]:
+    """Bounds of a DA/TM range (PS3.4 C.2.2.2.5) as comparable strings."""
+    lo, sep, hi = value.partition("-")
+    if not sep:
+        lo = hi = value
+    pattern = _DA if vr == "DA" else _TM
+    for part in (lo, hi):
+        if part and not (pattern.fullmatch(part.strip()) and _plausible(vr, part.strip())):
+            raise InvalidQueryError(f"malformed {vr} range")
+    if not lo and not hi:
+        raise InvalidQueryError(f"empty {vr} range")
+    lo, hi = lo.strip(), hi.strip()
+    if vr == "TM" and hi:
+        hi = _tm_upper(hi)
+    return (lo or None, hi or None)
+
+
+def _tm_upper(hi: str) -> str:
+    """A TM upper bound of lower precision covers its whole span ("13" ends at 13:59:59.999999)."""
+    if "." in hi:
+        base, frac = hi.split(".", 1)
+        return f"{base}.{frac.ljust(6, '9')}"
+    return hi + {2: "5959.999999", 4: "59.999999", 6: ".999999"}[len(hi)]
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _string_match(column: Any, value: str, vr: str, fuzzy: bool) -> ColumnElement[bool]:
+    if vr == "PN":
+        col = func.lower(column)
+        val = value.lower()
+        if fuzzy:
+            prefix = _like_pattern(val.rstrip("*")) + "%"
+            # any component (^), group (=) or word (space) may start with the value
+            return or_(*(col.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% ")))
+        if _has_wildcard(val):
+            return col.like(_like_pattern(val), escape="\\")
+        return col == val
+    if _has_wildcard(value):
+        return column.like(_like_pattern(value), escape="\\")  # type: ignore[no-any-return]
+    return column == value  # type: ignore[no-any-return]
+
+
+def _value_match(attr: Attribute, column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
+    vr = attr.vr
+    if vr in ("UI", "CS") or vr in _INT_VRS:
+        items = _split_list(value) if vr in ("UI", "CS") else [value]
+        if vr in _INT_VRS:
+            return column == int(items[0])  # type: ignore[no-any-return]
+        if vr == "CS" and len(items) == 1 and _has_wildcard(items[0]):
+            return column.like(_like_pattern(items[0]), escape="\\")  # type: ignore[no-any-return]
+        return column.in_(items) if len(items) > 1 else column == items[0]  # type: ignore[no-any-return]
+    if vr in ("DA", "TM"):
+        lo, hi = _range(vr, value)
+        conds = [column != ""]
+        if lo is not None:
+            conds.append(column >= lo)
+        if hi is not None:
+            conds.append(column <= hi)
+        return and_(*conds)
+    return _string_match(column, value, vr, fuzzy)
+
+
+def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
+    attr = ATTRIBUTES[m.keyword]
+    if m.value in ("", "*"):
+        return true()
+    if attr.keyword == "ModalitiesInStudy":
+        modality = ATTRIBUTES["Modality"]
+        return exists(
+            select(literal_column("1"))
+            .select_from(series)
+            .where(
+                and_(
+                    series.c.study_pk == studies.c.id,
+                    _value_match(modality, series.c.modality, m.value, fuzzy),
+                )
+            )
+        )
+    if attr.derived:
+        raise InvalidQueryError(f"matching on {attr.keyword} is not supported")
+    return _value_match(attr, attr.column, m.value, fuzzy)
+
+
+# -- derived attributes -------------------------------------------------------------
+
+
+def _current_instances_of_series() -> Any:
+    inst = instances.alias("i_s")
+    return (
+        select(func.count(inst.c.id))
+        .where(and_(inst.c.series_pk == series.c.id, inst.c.is_current))
+        .scalar_subquery()
+    )
+
+
+def _study_counts() -> tuple[Any, Any]:
+    se = series.alias("se_n")
+    inst = instances.alias("i_n")
+    n_series = (
+        select(func.count(distinct(se.c.id)))
+        .select_from(se.join(inst, inst.c.series_pk == se.c.id))
+        .where(and_(se.c.study_pk == studies.c.id, inst.c.is_current))
+        .scalar_subquery()
+    )
+    n_instances = (
+        select(func.count(inst.c.id))
+        .select_from(se.join(inst, inst.c.series_pk == se.c.id))
+        .where(and_(se.c.study_pk == studies.c.id, inst.c.is_current))
+        .scalar_subquery()
+    )
+    return n_series, n_instances
+
+
+def _modalities_in_study() -> Any:
+    se = series.alias("se_m")
+    distinct_modalities = (
+        select(se.c.modality.label("modality"))
+        .where(and_(se.c.study_pk == studies.c.id, se.c.modality != ""))
+        .distinct()
+        .subquery()
+    )
+    # aggregate_strings renders group_concat on SQLite and string_agg on PostgreSQL.
+    return (
+        select(func.aggregate_strings(distinct_modalities.c.modality, "\\"))
+        .select_from(distinct_modalities)
+        .scalar_subquery()
+    )
+
+
+# -- builders -----------------------------------------------------------------------
+
+
+def _columns(level: Level, fields: frozenset[str]) -> list[Any]:
+    depth = _DEPTH[level]
+    cols: list[Any] = [patients.c.id.label("patient_pk")]
+    for attr in ATTRIBUTES.values():
+        if _DEPTH[attr.level] > depth or attr.derived:
+            continue
+        cols.append(attr.column.label(attr.keyword))
+    if depth >= 1:
+        cols.append(studies.c.updated_at.label("study_updated_at"))
+        if depth == 1 or fields & {"NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"}:
+            n_series, n_instances = _study_counts()
+            cols += [
+                n_series.label("NumberOfStudyRelatedSeries"),
+                n_instances.label("NumberOfStudyRelatedInstances"),
+            ]
+        if depth == 1 or "ModalitiesInStudy" in fields:
+            cols.append(_modalities_in_study().label("ModalitiesInStudy"))
+    else:
+        cols.append(patients.c.updated_at.label("patient_updated_at"))
+    if depth == 2 or (depth > 2 and "NumberOfSeriesRelatedInstances" in fields):
+        cols.append(_current_instances_of_series().label("NumberOfSeriesRelatedInstances"))
+    if depth == 3:
+        cols.append(instances.c.blob_key.label("blob_key"))
+        if "metadata_json" in fields:
+            cols.append(instances.c.metadata_json.label("metadata_json"))
+    return cols
+
+
+def _base(q: Query) -> Select[Any]:
+    depth = _DEPTH[q.level]
+    source: Any = patients
+    if depth >= 1:
+        source = studies.join(patients, studies.c.patient_pk == patients.c.id)
+    if depth >= 2:
+        source = series.join(source, series.c.study_pk == studies.c.id)
+    if depth >= 3:
+        source = instances.join(source, instances.c.series_pk == series.c.id)
+    stmt = select(*_columns(q.level, q.fields)).select_from(source)
+    conds: list[ColumnElement[bool]] = []
+    for m in q.matches:
+        attr = ATTRIBUTES.get(m.keyword)
+        if attr is None:
+            raise InvalidQueryError(f"matching on {m.keyword} is not supported")
+        if _DEPTH[attr.level] > depth:
+            raise InvalidQueryError(f"{m.keyword} is not a {q.level}-level key")
+        conds.append(_condition(m, q.fuzzy))
+    if depth >= 3:
+        conds.append(instances.c.is_current)
+    if q.patient_pk is not None:
+        conds.append(patients.c.id == q.patient_pk)
+    updated = studies.c.updated_at if depth >= 1 else patients.c.updated_at
+    if q.updated_after is not None:
+        conds.append(
+            updated >= q.updated_after if q.updated_after_inclusive else updated > q.updated_after
+        )
+    if q.updated_before is not None:
+        conds.append(
+            updated <= q.updated_before
+            if q.updated_before_inclusive
+            else updated < q.updated_before
+        )
+    if conds:
+        stmt = stmt.where(and_(*conds))
+    return stmt
+
+
+def find_query(q: Query) -> Select[Any]:
+    """Rows of ``q`` (labels are DICOM keywords), in a stable order for paging."""
+    stmt = _base(q)
+    order: list[Any] = {
+        "patient": [patients.c.id],
+        "study": [studies.c.id],
+        "series": [studies.c.id, series.c.series_number, series.c.id],
+        "instance": [series.c.id, instances.c.instance_number, instances.c.id],
+    }[q.level]
+    stmt = stmt.order_by(*order)
+    if q.limit is not None:
+        stmt = stmt.limit(q.limit)
+    if q.offset:
+        stmt = stmt.offset(q.offset)
+    return stmt
+
+
+def count_query(q: Query) -> Select[Any]:
+    """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total)."""
+    plain = Query(
+        level=q.level,
+        matches=q.matches,
+        fuzzy=q.fuzzy,
+        patient_pk=q.patient_pk,
+        updated_after=q.updated_after,
+        updated_after_inclusive=q.updated_after_inclusive,
+        updated_before=q.updated_before,
+        updated_before_inclusive=q.updated_before_inclusive,
+    )
+    inner = _base(plain).with_only_columns(literal_column("1").label("one")).subquery()
+    return select(func.count()).select_from(inner)
+
+
+def metadata_query(
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> Select[Any]:
+    """Everything WADO-RS ``/metadata`` needs, in one query (PS3.18 10.4.1.1.2).
+
+    One row per current instance: its UIDs, content key, transfer syntax and the DICOM
+    JSON kept by the instance job (``"{}"`` until that job has run).
+    """
+    conds: list[ColumnElement[bool]] = [
+        studies.c.study_instance_uid == study_instance_uid,
+        instances.c.is_current,
+    ]
+    if series_instance_uid is not None:
+        conds.append(series.c.series_instance_uid == series_instance_uid)
+    if sop_instance_uid is not None:
+        conds.append(instances.c.sop_instance_uid == sop_instance_uid)
+    return (
+        select(
+            studies.c.study_instance_uid,
+            series.c.series_instance_uid,
+            instances.c.sop_instance_uid,
+            instances.c.sop_class_uid,
+            instances.c.transfer_syntax_uid,
+            instances.c.blob_key,
+            instances.c.metadata_json,
+        )
+        .select_from(
+            instances.join(series, instances.c.series_pk == series.c.id).join(
+                studies, series.c.study_pk == studies.c.id
+            )
+        )
+        .where(and_(*conds))
+        .order_by(series.c.id, instances.c.instance_number, instances.c.id)
+    )
