@@ -22,7 +22,6 @@ from api.routes import dicomweb, fhir, fhir_orders
 from core.settings import Settings
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
-from storage.originals import FileOriginalStore
 
 __all__ = ["ROUTERS", "create_app"]
 
@@ -31,19 +30,6 @@ logger = logging.getLogger(__name__)
 #: Every router of the API, with its fixed prefix (the prefix is part of the router).
 #: Tiles add ``/iiif``, ``/dzi`` and ``/viewer`` routers here.
 ROUTERS: tuple[APIRouter, ...] = (dicomweb.router, fhir.router)
-
-
-def _build_archive(settings: Settings, index: SqlIndex) -> Archive:
-    """The STOW-RS path: the same Archive (originals, index, quarantine) as C-STORE."""
-    assert settings.storage.originals_dir is not None
-    assert settings.storage.quarantine_dir is not None
-    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
-    return Archive(
-        originals,
-        index,
-        quarantine=settings.storage.quarantine_dir,
-        fsync=settings.storage.fsync,
-    )
 
 
 def create_app(
@@ -62,7 +48,7 @@ def create_app(
     own_index = index is None
     idx = index or SqlIndex(settings.index.model_copy(update={"migrate": False}))
     own_archive = archive is None
-    arc = archive or _build_archive(settings, idx)
+    arc = archive or Archive.from_settings(settings, idx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

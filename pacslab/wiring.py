@@ -12,7 +12,6 @@ from storage.archive import Archive
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
 from storage.orders import OrderService
-from storage.originals import FileOriginalStore
 
 __all__ = ["build_archive", "build_index", "build_ingest", "build_order_service"]
 
@@ -25,15 +24,7 @@ def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
 
 
 def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
-    assert settings.storage.originals_dir is not None
-    assert settings.storage.quarantine_dir is not None
-    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
-    return Archive(
-        originals,
-        index or build_index(settings),
-        quarantine=settings.storage.quarantine_dir,
-        fsync=settings.storage.fsync,
-    )
+    return Archive.from_settings(settings, index or build_index(settings))
 
 
 def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:

@@ -36,6 +36,7 @@ from pydicom.tag import Tag
 from core.errors import InvalidDatasetError, ServiceError
 from core.instance import InstanceRecord, instance_record
 from core.logging import correlation_id
+from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
 from storage.staging import StagedFile
 
@@ -158,6 +159,21 @@ class Archive:
         self.fsync = fsync
         self._committer = _Committer(index, max_batch)
         self._committer.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, index: MetadataIndex) -> Archive:
+        """The archive of ``settings``' stores over ``index`` (C-STORE and STOW alike)."""
+        from storage.originals import FileOriginalStore
+
+        assert settings.storage.originals_dir is not None
+        assert settings.storage.quarantine_dir is not None
+        originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
+        return cls(
+            originals,
+            index,
+            quarantine=settings.storage.quarantine_dir,
+            fsync=settings.storage.fsync,
+        )
 
     def staging_dir(self) -> Path:
         return self.originals.staging_dir()
