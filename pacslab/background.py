@@ -31,4 +31,8 @@ def start_background(settings: Settings) -> Background:
     from pacslab.worker_process import start_worker
 
     background.stoppers.append(start_worker(settings))
+    if settings.lab.watch:
+        from pacslab.labs import start_lab_watcher
+
+        background.stoppers.append(start_lab_watcher(settings))
     return background
