@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
+from api.routes import fhir_lab
 from core.settings import Settings
 from storage.index.sql import SqlIndex
 
@@ -32,6 +33,7 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.index = idx
+    app.include_router(fhir_lab.router)
 
     @app.get("/health", tags=["ops"])
     def health() -> dict[str, object]:
