@@ -306,6 +306,10 @@ class LabResultStore(Protocol):
         """Record that the ingested file has been moved out of the inbox."""
         ...
 
+    def unfiled(self, profile: str) -> list[LabFileState]:
+        """Files of an inbox committed but not known to be moved (a crash in between)."""
+        ...
+
     def record_duplicate(self, sha256: str) -> int:
         """Count one more arrival of an already ingested file; returns the count."""
         ...

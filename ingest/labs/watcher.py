@@ -137,6 +137,23 @@ class LabInbox:
         for sub in (folder, self.processed, self.rejected):
             sub.mkdir(parents=True, exist_ok=True)
 
+    def reconcile(self) -> int:
+        """Finish journal entries a crash left between "moved" and "marked filed".
+
+        A committed file already in ``processed/`` only needs its entry marked; one
+        still in the inbox is left for :meth:`process`, which moves it. Returns the
+        number of entries marked.
+        """
+        marked = 0
+        for state in self.store.unfiled(self.profile.name):
+            if (self.folder / state.name).exists():
+                continue
+            if not (self.processed / state.name).exists():
+                logger.warning("lab file %s was ingested, then removed by hand", state.sha256[:12])
+            self.store.mark_filed(state.sha256)
+            marked += 1
+        return marked
+
     def candidates(self) -> Iterator[Path]:
         """Files in the folder that may be read once complete."""
         with os.scandir(self.folder) as entries:
@@ -384,9 +401,23 @@ class LabWatcher:
             self._pending.pop(path, None)
             self._stability.forget(path)
 
+    def reconcile(self) -> None:
+        """Finish what a crash interrupted (see :meth:`LabInbox.reconcile`)."""
+        for inbox in self.inboxes.values():
+            try:
+                count = inbox.reconcile()
+            except Exception:
+                logger.error("reconciling lab inbox %s failed", inbox.folder, exc_info=True)
+                continue
+            if count:
+                logger.info(
+                    "lab inbox %s: %d file(s) filed before a restart", inbox.profile.name, count
+                )
+
     def run_until_idle(self, timeout_s: float = 30.0) -> list[FileOutcome]:
-        """Rescan and poll until nothing is pending (for tools and tests)."""
+        """Reconcile, rescan and poll until nothing is pending (for tools and tests)."""
         deadline = time.monotonic() + timeout_s
+        self.reconcile()
         self.rescan()
         done: list[FileOutcome] = []
         while True:
@@ -399,6 +430,7 @@ class LabWatcher:
             time.sleep(min(0.05, max(self.stable_s / 4, 0.005)))
 
     def _loop(self) -> None:
+        self.reconcile()
         next_rescan = 0.0
         while not self._stop.is_set():
             now = time.monotonic()

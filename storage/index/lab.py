@@ -109,6 +109,17 @@ class SqlLabStore:
             summary_json=row.summary_json,
         )
 
+    def unfiled(self, profile: str) -> list[LabFileState]:
+        """Journal entries of ``profile`` committed but not yet marked filed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(lab_files.c.sha256).where(
+                    and_(lab_files.c.profile == profile, lab_files.c.status == "ingested")
+                )
+            ).all()
+        states = [self.file_state(row.sha256) for row in rows]
+        return [s for s in states if s is not None]
+
     def mark_filed(self, sha256: str) -> None:
         with self._write() as conn:
             conn.execute(

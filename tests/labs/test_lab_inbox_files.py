@@ -133,7 +133,9 @@ def test_every_file_is_ingested_or_rejected(loaded: tuple[LabRig, TestClient]) -
 
 def test_summaries_carry_no_patient_data(loaded: tuple[LabRig, TestClient]) -> None:
     rig, _ = loaded
-    text = (rig.inbox() / "processed" / "ours_oru_oul_v251_utf8_vi_mllp_qc.hl7.summary.json").read_text()
+    text = (
+        rig.inbox() / "processed" / "ours_oru_oul_v251_utf8_vi_mllp_qc.hl7.summary.json"
+    ).read_text()
     assert "BN-2024-001" not in text and "NGUY" not in text.upper()
 
 
@@ -165,10 +167,23 @@ def test_values_units_flags_reach_the_store(loaded: tuple[LabRig, TestClient]) -
     assert glu.flags == ("H", "A") and (glu.reference_low, glu.reference_high) == (3.9, 6.1)
     assert glu.patient_id == "PID-VN-001" and glu.patient_name.startswith("Nguyễn")
     (micro,) = _by_file(rig, "cdc_oru_r01_v251_utf8_micro_lf.hl7")
-    assert (micro.unit, micro.ucum_unit, micro.value, micro.loinc) == ("µmol/L", "umol/L", 0.5, "47633-3")
+    assert (micro.unit, micro.ucum_unit, micro.value, micro.loinc) == (
+        "µmol/L",
+        "umol/L",
+        0.5,
+        "47633-3",
+    )
     sn = _by_file(rig, "python_hl7_oru_r01_v24_sn_value.hl7")[0]
-    assert (sn.raw_value, sn.value, sn.flags, sn.reference_range) == ("^182", 182.0, ("H",), "70_105")
-    oracle = {r.sub_id or r.test_code: r for r in _by_file(rig, "cdc_oracle_oru_r01_v23_refrange_flags.hl7")}
+    assert (sn.raw_value, sn.value, sn.flags, sn.reference_range) == (
+        "^182",
+        182.0,
+        ("H",),
+        "70_105",
+    )
+    oracle = {
+        r.sub_id or r.test_code: r
+        for r in _by_file(rig, "cdc_oracle_oru_r01_v23_refrange_flags.hl7")
+    }
     macr = oracle["MACR"]
     assert (macr.unit, macr.reference_range, macr.reference_high, macr.flags) == (
         "mg/g crea",
@@ -232,13 +247,23 @@ def test_fhir_search_by_patient_specimen_code_and_date(loaded: tuple[LabRig, Tes
     codes = client.get("/fhir/Observation", params={"code": "http://loinc.org|47633-3"}).json()
     (entry,) = codes["entry"]
     value = entry["resource"]["valueQuantity"]
-    assert value == {"value": 0.5, "unit": "µmol/L", "system": "http://unitsofmeasure.org", "code": "umol/L"}
+    assert value == {
+        "value": 0.5,
+        "unit": "µmol/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "umol/L",
+    }
     march = client.get(
         "/fhir/Observation",
-        params={"patient:identifier": "P-77", "date": ["ge2024-03-15T08:00:00Z", "lt2024-03-15T09:00:00Z"]},
+        params={
+            "patient:identifier": "P-77",
+            "date": ["ge2024-03-15T08:00:00Z", "lt2024-03-15T09:00:00Z"],
+        },
     ).json()
     assert march["total"] == 2
-    none = client.get("/fhir/Observation", params={"patient:identifier": "P-77", "date": "2023"}).json()
+    none = client.get(
+        "/fhir/Observation", params={"patient:identifier": "P-77", "date": "2023"}
+    ).json()
     assert none["total"] == 0
 
 

@@ -125,7 +125,10 @@ def test_duplicate_file_is_recorded_not_ingested(rig: LabRig) -> None:
     _write(rig.inbox() / "a.hl7", oru())  # same name, same bytes
     _write(rig.inbox() / "b.hl7", oru())  # other name, same bytes
     outcomes = {o.name: o for o in rig.run()}
-    assert {n: o.status for n, o in outcomes.items()} == {"a.hl7": "duplicate", "b.hl7": "duplicate"}
+    assert {n: o.status for n, o in outcomes.items()} == {
+        "a.hl7": "duplicate",
+        "b.hl7": "duplicate",
+    }
     results, total = rig.store.search_results(LabResultQuery(current_only=False))
     assert total == 1 and results[0].version == 1
     processed = rig.inbox() / "processed"
@@ -191,7 +194,11 @@ def test_rejected_file_reason_names_what_where_why(rig: LabRig) -> None:
     _write(rig.inbox() / "astm_bad.astm", astm.replace(b"H|", b"X|", 1))
     _write(rig.inbox() / "empty.hl7", b"")
     outcomes = {o.name: o.status for o in rig.run()}
-    assert outcomes == {"junk.txt": "rejected", "astm_bad.astm": "rejected", "empty.hl7": "rejected"}
+    assert outcomes == {
+        "junk.txt": "rejected",
+        "astm_bad.astm": "rejected",
+        "empty.hl7": "rejected",
+    }
     rejected = rig.inbox() / "rejected"
     junk = json.loads((rejected / "junk.txt.error.json").read_text())
     assert junk["why"].startswith("unrecognised lab file") and junk["format"] is None
@@ -272,9 +279,7 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
     thread.start()
     _Hook.received.clear()
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    custom = lab_settings(
-        settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url=url
-    )
+    custom = lab_settings(settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url=url)
     try:
         for rig in make_rig(custom):
             before = time.time()
@@ -296,7 +301,11 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
                 since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before - 1))
                 feed = client.get(
                     "/fhir/Observation",
-                    params={"_tag": "critical", "_lastUpdated": f"gt{since}", "_sort": "_lastUpdated"},
+                    params={
+                        "_tag": "critical",
+                        "_lastUpdated": f"gt{since}",
+                        "_sort": "_lastUpdated",
+                    },
                 ).json()
                 (entry,) = feed["entry"]
                 assert entry["resource"]["id"] == notice["id"]
@@ -318,7 +327,9 @@ def test_webhook_failure_never_blocks_ingestion(settings: Settings) -> None:
 def test_watchdog_events_pick_up_a_dropped_file(settings: Settings) -> None:
     custom = lab_settings(settings)
     custom = custom.model_copy(
-        update={"ingest": custom.ingest.model_copy(update={"lab_stable_s": 0.1, "lab_rescan_s": 60})}
+        update={
+            "ingest": custom.ingest.model_copy(update={"lab_stable_s": 0.1, "lab_rescan_s": 60})
+        }
     )
     for rig in make_rig(custom, use_events=True):
         rig.watcher.start()
