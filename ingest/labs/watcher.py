@@ -450,7 +450,11 @@ class LabWatcher:
             observer = Observer()
             handler = _Events(self)
             for folder in self.inboxes:
-                observer.schedule(handler, str(folder), recursive=False)
+                # Recursive although only the folder itself is read: our own moves to
+                # processed/ then arrive as paired IN_MOVED_FROM/IN_MOVED_TO. Unpaired,
+                # each IN_MOVED_FROM holds watchdog's event queue for 0.5 s (its
+                # inotify move grouper), delaying every drop behind it.
+                observer.schedule(handler, str(folder), recursive=True)
             observer.daemon = True
             observer.start()
             self._observer = observer
