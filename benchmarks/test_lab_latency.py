@@ -30,7 +30,7 @@ from fastapi.testclient import TestClient
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from api.app import create_app
-from core.settings import Settings
+from core.settings import IngestSettings, Settings
 from pacslab.labs import build_lab_watcher
 from pacslab.wiring import build_index
 
@@ -63,7 +63,8 @@ def test_drop_to_visible_latency(
     benchmark: BenchmarkFixture, tmp_path: Path, clean_env: None, mode: str, stable_s: float
 ) -> None:
     settings = Settings(
-        data_dir=tmp_path / "data", ingest={"lab_stable_s": stable_s, "lab_rescan_s": 5.0}
+        data_dir=tmp_path / "data",
+        ingest=IngestSettings(lab_stable_s=stable_s, lab_rescan_s=5.0),
     )
     build_index(settings, migrate=True).close()
     watcher, release = build_lab_watcher(settings)
@@ -95,7 +96,7 @@ def test_drop_to_visible_latency(
     watcher.start()
     try:
         time.sleep(0.2)  # let the inotify watch be in place
-        benchmark.pedantic(run, rounds=1, iterations=1)
+        benchmark.pedantic(run, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
     finally:
         watcher.stop()
         release()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class LabRig:
         return self.watcher.run_until_idle()
 
 
-def make_rig(settings: Settings, *, use_events: bool = False) -> Iterator[LabRig]:
+def make_rig(settings: Settings, *, use_events: bool = False) -> Generator[LabRig, None, None]:
     build_index(settings, migrate=True).close()
     watcher, release = build_lab_watcher(settings, use_events=use_events)
     index = build_index(settings, migrate=False)
@@ -121,3 +122,7 @@ def make_rig(settings: Settings, *, use_events: bool = False) -> Iterator[LabRig
         watcher.stop()
         release()
         index.close()
+
+
+#: ``with open_rig(settings) as rig:``
+open_rig = contextlib.contextmanager(make_rig)

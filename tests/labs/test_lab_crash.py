@@ -111,7 +111,7 @@ def test_kill_9_while_ingesting_1000_files(tmp_path: Path) -> None:
         assert set(per_file.values()) == {2}, f"seed {seed}, killed at {kills}"
         states = [SqlLabStore(index).file_state(sha) for sha in per_file]
         odd = [
-            (s.name, s.status, s.duplicates)
+            (s.name, s.status, s.duplicates) if s is not None else None
             for s in states
             if s is None or (s.status, s.duplicates) != ("filed", 0)
         ]

@@ -15,12 +15,11 @@ from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
+from lab_support import CSV_PROFILE, LAB_DATA, LabRig, lab_settings, make_rig
 
 from api.app import create_app
 from core.settings import Settings
 from storage.lab import LabResultQuery, StoredLabResult
-
-from lab_support import CSV_PROFILE, LAB_DATA, LabRig, lab_settings, make_rig
 
 #: File → results stored (0: rejected). Counted from the files: R records, OBX
 #: segments of result messages, export rows.

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
-from lab_support import LabRig, lab_settings, make_rig
+from lab_support import LabRig, lab_settings, make_rig, open_rig
 
 from api.app import create_app
 from core.settings import Settings
@@ -64,7 +64,7 @@ def test_half_written_file_is_not_read(settings: Settings) -> None:
     custom = custom.model_copy(
         update={"ingest": custom.ingest.model_copy(update={"lab_stable_s": 0.4})}
     )
-    for rig in make_rig(custom):
+    with open_rig(custom) as rig:
         data = b"".join(oru(control=f"C{i}", specimen=f"S{i}") + b"\r\n" for i in range(8))
         target = rig.inbox() / "slow.hl7"
         done = threading.Event()
@@ -109,7 +109,7 @@ def test_renamed_file_is_taken_without_a_quiet_period(settings: Settings) -> Non
     custom = custom.model_copy(
         update={"ingest": custom.ingest.model_copy(update={"lab_stable_s": 60.0})}
     )
-    for rig in make_rig(custom):
+    with open_rig(custom) as rig:
         (rig.inbox() / "plain.hl7").write_bytes(oru(specimen="A"))
         (rig.inbox() / "renamed.hl7.tmp").write_bytes(oru(specimen="B"))
         os.replace(rig.inbox() / "renamed.hl7.tmp", rig.inbox() / "renamed.hl7")
@@ -281,7 +281,7 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
     custom = lab_settings(settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url=url)
     try:
-        for rig in make_rig(custom):
+        with open_rig(custom) as rig:
             before = time.time()
             _write(rig.inbox() / "crit.hl7", oru(value="7.1"))
             _write(rig.inbox() / "fine.hl7", oru(specimen="S-OK", value="4.0", control="C7"))
@@ -317,7 +317,7 @@ def test_webhook_failure_never_blocks_ingestion(settings: Settings) -> None:
     custom = lab_settings(
         settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url="http://127.0.0.1:9/x"
     )
-    for rig in make_rig(custom):
+    with open_rig(custom) as rig:
         _write(rig.inbox() / "crit.hl7", oru(value="9.9"))
         start = time.monotonic()
         (outcome,) = rig.run()
@@ -331,7 +331,7 @@ def test_watchdog_events_pick_up_a_dropped_file(settings: Settings) -> None:
             "ingest": custom.ingest.model_copy(update={"lab_stable_s": 0.1, "lab_rescan_s": 60})
         }
     )
-    for rig in make_rig(custom, use_events=True):
+    with open_rig(custom, use_events=True) as rig:
         rig.watcher.start()
         time.sleep(0.2)
         tmp = rig.inbox() / "live.hl7.tmp"
