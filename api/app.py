@@ -18,7 +18,7 @@ from fastapi.responses import PlainTextResponse
 
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
-from api.routes import dicomweb, fhir, fhir_orders
+from api.routes import dicomweb, fhir, fhir_lab, fhir_orders
 from core.settings import Settings
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Every router of the API, with its fixed prefix (the prefix is part of the router).
 #: Tiles add ``/iiif``, ``/dzi`` and ``/viewer`` routers here.
-ROUTERS: tuple[APIRouter, ...] = (dicomweb.router, fhir.router)
+ROUTERS: tuple[APIRouter, ...] = (dicomweb.router, fhir.router, fhir_lab.router)
 
 
 def create_app(

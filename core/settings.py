@@ -29,6 +29,10 @@ __all__ = [
     "HttpSettings",
     "IndexSettings",
     "IngestSettings",
+    "LabCriticalLimit",
+    "LabDelimitedSettings",
+    "LabProfileSettings",
+    "LabSettings",
     "LogSettings",
     "OrdersSettings",
     "ProcessingSettings",
@@ -125,6 +129,126 @@ class IngestSettings(BaseModel):
     lab_rescan_s: float = Field(5.0, gt=0)
 
 
+class LabDelimitedSettings(BaseModel):
+    """A declarative vendor export layout (``ingest.labs.parsers.delimited.DelimitedProfile``).
+
+    Kept as plain data here because ``core`` imports nothing of ours; the lab watcher
+    turns it into a ``DelimitedProfile`` (and that class validates the column names).
+    """
+
+    columns: dict[str, str]
+    delimiter: str = ";"
+    quotechar: str | None = '"'
+    encoding: str = "utf-8"
+    decimal_comma: bool = False
+    header_row: int = Field(0, ge=0)
+    date_format: str = "%Y%m%d"
+    time_format: str | None = None
+    birth_date_format: str = "%Y%m%d"
+    exponent_base: int = 10
+    #: Vendor test code → ``"code"`` or ``"code^display^system"`` (``system`` ``LN``
+    #: for LOINC, HL7 table 0396), added as an alternate coding.
+    test_code_map: dict[str, str] = Field(default_factory=dict)
+    test_system: str = "local"
+    instrument_id: str = ""
+    flag_separator: str | None = None
+    qc_specimen_prefixes: list[str] = Field(default_factory=list)
+
+
+class LabProfileSettings(BaseModel):
+    """One analyzer inbox: ``<data_dir>/inbox/lab/<name>/`` (issue 5).
+
+    ``format`` is ``auto`` (ASTM E1394/E1381 or HL7 v2 told apart by the first
+    bytes), ``delimited`` (then ``delimited`` describes the layout), or the name of a
+    registered parser (``astm``, ``hl7v2``, ``cobas_c111``).
+    """
+
+    format: str = "auto"
+    #: Character set of ASTM record text; empty tries UTF-8 and falls back to
+    #: Latin-1 (ASTM E1394 §6.1 says ASCII; analyzers send either). HL7 v2 uses MSH-18.
+    encoding: str = ""
+    #: In HL7 batch files, leave out orders/ACKs mixed with results (each is named in
+    #: the summary); a file with no result message at all is still rejected.
+    skip_non_results: bool = True
+    #: Analyzer name recorded when the message names none (ASTM H.5, HL7 MSH-3).
+    analyzer: str = ""
+    delimited: LabDelimitedSettings | None = None
+
+    @model_validator(mode="after")
+    def _check_delimited(self) -> LabProfileSettings:
+        if (self.format == "delimited") != (self.delimited is not None):
+            raise ValueError("a lab profile has a 'delimited' section iff format=delimited")
+        return self
+
+
+class LabCriticalLimit(BaseModel):
+    """Critical (panic) limits of one test: a value below ``low`` or above ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+
+
+class LabSettings(BaseModel):
+    """Lab result inboxes, critical values and their announcement (issue 5)."""
+
+    #: Inbox name → profile. ``auto`` always exists so a first user can drop a file
+    #: without configuring anything.
+    profiles: dict[str, LabProfileSettings] = Field(
+        default_factory=lambda: {"auto": LabProfileSettings()}
+    )
+    #: Test code (the sender's code or LOINC) → critical limits. Flags ``HH``/``LL``
+    #: (HL7 table 0078 "panic" limits) from the analyzer also mark a value critical.
+    critical: dict[str, LabCriticalLimit] = Field(default_factory=dict)
+    #: POSTed a small JSON notice for each new critical result; empty for none.
+    #: Failures are logged and never hold up ingestion.
+    critical_webhook_url: str = ""
+    critical_webhook_timeout_s: float = Field(5.0, gt=0)
+    #: Analyzer clocks without an offset are read in this zone (IANA name); FHIR R4
+    #: dateTime needs a zone whenever it has a time (R4 §2.24.0.1 dateTime).
+    local_timezone: str = "UTC"
+    #: Watch the inboxes in ``pacslab serve``.
+    watch: bool = True
+
+    @field_validator("profiles")
+    @classmethod
+    def _check_profiles(cls, value: dict[str, LabProfileSettings]) -> dict[str, LabProfileSettings]:
+        value = dict(value)
+        value.setdefault("auto", LabProfileSettings())
+        for name in value:
+            # The name is a folder: refuse anything that could leave the inbox.
+            if (
+                not name
+                or name.startswith(".")
+                or "/" in name
+                or "\\" in name
+                or name
+                in {
+                    "processed",
+                    "rejected",
+                }
+            ):
+                raise ValueError(f"lab profile name {name!r} cannot be an inbox folder name")
+        return value
+
+    @field_validator("local_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"lab.local_timezone {value!r} is not an IANA time zone") from exc
+        return value
+
+    @field_validator("critical_webhook_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("lab.critical_webhook_url must be an http(s) URL")
+        return value
+
+
 class WorklistSettings(BaseModel):
     """Modality Worklist (PS3.4 Annex K) and MPPS (Annex F) behaviour.
 
@@ -207,6 +331,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     worklist: WorklistSettings = WorklistSettings()
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
+    lab: LabSettings = LabSettings()
     log: LogSettings = LogSettings()
 
     @classmethod

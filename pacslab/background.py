@@ -32,6 +32,10 @@ def start_background(settings: Settings) -> Background:
 
     background.stoppers.append(start_worker(settings))
     background.stoppers.append(start_orders(settings))
+    if settings.lab.watch:
+        from pacslab.labs import start_lab_watcher
+
+        background.stoppers.append(start_lab_watcher(settings))
     return background
 
 

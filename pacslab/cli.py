@@ -22,13 +22,11 @@ def _prepare(settings: Settings) -> None:
     """Create the data layout and bring the index schema to head, before any fork."""
     from pacslab.wiring import build_index
 
-    for sub in (
-        "inbox/lab/auto/processed",
-        "inbox/lab/auto/rejected",
-        "inbox/orders/processed",
-        "inbox/orders/rejected",
-    ):
+    for sub in ("inbox/orders/processed", "inbox/orders/rejected"):
         (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
+    for profile in settings.lab.profiles:
+        for state in ("processed", "rejected"):
+            (settings.lab_inbox / profile / state).mkdir(parents=True, exist_ok=True)
     index = build_index(settings, migrate=True)
     index.close()  # children open their own connections after fork
 
@@ -76,6 +74,20 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labs(settings: Settings, args: argparse.Namespace) -> int:
+    """Only the lab inbox watcher (for scale-out, and for the crash test)."""
+    from pacslab.labs import start_lab_watcher
+
+    _prepare(settings)
+    stop_watcher = start_lab_watcher(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    stop_watcher()
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from pacslab.demo import run_demo
 
@@ -93,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run every service on embedded defaults (DICOM 11112, HTTP 8000)")
     sub.add_parser("dicom", help="run only the DICOM receiver")
+    sub.add_parser("labs", help="run only the lab inbox watcher (data/inbox/lab/<profile>/)")
     demo = sub.add_parser(
         "demo", help="start the service, send a synthetic CT series, show where to look"
     )
@@ -105,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     configure(settings.log.level, json_format=settings.log.json_format)
-    commands = {"serve": cmd_serve, "dicom": cmd_dicom, "demo": cmd_demo}
+    commands = {"serve": cmd_serve, "dicom": cmd_dicom, "labs": cmd_labs, "demo": cmd_demo}
     try:
         return commands[args.command](settings, args)
     except KeyboardInterrupt:

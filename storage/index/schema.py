@@ -29,6 +29,9 @@ from sqlalchemy import (
 __all__ = [
     "instances",
     "jobs",
+    "lab_files",
+    "lab_reports",
+    "lab_results",
     "metadata",
     "mpps",
     "order_versions",
@@ -255,4 +258,106 @@ study_links = Table(
     Column("original_json", Text, nullable=False, server_default="{}"),
     Column("first_seen_at", DateTime(timezone=True), nullable=False),
     Column("linked_at", DateTime(timezone=True)),
+)
+
+
+# -- lab results (issue 5; migration 0003) ------------------------------------------
+# A file's hash is journaled in the same transaction as its results (``status``
+# "ingested"), then "filed" once moved out of the inbox: after a crash a file whose
+# hash is journaled is only moved, never ingested twice.
+lab_files = Table(
+    "lab_files",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("name", String(255), nullable=False),
+    Column("profile", String(64), nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # ingested | filed
+    Column("message_count", Integer, nullable=False),
+    Column("result_count", Integer, nullable=False),
+    Column("duplicates", Integer, nullable=False, server_default="0"),
+    Column("summary_json", Text, nullable=False, server_default="{}"),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("filed_at", DateTime(timezone=True)),
+)
+
+# One row per order / specimen: what a FHIR DiagnosticReport groups.
+lab_reports = Table(
+    "lab_reports",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("report_id", String(64), nullable=False, unique=True),
+    Column("specimen_id", String(64), nullable=False, server_default="", index=True),
+    Column("placer_order_id", String(64), nullable=False, server_default="", index=True),
+    Column("filler_order_id", String(64), nullable=False, server_default="", index=True),
+    Column("patient_id", String(64), nullable=False, server_default="", index=True),
+    Column("patient_name", String(324), nullable=False, server_default=""),
+    Column("is_qc", Boolean, nullable=False),
+    Column("analyzer", String(64), nullable=False, server_default=""),
+    # No order known yet: the "unmatched" queue. order_ref names the order once linked.
+    Column("unmatched", Boolean, nullable=False),
+    Column("order_ref", String(64), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+# Every version of every result. observation_id is the logical result (its series:
+# specimen + test + sub-ID); a correction or re-send adds a version, keeping the old.
+lab_results = Table(
+    "lab_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("observation_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("is_current", Boolean, nullable=False),
+    Column("supersedes_pk", Integer),
+    Column("file_pk", ForeignKey("lab_files.id"), nullable=False, index=True),
+    Column("report_pk", ForeignKey("lab_reports.id"), nullable=False, index=True),
+    Column("location", String(255), nullable=False, server_default=""),
+    Column("message_index", Integer, nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("control_id", String(64), nullable=False, server_default=""),
+    Column("format", String(16), nullable=False, server_default=""),
+    Column("analyzer", String(64), nullable=False, server_default=""),
+    Column("instrument_id", String(64), nullable=False, server_default=""),
+    Column("test_code", String(64), nullable=False, index=True),
+    Column("test_system", String(64), nullable=False, server_default=""),
+    Column("test_display", String(255), nullable=False, server_default=""),
+    Column("loinc", String(16), nullable=False, server_default="", index=True),
+    Column("loinc_display", String(255), nullable=False, server_default=""),
+    Column("test_raw", Text, nullable=False, server_default=""),
+    Column("sub_id", String(32), nullable=False, server_default=""),
+    Column("value_type", String(8), nullable=False, server_default=""),
+    Column("raw_value", Text, nullable=False, server_default=""),
+    Column("value_text", Text, nullable=False, server_default=""),
+    Column("value", Float),
+    Column("comparator", String(2), nullable=False, server_default=""),
+    Column("coded_value", Text, nullable=False, server_default=""),
+    Column("unit", String(64), nullable=False, server_default=""),
+    Column("ucum_unit", String(64), nullable=False, server_default=""),
+    Column("reference_range", String(64), nullable=False, server_default=""),
+    Column("reference_low", Float),
+    Column("reference_high", Float),
+    Column("flags_json", Text, nullable=False, server_default="[]"),
+    Column("status", String(16), nullable=False, server_default=""),
+    Column("status_code", String(8), nullable=False, server_default=""),
+    Column("specimen_id", String(64), nullable=False, server_default="", index=True),
+    Column("placer_order_id", String(64), nullable=False, server_default="", index=True),
+    Column("filler_order_id", String(64), nullable=False, server_default="", index=True),
+    Column("performed_at", DateTime(timezone=True), index=True),
+    Column("is_qc", Boolean, nullable=False),
+    Column("patient_id", String(64), nullable=False, server_default="", index=True),
+    Column("patient_name", String(324), nullable=False, server_default=""),
+    Column("patient_birth_date", String(10), nullable=False, server_default=""),
+    Column("patient_sex", String(16), nullable=False, server_default=""),
+    Column("comments_json", Text, nullable=False, server_default="[]"),
+    Column("is_critical", Boolean, nullable=False),
+    Column("critical_reason", String(64), nullable=False, server_default=""),
+    Column("unmatched", Boolean, nullable=False),
+    Column("order_ref", String(64), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    UniqueConstraint("observation_id", "version", name="uq_lab_results_observation_version"),
+    Index("ix_lab_results_current", "observation_id", "is_current"),
 )

@@ -1,0 +1,663 @@
+"""Lab results in the SQL index (tables ``lab_files``, ``lab_reports``, ``lab_results``).
+
+:class:`SqlLabStore` implements :class:`storage.lab.LabResultStore` on the engine of
+a :class:`~storage.index.sql.SqlIndex`, sharing its write queue (SQLite's ``flock``
++ ``BEGIN IMMEDIATE``, see ``sqlite.py``), so lab ingest and DICOM ingest never
+fight for the lock.
+
+Crash safety of the inbox rests on one rule: a file's hash is journaled in the same
+transaction as its results (:meth:`SqlLabStore.ingest_file`). Either both are
+committed or neither is; a file that is still in the inbox after a crash is then
+either unknown (ingest it) or journaled (only move it).
+
+Versions: for each incoming result the current row of its ``observation_id`` (if
+any) stops being current and the new row gets ``version + 1`` and ``supersedes_pk``
+(FHIR R4 §3.1.0.1.5 ``_history``; HL7 v2.5.1 OBX-11 ``C`` corrections). Rows are
+never updated in place except for ``is_current`` and order links.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    false,
+    func,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from core.errors import OutOfResourcesError
+from storage.index.schema import lab_files, lab_reports, lab_results
+from storage.index.sql import SqlIndex
+from storage.lab import (
+    DateBound,
+    LabFileState,
+    LabIngestOutcome,
+    LabReportQuery,
+    LabResultQuery,
+    NewLabFile,
+    NewLabReport,
+    NewLabResult,
+    OrderLookup,
+    StoredLabReport,
+    StoredLabResult,
+)
+
+__all__ = ["SqlLabStore"]
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Store and compare instants in UTC: SQLite keeps no offset, so mixing zones
+    in one column would compare wrongly. Naive values are taken as UTC already."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class SqlLabStore:
+    """:class:`storage.lab.LabResultStore` over the index database.
+
+    Parameters
+    ----------
+    index : SqlIndex
+        Its engine and write queue are shared; its schema must be at head (0003).
+    """
+
+    def __init__(self, index: SqlIndex) -> None:
+        self.index = index
+        self.engine = index.engine
+
+    # -- journal -------------------------------------------------------------
+
+    def file_state(self, sha256: str) -> LabFileState | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(lab_files).where(lab_files.c.sha256 == sha256)).first()
+        if row is None:
+            return None
+        return LabFileState(
+            sha256=row.sha256,
+            name=row.name,
+            profile=row.profile,
+            status=row.status,
+            result_count=row.result_count,
+            duplicates=row.duplicates,
+            summary_json=row.summary_json,
+        )
+
+    def unfiled(self, profile: str) -> list[LabFileState]:
+        """Journal entries of ``profile`` committed but not yet marked filed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(lab_files.c.sha256).where(
+                    and_(lab_files.c.profile == profile, lab_files.c.status == "ingested")
+                )
+            ).all()
+        states = [self.file_state(row.sha256) for row in rows]
+        return [s for s in states if s is not None]
+
+    def mark_filed(self, sha256: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(lab_files)
+                .where(lab_files.c.sha256 == sha256)
+                .values(status="filed", filed_at=_now())
+            )
+
+    def record_duplicate(self, sha256: str) -> int:
+        with self._write() as conn:
+            conn.execute(
+                update(lab_files)
+                .where(lab_files.c.sha256 == sha256)
+                .values(duplicates=lab_files.c.duplicates + 1)
+            )
+            count = conn.execute(
+                select(lab_files.c.duplicates).where(lab_files.c.sha256 == sha256)
+            ).scalar_one_or_none()
+        return int(count or 0)
+
+    # -- ingest --------------------------------------------------------------
+
+    def ingest_file(
+        self,
+        file: NewLabFile,
+        results: Sequence[NewLabResult],
+        *,
+        order_lookup: OrderLookup | None = None,
+    ) -> LabIngestOutcome:
+        """Journal ``file`` and store ``results`` in one transaction.
+
+        Returns ``LabIngestOutcome(duplicate=True)`` and writes nothing when the hash
+        is already journaled (also when another process won the race).
+
+        Raises
+        ------
+        OutOfResourcesError
+            When the database cannot be written now (locked, unreachable, full).
+        """
+        try:
+            with self._write() as conn:
+                exists = conn.execute(
+                    select(lab_files.c.id).where(lab_files.c.sha256 == file.sha256)
+                ).first()
+                if exists is not None:
+                    return LabIngestOutcome(duplicate=True)
+                return self._ingest(conn, file, results, order_lookup)
+        except IntegrityError:
+            # Two watchers raced on one hash: the unique constraint decided.
+            if self.file_state(file.sha256) is not None:
+                return LabIngestOutcome(duplicate=True)
+            raise
+        except (OperationalError, DBAPIError) as exc:
+            logger.error("lab index write failed: %s", type(exc.orig).__name__ if exc.orig else exc)
+            raise OutOfResourcesError("index unavailable") from exc
+
+    def _ingest(
+        self,
+        conn: Connection,
+        file: NewLabFile,
+        results: Sequence[NewLabResult],
+        order_lookup: OrderLookup | None,
+    ) -> LabIngestOutcome:
+        now = _now()
+        file_pk = conn.execute(
+            lab_files.insert()
+            .values(
+                sha256=file.sha256,
+                name=file.name[:255],
+                profile=file.profile,
+                format=file.format,
+                status="ingested",
+                message_count=file.message_count,
+                result_count=len(results),
+                summary_json=file.summary_json,
+                received_at=_utc(file.received_at),
+            )
+            .returning(lab_files.c.id)
+        ).scalar_one()
+        reports: dict[str, tuple[int, str]] = {}
+        critical_pks: list[int] = []
+        new_versions = 0
+        for result in results:
+            report_pk, order_ref = reports.get(result.report.report_id) or self._report(
+                conn, result.report, now, order_lookup
+            )
+            reports[result.report.report_id] = (report_pk, order_ref)
+            current = conn.execute(
+                select(lab_results.c.id, lab_results.c.version).where(
+                    and_(
+                        lab_results.c.observation_id == result.observation_id,
+                        lab_results.c.is_current == true(),
+                    )
+                )
+            ).first()
+            version, supersedes = 1, None
+            if current is not None:
+                version, supersedes = current.version + 1, current.id
+                new_versions += 1
+                conn.execute(
+                    update(lab_results)
+                    .where(lab_results.c.id == current.id)
+                    .values(is_current=False)
+                )
+            pk = conn.execute(
+                lab_results.insert()
+                .values(
+                    _result_values(result, file_pk, report_pk, order_ref, now)
+                    | {"version": version, "supersedes_pk": supersedes}
+                )
+                .returning(lab_results.c.id)
+            ).scalar_one()
+            if result.is_critical:
+                critical_pks.append(pk)
+        critical: tuple[StoredLabResult, ...] = ()
+        if critical_pks:
+            rows = conn.execute(
+                _result_select()
+                .where(lab_results.c.id.in_(critical_pks))
+                .order_by(lab_results.c.id)
+            ).all()
+            critical = tuple(_stored_result(r) for r in rows)
+        return LabIngestOutcome(
+            duplicate=False, results=len(results), new_versions=new_versions, critical=critical
+        )
+
+    def _report(
+        self,
+        conn: Connection,
+        report: NewLabReport,
+        now: datetime,
+        order_lookup: OrderLookup | None,
+    ) -> tuple[int, str]:
+        row = conn.execute(
+            select(lab_reports.c.id, lab_reports.c.order_ref, lab_reports.c.patient_id).where(
+                lab_reports.c.report_id == report.report_id
+            )
+        ).first()
+        if row is not None:
+            values: dict[str, Any] = {"updated_at": now}
+            if not row.patient_id and report.patient_id and not report.is_qc:
+                values.update(patient_id=report.patient_id, patient_name=report.patient_name)
+            conn.execute(update(lab_reports).where(lab_reports.c.id == row.id).values(**values))
+            return int(row.id), str(row.order_ref)
+        order_ref = ""
+        if order_lookup is not None:
+            order_ref = (
+                order_lookup(report.specimen_id, report.placer_order_id, report.filler_order_id)
+                or ""
+            )
+        pk = conn.execute(
+            lab_reports.insert()
+            .values(
+                report_id=report.report_id,
+                specimen_id=report.specimen_id[:64],
+                placer_order_id=report.placer_order_id[:64],
+                filler_order_id=report.filler_order_id[:64],
+                # QC material belongs to no patient, whatever the message says.
+                patient_id="" if report.is_qc else report.patient_id[:64],
+                patient_name="" if report.is_qc else report.patient_name[:324],
+                is_qc=report.is_qc,
+                analyzer=report.analyzer[:64],
+                unmatched=not order_ref,
+                order_ref=order_ref,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(lab_reports.c.id)
+        ).scalar_one()
+        return int(pk), order_ref
+
+    # -- order links -----------------------------------------------------------
+
+    def link_results(self, order_ref: str, *, specimen_id: str = "", order_id: str = "") -> int:
+        """Attach unmatched result groups of ``specimen_id`` or accession ``order_id``.
+
+        Returns the number of results linked (all versions).
+        """
+        if not specimen_id and not order_id:
+            raise ValueError("link_results needs a specimen_id or an order_id")
+        cond = []
+        if specimen_id:
+            cond.append(lab_reports.c.specimen_id == specimen_id)
+        if order_id:
+            cond.append(lab_reports.c.placer_order_id == order_id)
+            cond.append(lab_reports.c.filler_order_id == order_id)
+        with self._write() as conn:
+            pks = list(
+                conn.execute(
+                    select(lab_reports.c.id).where(
+                        and_(or_(*cond), lab_reports.c.unmatched == true())
+                    )
+                ).scalars()
+            )
+            return self._link(conn, pks, order_ref)
+
+    def link_unmatched(self, lookup: OrderLookup, *, limit: int = 1000) -> int:
+        """Ask ``lookup`` about each unmatched result group (oldest first)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    lab_reports.c.id,
+                    lab_reports.c.specimen_id,
+                    lab_reports.c.placer_order_id,
+                    lab_reports.c.filler_order_id,
+                )
+                .where(lab_reports.c.unmatched == true())
+                .order_by(lab_reports.c.id)
+                .limit(limit)
+            ).all()
+        linked = 0
+        for row in rows:
+            ref = lookup(row.specimen_id, row.placer_order_id, row.filler_order_id)
+            if ref:
+                with self._write() as conn:
+                    linked += self._link(conn, [row.id], ref)
+        return linked
+
+    def _link(self, conn: Connection, report_pks: list[int], order_ref: str) -> int:
+        if not report_pks:
+            return 0
+        now = _now()
+        conn.execute(
+            update(lab_reports)
+            .where(lab_reports.c.id.in_(report_pks))
+            .values(unmatched=False, order_ref=order_ref, updated_at=now)
+        )
+        result = conn.execute(
+            update(lab_results)
+            .where(lab_results.c.report_pk.in_(report_pks))
+            .values(unmatched=False, order_ref=order_ref)
+        )
+        return int(result.rowcount or 0)
+
+    # -- reads -----------------------------------------------------------------
+
+    def search_results(self, query: LabResultQuery) -> tuple[list[StoredLabResult], int]:
+        cond = _result_conditions(query)
+        orders: dict[str, list[Any]] = {
+            "id": [lab_results.c.id],
+            "updated": [lab_results.c.updated_at, lab_results.c.id],
+            "-updated": [lab_results.c.updated_at.desc(), lab_results.c.id.desc()],
+            "performed": [lab_results.c.performed_at, lab_results.c.id],
+            "-performed": [lab_results.c.performed_at.desc(), lab_results.c.id.desc()],
+        }
+        order = orders[query.sort]
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                select(func.count()).select_from(_joined()).where(and_(true(), *cond))
+            ).scalar_one()
+            rows = conn.execute(
+                _result_select()
+                .where(and_(true(), *cond))
+                .order_by(*order)
+                .offset(query.offset)
+                .limit(query.limit)
+            ).all()
+        return [_stored_result(r) for r in rows], int(total)
+
+    def result_history(self, observation_id: str) -> list[StoredLabResult]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                _result_select()
+                .where(lab_results.c.observation_id == observation_id)
+                .order_by(lab_results.c.version.desc())
+            ).all()
+        return [_stored_result(r) for r in rows]
+
+    def search_reports(self, query: LabReportQuery) -> tuple[list[StoredLabReport], int]:
+        cond: list[ColumnElement[bool]] = []
+        r = lab_reports.c
+        if query.report_ids:
+            cond.append(r.report_id.in_(query.report_ids))
+        if query.patient_ids:
+            cond.append(r.patient_id.in_(query.patient_ids))
+        if query.specimen_ids:
+            cond.append(r.specimen_id.in_(query.specimen_ids))
+        if query.identifiers:
+            ids = query.identifiers
+            cond.append(
+                or_(r.specimen_id.in_(ids), r.placer_order_id.in_(ids), r.filler_order_id.in_(ids))
+            )
+        if query.qc is not None:
+            cond.append(r.is_qc == (true() if query.qc else false()))
+        cond.extend(_bounds(r.updated_at, query.updated))
+        if query.codes or query.performed:
+            sub = [lab_results.c.report_pk == r.id, lab_results.c.is_current == true()]
+            if query.codes:
+                sub.append(_code_condition(query.codes))
+            sub.extend(_bounds(lab_results.c.performed_at, query.performed))
+            cond.append(select(lab_results.c.id).where(and_(*sub)).exists())
+        orders: dict[str, list[Any]] = {
+            "id": [r.id],
+            "updated": [r.updated_at, r.id],
+            "-updated": [r.updated_at.desc(), r.id.desc()],
+        }
+        order = orders[query.sort]
+        with self.engine.connect() as conn:
+            total = conn.execute(
+                select(func.count()).select_from(lab_reports).where(and_(true(), *cond))
+            ).scalar_one()
+            rows = conn.execute(
+                select(lab_reports)
+                .where(and_(true(), *cond))
+                .order_by(*order)
+                .offset(query.offset)
+                .limit(query.limit)
+            ).all()
+        return [_stored_report(row) for row in rows], int(total)
+
+    def count_results(self) -> dict[str, int]:
+        """Result rows (all versions) per file hash: the crash test's ledger."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(lab_files.c.sha256, func.count(lab_results.c.id))
+                .select_from(
+                    lab_files.outerjoin(lab_results, lab_results.c.file_pk == lab_files.c.id)
+                )
+                .group_by(lab_files.c.sha256)
+            ).all()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def _write(self) -> Any:
+        return self.index._write()
+
+
+# -- row mapping ------------------------------------------------------------------
+
+
+def _result_values(
+    result: NewLabResult, file_pk: int, report_pk: int, order_ref: str, now: datetime
+) -> dict[str, Any]:
+    qc = result.is_qc
+    return {
+        "observation_id": result.observation_id,
+        "is_current": True,
+        "file_pk": file_pk,
+        "report_pk": report_pk,
+        "location": result.location[:255],
+        "message_index": result.message_index,
+        "position": result.position,
+        "control_id": result.control_id[:64],
+        "format": result.format[:16],
+        "analyzer": result.analyzer[:64],
+        "instrument_id": result.instrument_id[:64],
+        "test_code": result.test_code[:64],
+        "test_system": result.test_system[:64],
+        "test_display": result.test_display[:255],
+        "loinc": result.loinc[:16],
+        "loinc_display": result.loinc_display[:255],
+        "test_raw": result.test_raw,
+        "sub_id": result.sub_id[:32],
+        "value_type": result.value_type[:8],
+        "raw_value": result.raw_value,
+        "value_text": result.value_text,
+        "value": result.value,
+        "comparator": result.comparator[:2],
+        "coded_value": result.coded_value,
+        "unit": result.unit[:64],
+        "ucum_unit": result.ucum_unit[:64],
+        "reference_range": result.reference_range[:64],
+        "reference_low": result.reference_low,
+        "reference_high": result.reference_high,
+        "flags_json": json.dumps(list(result.flags)),
+        "status": result.status[:16],
+        "status_code": result.status_code[:8],
+        "specimen_id": result.specimen_id[:64],
+        "placer_order_id": result.placer_order_id[:64],
+        "filler_order_id": result.filler_order_id[:64],
+        "performed_at": _utc(result.performed_at),
+        "is_qc": qc,
+        # QC results never attach to patients (issue 5), whatever the message says.
+        "patient_id": "" if qc else result.patient_id[:64],
+        "patient_name": "" if qc else result.patient_name[:324],
+        "patient_birth_date": "" if qc else result.patient_birth_date[:10],
+        "patient_sex": "" if qc else result.patient_sex[:16],
+        "comments_json": json.dumps(list(result.comments), ensure_ascii=False),
+        "is_critical": result.is_critical,
+        "critical_reason": result.critical_reason[:64],
+        "unmatched": not order_ref,
+        "order_ref": order_ref,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _joined() -> Any:
+    return lab_results.join(lab_files, lab_results.c.file_pk == lab_files.c.id).join(
+        lab_reports, lab_results.c.report_pk == lab_reports.c.id
+    )
+
+
+def _result_select() -> Any:
+    return select(
+        lab_results,
+        lab_files.c.sha256.label("file_sha256"),
+        lab_files.c.name.label("file_name"),
+        lab_reports.c.report_id.label("report_id"),
+    ).select_from(_joined())
+
+
+def _code_condition(codes: tuple[tuple[str | None, str], ...]) -> ColumnElement[bool]:
+    c = lab_results.c
+    alternatives: list[ColumnElement[bool]] = []
+    for system, code in codes:
+        if system is None:
+            alternatives.append(or_(c.test_code == code, c.loinc == code))
+        elif system == "LN":
+            alternatives.append(
+                or_(c.loinc == code, and_(c.test_system == "LN", c.test_code == code))
+            )
+        else:
+            alternatives.append(and_(c.test_system == system, c.test_code == code))
+    return or_(*alternatives)
+
+
+def _bounds(column: Any, bounds: tuple[DateBound, ...]) -> list[ColumnElement[bool]]:
+    out: list[ColumnElement[bool]] = []
+    for op, instant in bounds:
+        value = _utc(instant)
+        out.append(
+            {
+                "ge": column >= value,
+                "gt": column > value,
+                "le": column <= value,
+                "lt": column < value,
+            }[op]
+        )
+    return out
+
+
+def _result_conditions(query: LabResultQuery) -> list[ColumnElement[bool]]:
+    c = lab_results.c
+    cond: list[ColumnElement[bool]] = []
+    if query.current_only:
+        cond.append(c.is_current == true())
+    if query.observation_ids:
+        cond.append(c.observation_id.in_(query.observation_ids))
+    if query.patient_ids:
+        cond.append(c.patient_id.in_(query.patient_ids))
+    if query.specimen_ids:
+        cond.append(c.specimen_id.in_(query.specimen_ids))
+    if query.order_ids:
+        ids = query.order_ids
+        cond.append(or_(c.placer_order_id.in_(ids), c.filler_order_id.in_(ids)))
+    if query.codes:
+        cond.append(_code_condition(query.codes))
+    if query.report_ids:
+        cond.append(lab_reports.c.report_id.in_(query.report_ids))
+    if query.statuses:
+        cond.append(c.status.in_(query.statuses))
+    if query.critical is not None:
+        cond.append(c.is_critical == (true() if query.critical else false()))
+    if query.qc is not None:
+        cond.append(c.is_qc == (true() if query.qc else false()))
+    if query.unmatched is not None:
+        cond.append(c.unmatched == (true() if query.unmatched else false()))
+    cond.extend(_bounds(c.performed_at, query.performed))
+    cond.extend(_bounds(c.updated_at, query.updated))
+    return cond
+
+
+def _stored_result(row: Any) -> StoredLabResult:
+    m = row._mapping
+    created = _aware(m["created_at"])
+    updated = _aware(m["updated_at"])
+    assert created is not None and updated is not None
+    return StoredLabResult(
+        pk=m["id"],
+        observation_id=m["observation_id"],
+        version=m["version"],
+        is_current=bool(m["is_current"]),
+        supersedes_pk=m["supersedes_pk"],
+        report_id=m["report_id"],
+        file_sha256=m["file_sha256"],
+        file_name=m["file_name"],
+        location=m["location"],
+        message_index=m["message_index"],
+        position=m["position"],
+        control_id=m["control_id"],
+        format=m["format"],
+        analyzer=m["analyzer"],
+        instrument_id=m["instrument_id"],
+        test_code=m["test_code"],
+        test_system=m["test_system"],
+        test_display=m["test_display"],
+        loinc=m["loinc"],
+        loinc_display=m["loinc_display"],
+        test_raw=m["test_raw"],
+        sub_id=m["sub_id"],
+        value_type=m["value_type"],
+        raw_value=m["raw_value"],
+        value_text=m["value_text"],
+        value=m["value"],
+        comparator=m["comparator"],
+        coded_value=m["coded_value"],
+        unit=m["unit"],
+        ucum_unit=m["ucum_unit"],
+        reference_range=m["reference_range"],
+        reference_low=m["reference_low"],
+        reference_high=m["reference_high"],
+        flags=tuple(json.loads(m["flags_json"] or "[]")),
+        status=m["status"],
+        status_code=m["status_code"],
+        specimen_id=m["specimen_id"],
+        placer_order_id=m["placer_order_id"],
+        filler_order_id=m["filler_order_id"],
+        performed_at=_aware(m["performed_at"]),
+        is_qc=bool(m["is_qc"]),
+        patient_id=m["patient_id"],
+        patient_name=m["patient_name"],
+        patient_birth_date=m["patient_birth_date"],
+        patient_sex=m["patient_sex"],
+        comments=tuple(json.loads(m["comments_json"] or "[]")),
+        is_critical=bool(m["is_critical"]),
+        critical_reason=m["critical_reason"],
+        unmatched=bool(m["unmatched"]),
+        order_ref=m["order_ref"],
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def _stored_report(row: Any) -> StoredLabReport:
+    created = _aware(row.created_at)
+    updated = _aware(row.updated_at)
+    assert created is not None and updated is not None
+    return StoredLabReport(
+        report_id=row.report_id,
+        specimen_id=row.specimen_id,
+        placer_order_id=row.placer_order_id,
+        filler_order_id=row.filler_order_id,
+        patient_id=row.patient_id,
+        patient_name=row.patient_name,
+        is_qc=bool(row.is_qc),
+        analyzer=row.analyzer,
+        unmatched=bool(row.unmatched),
+        order_ref=row.order_ref,
+        created_at=created,
+        updated_at=updated,
+    )
