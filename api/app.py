@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
+from api.security import install_security
 from core.settings import Settings
 from storage.index.sql import SqlIndex
 
@@ -21,6 +22,7 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        security.close()
         if own_index:
             idx.close()
 
@@ -46,4 +48,6 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
             lines.append(f"# TYPE {metric} gauge\n{metric} {value}")
         return "\n".join(lines) + "\n"
 
+    # Last, so authentication and the action log wrap every route above (issue 7).
+    security = install_security(app, settings, idx)
     return app
