@@ -9,10 +9,11 @@ from __future__ import annotations
 from core.settings import Settings
 from ingest.service import IngestService
 from storage.archive import Archive
+from storage.audit import AuditLog, load_secret
 from storage.index.sql import SqlIndex
 from storage.originals import FileOriginalStore
 
-__all__ = ["build_archive", "build_index", "build_ingest"]
+__all__ = ["build_archive", "build_audit", "build_index", "build_ingest"]
 
 
 def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
@@ -34,5 +35,14 @@ def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
     )
 
 
+def build_audit(settings: Settings, index: SqlIndex) -> tuple[AuditLog, bytes]:
+    """The action log on ``index``'s database and the patient-reference secret."""
+    assert settings.audit.patient_key_file is not None
+    return (AuditLog(index.engine, settings.audit, url=index.url),
+            load_secret(settings.audit.patient_key_file))
+
+
 def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:
-    return IngestService(build_archive(settings, index))
+    idx = index or build_index(settings)
+    audit, secret = build_audit(settings, idx)
+    return IngestService(build_archive(settings, idx), audit=audit, patient_secret=secret)

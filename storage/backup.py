@@ -256,7 +256,7 @@ def verify(src: Path) -> list[str]:
             for key in sorted(_referenced_blobs(db)):
                 if _blob_rel(key) not in listed:
                     problems.append(f"original {key} is indexed but not in the backup")
-            engine = create_engine(f"sqlite:///{db}?mode=ro")
+            engine = create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
             try:
                 for p in AuditStore(engine).verify():
                     problems.append(f"audit log: {p.message}")
