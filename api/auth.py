@@ -168,7 +168,7 @@ def _www_authenticate(exc: ServiceError) -> str:
     parts = ['Bearer realm="pacslab"']
     if isinstance(exc, UnauthorizedError) and exc.error:
         parts.append(f'error="{exc.error}"')
-        parts.append(f'error_description="{str(exc)}"')
+        parts.append(f'error_description="{exc!s}"')
     elif isinstance(exc, ForbiddenError):
         parts.append('error="insufficient_scope"')
         parts.append(f'scope="{exc.scope}"')

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from api.audit import AuditMiddleware
-from api.auth import AuthMiddleware, Authenticator, problem_body
+from api.auth import Authenticator, AuthMiddleware, problem_body
 from api.keys import ensure_hospital_cert
 from api.routes import audit as audit_routes
 from api.routes import signing as signing_routes

@@ -127,7 +127,8 @@ class ChainedEntry:
     hash: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> ChainedEntry:
+    def from_row(cls, row: Any) -> ChainedEntry:
+        """From a mapping (e.g. a SQLAlchemy ``RowMapping``) with every field."""
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
     def as_dict(self) -> dict[str, Any]:

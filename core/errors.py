@@ -15,10 +15,10 @@ from typing import ClassVar
 __all__ = [
     "DuplicateError",
     "ForbiddenError",
-    "InvalidSignatureError",
     "InvalidAttributeValueError",
     "InvalidDatasetError",
     "InvalidQueryError",
+    "InvalidSignatureError",
     "LabMessageError",
     "MissingAttributeError",
     "NotFoundError",
@@ -168,7 +168,10 @@ class UnauthorizedError(ServiceError, PermissionError):
 
 
 class ForbiddenError(ServiceError, PermissionError):
-    """Valid credentials without the scope the request needs (RFC 6750 3.1 ``insufficient_scope``)."""
+    """Valid credentials without the scope the request needs.
+
+    HTTP 403 with ``WWW-Authenticate: Bearer error="insufficient_scope"`` (RFC 6750 3.1).
+    """
 
     title = "Forbidden"
     http_status = 403

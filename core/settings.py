@@ -162,13 +162,13 @@ class AuthSettings(BaseModel):
     #: JWK Set (RFC 7517 5) of the identity provider, as a file or an https URL.
     jwks_path: Path | None = None
     jwks_url: str = ""
-    jwks_cache_s: float = Field(300.0, ge=0)
+    jwks_cache_s: float = Field(default=300.0, ge=0)
     #: Accepted ``alg`` values (RFC 7518 3.1); ``none`` and HMAC are never accepted.
     algorithms: list[Literal["RS256", "ES256"]] = Field(
         default_factory=lambda: ["RS256", "ES256"]  # type: ignore[arg-type]
     )
     #: Clock skew tolerated on ``exp``/``nbf`` (RFC 7519 4.1.4).
-    leeway_s: int = Field(30, ge=0, le=300)
+    leeway_s: int = Field(default=30, ge=0, le=300)
     #: Paths served without credentials: exact paths, or prefixes ending in ``/``.
     public_paths: list[str] = Field(
         default_factory=lambda: [
@@ -183,7 +183,7 @@ class AuthSettings(BaseModel):
     #: The embedded issuer's private key (PEM, P-256). Empty: ``<data_dir>/keys/token-es256.pem``.
     local_key: Path | None = None
     #: Lifetime of tokens ``pacslab token`` prints.
-    token_ttl_s: int = Field(3600, ge=60)
+    token_ttl_s: int = Field(default=3600, ge=60)
 
     @model_validator(mode="after")
     def _check_source(self) -> AuthSettings:
@@ -204,11 +204,11 @@ class AuditSettings(BaseModel):
 
     enabled: bool = True
     #: A background thread writes what was queued at most this often (one transaction).
-    flush_interval_s: float = Field(0.2, gt=0)
-    batch_max: int = Field(1000, ge=1)
+    flush_interval_s: float = Field(default=0.2, gt=0)
+    batch_max: int = Field(default=1000, ge=1)
     #: Entries kept in memory while the database cannot take them; more are dropped
     #: with an ERROR (a C-STORE is never refused because the log is away, STYLE.md §5).
-    max_pending: int = Field(100_000, ge=1)
+    max_pending: int = Field(default=100_000, ge=1)
     #: Secret keying the patient reference (HMAC-SHA256 of issuer and Patient ID), so
     #: the log holds no patient identifier. Empty: ``<data_dir>/keys/audit-patient.key``.
     patient_key_file: Path | None = None
@@ -246,7 +246,7 @@ class RetentionRule(BaseModel):
 class RetentionSettings(BaseModel):
     """Retention periods (Circular 13/2025/TT-BYT: 10 years; 20 for some; 30 after a death)."""
 
-    default_years: int = Field(10, ge=1, le=100)
+    default_years: int = Field(default=10, ge=1, le=100)
     rules: list[RetentionRule] = Field(
         default_factory=lambda: [RetentionRule(years=30, deceased=True, name="deceased")]
     )

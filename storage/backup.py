@@ -195,7 +195,8 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
         with engine.connect() as conn:
             from sqlalchemy import text
 
-            report.instances = int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
+            count = conn.execute(text("SELECT count(*) FROM instances")).scalar_one()
+            report.instances = int(count)
             revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     finally:
         engine.dispose()

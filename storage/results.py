@@ -55,7 +55,7 @@ class SignedResultStore:
                 )
             try:
                 conn.execute(signed_results.insert().values(**{
-                    k: getattr(result, k) for k in SignedResult.__slots__  # type: ignore[attr-defined]
+                    k: getattr(result, k) for k in SignedResult.__slots__
                 }))
             except IntegrityError as exc:
                 raise SignedResultError("a concurrent signature won") from exc
@@ -69,7 +69,7 @@ class SignedResultStore:
                 )).order_by(signed_results.c.version)
             ).mappings().all()
         return [
-            SignedResult(**{k: r[k] for k in SignedResult.__slots__})  # type: ignore[attr-defined]
+            SignedResult(**{k: r[k] for k in SignedResult.__slots__})
             for r in rows
         ]
 

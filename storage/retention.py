@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import cast
 
 from sqlalchemy import Engine, and_, delete, select, update
 
@@ -109,8 +110,8 @@ class RetentionStore:
             assert isinstance(ref, date)
             self.set("study", uid, decide(RetentionFacts(
                 kind="study", reference_date=ref,
-                modalities=frozenset(f["modalities"]),  # type: ignore[arg-type]
-                departments=frozenset(f["departments"]),  # type: ignore[arg-type]
+                modalities=frozenset(cast("set[str]", f["modalities"])),
+                departments=frozenset(cast("set[str]", f["departments"])),
                 deceased=uid in deceased_studies,
             ), self.settings), ref)
         return len(facts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -123,9 +123,9 @@ def search_audit_events(
     request: Request,
     patient: str | None = None,
     agent: str | None = None,
-    date_: list[str] = Query(default_factory=list, alias="date"),
-    count: int = Query(100, alias="_count", ge=1, le=1000),
-    offset: int = Query(0, alias="_offset", ge=0),
+    date_: Annotated[list[str] | None, Query(alias="date")] = None,
+    count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(alias="_offset", ge=0)] = 0,
 ) -> JSONResponse:
     """Search the action log; a FHIR ``searchset`` Bundle, newest first."""
     store: AuditStore = request.app.state.audit
@@ -137,7 +137,7 @@ def search_audit_events(
             issuer, _, ident = patient.rpartition("|")
             key = patient_key(request.app.state.patient_secret, ident.removeprefix("Patient/"),
                               issuer)
-    since, until = _bounds(date_)
+    since, until = _bounds(date_ or [])
     rows = store.search(patient_key=key, agent=agent, since=since, until=until, limit=count,
                         offset=offset)
     base = str(request.base_url).rstrip("/")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,6 +38,7 @@ router = APIRouter(prefix="/fhir", tags=["fhir"])
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 id datatype
 _TYPE = "DiagnosticReport"
+ReportBody = Annotated[dict[str, Any], Body()]
 
 
 def _patient(report: dict[str, Any]) -> tuple[str, str] | None:
@@ -126,7 +127,7 @@ def _check_report(report: Any, statuses: tuple[str, ...]) -> dict[str, Any]:
 
 @router.post("/DiagnosticReport/$sign", status_code=201)
 def sign_report(request: Request, principal: PrincipalDep,
-                report: dict[str, Any] = Body(...)) -> JSONResponse:
+                report: ReportBody) -> JSONResponse:
     """Sign a final DiagnosticReport (first version)."""
     report = _check_report(report, ("final",))
     rid = str(report.get("id") or uuid.uuid4())
@@ -139,7 +140,7 @@ def sign_report(request: Request, principal: PrincipalDep,
 
 @router.post("/DiagnosticReport/{rid}/$sign", status_code=201)
 def sign_report_id(request: Request, rid: str, principal: PrincipalDep,
-                   report: dict[str, Any] = Body(...)) -> JSONResponse:
+                   report: ReportBody) -> JSONResponse:
     """Sign a final DiagnosticReport with this id (first version)."""
     if report.get("id", rid) != rid:
         raise InvalidDatasetError("id in the body differs from the URL")
@@ -148,7 +149,7 @@ def sign_report_id(request: Request, rid: str, principal: PrincipalDep,
 
 @router.post("/DiagnosticReport/{rid}/$amend", status_code=201)
 def amend_report(request: Request, rid: str, principal: PrincipalDep,
-                 report: dict[str, Any] = Body(...)) -> JSONResponse:
+                 report: ReportBody) -> JSONResponse:
     """Sign a new version replacing the latest; the earlier versions stay as they are."""
     report = _check_report(report, ("amended", "corrected", "appended", "cancelled",
                                     "entered-in-error"))

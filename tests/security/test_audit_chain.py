@@ -1,4 +1,4 @@
-"""The action log: every action is logged, and any edit, removal or swap is detected (issue 7 §2)."""
+"""The action log: every action is logged; any edit, removal or swap is detected (issue 7 §2)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_swapped_entries_are_named(log: AuditLog) -> None:
     cols = [c for c in ChainedEntry.__dataclass_fields__ if c != "seq"]
     sets = ", ".join(f"{c} = (SELECT {c} FROM audit_events b WHERE b.seq = "
                      f"CASE audit_events.seq WHEN 3 THEN 4 ELSE 3 END)" for c in cols)
-    _attack(log.engine, f"CREATE TEMP TABLE t AS SELECT * FROM audit_events",
+    _attack(log.engine, "CREATE TEMP TABLE t AS SELECT * FROM audit_events",
             f"UPDATE audit_events SET {sets.replace('audit_events b', 't b')} "
             "WHERE seq IN (3, 4)")
     problems = log.verify()
@@ -147,9 +147,8 @@ def test_http_reads_and_refusals_are_logged_without_phi(
 
 @pytest.mark.network
 def test_c_store_is_logged_with_the_ae_title(receiver, tmp_path: Path) -> None:
-    from tests.conftest import run_dcmtk
-
     from core.synthetic import write_ct_series
+    from tests.conftest import run_dcmtk
 
     write_ct_series(tmp_path / "ct", slices=5, rows=32, columns=32)
     result = run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1",

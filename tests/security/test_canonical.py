@@ -19,7 +19,8 @@ def test_rfc8785_section_3_2_2_example() -> None:
 
 
 def test_rfc8785_sorting_by_utf16_code_units() -> None:
-    value = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
+    value = {"\u20ac": "Euro Sign", "\r": "Carriage Return",
+             "\ufb33": "Hebrew Letter Dalet With Dagesh",
              "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control",
              "\u00f6": "Latin Small Letter O With Diaeresis"}
     keys = list(json.loads(canonicalize(value)))

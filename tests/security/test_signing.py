@@ -1,4 +1,4 @@
-"""Signed results: detached JWS over RFC 8785 bytes, verifiable offline and by jwcrypto (issue 7 §3)."""
+"""Signed results: detached JWS over RFC 8785 bytes, verified offline and by jwcrypto (issue 7)."""
 
 from __future__ import annotations
 
