@@ -19,6 +19,7 @@ from fastapi.responses import PlainTextResponse
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
 from api.routes import dicomweb, fhir, fhir_lab, fhir_orders
+from api.security import install_security
 from core.settings import Settings
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
@@ -55,6 +56,7 @@ def create_app(
         yield
         if own_archive:
             arc.close()
+        security.close()
         if own_index:
             idx.close()
 
@@ -93,4 +95,6 @@ def create_app(
         )
 
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
+    # Last, so authentication and the action log wrap every route above (issue 7).
+    security = install_security(app, settings, idx)
     return app

@@ -14,17 +14,22 @@ from typing import ClassVar
 
 __all__ = [
     "DuplicateError",
+    "ForbiddenError",
     "InvalidAttributeValueError",
     "InvalidDatasetError",
     "InvalidQueryError",
+    "InvalidSignatureError",
     "LabMessageError",
     "MissingAttributeError",
     "NotFoundError",
     "OrderMessageError",
     "OutOfResourcesError",
     "ProcedureStepStateError",
+    "RetentionError",
     "SOPClassMismatchError",
     "ServiceError",
+    "SignedResultError",
+    "UnauthorizedError",
 ]
 
 
@@ -170,3 +175,68 @@ class OrderMessageError(ServiceError, ValueError):
         self.where = where
         self.hl7_code = hl7_code
         self.ack_code = ack_code
+
+
+class UnauthorizedError(ServiceError, PermissionError):
+    """No credentials, or credentials we cannot accept (RFC 6750 3.1 ``invalid_token``).
+
+    HTTP 401 with ``WWW-Authenticate: Bearer``; on DICOM an association is rejected
+    instead (PS3.8 A-ASSOCIATE-RJ), and a DIMSE request answers 0x0124 Refused: Not
+    authorized (PS3.7 Annex C). ``str(exc)`` says why (expired, audience, signature),
+    never what the token contained.
+    """
+
+    title = "Unauthorized"
+    http_status = 401
+    dimse_status = 0x0124
+    fhir_code = "login"
+
+    def __init__(self, message: str = "authentication required", *,
+                 error: str = "invalid_token") -> None:
+        super().__init__(message)
+        #: RFC 6750 3.1 error code for ``WWW-Authenticate``.
+        self.error = error
+
+
+class ForbiddenError(ServiceError, PermissionError):
+    """Valid credentials without the scope the request needs.
+
+    HTTP 403 with ``WWW-Authenticate: Bearer error="insufficient_scope"`` (RFC 6750 3.1).
+    """
+
+    title = "Forbidden"
+    http_status = 403
+    dimse_status = 0x0124
+    fhir_code = "forbidden"
+
+    def __init__(self, message: str = "insufficient scope", *, scope: str = "") -> None:
+        super().__init__(message)
+        #: The scope that would have been enough (``WWW-Authenticate: ... scope=``).
+        self.scope = scope
+
+
+class RetentionError(ServiceError, ValueError):
+    """Deleting a record before its retention period ends (Circular 13/2025/TT-BYT)."""
+
+    title = "Retention period not over"
+    http_status = 409
+    dimse_status = 0x0110
+    fhir_code = "business-rule"
+
+
+class SignedResultError(ServiceError, ValueError):
+    """Changing a signed result in place; only a new signed amendment may replace it."""
+
+    title = "Signed result is immutable"
+    http_status = 409
+    dimse_status = 0x0110
+    fhir_code = "business-rule"
+
+
+class InvalidSignatureError(ServiceError, ValueError):
+    """A JWS (RFC 7515) that does not verify against the given certificate."""
+
+    title = "Invalid signature"
+    http_status = 400
+    dimse_status = 0xC000
+    fhir_code = "invalid"

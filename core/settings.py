@@ -24,6 +24,8 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "AuditSettings",
+    "AuthSettings",
     "DaskSettings",
     "DicomSettings",
     "HttpSettings",
@@ -36,7 +38,10 @@ __all__ = [
     "LogSettings",
     "OrdersSettings",
     "ProcessingSettings",
+    "RetentionRule",
+    "RetentionSettings",
     "Settings",
+    "SigningSettings",
     "StorageSettings",
     "WorklistSettings",
 ]
@@ -305,6 +310,116 @@ class OrdersSettings(BaseModel):
         return value
 
 
+class AuthSettings(BaseModel):
+    """HTTP authentication: OAuth2 bearer JWTs (RFC 6750, RFC 7519) and device API keys.
+
+    With neither ``jwks_path`` nor ``jwks_url`` the service is its own issuer: an ES256
+    key is created under ``<data_dir>/keys`` on first run and ``pacslab token`` signs
+    tokens with it (the embedded default). Tests of other components turn the whole
+    check off with ``enabled=False`` (``PACSLAB_AUTH__ENABLED=false``); nothing else does.
+    """
+
+    enabled: bool = True
+    #: Expected ``iss`` (RFC 7519 4.1.1). Empty: ``urn:pacslab:local`` (embedded issuer).
+    issuer: str = ""
+    #: Expected ``aud`` (RFC 7519 4.1.3).
+    audience: str = "pacslab"
+    #: JWK Set (RFC 7517 5) of the identity provider, as a file or an https URL.
+    jwks_path: Path | None = None
+    jwks_url: str = ""
+    jwks_cache_s: float = Field(default=300.0, ge=0)
+    #: Accepted ``alg`` values (RFC 7518 3.1); ``none`` and HMAC are never accepted.
+    algorithms: list[Literal["RS256", "ES256"]] = Field(
+        default_factory=lambda: ["RS256", "ES256"]  # type: ignore[arg-type]
+    )
+    #: Clock skew tolerated on ``exp``/``nbf`` (RFC 7519 4.1.4).
+    leeway_s: int = Field(default=30, ge=0, le=300)
+    #: Paths served without credentials: exact paths, or prefixes ending in ``/``.
+    public_paths: list[str] = Field(
+        default_factory=lambda: [
+            "/health",
+            "/docs",
+            "/docs/oauth2-redirect",
+            "/redoc",
+            "/openapi.json",
+            "/viewer/static/",
+            # FHIR R4 3.1.0.4 / SMART App Launch: clients read the CapabilityStatement
+            # before they have a token (it holds no patient data).
+            "/fhir/metadata",
+        ]
+    )
+    #: The embedded issuer's private key (PEM, P-256). Empty: ``<data_dir>/keys/token-es256.pem``.
+    local_key: Path | None = None
+    #: Lifetime of tokens ``pacslab token`` prints.
+    token_ttl_s: int = Field(default=3600, ge=60)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> AuthSettings:
+        if self.jwks_path is not None and self.jwks_url:
+            raise ValueError("set auth.jwks_path or auth.jwks_url, not both")
+        if self.jwks_url and not self.jwks_url.startswith(("https://", "http://127.", "http://localhost")):
+            raise ValueError("auth.jwks_url must be https (or loopback http for tests)")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        """True when the service issues its own tokens (no identity provider configured)."""
+        return self.jwks_path is None and not self.jwks_url
+
+
+class AuditSettings(BaseModel):
+    """The hash-chained action log (audit_events table, FHIR R4 AuditEvent export)."""
+
+    enabled: bool = True
+    #: A background thread writes what was queued at most this often (one transaction).
+    flush_interval_s: float = Field(default=0.2, gt=0)
+    batch_max: int = Field(default=1000, ge=1)
+    #: Entries kept in memory while the database cannot take them; more are dropped
+    #: with an ERROR (a C-STORE is never refused because the log is away, STYLE.md §5).
+    max_pending: int = Field(default=100_000, ge=1)
+    #: Secret keying the patient reference (HMAC-SHA256 of issuer and Patient ID), so
+    #: the log holds no patient identifier. Empty: ``<data_dir>/keys/audit-patient.key``.
+    patient_key_file: Path | None = None
+
+
+class SigningSettings(BaseModel):
+    """The hospital's signing certificate for results (RFC 7515 JWS with ``x5c``).
+
+    Empty paths mean a self-signed certificate created under ``<data_dir>/keys`` on
+    first run (embedded default, not a legal e-signature: configure the hospital's
+    certificate from a licensed CA for production).
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    organization: str = "pacslab hospital (self-signed)"
+
+
+class RetentionRule(BaseModel):
+    """One retention rule; every listed condition must hold. The longest matching period wins."""
+
+    years: int = Field(ge=1, le=100)
+    kind: Literal["any", "study", "result"] = "any"
+    #: DICOM Modality (0008,0060) of any series, e.g. ``["MG"]``.
+    modality: list[str] = Field(default_factory=list)
+    #: Department / Institution Name (0008,0080), or the report's performer.
+    department: list[str] = Field(default_factory=list)
+    #: Report codes (DiagnosticReport.code/category codings), e.g. mental health panels.
+    code: list[str] = Field(default_factory=list)
+    #: Match only records of deceased patients (True) or of living ones (False).
+    deceased: bool | None = None
+    name: str = ""
+
+
+class RetentionSettings(BaseModel):
+    """Retention periods (Circular 13/2025/TT-BYT: 10 years; 20 for some; 30 after a death)."""
+
+    default_years: int = Field(default=10, ge=1, le=100)
+    rules: list[RetentionRule] = Field(
+        default_factory=lambda: [RetentionRule(years=30, deceased=True, name="deceased")]
+    )
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -333,6 +448,10 @@ class Settings(BaseSettings):
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
     lab: LabSettings = LabSettings()
     log: LogSettings = LogSettings()
+    auth: AuthSettings = AuthSettings()
+    audit: AuditSettings = AuditSettings()
+    signing: SigningSettings = SigningSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -370,7 +489,24 @@ class Settings(BaseSettings):
             self.storage.quarantine_dir = data / "quarantine"
         if not self.storage.zarr_url:
             self.storage.zarr_url = (data / "zarr").as_posix()
+        keys = self.keys_dir
+        if self.auth.local_key is None:
+            self.auth.local_key = keys / "token-es256.pem"
+        if not self.auth.issuer and self.auth.is_local:
+            self.auth.issuer = "urn:pacslab:local"
+        if self.audit.patient_key_file is None:
+            self.audit.patient_key_file = keys / "audit-patient.key"
+        if (self.signing.cert is None) != (self.signing.key is None):
+            raise ValueError("signing.cert and signing.key must be set together")
+        if self.signing.cert is None:
+            self.signing.cert = keys / "hospital-cert.pem"
+            self.signing.key = keys / "hospital-key.pem"
         return self
+
+    @property
+    def keys_dir(self) -> Path:
+        """Private keys and secrets the embedded defaults create (mode 0700)."""
+        return self.data_dir / "keys"
 
     @property
     def lab_inbox(self) -> Path:

@@ -11,8 +11,11 @@ import logging
 import threading
 from collections import Counter
 
+from core.audit import AuditEntry, outcome_for_dimse, patient_key
 from core.errors import ServiceError
+from core.logging import correlation_id
 from storage.archive import Accepted, Archive
+from storage.audit import AuditLog
 from storage.staging import StagedFile
 
 __all__ = ["IngestService"]
@@ -21,16 +24,52 @@ logger = logging.getLogger(__name__)
 
 
 class IngestService:
-    def __init__(self, archive: Archive) -> None:
+    """Accept instances; with ``audit``, log each one (PS3.15 A.5.3.2 Instances Transferred).
+
+    The log entry is queued after the archive's decision and never delays the
+    acknowledgement (:class:`storage.audit.AuditLog` writes from its own thread).
+    """
+
+    def __init__(self, archive: Archive, *, audit: AuditLog | None = None,
+                 patient_secret: bytes = b"") -> None:
         self.archive = archive
+        self.audit = audit
+        self.patient_secret = patient_secret
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+
+    def _audit(self, staged: StagedFile, calling_ae: str, status: int, desc: str,
+               accepted: Accepted | None) -> None:
+        if self.audit is None:
+            return
+        try:
+            rec = accepted.record if accepted is not None else None
+            key = (patient_key(self.patient_secret, rec.patient_id, rec.issuer_of_patient_id)
+                   if rec is not None else "")
+            detail = {"sop_class_uid": staged.sop_class_uid}
+            if rec is not None:
+                detail["study_instance_uid"] = rec.study_instance_uid
+            self.audit.record(AuditEntry(
+                action="C", event_type="dicom.c-store", outcome=outcome_for_dimse(status),
+                outcome_desc=f"0x{status:04X} {desc}"[:64], agent=calling_ae[:128],
+                agent_type="ae", resource=f"Instance/{staged.sop_instance_uid}"[:256],
+                patient_key=key, correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details(detail),
+            ))
+        except Exception:  # a side effect: log and carry on (STYLE.md §5)
+            logger.error("C-STORE audit entry not recorded", exc_info=True)
+
+    def close(self) -> None:
+        """Write the queued audit entries (the archive is closed by its owner)."""
+        if self.audit is not None:
+            self.audit.close()
 
     def accept_instance(self, staged: StagedFile, *, calling_ae: str) -> Accepted:
         """Store and index one received instance (PS3.4 B.2.2), or raise ServiceError."""
         try:
             accepted = self.archive.accept(staged, calling_ae=calling_ae)
         except ServiceError as exc:
+            self._audit(staged, calling_ae, exc.dimse_status, exc.title, None)
             with self._lock:
                 self.counts["refused"] += 1
             logger.warning(
@@ -41,6 +80,7 @@ class IngestService:
                 exc,
             )
             raise
+        self._audit(staged, calling_ae, 0x0000, accepted.outcome.status, accepted)
         with self._lock:
             self.counts[accepted.outcome.status] += 1
         logger.debug(

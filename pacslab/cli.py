@@ -29,6 +29,23 @@ def _prepare(settings: Settings) -> None:
             (settings.lab_inbox / profile / state).mkdir(parents=True, exist_ok=True)
     index = build_index(settings, migrate=True)
     index.close()  # children open their own connections after fork
+    _ensure_keys(settings)
+
+
+def _ensure_keys(settings: Settings) -> None:
+    """Embedded defaults of a first run: token key, result-signing certificate, secrets.
+
+    Created here, before any fork, so every process reads the same files.
+    """
+    from api.keys import ensure_hospital_cert, ensure_private_key
+    from storage.audit import load_secret
+
+    if settings.auth.enabled and settings.auth.is_local:
+        assert settings.auth.local_key is not None
+        ensure_private_key(settings.auth.local_key)
+    ensure_hospital_cert(settings.signing)
+    assert settings.audit.patient_key_file is not None
+    load_secret(settings.audit.patient_key_file)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -94,6 +111,193 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, slices=args.slices, keep_running=not args.exit)
 
 
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a bearer token from the embedded issuer (RFC 7519, ES256)."""
+    from api.keys import issue_token
+    from core.auth import SCOPES
+
+    if not settings.auth.is_local:
+        print("an identity provider is configured (auth.jwks_*): get tokens from it",
+              file=sys.stderr)
+        return 2
+    unknown = sorted(set(args.scopes) - set(SCOPES))
+    if unknown:
+        print(f"unknown scopes {unknown}; known: {' '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    _ensure_keys(settings)
+    print(issue_token(settings.auth, subject=args.subject, scopes=args.scopes, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_apikey(settings: Settings, args: argparse.Namespace) -> int:
+    """Create, list or revoke device API keys (stored as scrypt hashes)."""
+    from pacslab.wiring import build_index
+    from storage.apikeys import ApiKeyStore
+
+    index = build_index(settings, migrate=True)
+    try:
+        store = ApiKeyStore(index.engine)
+        if args.action == "create":
+            try:
+                key = store.create(args.name, args.scopes)
+            except ValueError as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            print(key)
+            print("shown once: store it in the device; send it as 'X-API-Key: <key>' or "
+                  "'Authorization: Bearer <key>'", file=sys.stderr)
+        elif args.action == "list":
+            for rec in store.list():
+                state = "revoked" if rec.revoked else "active"
+                print(f"{rec.key_id}  {state:7}  {rec.name}  {' '.join(sorted(rec.scopes))}")
+        else:
+            if not store.revoke(args.key_id):
+                print(f"no API key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id} (cached checks expire within a minute)")
+    finally:
+        index.close()
+    return 0
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    """``audit verify``: check the action log's hash chain; 1 if anything was tampered with."""
+    from core.audit import to_json_line
+    from pacslab.wiring import build_index
+    from storage.audit import AuditStore
+
+    index = build_index(settings, migrate=True)
+    try:
+        store = AuditStore(index.engine)
+        if args.action == "export":
+            for entry in store.entries():
+                print(to_json_line(entry))
+            return 0
+        problems = store.verify()
+        head = store.head()
+    finally:
+        index.close()
+    if problems:
+        for p in problems:
+            print(f"TAMPERED {p.kind} at entry {p.seq}: {p.message}")
+        return 1
+    seq, digest = head or (0, "")
+    print(f"audit log intact: {seq} entries, head {digest}")
+    return 0
+
+
+def cmd_verify_signature(settings: Settings, args: argparse.Namespace) -> int:
+    """Verify a signed report offline with the hospital certificate alone."""
+    from api.keys import load_certificate
+    from api.signing import verify_detached
+    from core.canonical import canonical_json
+    from core.errors import InvalidSignatureError
+
+    payload = args.report.read_bytes()
+    if args.canonicalize:
+        payload = canonical_json(payload)
+    try:
+        header = verify_detached(payload, args.signature.read_text(), load_certificate(args.cert))
+    except InvalidSignatureError as exc:
+        print(f"INVALID: {exc}")
+        return 1
+    cert = load_certificate(args.cert)
+    print(f"valid: signed {header.get('sigT', '?')} with {header['alg']} by "
+          f"{cert.subject.rfc4514_string()}")
+    return 0
+
+
+def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    """Assign retention classes and list (``report``) or delete what has expired."""
+    import datetime as dt
+
+    from core.errors import NotFoundError, RetentionError
+    from core.retention import RetentionDecision, add_years
+    from pacslab.wiring import build_index
+    from storage.originals import FileOriginalStore
+    from storage.retention import RetentionStore
+
+    today = dt.date.fromisoformat(args.today) if args.today else dt.date.today()
+    index = build_index(settings, migrate=True)
+    try:
+        store = RetentionStore(index.engine, settings.retention)
+        if args.action == "report":
+            added = store.assign_studies()
+            rows = store.expired(today)
+            if args.json:
+                import json
+                from dataclasses import asdict
+
+                print(json.dumps([asdict(r) for r in rows], indent=1))
+            else:
+                print(f"{added} new studies classified; {len(rows)} records past retention "
+                      f"on {today.isoformat()}:")
+                for r in rows:
+                    print(f"  {r.target_kind:6} {r.target_id}  {r.years} y ({r.rule}) "
+                          f"expired {r.expires_on}")
+            return 0
+        if args.action == "set":
+            row = store.get("study", args.study)
+            ref = dt.date.fromisoformat(row.reference_date) if row else today
+            store.set("study", args.study, RetentionDecision(args.years, args.rule,
+                                                              add_years(ref, args.years)), ref)
+            print(f"study {args.study}: {args.years} years from {ref.isoformat()}")
+            return 0
+        assert settings.storage.originals_dir is not None
+        originals = FileOriginalStore(settings.storage.originals_dir)
+        try:
+            n = store.delete_study(args.study, today, originals)
+        except (RetentionError, NotFoundError) as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 1
+        print(f"deleted study {args.study} ({n} instance versions)")
+        return 0
+    finally:
+        index.close()
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """``backup DEST`` or ``backup verify DEST``."""
+    from pathlib import Path
+
+    from storage.backup import backup, verify
+
+    if args.target[0] == "verify":
+        if len(args.target) != 2:
+            print("usage: pacslab backup verify DEST", file=sys.stderr)
+            return 2
+        problems = verify(Path(args.target[1]))
+        for p in problems:
+            print(f"BAD {p}")
+        if not problems:
+            print(f"backup {args.target[1]} verifies")
+        return 1 if problems else 0
+    if len(args.target) != 1:
+        print("usage: pacslab backup DEST", file=sys.stderr)
+        return 2
+    report = backup(settings, Path(args.target[0]), link_dest=args.link_dest)
+    print(f"backup {report.dest}: {report.files} files ({report.linked} linked), "
+          f"{report.bytes} bytes, {report.instances} instances, in {report.seconds:.1f} s; "
+          f"manifest sha256 {report.manifest_sha256}")
+    return 0
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    """Rebuild a data directory from a backup, then bring its schema to head."""
+    from storage.backup import restore
+
+    try:
+        manifest = restore(args.source, args.data_dir)
+    except (ValueError, FileExistsError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    restored = Settings(data_dir=args.data_dir)
+    _prepare(restored)
+    print(f"restored {manifest['instances']} instances into {args.data_dir}; start it with "
+          f"PACSLAB_DATA_DIR={args.data_dir} pacslab serve")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacslab",
@@ -111,6 +315,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--slices", type=int, default=120)
     demo.add_argument("--exit", action="store_true", help="stop once the series is indexed")
+
+    from pathlib import Path
+
+    token = sub.add_parser("token", help="print a bearer token from the embedded issuer")
+    token.add_argument("--scopes", nargs="+", required=True,
+                       help="e.g. imaging.read lab.read orders.write results.sign admin")
+    token.add_argument("--subject", default="operator", help="the sub claim (who)")
+    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+
+    apikey = sub.add_parser("apikey", help="device API keys (stored hashed)")
+    api_sub = apikey.add_subparsers(dest="action", required=True)
+    create = api_sub.add_parser("create", help="create a key; it is printed once")
+    create.add_argument("--scopes", nargs="+", required=True)
+    create.add_argument("--name", default="device")
+    api_sub.add_parser("list")
+    revoke = api_sub.add_parser("revoke")
+    revoke.add_argument("key_id")
+
+    audit = sub.add_parser("audit", help="the hash-chained action log")
+    audit.add_argument("action", choices=["verify", "export"])
+
+    verify = sub.add_parser("verify-signature",
+                            help="verify a signed report with the certificate alone")
+    verify.add_argument("report", type=Path, help="the signed bytes (GET …/_history/N)")
+    verify.add_argument("signature", type=Path, help="the detached JWS (header..signature)")
+    verify.add_argument("--cert", type=Path, required=True, help="hospital certificate (PEM)")
+    verify.add_argument("--canonicalize", action="store_true",
+                        help="canonicalize report.json (RFC 8785) first, e.g. a pretty copy")
+
+    retention = sub.add_parser("retention", help="retention classes and expiry")
+    ret_sub = retention.add_subparsers(dest="action", required=True)
+    report = ret_sub.add_parser("report", help="classify new studies, list what may be deleted")
+    report.add_argument("--json", action="store_true")
+    report.add_argument("--today", help="ISO date (default: today)")
+    rset = ret_sub.add_parser("set", help="lengthen a study's retention (e.g. deceased: 30)")
+    rset.add_argument("--study", required=True)
+    rset.add_argument("--years", type=int, required=True)
+    rset.add_argument("--rule", default="manual")
+    rset.add_argument("--today", help=argparse.SUPPRESS)
+    rdel = ret_sub.add_parser("delete", help="delete a study whose retention has ended")
+    rdel.add_argument("--study", required=True)
+    rdel.add_argument("--today", help="ISO date (default: today)")
+
+    backup = sub.add_parser("backup", help="backup DEST | backup verify DEST")
+    backup.add_argument("target", nargs="+", metavar="DEST")
+    backup.add_argument("--link-dest", type=Path, default=None,
+                        help="an earlier backup: unchanged originals are hard-linked")
+
+    restore = sub.add_parser("restore", help="rebuild an instance from a backup")
+    restore.add_argument("source", type=Path)
+    restore.add_argument("--data-dir", type=Path, required=True)
     return parser
 
 
@@ -118,7 +373,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     configure(settings.log.level, json_format=settings.log.json_format)
-    commands = {"serve": cmd_serve, "dicom": cmd_dicom, "labs": cmd_labs, "demo": cmd_demo}
+    commands = {
+        "serve": cmd_serve,
+        "dicom": cmd_dicom,
+        "labs": cmd_labs,
+        "demo": cmd_demo,
+        "token": cmd_token,
+        "apikey": cmd_apikey,
+        "audit": cmd_audit,
+        "verify-signature": cmd_verify_signature,
+        "retention": cmd_retention,
+        "backup": cmd_backup,
+        "restore": cmd_restore,
+    }
     try:
         return commands[args.command](settings, args)
     except KeyboardInterrupt:

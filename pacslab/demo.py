@@ -49,8 +49,21 @@ def _http_ok(port: int) -> bool:
         return False
 
 
-def _metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as rsp:
+def _demo_token(settings: Settings) -> str:
+    """A token from the embedded issuer (the demo's own data dir), or "" with an IdP."""
+    if not settings.auth.enabled or not settings.auth.is_local:
+        return ""
+    from api.keys import issue_token
+
+    return issue_token(settings.auth, subject="demo", ttl_s=8 * 3600,
+                       scopes=["imaging.read", "lab.read", "orders.read", "admin"])
+
+
+def _metrics(port: int, token: str = "") -> dict[str, float]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=5) as rsp:
         text = rsp.read().decode()
     out = {}
     for line in text.splitlines():
@@ -77,7 +90,8 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
                 return 1
             time.sleep(0.5)
     try:
-        before = _metrics(http_port).get("pacslab_instances", 0)
+        token = _demo_token(settings)
+        before = _metrics(http_port, token).get("pacslab_instances", 0)
         with tempfile.TemporaryDirectory() as tmp, Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console,
@@ -102,7 +116,7 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
             index = progress.add_task("Indexed and processed", total=slices)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                m = _metrics(http_port)
+                m = _metrics(http_port, token)
                 stored = m.get("pacslab_instances", 0) - before
                 pending = m.get("pacslab_jobs_pending", 0) + m.get("pacslab_jobs_running", 0)
                 progress.update(index, completed=min(stored, slices) if pending == 0 else
@@ -119,6 +133,10 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
         console.print(f"  API docs       {base}/docs   metrics {base}/metrics")
         console.print(f"  DICOM          AE {settings.dicom.ae_title} on port {dicom_port}")
         console.print(f"  files          {settings.data_dir.resolve()}")
+        if token:
+            console.print("  token (8 h; imaging.read lab.read orders.read admin):\n"
+                          f"    Authorization: Bearer {token}\n"
+                          "  more with: pacslab token --scopes imaging.read …")
         if failed:
             return 1
         if keep_running and server is not None:

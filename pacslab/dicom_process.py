@@ -53,6 +53,12 @@ def run_receiver(
     index = build_index(settings, migrate=False)
     service = build_ingest(settings, index)
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
+    # Queries and procedure steps served by pynetdicom are logged too (issue 7 §2).
+    from ingest.dicom.audit import dimse_audit_handlers
+
+    if service.audit is not None:
+        extra_handlers = [*extra_handlers,
+                          *dimse_audit_handlers(service.audit, service.patient_secret)]
     receiver = DicomReceiver(
         settings.dicom,
         service,
@@ -69,6 +75,7 @@ def run_receiver(
             time.sleep(0.2)
     finally:
         receiver.stop()
+        service.close()
         service.archive.close()
         index.close()
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from core.settings import Settings
 from ingest.service import IngestService
 from storage.archive import Archive
+from storage.audit import AuditLog, load_secret
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
 from storage.orders import OrderService
 
-__all__ = ["build_archive", "build_index", "build_ingest", "build_order_service"]
+__all__ = ["build_archive", "build_audit", "build_index", "build_ingest", "build_order_service"]
 
 
 def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
@@ -27,8 +28,17 @@ def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
     return Archive.from_settings(settings, index or build_index(settings))
 
 
+def build_audit(settings: Settings, index: SqlIndex) -> tuple[AuditLog, bytes]:
+    """The action log on ``index``'s database and the patient-reference secret."""
+    assert settings.audit.patient_key_file is not None
+    return (AuditLog(index.engine, settings.audit, url=index.url),
+            load_secret(settings.audit.patient_key_file))
+
+
 def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:
-    return IngestService(build_archive(settings, index))
+    idx = index or build_index(settings)
+    audit, secret = build_audit(settings, idx)
+    return IngestService(build_archive(settings, idx), audit=audit, patient_secret=secret)
 
 
 def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:

@@ -19,7 +19,10 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for key in list(os.environ):
         if key.startswith("PACSLAB_"):
             monkeypatch.delenv(key)
-    return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"})
+    # Authentication is off for the tests of other components; tests/security turns
+    # it on explicitly (``Settings()`` itself defaults to on).
+    return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"},
+                    auth={"enabled": False})
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_metrics_and_health_shape(tmp_path: Path) -> None:
     from core.settings import Settings
     from pacslab.wiring import build_index
 
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", auth={"enabled": False})
     build_index(settings, migrate=True).close()
     with TestClient(create_app(settings)) as client:
         assert client.get("/health").json()["status"] == "ok"

@@ -80,7 +80,8 @@ def test_the_expectations_cover_every_file() -> None:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabRig, TestClient]]:
     """One inbox run over every file; the tests below read what it left."""
-    base = Settings(data_dir=tmp_path_factory.mktemp("lab") / "data")
+    # Authentication has its own tests (tests/security); here it would only add noise.
+    base = Settings(data_dir=tmp_path_factory.mktemp("lab") / "data", auth={"enabled": False})
     settings = lab_settings(base, critical={"K": {"high": 5.5}, "2345-7": {"low": 2.5}})
     rig_iter = make_rig(settings)
     rig = next(rig_iter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+from storage.index import schema_emr as _emr  # noqa: F401  (registers the issue-7 tables)
 from storage.index.schema import metadata
 
 config = context.config

@@ -1,0 +1,243 @@
+"""The action log on the index database: a hash chain appended from a background thread.
+
+Callers (C-STORE, C-FIND, MPPS, HTTP requests, lab files, signing) only
+:meth:`AuditLog.record` an :class:`~core.audit.AuditEntry`: a queue put that never
+blocks on the database and never raises. A writer thread takes everything queued in
+the last ``flush_interval_s`` and appends it in one transaction under the index's
+write lock: it reads the chain head (``audit_head``), links the batch
+(:func:`core.audit.chain`) and moves the head. If the database refuses, the batch is
+logged at ERROR and kept for the next attempt (up to ``max_pending`` entries) — an
+audit failure never delays or refuses an acknowledgement (STYLE.md §5), and a
+process that dies loses at most the last ``flush_interval_s`` of entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, select, update
+
+from core.audit import AuditEntry, ChainedEntry, ChainProblem, chain, verify_chain
+from core.settings import AuditSettings
+from storage.index import sqlite as _sqlite
+from storage.index.schema_emr import audit_events, audit_head
+
+__all__ = ["AuditLog", "AuditStore", "load_secret"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_secret(path: Path, *, size: int = 32) -> bytes:
+    """Read a random secret from ``path``, creating it (mode 0600) if it does not exist.
+
+    Several processes may start at once: ``O_EXCL`` makes exactly one of them write it.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        data = path.read_bytes()
+        if len(data) >= 16:
+            return data
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(size))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process won the race
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+class AuditStore:
+    """Read side of the log: entries in chain order, search, verification."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def head(self) -> tuple[int, str] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).first()
+        return (int(row.seq), str(row.hash)) if row is not None else None
+
+    def entries(self, *, chunk: int = 5000) -> Iterator[ChainedEntry]:
+        """Every entry in ``seq`` order, read in chunks."""
+        after = 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(audit_events)
+                    .where(audit_events.c.seq > after)
+                    .order_by(audit_events.c.seq)
+                    .limit(chunk)
+                ).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                yield ChainedEntry.from_row(row)
+            after = int(rows[-1]["seq"])
+
+    def verify(self) -> list[ChainProblem]:
+        """:func:`core.audit.verify_chain` over the whole log and its head."""
+        return verify_chain(self.entries(), self.head())
+
+    def search(
+        self,
+        *,
+        patient_key: str | None = None,
+        agent: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[ChainedEntry]:
+        """Entries matching every given criterion, newest first.
+
+        ``since``/``until`` compare ISO 8601 text (``recorded`` is UTC ``…Z``), so a date
+        ``2026-01-02`` bounds at midnight UTC.
+        """
+        cond: list[Any] = []
+        if patient_key:
+            cond.append(audit_events.c.patient_key == patient_key)
+        if agent:
+            cond.append(audit_events.c.agent == agent)
+        if since:
+            cond.append(audit_events.c.recorded >= since)
+        if until:
+            cond.append(audit_events.c.recorded < until)
+        query = select(audit_events).order_by(audit_events.c.seq.desc()).limit(limit).offset(offset)
+        if cond:
+            query = query.where(and_(*cond))
+        with self.engine.connect() as conn:
+            return [ChainedEntry.from_row(r) for r in conn.execute(query).mappings()]
+
+
+class AuditLog(AuditStore):
+    """Append side: :meth:`record` queues, a daemon thread writes batches."""
+
+    def __init__(self, engine: Engine, settings: AuditSettings, *, url: str = "") -> None:
+        super().__init__(engine)
+        self.settings = settings
+        self.enabled = settings.enabled
+        self._is_pg = engine.dialect.name == "postgresql"
+        self._lock = _sqlite.write_lock(url) if url.startswith("sqlite") else None
+        self._pending: collections.deque[AuditEntry] = collections.deque()
+        self._cond = threading.Condition()
+        self._flushes: list[threading.Event] = []
+        self._closed = False
+        self.dropped = 0
+        self._thread: threading.Thread | None = None
+
+    def _ensure_thread(self) -> None:
+        # Started lazily, so an AuditLog built before a fork runs its thread in the child.
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="pacslab-audit", daemon=True)
+            self._thread.start()
+
+    def record(self, entry: AuditEntry) -> None:
+        """Queue one entry; never blocks on I/O, never raises."""
+        if not self.enabled:
+            return
+        try:
+            stamped = entry.stamped()
+            with self._cond:
+                if len(self._pending) >= self.settings.max_pending:
+                    self.dropped += 1
+                    if self.dropped == 1 or self.dropped % 1000 == 0:
+                        logger.error("audit log backlog full: %d entries dropped", self.dropped)
+                    return
+                self._pending.append(stamped)
+                self._ensure_thread()
+                self._cond.notify()
+        except Exception:
+            logger.error("could not queue an audit entry", exc_info=True)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written; False if it could not be."""
+        if not self.enabled:
+            return True
+        done = threading.Event()
+        with self._cond:
+            if not self._pending:
+                return True
+            self._flushes.append(done)
+            self._ensure_thread()
+            self._cond.notify()
+        done.wait(timeout)
+        with self._cond:
+            return done.is_set() and not self._pending
+
+    def _release_flushes(self) -> None:
+        for ev in self._flushes:
+            ev.set()
+        self._flushes.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._release_flushes()
+                    self._cond.wait()
+                if not self._pending:  # closed and drained
+                    self._release_flushes()
+                    return
+                # Let a burst (a whole series over C-STORE) gather into one transaction.
+                self._cond.wait_for(lambda: bool(self._flushes) or self._closed,
+                                    timeout=self.settings.flush_interval_s)
+                batch = [self._pending.popleft()
+                         for _ in range(min(len(self._pending), self.settings.batch_max))]
+            try:
+                self.append(batch)
+            except Exception:
+                logger.error("audit log write failed; %d entries kept for retry", len(batch),
+                             exc_info=True)
+                with self._cond:
+                    self._pending.extendleft(reversed(batch))
+                    self._release_flushes()  # they see the backlog and report False
+                    if self._closed:
+                        logger.error("audit log closed with %d unwritten entries",
+                                     len(self._pending))
+                        return
+                    self._cond.wait(max(self.settings.flush_interval_s, 1.0))
+
+    def append(self, entries: list[AuditEntry]) -> list[ChainedEntry]:
+        """Append ``entries`` to the chain now, in one transaction (the writer thread's step)."""
+        if not entries:
+            return []
+        held = self._lock.held() if self._lock else contextlib.nullcontext()
+        with held, self.engine.begin() as conn:
+            query = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+            if self._is_pg:
+                query = query.with_for_update()  # serialises writers on every machine
+            head = conn.execute(query).first()
+            if head is None:
+                raise RuntimeError("audit_head row missing (migration 0004 not applied?)")
+            rows = chain(entries, last_seq=int(head.seq), last_hash=str(head.hash))
+            conn.execute(audit_events.insert(), [r.as_dict() for r in rows])
+            conn.execute(
+                update(audit_head)
+                .where(audit_head.c.id == 1)
+                .values(seq=rows[-1].seq, hash=rows[-1].hash)
+            )
+        return rows
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued and stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
