@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# PostgreSQL fixtures (a throwaway server per session when the binaries exist).
+from conftest_pg import pg_server, pg_url  # noqa: F401
+
 from core.settings import Settings
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
