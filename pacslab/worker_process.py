@@ -16,12 +16,11 @@ from pydicom import dcmread
 
 from core.instance import metadata_json
 from core.settings import Settings
-from pacslab.wiring import build_index
+from pacslab.wiring import build_index, build_originals
 from processing.integrity import verify_original
 from processing.tiling import convert_series
 from processing.worker import JobWorker
 from storage.abc import Job
-from storage.originals import FileOriginalStore
 
 __all__ = ["build_worker", "start_worker"]
 
@@ -40,9 +39,9 @@ def _jsonable(value: Any) -> Any:
 
 def build_worker(settings: Settings) -> JobWorker:
     index = build_index(settings, migrate=False)
-    assert settings.storage.originals_dir is not None
-    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
+    originals = build_originals(settings)
     zarr_root = settings.storage.zarr_url.rstrip("/")
+    storage_options = settings.storage.storage_options or None
     scheduler = settings.dask.scheduler or None
     workers = settings.dask.workers or None
 
@@ -56,11 +55,14 @@ def build_worker(settings: Settings) -> JobWorker:
 
     def series_job(job: Job) -> Mapping[str, Any]:
         members = index.series_instances(job.target)
+        # Object-store originals are downloaded to a local cache first (decoders read
+        # files); the dask workers must see that path (same machine, or shared disk).
         paths = [str(originals.path(i.blob_key)) for i in members]
         # One store per series and job: a re-run never rewrites tiles a viewer has
         # cached (tiles are immutable per store version, issue #6).
         out_url = f"{zarr_root}/{job.target}/{job.id}.zarr"
-        result = convert_series(paths, out_url, scheduler=scheduler, workers=workers)
+        result = convert_series(paths, out_url, scheduler=scheduler, workers=workers,
+                                storage_options=storage_options)
         logger.info("series %s: %d instances -> %d image(s) in %.2f s (%d failed)",
                     job.target, len(paths), len(result.images), result.seconds,
                     len(result.failed_instances))
