@@ -21,9 +21,9 @@ from multiprocessing.process import BaseProcess
 from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
-from pacslab.wiring import build_index, build_ingest
+from pacslab.wiring import build_index, build_ingest, staging_dir
 
-__all__ = ["DicomProcesses", "run_receiver"]
+__all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def run_receiver(
     ``started`` (for tests) receives the service once the receiver accepts connections.
     """
     index = build_index(settings, migrate=False)
-    service = build_ingest(settings, index)
+    service = build_ingest(settings, index,
+                           staging_name=receiver_staging_name(listener.getsockname()[1]))
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
     receiver = DicomReceiver(
         settings.dicom,
@@ -67,6 +68,12 @@ def run_receiver(
         receiver.stop()
         service.archive.close()
         index.close()
+
+
+def receiver_staging_name(port: int) -> str:
+    """This receiver's staging subdirectory: host and port, unique among receivers
+    sharing one originals directory, and the same again after a restart."""
+    return f"{socket.gethostname()}-{port}"
 
 
 def _other_dicom_services(settings: Settings, index: object) -> tuple[list, list]:  # type: ignore[type-arg]
@@ -110,8 +117,8 @@ class DicomProcesses:
     def _clear_staging(self) -> None:
         # Whatever is in staging was never acknowledged (a crash mid-receive): the SCU
         # got no success and will send it again. Only done before any receiver runs.
-        assert self.settings.storage.originals_dir is not None
-        staging = self.settings.storage.originals_dir / ".staging"
+        # Only our own subdirectory: other receivers on this store keep theirs.
+        staging = staging_dir(self.settings, receiver_staging_name(self.port))
         removed = 0
         for leftover in staging.glob("*"):
             if leftover.is_file():

@@ -32,10 +32,11 @@ def fsync_dir(path: Path) -> None:
 class FileOriginalStore:
     """:class:`storage.abc.OriginalStore` on a directory."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, staging: Path | None = None) -> None:
         self.root = root
         self.fsync = fsync
-        self._staging = root / ".staging"
+        # ``staging`` must be on the same file system (default ``<root>/.staging``).
+        self._staging = staging or root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 

@@ -33,6 +33,9 @@ import pytest
 __all__ = ["PgServer", "find_pg_bin", "pg_server", "pg_url"]
 
 _counter = itertools.count()
+# Read at import: the DICOM receiver later points tempfile.tempdir at its staging
+# directory (pynetdicom's chunked receive), where the postgres user cannot go.
+_TMP = tempfile.gettempdir()
 
 
 def find_pg_bin() -> Path | None:
@@ -70,7 +73,7 @@ class PgServer:
     def __init__(self, bin_dir: Path, *, port: int | None = None) -> None:
         self.bin_dir = bin_dir
         self.user = _run_as_user()
-        self.root = Path(tempfile.mkdtemp(prefix="pacslab-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="pacslab-pg-", dir=_TMP))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
         self.log = self.root / "server.log"
