@@ -37,13 +37,17 @@ _LOCK = text(
 def make_engine(url: str, *, busy_timeout_s: float) -> Engine:
     # lock_timeout bounds how long a writer waits, like SQLite's busy_timeout;
     # connect_timeout makes an unreachable server a quick 0xA700, not a hung C-STORE.
+    # synchronous_commit=on whatever the server's default: a C-STORE success is only
+    # sent after COMMIT, and with it off a server crash can undo acknowledged commits
+    # (the fault suite saw exactly that against a server configured with it off).
     return create_engine(
         url,
         pool_size=8,
         max_overflow=8,
         pool_pre_ping=True,
         connect_args={
-            "options": f"-c lock_timeout={int(busy_timeout_s * 1000)}",
+            "options": f"-c lock_timeout={int(busy_timeout_s * 1000)} "
+            "-c synchronous_commit=on",
             "connect_timeout": max(1, int(min(busy_timeout_s, 10))),
         },
     )
