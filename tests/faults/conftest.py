@@ -3,6 +3,7 @@ the figures each fault test reports at the end of the run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -108,8 +109,6 @@ def start_service(env: dict[str, str], *, timeout: float = 30) -> subprocess.Pop
 
 
 def with_suppressed_kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=10)
