@@ -21,6 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
+# Bound at import: later in a run, ``conftest`` in sys.modules may be another folder's.
+from conftest import dcmtk, run_dcmtk  # noqa: E402
+
 #: name -> figures, printed by pytest_terminal_summary (the closing note's numbers).
 FIGURES: dict[str, dict[str, Any]] = {}
 
@@ -64,8 +67,6 @@ _STATUS = re.compile(r"Received Store Response \((.+?)\)")
 def storescu_once(port: int, folder: Path, uid_of: dict[Path, str], acked: Acknowledged,
                   *, aet: str = "STORESCU", timeout: float = 60) -> int:
     """Send ``folder`` once with storescu -v; record each success; return its exit code."""
-    from conftest import dcmtk
-
     proc = subprocess.Popen([dcmtk("storescu"), "-v", "-aet", aet, "-to", "10", "-ta", "10",
                              "-td", "10", "+sd", "127.0.0.1", str(port), str(folder)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -91,8 +92,6 @@ def storescu_once(port: int, folder: Path, uid_of: dict[Path, str], acked: Ackno
 
 
 def start_service(env: dict[str, str], *, timeout: float = 30) -> subprocess.Popen[bytes]:
-    from conftest import run_dcmtk
-
     proc = subprocess.Popen([sys.executable, "-m", "pacslab", "dicom"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
