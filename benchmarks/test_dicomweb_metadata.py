@@ -47,7 +47,8 @@ def stored_series(
     n = _slices(request)
     for key in [k for k in os.environ if k.startswith("PACSLAB_")]:
         monkeypatch.delenv(key)
-    cfg = Settings(data_dir=tmp_path / "data", storage={"fsync": False})
+    # Authentication is measured by its own tests; here only the metadata path counts.
+    cfg = Settings(data_dir=tmp_path / "data", storage={"fsync": False}, auth={"enabled": False})
     SqlIndex(cfg.index).close()
     app = create_app(cfg)
     archive, index = app.state.archive, app.state.index

@@ -65,6 +65,7 @@ def test_drop_to_visible_latency(
     settings = Settings(
         data_dir=tmp_path / "data",
         ingest=IngestSettings(lab_stable_s=stable_s, lab_rescan_s=5.0),
+        auth={"enabled": False},  # measured by tests/security; here only drop-to-visible
     )
     build_index(settings, migrate=True).close()
     watcher, release = build_lab_watcher(settings)

@@ -61,13 +61,35 @@ class IndexSettings(BaseModel):
 
 
 class StorageSettings(BaseModel):
-    """Where originals and Zarr pyramids live. Empty means under ``data_dir``."""
+    """Where originals and Zarr pyramids live. Empty means under ``data_dir``.
+
+    Both may be object storage: ``originals_url`` / ``zarr_url`` as fsspec URLs
+    (``s3://bucket/prefix``), with ``storage_options`` handed to fsspec (for S3:
+    ``endpoint_url``, ``client_kwargs``…; credentials come from the usual
+    ``AWS_*`` environment variables, not from here). The local file system stays the
+    embedded default; received files are staged under ``originals_dir`` either way.
+    """
 
     originals_dir: Path | None = None
+    #: ``s3://bucket/originals`` (any fsspec URL) to keep originals in object storage.
+    originals_url: str = ""
     zarr_url: str = ""
+    #: fsspec options for object-store URLs, e.g. ``{"endpoint_url": "http://…:9000"}``.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
     quarantine_dir: Path | None = None
     #: fsync every acknowledged file. Only tests of throughput without it turn it off.
     fsync: bool = True
+
+    @field_validator("originals_url", "zarr_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        # A typo such as "s3:/bucket" would otherwise become a local directory.
+        scheme, sep, rest = value.partition("://")
+        if sep and (not scheme.isidentifier() or not rest.strip("/")):
+            raise ValueError(f"not a storage URL: {value!r}")
+        if value and not sep and value.startswith(("s3:", "gs:", "az:")):
+            raise ValueError(f"storage URL needs '://': {value!r}")
+        return value
 
 
 class DicomSettings(BaseModel):

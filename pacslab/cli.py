@@ -117,8 +117,9 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     from core.auth import SCOPES
 
     if not settings.auth.is_local:
-        print("an identity provider is configured (auth.jwks_*): get tokens from it",
-              file=sys.stderr)
+        print(
+            "an identity provider is configured (auth.jwks_*): get tokens from it", file=sys.stderr
+        )
         return 2
     unknown = sorted(set(args.scopes) - set(SCOPES))
     if unknown:
@@ -144,8 +145,11 @@ def cmd_apikey(settings: Settings, args: argparse.Namespace) -> int:
                 print(exc, file=sys.stderr)
                 return 2
             print(key)
-            print("shown once: store it in the device; send it as 'X-API-Key: <key>' or "
-                  "'Authorization: Bearer <key>'", file=sys.stderr)
+            print(
+                "shown once: store it in the device; send it as 'X-API-Key: <key>' or "
+                "'Authorization: Bearer <key>'",
+                file=sys.stderr,
+            )
         elif args.action == "list":
             for rec in store.list():
                 state = "revoked" if rec.revoked else "active"
@@ -202,8 +206,10 @@ def cmd_verify_signature(settings: Settings, args: argparse.Namespace) -> int:
         print(f"INVALID: {exc}")
         return 1
     cert = load_certificate(args.cert)
-    print(f"valid: signed {header.get('sigT', '?')} with {header['alg']} by "
-          f"{cert.subject.rfc4514_string()}")
+    print(
+        f"valid: signed {header.get('sigT', '?')} with {header['alg']} by "
+        f"{cert.subject.rfc4514_string()}"
+    )
     return 0
 
 
@@ -230,17 +236,25 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
 
                 print(json.dumps([asdict(r) for r in rows], indent=1))
             else:
-                print(f"{added} new studies classified; {len(rows)} records past retention "
-                      f"on {today.isoformat()}:")
+                print(
+                    f"{added} new studies classified; {len(rows)} records past retention "
+                    f"on {today.isoformat()}:"
+                )
                 for r in rows:
-                    print(f"  {r.target_kind:6} {r.target_id}  {r.years} y ({r.rule}) "
-                          f"expired {r.expires_on}")
+                    print(
+                        f"  {r.target_kind:6} {r.target_id}  {r.years} y ({r.rule}) "
+                        f"expired {r.expires_on}"
+                    )
             return 0
         if args.action == "set":
             row = store.get("study", args.study)
             ref = dt.date.fromisoformat(row.reference_date) if row else today
-            store.set("study", args.study, RetentionDecision(args.years, args.rule,
-                                                              add_years(ref, args.years)), ref)
+            store.set(
+                "study",
+                args.study,
+                RetentionDecision(args.years, args.rule, add_years(ref, args.years)),
+                ref,
+            )
             print(f"study {args.study}: {args.years} years from {ref.isoformat()}")
             return 0
         assert settings.storage.originals_dir is not None
@@ -276,9 +290,11 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
         print("usage: pacslab backup DEST", file=sys.stderr)
         return 2
     report = backup(settings, Path(args.target[0]), link_dest=args.link_dest)
-    print(f"backup {report.dest}: {report.files} files ({report.linked} linked), "
-          f"{report.bytes} bytes, {report.instances} instances, in {report.seconds:.1f} s; "
-          f"manifest sha256 {report.manifest_sha256}")
+    print(
+        f"backup {report.dest}: {report.files} files ({report.linked} linked), "
+        f"{report.bytes} bytes, {report.instances} instances, in {report.seconds:.1f} s; "
+        f"manifest sha256 {report.manifest_sha256}"
+    )
     return 0
 
 
@@ -293,8 +309,10 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     restored = Settings(data_dir=args.data_dir)
     _prepare(restored)
-    print(f"restored {manifest['instances']} instances into {args.data_dir}; start it with "
-          f"PACSLAB_DATA_DIR={args.data_dir} pacslab serve")
+    print(
+        f"restored {manifest['instances']} instances into {args.data_dir}; start it with "
+        f"PACSLAB_DATA_DIR={args.data_dir} pacslab serve"
+    )
     return 0
 
 
@@ -319,8 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
     token = sub.add_parser("token", help="print a bearer token from the embedded issuer")
-    token.add_argument("--scopes", nargs="+", required=True,
-                       help="e.g. imaging.read lab.read orders.write results.sign admin")
+    token.add_argument(
+        "--scopes",
+        nargs="+",
+        required=True,
+        help="e.g. imaging.read lab.read orders.write results.sign admin",
+    )
     token.add_argument("--subject", default="operator", help="the sub claim (who)")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
 
@@ -336,13 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the hash-chained action log")
     audit.add_argument("action", choices=["verify", "export"])
 
-    verify = sub.add_parser("verify-signature",
-                            help="verify a signed report with the certificate alone")
+    verify = sub.add_parser(
+        "verify-signature", help="verify a signed report with the certificate alone"
+    )
     verify.add_argument("report", type=Path, help="the signed bytes (GET …/_history/N)")
     verify.add_argument("signature", type=Path, help="the detached JWS (header..signature)")
     verify.add_argument("--cert", type=Path, required=True, help="hospital certificate (PEM)")
-    verify.add_argument("--canonicalize", action="store_true",
-                        help="canonicalize report.json (RFC 8785) first, e.g. a pretty copy")
+    verify.add_argument(
+        "--canonicalize",
+        action="store_true",
+        help="canonicalize report.json (RFC 8785) first, e.g. a pretty copy",
+    )
 
     retention = sub.add_parser("retention", help="retention classes and expiry")
     ret_sub = retention.add_subparsers(dest="action", required=True)
@@ -360,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     backup = sub.add_parser("backup", help="backup DEST | backup verify DEST")
     backup.add_argument("target", nargs="+", metavar="DEST")
-    backup.add_argument("--link-dest", type=Path, default=None,
-                        help="an earlier backup: unchanged originals are hard-linked")
+    backup.add_argument(
+        "--link-dest",
+        type=Path,
+        default=None,
+        help="an earlier backup: unchanged originals are hard-linked",
+    )
 
     restore = sub.add_parser("restore", help="rebuild an instance from a backup")
     restore.add_argument("source", type=Path)

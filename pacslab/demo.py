@@ -55,8 +55,12 @@ def _demo_token(settings: Settings) -> str:
         return ""
     from api.keys import issue_token
 
-    return issue_token(settings.auth, subject="demo", ttl_s=8 * 3600,
-                       scopes=["imaging.read", "lab.read", "orders.read", "admin"])
+    return issue_token(
+        settings.auth,
+        subject="demo",
+        ttl_s=8 * 3600,
+        scopes=["imaging.read", "lab.read", "orders.read", "admin"],
+    )
 
 
 def _metrics(port: int, token: str = "") -> dict[str, float]:
@@ -81,8 +85,9 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
         console.print(f"Using the pacslab already running on ports {dicom_port}/{http_port}.")
     else:
         console.print(f"Starting [bold]pacslab serve[/] (data in {settings.data_dir}) …")
-        server = subprocess.Popen([sys.executable, "-m", "pacslab", "serve"],
-                                  env=dict(os.environ), start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pacslab", "serve"], env=dict(os.environ), start_new_session=True
+        )
         deadline = time.monotonic() + 90
         while not (_echo(dicom_port) and _http_ok(http_port)):
             if server.poll() is not None or time.monotonic() > deadline:
@@ -92,10 +97,16 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
     try:
         token = _demo_token(settings)
         before = _metrics(http_port, token).get("pacslab_instances", 0)
-        with tempfile.TemporaryDirectory() as tmp, Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=console,
-        ) as progress:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress,
+        ):
             gen = progress.add_task("Generating CT slices", total=slices)
             files = write_ct_series(Path(tmp), slices=slices, accession_number="DEMO0001")
             progress.update(gen, completed=slices)
@@ -119,8 +130,10 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
                 m = _metrics(http_port, token)
                 stored = m.get("pacslab_instances", 0) - before
                 pending = m.get("pacslab_jobs_pending", 0) + m.get("pacslab_jobs_running", 0)
-                progress.update(index, completed=min(stored, slices) if pending == 0 else
-                                max(0, stored - pending))
+                progress.update(
+                    index,
+                    completed=min(stored, slices) if pending == 0 else max(0, stored - pending),
+                )
                 if stored >= slices and pending == 0:
                     break
                 time.sleep(0.5)
@@ -128,15 +141,18 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
         console.print(f"\n[green]{slices - failed} of {slices} slices stored.[/] Where to look:")
         console.print(f"  viewer         {base}/viewer")
         console.print(f"  DICOMweb study {base}/dicomweb/studies/{study}/series")
-        console.print(f"  FHIR           {base}/fhir/ImagingStudy?identifier=urn:dicom:uid|"
-                      f"urn:oid:{study}")
+        console.print(
+            f"  FHIR           {base}/fhir/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{study}"
+        )
         console.print(f"  API docs       {base}/docs   metrics {base}/metrics")
         console.print(f"  DICOM          AE {settings.dicom.ae_title} on port {dicom_port}")
         console.print(f"  files          {settings.data_dir.resolve()}")
         if token:
-            console.print("  token (8 h; imaging.read lab.read orders.read admin):\n"
-                          f"    Authorization: Bearer {token}\n"
-                          "  more with: pacslab token --scopes imaging.read …")
+            console.print(
+                "  token (8 h; imaging.read lab.read orders.read admin):\n"
+                f"    Authorization: Bearer {token}\n"
+                "  more with: pacslab token --scopes imaging.read …"
+            )
         if failed:
             return 1
         if keep_running and server is not None:

@@ -24,10 +24,10 @@ from pynetdicom.presentation import PresentationContext
 from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
-from pacslab.wiring import build_index, build_ingest, build_order_service
+from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
 from storage.index.sql import SqlIndex
 
-__all__ = ["DicomProcesses", "run_receiver"]
+__all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,18 @@ def run_receiver(
     ``started`` (for tests) receives the service once the receiver accepts connections.
     """
     index = build_index(settings, migrate=False)
-    service = build_ingest(settings, index)
+    service = build_ingest(
+        settings, index, staging_name=receiver_staging_name(listener.getsockname()[1])
+    )
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
     # Queries and procedure steps served by pynetdicom are logged too (issue 7 §2).
     from ingest.dicom.audit import dimse_audit_handlers
 
     if service.audit is not None:
-        extra_handlers = [*extra_handlers,
-                          *dimse_audit_handlers(service.audit, service.patient_secret)]
+        extra_handlers = [
+            *extra_handlers,
+            *dimse_audit_handlers(service.audit, service.patient_secret),
+        ]
     receiver = DicomReceiver(
         settings.dicom,
         service,
@@ -78,6 +82,12 @@ def run_receiver(
         service.close()
         service.archive.close()
         index.close()
+
+
+def receiver_staging_name(port: int) -> str:
+    """This receiver's staging subdirectory: host and port, unique among receivers
+    sharing one originals directory, and the same again after a restart."""
+    return f"{socket.gethostname()}-{port}"
 
 
 def _other_dicom_services(
@@ -141,8 +151,8 @@ class DicomProcesses:
     def _clear_staging(self) -> None:
         # Whatever is in staging was never acknowledged (a crash mid-receive): the SCU
         # got no success and will send it again. Only done before any receiver runs.
-        assert self.settings.storage.originals_dir is not None
-        staging = self.settings.storage.originals_dir / ".staging"
+        # Only our own subdirectory: other receivers on this store keep theirs.
+        staging = staging_dir(self.settings, receiver_staging_name(self.port))
         removed = 0
         for leftover in staging.glob("*"):
             if leftover.is_file():

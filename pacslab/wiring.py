@@ -13,8 +13,18 @@ from storage.audit import AuditLog, load_secret
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
 from storage.orders import OrderService
+from storage.originals import open_originals as build_originals
+from storage.originals import staging_dir
 
-__all__ = ["build_archive", "build_audit", "build_index", "build_ingest", "build_order_service"]
+__all__ = [
+    "build_archive",
+    "build_audit",
+    "build_index",
+    "build_ingest",
+    "build_order_service",
+    "build_originals",
+    "staging_dir",
+]
 
 
 def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
@@ -24,21 +34,31 @@ def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
     return SqlIndex(section)
 
 
-def build_archive(settings: Settings, index: SqlIndex | None = None) -> Archive:
-    return Archive.from_settings(settings, index or build_index(settings))
+def build_archive(
+    settings: Settings, index: SqlIndex | None = None, *, staging_name: str = ""
+) -> Archive:
+    return Archive.from_settings(
+        settings, index or build_index(settings), staging_name=staging_name
+    )
 
 
 def build_audit(settings: Settings, index: SqlIndex) -> tuple[AuditLog, bytes]:
     """The action log on ``index``'s database and the patient-reference secret."""
     assert settings.audit.patient_key_file is not None
-    return (AuditLog(index.engine, settings.audit, url=index.url),
-            load_secret(settings.audit.patient_key_file))
+    return (
+        AuditLog(index.engine, settings.audit, url=index.url),
+        load_secret(settings.audit.patient_key_file),
+    )
 
 
-def build_ingest(settings: Settings, index: SqlIndex | None = None) -> IngestService:
+def build_ingest(
+    settings: Settings, index: SqlIndex | None = None, *, staging_name: str = ""
+) -> IngestService:
     idx = index or build_index(settings)
     audit, secret = build_audit(settings, idx)
-    return IngestService(build_archive(settings, idx), audit=audit, patient_secret=secret)
+    return IngestService(
+        build_archive(settings, idx, staging_name=staging_name), audit=audit, patient_secret=secret
+    )
 
 
 def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:

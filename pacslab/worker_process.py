@@ -18,14 +18,13 @@ from pydicom import dcmread
 from core.errors import NotFoundError
 from core.instance import metadata_json
 from core.settings import Settings
-from pacslab.wiring import build_index, build_order_service
+from pacslab.wiring import build_index, build_order_service, build_originals
 from processing.integrity import verify_original
 from processing.orders import order_keys, status_notice
 from processing.tiling import convert_series
 from processing.webhook import post_json
 from processing.worker import JobWorker
 from storage.abc import Job
-from storage.originals import FileOriginalStore
 
 __all__ = ["build_worker", "start_worker"]
 
@@ -44,9 +43,9 @@ def _jsonable(value: Any) -> Any:
 
 def build_worker(settings: Settings) -> JobWorker:
     index = build_index(settings, migrate=False)
-    assert settings.storage.originals_dir is not None
-    originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
+    originals = build_originals(settings)
     zarr_root = settings.storage.zarr_url.rstrip("/")
+    storage_options = settings.storage.storage_options or None
     scheduler = settings.dask.scheduler or None
     workers = settings.dask.workers or None
 
@@ -73,11 +72,15 @@ def build_worker(settings: Settings) -> JobWorker:
         if not members:
             return {"instances": 0}
         link = orders.reconcile(members[0].study_instance_uid)
+        # Object-store originals are downloaded to a local cache first (decoders read
+        # files); the dask workers must see that path (same machine, or shared disk).
         paths = [str(originals.path(i.blob_key)) for i in members]
         # One store per series and job: a re-run never rewrites tiles a viewer has
         # cached (tiles are immutable per store version, issue #6).
         out_url = f"{zarr_root}/{job.target}/{job.id}.zarr"
-        result = convert_series(paths, out_url, scheduler=scheduler, workers=workers)
+        result = convert_series(
+            paths, out_url, scheduler=scheduler, workers=workers, storage_options=storage_options
+        )
         logger.info(
             "series %s: %d instances -> %d image(s) in %.2f s (%d failed)",
             job.target,

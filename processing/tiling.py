@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -162,11 +162,24 @@ def enable_zarrs() -> bool:
     return True
 
 
-def _open_level(image_url: str, level: int) -> Any:
+def _store_kwargs(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` for zarr when ``url`` is an fsspec URL (``s3://…``).
+
+    zarr opens such URLs with its ``FsspecStore``; it refuses options for local paths.
+    """
+    if storage_options and "://" in url and not url.startswith("file://"):
+        return {"storage_options": dict(storage_options)}
+    return {}
+
+
+def _open_level(image_url: str, level: int,
+                storage_options: Mapping[str, Any] | None = None) -> Any:
     import zarr
 
     enable_zarrs()
-    return zarr.open_array(f"{image_url}/{level}", mode="r+", zarr_format=3)
+    url = f"{image_url}/{level}"
+    return zarr.open_array(url, mode="r+", zarr_format=3,
+                           **_store_kwargs(url, storage_options))
 
 
 # ---------------------------------------------------------------- reading planes
@@ -253,10 +266,12 @@ class _Job:
     samples: int
     dtype: str
     plan: PyramidPlan
+    #: fsspec options (endpoint, credentials) when ``image_url`` is an object store URL.
+    storage_options: Mapping[str, Any] | None = None
 
 
 def _write(job: _Job, level: int, region: Region, block: np.ndarray) -> None:
-    arr = _open_level(job.image_url, level)
+    arr = _open_level(job.image_url, level, job.storage_options)
     arr[_selection(region, job.kind, job.samples)] = _to_array_order(block, job.kind,
                                                                      job.samples)
 
@@ -364,7 +379,8 @@ class _Prepared:
     jobs: list[tuple[_Job, _StackSource, Stack, list[str]]] = field(default_factory=list)
 
 
-def _prepare(paths: Sequence[str | os.PathLike[str]], out_url: str) -> _Prepared:
+def _prepare(paths: Sequence[str | os.PathLike[str]], out_url: str,
+             storage_options: Mapping[str, Any] | None = None) -> _Prepared:
     import zarr
 
     enable_zarrs()
@@ -381,7 +397,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], out_url: str) -> _Prepared
         return prep
     by_path = {i.path: i for i in infos}
     prep.stacks = build_stacks([ref for i in infos for ref in _plane_refs(i)])
-    root = zarr.create_group(store=prep.out_url, zarr_format=3, overwrite=True)
+    root = zarr.create_group(store=prep.out_url, zarr_format=3, overwrite=True,
+                             **_store_kwargs(prep.out_url, storage_options))
     for n, stack in enumerate(prep.stacks):
         members = [by_path[p.key] for p in stack.planes]
         first = members[0]
@@ -394,7 +411,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]], out_url: str) -> _Prepared
             first = _with_dtype(first, dtype)
         warnings = [*stack.warnings, *notes]
         create_image(root, str(n), stack, plan, first, warnings=warnings)
-        job = _Job(f"{prep.out_url}/{n}", stack.kind, samples, dtype, plan)
+        job = _Job(f"{prep.out_url}/{n}", stack.kind, samples, dtype, plan,
+                   dict(storage_options) if storage_options else None)
         source = _StackSource(tuple((by_path[p.key], p.frame) for p in stack.planes),
                               dtype, samples, stack.shape[1], stack.shape[2])
         prep.jobs.append((job, source, stack, warnings))
@@ -426,6 +444,7 @@ def convert_many(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[ConversionResult]:
     """Convert several series in one task graph, so shards of all run in parallel.
 
@@ -438,6 +457,9 @@ def convert_many(
         ``distributed`` scheduler address such as ``tcp://127.0.0.1:8786``.
     workers
         Local thread count (default: one per core).
+    storage_options
+        fsspec options (e.g. ``endpoint_url``) for ``out_url`` values that are object
+        store URLs such as ``s3://bucket/prefix``; ignored for local paths.
 
     Returns
     -------
@@ -450,7 +472,7 @@ def convert_many(
         No instance of a series could be read.
     """
     start = time.perf_counter()
-    preps = [_prepare(paths, out_url) for paths, out_url in series]
+    preps = [_prepare(paths, out_url, storage_options) for paths, out_url in series]
     for prep in preps:
         if not prep.infos:
             reasons = "; ".join(r for _, r in prep.failed) or "no instances given"
@@ -501,14 +523,16 @@ def convert_many(
             warnings=notes + tuple(w for img in images for w in img.warnings),
             seconds=time.perf_counter() - start,
         ))
-        _write_summary(results[-1])
+        _write_summary(results[-1], storage_options)
     return results
 
 
-def _write_summary(result: ConversionResult) -> None:
+def _write_summary(result: ConversionResult,
+                   storage_options: Mapping[str, Any] | None = None) -> None:
     import zarr
 
-    root = zarr.open_group(result.store_path, mode="r+", zarr_format=3)
+    root = zarr.open_group(result.store_path, mode="r+", zarr_format=3,
+                           **_store_kwargs(result.store_path, storage_options))
     root.attrs["pacslab"] = {
         "study_instance_uid": result.study_instance_uid,
         "series_instance_uid": result.series_instance_uid,
@@ -523,6 +547,7 @@ def convert_series(
     *,
     scheduler: str | None = None,
     workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ConversionResult:
     """Convert one series (any arrival order) into OME-Zarr images, one per stack.
 
@@ -535,12 +560,13 @@ def convert_series(
     paths
         Part-10 files of one series.
     out_url
-        Zarr v3 store root (a directory path or a URL zarr understands);
-        replaced if it exists.
-    scheduler, workers
+        Zarr v3 store root: a directory path, or an fsspec URL (``s3://bucket/x.zarr``)
+        that zarr opens with its ``FsspecStore``; replaced if it exists.
+    scheduler, workers, storage_options
         See :func:`convert_many`.
     """
-    return convert_many([(paths, out_url)], scheduler=scheduler, workers=workers)[0]
+    return convert_many([(paths, out_url)], scheduler=scheduler, workers=workers,
+                        storage_options=storage_options)[0]
 
 
 def convert_instance(

@@ -97,11 +97,15 @@ class OriginalStore(Protocol):
         """Move a fully written, fsync'ed staged file into place under ``key``.
 
         Returns False when the key already existed (the staged file is removed).
-        The rename is durable (parent directory fsync'ed) when this returns.
+        The original is durable when this returns: on a file system the rename and
+        its parent directory are fsync'ed; in object storage the PUT has succeeded
+        (and the staged file is removed).
         """
         ...
 
-    def path(self, key: str) -> Path: ...
+    def path(self, key: str) -> Path:
+        """A local file of the original (a cached download when not ``has_local_paths``)."""
+        ...
 
     def open(self, key: str) -> BinaryIO: ...
 

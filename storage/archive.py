@@ -161,15 +161,15 @@ class Archive:
         self._committer.start()
 
     @classmethod
-    def from_settings(cls, settings: Settings, index: MetadataIndex) -> Archive:
+    def from_settings(
+        cls, settings: Settings, index: MetadataIndex, *, staging_name: str = ""
+    ) -> Archive:
         """The archive of ``settings``' stores over ``index`` (C-STORE and STOW alike)."""
-        from storage.originals import FileOriginalStore
+        from storage.originals import open_originals
 
-        assert settings.storage.originals_dir is not None
         assert settings.storage.quarantine_dir is not None
-        originals = FileOriginalStore(settings.storage.originals_dir, fsync=settings.storage.fsync)
         return cls(
-            originals,
+            open_originals(settings, staging_name=staging_name),
             index,
             quarantine=settings.storage.quarantine_dir,
             fsync=settings.storage.fsync,

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.errors import NotFoundError, OutOfResourcesError
+from core.settings import Settings
+from storage.abc import OriginalStore
 
-__all__ = ["FileOriginalStore", "fsync_dir"]
+__all__ = ["FileOriginalStore", "fsync_dir", "open_originals", "staging_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,10 +34,11 @@ def fsync_dir(path: Path) -> None:
 class FileOriginalStore:
     """:class:`storage.abc.OriginalStore` on a directory."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, staging: Path | None = None) -> None:
         self.root = root
         self.fsync = fsync
-        self._staging = root / ".staging"
+        # ``staging`` must be on the same file system (default ``<root>/.staging``).
+        self._staging = staging or root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
@@ -87,3 +90,41 @@ class FileOriginalStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+def staging_dir(settings: Settings, name: str = "") -> Path:
+    """Where received files are staged: ``<originals_dir>/.staging[/<name>]``.
+
+    Receivers that share one originals directory (several hosts, or ports, on one
+    store) each stage in their own ``name``d subdirectory, so that one receiver's
+    start-up clean-up never removes another's files in flight.
+    """
+    assert settings.storage.originals_dir is not None
+    root = settings.storage.originals_dir / ".staging"
+    return root / name if name else root
+
+
+def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalStore:
+    """Originals on the local file system (default), or in object storage when
+    ``storage.originals_url`` is an fsspec URL; staging stays local either way."""
+    storage = settings.storage
+    assert storage.originals_dir is not None
+    staging = staging_dir(settings, staging_name)
+    url = storage.originals_url
+    if url.startswith("file://"):
+        root = Path(url.removeprefix("file://"))
+        return FileOriginalStore(
+            root,
+            fsync=storage.fsync,
+            staging=root / ".staging" / staging_name if staging_name else None,
+        )
+    if url:
+        from storage.objectstore import ObjectOriginalStore
+
+        return ObjectOriginalStore(
+            url,
+            staging=staging,
+            cache=storage.originals_dir / ".cache",
+            storage_options=storage.storage_options,
+        )
+    return FileOriginalStore(storage.originals_dir, fsync=storage.fsync, staging=staging)

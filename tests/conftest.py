@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+# PostgreSQL fixtures (a throwaway server per session when the binaries exist).
+from conftest_pg import pg_server, pg_url  # noqa: F401
+
+# A local S3-compatible server (moto) when moto[server] and s3fs are installed.
+from conftest_s3 import s3_bucket, s3_endpoint  # noqa: F401
+
 from core.settings import Settings
 from tests.support import Receiver
 

@@ -33,6 +33,10 @@ __all__ = ["MetadataRow", "SqlIndex"]
 logger = logging.getLogger(__name__)
 
 
+#: Tries of one write transaction that a concurrent writer made fail (PostgreSQL).
+_ATTEMPTS = 5
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -163,6 +167,8 @@ class SqlIndex:
 
             Path(settings.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self._upsert = dialect.upsert
+        self._lock_keys = dialect.lock_keys
+        self._is_retryable = dialect.is_retryable
         self.engine: Engine = dialect.make_engine(
             settings.url, busy_timeout_s=settings.busy_timeout_s
         )
@@ -190,12 +196,22 @@ class SqlIndex:
     def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
         if not items:
             return []
-        try:
-            with self._write() as conn:
-                outcomes, added = self._add(conn, items)
-        except (OperationalError, DBAPIError) as exc:
-            logger.error("index write failed: %s", type(exc.orig).__name__ if exc.orig else exc)
-            raise OutOfResourcesError("index unavailable") from exc
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self._write() as conn:
+                    outcomes, added = self._add(conn, items)
+                break
+            except (OperationalError, DBAPIError) as exc:
+                if attempt < _ATTEMPTS and self._is_retryable(exc):
+                    # Another receiver's transaction on the same rows won; ours sees
+                    # its result on the next try (a duplicate, or the next version).
+                    logger.info("index write retried after %s", type(exc.orig).__name__)
+                    time.sleep(0.01 * attempt)
+                    continue
+                logger.error(
+                    "index write failed: %s", type(exc.orig).__name__ if exc.orig else exc
+                )
+                raise OutOfResourcesError("index unavailable") from exc
         if len(self._series_cache) > 10_000:
             self._series_cache.clear()
         self._series_cache.update(added)
@@ -234,10 +250,14 @@ class SqlIndex:
     ) -> tuple[list[AddOutcome], dict[str, int]]:
         now = _now()
         series_pk: dict[str, int] = {}
+        # Concurrent receivers of the same instance queue here, before any row lock
+        # (PostgreSQL; see storage/index/postgres.py).
+        self._lock_keys(conn, (i.record.sop_instance_uid for i in items))
         # Patient/study/series rows are written once per series: a series this process
         # has already indexed needs no upsert at all (its pk is cached), which keeps a
-        # single-instance transaction to two INSERTs.
-        for item in items:
+        # single-instance transaction to two INSERTs. Sorted, so that two transactions
+        # take the row locks of the same series in the same order.
+        for item in sorted(items, key=lambda i: i.record.series_instance_uid):
             rec = item.record
             uid = rec.series_instance_uid
             if uid in series_pk:
@@ -430,6 +450,8 @@ class SqlIndex:
         """Queue a job unless an unfinished one for the same target exists."""
         now = _now()
         with self._write() as conn:
+            # Two workers' roll-ups must not both queue the same series (PostgreSQL).
+            self._lock_keys(conn, [f"job:{kind}:{target}"])
             pending = conn.execute(
                 select(jobs.c.id).where(
                     and_(

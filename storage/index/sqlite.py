@@ -26,7 +26,15 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-__all__ = ["READ_ONLY", "WriteLock", "make_engine", "upsert", "write_lock"]
+__all__ = [
+    "READ_ONLY",
+    "WriteLock",
+    "is_retryable",
+    "lock_keys",
+    "make_engine",
+    "upsert",
+    "write_lock",
+]
 
 #: Execution option of connections that only read (see ``_on_begin``).
 READ_ONLY = "pacslab_read_only"
@@ -100,3 +108,12 @@ def make_engine(url: str, *, busy_timeout_s: float) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def lock_keys(conn: Any, keys: Any) -> None:
+    """No-op: ``BEGIN IMMEDIATE`` already serialises SQLite's writers."""
+
+
+def is_retryable(exc: Any) -> bool:
+    """SQLite's lock waits happen inside busy_timeout; nothing to retry here."""
+    return False

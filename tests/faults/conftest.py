@@ -1,0 +1,111 @@
+"""Fault-injection helpers (issue #8 §5): a ``pacslab dicom`` service, load senders and
+the figures each fault test reports at the end of the run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import dcmtk, run_dcmtk
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: name -> figures, printed by pytest_terminal_summary (the closing note's numbers).
+FIGURES: dict[str, dict[str, Any]] = {}
+
+
+def report(name: str, **figures: Any) -> None:
+    FIGURES[name] = figures
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
+                            ) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("fault injection figures")
+    for name, figures in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in
+                                                            figures.items()))
+
+
+@dataclass
+class Acknowledged:
+    """What the senders were told: SOP Instance UIDs acknowledged with success."""
+
+    uids: set[str] = field(default_factory=set)
+    errors: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, uid: str) -> None:
+        with self.lock:
+            self.uids.add(uid)
+
+    def error(self, kind: str) -> None:
+        with self.lock:
+            self.errors[kind] += 1
+
+
+_SENDING = re.compile(r"I: Sending file: (.+)$")
+_SUCCESS = re.compile(r"Received Store Response \(Success\)")
+_STATUS = re.compile(r"Received Store Response \((.+?)\)")
+
+
+def storescu_once(port: int, folder: Path, uid_of: dict[Path, str], acked: Acknowledged,
+                  *, aet: str = "STORESCU", timeout: float = 60) -> int:
+    """Send ``folder`` once with storescu -v; record each success; return its exit code."""
+    proc = subprocess.Popen([dcmtk("storescu"), "-v", "-aet", aet, "-to", "10", "-ta", "10",
+                             "-td", "10", "+sd", "127.0.0.1", str(port), str(folder)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "TCP_NODELAY": "1"})
+    assert proc.stderr is not None
+    current: Path | None = None
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        line = line.rstrip()
+        if (m := _SENDING.search(line)) is not None:
+            current = Path(m.group(1).strip()).resolve()
+        elif _SUCCESS.search(line) and current is not None:
+            acked.add(uid_of[current])
+            current = None
+        elif (m := _STATUS.search(line)) is not None:
+            acked.error(f"store status {m.group(1)}")
+        if time.monotonic() > deadline:
+            proc.kill()
+    code = proc.wait(timeout=30)
+    if code != 0:
+        acked.error("storescu association failed")
+    return code
+
+
+def start_service(env: dict[str, str], *, timeout: float = 30) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "pacslab", "dicom"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run_dcmtk(["echoscu", "-to", "2", "127.0.0.1", env["PACSLAB_DICOM__PORT"]],
+                     nodelay=True, timeout=10).returncode == 0:
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    with_suppressed_kill(proc)
+    raise AssertionError("pacslab dicom did not start")
+
+
+def with_suppressed_kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
