@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
+from api.routes import tiles, viewer
 from core.settings import Settings
 from storage.index.sql import SqlIndex
 
@@ -32,6 +33,10 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.index = idx
+    app.include_router(tiles.iiif_router)
+    app.include_router(tiles.dzi_router)
+    app.include_router(viewer.router)
+    viewer.mount_static(app)
 
     @app.get("/health", tags=["ops"])
     def health() -> dict[str, object]:
@@ -44,6 +49,6 @@ def create_app(settings: Settings, *, index: SqlIndex | None = None) -> FastAPI:
         for name, value in sorted(idx.counts().items()):
             metric = f"pacslab_{name}"
             lines.append(f"# TYPE {metric} gauge\n{metric} {value}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + tiles.tile_service_of(app).latency.exposition()
 
     return app
