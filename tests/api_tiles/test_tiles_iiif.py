@@ -16,11 +16,10 @@ import pytest
 import zarr
 from fastapi.testclient import TestClient
 from PIL import Image
+from tiles_data import COLUMNS, ROWS, SLICES, Converted
 
 from api.iiif import MAX_AREA, TILE
 from processing.render import PRESETS, Window, apply_window
-
-from tiles_data import COLUMNS, ROWS, SLICES, Converted
 
 ABDOMEN = Window(40, 400)  # the first stored window of the synthetic CT
 
@@ -66,8 +65,8 @@ def check_info(info: dict[str, Any], levels: int) -> None:
 @pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
 def test_info_json_follows_iiif_image_3(client: TestClient, converted: Converted,
                                         plane: str) -> None:
-    levels = len(zarr.open_group(converted.image_path, mode="r").attrs["ome"]["multiscales"]
-                 [0]["datasets"])
+    attrs: dict[str, Any] = dict(zarr.open_group(converted.image_path, mode="r").attrs)
+    levels = len(attrs["ome"]["multiscales"][0]["datasets"])
     assert levels == 3
     r = client.get(f"/iiif/{_id(converted, plane, 5)}/info.json")
     assert r.status_code == 200, r.text

@@ -44,7 +44,7 @@ def voi_reference(x: float, c: float, w: float) -> float:
 def test_voi_lut_linear_function(dtype: type, window: Window) -> None:
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
     lo, hi = (max(info.min, -2000), min(info.max, 3000)) if info else (-2000, 3000)
-    values = np.arange(lo, hi, dtype=np.int64).astype(dtype)
+    values: np.ndarray = np.arange(lo, hi, dtype=np.int64).astype(dtype)
     got = apply_window(values, window)
     if window.width == 1:
         want = np.where(values <= window.center - 0.5, 0, 255)
