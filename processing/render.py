@@ -365,8 +365,10 @@ def level_axis(pixel_mm: float, level: int, stored: int, stored_mm: float,
     ``stored`` samples of ``stored_mm``. Flipped axes count from the far edge.
     """
     j = np.arange(start, stop, dtype=np.float64)
-    pix = pixel_mm * (1 << level)
-    pos = (j + 0.5) * pix / stored_mm - 0.5
+    # The ratio first: it is exactly 1.0 when display and stored pixels agree, so the
+    # positions are then exact integers (see resample_axis's fast path).
+    ratio = pixel_mm * (1 << level) / stored_mm
+    pos = (j + 0.5) * ratio - 0.5
     if flip:
         # Mirror around the centre of the physical extent covered by the stored axis.
         pos = (stored - 1) - pos
@@ -382,6 +384,12 @@ def resample_axis(block: np.ndarray, positions: np.ndarray, axis: int,
     """
     n = block.shape[axis]
     p = np.clip(positions - offset, 0, n - 1)
+    start = float(p[0]) if p.size else 0.0
+    if start.is_integer() and np.array_equal(p, start + np.arange(p.size)):
+        # display pixels are stored pixels (the common case): a view, no copy
+        i0 = int(start)
+        view: np.ndarray = block[(slice(None),) * axis + (slice(i0, i0 + p.size),)]
+        return view
     if np.all(p == np.rint(p)):
         same: np.ndarray = np.take(block, p.astype(np.intp), axis=axis)
         return same

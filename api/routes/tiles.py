@@ -15,7 +15,9 @@ store version (the series job id), the image id and the canonical request (IIIF
 §4.7), so its strong ``ETag`` is computed before rendering and ``If-None-Match``
 is answered with 304 without touching the store. Versioned ids are
 ``Cache-Control: public, max-age=31536000, immutable``; unversioned ids (the newest
-conversion) are ``no-cache`` so clients revalidate.
+conversion) are ``no-cache`` so clients revalidate. In the process, decoded chunks
+(:class:`storage.pyramids.ChunkCache`, 256 MiB) and encoded responses by ETag
+(:class:`ResponseCache`, 64 MiB) are kept in LRUs.
 
 Errors are ``application/problem+json`` (RFC 9457): 400 bad syntax, 404 unknown
 image or a value this image does not support, 501 unimplemented features (IIIF
@@ -30,6 +32,7 @@ import json
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -67,6 +70,7 @@ from processing.render import PlaneView as PlaneView
 from storage.pyramids import PyramidImage, PyramidReader
 
 __all__ = [
+    "ResponseCache",
     "TileLatency",
     "TileService",
     "dzi_router",
@@ -172,6 +176,7 @@ class TileService:
         self.index = index
         self.reader = reader or PyramidReader()
         self.latency = TileLatency()
+        self.responses = ResponseCache()
         self._jobs: dict[tuple[str, int], dict[str, Any]] = {}
         self._auto: dict[str, Window] = {}
         self._lock = threading.Lock()
@@ -396,6 +401,40 @@ def _not_modified(request: Request, etag: str) -> bool:
     return etag in tags
 
 
+class ResponseCache:
+    """A byte-bounded LRU of encoded responses by ETag (thread-safe).
+
+    Tiles are immutable per ETag, so a repeat (another client, a cache-less
+    proxy) costs a dictionary lookup instead of a window and an encode.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[bytes, dict[str, str]]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, etag: str) -> tuple[bytes, dict[str, str]] | None:
+        with self._lock:
+            item = self._items.get(etag)
+            if item is not None:
+                self._items.move_to_end(etag)
+            return item
+
+    def put(self, etag: str, item: tuple[bytes, dict[str, str]]) -> None:
+        size = len(item[0])
+        if size > self.max_bytes // 8:
+            return
+        with self._lock:
+            if etag in self._items:
+                return
+            self._items[etag] = item
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (old, _) = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
 def _cached(request: Request, r: Resolved, key: str, media_type: str,
             produce: Callable[[], tuple[bytes, dict[str, str]]]) -> Response:
     etag = r.etag(key)
@@ -406,7 +445,12 @@ def _cached(request: Request, r: Resolved, key: str, media_type: str,
     }
     if _not_modified(request, etag):
         return Response(status_code=304, headers=headers)
-    body, extra = produce()
+    cache = tile_service(request).responses
+    hit = cache.get(etag)
+    if hit is None:
+        hit = produce()
+        cache.put(etag, hit)
+    body, extra = hit
     return Response(body, media_type=media_type, headers={**headers, **extra})
 
 
