@@ -1,4 +1,10 @@
-"""Fixtures for the tile API: a session-wide converted synthetic CT series, a client."""
+"""Fixtures for the tile API: a session-wide converted synthetic CT series, a client.
+
+``tests/api_tiles`` is a package (``__init__.py``) so that this conftest is imported
+as ``api_tiles.conftest``: as a bare ``conftest`` it would replace ``tests/conftest.py``
+in ``sys.modules`` for the ``from conftest import …`` of the test modules collected
+after it (``tests/ingest``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from tiles_data import Converted, convert_synthetic_ct
+
+from .tiles_data import Converted, convert_synthetic_ct
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,11 @@ import pytest
 import zarr
 from fastapi.testclient import TestClient
 from PIL import Image
-from tiles_data import COLUMNS, ROWS, SLICES, Converted
 
 from api.iiif import MAX_AREA, TILE
 from processing.render import PRESETS, Window, apply_window
+
+from .tiles_data import COLUMNS, ROWS, SLICES, Converted
 
 ABDOMEN = Window(40, 400)  # the first stored window of the synthetic CT
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from tiles_data import COLUMNS, ROWS, SLICES, Converted
+
+from .tiles_data import COLUMNS, ROWS, SLICES, Converted
 
 CHROMIUM = "/usr/bin/chromium"
 
