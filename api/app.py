@@ -18,7 +18,7 @@ from fastapi.responses import PlainTextResponse
 
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
-from api.routes import dicomweb, fhir, fhir_lab, fhir_orders
+from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
 from api.security import install_security
 from core.settings import Settings
 from storage.archive import Archive
@@ -30,7 +30,14 @@ logger = logging.getLogger(__name__)
 
 #: Every router of the API, with its fixed prefix (the prefix is part of the router).
 #: Tiles add ``/iiif``, ``/dzi`` and ``/viewer`` routers here.
-ROUTERS: tuple[APIRouter, ...] = (dicomweb.router, fhir.router, fhir_lab.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    dicomweb.router,
+    fhir.router,
+    fhir_lab.router,
+    tiles.iiif_router,
+    tiles.dzi_router,
+    viewer.router,
+)
 
 
 def create_app(
@@ -75,6 +82,7 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    viewer.mount_static(app)
 
     @app.get("/health", tags=["ops"])
     def health() -> dict[str, object]:
@@ -90,7 +98,7 @@ def create_app(
             logger.error("index counts unavailable for /metrics", exc_info=True)
             gauges = ""
         return PlainTextResponse(
-            metrics.exposition() + gauges,
+            metrics.exposition() + gauges + tiles.tile_service_of(app).latency.exposition(),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 

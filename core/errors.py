@@ -30,6 +30,7 @@ __all__ = [
     "ServiceError",
     "SignedResultError",
     "UnauthorizedError",
+    "UnsupportedRequestError",
 ]
 
 
@@ -92,6 +93,21 @@ class InvalidQueryError(ServiceError, ValueError):
     http_status = 400
     dimse_status = 0xA900
     fhir_code = "invalid"
+
+
+class UnsupportedRequestError(ServiceError, NotImplementedError):
+    """A valid request for a feature we do not implement (HTTP 501).
+
+    E.g. an IIIF rotation that is not a multiple of 90° or the ``bitonal`` quality
+    (IIIF Image API 3.0 §7: 501 Not Implemented). No DIMSE request maps here; the
+    DIMSE status is that of an unsupported operation (PS3.7 C.4.2 0x0211
+    Unrecognized Operation).
+    """
+
+    title = "Not implemented"
+    http_status = 501
+    dimse_status = 0x0211
+    fhir_code = "not-supported"
 
 
 class NotFoundError(ServiceError, LookupError):

@@ -364,7 +364,9 @@ class AuthSettings(BaseModel):
             "/docs/oauth2-redirect",
             "/redoc",
             "/openapi.json",
-            "/viewer/static/",
+            # The viewer page and its scripts hold no patient data; /viewer/api/ does.
+            "/viewer",
+            "/static/",
             # FHIR R4 3.1.0.4 / SMART App Launch: clients read the CapabilityStatement
             # before they have a token (it holds no patient data).
             "/fhir/metadata",

@@ -1,0 +1,130 @@
+"""The ``/viewer`` page: study list, series thumbnails and an OpenSeadragon view.
+
+Plain HTML/JS in ``api/static/viewer/``; OpenSeadragon is vendored from the npm
+registry in ``api/static/vendor/openseadragon/`` (with its BSD-3-Clause licence),
+never loaded from a CDN. The page reads two small JSON endpoints over the index
+(``/viewer/api/...``) and shows tiles through the IIIF routes of
+:mod:`api.routes.tiles`.
+
+The JSON carries what a viewer needs beyond DICOM: the store version of each
+series' pyramid, each stack's planes with their display size and depth, and the
+window presets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import func, select
+
+from api.routes.tiles import tile_service
+from core.errors import NotFoundError, ServiceError
+from processing.render import PRESETS
+from storage.index.schema import instances, patients, series, studies
+
+__all__ = ["STATIC_DIR", "mount_static", "router"]
+
+STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
+
+router = APIRouter(prefix="/viewer", tags=["viewer"])
+
+
+def mount_static(app: FastAPI) -> None:
+    """Serve ``api/static`` (the viewer's JS/CSS and vendored OpenSeadragon) at /static."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+@router.get("", include_in_schema=False)
+def viewer_page() -> FileResponse:
+    """The viewer's single HTML page."""
+    return FileResponse(STATIC_DIR / "viewer" / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/api/studies", summary="Studies in the index (for the viewer)")
+def list_studies(request: Request, limit: int = 200) -> list[dict[str, Any]]:
+    """Newest studies first, with modalities and series counts."""
+    idx = request.app.state.index
+    n_series = (select(series.c.study_pk, func.count().label("n"),
+                       func.group_concat(series.c.modality.distinct()).label("modalities")
+                       if idx.is_sqlite else
+                       func.string_agg(series.c.modality.distinct(), ",").label("modalities"))
+                .group_by(series.c.study_pk).subquery())
+    query = (select(studies.c.study_instance_uid, studies.c.study_date,
+                    studies.c.description, studies.c.accession_number,
+                    patients.c.patient_id, patients.c.name, n_series.c.n,
+                    n_series.c.modalities)
+             .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id)
+                          .outerjoin(n_series, n_series.c.study_pk == studies.c.id))
+             .order_by(studies.c.updated_at.desc()).limit(max(1, min(limit, 1000))))
+    with idx.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [{"study_instance_uid": r.study_instance_uid, "study_date": r.study_date,
+             "description": r.description, "accession_number": r.accession_number,
+             "patient_id": r.patient_id, "patient_name": r.name, "series": r.n or 0,
+             "modalities": sorted(set(filter(None, (r.modalities or "").split(","))))}
+            for r in rows]
+
+
+@router.get("/api/studies/{study_uid}/series", summary="Series of a study with their pyramids")
+def list_series(study_uid: str, request: Request) -> Any:
+    """Each series with its converted stacks, planes (size, depth) and presets."""
+    idx = request.app.state.index
+    service = tile_service(request)
+    n_inst = (select(instances.c.series_pk, func.count().label("n"))
+              .where(instances.c.is_current).group_by(instances.c.series_pk).subquery())
+    query = (select(series.c.series_instance_uid, series.c.modality, series.c.series_number,
+                    series.c.description, n_inst.c.n)
+             .select_from(series.join(studies, series.c.study_pk == studies.c.id)
+                          .outerjoin(n_inst, n_inst.c.series_pk == series.c.id))
+             .where(studies.c.study_instance_uid == study_uid)
+             .order_by(series.c.series_number, series.c.id))
+    with idx.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    if not rows:
+        body = {"type": "about:blank", "title": "Not found", "status": 404,
+                "detail": "no such study", "instance": request.url.path}
+        return JSONResponse(body, status_code=404, media_type="application/problem+json")
+    out = []
+    for r in rows:
+        item: dict[str, Any] = {"series_instance_uid": r.series_instance_uid,
+                                "modality": r.modality, "series_number": r.series_number,
+                                "description": r.description, "instances": r.n or 0,
+                                "version": None, "stacks": []}
+        try:
+            version, result = service.conversion(r.series_instance_uid, None)
+        except NotFoundError:
+            out.append(item)
+            continue
+        item["version"] = version
+        for n in range(len(result.get("images") or [])):
+            try:
+                _, image = service.image(r.series_instance_uid, version, n)
+            except ServiceError:
+                continue
+            views = service.views(image)
+            default = "axial" if "axial" in views else "native"
+            windows = [{"name": str(w.get("explanation") or f"{w['center']:g}/{w['width']:g}"),
+                        "window": f"{w['center']:g},{w['width']:g}"}
+                       for w in image.attrs.get("windows") or []]
+            windows += [{"name": name, "window": name} for name in PRESETS]
+            base = f"{r.series_instance_uid}@{version}:{n}"
+            mid = views[default].depth // 2
+            item["stacks"].append({
+                "stack": n,
+                "kind": image.kind,
+                "id": base,
+                "color": image.samples > 1,
+                "levels": image.levels,
+                "planes": {p: {"width": v.width, "height": v.height, "depth": v.depth,
+                               "pixel_mm": v.pixel_mm} for p, v in views.items()},
+                "default_plane": default,
+                "windows": [] if image.samples > 1 else windows,
+                "thumbnail": f"/iiif/{base}:{default}:{mid}/full/!128,128/0/default.png",
+            })
+        out.append(item)
+    return out

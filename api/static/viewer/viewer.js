@@ -1,0 +1,231 @@
+/* pacslab viewer: study list, series thumbnails, OpenSeadragon over IIIF Image API 3.0.
+ *
+ * Image ids are {series}@{version}:{stack}:{plane}:{index}[:{window}] (api/iiif.py):
+ * versioned, so every tile is immutable and the browser cache serves repeats.
+ * Changing the slice or window keeps the viewport: the next slice is added on top and
+ * the previous one removed once the new one is fully loaded (no blank flash).
+ */
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    study: null, series: null, stack: null, plane: null, index: 0, window: "default",
+    tilesLoaded: 0, tileErrors: 0, info: null, infoKey: null, swap: 0,
+  };
+
+  // Access token (RFC 6750): given once as /viewer#token=…, kept for this tab only and
+  // taken out of the address bar; every request (JSON, thumbnails, tiles) carries it.
+  const TOKEN_KEY = "pacslab.token";
+  const fromHash = location.hash.match(/token=([^&]+)/);
+  if (fromHash) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(fromHash[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  const token = sessionStorage.getItem(TOKEN_KEY) || "";
+  const authHeaders = token ? { Authorization: `Bearer ${token}` } : {};
+
+  const viewer = OpenSeadragon({
+    id: "osd",
+    loadTilesWithAjax: true,
+    ajaxHeaders: authHeaders,
+    prefixUrl: "/static/vendor/openseadragon/images/",
+    showNavigator: false,
+    maxZoomPixelRatio: 8,
+    visibilityRatio: 0.5,
+    animationTime: 0.3,
+    imageLoaderLimit: 8,
+    crossOriginPolicy: false,
+  });
+  viewer.addHandler("tile-loaded", () => { state.tilesLoaded += 1; });
+  viewer.addHandler("tile-load-failed", (e) => {
+    state.tileErrors += 1;
+    console.error("tile failed", e.message);
+  });
+
+  function text(tag, value, cls) {
+    const el = document.createElement(tag);
+    el.textContent = value;
+    if (cls) el.className = cls;
+    return el;
+  }
+
+  async function json(url) {
+    const r = await fetch(url, { headers: authHeaders });
+    if (r.status === 401 || r.status === 403) {
+      $("status").textContent = "Not signed in: open /viewer#token=<access token>";
+    }
+    if (!r.ok) throw new Error(`${url}: ${r.status}`);
+    return r.json();
+  }
+
+  async function authorizedImage(img, url) {
+    const r = await fetch(url, { headers: authHeaders });
+    if (!r.ok) throw new Error(`${url}: ${r.status}`);
+    img.src = URL.createObjectURL(await r.blob());
+  }
+
+  function imageId(index) {
+    const w = state.window === "default" ? "" : `:${state.window}`;
+    return `${state.stack.id}:${state.plane}:${index}${w}`;
+  }
+
+  function setStatus() {
+    if (!state.stack) return;
+    const depth = state.stack.planes[state.plane].depth;
+    $("status").textContent =
+      `${state.plane} · slice ${state.index + 1}/${depth} · window ${state.window}`;
+  }
+
+  async function loadStudies() {
+    const list = $("studies");
+    list.replaceChildren();
+    const studies = await json("/viewer/api/studies");
+    for (const s of studies) {
+      const b = document.createElement("button");
+      b.dataset.uid = s.study_instance_uid;
+      b.append(text("strong", s.patient_name || s.patient_id || "(no name)"));
+      b.append(text("small", `${s.study_date || ""} ${s.description || ""}`));
+      b.append(text("small", `${s.modalities.join(", ")} · ${s.series} series`));
+      b.addEventListener("click", () => openStudy(s.study_instance_uid, b));
+      const li = document.createElement("li");
+      li.append(b);
+      list.append(li);
+    }
+    $("status").textContent = studies.length ? "Choose a study" : "No studies";
+  }
+
+  async function openStudy(uid, button) {
+    document.querySelectorAll("#studies button").forEach((b) => b.classList.remove("active"));
+    button.classList.add("active");
+    state.study = uid;
+    const box = $("series");
+    box.replaceChildren();
+    const series = await json(`/viewer/api/studies/${uid}/series`);
+    for (const s of series) {
+      if (!s.stacks.length) {
+        const b = text("button", `${s.modality} ${s.series_number ?? ""} (not converted)`, "thumb");
+        b.disabled = true;
+        box.append(b);
+        continue;
+      }
+      for (const st of s.stacks) {
+        const b = document.createElement("button");
+        b.className = "thumb";
+        b.dataset.series = s.series_instance_uid;
+        const img = document.createElement("img");
+        authorizedImage(img, st.thumbnail).catch((e) => console.error(e.message));
+        img.alt = `${s.modality} series ${s.series_number ?? ""}`;
+        b.append(img, text("span", `${s.modality} ${s.series_number ?? ""} ${s.description || ""}`));
+        b.addEventListener("click", () => {
+          document.querySelectorAll(".thumb").forEach((t) => t.classList.remove("active"));
+          b.classList.add("active");
+          openStack(s, st);
+        });
+        box.append(b);
+      }
+    }
+  }
+
+  function openStack(series, stack) {
+    state.series = series;
+    state.stack = stack;
+    const planes = $("planes");
+    planes.replaceChildren();
+    for (const p of Object.keys(stack.planes)) {
+      const b = text("button", p);
+      b.dataset.plane = p;
+      b.addEventListener("click", () => setPlane(p));
+      planes.append(b);
+    }
+    const sel = $("window");
+    sel.replaceChildren();
+    sel.append(new Option("default", "default"));
+    for (const w of stack.windows) sel.append(new Option(w.name, w.window));
+    sel.disabled = stack.color;
+    state.window = "default";
+    setPlane(stack.default_plane);
+  }
+
+  async function tileSource(index) {
+    // One info.json per plane and window; the other slices differ only in the id.
+    const key = `${state.stack.id}:${state.plane}:${state.window}`;
+    if (state.infoKey !== key) {
+      state.info = await json(`/iiif/${imageId(index)}/info.json`);
+      state.infoKey = key;
+      state.infoIndex = index;
+    }
+    const from = `:${state.plane}:${state.infoIndex}`;
+    const to = `:${state.plane}:${index}`;
+    const id = state.info.id.replace(from, to);
+    return Object.assign({}, state.info, { id });
+  }
+
+  async function setPlane(plane) {
+    state.plane = plane;
+    document.querySelectorAll("#planes button").forEach(
+      (b) => b.classList.toggle("active", b.dataset.plane === plane));
+    const depth = state.stack.planes[plane].depth;
+    const slider = $("slice");
+    slider.max = String(depth - 1);
+    state.index = Math.floor(depth / 2);
+    slider.value = String(state.index);
+    slider.disabled = depth < 2;
+    state.swap += 1;
+    viewer.open(await tileSource(state.index));
+    setStatus();
+  }
+
+  async function showSlice() {
+    const token = ++state.swap;
+    const source = await tileSource(state.index);
+    if (token !== state.swap) return;
+    viewer.addTiledImage({
+      tileSource: source,
+      success: (ev) => {
+        const item = ev.item;
+        const settle = () => {
+          if (token !== state.swap) { viewer.world.removeItem(item); return; }
+          for (let i = viewer.world.getItemCount() - 1; i >= 0; i -= 1) {
+            const other = viewer.world.getItemAt(i);
+            if (other !== item) viewer.world.removeItem(other);
+          }
+        };
+        if (item.getFullyLoaded()) settle();
+        else item.addOnceHandler("fully-loaded-change", settle);
+      },
+    });
+    setStatus();
+  }
+
+  let pending = false;
+  $("slice").addEventListener("input", (e) => {
+    state.index = Number(e.target.value);
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; showSlice(); });
+  });
+  $("window").addEventListener("change", (e) => {
+    state.window = e.target.value;
+    showSlice();
+  });
+
+  // Hooks for the browser test and for debugging from the console.
+  window.pacslab = {
+    state,
+    viewer,
+    openStack,
+    setPlane,
+    isLoaded() {
+      const n = viewer.world.getItemCount();
+      if (!n) return false;
+      for (let i = 0; i < n; i += 1) if (!viewer.world.getItemAt(i).getFullyLoaded()) return false;
+      return true;
+    },
+  };
+
+  loadStudies().catch((err) => {
+    console.error(err);
+    $("status").textContent = "Could not load the study list";
+  });
+})();
