@@ -11,14 +11,12 @@ Backends: the in-memory fakes (``worklist.memory``), SQLite, and PostgreSQL when
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from core.errors import DuplicateError, ProcedureStepStateError
 from core.orders import OrderStatus, derive_status
@@ -32,7 +30,6 @@ from worklist.mpps import apply, restore_step
 from worklist.ports import CandidateFilter, MppsRepository, WorklistSource
 
 DAY0 = datetime(2026, 11, 25, 7, 0)
-PG_URL = os.environ.get("PACSLAB_TEST_POSTGRES_URL", "")
 
 SourceFactory = Callable[[Sequence[WorklistItem]], WorklistSource]
 
@@ -181,14 +178,10 @@ def sqlite_index(tmp_path: Path) -> Iterator[SqlIndex]:
 
 
 @pytest.fixture
-def postgres_index() -> Iterator[SqlIndex]:
-    if not PG_URL:
-        pytest.skip("PACSLAB_TEST_POSTGRES_URL not set")
-    engine = create_engine(PG_URL)
-    with engine.begin() as conn:  # a scratch database: start empty
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
-    index = SqlIndex(IndexSettings(url=PG_URL))
+def postgres_index(pg_url: str) -> Iterator[SqlIndex]:
+    # pg_url: a fresh database on the throwaway server (tests/conftest_pg.py), or the
+    # one PACSLAB_TEST_POSTGRES_URL names.
+    index = SqlIndex(IndexSettings(url=pg_url))
     yield index
     index.close()
 
