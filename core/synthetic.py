@@ -56,9 +56,8 @@ def ct_phantom_slice(rows: int, columns: int, z: float) -> np.ndarray:
     img = np.full((rows, columns), -1000.0, dtype=np.float32)  # air
     body = (xx / 0.85) ** 2 + (yy / 0.62) ** 2 <= 1.0
     img[body] = 40.0  # soft tissue
-    img[(xx / 0.8) ** 2 + (yy / 0.57) ** 2 > 1.0] = np.where(body, -100.0, -1000.0)[
-        (xx / 0.8) ** 2 + (yy / 0.57) ** 2 > 1.0
-    ]  # subcutaneous fat ring
+    outside_muscle = (xx / 0.8) ** 2 + (yy / 0.57) ** 2 > 1.0
+    img[body & outside_muscle] = -100.0  # subcutaneous fat ring
     lung_r = 0.28 + 0.08 * np.sin(np.pi * z)
     for cx in (-0.38, 0.38):
         img[((xx - cx) / lung_r) ** 2 + ((yy + 0.02) / (lung_r * 1.4)) ** 2 <= 1.0] = -850.0
