@@ -37,5 +37,6 @@ def terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Conf
         for target, (value, unit) in sorted(rows.items()):
             ratio = ""
             if ours and target != "pacslab" and value:
-                ratio = f"   pacslab/{target} = {ours[0] / value:.2f}x"
+                better = "lower" if unit in {"ms", "s", "MiB"} else "higher"
+                ratio = f"   pacslab/{target} = {ours[0] / value:.2f}x ({better} is better)"
             tr.write_line(f"    {target:24s} {value:10.1f} {unit}{ratio}")
