@@ -68,7 +68,6 @@ def run_receiver(
         service,
         extra_contexts=extra_contexts,
         extra_handlers=extra_handlers,
-        fsync=settings.storage.fsync,
     )
     thread = receiver.start(listener)
     if started is not None:

@@ -132,6 +132,10 @@ class MetadataIndex(Protocol):
 
     def iter_instances(self) -> Iterator[StoredInstance]: ...
 
+    def blob_referenced(self, key: str) -> bool:
+        """True if any instance version's original has this content key."""
+        ...
+
     def counts(self) -> dict[str, int]:
         """Rows per table and jobs per status, for /metrics and tests."""
         ...

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
@@ -61,15 +62,12 @@ class Accepted:
     key: str
 
 
-def check_pixel_data(ds: object, transfer_syntax_uid: str, file_size: int) -> None:
+def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> None:
     """Refuse native Pixel Data shorter than Rows × Columns × Frames × Samples × Bits.
 
     PS3.5 8.1.1: native pixel data has a defined length that must hold every pixel. A
     truncated object is not a valid instance of its SOP Class (PS3.4 B.2.3 0xC000).
     """
-    from pydicom.dataset import Dataset
-
-    assert isinstance(ds, Dataset)
     # The raw element (not converted, value possibly deferred) has the encoded length.
     raw = ds._dict.get(_PIXEL_DATA)
     if raw is None:
@@ -261,16 +259,12 @@ class Archive:
         # same content meanwhile. If the index cannot say, keep the file (an orphan is
         # harmless; a missing acknowledged original is not).
         try:
-            referenced = self._blob_referenced(key)
+            referenced = self.index.blob_referenced(key)
         except Exception:
             return
         if not referenced:
             with contextlib.suppress(OSError):
                 self.originals.delete(key)
-
-    def _blob_referenced(self, key: str) -> bool:
-        check = getattr(self.index, "blob_referenced", None)
-        return bool(check(key)) if check is not None else True
 
     def _quarantine(self, staged: StagedFile, exc: ServiceError, calling_ae: str) -> None:
         """Keep a refused file for inspection, with why (no patient data in the reason)."""

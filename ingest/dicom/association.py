@@ -73,15 +73,12 @@ class AbortError(Exception):
 class AssociationPolicy:
     """What this receiver accepts; shared by every association of a process."""
 
-    ae_title: str
     contexts: Sequence[PresentationContext]
     storage_sop_classes: frozenset[str]
     allowed_calling_aes: frozenset[str] = frozenset()
     max_pdu: int = 4_194_304
-    acse_timeout_s: float = 30.0
     network_timeout_s: float = 60.0
     max_associations: int = 32
-    fsync: bool = True
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -175,7 +172,6 @@ class FastAssociation:
         self.on_store = on_store
         self.calling_ae = ""
         self.accepted: dict[int, tuple[str, str]] = {}
-        self.peer_max_pdu = 0
         self.stored = 0
         self._staging = staging
 
@@ -238,9 +234,6 @@ class FastAssociation:
             self._reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local limit
             return False
         self._entered = True
-        for item in rq.user_information:
-            if isinstance(item, MaximumLengthNotification):
-                self.peer_max_pdu = int(item.maximum_length_received or 0)
         results, _roles = negotiate_as_acceptor(
             rq.presentation_context_definition_list, list(self.policy.contexts), None
         )

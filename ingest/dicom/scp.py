@@ -105,8 +105,8 @@ class DicomReceiver:
     extra_contexts, extra_handlers
         Presentation contexts and pynetdicom event handlers of other services that
         share this AE and port (worklist C-FIND, MPPS), served by pynetdicom.
-    fsync
-        From ``storage.fsync``.
+
+    Durability (fsync) is the archive's business, not the transport's.
     """
 
     def __init__(
@@ -116,23 +116,19 @@ class DicomReceiver:
         *,
         extra_contexts: Sequence[PresentationContext] = (),
         extra_handlers: Sequence[tuple[Any, ...]] = (),
-        fsync: bool = True,
     ) -> None:
         self.settings = settings
         self.service = service
         contexts = [*storage_contexts(), build_context(Verification, TRANSFER_SYNTAXES[:2])]
         self.policy = AssociationPolicy(
-            ae_title=settings.ae_title,
             contexts=contexts,
             storage_sop_classes=frozenset(
                 str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
             ),
             allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
             max_pdu=settings.max_pdu,
-            acse_timeout_s=settings.acse_timeout_s,
             network_timeout_s=settings.network_timeout_s,
             max_associations=settings.max_associations,
-            fsync=fsync,
         )
         self.ssl_context = _ssl_context(settings)
         self._configure_pynetdicom()
