@@ -6,21 +6,24 @@ import hashlib
 
 from core.errors import InvalidDatasetError
 from storage.abc import OriginalStore, StoredInstance
+from storage.staging import read_file_meta
 
 __all__ = ["verify_original"]
 
 
-def verify_original(
-    store: OriginalStore, inst: StoredInstance, dataset_offset: int | None = None
-) -> None:
-    """Recompute the data set hash of the stored Part-10 file and compare with its key."""
+def verify_original(store: OriginalStore, inst: StoredInstance) -> None:
+    """Recompute the data set hash of the stored Part-10 file and compare with its key.
+
+    The key covers the data set only (see :mod:`storage.staging`), so hashing starts
+    where the File Meta Information ends.
+    """
     with store.open(inst.blob_key) as fp:
-        head = fp.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM":
-            raise InvalidDatasetError("stored original is not a Part-10 file")
-        group_length = int.from_bytes(head[140:144], "little")
-        fp.seek(144 + group_length if dataset_offset is None else dataset_offset)
-        digest = hashlib.sha256()
+        head = fp.read(65536)
+        try:
+            _meta, offset = read_file_meta(head)
+        except InvalidDatasetError as exc:
+            raise InvalidDatasetError("stored original is not a Part-10 file") from exc
+        digest = hashlib.sha256(memoryview(head)[offset:])
         while chunk := fp.read(1 << 20):
             digest.update(chunk)
     if digest.hexdigest() != inst.blob_key:

@@ -28,6 +28,7 @@ __all__ = [
     "StagedFile",
     "StagedWriter",
     "part10_prefix",
+    "read_file_meta",
     "stage_part10",
 ]
 
@@ -157,7 +158,7 @@ class StagedWriter:
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 
 
-def _read_meta(head: bytes) -> tuple[dict[int, bytes], int]:
+def read_file_meta(head: bytes) -> tuple[dict[int, bytes], int]:
     """File Meta elements (PS3.10 7.1, Explicit VR Little Endian) and where the data set
     starts. Parsed by hand: the group length may be absent or wrong in what peers send,
     so elements are read until the group changes."""
@@ -207,7 +208,7 @@ def stage_part10(
         UID (PS3.10 7.1 Type 1 elements).
     """
     head = fp.read(65536)
-    meta, offset = _read_meta(head)
+    meta, offset = read_file_meta(head)
 
     def uid(elem: int, name: str) -> str:
         value = meta.get(elem, b"").rstrip(b"\x00 ").decode("ascii", "replace")

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import struct
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
 from core.errors import ServiceError
 from ingest.dicom.dimse import Command
-from storage.staging import StagedWriter
+from storage.staging import StagedWriter, stage_part10
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -53,37 +52,20 @@ def status_dataset(status: int, comment: str = "") -> Dataset:
     return ds
 
 
-def _dataset_offset(path: str) -> int:
-    """Where the data set starts in a Part-10 file written by pynetdicom (PS3.10 7.1)."""
-    with open(path, "rb") as fp:
-        head = fp.read(144)
-    # preamble (128) + "DICM" + (0002,0000) UL element of 12 bytes holding the group length
-    (group_length,) = struct.unpack_from("<I", head, 140)
-    return 144 + int(group_length)
-
-
 def handle_store(event: Event, service: IngestService) -> int | Dataset:
-    """EVT_C_STORE for associations pynetdicom serves (TLS, mixed services)."""
-    request = event.request
-    sop_class = str(getattr(request, "AffectedSOPClassUID", ""))
-    sop_instance = str(getattr(request, "AffectedSOPInstanceUID", ""))
-    ts = str(event.context.transfer_syntax)
-    path = str(event.dataset_path)
-    writer: StagedWriter | None = None
+    """EVT_C_STORE for associations pynetdicom serves (TLS, mixed services).
+
+    pynetdicom wrote the data set to a Part-10 file whose meta carries the request's
+    Affected SOP Class/Instance UIDs and the context's transfer syntax; it is staged
+    the way STOW-RS parts are (:func:`storage.staging.stage_part10`).
+    """
     try:
-        writer = StagedWriter(service.archive.staging_dir(), sop_class, sop_instance, ts)
-        with open(path, "rb") as src:
-            src.seek(_dataset_offset(path))
-            while chunk := src.read(1 << 20):
-                writer.write(chunk)
-        staged = writer.finish(fsync=False)
-        writer = None
+        with open(event.dataset_path, "rb") as src:
+            staged = stage_part10(service.archive.staging_dir(), src, fsync=False)
         service.accept_instance(staged, calling_ae=event.assoc.requestor.ae_title)
     except ServiceError as exc:
         return status_dataset(exc.dimse_status, _comment(exc))
     finally:
-        if writer is not None:
-            writer.abort()
         with contextlib.suppress(OSError):
             event.dataset_path.unlink()
     return 0x0000

@@ -12,7 +12,7 @@ from api.fhir import parse_date_param, parse_token, searchset_bundle
 from api.fhir._core import Paging
 from core.errors import InvalidQueryError
 from storage.index.queries import parse_match
-from storage.staging import _read_meta, part10_prefix
+from storage.staging import part10_prefix, read_file_meta
 
 
 def test_accept_is_ordered_by_quality() -> None:
@@ -107,8 +107,8 @@ def test_malformed_matches(keyword: str, value: str) -> None:
         parse_match(keyword, value)
 
 
-def test_read_meta_finds_dataset_start() -> None:
+def testread_file_meta_finds_dataset_start() -> None:
     prefix = part10_prefix("1.2.3", "4.5.6", EXPLICIT_LE)
-    meta, offset = _read_meta(prefix + b"\x08\x00\x16\x00UI\x00\x00")
+    meta, offset = read_file_meta(prefix + b"\x08\x00\x16\x00UI\x00\x00")
     assert offset == len(prefix)
     assert meta[0x0003].rstrip(b"\x00") == b"4.5.6"
