@@ -23,7 +23,19 @@ from pydicom.dataset import Dataset
 
 from worklist.model import Code, ScheduledProcedureStep, WorklistItem
 
-__all__ = ["CODE", "ITEM", "REF", "SPS", "Attr", "Entry", "Kind", "full_dataset"]
+__all__ = [
+    "CODE",
+    "ITEM",
+    "REF",
+    "SPS",
+    "Attr",
+    "Entry",
+    "Kind",
+    "Node",
+    "add_nodes",
+    "collect",
+    "full_dataset",
+]
 
 
 class Entry(NamedTuple):
@@ -210,27 +222,44 @@ def element_value(attr: Attr, value: Any) -> Any:
     return value
 
 
-def fill(attrs: tuple[Attr, ...], ctx: Any, ds: Dataset, non_ascii: list[str]) -> None:
-    """Add every attribute of ``attrs`` read from ``ctx`` to ``ds``.
+#: One response element before encoding: (tag, VR, value). A SQ value is a list of
+#: items, each a list of nodes; other values are what pydicom stores for the VR.
+Node = tuple[int, str, Any]
 
-    Non-ASCII text values are appended to ``non_ascii`` so the caller can choose the
-    Specific Character Set.
+
+def collect(attrs: tuple[Attr, ...], ctx: Any, non_ascii: list[str]) -> list[Node]:
+    """Every attribute of ``attrs`` read from ``ctx``, as nodes in table order.
+
+    Type 3/1C attributes without a value are left out. Non-ASCII text values are
+    appended to ``non_ascii`` so the caller can choose the Specific Character Set.
     """
+    out: list[Node] = []
     for attr in attrs:
         value = attr.get(ctx)
         if attr.vr == "SQ":
-            items = []
-            for child in value:
-                sub = Dataset()
-                fill(attr.children, child, sub, non_ascii)
-                items.append(sub)
-            ds.add_new(attr.tag, "SQ", items)
+            out.append((attr.tag, "SQ", [collect(attr.children, c, non_ascii) for c in value]))
             continue
         if attr.optional and value in ("", None):
             continue
         if isinstance(value, str) and not value.isascii():
             non_ascii.append(value)
-        ds.add_new(attr.tag, attr.vr, element_value(attr, value))
+        out.append((attr.tag, attr.vr, element_value(attr, value)))
+    return out
+
+
+def add_nodes(ds: Dataset, nodes: list[Node]) -> Dataset:
+    """Add ``nodes`` to ``ds`` as pydicom elements; return ``ds``."""
+    for tag, vr, value in nodes:
+        if vr == "SQ":
+            ds.add_new(tag, vr, [add_nodes(Dataset(), item) for item in value])
+        else:
+            ds.add_new(tag, vr, value)
+    return ds
+
+
+def fill(attrs: tuple[Attr, ...], ctx: Any, ds: Dataset, non_ascii: list[str]) -> None:
+    """Add every attribute of ``attrs`` read from ``ctx`` to ``ds`` (see :func:`collect`)."""
+    add_nodes(ds, collect(attrs, ctx, non_ascii))
 
 
 def full_dataset(item: WorklistItem, sps: ScheduledProcedureStep) -> Dataset:

@@ -56,8 +56,10 @@ from worklist._attributes import (
     Attr,
     Entry,
     Kind,
+    Node,
+    add_nodes,
+    collect,
     element_value,
-    fill,
 )
 from worklist.model import OFFERED, SpsStatus, WorklistItem
 from worklist.ports import CandidateFilter
@@ -68,11 +70,15 @@ if TYPE_CHECKING:
 __all__ = [
     "KeyQuery",
     "MatchOptions",
+    "Projection",
     "WorklistQuery",
     "build_query",
     "fold_person_name",
     "iter_matches",
     "match",
+    "matching_entries",
+    "project",
+    "respond",
 ]
 
 Predicate = Callable[[Any], bool]
@@ -556,11 +562,12 @@ def _empty(vr: str) -> Any:
     return [] if vr == "SQ" else None if vr in ("US", "SS", "UL", "SL", "FL", "FD") else ""
 
 
-def _project(keys: tuple[KeyQuery, ...], ctx: Any, ds: Dataset, non_ascii: list[str]) -> None:
+def _collect(keys: tuple[KeyQuery, ...], ctx: Any, non_ascii: list[str]) -> list[Node]:
+    out: list[Node] = []
     for key in keys:
         attr = key.attr
         if attr is None:
-            ds.add_new(key.tag, key.vr, _empty(key.vr))
+            out.append((key.tag, key.vr, _empty(key.vr)))
             continue
         value = attr.get(ctx)
         if attr.vr == "SQ":
@@ -568,17 +575,16 @@ def _project(keys: tuple[KeyQuery, ...], ctx: Any, ds: Dataset, non_ascii: list[
             for child in value:
                 if key.item_tests and not all(t(child) for t in key.item_tests):
                     continue  # only matching items are returned (C.2.2.2.6)
-                sub = Dataset()
                 if key.whole:
-                    fill(attr.children, child, sub, non_ascii)
+                    items.append(collect(attr.children, child, non_ascii))
                 else:
-                    _project(key.keys, child, sub, non_ascii)
-                items.append(sub)
-            ds.add_new(key.tag, "SQ", items)
+                    items.append(_collect(key.keys, child, non_ascii))
+            out.append((key.tag, "SQ", items))
             continue
         if isinstance(value, str) and not value.isascii():
             non_ascii.append(value)
-        ds.add_new(key.tag, attr.vr, element_value(attr, value))
+        out.append((key.tag, attr.vr, element_value(attr, value)))
+    return out
 
 
 def _response_charset(query_charset: tuple[str, ...], non_ascii: list[str]) -> str | None:
@@ -596,15 +602,49 @@ def _response_charset(query_charset: tuple[str, ...], non_ascii: list[str]) -> s
     return "ISO_IR 192"
 
 
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """One response identifier before encoding (PS3.4 K.4.1.1.3.2).
+
+    ``nodes`` are the requested keys with this entry's values, in request order;
+    ``charset`` is the Specific Character Set the response needs (None for ASCII).
+    """
+
+    nodes: list[Node]
+    charset: str | None
+
+    def to_dataset(self) -> Dataset:
+        """The response as a pydicom Dataset."""
+        ds = add_nodes(Dataset(), self.nodes)
+        if self.charset:
+            ds.SpecificCharacterSet = self.charset
+        return ds
+
+
+def project(query: WorklistQuery, entry: Entry) -> Projection:
+    """Every requested key of one matching entry, nothing else, and the charset it needs."""
+    non_ascii: list[str] = []
+    nodes = _collect(query.keys, entry, non_ascii)
+    return Projection(nodes, _response_charset(query.charset, non_ascii))
+
+
 def respond(query: WorklistQuery, entry: Entry) -> Dataset:
     """The response identifier for one matching entry: every requested key, nothing else."""
-    ds = Dataset()
-    non_ascii: list[str] = []
-    _project(query.keys, entry, ds, non_ascii)
-    charset = _response_charset(query.charset, non_ascii)
-    if charset:
-        ds.SpecificCharacterSet = charset
-    return ds
+    return project(query, entry).to_dataset()
+
+
+def matching_entries(query: WorklistQuery, item: WorklistItem) -> list[Entry]:
+    """The entries (item, step) of ``item`` that match ``query``; see :func:`match`."""
+    statuses = query.options.statuses
+    tests = query.tests
+    out = []
+    for sps in item.steps:
+        if sps.status not in statuses:
+            continue
+        entry = Entry(item, sps)
+        if all(test(entry) for test in tests):
+            out.append(entry)
+    return out
 
 
 def match(query: WorklistQuery, item: WorklistItem) -> list[Dataset]:
@@ -615,14 +655,7 @@ def match(query: WorklistQuery, item: WorklistItem) -> list[Dataset]:
     (PS3.4 K.4.1.1.3.2), empty where the item has no value, and its Scheduled
     Procedure Step Sequence holds only that step (Table K.6-1).
     """
-    out = []
-    for sps in item.steps:
-        if sps.status not in query.options.statuses:
-            continue
-        entry = Entry(item, sps)
-        if all(test(entry) for test in query.tests):
-            out.append(respond(query, entry))
-    return out
+    return [respond(query, entry) for entry in matching_entries(query, item)]
 
 
 def iter_matches(query: WorklistQuery, items: Iterable[WorklistItem]) -> Iterator[Dataset]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
@@ -29,8 +29,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from core.errors import OutOfResourcesError, ProcedureStepStateError, ServiceError
+from worklist._attributes import Entry
+from worklist._wire import Unencodable, raw_response
 from worklist.mpps import NO_LONGER_UPDATABLE_ID, Create, Effect, Set, transition
-from worklist.query import MatchOptions, build_query, match
+from worklist.query import MatchOptions, WorklistQuery, build_query, matching_entries, project
 
 if TYPE_CHECKING:
     from pynetdicom.dimse_primitives import N_CREATE, N_SET
@@ -97,6 +99,31 @@ def _error_status(exc: ServiceError) -> Dataset:
     return _status(exc.dimse_status, str(exc) or exc.title, error_id)
 
 
+def _encoder(event: Event) -> Callable[[WorklistQuery, Entry], Dataset]:
+    """How responses are built for the request's presentation context.
+
+    Little Endian transfer syntaxes (all a modality proposes in practice) get
+    pre-encoded raw elements (:mod:`worklist._wire`), which pynetdicom copies
+    instead of re-encoding element by element; anything else, and any response the
+    raw encoder cannot write, gets a pydicom Dataset. Both carry the same
+    projection of the entry.
+    """
+    context = getattr(event, "context", None)
+    syntax = getattr(context, "transfer_syntax", None)
+    if syntax is None or not syntax.is_little_endian:
+        return lambda query, entry: project(query, entry).to_dataset()
+    implicit = bool(syntax.is_implicit_VR)
+
+    def encode(query: WorklistQuery, entry: Entry) -> Dataset:
+        projection = project(query, entry)
+        try:
+            return raw_response(projection, implicit_vr=implicit)
+        except Unencodable:
+            return projection.to_dataset()
+
+    return encode
+
+
 def handle_find(
     event: Event, source: WorklistSource, settings: WorklistSettings | MatchOptions
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -117,10 +144,11 @@ def handle_find(
         yield _error_status(exc), None
         return
     pending = _PENDING_UNSUPPORTED_KEYS if query.unsupported else _PENDING
+    respond = _encoder(event)
     sent = 0
     try:
         for item in source.candidates(query.prefilter):
-            for identifier in match(query, item):
+            for entry in matching_entries(query, item):
                 if event.is_cancelled:
                     logger.info("C-FIND from %s cancelled after %d matches", calling, sent)
                     yield _CANCEL, None
@@ -129,7 +157,7 @@ def handle_find(
                     logger.warning("C-FIND from %s stopped at %d matches", calling, sent)
                     yield _status(OutOfResourcesError.dimse_status, _TOO_MANY), None
                     return
-                yield pending, identifier
+                yield pending, respond(query, entry)
                 sent += 1
     except ServiceError as exc:
         logger.warning("C-FIND from %s failed: %s", calling, exc.title)
