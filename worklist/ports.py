@@ -10,7 +10,8 @@ item row, with indexes on ``(station_ae_title, start_at)``, ``(modality, start_a
 and ``(start_at)``, and a partial index ``WHERE status IN ('SCHEDULED','ARRIVED')``
 where the dialect has one (SQLite and PostgreSQL both do). :class:`CandidateFilter`
 maps onto ``WHERE station_ae_title = ? AND modality = ? AND start_at >= ? AND
-start_at < ? + 1 day AND status IN (...)``; everything else is matched in Python by
+start_at < ? + 1 day AND status IN (...)``, plus the order's Accession Number and
+Patient ID when the query gives exact values; everything else is matched in Python by
 :func:`worklist.query.match`, so the filter only has to be a superset.
 """
 
@@ -43,6 +44,9 @@ class CandidateFilter:
         Inclusive bounds on the step's start *date*.
     statuses : frozenset of SpsStatus
         Step statuses on offer.
+    accession_numbers, patient_ids : frozenset of str or None
+        The item's Accession Number / Patient ID is one of these (exact,
+        case-sensitive); None when the key is universal or has a wild card.
     """
 
     station_ae_title: str | None = None
@@ -50,6 +54,8 @@ class CandidateFilter:
     start_from: date | None = None
     start_until: date | None = None
     statuses: frozenset[SpsStatus] = OFFERED
+    accession_numbers: frozenset[str] | None = None
+    patient_ids: frozenset[str] | None = None
 
 
 class WorklistSource(Protocol):

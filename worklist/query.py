@@ -90,6 +90,8 @@ _SPS_START_DATE = 0x00400002
 _SPS_START_TIME = 0x00400003
 _STATION_AE = 0x00400001
 _MODALITY = 0x00080060
+_ACCESSION_NUMBER = 0x00080050
+_PATIENT_ID = 0x00100020
 _WILDCARDS = frozenset("*?")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
@@ -491,7 +493,16 @@ def _single_exact(values: list[str] | None) -> str | None:
     return None
 
 
-def _prefilter(sps_raw: dict[int, list[str]], opts: MatchOptions) -> CandidateFilter:
+def _exact_values(values: list[str] | None) -> frozenset[str] | None:
+    """Every value of a text key when none has a wild card (any of them may match)."""
+    if not values or any(_WILDCARDS & set(v) for v in values):
+        return None
+    return frozenset(values)
+
+
+def _prefilter(
+    top_raw: dict[int, list[str]], sps_raw: dict[int, list[str]], opts: MatchOptions
+) -> CandidateFilter:
     lo = hi = None
     date_values = sps_raw.get(_SPS_START_DATE)
     if date_values:
@@ -504,6 +515,8 @@ def _prefilter(sps_raw: dict[int, list[str]], opts: MatchOptions) -> CandidateFi
         start_from=lo,
         start_until=hi,
         statuses=opts.statuses,
+        accession_numbers=_exact_values(top_raw.get(_ACCESSION_NUMBER)),
+        patient_ids=_exact_values(top_raw.get(_PATIENT_ID)),
     )
 
 
@@ -533,7 +546,7 @@ def build_query(identifier: Dataset, options: MatchOptions | None = None) -> Wor
     # No explicit decode(): pydicom converts each raw (wire) element on access with the
     # dataset's Specific Character Set, items inheriting it from their parent.
     unsupported: list[int] = []
-    keys, tests, _ = _parse_level(identifier, ITEM_BY_TAG, opts, unsupported, parent=None)
+    keys, tests, top_raw = _parse_level(identifier, ITEM_BY_TAG, opts, unsupported, parent=None)
     sps_raw: dict[int, list[str]] = {}
     sps_elem = identifier.get(_SPS_SEQUENCE)
     if sps_elem is not None and sps_elem.value:
@@ -548,7 +561,7 @@ def build_query(identifier: Dataset, options: MatchOptions | None = None) -> Wor
     return WorklistQuery(
         keys=keys,
         tests=tests,
-        prefilter=_prefilter(sps_raw, opts),
+        prefilter=_prefilter(top_raw, sps_raw, opts),
         unsupported=tuple(unsupported),
         charset=charset_values,
         options=opts,

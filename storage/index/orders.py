@@ -8,9 +8,9 @@ write queue):
   means for an order) are made by :class:`storage.orders.OrderService`; this module
   only reads and writes rows, with compare-and-set on the order's version.
 * :class:`SqlWorklistSource`: the ``worklist.ports.WorklistSource`` protocol. The
-  :class:`~core.orders.CandidateFilter`-like filter maps onto the
-  ``scheduled_steps`` indexes (station/modality, start); the matcher in
-  ``worklist/query.py`` has the last word (PS3.4 C.2.2.2).
+  ``worklist.ports.CandidateFilter`` maps onto the ``scheduled_steps`` indexes
+  (station/modality, start) and the ``orders`` indexes (Accession Number, Patient
+  ID); the matcher in ``worklist/query.py`` has the last word (PS3.4 C.2.2.2).
 * :class:`SqlMppsRepository`: the ``worklist.ports.MppsRepository`` protocol
   (PS3.4 F.7). It stores the attribute list as DICOM JSON (PS3.18 F.2) and rebuilds
   steps with the ``restore`` callable it is given, because the step type belongs to
@@ -610,9 +610,12 @@ class SqlOrderStore:
 class SqlWorklistSource:
     """``worklist.ports.WorklistSource`` over the ``scheduled_steps`` index.
 
-    One query per C-FIND: steps on offer that satisfy the filter, grouped by order
-    and ordered by their first start. Parsed items are cached by (order, version), so
-    modalities polling the same day parse nothing twice.
+    One query per C-FIND selects the orders with a step on offer that satisfies the
+    filter (station, modality, start date, status on ``scheduled_steps``; Accession
+    Number and Patient ID on ``orders``), ordered by their first such step. It reads
+    only keys and versions: parsed items are cached by (order, version), and the
+    JSON of the orders not cached yet is read in a second query, so modalities
+    polling the same day move and parse no order twice.
     """
 
     def __init__(self, index: SqlIndex, *, cache_size: int = 20_000) -> None:
@@ -621,10 +624,11 @@ class SqlWorklistSource:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def candidates(self, flt: Any) -> Iterator[WorklistItem]:
-        """Items with a step that satisfies ``flt`` (a ``worklist.ports.CandidateFilter``)."""
+    @staticmethod
+    def _conditions(flt: Any) -> list[Any]:
         s = scheduled_steps
-        conds: list[Any] = [s.c.status.in_([str(x) for x in flt.statuses])]
+        # Sorted: the same filter gives the same SQL text (and statement cache entry).
+        conds: list[Any] = [s.c.status.in_(sorted(str(x) for x in flt.statuses))]
         if flt.station_ae_title is not None:
             conds.append(s.c.station_ae_title == flt.station_ae_title)
         if flt.modality is not None:
@@ -634,29 +638,56 @@ class SqlWorklistSource:
         if flt.start_until is not None:
             until: date = flt.start_until
             conds.append(s.c.start_at < datetime.combine(until + timedelta(days=1), time.min))
-        first = func.min(s.c.start_at)
+        if flt.accession_numbers is not None:
+            conds.append(orders.c.accession_number.in_(sorted(flt.accession_numbers)))
+        if flt.patient_ids is not None:
+            # The column keeps 64 characters (LO); a longer value can only match there.
+            conds.append(orders.c.patient_id.in_(sorted({v[:64] for v in flt.patient_ids})))
+        return conds
+
+    def candidates(self, flt: Any) -> Iterator[WorklistItem]:
+        """Items with a step that satisfies ``flt`` (a ``worklist.ports.CandidateFilter``)."""
+        s = scheduled_steps
         query = (
-            select(orders.c.id, orders.c.version, orders.c.item_json)
+            select(orders.c.id, orders.c.version)
             .select_from(s.join(orders, orders.c.id == s.c.order_pk))
-            .where(and_(*conds))
-            .group_by(orders.c.id, orders.c.version, orders.c.item_json)
-            .order_by(first, orders.c.id)
+            .where(and_(*self._conditions(flt)))
+            .group_by(orders.c.id, orders.c.version)
+            .order_by(func.min(s.c.start_at), orders.c.id)
         )
         try:
             with self.engine.connect() as conn:
-                rows = conn.execute(query).all()
+                keys = [(int(r.id), int(r.version)) for r in conn.execute(query)]
+                found = {key: self._cache.get(key) for key in keys}
+                missing = [pk for (pk, _), item in found.items() if item is None]
+                for chunk in range(0, len(missing), 500):
+                    rows = conn.execute(
+                        select(orders.c.id, orders.c.version, orders.c.item_json).where(
+                            orders.c.id.in_(missing[chunk : chunk + 500])
+                        )
+                    )
+                    for row in rows:
+                        self._remember(found, int(row.id), int(row.version), row.item_json)
         except (OperationalError, DBAPIError) as exc:
             raise _unavailable(exc) from exc
-        for row in rows:
-            key = (int(row.id), int(row.version))
-            item = self._cache.get(key)
+        for pk, version in keys:
+            item = found.get((pk, version))
             if item is None:
-                item = item_from_json(json.loads(row.item_json))
-                with self._lock:
-                    if len(self._cache) >= self._cache_size:
-                        self._cache.clear()
-                    self._cache[key] = item
-            yield item
+                # Changed between the two reads: the newer version, if we have it.
+                item = next((v for (p, _), v in found.items() if p == pk and v), None)
+            if item is not None:
+                yield item
+
+    def _remember(
+        self, found: dict[tuple[int, int], WorklistItem | None], pk: int, version: int, raw: str
+    ) -> None:
+        key = (pk, version)
+        item = item_from_json(json.loads(raw))
+        found[key] = item
+        with self._lock:
+            if len(self._cache) >= self._cache_size:
+                self._cache.clear()
+            self._cache[key] = item
 
 
 T = TypeVar("T")

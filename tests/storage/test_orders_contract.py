@@ -62,6 +62,9 @@ def _satisfies(item: WorklistItem, flt: CandidateFilter) -> bool:
         and (flt.start_until is None or s.start.date() <= flt.start_until)
         and s.status in flt.statuses
         for s in item.steps
+    ) and (
+        (flt.accession_numbers is None or item.order.accession_number in flt.accession_numbers)
+        and (flt.patient_ids is None or item.patient.id in flt.patient_ids)
     )
 
 
@@ -74,6 +77,10 @@ FILTERS = [
     CandidateFilter(start_until=DAY0.date()),
     CandidateFilter(station_ae_title="CT1", modality="MR"),
     CandidateFilter(statuses=frozenset({SpsStatus.STARTED})),
+    CandidateFilter(accession_numbers=frozenset({"C1", "C4", "nope"})),
+    CandidateFilter(patient_ids=frozenset({"PC3"}), station_ae_title="MR1"),
+    CandidateFilter(accession_numbers=frozenset({"C6"})),  # started: not on offer
+    CandidateFilter(accession_numbers=frozenset({"c1"})),  # case-sensitive
 ]
 
 
