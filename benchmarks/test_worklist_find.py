@@ -27,16 +27,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.mwl_servers import (
-    DAYS,
-    STATIONS,
-    make_items,
-    memory_server,
-    modality_query,
-    pacslab_dicom,
-)
+from benchmarks.mwl_servers import DAYS, STATIONS, make_items, memory_server, modality_query
 from benchmarks.support import record
-from tests.worklist.dcmtk import HAVE_DCMTK, FindSCU, wlmscpfs, write_wl_folder
+from tests.worklist.dcmtk import HAVE_DCMTK, FindSCU, pacslab_dicom, wlmscpfs, write_wl_folder
 
 SIZES = [200, 10_000]
 SERVERS = ["pacslab", "pacslab-memory", "wlmscpfs"]

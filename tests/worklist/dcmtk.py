@@ -1,8 +1,9 @@
 """DCMTK helpers for worklist tests and benchmarks: ``findscu -W`` and ``wlmscpfs``.
 
-Both servers get the same items: ours from memory, wlmscpfs from ``.wl`` files in
-``<root>/<called AE title>/`` (one file per scheduled step, plus the empty
-``lockfile`` wlmscpfs insists on).
+Every server gets the same items: ours from memory (in this process) or from the SQL
+order store behind a real ``pacslab dicom`` process (what ``pacslab serve`` answers
+from), wlmscpfs from ``.wl`` files in ``<root>/<called AE title>/`` (one file per
+scheduled step, plus the empty ``lockfile`` wlmscpfs insists on).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from worklist.model import WorklistItem, iter_entries, to_dataset
 from worklist.query import MatchOptions
 from worklist.scp import build_ae, handlers
 
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_DCMTK = all(shutil.which(tool) for tool in ("findscu", "wlmscpfs"))
 
 #: The two environments every DCMTK call runs in.
@@ -129,6 +133,80 @@ def pacslab_server(
         yield int(server.server_address[1]), source
     finally:
         server.shutdown()
+
+
+def scrubbed_env(**values: str) -> dict[str, str]:
+    """This environment without PACSLAB_ settings, this checkout first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(values)
+    return env
+
+
+@contextlib.contextmanager
+def run_process(cmd: list[str], env: dict[str, str], port: int) -> Iterator[int]:
+    """Run ``cmd`` until the block ends; yield ``port`` once something listens there."""
+    # A session of its own, so the receiver's forked children go with it.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc, timeout=60)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def fill_index(items: list[WorklistItem], url: str) -> None:
+    """Place ``items`` as orders in the index at ``url`` (migrated to head)."""
+    from core.orders import derive_status
+    from core.settings import IndexSettings
+    from storage.index.orders import SqlOrderStore
+    from storage.index.sql import SqlIndex
+
+    index = SqlIndex(IndexSettings(url=url, migrate=True))
+    try:
+        store = SqlOrderStore(index)
+        for n, item in enumerate(items):
+            store.create(
+                public_id=f"order-{n}",
+                placer=f"PL{n}",
+                filler="",
+                source="fixture",
+                build=lambda _pk, item=item: item,
+                status=lambda it: derive_status(it.steps),
+            )
+    finally:
+        index.close()
+
+
+@contextlib.contextmanager
+def pacslab_dicom(items: list[WorklistItem], work: Path) -> Iterator[int]:
+    """``pacslab dicom`` over a SQLite index holding ``items``; yield its port.
+
+    ``work`` becomes its data directory. One receiver process: an association is
+    served by one child, and a second would only take memory on a shared machine.
+    """
+    url = f"sqlite:///{work}/index.db"
+    fill_index(items, url)
+    port = free_port()
+    env = scrubbed_env(
+        PACSLAB_DATA_DIR=str(work),
+        PACSLAB_INDEX__URL=url,
+        PACSLAB_DICOM__HOST="127.0.0.1",
+        PACSLAB_DICOM__PORT=str(port),
+        PACSLAB_DICOM__WORKERS="1",
+        PACSLAB_LOG__LEVEL="WARNING",
+    )
+    with run_process([sys.executable, "-m", "pacslab", "dicom"], env, port) as p:
+        yield p
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The pynetdicom shell: handler unit tests, DCMTK loopback and a differential test.
 
-The differential test runs every query with DCMTK ``findscu -W`` against our SCP and
-against DCMTK ``wlmscpfs`` serving the same worklist as ``.wl`` files, with the
-default environment and with ``TCP_NODELAY=1``. Where we follow PS3.4 and wlmscpfs
-does not, the case names the clause and asserts both answers.
+The differential test runs every query with DCMTK ``findscu -W`` against our SCP (over
+the in-memory fake, and as ``pacslab serve`` answers: a ``pacslab dicom`` process over
+the SQL order store) and against DCMTK ``wlmscpfs`` serving the same worklist as
+``.wl`` files, with the default environment and with ``TCP_NODELAY=1``. Where we
+follow PS3.4 and wlmscpfs does not, the case names the clause and asserts both
+answers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.worklist.dcmtk import (
     ENVIRONMENTS,
     HAVE_DCMTK,
     findscu,
+    pacslab_dicom,
     pacslab_server,
     wlmscpfs,
     write_query,
@@ -263,8 +266,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     root = tmp_path_factory.mktemp("mwl")
     items = _items()
     write_wl_folder(items, root / "wl", "PACSLAB")
-    with wlmscpfs(root / "wl") as wl_port, pacslab_server(items) as (our_port, _):
-        yield {"root": root, "ours": our_port, "wlmscpfs": wl_port}
+    (root / "serve").mkdir()
+    with (
+        wlmscpfs(root / "wl") as wl_port,
+        pacslab_server(items) as (our_port, _),
+        pacslab_dicom(items, root / "serve") as serve_port,
+    ):
+        yield {"root": root, "ours": our_port, "serve": serve_port, "wlmscpfs": wl_port}
 
 
 def _summary(responses: list[Dataset]) -> list[tuple[str, str, str]]:
@@ -279,13 +287,14 @@ def _summary(responses: list[Dataset]) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.network
+@pytest.mark.parametrize("source", ["ours", "serve"], ids=["memory", "serve-sql"])
 @pytest.mark.parametrize("env", list(ENVIRONMENTS))
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_findscu_against_pacslab_and_wlmscpfs(
-    case: Case, env: str, servers: dict[str, Any], tmp_path: Path
+    case: Case, env: str, source: str, servers: dict[str, Any], tmp_path: Path
 ) -> None:
     query = write_query(_identifier(case), tmp_path / "query.dcm")
-    ours = findscu(servers["ours"], query, tmp_path / "ours", env=ENVIRONMENTS[env])
+    ours = findscu(servers[source], query, tmp_path / "ours", env=ENVIRONMENTS[env])
     theirs = findscu(servers["wlmscpfs"], query, tmp_path / "wlm", env=ENVIRONMENTS[env])
     assert ours.returncode == 0, ours.stderr
     assert theirs.returncode == 0, theirs.stderr
