@@ -379,6 +379,47 @@ def test_mpps_n_create_without_uid_gets_one_assigned() -> None:
             assoc.release()
 
 
+@pytest.mark.network
+def test_every_transfer_syntax_gets_the_same_responses() -> None:
+    """Little Endian contexts get pre-encoded responses, Big Endian pydicom's (PS3.5 A)."""
+    from pydicom.uid import (
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    )
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        ModalityWorklistInformationFind,
+    )
+
+    query = _all_keys()
+    query.PatientBirthDate = ""
+    query.ScheduledProcedureStepSequence = [Dataset()]  # whole steps, nested codes
+    answers = {}
+    with pacslab_server(_items()) as (port, _):
+        for syntax in (
+            ImplicitVRLittleEndian,
+            ExplicitVRLittleEndian,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+        ):
+            ae = AE(ae_title="MODALITY1")
+            ae.add_requested_context(ModalityWorklistInformationFind, [syntax])
+            assoc = ae.associate("127.0.0.1", port, ae_title="PACSLAB")
+            assert assoc.is_established
+            try:
+                got = [
+                    ds.to_json()
+                    for status, ds in assoc.send_c_find(query, ModalityWorklistInformationFind)
+                    if status and status.Status == 0xFF00
+                ]
+            finally:
+                assoc.release()
+            answers[syntax.name] = sorted(got)
+    assert len(answers[ImplicitVRLittleEndian.name]) == len(_items())
+    assert len({tuple(v) for v in answers.values()}) == 1, answers.keys()
+
+
 def test_started_steps_leave_the_worklist() -> None:
     source = InMemoryWorklist([replace(_items()[0])])
     item = source.items()[0]
