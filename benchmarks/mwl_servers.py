@@ -14,18 +14,28 @@ shares a GIL with the server's encoding.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from tests.worklist.dcmtk import free_port, run_process, scrubbed_env
 from worklist.model import WorklistItem, make_item
 
-__all__ = ["DAY0", "DAYS", "STATIONS", "make_items", "memory_server", "modality_query"]
+__all__ = [
+    "DAY0",
+    "DAYS",
+    "STATIONS",
+    "make_items",
+    "memory_server",
+    "modality_query",
+    "session_cpu_seconds",
+]
 
 STATIONS = (
     [f"CT{n}" for n in range(1, 11)]
@@ -95,6 +105,24 @@ def memory_server(size: int) -> Iterator[int]:
     cmd = [sys.executable, "-m", "benchmarks.mwl_servers", "memory", str(size), str(port)]
     with run_process(cmd, scrubbed_env(), port) as p:
         yield p
+
+
+def session_cpu_seconds(session: int) -> float:
+    """User + system CPU time of the live processes in ``session`` (Linux ``/proc``).
+
+    Wall-clock latency on a shared two-core machine mostly measures the neighbours;
+    the server's CPU per query does not.
+    """
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the parenthesised command name; session is field 6.
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[3]) == session:
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _serve_memory(size: int, port: int) -> None:

@@ -34,6 +34,10 @@ from worklist.scp import build_ae, handlers
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_DCMTK = all(shutil.which(tool) for tool in ("findscu", "wlmscpfs"))
 
+#: Port -> session id (the leader's pid) of each server process started here, so a
+#: benchmark can read the CPU time the server and its children spent.
+SESSIONS: dict[int, int] = {}
+
 #: The two environments every DCMTK call runs in.
 ENVIRONMENTS: Mapping[str, Mapping[str, str]] = {"default": {}, "nodelay": {"TCP_NODELAY": "1"}}
 
@@ -99,7 +103,9 @@ def wlmscpfs(root: Path, env: Mapping[str, str] | None = None) -> Iterator[int]:
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    SESSIONS[port] = proc.pid
     try:
         _wait_for_port(port, proc)
         yield port
@@ -151,6 +157,7 @@ def run_process(cmd: list[str], env: dict[str, str], port: int) -> Iterator[int]
         cmd, env=env, cwd=ROOT, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    SESSIONS[port] = proc.pid
     try:
         _wait_for_port(port, proc, timeout=60)
         yield port
