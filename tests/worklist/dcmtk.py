@@ -210,7 +210,7 @@ def pacslab_dicom(items: list[WorklistItem], work: Path) -> Iterator[int]:
         PACSLAB_DICOM__HOST="127.0.0.1",
         PACSLAB_DICOM__PORT=str(port),
         PACSLAB_DICOM__WORKERS="1",
-        PACSLAB_LOG__LEVEL="WARNING",
+        # Default log level (INFO), as ``pacslab serve`` runs: one line per C-FIND.
     )
     with run_process([sys.executable, "-m", "pacslab", "dicom"], env, port) as p:
         yield p

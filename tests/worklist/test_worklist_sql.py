@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -69,10 +68,20 @@ def _worklist() -> list[WorklistItem]:
 ITEMS = _worklist()
 
 
-@pytest.fixture(scope="module")
-def sql_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorklistSource]:
-    root: Path = tmp_path_factory.mktemp("sqlwl")
-    index = SqlIndex(IndexSettings(url=f"sqlite:///{root}/index.db"))
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def sql_source(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorklistSource]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlwl')}/index.db"
+    else:
+        from conftest_pg import create_database  # as tests/conftest.py imports it
+
+        server = request.getfixturevalue("pg_server")
+        url = create_database(server if isinstance(server, str) else server.url())
+    index = SqlIndex(IndexSettings(url=url))
     store = SqlOrderStore(index)
     for n, item in enumerate(ITEMS):
         store.create(
