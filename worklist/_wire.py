@@ -19,8 +19,9 @@ text in the response's Specific Character Set (PS3.5 6.1; only ISO_IR 100 and
 ISO_IR 192 are chosen, neither uses code extensions), and explicit VR headers with
 a 4-byte length for SQ, UC, UT and the other VRs of PS3.5 Table 7.1-1.
 
-Anything this encoder does not cover (Big Endian, a binary VR other than the
-empty or US values we hold, non-ASCII text in a VR without character set) raises
+Anything this encoder does not cover (Big Endian, an ambiguous VR such as
+``US or SS`` on a requested key we do not hold, a binary VR other than the empty or
+US values we hold, non-ASCII text in a VR without character set) raises
 :class:`Unencodable`; the caller then answers with the pydicom Dataset.
 """
 
@@ -57,6 +58,9 @@ class Unencodable(ValueError):
 
 
 def _value(vr: str, value: Any, codec: str, implicit: bool) -> bytes:
+    if len(vr) != 2:
+        # "US or SS" and the like: pydicom resolves them from the data set first.
+        raise Unencodable(vr)
     if vr == "SQ":
         return b"".join(_item(item, codec, implicit) for item in value)
     if value is None or value == "":

@@ -124,6 +124,16 @@ def test_values_outside_the_encoder_are_refused_for_the_pydicom_path() -> None:
     assert projection.to_dataset().ScheduledProcedureStepSequence[0].Modality == "ÇT"
 
 
+def test_an_ambiguous_vr_key_goes_the_pydicom_way() -> None:
+    q = Dataset()
+    q.AccessionNumber = ""
+    q.add_new(0x00280106, "US or SS", None)  # Smallest Image Pixel Value: not ours
+    projection = project(build_query(q), Entry(make_item("A1"), make_item("A1").steps[0]))
+    with pytest.raises(Unencodable):
+        raw_response(projection, implicit_vr=False)
+    assert encode(projection.to_dataset(), False, True)  # pydicom resolves it
+
+
 def test_steps_without_codes_and_odd_lengths() -> None:
     item = make_item("ODD1", steps=[ScheduledProcedureStep(
         step_id="S1", station_ae_title="CT1", modality="CT",
