@@ -71,6 +71,10 @@ def _value(vr: str, value: Any, codec: str, implicit: bool) -> bytes:
         return struct.pack(_BINARY[vr], value)
     if not isinstance(value, str):
         raise Unencodable(vr)
+    if vr == "PN":
+        # Trailing empty component groups are insignificant (PS3.5 6.2.1) and
+        # pydicom drops them: "DOE^JANE=" is written "DOE^JANE".
+        value = "\\".join(v.rstrip("=") for v in value.split("\\"))
     if vr in _CHARSET_VRS:
         data = value.encode(codec)
     elif value.isascii():
