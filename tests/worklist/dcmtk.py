@@ -23,7 +23,6 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from worklist.memory import InMemoryWorklist
@@ -256,30 +255,3 @@ def findscu(
     )
     responses: list[Dataset] = [pydicom.dcmread(p) for p in sorted(outdir.glob("rsp*.dcm"))]
     return FindResult(proc.returncode, responses, proc.stderr.decode(errors="replace"))
-
-
-class FindSCU:
-    """One pynetdicom association reused for many MWL C-FINDs (for benchmarks)."""
-
-    def __init__(self, port: int, called_ae: str) -> None:
-        ae = AE(ae_title="BENCH")
-        ae.add_requested_context(ModalityWorklistInformationFind)
-        self.assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
-        if not self.assoc.is_established:
-            raise RuntimeError("association refused")
-        # The same client for every server: no Nagle delay on our side either.
-        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def find(self, identifier: Dataset) -> list[Dataset]:
-        out = []
-        for status, ds in self.assoc.send_c_find(identifier, ModalityWorklistInformationFind):
-            if status and status.Status in (0xFF00, 0xFF01) and ds is not None:
-                out.append(ds)
-            elif status and status.Status != 0x0000:
-                raise RuntimeError(f"C-FIND status 0x{status.Status:04X}")
-        return out
-
-    def close(self) -> None:
-        self.assoc.release()
