@@ -71,14 +71,15 @@ def _value(vr: str, value: Any, codec: str, implicit: bool) -> bytes:
         return struct.pack(_BINARY[vr], value)
     if not isinstance(value, str):
         raise Unencodable(vr)
+    text: str = value
     if vr == "PN":
         # Trailing empty component groups are insignificant (PS3.5 6.2.1) and
         # pydicom drops them: "DOE^JANE=" is written "DOE^JANE".
-        value = "\\".join(v.rstrip("=") for v in value.split("\\"))
+        text = "\\".join(v.rstrip("=") for v in text.split("\\"))
     if vr in _CHARSET_VRS:
-        data = value.encode(codec)
-    elif value.isascii():
-        data = value.encode("ascii")
+        data = text.encode(codec)
+    elif text.isascii():
+        data = text.encode("ascii")
     else:
         raise Unencodable(vr)
     if len(data) % 2:
