@@ -93,14 +93,20 @@ class OriginalStore(Protocol):
         """A directory on the same file system, for files being received."""
         ...
 
-    def commit(self, staged: Path, key: str) -> bool:
+    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         """Move a fully written, fsync'ed staged file into place under ``key``.
 
         Returns False when the key already existed (the staged file is removed).
         The original is durable when this returns: on a file system the rename and
         its parent directory are fsync'ed; in object storage the PUT has succeeded
-        (and the staged file is removed).
+        (and the staged file is removed). With ``defer_sync`` the directory fsync is
+        left to the next :meth:`sync` (so a batch of commits shares one round of them).
         """
+        ...
+
+    def sync(self) -> None:
+        """Make every ``commit(defer_sync=True)`` so far durable (OutOfResourcesError
+        if it cannot)."""
         ...
 
     def path(self, key: str) -> Path:

@@ -22,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,15 @@ from ingest.dicom.dimse import (
 )
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StagedWriter
 
-__all__ = ["AssociationPolicy", "FastAssociation", "PduReader", "StoreCallback", "is_fast_path"]
+__all__ = [
+    "AssociationPolicy",
+    "FastAssociation",
+    "Negotiation",
+    "PduReader",
+    "StoreCallback",
+    "is_fast_path",
+    "negotiate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,41 @@ class AssociationPolicy:
     max_associations: int = 32
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
+    _negotiating: threading.Lock = field(default_factory=threading.Lock)
+
+    def negotiation(self, rq_bytes: bytes) -> Negotiation:
+        """What to answer this A-ASSOCIATE-RQ (PS3.8 9.3.2), decoded at most once.
+
+        A modality proposes the same contexts, AE titles and user information on
+        every association, byte for byte; pynetdicom's decoding and acceptor
+        negotiation of a full storescu proposal (~120 contexts, each UID checked by
+        regex) cost about as much as storing a dozen instances, so answers are kept
+        per distinct request.
+
+        Raises
+        ------
+        Exception
+            Whatever pynetdicom raises on a malformed request (the caller hands the
+            connection to pynetdicom, which answers it per PS3.8).
+        """
+        with self._lock:
+            plan = self._plans.get(rq_bytes)
+            if plan is not None:
+                self._plans.move_to_end(rq_bytes)
+                return plan
+        # One negotiation at a time: the four associations a modality opens at once
+        # then share the first one's answer instead of each computing it.
+        with self._negotiating:
+            with self._lock:
+                plan = self._plans.get(rq_bytes)
+            if plan is None:
+                plan = negotiate(rq_bytes, self)
+                with self._lock:
+                    self._plans[rq_bytes] = plan
+                    while len(self._plans) > 256:
+                        self._plans.popitem(last=False)
+        return plan
 
     def enter(self) -> bool:
         with self._lock:
@@ -136,6 +180,53 @@ class PduReader:
         return pdu_type, view
 
 
+@dataclass(frozen=True, slots=True)
+class Negotiation:
+    """The outcome of negotiating one A-ASSOCIATE-RQ, reusable for identical requests."""
+
+    fast: bool  # storage/verification only: served by FastAssociation
+    calling_ae: str
+    allowed: bool  # calling AE title permitted (PS3.8 A-ASSOCIATE-RJ reason 3 otherwise)
+    accepted: dict[int, tuple[str, str]]  # context id -> (abstract, transfer syntax)
+    ac_pdu: bytes  # the encoded A-ASSOCIATE-AC
+
+
+def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
+    """Decode the request and, for a fast-path association, build our answer."""
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(rq_bytes)
+    rq = pdu.to_primitive()
+    calling_ae = str(rq.calling_ae_title).strip()
+    allowed = not policy.allowed_calling_aes or calling_ae in policy.allowed_calling_aes
+    if not is_fast_path(rq, policy.storage_sop_classes):
+        return Negotiation(False, calling_ae, allowed, {}, b"")
+    results, _roles = negotiate_as_acceptor(
+        rq.presentation_context_definition_list, list(policy.contexts), None
+    )
+    accepted = {
+        int(cx.context_id or 0): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in results
+        if cx.result == 0x00
+    }
+    ac = A_ASSOCIATE()
+    ac.application_context_name = APPLICATION_CONTEXT
+    ac.calling_ae_title = rq.calling_ae_title
+    ac.called_ae_title = rq.called_ae_title
+    ac.result = 0x00
+    ac.result_source = 0x01
+    ac.presentation_context_definition_results_list = results
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = policy.max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    ac.user_information = [max_len, impl, version]
+    ac_pdu = A_ASSOCIATE_AC()
+    ac_pdu.from_primitive(ac)
+    return Negotiation(True, calling_ae, allowed, accepted, ac_pdu.encode())
+
+
 def is_fast_path(rq: A_ASSOCIATE, storage_sop_classes: frozenset[str]) -> bool:
     """True if every proposed context is Storage or Verification and no negotiation
     item needs pynetdicom (role selection, user identity, extended negotiation)."""
@@ -177,14 +268,11 @@ class FastAssociation:
 
     # -- association establishment (PS3.8 9.3.2-9.3.4) ---------------------------
 
-    def run(self, rq_bytes: bytes) -> None:
+    def run(self, plan: Negotiation) -> None:
         started = time.perf_counter()
         with correlation():
             try:
-                rq = A_ASSOCIATE_RQ()
-                rq.decode(rq_bytes)
-                primitive = rq.to_primitive()
-                if not self._negotiate(primitive):
+                if not self._negotiate(plan):
                     return
                 logger.info(
                     "association from %s (%s) accepted, %d contexts",
@@ -214,10 +302,9 @@ class FastAssociation:
                     time.perf_counter() - started,
                 )
 
-    def _negotiate(self, rq: A_ASSOCIATE) -> bool:
-        self.calling_ae = str(rq.calling_ae_title).strip()
-        allowed = self.policy.allowed_calling_aes
-        if allowed and self.calling_ae not in allowed:
+    def _negotiate(self, plan: Negotiation) -> bool:
+        self.calling_ae = plan.calling_ae
+        if not plan.allowed:
             logger.warning(
                 "association from %s (%s) rejected: calling AE not allowed",
                 self.calling_ae,
@@ -234,32 +321,8 @@ class FastAssociation:
             self._reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local limit
             return False
         self._entered = True
-        results, _roles = negotiate_as_acceptor(
-            rq.presentation_context_definition_list, list(self.policy.contexts), None
-        )
-        for cx in results:
-            if cx.result == 0x00:
-                self.accepted[int(cx.context_id or 0)] = (
-                    str(cx.abstract_syntax),
-                    str(cx.transfer_syntax[0]),
-                )
-        ac = A_ASSOCIATE()
-        ac.application_context_name = APPLICATION_CONTEXT
-        ac.calling_ae_title = rq.calling_ae_title
-        ac.called_ae_title = rq.called_ae_title
-        ac.result = 0x00
-        ac.result_source = 0x01
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.policy.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_len, impl, version]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        self.sock.sendall(pdu.encode())
+        self.accepted = plan.accepted
+        self.sock.sendall(plan.ac_pdu)
         return True
 
     def _reject(self, result: int, source: int, diagnostic: int) -> None:

@@ -23,7 +23,6 @@ from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -32,7 +31,7 @@ from ingest.dicom.association import (
     A_ASSOCIATE_RQ_TYPE,
     AssociationPolicy,
     FastAssociation,
-    is_fast_path,
+    Negotiation,
 )
 from ingest.dicom.handlers import handle_echo, handle_store, store_staged
 from ingest.service import IngestService
@@ -234,13 +233,11 @@ class DicomReceiver:
             sock.close()
             return
         if rq_bytes is not None:
-            rq = A_ASSOCIATE_RQ()
             try:
-                rq.decode(rq_bytes)
-                fast = is_fast_path(rq.to_primitive(), self.policy.storage_sop_classes)
+                plan: Negotiation | None = self.policy.negotiation(rq_bytes)
             except Exception:
-                fast = False  # let pynetdicom answer malformed requests per PS3.8
-            if fast:
+                plan = None  # let pynetdicom answer malformed requests per PS3.8
+            if plan is not None and plan.fast:
                 _recv_consume(sock, len(rq_bytes))
                 FastAssociation(
                     sock,
@@ -248,7 +245,7 @@ class DicomReceiver:
                     self.policy,
                     partial(store_staged, self.service),
                     self.service.archive.staging_dir(),
-                ).run(rq_bytes)
+                ).run(plan)
                 return
         sock.settimeout(None)
         self.slow_server.process_request(sock, addr)
