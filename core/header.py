@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.valuerep import TEXT_VR_DELIMS
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
 __all__ = ["HeaderValues", "PixelDataElement", "scan_header"]
 
@@ -37,16 +37,16 @@ PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _SEQ_END_ITEM = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-# PS3.5 Table 7.1-1: VRs with a 2-byte reserved field and a 4-byte length.
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
-)
+# PS3.5 Table 7.1-1: VRs with a 2-byte reserved field and a 4-byte length (pydicom's list).
+_LONG_VRS = frozenset(str(vr).encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+# Every other VR of PS3.5 Table 6.2-1 has a 16-bit length.
+_SHORT_VRS = frozenset(str(vr).encode("ascii") for vr in VR if len(str(vr)) == 2) - _LONG_VRS
 # Values in the default repertoire (PS3.5 6.1.2.2), decoded as pydicom does (latin-1).
 _DEFAULT_REPERTOIRE = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 # Affected by Specific Character Set (PS3.5 6.1.2.3); ST/LT/UT are single-valued.
 _TEXT_SPLIT = frozenset({"SH", "LO", "UC", "PN"})
 _TEXT_SINGLE = frozenset({"ST", "LT", "UT"})
-_HEADER = struct.Struct("<HH")
+_EXPLICIT = struct.Struct("<HH2sH")  # PS3.5 Table 7.1-2: tag, VR, 16-bit length
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
@@ -106,18 +106,17 @@ class _Walker:
         """(tag, VR, length, value offset) of the element at ``pos``."""
         if pos + 8 > self.end:
             raise _Unsure("header ends inside an element")
-        group, elem = _HEADER.unpack_from(self.data, pos)
+        group, elem, vr, short = _EXPLICIT.unpack_from(self.data, pos)
         tag = (group << 16) | elem
         if implicit or group == 0xFFFE:  # items and delimiters never carry a VR
             return tag, b"", _U32.unpack_from(self.data, pos + 4)[0], pos + 8
-        vr = bytes(self.data[pos + 4 : pos + 6])
         if vr in _LONG_VRS:
             if pos + 12 > self.end:
                 raise _Unsure("header ends inside an element")
             return tag, vr, _U32.unpack_from(self.data, pos + 8)[0], pos + 12
-        if not (vr.isalpha() and vr.isupper()):
+        if vr not in _SHORT_VRS:
             raise _Unsure("not an explicit VR")
-        return tag, vr, _U16.unpack_from(self.data, pos + 6)[0], pos + 8
+        return tag, vr, short, pos + 8
 
     def skip_undefined(self, pos: int, implicit: bool) -> int:
         """Past the Sequence Delimitation Item of an undefined-length value (PS3.5 7.5.2)."""
