@@ -35,6 +35,7 @@ _TYPES = {
     "dicom.mpps": ("http://dicom.nema.org/resources/ontology/DCM", "110111",
                    "Procedure Record"),
     "lab.file": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
+    "hl7.order": ("http://dicom.nema.org/resources/ontology/DCM", "110109", "Order Record"),
     "sign": ("http://dicom.nema.org/resources/ontology/DCM", "110110", "Patient Record"),
 }
 _AGENT_TYPE = {
