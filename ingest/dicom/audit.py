@@ -83,6 +83,9 @@ class _DimseAudit:
         ds = decode(data, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         data.seek(0)
         pid = str(ds.get("PatientID", "") or "")
+        if "*" in pid or "?" in pid:
+            # A wildcard query key (PS3.4 C.2.2.2.4) names no one patient.
+            return ""
         issuer = str(ds.get("IssuerOfPatientID", "") or "")
         return patient_key(self.secret, pid, issuer)
 

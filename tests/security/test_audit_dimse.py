@@ -76,8 +76,13 @@ def test_worklist_query_is_logged(receiver: Receiver, tmp_path: Path) -> None:
     empty = findscu(receiver.port, write_query(empty_q, tmp_path / "empty.dcm"), tmp_path / "r2")
     assert empty.returncode == 0 and empty.responses == []
 
-    first, second = _entries(receiver, "dicom.c-find")
-    for entry in (first, second):
+    # A wildcard Patient ID names no one patient: no patient reference.
+    wild = write_query(_mwl_query(PatientID=PATIENT_ID[:5] + "*"), tmp_path / "wild.dcm")
+    assert len(findscu(receiver.port, wild, tmp_path / "r3").responses) == 1
+
+    first, second, third = _entries(receiver, "dicom.c-find")
+    assert third.patient_key == "" and json.loads(third.detail)["matches"] == 1
+    for entry in (first, second, third):
         assert (entry.action, entry.outcome, entry.outcome_desc) == ("E", "0", "0x0000")
         assert (entry.agent, entry.agent_type) == ("MODALITY1", "ae")  # findscu -aet
         assert entry.source.startswith("127.0.0.1")
