@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import time
@@ -69,9 +70,12 @@ def test_dropped_and_mllp_orders_are_logged(settings: Settings) -> None:
     inbox.mkdir(parents=True, exist_ok=True)
     stop = start_orders(settings)
     try:
+        # Written as *.tmp and renamed, as senders must (the inbox reads at once).
         for src in FILES:
-            shutil.copy(src, inbox / src.name)
-        (inbox / "empty.hl7").write_bytes(b"\r\n")  # no message at all
+            shutil.copyfile(src, inbox / f"{src.name}.tmp")
+            os.replace(inbox / f"{src.name}.tmp", inbox / src.name)
+        (inbox / "empty.hl7.tmp").write_bytes(b"\r\n")  # no message at all
+        os.replace(inbox / "empty.hl7.tmp", inbox / "empty.hl7")
         _wait_filed(inbox, [p.name for p in FILES] + ["empty.hl7"])
         deadline = time.monotonic() + 30
         while True:
