@@ -116,12 +116,12 @@ class Hl7OrderIntake:
         ``peer`` (the MLLP client address, or the inbox folder) and ``file_sha256``
         (for a dropped file) only go to the action log.
         """
-        placed: list[PlacedOrder] = []
-        result = self._handle(raw, source, placed)
+        result, placed = self._apply(raw, source)
         self._audit(raw, result, placed, peer=peer, file_sha256=file_sha256)
         return result
 
-    def _handle(self, raw: bytes, source: str, placed_out: list[PlacedOrder]) -> IntakeResult:
+    def _apply(self, raw: bytes, source: str) -> tuple[IntakeResult, Sequence[PlacedOrder]]:
+        """The result, and the orders the message placed (none when it did not parse)."""
         try:
             msg = parse_message(raw)
             placed = placed_orders(msg, source=source)
@@ -130,8 +130,7 @@ class Hl7OrderIntake:
             ack = build_ack(
                 raw, exc.ack_code, error=exc, now=self.clock(), ack_control_id=self._ack_id()
             )
-            return IntakeResult(ack, exc.ack_code, control_id(raw), exc)
-        placed_out.extend(placed)
+            return IntakeResult(ack, exc.ack_code, control_id(raw), exc), ()
         done: list[OrderRecord] = []
         try:
             for order in placed:
@@ -142,15 +141,15 @@ class Hl7OrderIntake:
             ack = build_ack(
                 msg, err.ack_code, error=err, now=self.clock(), ack_control_id=self._ack_id()
             )
-            return IntakeResult(ack, err.ack_code, msg.control_id, err, tuple(done))
+            return IntakeResult(ack, err.ack_code, msg.control_id, err, tuple(done)), placed
         except Exception:
             logger.error("HL7 message %s failed", msg.control_id, exc_info=True)
             err = OrderMessageError("application internal error", hl7_code=207, ack_code="AR")
             ack = build_ack(msg, "AR", error=err, now=self.clock(), ack_control_id=self._ack_id())
-            return IntakeResult(ack, "AR", msg.control_id, err, tuple(done))
+            return IntakeResult(ack, "AR", msg.control_id, err, tuple(done)), placed
         logger.info("HL7 message %s: %d order(s) applied", msg.control_id, len(done))
         ack = build_ack(msg, "AA", now=self.clock(), ack_control_id=self._ack_id())
-        return IntakeResult(ack, "AA", msg.control_id, None, tuple(done))
+        return IntakeResult(ack, "AA", msg.control_id, None, tuple(done)), placed
 
     def record_refused_file(self, file_sha256: str, *, peer: str, reason: str) -> None:
         """Log a dropped file refused before any message of it reached :meth:`handle`."""
