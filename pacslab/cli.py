@@ -299,15 +299,20 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    """Rebuild a data directory from a backup, then bring its schema to head."""
+    """Rebuild a data directory from a backup, then bring its schema to head.
+
+    The index goes where the restored instance will look for it: its
+    ``PACSLAB_INDEX__URL`` (a PostgreSQL backup needs an empty PostgreSQL database
+    there), else ``<data-dir>/index.db``.
+    """
     from storage.backup import restore
 
+    restored = Settings(data_dir=args.data_dir)
     try:
-        manifest = restore(args.source, args.data_dir)
-    except (ValueError, FileExistsError) as exc:
+        manifest = restore(args.source, args.data_dir, index_url=restored.index.url)
+    except (ValueError, FileExistsError, RuntimeError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
-    restored = Settings(data_dir=args.data_dir)
     _prepare(restored)
     print(
         f"restored {manifest['instances']} instances into {args.data_dir}; start it with "

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -61,7 +62,9 @@ def run_receiver(
     if service.audit is not None:
         extra_handlers = [
             *extra_handlers,
-            *dimse_audit_handlers(service.audit, service.patient_secret),
+            *dimse_audit_handlers(
+                service.audit, service.patient_secret, mpps_patient=_mpps_patient(index)
+            ),
         ]
     receiver = DicomReceiver(
         settings.dicom,
@@ -87,6 +90,23 @@ def receiver_staging_name(port: int) -> str:
     """This receiver's staging subdirectory: host and port, unique among receivers
     sharing one originals directory, and the same again after a restart."""
     return f"{socket.gethostname()}-{port}"
+
+
+def _mpps_patient(index: SqlIndex) -> Callable[[str], tuple[str, str] | None]:
+    """Patient ID and issuer of a stored MPPS, for the action log of its N-SETs."""
+    from storage.index.orders import SqlMppsRepository
+    from worklist.mpps import restore_step
+
+    repo = SqlMppsRepository(index, restore_step)
+
+    def lookup(uid: str) -> tuple[str, str] | None:
+        step = repo.get(uid)
+        if step is None:
+            return None
+        attrs = step.attributes
+        return str(attrs.get("PatientID", "") or ""), str(attrs.get("IssuerOfPatientID", "") or "")
+
+    return lookup
 
 
 def _other_dicom_services(

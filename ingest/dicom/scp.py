@@ -26,6 +26,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.logging import correlation
 from core.settings import DicomSettings
 from ingest.dicom.association import (
     A_ASSOCIATE_RQ_TYPE,
@@ -222,7 +223,7 @@ class DicomReceiver:
                 logger.warning("TLS handshake with %s failed: %s", peer, type(exc).__name__)
                 sock.close()
                 return
-            self.slow_server.process_request(tls, addr)
+            self._serve_slow(tls, addr)
             return
         try:
             rq_bytes = self._peek_associate_rq(sock)
@@ -248,7 +249,20 @@ class DicomReceiver:
                 ).run(plan)
                 return
         sock.settimeout(None)
-        self.slow_server.process_request(sock, addr)
+        self._serve_slow(sock, addr)
+
+    def _serve_slow(self, sock: socket.socket, addr: Any) -> None:
+        """Hand the connection to pynetdicom, under a correlation id of its own.
+
+        pynetdicom's ``Association`` copies the context it is created in
+        (``PASS_CONTEXTVARS``) to its reactor and DIMSE threads, so the id must be
+        set before it exists, in this thread. ``process_request`` would first start a
+        plain thread (``socketserver.ThreadingMixIn``), whose context is empty: the
+        worklist and MPPS logs and action-log entries would have no correlation id.
+        This thread already belongs to the connection, so it builds the association.
+        """
+        with correlation():
+            self.slow_server.process_request_thread(sock, addr)
 
     def _peek_associate_rq(self, sock: socket.socket) -> bytes | None:
         """The A-ASSOCIATE-RQ PDU, read without consuming it; None if it is another PDU."""
