@@ -17,6 +17,7 @@ import os
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -219,14 +220,49 @@ class StagedWriter:
             view.release()
 
     def write(self, data: bytes | memoryview) -> None:
-        if len(self._head) < HEAD_BYTES:
-            self._head += data[: HEAD_BYTES - len(self._head)]
-        self._tail = (self._tail + bytes(data[-8:]))[-8:]
         try:
             self._put(data)
         except OSError as exc:
             self.abort()
             raise _translate(exc) from exc
+        self._account(data)
+
+    def receive(self, recv_exactly: Callable[[memoryview], None], size: int) -> None:
+        """Take the next ``size`` bytes of the data set straight from the network into
+        the write buffer (``recv_exactly`` fills a view or raises): the copy
+        :meth:`write` makes is the kernel's own here.
+
+        If the file cannot be written, every byte is still consumed (the association
+        stays in step) and OutOfResourcesError is raised at the end.
+        """
+        assert self._buf is not None
+        failure: OSError | None = None
+        while size:
+            n = min(size, _BUFFER - self._fill)
+            view = memoryview(self._buf)[self._fill : self._fill + n]
+            try:
+                recv_exactly(view)
+                if failure is None:
+                    self._account(view)
+            finally:
+                view.release()
+            size -= n
+            self._fill += n
+            if self._fill == _BUFFER:
+                if failure is None:
+                    try:
+                        self._write_out(_BUFFER)
+                    except OSError as exc:
+                        failure = exc
+                self._fill = 0
+        if failure is not None:
+            self.abort()
+            raise _translate(failure) from failure
+
+    def _account(self, data: bytes | memoryview) -> None:
+        if len(self._head) < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - len(self._head)]
+        self._tail = (self._tail + bytes(data[-8:]))[-8:]
         self._hash.update(data)
         self._size += len(data)
 

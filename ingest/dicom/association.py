@@ -151,9 +151,10 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 
 
 class PduReader:
-    """Reads PDUs (PS3.8 9.3.1) into one reused buffer: no allocation per PDU.
+    """Reads PDUs (PS3.8 9.3.1) and P-DATA-TF items from a blocking socket into one
+    reused buffer: no allocation per PDU.
 
-    The returned view is valid until the next :meth:`read`.
+    A view returned by :meth:`read_body` is valid until the next read.
     """
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
@@ -162,7 +163,11 @@ class PduReader:
         self._header = bytearray(6)
         self._buf = bytearray(65536)
 
-    def read(self) -> tuple[int, memoryview]:
+    def recv_exactly(self, view: memoryview) -> None:
+        _recv_into(self.sock, view)
+
+    def read_header(self) -> tuple[int, int]:
+        """The next PDU's type and length."""
         # Acknowledge at once instead of after the 40 ms delayed-ACK timer: a peer with
         # Nagle's algorithm on (Debian's DCMTK) holds the tail of each data set until
         # the command PDU before it is acknowledged. Linux clears QUICKACK after use.
@@ -173,11 +178,20 @@ class PduReader:
         pdu_type, _, length = struct.unpack(">BBI", self._header)
         if self.limit and length > self.limit:
             raise AbortError(0x06, f"PDU of {length} bytes exceeds the negotiated maximum")
+        return pdu_type, length
+
+    def read_item_header(self) -> tuple[int, int, int]:
+        """A PDV item's length, presentation context ID and control header (PS3.8 E.2)."""
+        _recv_into(self.sock, memoryview(self._header))
+        item_len, context_id, header = struct.unpack(">IBB", self._header)
+        return int(item_len), int(context_id), int(header)
+
+    def read_body(self, length: int) -> memoryview:
         if length > len(self._buf):
             self._buf = bytearray(length)
         view = memoryview(self._buf)[:length]
         _recv_into(self.sock, view)
-        return pdu_type, view
+        return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,31 +357,32 @@ class FastAssociation:
         reader = PduReader(self.sock, self.policy.max_pdu)
         try:
             while True:
-                pdu_type, view = reader.read()
-                if pdu_type == A_RELEASE_RQ:
-                    self.sock.sendall(struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0))
-                    return
-                if pdu_type == A_ABORT:
-                    logger.warning("peer %s aborted the association", self.calling_ae)
-                    return
+                pdu_type, length = reader.read_header()
                 if pdu_type != P_DATA_TF:
+                    reader.read_body(length)  # release/abort bodies hold nothing we use
+                    if pdu_type == A_RELEASE_RQ:
+                        self.sock.sendall(struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0))
+                        return
+                    if pdu_type == A_ABORT:
+                        logger.warning("peer %s aborted the association", self.calling_ae)
+                        return
                     raise AbortError(0x02, f"unexpected PDU type 0x{pdu_type:02X}")
-                pos, end = 0, len(view)
-                while pos < end:
-                    if pos + 6 > end:
+                # P-DATA-TF, item by item (PS3.8 9.3.5.1): a data set fragment goes from
+                # the socket straight into the staged file's buffer, without a copy.
+                while length > 0:
+                    if length < 6:
                         raise AbortError(0x06, "truncated PDV item")
-                    item_len = struct.unpack_from(">I", view, pos)[0]
-                    if item_len < 2 or pos + 4 + item_len > end:
+                    item_len, context_id, header = reader.read_item_header()
+                    if item_len < 2 or 4 + item_len > length:
                         raise AbortError(0x06, "invalid PDV item length")
-                    context_id, header = view[pos + 4], view[pos + 5]
-                    data = view[pos + 6 : pos + 4 + item_len]
-                    pos += 4 + item_len
+                    length -= 4 + item_len
+                    size = item_len - 2
                     if context_id not in self.accepted:
                         raise AbortError(0x06, f"PDV on unaccepted context {context_id}")
                     if header & 0x01:  # command fragment
                         if command is not None:
                             raise AbortError(0x02, "command fragment inside a data set")
-                        cmd_parts.append(bytes(data))
+                        cmd_parts.append(bytes(reader.read_body(size)))
                         if header & 0x02:
                             try:
                                 command = decode_command(b"".join(cmd_parts))
@@ -383,9 +398,11 @@ class FastAssociation:
                     else:  # data set fragment
                         if command is None or context_id != cmd_context:
                             raise AbortError(0x02, "data set fragment without its command")
-                        if writer is not None:
+                        if writer is None:
+                            reader.read_body(size)  # refused already: consume and drop
+                        else:
                             try:
-                                writer.write(data)
+                                writer.receive(reader.recv_exactly, size)
                             except ServiceError as exc:  # disk full: answer at the end
                                 logger.error("cannot stage incoming instance: %s", exc.title)
                                 writer = None

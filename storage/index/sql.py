@@ -241,9 +241,13 @@ class SqlIndex:
         self._series_upsert = upsert_stmt(
             series, _SERIES_KEYS, ["series_instance_uid"], ["updated_at"]
         )
-        self._existing = select(
-            instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version
-        ).where(instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+        existing = select(instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version)
+        self._existing = existing.where(
+            instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+        )
+        # Most group commits hold one or two instances: an expanding IN is rendered
+        # anew on every execution, an equality is compiled once.
+        self._existing_one = existing.where(instances.c.sop_instance_uid == bindparam("uid"))
 
     def _add(
         self, conn: Connection, items: Sequence[NewInstance]
@@ -276,7 +280,12 @@ class SqlIndex:
             series_pk[uid] = pk
         uids = list({i.record.sop_instance_uid for i in items})
         existing: dict[str, list[tuple[str, int]]] = {}
-        for row in conn.execute(self._existing, {"uids": uids}):
+        found = (
+            [r for uid in uids for r in conn.execute(self._existing_one, {"uid": uid})]
+            if len(uids) <= 4
+            else conn.execute(self._existing, {"uids": uids}).all()
+        )
+        for row in found:
             existing.setdefault(row.sop_instance_uid, []).append((row.blob_key, row.version))
 
         outcomes: list[AddOutcome] = []
