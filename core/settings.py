@@ -146,6 +146,10 @@ class ProcessingSettings(BaseModel):
     series_quiet_s: float = Field(10.0, ge=0)
     poll_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)
+    #: Seconds after its claim that a ``running`` job counts as abandoned by a worker
+    #: that died and did not come back under its name; any worker then requeues it.
+    #: Longer than the slowest job (a large series conversion), or it would run twice.
+    lease_s: float = Field(600.0, gt=0)
     #: Transcode stored originals to HTJ2K lossless (issue #3 archive option).
     archive_htj2k: bool = False
 
