@@ -278,8 +278,12 @@ def _send_and_convert(port: int, folder: Path, base: str, token: str) -> None:
             time.sleep(0.2)
 
 
+LOAD_SECONDS = float(os.environ.get("PACSLAB_LOAD_SECONDS", "300"))
+
+
+@pytest.mark.timeout(int(LOAD_SECONDS) + 600)  # the corpus, start-up and the final checks
 def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
-    seconds = float(os.environ.get("PACSLAB_LOAD_SECONDS", "300")) if measuring else 5.0
+    seconds = LOAD_SECONDS if measuring else 5.0
     viewers = 20 if measuring else 2
     series_per_modality, slices, size = (20, 40, 128) if measuring else (2, 8, 32)
     if shutil.which("storescu") is None:
