@@ -103,6 +103,9 @@ def _reader(base: str, studies: list[str], acked: Acknowledged, stop: threading.
                 listed = client.get(f"/viewer/api/studies/{rng.choice(studies)}/series")
                 if listed.status_code == 404:
                     continue  # not received yet
+                if listed.status_code != 200:
+                    acked.error(f"viewer list: HTTP {listed.status_code}")
+                    continue
                 for item in listed.json():
                     for stack in item["stacks"]:
                         tile = client.get(stack["thumbnail"])
@@ -113,6 +116,17 @@ def _reader(base: str, studies: list[str], acked: Acknowledged, stop: threading.
                 stop.wait(0.1)
             except httpx.HTTPError as exc:
                 acked.error(f"read: cut off ({type(exc).__name__})")
+
+
+def _guarded(target: Callable[..., None], acked: Acknowledged) -> Callable[..., None]:
+    """``target``, with an exception counted (and asserted on) instead of ending a
+    load thread silently."""
+    def run(*args: Any) -> None:
+        try:
+            target(*args)
+        except Exception as exc:
+            acked.error(f"load thread crashed: {type(exc).__name__}: {exc}")
+    return run
 
 
 def _analyzer(inbox: Path, stop: threading.Event, dropped: list[str]) -> None:
@@ -195,12 +209,13 @@ def test_kill_9_worker_and_api_under_mixed_load_loses_nothing(
             corpus(folder, 6)
             storescu_once(dicom_port, folder, uid_of, acked, aet=f"CT{k}")
 
-    threads = [threading.Thread(target=storescu_loop, args=(k,)) for k in range(2)]
-    threads += [
-        threading.Thread(target=_stow_sender, args=(base, stow_series, uid_of, acked, stop)),
-        threading.Thread(target=_reader, args=(base, studies, acked, stop, random.Random(1))),
-        threading.Thread(target=_analyzer, args=(data / "inbox" / "lab" / "auto", stop, dropped)),
+    load: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+        (storescu_loop, (0,)), (storescu_loop, (1,)),
+        (_stow_sender, (base, stow_series, uid_of, acked, stop)),
+        (_reader, (base, studies, acked, stop, random.Random(1))),
+        (_analyzer, (data / "inbox" / "lab" / "auto", stop, dropped)),
     ]
+    threads = [threading.Thread(target=_guarded(f, acked), args=a) for f, a in load]
     victims = (["worker", "api"] * trials)[:trials]
     rng.shuffle(victims)
     interrupted: set[int] = set()
@@ -306,6 +321,7 @@ def test_kill_9_worker_and_api_under_mixed_load_loses_nothing(
            lost=len(lost) + len(lab_lost), jobs=by_status, interrupted_jobs=len(interrupted),
            reclaimed_jobs=reclaimed, errors=dict(acked.errors))
     assert sum(kills.values()) == trials
+    assert not [e for e in acked.errors if e.startswith("load thread crashed")], acked.errors
     assert len(acked.uids) > 50 and processed, acked.errors  # the load really ran
     assert lost == [] and lab_lost == []
     assert set(by_status) == {"done"}, by_status  # nothing pending, running or failed
