@@ -85,14 +85,14 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     """Only the processing worker (for scale-out, and for the fault tests).
 
-    Its claims carry the name ``<host>-worker``: restarted, it resumes the jobs it
-    left ``running``; jobs of a worker that never comes back are requeued by any
-    worker once their lease (``processing.lease_s``) expires.
+    Its claims carry the name ``<host>-<processing.worker_name>``: restarted, it
+    resumes the jobs it left ``running``; jobs of a worker that never comes back are
+    requeued by any worker once their lease (``processing.lease_s``) expires.
     """
     from pacslab.worker_process import start_worker
 
     _prepare(settings)
-    stop_worker = start_worker(settings, name="worker")
+    stop_worker = start_worker(settings, name=settings.processing.worker_name)
     _until_sigterm()
     stop_worker()
     return 0

@@ -46,7 +46,7 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
 
     A worker restarted under the same name takes back the jobs it left ``running``,
     so each worker process on a host needs its own name (``pacslab serve`` uses
-    ``embedded``, ``pacslab worker`` ``worker``).
+    ``embedded``, ``pacslab worker`` ``processing.worker_name``).
     """
     index = build_index(settings, migrate=False)
     originals = build_originals(settings)
