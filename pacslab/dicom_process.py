@@ -27,6 +27,7 @@ from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
 from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
 from storage.index.sql import SqlIndex
+from storage.originals import clear_staging
 
 __all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver"]
 
@@ -171,12 +172,7 @@ class DicomProcesses:
         # Whatever is in staging was never acknowledged (a crash mid-receive): the SCU
         # got no success and will send it again. Only done before any receiver runs.
         # Only our own subdirectory: other receivers on this store keep theirs.
-        staging = staging_dir(self.settings, receiver_staging_name(self.port))
-        removed = 0
-        for leftover in staging.glob("*"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-                removed += 1
+        removed = clear_staging(staging_dir(self.settings, receiver_staging_name(self.port)))
         if removed:
             logger.warning("removed %d unacknowledged partial files from staging", removed)
 

@@ -21,7 +21,7 @@ from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from storage.abc import OriginalStore
 
-__all__ = ["FileOriginalStore", "fsync_dir", "open_originals", "staging_dir"]
+__all__ = ["FileOriginalStore", "clear_staging", "fsync_dir", "open_originals", "staging_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -128,6 +128,21 @@ def staging_dir(settings: Settings, name: str = "") -> Path:
     assert settings.storage.originals_dir is not None
     root = settings.storage.originals_dir / ".staging"
     return root / name if name else root
+
+
+def clear_staging(staging: Path) -> int:
+    """Remove the files left in one process's staging directory; how many.
+
+    Whatever is there was never acknowledged (a crash mid-receive or mid-STOW): the
+    sender got no success and sends it again. Call it only before the process that
+    owns ``staging`` accepts anything; subdirectories (other receivers') are kept.
+    """
+    removed = 0
+    for leftover in staging.glob("*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalStore:
