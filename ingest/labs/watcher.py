@@ -214,7 +214,12 @@ class LabInbox:
         except LabMessageError as exc:
             report = error_report(exc, name=name, sha256=sha, profile=self.profile.name, fmt=fmt)
             dest = self._file(path, self.rejected, sha, report, suffix=".error.json")
-            logger.info("lab file rejected (%s): %s", self.profile.name, exc)
+            # The reason can quote values from the file (patient data): it goes to the
+            # reason file next to the rejected file, the log gets only the position.
+            logger.info(
+                "lab file %s rejected (%s): %s at %s",
+                sha[:12], self.profile.name, exc.title, exc.where or "?",
+            )
             # ``where`` is a position (message, line); the reason may quote values.
             self._audit(sha, "4", f"rejected: {exc.title}", fmt=fmt,
                         detail={"where": exc.where or ""})
