@@ -46,6 +46,10 @@ class JobWorker:
         self.name = name
         self.poll_interval_s = poll_interval_s
         self.max_attempts = max_attempts
+        # Worker deaths under one job before it is given up: more than max_attempts, as
+        # a job claimed in a batch can be interrupted once by a neighbour's crash, and
+        # an operator's restarts should not fail a healthy job.
+        self.give_up_after = max_attempts + 2
         self.batch = batch
         self.lease_s = lease_s
         self._stop = threading.Event()
@@ -109,7 +113,7 @@ class JobWorker:
         if now < self._next_lease_check:
             return 0
         self._next_lease_check = now + self.lease_s / 4
-        n = int(self.index.requeue_stale_jobs(self.lease_s))
+        n = int(self.index.requeue_stale_jobs(self.lease_s, give_up_after=self.give_up_after))
         if n:
             logger.warning("requeued %d jobs whose lease expired (their worker died or hangs)", n)
         return n
@@ -119,7 +123,7 @@ class JobWorker:
             hook()
         # A worker restarting under its name resumes what it was doing when it died;
         # jobs of workers that never came back are taken over after their lease.
-        n = int(self.index.requeue_worker_jobs(self.name))
+        n = int(self.index.requeue_worker_jobs(self.name, give_up_after=self.give_up_after))
         if n:
             logger.warning("resumed %d jobs this worker left running when it stopped", n)
         while not self._stop.is_set():
