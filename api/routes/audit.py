@@ -128,7 +128,7 @@ def search_audit_events(
     agent: str | None = None,
     date_: Annotated[list[str] | None, Query(alias="date")] = None,
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(alias="_offset", ge=0)] = 0,
+    offset: Annotated[int, Query(alias="_offset", ge=0, le=2**31 - 1)] = 0,
 ) -> JSONResponse:
     """Search the action log; a FHIR ``searchset`` Bundle, newest first."""
     store: AuditStore = request.app.state.audit
