@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -132,7 +132,12 @@ class ChainedEntry:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a str or int: a flat copy is what asdict's deep copy gives.
+        return {name: getattr(self, name) for name in _CHAINED_FIELDS}
+
+
+_CHAINED_FIELDS: Final = tuple(f.name for f in fields(ChainedEntry))
+_ENTRY_FIELDS: Final = tuple(f.name for f in fields(AuditEntry))
 
 
 _HASHED: Final = tuple(
@@ -151,7 +156,8 @@ def chain(entries: Iterable[AuditEntry], *, last_seq: int, last_hash: str) -> li
     prev, seq = last_hash, last_seq
     for entry in entries:
         seq += 1
-        values = asdict(entry.stamped())
+        stamped = entry.stamped()
+        values = {name: getattr(stamped, name) for name in _ENTRY_FIELDS}
         values["prev_hash"] = prev
         digest = entry_hash(values)
         out.append(ChainedEntry(seq=seq, hash=digest, **values))

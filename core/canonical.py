@@ -106,6 +106,16 @@ def canonicalize(value: Any) -> bytes:
     ValueError
         For values JCS cannot represent (NaN, unsafe integers, lone surrogates).
     """
+    if isinstance(value, dict) and all(
+        type(k) is str and k.isascii() and type(v) is str for k, v in value.items()
+    ):
+        # A flat object of strings with ASCII keys (every audit entry): code-point
+        # order is UTF-16 order there, and json.dumps escapes as _string does, in C.
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("lone surrogate in a string (RFC 8785 3.2.2.2)") from exc
     out: list[str] = []
     _emit(value, out)
     return "".join(out).encode("utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -18,7 +19,16 @@ from pydicom.tag import Tag
 
 from core.errors import InvalidDatasetError, SOPClassMismatchError
 
-__all__ = ["InstanceRecord", "instance_record", "metadata_json"]
+__all__ = [
+    "INT_KEYWORDS",
+    "TEXT_KEYWORDS",
+    "DatasetValues",
+    "HeaderSource",
+    "InstanceRecord",
+    "instance_record",
+    "metadata_json",
+    "record_from",
+]
 
 # Group-level keys a required attribute must have to be indexed at all (PS3.3 C.7.2.1,
 # C.7.3.1, C.12.1 Type 1 UIDs).
@@ -109,8 +119,64 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+class HeaderSource(Protocol):
+    """Where an :class:`InstanceRecord` reads its values from: a pydicom Dataset
+    (:class:`DatasetValues`) or the raw header walk (:class:`core.header.HeaderValues`)."""
+
+    def get_text(self, keyword: str) -> str: ...
+
+    def get_int(self, keyword: str) -> int | None: ...
+
+
+class DatasetValues:
+    """:class:`HeaderSource` over a pydicom Dataset (the reference conversion)."""
+
+    __slots__ = ("ds",)
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def get_text(self, keyword: str) -> str:
+        return _text(self.ds, keyword)
+
+    def get_int(self, keyword: str) -> int | None:
+        return _int(self.ds, keyword)
+
+
+#: Every text and integer keyword :func:`record_from` reads (for the raw header walk).
+TEXT_KEYWORDS = (
+    *_REQUIRED,
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "InstitutionName", "Modality", "SeriesDescription",
+    "SeriesDate", "SeriesTime", "BodyPartExamined", "Laterality", "ImageLaterality",
+    "StationName", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+    "PhotometricInterpretation", "SpecificCharacterSet",
+)  # fmt: skip
+INT_KEYWORDS = (
+    "SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
+    "SamplesPerPixel",
+)  # fmt: skip
+
+
 def instance_record(
     ds: Dataset,
+    *,
+    transfer_syntax_uid: str,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> InstanceRecord:
+    """Read an :class:`InstanceRecord` from a pydicom dataset (see :func:`record_from`)."""
+    return record_from(
+        DatasetValues(ds),
+        transfer_syntax_uid=transfer_syntax_uid,
+        expected_sop_class_uid=expected_sop_class_uid,
+        expected_sop_instance_uid=expected_sop_instance_uid,
+    )
+
+
+def record_from(
+    src: HeaderSource,
     *,
     transfer_syntax_uid: str,
     expected_sop_class_uid: str | None = None,
@@ -120,8 +186,8 @@ def instance_record(
 
     Parameters
     ----------
-    ds
-        The dataset, typically read with ``stop_before_pixels`` or ``defer_size``.
+    src
+        The header's values, typically of a dataset read with ``defer_size``.
     transfer_syntax_uid
         The transfer syntax it was received in (from the presentation context).
     expected_sop_class_uid, expected_sop_instance_uid
@@ -136,7 +202,7 @@ def instance_record(
         The dataset's SOP Class/Instance UID differs from the request's.
     """
     try:
-        values = {k: _text(ds, k) for k in _REQUIRED}
+        values = {k: src.get_text(k) for k in _REQUIRED}
     except Exception as exc:  # pydicom raises many kinds on a corrupt header
         raise InvalidDatasetError(f"unreadable header: {type(exc).__name__}") from exc
     missing = [k for k in _REQUIRED if not values[k]]
@@ -146,6 +212,7 @@ def instance_record(
         raise SOPClassMismatchError("SOP Class UID differs from the request")
     if expected_sop_instance_uid and values["SOPInstanceUID"] != expected_sop_instance_uid:
         raise SOPClassMismatchError("SOP Instance UID differs from the request")
+    text, number = src.get_text, src.get_int
     try:
         return InstanceRecord(
             sop_class_uid=values["SOPClassUID"],
@@ -153,35 +220,35 @@ def instance_record(
             study_instance_uid=values["StudyInstanceUID"],
             series_instance_uid=values["SeriesInstanceUID"],
             transfer_syntax_uid=transfer_syntax_uid,
-            patient_id=_text(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            institution_name=_text(ds, "InstitutionName"),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            series_date=_text(ds, "SeriesDate"),
-            series_time=_text(ds, "SeriesTime"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            laterality=_text(ds, "Laterality") or _text(ds, "ImageLaterality"),
-            station_name=_text(ds, "StationName"),
-            performed_procedure_step_start_date=_text(ds, "PerformedProcedureStepStartDate"),
-            performed_procedure_step_start_time=_text(ds, "PerformedProcedureStepStartTime"),
-            instance_number=_int(ds, "InstanceNumber"),
-            rows=_int(ds, "Rows"),
-            columns=_int(ds, "Columns"),
-            number_of_frames=_int(ds, "NumberOfFrames"),
-            bits_allocated=_int(ds, "BitsAllocated"),
-            photometric_interpretation=_text(ds, "PhotometricInterpretation"),
-            specific_character_set=_text(ds, "SpecificCharacterSet"),
+            patient_id=text("PatientID"),
+            issuer_of_patient_id=text("IssuerOfPatientID"),
+            patient_name=text("PatientName"),
+            patient_birth_date=text("PatientBirthDate"),
+            patient_sex=text("PatientSex"),
+            study_date=text("StudyDate"),
+            study_time=text("StudyTime"),
+            accession_number=text("AccessionNumber"),
+            study_id=text("StudyID"),
+            study_description=text("StudyDescription"),
+            referring_physician_name=text("ReferringPhysicianName"),
+            institution_name=text("InstitutionName"),
+            modality=text("Modality"),
+            series_number=number("SeriesNumber"),
+            series_description=text("SeriesDescription"),
+            series_date=text("SeriesDate"),
+            series_time=text("SeriesTime"),
+            body_part_examined=text("BodyPartExamined"),
+            laterality=text("Laterality") or text("ImageLaterality"),
+            station_name=text("StationName"),
+            performed_procedure_step_start_date=text("PerformedProcedureStepStartDate"),
+            performed_procedure_step_start_time=text("PerformedProcedureStepStartTime"),
+            instance_number=number("InstanceNumber"),
+            rows=number("Rows"),
+            columns=number("Columns"),
+            number_of_frames=number("NumberOfFrames"),
+            bits_allocated=number("BitsAllocated"),
+            photometric_interpretation=text("PhotometricInterpretation"),
+            specific_character_set=text("SpecificCharacterSet"),
         )
     except Exception as exc:
         raise InvalidDatasetError(f"unreadable attribute: {type(exc).__name__}") from exc

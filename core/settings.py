@@ -146,6 +146,21 @@ class ProcessingSettings(BaseModel):
     series_quiet_s: float = Field(10.0, ge=0)
     poll_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)
+    #: Seconds after its claim that a ``running`` job counts as abandoned by a worker
+    #: that died and did not come back under its name; any worker then requeues it.
+    #: Longer than the slowest job (a large series conversion), or it would run twice.
+    lease_s: float = Field(600.0, gt=0)
+    #: The name of a ``pacslab worker`` process (its claims carry ``<host>-<name>``);
+    #: several worker processes on one host each need their own, or one restarting
+    #: would take back the jobs the others are running.
+    worker_name: str = Field("worker", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @field_validator("worker_name")
+    @classmethod
+    def _not_embedded(cls, value: str) -> str:
+        if value == "embedded":
+            raise ValueError("'embedded' is the worker of pacslab serve; choose another name")
+        return value
     #: Transcode stored originals to HTJ2K lossless (issue #3 archive option).
     archive_htj2k: bool = False
 

@@ -41,13 +41,16 @@ def start_background(settings: Settings) -> Background:
 
 def start_orders(settings: Settings) -> Callable[[], None]:
     """HL7 v2 order intake: the inbox folder, and MLLP unless ``orders.mllp_port`` is 0."""
-    from pacslab.wiring import build_index, build_order_service
+    from pacslab.wiring import build_audit, build_index, build_order_service
     from worklist.orders.intake import Hl7OrderIntake
     from worklist.orders.mllp import MllpServer
     from worklist.orders.watcher import OrderInbox
 
     index = build_index(settings, migrate=False)
-    intake = Hl7OrderIntake(build_order_service(settings, index))
+    audit, secret = build_audit(settings, index)
+    intake = Hl7OrderIntake(
+        build_order_service(settings, index), audit=audit, patient_secret=secret
+    )
     section = settings.orders
     inbox = OrderInbox(
         settings.orders_inbox, intake, stable_s=section.stable_s, rescan_s=section.rescan_s
@@ -62,6 +65,7 @@ def start_orders(settings: Settings) -> Callable[[], None]:
         if mllp is not None:
             mllp.stop()
         inbox.stop()
+        audit.close()  # writes what is queued before the engine goes
         index.close()
 
     return stop

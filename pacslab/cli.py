@@ -49,30 +49,52 @@ def _ensure_keys(settings: Settings) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from api.app import create_app
     from pacslab.dicom_process import DicomProcesses
 
     _prepare(settings)
     dicom = DicomProcesses(settings)
     dicom.start()  # fork first: the children must not inherit our threads
+    from pacslab.api_process import run_api
     from pacslab.background import start_background
 
     background = start_background(settings)
-    app = create_app(settings)
-    logger.info("HTTP on port %d; data in %s", settings.http.port, settings.data_dir)
     try:
-        uvicorn.run(
-            app,
-            host=settings.http.host,
-            port=settings.http.port,
-            log_level=settings.log.level.lower(),
-            access_log=False,
-        )
+        run_api(settings)
     finally:
         background.stop()
         dicom.stop()
+    return 0
+
+
+def _until_sigterm() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    """Only the HTTP API (for scale-out, and for the fault tests)."""
+    from pacslab.api_process import run_api
+
+    _prepare(settings)
+    run_api(settings)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Only the processing worker (for scale-out, and for the fault tests).
+
+    Its claims carry the name ``<host>-<processing.worker_name>``: restarted, it
+    resumes the jobs it left ``running``; jobs of a worker that never comes back are
+    requeued by any worker once their lease (``processing.lease_s``) expires.
+    """
+    from pacslab.worker_process import start_worker
+
+    _prepare(settings)
+    stop_worker = start_worker(settings, name=settings.processing.worker_name)
+    _until_sigterm()
+    stop_worker()
     return 0
 
 
@@ -83,10 +105,7 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
     _prepare(settings)
     dicom = DicomProcesses(settings)
     dicom.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    _until_sigterm()
     dicom.stop()
     return 0
 
@@ -97,10 +116,7 @@ def cmd_labs(settings: Settings, args: argparse.Namespace) -> int:
 
     _prepare(settings)
     stop_watcher = start_lab_watcher(settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    _until_sigterm()
     stop_watcher()
     return 0
 
@@ -299,15 +315,20 @@ def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    """Rebuild a data directory from a backup, then bring its schema to head."""
+    """Rebuild a data directory from a backup, then bring its schema to head.
+
+    The index goes where the restored instance will look for it: its
+    ``PACSLAB_INDEX__URL`` (a PostgreSQL backup needs an empty PostgreSQL database
+    there), else ``<data-dir>/index.db``.
+    """
     from storage.backup import restore
 
+    restored = Settings(data_dir=args.data_dir)
     try:
-        manifest = restore(args.source, args.data_dir)
-    except (ValueError, FileExistsError) as exc:
+        manifest = restore(args.source, args.data_dir, index_url=restored.index.url)
+    except (ValueError, FileExistsError, RuntimeError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 1
-    restored = Settings(data_dir=args.data_dir)
     _prepare(restored)
     print(
         f"restored {manifest['instances']} instances into {args.data_dir}; start it with "
@@ -328,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run every service on embedded defaults (DICOM 11112, HTTP 8000)")
     sub.add_parser("dicom", help="run only the DICOM receiver")
     sub.add_parser("labs", help="run only the lab inbox watcher (data/inbox/lab/<profile>/)")
+    sub.add_parser("worker", help="run only the processing worker (instance and series jobs)")
+    sub.add_parser("api", help="run only the HTTP API (DICOMweb, FHIR, IIIF, DZI)")
     demo = sub.add_parser(
         "demo", help="start the service, send a synthetic CT series, show where to look"
     )
@@ -407,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": cmd_serve,
         "dicom": cmd_dicom,
         "labs": cmd_labs,
+        "worker": cmd_worker,
+        "api": cmd_api,
         "demo": cmd_demo,
         "token": cmd_token,
         "apikey": cmd_apikey,

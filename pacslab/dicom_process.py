@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -26,6 +27,7 @@ from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
 from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
 from storage.index.sql import SqlIndex
+from storage.originals import clear_staging
 
 __all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver"]
 
@@ -61,7 +63,9 @@ def run_receiver(
     if service.audit is not None:
         extra_handlers = [
             *extra_handlers,
-            *dimse_audit_handlers(service.audit, service.patient_secret),
+            *dimse_audit_handlers(
+                service.audit, service.patient_secret, mpps_patient=_mpps_patient(index)
+            ),
         ]
     receiver = DicomReceiver(
         settings.dicom,
@@ -87,6 +91,23 @@ def receiver_staging_name(port: int) -> str:
     """This receiver's staging subdirectory: host and port, unique among receivers
     sharing one originals directory, and the same again after a restart."""
     return f"{socket.gethostname()}-{port}"
+
+
+def _mpps_patient(index: SqlIndex) -> Callable[[str], tuple[str, str] | None]:
+    """Patient ID and issuer of a stored MPPS, for the action log of its N-SETs."""
+    from storage.index.orders import SqlMppsRepository
+    from worklist.mpps import restore_step
+
+    repo = SqlMppsRepository(index, restore_step)
+
+    def lookup(uid: str) -> tuple[str, str] | None:
+        step = repo.get(uid)
+        if step is None:
+            return None
+        attrs = step.attributes
+        return str(attrs.get("PatientID", "") or ""), str(attrs.get("IssuerOfPatientID", "") or "")
+
+    return lookup
 
 
 def _other_dicom_services(
@@ -151,12 +172,7 @@ class DicomProcesses:
         # Whatever is in staging was never acknowledged (a crash mid-receive): the SCU
         # got no success and will send it again. Only done before any receiver runs.
         # Only our own subdirectory: other receivers on this store keep theirs.
-        staging = staging_dir(self.settings, receiver_staging_name(self.port))
-        removed = 0
-        for leftover in staging.glob("*"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-                removed += 1
+        removed = clear_staging(staging_dir(self.settings, receiver_staging_name(self.port)))
         if removed:
             logger.warning("removed %d unacknowledged partial files from staging", removed)
 

@@ -9,7 +9,7 @@ from core.settings import Settings
 from ingest.labs.profiles import parse_profile
 from ingest.labs.watcher import LabInbox, LabWatcher
 from ingest.labs.webhook import CriticalWebhook
-from pacslab.wiring import build_index
+from pacslab.wiring import build_audit, build_index
 from storage.index.lab import SqlLabStore
 
 __all__ = ["build_lab_watcher", "start_lab_watcher"]
@@ -31,6 +31,7 @@ def build_lab_watcher(
     profiles = {name: parse_profile(name, section) for name, section in lab.profiles.items()}
     index = build_index(settings, migrate=False)
     store = SqlLabStore(index)
+    audit, secret = build_audit(settings, index)
     webhook = (
         CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
         if lab.critical_webhook_url
@@ -44,6 +45,8 @@ def build_lab_watcher(
             critical=lab.critical,
             local_timezone=lab.local_timezone,
             announce=webhook.announce if webhook is not None else None,
+            audit=audit,
+            patient_secret=secret,
         )
         for name, profile in profiles.items()
     }
@@ -57,6 +60,7 @@ def build_lab_watcher(
     def release() -> None:
         if webhook is not None:
             webhook.stop()
+        audit.close()  # writes what is queued before the engine goes
         index.close()
 
     return watcher, release

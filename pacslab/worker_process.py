@@ -41,7 +41,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def build_worker(settings: Settings) -> JobWorker:
+def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
+    """The job worker of ``settings``; ``name`` (with the host name) identifies its claims.
+
+    A worker restarted under the same name takes back the jobs it left ``running``,
+    so each worker process on a host needs its own name (``pacslab serve`` uses
+    ``embedded``, ``pacslab worker`` ``processing.worker_name``).
+    """
     index = build_index(settings, migrate=False)
     originals = build_originals(settings)
     zarr_root = settings.storage.zarr_url.rstrip("/")
@@ -120,9 +126,10 @@ def build_worker(settings: Settings) -> JobWorker:
     worker = JobWorker(
         index,
         handlers,
-        name=f"{socket.gethostname()}-embedded",
+        name=f"{socket.gethostname()}-{name}",
         poll_interval_s=settings.processing.poll_interval_s,
         max_attempts=settings.processing.max_attempts,
+        lease_s=settings.processing.lease_s,
     )
 
     def roll_up() -> None:
@@ -140,8 +147,8 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
-def start_worker(settings: Settings) -> Callable[[], None]:
-    worker = build_worker(settings)
+def start_worker(settings: Settings, *, name: str = "embedded") -> Callable[[], None]:
+    worker = build_worker(settings, name=name)
     worker.on_start.append(_lower_priority)
     worker.start()
     return worker.stop

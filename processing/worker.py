@@ -5,7 +5,9 @@ marked ``done`` with its result. A handler that raises records the error and is
 retried with back-off until ``max_attempts``; then the job is ``failed`` and stays
 visible. One poison input fails alone and never blocks the queue. Jobs left
 ``running`` by a worker that died are requeued when a worker with the same name
-starts again, or by anyone once their lease has expired.
+starts again, or by any running worker once their lease has expired (checked every
+``lease_s / 4`` while it runs, not only at its start: a worker on another machine that
+never comes back must not leave its jobs ``running`` forever).
 """
 
 from __future__ import annotations
@@ -44,10 +46,15 @@ class JobWorker:
         self.name = name
         self.poll_interval_s = poll_interval_s
         self.max_attempts = max_attempts
+        # Worker deaths under one job before it is given up: more than max_attempts, as
+        # a job claimed in a batch can be interrupted once by a neighbour's crash, and
+        # an operator's restarts should not fail a healthy job.
+        self.give_up_after = max_attempts + 2
         self.batch = batch
         self.lease_s = lease_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_lease_check = 0.0
         self.on_idle: list[Callable[[], None]] = []
         self.on_start: list[Callable[[], None]] = []
 
@@ -100,15 +107,28 @@ class JobWorker:
             )
             return dict(result or {})
 
+    def requeue_expired(self) -> int:
+        """Requeue jobs whose lease expired, at most every ``lease_s / 4``; how many."""
+        now = time.monotonic()
+        if now < self._next_lease_check:
+            return 0
+        self._next_lease_check = now + self.lease_s / 4
+        n = int(self.index.requeue_stale_jobs(self.lease_s, give_up_after=self.give_up_after))
+        if n:
+            logger.warning("requeued %d jobs whose lease expired (their worker died or hangs)", n)
+        return n
+
     def run(self) -> None:
         for hook in self.on_start:
             hook()
         # A worker restarting under its name resumes what it was doing when it died;
         # jobs of workers that never came back are taken over after their lease.
-        self.index.requeue_worker_jobs(self.name)
-        self.index.requeue_stale_jobs(self.lease_s)
+        n = int(self.index.requeue_worker_jobs(self.name, give_up_after=self.give_up_after))
+        if n:
+            logger.warning("resumed %d jobs this worker left running when it stopped", n)
         while not self._stop.is_set():
             try:
+                self.requeue_expired()
                 ran = self.run_once()
                 if not ran:
                     for hook in self.on_idle:

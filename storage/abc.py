@@ -93,14 +93,20 @@ class OriginalStore(Protocol):
         """A directory on the same file system, for files being received."""
         ...
 
-    def commit(self, staged: Path, key: str) -> bool:
+    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         """Move a fully written, fsync'ed staged file into place under ``key``.
 
         Returns False when the key already existed (the staged file is removed).
         The original is durable when this returns: on a file system the rename and
         its parent directory are fsync'ed; in object storage the PUT has succeeded
-        (and the staged file is removed).
+        (and the staged file is removed). With ``defer_sync`` the directory fsync is
+        left to the next :meth:`sync` (so a batch of commits shares one round of them).
         """
+        ...
+
+    def sync(self) -> None:
+        """Make every ``commit(defer_sync=True)`` so far durable (OutOfResourcesError
+        if it cannot)."""
         ...
 
     def path(self, key: str) -> Path:
@@ -148,10 +154,11 @@ class MetadataIndex(Protocol):
 
     def fail_job(self, job_id: int, error: str, *, retry_in_s: float | None = None) -> None: ...
 
-    def requeue_worker_jobs(self, worker: str) -> int: ...
+    def requeue_worker_jobs(self, worker: str, *, give_up_after: int = 0) -> int: ...
 
-    def requeue_stale_jobs(self, older_than_s: float) -> int:
-        """Running jobs whose worker died go back to pending (restart safety)."""
+    def requeue_stale_jobs(self, older_than_s: float, *, give_up_after: int = 0) -> int:
+        """Running jobs whose worker died go back to pending (restart safety); those
+        claimed ``give_up_after`` times already fail instead (poison inputs)."""
         ...
 
     def close(self) -> None: ...

@@ -9,33 +9,40 @@ with a reason file for inspection.
 The DICOM JSON kept for WADO-RS ``/metadata`` is computed by the instance job, off
 the acknowledgement path (it costs as much as the rest of the header parsing).
 
-Index writes are group-committed: one committer thread per process takes every
-instance that arrived while the previous transaction was committing and writes them in
-one transaction (one WAL fsync for many instances), then wakes their receivers.
+Index writes are group-committed (:class:`_GroupCommit`): the receiving thread that
+finds no commit running writes every instance queued meanwhile in one transaction (one
+WAL fsync for many instances), after one round of directory fsyncs for all of them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from core.errors import InvalidDatasetError, ServiceError
-from core.instance import InstanceRecord, instance_record
+from core.header import scan_header
+from core.instance import (
+    INT_KEYWORDS,
+    TEXT_KEYWORDS,
+    DatasetValues,
+    HeaderSource,
+    InstanceRecord,
+    record_from,
+)
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
@@ -62,34 +69,35 @@ class Accepted:
     key: str
 
 
-def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> None:
+def check_pixel_data(
+    src: HeaderSource,
+    length: int | None,
+    value_tell: int | None,
+    transfer_syntax_uid: str,
+    file_size: int,
+) -> None:
     """Refuse native Pixel Data shorter than Rows × Columns × Frames × Samples × Bits.
 
     PS3.5 8.1.1: native pixel data has a defined length that must hold every pixel. A
     truncated object is not a valid instance of its SOP Class (PS3.4 B.2.3 0xC000).
+    ``length`` and ``value_tell`` are the encoded length of (7FE0,0010) and the file
+    offset of its value (``None``: no Pixel Data).
     """
-    # The raw element (not converted, value possibly deferred) has the encoded length.
-    raw = ds._dict.get(_PIXEL_DATA)
-    if raw is None:
-        return
-    length = getattr(raw, "length", None)
-    tell = getattr(raw, "value_tell", None)
     if length is None or length == 0xFFFFFFFF:
         return
     if transfer_syntax_uid == _DEFLATED:
         return  # offsets are in the inflated stream; pydicom already read it whole
-    if tell is not None and tell + length > file_size:
+    if value_tell is not None and value_tell + length > file_size:
         raise InvalidDatasetError("Pixel Data truncated: file ends inside the element")
     if transfer_syntax_uid not in _NATIVE:
         return
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise InvalidDatasetError("Image Pixel attributes missing or invalid") from exc
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+    rows, cols = src.get_int("Rows"), src.get_int("Columns")
+    bits = src.get_int("BitsAllocated")
+    if rows is None or cols is None or bits is None:
+        raise InvalidDatasetError("Image Pixel attributes missing or invalid")
+    spp = src.get_int("SamplesPerPixel") or 1
+    frames = src.get_int("NumberOfFrames") or 1
+    if src.get_text("PhotometricInterpretation") == "YBR_FULL_422":
         spp = 2  # PS3.3 C.7.6.3.1.2: CB and CR are horizontally subsampled by 2
     expected_bits = rows * cols * spp * frames * bits
     expected = (expected_bits + 7) // 8
@@ -97,46 +105,75 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> N
         raise InvalidDatasetError(f"Pixel Data truncated: {length} of {expected} bytes")
 
 
-class _Committer(threading.Thread):
-    """Group commit of index rows: many instances, one transaction."""
+@dataclass(slots=True)
+class _Waiter:
+    item: NewInstance
+    event: threading.Event
+    lead: bool = False
+    outcome: AddOutcome | None = None
+    error: BaseException | None = None
 
-    def __init__(self, index: MetadataIndex, max_batch: int) -> None:
-        super().__init__(name="pacslab-index-committer", daemon=True)
+
+class _GroupCommit:
+    """Group commit of index rows by leader and followers: many instances, one
+    transaction (one WAL fsync), and no extra thread.
+
+    The first receiver to arrive while no commit runs becomes the leader: it makes the
+    batch's directory entries durable (``before_commit``) and writes every instance
+    queued so far in one transaction, then wakes the others with their outcomes and,
+    if more arrived meanwhile, hands leadership to the oldest of those. A committer
+    thread did the same with two thread hand-offs per instance, which cost more GIL
+    switching than the transaction itself when one or two associations were active.
+    """
+
+    def __init__(
+        self, index: MetadataIndex, max_batch: int, before_commit: Callable[[], None]
+    ) -> None:
         self.index = index
         self.max_batch = max_batch
-        self.queue: queue.Queue[tuple[NewInstance, Future[AddOutcome]] | None] = queue.Queue()
-
-    def run(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            try:
-                outcomes = self.index.add_instances([item for item, _ in batch])
-            except BaseException as exc:  # every waiter must hear about it
-                for _, fut in batch:
-                    fut.set_exception(exc)
-            else:
-                for (_, fut), outcome in zip(batch, outcomes, strict=True):
-                    fut.set_result(outcome)
-            if stop:
-                return
+        self.before_commit = before_commit
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Waiter] = collections.deque()
+        self._busy = False  # a leader is committing; False only when the queue is empty
 
     def submit(self, item: NewInstance) -> AddOutcome:
-        fut: Future[AddOutcome] = Future()
-        self.queue.put((item, fut))
-        return fut.result()
+        me = _Waiter(item, threading.Event())
+        with self._lock:
+            self._queue.append(me)
+            if not self._busy:
+                self._busy = me.lead = True
+        if not me.lead:
+            me.event.wait()
+        if me.lead:
+            self._lead()
+        if me.error is not None:
+            raise me.error
+        assert me.outcome is not None
+        return me.outcome
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        try:
+            self.before_commit()
+            outcomes = self.index.add_instances([w.item for w in batch])
+        except BaseException as exc:  # every waiter must hear about it
+            for w in batch:
+                w.error = exc
+        else:
+            for w, outcome in zip(batch, outcomes, strict=True):
+                w.outcome = outcome
+        with self._lock:
+            successor = self._queue[0] if self._queue else None
+            if successor is not None:
+                successor.lead = True
+            else:
+                self._busy = False
+        for w in batch:
+            w.lead = False
+            w.event.set()
+        if successor is not None:
+            successor.event.set()
 
 
 class Archive:
@@ -155,8 +192,7 @@ class Archive:
         self.index = index
         self.quarantine = quarantine
         self.fsync = fsync
-        self._committer = _Committer(index, max_batch)
-        self._committer.start()
+        self._group = _GroupCommit(index, max_batch, self.originals.sync)
 
     @classmethod
     def from_settings(
@@ -201,7 +237,9 @@ class Archive:
         except OSError:
             staged.discard()
             raise
-        created = self.originals.commit(staged.path, staged.key)
+        # The new directory entry is made durable by the group commit's leader, for
+        # every instance of the batch at once, before their index rows are committed.
+        created = self.originals.commit(staged.path, staged.key, defer_sync=True)
         item = NewInstance(
             record=record,
             blob_key=staged.key,
@@ -211,7 +249,7 @@ class Archive:
             correlation_id=correlation_id.get(),
         )
         try:
-            outcome = self._committer.submit(item)
+            outcome = self._group.submit(item)
         except Exception:
             if created:
                 self._undo_blob(staged.key)
@@ -226,18 +264,49 @@ class Archive:
         return Accepted(record, outcome, staged.key)
 
     def _read(self, staged: StagedFile, check_request_uids: bool) -> InstanceRecord:
+        def record(src: HeaderSource) -> InstanceRecord:
+            return record_from(
+                src,
+                transfer_syntax_uid=staged.transfer_syntax_uid,
+                expected_sop_class_uid=staged.sop_class_uid if check_request_uids else None,
+                expected_sop_instance_uid=staged.sop_instance_uid
+                if check_request_uids
+                else None,
+            )
+
+        # The header as received, in memory (most instances); pydicom when unsure.
+        values = scan_header(
+            staged.head,
+            staged.transfer_syntax_uid,
+            text_keywords=TEXT_KEYWORDS,
+            int_keywords=INT_KEYWORDS,
+            complete=staged.head_complete,
+            tail=staged.tail,
+        ) if staged.head else None
+        if values is not None:
+            rec = record(values)
+            pixel = values.pixel_data
+            check_pixel_data(
+                values,
+                pixel.length if pixel else None,
+                staged.dataset_offset + pixel.value_offset if pixel else None,
+                staged.transfer_syntax_uid,
+                staged.size,
+            )
+            return rec
         try:
             with staged.path.open("rb") as fp:
                 ds = dcmread(fp, defer_size=1024)
-                rec = instance_record(
-                    ds,
-                    transfer_syntax_uid=staged.transfer_syntax_uid,
-                    expected_sop_class_uid=staged.sop_class_uid if check_request_uids else None,
-                    expected_sop_instance_uid=staged.sop_instance_uid
-                    if check_request_uids
-                    else None,
+                rec = record(DatasetValues(ds))
+                # The raw element (not converted, value deferred) has the encoded length.
+                raw = ds._dict.get(_PIXEL_DATA)
+                check_pixel_data(
+                    DatasetValues(ds),
+                    getattr(raw, "length", None),
+                    getattr(raw, "value_tell", None),
+                    staged.transfer_syntax_uid,
+                    staged.size,
                 )
-                check_pixel_data(ds, staged.transfer_syntax_uid, staged.size)
         except ServiceError:
             raise
         except (
@@ -290,5 +359,4 @@ class Archive:
             staged.discard()
 
     def close(self) -> None:
-        self._committer.queue.put(None)
-        self._committer.join(timeout=10)
+        """Nothing to stop: commits run in the receiving threads."""

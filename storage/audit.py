@@ -160,7 +160,11 @@ class AuditLog(AuditStore):
                     return
                 self._pending.append(stamped)
                 self._ensure_thread()
-                self._cond.notify()
+                # Only an idle writer needs waking: one that is gathering a batch waits
+                # for its interval anyway, and waking it per entry cost a GIL handoff
+                # per C-STORE.
+                if len(self._pending) == 1:
+                    self._cond.notify()
         except Exception:
             logger.error("could not queue an audit entry", exc_info=True)
 

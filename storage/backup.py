@@ -1,18 +1,25 @@
 """Consistent, verifiable snapshots of a running instance, and restoring them (issue 7 §5).
 
-Order matters. The index is copied first, with SQLite's online backup API
+Order matters. The index is copied first — it holds the action log, signed results,
+retention and API keys too. SQLite: with its online backup API
 (``sqlite3.Connection.backup``, one step: a WAL read transaction, so receivers keep
-committing meanwhile) — it holds the action log, signed results, retention and API
-keys too. Originals are copied after it: an instance is indexed only after its
+committing meanwhile), as ``index.db``. PostgreSQL: with ``pg_dump`` in the custom
+format, as ``index.pgdump``, under a snapshot exported by a REPEATABLE READ
+transaction that also reads the blob keys, instance count and audit head the
+manifest records, so they describe the dump exactly (:mod:`storage._pgdump`).
+Originals are copied after it: an instance is indexed only after its
 original was published (``storage.archive``, blob first), so every original the
 snapshot references is already on disk, and originals never change (content keys).
 Every instance acknowledged before the backup started is therefore in it, bit for
 bit. Zarr pyramids (one immutable store per job) and the keys directory follow.
 
 ``manifest.json`` lists every file with its SHA-256 and size; :func:`verify` checks
-them, the SQLite integrity, the action log's hash chain and that every original the
-index references is present. The snapshot is built in ``DEST.partial`` and renamed
-to ``DEST`` when complete, so a directory named ``DEST`` is always whole.
+them, the SQLite integrity (or that ``pg_restore`` reads the dump), the action log's
+hash chain and that every original the index references is present — for a dump,
+from its rows as ``pg_restore`` prints them, without a server. :func:`restore` loads
+a dump with ``pg_restore`` into the target PostgreSQL database, which must be empty.
+The snapshot is built in ``DEST.partial`` and renamed to ``DEST`` when complete, so a
+directory named ``DEST`` is always whole.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine, inspect, text
 
+from core.audit import ChainedEntry, verify_chain
 from core.settings import Settings
+from storage import _pgdump
 from storage.audit import AuditStore
 
 __all__ = ["BackupReport", "backup", "restore", "verify"]
@@ -41,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "pacslab-backup/1"
 MANIFEST = "manifest.json"
+SQLITE_INDEX = "index.db"
+PG_INDEX = "index.pgdump"
 
 
 @dataclass
@@ -56,11 +67,55 @@ class BackupReport:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _IndexFacts:
+    """What the manifest and the completeness check need from the snapshot."""
+
+    blobs: frozenset[str]
+    instances: int
+    audit_head: tuple[int, str] | None
+    revision: str | None
+
+
 def _sqlite_path(url: str) -> Path:
     if not url.startswith("sqlite:///"):
-        raise ValueError("pacslab backup copies SQLite indexes; back up PostgreSQL with "
-                         "pg_basebackup or pg_dump and the files with this command's --no-index")
+        raise ValueError(f"pacslab backup copies SQLite and PostgreSQL indexes, not {url!r}")
     return Path(url.removeprefix("sqlite:///"))
+
+
+def _facts(conn: Connection) -> _IndexFacts:
+    """Read from the snapshot: within the same transaction as the copy."""
+    blobs = frozenset(str(r[0]) for r in conn.execute(
+        text("SELECT DISTINCT blob_key FROM instances")))
+    count = int(conn.execute(text("SELECT count(*) FROM instances")).scalar_one())
+    head = conn.execute(text("SELECT seq, hash FROM audit_head WHERE id = 1")).first()
+    revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return _IndexFacts(blobs, count, (int(head[0]), str(head[1])) if head else None,
+                       str(revision) if revision is not None else None)
+
+
+def _dump_postgres(url: str, dest: Path) -> _IndexFacts:
+    """``pg_dump`` under a snapshot this transaction exports and keeps open meanwhile."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                conn.execute(text("SET TRANSACTION READ ONLY"))
+                snapshot = str(conn.execute(text("SELECT pg_export_snapshot()")).scalar_one())
+                _pgdump.dump(url, dest, snapshot=snapshot)
+                return _facts(conn)
+    finally:
+        engine.dispose()
+
+
+def _sqlite_facts(db: Path) -> _IndexFacts:
+    engine = create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+    try:
+        with engine.connect() as conn:
+            return _facts(conn)
+    finally:
+        engine.dispose()
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -146,10 +201,17 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
     if link_dest is not None:
         previous = json.loads((link_dest / MANIFEST).read_text())["files"]
 
-    db = _sqlite_path(settings.index.url)
-    _snapshot_index(db, partial / "index.db")
-    digest, size = _sha256_file(partial / "index.db")
-    files["index.db"] = {"sha256": digest, "size": size}
+    url = settings.index.url
+    dialect = "postgresql" if _pgdump.is_postgres(url) else "sqlite"
+    if dialect == "postgresql":
+        index_file = PG_INDEX
+        facts = _dump_postgres(url, partial / PG_INDEX)
+    else:
+        index_file = SQLITE_INDEX
+        _snapshot_index(_sqlite_path(url), partial / SQLITE_INDEX)
+        facts = _sqlite_facts(partial / SQLITE_INDEX)
+    digest, size = _sha256_file(partial / index_file)
+    files[index_file] = {"sha256": digest, "size": size}
 
     assert settings.storage.originals_dir is not None
     originals = settings.storage.originals_dir
@@ -182,31 +244,20 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
         os.chmod(partial / rel, 0o600)
         files[rel] = {"sha256": digest, "size": size}
 
-    missing = sorted(k for k in _referenced_blobs(partial / "index.db")
-                     if _blob_rel(k) not in files)
+    missing = sorted(k for k in facts.blobs if _blob_rel(k) not in files)
     if missing:
         raise RuntimeError(f"{len(missing)} indexed originals are missing from the data "
                            f"directory (first: {missing[0]})")
-
-    engine = create_engine(f"sqlite:///{partial / 'index.db'}")
-    try:
-        store = AuditStore(engine)
-        report.audit_head = store.head()
-        with engine.connect() as conn:
-            from sqlalchemy import text
-
-            count = conn.execute(text("SELECT count(*) FROM instances")).scalar_one()
-            report.instances = int(count)
-            revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    finally:
-        engine.dispose()
+    report.audit_head = facts.audit_head
+    report.instances = facts.instances
 
     manifest = {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(),
         "source": {"data_dir": str(settings.data_dir.resolve()),
                    "zarr_url": str(zarr_root.resolve())},
-        "alembic_revision": revision,
+        "index": {"dialect": dialect, "file": index_file},
+        "alembic_revision": facts.revision,
         "instances": report.instances,
         "audit_head": list(report.audit_head) if report.audit_head else None,
         "files": files,
@@ -244,35 +295,72 @@ def verify(src: Path) -> list[str]:
         digest, size = _sha256_file(path)
         if digest != meta["sha256"] or size != meta["size"]:
             problems.append(f"{rel}: content differs from the manifest")
-    db = src / "index.db"
-    if db.is_file():
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
-                ok = con.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                con.close()
-            if ok != "ok":
-                problems.append(f"index.db: integrity check: {ok}")
-            for key in sorted(_referenced_blobs(db)):
-                if _blob_rel(key) not in listed:
-                    problems.append(f"original {key} is indexed but not in the backup")
-            engine = create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
-            try:
-                for p in AuditStore(engine).verify():
-                    problems.append(f"audit log: {p.message}")
-            finally:
-                engine.dispose()
-        except sqlite3.DatabaseError as exc:
-            problems.append(f"index.db: {exc}")
+    index = manifest.get("index") or {"dialect": "sqlite", "file": SQLITE_INDEX}
+    path = src / str(index["file"])
+    if path.is_file():
+        check = _verify_pg_dump if index["dialect"] == "postgresql" else _verify_sqlite
+        problems += check(path, listed)
     return problems
 
 
-def restore(src: Path, data_dir: Path) -> dict[str, Any]:
+def _verify_sqlite(db: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
+    problems: list[str] = []
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            ok = con.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            con.close()
+        if ok != "ok":
+            problems.append(f"index.db: integrity check: {ok}")
+        for key in sorted(_referenced_blobs(db)):
+            if _blob_rel(key) not in listed:
+                problems.append(f"original {key} is indexed but not in the backup")
+        engine = create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+        try:
+            for p in AuditStore(engine).verify():
+                problems.append(f"audit log: {p.message}")
+        finally:
+            engine.dispose()
+    except sqlite3.DatabaseError as exc:
+        problems.append(f"index.db: {exc}")
+    return problems
+
+
+def _verify_pg_dump(dump: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
+    """The same checks on a ``pg_dump`` archive, from its rows (no server needed)."""
+    try:
+        unreadable = _pgdump.list_ok(dump)
+        if unreadable:
+            return [f"{dump.name}: not a readable pg_dump archive: {unreadable}"]
+        rows = _pgdump.table_rows(dump, ("instances", "audit_events", "audit_head"))
+    except RuntimeError as exc:
+        return [f"{dump.name}: {exc}"]
+    problems: list[str] = []
+    for key in sorted({str(r["blob_key"]) for r in rows.get("instances", [])}):
+        if _blob_rel(key) not in listed:
+            problems.append(f"original {key} is indexed but not in the backup")
+    entries = sorted(
+        (ChainedEntry.from_row(r | {"seq": int(str(r["seq"]))})
+         for r in rows.get("audit_events", [])),
+        key=lambda e: e.seq,
+    )
+    head_rows = [r for r in rows.get("audit_head", []) if r.get("id") == "1"]
+    head = (int(str(head_rows[0]["seq"])), str(head_rows[0]["hash"])) if head_rows else None
+    for p in verify_chain(entries, head):
+        problems.append(f"audit log: {p.message}")
+    return problems
+
+
+def restore(src: Path, data_dir: Path, *, index_url: str = "") -> dict[str, Any]:
     """Rebuild a data directory from a verified backup; ``data_dir`` must be new or empty.
 
-    Returns the manifest. Job results that name the old Zarr root are rewritten to
-    the new one, so tiles of already converted series are served without re-running.
+    ``index_url`` is where the restored instance's index goes (its
+    ``PACSLAB_INDEX__URL``; empty: ``<data_dir>/index.db``). A PostgreSQL backup is
+    loaded there with ``pg_restore`` (one transaction) and needs an empty database;
+    a SQLite backup needs a SQLite URL. Returns the manifest. Job results that name
+    the old Zarr root are rewritten to the new one, so tiles of already converted
+    series are served without re-running.
     """
     problems = verify(src)
     if problems:
@@ -280,8 +368,22 @@ def restore(src: Path, data_dir: Path) -> dict[str, Any]:
     if data_dir.exists() and any(data_dir.iterdir()):
         raise FileExistsError(f"{data_dir} is not empty")
     manifest: dict[str, Any] = json.loads((src / MANIFEST).read_text())
+    index = manifest.get("index") or {"dialect": "sqlite", "file": SQLITE_INDEX}
+    url = index_url or f"sqlite:///{(data_dir / SQLITE_INDEX).as_posix()}"
+    to_postgres = _pgdump.is_postgres(url)
+    if (index["dialect"] == "postgresql") != to_postgres:
+        raise ValueError(f"the backup holds a {index['dialect']} index; the target index "
+                         f"URL must be {index['dialect']} too")
+    if to_postgres:
+        _refuse_non_empty(url)
+    else:
+        db = _sqlite_path(url)
+        if db.exists():
+            raise FileExistsError(f"{db} exists")
     data_dir.mkdir(parents=True, exist_ok=True)
     for rel in manifest["files"]:
+        if rel == index["file"]:
+            continue
         target = data_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         _copy(src / rel, target)
@@ -290,13 +392,28 @@ def restore(src: Path, data_dir: Path) -> dict[str, Any]:
         os.chmod(keys, 0o700)
         for path in keys.iterdir():
             os.chmod(path, 0o600)
+    if to_postgres:
+        _pgdump.restore(src / str(index["file"]), url)
+    else:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        _copy(src / str(index["file"]), db)
     old_zarr = manifest["source"]["zarr_url"]
     new_zarr = str((data_dir / "zarr").resolve())
-    con = sqlite3.connect(data_dir / "index.db")
+    engine = create_engine(url)
     try:
-        con.execute("UPDATE jobs SET result_json = replace(result_json, ?, ?)",
-                    (json.dumps(old_zarr)[1:-1], json.dumps(new_zarr)[1:-1]))
-        con.commit()
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET result_json = replace(result_json, :old, :new)"),
+                         {"old": json.dumps(old_zarr)[1:-1], "new": json.dumps(new_zarr)[1:-1]})
     finally:
-        con.close()
+        engine.dispose()
     return manifest
+
+
+def _refuse_non_empty(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        tables = inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    if tables:
+        raise FileExistsError(f"the target database is not empty ({len(tables)} tables)")

@@ -79,7 +79,7 @@ class ObjectOriginalStore:
         _check_key(key)
         return f"{self.root}/{key[:2]}/{key[2:4]}/{key}.dcm"
 
-    def commit(self, staged: Path, key: str) -> bool:
+    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         """Upload ``staged`` under ``key`` and delete it; False if the key existed.
 
         Raises
@@ -101,6 +101,9 @@ class ObjectOriginalStore:
             with contextlib.suppress(OSError):
                 staged.unlink(missing_ok=True)
         return True
+
+    def sync(self) -> None:
+        """Nothing to do: an object is durable once its PUT succeeded."""
 
     def path(self, key: str) -> Path:
         """A local copy of the original (downloaded once into the cache)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +21,7 @@ from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from storage.abc import OriginalStore
 
-__all__ = ["FileOriginalStore", "fsync_dir", "open_originals", "staging_dir"]
+__all__ = ["FileOriginalStore", "clear_staging", "fsync_dir", "open_originals", "staging_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,6 +42,8 @@ class FileOriginalStore:
         self._staging = staging or root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._dirty_dirs: set[Path] = set()
+        self._dirty_lock = threading.Lock()
 
     @property
     def has_local_paths(self) -> bool:
@@ -54,23 +57,22 @@ class FileOriginalStore:
             raise NotFoundError("not a content key")
         return self.root / key[:2] / key[2:4] / f"{key}.dcm"
 
-    def commit(self, staged: Path, key: str) -> bool:
+    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         final = self.path(key)
         parent = final.parent
         try:
             if parent not in self._known_dirs:
                 parent.mkdir(parents=True, exist_ok=True)
-                if self.fsync:
-                    # New fan-out directories must themselves be durable entries.
-                    fsync_dir(parent.parent)
-                    fsync_dir(parent.parent.parent)
+                # New fan-out directories must themselves be durable entries.
+                self._dirty(parent.parent, parent.parent.parent)
                 self._known_dirs.add(parent)
             if final.exists():
                 staged.unlink(missing_ok=True)
                 return False
             os.replace(staged, final)
-            if self.fsync:
-                fsync_dir(parent)
+            self._dirty(parent)
+            if not defer_sync:
+                self.sync()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 staged.unlink(missing_ok=True)
@@ -78,6 +80,30 @@ class FileOriginalStore:
                 raise OutOfResourcesError("original store full or read-only") from exc
             raise
         return True
+
+    def _dirty(self, *dirs: Path) -> None:
+        if self.fsync:
+            with self._dirty_lock:
+                self._dirty_dirs.update(dirs)
+
+    def sync(self) -> None:
+        """fsync every directory that gained an entry since the last sync.
+
+        Deepest first, so a new fan-out directory's own entries are durable before its
+        name in its parent is. When several receivers commit at once, one sync covers
+        them all (on ext4 the first fsync commits the journal, the rest find nothing to
+        do).
+        """
+        with self._dirty_lock:
+            dirs = sorted(self._dirty_dirs, key=lambda d: len(d.parts), reverse=True)
+            self._dirty_dirs.clear()
+        try:
+            for directory in dirs:
+                fsync_dir(directory)
+        except OSError as exc:
+            with self._dirty_lock:
+                self._dirty_dirs.update(dirs)  # still not known durable: try again next time
+            raise OutOfResourcesError("cannot make originals durable") from exc
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -102,6 +128,21 @@ def staging_dir(settings: Settings, name: str = "") -> Path:
     assert settings.storage.originals_dir is not None
     root = settings.storage.originals_dir / ".staging"
     return root / name if name else root
+
+
+def clear_staging(staging: Path) -> int:
+    """Remove the files left in one process's staging directory; how many.
+
+    Whatever is there was never acknowledged (a crash mid-receive or mid-STOW): the
+    sender got no success and sends it again. Call it only before the process that
+    owns ``staging`` accepts anything; subdirectories (other receivers') are kept.
+    """
+    removed = 0
+    for leftover in staging.glob("*"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalStore:

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import struct
+import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from core.errors import InvalidDatasetError, OutOfResourcesError
 
 __all__ = [
+    "HEAD_BYTES",
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION",
     "StagedFile",
@@ -74,6 +79,11 @@ def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
+#: How much of each data set's start is kept in memory for the header read
+#: (:func:`core.header.scan_header`); headers before Pixel Data are far smaller.
+HEAD_BYTES = 65536
+
+
 @dataclass(frozen=True, slots=True)
 class StagedFile:
     """A complete Part-10 file in the staging area, not yet published."""
@@ -85,6 +95,12 @@ class StagedFile:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    #: The data set's first bytes (up to HEAD_BYTES), as received.
+    head: bytes = b""
+    #: ``head`` is the whole data set.
+    head_complete: bool = False
+    #: The data set's last 8 bytes (where encapsulated Pixel Data ends, PS3.5 A.4).
+    tail: bytes = b""
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -97,11 +113,50 @@ def _translate(exc: OSError) -> Exception:
     return exc
 
 
+_BLOCK = 4096  # O_DIRECT alignment of buffer, offset and length (any logical block ≤ 4 KiB)
+_BUFFER = 2 << 20
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+
+class _BufferPool:
+    """Page-aligned buffers (anonymous mmaps) reused across writers: a fresh 2 MiB map
+    per instance would cost its page faults every time."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._free: list[mmap.mmap] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, _BUFFER)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+                return
+        buf.close()
+
+
+_POOL = _BufferPool()
+
+
 class StagedWriter:
     """Write one data set to ``staging/<random>.part`` fragment by fragment.
 
-    ``fsync`` happens in :meth:`finish`, i.e. in the receiving thread, so parallel
-    associations overlap their flushes (the journal groups them).
+    The file is written with ``O_DIRECT`` from a page-aligned buffer where the file
+    system allows it (falling back to ordinary writes otherwise, e.g. on tmpfs): the
+    bytes go from our buffer to the device without a page-cache copy. Measured here
+    for 512 KiB files, a buffered write plus fsync cost 1.3-1.5 ms of CPU, a direct one
+    0.36 ms; and a write-once archive has no use for those pages in the cache. The
+    last block is padded for the device, then the file is truncated to its real size.
+
+    ``fsync`` happens in :meth:`finish` or later by the caller (the archive fsyncs
+    after validating), in the receiving thread, so parallel associations overlap their
+    flushes (the journal groups them).
     """
 
     def __init__(
@@ -110,47 +165,155 @@ class StagedWriter:
         self._ids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         self.path = staging / f"{uuid.uuid4().hex}.part"
         self._hash = hashlib.sha256()
+        self._head = bytearray()
+        self._tail = b""
         prefix = part10_prefix(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         self._offset = len(prefix)
         self._size = len(prefix)
+        self._fd: int | None = None
+        self._buf: mmap.mmap | None = None
+        self._fill = 0
         try:
-            self._file: BinaryIO | None = self.path.open("wb", buffering=0)
-            self._file.write(prefix)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self.path, flags | _O_DIRECT, 0o644)
+                self._direct = bool(_O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._fd = os.open(self.path, flags, 0o644)
+                self._direct = False
+            self._buf = _POOL.take()
+            self._put(prefix)
         except OSError as exc:
             self.abort()
             raise _translate(exc) from exc
 
-    def write(self, data: bytes | memoryview) -> None:
-        assert self._file is not None
+    def _put(self, data: bytes | memoryview) -> None:
+        """Copy into the buffer, writing out every full buffer."""
+        assert self._buf is not None
+        view = memoryview(data)
+        while view:
+            n = min(len(view), _BUFFER - self._fill)
+            self._buf[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == _BUFFER:
+                self._write_out(_BUFFER)
+                self._fill = 0
+
+    def _write_out(self, length: int) -> None:
+        assert self._fd is not None and self._buf is not None
+        view = memoryview(self._buf)[:length]
         try:
-            self._file.write(data)
+            written = 0
+            while written < length:
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if not (self._direct and exc.errno == errno.EINVAL and written == 0):
+                raise
+            # The file system refused direct I/O after all: carry on buffered.
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            self._direct = False
+            os.write(self._fd, view)
+        finally:
+            view.release()
+
+    def write(self, data: bytes | memoryview) -> None:
+        try:
+            self._put(data)
         except OSError as exc:
             self.abort()
             raise _translate(exc) from exc
+        self._account(data)
+
+    def receive(self, recv_exactly: Callable[[memoryview], None], size: int) -> None:
+        """Take the next ``size`` bytes of the data set straight from the network into
+        the write buffer (``recv_exactly`` fills a view or raises): the copy
+        :meth:`write` makes is the kernel's own here.
+
+        If the file cannot be written, every byte is still consumed (the association
+        stays in step) and OutOfResourcesError is raised at the end.
+        """
+        assert self._buf is not None
+        failure: OSError | None = None
+        while size:
+            n = min(size, _BUFFER - self._fill)
+            view = memoryview(self._buf)[self._fill : self._fill + n]
+            try:
+                recv_exactly(view)
+                if failure is None:
+                    self._account(view)
+            finally:
+                view.release()
+            size -= n
+            self._fill += n
+            if self._fill == _BUFFER:
+                if failure is None:
+                    try:
+                        self._write_out(_BUFFER)
+                    except OSError as exc:
+                        failure = exc
+                self._fill = 0
+        if failure is not None:
+            self.abort()
+            raise _translate(failure) from failure
+
+    def _account(self, data: bytes | memoryview) -> None:
+        if len(self._head) < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - len(self._head)]
+        self._tail = (self._tail + bytes(data[-8:]))[-8:]
         self._hash.update(data)
         self._size += len(data)
 
     def finish(self, *, fsync: bool = True) -> StagedFile:
-        assert self._file is not None
+        assert self._fd is not None and self._buf is not None
         try:
+            if self._fill:
+                if self._direct:  # whole blocks only: pad, then cut the file to size
+                    padded = -(-self._fill // _BLOCK) * _BLOCK
+                    self._buf[self._fill : padded] = bytes(padded - self._fill)
+                    self._write_out(padded)
+                    os.ftruncate(self._fd, self._size)
+                else:
+                    self._write_out(self._fill)
+                self._fill = 0
             if fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
+                os.fsync(self._fd)
+            os.close(self._fd)
         except OSError as exc:
             self.abort()
             raise _translate(exc) from exc
-        self._file = None
+        self._fd = None
+        self._release()
         cls, inst, ts = self._ids
+        data_size = self._size - self._offset
         return StagedFile(
-            self.path, self._hash.hexdigest(), self._size, self._offset, cls, inst, ts
+            self.path,
+            self._hash.hexdigest(),
+            self._size,
+            self._offset,
+            cls,
+            inst,
+            ts,
+            bytes(self._head),
+            data_size <= HEAD_BYTES,
+            self._tail,
         )
+
+    def _release(self) -> None:
+        if self._buf is not None:
+            _POOL.give(self._buf)
+            self._buf = None
 
     def abort(self) -> None:
         """Remove the partial file: nothing half-written is left behind."""
-        if getattr(self, "_file", None) is not None:
+        if getattr(self, "_fd", None) is not None:
             with contextlib.suppress(OSError):
-                self._file.close()  # type: ignore[union-attr]
-        self._file = None
+                os.close(self._fd)  # type: ignore[arg-type]
+        self._fd = None
+        if getattr(self, "_buf", None) is not None:
+            self._release()
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
 

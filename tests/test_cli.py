@@ -14,7 +14,7 @@ from tests.support import env_for
 def test_help_lists_the_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "pacslab", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for command in ("serve", "demo"):
+    for command in ("serve", "demo", "dicom", "labs", "worker", "api"):
         assert command in out
 
 

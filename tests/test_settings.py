@@ -55,3 +55,10 @@ def test_bad_ae_title_refused(bad: str) -> None:
 def test_tls_needs_cert_and_key(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         Settings(dicom={"tls_cert": tmp_path / "c.pem"})
+
+
+@pytest.mark.parametrize("bad", ["", "embedded", "a/b", "x" * 33])
+def test_bad_worker_name_refused(bad: str) -> None:
+    # 'embedded' would share (and, restarting, take back) pacslab serve's job claims.
+    with pytest.raises(ValidationError):
+        Settings(processing={"worker_name": bad})

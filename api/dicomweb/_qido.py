@@ -101,6 +101,8 @@ def _int_param(params: Mapping[str, str], name: str) -> int | None:
         raise InvalidQueryError(f"{name} must be a non-negative integer") from exc
     if value < 0:
         raise InvalidQueryError(f"{name} must be a non-negative integer")
+    if value > 2**31 - 1:  # beyond any result set; SQL integers are 64-bit at most
+        raise InvalidQueryError(f"{name} must not exceed {2**31 - 1}")
     return value
 
 

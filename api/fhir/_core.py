@@ -36,6 +36,7 @@ FHIR_JSON = "application/fhir+json"
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 200
+MAX_OFFSET = 2**31 - 1
 
 
 def operation_outcome(severity: str, code: str, diagnostics: str = "") -> dict[str, Any]:
@@ -212,6 +213,8 @@ def parse_paging(params: Mapping[str, str]) -> Paging:
         raise InvalidQueryError("_count and _offset must be integers") from exc
     if count < 0 or offset < 0:
         raise InvalidQueryError("_count and _offset must not be negative")
+    if offset > MAX_OFFSET:  # beyond any result set; SQL integers are 64-bit at most
+        raise InvalidQueryError(f"_offset must not exceed {MAX_OFFSET}")
     return Paging(min(count, MAX_COUNT), offset)
 
 

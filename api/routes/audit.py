@@ -30,9 +30,12 @@ _TYPES = {
     "dicom.c-store": ("http://dicom.nema.org/resources/ontology/DCM", "110104",
                       "DICOM Instances Transferred"),
     "dicom.c-find": ("http://dicom.nema.org/resources/ontology/DCM", "110112", "Query"),
-    "dicom.mpps": ("http://dicom.nema.org/resources/ontology/DCM", "110103",
-                   "DICOM Instances Accessed"),
+    # MPPS reports a procedure step's progress: a Procedure Record event, not an
+    # access to instances (DCM 110103 is for instances created, read or deleted).
+    "dicom.mpps": ("http://dicom.nema.org/resources/ontology/DCM", "110111",
+                   "Procedure Record"),
     "lab.file": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
+    "hl7.order": ("http://dicom.nema.org/resources/ontology/DCM", "110109", "Order Record"),
     "sign": ("http://dicom.nema.org/resources/ontology/DCM", "110110", "Patient Record"),
 }
 _AGENT_TYPE = {
@@ -125,7 +128,7 @@ def search_audit_events(
     agent: str | None = None,
     date_: Annotated[list[str] | None, Query(alias="date")] = None,
     count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(alias="_offset", ge=0)] = 0,
+    offset: Annotated[int, Query(alias="_offset", ge=0, le=2**31 - 1)] = 0,
 ) -> JSONResponse:
     """Search the action log; a FHIR ``searchset`` Bundle, newest first."""
     store: AuditStore = request.app.state.audit

@@ -55,6 +55,7 @@ router = APIRouter(prefix="/fhir", tags=["fhir"])
 
 FHIR_JSON = "application/fhir+json"
 MAX_COUNT = 1000
+MAX_OFFSET = 2**31 - 1
 
 _PATIENT = {
     "patient",
@@ -158,6 +159,8 @@ def _paging(params: dict[str, list[str]]) -> tuple[int, int]:
         raise InvalidQueryError("_count and _offset must be integers") from exc
     if count < 0 or offset < 0:
         raise InvalidQueryError("_count and _offset must not be negative")
+    if offset > MAX_OFFSET:  # beyond any result set; SQL integers are 64-bit at most
+        raise InvalidQueryError(f"_offset must not exceed {MAX_OFFSET}")
     return min(count, MAX_COUNT), offset
 
 

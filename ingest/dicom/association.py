@@ -22,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,15 @@ from ingest.dicom.dimse import (
 )
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StagedWriter
 
-__all__ = ["AssociationPolicy", "FastAssociation", "PduReader", "StoreCallback", "is_fast_path"]
+__all__ = [
+    "AssociationPolicy",
+    "FastAssociation",
+    "Negotiation",
+    "PduReader",
+    "StoreCallback",
+    "is_fast_path",
+    "negotiate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,41 @@ class AssociationPolicy:
     max_associations: int = 32
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
+    _negotiating: threading.Lock = field(default_factory=threading.Lock)
+
+    def negotiation(self, rq_bytes: bytes) -> Negotiation:
+        """What to answer this A-ASSOCIATE-RQ (PS3.8 9.3.2), decoded at most once.
+
+        A modality proposes the same contexts, AE titles and user information on
+        every association, byte for byte; pynetdicom's decoding and acceptor
+        negotiation of a full storescu proposal (~120 contexts, each UID checked by
+        regex) cost about as much as storing a dozen instances, so answers are kept
+        per distinct request.
+
+        Raises
+        ------
+        Exception
+            Whatever pynetdicom raises on a malformed request (the caller hands the
+            connection to pynetdicom, which answers it per PS3.8).
+        """
+        with self._lock:
+            plan = self._plans.get(rq_bytes)
+            if plan is not None:
+                self._plans.move_to_end(rq_bytes)
+                return plan
+        # One negotiation at a time: the four associations a modality opens at once
+        # then share the first one's answer instead of each computing it.
+        with self._negotiating:
+            with self._lock:
+                plan = self._plans.get(rq_bytes)
+            if plan is None:
+                plan = negotiate(rq_bytes, self)
+                with self._lock:
+                    self._plans[rq_bytes] = plan
+                    while len(self._plans) > 256:
+                        self._plans.popitem(last=False)
+        return plan
 
     def enter(self) -> bool:
         with self._lock:
@@ -107,9 +151,10 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
 
 
 class PduReader:
-    """Reads PDUs (PS3.8 9.3.1) into one reused buffer: no allocation per PDU.
+    """Reads PDUs (PS3.8 9.3.1) and P-DATA-TF items from a blocking socket into one
+    reused buffer: no allocation per PDU.
 
-    The returned view is valid until the next :meth:`read`.
+    A view returned by :meth:`read_body` is valid until the next read.
     """
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
@@ -118,7 +163,11 @@ class PduReader:
         self._header = bytearray(6)
         self._buf = bytearray(65536)
 
-    def read(self) -> tuple[int, memoryview]:
+    def recv_exactly(self, view: memoryview) -> None:
+        _recv_into(self.sock, view)
+
+    def read_header(self) -> tuple[int, int]:
+        """The next PDU's type and length."""
         # Acknowledge at once instead of after the 40 ms delayed-ACK timer: a peer with
         # Nagle's algorithm on (Debian's DCMTK) holds the tail of each data set until
         # the command PDU before it is acknowledged. Linux clears QUICKACK after use.
@@ -129,11 +178,67 @@ class PduReader:
         pdu_type, _, length = struct.unpack(">BBI", self._header)
         if self.limit and length > self.limit:
             raise AbortError(0x06, f"PDU of {length} bytes exceeds the negotiated maximum")
+        return pdu_type, length
+
+    def read_item_header(self) -> tuple[int, int, int]:
+        """A PDV item's length, presentation context ID and control header (PS3.8 E.2)."""
+        _recv_into(self.sock, memoryview(self._header))
+        item_len, context_id, header = struct.unpack(">IBB", self._header)
+        return int(item_len), int(context_id), int(header)
+
+    def read_body(self, length: int) -> memoryview:
         if length > len(self._buf):
             self._buf = bytearray(length)
         view = memoryview(self._buf)[:length]
         _recv_into(self.sock, view)
-        return pdu_type, view
+        return view
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiation:
+    """The outcome of negotiating one A-ASSOCIATE-RQ, reusable for identical requests."""
+
+    fast: bool  # storage/verification only: served by FastAssociation
+    calling_ae: str
+    allowed: bool  # calling AE title permitted (PS3.8 A-ASSOCIATE-RJ reason 3 otherwise)
+    accepted: dict[int, tuple[str, str]]  # context id -> (abstract, transfer syntax)
+    ac_pdu: bytes  # the encoded A-ASSOCIATE-AC
+
+
+def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
+    """Decode the request and, for a fast-path association, build our answer."""
+    pdu = A_ASSOCIATE_RQ()
+    pdu.decode(rq_bytes)
+    rq = pdu.to_primitive()
+    calling_ae = str(rq.calling_ae_title).strip()
+    allowed = not policy.allowed_calling_aes or calling_ae in policy.allowed_calling_aes
+    if not is_fast_path(rq, policy.storage_sop_classes):
+        return Negotiation(False, calling_ae, allowed, {}, b"")
+    results, _roles = negotiate_as_acceptor(
+        rq.presentation_context_definition_list, list(policy.contexts), None
+    )
+    accepted = {
+        int(cx.context_id or 0): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in results
+        if cx.result == 0x00
+    }
+    ac = A_ASSOCIATE()
+    ac.application_context_name = APPLICATION_CONTEXT
+    ac.calling_ae_title = rq.calling_ae_title
+    ac.called_ae_title = rq.called_ae_title
+    ac.result = 0x00
+    ac.result_source = 0x01
+    ac.presentation_context_definition_results_list = results
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = policy.max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    ac.user_information = [max_len, impl, version]
+    ac_pdu = A_ASSOCIATE_AC()
+    ac_pdu.from_primitive(ac)
+    return Negotiation(True, calling_ae, allowed, accepted, ac_pdu.encode())
 
 
 def is_fast_path(rq: A_ASSOCIATE, storage_sop_classes: frozenset[str]) -> bool:
@@ -177,14 +282,11 @@ class FastAssociation:
 
     # -- association establishment (PS3.8 9.3.2-9.3.4) ---------------------------
 
-    def run(self, rq_bytes: bytes) -> None:
+    def run(self, plan: Negotiation) -> None:
         started = time.perf_counter()
         with correlation():
             try:
-                rq = A_ASSOCIATE_RQ()
-                rq.decode(rq_bytes)
-                primitive = rq.to_primitive()
-                if not self._negotiate(primitive):
+                if not self._negotiate(plan):
                     return
                 logger.info(
                     "association from %s (%s) accepted, %d contexts",
@@ -214,10 +316,9 @@ class FastAssociation:
                     time.perf_counter() - started,
                 )
 
-    def _negotiate(self, rq: A_ASSOCIATE) -> bool:
-        self.calling_ae = str(rq.calling_ae_title).strip()
-        allowed = self.policy.allowed_calling_aes
-        if allowed and self.calling_ae not in allowed:
+    def _negotiate(self, plan: Negotiation) -> bool:
+        self.calling_ae = plan.calling_ae
+        if not plan.allowed:
             logger.warning(
                 "association from %s (%s) rejected: calling AE not allowed",
                 self.calling_ae,
@@ -234,32 +335,8 @@ class FastAssociation:
             self._reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local limit
             return False
         self._entered = True
-        results, _roles = negotiate_as_acceptor(
-            rq.presentation_context_definition_list, list(self.policy.contexts), None
-        )
-        for cx in results:
-            if cx.result == 0x00:
-                self.accepted[int(cx.context_id or 0)] = (
-                    str(cx.abstract_syntax),
-                    str(cx.transfer_syntax[0]),
-                )
-        ac = A_ASSOCIATE()
-        ac.application_context_name = APPLICATION_CONTEXT
-        ac.calling_ae_title = rq.calling_ae_title
-        ac.called_ae_title = rq.called_ae_title
-        ac.result = 0x00
-        ac.result_source = 0x01
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.policy.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_len, impl, version]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        self.sock.sendall(pdu.encode())
+        self.accepted = plan.accepted
+        self.sock.sendall(plan.ac_pdu)
         return True
 
     def _reject(self, result: int, source: int, diagnostic: int) -> None:
@@ -280,31 +357,32 @@ class FastAssociation:
         reader = PduReader(self.sock, self.policy.max_pdu)
         try:
             while True:
-                pdu_type, view = reader.read()
-                if pdu_type == A_RELEASE_RQ:
-                    self.sock.sendall(struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0))
-                    return
-                if pdu_type == A_ABORT:
-                    logger.warning("peer %s aborted the association", self.calling_ae)
-                    return
+                pdu_type, length = reader.read_header()
                 if pdu_type != P_DATA_TF:
+                    reader.read_body(length)  # release/abort bodies hold nothing we use
+                    if pdu_type == A_RELEASE_RQ:
+                        self.sock.sendall(struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0))
+                        return
+                    if pdu_type == A_ABORT:
+                        logger.warning("peer %s aborted the association", self.calling_ae)
+                        return
                     raise AbortError(0x02, f"unexpected PDU type 0x{pdu_type:02X}")
-                pos, end = 0, len(view)
-                while pos < end:
-                    if pos + 6 > end:
+                # P-DATA-TF, item by item (PS3.8 9.3.5.1): a data set fragment goes from
+                # the socket straight into the staged file's buffer, without a copy.
+                while length > 0:
+                    if length < 6:
                         raise AbortError(0x06, "truncated PDV item")
-                    item_len = struct.unpack_from(">I", view, pos)[0]
-                    if item_len < 2 or pos + 4 + item_len > end:
+                    item_len, context_id, header = reader.read_item_header()
+                    if item_len < 2 or 4 + item_len > length:
                         raise AbortError(0x06, "invalid PDV item length")
-                    context_id, header = view[pos + 4], view[pos + 5]
-                    data = view[pos + 6 : pos + 4 + item_len]
-                    pos += 4 + item_len
+                    length -= 4 + item_len
+                    size = item_len - 2
                     if context_id not in self.accepted:
                         raise AbortError(0x06, f"PDV on unaccepted context {context_id}")
                     if header & 0x01:  # command fragment
                         if command is not None:
                             raise AbortError(0x02, "command fragment inside a data set")
-                        cmd_parts.append(bytes(data))
+                        cmd_parts.append(bytes(reader.read_body(size)))
                         if header & 0x02:
                             try:
                                 command = decode_command(b"".join(cmd_parts))
@@ -320,9 +398,11 @@ class FastAssociation:
                     else:  # data set fragment
                         if command is None or context_id != cmd_context:
                             raise AbortError(0x02, "data set fragment without its command")
-                        if writer is not None:
+                        if writer is None:
+                            reader.read_body(size)  # refused already: consume and drop
+                        else:
                             try:
-                                writer.write(data)
+                                writer.receive(reader.recv_exactly, size)
                             except ServiceError as exc:  # disk full: answer at the end
                                 logger.error("cannot stage incoming instance: %s", exc.title)
                                 writer = None

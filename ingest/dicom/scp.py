@@ -12,27 +12,29 @@ registered. Several processes may serve one listening socket (pre-fork, see
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from core.logging import correlation
 from core.settings import DicomSettings
 from ingest.dicom.association import (
     A_ASSOCIATE_RQ_TYPE,
     AssociationPolicy,
     FastAssociation,
-    is_fast_path,
+    Negotiation,
 )
 from ingest.dicom.handlers import handle_echo, handle_store, store_staged
 from ingest.service import IngestService
@@ -147,6 +149,8 @@ class DicomReceiver:
         self.slow_server = server
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._connections = 0  # being served by this process
+        self._count_lock = threading.Lock()
 
     def _configure_pynetdicom(self) -> None:
         # Set once per process from Settings (STYLE.md §4); these are pynetdicom globals.
@@ -181,22 +185,47 @@ class DicomReceiver:
 
     def serve(self, listener: socket.socket) -> None:
         """Accept connections until :meth:`stop` (blocking)."""
-        listener.settimeout(0.5)  # so stop() is noticed
+        # Non-blocking accept after our own poll: every receiver process sharing the
+        # socket wakes for a new connection, and one already serving associations
+        # waits a moment before taking it, so an idle process gets it first. Left to
+        # the kernel, four parallel associations were split 3:1 between two processes
+        # as often as 2:2, and the busier process (one GIL) set the pace.
+        listener.setblocking(False)
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
         while not self._stop.is_set():
+            if not poller.poll(500):  # ms; so stop() is noticed
+                continue
+            busy = self._connections
+            if busy:
+                time.sleep(0.01 * min(busy, 5))
             try:
                 sock, addr = listener.accept()
-            except TimeoutError:
-                continue
+            except BlockingIOError:
+                continue  # another process took it
             except OSError:
                 if self._stop.is_set():
                     break
                 logger.error("accept failed", exc_info=True)
                 continue
+            sock.setblocking(True)
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            with self._count_lock:
+                self._connections += 1
             thread = threading.Thread(
-                target=self._handle, args=(sock, addr, peer), name=f"dicom-{peer}", daemon=True
+                target=self._handle_counted,
+                args=(sock, addr, peer),
+                name=f"dicom-{peer}",
+                daemon=True,
             )
             thread.start()
+
+    def _handle_counted(self, sock: socket.socket, addr: Any, peer: str) -> None:
+        try:
+            self._handle(sock, addr, peer)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
 
     def start(self, listener: socket.socket) -> threading.Thread:
         thread = threading.Thread(
@@ -223,7 +252,7 @@ class DicomReceiver:
                 logger.warning("TLS handshake with %s failed: %s", peer, type(exc).__name__)
                 sock.close()
                 return
-            self.slow_server.process_request(tls, addr)
+            self._serve_slow(tls, addr)
             return
         try:
             rq_bytes = self._peek_associate_rq(sock)
@@ -234,13 +263,11 @@ class DicomReceiver:
             sock.close()
             return
         if rq_bytes is not None:
-            rq = A_ASSOCIATE_RQ()
             try:
-                rq.decode(rq_bytes)
-                fast = is_fast_path(rq.to_primitive(), self.policy.storage_sop_classes)
+                plan: Negotiation | None = self.policy.negotiation(rq_bytes)
             except Exception:
-                fast = False  # let pynetdicom answer malformed requests per PS3.8
-            if fast:
+                plan = None  # let pynetdicom answer malformed requests per PS3.8
+            if plan is not None and plan.fast:
                 _recv_consume(sock, len(rq_bytes))
                 FastAssociation(
                     sock,
@@ -248,10 +275,23 @@ class DicomReceiver:
                     self.policy,
                     partial(store_staged, self.service),
                     self.service.archive.staging_dir(),
-                ).run(rq_bytes)
+                ).run(plan)
                 return
         sock.settimeout(None)
-        self.slow_server.process_request(sock, addr)
+        self._serve_slow(sock, addr)
+
+    def _serve_slow(self, sock: socket.socket, addr: Any) -> None:
+        """Hand the connection to pynetdicom, under a correlation id of its own.
+
+        pynetdicom's ``Association`` copies the context it is created in
+        (``PASS_CONTEXTVARS``) to its reactor and DIMSE threads, so the id must be
+        set before it exists, in this thread. ``process_request`` would first start a
+        plain thread (``socketserver.ThreadingMixIn``), whose context is empty: the
+        worklist and MPPS logs and action-log entries would have no correlation id.
+        This thread already belongs to the connection, so it builds the association.
+        """
+        with correlation():
+            self.slow_server.process_request_thread(sock, addr)
 
     def _peek_associate_rq(self, sock: socket.socket) -> bytes | None:
         """The A-ASSOCIATE-RQ PDU, read without consuming it; None if it is another PDU."""

@@ -17,6 +17,12 @@ A file is read only when complete (:mod:`ingest.labs.inbox`), then:
    (:meth:`storage.lab.LabResultStore.ingest_file`), then the summary is written
    and the file moved to ``processed/``, then the journal entry is marked filed.
 
+Each filed file appends to the action log (issue 7 §2; with ``audit``): one entry per
+patient whose results it brought (only the keyed patient reference,
+:func:`core.audit.patient_key`), one without a patient for a file with none (QC
+only), a rejection or a duplicate. The profile is the agent (the device that wrote
+the file), the inbox folder where it came from, the file's SHA-256 the resource.
+
 A kill at any point leaves the file in the inbox (nothing or everything committed:
 step 2 finishes the job) or in ``processed/``/``rejected/`` with everything done.
 Moves are ``os.replace`` within one file system, followed by a directory fsync.
@@ -34,7 +40,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,14 +50,16 @@ from typing import Any, Literal
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from core.audit import AuditEntry, patient_key
 from core.errors import LabMessageError, OutOfResourcesError
-from core.logging import correlation
+from core.logging import correlation, correlation_id
 from core.settings import LabCriticalLimit
 from ingest.labs.inbox import Stability, filed_name, is_candidate, is_partial
 from ingest.labs.parsers import detect
 from ingest.labs.profiles import InboxProfile, parse_file
 from ingest.labs.results import error_report, plan_results, summary
-from storage.lab import LabResultStore, NewLabFile, OrderLookup, StoredLabResult
+from storage.audit import AuditLog
+from storage.lab import LabResultStore, NewLabFile, NewLabResult, OrderLookup, StoredLabResult
 
 __all__ = ["FileOutcome", "LabInbox", "LabWatcher"]
 
@@ -112,6 +121,10 @@ class LabInbox:
         logged, never raised (a side effect).
     order_lookup : OrderLookup, optional
         Links results to a known order at ingest; without it they are unmatched.
+    audit : AuditLog, optional
+        The action log; every filed file appends to it (see the module docstring).
+    patient_secret : bytes
+        Keys the patient references of the log (:func:`core.audit.patient_key`).
     """
 
     def __init__(
@@ -124,6 +137,8 @@ class LabInbox:
         local_timezone: str = "UTC",
         announce: Callable[[tuple[StoredLabResult, ...]], None] | None = None,
         order_lookup: OrderLookup | None = None,
+        audit: AuditLog | None = None,
+        patient_secret: bytes = b"",
     ) -> None:
         self.folder = folder
         self.profile = profile
@@ -132,6 +147,8 @@ class LabInbox:
         self.local_timezone = local_timezone
         self.announce = announce
         self.order_lookup = order_lookup
+        self.audit = audit
+        self.patient_secret = patient_secret
         self.processed = folder / PROCESSED
         self.rejected = folder / REJECTED
         for sub in (folder, self.processed, self.rejected):
@@ -197,7 +214,15 @@ class LabInbox:
         except LabMessageError as exc:
             report = error_report(exc, name=name, sha256=sha, profile=self.profile.name, fmt=fmt)
             dest = self._file(path, self.rejected, sha, report, suffix=".error.json")
-            logger.info("lab file rejected (%s): %s", self.profile.name, exc)
+            # The reason can quote values from the file (patient data): it goes to the
+            # reason file next to the rejected file, the log gets only the position.
+            logger.info(
+                "lab file %s rejected (%s): %s at %s",
+                sha[:12], self.profile.name, exc.title, exc.where or "?",
+            )
+            # ``where`` is a position (message, line); the reason may quote values.
+            self._audit(sha, "4", f"rejected: {exc.title}", fmt=fmt,
+                        detail={"where": exc.where or ""})
             return FileOutcome(name, "rejected", sha, destination=dest)
         body = summary(
             name=name,
@@ -227,6 +252,7 @@ class LabInbox:
         body["new_versions"] = outcome.new_versions
         dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
         self.store.mark_filed(sha)
+        self._audit_results(sha, fmt, results, outcome.new_versions)
         logger.info(
             "lab file ingested (%s, %s): %d results, %d corrections/re-sends, %d critical",
             self.profile.name,
@@ -252,6 +278,8 @@ class LabInbox:
             dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
             self.store.mark_filed(sha)
             logger.info("lab file %s journaled before a restart: moved", sha[:12])
+            # Its entries may have been queued and lost with the process that committed.
+            self._audit(sha, "0", "ingested before a restart", fmt=None, detail={})
             return FileOutcome(name, "recovered", sha, destination=dest)
         if status == "ingested":
             self.store.mark_filed(sha)
@@ -267,7 +295,48 @@ class LabInbox:
         }
         dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
         logger.info("lab file %s is a duplicate of an ingested file: not ingested", sha[:12])
+        self._audit(sha, "0", "duplicate: not ingested", fmt=None,
+                    detail={"duplicates_so_far": count})
         return FileOutcome(name, "duplicate", sha, destination=dest)
+
+    def _audit_results(
+        self, sha: str, fmt: str, results: Sequence[NewLabResult], new_versions: int
+    ) -> None:
+        """One entry per patient of the file (search by patient finds it), or one."""
+        per_patient = Counter(r.patient_id for r in results if r.patient_id and not r.is_qc)
+        qc = sum(1 for r in results if r.is_qc)
+        base = {"new_versions": new_versions, "qc_results": qc}
+        if not per_patient:
+            self._audit(sha, "0", "ingested", fmt=fmt, detail=base | {"results": len(results)})
+        for patient_id, count in sorted(per_patient.items()):
+            self._audit(sha, "0", "ingested", fmt=fmt, patient_id=patient_id,
+                        detail=base | {"results": count})
+
+    def _audit(
+        self,
+        sha: str,
+        outcome: str,
+        desc: str,
+        *,
+        fmt: str | None,
+        detail: Mapping[str, Any],
+        patient_id: str = "",
+    ) -> None:
+        """Queue one action-log entry; a side effect, so it logs and carries on."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(AuditEntry(
+                action="C", event_type="lab.file", outcome=outcome, outcome_desc=desc[:64],
+                agent=self.profile.name[:128], agent_type="system",
+                source=f"inbox/lab/{self.folder.name}"[:64], resource=f"LabFile/{sha}",
+                patient_key=patient_key(self.patient_secret, patient_id),
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details({"format": fmt or "", "analyzer":
+                                           self.profile.analyzer, **detail}),
+            ))
+        except Exception:
+            logger.error("lab file audit entry not recorded", exc_info=True)
 
     def _file(
         self, path: Path, folder: Path, sha: str, body: Mapping[str, Any], *, suffix: str

@@ -241,9 +241,13 @@ class SqlIndex:
         self._series_upsert = upsert_stmt(
             series, _SERIES_KEYS, ["series_instance_uid"], ["updated_at"]
         )
-        self._existing = select(
-            instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version
-        ).where(instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+        existing = select(instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version)
+        self._existing = existing.where(
+            instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+        )
+        # Most group commits hold one or two instances: an expanding IN is rendered
+        # anew on every execution, an equality is compiled once.
+        self._existing_one = existing.where(instances.c.sop_instance_uid == bindparam("uid"))
 
     def _add(
         self, conn: Connection, items: Sequence[NewInstance]
@@ -276,7 +280,12 @@ class SqlIndex:
             series_pk[uid] = pk
         uids = list({i.record.sop_instance_uid for i in items})
         existing: dict[str, list[tuple[str, int]]] = {}
-        for row in conn.execute(self._existing, {"uids": uids}):
+        found = (
+            [r for uid in uids for r in conn.execute(self._existing_one, {"uid": uid})]
+            if len(uids) <= 4
+            else conn.execute(self._existing, {"uids": uids}).all()
+        )
+        for row in found:
             existing.setdefault(row.sop_instance_uid, []).append((row.blob_key, row.version))
 
         outcomes: list[AddOutcome] = []
@@ -408,16 +417,27 @@ class SqlIndex:
     # -- jobs -------------------------------------------------------------------
 
     def claim_jobs(self, worker: str, *, kind: str | None = None, limit: int = 1) -> list[Job]:
+        """Claim up to ``limit`` pending jobs; a job tried before is claimed alone.
+
+        Why alone: a job whose worker died under it may be what kills workers (a
+        decoder crash, an out-of-memory kill). Run on its own, its ``attempts`` count
+        its own runs, so :meth:`requeue_worker_jobs` can give it up without taking the
+        jobs claimed beside it down too.
+        """
         now = _now()
         cond = and_(jobs.c.status == "pending", jobs.c.not_before <= time.time())
         if kind is not None:
             cond = and_(cond, jobs.c.kind == kind)
-        query = select(jobs).where(cond).order_by(jobs.c.id).limit(limit)
+        retried = select(jobs).where(and_(cond, jobs.c.attempts > 0)).order_by(jobs.c.id)
+        fresh = select(jobs).where(and_(cond, jobs.c.attempts == 0)).order_by(jobs.c.id)
         if not self.is_sqlite:
             # Several workers on several machines share one queue (issue #8).
-            query = query.with_for_update(skip_locked=True)
+            retried = retried.with_for_update(skip_locked=True)
+            fresh = fresh.with_for_update(skip_locked=True)
         with self._write() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(retried.limit(1)).all()
+            if not rows:
+                rows = conn.execute(fresh.limit(limit)).all()
             if not rows:
                 return []
             ids = [r.id for r in rows]
@@ -518,24 +538,44 @@ class SqlIndex:
                 for r in conn.execute(query)
             ]
 
-    def requeue_worker_jobs(self, worker: str) -> int:
-        """Jobs a worker of this name left running: it died, they go back to pending."""
-        with self._write() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.status == "running", jobs.c.claimed_by == worker))
-                .values(status="pending", updated_at=_now())
-            )
-        return int(result.rowcount or 0)
+    def requeue_worker_jobs(self, worker: str, *, give_up_after: int = 0) -> int:
+        """Jobs a worker of this name left running: it died, they go back to pending.
 
-    def requeue_stale_jobs(self, older_than_s: float) -> int:
+        With ``give_up_after``, a job already claimed that many times is ``failed``
+        instead: its worker died under it again and again, so it is most likely what
+        kills them (a poison input must not keep the queue in a crash loop).
+        """
+        return self._requeue(
+            and_(jobs.c.status == "running", jobs.c.claimed_by == worker), give_up_after
+        )
+
+    def requeue_stale_jobs(self, older_than_s: float, *, give_up_after: int = 0) -> int:
         cutoff = datetime.fromtimestamp(time.time() - older_than_s, UTC)
+        return self._requeue(
+            and_(jobs.c.status == "running", jobs.c.claimed_at < cutoff), give_up_after
+        )
+
+    def _requeue(self, cond: Any, give_up_after: int) -> int:
+        now = _now()
         with self._write() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(and_(jobs.c.status == "running", jobs.c.claimed_at < cutoff))
-                .values(status="pending", updated_at=_now())
-            )
+            if give_up_after:
+                given_up = conn.execute(
+                    update(jobs)
+                    .where(and_(cond, jobs.c.attempts >= give_up_after))
+                    .values(
+                        status="failed",
+                        updated_at=now,
+                        error=f"its worker stopped while running it {give_up_after} times: "
+                        "not retried, it may be what stops them",
+                    )
+                )
+                if given_up.rowcount:
+                    logger.error(
+                        "%d jobs failed: their workers died under them %d times",
+                        given_up.rowcount,
+                        give_up_after,
+                    )
+            result = conn.execute(update(jobs).where(cond).values(status="pending", updated_at=now))
         return int(result.rowcount or 0)
 
     def set_metadata_json(self, sop_instance_uid: str, blob_key: str, metadata: str) -> None:

@@ -109,3 +109,28 @@ def with_suppressed_kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+def start_pacslab(command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``pacslab <command>`` in its own process group (killed with it), not waited for."""
+    return subprocess.Popen([sys.executable, "-m", "pacslab", command], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def wait_http(proc: subprocess.Popen[bytes], port: int | str, *, timeout: float = 60) -> None:
+    """Until ``GET /health`` answers 200 (a liveness bound, not a timing assertion)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    with_suppressed_kill(proc)
+    raise AssertionError("pacslab api did not start")

@@ -118,16 +118,14 @@ class TestSimulatedEnospc:
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
         files = write_ct_series(tmp_path / "ct", slices=35, rows=32, columns=32)
         full = {"on": False}
-        real_write = StagedWriter.write
+        real_write_out = StagedWriter._write_out
 
-        def write(self: StagedWriter, data: bytes | memoryview) -> None:
+        def write_out(self: StagedWriter, length: int) -> None:
+            # Where the staged bytes leave for the file system.
             if full["on"]:
-                from storage.staging import _translate
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write_out(self, length)
 
-                self.abort()
-                raise _translate(OSError(errno.ENOSPC, "No space left on device"))
-            real_write(self, data)
-
-        monkeypatch.setattr(StagedWriter, "write", write)
+        monkeypatch.setattr(StagedWriter, "_write_out", write_out)
         _run("disk full (simulated ENOSPC)", receiver, files,
              lambda: full.update(on=True), lambda: full.update(on=False))

@@ -290,34 +290,16 @@ def test_calling_ae_not_allowed_is_rejected(
     assert allowed.returncode == 0, allowed.stderr
 
 
-class _FullDisk:
-    """A file whose writes fail like a full file system (ENOSPC)."""
-
-    def __init__(self, real: object) -> None:
-        self.real = real
-
-    def write(self, data: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def fileno(self) -> int:
-        return self.real.fileno()  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self.real.close()  # type: ignore[attr-defined]
-
-
 def test_disk_full_answers_a700_and_leaves_nothing(
     receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from storage.staging import StagedWriter
 
-    original_init = StagedWriter.__init__
+    def full(self: StagedWriter, length: int) -> None:
+        # Where the bytes leave for the file: fails like a full file system.
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def init_then_fill(self: StagedWriter, *args: object) -> None:
-        original_init(self, *args)  # type: ignore[arg-type]
-        self._file = _FullDisk(self._file)  # type: ignore[assignment]
-
-    monkeypatch.setattr(StagedWriter, "__init__", init_then_fill)
+    monkeypatch.setattr(StagedWriter, "_write_out", full)
     status = _send(receiver, dcmread(_ct(tmp_path)))
     assert status.Status == 0xA700
     staging_dir = receiver.service.archive.staging_dir()  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,3 +61,25 @@ def test_restart_resumes_running_jobs(index: SqlIndex) -> None:
     worker.run()  # requeues its own jobs first, runs everything, stops when idle
     assert sorted(done) == [f"1.2.3.{i}" for i in range(5)]
     assert index.counts()["jobs_done"] == 5
+
+
+def test_a_running_worker_takes_over_jobs_of_one_that_never_came_back(index: SqlIndex) -> None:
+    # Another machine's worker claims two jobs, then dies for good *after* this worker
+    # started: only a lease check while running (not the one at start) requeues them.
+    done: list[str] = []
+    worker = JobWorker(index, {"instance": lambda job: done.append(job.target) or {}},
+                       name="this-host", batch=10, poll_interval_s=0.01, lease_s=0.2)
+    gone = index.claim_jobs("other-host", limit=2)
+    assert len(gone) == 2
+    worker.start()
+    try:
+        for _ in range(3000):  # a liveness bound, not a timing assertion
+            if index.counts().get("jobs_done") == 5:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        worker.stop()
+    assert sorted(done) == [f"1.2.3.{i}" for i in range(5)]
+    jobs = index.get_jobs()
+    assert all(j.status == "done" for j in jobs)
+    assert sorted(j.attempts for j in jobs) == [1, 1, 1, 2, 2]  # each ran once here

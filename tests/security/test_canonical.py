@@ -31,3 +31,19 @@ def test_rfc8785_sorting_by_utf16_code_units() -> None:
 def test_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         canonical_json(bad)
+
+
+def test_flat_string_objects_take_the_same_bytes_as_the_general_path() -> None:
+    from core.canonical import _emit
+
+    values = [
+        {"b": "Nguyễn Văn An", "a": "\u000f\n\t\"\\/\u007f\u2028", "c": ""},
+        {"resource": "Instance/1.2.3", "agent": "CT01", "detail": '{"k":"v"}'},
+        {"\r": "control key", "z": "\U0001f600"},  # a non-ASCII-safe key order case
+    ]
+    for value in values:
+        out: list[str] = []
+        _emit(value, out)  # the element-by-element RFC 8785 writer
+        assert canonicalize(value) == "".join(out).encode("utf-8")
+    with pytest.raises(ValueError):
+        canonicalize({"a": "\ud800"})  # lone surrogate

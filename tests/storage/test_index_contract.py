@@ -94,6 +94,25 @@ class IndexContract:
         retried = index.claim_jobs("w3")
         assert retried[0].attempts == 2
 
+    def test_a_job_its_workers_keep_dying_under_is_given_up_alone(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(i), f"{i:x}") for i in range(1, 5)])
+        batch = index.claim_jobs("w", limit=8)  # the worker dies running the first one
+        assert len(batch) == 4
+        assert index.requeue_worker_jobs("w", give_up_after=3) == 4
+        poison = index.claim_jobs("w", limit=8)
+        assert [j.id for j in poison] == [batch[0].id]  # a retried job runs on its own
+        assert index.requeue_worker_jobs("w", give_up_after=3) == 1  # second death
+        assert [j.id for j in index.claim_jobs("w", limit=8)] == [batch[0].id]
+        assert index.requeue_worker_jobs("w", give_up_after=3) == 0  # third: given up
+        failed = [j for j in index.get_jobs() if j.status == "failed"]
+        assert [j.id for j in failed] == [batch[0].id]
+        assert "stopped while running it 3 times" in failed[0].error
+        # its neighbours, interrupted once, are run and finish normally
+        rest = [index.claim_jobs("w", limit=8) for _ in range(3)]
+        assert sorted(j.id for c in rest for j in c) == sorted(j.id for j in batch[1:])
+        index.finish_jobs([(j.id, {}) for c in rest for j in c])
+        assert index.counts()["jobs_done"] == 3
+
     def test_concurrent_writers(self, index: SqlIndex) -> None:
         errors: list[BaseException] = []
 

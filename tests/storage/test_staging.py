@@ -4,6 +4,7 @@ import hashlib
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -51,4 +52,43 @@ def test_abort_leaves_nothing(tmp_path: Path) -> None:
     w = StagedWriter(tmp_path, "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1")
     w.write(b"\x00" * 10)
     w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_receive_streams_into_the_buffer_across_its_boundary(tmp_path: Path) -> None:
+    import os
+
+    data = os.urandom((5 << 20) + 12345)  # crosses the 2 MiB write buffer twice
+    stream = BytesIO(data)
+
+    def recv_exactly(view: memoryview) -> None:
+        got = stream.readinto(view)
+        assert got == len(view)
+
+    w = StagedWriter(tmp_path, "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1")
+    w.receive(recv_exactly, 1 << 20)
+    w.receive(recv_exactly, len(data) - (1 << 20))
+    staged = w.finish(fsync=True)
+    assert staged.key == hashlib.sha256(data).hexdigest()
+    assert staged.path.read_bytes()[staged.dataset_offset:] == data
+    assert staged.size == staged.dataset_offset + len(data)
+    assert staged.head == data[:65536] and staged.tail == data[-8:]
+
+
+def test_receive_consumes_everything_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from core.errors import OutOfResourcesError
+
+    def full(self: StagedWriter, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StagedWriter, "_write_out", full)
+    stream = BytesIO(b"\x01" * (5 << 20))
+    w = StagedWriter(tmp_path, "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1")
+    with pytest.raises(OutOfResourcesError):
+        w.receive(lambda view: stream.readinto(view) and None, 5 << 20)
+    assert stream.tell() == 5 << 20  # the association stays in step with its peer
     assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,7 @@ __all__ = [
     "control_id",
     "parse_message",
     "placed_orders",
+    "sending_application",
     "split_batch",
 ]
 
@@ -254,11 +255,26 @@ def parse_message(raw: bytes) -> Message:
 
 def control_id(raw: bytes) -> str:
     """MSH-10 of a message we may not be able to parse (for the ACK)."""
+    return _msh_field(raw, 10)
+
+
+def sending_application(raw: bytes) -> str:
+    """MSH-3 (first component) of a message we may not be able to parse: who sent it.
+
+    HL7 v2.5.1 2.14.9.3: the sending application, the HL7 counterpart of a calling AE
+    title (for the action log's agent).
+    """
+    component = _msh_field(raw, 2)[:1] or "^"
+    return _msh_field(raw, 3).split(component, 1)[0].strip()
+
+
+def _msh_field(raw: bytes, n: int) -> str:
     head = raw.lstrip(b"\x0b").split(b"\r", 1)[0].split(b"\n", 1)[0]
     if not head.startswith(b"MSH") or len(head) < 4:
         return ""
     parts = head.split(head[3:4])
-    return parts[9].decode("latin-1").strip() if len(parts) > 9 else ""
+    # parts[0] is "MSH" and MSH-1 is the separator itself: MSH-n is parts[n - 1].
+    return parts[n - 1].decode("latin-1").strip() if len(parts) > n - 1 else ""
 
 
 # ------------------------------------------------------------------------- values

@@ -5,17 +5,24 @@ the message was applied, ``AE`` when its content is wrong or conflicts with what
 hold (unknown order for XO, order already started for CA…), ``AR`` when we do not
 take this kind of message or cannot process anything now (index unavailable: the
 sender should try again later).
+
+With an ``audit`` log, every message appends one entry (issue 7 §2), whatever its
+ACK: the sending application (MSH-3, as a calling AE title is for DICOM) is the
+agent, the MLLP peer or the inbox folder where it came from, the keyed reference of
+the PID-3 patient (:func:`core.audit.patient_key`) the patient, and the order ids,
+control id and ACK code the detail, never a name or an identifier.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from core.audit import AuditEntry, patient_key
 from core.errors import (
     DuplicateError,
     NotFoundError,
@@ -24,11 +31,18 @@ from core.errors import (
     ProcedureStepStateError,
     ServiceError,
 )
-from core.logging import new_id
-from core.orders import OrderRecord
-from worklist.orders.hl7v2 import build_ack, control_id, parse_message, placed_orders
+from core.logging import correlation_id, new_id
+from core.orders import OrderAction, OrderRecord, PlacedOrder
+from worklist.orders.hl7v2 import (
+    build_ack,
+    control_id,
+    parse_message,
+    placed_orders,
+    sending_application,
+)
 
 if TYPE_CHECKING:
+    from storage.audit import AuditLog
     from storage.orders import OrderService
 
 __all__ = ["Hl7OrderIntake", "IntakeResult"]
@@ -70,21 +84,44 @@ class Hl7OrderIntake:
         Applies the orders.
     clock : callable, optional
         MSH-7 of ACKs (tests pass a fixed time).
+    audit : AuditLog, optional
+        The action log; each message appends an entry (see the module docstring).
+    patient_secret : bytes
+        Keys the log's patient references.
     """
 
     def __init__(
-        self, service: OrderService, *, clock: Callable[[], datetime] | None = None
+        self,
+        service: OrderService,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        audit: AuditLog | None = None,
+        patient_secret: bytes = b"",
     ) -> None:
         self.service = service
         self.clock = clock or datetime.now
+        self.audit = audit
+        self.patient_secret = patient_secret
         self._ids = itertools.count(1)
         self._prefix = new_id()[:8]
 
     def _ack_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def handle(self, raw: bytes, *, source: str = "hl7") -> IntakeResult:
-        """Apply one message; never raises for bad input (the ACK says why)."""
+    def handle(
+        self, raw: bytes, *, source: str = "hl7", peer: str = "", file_sha256: str = ""
+    ) -> IntakeResult:
+        """Apply one message; never raises for bad input (the ACK says why).
+
+        ``peer`` (the MLLP client address, or the inbox folder) and ``file_sha256``
+        (for a dropped file) only go to the action log.
+        """
+        result, placed = self._apply(raw, source)
+        self._audit(raw, result, placed, peer=peer, file_sha256=file_sha256)
+        return result
+
+    def _apply(self, raw: bytes, source: str) -> tuple[IntakeResult, Sequence[PlacedOrder]]:
+        """The result, and the orders the message placed (none when it did not parse)."""
         try:
             msg = parse_message(raw)
             placed = placed_orders(msg, source=source)
@@ -93,7 +130,7 @@ class Hl7OrderIntake:
             ack = build_ack(
                 raw, exc.ack_code, error=exc, now=self.clock(), ack_control_id=self._ack_id()
             )
-            return IntakeResult(ack, exc.ack_code, control_id(raw), exc)
+            return IntakeResult(ack, exc.ack_code, control_id(raw), exc), ()
         done: list[OrderRecord] = []
         try:
             for order in placed:
@@ -104,12 +141,83 @@ class Hl7OrderIntake:
             ack = build_ack(
                 msg, err.ack_code, error=err, now=self.clock(), ack_control_id=self._ack_id()
             )
-            return IntakeResult(ack, err.ack_code, msg.control_id, err, tuple(done))
+            return IntakeResult(ack, err.ack_code, msg.control_id, err, tuple(done)), placed
         except Exception:
             logger.error("HL7 message %s failed", msg.control_id, exc_info=True)
             err = OrderMessageError("application internal error", hl7_code=207, ack_code="AR")
             ack = build_ack(msg, "AR", error=err, now=self.clock(), ack_control_id=self._ack_id())
-            return IntakeResult(ack, "AR", msg.control_id, err, tuple(done))
+            return IntakeResult(ack, "AR", msg.control_id, err, tuple(done)), placed
         logger.info("HL7 message %s: %d order(s) applied", msg.control_id, len(done))
         ack = build_ack(msg, "AA", now=self.clock(), ack_control_id=self._ack_id())
-        return IntakeResult(ack, "AA", msg.control_id, None, tuple(done))
+        return IntakeResult(ack, "AA", msg.control_id, None, tuple(done)), placed
+
+    def record_refused_file(self, file_sha256: str, *, peer: str, reason: str) -> None:
+        """Log a dropped file refused before any message of it reached :meth:`handle`."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(AuditEntry(
+                action="C", event_type="hl7.order", outcome="4",
+                outcome_desc=f"rejected: {reason}"[:64], agent=(peer or "unknown")[:128],
+                agent_type="system", source=peer[:64], resource=f"HL7File/{file_sha256}",
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details({"file_sha256": file_sha256}),
+            ))
+        except Exception:
+            logger.error("HL7 order audit entry not recorded", exc_info=True)
+
+    def _audit(
+        self,
+        raw: bytes,
+        result: IntakeResult,
+        placed: Sequence[PlacedOrder],
+        *,
+        peer: str,
+        file_sha256: str,
+    ) -> None:
+        """Queue the message's entry; a side effect, so it logs and carries on."""
+        if self.audit is None:
+            return
+        try:
+            patient = placed[0].patient if placed else None
+            key = (patient_key(self.patient_secret, patient.id, patient.issuer)
+                   if patient is not None else "")
+            orders = [o.id for o in result.orders]
+            detail: dict[str, object] = {"control_id": result.control_id, "ack": result.code,
+                                         "orders": orders}
+            if result.error is not None:
+                detail["hl7_error_code"] = result.error.hl7_code
+                detail["where"] = result.error.where or ""
+            if file_sha256:
+                detail["file_sha256"] = file_sha256
+            self.audit.record(AuditEntry(
+                action=_ACTIONS.get(placed[0].action, "C") if placed else "C",
+                event_type="hl7.order",
+                outcome=_outcome(result),
+                outcome_desc=f"{result.code} {result.error.hl7_code}" if result.error
+                else result.code,
+                agent=(sending_application(raw) or peer or "unknown")[:128],
+                agent_type="system",
+                source=peer[:64],
+                resource=(f"ServiceRequest/{orders[0]}" if len(orders) == 1
+                          else f"HL7Message/{result.control_id}")[:256],
+                patient_key=key,
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details(detail),
+            ))
+        except Exception:
+            logger.error("HL7 order audit entry not recorded", exc_info=True)
+
+
+#: FHIR R4 AuditEvent.action per order control: a cancel updates the order's status.
+_ACTIONS = {OrderAction.NEW: "C", OrderAction.CHANGE: "U", OrderAction.CANCEL: "U"}
+
+
+def _outcome(result: IntakeResult) -> str:
+    """AuditEvent.outcome: 0 for AA; 8 when we could not process it (an AR with Table
+    0357 206 record locked or 207 internal error); 4 when the sender was refused."""
+    if result.code == "AA":
+        return "0"
+    if result.code == "AR" and result.error is not None and result.error.hl7_code in (206, 207):
+        return "8"
+    return "4"

@@ -4,7 +4,8 @@ A message travels as ``<VT> message <FS><CR>`` (0x0B … 0x1C 0x0D). Each one is
 to :class:`~worklist.orders.intake.Hl7OrderIntake` and its ACK goes back in the
 same framing, on the same connection, before the next message is read (original
 mode: the sender waits for the ACK). Bytes outside a frame are dropped; a frame
-larger than ``max_message`` closes the connection.
+larger than ``max_message`` closes the connection. The peer's address goes with each
+message to the intake's action log.
 
 :func:`frame` and :class:`Deframer` are pure; :class:`MllpServer` is the socket shell.
 """
@@ -89,7 +90,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     break
                 try:
                     for message in deframer.feed(data):
-                        result = self.server.intake.handle(message)
+                        result = self.server.intake.handle(message, peer=peer)
                         sock.sendall(frame(result.ack))
                 except ValueError:
                     logger.warning("MLLP %s: message too large; closing", peer)

@@ -6,7 +6,9 @@ A file is read only once it is complete: writers either write ``name.tmp`` (or
 message in it is applied with :class:`~worklist.orders.intake.Hl7OrderIntake`;
 then the file moves to ``processed/``, or to ``rejected/`` with
 ``<name>.error.json`` giving, per message, the ACK code, HL7 Table 0357 code,
-location and reason. Rejected files are kept as they came.
+location and reason. Rejected files are kept as they came. Each message is
+logged to the action log by the intake, with the file's SHA-256; a file without a
+message gets an entry of its own.
 
 watchdog wakes the scanner on file events; a periodic rescan (``rescan_s``)
 catches what events miss (network shares, events lost under load).
@@ -14,6 +16,7 @@ catches what events miss (network shares, events lost under load).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -120,9 +123,16 @@ class OrderInbox:
     def _process(self, path: Path) -> Path:
         with correlation():
             raw = path.read_bytes()
-            results = [self.intake.handle(m, source="hl7-file") for m in split_batch(raw)]
+            sha = hashlib.sha256(raw).hexdigest()
+            where = f"inbox/{self.folder.name}"
+            results = [
+                self.intake.handle(m, source="hl7-file", peer=where, file_sha256=sha)
+                for m in split_batch(raw)
+            ]
             failed = [r for r in results if r.code != "AA"]
             if not results:
+                # No message reached the intake, so the intake logged nothing.
+                self.intake.record_refused_file(sha, peer=where, reason="no HL7 message")
                 report: dict[str, Any] = {"file": path.name, "reason": "no HL7 message in file"}
                 return self._reject(path, report)
             if failed:

@@ -1,0 +1,300 @@
+"""The few header elements the index needs, read straight from the encoded bytes (pure).
+
+Why not ``pydicom.dcmread``: on the C-STORE acknowledgement path it was the largest
+single cost (about 1.5 ms of 4.4 ms CPU per 512² CT instance): it builds a Dataset of
+every element, then converts each wanted value through keyword lookups and hooks. The
+receiver already holds the first bytes of every data set in memory; this walks them
+once (PS3.5 7.1 data element encoding, 7.5 nesting of data sets), keeps the raw values
+of a fixed set of top-level tags, skips everything else (sequences included, defined
+or undefined length), and stops at Pixel Data.
+
+It only answers when it is sure: Implicit or Explicit VR Little Endian (every
+transfer syntax the receiver accepts except Deflated and Big Endian), tags in
+ascending order, the VR in the file equal to the dictionary VR for the wanted tags,
+values decoded exactly as pydicom decodes them. Anything else returns ``None`` and
+the caller reads the file with pydicom, which stays the reference (the test suite
+compares both over every file of pydicom's and pydicom-data's corpora).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
+
+__all__ = ["HeaderValues", "PixelDataElement", "scan_header"]
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+
+PIXEL_DATA = 0x7FE00010
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_SEQ_END_ITEM = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+# PS3.5 Table 7.1-1: VRs with a 2-byte reserved field and a 4-byte length (pydicom's list).
+_LONG_VRS = frozenset(str(vr).encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+# Every other VR of PS3.5 Table 6.2-1 has a 16-bit length.
+_SHORT_VRS = frozenset(str(vr).encode("ascii") for vr in VR if len(str(vr)) == 2) - _LONG_VRS
+# Values in the default repertoire (PS3.5 6.1.2.2), decoded as pydicom does (latin-1).
+_DEFAULT_REPERTOIRE = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+# Affected by Specific Character Set (PS3.5 6.1.2.3); ST/LT/UT are single-valued.
+_TEXT_SPLIT = frozenset({"SH", "LO", "UC", "PN"})
+_TEXT_SINGLE = frozenset({"ST", "LT", "UT"})
+_EXPLICIT = struct.Struct("<HH2sH")  # PS3.5 Table 7.1-2: tag, VR, 16-bit length
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+class _Unsure(Exception):
+    """The bytes are not what the fast path handles: let pydicom decide."""
+
+
+@dataclass(frozen=True, slots=True)
+class PixelDataElement:
+    """Where (7FE0,0010) is: value offset in the data set and its encoded length."""
+
+    value_offset: int
+    length: int  # 0xFFFFFFFF for encapsulated (undefined length)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValues:
+    """Decoded values of the wanted top-level elements, by keyword.
+
+    Text values follow ``core.instance``'s conventions: multiple values joined with a
+    backslash, a single value stripped; absent or empty elements are not present.
+    """
+
+    text: dict[str, str]
+    ints: dict[str, int | None]
+    pixel_data: PixelDataElement | None
+
+    def get_text(self, keyword: str) -> str:
+        return self.text.get(keyword, "")
+
+    def get_int(self, keyword: str) -> int | None:
+        return self.ints.get(keyword)
+
+
+def _wanted(keywords: Iterable[str]) -> dict[int, tuple[str, str]]:
+    table: dict[int, tuple[str, str]] = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"unknown keyword {keyword}")
+        table[int(tag)] = (keyword, str(dictionary_VR(tag)))
+    return table
+
+
+class _Walker:
+    """A cursor over little-endian encoded elements (PS3.5 7.1.2 / 7.1.3)."""
+
+    __slots__ = ("data", "end", "implicit")
+
+    def __init__(self, data: bytes | memoryview, implicit: bool) -> None:
+        self.data = data
+        self.end = len(data)
+        self.implicit = implicit
+
+    def element(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
+        """(tag, VR, length, value offset) of the element at ``pos``."""
+        if pos + 8 > self.end:
+            raise _Unsure("header ends inside an element")
+        group, elem, vr, short = _EXPLICIT.unpack_from(self.data, pos)
+        tag = (group << 16) | elem
+        if implicit or group == 0xFFFE:  # items and delimiters never carry a VR
+            return tag, b"", _U32.unpack_from(self.data, pos + 4)[0], pos + 8
+        if vr in _LONG_VRS:
+            if pos + 12 > self.end:
+                raise _Unsure("header ends inside an element")
+            return tag, vr, _U32.unpack_from(self.data, pos + 8)[0], pos + 12
+        if vr not in _SHORT_VRS:
+            raise _Unsure("not an explicit VR")
+        return tag, vr, short, pos + 8
+
+    def skip_undefined(self, pos: int, implicit: bool) -> int:
+        """Past the Sequence Delimitation Item of an undefined-length value (PS3.5 7.5.2)."""
+        while True:
+            tag, _vr, length, value = self.element(pos, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM:
+                raise _Unsure("expected an item")
+            pos = value + length if length != _UNDEFINED else self.skip_items_data(value, implicit)
+            if pos > self.end:
+                raise _Unsure("header ends inside an item")
+
+    def skip_items_data(self, pos: int, implicit: bool) -> int:
+        """Past the Item Delimitation Item of an undefined-length item's data set."""
+        while True:
+            tag, vr, length, value = self.element(pos, implicit)
+            if tag == _ITEM_END:
+                return value
+            if length == _UNDEFINED:
+                # SQ, or UN whose value is Implicit VR encoded (PS3.5 6.2.2 note).
+                pos = self.skip_undefined(value, implicit or vr == b"UN")
+            else:
+                pos = value + length
+            if pos > self.end:
+                raise _Unsure("header ends inside an item")
+
+
+def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
+    """A text value as ``core.instance._text`` renders pydicom's converted value."""
+    if vr in _DEFAULT_REPERTOIRE:
+        text = raw.decode("latin-1")
+        if vr == "AE":
+            parts = [p.strip() for p in text.split("\\")]
+        else:
+            parts = text.rstrip(" \x00").split("\\")
+    elif vr in _TEXT_SPLIT:
+        if vr == "PN":
+            raw = raw.rstrip(b"\x00 ")
+        text = decode_bytes(raw, encodings, TEXT_VR_DELIMS)
+        parts = text.split("\\")
+        if vr != "PN":
+            parts = [p.rstrip("\x00 ") for p in parts]
+    elif vr in _TEXT_SINGLE:
+        return decode_bytes(raw, encodings, TEXT_VR_DELIMS).rstrip("\x00 ").strip()
+    else:
+        raise _Unsure(f"VR {vr} not decoded here")
+    if len(parts) == 1:
+        return parts[0].strip()
+    return "\\".join(parts)
+
+
+def _to_int(raw: bytes, vr: str) -> int | None:
+    if vr == "US":
+        return _U16.unpack_from(raw, 0)[0] if len(raw) >= 2 else None
+    if vr == "IS":
+        text = raw.decode("latin-1").rstrip(" \x00").split("\\")[0].strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+    raise _Unsure(f"VR {vr} not an integer here")
+
+
+_CACHE: dict[tuple[str, ...], dict[int, tuple[str, str]]] = {}
+
+
+def scan_header(
+    data: bytes | memoryview,
+    transfer_syntax_uid: str,
+    *,
+    text_keywords: tuple[str, ...],
+    int_keywords: tuple[str, ...],
+    complete: bool,
+    tail: bytes = b"",
+) -> HeaderValues | None:
+    """Read the wanted top-level elements from the start of an encoded data set.
+
+    Parameters
+    ----------
+    data
+        The data set's first bytes (after the File Meta Information).
+    transfer_syntax_uid
+        How ``data`` is encoded.
+    text_keywords, int_keywords
+        What to read; ``SpecificCharacterSet`` is always read to decode text.
+    complete
+        ``data`` is the whole data set (so ending without Pixel Data is legitimate).
+    tail
+        The data set's last 8 bytes. Encapsulated Pixel Data must end there with its
+        Sequence Delimitation Item (PS3.5 A.4); otherwise (a truncated transfer, or
+        elements after Pixel Data) the walk is unsure.
+
+    Returns
+    -------
+    HeaderValues or None
+        ``None`` when the fast path is not sure (see the module docstring).
+    """
+    if transfer_syntax_uid == IMPLICIT_VR_LE:
+        implicit = True
+    elif transfer_syntax_uid == _BIG_ENDIAN or transfer_syntax_uid in _DEFLATED:
+        return None
+    else:
+        implicit = False  # every other accepted syntax is Explicit VR Little Endian
+    key = (*text_keywords, "|", *int_keywords)
+    wanted = _CACHE.get(key)
+    if wanted is None:
+        wanted = _wanted((*text_keywords, *int_keywords, "SpecificCharacterSet"))
+        _CACHE[key] = wanted
+    ints = set(int_keywords)
+    try:
+        values = _scan(data, implicit, wanted, ints, complete)
+    except (_Unsure, struct.error, UnicodeDecodeError, LookupError):
+        return None
+    pixel = values.pixel_data
+    if pixel is not None and pixel.length == _UNDEFINED and tail != _SEQ_END_ITEM:
+        return None
+    return values
+
+
+def _scan(
+    data: bytes | memoryview,
+    implicit: bool,
+    wanted: dict[int, tuple[str, str]],
+    ints: set[str],
+    complete: bool,
+) -> HeaderValues:
+    walker = _Walker(data, implicit)
+    raw: dict[str, tuple[bytes, str]] = {}
+    pixel: PixelDataElement | None = None
+    pos, last = 0, -1
+    while pos < walker.end:
+        tag, vr, length, value = walker.element(pos, implicit)
+        if tag <= last:
+            raise _Unsure("tags out of order")
+        last = tag
+        if tag == PIXEL_DATA:
+            pixel = PixelDataElement(value, length)
+            break
+        if tag > PIXEL_DATA or (tag >> 16) == 0xFFFE:
+            raise _Unsure("unexpected element before Pixel Data")
+        if length == _UNDEFINED:
+            if not implicit and vr not in (b"SQ", b"UN"):
+                raise _Unsure("undefined length outside a sequence")
+            pos = walker.skip_undefined(value, implicit or vr == b"UN")
+            continue
+        end = value + length
+        if end > walker.end:
+            raise _Unsure("header ends inside a value")
+        entry = wanted.get(tag)
+        if entry is not None:
+            keyword, dict_vr = entry
+            if not implicit and vr.decode("ascii") != dict_vr:
+                raise _Unsure("VR differs from the dictionary")
+            raw[keyword] = (bytes(data[value:end]), dict_vr)
+        pos = end
+    else:
+        if not complete:
+            raise _Unsure("header continues beyond the bytes at hand")
+    charset = raw.pop("SpecificCharacterSet", None)
+    text: dict[str, str] = {}
+    if charset is not None:
+        text["SpecificCharacterSet"] = _decode(charset[0], "CS", [])
+        terms = [t.strip() for t in charset[0].decode("latin-1").rstrip(" \x00").split("\\")]
+        encodings = convert_encodings(terms or [""])
+    else:
+        encodings = convert_encodings([""])
+    int_values: dict[str, int | None] = {}
+    for keyword, (value_bytes, value_vr) in raw.items():
+        if keyword in ints:
+            int_values[keyword] = _to_int(value_bytes, value_vr)
+        else:
+            text[keyword] = _decode(value_bytes, value_vr, encodings)
+    return HeaderValues(text, int_values, pixel)
