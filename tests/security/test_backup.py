@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 
 from core.settings import Settings
-from core.synthetic import write_ct_series
 from storage.backup import backup, restore, verify
+from tests.security._support import backup_during_storescu
 
 
 def _sha(path: Path) -> str:
@@ -26,44 +22,13 @@ def _sha(path: Path) -> str:
 @pytest.mark.slow
 def test_backup_during_storescu_restores_every_acknowledged_instance(receiver,
                                                                       tmp_path: Path) -> None:
-    from tests.support import dcmtk
-
     settings: Settings = receiver.settings
-    files = write_ct_series(tmp_path / "ct", slices=150, rows=256, columns=256)
-    uid_of = {p.resolve(): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-              for p in files}
-    sender = subprocess.Popen(
-        [dcmtk("storescu"), "-v", "+sd", "127.0.0.1", str(receiver.port), str(tmp_path / "ct")],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "TCP_NODELAY": "1"})
-    assert sender.stderr is not None
-    acknowledged: list[str] = []
-    before_backup: list[str] = []
-    current: Path | None = None
-    result: dict[str, object] = {}
-
-    def take_backup() -> None:
-        try:
-            result["report"] = backup(settings, tmp_path / "backup")
-        except BaseException as exc:  # reported by the main thread
-            result["error"] = exc
-
-    worker: threading.Thread | None = None
-    for line in sender.stderr:
-        if line.startswith("I: Sending file: "):
-            current = Path(line.removeprefix("I: Sending file: ").strip()).resolve()
-        elif re.search(r"Received Store Response \(Success\)", line) and current:
-            acknowledged.append(uid_of[current])
-            if len(acknowledged) == 40:
-                before_backup = list(acknowledged)  # acknowledged before the backup starts
-                worker = threading.Thread(target=take_backup)
-                worker.start()
-    assert sender.wait(timeout=120) == 0
-    assert worker is not None
-    worker.join(timeout=120)
-    assert "error" not in result, result.get("error")
+    run = backup_during_storescu(receiver, settings, tmp_path, slices=150, size=256,
+                                 start_after=40)
+    files, acknowledged, before_backup = run.files, run.acknowledged, run.before_backup
     assert len(acknowledged) == len(files)
     assert verify(tmp_path / "backup") == []
-    report = result["report"]
+    report = run.report
     assert report.instances >= len(before_backup)  # type: ignore[attr-defined]
 
     restored = tmp_path / "restored"

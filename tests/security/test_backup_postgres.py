@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from conftest_pg import PgServer, create_database
-from pydicom import dcmread
 from sqlalchemy import text
 
 from core.settings import Settings
-from core.synthetic import write_ct_series
 from pacslab.wiring import build_index
 from storage.audit import AuditStore
 from storage.backup import backup, restore, verify
 from storage.originals import FileOriginalStore
-from tests.support import Receiver, dcmtk
+from tests.security._support import backup_during_storescu
+from tests.support import Receiver
 
 pytestmark = pytest.mark.postgres
 
@@ -55,42 +52,13 @@ def _sha(path: Path) -> str:
 def test_pg_backup_during_storescu_restores_every_acknowledged_instance(
         receiver: Receiver, pg_server: PgServer | str, tmp_path: Path) -> None:
     settings = receiver.settings
-    files = write_ct_series(tmp_path / "ct", slices=60, rows=64, columns=64)
-    uid_of = {p.resolve(): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-              for p in files}
-    sender = subprocess.Popen(
-        [dcmtk("storescu"), "-v", "+sd", "127.0.0.1", str(receiver.port), str(tmp_path / "ct")],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "TCP_NODELAY": "1"})
-    assert sender.stderr is not None
-    acknowledged: list[str] = []
-    before_backup: list[str] = []
-    current: Path | None = None
-    result: dict[str, object] = {}
-
-    def take_backup() -> None:
-        try:
-            result["report"] = backup(settings, tmp_path / "backup")
-        except BaseException as exc:  # reported by the main thread
-            result["error"] = exc
-
-    worker: threading.Thread | None = None
-    for line in sender.stderr:
-        if line.startswith("I: Sending file: "):
-            current = Path(line.removeprefix("I: Sending file: ").strip()).resolve()
-        elif re.search(r"Received Store Response \(Success\)", line) and current:
-            acknowledged.append(uid_of[current])
-            if len(acknowledged) == 20:
-                before_backup = list(acknowledged)
-                worker = threading.Thread(target=take_backup)
-                worker.start()
-    assert sender.wait(timeout=120) == 0
-    assert worker is not None
-    worker.join(timeout=120)
-    assert "error" not in result, result.get("error")
+    run = backup_during_storescu(receiver, settings, tmp_path, slices=60, size=64,
+                                 start_after=20)
+    before_backup = run.before_backup
     backup_dir = tmp_path / "backup"
     assert (backup_dir / "index.pgdump").is_file() and not (backup_dir / "index.db").exists()
     assert verify(backup_dir) == []
-    report = result["report"]
+    report = run.report
     assert report.instances >= len(before_backup)  # type: ignore[attr-defined]
     # The C-STOREs were logged, so the dump carries an action log.
     assert report.audit_head is not None  # type: ignore[attr-defined]
