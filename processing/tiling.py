@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -195,6 +196,11 @@ class _StackSource:
     rows: int
     columns: int
 
+    def subset(self, z0: int, z1: int) -> _StackSource:
+        """The planes ``z0:z1`` only, so a task carries just what it reads."""
+        return _StackSource(self.planes[z0:z1], self.dtype, self.samples, self.rows,
+                            self.columns)
+
     def read(self, region: Region) -> tuple[np.ndarray, list[tuple[str, str]]]:
         """Decode ``region`` = ((z0, z1), (y0, y1), (x0, x1)) as ``(z, y, x[, c])``.
 
@@ -300,9 +306,11 @@ def _finish(job: _Job, level: int, region: Region, block: np.ndarray,
     return _downsampled_region(region, step), downsample(block, step), failures
 
 
-def _leaf(job: _Job, source: _StackSource, region: Region) -> Any:
-    block, failures = source.read(region)
-    return _finish(job, 0, region, block, failures)
+def _leaf(job: _Job, source: _StackSource, local: Region, z0: int) -> Any:
+    """Read ``local`` of ``source`` (the planes from ``z0`` on) and finish it at level 0."""
+    block, failures = source.read(local)
+    (a, b), yx, xx = local
+    return _finish(job, 0, ((z0 + a, z0 + b), yx, xx), block, failures)
 
 
 def _node(job: _Job, level: int, region: Region, *children: Any) -> Any:
@@ -320,12 +328,21 @@ def _node(job: _Job, level: int, region: Region, *children: Any) -> Any:
 
 
 def _graph(job: _Job, source: _StackSource) -> list[Any]:
-    """Delayed tasks of one image; the returned roots carry the failures."""
+    """Delayed tasks of one image; the returned roots carry the failures.
+
+    ``job`` and each leaf's share of ``source`` are bound with ``functools.partial``
+    rather than passed as task arguments: dask walks every argument looking for
+    collections, and it unpacks dataclasses field by field, so a 300-slice source
+    handed to every leaf cost more than the conversion itself (and was rebuilt,
+    field by field, when each task ran).
+    """
     levels = job.plan.levels
     tasks: dict[tuple[int, int, int], Any] = {}
     for index in np.ndindex(*levels[0].shard_grid):
         region = _shard_region(levels[0], index)
-        tasks[index] = delayed(_leaf, pure=False)(job, source, region)
+        (z0, z1), yx, xx = region
+        leaf = partial(_leaf, job, source.subset(z0, z1), ((0, z1 - z0), yx, xx), z0)
+        tasks[index] = delayed(leaf, pure=False)()
     for level in levels[1:]:
         children: dict[tuple[int, int, int], list[Any]] = defaultdict(list)
         prev = levels[level.index - 1]
@@ -334,8 +351,8 @@ def _graph(job: _Job, source: _StackSource) -> list[Any]:
             parent = tuple(r[0] // s for r, s in zip(region, level.shards, strict=True))
             children[parent].append(task)  # type: ignore[index]
         tasks = {
-            parent: delayed(_node, pure=False)(job, level.index,
-                                                    _shard_region(level, parent), *kids)
+            parent: delayed(partial(_node, job, level.index, _shard_region(level, parent)),
+                            pure=False)(*kids)
             for parent, kids in children.items()
         }
     return list(tasks.values())
