@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ __all__ = [
     "PixelLocation",
     "WindowPreset",
     "iter_frames",
+    "read_frame_into",
     "read_frames",
     "read_instance_info",
     "read_rows",
@@ -533,6 +535,96 @@ def _mask_unused_bits(info: InstanceInfo, frame: np.ndarray) -> np.ndarray:
         return (frame << shift) >> shift  # sign-extend from the high bit
     masked: np.ndarray = frame & np.array((1 << stored) - 1, dtype=frame.dtype)
     return masked
+
+
+def _rescale_in_place(info: InstanceInfo, out: np.ndarray, index: int) -> bool:
+    """Apply an integral Modality LUT to 16-bit stored values in ``out`` itself.
+
+    ``out`` is the int16 output buffer holding the stored bits. When every stored
+    value plus the intercept fits in int16, wrapping int16 addition gives the exact
+    result (two's complement: the bits of ``v + c`` do not depend on whether ``v`` was
+    read as signed or unsigned), so one in-place add replaces the widen, add, clip and
+    narrow of :func:`_apply_lut`. Returns ``False`` when that does not hold; the
+    caller then takes the general path.
+    """
+    plane = info.frames[index] if index < len(info.frames) else info.frames[0]
+    slope, icpt = plane.rescale_slope, plane.rescale_intercept
+    if slope != 1.0 or not _INT16.min <= icpt <= _INT16.max:
+        return False
+    stored = out.view(np.dtype(info.stored_dtype).newbyteorder("="))
+    lo, hi = int(stored.min()), int(stored.max())
+    if lo + icpt < _INT16.min or hi + icpt > _INT16.max:
+        return False
+    if icpt:
+        out += np.int16(icpt)
+    return True
+
+
+def read_frame_into(info: InstanceInfo, index: int, out: np.ndarray) -> bool:
+    """Decode frame ``index`` of native little-endian data straight into ``out``.
+
+    The file bytes are read into ``out`` with one ``readinto`` (no intermediate
+    copy), then Bits Stored masking and the Modality LUT are applied in place. This
+    is the hot path of a CT series; the result equals :func:`read_frames`.
+
+    Parameters
+    ----------
+    info
+        From :func:`read_instance_info`.
+    index
+        Frame number, 0-based.
+    out
+        C-contiguous, shape ``info.frame_shape``, dtype ``info.dtype``.
+
+    Returns
+    -------
+    bool
+        ``False`` (and ``out`` untouched) when this frame needs the general decoder:
+        compressed or big-endian data, planar RGB, float output, or stored and output
+        dtypes of different sizes. Use :func:`read_frames` then.
+
+    Raises
+    ------
+    InvalidDatasetError
+        The file is shorter than the frame.
+    """
+    out_dtype = np.dtype(info.dtype)
+    stored = np.dtype(info.stored_dtype)
+    if not (
+        _fast_path(info)
+        and sys.byteorder == "little"
+        and (info.samples_per_pixel == 1 or info.planar_configuration == 0)
+        and out.shape == info.frame_shape
+        and out.dtype == out_dtype.newbyteorder("=")
+        and out.flags.c_contiguous
+        and out_dtype.kind in "iu"
+        and stored.itemsize == out_dtype.itemsize
+        and (not info.modality_lut_applied or out_dtype.itemsize == 2)
+    ):
+        return False
+    loc = info.pixel_location
+    assert loc is not None
+    start = loc.offset + index * out.nbytes
+    try:
+        with open(info.path, "rb", buffering=0) as fp:
+            fp.seek(start)
+            got = fp.readinto(out.data.cast("B"))
+    except OSError as exc:
+        raise _fail(info, index, exc) from exc
+    if got != out.nbytes:
+        raise _fail(info, index, ValueError(f"{got} of {out.nbytes} bytes present"))
+    view = out.view(stored.newbyteorder("="))
+    if info.bits_stored < info.bits_allocated:
+        # Same as _mask_unused_bits, in place.
+        if info.pixel_representation == 1:
+            shift = info.bits_allocated - info.bits_stored
+            np.left_shift(view, shift, out=view)
+            np.right_shift(view, shift, out=view)
+        else:
+            np.bitwise_and(view, (1 << info.bits_stored) - 1, out=view)
+    if info.modality_lut_applied and not _rescale_in_place(info, out, index):
+        out[...] = _apply_lut(info, view.copy(), index)
+    return True
 
 
 def read_frames(info: InstanceInfo, indices: Iterable[int]) -> Iterator[np.ndarray]:

@@ -40,7 +40,13 @@ from dask.base import compute as dask_compute
 from dask.delayed import delayed
 
 from core.errors import InvalidDatasetError
-from processing.decode import InstanceInfo, read_frames, read_instance_info, read_rows
+from processing.decode import (
+    InstanceInfo,
+    read_frame_into,
+    read_frames,
+    read_instance_info,
+    read_rows,
+)
 from processing.geometry import PlaneRef, Stack, build_stacks
 from processing.omezarr import array_axes, create_image
 from processing.pyramid import LevelPlan, PyramidPlan, downsample, plan_pyramid
@@ -223,7 +229,12 @@ class _StackSource:
                 run.append(z + len(run))
             frames = [self.planes[k][1] for k in run]
             try:
-                if full:
+                # Native planes are read straight into the block; whether that applies
+                # depends only on the instance, so the first plane decides for all.
+                if full and read_frame_into(info, frames[0], out[run[0] - z0]):
+                    for k, f in zip(run[1:], frames[1:], strict=True):
+                        read_frame_into(info, f, out[k - z0])
+                elif full:
                     for k, frame in zip(run, read_frames(info, frames), strict=True):
                         out[k - z0] = frame
                 else:
