@@ -613,8 +613,15 @@ def _rescale_in_place(info: InstanceInfo, out: np.ndarray, index: int) -> bool:
     if slope != 1.0 or not _INT16.min <= icpt <= _INT16.max:
         return False
     stored = out.view(np.dtype(info.stored_dtype).newbyteorder("="))
-    lo, hi = int(stored.min()), int(stored.max())
-    if lo + icpt < _INT16.min or hi + icpt > _INT16.max:
+    # Bits Stored bounds the (already masked) values; look at the data only on the
+    # side where that bound could overflow, usually one pass or none.
+    bits = info.bits_stored if 0 < info.bits_stored < info.bits_allocated else info.bits_allocated
+    signed = stored.dtype.kind == "i"
+    lowest = -(1 << (bits - 1)) if signed else 0
+    highest = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    if lowest + icpt < _INT16.min and int(stored.min()) + icpt < _INT16.min:
+        return False
+    if highest + icpt > _INT16.max and int(stored.max()) + icpt > _INT16.max:
         return False
     if icpt:
         out += np.int16(icpt)
