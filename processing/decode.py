@@ -628,12 +628,21 @@ def _rescale_in_place(info: InstanceInfo, out: np.ndarray, index: int) -> bool:
     return True
 
 
-def read_frame_into(info: InstanceInfo, index: int, out: np.ndarray) -> bool:
-    """Decode frame ``index`` of native little-endian data straight into ``out``.
+def read_frame_into(
+    info: InstanceInfo,
+    index: int,
+    out: np.ndarray,
+    rows: slice | None = None,
+    columns: slice | None = None,
+) -> bool:
+    """Decode frame ``index`` (or a window of it) of native data straight into ``out``.
 
-    The file bytes are read into ``out`` with one ``readinto`` (no intermediate
-    copy), then Bits Stored masking and the Modality LUT are applied in place. This
-    is the hot path of a CT series; the result equals :func:`read_frames`.
+    The file bytes are read into ``out`` itself (no intermediate copy and no memory
+    map, whose page faults serialise threads on the process's mapping lock): whole
+    frames and full-width row bands with one read, narrower windows with one read
+    per row. Bits Stored masking and the Modality LUT are then applied in place.
+    This is the hot path of CT series and large 2-D images; the result equals
+    :func:`read_frames` (or :func:`read_rows` for a window).
 
     Parameters
     ----------
@@ -642,27 +651,32 @@ def read_frame_into(info: InstanceInfo, index: int, out: np.ndarray) -> bool:
     index
         Frame number, 0-based.
     out
-        C-contiguous, shape ``info.frame_shape``, dtype ``info.dtype``.
+        C-contiguous, dtype ``info.dtype``, shape of the window (``info.frame_shape``
+        for a whole frame).
+    rows, columns
+        The window (step 1); ``None`` means all rows or all columns.
 
     Returns
     -------
     bool
         ``False`` (and ``out`` untouched) when this frame needs the general decoder:
         compressed or big-endian data, planar RGB, float output, or stored and output
-        dtypes of different sizes. Use :func:`read_frames` then.
+        dtypes of different sizes. Use :func:`read_frames` or :func:`read_rows` then.
 
     Raises
     ------
     InvalidDatasetError
         The file is shorter than the frame.
     """
+    r0, r1, _ = (rows or slice(None)).indices(info.rows)
+    c0, c1, _ = (columns or slice(None)).indices(info.columns)
     out_dtype = np.dtype(info.dtype)
     stored = np.dtype(info.stored_dtype)
     if not (
         _fast_path(info)
         and sys.byteorder == "little"
         and (info.samples_per_pixel == 1 or info.planar_configuration == 0)
-        and out.shape == info.frame_shape
+        and out.shape == (r1 - r0, c1 - c0, *info.frame_shape[2:])
         and out.dtype == out_dtype.newbyteorder("=")
         and out.flags.c_contiguous
         and out_dtype.kind in "iu"
@@ -672,11 +686,16 @@ def read_frame_into(info: InstanceInfo, index: int, out: np.ndarray) -> bool:
         return False
     loc = info.pixel_location
     assert loc is not None
-    start = loc.offset + index * out.nbytes
+    pixel = info.samples_per_pixel * stored.itemsize
+    row_bytes = info.columns * pixel
+    start = loc.offset + index * info.rows * row_bytes + r0 * row_bytes + c0 * pixel
     try:
         with open(info.path, "rb", buffering=0) as fp:
-            fp.seek(start)
-            got = fp.readinto(out.data.cast("B"))
+            if c1 - c0 == info.columns or r1 - r0 <= 1:
+                got = os.preadv(fp.fileno(), [out.data.cast("B")], start)
+            else:
+                got = sum(os.preadv(fp.fileno(), [out[r].data.cast("B")], start + r * row_bytes)
+                          for r in range(r1 - r0))
     except OSError as exc:
         raise _fail(info, index, exc) from exc
     if got != out.nbytes:

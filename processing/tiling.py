@@ -238,8 +238,10 @@ class _StackSource:
                     for k, frame in zip(run, read_frames(info, frames), strict=True):
                         out[k - z0] = frame
                 else:
+                    window = slice(y0, y1), slice(x0, x1)
                     for k, f in zip(run, frames, strict=True):
-                        out[k - z0] = read_rows(info, f, slice(y0, y1), slice(x0, x1))
+                        if not read_frame_into(info, f, out[k - z0], *window):
+                            out[k - z0] = read_rows(info, f, *window)
             except InvalidDatasetError as exc:
                 failures.append((info.sop_instance_uid, str(exc)))
                 logger.warning("plane(s) of %s left empty: %s", info.sop_instance_uid, exc)

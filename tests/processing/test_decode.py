@@ -269,3 +269,18 @@ def test_read_frame_into_truncated_file_is_invalid(tmp_path: Path) -> None:
     Path(path).write_bytes(Path(path).read_bytes()[:-100])  # shrunk after the header read
     with pytest.raises(InvalidDatasetError, match="cannot decode frame 0"):
         read_frame_into(info, 0, np.empty(info.frame_shape, dtype=np.int16))
+
+
+@pytest.mark.parametrize("name", ["SC_rgb.dcm", "MR_small.dcm", "CT_small.dcm", "color-pl.dcm",
+                                  "SC_rgb_32bit_2frame.dcm", "US1_J2KR.dcm"])
+def test_read_frame_into_a_window_equals_read_rows(name: str, testdata: Testdata) -> None:
+    info = read_instance_info(testdata(name))
+    native_interleaved = name in {"SC_rgb.dcm", "MR_small.dcm", "CT_small.dcm",
+                                  "SC_rgb_32bit_2frame.dcm"}
+    windows = [(slice(10, 30), slice(5, 50)), (slice(3, 40), None), (slice(7, 8), slice(0, 9))]
+    for frame in range(info.number_of_frames):
+        for rows, columns in windows:
+            expected = read_rows(info, frame, rows, columns)
+            out = np.full(expected.shape, 7, dtype=expected.dtype)
+            assert read_frame_into(info, frame, out, rows, columns) is native_interleaved
+            np.testing.assert_array_equal(out, expected if native_interleaved else 7)
