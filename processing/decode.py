@@ -2,16 +2,19 @@
 
 Two halves, kept apart as STYLE.md §6 asks:
 
-* :func:`read_instance_info` reads the header only (``stop_before_pixels``) and returns
-  an :class:`InstanceInfo` value: UIDs, the Image Pixel module (PS3.3 C.7.6.3), the
+* :func:`read_instance_info` reads the header only and returns an
+  :class:`InstanceInfo` value (plain native little-endian files through the narrow
+  reader in :mod:`processing._native_header`, everything else through pydicom with
+  ``stop_before_pixels``): UIDs, the Image Pixel module (PS3.3 C.7.6.3), the
   Modality LUT (PS3.3 C.11.1), VOI LUT window presets (PS3.3 C.11.2), per-frame
   geometry (Image Plane, PS3.3 C.7.6.2, or the Multi-frame Functional Groups of
   enhanced objects, PS3.3 C.7.6.16) and, for native (uncompressed little-endian)
   pixel data, the byte offset of the Pixel Data value so that frames and row bands can
   be read without loading the file.
-* :func:`iter_frames`, :func:`read_frames` and :func:`read_rows` decode pixels.
-  Native data is read straight from the file (``numpy.fromfile``/``memmap``), which
-  is what makes a 30000² image convertible in bounded memory; everything else goes
+* :func:`iter_frames`, :func:`read_frames`, :func:`read_rows` and
+  :func:`read_frame_into` decode pixels. Native data is read straight from the file
+  (``memmap``, or ``preadv`` into the caller's buffer), which is what makes a 30000²
+  image convertible in bounded memory; everything else goes
   through :func:`pydicom.pixels.iter_pixels`, i.e. pydicom's decoder plugins
   (pylibjpeg-libjpeg, -openjpeg, -rle, GDCM, numpy/RLE built-ins, tried in order).
 
