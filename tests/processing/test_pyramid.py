@@ -62,3 +62,39 @@ def test_downsample_odd_edges_and_rgb() -> None:
     np.testing.assert_array_equal(out[0, 0, 3], expected)
     vol = rng.integers(-1024, 3000, (3, 4, 4), dtype=np.int16)
     assert downsample(vol, (2, 2, 2)).shape == (2, 2, 2)
+
+
+def _whole_block_mean(block: np.ndarray, step: tuple[int, int, int]) -> np.ndarray:
+    """The definition: pad by edge repetition, mean of each cell, round half up."""
+    pad = [(0, (-n) % s) for n, s in zip(block.shape[:3], step, strict=True)]
+    padded = np.pad(block, pad + [(0, 0)] * (block.ndim - 3), mode="edge")
+    cells = padded.reshape(padded.shape[0] // step[0], step[0], padded.shape[1] // step[1],
+                           step[1], padded.shape[2] // step[2], step[2], *block.shape[3:])
+    mean = cells.astype(np.float64).mean(axis=(1, 3, 5))
+    if block.dtype.kind == "f":
+        return mean.astype(block.dtype)
+    return np.floor(mean + 0.5).astype(block.dtype)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "step"), [
+    ((64, 512, 512), np.int16, (2, 2, 2)),      # a CT shard: several pieces per plane pair
+    ((7, 1031, 517), np.int16, (2, 2, 2)),      # odd in every axis, bands end mid-block
+    ((1, 4097, 2050), np.uint16, (1, 2, 2)),    # a 2-D tile: many row bands
+    ((5, 300, 301), np.int16, (1, 2, 2)),       # thick slices: z kept
+    ((1, 999, 1001, 3), np.uint8, (1, 2, 2)),   # RGB
+    ((3, 130, 66), np.float32, (2, 2, 2)),
+])
+def test_downsample_in_pieces_equals_the_whole_block_mean(
+        shape: tuple[int, ...], dtype: type, step: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(1)
+    if np.dtype(dtype).kind == "f":
+        block = rng.normal(0, 100, shape).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        block = rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
+    out = downsample(block, step)
+    expected = _whole_block_mean(block, step)
+    if block.dtype.kind == "f":
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(out, expected)

@@ -100,6 +100,31 @@ def test_bad_instances_are_reported_and_the_rest_converts(ct_paths: list[Path],
         convert_instance(undecodable, str(tmp_path / "two.zarr"))
 
 
+def test_a_failed_plane_is_zero_even_in_a_recycled_block(tmp_path: Path) -> None:
+    """Leaves reuse level-0 blocks; a plane that fails must not show an older shard."""
+    from core.synthetic import write_ct_series
+
+    paths = write_ct_series(tmp_path / "ct", slices=150, rows=16, columns=16)
+    # Positions descend with the file number, so file i lands at z = 149 - i. One bad
+    # plane in each of the two 64-slice shards: whichever leaf runs second (one
+    # thread) reads into the block the first one used.
+    bad = {paths[149 - z]: z for z in (10, 100)}
+    uids = set()
+    for path in bad:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + b"\x00" * 200])
+        ds.save_as(path)
+        uids.add(ds.SOPInstanceUID)
+    out = str(tmp_path / "ct.zarr")
+    result = convert_series(paths, out, workers=1)
+    assert uids <= set(dict(result.failed_instances))
+    level0 = zarr.open_array(f"{out}/0/0", mode="r")[:]
+    assert not level0[sorted(bad.values())].any()
+    np.testing.assert_array_equal(np.delete(level0, sorted(bad.values()), axis=0),
+                                  _hu([p for p in paths if p not in bad]))
+
+
 @pytest.mark.parametrize(("name", "axes", "kind"), [
     ("US1_J2KR.dcm", ("c", "y", "x"), "plane"),  # YBR_RCT → RGB
     ("RG1_UNCR.dcm", ("y", "x"), "plane"),  # MONOCHROME1 CR, 1955×1841
