@@ -19,14 +19,21 @@ compares both over every file of pydicom's and pydicom-data's corpora).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
-__all__ = ["HeaderValues", "PixelDataElement", "scan_header"]
+__all__ = [
+    "HeaderCutShort",
+    "HeaderUnsure",
+    "HeaderValues",
+    "PixelDataElement",
+    "scan_header",
+    "walk_header",
+]
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
@@ -51,16 +58,22 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 
 
-class _Unsure(Exception):
-    """The bytes are not what the fast path handles: let pydicom decide."""
+class HeaderUnsure(Exception):
+    """The bytes are not what the walk handles exactly: let pydicom decide."""
+
+
+class HeaderCutShort(HeaderUnsure):
+    """The header goes on past the bytes at hand: read more and walk again."""
+
 
 
 @dataclass(frozen=True, slots=True)
 class PixelDataElement:
-    """Where (7FE0,0010) is: value offset in the data set and its encoded length."""
+    """Where (7FE0,0010) is: value offset in the bytes walked, encoded length and VR."""
 
     value_offset: int
     length: int  # 0xFFFFFFFF for encapsulated (undefined length)
+    vr: bytes = b""  # as encoded (Explicit VR); empty for Implicit VR
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,17 +118,17 @@ class _Walker:
     def element(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
         """(tag, VR, length, value offset) of the element at ``pos``."""
         if pos + 8 > self.end:
-            raise _Unsure("header ends inside an element")
+            raise HeaderCutShort("header ends inside an element")
         group, elem, vr, short = _EXPLICIT.unpack_from(self.data, pos)
         tag = (group << 16) | elem
         if implicit or group == 0xFFFE:  # items and delimiters never carry a VR
             return tag, b"", _U32.unpack_from(self.data, pos + 4)[0], pos + 8
         if vr in _LONG_VRS:
             if pos + 12 > self.end:
-                raise _Unsure("header ends inside an element")
+                raise HeaderCutShort("header ends inside an element")
             return tag, vr, _U32.unpack_from(self.data, pos + 8)[0], pos + 12
         if vr not in _SHORT_VRS:
-            raise _Unsure("not an explicit VR")
+            raise HeaderUnsure("not an explicit VR")
         return tag, vr, short, pos + 8
 
     def skip_undefined(self, pos: int, implicit: bool) -> int:
@@ -125,10 +138,10 @@ class _Walker:
             if tag == _SEQ_END:
                 return value
             if tag != _ITEM:
-                raise _Unsure("expected an item")
+                raise HeaderUnsure("expected an item")
             pos = value + length if length != _UNDEFINED else self.skip_items_data(value, implicit)
             if pos > self.end:
-                raise _Unsure("header ends inside an item")
+                raise HeaderCutShort("header ends inside an item")
 
     def skip_items_data(self, pos: int, implicit: bool) -> int:
         """Past the Item Delimitation Item of an undefined-length item's data set."""
@@ -142,7 +155,7 @@ class _Walker:
             else:
                 pos = value + length
             if pos > self.end:
-                raise _Unsure("header ends inside an item")
+                raise HeaderCutShort("header ends inside an item")
 
 
 def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
@@ -163,7 +176,7 @@ def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
     elif vr in _TEXT_SINGLE:
         return decode_bytes(raw, encodings, TEXT_VR_DELIMS).rstrip("\x00 ").strip()
     else:
-        raise _Unsure(f"VR {vr} not decoded here")
+        raise HeaderUnsure(f"VR {vr} not decoded here")
     if len(parts) == 1:
         return parts[0].strip()
     return "\\".join(parts)
@@ -185,7 +198,7 @@ def _to_int(raw: bytes, vr: str) -> int | None:
         except ValueError:
             return None
         return int(number) if number.is_integer() else None
-    raise _Unsure(f"VR {vr} not an integer here")
+    raise HeaderUnsure(f"VR {vr} not an integer here")
 
 
 _CACHE: dict[tuple[str, ...], dict[int, tuple[str, str]]] = {}
@@ -236,12 +249,68 @@ def scan_header(
     ints = set(int_keywords)
     try:
         values = _scan(data, implicit, wanted, ints, complete)
-    except (_Unsure, struct.error, UnicodeDecodeError, LookupError):
+    except (HeaderUnsure, struct.error, UnicodeDecodeError, LookupError):
         return None
     pixel = values.pixel_data
     if pixel is not None and pixel.length == _UNDEFINED and tail != _SEQ_END_ITEM:
         return None
     return values
+
+
+def walk_header(
+    data: bytes | memoryview,
+    *,
+    implicit: bool,
+    wanted: Mapping[int, str],
+    refuse: Iterable[int] = (),
+    start: int = 0,
+    complete: bool = False,
+) -> tuple[dict[int, bytes], PixelDataElement | None]:
+    """Raw values of the ``wanted`` top-level tags (tag → dictionary VR), up to Pixel Data.
+
+    Walks Implicit or Explicit VR Little Endian elements from ``start`` (PS3.5 7.1.2,
+    7.1.3), skipping every other element, sequences of defined or undefined length
+    included (PS3.5 7.5), and stops at (7FE0,0010). Offsets are in ``data``.
+
+    Raises
+    ------
+    HeaderCutShort
+        ``data`` ends before Pixel Data and is not ``complete``.
+    HeaderUnsure
+        Tags out of order, a tag in ``refuse``, a wanted tag whose explicit VR differs
+        from the dictionary's, or anything else a pydicom reading should decide.
+    """
+    walker = _Walker(data, implicit)
+    refused = frozenset(refuse)
+    raw: dict[int, bytes] = {}
+    pos, last = start, -1
+    while pos < walker.end:
+        tag, vr, length, value = walker.element(pos, implicit)
+        if tag <= last:
+            raise HeaderUnsure("tags out of order")
+        last = tag
+        if tag == PIXEL_DATA:
+            return raw, PixelDataElement(value, length, vr)
+        if tag > PIXEL_DATA or (tag >> 16) == 0xFFFE or tag in refused:
+            raise HeaderUnsure("unexpected element before Pixel Data")
+        if length == _UNDEFINED:
+            if not implicit and vr not in (b"SQ", b"UN"):
+                raise HeaderUnsure("undefined length outside a sequence")
+            # UN of undefined length holds Implicit VR Little Endian (PS3.5 6.2.2).
+            pos = walker.skip_undefined(value, implicit or vr == b"UN")
+            continue
+        end = value + length
+        if end > walker.end:
+            raise HeaderCutShort("header ends inside a value")
+        dict_vr = wanted.get(tag)
+        if dict_vr is not None:
+            if not implicit and vr.decode("ascii") != dict_vr:
+                raise HeaderUnsure("VR differs from the dictionary")
+            raw[tag] = bytes(data[value:end])
+        pos = end
+    if not complete:
+        raise HeaderCutShort("header continues beyond the bytes at hand")
+    return raw, None
 
 
 def _scan(
@@ -251,38 +320,13 @@ def _scan(
     ints: set[str],
     complete: bool,
 ) -> HeaderValues:
-    walker = _Walker(data, implicit)
-    raw: dict[str, tuple[bytes, str]] = {}
-    pixel: PixelDataElement | None = None
-    pos, last = 0, -1
-    while pos < walker.end:
-        tag, vr, length, value = walker.element(pos, implicit)
-        if tag <= last:
-            raise _Unsure("tags out of order")
-        last = tag
-        if tag == PIXEL_DATA:
-            pixel = PixelDataElement(value, length)
-            break
-        if tag > PIXEL_DATA or (tag >> 16) == 0xFFFE:
-            raise _Unsure("unexpected element before Pixel Data")
-        if length == _UNDEFINED:
-            if not implicit and vr not in (b"SQ", b"UN"):
-                raise _Unsure("undefined length outside a sequence")
-            pos = walker.skip_undefined(value, implicit or vr == b"UN")
-            continue
-        end = value + length
-        if end > walker.end:
-            raise _Unsure("header ends inside a value")
-        entry = wanted.get(tag)
-        if entry is not None:
-            keyword, dict_vr = entry
-            if not implicit and vr.decode("ascii") != dict_vr:
-                raise _Unsure("VR differs from the dictionary")
-            raw[keyword] = (bytes(data[value:end]), dict_vr)
-        pos = end
-    else:
-        if not complete:
-            raise _Unsure("header continues beyond the bytes at hand")
+    found, pixel = walk_header(
+        data,
+        implicit=implicit,
+        wanted={tag: vr for tag, (_keyword, vr) in wanted.items()},
+        complete=complete,
+    )
+    raw = {wanted[tag][0]: (value, wanted[tag][1]) for tag, value in found.items()}
     charset = raw.pop("SpecificCharacterSet", None)
     text: dict[str, str] = {}
     if charset is not None:

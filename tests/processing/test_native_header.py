@@ -128,13 +128,6 @@ def test_agrees_on_awkward_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not isinstance(as_is, tuple)  # read, not refused
 
 
-def _splice_after_meta(path: str, element: bytes) -> None:
-    raw = Path(path).read_bytes()
-    (meta_len,) = struct.unpack_from("<I", raw, 140)  # (0002,0000) UL value
-    start = 144 + meta_len
-    Path(path).write_bytes(raw[:start] + element + raw[start:])
-
-
 def test_un_of_undefined_length_holds_implicit_vr(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """PS3.5 6.2.2: an undefined-length UN is an implicit VR sequence."""
@@ -147,7 +140,10 @@ def test_un_of_undefined_length_holds_implicit_vr(tmp_path: Path,
         + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
         + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
     )
-    _splice_after_meta(path, element)
+    # In tag order (PS3.5 7.1: ascending), before Patient's Name (0010,0010).
+    raw = Path(path).read_bytes()
+    at = raw.index(struct.pack("<HH2s", 0x0010, 0x0010, b"PN"))
+    Path(path).write_bytes(raw[:at] + element + raw[at:])
     assert read_native_header(path) is not None
     as_is, reference = _both(path, monkeypatch)
     assert as_is == reference and not isinstance(as_is, tuple)
