@@ -47,10 +47,13 @@ def run_receiver(
     settings: Settings,
     stop: threading.Event | None = None,
     started: dict[str, object] | None = None,
+    *,
+    siblings: int = 1,
 ) -> None:
     """Serve DICOM on ``listener`` in this process until ``stop`` (or forever).
 
-    ``started`` (for tests) receives the service once the receiver accepts connections.
+    ``started`` (for tests) receives the service once the receiver accepts connections;
+    ``siblings`` is how many receiver processes share ``listener``.
     """
     index = build_index(settings, migrate=False)
     service = build_ingest(
@@ -72,6 +75,7 @@ def run_receiver(
         service,
         extra_contexts=extra_contexts,
         extra_handlers=extra_handlers,
+        share_accepts=siblings > 1,
     )
     thread = receiver.start(listener)
     if started is not None:
@@ -135,11 +139,11 @@ def _other_dicom_services(
     return presentation_contexts(), evt_handlers
 
 
-def _child_main(listener: socket.socket, settings: Settings) -> None:
+def _child_main(listener: socket.socket, settings: Settings, siblings: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     configure(settings.log.level, json_format=settings.log.json_format)
-    run_receiver(listener, settings)
+    run_receiver(listener, settings, siblings=siblings)
 
 
 class DicomProcesses:
@@ -179,7 +183,7 @@ class DicomProcesses:
     def _spawn(self) -> BaseProcess:
         proc = self._ctx.Process(
             target=_child_main,
-            args=(self.listener, self.settings),
+            args=(self.listener, self.settings, self.count),
             name="pacslab-dicom",
             daemon=True,
         )

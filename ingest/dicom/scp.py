@@ -107,6 +107,9 @@ class DicomReceiver:
     extra_contexts, extra_handlers
         Presentation contexts and pynetdicom event handlers of other services that
         share this AE and port (worklist C-FIND, MPPS), served by pynetdicom.
+    share_accepts
+        Other receiver processes accept on the same socket: a busy one lets them go
+        first.
 
     Durability (fsync) is the archive's business, not the transport's.
     """
@@ -118,8 +121,10 @@ class DicomReceiver:
         *,
         extra_contexts: Sequence[PresentationContext] = (),
         extra_handlers: Sequence[tuple[Any, ...]] = (),
+        share_accepts: bool = False,
     ) -> None:
         self.settings = settings
+        self.share_accepts = share_accepts
         self.service = service
         contexts = [*storage_contexts(), build_context(Verification, TRANSFER_SYNTAXES[:2])]
         self.policy = AssociationPolicy(
@@ -187,7 +192,8 @@ class DicomReceiver:
         """Accept connections until :meth:`stop` (blocking)."""
         # Non-blocking accept after our own poll: every receiver process sharing the
         # socket wakes for a new connection, and one already serving associations
-        # waits a moment before taking it, so an idle process gets it first. Left to
+        # (``share_accepts``: there are other processes) waits a moment before taking
+        # it, so an idle process gets it first. Left to
         # the kernel, four parallel associations were split 3:1 between two processes
         # as often as 2:2, and the busier process (one GIL) set the pace.
         listener.setblocking(False)
@@ -196,7 +202,7 @@ class DicomReceiver:
         while not self._stop.is_set():
             if not poller.poll(500):  # ms; so stop() is noticed
                 continue
-            busy = self._connections
+            busy = self._connections if self.share_accepts else 0
             if busy:
                 time.sleep(0.01 * min(busy, 5))
             try:
