@@ -77,9 +77,9 @@ class Stats:
         with self.lock:
             self.latencies.setdefault(kind, []).append(seconds)
 
-    def count(self, kind: str) -> None:
+    def count(self, kind: str, n: int = 1) -> None:
         with self.lock:
-            self.counts[kind] += 1
+            self.counts[kind] += n
 
 
 _SENDING = re.compile(r"I: Sending file: (.+)$")
@@ -139,11 +139,14 @@ def _worklist(port: int, stats: Stats, stop: threading.Event) -> None:
                 assoc.release()
             return
         try:
-            for status, _ in assoc.send_c_find(query, ModalityWorklistInformationFind):
+            matches = 0
+            for status, identifier in assoc.send_c_find(query, ModalityWorklistInformationFind):
                 if status is None or status.Status not in (0xFF00, 0xFF01):
                     break
+                matches += identifier is not None
             stats.add("c-find", time.perf_counter() - started)
             stats.count("c-find")
+            stats.count("c-find matches", matches)
         finally:
             assoc.release()
 
@@ -254,6 +257,33 @@ def _memory(pid: int, stop: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], total)
 
 
+def _service_request(n: int) -> dict[str, Any]:
+    """A FHIR R4 ServiceRequest with its Patient, as the record system places one
+    (issue #4): half CT on CT1, half MR on MR1."""
+    modality, station = ("CT", "CT1") if n % 2 == 0 else ("MR", "MR1")
+    return {
+        "resourceType": "ServiceRequest",
+        "contained": [{
+            "resourceType": "Patient", "id": "p",
+            "identifier": [{"system": "urn:oid:1.2.3.4", "value": f"LOAD{n:05d}"}],
+            "name": [{"family": "NGUYỄN", "given": ["VĂN", f"LOAD{n}"]}],
+            "gender": "male", "birthDate": "1980-01-02",
+        }],
+        "identifier": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                 "code": "PLAC"}]},
+            "system": "urn:his", "value": f"LOAD-{n:05d}",
+        }],
+        "status": "active", "intent": "order",
+        "code": {"text": f"{modality} load test"},
+        "orderDetail": [{"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
+                                     "code": modality}]}],
+        "locationCode": [{"coding": [{"system": "urn:pacslab:ae-title", "code": station}]}],
+        "subject": {"reference": "#p"},
+        "occurrenceDateTime": "2026-11-25T09:30:00+07:00",
+    }
+
+
 def _token(env: dict[str, str], *scopes: str) -> str:
     """A bearer token from the service's embedded issuer, as an operator gets one."""
     out = subprocess.run([sys.executable, "-m", "pacslab", "token", "--subject", "load-test",
@@ -286,6 +316,7 @@ def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
     seconds = LOAD_SECONDS if measuring else 5.0
     viewers = 20 if measuring else 2
     series_per_modality, slices, size = (20, 40, 128) if measuring else (2, 8, 32)
+    orders = 200 if measuring else 10
     if shutil.which("storescu") is None:
         pytest.skip("DCMTK storescu not installed")
     from pydicom import dcmread
@@ -331,6 +362,13 @@ def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
         viewer_token = _token(env, "imaging.read")
         monitor_token = _token(env, "admin")
         _send_and_convert(dicom_port, seed, base, viewer_token)
+        # Orders for the worklist to answer from (FHIR, as the record system places them).
+        orders_token = _token(env, "orders.write")
+        with httpx.Client(base_url=base, timeout=30,
+                          headers={"Authorization": f"Bearer {orders_token}"}) as http:
+            for n in range(orders):
+                r = http.post("/fhir/ServiceRequest", json=_service_request(n))
+                assert r.status_code == 201, r.text
 
         stats = Stats()
         stop = threading.Event()
@@ -423,6 +461,8 @@ def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
     assert stores > 0 and stats.counts["http ok"] > 0
     assert tiles > 0 and stats.counts["lab processed"] > 0
     assert stats.counts["http error"] == 0, dict(stats.counts)
+    if stats.counts["c-find"]:  # every query answers the CT half of the seeded orders
+        assert stats.counts["c-find matches"] == stats.counts["c-find"] * (orders // 2)
     assert stats.counts["lab file not filed within 30 s"] == 0
     assert lost == [], f"{len(lost)} acknowledged instances not in the index"
     assert lab_lost == [], f"lab files filed without their results: {lab_lost}"
