@@ -47,6 +47,7 @@ import pytest
 from benchmarks.support import record
 from core.synthetic import write_ct_series
 from tests.labs._analyzer import drop, drops
+from tests.worklist.order_requests import service_request
 
 pytestmark = pytest.mark.network
 
@@ -257,33 +258,6 @@ def _memory(pid: int, stop: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], total)
 
 
-def _service_request(n: int) -> dict[str, Any]:
-    """A FHIR R4 ServiceRequest with its Patient, as the record system places one
-    (issue #4): half CT on CT1, half MR on MR1."""
-    modality, station = ("CT", "CT1") if n % 2 == 0 else ("MR", "MR1")
-    return {
-        "resourceType": "ServiceRequest",
-        "contained": [{
-            "resourceType": "Patient", "id": "p",
-            "identifier": [{"system": "urn:oid:1.2.3.4", "value": f"LOAD{n:05d}"}],
-            "name": [{"family": "NGUYỄN", "given": ["VĂN", f"LOAD{n}"]}],
-            "gender": "male", "birthDate": "1980-01-02",
-        }],
-        "identifier": [{
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                 "code": "PLAC"}]},
-            "system": "urn:his", "value": f"LOAD-{n:05d}",
-        }],
-        "status": "active", "intent": "order",
-        "code": {"text": f"{modality} load test"},
-        "orderDetail": [{"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
-                                     "code": modality}]}],
-        "locationCode": [{"coding": [{"system": "urn:pacslab:ae-title", "code": station}]}],
-        "subject": {"reference": "#p"},
-        "occurrenceDateTime": "2026-11-25T09:30:00+07:00",
-    }
-
-
 def _token(env: dict[str, str], *scopes: str) -> str:
     """A bearer token from the service's embedded issuer, as an operator gets one."""
     out = subprocess.run([sys.executable, "-m", "pacslab", "token", "--subject", "load-test",
@@ -367,7 +341,11 @@ def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
         with httpx.Client(base_url=base, timeout=30,
                           headers={"Authorization": f"Bearer {orders_token}"}) as http:
             for n in range(orders):
-                r = http.post("/fhir/ServiceRequest", json=_service_request(n))
+                # half CT on CT1, half MR on MR1
+                modality = ("CT", "MR")[n % 2]
+                order = service_request(f"LOAD-{n:05d}", patient_id=f"LOAD{n:05d}",
+                                        modality=modality, station=f"{modality}1")
+                r = http.post("/fhir/ServiceRequest", json=order)
                 assert r.status_code == 201, r.text
 
         stats = Stats()

@@ -25,7 +25,9 @@ from api.routes.audit import audit_event
 from core.audit import ChainedEntry, patient_key
 from tests.support import Receiver
 from tests.worklist.dcmtk import HAVE_DCMTK, findscu, write_query
-from tests.worklist.test_orders_e2e import _mwl_query, _service_request
+from tests.worklist.mpps_requests import create_dataset
+from tests.worklist.order_requests import mwl_query, service_request
+from worklist.mpps import StepRef
 
 pytestmark = [
     pytest.mark.network,
@@ -52,7 +54,7 @@ def _no_phi(entry: ChainedEntry) -> None:
 def _order(receiver: Receiver) -> None:
     pytest.importorskip("fhir.resources.R4B.servicerequest")
     with TestClient(create_app(receiver.settings)) as client:
-        r = client.post("/fhir/ServiceRequest", json=_service_request(PLACER))
+        r = client.post("/fhir/ServiceRequest", json=service_request(PLACER))
         assert r.status_code == 201, r.text
 
 
@@ -67,17 +69,17 @@ def test_worklist_query_is_logged(receiver: Receiver, tmp_path: Path) -> None:
     _order(receiver)
     secret: bytes = receiver.service.patient_secret  # type: ignore[attr-defined]
     # One query naming the patient (one match), one for a station with no work.
-    named = write_query(_mwl_query(PatientID=PATIENT_ID), tmp_path / "named.dcm")
+    named = write_query(mwl_query(PatientID=PATIENT_ID), tmp_path / "named.dcm")
     found = findscu(receiver.port, named, tmp_path / "rsp1")
     assert found.returncode == 0, found.stderr
     assert [r.PatientID for r in found.responses] == [PATIENT_ID]
-    empty_q = _mwl_query()
+    empty_q = mwl_query()
     empty_q.ScheduledProcedureStepSequence[0].ScheduledStationAETitle = "NOWHERE"
     empty = findscu(receiver.port, write_query(empty_q, tmp_path / "empty.dcm"), tmp_path / "r2")
     assert empty.returncode == 0 and empty.responses == []
 
     # A wildcard Patient ID names no one patient: no patient reference.
-    wild = write_query(_mwl_query(PatientID=PATIENT_ID[:5] + "*"), tmp_path / "wild.dcm")
+    wild = write_query(mwl_query(PatientID=PATIENT_ID[:5] + "*"), tmp_path / "wild.dcm")
     assert len(findscu(receiver.port, wild, tmp_path / "r3").responses) == 1
 
     first, second, third = _entries(receiver, "dicom.c-find")
@@ -103,27 +105,16 @@ def test_worklist_query_is_logged(receiver: Receiver, tmp_path: Path) -> None:
 def test_mpps_create_and_set_are_logged(receiver: Receiver, tmp_path: Path) -> None:
     _order(receiver)
     secret: bytes = receiver.service.patient_secret  # type: ignore[attr-defined]
-    found = findscu(receiver.port, write_query(_mwl_query(), tmp_path / "q.dcm"), tmp_path / "r")
+    found = findscu(receiver.port, write_query(mwl_query(), tmp_path / "q.dcm"), tmp_path / "r")
     (item,) = found.responses
     sps = item.ScheduledProcedureStepSequence[0]
 
     uid = str(generate_uid())
-    create = Dataset()
-    create.SpecificCharacterSet = "ISO_IR 192"
-    create.PerformedProcedureStepStatus = "IN PROGRESS"
-    create.PatientName = item.PatientName
-    create.PatientID = item.PatientID
-    create.Modality = "CT"
-    create.PerformedStationAETitle = "CT1"
-    create.PerformedProcedureStepStartDate = "20261125"
-    create.PerformedProcedureStepStartTime = "093500"
-    ssa = Dataset()
-    ssa.AccessionNumber = item.AccessionNumber
-    ssa.RequestedProcedureID = item.RequestedProcedureID
-    ssa.ScheduledProcedureStepID = sps.ScheduledProcedureStepID
-    ssa.StudyInstanceUID = item.StudyInstanceUID
-    create.ScheduledStepAttributesSequence = [ssa]
-    create.PerformedSeriesSequence = []
+    ref = StepRef(item.AccessionNumber, item.RequestedProcedureID,
+                  sps.ScheduledProcedureStepID, item.StudyInstanceUID)
+    create = create_dataset(
+        ref, patient_name=item.PatientName, patient_id=item.PatientID, start_time="093500"
+    )
     done = Dataset()  # an N-SET carries no Patient ID: the log must still name the patient
     done.PerformedProcedureStepStatus = "COMPLETED"
     done.PerformedProcedureStepEndDate = "20261125"

@@ -10,24 +10,39 @@ UID = "1.2.826.0.1.3680043.10.1234.99.1"
 REF = StepRef("A1", "RPA1", "SPSA1", "1.2.826.0.1.3680043.10.1234.1")
 
 
-def n_create(status: str = "IN PROGRESS") -> Create:
+def create_dataset(
+    ref: StepRef,
+    *,
+    patient_name: object,
+    patient_id: object,
+    status: str = "IN PROGRESS",
+    start_time: str = "090500",
+) -> Dataset:
+    """An MPPS N-CREATE attribute list on CT1 reporting on the scheduled step ``ref``
+    (PS3.4 F.7.2.1)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PerformedProcedureStepStatus = status
-    ds.PatientName = "NGUYỄN^VĂN AN"
-    ds.PatientID = "PA1"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
     ds.Modality = "CT"
     ds.PerformedStationAETitle = "CT1"
     ds.PerformedProcedureStepStartDate = "20261125"
-    ds.PerformedProcedureStepStartTime = "090500"
+    ds.PerformedProcedureStepStartTime = start_time
     ssa = Dataset()
-    ssa.AccessionNumber = REF.accession_number
-    ssa.RequestedProcedureID = REF.requested_procedure_id
-    ssa.ScheduledProcedureStepID = REF.scheduled_procedure_step_id
-    ssa.StudyInstanceUID = REF.study_instance_uid
+    ssa.AccessionNumber = ref.accession_number
+    ssa.RequestedProcedureID = ref.requested_procedure_id
+    ssa.ScheduledProcedureStepID = ref.scheduled_procedure_step_id
+    ssa.StudyInstanceUID = ref.study_instance_uid
     ds.ScheduledStepAttributesSequence = [ssa]
     ds.PerformedSeriesSequence = []
-    return Create(UID, ds)
+    return ds
+
+
+def n_create(status: str = "IN PROGRESS") -> Create:
+    return Create(
+        UID, create_dataset(REF, patient_name="NGUYỄN^VĂN AN", patient_id="PA1", status=status)
+    )
 
 
 def n_set(

@@ -8,7 +8,6 @@ and with ``TCP_NODELAY=1``.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,68 +24,15 @@ from pacslab.wiring import build_order_service
 from pacslab.worker_process import build_worker
 from tests.support import Receiver, run_dcmtk
 from tests.worklist.dcmtk import HAVE_DCMTK, findscu, write_query
+from tests.worklist.mpps_requests import create_dataset
+from tests.worklist.order_requests import mwl_query, service_request
+from worklist.mpps import StepRef
 
 pytestmark = [
     pytest.mark.network,
     pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK not installed"),
     pytest.mark.filterwarnings("ignore:Invalid value for VR"),
 ]
-
-START = datetime(2026, 11, 25, 9, 30)
-V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
-
-
-def _service_request(placer: str, family: str = "NGUYỄN") -> dict[str, Any]:
-    return {
-        "resourceType": "ServiceRequest",
-        "contained": [
-            {
-                "resourceType": "Patient",
-                "id": "p",
-                "identifier": [{"system": "urn:oid:1.2.3.4", "value": f"PID-{placer}"}],
-                "name": [{"family": family, "given": ["VĂN AN"]}],
-                "gender": "male",
-                "birthDate": "1980-01-02",
-            }
-        ],
-        "identifier": [
-            {"type": {"coding": [{"system": V2_0203, "code": "PLAC"}]}, "value": placer}
-        ],
-        "status": "active",
-        "intent": "order",
-        "code": {
-            "coding": [{"system": "http://loinc.org", "code": "24627-2", "display": "CT Chest"}]
-        },
-        "orderDetail": [
-            {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}]}
-        ],
-        "locationCode": [{"coding": [{"system": "urn:pacslab:ae-title", "code": "CT1"}]}],
-        "subject": {"reference": "#p"},
-        "occurrenceDateTime": START.astimezone().isoformat(),
-    }
-
-
-def _mwl_query(**top: str) -> Dataset:
-    q = Dataset()
-    q.SpecificCharacterSet = "ISO_IR 192"
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "AccessionNumber",
-        "RequestedProcedureID",
-        "StudyInstanceUID",
-    ):
-        setattr(q, keyword, top.get(keyword, ""))
-    sps = Dataset()
-    sps.ScheduledStationAETitle = "CT1"
-    sps.ScheduledProcedureStepStartDate = "20261125"
-    for keyword in ("ScheduledProcedureStepStartTime", "Modality", "ScheduledProcedureStepID"):
-        setattr(sps, keyword, "")
-    q.ScheduledProcedureStepSequence = [sps]
-    return q
-
 
 def _run_jobs(receiver: Receiver) -> None:
     worker = build_worker(receiver.settings)
@@ -112,7 +58,7 @@ def test_order_to_completed_study(receiver: Receiver, tmp_path: Path, nodelay: b
     env = {"TCP_NODELAY": "1"} if nodelay else {}
     with TestClient(create_app(receiver.settings)) as client:
         # 1. The record system places the order.
-        r = client.post("/fhir/ServiceRequest", json=_service_request("E2E-1"))
+        r = client.post("/fhir/ServiceRequest", json=service_request("E2E-1"))
         assert r.status_code == 201, r.text
         order = r.json()
         ids = {
@@ -122,7 +68,7 @@ def test_order_to_completed_study(receiver: Receiver, tmp_path: Path, nodelay: b
         accession, study_uid = ids["ACSN"], ids[None].removeprefix("urn:oid:")
 
         # 2. The modality queries the worklist (DCMTK findscu -W, the real receiver).
-        query = write_query(_mwl_query(), tmp_path / "q.dcm")
+        query = write_query(mwl_query(), tmp_path / "q.dcm")
         found = findscu(receiver.port, query, tmp_path / "rsp", env=env)
         assert found.returncode == 0, found.stderr
         (item,) = found.responses
@@ -132,28 +78,16 @@ def test_order_to_completed_study(receiver: Receiver, tmp_path: Path, nodelay: b
         sps = item.ScheduledProcedureStepSequence[0]
         assert (sps.Modality, sps.ScheduledProcedureStepStartTime) == ("CT", "093000")
         # Accent-insensitive PN wildcard (PS3.4 C.2.2.2.1.1 option), as typed at a console.
-        wild = write_query(_mwl_query(PatientName="NGUYEN*"), tmp_path / "q2.dcm")
+        wild = write_query(mwl_query(PatientName="NGUYEN*"), tmp_path / "q2.dcm")
         assert len(findscu(receiver.port, wild, tmp_path / "rsp2", env=env).responses) == 1
 
         # 3. MPPS N-CREATE IN PROGRESS, referencing the worklist entry.
         mpps_uid = str(generate_uid())
         series_uid = str(generate_uid())
-        create = Dataset()
-        create.SpecificCharacterSet = "ISO_IR 192"
-        create.PerformedProcedureStepStatus = "IN PROGRESS"
-        create.PatientName = item.PatientName
-        create.PatientID = item.PatientID
-        create.Modality = "CT"
-        create.PerformedStationAETitle = "CT1"
-        create.PerformedProcedureStepStartDate = "20261125"
-        create.PerformedProcedureStepStartTime = "093500"
-        ssa = Dataset()
-        ssa.AccessionNumber = accession
-        ssa.RequestedProcedureID = item.RequestedProcedureID
-        ssa.ScheduledProcedureStepID = sps.ScheduledProcedureStepID
-        ssa.StudyInstanceUID = study_uid
-        create.ScheduledStepAttributesSequence = [ssa]
-        create.PerformedSeriesSequence = []
+        ref = StepRef(accession, item.RequestedProcedureID, sps.ScheduledProcedureStepID, study_uid)
+        create = create_dataset(
+            ref, patient_name=item.PatientName, patient_id=item.PatientID, start_time="093500"
+        )
         assoc = _mpps_assoc(receiver.port)
         status, _ = assoc.send_n_create(create, ModalityPerformedProcedureStep, mpps_uid)
         assert status.Status == 0x0000
@@ -244,7 +178,7 @@ def test_order_to_completed_study(receiver: Receiver, tmp_path: Path, nodelay: b
         _run_jobs(receiver)
         unmatched = client.get("/orders/unmatched").json()
         assert [u["study_instance_uid"] for u in unmatched] == [stray_uid]
-        other = client.post("/fhir/ServiceRequest", json=_service_request("E2E-2", "TRẦN"))
+        other = client.post("/fhir/ServiceRequest", json=service_request("E2E-2", "TRẦN"))
         r = client.post(f"/orders/unmatched/{stray_uid}/link", json={"order": other.json()["id"]})
         assert r.status_code == 200 and r.json()["matched_by"] == "manual"
         assert client.get("/orders/unmatched").json() == []
