@@ -24,6 +24,7 @@ from core.settings import IndexSettings
 from storage.index.orders import SqlMppsRepository, SqlOrderStore, SqlWorklistSource
 from storage.index.sql import SqlIndex
 from tests.worklist.mpps_requests import n_create, n_set
+from tests.worklist.order_requests import place_items
 from worklist.memory import InMemoryMppsRepository, InMemoryWorklist
 from worklist.model import SpsStatus, WorklistItem, make_item
 from worklist.mpps import apply, restore_step
@@ -163,15 +164,7 @@ def _sql_source(index: SqlIndex) -> SourceFactory:
     store = SqlOrderStore(index)
 
     def make(items: Sequence[WorklistItem]) -> WorklistSource:
-        for n, item in enumerate(items):
-            store.create(
-                public_id=f"order-{n}",
-                placer=f"PL{n}",
-                filler="",
-                source="test",
-                build=lambda _pk, item=item: item,
-                status=lambda it: derive_status(it.steps),
-            )
+        place_items(store, items, source="test")
         return SqlWorklistSource(index)
 
     return make

@@ -172,23 +172,15 @@ def run_process(cmd: list[str], env: dict[str, str], port: int) -> Iterator[int]
 
 def fill_index(items: list[WorklistItem], url: str) -> None:
     """Place ``items`` as orders in the index at ``url`` (migrated to head)."""
-    from core.orders import derive_status
     from core.settings import IndexSettings
     from storage.index.orders import SqlOrderStore
     from storage.index.sql import SqlIndex
+    from tests.worklist.order_requests import place_items
 
     index = SqlIndex(IndexSettings(url=url, migrate=True))
     try:
         store = SqlOrderStore(index)
-        for n, item in enumerate(items):
-            store.create(
-                public_id=f"order-{n}",
-                placer=f"PL{n}",
-                filler="",
-                source="fixture",
-                build=lambda _pk, item=item: item,
-                status=lambda it: derive_status(it.steps),
-            )
+        place_items(store, items, source="fixture")
     finally:
         index.close()
 

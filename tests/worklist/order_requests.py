@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
+
+from core.orders import derive_status
+from storage.index.orders import SqlOrderStore
+from worklist.model import WorklistItem
 
 START = datetime(2026, 11, 25, 9, 30)
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
@@ -73,3 +78,16 @@ def mwl_query(**top: str) -> Dataset:
         setattr(sps, keyword, "")
     q.ScheduledProcedureStepSequence = [sps]
     return q
+
+
+def place_items(store: SqlOrderStore, items: Iterable[WorklistItem], *, source: str) -> None:
+    """Store worklist items as orders ``order-<n>`` / placer ``PL<n>``, as given."""
+    for n, item in enumerate(items):
+        store.create(
+            public_id=f"order-{n}",
+            placer=f"PL{n}",
+            filler="",
+            source=source,
+            build=lambda _pk, item=item: item,
+            status=lambda it: derive_status(it.steps),
+        )

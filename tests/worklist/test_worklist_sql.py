@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
-from core.orders import derive_status
 from core.settings import IndexSettings
 from storage.index.orders import SqlOrderStore, SqlWorklistSource
 from storage.index.sql import SqlIndex
+from tests.worklist.order_requests import place_items
 from worklist.memory import InMemoryWorklist
 from worklist.model import OFFERED, SpsStatus, WorklistItem, make_item
 from worklist.ports import WorklistSource
@@ -83,15 +83,7 @@ def sql_source(
         url = create_database(server if isinstance(server, str) else server.url())
     index = SqlIndex(IndexSettings(url=url))
     store = SqlOrderStore(index)
-    for n, item in enumerate(ITEMS):
-        store.create(
-            public_id=f"order-{n}",
-            placer=f"PL{n}",
-            filler="",
-            source="test",
-            build=lambda _pk, item=item: item,
-            status=lambda it: derive_status(it.steps),
-        )
+    place_items(store, ITEMS, source="test")
     yield SqlWorklistSource(index)
     index.close()
 
