@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 
@@ -108,12 +107,11 @@ def _wanted(keywords: Iterable[str]) -> dict[int, tuple[str, str]]:
 class _Walker:
     """A cursor over little-endian encoded elements (PS3.5 7.1.2 / 7.1.3)."""
 
-    __slots__ = ("data", "end", "implicit")
+    __slots__ = ("data", "end")
 
-    def __init__(self, data: bytes | memoryview, implicit: bool) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
         self.end = len(data)
-        self.implicit = implicit
 
     def element(self, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
         """(tag, VR, length, value offset) of the element at ``pos``."""
@@ -280,7 +278,7 @@ def walk_header(
         Tags out of order, a tag in ``refuse``, a wanted tag whose explicit VR differs
         from the dictionary's, or anything else a pydicom reading should decide.
     """
-    walker = _Walker(data, implicit)
+    walker = _Walker(data)
     refused = frozenset(refuse)
     raw: dict[int, bytes] = {}
     pos, last = start, -1

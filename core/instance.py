@@ -25,7 +25,6 @@ __all__ = [
     "DatasetValues",
     "HeaderSource",
     "InstanceRecord",
-    "instance_record",
     "metadata_json",
     "record_from",
 ]
@@ -157,22 +156,6 @@ INT_KEYWORDS = (
     "SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
     "SamplesPerPixel",
 )  # fmt: skip
-
-
-def instance_record(
-    ds: Dataset,
-    *,
-    transfer_syntax_uid: str,
-    expected_sop_class_uid: str | None = None,
-    expected_sop_instance_uid: str | None = None,
-) -> InstanceRecord:
-    """Read an :class:`InstanceRecord` from a pydicom dataset (see :func:`record_from`)."""
-    return record_from(
-        DatasetValues(ds),
-        transfer_syntax_uid=transfer_syntax_uid,
-        expected_sop_class_uid=expected_sop_class_uid,
-        expected_sop_instance_uid=expected_sop_instance_uid,
-    )
 
 
 def record_from(

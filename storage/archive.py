@@ -297,11 +297,12 @@ class Archive:
         try:
             with staged.path.open("rb") as fp:
                 ds = dcmread(fp, defer_size=1024)
-                rec = record(DatasetValues(ds))
+                src = DatasetValues(ds)
+                rec = record(src)
                 # The raw element (not converted, value deferred) has the encoded length.
                 raw = ds._dict.get(_PIXEL_DATA)
                 check_pixel_data(
-                    DatasetValues(ds),
+                    src,
                     getattr(raw, "length", None),
                     getattr(raw, "value_tell", None),
                     staged.transfer_syntax_uid,

@@ -166,7 +166,7 @@ class DicomReceiver:
         _config.PASS_CONTEXTVARS = True
         # We accept data sets as received: value validation on read only produces
         # warnings (pydicom's default WARN mode) and its regexes cost more than the
-        # rest of header parsing. Refusals are decided by instance_record().
+        # rest of header parsing. Refusals are decided by core.instance.record_from().
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         # pynetdicom's chunked receive writes to tempfile's directory: keep it on the
         # same file system as the originals.
