@@ -9,6 +9,7 @@ service never leaves a receiver holding the port.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -77,6 +78,13 @@ def run_receiver(
         extra_handlers=extra_handlers,
         share_accepts=siblings > 1,
     )
+    # Everything built so far (pydicom's dictionaries, pynetdicom, SQLAlchemy's tables
+    # and compiled statements) lives as long as the process: out of the cyclic
+    # collector's reach, a full collection no longer walks it. Measured here, the
+    # first full collection in each receiver took ~90 ms of CPU, a tenth of a
+    # 500-instance transfer's CPU (CPython's documented use of gc.freeze()).
+    gc.collect()
+    gc.freeze()
     thread = receiver.start(listener)
     if started is not None:
         started["service"] = service
