@@ -25,6 +25,7 @@ from core.settings import IndexSettings
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
 from storage.index import sqlite as _sqlite
+from storage.index.direct import DirectStatement
 from storage.index.queries import Query, count_query, find_query, metadata_query
 from storage.index.schema import instances, jobs, patients, series, studies
 
@@ -117,6 +118,28 @@ def _series_values(rec: Any, study_pk: int, now: datetime) -> dict[str, Any]:
         "pps_start_time": rec.performed_procedure_step_start_time[:16],
         "updated_at": now,
     }
+
+
+_INSTANCE_KEYS = [
+    "sop_instance_uid",
+    "series_pk",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "instance_number",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "bits_allocated",
+    "photometric_interpretation",
+    "blob_key",
+    "size",
+    "version",
+    "is_current",
+    "calling_ae",
+    "received_at",
+    "metadata_json",
+]
+_NEW_JOB_KEYS = ["kind", "target", "status", "correlation_id", "created_at", "updated_at"]
 
 
 def _instance_values(item: NewInstance, series_pk: int, version: int) -> dict[str, Any]:
@@ -245,9 +268,19 @@ class SqlIndex:
         self._existing = existing.where(
             instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
         )
-        # Most group commits hold one or two instances: an expanding IN is rendered
-        # anew on every execution, an equality is compiled once.
-        self._existing_one = existing.where(instances.c.sop_instance_uid == bindparam("uid"))
+        # The statements every stored instance runs go straight to the driver (see
+        # storage/index/direct.py). Most group commits hold one or two instances: an
+        # expanding IN is rendered anew on every execution, an equality once.
+        dialect = self.engine.dialect
+        self._existing_one = DirectStatement(
+            existing.where(instances.c.sop_instance_uid == bindparam("uid")), dialect
+        )
+        self._insert_instance = DirectStatement(
+            instances.insert().values({k: bindparam(k) for k in _INSTANCE_KEYS}), dialect
+        )
+        self._insert_job = DirectStatement(
+            jobs.insert().values({k: bindparam(k) for k in _NEW_JOB_KEYS}), dialect
+        )
 
     def _add(
         self, conn: Connection, items: Sequence[NewInstance]
@@ -280,13 +313,13 @@ class SqlIndex:
             series_pk[uid] = pk
         uids = list({i.record.sop_instance_uid for i in items})
         existing: dict[str, list[tuple[str, int]]] = {}
-        found = (
-            [r for uid in uids for r in conn.execute(self._existing_one, {"uid": uid})]
+        found: list[Any] = (
+            [r for uid in uids for r in self._existing_one.execute(conn, [{"uid": uid}])]
             if len(uids) <= 4
-            else conn.execute(self._existing, {"uids": uids}).all()
+            else [tuple(r) for r in conn.execute(self._existing, {"uids": uids})]
         )
-        for row in found:
-            existing.setdefault(row.sop_instance_uid, []).append((row.blob_key, row.version))
+        for sop_instance_uid, blob_key, version in found:
+            existing.setdefault(sop_instance_uid, []).append((blob_key, int(version)))
 
         outcomes: list[AddOutcome] = []
         rows: list[dict[str, Any]] = []
@@ -324,8 +357,8 @@ class SqlIndex:
                 .values(is_current=False)
             )
         if rows:
-            conn.execute(instances.insert(), rows)
-            conn.execute(jobs.insert(), job_rows)
+            self._insert_instance.execute(conn, rows)
+            self._insert_job.execute(conn, job_rows)
         # The caller caches series_pk only once the transaction committed.
         return outcomes, series_pk
 
