@@ -196,6 +196,16 @@ class SqlIndex:
             settings.url, busy_timeout_s=settings.busy_timeout_s
         )
         self._write_lock = dialect.write_lock(settings.url)
+        # Instances are indexed on connections that leave the WAL flush to
+        # ``add_instances``, after the write lock is released (see storage/index/sqlite.py).
+        self._wal = _sqlite.wal_path(settings.url) if self.is_sqlite else None
+        self._ingest_engine = (
+            _sqlite.make_engine(
+                settings.url, busy_timeout_s=settings.busy_timeout_s, synchronous="NORMAL"
+            )
+            if self._wal
+            else self.engine
+        )
         self._series_cache: dict[str, int] = {}
         self._prepare_statements()
         if settings.migrate:
@@ -204,10 +214,10 @@ class SqlIndex:
             upgrade(self.engine)
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, engine: Engine | None = None) -> Iterator[Connection]:
         """A write transaction, queued behind other writers (see ``sqlite.WriteLock``)."""
         held = self._write_lock.held() if self._write_lock else contextlib.nullcontext()
-        with held, self.engine.begin() as conn:
+        with held, (engine or self.engine).begin() as conn:
             yield conn
 
     def write(self) -> contextlib.AbstractContextManager[Connection]:
@@ -221,7 +231,7 @@ class SqlIndex:
             return []
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                with self._write() as conn:
+                with self._write(self._ingest_engine) as conn:
                     outcomes, added = self._add(conn, items)
                 break
             except (OperationalError, DBAPIError) as exc:
@@ -235,6 +245,14 @@ class SqlIndex:
                     "index write failed: %s", type(exc.orig).__name__ if exc.orig else exc
                 )
                 raise OutOfResourcesError("index unavailable") from exc
+        if self._wal:
+            try:
+                _sqlite.sync_wal(self._wal)
+            except OSError as exc:
+                # Committed but not known durable: the sender is not told "stored" and
+                # sends again, which finds the same bytes already indexed.
+                logger.error("index WAL flush failed: %s", exc.strerror)
+                raise OutOfResourcesError("index not durable") from exc
         if len(self._series_cache) > 10_000:
             self._series_cache.clear()
         self._series_cache.update(added)
@@ -713,4 +731,6 @@ class SqlIndex:
             return False
 
     def close(self) -> None:
+        if self._ingest_engine is not self.engine:
+            self._ingest_engine.dispose()
         self.engine.dispose()
