@@ -7,7 +7,10 @@ visible. One poison input fails alone and never blocks the queue. Jobs left
 ``running`` by a worker that died are requeued when a worker with the same name
 starts again, or by any running worker once their lease has expired (checked every
 ``lease_s / 4`` while it runs, not only at its start: a worker on another machine that
-never comes back must not leave its jobs ``running`` forever).
+never comes back must not leave its jobs ``running`` forever). A living worker renews
+the lease of every job it holds, every ``lease_s / 4`` (:class:`_LeaseKeeper`): a batch
+of large series can take longer than one lease, and without renewal another worker
+would take over jobs still being converted, and write the same store twice at once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,38 @@ __all__ = ["JobHandler", "JobWorker"]
 logger = logging.getLogger(__name__)
 
 JobHandler = Callable[[Job], Mapping[str, Any] | None]
+
+
+class _LeaseKeeper:
+    """Renews the lease of a batch's jobs every ``interval_s`` while it runs."""
+
+    def __init__(self, index: Any, worker: str, job_ids: list[int], interval_s: float) -> None:
+        self.index = index
+        self.worker = worker
+        self.job_ids = job_ids
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{worker}", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                renewed = self.index.renew_jobs(self.worker, self.job_ids)
+            except Exception:  # the index is down: the next renewal may succeed
+                logger.warning("could not renew job leases", exc_info=True)
+                continue
+            if renewed < len(self.job_ids):
+                # Finished ones are no longer ``running``; others were taken over
+                # after a lease this worker failed to renew (the index was down).
+                logger.debug("renewed %d of %d job leases", renewed, len(self.job_ids))
 
 
 class JobWorker:
@@ -61,14 +96,19 @@ class JobWorker:
     def run_once(self) -> int:
         """Claim and run up to ``batch`` jobs; return how many ran."""
         jobs = self.index.claim_jobs(self.name, limit=self.batch)
+        if not jobs:
+            return 0
         done: list[tuple[int, dict[str, Any]]] = []
-        try:
-            for job in jobs:
-                result = self._run(job)
-                if result is not None:
-                    done.append((job.id, result))
-        finally:
-            self.index.finish_jobs(done)
+        # Claimed jobs stay ``running`` until finish_jobs, the last ones of the batch
+        # waiting for the first: all of them are renewed until then.
+        with _LeaseKeeper(self.index, self.name, [j.id for j in jobs], self.lease_s / 4):
+            try:
+                for job in jobs:
+                    result = self._run(job)
+                    if result is not None:
+                        done.append((job.id, result))
+            finally:
+                self.index.finish_jobs(done)
         return len(jobs)
 
     def _run(self, job: Job) -> dict[str, Any] | None:

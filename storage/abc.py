@@ -156,6 +156,11 @@ class MetadataIndex(Protocol):
 
     def requeue_worker_jobs(self, worker: str, *, give_up_after: int = 0) -> int: ...
 
+    def renew_jobs(self, worker: str, job_ids: Sequence[int]) -> int:
+        """Extend the lease of jobs ``worker`` still runs (``claimed_at`` = now); how
+        many were renewed. A job another worker took over meanwhile is not."""
+        ...
+
     def requeue_stale_jobs(self, older_than_s: float, *, give_up_after: int = 0) -> int:
         """Running jobs whose worker died go back to pending (restart safety); those
         claimed ``give_up_after`` times already fail instead (poison inputs)."""

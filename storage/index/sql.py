@@ -600,6 +600,23 @@ class SqlIndex:
             and_(jobs.c.status == "running", jobs.c.claimed_by == worker), give_up_after
         )
 
+    def renew_jobs(self, worker: str, job_ids: Sequence[int]) -> int:
+        if not job_ids:
+            return 0
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(
+                    and_(
+                        jobs.c.id.in_(list(job_ids)),
+                        jobs.c.status == "running",
+                        jobs.c.claimed_by == worker,
+                    )
+                )
+                .values(claimed_at=_now())
+            )
+        return int(result.rowcount or 0)
+
     def requeue_stale_jobs(self, older_than_s: float, *, give_up_after: int = 0) -> int:
         cutoff = datetime.fromtimestamp(time.time() - older_than_s, UTC)
         return self._requeue(

@@ -83,3 +83,37 @@ def test_a_running_worker_takes_over_jobs_of_one_that_never_came_back(index: Sql
     jobs = index.get_jobs()
     assert all(j.status == "done" for j in jobs)
     assert sorted(j.attempts for j in jobs) == [1, 1, 1, 2, 2]  # each ran once here
+
+
+def test_a_batch_longer_than_the_lease_is_not_taken_over(index: SqlIndex) -> None:
+    # Five jobs of 0.15 s claimed together: the batch runs 0.75 s, three leases of
+    # 0.25 s. Another worker checking leases all the while must find none expired.
+    seen: list[str] = []
+    pause = threading.Event()  # never set: a 0.15 s job
+
+    def slow(job: Job) -> dict[str, str]:
+        seen.append(job.target)
+        pause.wait(0.15)
+        return {}
+
+    worker = JobWorker(index, {"instance": slow}, name="busy", batch=10, lease_s=0.25)
+    other = JobWorker(index, {"instance": slow}, name="other", batch=10, lease_s=0.25)
+    requeued: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            other._next_lease_check = 0.0  # check on every pass, not every lease_s / 4
+            requeued.append(other.requeue_expired())
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert worker.run_once() == 5
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(requeued) > 10 and sum(requeued) == 0
+    assert sorted(seen) == [f"1.2.3.{i}" for i in range(5)]  # each ran once
+    assert index.counts()["jobs_done"] == 5

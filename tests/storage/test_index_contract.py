@@ -94,6 +94,20 @@ class IndexContract:
         retried = index.claim_jobs("w3")
         assert retried[0].attempts == 2
 
+    def test_renewed_leases_are_not_requeued(self, index: SqlIndex) -> None:
+        index.add_instances([new(record(i), f"{i:x}") for i in range(1, 4)])
+        mine = index.claim_jobs("w1", limit=2)
+        theirs = index.claim_jobs("w2", limit=1)
+        threading.Event().wait(0.05)
+        # Only w1's running jobs are renewed, whoever asks for which ids.
+        assert index.renew_jobs("w1", [j.id for j in mine + theirs]) == 2
+        assert index.requeue_stale_jobs(0.04) == 1  # w2's lease ran out, w1's did not
+        assert {j.id for j in index.get_jobs() if j.status == "running"} == {
+            j.id for j in mine}
+        index.finish_jobs([(mine[0].id, {})])
+        assert index.renew_jobs("w1", [j.id for j in mine]) == 1  # done is not renewed
+        assert index.renew_jobs("w1", []) == 0
+
     def test_a_job_its_workers_keep_dying_under_is_given_up_alone(self, index: SqlIndex) -> None:
         index.add_instances([new(record(i), f"{i:x}") for i in range(1, 5)])
         batch = index.claim_jobs("w", limit=8)  # the worker dies running the first one
