@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
@@ -48,6 +47,11 @@ class DirectStatement:
         ]
         self._error: type[Exception] = dialect.loaded_dbapi.Error
 
+    def one(self, dbapi_conn: Any, row: Mapping[str, Any]) -> Any:
+        """The single value a statement such as ``INSERT … RETURNING id`` returns."""
+        (result,) = self.execute(dbapi_conn, [row])
+        return result[0]
+
     def _params(self, row: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         values = [
             proc(row[name]) if proc is not None else row[name]
@@ -55,20 +59,18 @@ class DirectStatement:
         ]
         return values if self._positional else dict(zip(self._names, values, strict=True))
 
-    def execute(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
-        """Run once per row (``executemany`` for several) in ``conn``'s transaction;
-        the rows of a statement that returns some."""
+    def execute(self, dbapi_conn: Any, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Run once per row (``executemany`` for several) on a DBAPI connection, in its
+        current transaction; the rows of a statement that returns some."""
         if not rows:
             return []
-        dbapi_conn = conn.connection.dbapi_connection
-        assert dbapi_conn is not None
         cursor = dbapi_conn.cursor()
         params = [self._params(row) for row in rows]
         try:
             if len(params) == 1:
                 cursor.execute(self.sql, params[0])
             else:
-                cursor.executemany(self.sql, params)  # type: ignore[arg-type]
+                cursor.executemany(self.sql, params)
             return list(cursor.fetchall()) if cursor.description else []
         except self._error as exc:
             raise DBAPIError.instance(self.sql, None, exc, self._error) from exc

@@ -220,6 +220,35 @@ class SqlIndex:
         with held, (engine or self.engine).begin() as conn:
             yield conn
 
+    @contextlib.contextmanager
+    def _raw_write(self, engine: Engine) -> Iterator[Any]:
+        """A SQLite write transaction on the bare sqlite3 connection (receive path).
+
+        What ``_write`` does, without SQLAlchemy's transaction and event machinery,
+        which cost more CPU than the statements of a one-instance transaction and is
+        spent holding the write lock. Driver errors are raised as SQLAlchemy's
+        DBAPIError subclasses, as ``_write`` raises them.
+        """
+        held = self._write_lock.held() if self._write_lock else contextlib.nullcontext()
+        error = engine.dialect.loaded_dbapi.Error
+        with held:
+            pooled = engine.raw_connection()
+            try:
+                dbapi_conn = pooled.driver_connection
+                assert dbapi_conn is not None
+                try:
+                    dbapi_conn.execute("BEGIN IMMEDIATE")
+                    yield dbapi_conn
+                    dbapi_conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(error):
+                        dbapi_conn.execute("ROLLBACK")
+                    raise
+            except error as exc:
+                raise DBAPIError.instance("BEGIN/COMMIT", None, exc, error) from exc
+            finally:
+                pooled.close()
+
     def write(self) -> contextlib.AbstractContextManager[Connection]:
         """A write transaction for the other stores of this index (``orders.py``)."""
         return self._write()
@@ -231,8 +260,13 @@ class SqlIndex:
             return []
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                with self._write(self._ingest_engine) as conn:
-                    outcomes, added = self._add(conn, items)
+                if self._wal:
+                    with self._raw_write(self._ingest_engine) as dbapi_conn:
+                        outcomes, added = self._add(dbapi_conn, items)
+                else:
+                    with self._write(self._ingest_engine) as conn:
+                        self._lock_keys(conn, (i.record.sop_instance_uid for i in items))
+                        outcomes, added = self._add(conn.connection.dbapi_connection, items)
                 break
             except (OperationalError, DBAPIError) as exc:
                 if attempt < _ATTEMPTS and self._is_retryable(exc):
@@ -262,13 +296,18 @@ class SqlIndex:
         """Build the write statements once: constructing an upsert per call costs more
         than executing it (SQLAlchemy then reuses the compiled form)."""
 
+        dialect = self.engine.dialect
+
         def upsert_stmt(
             table: Any, keys: list[str], conflict: list[str], update_cols: list[str]
-        ) -> Any:
+        ) -> DirectStatement:
             stmt = self._upsert(table).values({k: bindparam(k) for k in keys})
-            return stmt.on_conflict_do_update(
-                index_elements=conflict, set_={k: stmt.excluded[k] for k in update_cols}
-            ).returning(table.c.id)
+            return DirectStatement(
+                stmt.on_conflict_do_update(
+                    index_elements=conflict, set_={k: stmt.excluded[k] for k in update_cols}
+                ).returning(table.c.id),
+                dialect,
+            )
 
         self._patient_upsert = upsert_stmt(
             patients,
@@ -282,16 +321,18 @@ class SqlIndex:
         self._series_upsert = upsert_stmt(
             series, _SERIES_KEYS, ["series_instance_uid"], ["updated_at"]
         )
+        # The statements of the receive path go straight to the driver (see
+        # storage/index/direct.py); a batch looks its instances up one by one (an
+        # expanding IN would be rendered anew on every execution).
         existing = select(instances.c.sop_instance_uid, instances.c.blob_key, instances.c.version)
-        self._existing = existing.where(
-            instances.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
-        )
-        # The statements every stored instance runs go straight to the driver (see
-        # storage/index/direct.py). Most group commits hold one or two instances: an
-        # expanding IN is rendered anew on every execution, an equality once.
-        dialect = self.engine.dialect
         self._existing_one = DirectStatement(
             existing.where(instances.c.sop_instance_uid == bindparam("uid")), dialect
+        )
+        self._supersede = DirectStatement(
+            update(instances)
+            .where(instances.c.sop_instance_uid == bindparam("uid"))
+            .values(is_current=bindparam("current")),
+            dialect,
         )
         self._insert_instance = DirectStatement(
             instances.insert().values({k: bindparam(k) for k in _INSTANCE_KEYS}), dialect
@@ -301,13 +342,16 @@ class SqlIndex:
         )
 
     def _add(
-        self, conn: Connection, items: Sequence[NewInstance]
+        self, conn: Any, items: Sequence[NewInstance]
     ) -> tuple[list[AddOutcome], dict[str, int]]:
+        """Index ``items`` on the DBAPI connection ``conn``, in its open transaction.
+
+        On PostgreSQL the caller has taken the instances' advisory locks first, so
+        that concurrent receivers of the same instance queue before any row lock
+        (see storage/index/postgres.py); SQLite's writers are serialised already.
+        """
         now = _now()
         series_pk: dict[str, int] = {}
-        # Concurrent receivers of the same instance queue here, before any row lock
-        # (PostgreSQL; see storage/index/postgres.py).
-        self._lock_keys(conn, (i.record.sop_instance_uid for i in items))
         # Patient/study/series rows are written once per series: a series this process
         # has already indexed needs no upsert at all (its pk is cached), which keeps a
         # single-instance transaction to two INSERTs. Sorted, so that two transactions
@@ -321,21 +365,13 @@ class SqlIndex:
             if cached is not None:
                 series_pk[uid] = cached
                 continue
-            patient_pk = conn.execute(self._patient_upsert, _patient_values(rec, now)).scalar_one()
-            study_pk = conn.execute(
-                self._study_upsert, _study_values(rec, patient_pk, now)
-            ).scalar_one()
-            pk = int(
-                conn.execute(self._series_upsert, _series_values(rec, study_pk, now)).scalar_one()
-            )
+            patient_pk = self._patient_upsert.one(conn, _patient_values(rec, now))
+            study_pk = self._study_upsert.one(conn, _study_values(rec, patient_pk, now))
+            pk = int(self._series_upsert.one(conn, _series_values(rec, study_pk, now)))
             series_pk[uid] = pk
         uids = list({i.record.sop_instance_uid for i in items})
         existing: dict[str, list[tuple[str, int]]] = {}
-        found: list[Any] = (
-            [r for uid in uids for r in self._existing_one.execute(conn, [{"uid": uid}])]
-            if len(uids) <= 4
-            else [tuple(r) for r in conn.execute(self._existing, {"uids": uids})]
-        )
+        found = [r for uid in uids for r in self._existing_one.execute(conn, [{"uid": uid}])]
         for sop_instance_uid, blob_key, version in found:
             existing.setdefault(sop_instance_uid, []).append((blob_key, int(version)))
 
@@ -369,11 +405,7 @@ class SqlIndex:
                 }
             )
         if replaced:
-            conn.execute(
-                update(instances)
-                .where(instances.c.sop_instance_uid.in_(replaced))
-                .values(is_current=False)
-            )
+            self._supersede.execute(conn, [{"uid": uid, "current": False} for uid in replaced])
         if rows:
             self._insert_instance.execute(conn, rows)
             self._insert_job.execute(conn, job_rows)
