@@ -73,14 +73,9 @@ def test_ct_volume_vs_codec_limit(benchmark: Any, request: pytest.FixtureRequest
     slices, size = (300, 512) if _full(request) else (24, 128)
     paths = write_ct_series(tmp_path / "ct", slices=slices, rows=size, columns=size)
     nbytes = slices * size * size * 2
-
-    result = benchmark.pedantic(convert_series, args=(paths, str(tmp_path / "ct.zarr")),
-                                rounds=3 if _full(request) else 1, iterations=1)
-    ours = nbytes / benchmark.stats.stats.min / 1e6 if benchmark.stats else 0.0
-    if not benchmark.stats:  # benchmark disabled: time one call ourselves
-        t = time.perf_counter()
-        result = convert_series(paths, str(tmp_path / "ct.zarr"))
-        ours = nbytes / (time.perf_counter() - t) / 1e6
+    full = _full(request)
+    # Untimed: warms both pipelines up and gives the geometry the anchor's levels need.
+    result = convert_series(paths, str(tmp_path / "ct.zarr"))
 
     vol = np.stack([(ct_phantom_slice(size, size, i / slices)).round().astype(np.int16)
                     for i in range(slices)])
@@ -88,7 +83,21 @@ def test_ct_volume_vs_codec_limit(benchmark: Any, request: pytest.FixtureRequest
     plan = plan_pyramid(vol.shape, result.spacing)  # type: ignore[arg-type]
     for lv in plan.levels[1:]:
         levels.append(downsample(levels[-1], lv.step))
-    limit = max(_codec_only_mb_s(levels, tmp_path / f"limit{r}") for r in range(3))
+    # Both sides are the best of several runs, and the anchor runs before and after
+    # ours: on this shared machine one run of either varies by ±25 %, and the
+    # machine's state drifts over the minute the test takes.
+    runs = 3 if full else 1
+    limits = [_codec_only_mb_s(levels, tmp_path / f"before{r}") for r in range(runs)]
+
+    result = benchmark.pedantic(convert_series, args=(paths, str(tmp_path / "ct.zarr")),
+                                rounds=5 if full else 1, iterations=1)
+    ours = nbytes / benchmark.stats.stats.min / 1e6 if benchmark.stats else 0.0
+    if not benchmark.stats:  # benchmark disabled: time one call ourselves
+        t = time.perf_counter()
+        result = convert_series(paths, str(tmp_path / "ct.zarr"))
+        ours = nbytes / (time.perf_counter() - t) / 1e6
+    limits += [_codec_only_mb_s(levels, tmp_path / f"after{r}") for r in range(runs)]
+    limit = max(limits)
     _report(benchmark, pyramid_mb_s=round(ours), codec_limit_mb_s=round(limit),
             ratio=round(ours / limit, 3), levels=result.levels)
 
