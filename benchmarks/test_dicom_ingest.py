@@ -17,10 +17,11 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         part.mkdir(exist_ok=True)
         (part / f.name).symlink_to(f)
     return {"root": root, "count": count, "bytes": sum(f.stat().st_size for f in files),
-            "rounds": 3 if measuring else 1}
+            "rounds": 5 if measuring else 1}
 
 
 def _storescu(port: int, folders: list[Path], *, nodelay: bool) -> None:
@@ -136,40 +137,53 @@ def start_storescp(work: Path, port: int) -> subprocess.Popen[bytes]:
                             env={**os.environ, "TCP_NODELAY": "1"})
 
 
-SERVERS = {"pacslab": start_pacslab, "orthanc": start_orthanc, "storescp": start_storescp}
-
-
-@pytest.fixture
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    srv = Server(SERVERS[request.param], tmp_path)
-    yield srv
-    srv.stop()
+def _orthanc_available() -> bool:
+    return bool(shutil.which("Orthanc")) or Path("/usr/sbin/Orthanc").exists()
 
 
 @pytest.mark.parametrize("associations", [1, 4])
-@pytest.mark.parametrize(
-    ("server", "nodelay"),
-    [("pacslab", True), ("pacslab", False), ("orthanc", True), ("storescp", True)],
-    indirect=["server"],
-    ids=["pacslab", "pacslab-nagle", "orthanc", "storescp"],
-)
-def test_cstore_throughput(benchmark: object, corpus: dict[str, object], server: Server,
-                           associations: int, nodelay: bool) -> None:
+def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_path: Path,
+                           associations: int) -> None:
+    """Every round sends the corpus to each server in turn, each on a fresh data dir.
+
+    Interleaved rounds, not one server's rounds after the other's: over the minutes a
+    run takes, this shared machine's speed drifts by more than the differences we
+    measure (the same code measured 0.84x and 1.25x Orthanc depending on which server
+    happened to run in a slow minute). Rates are per-server medians over the rounds.
+    """
     root = corpus["root"]
     assert isinstance(root, Path)
     folders = [root / "all"] if associations == 1 else [root / f"part{i}" for i in range(4)]
+    targets: list[tuple[str, Callable[[Path, int], subprocess.Popen[bytes]], bool]] = [
+        ("pacslab", start_pacslab, True),
+        ("pacslab (storescu default, Nagle on)", start_pacslab, False),
+        ("storescp", start_storescp, True),
+    ]
+    if _orthanc_available():
+        targets.insert(2, ("orthanc", start_orthanc, True))
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in targets}
 
-    def send() -> None:
-        _storescu(server.port, folders, nodelay=nodelay)
+    def one_round() -> None:
+        for n, (name, start, nodelay) in enumerate(targets):
+            server = Server(start, tmp_path / f"server{n}")
+            server.round = len(seconds[name])
+            server.fresh()
+            try:
+                began = time.perf_counter()
+                _storescu(server.port, folders, nodelay=nodelay)
+                seconds[name].append(time.perf_counter() - began)
+            finally:
+                server.stop()
 
-    benchmark.pedantic(send, setup=server.fresh, rounds=int(corpus["rounds"]),  # type: ignore[attr-defined]
-                       iterations=1)
-    seconds = benchmark.stats.stats.median if benchmark.stats else 0  # type: ignore[attr-defined]
-    if seconds:
-        count, size = int(corpus["count"]), int(corpus["bytes"])  # type: ignore[call-overload]
-        rate = count / seconds
-        benchmark.extra_info.update(inst_per_s=rate, mb_per_s=size / seconds / 1e6)  # type: ignore[attr-defined]
-        target = server._start.__name__.removeprefix("start_")
-        if not nodelay:
-            target += " (storescu default, Nagle on)"
-        record(f"C-STORE {associations} association(s), inst/s", target, rate, "inst/s")
+    benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined]
+    count, size = int(corpus["count"]), int(corpus["bytes"])  # type: ignore[call-overload]
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        benchmark.extra_info[name] = {  # type: ignore[attr-defined]
+            "inst_per_s": count / median, "mb_per_s": size / median / 1e6,
+            "rounds_s": [round(t, 3) for t in times]}
+        record(f"C-STORE {associations} association(s), inst/s", name, count / median,
+               "inst/s")
+    if not _orthanc_available():
+        pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
+                    "it): measured without the anchor")
