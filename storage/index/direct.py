@@ -1,12 +1,13 @@
 """Statements compiled once by SQLAlchemy and run on the DBAPI cursor.
 
 For the receive path's statements (look up the SOP Instance, insert it and its job,
-supersede an older version, upsert a new series' patient/study/series). SQLAlchemy's ``Connection.execute`` costs ~0.15 ms of Python per
-statement even with its compiled cache (cache key, execution context, result set-up)
-against ~0.02 ms in the driver; with one transaction per instance and receiver
-processes queued on the database's single write lock, that overhead is held under the
-lock and limits every receiver (measured here: 0.9 ms of CPU per single-instance
-transaction, 0.3 ms this way).
+supersede an older version, upsert a new series' patient/study/series).
+SQLAlchemy's ``Connection.execute`` costs ~0.15 ms of Python per statement even with
+its compiled cache (cache key, execution context, result set-up) against ~0.02 ms in
+the driver; with one transaction per instance and receiver processes queued on the
+database's single write lock, that overhead is held under the lock and limits every
+receiver (measured here: 0.9 ms of CPU per single-instance transaction, 0.3 ms this
+way).
 
 SQLAlchemy still writes the SQL for the engine's dialect and converts the values with
 the columns' own bind processors (``TypeEngine.bind_processor``), so rows are stored

@@ -198,7 +198,7 @@ class SqlIndex:
         self._write_lock = dialect.write_lock(settings.url)
         # Instances are indexed on connections that leave the WAL flush to
         # ``add_instances``, after the write lock is released (see storage/index/sqlite.py).
-        self._wal = _sqlite.wal_path(settings.url) if self.is_sqlite else None
+        self._wal = _sqlite.wal_path(self.engine) if self.is_sqlite else None
         self._ingest_engine = (
             _sqlite.make_engine(
                 settings.url, busy_timeout_s=settings.busy_timeout_s, synchronous="NORMAL"

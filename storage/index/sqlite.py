@@ -87,12 +87,16 @@ def write_lock(url: str) -> WriteLock | None:
     return WriteLock(f"{db_path}.writelock")
 
 
-def wal_path(url: str) -> str | None:
-    """The WAL file of a file database (``<database>-wal``), None for in-memory ones."""
-    db_path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-    if not db_path or db_path == ":memory:":
+def wal_path(engine: Engine) -> str | None:
+    """The WAL file of ``engine``'s database, as SQLite itself names it; None for an
+    in-memory database or one not in WAL mode (there NORMAL would not be safe)."""
+    with engine.connect() as conn:
+        mode = str(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()).lower()
+        files = {row[1]: row[2] for row in conn.exec_driver_sql("PRAGMA database_list")}
+    path = files.get("main") or ""
+    if mode != "wal" or not path:
         return None
-    return f"{db_path}-wal"
+    return f"{path}-wal"
 
 
 def sync_wal(path: str) -> None:
@@ -101,7 +105,8 @@ def sync_wal(path: str) -> None:
     Opened by name each time: SQLite may delete and recreate the file (after a
     checkpoint, when the last connection closes), and a kept descriptor would then
     flush a file no longer in use. No WAL file means everything was checkpointed
-    into the database, which SQLite synced before removing it.
+    into the database, which SQLite synced before removing it; the database file is
+    flushed then all the same (cheap, and it fails loudly if the path were wrong).
 
     Raises
     ------
@@ -111,7 +116,7 @@ def sync_wal(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        fd = os.open(path.removesuffix("-wal"), os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fdatasync(fd)
     finally:

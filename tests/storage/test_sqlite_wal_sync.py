@@ -85,3 +85,31 @@ def test_failed_flush_is_out_of_resources(index: SqlIndex,
     monkeypatch.undo()
     # Sent again, it is found committed with the same bytes: acknowledged then.
     assert index.add_instances([new(record(1), "a")])[0].status == "duplicate"
+
+
+def test_wal_path_is_the_one_sqlite_uses(tmp_path: Path) -> None:
+    # Asked of SQLite (PRAGMA database_list), not derived from the URL's text.
+    idx = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path}/./sub/../a.db", migrate=True))
+    try:
+        assert idx._wal == f"{tmp_path / 'a.db'}-wal"
+        assert os.path.exists(idx._wal)
+    finally:
+        idx.close()
+
+
+def test_no_wal_file_flushes_the_database(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "b.db"
+    db.write_bytes(b"")
+    flushed: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(sqlite_dialect.os, "fdatasync", fdatasync)
+    sqlite_dialect.sync_wal(f"{db}-wal")
+    assert flushed == [str(db)]
+    with pytest.raises(FileNotFoundError):  # a wrong path fails, never passes silently
+        sqlite_dialect.sync_wal(str(tmp_path / "missing.db-wal"))
