@@ -28,14 +28,9 @@ import pytest
 
 from benchmarks.support import benchmarks_enabled, record
 from core.synthetic import write_ct_series
+from tests.support import free_port
 
 pytestmark = pytest.mark.network
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -92,7 +87,7 @@ class Server:
         self.round += 1
         work = self.base / f"round{self.round}"
         work.mkdir(parents=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = self._start(work, self.port)
         _wait_port(self.port, self.proc)
 
@@ -121,7 +116,7 @@ def start_orthanc(work: Path, port: int) -> subprocess.Popen[bytes]:
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs it)")
     config = {"Name": "bench", "StorageDirectory": str(work / "db"),
               "IndexDirectory": str(work / "db"), "DicomAet": "ORTHANC", "DicomPort": port,
-              "HttpPort": _free_port(), "RemoteAccessAllowed": False,
+              "HttpPort": free_port(), "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}
     (work / "orthanc.json").write_text(json.dumps(config))
     return subprocess.Popen([binary, str(work / "orthanc.json")], start_new_session=True,

@@ -33,6 +33,7 @@ from core.settings import Settings
 from core.synthetic import ct_series
 from storage.index.sql import SqlIndex
 from storage.staging import stage_part10
+from tests.support import free_port
 
 
 def _slices(request: pytest.FixtureRequest) -> int:
@@ -118,19 +119,13 @@ def test_series_metadata_pacslab_http(benchmark: Any, stored_series: Any) -> Non
         sock.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[str]:
     exe = shutil.which("Orthanc")
     plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     if exe is None or not plugin.exists():
         pytest.skip("Orthanc with the DICOMweb plugin not installed (Debian orthanc-dicomweb)")
-    http, dicom = _free_port(), _free_port()
+    http, dicom = free_port(), free_port()
     config = {
         "Name": "bench",
         "StorageDirectory": str(tmp_path / "orthanc"),

@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,17 +46,12 @@ import pytest
 from benchmarks.support import record
 from core.synthetic import write_ct_series
 from tests.labs._analyzer import drop, drops
+from tests.support import free_port
 from tests.worklist.order_requests import service_request
 
 pytestmark = pytest.mark.network
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _p(values: list[float], q: float) -> float:
@@ -308,10 +302,11 @@ def test_mixed_load(tmp_path: Path, measuring: bool) -> None:
     write_ct_series(seed, slices=slices, rows=size, columns=size)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
-    dicom_port, http_port = _free_port(), _free_port()
+    dicom_port, http_port = free_port(), free_port()
     env.update(PACSLAB_DATA_DIR=str(tmp_path / "data"), PACSLAB_DICOM__HOST="127.0.0.1",
                PACSLAB_DICOM__PORT=str(dicom_port), PACSLAB_HTTP__HOST="127.0.0.1",
                PACSLAB_HTTP__PORT=str(http_port), PACSLAB_LOG__LEVEL="WARNING",
+               PACSLAB_ORDERS__MLLP_PORT=str(free_port()),  # not the shared default 2575
                PACSLAB_AUTH__ENABLED="true",
                # series go quiet within the run, so that viewers get new pyramids
                PACSLAB_PROCESSING__SERIES_QUIET_S="2")

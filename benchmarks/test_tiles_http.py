@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 import pytest
 
 from benchmarks.support import benchmarks_enabled, record
+from tests.support import free_port
 
 pytestmark = pytest.mark.network
 
@@ -74,12 +74,6 @@ if __name__ == "__main__":  # the workers are spawned: they re-import this file
     sock.set_inheritable(True)
     Multiprocess(config, sockets=[sock]).run()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(port: int, proc: subprocess.Popen[bytes], path: str, timeout: float = 60) -> None:
@@ -146,7 +140,7 @@ def pacslab_port(corpus: dict[str, Any]) -> Iterator[int]:
     app_dir.mkdir()
     (app_dir / "tiles_bench_asgi.py").write_text(_ASGI)
     (app_dir / "tiles_bench_launch.py").write_text(_LAUNCH)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
     # Tile latency only; authentication is measured by tests/security.
     env.update(
@@ -176,13 +170,13 @@ def orthanc(corpus: dict[str, Any]) -> Iterator[tuple[int, dict[int, str]]]:
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs it)")
     work = corpus["root"] / "orthanc"
     work.mkdir()
-    port = _free_port()
+    port = free_port()
     config = {
         "Name": "bench",
         "StorageDirectory": str(work / "db"),
         "IndexDirectory": str(work / "db"),
         "HttpPort": port,
-        "DicomPort": _free_port(),
+        "DicomPort": free_port(),
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "Plugins": [],

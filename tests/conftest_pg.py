@@ -21,7 +21,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port
 
 __all__ = ["PgServer", "find_pg_bin", "pg_server", "pg_url"]
 
@@ -47,12 +48,6 @@ def find_pg_bin() -> Path | None:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     return Path(initdb).resolve().parent if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_as_user() -> str | None:
@@ -77,7 +72,7 @@ class PgServer:
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
         self.log = self.root / "server.log"
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.socket_dir.mkdir()
         if self.user is not None:
             entry = pwd.getpwnam(self.user)

@@ -19,15 +19,11 @@ from typing import Any
 
 import pytest
 
+from tests.support import free_port
+
 __all__ = ["S3Bucket", "s3_bucket", "s3_endpoint"]
 
 _buckets = itertools.count()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ def s3_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:<port>`` of a moto server started for this session."""
     pytest.importorskip("moto.server", reason="moto[server] not installed")
     pytest.importorskip("s3fs", reason="s3fs not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

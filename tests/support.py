@@ -7,6 +7,7 @@ Imported as ``tests.support`` (the repository root is on ``sys.path``): a plain
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -37,10 +38,38 @@ def run_dcmtk(args: list[str], *, nodelay: bool = False, timeout: float = 120
                           timeout=timeout, env=env, check=False)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port that is free now, below the kernel's ephemeral range.
+
+    ``bind(0)`` answers from the ephemeral range, where any outgoing connection made
+    before the server binds the port (by the service starting up: its Dask cluster,
+    its database client, a test's own client) can take it, and the server then fails
+    to start (``pacslab serve`` exited 3 in one CI run). Below the range a port is
+    only taken by an explicit bind. Ports are not handed out twice in one session.
+    """
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randint(10_000, low - 1)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def env_for(data_dir: Path) -> dict[str, str]:

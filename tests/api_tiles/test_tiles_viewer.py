@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from core.settings import Settings
+from tests.support import free_port
 
 from .tiles_data import COLUMNS, ROWS, SLICES, Converted
 
@@ -64,12 +64,6 @@ def test_viewer_json(client: TestClient, converted: Converted) -> None:
 # ------------------------------------------------------------------ the browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def secured(converted: Converted) -> tuple[Settings, str]:
     """The converted data behind real authentication, and a token a clinician would hold."""
@@ -88,7 +82,7 @@ def server(secured: tuple[Settings, str]) -> Iterator[str]:
 
     from api.app import create_app
 
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(secured[0]), host="127.0.0.1", port=port,
                             log_level="warning", access_log=False)
     srv = uvicorn.Server(config)

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
+from tests.support import free_port
 from worklist.memory import InMemoryWorklist
 from worklist.model import WorklistItem, iter_entries, to_dataset
 from worklist.query import MatchOptions
@@ -41,10 +42,6 @@ SESSIONS: dict[int, int] = {}
 ENVIRONMENTS: Mapping[str, Mapping[str, str]] = {"default": {}, "nodelay": {"TCP_NODELAY": "1"}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _file(ds: Dataset, path: Path) -> None:
