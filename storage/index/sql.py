@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -196,16 +197,12 @@ class SqlIndex:
             settings.url, busy_timeout_s=settings.busy_timeout_s
         )
         self._write_lock = dialect.write_lock(settings.url)
-        # Instances are indexed on connections that leave the WAL flush to
-        # ``add_instances``, after the write lock is released (see storage/index/sqlite.py).
-        self._wal = _sqlite.wal_path(self.engine) if self.is_sqlite else None
-        self._ingest_engine = (
-            _sqlite.make_engine(
-                settings.url, busy_timeout_s=settings.busy_timeout_s, synchronous="NORMAL"
-            )
-            if self._wal
-            else self.engine
+        self._settings = settings
+        # (engine, WAL file) that add_instances uses, settled on its first call.
+        self._ingest_setup: tuple[Engine, str | None] | None = (
+            None if self.is_sqlite else (self.engine, None)
         )
+        self._ingest_lock = threading.Lock()
         self._series_cache: dict[str, int] = {}
         self._prepare_statements()
         if settings.migrate:
@@ -255,16 +252,47 @@ class SqlIndex:
 
     # -- writes -----------------------------------------------------------------
 
+    def _ingest(self) -> tuple[Engine, str | None]:
+        """The engine instances are indexed with, and the WAL file to flush after.
+
+        On SQLite in WAL mode: connections with ``synchronous=NORMAL`` that leave the
+        WAL flush to :meth:`add_instances`, after the write lock is released (see
+        storage/index/sqlite.py). Settled on first use, when the database exists and
+        its journal mode is known, not while other processes may be creating it; if
+        SQLite cannot be asked yet, this call uses the FULL engine and the next asks
+        again.
+        """
+        if self._ingest_setup is not None:
+            return self._ingest_setup
+        with self._ingest_lock:
+            if self._ingest_setup is None:
+                try:
+                    wal = _sqlite.wal_path(self.engine)
+                except (OperationalError, DBAPIError):
+                    return self.engine, None
+                engine = (
+                    _sqlite.make_engine(
+                        self._settings.url,
+                        busy_timeout_s=self._settings.busy_timeout_s,
+                        synchronous="NORMAL",
+                    )
+                    if wal
+                    else self.engine
+                )
+                self._ingest_setup = (engine, wal)
+            return self._ingest_setup
+
     def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
         if not items:
             return []
+        engine, wal = self._ingest()
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                if self._wal:
-                    with self._raw_write(self._ingest_engine) as dbapi_conn:
+                if wal:
+                    with self._raw_write(engine) as dbapi_conn:
                         outcomes, added = self._add(dbapi_conn, items)
                 else:
-                    with self._write(self._ingest_engine) as conn:
+                    with self._write(engine) as conn:
                         self._lock_keys(conn, (i.record.sop_instance_uid for i in items))
                         outcomes, added = self._add(conn.connection.dbapi_connection, items)
                 break
@@ -279,9 +307,9 @@ class SqlIndex:
                     "index write failed: %s", type(exc.orig).__name__ if exc.orig else exc
                 )
                 raise OutOfResourcesError("index unavailable") from exc
-        if self._wal:
+        if wal:
             try:
-                _sqlite.sync_wal(self._wal)
+                _sqlite.sync_wal(wal)
             except OSError as exc:
                 # Committed but not known durable: the sender is not told "stored" and
                 # sends again, which finds the same bytes already indexed.
@@ -780,6 +808,6 @@ class SqlIndex:
             return False
 
     def close(self) -> None:
-        if self._ingest_engine is not self.engine:
-            self._ingest_engine.dispose()
+        if self._ingest_setup is not None and self._ingest_setup[0] is not self.engine:
+            self._ingest_setup[0].dispose()
         self.engine.dispose()

@@ -36,7 +36,7 @@ def _synchronous(engine: object) -> int:
 
 
 def test_instances_commit_normal_everything_else_full(index: SqlIndex) -> None:
-    assert _synchronous(index._ingest_engine) == 1  # NORMAL
+    assert _synchronous(index._ingest()[0]) == 1  # NORMAL
     assert _synchronous(index.engine) == 2  # FULL
 
 
@@ -91,8 +91,9 @@ def test_wal_path_is_the_one_sqlite_uses(tmp_path: Path) -> None:
     # Asked of SQLite (PRAGMA database_list), not derived from the URL's text.
     idx = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path}/./sub/../a.db", migrate=True))
     try:
-        assert idx._wal == f"{tmp_path / 'a.db'}-wal"
-        assert os.path.exists(idx._wal)
+        wal = idx._ingest()[1]
+        assert wal == f"{tmp_path / 'a.db'}-wal"
+        assert os.path.exists(wal)
     finally:
         idx.close()
 
@@ -113,3 +114,24 @@ def test_no_wal_file_flushes_the_database(tmp_path: Path,
     assert flushed == [str(db)]
     with pytest.raises(FileNotFoundError):  # a wrong path fails, never passes silently
         sqlite_dialect.sync_wal(str(tmp_path / "missing.db-wal"))
+
+
+def test_journal_mode_unknown_yet_uses_full_and_asks_again(
+        index: SqlIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    real = sqlite_dialect.wal_path
+    calls: list[int] = []
+
+    def busy_once(engine: object) -> str | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("PRAGMA journal_mode", None, Exception("database is locked"))
+        return real(engine)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_dialect, "wal_path", busy_once)
+    assert index.add_instances([new(record(1), "a")])[0].status == "stored"
+    assert index._ingest_setup is None  # FULL this time, not settled
+    assert index.add_instances([new(record(2), "b")])[0].status == "stored"
+    assert index._ingest_setup is not None and index._ingest_setup[1] is not None
+    assert len(calls) == 2
