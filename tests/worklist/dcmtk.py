@@ -42,8 +42,6 @@ SESSIONS: dict[int, int] = {}
 ENVIRONMENTS: Mapping[str, Mapping[str, str]] = {"default": {}, "nodelay": {"TCP_NODELAY": "1"}}
 
 
-
-
 def _file(ds: Dataset, path: Path) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ModalityWorklistInformationFind
