@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,24 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+_SENDING = re.compile(r"I: Sending file: (.+)$")
+_RESPONSE = re.compile(r"Received Store Response \((.+?)\)")
+
+
+def storescu_responses(lines: Iterable[str]) -> Iterator[tuple[Path | None, str]]:
+    """What ``storescu -v`` reports, response by response: the file it was sending (the
+    last "Sending file" line not yet answered, None if there is none) and the status
+    text in the parentheses of "Received Store Response (…)", e.g. ``"Success"``."""
+    current: Path | None = None
+    for line in lines:
+        line = line.rstrip()
+        if (m := _SENDING.search(line)) is not None:
+            current = Path(m.group(1).strip()).resolve()
+        elif (m := _RESPONSE.search(line)) is not None:
+            yield current, m.group(1)
+            current = None
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import dcmtk, run_dcmtk
+from tests.support import dcmtk, run_dcmtk, storescu_responses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,11 +56,6 @@ class Acknowledged:
             self.errors[kind] += 1
 
 
-_SENDING = re.compile(r"I: Sending file: (.+)$")
-_SUCCESS = re.compile(r"Received Store Response \(Success\)")
-_STATUS = re.compile(r"Received Store Response \((.+?)\)")
-
-
 def storescu_once(port: int, folder: Path, uid_of: dict[Path, str], acked: Acknowledged,
                   *, aet: str = "STORESCU", timeout: float = 60) -> int:
     """Send ``folder`` once with storescu -v; record each success; return its exit code."""
@@ -70,17 +64,12 @@ def storescu_once(port: int, folder: Path, uid_of: dict[Path, str], acked: Ackno
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "TCP_NODELAY": "1"})
     assert proc.stderr is not None
-    current: Path | None = None
     deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        line = line.rstrip()
-        if (m := _SENDING.search(line)) is not None:
-            current = Path(m.group(1).strip()).resolve()
-        elif _SUCCESS.search(line) and current is not None:
+    for current, status in storescu_responses(proc.stderr):
+        if status == "Success" and current is not None:
             acked.add(uid_of[current])
-            current = None
-        elif (m := _STATUS.search(line)) is not None:
-            acked.error(f"store status {m.group(1)}")
+        else:
+            acked.error(f"store status {status}")
         if time.monotonic() > deadline:
             proc.kill()
     code = proc.wait(timeout=30)

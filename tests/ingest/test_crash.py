@@ -9,7 +9,6 @@ its processing job completes.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pydicom import dcmread
 
 from core.settings import Settings
 from core.synthetic import write_ct_series
-from tests.support import dcmtk, env_for, run_dcmtk
+from tests.support import dcmtk, env_for, run_dcmtk, storescu_responses
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -52,12 +51,9 @@ def test_kill_9_during_storescu_loses_nothing_acknowledged(tmp_path: Path, trial
         stderr=subprocess.PIPE, text=True, env={**os.environ, "TCP_NODELAY": "1"})
     assert sender.stderr is not None
     acknowledged: list[str] = []
-    current: Path | None = None
     kill_after = 20 + 25 * trial  # vary where in the stream the crash lands
-    for line in sender.stderr:
-        if line.startswith("I: Sending file: "):
-            current = Path(line.removeprefix("I: Sending file: ").strip()).resolve()
-        elif re.search(r"Received Store Response \(Success\)", line) and current:
+    for current, status in storescu_responses(sender.stderr):
+        if status == "Success" and current is not None:
             acknowledged.append(uid_of[current])
             if len(acknowledged) == kill_after:
                 os.killpg(service.pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from core.synthetic import write_ct_series
-from tests.support import Receiver, run_dcmtk
+from tests.support import Receiver, run_dcmtk, storescu_responses
 
 pytestmark = pytest.mark.network
 
@@ -89,12 +89,9 @@ def test_storescu_every_valid_test_file_is_stored_bit_identical(
             nodelay=True,
             timeout=300,
         )
-        current: Path | None = None
-        for line in result.stderr.splitlines():
-            if line.startswith("I: Sending file: "):
-                current = Path(line.removeprefix("I: Sending file: ")).resolve()
-            elif "Received Store Response" in line and current is not None:
-                sent[current] = line
+        for current, status in storescu_responses(result.stderr.splitlines()):
+            if current is not None:
+                sent[current] = status
     refused = {f.name: v for f, v in sent.items() if "Success" not in v}
     assert refused == {}
     # What DCMTK itself cannot read (truncated test files) is never sent; the rest is.

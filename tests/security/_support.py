@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pydicom import dcmread
 from core.settings import Settings
 from core.synthetic import write_ct_series
 from storage.backup import backup
-from tests.support import Receiver, dcmtk
+from tests.support import Receiver, dcmtk, storescu_responses
 
 
 def bearer(value: str) -> dict[str, str]:
@@ -44,7 +43,6 @@ def backup_during_storescu(receiver: Receiver, settings: Settings, tmp_path: Pat
     assert sender.stderr is not None
     acknowledged: list[str] = []
     before_backup: list[str] = []
-    current: Path | None = None
     result: dict[str, object] = {}
 
     def take_backup() -> None:
@@ -54,10 +52,8 @@ def backup_during_storescu(receiver: Receiver, settings: Settings, tmp_path: Pat
             result["error"] = exc
 
     worker: threading.Thread | None = None
-    for line in sender.stderr:
-        if line.startswith("I: Sending file: "):
-            current = Path(line.removeprefix("I: Sending file: ").strip()).resolve()
-        elif re.search(r"Received Store Response \(Success\)", line) and current:
+    for current, status in storescu_responses(sender.stderr):
+        if status == "Success" and current is not None:
             acknowledged.append(uid_of[current])
             if len(acknowledged) == start_after:
                 before_backup = list(acknowledged)  # acknowledged before the backup starts
