@@ -210,11 +210,14 @@ class SqlIndex:
 
             upgrade(self.engine)
 
+    def _queued(self) -> contextlib.AbstractContextManager[None]:
+        """Held while writing: queues this writer behind the others (``sqlite.WriteLock``)."""
+        return self._write_lock.held() if self._write_lock else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _write(self, engine: Engine | None = None) -> Iterator[Connection]:
         """A write transaction, queued behind other writers (see ``sqlite.WriteLock``)."""
-        held = self._write_lock.held() if self._write_lock else contextlib.nullcontext()
-        with held, (engine or self.engine).begin() as conn:
+        with self._queued(), (engine or self.engine).begin() as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -226,9 +229,8 @@ class SqlIndex:
         spent holding the write lock. Driver errors are raised as SQLAlchemy's
         DBAPIError subclasses, as ``_write`` raises them.
         """
-        held = self._write_lock.held() if self._write_lock else contextlib.nullcontext()
         error = engine.dialect.loaded_dbapi.Error
-        with held:
+        with self._queued():
             pooled = engine.raw_connection()
             try:
                 dbapi_conn = pooled.driver_connection
