@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -94,6 +95,9 @@ PRESETS: Final[Mapping[str, Window]] = {
 }
 
 
+_WINDOW_NUMBER: Final = re.compile(r"[-+]?(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
+
+
 def parse_window(text: str | None) -> Window | RawWindow | None:
     """Parse ``?window=``: ``center,width``, a preset name, ``raw`` or ``default``.
 
@@ -113,11 +117,11 @@ def parse_window(text: str | None) -> Window | RawWindow | None:
     parts = text.split(",")
     if len(parts) != 2:
         raise ValueError(f"window must be center,width or one of {sorted(PRESETS)}, raw")
-    try:
-        center, width = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ValueError("window center and width must be numbers") from None
-    return Window(center, width)
+    # float() also takes unicode digits, "inf", "1e999" and thousands of digits: accept
+    # only short ASCII decimals (hostile input, issue 14.8).
+    if not all(_WINDOW_NUMBER.fullmatch(p) for p in parts):
+        raise ValueError("window center and width must be decimal numbers (ASCII digits)")
+    return Window(float(parts[0]), float(parts[1]))
 
 
 def default_window(windows: Sequence[Mapping[str, Any]]) -> Window | None:
