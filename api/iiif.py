@@ -51,8 +51,8 @@ __all__ = [
     "dzi_levels",
     "dzi_tile",
     "info_json",
-    "parse_image_id",
     "parse_dzi_numbers",
+    "parse_image_id",
     "parse_image_request",
 ]
 

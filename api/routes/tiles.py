@@ -63,6 +63,7 @@ from processing.render import (
     level_axis,
     parse_window,
     plane_view,
+    planes_of,
     raw_uint16,
     resample_axis,
     resize,
@@ -168,6 +169,12 @@ class Resolved:
         return '"' + hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + '"'
 
 
+def _direction(image: PyramidImage) -> list[list[float]]:
+    """The stack's row cosine, column cosine and slice normal (identity if unknown)."""
+    direction = image.attrs.get("direction_cosines")
+    return direction or [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
 def _choose_level(w: int, h: int, tw: int, th: int, levels: int) -> int:
     """The coarsest level that still has at least ``tw × th`` pixels for the region."""
     for k in reversed(range(levels)):
@@ -227,15 +234,25 @@ class TileService:
         return version, self.reader.open(str(images[stack]["path"]))
 
     def views(self, image: PyramidImage) -> dict[str, PlaneView]:
-        """Every plane of an image with its geometry."""
-        planes = ("axial", "coronal", "sagittal") if image.kind == "volume" else ("native",)
-        return {p: self._view(image, p) for p in planes}
+        """The planes a viewer offers for an image, its acquisition plane first.
+
+        See :func:`processing.render.planes_of`: reformats only for real volumes.
+        """
+        return {p: self._view(image, p) for p in self.planes(image)}
+
+    @staticmethod
+    def planes(image: PyramidImage) -> tuple[str, ...]:
+        """The offered planes of ``image`` (acquisition plane first)."""
+        return planes_of(image.kind, image.shapes[0], _direction(image))
 
     @staticmethod
     def _view(image: PyramidImage, plane: str) -> PlaneView:
-        direction = image.attrs.get("direction_cosines") or [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+        if plane != "native" and plane not in TileService.planes(image):
+            # A reformat of a single slice or a thin stack is a line, not an image.
+            raise NotFoundError(f"this {image.kind} has no {plane} plane (too few slices)")
         try:
-            return plane_view(image.kind, image.shapes[0], image.spacings[0], direction, plane)
+            return plane_view(image.kind, image.shapes[0], image.spacings[0],
+                              _direction(image), plane)
         except ValueError as exc:
             raise NotFoundError(str(exc)) from None
 
