@@ -205,8 +205,14 @@ def _size(text: str, rw: int, rh: int) -> tuple[int, int]:
     elif spec.startswith("!"):
         bw, bh = _ints(spec[1:], 2)
         scale = min(bw / rw, bh / rh)
-        if not up:
-            scale = min(scale, 1.0)
+        if not up and scale > 1:
+            # §4.2: a size without ^ whose scaled region is larger than the extracted
+            # region is a 400. The "!w,h" sentence ("not larger than the extracted
+            # region") could be read as a clamp, but the IIIF validator (size_noup),
+            # Cantaloupe and IIPImage treat a box that would upscale as this error;
+            # clients that want "fit, whatever the size" send ^!w,h.
+            raise InvalidQueryError("a !w,h box larger than the region needs the ^ "
+                                    "(upscaling) prefix")
         w, h = max(1, math.floor(rw * scale + 1e-9)), max(1, math.floor(rh * scale + 1e-9))
     elif spec.endswith(",") and spec.count(",") == 1:
         (w,) = _ints(spec[:-1], 1)

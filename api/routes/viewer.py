@@ -188,7 +188,8 @@ def list_series(study_uid: str, request: Request, response: Response) -> Any:
                 "default_plane": default,
                 "acquisition_plane": default,
                 "windows": [] if image.samples > 1 else windows,
-                "thumbnail": f"/iiif/{base}:{default}:{mid}/full/!128,128/0/default.png",
+                # ^: a plane smaller than 128 px is scaled up, not refused (§4.2)
+                "thumbnail": f"/iiif/{base}:{default}:{mid}/full/^!128,128/0/default.png",
             })
         out.append(item)
     return out
