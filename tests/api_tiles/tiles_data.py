@@ -128,3 +128,36 @@ def running(settings: Settings) -> Iterator[str]:
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def write_mr_series(directory: Path, *, slices: int, rows: int, columns: int,
+                    row_cosine: tuple[float, float, float],
+                    column_cosine: tuple[float, float, float], study_uid: str,
+                    series_number: int, spacing_mm: float = 4.0) -> list[Path]:
+    """An MR series of parallel slices in any orientation (Image Orientation (Patient)).
+
+    The phantom's pixels are reused; what matters is the geometry: positions advance
+    ``spacing_mm`` along the slice normal (PS3.3 C.7.6.2.1.1).
+    """
+    from pydicom.uid import MRImageStorage
+
+    from core.synthetic import ct_series
+
+    r, c = row_cosine, column_cosine
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(ct_series(slices, rows, columns, study_instance_uid=study_uid)):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.Modality = "MR"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = f"MR {slices} slice(s)"
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*r, *c)]
+        ds.ImagePositionPatient = [f"{i * spacing_mm * n:.4f}" for n in normal]
+        for keyword in ("KVP", "SliceLocation", "RescaleType"):
+            delattr(ds, keyword)
+        path = directory / f"MR_{series_number}_{i + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
