@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from processing.render import (
+    MIN_REFORMAT_SLICES,
     PRESETS,
     RawWindow,
     Window,
-    MIN_REFORMAT_SLICES,
     acquisition_plane,
     apply_window,
     auto_window,
