@@ -29,7 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
@@ -105,8 +105,8 @@ def viewer_series_page(study_uid: str, series_uid: str, request: Request) -> Fil
 
 
 @router.get("/api/studies", summary="Studies in the index (for the viewer)")
-def list_studies(request: Request, response: Response, limit: int = 200
-                 ) -> list[dict[str, Any]]:
+def list_studies(request: Request, response: Response,
+                 limit: int = Query(200, ge=1, le=1000)) -> list[dict[str, Any]]:
     """Newest studies first, with modalities and series counts."""
     response.headers.update(cache_headers(request, immutable=False))
     idx = request.app.state.index
@@ -121,7 +121,7 @@ def list_studies(request: Request, response: Response, limit: int = 200
                     n_series.c.modalities)
              .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id)
                           .outerjoin(n_series, n_series.c.study_pk == studies.c.id))
-             .order_by(studies.c.updated_at.desc()).limit(max(1, min(limit, 1000))))
+             .order_by(studies.c.updated_at.desc()).limit(limit))
     with idx.engine.connect() as conn:
         rows = conn.execute(query).all()
     return [{"study_instance_uid": r.study_instance_uid, "study_date": r.study_date,

@@ -360,3 +360,29 @@ def test_sizes_never_exceed_max_area() -> None:
     assert all(s["width"] * s["height"] <= MAX_AREA for s in info["sizes"])
     # bitonal is required at level 2 and listed since issue 13 (§5.5: all but default)
     assert info["extraQualities"] == ["color", "gray", "bitonal"]
+
+
+_HOSTILE = ("\u00b2", "\u0661", "9" * 5000, "-1", "1e5", "inf", "0x10", "a" * 300, "%0d%0a")
+
+
+def test_hostile_parameters_never_500(client: TestClient, converted: Converted) -> None:
+    """Issue 14.8: every path and query parameter of /iiif, /dzi and the viewer JSON
+    answers a 4xx (or a 3xx for the IIIF base URI) to unicode digits, huge numbers,
+    signs, exponents and hex, never a 500."""
+    i = _id(converted)
+    templates = (
+        "/iiif/{h}/info.json", "/iiif/{h}", f"/iiif/{i}/{{h}}/max/0/default.png",
+        f"/iiif/{i}/pct:{{h}},0,1,1/max/0/default.png", f"/iiif/{i}/full/{{h}}/0/default.png",
+        f"/iiif/{i}/full/!{{h}},1/0/default.png", f"/iiif/{i}/full/^pct:{{h}}/0/default.png",
+        f"/iiif/{i}/full/max/{{h}}/default.png", f"/iiif/{i}/full/max/0/{{h}}",
+        f"/iiif/{i}/full/max/0/default.{{h}}", f"/iiif/{i}/full/max/0/default.png?window={{h}}",
+        f"/iiif/{i}/full/max/0/default.png?window=40,{{h}}", "/dzi/{h}.dzi",
+        f"/dzi/{i}_files/{{h}}/0_0.png", f"/dzi/{i}_files/9/{{h}}_0.png",
+        f"/dzi/{i}_files/9/0_{{h}}.png", f"/dzi/{i}.dzi?format={{h}}",
+        "/viewer/api/studies?limit={h}", "/viewer/api/studies/{h}/series",
+    )
+    for h in _HOSTILE:
+        for template in templates:
+            url = template.format(h=h)
+            status = client.get(url, follow_redirects=False).status_code
+            assert 300 <= status < 500, (url[:100], status)
