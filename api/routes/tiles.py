@@ -14,10 +14,14 @@ Caching (RFC 9111, RFC 9110 §13): the response of a request is a function of th
 store version (the series job id), the image id and the canonical request (IIIF
 §4.7), so its strong ``ETag`` is computed before rendering and ``If-None-Match``
 is answered with 304 without touching the store. Versioned ids are
-``Cache-Control: public, max-age=31536000, immutable``; unversioned ids (the newest
-conversion) are ``no-cache`` so clients revalidate. In the process, decoded chunks
-(:class:`storage.pyramids.ChunkCache`, 256 MiB) and encoded responses by ETag
-(:class:`ResponseCache`, 64 MiB) are kept in LRUs.
+``max-age=31536000, immutable``; unversioned ids (the newest conversion) are
+``no-cache`` so clients revalidate. Both are ``public`` only where the route is open
+(authentication off, or on ``auth.public_paths``); behind a token they are ``private``
+with ``Vary: Authorization`` (:func:`cache_headers`), so no shared cache hands a
+patient's tiles to a caller without one (RFC 9111 §5.2.2.7). Problems are
+``no-store``. In the process, decoded chunks (:class:`storage.pyramids.ChunkCache`,
+256 MiB) and encoded responses by ETag (:class:`ResponseCache`, 64 MiB) are kept in
+LRUs.
 
 Errors are ``application/problem+json`` (RFC 9457): 400 bad syntax, 404 unknown
 image or a value this image does not support, 501 unimplemented features (IIIF

@@ -33,6 +33,8 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
+from starlette.responses import Response as StarletteResponse
+from starlette.types import Scope
 
 from api.routes.tiles import cache_headers, tile_service
 from core.errors import NotFoundError, ServiceError
@@ -46,9 +48,19 @@ STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
 router = APIRouter(prefix="/viewer", tags=["viewer"])
 
 
+class _NoSniffStaticFiles(StaticFiles):
+    """Static files with ``X-Content-Type-Options: nosniff``: a script is run only if
+    it is served as one (the CSP's script-src 'self' trusts these files)."""
+
+    async def get_response(self, path: str, scope: Scope) -> StarletteResponse:
+        response = await super().get_response(path, scope)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+
 def mount_static(app: FastAPI) -> None:
     """Serve ``api/static`` (the viewer's JS/CSS and vendored OpenSeadragon) at /static."""
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _NoSniffStaticFiles(directory=STATIC_DIR), name="static")
 
 
 #: CSP hash of the one ``<style>`` element OpenSeadragon 6.1.1 adds to the page (its

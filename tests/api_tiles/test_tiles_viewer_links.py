@@ -203,6 +203,8 @@ def test_viewer_pages_send_security_headers(client: TestClient, links: Links) ->
             if tag == "script":
                 assert str(attrs.get("src", "")).startswith("/static/") and i not in page.data
         assert not re.search(r"(src|href)=\"(https?:)?//", r.text)
+    js = client.get("/static/viewer/viewer.js")
+    assert js.status_code == 200 and js.headers["x-content-type-options"] == "nosniff"
 
 
 def test_frame_ancestors_setting(links: Links) -> None:
