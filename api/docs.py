@@ -18,7 +18,8 @@ import swagger_ui_bundle
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
-from fastapi.staticfiles import StaticFiles
+
+from api.routes.viewer import NoSniffStaticFiles
 
 __all__ = ["ASSETS", "install_docs"]
 
@@ -32,7 +33,7 @@ def install_docs(app: FastAPI) -> None:
     Call before anything is mounted at ``/static`` (the first matching mount wins),
     on an app created with ``docs_url=None, redoc_url=None``.
     """
-    app.mount(ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+    app.mount(ASSETS, NoSniffStaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
               name="swagger-ui")
 
     @app.get("/docs", include_in_schema=False)

@@ -41,14 +41,14 @@ from core.errors import NotFoundError, ServiceError
 from processing.render import PRESETS
 from storage.index.schema import instances, patients, series, studies
 
-__all__ = ["STATIC_DIR", "mount_static", "page_headers", "router"]
+__all__ = ["STATIC_DIR", "NoSniffStaticFiles", "mount_static", "page_headers", "router"]
 
 STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
 
 router = APIRouter(prefix="/viewer", tags=["viewer"])
 
 
-class _NoSniffStaticFiles(StaticFiles):
+class NoSniffStaticFiles(StaticFiles):
     """Static files with ``X-Content-Type-Options: nosniff``: a script is run only if
     it is served as one (the CSP's script-src 'self' trusts these files)."""
 
@@ -60,7 +60,7 @@ class _NoSniffStaticFiles(StaticFiles):
 
 def mount_static(app: FastAPI) -> None:
     """Serve ``api/static`` (the viewer's JS/CSS and vendored OpenSeadragon) at /static."""
-    app.mount("/static", _NoSniffStaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", NoSniffStaticFiles(directory=STATIC_DIR), name="static")
 
 
 #: CSP hash of the one ``<style>`` element OpenSeadragon 6.1.1 adds to the page (its

@@ -235,6 +235,7 @@ def test_docs_are_served_without_a_cdn(client: TestClient) -> None:
         a = client.get(asset)
         assert a.status_code == 200 and len(a.content) > 500, asset
     js = client.get("/static/swagger-ui/swagger-ui-bundle.js")
+    assert js.headers["x-content-type-options"] == "nosniff"
     assert js.headers["content-type"].startswith(("text/javascript", "application/javascript"))
     assert client.get("/docs/oauth2-redirect").status_code == 200
     assert client.get("/openapi.json").status_code == 200
