@@ -217,6 +217,12 @@ def test_frame_ancestors_setting(links: Links) -> None:
     assert "frame-ancestors 'self' https://emr.example:8443" in \
         r.headers["content-security-policy"]
     assert "x-frame-options" not in r.headers  # XFO cannot name the EMR; CSP governs
+    with pytest.MonkeyPatch.context() as mp:  # as a deployment sets it (JSON list)
+        mp.setenv("PACSLAB_HTTP__VIEWER_FRAME_ANCESTORS", '["\'self\'", "https://emr.example"]')
+        assert Settings().http.viewer_frame_ancestors == ["'self'", "https://emr.example"]
+        mp.setenv("PACSLAB_HTTP__VIEWER_FRAME_ANCESTORS", '["https://emr.example; x"]')
+        with pytest.raises(ValueError):
+            Settings()
     for bad in (["https://x; script-src *"], ["*"], [], ["'none'", "'self'"],
                 ["javascript:alert(1)"], ["https://emr example"]):
         with pytest.raises(ValueError):
