@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import PlainTextResponse
 
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
 from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
@@ -71,6 +72,8 @@ def create_app(
         title="pacslab",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: Swagger UI from local files, not a CDN
+        redoc_url=None,
         description="Imaging and lab data service: DICOMweb, FHIR R4, IIIF, DZI.",
     )
     app.state.settings = settings
@@ -82,6 +85,7 @@ def create_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    install_docs(app)  # before /static: its assets are mounted under /static/swagger-ui
     viewer.mount_static(app)
 
     @app.get("/health", tags=["ops"])

@@ -51,6 +51,7 @@ __all__ = [
     "dzi_levels",
     "dzi_tile",
     "info_json",
+    "parse_dzi_numbers",
     "parse_image_id",
     "parse_image_request",
 ]
@@ -62,7 +63,16 @@ TILE: Final = 256
 #: Largest response in pixels (IIIF §5.2 ``maxArea``).
 MAX_AREA: Final = 4096 * 4096
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Explicit [0-9] (not \d, not str.isdigit): ASCII digits only, and bounded lengths,
+# so int() never sees "²" or a number beyond its 4300-digit limit.
+_UID = re.compile(r"[0-9]{1,64}(?:\.[0-9]{1,64}){0,63}")
+_VERSION = re.compile(r"[0-9]{1,18}")
+_NUMBER = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
+_DEGREES = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,9})?")
+#: Longest identifier or request parameter we parse (far above any valid one).
+_MAX_ID: Final = 200
+_MAX_PARAM: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,31 +98,37 @@ class ImageId:
 def parse_image_id(text: str) -> ImageId:
     """Parse an image id.
 
+    Every number is ASCII digits of bounded length (``str.isdigit`` accepts ``²``
+    and ``int`` of thousands of digits raises), so hostile ids fail here.
+
     Raises
     ------
-    InvalidQueryError
-        Malformed id (HTTP 400).
+    NotFoundError
+        Malformed id: IIIF Image API 3.0 §7 answers an identifier that names no
+        image with 404, whatever its syntax (and the ``iiif-validator`` expects it).
     """
+    if len(text) > _MAX_ID:
+        raise NotFoundError("no such image (identifier too long)")
     parts = text.split(":")
     if len(parts) not in (4, 5):
-        raise InvalidQueryError("image id must be {series}[@{version}]:{stack}:{plane}:{index}"
-                                "[:{window}]")
+        raise NotFoundError("no such image: ids are {series}[@{version}]:{stack}:{plane}:"
+                            "{index}[:{window}]")
     head, stack, plane, index = parts[:4]
-    uid, _, version = head.partition("@")
-    if not _UID.match(uid) or len(uid) > 64:
-        raise InvalidQueryError("series UID must be digits and dots, at most 64 characters")
-    if version and not version.isdigit():
-        raise InvalidQueryError("version must be a job id (digits)")
-    if not stack.isdigit() or not index.isdigit():
-        raise InvalidQueryError("stack and index must be non-negative integers")
+    uid, at, version = head.partition("@")
+    if not _UID.fullmatch(uid) or len(uid) > 64:
+        raise NotFoundError("no such image: the series UID is digits and dots, at most 64")
+    if at and not _VERSION.fullmatch(version):
+        raise NotFoundError("no such image: the version is a job id (ASCII digits)")
+    if not _NUMBER.fullmatch(stack) or not _NUMBER.fullmatch(index):
+        raise NotFoundError("no such image: stack and index are non-negative integers")
     if plane not in PLANES:
-        raise InvalidQueryError(f"plane must be one of {', '.join(PLANES)}")
+        raise NotFoundError(f"no such image: the plane is one of {', '.join(PLANES)}")
     window = parts[4] if len(parts) == 5 else None
     if window is not None:
         try:
             parse_window(window)
         except ValueError as exc:
-            raise InvalidQueryError(str(exc)) from None
+            raise NotFoundError(f"no such image: {exc}") from None
     return ImageId(uid, int(version) if version else None, int(stack), plane, int(index),
                    window)
 
@@ -142,21 +158,17 @@ class ImageRequest:
 
 def _ints(text: str, n: int) -> list[int]:
     parts = text.split(",")
-    if len(parts) != n or not all(p.isdigit() for p in parts):
-        raise InvalidQueryError(f"expected {n} non-negative integers, got {text!r}")
+    if len(parts) != n or not all(_NUMBER.fullmatch(p) for p in parts):
+        raise InvalidQueryError(f"expected {n} non-negative integers of at most 9 ASCII "
+                                "digits")
     return [int(p) for p in parts]
 
 
 def _floats(text: str, n: int) -> list[float]:
     parts = text.split(",")
-    try:
-        values = [float(p) for p in parts] if len(parts) == n else []
-    except ValueError:
-        values = []
-    if len(values) != n or not all(math.isfinite(v) and v >= 0 for v in values) or any(
-            not re.fullmatch(r"[0-9]*\.?[0-9]+", p) for p in parts):
-        raise InvalidQueryError(f"expected {n} non-negative numbers, got {text!r}")
-    return values
+    if len(parts) != n or not all(_DECIMAL.fullmatch(p) for p in parts):
+        raise InvalidQueryError(f"expected {n} non-negative decimal numbers of ASCII digits")
+    return [float(p) for p in parts]
 
 
 def _region(text: str, width: int, height: int) -> tuple[int, int, int, int]:
@@ -193,8 +205,14 @@ def _size(text: str, rw: int, rh: int) -> tuple[int, int]:
     elif spec.startswith("!"):
         bw, bh = _ints(spec[1:], 2)
         scale = min(bw / rw, bh / rh)
-        if not up:
-            scale = min(scale, 1.0)
+        if not up and scale > 1:
+            # §4.2: a size without ^ whose scaled region is larger than the extracted
+            # region is a 400. The "!w,h" sentence ("not larger than the extracted
+            # region") could be read as a clamp, but the IIIF validator (size_noup),
+            # Cantaloupe and IIPImage treat a box that would upscale as this error;
+            # clients that want "fit, whatever the size" send ^!w,h.
+            raise InvalidQueryError("a !w,h box larger than the region needs the ^ "
+                                    "(upscaling) prefix")
         w, h = max(1, math.floor(rw * scale + 1e-9)), max(1, math.floor(rh * scale + 1e-9))
     elif spec.endswith(",") and spec.count(",") == 1:
         (w,) = _ints(spec[:-1], 1)
@@ -218,8 +236,8 @@ def _rotation(text: str) -> tuple[bool, int]:
     """IIIF Image API 3.0 §4.3: optional ``!`` (mirror) then degrees clockwise."""
     mirror = text.startswith("!")
     spec = text[1:] if mirror else text
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", spec):
-        raise InvalidQueryError(f"rotation must be a number of degrees, got {text!r}")
+    if not _DEGREES.fullmatch(spec):
+        raise InvalidQueryError("rotation must be a number of degrees")
     value = float(spec)
     if value >= 360:
         raise InvalidQueryError("rotation must be below 360 degrees")
@@ -245,8 +263,10 @@ def parse_image_request(region: str, size: str, rotation: str, quality_format: s
         A quality the image does not have (``color`` of greyscale), or a size
         beyond ``maxArea`` (404, §7).
     UnsupportedRequestError
-        Arbitrary rotation, ``bitonal``, tif/gif/pdf/jp2 (501).
+        Arbitrary rotation, tif/gif/pdf/jp2 (501).
     """
+    if max(len(region), len(size), len(rotation), len(quality_format)) > _MAX_PARAM:
+        raise InvalidQueryError(f"request parameters are at most {_MAX_PARAM} characters")
     quality, dot, fmt = quality_format.rpartition(".")
     if not dot or not quality:
         raise InvalidQueryError("expected {quality}.{format}")
@@ -259,8 +279,6 @@ def parse_image_request(region: str, size: str, rotation: str, quality_format: s
     x, y, w, h = _region(region, width, height)
     out_w, out_h = _size(size, w, h)
     mirror, degrees = _rotation(rotation)
-    if quality == "bitonal":
-        raise UnsupportedRequestError("bitonal quality is not produced")
     if quality == "color" and not color:
         raise NotFoundError("a greyscale image has no color quality")
     return ImageRequest(x, y, w, h, out_w, out_h, mirror, degrees, quality, fmt)
@@ -300,7 +318,8 @@ def info_json(service_id: str, width: int, height: int, levels: int, *,
         "tiles": [{"width": TILE, "height": TILE, "scaleFactors": factors}],
         "preferredFormats": ["png"],
         "extraFormats": ["png", "webp"],
-        "extraQualities": ["color", "gray"] if color else ["gray"],
+        # §5.5: every quality beyond default; bitonal is required at level 2 (§6).
+        "extraQualities": ["color", "gray", "bitonal"] if color else ["gray", "bitonal"],
         "extraFeatures": ["cors", "jsonldMediaType", "mirroring", "sizeUpscaling"],
     }
 
@@ -319,6 +338,20 @@ def dzi_descriptor(width: int, height: int, fmt: str) -> str:
             '<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" '
             f'Format="{fmt}" Overlap="0" TileSize="{TILE}">'
             f'<Size Width="{width}" Height="{height}"/></Image>\n')
+
+
+def parse_dzi_numbers(level: str, col: str, row: str) -> tuple[int, int, int]:
+    """The level, column and row of a Deep Zoom tile path, as ASCII digits (≤ 9 each).
+
+    Raises
+    ------
+    InvalidQueryError
+        Anything else (unicode digits, signs, thousands of digits): 400.
+    """
+    if not (_NUMBER.fullmatch(level) and _NUMBER.fullmatch(col) and _NUMBER.fullmatch(row)):
+        raise InvalidQueryError("Deep Zoom level, column and row are non-negative integers "
+                                "of at most 9 ASCII digits")
+    return int(level), int(col), int(row)
 
 
 def dzi_tile(width: int, height: int, level: int, col: int, row: int

@@ -11,6 +11,7 @@ Sources, highest priority first: constructor arguments, environment variables
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,6 +134,23 @@ class HttpSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
+    #: Who may show /viewer in a frame: CSP ``frame-ancestors`` sources (CSP Level 3
+    #: §7.7.3). ``'self'`` by default; add the EMR's origin (``https://emr.example``) to
+    #: let it embed the viewer, or ``'none'`` to forbid framing.
+    viewer_frame_ancestors: list[str] = Field(default_factory=lambda: ["'self'"])
+
+    @field_validator("viewer_frame_ancestors")
+    @classmethod
+    def _check_frame_ancestors(cls, value: list[str]) -> list[str]:
+        # Each entry goes verbatim into a header: no spaces, semicolons or commas.
+        source = re.compile(r"'self'|'none'|https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|"
+                            r"https://\*\.[A-Za-z0-9.-]+")
+        bad = [v for v in value if not source.fullmatch(v)]
+        if bad or not value:
+            raise ValueError("http.viewer_frame_ancestors: 'self', 'none' or http(s) origins")
+        if "'none'" in value and len(value) > 1:
+            raise ValueError("http.viewer_frame_ancestors: 'none' stands alone")
+        return value
 
 
 class DaskSettings(BaseModel):
@@ -381,6 +399,8 @@ class AuthSettings(BaseModel):
             "/openapi.json",
             # The viewer page and its scripts hold no patient data; /viewer/api/ does.
             "/viewer",
+            # Deep links an EMR opens (the same page; the token is in the #fragment).
+            "/viewer/studies/",
             "/static/",
             # FHIR R4 3.1.0.4 / SMART App Launch: clients read the CapabilityStatement
             # before they have a token (it holds no patient data).

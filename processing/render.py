@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,12 +35,14 @@ import numpy as np
 
 __all__ = [
     "FORMATS",
+    "MIN_REFORMAT_SLICES",
     "PLANES",
     "PRESETS",
     "Axis",
     "PlaneView",
     "RawWindow",
     "Window",
+    "acquisition_plane",
     "apply_window",
     "auto_window",
     "default_window",
@@ -48,6 +51,7 @@ __all__ = [
     "orient",
     "parse_window",
     "plane_view",
+    "planes_of",
     "raw_uint16",
     "resample_axis",
     "resize",
@@ -94,6 +98,9 @@ PRESETS: Final[Mapping[str, Window]] = {
 }
 
 
+_WINDOW_NUMBER: Final = re.compile(r"[-+]?(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
+
+
 def parse_window(text: str | None) -> Window | RawWindow | None:
     """Parse ``?window=``: ``center,width``, a preset name, ``raw`` or ``default``.
 
@@ -113,11 +120,11 @@ def parse_window(text: str | None) -> Window | RawWindow | None:
     parts = text.split(",")
     if len(parts) != 2:
         raise ValueError(f"window must be center,width or one of {sorted(PRESETS)}, raw")
-    try:
-        center, width = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ValueError("window center and width must be numbers") from None
-    return Window(center, width)
+    # float() also takes unicode digits, "inf", "1e999" and thousands of digits: accept
+    # only short ASCII decimals (hostile input, issue 14.8).
+    if not all(_WINDOW_NUMBER.fullmatch(p) for p in parts):
+        raise ValueError("window center and width must be decimal numbers (ASCII digits)")
+    return Window(float(parts[0]), float(parts[1]))
 
 
 def default_window(windows: Sequence[Mapping[str, Any]]) -> Window | None:
@@ -306,6 +313,38 @@ def _fixed_axes(direction: Sequence[Sequence[float]]) -> dict[str, int]:
         if score > best[0] + 1e-9:
             best = (score, perm)
     return dict(zip(("axial", "coronal", "sagittal"), best[1], strict=True))
+
+
+#: Parallel slices a volume needs before its other two anatomical planes are offered:
+#: a reformat of fewer slices is only a few pixels high (a line, issue 13.10).
+MIN_REFORMAT_SLICES: Final = 5
+
+
+def acquisition_plane(kind: str, direction: Sequence[Sequence[float]]) -> str:
+    """The plane a stack was acquired in: the anatomical plane whose normal is the
+    stack's slice axis (from Image Orientation (Patient), PS3.3 C.7.6.2.1.1).
+
+    A sagittal or oblique MR series opens in its own plane, never in a reformatted
+    "axial" one; 2-D images and cine have only ``native``.
+    """
+    if kind != "volume":
+        return "native"
+    return next(p for p, axis in _fixed_axes(direction).items() if axis == 0)
+
+
+def planes_of(kind: str, shape: Sequence[int], direction: Sequence[Sequence[float]]
+              ) -> tuple[str, ...]:
+    """The planes a stack offers, its acquisition plane first.
+
+    A volume of at least :data:`MIN_REFORMAT_SLICES` parallel slices adds the two
+    reformatted anatomical planes; a thinner one (a single oblique slice, a
+    three-slice localizer) has only its acquisition plane. Every stack also serves
+    ``native`` (stored rows and columns), which is not listed.
+    """
+    first = acquisition_plane(kind, direction)
+    if kind != "volume" or int(shape[0]) < MIN_REFORMAT_SLICES:
+        return (first,)
+    return (first, *(p for p in ("axial", "coronal", "sagittal") if p != first))
 
 
 def plane_view(kind: str, shape: Sequence[int], spacing: Sequence[float],

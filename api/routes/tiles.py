@@ -14,10 +14,14 @@ Caching (RFC 9111, RFC 9110 §13): the response of a request is a function of th
 store version (the series job id), the image id and the canonical request (IIIF
 §4.7), so its strong ``ETag`` is computed before rendering and ``If-None-Match``
 is answered with 304 without touching the store. Versioned ids are
-``Cache-Control: public, max-age=31536000, immutable``; unversioned ids (the newest
-conversion) are ``no-cache`` so clients revalidate. In the process, decoded chunks
-(:class:`storage.pyramids.ChunkCache`, 256 MiB) and encoded responses by ETag
-(:class:`ResponseCache`, 64 MiB) are kept in LRUs.
+``max-age=31536000, immutable``; unversioned ids (the newest conversion) are
+``no-cache`` so clients revalidate. Both are ``public`` only where the route is open
+(authentication off, or on ``auth.public_paths``); behind a token they are ``private``
+with ``Vary: Authorization`` (:func:`cache_headers`), so no shared cache hands a
+patient's tiles to a caller without one (RFC 9111 §5.2.2.7). Problems are
+``no-store``. In the process, decoded chunks (:class:`storage.pyramids.ChunkCache`,
+256 MiB) and encoded responses by ETag (:class:`ResponseCache`, 64 MiB) are kept in
+LRUs.
 
 Errors are ``application/problem+json`` (RFC 9457): 400 bad syntax, 404 unknown
 image or a value this image does not support, 501 unimplemented features (IIIF
@@ -47,9 +51,11 @@ from api.iiif import (
     dzi_descriptor,
     dzi_tile,
     info_json,
+    parse_dzi_numbers,
     parse_image_id,
     parse_image_request,
 )
+from core.auth import is_public
 from core.errors import InvalidQueryError, NotFoundError, ServiceError
 from processing.render import (
     FORMATS,
@@ -61,6 +67,7 @@ from processing.render import (
     level_axis,
     parse_window,
     plane_view,
+    planes_of,
     raw_uint16,
     resample_axis,
     resize,
@@ -73,6 +80,7 @@ __all__ = [
     "ResponseCache",
     "TileLatency",
     "TileService",
+    "cache_headers",
     "dzi_router",
     "iiif_router",
     "tile_service",
@@ -81,6 +89,10 @@ __all__ = [
 
 IMMUTABLE: Final = "public, max-age=31536000, immutable"
 REVALIDATE: Final = "no-cache"
+#: The same for a response that needed credentials: only the browser's own cache may
+#: keep it (RFC 9111 §5.2.2.7 private), never a shared proxy or CDN.
+PRIVATE_IMMUTABLE: Final = "private, max-age=31536000, immutable"
+PRIVATE_REVALIDATE: Final = "private, no-cache"
 PROBLEM_JSON: Final = "application/problem+json"
 LD_JSON: Final = 'application/ld+json;profile="http://iiif.io/api/image/3/context.json"'
 LEVEL2: Final = '<http://iiif.io/api/image/3/level2.json>;rel="profile"'
@@ -161,6 +173,12 @@ class Resolved:
         return '"' + hashlib.blake2b(text.encode(), digest_size=16).hexdigest() + '"'
 
 
+def _direction(image: PyramidImage) -> list[list[float]]:
+    """The stack's row cosine, column cosine and slice normal (identity if unknown)."""
+    direction = image.attrs.get("direction_cosines")
+    return direction or [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
 def _choose_level(w: int, h: int, tw: int, th: int, levels: int) -> int:
     """The coarsest level that still has at least ``tw × th`` pixels for the region."""
     for k in reversed(range(levels)):
@@ -220,15 +238,25 @@ class TileService:
         return version, self.reader.open(str(images[stack]["path"]))
 
     def views(self, image: PyramidImage) -> dict[str, PlaneView]:
-        """Every plane of an image with its geometry."""
-        planes = ("axial", "coronal", "sagittal") if image.kind == "volume" else ("native",)
-        return {p: self._view(image, p) for p in planes}
+        """The planes a viewer offers for an image, its acquisition plane first.
+
+        See :func:`processing.render.planes_of`: reformats only for real volumes.
+        """
+        return {p: self._view(image, p) for p in self.planes(image)}
+
+    @staticmethod
+    def planes(image: PyramidImage) -> tuple[str, ...]:
+        """The offered planes of ``image`` (acquisition plane first)."""
+        return planes_of(image.kind, image.shapes[0], _direction(image))
 
     @staticmethod
     def _view(image: PyramidImage, plane: str) -> PlaneView:
-        direction = image.attrs.get("direction_cosines") or [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+        if plane != "native" and plane not in TileService.planes(image):
+            # A reformat of a single slice or a thin stack is a line, not an image.
+            raise NotFoundError(f"this {image.kind} has no {plane} plane (too few slices)")
         try:
-            return plane_view(image.kind, image.shapes[0], image.spacings[0], direction, plane)
+            return plane_view(image.kind, image.shapes[0], image.spacings[0],
+                              _direction(image), plane)
         except ValueError as exc:
             raise NotFoundError(str(exc)) from None
 
@@ -351,9 +379,12 @@ class TileService:
             return encode(raw, "png"), headers
         pixels = to_display(values, r.window, photometric=r.photometric, slope=r.slope,
                             intercept=r.intercept)
-        if quality == "gray" and pixels.ndim == 3:
+        if quality in ("gray", "bitonal") and pixels.ndim == 3:
             # ITU-R BT.601 luma, as Pillow's "L" conversion.
             pixels = np.rint(pixels @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        if quality == "bitonal":
+            # IIIF Image API 3.0 §4.4: each pixel black or white (threshold at mid-grey).
+            pixels = np.where(pixels >= 128, 255, 0).astype(np.uint8)
         return encode(pixels, fmt), headers
 
 
@@ -386,8 +417,11 @@ def _problem(request: Request, exc: ServiceError) -> JSONResponse:
     """RFC 9457 problem details from a :class:`ServiceError` (STYLE.md §3)."""
     body = {"type": "about:blank", "title": exc.title, "status": exc.http_status,
             "detail": str(exc), "instance": request.url.path}
+    # no-store: 404 is heuristically cacheable (RFC 9111 §4.2.2), and an image that
+    # is not converted yet may exist a minute later.
     return JSONResponse(body, status_code=exc.http_status, media_type=PROBLEM_JSON,
-                        headers={"Access-Control-Allow-Origin": "*"})
+                        headers={"Access-Control-Allow-Origin": "*",
+                                 "Cache-Control": "no-store"})
 
 
 def _not_modified(request: Request, etag: str) -> bool:
@@ -435,14 +469,32 @@ class ResponseCache:
                 self._bytes -= len(old)
 
 
+def cache_headers(request: Request, *, immutable: bool) -> dict[str, str]:
+    """``Cache-Control`` (and ``Vary``) for a response to ``request`` (RFC 9111 §5.2.2).
+
+    ``public`` only when the route is open to anyone (authentication off, or the path on
+    ``auth.public_paths``); a response that needed a token is ``private`` and varies on
+    ``Authorization``, so no shared cache serves it to a caller without one.
+    """
+    auth = request.app.state.settings.auth
+    if not auth.enabled or is_public(request.url.path, auth.public_paths):
+        return {"Cache-Control": IMMUTABLE if immutable else REVALIDATE}
+    return {"Cache-Control": PRIVATE_IMMUTABLE if immutable else PRIVATE_REVALIDATE,
+            "Vary": "Authorization"}
+
+
 def _cached(request: Request, r: Resolved, key: str, media_type: str,
-            produce: Callable[[], tuple[bytes, dict[str, str]]]) -> Response:
+            produce: Callable[[], tuple[bytes, dict[str, str]]], *,
+            vary: str | None = None) -> Response:
     etag = r.etag(key)
     headers = {
         "ETag": etag,
-        "Cache-Control": IMMUTABLE if r.immutable else REVALIDATE,
+        **cache_headers(request, immutable=r.immutable),
         "Access-Control-Allow-Origin": "*",
     }
+    varies = ", ".join(v for v in (vary, headers.get("Vary")) if v)
+    if varies:
+        headers["Vary"] = varies
     if _not_modified(request, etag):
         return Response(status_code=304, headers=headers)
     cache = tile_service(request).responses
@@ -497,7 +549,7 @@ def iiif_info(image: str, request: Request,
         media = LD_JSON if "application/ld+json" in accept else "application/json"
         body = json.dumps(doc, separators=(",", ":")).encode()
         return _cached(request, r, f"info|{base}|{media}|{pinned}", media,
-                       lambda: (body, {"Link": LEVEL2, "Vary": "Accept"}))
+                       lambda: (body, {"Link": LEVEL2}), vary="Accept")
 
     return _timed(service, "iiif_info", call, request)
 
@@ -549,20 +601,23 @@ def dzi_descriptor_route(image: str, request: Request,
     return _timed(service, "dzi_descriptor", call, request)
 
 
-@dzi_router.get("/{image}_files/{level:int}/{col:int}_{row:int}.{fmt}",
+# Path parameters are strings parsed by parse_dzi_numbers: Starlette's ``int``
+# convertor passes any run of digits to int(), which raises (a 500) beyond 4300 digits.
+@dzi_router.get("/{image}_files/{level}/{col}_{row}.{fmt}",
                 summary="Deep Zoom tile", response_class=Response,
                 responses={200: {"content": {m: {} for m in FORMATS.values()}}})
-def dzi_tile_route(image: str, level: int, col: int, row: int, fmt: str, request: Request,
+def dzi_tile_route(image: str, level: str, col: str, row: str, fmt: str, request: Request,
                    window: str | None = Query(None, description=_WINDOW_DOC)) -> Response:
     """Tile ``col_row`` of Deep Zoom level ``level`` (0 is 1×1; the last is full size)."""
     service = tile_service(request)
 
     def call() -> Response:
+        n_level, n_col, n_row = parse_dzi_numbers(level, col, row)
         if fmt not in FORMATS:
             raise InvalidQueryError(f"format must be one of {', '.join(FORMATS)}")
         r = service.resolve(parse_image_id(image), window)
-        x, y, w, h, tw, th = dzi_tile(r.view.width, r.view.height, level, col, row)
-        return _cached(request, r, f"dzi|{level}|{col}|{row}|{fmt}", FORMATS[fmt],
+        x, y, w, h, tw, th = dzi_tile(r.view.width, r.view.height, n_level, n_col, n_row)
+        return _cached(request, r, f"dzi|{n_level}|{n_col}|{n_row}|{fmt}", FORMATS[fmt],
                        lambda: service.render(r, x, y, w, h, tw, th, fmt=fmt))
 
     return _timed(service, "dzi", call, request)

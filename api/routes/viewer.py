@@ -7,8 +7,21 @@ never loaded from a CDN. The page reads two small JSON endpoints over the index
 :mod:`api.routes.tiles`.
 
 The JSON carries what a viewer needs beyond DICOM: the store version of each
-series' pyramid, each stack's planes with their display size and depth, and the
-window presets.
+series' pyramid, each stack's planes with their display size and depth (the
+acquisition plane first, reformats only for volumes, see
+:func:`processing.render.planes_of`), and the window presets.
+
+Deep links: ``/viewer/studies/{StudyInstanceUID}`` and
+``/viewer/studies/{StudyInstanceUID}/series/{SeriesInstanceUID}`` serve the same page,
+which opens that study (and series) itself, so an EMR can launch the viewer for the
+patient in front of the doctor; the token rides in the fragment (``#token=…``) as for
+``/viewer``. The pages hold no patient data and are public; everything they fetch
+needs the token.
+
+Every page is sent with a strict Content-Security-Policy (scripts and styles only from
+this origin, no inline code), ``frame-ancestors`` from
+``http.viewer_frame_ancestors`` (default ``'self'``; an EMR that embeds the viewer
+adds its origin), ``Referrer-Policy: no-referrer`` and ``nosniff``.
 """
 
 from __future__ import annotations
@@ -16,38 +29,98 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
+from starlette.responses import Response as StarletteResponse
+from starlette.types import Scope
 
-from api.routes.tiles import tile_service
+from api.routes.tiles import cache_headers, tile_service
 from core.errors import NotFoundError, ServiceError
 from processing.render import PRESETS
 from storage.index.schema import instances, patients, series, studies
 
-__all__ = ["STATIC_DIR", "mount_static", "router"]
+__all__ = ["STATIC_DIR", "NoSniffStaticFiles", "mount_static", "page_headers", "router"]
 
 STATIC_DIR: Final = Path(__file__).resolve().parent.parent / "static"
 
 router = APIRouter(prefix="/viewer", tags=["viewer"])
 
 
+class NoSniffStaticFiles(StaticFiles):
+    """Static files with ``X-Content-Type-Options: nosniff``: a script is run only if
+    it is served as one (the CSP's script-src 'self' trusts these files)."""
+
+    async def get_response(self, path: str, scope: Scope) -> StarletteResponse:
+        response = await super().get_response(path, scope)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+
 def mount_static(app: FastAPI) -> None:
     """Serve ``api/static`` (the viewer's JS/CSS and vendored OpenSeadragon) at /static."""
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", NoSniffStaticFiles(directory=STATIC_DIR), name="static")
+
+
+#: CSP hash of the one ``<style>`` element OpenSeadragon 6.1.1 adds to the page (its
+#: "mobile css" rule); allowing exactly that text keeps ``'unsafe-inline'`` out.
+#: Another OpenSeadragon version may change it: the Chromium test fails on any CSP
+#: violation, so an upgrade shows here.
+_OSD_STYLE_HASH: Final = "sha256-9xTiqzfwFaL2SGb1rmr8gysEwVVjIvqWAgmZgqFqpEE="
+
+
+def page_headers(frame_ancestors: list[str]) -> dict[str, str]:
+    """Security headers of the viewer's HTML pages.
+
+    CSP Level 3: nothing inline and nothing from another origin (OpenSeadragon is
+    vendored); ``blob:`` images are the thumbnails and tiles fetched with the token;
+    ``data:`` is the empty favicon. X-Frame-Options (RFC 7034) repeats the framing rule
+    for browsers without ``frame-ancestors``; it cannot name other origins, so it is
+    left out when the EMR's origin is allowed (``frame-ancestors`` then governs).
+    """
+    csp = ("default-src 'none'; script-src 'self'; "
+           f"style-src 'self' '{_OSD_STYLE_HASH}'; "
+           "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; "
+           "form-action 'none'; frame-ancestors " + " ".join(frame_ancestors))
+    headers = {"Content-Security-Policy": csp, "Referrer-Policy": "no-referrer",
+               "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+    if frame_ancestors == ["'self'"]:
+        headers["X-Frame-Options"] = "SAMEORIGIN"
+    elif frame_ancestors == ["'none'"]:
+        headers["X-Frame-Options"] = "DENY"
+    return headers
+
+
+def _page(request: Request) -> FileResponse:
+    settings = request.app.state.settings
+    return FileResponse(STATIC_DIR / "viewer" / "index.html", media_type="text/html",
+                        headers=page_headers(settings.http.viewer_frame_ancestors))
 
 
 @router.get("", include_in_schema=False)
-def viewer_page() -> FileResponse:
+def viewer_page(request: Request) -> FileResponse:
     """The viewer's single HTML page."""
-    return FileResponse(STATIC_DIR / "viewer" / "index.html", media_type="text/html",
-                        headers={"Cache-Control": "no-cache"})
+    return _page(request)
+
+
+@router.get("/studies/{study_uid}", include_in_schema=False)
+def viewer_study_page(study_uid: str, request: Request) -> FileResponse:
+    """Deep link: the viewer opening one study (the page reads the UID from its path)."""
+    return _page(request)
+
+
+@router.get("/studies/{study_uid}/series/{series_uid}", include_in_schema=False)
+def viewer_series_page(study_uid: str, series_uid: str, request: Request) -> FileResponse:
+    """Deep link: the viewer opening one series of a study."""
+    return _page(request)
 
 
 @router.get("/api/studies", summary="Studies in the index (for the viewer)")
-def list_studies(request: Request, limit: int = 200) -> list[dict[str, Any]]:
+def list_studies(request: Request, response: Response,
+                 limit: int = Query(200, ge=1, le=1000)) -> list[dict[str, Any]]:
     """Newest studies first, with modalities and series counts."""
+    response.headers.update(cache_headers(request, immutable=False))
     idx = request.app.state.index
     n_series = (select(series.c.study_pk, func.count().label("n"),
                        func.group_concat(series.c.modality.distinct()).label("modalities")
@@ -60,7 +133,7 @@ def list_studies(request: Request, limit: int = 200) -> list[dict[str, Any]]:
                     n_series.c.modalities)
              .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id)
                           .outerjoin(n_series, n_series.c.study_pk == studies.c.id))
-             .order_by(studies.c.updated_at.desc()).limit(max(1, min(limit, 1000))))
+             .order_by(studies.c.updated_at.desc()).limit(limit))
     with idx.engine.connect() as conn:
         rows = conn.execute(query).all()
     return [{"study_instance_uid": r.study_instance_uid, "study_date": r.study_date,
@@ -71,8 +144,9 @@ def list_studies(request: Request, limit: int = 200) -> list[dict[str, Any]]:
 
 
 @router.get("/api/studies/{study_uid}/series", summary="Series of a study with their pyramids")
-def list_series(study_uid: str, request: Request) -> Any:
+def list_series(study_uid: str, request: Request, response: Response) -> Any:
     """Each series with its converted stacks, planes (size, depth) and presets."""
+    response.headers.update(cache_headers(request, immutable=False))
     idx = request.app.state.index
     service = tile_service(request)
     n_inst = (select(instances.c.series_pk, func.count().label("n"))
@@ -88,7 +162,8 @@ def list_series(study_uid: str, request: Request) -> Any:
     if not rows:
         body = {"type": "about:blank", "title": "Not found", "status": 404,
                 "detail": "no such study", "instance": request.url.path}
-        return JSONResponse(body, status_code=404, media_type="application/problem+json")
+        return JSONResponse(body, status_code=404, media_type="application/problem+json",
+                            headers={"Cache-Control": "no-store"})
     out = []
     for r in rows:
         item: dict[str, Any] = {"series_instance_uid": r.series_instance_uid,
@@ -107,7 +182,7 @@ def list_series(study_uid: str, request: Request) -> Any:
             except ServiceError:
                 continue
             views = service.views(image)
-            default = "axial" if "axial" in views else "native"
+            default = next(iter(views))  # the acquisition plane (planes_of)
             windows = [{"name": str(w.get("explanation") or f"{w['center']:g}/{w['width']:g}"),
                         "window": f"{w['center']:g},{w['width']:g}"}
                        for w in image.attrs.get("windows") or []]
@@ -123,8 +198,10 @@ def list_series(study_uid: str, request: Request) -> Any:
                 "planes": {p: {"width": v.width, "height": v.height, "depth": v.depth,
                                "pixel_mm": v.pixel_mm} for p, v in views.items()},
                 "default_plane": default,
+                "acquisition_plane": default,
                 "windows": [] if image.samples > 1 else windows,
-                "thumbnail": f"/iiif/{base}:{default}:{mid}/full/!128,128/0/default.png",
+                # ^: a plane smaller than 128 px is scaled up, not refused (§4.2)
+                "thumbnail": f"/iiif/{base}:{default}:{mid}/full/^!128,128/0/default.png",
             })
         out.append(item)
     return out

@@ -176,7 +176,7 @@ def test_sizes_regions_rotation_and_formats(client: TestClient, converted: Conve
 @pytest.mark.parametrize(("path", "status"), [
     ("full/max/0/default.tif", 501),
     ("full/max/45/default.png", 501),
-    ("full/max/0/bitonal.png", 501),
+    ("full/max/0/default.gif", 501),  # bitonal is produced now (level 2, issue 13)
     ("full/max/0/color.png", 404),  # greyscale image: no colour quality (§7: 404)
     ("full/max/0/default.bmp", 400),
     ("full/max/0/fancy.png", 400),
@@ -187,6 +187,20 @@ def test_sizes_regions_rotation_and_formats(client: TestClient, converted: Conve
     ("a,b,c,d/max/0/default.png", 400),
     ("full/max/360/default.png", 400),
     ("full/^5000,5000/0/default.png", 404),  # beyond maxArea
+    # hostile numbers: unicode digits, thousands of digits, signs (issue 14.8: never 500)
+    ("\u00b2,0,1,1/max/0/default.png", 400),
+    ("\u0661,0,1,1/max/0/default.png", 400),  # ARABIC-INDIC DIGIT ONE
+    ("1" * 5000 + ",0,1,1/max/0/default.png", 400),
+    ("0,0,1,1/" + "9" * 5000 + ",/0/default.png", 400),
+    ("pct:" + "1" * 5000 + ",0,1,1/max/0/default.png", 400),
+    ("pct:\u00b9,0,1,1/max/0/default.png", 400),
+    ("full/pct:\u0665\u0660/0/default.png", 400),
+    ("full/!\u00b2,2/0/default.png", 400),
+    ("full/max/" + "9" * 5000 + "/default.png", 400),
+    ("full/max/\u0669\u0660/default.png", 400),
+    ("full/max/-90/default.png", 400),
+    ("-1,0,10,10/max/0/default.png", 400),
+    ("full/max/0/default." + "p" * 5000, 400),
 ])
 def test_iiif_errors_are_problem_json(client: TestClient, converted: Converted, path: str,
                                       status: int) -> None:
@@ -197,20 +211,32 @@ def test_iiif_errors_are_problem_json(client: TestClient, converted: Converted, 
     assert body["status"] == status and body["title"] and body["instance"].startswith("/iiif/")
 
 
+# Malformed ids were 400 before issue 13.9: IIIF Image API 3.0 §7 says an identifier
+# that names no image is 404, whatever its syntax (the iiif-validator checks it).
 @pytest.mark.parametrize(("image", "status"), [
     ("1.2.3:0:axial:0", 404),  # unknown series
     ("{uid}@999999:0:axial:0", 404),  # unknown version
     ("{uid}:7:axial:0", 404),  # unknown stack
     ("{uid}:0:axial:24", 404),  # slice beyond the depth
     ("{uid}:0:native:0", 200),  # a volume's native plane
-    ("{uid}:0:oblique:0", 400),
-    ("{uid}:0:axial", 400),
-    ("not-a-uid:0:axial:0", 400),
-    ("{uid}:0:axial:0:nonsense", 400),
+    ("{uid}:0:oblique:0", 404),
+    ("{uid}:0:axial", 404),
+    ("not-a-uid:0:axial:0", 404),
+    ("{uid}:0:axial:0:nonsense", 404),
+    ("{uid}:0:axial:\u00b9\u00b2", 404),  # superscript digits pass str.isdigit
+    ("{uid}:\u0660:axial:0", 404),
+    ("{uid}@" + "9" * 5000 + ":0:axial:0", 404),
+    ("{uid}:0:axial:" + "1" * 5000, 404),
+    ("1." + "2" * 5000 + ":0:axial:0", 404),
+    ("{uid}:0:axial:0:\u0664\u0660,400", 404),  # unicode digits in the window
+    ("[frob]", 404),
 ])
 def test_image_ids(client: TestClient, converted: Converted, image: str, status: int) -> None:
     r = client.get(f"/iiif/{image.format(uid=converted.series_uid)}/info.json")
     assert r.status_code == status, r.text
+    if status != 200:
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.headers["cache-control"] == "no-store"
 
 
 def test_etag_and_304(client: TestClient, converted: Converted) -> None:
@@ -295,6 +321,13 @@ def test_dzi_descriptor_and_tiles(client: TestClient, converted: Converted) -> N
     assert client.get(f"{base}/{last}/3_0.png").status_code == 404
     assert client.get(f"{base}/{last + 1}/0_0.png").status_code == 404
     assert client.get(f"{base}/{last}/0_0.gif").status_code == 400
+    # hostile numbers (issue 14.8): 400, never a 500 from int()
+    for bad in ("9" * 5000 + "/0_0.png", f"{last}/{'1' * 5000}_0.png",
+                f"{last}/0_{'2' * 5000}.png", "\u00b9/0_0.png", f"{last}/\u0661_0.png",
+                f"{last}/-1_0.png", f"{last}/0_0.{'p' * 5000}"):
+        t = client.get(f"{base}/{bad}")
+        assert t.status_code == 400, (bad[:20], t.status_code)
+        assert t.headers["content-type"] == "application/problem+json"
     assert client.get(f"{base}/{last}/0_0.webp").headers["content-type"] == "image/webp"
     lung = client.get(f"{base}/{last}/0_0.png", params={"window": "lung"})
     want = apply_window(_level(converted, 0)[12, :256, :256], PRESETS["lung"])
@@ -325,4 +358,31 @@ def test_sizes_never_exceed_max_area() -> None:
 
     info = info_json("http://x/iiif/a", 30000, 30000, 8, color=True)
     assert all(s["width"] * s["height"] <= MAX_AREA for s in info["sizes"])
-    assert info["extraQualities"] == ["color", "gray"]
+    # bitonal is required at level 2 and listed since issue 13 (§5.5: all but default)
+    assert info["extraQualities"] == ["color", "gray", "bitonal"]
+
+
+_HOSTILE = ("\u00b2", "\u0661", "9" * 5000, "-1", "1e5", "inf", "0x10", "a" * 300, "%0d%0a")
+
+
+def test_hostile_parameters_never_500(client: TestClient, converted: Converted) -> None:
+    """Issue 14.8: every path and query parameter of /iiif, /dzi and the viewer JSON
+    answers a 4xx (or a 3xx for the IIIF base URI) to unicode digits, huge numbers,
+    signs, exponents and hex, never a 500."""
+    i = _id(converted)
+    templates = (
+        "/iiif/{h}/info.json", "/iiif/{h}", f"/iiif/{i}/{{h}}/max/0/default.png",
+        f"/iiif/{i}/pct:{{h}},0,1,1/max/0/default.png", f"/iiif/{i}/full/{{h}}/0/default.png",
+        f"/iiif/{i}/full/!{{h}},1/0/default.png", f"/iiif/{i}/full/^pct:{{h}}/0/default.png",
+        f"/iiif/{i}/full/max/{{h}}/default.png", f"/iiif/{i}/full/max/0/{{h}}",
+        f"/iiif/{i}/full/max/0/default.{{h}}", f"/iiif/{i}/full/max/0/default.png?window={{h}}",
+        f"/iiif/{i}/full/max/0/default.png?window=40,{{h}}", "/dzi/{h}.dzi",
+        f"/dzi/{i}_files/{{h}}/0_0.png", f"/dzi/{i}_files/9/{{h}}_0.png",
+        f"/dzi/{i}_files/9/0_{{h}}.png", f"/dzi/{i}.dzi?format={{h}}",
+        "/viewer/api/studies?limit={h}", "/viewer/api/studies/{h}/series",
+    )
+    for h in _HOSTILE:
+        for template in templates:
+            url = template.format(h=h)
+            status = client.get(url, follow_redirects=False).status_code
+            assert 300 <= status < 500, (url[:100], status)

@@ -9,15 +9,18 @@ import pytest
 from PIL import Image
 
 from processing.render import (
+    MIN_REFORMAT_SLICES,
     PRESETS,
     RawWindow,
     Window,
+    acquisition_plane,
     apply_window,
     auto_window,
     default_window,
     encode,
     parse_window,
     plane_view,
+    planes_of,
     raw_uint16,
     resample_axis,
     resize,
@@ -144,3 +147,48 @@ def test_resize_and_encode() -> None:
         encode(img, "gif")
     with pytest.raises(ValueError):
         encode(img.astype(np.uint16), "jpg")
+
+
+def _oblique(degrees: float) -> tuple[tuple[float, float, float], ...]:
+    """A sagittal acquisition tilted ``degrees`` about the patient's left-right axis."""
+    import math
+
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    # row and column cosines both in the y-z plane, perpendicular to each other
+    row = (0.0, c, s)
+    col = (0.0, s, -c)
+    normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+              row[0] * col[1] - row[1] * col[0])
+    return (row, col, normal)
+
+
+@pytest.mark.parametrize(("direction", "plane"), [
+    (AXIAL, "axial"),
+    (SAGITTAL, "sagittal"),
+    (_oblique(25.0), "sagittal"),
+    (((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)), "coronal"),
+])
+def test_a_stack_opens_in_its_acquisition_plane(
+        direction: tuple[tuple[float, ...], ...], plane: str) -> None:
+    """Issue 13.10: a single oblique slice is shown in its own plane, not as a line."""
+    assert acquisition_plane("volume", direction) == plane
+    # one slice (or a thin stack): only the acquisition plane is offered
+    for depth in (1, MIN_REFORMAT_SLICES - 1):
+        assert planes_of("volume", (depth, 256, 192), direction) == (plane,)
+    view = plane_view("volume", (1, 256, 192), (1.0, 0.9, 0.9), direction, plane)
+    assert view.fixed == 0 and view.depth == 1
+    assert {view.width, view.height} == {256, 192}  # the whole slice, not a line
+    # a volume adds the two reformats, its acquisition plane first
+    planes = planes_of("volume", (MIN_REFORMAT_SLICES, 256, 192), direction)
+    assert planes[0] == plane and sorted(planes) == ["axial", "coronal", "sagittal"]
+    assert planes_of("plane", (1, 64, 64), direction) == ("native",)
+    assert planes_of("cine", (30, 64, 64), direction) == ("native",)
+
+
+@pytest.mark.parametrize("text", ["\u00b2,400", "40,\u0664\u0660\u0660", "1" * 5000 + ",400",
+                                  "inf,400", "40,1e9", "nan,400", " 40,400", "40,400,1"])
+def test_parse_window_takes_only_short_ascii_decimals(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_window(text)
+    assert parse_window("-600,1500") == Window(-600, 1500)
+    assert parse_window("40.5,400") == Window(40.5, 400)

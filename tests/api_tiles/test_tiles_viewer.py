@@ -1,5 +1,8 @@
 """The /viewer page: its JSON endpoints, and a real browser session (issue 6 §4).
 
+The page is served with a strict CSP (no eval), so every ``wait_for_function`` is
+given a function (``() => …``): Playwright evaluates a bare expression with eval.
+
 The browser test runs uvicorn in a thread on a free loopback port over a data dir
 holding a converted synthetic CT, and drives Debian's headless Chromium with
 Playwright: open /viewer, open the study and the series, zoom, switch the window
@@ -108,7 +111,7 @@ def _full_resolution(url: str) -> bool:
 
 def _wait_loaded(page: Any, min_tiles: int) -> None:
     page.wait_for_function(
-        f"window.pacslab && window.pacslab.isLoaded() "
+        f"() => window.pacslab && window.pacslab.isLoaded() "
         f"&& window.pacslab.state.tilesLoaded >= {min_tiles}", timeout=20000)
 
 
@@ -151,7 +154,8 @@ def test_viewer_in_headless_chromium(server: str, converted: Converted, tmp_path
             thumb = page.locator(f".thumb[data-series='{converted.series_uid}']")
             thumb.locator("img").wait_for()
             page.wait_for_function(
-                "[...document.querySelectorAll('.thumb img')].every(i => i.naturalWidth > 0)")
+                "() => [...document.querySelectorAll('.thumb img')]"
+                ".every(i => i.naturalWidth > 0)")
             thumb.click()
             _wait_loaded(page, 1)
             assert any(":axial:12/" in u for u in tiles), tiles
@@ -161,7 +165,7 @@ def test_viewer_in_headless_chromium(server: str, converted: Converted, tmp_path
             before = len(tiles)
             page.evaluate("() => { const v = window.pacslab.viewer.viewport; "
                           "v.zoomBy(4); v.applyConstraints(true); }")
-            page.wait_for_function(f"window.pacslab.state.tilesLoaded > {before}",
+            page.wait_for_function(f"() => window.pacslab.state.tilesLoaded > {before}",
                                    timeout=20000)
             _wait_loaded(page, 2)
             zoomed_urls = tiles[before:]
@@ -171,7 +175,7 @@ def test_viewer_in_headless_chromium(server: str, converted: Converted, tmp_path
             page.set_viewport_size({"width": 1200, "height": 800})
             # OpenSeadragon notices the new container size on its next frames.
             page.wait_for_function(
-                "Math.round(window.pacslab.viewer.viewport.getContainerSize().y) > 600")
+                "() => Math.round(window.pacslab.viewer.viewport.getContainerSize().y) > 600")
             page.evaluate("() => window.pacslab.viewer.viewport.goHome(true)")
             page.wait_for_timeout(300)
             _wait_loaded(page, 2)
@@ -181,7 +185,8 @@ def test_viewer_in_headless_chromium(server: str, converted: Converted, tmp_path
             before = len(tiles)
             page.select_option("#window", "lung")
             page.wait_for_function(
-                "window.pacslab.viewer.world.getItemCount() === 1 && window.pacslab.isLoaded()"
+                "() => window.pacslab.viewer.world.getItemCount() === 1"
+                " && window.pacslab.isLoaded()"
                 " && window.pacslab.viewer.world.getItemAt(0).source.id.endsWith(':lung')",
                 timeout=20000)
             assert any(":lung/" in u for u in tiles[before:])
@@ -190,13 +195,14 @@ def test_viewer_in_headless_chromium(server: str, converted: Converted, tmp_path
             # plane: coronal, then a few slices further
             page.locator("#planes button[data-plane='coronal']").click()
             page.wait_for_function(
-                "window.pacslab.state.plane === 'coronal' && window.pacslab.isLoaded()",
+                "() => window.pacslab.state.plane === 'coronal' && window.pacslab.isLoaded()",
                 timeout=20000)
             assert any(":coronal:300:lung/" in u for u in tiles)
             page.eval_on_selector("#slice", "s => { s.value = '320'; "
                                   "s.dispatchEvent(new Event('input')); }")
             page.wait_for_function(
-                "window.pacslab.viewer.world.getItemCount() === 1 && window.pacslab.isLoaded()"
+                "() => window.pacslab.viewer.world.getItemCount() === 1"
+                " && window.pacslab.isLoaded()"
                 " && window.pacslab.viewer.world.getItemAt(0).source.id.includes(':320:')",
                 timeout=20000)
             coronal = _osd_pixels(page, tmp_path / "4-coronal-lung.png")

@@ -4,6 +4,11 @@
  * versioned, so every tile is immutable and the browser cache serves repeats.
  * Changing the slice or window keeps the viewport: the next slice is added on top and
  * the previous one removed once the new one is fully loaded (no blank flash).
+ *
+ * Deep links (an EMR launching the viewer for one patient): /viewer/studies/{study}
+ * opens that study, /viewer/studies/{study}/series/{series} also opens that series.
+ * Each stack opens in its acquisition plane (the first of stack.planes); reformats are
+ * listed only for volumes. No inline script: the page's CSP is script-src 'self'.
  */
 "use strict";
 
@@ -50,13 +55,30 @@
     return el;
   }
 
+  class HttpError extends Error {
+    constructor(url, status) { super(`${url}: ${status}`); this.status = status; }
+  }
+
   async function json(url) {
     const r = await fetch(url, { headers: authHeaders });
     if (r.status === 401 || r.status === 403) {
       $("status").textContent = "Not signed in: open /viewer#token=<access token>";
     }
-    if (!r.ok) throw new Error(`${url}: ${r.status}`);
+    if (!r.ok) throw new HttpError(url, r.status);
     return r.json();
+  }
+
+  // /viewer/studies/{study}[/series/{series}]: UIDs are digits and dots (PS3.5 9.1).
+  const link = location.pathname.match(
+    /^\/viewer\/studies\/([^/]+)(?:\/series\/([^/]+))?\/?$/);
+  const deepLink = link ? { study: decodeURIComponent(link[1]),
+                            series: link[2] ? decodeURIComponent(link[2]) : null } : null;
+  const UID = /^[0-9]+(\.[0-9]+)*$/;
+
+  function notFound(message) {
+    $("status").textContent = message;
+    $("status").classList.add("error");
+    $("series").replaceChildren(text("p", message, "notfound"));
   }
 
   async function authorizedImage(img, url) {
@@ -87,7 +109,7 @@
       b.append(text("strong", s.patient_name || s.patient_id || "(no name)"));
       b.append(text("small", `${s.study_date || ""} ${s.description || ""}`));
       b.append(text("small", `${s.modalities.join(", ")} · ${s.series} series`));
-      b.addEventListener("click", () => openStudy(s.study_instance_uid, b));
+      b.addEventListener("click", () => openStudy(s.study_instance_uid).catch(report));
       const li = document.createElement("li");
       li.append(b);
       list.append(li);
@@ -95,16 +117,34 @@
     $("status").textContent = studies.length ? "Choose a study" : "No studies";
   }
 
-  async function openStudy(uid, button) {
-    document.querySelectorAll("#studies button").forEach((b) => b.classList.remove("active"));
-    button.classList.add("active");
+  function report(err) {
+    console.error(err);
+    $("status").textContent = "Could not load the study";
+  }
+
+  async function openStudy(uid) {
+    document.querySelectorAll("#studies button").forEach(
+      (b) => b.classList.toggle("active", b.dataset.uid === uid));
     state.study = uid;
+    $("status").classList.remove("error");
     const box = $("series");
     box.replaceChildren();
-    const series = await json(`/viewer/api/studies/${uid}/series`);
+    let series;
+    try {
+      series = UID.test(uid) ? await json(`/viewer/api/studies/${uid}/series`) : null;
+    } catch (err) {
+      if (!(err instanceof HttpError) || err.status !== 404) throw err;
+      series = null;
+    }
+    if (series === null) {
+      notFound(`Study not found: ${uid}`);
+      return [];
+    }
+    const buttons = [];
     for (const s of series) {
       if (!s.stacks.length) {
         const b = text("button", `${s.modality} ${s.series_number ?? ""} (not converted)`, "thumb");
+        b.dataset.series = s.series_instance_uid;
         b.disabled = true;
         box.append(b);
         continue;
@@ -113,6 +153,7 @@
         const b = document.createElement("button");
         b.className = "thumb";
         b.dataset.series = s.series_instance_uid;
+        b.dataset.stack = String(st.stack);
         const img = document.createElement("img");
         authorizedImage(img, st.thumbnail).catch((e) => console.error(e.message));
         img.alt = `${s.modality} series ${s.series_number ?? ""}`;
@@ -123,7 +164,27 @@
           openStack(s, st);
         });
         box.append(b);
+        buttons.push({ series: s, stack: st, button: b });
       }
+    }
+    $("status").textContent = series.length ? "Choose a series" : "No series in this study";
+    return buttons;
+  }
+
+  async function openLink() {
+    const buttons = await openStudy(deepLink.study);
+    // Not found (already said), or the user picked another study meanwhile.
+    if (state.study !== deepLink.study || $("series").querySelector(".notfound")) return;
+    const wanted = deepLink.series;
+    const match = wanted ? buttons.find((b) => b.series.series_instance_uid === wanted)
+      : buttons[0];
+    if (match) {
+      match.button.click();
+    } else if (wanted && $("series").querySelector(`.thumb[data-series="${CSS.escape(wanted)}"]`)) {
+      $("status").textContent = `Series ${wanted} is not converted yet`;
+    } else if (wanted) {
+      $("status").textContent = `Series not found in this study: ${wanted}`;
+      $("status").classList.add("error");
     }
   }
 
@@ -133,7 +194,7 @@
     const planes = $("planes");
     planes.replaceChildren();
     for (const p of Object.keys(stack.planes)) {
-      const b = text("button", p);
+      const b = text("button", p === stack.acquisition_plane && p !== "native" ? `${p} (acquired)` : p);
       b.dataset.plane = p;
       b.addEventListener("click", () => setPlane(p));
       planes.append(b);
@@ -215,6 +276,7 @@
     state,
     viewer,
     openStack,
+    openStudy,
     setPlane,
     isLoaded() {
       const n = viewer.world.getItemCount();
@@ -224,8 +286,12 @@
     },
   };
 
-  loadStudies().catch((err) => {
-    console.error(err);
-    $("status").textContent = "Could not load the study list";
-  });
+  loadStudies()
+    .catch((err) => {
+      console.error(err);
+      $("status").textContent = "Could not load the study list";
+    })
+    .then(() => (deepLink ? openLink() : null))
+    .catch(report)
+    .finally(() => { window.pacslab.ready = true; });
 })();
