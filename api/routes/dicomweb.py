@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -44,7 +44,7 @@ from api.dicomweb._pixels import (
     render,
     transcode,
 )
-from core.errors import InvalidQueryError, NotFoundError
+from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.instance import metadata_json
 from storage.archive import Archive
 from storage.index.queries import Level
@@ -549,12 +549,17 @@ async def _stow(request: Request, archive: Archive, study: str | None) -> Respon
         raise HTTPException(415, detail="only application/dicom parts are supported")
     # Spool to the staging area (same file system as the originals), so that parts
     # of any size are parsed from a memory map and never held in memory.
-    fd, name = tempfile.mkstemp(suffix=".stow", dir=archive.staging_dir())
-    spool = Path(name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in request.stream():
-                out.write(chunk)
+        out, spool = _spool_open(archive.staging_dir())
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    try:
+        try:
+            with out:
+                async for chunk in request.stream():
+                    out.write(chunk)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
         result = await run_in_threadpool(
             store_body, archive, spool, content_type, study_instance_uid=study
         )
@@ -564,6 +569,20 @@ async def _stow(request: Request, archive: Archive, study: str | None) -> Respon
     logger.info("STOW-RS: %d stored, %d failed", len(result.stored), len(result.failed))
     body: dict[str, Any] = result.response(_base(request), study)
     return JSONResponse(body, status_code=result.status, media_type=DICOM_JSON)
+
+
+def _spool_open(directory: Path) -> tuple[BinaryIO, Path]:
+    """A new spool file for a STOW-RS body in ``directory`` (the staging area)."""
+    fd, name = tempfile.mkstemp(suffix=".stow", dir=directory)
+    return os.fdopen(fd, "wb"), Path(name)
+
+
+def _spool_error(exc: OSError) -> OutOfResourcesError:
+    """The spool could not be written: the staging file system is full, read-only or
+    failing. Nothing was stored, and the peer may retry later: 507 with 0xA700's
+    meaning (core/errors.py), never a 500 (issue 14.8)."""
+    logger.error("STOW-RS spool failed: errno %s", exc.errno)
+    return OutOfResourcesError("no space to receive the request")
 
 
 @router.post("/studies", summary="STOW-RS: store instances", **_STOW)  # type: ignore[arg-type]
