@@ -253,3 +253,78 @@ def test_metadata_json_is_valid_dicom_json(client: TestClient, ct: Stored) -> No
     items = client.get(f"/dicomweb/studies/{ct.study}/metadata").json()
     ds = Dataset.from_json(json.dumps(items[0]), bulk_data_uri_handler=lambda *_: b"")
     assert ds.SOPInstanceUID == ct.sops[0]
+
+
+# -- issue 14.7 (frame list amplification) and 13.8 (bulk data transfer syntax) -------
+
+
+def test_repeated_or_overlong_frame_lists_are_refused(client: TestClient, app: FastAPI) -> None:
+    study, series, sop, path = store_testfile(app, "emri_small.dcm")
+    base = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/"
+    octets = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    # 3,000 copies of frame 1 built a 1.6 GB response in memory
+    for frames in (",".join(["1"] * 3000), "1,2,1", ",".join(["1"] * 10_001)):
+        r = client.get(base + frames, headers=octets)
+        assert r.status_code == 400, frames[:20]
+        assert r.headers["content-type"] == "application/problem+json"
+        assert len(r.content) < len(base + frames) + 1000  # the problem echoes the path
+    for frames in ("0", "1,,2", "1," + "9" * 40, "-1"):
+        assert client.get(base + frames, headers=octets).status_code == 400, frames
+    assert client.get(base + "2,11", headers=octets).status_code == 404  # out of range
+    # every frame once, in the order asked: streamed, one part each
+    order = [10, *range(1, 10)]
+    r = client.get(base + ",".join(map(str, order)), headers=octets)
+    assert r.status_code == 200
+    arr = dcmread(path).pixel_array
+    assert [b for _, b in parts(r)] == [arr[n - 1].tobytes() for n in order]
+
+
+def test_frames_are_produced_lazily(app: FastAPI, tmp_path: Path) -> None:
+    """One frame decoded at a time: the iterator has read nothing before it is pulled."""
+    from api.dicomweb._pixels import iter_frames
+
+    path = Path(get_testdata_file("emri_small_jpeg_2k_lossless.dcm"))  # type: ignore[arg-type]
+    frames = iter_frames(path, [1, 2, 3], decode=True)
+    first = next(frames)
+    assert first.number == 1 and len(first.data) == 64 * 64 * 2
+    with pytest.raises(Exception, match="frame 11"):
+        iter_frames(path, [1, 11])  # checked before any frame is produced
+
+
+def test_bulkdata_of_compressed_pixel_data_honours_transfer_syntax(
+    client: TestClient, app: FastAPI
+) -> None:
+    study, series, sop, path = store_testfile(app, "emri_small_jpeg_2k_lossless.dcm")
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/bulkdata/7FE00010"
+    ds = dcmread(path)
+    native = ds.pixel_array.tobytes()  # lossless: the decoded value of all 10 frames
+    for accept in (
+        'multipart/related; type="application/octet-stream"',
+        'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1',
+    ):
+        r = client.get(url, headers={"Accept": accept})
+        assert r.status_code == 200, r.text
+        ((headers, body),) = parts(r)
+        assert headers["content-type"] == "application/octet-stream"
+        assert body == native
+    stored = list(generate_frames(ds.PixelData, number_of_frames=10))
+    r = client.get(url, headers={"Accept": 'multipart/related; type="image/jp2"'})
+    assert r.status_code == 200
+    assert [b for _, b in parts(r)] == stored
+    assert parts(r)[0][0]["content-type"].startswith("image/jp2")
+    for accept in (
+        'multipart/related; type="image/jls"',
+        'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.5',
+    ):
+        assert client.get(url, headers={"Accept": accept}).status_code == 406, accept
+
+
+def test_bulkdata_of_native_pixel_data_refuses_other_syntaxes(
+    client: TestClient, ct: Stored
+) -> None:
+    url = instance_url(ct) + "/bulkdata/7FE00010"
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2'
+    ((_, body),) = parts(client.get(url, headers={"Accept": accept}))
+    assert body == dcmread(ct.paths[0]).PixelData
+    jpeg = accept.replace("1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50")
+    assert client.get(url, headers={"Accept": jpeg}).status_code == 406
