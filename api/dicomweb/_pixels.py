@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -229,7 +231,7 @@ def iter_frames(
     if decode:
         return _decoded(path, numbers)
     if ts not in NATIVE:
-        return _encapsulated(ds, numbers, count)
+        return _encapsulated(path, ds, numbers, count)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -253,17 +255,33 @@ def _decoded(path: Path, numbers: Sequence[int]) -> Iterator[Frame]:
         yield Frame(n, np.ascontiguousarray(arr).tobytes())
 
 
-def _encapsulated(ds: Dataset, numbers: Sequence[int], count: int) -> Iterator[Frame]:
-    data = ds.PixelData
+def _encapsulated(
+    path: Path, ds: Dataset, numbers: Sequence[int], count: int
+) -> Iterator[Frame]:
     offsets = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    raw = ds._dict.get(Tag(0x7FE00010))
+    tell = getattr(raw, "value_tell", None)
+    if isinstance(raw, RawDataElement) and raw.value is None and tell is not None:
+        # Deferred by the header read: pydicom's get_frame seeks through the file
+        # (offset tables, fragment headers), so a frame of a multi-gigabyte
+        # whole-slide image costs its own size in memory, not the file's.
+        with path.open("rb") as fp:
+            for n in numbers:
+                fp.seek(tell)
+                yield Frame(n, _get_frame(fp, n, count, offsets))
+        return
+    data = ds.PixelData
     for n in numbers:
-        try:
-            frame = get_frame(data, n - 1, number_of_frames=count, extended_offsets=offsets)
-        except (ValueError, IndexError, KeyError) as exc:
-            raise InvalidDatasetError(f"encapsulated frames unreadable: {exc}") from exc
-        yield Frame(n, frame)
+        yield Frame(n, _get_frame(data, n, count, offsets))
+
+
+def _get_frame(buffer: Any, number: int, count: int, offsets: Any) -> bytes:
+    try:
+        return get_frame(buffer, number - 1, number_of_frames=count, extended_offsets=offsets)
+    except (ValueError, IndexError, KeyError, struct.error, EOFError) as exc:
+        raise InvalidDatasetError(f"encapsulated frames unreadable: {exc}") from exc
 
 
 def _native(

@@ -328,3 +328,26 @@ def test_bulkdata_of_native_pixel_data_refuses_other_syntaxes(
     assert body == dcmread(ct.paths[0]).PixelData
     jpeg = accept.replace("1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50")
     assert client.get(url, headers={"Accept": jpeg}).status_code == 406
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small_jpeg_2k_lossless.dcm",  # 10 frames, Basic Offset Table
+        "emri_small_RLE.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "color3d_jpeg_baseline.dcm",  # 120 frames
+        "JPEG-LL.dcm",
+    ],
+)
+def test_encapsulated_frames_read_from_the_file(name: str) -> None:
+    """Frames sought in the file (the Pixel Data value stays deferred), in any order,
+    equal pydicom's own split of the whole value."""
+    from api.dicomweb._pixels import iter_frames
+
+    path = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    ds = dcmread(path)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    want = list(generate_frames(ds.PixelData, number_of_frames=count))
+    order = list(range(count, 0, -1))
+    assert [f.data for f in iter_frames(path, order)] == [want[n - 1] for n in order]
