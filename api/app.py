@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 
 from api.docs import install_docs
@@ -25,7 +26,7 @@ from core.settings import Settings
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
-__all__ = ["ROUTERS", "create_app"]
+__all__ = ["ROUTERS", "create_app", "install_cors"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,4 +110,58 @@ def create_app(
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     # Last, so authentication and the action log wrap every route above (issue 7).
     security = install_security(app, settings, idx)
+    install_cors(app, settings.http.cors_origins)
     return app
+
+
+#: Request headers a cross-origin viewer may send (beyond the CORS-safelisted ones):
+#: a bearer token (RFC 6750), byte ranges, conditional and caching requests.
+CORS_ALLOW_HEADERS = (
+    "Authorization",
+    "Range",
+    "If-None-Match",
+    "If-Modified-Since",
+    "Cache-Control",
+    "Prefer",
+    "X-Requested-With",
+)
+#: Response headers its script may read: DICOMweb and IIIF clients need the multipart
+#: boundary and length, Content-Location / Location (STOW-RS, FHIR), Link (paging),
+#: Warning (QIDO-RS unsupported keys, PS3.18 8.3.4.1) and WWW-Authenticate (RFC 6750 3).
+CORS_EXPOSE_HEADERS = (
+    "Content-Type",
+    "Content-Length",
+    "Content-Location",
+    "Content-Range",
+    "Accept-Ranges",
+    "Location",
+    "Link",
+    "ETag",
+    "Last-Modified",
+    "Warning",
+    "WWW-Authenticate",
+)
+
+
+def install_cors(app: FastAPI, origins: list[str]) -> None:
+    """Let browser pages of ``origins`` call the API (Fetch standard, CORS protocol).
+
+    Starlette's CORSMiddleware, added outermost: it answers preflight ``OPTIONS``
+    requests itself, before authentication (a browser never sends a token with a
+    preflight, so they were refused with 401: issue 13.7), and adds the headers to
+    every response, 401s included, so a viewer can read ``WWW-Authenticate``. No
+    origins, no middleware: same-origin only. Credentials (cookies) are not allowed:
+    the API authenticates with bearer tokens, which need no credentials mode.
+    """
+    if not origins:
+        return
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+        allow_headers=list(CORS_ALLOW_HEADERS),
+        expose_headers=list(CORS_EXPOSE_HEADERS),
+        allow_credentials=False,
+        max_age=600,
+    )
+    logger.info("CORS allowed for %d origin(s)", len(origins))

@@ -34,5 +34,24 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 def base_url(request: Request, prefix: str) -> str:
-    """Absolute URL of a router mounted at ``prefix`` (honours ``root_path``)."""
-    return str(request.base_url).rstrip("/") + prefix
+    """Absolute URL of a router mounted at ``prefix``, for URLs written into responses.
+
+    From ``http.public_url`` when configured; otherwise from the scheme and the local
+    address the connection was accepted on (ASGI ``scope["server"]``), plus
+    ``root_path``. Never from the ``Host`` header: a client could make us hand other
+    clients links to a host of its choosing (host header injection, issue 14.9).
+    """
+    settings: Settings = request.app.state.settings
+    if settings.http.public_url:
+        return settings.http.public_url + prefix
+    root = str(request.scope.get("root_path", "")).rstrip("/")
+    server = request.scope.get("server")
+    if not server:  # a Unix socket: a path relative to the server's root
+        return root + prefix
+    host, port = str(server[0]), server[1]
+    if ":" in host:  # an IPv6 literal (RFC 3986 3.2.2)
+        host = f"[{host}]"
+    scheme = str(request.scope.get("scheme", "http"))
+    default = {"http": 80, "https": 443}.get(scheme)
+    authority = host if port in (None, default) else f"{host}:{port}"
+    return f"{scheme}://{authority}{root}{prefix}"

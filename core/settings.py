@@ -152,6 +152,47 @@ class HttpSettings(BaseModel):
             raise ValueError("http.viewer_frame_ancestors: 'none' stands alone")
         return value
 
+    #: The URL clients reach the API at (``https://pacs.example.org``, behind a
+    #: proxy), used for every absolute URL the API writes (RetrieveURL, BulkDataURI,
+    #: FHIR fullUrl). Empty: the scheme and local address the request arrived on;
+    #: never the ``Host`` header, which any client can forge (issue 14.9).
+    public_url: str = ""
+    #: Origins whose browser pages may call the API (CORS, Fetch standard): a JSON
+    #: list such as ``["https://viewer.example.org"]``; ``["*"]`` allows any origin.
+    #: Empty: same-origin only (no ``Access-Control-*`` headers are sent).
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("http.public_url must be an absolute http(s) URL")
+        if parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError("http.public_url takes no credentials, query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        out = []
+        for origin in value:
+            if origin == "*":
+                out.append(origin)
+                continue
+            parts = urlsplit(origin)
+            # An origin is scheme://host[:port] (RFC 6454 6.2): a path would never match.
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+                raise ValueError(f"http.cors_origins: {origin!r} is not scheme://host[:port]")
+            out.append(f"{parts.scheme}://{parts.netloc}".lower())
+        return out
+
 
 class DaskSettings(BaseModel):
     #: ``tcp://host:8786`` for a distributed cluster; empty runs a local threaded scheduler.

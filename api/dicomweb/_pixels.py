@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -41,6 +43,7 @@ __all__ = [
     "choose_frame_syntax",
     "choose_instance_syntax",
     "frame_media_type",
+    "iter_frames",
     "read_bulkdata",
     "read_frames",
     "render",
@@ -204,66 +207,105 @@ def _check_numbers(numbers: Sequence[int], count: int) -> None:
             raise NotFoundError(f"frame {n} does not exist (instance has {count})")
 
 
-def read_frames(path: Path, numbers: Sequence[int], *, decode: bool = False) -> list[Frame]:
-    """Frames ``numbers`` (1-based) of the instance at ``path``, as stored.
+def iter_frames(
+    path: Path, numbers: Sequence[int] | None = None, *, decode: bool = False
+) -> Iterator[Frame]:
+    """Frames ``numbers`` (1-based; None: all) of the instance at ``path``, one at a time.
 
-    Native pixel data is read with seeks, not loaded whole; single-bit frames that do
-    not start on a byte boundary are re-packed (PS3.5 8.1.1).
+    Everything that can fail on the request (no Pixel Data, a frame out of range,
+    unreadable Image Pixel attributes) is checked before this returns, so the route
+    answers 404/400 before a streamed body has started; the frames themselves are
+    produced lazily, one in memory at a time (issue 14.7). Native pixel data is read
+    with seeks, not loaded whole; single-bit frames that do not start on a byte
+    boundary are re-packed (PS3.5 8.1.1); ``decode`` decompresses encapsulated frames
+    to native pixels with pydicom.
     """
     ds = _header(path)
     if "PixelData" not in ds:
         raise NotFoundError("instance has no Pixel Data")
     count = _frame_count(ds)
+    if numbers is None:
+        numbers = range(1, count + 1)
     _check_numbers(numbers, count)
     ts = str(ds.file_meta.TransferSyntaxUID)
     if decode:
-        return [
-            Frame(n, np.ascontiguousarray(pixel_array(path, index=n - 1, raw=True)).tobytes())
-            for n in numbers
-        ]
+        return _decoded(path, numbers)
     if ts not in NATIVE:
-        data = ds.PixelData
-        offsets = None
-        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-            offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        try:
-            return [
-                Frame(n, get_frame(data, n - 1, number_of_frames=count, extended_offsets=offsets))
-                for n in numbers
-            ]
-        except (ValueError, IndexError, KeyError) as exc:
-            raise InvalidDatasetError(f"encapsulated frames unreadable: {exc}") from exc
+        return _encapsulated(path, ds, numbers, count)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidDatasetError("Image Pixel attributes missing") from exc
-    frame_bits = rows * cols * spp * bits
+    return _native(path, ds, numbers, rows * cols * spp * bits, ts)
+
+
+def read_frames(path: Path, numbers: Sequence[int], *, decode: bool = False) -> list[Frame]:
+    """:func:`iter_frames` as a list (small frame lists only)."""
+    return list(iter_frames(path, numbers, decode=decode))
+
+
+def _decoded(path: Path, numbers: Sequence[int]) -> Iterator[Frame]:
+    for n in numbers:
+        try:
+            arr = pixel_array(path, index=n - 1, raw=True)
+        except (ValueError, NotImplementedError, RuntimeError, AttributeError, KeyError) as exc:
+            raise InvalidDatasetError(f"cannot decode pixel data: {type(exc).__name__}") from exc
+        yield Frame(n, np.ascontiguousarray(arr).tobytes())
+
+
+def _encapsulated(
+    path: Path, ds: Dataset, numbers: Sequence[int], count: int
+) -> Iterator[Frame]:
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
     raw = ds._dict.get(Tag(0x7FE00010))
     tell = getattr(raw, "value_tell", None)
-    out: list[Frame] = []
+    if isinstance(raw, RawDataElement) and raw.value is None and tell is not None:
+        # Deferred by the header read: pydicom's get_frame seeks through the file
+        # (offset tables, fragment headers), so a frame of a multi-gigabyte
+        # whole-slide image costs its own size in memory, not the file's.
+        with path.open("rb") as fp:
+            for n in numbers:
+                fp.seek(tell)
+                yield Frame(n, _get_frame(fp, n, count, offsets))
+        return
+    data = ds.PixelData
+    for n in numbers:
+        yield Frame(n, _get_frame(data, n, count, offsets))
+
+
+def _get_frame(buffer: Any, number: int, count: int, offsets: Any) -> bytes:
+    try:
+        return get_frame(buffer, number - 1, number_of_frames=count, extended_offsets=offsets)
+    except (ValueError, IndexError, KeyError, struct.error, EOFError) as exc:
+        raise InvalidDatasetError(f"encapsulated frames unreadable: {exc}") from exc
+
+
+def _native(
+    path: Path, ds: Dataset, numbers: Sequence[int], frame_bits: int, ts: str
+) -> Iterator[Frame]:
+    raw = ds._dict.get(Tag(0x7FE00010))
+    tell = getattr(raw, "value_tell", None)
     if frame_bits % 8 == 0 and tell is not None and ts != DEFLATED_LE:
         size = frame_bits // 8
         with path.open("rb") as fp:
             for n in numbers:
                 fp.seek(tell + (n - 1) * size)
-                out.append(Frame(n, fp.read(size)))
-        return out
+                yield Frame(n, fp.read(size))
+        return
     pixels = bytes(ds.PixelData)
     if frame_bits % 8 == 0:
         size = frame_bits // 8
-        return [Frame(n, pixels[(n - 1) * size : n * size]) for n in numbers]
+        for n in numbers:
+            yield Frame(n, pixels[(n - 1) * size : n * size])
+        return
     bitstream = np.unpackbits(np.frombuffer(pixels, dtype=np.uint8), bitorder="little")
-    return [
-        Frame(
-            n,
-            np.packbits(
-                bitstream[(n - 1) * frame_bits : n * frame_bits], bitorder="little"
-            ).tobytes(),
-        )
-        for n in numbers
-    ]
+    for n in numbers:
+        bits = bitstream[(n - 1) * frame_bits : n * frame_bits]
+        yield Frame(n, np.packbits(bits, bitorder="little").tobytes())
 
 
 def read_bulkdata(path: Path, tag: int) -> bytes:

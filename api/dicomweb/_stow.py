@@ -6,7 +6,8 @@ from a memory map, each staged with :func:`storage.staging.stage_part10` and han
 quarantine). The response follows PS3.18 10.5.3: ReferencedSOPSequence for stored
 instances, FailedSOPSequence with FailureReason (the DIMSE status of the
 :class:`core.errors.ServiceError`, PS3.4 B.2.3) for the others, and status 200 (all
-stored), 202 (some failed) or 409 (all failed), as orthanc-dicomweb does.
+stored), 202 (some failed) or 409 (all failed), as orthanc-dicomweb does; 507 when all
+failed for lack of space (0xA700).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from typing import Any
 from pydicom import dcmread
 
 from api.dicomweb._multipart import content_type_params, iter_parts
-from core.errors import InvalidDatasetError, InvalidQueryError, ServiceError, SOPClassMismatchError
+from core.errors import (
+    InvalidDatasetError,
+    InvalidQueryError,
+    OutOfResourcesError,
+    ServiceError,
+    SOPClassMismatchError,
+)
 from storage.archive import Archive
 from storage.staging import StagedFile, stage_part10
 
@@ -40,9 +47,17 @@ class StowResult:
 
     @property
     def status(self) -> int:
+        """200 all stored, 202 some, 409 none (PS3.18 Table 10.5.3-1); when none was
+        stored only for lack of resources (0xA700: disk full, index away), the
+        OutOfResourcesError status (507), so the peer knows to retry rather than fix
+        its instances."""
         if not self.failed:
             return 200
-        return 202 if self.stored else 409
+        if self.stored:
+            return 202
+        if all(reason == OutOfResourcesError.dimse_status for *_, reason in self.failed):
+            return OutOfResourcesError.http_status
+        return 409
 
     def response(self, base: str, study_instance_uid: str | None) -> dict[str, Any]:
         """The Store Instances Response Module (PS3.18 Table 10.5.3-2) in DICOM JSON."""

@@ -15,7 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -34,17 +34,21 @@ from api.dicomweb import (
 )
 from api.dicomweb._multipart import content_type_params, new_boundary
 from api.dicomweb._pixels import (
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    NATIVE,
     RenderOptions,
     choose_frame_syntax,
     choose_instance_syntax,
+    iter_frames,
     parse_viewport,
     parse_window,
     read_bulkdata,
-    read_frames,
     render,
     transcode,
 )
-from core.errors import InvalidQueryError, NotFoundError
+from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.instance import metadata_json
 from storage.archive import Archive
 from storage.index.queries import Level
@@ -58,6 +62,7 @@ PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"
 router = APIRouter(prefix=PREFIX, tags=["dicomweb"])
 
+PIXEL_DATA = 0x7FE00010
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _CHUNK = 1 << 20
 
@@ -295,13 +300,31 @@ def instance_metadata(
 # -- WADO-RS frames, bulk data (PS3.18 10.4.1.1.3, 10.4.1.1.5) -----------------------
 
 
+#: Longest frame list of one request; with no repeats and every number in range, a
+#: response holds each frame of the instance at most once (issue 14.7).
+MAX_FRAME_LIST = 10_000
+
+
 def _frame_numbers(frames: str) -> list[int]:
+    """The frame list of PS3.18 10.4.1.1.3 (``uid/frames/1,3,5``), 1-based.
+
+    A repeated frame is refused (400) rather than sent again: ``1,1,1,…`` made one
+    request multiply a frame thousands of times (issue 14.7). Numbers beyond the
+    instance's frames are 404 once the instance is read (:func:`iter_frames`).
+    """
+    items = frames.split(",")
+    if len(items) > MAX_FRAME_LIST:
+        raise InvalidQueryError(f"a frame list has at most {MAX_FRAME_LIST} numbers")
     try:
-        numbers = [int(f) for f in frames.split(",")]
+        numbers = [int(f) for f in items if len(f) <= 10]
     except ValueError as exc:
         raise InvalidQueryError("frame list must be comma-separated integers") from exc
-    if not numbers or len(numbers) > 10_000 or any(n < 1 for n in numbers):
+    if len(numbers) != len(items) or not numbers:
+        raise InvalidQueryError("frame list must be comma-separated integers")
+    if any(n < 1 for n in numbers):
         raise InvalidQueryError("frame numbers start at 1")
+    if len(set(numbers)) != len(numbers):
+        raise InvalidQueryError("frame list repeats a frame number")
     return numbers
 
 
@@ -328,14 +351,17 @@ def retrieve_frames(
         raise _not_acceptable("frames are available as stored or as octet-stream")
     content_type, decode = chosen
     path = _path(archive, row.blob_key)
-    data = read_frames(path, numbers, decode=decode)
+    # Checked now (404/400 before the body starts), read and decoded one frame at a
+    # time while the response streams: memory is one frame, not the whole list.
+    data = iter_frames(path, numbers, decode=decode)
     boundary = new_boundary()
     main, params = content_type_params(content_type)
     media = f'multipart/related; type="{main}"; boundary={boundary}'
     if "transfer-syntax" in params:
         media += f"; transfer-syntax={params['transfer-syntax']}"
     parts = ((content_type, [f.data]) for f in data)
-    return Response(b"".join(multipart_body(parts, boundary)), media_type=media)
+    # A sync iterator: Starlette pulls it in its thread pool, one part at a time.
+    return StreamingResponse(multipart_body(parts, boundary), media_type=media)
 
 
 @router.get(
@@ -352,14 +378,46 @@ def retrieve_bulkdata(
     sop: Uid,
     tag: Annotated[str, PathParam(pattern=r"^[0-9A-Fa-f]{8}$")],
 ) -> Response:
-    """The value of a top-level bulk data element (PS3.18 10.4.1.1.5), as encoded."""
+    """The value of a top-level bulk data element (PS3.18 10.4.1.1.5).
+
+    Pixel Data stored compressed honours the Accept transfer syntax like ``/frames``
+    (PS3.18 8.7.3.3.2, Table 8.7.3-2): ``application/octet-stream`` without one (or
+    with Explicit VR Little Endian) is the decoded native value, every frame in one
+    part; the compressed media type, or octet-stream with ``transfer-syntax=*`` or
+    the stored UID, is the frames as stored, one part each; anything else is 406
+    (issue 13.8: the encapsulated stream went out whatever was asked). Other elements
+    and native Pixel Data are sent as encoded.
+    """
     (row,) = _rows(index, study, series, sop)
     path = _path(archive, row.blob_key)
-    data = read_bulkdata(path, int(tag, 16))
+    element = int(tag, 16)
     accept = parse_accept(request.headers.get("accept"))
-    if not any(r.matches("application/octet-stream") for r in accept):
-        raise _not_acceptable("bulk data is application/octet-stream")
     boundary = new_boundary()
+    if element == PIXEL_DATA and row.transfer_syntax_uid not in NATIVE:
+        chosen = choose_frame_syntax(accept, row.transfer_syntax_uid)
+        if chosen is None:
+            raise _not_acceptable("pixel data is available as stored or decoded to octet-stream")
+        content_type, decode = chosen
+        frames = iter_frames(path, decode=decode)
+        parts: Iterable[tuple[str, Iterable[bytes]]]
+        if decode:
+            parts = [(content_type, (f.data for f in frames))]
+        else:
+            parts = ((content_type, [f.data]) for f in frames)
+        main, params = content_type_params(content_type)
+        media = f'multipart/related; type="{main}"; boundary={boundary}'
+        if "transfer-syntax" in params:
+            media += f"; transfer-syntax={params['transfer-syntax']}"
+        return StreamingResponse(multipart_body(parts, boundary), media_type=media)
+    # Native little-endian values read the same in either VR encoding.
+    little = {IMPLICIT_LE, EXPLICIT_LE} if row.transfer_syntax_uid != EXPLICIT_BE else set()
+    ok = [r for r in accept if r.matches("application/octet-stream")]
+    if not any(
+        r.transfer_syntax in (None, "*", row.transfer_syntax_uid) or r.transfer_syntax in little
+        for r in ok
+    ):
+        raise _not_acceptable("bulk data is application/octet-stream, as stored")
+    data = read_bulkdata(path, element)
     body = b"".join(multipart_body([("application/octet-stream", [data])], boundary))
     media = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
     return Response(body, media_type=media)
@@ -549,12 +607,17 @@ async def _stow(request: Request, archive: Archive, study: str | None) -> Respon
         raise HTTPException(415, detail="only application/dicom parts are supported")
     # Spool to the staging area (same file system as the originals), so that parts
     # of any size are parsed from a memory map and never held in memory.
-    fd, name = tempfile.mkstemp(suffix=".stow", dir=archive.staging_dir())
-    spool = Path(name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in request.stream():
-                out.write(chunk)
+        out, spool = _spool_open(archive.staging_dir())
+    except OSError as exc:
+        raise _spool_error(exc) from exc
+    try:
+        try:
+            with out:
+                async for chunk in request.stream():
+                    out.write(chunk)
+        except OSError as exc:
+            raise _spool_error(exc) from exc
         result = await run_in_threadpool(
             store_body, archive, spool, content_type, study_instance_uid=study
         )
@@ -564,6 +627,20 @@ async def _stow(request: Request, archive: Archive, study: str | None) -> Respon
     logger.info("STOW-RS: %d stored, %d failed", len(result.stored), len(result.failed))
     body: dict[str, Any] = result.response(_base(request), study)
     return JSONResponse(body, status_code=result.status, media_type=DICOM_JSON)
+
+
+def _spool_open(directory: Path) -> tuple[BinaryIO, Path]:
+    """A new spool file for a STOW-RS body in ``directory`` (the staging area)."""
+    fd, name = tempfile.mkstemp(suffix=".stow", dir=directory)
+    return os.fdopen(fd, "wb"), Path(name)
+
+
+def _spool_error(exc: OSError) -> OutOfResourcesError:
+    """The spool could not be written: the staging file system is full, read-only or
+    failing. Nothing was stored, and the peer may retry later: 507 with 0xA700's
+    meaning (core/errors.py), never a 500 (issue 14.8)."""
+    logger.error("STOW-RS spool failed: errno %s", exc.errno)
+    return OutOfResourcesError("no space to receive the request")
 
 
 @router.post("/studies", summary="STOW-RS: store instances", **_STOW)  # type: ignore[arg-type]

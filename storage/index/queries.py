@@ -194,9 +194,13 @@ def parse_match(keyword: str, value: str) -> Match:
     if attr.vr in ("DA", "TM") and value not in ("", "*"):
         _range(attr.vr, value)  # raises on a malformed range
     elif attr.vr in _INT_VRS and value not in ("", "*"):
-        for item in _split_list(value):
-            if not re.fullmatch(r"[+-]?\d{1,10}", item):
-                raise InvalidQueryError(f"{keyword} must be an integer")
+        items = _split_list(value)
+        if not items or not all(re.fullmatch(r"[+-]?\d{1,10}", item) for item in items):
+            raise InvalidQueryError(f"{keyword} must be an integer or a list of integers")
+    elif attr.vr in ("UI", "CS") and value not in ("", "*") and not _split_list(value):
+        # "\\" or "," alone: a list of empty values, which PS3.4 C.2.2.2.2 does not
+        # define (an empty value is universal matching only when it is the whole key).
+        raise InvalidQueryError(f"{keyword} is an empty list")
     return Match(keyword, value)
 
 
@@ -272,9 +276,14 @@ def _string_match(column: Any, value: str, vr: str, fuzzy: bool) -> ColumnElemen
 def _value_match(attr: Attribute, column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     vr = attr.vr
     if vr in ("UI", "CS") or vr in _INT_VRS:
-        items = _split_list(value) if vr in ("UI", "CS") else [value]
+        items = _split_list(value)
+        if not items:  # parse_match refuses these; a Query built elsewhere may not
+            raise InvalidQueryError(f"{attr.keyword} is an empty list")
         if vr in _INT_VRS:
-            return column == int(items[0])  # type: ignore[no-any-return]
+            numbers = [int(item) for item in items]
+            if len(numbers) > 1:
+                return column.in_(numbers)  # type: ignore[no-any-return]
+            return column == numbers[0]  # type: ignore[no-any-return]
         if vr == "CS" and len(items) == 1 and _has_wildcard(items[0]):
             return column.like(_like_pattern(items[0]), escape="\\")  # type: ignore[no-any-return]
         return column.in_(items) if len(items) > 1 else column == items[0]  # type: ignore[no-any-return]
@@ -294,16 +303,22 @@ def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
     if m.value in ("", "*"):
         return true()
     if attr.keyword == "ModalitiesInStudy":
+        # A study-level key also filters series and instances (PS3.18 10.6.1.2: the
+        # series of CT studies). The subquery reads its own alias of ``series``: at
+        # series level the outer ``series`` would otherwise be correlated away, and
+        # the study's series are found through the index on series.study_pk.
         modality = ATTRIBUTES["Modality"]
+        se = series.alias("se_q")
         return exists(
             select(literal_column("1"))
-            .select_from(series)
+            .select_from(se)
             .where(
                 and_(
-                    series.c.study_pk == studies.c.id,
-                    _value_match(modality, series.c.modality, m.value, fuzzy),
+                    se.c.study_pk == studies.c.id,
+                    _value_match(modality, se.c.modality, m.value, fuzzy),
                 )
             )
+            .correlate(studies)
         )
     if attr.derived:
         raise InvalidQueryError(f"matching on {attr.keyword} is not supported")
@@ -341,11 +356,26 @@ def _study_counts() -> tuple[Any, Any]:
 
 
 def _modalities_in_study() -> Any:
+    """The distinct modalities of the study's own series (PS3.18 Table 10.6.1-5).
+
+    The derived table must be correlated explicitly: SQLAlchemy does not correlate a
+    subquery in FROM, and left alone it cross-joined ``studies`` back in, so every
+    study listed the modalities of the whole archive (issue 13.1). Both SQLite and
+    PostgreSQL let a derived table inside a scalar subquery refer to the outer row.
+    Only series with a current instance count, as in :func:`_study_counts`.
+    """
     se = series.alias("se_m")
+    inst = instances.alias("i_m")
+    has_current = exists(
+        select(literal_column("1"))
+        .select_from(inst)
+        .where(and_(inst.c.series_pk == se.c.id, inst.c.is_current))
+    )
     distinct_modalities = (
         select(se.c.modality.label("modality"))
-        .where(and_(se.c.study_pk == studies.c.id, se.c.modality != ""))
+        .where(and_(se.c.study_pk == studies.c.id, se.c.modality != "", has_current))
         .distinct()
+        .correlate(studies)
         .subquery()
     )
     # aggregate_strings renders group_concat on SQLite and string_agg on PostgreSQL.

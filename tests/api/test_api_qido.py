@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.api._support import Stored, run_metadata_step
+from tests.api._support import Stored, make_study, run_metadata_step, store_files
 
 
 def search(client: TestClient, path: str, **params: Any) -> list[dict[str, Any]]:
@@ -167,3 +168,77 @@ def test_unsupported_key_is_ignored_with_warning(client: TestClient, ct: Stored)
 def test_unacceptable_media_type_is_406(client: TestClient, ct: Stored) -> None:
     r = client.get("/dicomweb/studies", headers={"Accept": "application/dicom+xml"})
     assert r.status_code == 406
+
+
+def test_modalities_and_counts_are_per_study(
+    client: TestClient, app: FastAPI, catalogue: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 13.1: each study answers its own ModalitiesInStudy and counts (PS3.18
+    Table 10.6.1-5), not those of the archive; FHIR ImagingStudy.modality shares the
+    query."""
+    # A second series (PT, 2 instances) in study "a": CT\PT, 2 series, 4 instances.
+    store_files(
+        app.state.archive,
+        make_study(tmp_path / "a-pt", modality="PT", StudyInstanceUID=catalogue["a"],
+                   PatientName="NGUYEN^VAN AN", PatientID="P1"),
+    )
+    expected = {
+        catalogue["a"]: (["CT", "PT"], 2, 4),
+        catalogue["b"]: (["MR"], 1, 3),
+        catalogue["c"]: (["CT"], 1, 2),
+    }
+    studies = search(
+        client, "/studies", includefield="00081030,00080060,ModalitiesInStudy,"
+        "NumberOfStudyRelatedInstances"
+    )
+    got = {
+        s["0020000D"]["Value"][0]: (
+            sorted(s["00080061"]["Value"]), s["00201206"]["Value"][0], s["00201208"]["Value"][0]
+        )
+        for s in studies
+    }
+    assert got == expected
+    for uid, (modalities, _, _) in expected.items():
+        r = client.get(f"/fhir/ImagingStudy/{uid}")
+        assert r.status_code == 200, r.text
+        assert sorted(c["code"] for c in r.json()["modality"]) == modalities
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "expected"),
+    [
+        # PS3.18 10.6.1.2: a study-level key at series/instance level is valid
+        ("/series", {"ModalitiesInStudy": "MR"}, {"b"}),
+        ("/series", {"ModalitiesInStudy": "CT"}, {"a", "c"}),
+        ("/instances", {"ModalitiesInStudy": "MR"}, {"b"}),
+        ("/series", {"SeriesNumber": "1,2"}, {"a", "b", "c"}),  # integer list matching
+    ],
+)
+def test_study_keys_at_lower_levels(
+    client: TestClient,
+    catalogue: dict[str, str],
+    path: str,
+    params: dict[str, str],
+    expected: set[str],
+) -> None:
+    found = set(values(search(client, path, **params), "0020000D"))
+    assert found == {catalogue[k] for k in expected}
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/studies", {"StudyInstanceUID": "\\"}),  # issue 14.8: was a 500
+        ("/studies", {"StudyInstanceUID": ","}),
+        ("/studies", {"ModalitiesInStudy": "\\"}),
+        ("/series", {"SeriesNumber": "\\"}),
+        ("/series", {"SeriesNumber": "1,x"}),
+        ("/series", {"Modality": ",,"}),
+    ],
+)
+def test_empty_and_malformed_lists_are_400(
+    client: TestClient, ct: Stored, path: str, params: dict[str, str]
+) -> None:
+    r = client.get(f"/dicomweb{path}", params=params)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/problem+json"

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import dcmread
 
-from tests.api._support import dataset_bytes, make_study
+from core.settings import Settings
+from core.synthetic import write_ct_series
+from tests.api._support import dataset_bytes, make_study, running_app
 
 BOUNDARY = "pacslab-test-boundary"
 CT = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -106,3 +114,74 @@ def test_resend_is_duplicate_not_failure(client: TestClient, app: FastAPI, tmp_p
     assert post(client, body(raw)).status_code == 200
     assert post(client, body(raw)).status_code == 200
     assert app.state.index.counts()["instances"] == 1
+
+
+# -- a full disk (issue 14.8: was a 500), simulated as tests/faults/test_disk_full.py ----
+
+
+def test_enospc_while_staging_is_507_with_a700(
+    client: TestClient, app: FastAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storage.staging import StagedWriter
+
+    def full(self: StagedWriter, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    paths = make_study(tmp_path / "s", slices=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(StagedWriter, "_write_out", full)
+        r = post(client, body(*(p.read_bytes() for p in paths)))
+    assert r.status_code == 507, r.text
+    assert [f["00081197"]["Value"] for f in seq(r, "00081198")] == [[0xA700]] * 2
+    assert app.state.index.counts()["instances"] == 0  # nothing acknowledged
+    assert post(client, body(*(p.read_bytes() for p in paths))).status_code == 200
+
+
+def test_enospc_while_spooling_is_507(
+    client: TestClient, app: FastAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.routes import dicomweb
+
+    class FullFile(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool = tmp_path / "spool.stow"
+    spool.touch()
+    monkeypatch.setattr(dicomweb, "_spool_open", lambda directory: (FullFile(), spool))
+    r = post(client, body(make_study(tmp_path / "s", slices=1)[0].read_bytes()))
+    assert r.status_code == 507, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert not spool.exists()  # the partial spool is removed
+
+
+def test_real_full_file_system_is_507_then_recovers(settings: Settings, tmp_path: Path) -> None:
+    """A 1 MiB tmpfs under the originals (root only, as tests/faults does)."""
+    originals = tmp_path / "data" / "originals"
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the simulated cases above run instead")
+    originals.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "pacslab-stow-full", str(originals)]
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with running_app(settings) as application:
+            client = TestClient(application)
+            (path,) = write_ct_series(tmp_path / "big", slices=1, rows=256, columns=256)
+            big = path.read_bytes()  # 128 KiB of pixels
+            # a body larger than the whole file system: the spool fails
+            r = post(client, body(*[big] * 10))
+            assert r.status_code == 507, r.text
+            # room for the spool (one copy), none for the staged instance (a second)
+            filler = originals / "filler"
+            with filler.open("wb", buffering=0) as fp, contextlib.suppress(OSError):
+                while True:
+                    fp.write(b"\0" * 4096)
+            os.truncate(filler, filler.stat().st_size - 3 * len(big) // 2)
+            r = post(client, body(big))
+            assert r.status_code == 507, r.text
+            assert application.state.index.counts()["instances"] == 0
+            filler.unlink()
+            assert post(client, body(big)).status_code == 200
+    finally:
+        subprocess.run(["umount", "-l", str(originals)], capture_output=True, check=False)

@@ -253,3 +253,132 @@ def test_metadata_json_is_valid_dicom_json(client: TestClient, ct: Stored) -> No
     items = client.get(f"/dicomweb/studies/{ct.study}/metadata").json()
     ds = Dataset.from_json(json.dumps(items[0]), bulk_data_uri_handler=lambda *_: b"")
     assert ds.SOPInstanceUID == ct.sops[0]
+
+
+# -- issue 14.7 (frame list amplification) and 13.8 (bulk data transfer syntax) -------
+
+
+def test_repeated_or_overlong_frame_lists_are_refused(client: TestClient, app: FastAPI) -> None:
+    study, series, sop, path = store_testfile(app, "emri_small.dcm")
+    base = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/"
+    octets = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    # 3,000 copies of frame 1 built a 1.6 GB response in memory
+    for frames in (",".join(["1"] * 3000), "1,2,1", ",".join(["1"] * 10_001)):
+        r = client.get(base + frames, headers=octets)
+        assert r.status_code == 400, frames[:20]
+        assert r.headers["content-type"] == "application/problem+json"
+        assert len(r.content) < len(base + frames) + 1000  # the problem echoes the path
+    for frames in ("0", "1,,2", "1," + "9" * 40, "-1"):
+        assert client.get(base + frames, headers=octets).status_code == 400, frames
+    assert client.get(base + "2,11", headers=octets).status_code == 404  # out of range
+    # every frame once, in the order asked: streamed, one part each
+    order = [10, *range(1, 10)]
+    r = client.get(base + ",".join(map(str, order)), headers=octets)
+    assert r.status_code == 200
+    arr = dcmread(path).pixel_array
+    assert [b for _, b in parts(r)] == [arr[n - 1].tobytes() for n in order]
+
+
+def test_frames_are_produced_lazily(app: FastAPI, tmp_path: Path) -> None:
+    """One frame decoded at a time: the iterator has read nothing before it is pulled."""
+    from api.dicomweb._pixels import iter_frames
+
+    path = Path(get_testdata_file("emri_small_jpeg_2k_lossless.dcm"))  # type: ignore[arg-type]
+    frames = iter_frames(path, [1, 2, 3], decode=True)
+    first = next(frames)
+    assert first.number == 1 and len(first.data) == 64 * 64 * 2
+    with pytest.raises(Exception, match="frame 11"):
+        iter_frames(path, [1, 11])  # checked before any frame is produced
+
+
+def test_bulkdata_of_compressed_pixel_data_honours_transfer_syntax(
+    client: TestClient, app: FastAPI
+) -> None:
+    study, series, sop, path = store_testfile(app, "emri_small_jpeg_2k_lossless.dcm")
+    url = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/bulkdata/7FE00010"
+    ds = dcmread(path)
+    native = ds.pixel_array.tobytes()  # lossless: the decoded value of all 10 frames
+    for accept in (
+        'multipart/related; type="application/octet-stream"',
+        'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1',
+    ):
+        r = client.get(url, headers={"Accept": accept})
+        assert r.status_code == 200, r.text
+        ((headers, body),) = parts(r)
+        assert headers["content-type"] == "application/octet-stream"
+        assert body == native
+    stored = list(generate_frames(ds.PixelData, number_of_frames=10))
+    r = client.get(url, headers={"Accept": 'multipart/related; type="image/jp2"'})
+    assert r.status_code == 200
+    assert [b for _, b in parts(r)] == stored
+    assert parts(r)[0][0]["content-type"].startswith("image/jp2")
+    for accept in (
+        'multipart/related; type="image/jls"',
+        'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.5',
+    ):
+        assert client.get(url, headers={"Accept": accept}).status_code == 406, accept
+
+
+def test_bulkdata_of_native_pixel_data_refuses_other_syntaxes(
+    client: TestClient, ct: Stored
+) -> None:
+    url = instance_url(ct) + "/bulkdata/7FE00010"
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2'
+    ((_, body),) = parts(client.get(url, headers={"Accept": accept}))
+    assert body == dcmread(ct.paths[0]).PixelData
+    jpeg = accept.replace("1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50")
+    assert client.get(url, headers={"Accept": jpeg}).status_code == 406
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small_jpeg_2k_lossless.dcm",  # 10 frames, Basic Offset Table
+        "emri_small_RLE.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "color3d_jpeg_baseline.dcm",  # 120 frames
+        "JPEG-LL.dcm",
+    ],
+)
+def test_encapsulated_frames_read_from_the_file(name: str) -> None:
+    """Frames sought in the file (the Pixel Data value stays deferred), in any order,
+    equal pydicom's own split of the whole value."""
+    from api.dicomweb._pixels import iter_frames
+
+    path = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    ds = dcmread(path)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    want = list(generate_frames(ds.PixelData, number_of_frames=count))
+    order = list(range(count, 0, -1))
+    assert [f.data for f in iter_frames(path, order)] == [want[n - 1] for n in order]
+
+
+def test_streamed_frames_hold_one_frame_in_memory(tmp_path: Path) -> None:
+    """All 40 frames of a 5 MiB native instance go through the multipart encoder
+    while Python never holds more than a few frames (issue 14.7: the body was
+    joined in memory, 3,000 entries cost 1.6 GB)."""
+    import tracemalloc
+
+    from api.dicomweb._multipart import multipart_body
+    from api.dicomweb._pixels import iter_frames
+    from core.synthetic import ct_series
+
+    ds = next(ct_series(1, 256, 256))
+    frame_size = 256 * 256 * 2
+    ds.NumberOfFrames = 40
+    ds.PixelData = b"".join(bytes([n]) * frame_size for n in range(40))
+    path = tmp_path / "multi.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    sent = 0
+    tracemalloc.start()
+    try:
+        frames = iter_frames(path, list(range(1, 41)))
+        parts = (("application/octet-stream", [f.data]) for f in frames)
+        for chunk in multipart_body(parts, "b"):
+            sent += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent > 40 * frame_size
+    assert peak < 4 * frame_size, peak

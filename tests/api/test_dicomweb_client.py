@@ -15,9 +15,11 @@ import uvicorn
 from dicomweb_client.api import DICOMwebClient
 from fastapi import FastAPI
 from pydicom import dcmread
+from pydicom.encaps import generate_frames
 from pydicom.filewriter import dcmwrite
 
 from tests.api._support import Stored, dataset_bytes, make_study
+from tests.support import free_port
 
 pytestmark = pytest.mark.network
 
@@ -26,8 +28,8 @@ pytestmark = pytest.mark.network
 def server(app: FastAPI) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    port = free_port()
+    sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(app, log_level="warning", lifespan="off")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -96,3 +98,32 @@ def test_store_instances(server: str, app: FastAPI, tmp_path: Path) -> None:
     for d in datasets:
         assert np.array_equal(by_uid[str(d.SOPInstanceUID)].pixel_array, d.pixel_array)
     assert app.state.index.counts()["instances"] == 2
+
+
+def test_compressed_bulkdata_and_frames_decoded(server: str, app: FastAPI) -> None:
+    """python dicomweb-client asks octet-stream for bulk data and frames: compressed
+    Pixel Data comes back decoded (issue 13.8), at the BulkDataURI of the metadata."""
+    from pydicom.data import get_testdata_file
+
+    path = Path(get_testdata_file("emri_small_jpeg_2k_lossless.dcm"))  # type: ignore[arg-type]
+    with path.open("rb") as fp:
+        from storage.staging import stage_part10
+
+        staged = stage_part10(app.state.archive.staging_dir(), fp, fsync=False)
+    app.state.archive.accept(staged, calling_ae="TEST")
+    ds = dcmread(path)
+    client = DICOMwebClient(url=server)
+    meta = client.retrieve_instance_metadata(
+        str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    )
+    uri = meta["7FE00010"]["BulkDataURI"]
+    assert uri.startswith(server + "/studies/")
+    octets = ("application/octet-stream",)
+    assert client.retrieve_bulkdata(uri, media_types=octets) == [ds.pixel_array.tobytes()]
+    # any media type (*/*): the frames as stored, one part each
+    assert client.retrieve_bulkdata(uri) == list(generate_frames(ds.PixelData, number_of_frames=10))
+    frames = client.retrieve_instance_frames(
+        str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+        frame_numbers=[3, 7], media_types=octets,
+    )
+    assert frames == [ds.pixel_array[2].tobytes(), ds.pixel_array[6].tobytes()]

@@ -19,6 +19,7 @@ from core.errors import NotFoundError
 from core.instance import InstanceRecord
 from core.settings import IndexSettings
 from storage.abc import MetadataIndex, NewInstance
+from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
 
 
@@ -201,6 +202,22 @@ class IndexContract:
         with index.engine.connect() as conn:
             name = conn.execute(text("SELECT name FROM patients")).scalar_one()
         assert name == "TRẦN^THỊ BÌNH"
+
+    def test_study_aggregates_are_per_study(self, index: SqlIndex) -> None:
+        """ModalitiesInStudy and the study counts come from the study's own series
+        (issue 13.1; PS3.18 Table 10.6.1-5), on every backend; a study-level key
+        filters series too (PS3.18 10.6.1.2)."""
+        recs = [record(1), replace(record(2, series="1.2.3.2"), modality="PT"),
+                replace(record(3, series="1.2.4.1", study="1.2.4"), modality="MR")]
+        index.add_instances([new(r, f"{i:x}") for i, r in enumerate(recs, 1)])
+        rows = index.find(Query(level="study"))
+        got = {r["StudyInstanceUID"]: (sorted(r["ModalitiesInStudy"].split("\\")),
+                                       r["NumberOfStudyRelatedSeries"],
+                                       r["NumberOfStudyRelatedInstances"]) for r in rows}
+        assert got == {"1.2.3": (["CT", "PT"], 2, 2), "1.2.4": (["MR"], 1, 1)}
+        series_of_mr = index.find(Query(level="series", matches=(
+            Match("ModalitiesInStudy", "MR"),)))
+        assert [r["SeriesInstanceUID"] for r in series_of_mr] == ["1.2.4.1"]
 
 
 class TestSqliteIndex(IndexContract):
