@@ -453,20 +453,22 @@ class DropFolder:
         name: str,
         dest: str,
         sha256: str,
-        body: Mapping[str, Any],
+        body: Mapping[str, Any] | None,
         *,
-        suffix: str,
+        suffix: str = "",
         filed_as: str | None = None,
     ) -> Path:
         """Write the report beside the filed file, then move the file there.
 
         ``dest`` is :data:`PROCESSED` or :data:`REJECTED`; the report is
-        ``<filed name><suffix>`` and names the file it belongs to.
+        ``<filed name><suffix>`` and names the file it belongs to (no report when
+        ``body`` is None).
         """
         folder = self.folder / dest
         target = filed_as or filed_name(name, sha256, lambda n: os.path.lexists(folder / n))
-        body = dict(body) | {"filed_as": target, "filed_at": datetime.now(UTC).isoformat()}
-        write_json_atomic(folder / f"{target}{suffix}", body)
+        if body is not None:
+            report = dict(body) | {"filed_as": target, "filed_at": datetime.now(UTC).isoformat()}
+            write_json_atomic(folder / f"{target}{suffix}", report)
         os.rename(self.folder / name, folder / target)  # the entry itself, never a target
         fsync_dir(folder)
         fsync_dir(self.folder)
