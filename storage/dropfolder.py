@@ -283,7 +283,7 @@ class DropFolder:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if now - max(st.st_mtime, st.st_ctime) >= self.limits.abandoned_s:
+                if now - st.st_mtime >= self.limits.abandoned_s:
                     aside.append(self.set_aside(
                         name, "abandoned",
                         f"a temporary name left untouched for {self.limits.abandoned_s:g} s "
