@@ -177,9 +177,9 @@ def test_lab_odd_names_are_rejected_once(settings: Settings) -> None:
         assert left == []
         reasons = sorted((inbox / "rejected").glob("*.error.json"))
         assert len(reasons) == len(names)
-        for path in reasons:
-            body = json.loads(path.read_text())
-            assert body["reason"] and len(path.name.encode()) <= 255
+        for report in reasons:
+            body = json.loads(report.read_text())
+            assert body["reason"] and len(report.name.encode()) <= 255
         # Rescans find nothing more to do: each was rejected once.
         assert watcher.run_until_idle() == [] and watcher.run_until_idle() == []
         assert len(list((inbox / "rejected").glob("*.error.json"))) == len(names)
@@ -332,7 +332,7 @@ def test_order_reason_is_written_before_the_move(
     def crash(src: Any, dst: Any) -> None:
         raise KeyboardInterrupt  # stands for SIGKILL between the reason and the move
 
-    monkeypatch.setattr(dropfolder.os, "rename", crash)
+    monkeypatch.setattr(dropfolder.os, "rename", crash)  # type: ignore[attr-defined]
     with pytest.raises(KeyboardInterrupt):
         inbox.scan()
     monkeypatch.undo()
