@@ -226,7 +226,8 @@ class DropFolder:
     clock: Callable[[], float] = time.time
     mono: Callable[[], float] = time.monotonic
     _stability: Stability = field(init=False)
-    _pending: set[str] = field(default_factory=set, init=False)
+    # Insertion-ordered (a dict): files are read in the order they were found.
+    _pending: dict[str, None] = field(default_factory=dict, init=False)
     _waiting: dict[str, _Waiting] = field(default_factory=dict, init=False)
     _kept: set[str] = field(default_factory=set, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -260,7 +261,7 @@ class DropFolder:
         if verdict.kind == "wait":
             return
         with self._lock:
-            self._pending.add(name)
+            self._pending.setdefault(name)
             if renamed and verdict.kind == "read":
                 self._stability.renamed(name)
 
@@ -293,7 +294,7 @@ class DropFolder:
 
     def forget(self, name: str) -> None:
         with self._lock:
-            self._pending.discard(name)
+            self._pending.pop(name, None)
             self._stability.forget(name)
             self._waiting.pop(name, None)
 
@@ -301,14 +302,14 @@ class DropFolder:
         """Look at ``name`` again from the start (it changed while being read)."""
         self.forget(name)
         with self._lock:
-            self._pending.add(name)
+            self._pending.setdefault(name)
 
     # -- reading -------------------------------------------------------------------
 
     def poll(self) -> Iterator[DropFile | SetAside]:
         """Look at each pending entry once; yield the files ready and what was set aside."""
         with self._lock:
-            names = sorted(self._pending)
+            names = list(self._pending)
         for name in names:
             try:
                 item = self._look(name)
@@ -376,7 +377,7 @@ class DropFolder:
         if reason is not None:
             return self._incomplete(name, signature, reason)
         with self._lock:
-            self._pending.discard(name)
+            self._pending.pop(name, None)
             self._stability.forget(name)
             self._waiting.pop(name, None)
         sha = hashlib.sha256(raw).hexdigest()
