@@ -52,6 +52,7 @@ from typing import Any, Final
 from core.dropfiles import Stability, filed_name, name_verdict, printable_name, safe_name
 
 __all__ = [
+    "MAX_TRIES",
     "PROCESSED",
     "REJECTED",
     "DropFile",
@@ -68,6 +69,8 @@ PROCESSED: Final = "processed"
 REJECTED: Final = "rejected"
 _OWN = (PROCESSED, REJECTED)
 _CHUNK = 1 << 20
+#: Failures on one entry before it is set aside.
+MAX_TRIES: Final = 3
 _OPEN_FLAGS = (
     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 )
@@ -230,6 +233,7 @@ class DropFolder:
     _pending: dict[str, None] = field(default_factory=dict, init=False)
     _waiting: dict[str, _Waiting] = field(default_factory=dict, init=False)
     _kept: set[str] = field(default_factory=set, init=False)
+    _failures: dict[str, int] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -292,6 +296,20 @@ class DropFolder:
                     ))
         return aside
 
+    def failed(self, name: str, reason: str, *, sha256: str = "") -> SetAside | None:
+        """Count a failure on ``name``: it waits for the next rescan, and the
+        :data:`MAX_TRIES`-th failure sets it aside (never retried forever)."""
+        self.forget(name)
+        tries = self._failures[name] = self._failures.get(name, 0) + 1
+        logger.warning(
+            "inbox %s: entry %s failed (%d of %d tries)", self.folder.name, safe_name(name),
+            tries, MAX_TRIES, exc_info=True,
+        )
+        if tries < MAX_TRIES:
+            return None
+        del self._failures[name]
+        return self.set_aside(name, "failed", f"{reason} (after {tries} tries)", sha256=sha256)
+
     def forget(self, name: str) -> None:
         with self._lock:
             self._pending.pop(name, None)
@@ -313,10 +331,11 @@ class DropFolder:
         for name in names:
             try:
                 item = self._look(name)
-            except OSError:
+            except OSError as exc:
                 # An I/O error on one entry never holds up the others.
-                logger.warning("inbox entry %s could not be read", safe_name(name), exc_info=True)
-                continue
+                item = self.failed(name, f"cannot be read: {exc.strerror or type(exc).__name__}")
+                if item is None:
+                    continue
             if item is not None:
                 yield item
 
@@ -474,6 +493,7 @@ class DropFolder:
         fsync_dir(folder)
         fsync_dir(self.folder)
         self.forget(name)
+        self._failures.pop(name, None)
         return folder / target
 
     def set_aside(self, name: str, kind: str, reason: str, *, sha256: str = "") -> SetAside:

@@ -71,9 +71,6 @@ __all__ = ["FileOutcome", "LabInbox", "LabWatcher"]
 
 logger = logging.getLogger(__name__)
 
-#: Unexpected failures on the same bytes before the file is set aside.
-_MAX_TRIES = 3
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +410,6 @@ class LabWatcher:
         self._observer: Any = None
         self.outcomes: list[FileOutcome] = []
         self.on_outcome: list[Callable[[FileOutcome], None]] = []
-        self._failures: dict[tuple[str, str], int] = {}
 
     # -- events ----------------------------------------------------------------
 
@@ -471,21 +467,14 @@ class LabWatcher:
         return done
 
     def _failed(self, inbox: LabInbox, item: DropFile | SetAside) -> FileOutcome | None:
-        """Count a failure; the third on the same bytes sets the file aside."""
+        """Count a failure; the last try sets the file aside (see DropFolder.failed)."""
         if not isinstance(item, DropFile):
             return None
-        key = (inbox.profile.name, item.sha256)
-        self._failures[key] = tries = self._failures.get(key, 0) + 1
-        if tries < _MAX_TRIES:
-            return None
-        del self._failures[key]
         try:
-            aside = inbox.drops.set_aside(
-                item.name, "failed",
-                f"could not be processed after {tries} tries (see the service log)",
-                sha256=item.sha256,
+            aside = inbox.drops.failed(
+                item.name, "could not be processed (see the service log)", sha256=item.sha256
             )
-            return inbox.handle(aside)
+            return inbox.handle(aside) if aside is not None else None
         except Exception:
             logger.error("a lab file of %s could not be set aside", inbox.profile.name,
                          exc_info=True)

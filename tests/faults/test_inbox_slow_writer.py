@@ -224,3 +224,30 @@ def test_order_file_changed_while_being_read_is_read_again(
         assert service.store.find(placer="4560411583") is not None
     finally:
         index.close()
+
+
+def test_a_file_that_keeps_failing_is_set_aside_not_retried_forever(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on one file (here: the parser raising) never loops forever nor blocks others."""
+    import ingest.labs.watcher as lab_watcher
+
+    original = lab_watcher.parse_file  # type: ignore[attr-defined]
+
+    def parse(raw: bytes, profile: Any) -> Any:
+        if b"SONIC" in raw:  # only the Oracle capture trips the "bug"
+            raise RuntimeError("a bug")
+        return original(raw, profile)
+
+    monkeypatch.setattr(lab_watcher, "parse_file", parse)
+    with _rig(settings, lab_stable_s=0.0) as (watcher, store, inbox):
+        (inbox / "bug.hl7").write_bytes(ORACLE.read_bytes())
+        (inbox / "fine.hl7").write_bytes(EPIC.read_bytes())
+        outcomes: list[FileOutcome] = []
+        for _ in range(5):  # each rescan offers the failing file again
+            outcomes += watcher.run_until_idle()
+        assert sorted((o.name, o.status) for o in outcomes) == [
+            ("bug.hl7", "rejected"), ("fine.hl7", "ingested")]
+        reason = json.loads((inbox / "rejected" / "bug.hl7.error.json").read_text())
+        assert reason["kind"] == "failed" and "after 3 tries" in reason["reason"]
+        assert _results(store) == 3

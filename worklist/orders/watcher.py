@@ -111,9 +111,15 @@ class OrderInbox:
             try:
                 target = self._handle(item)
             except Exception:
-                # One file's failure never holds up the others (it is tried again).
+                # One file's failure never holds up the others: it is tried again at
+                # the next rescan, and set aside after a few tries.
                 logger.error("an order file could not be processed", exc_info=True)
-                continue
+                if not isinstance(item, DropFile):
+                    continue
+                aside = self.drops.failed(item.name, "could not be processed", sha256=item.sha256)
+                if aside is None:
+                    continue
+                target = aside.destination
             if target is not None:
                 moved.append(target)
         return moved
