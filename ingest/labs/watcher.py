@@ -157,9 +157,10 @@ class LabInbox:
         """
         marked = 0
         for state in self.store.unfiled(self.profile.name):
-            if (self.folder / state.name).exists():
+            # lexists: a symlink left under that name is never followed.
+            if os.path.lexists(self.folder / state.name):
                 continue
-            if not (self.processed / state.name).exists():
+            if not os.path.lexists(self.processed / state.name):
                 logger.warning("lab file %s was ingested, then removed by hand", state.sha256[:12])
             self.store.mark_filed(state.sha256)
             marked += 1
