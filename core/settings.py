@@ -228,6 +228,16 @@ class IngestSettings(BaseModel):
     #: Seconds a dropped lab file must keep the same size and mtime before it is read.
     lab_stable_s: float = Field(1.0, ge=0)
     lab_rescan_s: float = Field(5.0, gt=0)
+    #: Largest lab file read (bytes); larger ones are rejected unread. A profile may
+    #: set its own (``LabProfileSettings.max_bytes``). Parsing takes a few times this
+    #: in memory, so it bounds the watcher's memory too (issue 14.2).
+    lab_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    #: Seconds a quiet lab file may stay incomplete (no ASTM L record / EOT, no HL7
+    #: BTS/FTS, still open for writing) before it is rejected with its reason.
+    lab_incomplete_s: float = Field(900.0, gt=0)
+    #: Seconds a temporary name (``.x``, ``x.tmp``) may stay untouched before it is
+    #: set aside as abandoned (a writer that died before its rename).
+    lab_abandoned_s: float = Field(3600.0, gt=0)
 
 
 class LabDelimitedSettings(BaseModel):
@@ -274,6 +284,8 @@ class LabProfileSettings(BaseModel):
     #: Analyzer name recorded when the message names none (ASTM H.5, HL7 MSH-3).
     analyzer: str = ""
     delimited: LabDelimitedSettings | None = None
+    #: Largest file of this inbox (bytes); None: ``IngestSettings.lab_max_bytes``.
+    max_bytes: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_delimited(self) -> LabProfileSettings:
@@ -380,6 +392,44 @@ class OrdersSettings(BaseModel):
     stable_s: float = Field(1.0, ge=0)
     #: Seconds between full rescans of the inbox (watchdog events can be lost).
     rescan_s: float = Field(5.0, gt=0)
+    #: Largest order file read (bytes); larger ones are rejected unread.
+    inbox_max_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    #: Seconds a quiet order file may stay incomplete (HL7 batch without BTS/FTS,
+    #: still open for writing) before it is rejected with its reason.
+    incomplete_s: float = Field(900.0, gt=0)
+    #: Seconds a temporary name may stay untouched before it is set aside.
+    abandoned_s: float = Field(3600.0, gt=0)
+    #: Largest MLLP message (bytes); a larger one is answered MSA-1 ``AR`` and
+    #: drained (up to ``mllp_drain_bytes``), never silently dropped (issue 13.11).
+    mllp_max_message_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    #: Bytes of an oversize message read and discarded to find its end block;
+    #: past it the connection is closed after the AR.
+    mllp_drain_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    #: A connection silent this long between messages is closed.
+    mllp_idle_timeout_s: float = Field(300.0, gt=0)
+    #: A message must arrive whole within this many seconds of its first byte
+    #: (slowloris senders are cut off).
+    mllp_message_timeout_s: float = Field(60.0, gt=0)
+    #: Connections served at once; more are closed at once.
+    mllp_max_connections: int = Field(32, ge=1)
+    #: IPs or CIDR networks allowed to connect (JSON list:
+    #: ``PACSLAB_ORDERS__MLLP_ALLOWED_SOURCES='["10.1.2.0/24"]'``); empty: anyone,
+    #: with a warning at start (issue 14.9).
+    mllp_allowed_sources: list[str] = Field(default_factory=list)
+
+    @field_validator("mllp_allowed_sources")
+    @classmethod
+    def _check_sources(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"orders.mllp_allowed_sources: {item!r} is not an IP or CIDR network"
+                ) from exc
+        return value
     #: Modality of a step when the order names none (OBR-24 empty; FHIR without code).
     default_modality: str = "OT"
     #: Scheduled Station AE Title per modality, when the order names no station.

@@ -42,6 +42,7 @@ def start_background(settings: Settings) -> Background:
 def start_orders(settings: Settings) -> Callable[[], None]:
     """HL7 v2 order intake: the inbox folder, and MLLP unless ``orders.mllp_port`` is 0."""
     from pacslab.wiring import build_audit, build_index, build_order_service
+    from storage.dropfolder import DropLimits
     from worklist.orders.intake import Hl7OrderIntake
     from worklist.orders.mllp import MllpServer
     from worklist.orders.watcher import OrderInbox
@@ -53,10 +54,28 @@ def start_orders(settings: Settings) -> Callable[[], None]:
     )
     section = settings.orders
     inbox = OrderInbox(
-        settings.orders_inbox, intake, stable_s=section.stable_s, rescan_s=section.rescan_s
+        settings.orders_inbox,
+        intake,
+        stable_s=section.stable_s,
+        rescan_s=section.rescan_s,
+        limits=DropLimits(
+            max_bytes=section.inbox_max_bytes,
+            incomplete_s=section.incomplete_s,
+            abandoned_s=section.abandoned_s,
+        ),
     ).start()
     mllp = (
-        MllpServer(intake, section.mllp_host, section.mllp_port).start()
+        MllpServer(
+            intake,
+            section.mllp_host,
+            section.mllp_port,
+            idle_timeout_s=section.mllp_idle_timeout_s,
+            message_timeout_s=section.mllp_message_timeout_s,
+            max_message=section.mllp_max_message_bytes,
+            drain_bytes=section.mllp_drain_bytes,
+            allowed_sources=section.mllp_allowed_sources,
+            max_connections=section.mllp_max_connections,
+        ).start()
         if section.mllp_port
         else None
     )

@@ -10,6 +10,7 @@ from ingest.labs.profiles import parse_profile
 from ingest.labs.watcher import LabInbox, LabWatcher
 from ingest.labs.webhook import CriticalWebhook
 from pacslab.wiring import build_audit, build_index
+from storage.dropfolder import DropLimits
 from storage.index.lab import SqlLabStore
 
 __all__ = ["build_lab_watcher", "start_lab_watcher"]
@@ -47,6 +48,12 @@ def build_lab_watcher(
             announce=webhook.announce if webhook is not None else None,
             audit=audit,
             patient_secret=secret,
+            limits=DropLimits(
+                max_bytes=profile.max_bytes or settings.ingest.lab_max_bytes,
+                stable_s=settings.ingest.lab_stable_s,
+                incomplete_s=settings.ingest.lab_incomplete_s,
+                abandoned_s=settings.ingest.lab_abandoned_s,
+            ),
         )
         for name, profile in profiles.items()
     }

@@ -15,13 +15,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.dropfiles import astm_incomplete, hl7_incomplete
 from core.errors import LabMessageError
 from core.settings import LabDelimitedSettings, LabProfileSettings
 from ingest.labs.model import Coding, ParseResult
 from ingest.labs.parsers import astm, available_parsers, delimited, detect, get_parser, hl7v2
 from ingest.labs.parsers.delimited import DelimitedProfile
 
-__all__ = ["InboxProfile", "delimited_profile", "parse_file", "parse_profile"]
+__all__ = [
+    "InboxProfile",
+    "delimited_profile",
+    "incomplete_reason",
+    "parse_file",
+    "parse_profile",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,7 @@ class InboxProfile:
     skip_non_results: bool = True
     analyzer: str = ""
     delimited: DelimitedProfile | None = None
+    max_bytes: int | None = None
 
 
 def delimited_profile(name: str, section: LabDelimitedSettings) -> DelimitedProfile:
@@ -110,6 +118,7 @@ def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
         skip_non_results=section.skip_non_results,
         analyzer=section.analyzer,
         delimited=layout,
+        max_bytes=section.max_bytes,
     )
 
 
@@ -150,6 +159,27 @@ def parse_file(raw: bytes, profile: InboxProfile) -> tuple[str, ParseResult]:
             "no result in the file (no R record, OBX segment or row)", where=where
         )
     return fmt, result
+
+
+def incomplete_reason(raw: bytes, profile: InboxProfile) -> str | None:
+    """Why ``raw`` is a file cut short, judged by its format's end marker, or None.
+
+    ASTM: the E1394 ``L`` terminator record or the E1381 ``EOT``; HL7 v2: a batch's
+    ``BTS``/``FTS`` or an MLLP frame's end block (:mod:`core.dropfiles`). Delimited
+    exports declare no row count in any profile we know, so they have no marker:
+    the drop folder's quiet period and writer check decide.
+    """
+    fmt = profile.format
+    if fmt == "auto":
+        try:
+            fmt = detect(raw)
+        except LabMessageError:
+            return None  # not a lab format: the parser says why
+    if fmt == "astm":
+        return astm_incomplete(raw)
+    if fmt == "hl7v2":
+        return hl7_incomplete(raw)
+    return None
 
 
 def _parse_astm(raw: bytes, encoding: str) -> ParseResult:

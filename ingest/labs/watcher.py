@@ -5,13 +5,19 @@ any means (SMB share, SFTP, an analyzer's export job); filesystem events (watchd
 inotify on Linux) wake us at once, and a periodic rescan catches what events miss
 (network shares, overflowed event queues, files present at start-up).
 
-A file is read only when complete (:mod:`ingest.labs.inbox`), then:
+Each folder is a :class:`storage.dropfolder.DropFolder`: only regular files inside
+it are read (symlinks, FIFOs, devices, sockets, directories and odd names are set
+aside to ``rejected/`` once, with a reason, never read), at most the profile's
+``max_bytes``, and only once complete (renamed from a temporary name, or quiet,
+closed by its writer and ending as its format says: :func:`incomplete_reason`).
+A complete file is:
 
 1. hashed (SHA-256 of the bytes);
 2. if the journal knows the hash: a file ingested before → recorded as a
    duplicate and filed under ``processed/`` with a summary saying so; a file
    journaled but still here (we crashed between commit and move) → only moved;
-3. else parsed: a :class:`~core.errors.LabMessageError` writes
+3. else parsed, then hashed again: a file that changed while being read is read
+   again, never filed; a :class:`~core.errors.LabMessageError` writes
    ``rejected/<name>.error.json`` (what, where, why) and moves the file there;
 4. else its results **and** its hash are committed in one transaction
    (:meth:`storage.lab.LabResultStore.ingest_file`), then the summary is written
@@ -34,14 +40,13 @@ anything (the hash is unique in the journal) but would race on the moves.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,22 +56,21 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core.audit import AuditEntry, patient_key
+from core.dropfiles import name_verdict, safe_name
 from core.errors import LabMessageError, OutOfResourcesError
 from core.logging import correlation, correlation_id
 from core.settings import LabCriticalLimit
-from ingest.labs.inbox import Stability, filed_name, is_candidate, is_partial
 from ingest.labs.parsers import detect
-from ingest.labs.profiles import InboxProfile, parse_file
+from ingest.labs.profiles import InboxProfile, incomplete_reason, parse_file
 from ingest.labs.results import error_report, plan_results, summary
 from storage.audit import AuditLog
+from storage.dropfolder import PROCESSED, REJECTED, DropFile, DropFolder, DropLimits, SetAside
 from storage.lab import LabResultStore, NewLabFile, NewLabResult, OrderLookup, StoredLabResult
 
 __all__ = ["FileOutcome", "LabInbox", "LabWatcher"]
 
 logger = logging.getLogger(__name__)
 
-PROCESSED = "processed"
-REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +79,17 @@ class FileOutcome:
 
     ``status``: ``ingested``; ``duplicate`` (hash already ingested); ``recovered``
     (journaled before a crash, now moved); ``rejected``; ``gone`` (vanished before
-    we read it); ``deferred`` (index unavailable, left in the inbox for later).
+    we read it); ``deferred`` (index unavailable, left in the inbox for later);
+    ``changed`` (the file changed while being read: it is read again).
     """
 
     name: str
-    status: Literal["ingested", "duplicate", "recovered", "rejected", "gone", "deferred"]
+    status: Literal[
+        "ingested", "duplicate", "recovered", "rejected", "gone", "deferred", "changed"
+    ]
     sha256: str = ""
     results: int = 0
     destination: Path | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json(path: Path, body: Mapping[str, Any]) -> None:
-    """Write ``body`` beside the filed file, atomically (temp name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fp:
-        json.dump(body, fp, ensure_ascii=False, indent=2, default=str)
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
 
 
 class LabInbox:
@@ -125,6 +113,8 @@ class LabInbox:
         The action log; every filed file appends to it (see the module docstring).
     patient_secret : bytes
         Keys the patient references of the log (:func:`core.audit.patient_key`).
+    limits : DropLimits, optional
+        Size limit and waits of the folder (from ``IngestSettings``).
     """
 
     def __init__(
@@ -139,6 +129,7 @@ class LabInbox:
         order_lookup: OrderLookup | None = None,
         audit: AuditLog | None = None,
         patient_secret: bytes = b"",
+        limits: DropLimits | None = None,
     ) -> None:
         self.folder = folder
         self.profile = profile
@@ -151,8 +142,11 @@ class LabInbox:
         self.patient_secret = patient_secret
         self.processed = folder / PROCESSED
         self.rejected = folder / REJECTED
-        for sub in (folder, self.processed, self.rejected):
-            sub.mkdir(parents=True, exist_ok=True)
+        self.drops = DropFolder(
+            folder,
+            limits or DropLimits(),
+            check=lambda raw: incomplete_reason(raw, profile),
+        )
 
     def reconcile(self) -> int:
         """Finish journal entries a crash left between "moved" and "marked filed".
@@ -163,38 +157,45 @@ class LabInbox:
         """
         marked = 0
         for state in self.store.unfiled(self.profile.name):
-            if (self.folder / state.name).exists():
+            # lexists: a symlink left under that name is never followed.
+            if os.path.lexists(self.folder / state.name):
                 continue
-            if not (self.processed / state.name).exists():
+            if not os.path.lexists(self.processed / state.name):
                 logger.warning("lab file %s was ingested, then removed by hand", state.sha256[:12])
             self.store.mark_filed(state.sha256)
             marked += 1
         return marked
 
-    def candidates(self) -> Iterator[Path]:
-        """Files in the folder that may be read once complete."""
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                if entry.is_file(follow_symlinks=False) and is_candidate(entry.name):
-                    yield Path(entry.path)
-
     def process(self, path: Path) -> FileOutcome:
-        """Ingest, file as duplicate, or reject one complete file."""
-        name = path.name
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return FileOutcome(name, "gone")
-        sha = hashlib.sha256(raw).hexdigest()
-        with correlation(sha[:12]):
-            try:
-                return self._process(path, raw, sha)
-            except OutOfResourcesError:
-                logger.warning("lab file %s left in the inbox: index unavailable", sha[:12])
-                return FileOutcome(name, "deferred", sha)
+        """Ingest, file as duplicate, or reject one file now (it is taken as complete)."""
+        item = self.drops.read(path.name)
+        if item is None:
+            return FileOutcome(path.name, "gone")
+        return self.handle(item)
 
-    def _process(self, path: Path, raw: bytes, sha: str) -> FileOutcome:
-        name = path.name
+    def handle(self, item: DropFile | SetAside) -> FileOutcome:
+        """What the drop folder gave: a complete file, or an entry it set aside."""
+        if isinstance(item, SetAside):
+            return self._set_aside(item)
+        with correlation(item.sha256[:12]):
+            try:
+                return self._process(item)
+            except OutOfResourcesError:
+                # Left in the inbox; the next rescan offers it again.
+                logger.warning(
+                    "lab file %s left in the inbox: index unavailable", item.sha256[:12]
+                )
+                return FileOutcome(item.name, "deferred", item.sha256)
+
+    def _set_aside(self, item: SetAside) -> FileOutcome:
+        """An entry the drop folder refused (not a regular file, odd name, too large…)."""
+        ref = item.sha256 or safe_name(item.name, item.kind)
+        logger.info("lab inbox %s: entry %s rejected (%s)", self.profile.name, ref[:24], item.kind)
+        self._audit(ref, "4", f"rejected: {item.kind}", fmt=None, detail={"kind": item.kind})
+        return FileOutcome(item.name, "rejected", item.sha256, destination=item.destination)
+
+    def _process(self, drop: DropFile) -> FileOutcome:
+        path, raw, sha, name = drop.path, drop.raw, drop.sha256, drop.name
         state = self.store.file_state(sha)
         if state is not None:
             return self._known(path, sha, state.status, state.name, state.summary_json)
@@ -212,8 +213,10 @@ class LabInbox:
                 local_timezone=self.local_timezone,
             )
         except LabMessageError as exc:
+            if not self.drops.unchanged(drop):
+                return self._changed(drop)
             report = error_report(exc, name=name, sha256=sha, profile=self.profile.name, fmt=fmt)
-            dest = self._file(path, self.rejected, sha, report, suffix=".error.json")
+            dest = self._file(path, REJECTED, sha, report, suffix=".error.json")
             # The reason can quote values from the file (patient data): it goes to the
             # reason file next to the rejected file, the log gets only the position.
             logger.info(
@@ -224,6 +227,9 @@ class LabInbox:
             self._audit(sha, "4", f"rejected: {exc.title}", fmt=fmt,
                         detail={"where": exc.where or ""})
             return FileOutcome(name, "rejected", sha, destination=dest)
+        if not self.drops.unchanged(drop):
+            # Read while still being written (or replaced): nothing is committed.
+            return self._changed(drop)
         body = summary(
             name=name,
             sha256=sha,
@@ -250,7 +256,7 @@ class LabInbox:
             assert state is not None
             return self._known(path, sha, "filed", state.name, state.summary_json)
         body["new_versions"] = outcome.new_versions
-        dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
+        dest = self._file(path, PROCESSED, sha, body, suffix=".summary.json")
         self.store.mark_filed(sha)
         self._audit_results(sha, fmt, results, outcome.new_versions)
         logger.info(
@@ -275,7 +281,7 @@ class LabInbox:
         if status == "ingested" and not (self.processed / first_name).exists():
             # Committed before a crash, never moved: finish the job, nothing to ingest.
             body = json.loads(summary_json or "{}") | {"recovered": True}
-            dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
+            dest = self._file(path, PROCESSED, sha, body, suffix=".summary.json")
             self.store.mark_filed(sha)
             logger.info("lab file %s journaled before a restart: moved", sha[:12])
             # Its entries may have been queued and lost with the process that committed.
@@ -293,7 +299,7 @@ class LabInbox:
             "duplicates_so_far": count,
             "results": 0,
         }
-        dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
+        dest = self._file(path, PROCESSED, sha, body, suffix=".summary.json")
         logger.info("lab file %s is a duplicate of an ingested file: not ingested", sha[:12])
         self._audit(sha, "0", "duplicate: not ingested", fmt=None,
                     detail={"duplicates_so_far": count})
@@ -338,18 +344,16 @@ class LabInbox:
         except Exception:
             logger.error("lab file audit entry not recorded", exc_info=True)
 
+    def _changed(self, drop: DropFile) -> FileOutcome:
+        logger.warning("lab file %s changed while being read: read again", drop.sha256[:12])
+        self.drops.retry(drop.name)
+        return FileOutcome(drop.name, "changed", drop.sha256)
+
     def _file(
-        self, path: Path, folder: Path, sha: str, body: Mapping[str, Any], *, suffix: str
+        self, path: Path, dest: str, sha: str, body: Mapping[str, Any], *, suffix: str
     ) -> Path:
-        """Write the reason/summary, then move the file beside it."""
-        name = filed_name(path.name, sha, lambda n: (folder / n).exists())
-        body = dict(body) | {"filed_as": name, "filed_at": datetime.now(UTC).isoformat()}
-        _write_json(folder / f"{name}{suffix}", body)
-        dest = folder / name
-        os.replace(path, dest)
-        _fsync_dir(folder)
-        _fsync_dir(path.parent)
-        return dest
+        """Write the reason/summary (atomically), then move the file beside it."""
+        return self.drops.file(path.name, dest, sha, body, suffix=suffix)
 
 
 class _Events(FileSystemEventHandler):
@@ -360,12 +364,12 @@ class _Events(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
-            return
+            return  # a directory dropped in is set aside by the next rescan
         kind = event.event_type
         if kind == "moved":
-            src = os.fsdecode(event.src_path)
+            src = os.path.basename(os.fsdecode(event.src_path))
             dest = os.fsdecode(event.dest_path)
-            self.watcher.notify(dest, renamed_from_partial=is_partial(os.path.basename(src)))
+            self.watcher.notify(dest, renamed_from_partial=name_verdict(src).kind == "wait")
         elif kind in ("created", "modified", "closed"):
             self.watcher.notify(os.fsdecode(event.src_path))
 
@@ -373,11 +377,16 @@ class _Events(FileSystemEventHandler):
 class LabWatcher:
     """Watches every profile folder and feeds complete files to its :class:`LabInbox`.
 
+    One loop serves every profile; nothing in it blocks on an entry (FIFOs are never
+    opened, files are opened non-blocking) and an error on one file is logged and
+    never holds up another file or profile.
+
     Parameters
     ----------
     inboxes : mapping of folder to LabInbox
     stable_s : float
-        Quiet period before an unrenamed file is read (``IngestSettings.lab_stable_s``).
+        Quiet period before an unrenamed file is read (``IngestSettings.lab_stable_s``;
+        each inbox's own limits decide, this sets the loop's tick).
     rescan_s : float
         Period of the safety-net rescan (``IngestSettings.lab_rescan_s``).
     use_events : bool
@@ -396,9 +405,6 @@ class LabWatcher:
         self.stable_s = stable_s
         self.rescan_s = rescan_s
         self.use_events = use_events
-        self._stability = Stability(stable_s)
-        self._pending: dict[str, LabInbox] = {}
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -411,64 +417,75 @@ class LabWatcher:
     def notify(self, path: str, *, renamed_from_partial: bool = False) -> None:
         """A file appeared or changed (from watchdog, or a caller that knows)."""
         inbox = self.inboxes.get(Path(os.path.dirname(os.path.abspath(path))))
-        if inbox is None or not is_candidate(os.path.basename(path)):
+        if inbox is None:
             return
-        with self._lock:
-            self._pending[path] = inbox
-            if renamed_from_partial:
-                self._stability.renamed(path)
+        inbox.drops.notify(os.path.basename(path), renamed=renamed_from_partial)
         self._wake.set()
 
-    def rescan(self) -> None:
-        """List every folder: the safety net for missed events."""
+    def rescan(self) -> list[FileOutcome]:
+        """List every folder: the safety net for missed events (sets odd entries aside)."""
+        done: list[FileOutcome] = []
         for inbox in self.inboxes.values():
             try:
-                for path in inbox.candidates():
-                    self.notify(str(path))
-            except OSError:
-                logger.warning("cannot list lab inbox %s", inbox.folder, exc_info=True)
+                for item in inbox.drops.rescan():
+                    done.append(self._record(inbox.handle(item)))
+            except Exception:
+                logger.warning("cannot list lab inbox %s", inbox.profile.name, exc_info=True)
+        return done
+
+    @property
+    def busy(self) -> bool:
+        """Some file is waiting to be complete."""
+        return any(inbox.drops.busy for inbox in self.inboxes.values())
 
     # -- loop ----------------------------------------------------------------------
 
     def poll(self) -> list[FileOutcome]:
         """Check pending files once; process those that are complete."""
-        with self._lock:
-            pending = list(self._pending.items())
         done: list[FileOutcome] = []
-        for path, inbox in pending:
-            if self._stop.is_set():
-                break
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                self._drop(path)
-                continue
-            ready = self._stability.observe(
-                path,
-                size=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                wall=time.time(),
-                mono=time.monotonic(),
-            )
-            if not ready:
-                continue
-            self._drop(path)
-            try:
-                outcome = inbox.process(Path(path))
-            except Exception:
-                # A bug or an unexpected I/O error: leave the file, try again later.
-                logger.error("lab file %s could not be processed", path, exc_info=True)
-                continue
-            done.append(outcome)
-            self.outcomes.append(outcome)
-            for callback in self.on_outcome:
-                callback(outcome)
+        for inbox in self.inboxes.values():
+            items = inbox.drops.poll()
+            while not self._stop.is_set():
+                item = next(items, None)
+                if item is None:
+                    break
+                try:
+                    outcome = inbox.handle(item)
+                except Exception:
+                    # A bug or an unexpected I/O error: this file waits for the next
+                    # rescan, and is set aside after a few tries; the other files and
+                    # profiles go on.
+                    logger.error(
+                        "a lab file of %s could not be processed", inbox.profile.name,
+                        exc_info=True,
+                    )
+                    failed = self._failed(inbox, item)
+                    if failed is None:
+                        continue
+                    outcome = failed
+                if outcome.status != "changed":
+                    done.append(self._record(outcome))
         return done
 
-    def _drop(self, path: str) -> None:
-        with self._lock:
-            self._pending.pop(path, None)
-            self._stability.forget(path)
+    def _failed(self, inbox: LabInbox, item: DropFile | SetAside) -> FileOutcome | None:
+        """Count a failure; the last try sets the file aside (see DropFolder.failed)."""
+        if not isinstance(item, DropFile):
+            return None
+        try:
+            aside = inbox.drops.failed(
+                item.name, "could not be processed (see the service log)", sha256=item.sha256
+            )
+            return inbox.handle(aside) if aside is not None else None
+        except Exception:
+            logger.error("a lab file of %s could not be set aside", inbox.profile.name,
+                         exc_info=True)
+            return None
+
+    def _record(self, outcome: FileOutcome) -> FileOutcome:
+        self.outcomes.append(outcome)
+        for callback in self.on_outcome:
+            callback(outcome)
+        return outcome
 
     def reconcile(self) -> None:
         """Finish what a crash interrupted (see :meth:`LabInbox.reconcile`)."""
@@ -487,13 +504,11 @@ class LabWatcher:
         """Reconcile, rescan and poll until nothing is pending (for tools and tests)."""
         deadline = time.monotonic() + timeout_s
         self.reconcile()
-        self.rescan()
-        done: list[FileOutcome] = []
+        done = self.rescan()
         while True:
             done.extend(self.poll())
-            with self._lock:
-                if not self._pending:
-                    return done
+            if not self.busy:
+                return done
             if time.monotonic() > deadline:
                 return done
             time.sleep(min(0.05, max(self.stable_s / 4, 0.005)))
@@ -507,9 +522,7 @@ class LabWatcher:
                 self.rescan()
                 next_rescan = now + self.rescan_s
             self.poll()
-            with self._lock:
-                busy = bool(self._pending)
-            tick = max(0.01, min(self.stable_s / 4, 0.1)) if busy else self.rescan_s
+            tick = max(0.01, min(self.stable_s / 4, 0.1)) if self.busy else self.rescan_s
             self._wake.wait(min(tick, max(0.0, next_rescan - time.monotonic())))
             self._wake.clear()
 

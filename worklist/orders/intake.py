@@ -120,6 +120,18 @@ class Hl7OrderIntake:
         self._audit(raw, result, placed, peer=peer, file_sha256=file_sha256)
         return result
 
+    def refuse(self, head: bytes, error: OrderMessageError, *, peer: str = "") -> IntakeResult:
+        """Answer a message refused before it was read (too large): ``error.ack_code``.
+
+        ``head`` is its first bytes: MSH gives the ACK's MSA-2 and echoed fields.
+        """
+        ack = build_ack(
+            head, error.ack_code, error=error, now=self.clock(), ack_control_id=self._ack_id()
+        )
+        result = IntakeResult(ack, error.ack_code, control_id(head), error)
+        self._audit(head, result, (), peer=peer, file_sha256="")
+        return result
+
     def _apply(self, raw: bytes, source: str) -> tuple[IntakeResult, Sequence[PlacedOrder]]:
         """The result, and the orders the message placed (none when it did not parse)."""
         try:
