@@ -45,6 +45,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from api.deps import base_url
 from api.iiif import (
     ImageId,
     canonical,
@@ -542,7 +543,7 @@ def iiif_info(image: str, request: Request,
     def call() -> Response:
         r = service.resolve(parse_image_id(image), window)
         pinned = r.id.text(version=r.version, window=window)
-        base = str(request.base_url).rstrip("/")
+        base = base_url(request, "")
         doc = info_json(f"{base}/iiif/{pinned}", r.view.width, r.view.height,
                         r.image.levels, color=r.color)
         accept = request.headers.get("accept", "")

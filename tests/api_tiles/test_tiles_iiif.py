@@ -96,6 +96,19 @@ def test_unversioned_info_points_at_the_current_version(client: TestClient,
     assert base.status_code == 303 and base.headers["location"].endswith("/info.json")
 
 
+def test_info_json_id_never_comes_from_the_host_header(client: TestClient,
+                                                       converted: Converted) -> None:
+    """info.json's ``id`` (which a viewer then requests tiles from) is built from the
+    local address or ``http.public_url``, never a forged ``Host`` (issue 14.9)."""
+    forged = {"Host": "evil.example:666", "X-Forwarded-Host": "evil.example"}
+    for image in (_id(converted), _id(converted, version=False)):
+        r = client.get(f"/iiif/{image}/info.json", headers=forged)
+        assert r.status_code == 200, r.text
+        assert "evil" not in r.text
+        # TestClient's ASGI scope["server"] is ("testserver", 80)
+        assert r.json()["id"].startswith("http://testserver/iiif/"), r.json()["id"]
+
+
 def test_every_tile_of_every_level_equals_the_windowed_pyramid(
         client: TestClient, converted: Converted) -> None:
     index = 13
