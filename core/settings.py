@@ -391,6 +391,12 @@ class AuthSettings(BaseModel):
     local_key: Path | None = None
     #: Lifetime of tokens ``pacslab token`` prints.
     token_ttl_s: int = Field(default=3600, ge=60)
+    #: Wrong API keys one client address may send in a burst, and how many a second
+    #: it gets back; beyond that it is answered 429 before any check (a flood of
+    #: wrong keys must not buy scrypt time, RFC 7914). Behind a reverse proxy every
+    #: client shares the proxy's address: raise these there.
+    failed_auth_burst: int = Field(default=10, ge=1)
+    failed_auth_per_s: float = Field(default=0.5, gt=0)
 
     @model_validator(mode="after")
     def _check_source(self) -> AuthSettings:

@@ -174,7 +174,7 @@ def cmd_apikey(settings: Settings, args: argparse.Namespace) -> int:
             if not store.revoke(args.key_id):
                 print(f"no API key {args.key_id}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.key_id} (cached checks expire within a minute)")
+            print(f"revoked {args.key_id}: refused from the next request on")
     finally:
         index.close()
     return 0
