@@ -422,9 +422,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_or_none() -> Settings | None:
+    """Build Settings; on a bad configuration print one line to stderr and return None.
+
+    An unknown ``PACSLAB_*`` variable or config key (a typo: the default would be used
+    silently) and an invalid value both stop every command before it starts, with
+    exit code 2 (as argparse does for a bad command line), not a traceback.
+    """
+    from pydantic import ValidationError
+
+    from core.settings import UnknownSettingError
+
+    try:
+        return Settings()
+    except UnknownSettingError as exc:
+        print(f"pacslab: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        print(f"pacslab: invalid configuration: {problems}", file=sys.stderr)
+    except ValueError as exc:  # PACSLAB_CONFIG not a file, or of an unknown kind
+        print(f"pacslab: {exc}", file=sys.stderr)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    settings = _settings_or_none()
+    if settings is None:
+        return 2
     configure(settings.log.level, json_format=settings.log.json_format)
     commands = {
         "serve": cmd_serve,
