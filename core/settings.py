@@ -433,6 +433,15 @@ class AuditSettings(BaseModel):
     #: Secret keying the patient reference (HMAC-SHA256 of issuer and Patient ID), so
     #: the log holds no patient identifier. Empty: ``<data_dir>/keys/audit-patient.key``.
     patient_key_file: Path | None = None
+    #: Key of the chain's HMAC (kept outside the database, so whoever can write the
+    #: database cannot recompute the chain). Empty: ``<data_dir>/keys/audit-chain.key``.
+    chain_key_file: Path | None = None
+    #: Append-only file of signed (seq, hash) checkpoints, outside the database, kept
+    #: by ``pacslab backup``. Empty: ``<data_dir>/audit/checkpoints.jsonl``.
+    checkpoint_file: Path | None = None
+    #: A checkpoint is appended at most this often (and at start and close); a tail
+    #: cut after the last checkpoint is caught only by the head row.
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
 
 
 class SigningSettings(BaseModel):
@@ -555,6 +564,10 @@ class Settings(BaseSettings):
             self.auth.issuer = "urn:pacslab:local"
         if self.audit.patient_key_file is None:
             self.audit.patient_key_file = keys / "audit-patient.key"
+        if self.audit.chain_key_file is None:
+            self.audit.chain_key_file = keys / "audit-chain.key"
+        if self.audit.checkpoint_file is None:
+            self.audit.checkpoint_file = data / "audit" / "checkpoints.jsonl"
         if (self.signing.cert is None) != (self.signing.key is None):
             raise ValueError("signing.cert and signing.key must be set together")
         if self.signing.cert is None:

@@ -38,8 +38,12 @@ def _ensure_keys(settings: Settings) -> None:
     Created here, before any fork, so every process reads the same files.
     """
     from api.keys import ensure_hospital_cert, ensure_private_key
-    from storage.audit import load_secret
+    from storage.audit import load_chain_key, load_secret
 
+    if settings.audit.chain_key_file is not None:
+        # First, so nothing is created when it refuses: AuditKeyError (missing after
+        # keying began, or readable by others), which main() prints with exit code 2.
+        load_chain_key(settings.audit.chain_key_file, settings.audit.checkpoint_file)
     if settings.auth.enabled and settings.auth.is_local:
         assert settings.auth.local_key is not None
         ensure_private_key(settings.auth.local_key)
@@ -181,20 +185,33 @@ def cmd_apikey(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    """``audit verify``: check the action log's hash chain; 1 if anything was tampered with."""
-    from core.audit import to_json_line
-    from pacslab.wiring import build_index
-    from storage.audit import AuditStore
+    """``audit verify``: check the action log's keyed chain against its checkpoints.
 
-    index = build_index(settings, migrate=True)
+    Exit 1 if anything was tampered with (an edited, removed, reordered, re-chained
+    or cut entry, a forged checkpoint), 2 if the chain key cannot be used.
+    """
+    from core.audit import is_keyed, to_json_line
+    from pacslab.wiring import build_index
+    from storage.audit import AuditKeyError, AuditStore
+
     try:
-        store = AuditStore(index.engine)
+        index = build_index(settings, migrate=True)
+    except Exception as exc:  # an unreachable or unreadable index: say so, no traceback
+        print(f"pacslab: cannot open the index: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.action == "export":
-            for entry in store.entries():
+            for entry in AuditStore(index.engine).entries():
                 print(to_json_line(entry))
             return 0
+        try:
+            store = AuditStore.from_settings(index.engine, settings.audit)
+        except AuditKeyError as exc:
+            print(f"pacslab: {exc}", file=sys.stderr)
+            return 2
         problems = store.verify()
         head = store.head()
+        unkeyed = sum(1 for e in store.entries() if not is_keyed(e.hash))
     finally:
         index.close()
     if problems:
@@ -203,6 +220,11 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     seq, digest = head or (0, "")
     print(f"audit log intact: {seq} entries, head {digest}")
+    if store.key is None:
+        print("note: no chain key: keyed entries were checked for their links only")
+    elif unkeyed:
+        print(f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
+              "anchored by the first keyed entry")
     return 0
 
 
@@ -469,8 +491,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": cmd_backup,
         "restore": cmd_restore,
     }
+    from storage.audit import AuditKeyError
+
     try:
         return commands[args.command](settings, args)
+    except AuditKeyError as exc:
+        print(f"pacslab: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
