@@ -141,6 +141,11 @@ class HttpSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
+    #: Seconds a client has, from connecting (or the first byte of a later request on
+    #: the connection), to send the whole request head; then 408 and closed (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Seconds an idle kept-alive connection stays open between requests.
+    keep_alive_s: int = Field(5, ge=1)
 
 
 class DaskSettings(BaseModel):
