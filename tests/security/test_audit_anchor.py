@@ -185,3 +185,16 @@ def test_backup_keeps_the_checkpoints_and_verifies_them(log: AuditLog, settings:
     problems = verify(tmp_path / "b2")
     assert any("re-hashed without the chain key" in p for p in problems)
     assert any("is not the one checkpointed" in p for p in problems)
+
+
+def test_fhir_search_with_an_impossible_date_is_400(client: object, token: object) -> None:
+    """Found by schemathesis: ``date=2026-13-45`` matched the pattern and raised (500)."""
+    from fastapi.testclient import TestClient
+
+    from tests.security._support import bearer
+
+    assert isinstance(client, TestClient) and callable(token)
+    r = client.get("/fhir/AuditEvent", params={"date": "ge2026-13-45"},
+                   headers=bearer(token("admin")))
+    assert r.status_code == 400
+    assert r.json()["resourceType"] == "OperationOutcome"
