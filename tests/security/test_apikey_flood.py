@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import api.auth
+import core.auth
 from core.auth import FailureLimiter, new_api_key
 from core.settings import Settings
 from storage.apikeys import ApiKeyStore
@@ -29,7 +30,7 @@ from tests.security._support import bearer
 def scrypt_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Every scrypt verification the authenticator runs (the real one, counted)."""
     calls: list[str] = []
-    real = api.auth.verify_api_key
+    real = core.auth.verify_api_key
 
     def counted(secret: str, stored: str) -> bool:
         calls.append(secret)
