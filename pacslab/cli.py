@@ -9,9 +9,13 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from core.logging import configure
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.index.sql import SqlIndex
 
 __all__ = ["main"]
 
@@ -28,8 +32,19 @@ def _prepare(settings: Settings) -> None:
         for state in ("processed", "rejected"):
             (settings.lab_inbox / profile / state).mkdir(parents=True, exist_ok=True)
     index = build_index(settings, migrate=True)
-    index.close()  # children open their own connections after fork
-    _ensure_keys(settings)
+    try:
+        _ensure_keys(settings)
+        _anchor_audit(settings, index)
+    finally:
+        index.close()  # children open their own connections after fork
+
+
+def _anchor_audit(settings: Settings, index: SqlIndex) -> None:
+    """Record where the keyed chain begins (a no-op once it has begun), before any fork."""
+    from storage.audit import AuditLog
+
+    if settings.audit.enabled and settings.audit.chain_key_file is not None:
+        AuditLog(index.engine, settings.audit, url=index.url).anchor()
 
 
 def _ensure_keys(settings: Settings) -> None:

@@ -199,9 +199,10 @@ class AuditStore:
     def verify(self) -> list[ChainProblem]:
         """:func:`core.audit.verify_chain` over the whole log, its head and checkpoints.
 
-        With a key, keyed entries found but no checkpoint file is a problem too: the
-        writer checkpoints on its first keyed write, so the file was removed, and a
-        log re-chained from its start could not be told from the original.
+        With a key, a log with entries but no checkpoint is a problem too: the key
+        and the first checkpoint are made together at start-up (:meth:`AuditLog.anchor`)
+        or on the first keyed write, so the file was removed, and a log re-chained from
+        its start (keyed or not) could not be told from the original.
         """
         checkpoints: list[Checkpoint] = []
         problems: list[ChainProblem] = []
@@ -209,11 +210,10 @@ class AuditStore:
             checkpoints, problems = self.checkpoints.read(self.key)
         entries = list(self.entries())
         problems += verify_chain(entries, self.head(), key=self.key, checkpoints=checkpoints)
-        if (self.key is not None and self.checkpoints is not None and not checkpoints
-                and any(is_keyed(e.hash) for e in entries)):
+        if self.key is not None and self.checkpoints is not None and not checkpoints and entries:
             problems.append(ChainProblem(
-                "checkpoint", 0, f"no checkpoint in {self.checkpoints.path}: the log is "
-                "keyed, so the file was removed; a re-chained log cannot be ruled out"))
+                "checkpoint", 0, f"no checkpoint in {self.checkpoints.path} although the "
+                "chain key exists: the file was removed; a re-chained log cannot be ruled out"))
         return problems
 
     def search(
@@ -372,6 +372,24 @@ class AuditLog(AuditStore):
         if time.monotonic() - self._checkpointed >= self.settings.checkpoint_interval_s:
             self.checkpoint()
         return rows
+
+    def anchor(self) -> None:
+        """Record where keying begins now, before any entry is written (start-up).
+
+        The composition root calls this once the index is migrated, so that a chain key
+        always has a checkpoint beside it: a keyed installation whose log has entries
+        but no checkpoint then means the file was removed (see :meth:`verify`).
+        """
+        if self.key is None or self._keyed_from is not None:
+            return
+        held = self._lock.held() if self._lock else contextlib.nullcontext()
+        with held, self.engine.begin() as conn:
+            query = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+            if self._is_pg:
+                query = query.with_for_update()
+            head = conn.execute(query).first()
+            if head is not None:
+                self._start_keying(int(head.seq), str(head.hash))
 
     def _start_keying(self, head_seq: int, head_hash: str) -> None:
         """Learn where keying began, or begin it after ``head_seq`` (the migration).

@@ -135,6 +135,32 @@ def test_forged_or_removed_checkpoints_are_reported(log: AuditLog, settings: Set
     assert "TAMPERED checkpoint at entry 0: no checkpoint in" in done.stdout
 
 
+def test_rechained_unkeyed_with_the_checkpoints_removed_is_detected(
+        log: AuditLog, settings: Settings) -> None:
+    """The whole log recomputed as plain SHA-256 and the checkpoint file deleted:
+    nothing keyed is left, but a chain key without any checkpoint gives it away."""
+    _rechain(log.engine, key=None, edit_seq=3)
+    assert settings.audit.checkpoint_file is not None
+    settings.audit.checkpoint_file.unlink()
+    done = _cli(settings, "audit", "verify")
+    assert done.returncode == 1
+    assert "although the chain key exists" in done.stdout
+
+
+def test_start_up_anchors_before_the_first_entry(settings: Settings) -> None:
+    """``pacslab`` commands that start services record where keying begins at once."""
+    from pacslab.cli import _prepare
+
+    _prepare(settings)
+    assert settings.audit.checkpoint_file is not None
+    key = settings.audit.chain_key_file
+    assert key is not None
+    checkpoints, bad = CheckpointFile(settings.audit.checkpoint_file).read(key.read_bytes())
+    assert bad == [] and [(c.seq, c.keyed_from) for c in checkpoints] == [(0, 1)]
+    _prepare(settings)  # a restart adds no second switch
+    assert len(CheckpointFile(settings.audit.checkpoint_file).lines()) == 1
+
+
 def test_unkeyed_entries_of_an_older_version_are_kept_and_anchored(settings: Settings) -> None:
     legacy = settings.audit.model_copy(update={"chain_key_file": None})
     _write(settings.model_copy(update={"audit": legacy}), 5)  # the version before keying
