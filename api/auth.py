@@ -7,7 +7,9 @@ a bearer JWT (RFC 6750, RFC 7519; RS256/ES256 verified against the JWK Set) or a
 device API key, holding one of the scopes :func:`core.auth.required_scopes` names
 for its method and path (``admin`` for paths no rule names). Failures are
 ``application/problem+json`` (RFC 9457) with ``WWW-Authenticate`` (RFC 6750 3):
-401 for missing or unacceptable credentials, 403 for a missing scope.
+401 for missing or unacceptable credentials, 403 for a missing scope, and 429 with
+``Retry-After`` (RFC 6585 4) for a client address that sent too many wrong API keys
+lately (:class:`core.auth.FailureLimiter`; refused before any scrypt work).
 
 The principal is left in ``request.state.principal`` for routes
 (:data:`PrincipalDep`) and for the action log (``api/audit.py``).
