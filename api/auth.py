@@ -7,7 +7,9 @@ a bearer JWT (RFC 6750, RFC 7519; RS256/ES256 verified against the JWK Set) or a
 device API key, holding one of the scopes :func:`core.auth.required_scopes` names
 for its method and path (``admin`` for paths no rule names). Failures are
 ``application/problem+json`` (RFC 9457) with ``WWW-Authenticate`` (RFC 6750 3):
-401 for missing or unacceptable credentials, 403 for a missing scope.
+401 for missing or unacceptable credentials, 403 for a missing scope, and 429 with
+``Retry-After`` (RFC 6585 4) for a client address that sent too many wrong API keys
+lately (:class:`core.auth.FailureLimiter`; refused before any scrypt work).
 
 The principal is left in ``request.state.principal`` for routes
 (:data:`PrincipalDep`) and for the action log (``api/audit.py``).
@@ -33,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.auth import (
     SCOPES,
+    FailureLimiter,
     Principal,
     check_claims,
     is_public,
@@ -41,7 +44,7 @@ from core.auth import (
     required_scopes,
     verify_api_key,
 )
-from core.errors import ForbiddenError, ServiceError, UnauthorizedError
+from core.errors import ForbiddenError, ServiceError, TooManyRequestsError, UnauthorizedError
 from core.settings import AuthSettings
 from storage.apikeys import ApiKeyStore
 
@@ -85,12 +88,24 @@ class Authenticator:
         self.settings = settings
         self.api_keys = api_keys
         self.jwks = jwks or JwksSource(settings)
-        # Successful API-key checks, by SHA-256 of the key, for _API_KEY_CACHE_S: scrypt
-        # is deliberately slow and a device may send a request per instance.
-        self._key_cache: dict[str, tuple[float, Principal]] = {}
+        # Successful scrypt checks, by SHA-256 of the key: (when, the stored hash they
+        # matched), for _API_KEY_CACHE_S. scrypt is deliberately slow and a device may
+        # send a request per instance; revocation is read from the row every time.
+        self._key_cache: dict[str, tuple[float, str]] = {}
+        self._failures = FailureLimiter(burst=settings.failed_auth_burst,
+                                        per_s=settings.failed_auth_per_s)
         self._lock = threading.Lock()
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: Mapping[str, str], client: str = "") -> Principal:
+        """The caller named by ``headers``; ``client`` (the peer address) is rate limited.
+
+        Raises
+        ------
+        TooManyRequestsError
+            ``client`` sent too many wrong API keys lately; nothing was checked.
+        UnauthorizedError
+            Missing or unacceptable credentials.
+        """
         authz = headers.get("authorization", "")
         api_key = headers.get("x-api-key", "")
         if authz:
@@ -99,11 +114,28 @@ class Authenticator:
             if scheme.lower() != "bearer" or not value:
                 raise UnauthorizedError("use the Bearer scheme", error="invalid_request")
             if value.startswith("plk_"):
-                return self._api_key(value)
+                return self._limited_api_key(value, client)
             return self._jwt(value)
         if api_key:
-            return self._api_key(api_key.strip())
+            return self._limited_api_key(api_key.strip(), client)
         raise UnauthorizedError("authentication required", error="")
+
+    def _limited_api_key(self, value: str, client: str) -> Principal:
+        """:meth:`_api_key` behind ``client``'s failure bucket (:class:`FailureLimiter`).
+
+        Only API keys are limited: they are what costs scrypt time (RFC 7914) per
+        guess; a wrong JWT costs one ES256/RS256 verification, as cheap as the refusal.
+        """
+        with self._lock:
+            wait = self._failures.retry_after(client, time.monotonic())
+        if wait:
+            raise TooManyRequestsError(retry_after_s=wait)
+        try:
+            return self._api_key(value)
+        except UnauthorizedError:
+            with self._lock:
+                self._failures.failed(client, time.monotonic())
+            raise
 
     def _jwt(self, token: str) -> Principal:
         s = self.settings
@@ -131,26 +163,36 @@ class Authenticator:
                             now=time.time(), leeway_s=s.leeway_s)
 
     def _api_key(self, value: str) -> Principal:
+        """Check a ``plk_<id>_<secret>`` key: the cheap checks first, scrypt last.
+
+        The key's row is read on every request (a primary-key lookup), so an unknown
+        key id is refused without any scrypt work, and a revocation — by this process
+        or by ``pacslab apikey revoke`` elsewhere — takes effect on the next request.
+        Only the scrypt verdict is cached (by SHA-256 of the whole key, tied to the
+        stored hash), because scrypt is what is slow. Key ids are public (they name
+        the key in logs), so answering an unknown id faster than a wrong secret
+        discloses nothing a caller could not already see.
+        """
         parsed = parse_api_key(value)
         if parsed is None or self.api_keys is None:
+            raise UnauthorizedError("API key not accepted")
+        record = self.api_keys.get(parsed.key_id)
+        if record is None or record.revoked:
             raise UnauthorizedError("API key not accepted")
         digest = hashlib.sha256(value.encode()).hexdigest()
         now = time.monotonic()
         with self._lock:
             cached = self._key_cache.get(digest)
-            if cached and now - cached[0] < _API_KEY_CACHE_S:
-                return cached[1]
-        record = self.api_keys.get(parsed.key_id)
-        if record is None or record.revoked or not verify_api_key(parsed.secret,
-                                                                   record.secret_hash):
-            raise UnauthorizedError("API key not accepted")
-        principal = Principal(subject=f"apikey:{record.key_id}", scopes=record.scopes,
-                              kind="apikey", client_id=record.name)
-        with self._lock:
-            if len(self._key_cache) > 10_000:
-                self._key_cache.clear()
-            self._key_cache[digest] = (now, principal)
-        return principal
+        fresh = cached is not None and now - cached[0] < _API_KEY_CACHE_S
+        if not (fresh and cached is not None and cached[1] == record.secret_hash):
+            if not verify_api_key(parsed.secret, record.secret_hash):
+                raise UnauthorizedError("API key not accepted")
+            with self._lock:
+                if len(self._key_cache) > 10_000:
+                    self._key_cache.clear()
+                self._key_cache[digest] = (now, record.secret_hash)
+        return Principal(subject=f"apikey:{record.key_id}", scopes=record.scopes,
+                         kind="apikey", client_id=record.name)
 
 
 def problem_body(exc: ServiceError, instance: str) -> bytes:
@@ -201,10 +243,12 @@ class AuthMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         try:
-            principal = await anyio.to_thread.run_sync(self.authenticator.authenticate, headers)
+            client = scope.get("client")
+            principal = await anyio.to_thread.run_sync(
+                self.authenticator.authenticate, headers, str(client[0]) if client else "")
             state["principal"] = principal
             require(principal, required_scopes(method, path))
-        except (UnauthorizedError, ForbiddenError) as exc:
+        except (UnauthorizedError, ForbiddenError, TooManyRequestsError) as exc:
             state["auth_error"] = str(exc)
             logger.info("HTTP %s %s refused: %s", method, path, exc)
             await self._refuse(exc, path, scope, send)
@@ -222,16 +266,17 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         body = problem_body(exc, path)
-        start: Message = {
-            "type": "http.response.start",
-            "status": exc.http_status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", _www_authenticate(exc).encode("latin-1")),
-                (b"cache-control", b"no-store"),
-            ],
-        }
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        if isinstance(exc, TooManyRequestsError):
+            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+        else:
+            headers.append((b"www-authenticate", _www_authenticate(exc).encode("latin-1")))
+        start: Message = {"type": "http.response.start", "status": exc.http_status,
+                          "headers": headers}
         await send(start)
         await send({"type": "http.response.body", "body": body})
 

@@ -3,10 +3,25 @@
 Each entry records who (token subject, API key or AE title), what (resource and a
 keyed patient reference, never a name or identifier), which action, when, from where
 and the outcome: the elements of a FHIR R4 ``AuditEvent`` and of a DICOM PS3.15 A.5
-audit message. Entry *n* carries ``prev_hash``, the SHA-256 of entry *n-1*'s
-canonical bytes (RFC 8785 JSON of every field but ``seq`` and ``hash``), so editing,
-removing or reordering an entry breaks the chain at that point, and
-:func:`verify_chain` says where.
+audit message. Entry *n* carries ``prev_hash``, the hash of entry *n-1*'s canonical
+bytes (RFC 8785 JSON of every field but ``seq`` and ``hash``), so editing, removing
+or reordering an entry breaks the chain at that point, and :func:`verify_chain` says
+where.
+
+Anchoring (issue 14 item 5). A plain SHA-256 chain proves nothing to whoever can
+write the database: they can recompute it. So entries are keyed: ``hash`` is
+``k:`` + HMAC-SHA256 (RFC 2104) of the canonical bytes under a key kept outside the
+database (:func:`keyed_hash`, 62 hex digits so it fits the 64-character column), and
+the writer appends *checkpoints* — ``(seq, hash, keyed_from)`` with their own HMAC —
+to a file outside the database (:func:`checkpoint_line`). Verification with the key
+and the checkpoints detects a chain recomputed without the key (an unkeyed hash where
+keying had begun), one recomputed with it (a checkpoint's hash no longer matches its
+entry) and a cut tail with a moved head (a checkpoint names an entry beyond the end).
+
+Entries written before keying began keep their SHA-256 hashes: rewriting them under
+the key would be exactly the re-chaining this detects, and would have the key vouch
+for entries it never saw. The first keyed entry's HMAC covers ``prev_hash``, the last
+unkeyed hash, and the switch checkpoint records it, so the old part is anchored too.
 """
 
 from __future__ import annotations
@@ -26,11 +41,16 @@ __all__ = [
     "AuditEntry",
     "ChainProblem",
     "ChainedEntry",
+    "Checkpoint",
     "action_for_method",
     "chain",
+    "checkpoint_line",
     "entry_hash",
+    "is_keyed",
+    "keyed_hash",
     "outcome_for_dimse",
     "outcome_for_http",
+    "parse_checkpoints",
     "patient_key",
     "verify_chain",
 ]
@@ -145,13 +165,37 @@ _HASHED: Final = tuple(
 )
 
 
+#: Prefix of keyed hashes: ``k:`` + 62 hex digits (248 bits of HMAC-SHA256).
+KEYED_PREFIX: Final = "k:"
+
+
 def entry_hash(values: Mapping[str, Any]) -> str:
     """SHA-256 hex of the canonical bytes of an entry (all fields but ``seq``, ``hash``)."""
     return hashlib.sha256(canonicalize({k: values[k] for k in _HASHED})).hexdigest()
 
 
-def chain(entries: Iterable[AuditEntry], *, last_seq: int, last_hash: str) -> list[ChainedEntry]:
-    """Give ``entries`` the next positions after ``(last_seq, last_hash)`` and link them."""
+def keyed_hash(values: Mapping[str, Any], key: bytes) -> str:
+    """``k:`` + HMAC-SHA256 (RFC 2104) of the same canonical bytes, truncated to 62 hex.
+
+    Truncating an HMAC is allowed (RFC 2104 5; 248 bits is far above its 80-bit
+    floor); it keeps the value in the 64-character ``hash`` column without a migration.
+    """
+    mac = hmac.new(key, canonicalize({k: values[k] for k in _HASHED}), hashlib.sha256)
+    return KEYED_PREFIX + mac.hexdigest()[:62]
+
+
+def is_keyed(digest: str) -> bool:
+    """True if ``digest`` is a :func:`keyed_hash` (else a plain SHA-256 one)."""
+    return digest.startswith(KEYED_PREFIX)
+
+
+def chain(entries: Iterable[AuditEntry], *, last_seq: int, last_hash: str,
+          key: bytes | None = None) -> list[ChainedEntry]:
+    """Give ``entries`` the next positions after ``(last_seq, last_hash)`` and link them.
+
+    With ``key`` the hashes are :func:`keyed_hash` (the writer always has one), else
+    plain SHA-256 (:func:`entry_hash`).
+    """
     out: list[ChainedEntry] = []
     prev, seq = last_hash, last_seq
     for entry in entries:
@@ -159,7 +203,7 @@ def chain(entries: Iterable[AuditEntry], *, last_seq: int, last_hash: str) -> li
         stamped = entry.stamped()
         values = {name: getattr(stamped, name) for name in _ENTRY_FIELDS}
         values["prev_hash"] = prev
-        digest = entry_hash(values)
+        digest = keyed_hash(values, key) if key is not None else entry_hash(values)
         out.append(ChainedEntry(seq=seq, hash=digest, **values))
         prev = digest
     return out
@@ -169,13 +213,76 @@ def chain(entries: Iterable[AuditEntry], *, last_seq: int, last_hash: str) -> li
 class ChainProblem:
     """Where the chain is broken and the most likely reason."""
 
-    kind: Literal["edited", "removed", "reordered", "truncated", "head"]
+    kind: Literal["edited", "removed", "reordered", "truncated", "head", "rechained",
+                  "checkpoint"]
     seq: int
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """An entry's position and hash, as the writer saw it, kept outside the database.
+
+    ``keyed_from`` is the first ``seq`` the writer keyed: every entry from there on
+    must carry a keyed hash.
+    """
+
+    seq: int
+    hash: str
+    keyed_from: int
+    at: str = ""
+
+    def _fields(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "keyed_from": self.keyed_from, "at": self.at}
+
+
+def checkpoint_line(cp: Checkpoint, key: bytes) -> str:
+    """One JSON line for the checkpoint file: the fields and their HMAC-SHA256 (``mac``)."""
+    fields_ = cp._fields()
+    mac = hmac.new(key, canonicalize(fields_), hashlib.sha256).hexdigest()
+    return json.dumps(fields_ | {"mac": mac}, sort_keys=True) + "\n"
+
+
+def parse_checkpoints(
+    lines: Iterable[str], key: bytes | None
+) -> tuple[list[Checkpoint], list[ChainProblem]]:
+    """The checkpoints of a file whose MAC verifies under ``key``, and the lines that don't.
+
+    A last line without its newline is a write in progress and is skipped. Without a
+    key nothing can be trusted: no checkpoints are returned.
+    """
+    good: list[Checkpoint] = []
+    bad: list[ChainProblem] = []
+    if key is None:
+        return good, bad
+    for number, line in enumerate(lines, start=1):
+        if not line.endswith("\n"):
+            continue
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            cp = Checkpoint(int(raw["seq"]), str(raw["hash"]), int(raw["keyed_from"]),
+                            str(raw.get("at", "")))
+            mac = str(raw["mac"])
+        except (ValueError, KeyError, TypeError):
+            bad.append(ChainProblem("checkpoint", 0, f"checkpoint line {number} is unreadable"))
+            continue
+        expected = hmac.new(key, canonicalize(cp._fields()), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, mac):
+            bad.append(ChainProblem("checkpoint", cp.seq, f"checkpoint line {number} (entry "
+                                    f"{cp.seq}) was not written with the chain key"))
+            continue
+        good.append(cp)
+    return good, bad
+
+
 def verify_chain(
-    entries: Iterable[ChainedEntry], head: tuple[int, str] | None = None
+    entries: Iterable[ChainedEntry],
+    head: tuple[int, str] | None = None,
+    *,
+    key: bytes | None = None,
+    checkpoints: Iterable[Checkpoint] = (),
 ) -> list[ChainProblem]:
     """Check every entry's hash and link; an empty list means the log is intact.
 
@@ -186,34 +293,66 @@ def verify_chain(
     head
         ``(seq, hash)`` of the last entry as the writer recorded it, to detect a
         removed tail.
+    key
+        The chain key. Without it keyed entries are checked for their links only.
+    checkpoints
+        Verified :class:`Checkpoint` s (:func:`parse_checkpoints`): where keying began
+        and entries that must still be there, unchanged.
     """
     rows = list(entries)
+    cps = list(checkpoints)
+    keyed_from = min((cp.keyed_from for cp in cps), default=None)
     position = {row.hash: row.seq for row in rows}
     problems: list[ChainProblem] = []
     prev: ChainedEntry | None = None
+    seen_keyed = False
     for row in rows:
-        if entry_hash(row.as_dict()) != row.hash:
-            problems.append(
-                ChainProblem("edited", row.seq, f"entry {row.seq} was edited: its content "
-                              "does not match its hash")
-            )
+        problem = _content_problem(row, key, keyed_from, seen_keyed)
+        if problem is not None:
+            problems.append(problem)
+        seen_keyed = seen_keyed or is_keyed(row.hash)
         expected = prev.hash if prev is not None else GENESIS
         if row.prev_hash != expected:
             problems.append(_link_problem(row, prev, position))
         prev = row
-    if head is not None:
-        last_seq, last_hash = (prev.seq, prev.hash) if prev is not None else (0, GENESIS)
-        if head[0] > last_seq:
+    last_seq, last_hash = (prev.seq, prev.hash) if prev is not None else (0, GENESIS)
+    by_seq = {row.seq: row.hash for row in rows}
+    beyond = max([cp.seq for cp in cps] + ([head[0]] if head is not None else []), default=0)
+    if beyond > last_seq:
+        problems.append(
+            ChainProblem("truncated", last_seq + 1,
+                         f"entries {last_seq + 1}..{beyond} were removed from the end")
+        )
+    elif head is not None and head != (last_seq, last_hash):
+        problems.append(
+            ChainProblem("head", last_seq,
+                         f"the last entry ({last_seq}) is not the one the writer recorded")
+        )
+    for cp in sorted({(cp.seq, cp.hash) for cp in cps}):
+        seq, digest = cp
+        if seq in by_seq and seq > 0 and by_seq[seq] != digest:
             problems.append(
-                ChainProblem("truncated", last_seq + 1,
-                             f"entries {last_seq + 1}..{head[0]} were removed from the end")
-            )
-        elif head != (last_seq, last_hash):
-            problems.append(
-                ChainProblem("head", last_seq,
-                             f"the last entry ({last_seq}) is not the one the writer recorded")
+                ChainProblem("rechained", seq, f"entry {seq} is not the one checkpointed: "
+                             "the log was rewritten and its chain recomputed")
             )
     return problems
+
+
+def _content_problem(row: ChainedEntry, key: bytes | None, keyed_from: int | None,
+                     seen_keyed: bool) -> ChainProblem | None:
+    values = row.as_dict()
+    if is_keyed(row.hash):
+        if key is not None and not hmac.compare_digest(keyed_hash(values, key), row.hash):
+            return ChainProblem("edited", row.seq, f"entry {row.seq} was edited: its content "
+                                "does not match its hash")
+        return None
+    if entry_hash(values) != row.hash:
+        return ChainProblem("edited", row.seq, f"entry {row.seq} was edited: its content "
+                            "does not match its hash")
+    if seen_keyed or (keyed_from is not None and row.seq >= keyed_from):
+        return ChainProblem("edited", row.seq, f"entry {row.seq} was edited and re-hashed "
+                            "without the chain key (keyed entries began before it)")
+    return None
 
 
 def _link_problem(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import posixpath
 import re
 import secrets
@@ -28,6 +29,7 @@ __all__ = [
     "ANY_SCOPE",
     "SCOPES",
     "ApiKeySecret",
+    "FailureLimiter",
     "Principal",
     "check_claims",
     "hash_api_key",
@@ -280,3 +282,56 @@ def verify_api_key(secret: str, stored: str) -> bool:
     except (ValueError, MemoryError):
         return False
     return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+class FailureLimiter:
+    """Token buckets of failed authentications, one per client address (pure, no clock).
+
+    Each client starts with ``burst`` tokens; every failed authentication takes one and
+    they come back at ``per_s`` a second. A client with less than one token is refused
+    *before* its credentials are looked at (429, RFC 6585 4), so a flood of wrong API
+    keys or forged tokens costs neither scrypt (RFC 7914) nor signature work, and a
+    client that authenticates correctly never spends a token. Buckets that have filled
+    up again are forgotten, so memory stays bounded by the clients failing right now
+    (and by ``max_clients``: beyond it the fullest buckets are dropped first).
+    """
+
+    def __init__(self, *, burst: int, per_s: float, max_clients: int = 100_000) -> None:
+        if burst < 1 or per_s <= 0:
+            raise ValueError("burst must be >= 1 and per_s > 0")
+        self.burst = float(burst)
+        self.per_s = per_s
+        self.max_clients = max_clients
+        #: client -> (tokens, at): the bucket's level at monotonic time ``at``.
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def _level(self, client: str, now: float) -> float:
+        tokens, at = self._buckets.get(client, (self.burst, now))
+        return min(self.burst, tokens + max(0.0, now - at) * self.per_s)
+
+    def retry_after(self, client: str, now: float) -> int:
+        """0 if ``client`` may try to authenticate now, else whole seconds to wait."""
+        level = self._level(client, now)
+        if level >= 1.0:
+            return 0
+        return max(1, math.ceil((1.0 - level) / self.per_s))
+
+    def failed(self, client: str, now: float) -> None:
+        """Take one token from ``client``'s bucket (a failed authentication)."""
+        level = self._level(client, now) - 1.0
+        self._buckets[client] = (max(level, -self.burst), now)
+        if len(self._buckets) > self.max_clients:
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        full = [c for c in self._buckets if self._level(c, now) >= self.burst]
+        for c in full:
+            del self._buckets[c]
+        if len(self._buckets) > self.max_clients:
+            # Still too many clients failing at once: forget the least drained half.
+            ranked = sorted(self._buckets, key=lambda c: self._level(c, now), reverse=True)
+            for c in ranked[: len(ranked) // 2]:
+                del self._buckets[c]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -29,6 +29,7 @@ __all__ = [
     "SOPClassMismatchError",
     "ServiceError",
     "SignedResultError",
+    "TooManyRequestsError",
     "UnauthorizedError",
     "UnsupportedRequestError",
 ]
@@ -256,3 +257,23 @@ class InvalidSignatureError(ServiceError, ValueError):
     http_status = 400
     dimse_status = 0xC000
     fhir_code = "invalid"
+
+
+class TooManyRequestsError(ServiceError, PermissionError):
+    """Too many failed authentications from one client (RFC 6585 4: 429, ``Retry-After``).
+
+    Raised before any credential is checked, so a flood of bad API keys costs no
+    scrypt (RFC 7914) work; on DICOM it would be 0xA700-like back-pressure, but only
+    HTTP raises it.
+    """
+
+    title = "Too many requests"
+    http_status = 429
+    dimse_status = 0xA700
+    fhir_code = "throttled"
+
+    def __init__(self, message: str = "too many failed authentications", *,
+                 retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        #: Whole seconds for the ``Retry-After`` header (RFC 9110 10.2.3).
+        self.retry_after_s = retry_after_s

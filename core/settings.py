@@ -10,10 +10,14 @@ Sources, highest priority first: constructor arguments, environment variables
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -25,6 +29,7 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "NON_SETTING_VARIABLES",
     "AuditSettings",
     "AuthSettings",
     "DaskSettings",
@@ -44,7 +49,10 @@ __all__ = [
     "Settings",
     "SigningSettings",
     "StorageSettings",
+    "UnknownSettingError",
     "WorklistSettings",
+    "check_unknown_settings",
+    "known_setting_names",
 ]
 
 
@@ -192,6 +200,11 @@ class HttpSettings(BaseModel):
                 raise ValueError(f"http.cors_origins: {origin!r} is not scheme://host[:port]")
             out.append(f"{parts.scheme}://{parts.netloc}".lower())
         return out
+    #: Seconds a client has, from connecting (or the first byte of a later request on
+    #: the connection), to send the whole request head; then 408 and closed (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Seconds an idle kept-alive connection stays open between requests.
+    keep_alive_s: int = Field(5, ge=1)
 
 
 class DaskSettings(BaseModel):
@@ -502,6 +515,12 @@ class AuthSettings(BaseModel):
     local_key: Path | None = None
     #: Lifetime of tokens ``pacslab token`` prints.
     token_ttl_s: int = Field(default=3600, ge=60)
+    #: Wrong API keys one client address may send in a burst, and how many a second
+    #: it gets back; beyond that it is answered 429 before any check (a flood of
+    #: wrong keys must not buy scrypt time, RFC 7914). Behind a reverse proxy every
+    #: client shares the proxy's address: raise these there.
+    failed_auth_burst: int = Field(default=10, ge=1)
+    failed_auth_per_s: float = Field(default=0.5, gt=0)
 
     @model_validator(mode="after")
     def _check_source(self) -> AuthSettings:
@@ -530,6 +549,15 @@ class AuditSettings(BaseModel):
     #: Secret keying the patient reference (HMAC-SHA256 of issuer and Patient ID), so
     #: the log holds no patient identifier. Empty: ``<data_dir>/keys/audit-patient.key``.
     patient_key_file: Path | None = None
+    #: Key of the chain's HMAC (kept outside the database, so whoever can write the
+    #: database cannot recompute the chain). Empty: ``<data_dir>/keys/audit-chain.key``.
+    chain_key_file: Path | None = None
+    #: Append-only file of signed (seq, hash) checkpoints, outside the database, kept
+    #: by ``pacslab backup``. Empty: ``<data_dir>/audit/checkpoints.jsonl``.
+    checkpoint_file: Path | None = None
+    #: A checkpoint is appended at most this often (and at start and close); a tail
+    #: cut after the last checkpoint is caught only by the head row.
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
 
 
 class SigningSettings(BaseModel):
@@ -613,17 +641,23 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # A typo (PACSLAB_DICOM__PROT, a wrong section) would otherwise be ignored and
+        # the default used: refuse it here, on every construction, naming the fix.
+        check_unknown_settings(os.environ)
         config = os.environ.get("PACSLAB_CONFIG", "")
         if config:
             path = Path(config)
             if not path.is_file():
                 raise ValueError(f"PACSLAB_CONFIG={config} is not a file")
+            file_source: TomlConfigSettingsSource | YamlConfigSettingsSource
             if path.suffix == ".toml":
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+                file_source = TomlConfigSettingsSource(settings_cls, toml_file=path)
             elif path.suffix in {".yaml", ".yml"}:
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+                file_source = YamlConfigSettingsSource(settings_cls, yaml_file=path)
             else:
                 raise ValueError("PACSLAB_CONFIG must end in .toml, .yaml or .yml")
+            check_unknown_settings({}, file_data=file_source(), file_name=config)
+            sources.append(file_source)
         return tuple(sources)
 
     @model_validator(mode="after")
@@ -646,6 +680,10 @@ class Settings(BaseSettings):
             self.auth.issuer = "urn:pacslab:local"
         if self.audit.patient_key_file is None:
             self.audit.patient_key_file = keys / "audit-patient.key"
+        if self.audit.chain_key_file is None:
+            self.audit.chain_key_file = keys / "audit-chain.key"
+        if self.audit.checkpoint_file is None:
+            self.audit.checkpoint_file = data / "audit" / "checkpoints.jsonl"
         if (self.signing.cert is None) != (self.signing.key is None):
             raise ValueError("signing.cert and signing.key must be set together")
         if self.signing.cert is None:
@@ -668,3 +706,195 @@ class Settings(BaseSettings):
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
+
+
+# -- Unknown names (issue 13 item 12) ---------------------------------------------
+
+#: ``PACSLAB_*`` environment variables that are not settings, and so are not refused
+#: as typos: the config file's name, a switch read outside Settings, and the knobs of
+#: the test suite and benchmarks (names starting ``PACSLAB_TEST_`` are all such knobs).
+NON_SETTING_VARIABLES: Final = frozenset({
+    "PACSLAB_CONFIG",  # names the TOML/YAML file (read before Settings exists)
+    "PACSLAB_ZARRS",  # processing/tiling.py: 0 keeps zarr-python's own codec pipeline
+    "PACSLAB_FAULT_TRIALS",  # tests/faults: trials per fault-injection test
+    "PACSLAB_LOAD_SECONDS",  # benchmarks/test_load.py: length of the load run
+})
+_NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
+_ENV_PREFIX: Final = "PACSLAB_"
+_NESTED: Final = "__"
+
+
+class UnknownSettingError(ValueError):
+    """A ``PACSLAB_*`` variable or config-file key that names no setting."""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel an annotation holds (also through ``X | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """True for ``dict[...]``-like fields (also through ``X | None``): free keys below."""
+    origin = typing.get_origin(annotation)
+    if origin in (dict, Mapping) or annotation is dict:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_mapping(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _names(model: type[BaseModel]) -> dict[str, Any]:
+    """Field name (and alias) -> annotation, lower case as pydantic-settings matches env."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        out[name.lower()] = info.annotation
+        if info.alias:
+            out[info.alias.lower()] = info.annotation
+    return out
+
+
+def known_setting_names(model: type[BaseModel] | None = None) -> list[str]:
+    """Every setting path of ``model`` (default :class:`Settings`), as ``a__b__c``.
+
+    Derived from the model's fields, recursively, so a field added to any section is
+    known without touching this function. Sections themselves are included (a whole
+    section may be given as JSON).
+    """
+    root = model if model is not None else Settings
+    out: list[str] = []
+
+    def walk(m: type[BaseModel], prefix: str) -> None:
+        for name, annotation in _names(m).items():
+            path = f"{prefix}{name}"
+            out.append(path)
+            sub = _model_of(annotation)
+            if sub is not None and not _is_mapping(annotation):
+                walk(sub, f"{path}{_NESTED}")
+
+    walk(root, "")
+    return out
+
+
+def _resolve(parts: list[str], model: type[BaseModel]) -> Literal["unknown", "free", "known"]:
+    """What ``parts`` names in ``model`` (see :func:`_walk`)."""
+    return _walk(parts, model)[0]
+
+
+def _walk(
+    parts: list[str], model: type[BaseModel]
+) -> tuple[Literal["unknown", "free", "known"], int, list[str]]:
+    """What ``parts`` (lower case) names in ``model``: nothing, a dict section, or a setting.
+
+    ``free``: a ``dict`` field of plain values (``storage.storage_options`` …), whose
+    keys below are data, not setting names. Also returns, for ``unknown``, the index of
+    the first unknown part and the names that were possible there.
+    """
+    current: type[BaseModel] | None = model
+    i = 0
+    while i < len(parts):
+        if current is None:
+            return "unknown", i, []  # below a leaf
+        fields = _names(current)
+        if parts[i] not in fields:
+            return "unknown", i, list(fields)
+        annotation = fields[parts[i]]
+        if _is_mapping(annotation):
+            value_model = _mapping_value_model(annotation)
+            if value_model is None:
+                return "free", i, []
+            # dict[str, Model] (lab.profiles, lab.critical): the key is data, what is
+            # below it is the model's fields again.
+            if i + 1 >= len(parts):
+                return "known", i, []
+            current, i = value_model, i + 2
+            continue
+        current = _model_of(annotation)
+        i += 1
+    return "known", i, []
+
+
+def _mapping_value_model(annotation: Any) -> type[BaseModel] | None:
+    """The value model of ``dict[str, Model]`` (also through ``| None``), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if _is_mapping(arg):
+                return _mapping_value_model(arg)
+        return None
+    args = typing.get_args(annotation)
+    return _model_of(args[1]) if len(args) == 2 else None
+
+
+def _closest(parts: list[str], model: type[BaseModel]) -> list[str] | None:
+    """The setting path closest to the unknown ``parts`` (difflib), or None.
+
+    Candidates are every setting path, and the path with its unknown part replaced by
+    a close sibling (so a typo inside ``lab.profiles.<name>`` is answered with that
+    profile's field, which no fixed list holds).
+    """
+    _, at, siblings = _walk(parts, model)
+    candidates = set(known_setting_names(model))
+    for name in difflib.get_close_matches(parts[at], siblings, n=3, cutoff=0.6):
+        fixed = [*parts[:at], name, *parts[at + 1:]]
+        if _resolve(fixed, model) != "unknown":
+            candidates.add(_NESTED.join(fixed))
+    close = difflib.get_close_matches(_NESTED.join(parts), sorted(candidates), n=1, cutoff=0.6)
+    return close[0].split(_NESTED) if close else None
+
+
+def check_unknown_settings(
+    environ: Mapping[str, str],
+    *,
+    file_data: Mapping[str, Any] | None = None,
+    file_name: str = "PACSLAB_CONFIG",
+) -> None:
+    """Refuse ``PACSLAB_*`` variables and config-file keys that name no setting.
+
+    Parameters
+    ----------
+    environ
+        The environment; every ``PACSLAB_*`` name not in :data:`NON_SETTING_VARIABLES`
+        (nor starting ``PACSLAB_TEST_``) must be a setting path with ``__`` nesting.
+    file_data
+        The parsed config file, checked key by key (nested tables are sections).
+
+    Raises
+    ------
+    UnknownSettingError
+        Naming the first unknown name and the closest known one (difflib).
+    """
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(_ENV_PREFIX) or upper in NON_SETTING_VARIABLES:
+            continue
+        if upper.startswith(_NON_SETTING_PREFIX):
+            continue
+        parts = upper[len(_ENV_PREFIX):].lower().split(_NESTED)
+        if _resolve(parts, Settings) == "unknown":
+            fixed = _closest(parts, Settings)
+            hint = f" (did you mean {_ENV_PREFIX}{_NESTED.join(fixed).upper()}?)" if fixed else ""
+            if not fixed:
+                other = difflib.get_close_matches(upper, sorted(NON_SETTING_VARIABLES), n=1)
+                hint = f" (did you mean {other[0]}?)" if other else ""
+            raise UnknownSettingError(f"unknown setting {key}{hint}")
+    if file_data:
+
+        def walk(data: Mapping[str, Any], parts: list[str]) -> None:
+            for k, v in data.items():
+                path = [*parts, str(k).lower()]
+                found = _resolve(path, Settings)
+                if found == "unknown":
+                    name = ".".join(path)
+                    fixed = _closest(path, Settings)
+                    hint = f" (did you mean {'.'.join(fixed)}?)" if fixed else ""
+                    raise UnknownSettingError(f"unknown setting {name!r} in {file_name}{hint}")
+                if found == "known" and isinstance(v, Mapping):
+                    walk(v, path)  # a section, or a dict of models (lab.profiles)
+
+        walk(file_data, [])

@@ -1,20 +1,45 @@
-"""Wire the HTTP API of ``pacslab serve`` and ``pacslab api`` over uvicorn."""
+"""Wire the HTTP API of ``pacslab serve`` and ``pacslab api`` over uvicorn.
+
+uvicorn has no header-read timeout: ``timeout_keep_alive`` only runs between
+requests and is cancelled by every byte received, so a client that opens a
+connection and sends nothing, or trickles a request head a byte at a time
+(slowloris), holds it for ever — the testers kept 2,000 such connections. Neither
+``limit_concurrency`` (it would refuse /health too) nor
+``h11_max_incomplete_event_size`` (a size, not a time) helps, and an ASGI middleware
+only runs once the head is parsed. So :class:`HeaderTimeoutProtocol` subclasses
+uvicorn's h11 protocol with the deadline Go's ``ReadHeaderTimeout`` and hyper's
+``header_read_timeout`` have: from the connection (or the first byte of a later
+request on it) to the end of the request head, ``http.header_timeout_s``; then it
+answers 408 (RFC 9110 15.5.9) and closes.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
+from typing import Any, ClassVar
 
+import h11
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from api.app import create_app
 from core.settings import Settings
 from pacslab.wiring import build_archive, build_index
 from storage.originals import clear_staging
 
-__all__ = ["api_app", "http_staging_name", "run_api"]
+__all__ = [
+    "HeaderTimeoutProtocol",
+    "api_app",
+    "header_timeout_protocol",
+    "http_staging_name",
+    "run_api",
+    "uvicorn_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +70,93 @@ def api_app(settings: Settings) -> Iterator[FastAPI]:
         index.close()
 
 
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                b"connection: close\r\n\r\n")
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for receiving each request head.
+
+    Armed when the connection is made and at the first byte of each later request;
+    disarmed once h11 has the whole head (its peer state leaves ``IDLE``), so slow
+    uploads and long responses are not affected (bodies are bounded by the routes).
+    """
+
+    header_timeout_s: ClassVar[float] = 10.0
+    #: Connections closed for a late head, and when that was last logged (per process).
+    closed: ClassVar[int] = 0
+    _logged: ClassVar[float] = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()  # the first byte of a new request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_deadline = self.loop.call_later(self.header_timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _expired(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        cls = type(self)
+        cls.closed += 1
+        now = time.monotonic()
+        if now - cls._logged > 60:
+            # At most once a minute: a flood must not become a flood of log lines.
+            cls._logged = now
+            logger.warning("closed HTTP connections that sent no complete request head "
+                           "within %.0f s (%d so far)", self.header_timeout_s, cls.closed)
+        with contextlib.suppress(Exception):
+            self.transport.write(_TIMEOUT_408)
+        self.transport.close()
+
+
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """A :class:`HeaderTimeoutProtocol` with its deadline (uvicorn builds one per connection)."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,),
+                {"header_timeout_s": float(seconds)})
+
+
+def uvicorn_config(settings: Settings, app: FastAPI) -> Any:
+    """The ``uvicorn.Config`` of the API: our protocol class, timeouts, no access log."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=settings.http.host,
+        port=settings.http.port,
+        http=header_timeout_protocol(settings.http.header_timeout_s),
+        timeout_keep_alive=settings.http.keep_alive_s,
+        log_level=settings.log.level.lower(),
+        access_log=False,
+    )
+
+
 def run_api(settings: Settings) -> None:
     """Serve HTTP until SIGTERM or SIGINT (uvicorn handles both)."""
     import uvicorn
 
     with api_app(settings) as app:
         logger.info("HTTP on port %d; data in %s", settings.http.port, settings.data_dir)
-        uvicorn.run(
-            app,
-            host=settings.http.host,
-            port=settings.http.port,
-            log_level=settings.log.level.lower(),
-            access_log=False,
-        )
+        uvicorn.Server(uvicorn_config(settings, app)).run()

@@ -9,9 +9,13 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from core.logging import configure
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.index.sql import SqlIndex
 
 __all__ = ["main"]
 
@@ -28,8 +32,19 @@ def _prepare(settings: Settings) -> None:
         for state in ("processed", "rejected"):
             (settings.lab_inbox / profile / state).mkdir(parents=True, exist_ok=True)
     index = build_index(settings, migrate=True)
-    index.close()  # children open their own connections after fork
-    _ensure_keys(settings)
+    try:
+        _ensure_keys(settings)
+        _anchor_audit(settings, index)
+    finally:
+        index.close()  # children open their own connections after fork
+
+
+def _anchor_audit(settings: Settings, index: SqlIndex) -> None:
+    """Record where the keyed chain begins (a no-op once it has begun), before any fork."""
+    from storage.audit import AuditLog
+
+    if settings.audit.enabled and settings.audit.chain_key_file is not None:
+        AuditLog(index.engine, settings.audit, url=index.url).anchor()
 
 
 def _ensure_keys(settings: Settings) -> None:
@@ -38,8 +53,12 @@ def _ensure_keys(settings: Settings) -> None:
     Created here, before any fork, so every process reads the same files.
     """
     from api.keys import ensure_hospital_cert, ensure_private_key
-    from storage.audit import load_secret
+    from storage.audit import load_chain_key, load_secret
 
+    if settings.audit.chain_key_file is not None:
+        # First, so nothing is created when it refuses: AuditKeyError (missing after
+        # keying began, or readable by others), which main() prints with exit code 2.
+        load_chain_key(settings.audit.chain_key_file, settings.audit.checkpoint_file)
     if settings.auth.enabled and settings.auth.is_local:
         assert settings.auth.local_key is not None
         ensure_private_key(settings.auth.local_key)
@@ -174,27 +193,40 @@ def cmd_apikey(settings: Settings, args: argparse.Namespace) -> int:
             if not store.revoke(args.key_id):
                 print(f"no API key {args.key_id}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.key_id} (cached checks expire within a minute)")
+            print(f"revoked {args.key_id}: refused from the next request on")
     finally:
         index.close()
     return 0
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    """``audit verify``: check the action log's hash chain; 1 if anything was tampered with."""
-    from core.audit import to_json_line
-    from pacslab.wiring import build_index
-    from storage.audit import AuditStore
+    """``audit verify``: check the action log's keyed chain against its checkpoints.
 
-    index = build_index(settings, migrate=True)
+    Exit 1 if anything was tampered with (an edited, removed, reordered, re-chained
+    or cut entry, a forged checkpoint), 2 if the chain key cannot be used.
+    """
+    from core.audit import is_keyed, to_json_line
+    from pacslab.wiring import build_index
+    from storage.audit import AuditKeyError, AuditStore
+
     try:
-        store = AuditStore(index.engine)
+        index = build_index(settings, migrate=True)
+    except Exception as exc:  # an unreachable or unreadable index: say so, no traceback
+        print(f"pacslab: cannot open the index: {exc}", file=sys.stderr)
+        return 2
+    try:
         if args.action == "export":
-            for entry in store.entries():
+            for entry in AuditStore(index.engine).entries():
                 print(to_json_line(entry))
             return 0
+        try:
+            store = AuditStore.from_settings(index.engine, settings.audit)
+        except AuditKeyError as exc:
+            print(f"pacslab: {exc}", file=sys.stderr)
+            return 2
         problems = store.verify()
         head = store.head()
+        unkeyed = sum(1 for e in store.entries() if not is_keyed(e.hash))
     finally:
         index.close()
     if problems:
@@ -203,6 +235,11 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     seq, digest = head or (0, "")
     print(f"audit log intact: {seq} entries, head {digest}")
+    if store.key is None:
+        print("note: no chain key: keyed entries were checked for their links only")
+    elif unkeyed:
+        print(f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
+              "anchored by the first keyed entry")
     return 0
 
 
@@ -422,9 +459,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_or_none() -> Settings | None:
+    """Build Settings; on a bad configuration print one line to stderr and return None.
+
+    An unknown ``PACSLAB_*`` variable or config key (a typo: the default would be used
+    silently) and an invalid value both stop every command before it starts, with
+    exit code 2 (as argparse does for a bad command line), not a traceback.
+    """
+    from pydantic import ValidationError
+
+    from core.settings import UnknownSettingError
+
+    try:
+        return Settings()
+    except UnknownSettingError as exc:
+        print(f"pacslab: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        print(f"pacslab: invalid configuration: {problems}", file=sys.stderr)
+    except ValueError as exc:  # PACSLAB_CONFIG not a file, or of an unknown kind
+        print(f"pacslab: {exc}", file=sys.stderr)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    settings = _settings_or_none()
+    if settings is None:
+        return 2
     configure(settings.log.level, json_format=settings.log.json_format)
     commands = {
         "serve": cmd_serve,
@@ -441,8 +506,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": cmd_backup,
         "restore": cmd_restore,
     }
+    from storage.audit import AuditKeyError
+
     try:
         return commands[args.command](settings, args)
+    except AuditKeyError as exc:
+        print(f"pacslab: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

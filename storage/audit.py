@@ -9,28 +9,55 @@ write lock: it reads the chain head (``audit_head``), links the batch
 logged at ERROR and kept for the next attempt (up to ``max_pending`` entries) — an
 audit failure never delays or refuses an acknowledgement (STYLE.md §5), and a
 process that dies loses at most the last ``flush_interval_s`` of entries.
+
+Anchoring (:mod:`core.audit`): the writer keys every hash with the chain key
+(``audit.chain_key_file``, 0600, outside the database) and appends a checkpoint to
+``audit.checkpoint_file`` on its first write, at most every
+``checkpoint_interval_s`` after, and on close; each checkpoint is also logged at INFO
+(logger ``storage.audit``), so a syslog handler keeps a copy off the machine.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
+import stat
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, select, update
 
-from core.audit import AuditEntry, ChainedEntry, ChainProblem, chain, verify_chain
+from core.audit import (
+    AuditEntry,
+    ChainedEntry,
+    ChainProblem,
+    Checkpoint,
+    chain,
+    checkpoint_line,
+    is_keyed,
+    parse_checkpoints,
+    verify_chain,
+)
 from core.settings import AuditSettings
 from storage.index import sqlite as _sqlite
 from storage.index.schema_emr import audit_events, audit_head
 
-__all__ = ["AuditLog", "AuditStore", "load_secret"]
+__all__ = [
+    "AuditKeyError",
+    "AuditLog",
+    "AuditStore",
+    "CheckpointFile",
+    "load_chain_key",
+    "load_secret",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +88,91 @@ def load_secret(path: Path, *, size: int = 32) -> bytes:
     return path.read_bytes()
 
 
+class AuditKeyError(RuntimeError):
+    """The chain key is missing where the log was keyed, or readable by others."""
+
+
+def load_chain_key(path: Path, checkpoints: Path | None = None, *,
+                   create: bool = True) -> bytes | None:
+    """The chain key at ``path``; created (0600) on first start when ``create``.
+
+    Raises
+    ------
+    AuditKeyError
+        The file is readable or writable by group or others (as ssh refuses such a
+        private key: anyone who can read it can re-chain the log), or it is missing
+        while ``checkpoints`` shows the log was keyed — a new key would make every
+        keyed entry look forged, so the old key must be restored from a backup.
+    """
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise AuditKeyError(f"audit chain key {path} is accessible to others (mode "
+                                f"{mode:o}): chmod 600 {path}")
+        return load_secret(path)
+    if checkpoints is not None and CheckpointFile(checkpoints).lines():
+        raise AuditKeyError(f"audit chain key {path} is missing but {checkpoints} shows the "
+                            "log was keyed with it: restore keys/audit-chain.key from a backup")
+    if not create:
+        return None
+    return load_secret(path)
+
+
+class CheckpointFile:
+    """The append-only checkpoint file (JSON lines, :func:`core.audit.checkpoint_line`).
+
+    Appends are one ``write`` to an ``O_APPEND`` descriptor under ``flock`` and are
+    fsynced, so writers in several processes never interleave or lose a line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self) -> list[str]:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        return text.splitlines(keepends=True)
+
+    def read(self, key: bytes | None) -> tuple[list[Checkpoint], list[ChainProblem]]:
+        return parse_checkpoints(self.lines(), key)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[int]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+    def append(self, cp: Checkpoint, key: bytes, *, fd: int | None = None) -> None:
+        line = checkpoint_line(cp, key).encode()
+        with contextlib.nullcontext(fd) if fd is not None else self.locked() as out:
+            os.write(out, line)
+            os.fsync(out)
+        logger.info("audit checkpoint seq=%d hash=%s keyed_from=%d", cp.seq, cp.hash,
+                    cp.keyed_from)
+
+
 class AuditStore:
     """Read side of the log: entries in chain order, search, verification."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, key: bytes | None = None,
+                 checkpoints: Path | None = None) -> None:
         self.engine = engine
+        #: The chain key; without it keyed entries are checked for their links only.
+        self.key = key
+        self.checkpoints = CheckpointFile(checkpoints) if checkpoints is not None else None
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: AuditSettings) -> AuditStore:
+        """A reader with the key and checkpoints ``settings`` name (the key is not created)."""
+        key = (load_chain_key(settings.chain_key_file, settings.checkpoint_file, create=False)
+               if settings.chain_key_file is not None else None)
+        return cls(engine, key=key, checkpoints=settings.checkpoint_file)
 
     def head(self) -> tuple[int, str] | None:
         with self.engine.connect() as conn:
@@ -90,8 +197,24 @@ class AuditStore:
             after = int(rows[-1]["seq"])
 
     def verify(self) -> list[ChainProblem]:
-        """:func:`core.audit.verify_chain` over the whole log and its head."""
-        return verify_chain(self.entries(), self.head())
+        """:func:`core.audit.verify_chain` over the whole log, its head and checkpoints.
+
+        With a key, a log with entries but no checkpoint is a problem too: the key
+        and the first checkpoint are made together at start-up (:meth:`AuditLog.anchor`)
+        or on the first keyed write, so the file was removed, and a log re-chained from
+        its start (keyed or not) could not be told from the original.
+        """
+        checkpoints: list[Checkpoint] = []
+        problems: list[ChainProblem] = []
+        if self.checkpoints is not None:
+            checkpoints, problems = self.checkpoints.read(self.key)
+        entries = list(self.entries())
+        problems += verify_chain(entries, self.head(), key=self.key, checkpoints=checkpoints)
+        if self.key is not None and self.checkpoints is not None and not checkpoints and entries:
+            problems.append(ChainProblem(
+                "checkpoint", 0, f"no checkpoint in {self.checkpoints.path} although the "
+                "chain key exists: the file was removed; a re-chained log cannot be ruled out"))
+        return problems
 
     def search(
         self,
@@ -128,8 +251,14 @@ class AuditLog(AuditStore):
     """Append side: :meth:`record` queues, a daemon thread writes batches."""
 
     def __init__(self, engine: Engine, settings: AuditSettings, *, url: str = "") -> None:
-        super().__init__(engine)
+        key = (load_chain_key(settings.chain_key_file, settings.checkpoint_file)
+               if settings.chain_key_file is not None else None)
+        super().__init__(engine, key=key, checkpoints=settings.checkpoint_file)
         self.settings = settings
+        #: First keyed seq (from the checkpoints, or set on this process's first write).
+        self._keyed_from: int | None = None
+        self._checkpointed = 0.0
+        self._last: tuple[int, str] | None = None
         self.enabled = settings.enabled
         self._is_pg = engine.dialect.name == "postgresql"
         self._lock = _sqlite.write_lock(url) if url.startswith("sqlite") else None
@@ -228,14 +357,73 @@ class AuditLog(AuditStore):
             head = conn.execute(query).first()
             if head is None:
                 raise RuntimeError("audit_head row missing (migration 0004 not applied?)")
-            rows = chain(entries, last_seq=int(head.seq), last_hash=str(head.hash))
+            if self.key is not None and self._keyed_from is None:
+                self._start_keying(int(head.seq), str(head.hash))
+            rows = chain(entries, last_seq=int(head.seq), last_hash=str(head.hash),
+                         key=self.key)
             conn.execute(audit_events.insert(), [r.as_dict() for r in rows])
             conn.execute(
                 update(audit_head)
                 .where(audit_head.c.id == 1)
                 .values(seq=rows[-1].seq, hash=rows[-1].hash)
             )
+        # After the commit: a checkpoint must never name an entry that is not there.
+        self._last = (rows[-1].seq, rows[-1].hash)
+        if time.monotonic() - self._checkpointed >= self.settings.checkpoint_interval_s:
+            self.checkpoint()
         return rows
+
+    def anchor(self) -> None:
+        """Record where keying begins now, before any entry is written (start-up).
+
+        The composition root calls this once the index is migrated, so that a chain key
+        always has a checkpoint beside it: a keyed installation whose log has entries
+        but no checkpoint then means the file was removed (see :meth:`verify`).
+        """
+        if self.key is None or self._keyed_from is not None:
+            return
+        held = self._lock.held() if self._lock else contextlib.nullcontext()
+        with held, self.engine.begin() as conn:
+            query = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+            if self._is_pg:
+                query = query.with_for_update()
+            head = conn.execute(query).first()
+            if head is not None:
+                self._start_keying(int(head.seq), str(head.hash))
+
+    def _start_keying(self, head_seq: int, head_hash: str) -> None:
+        """Learn where keying began, or begin it after ``head_seq`` (the migration).
+
+        Called under the database write lock, with the checkpoint file locked too, so
+        of several processes starting together exactly one records the switch.
+        """
+        assert self.key is not None and self.checkpoints is not None
+        with self.checkpoints.locked() as fd:
+            known, _ = self.checkpoints.read(self.key)
+            if known:
+                self._keyed_from = min(cp.keyed_from for cp in known)
+                return
+            # No checkpoint yet: entries up to the head keep their SHA-256 hashes (see
+            # core.audit); a keyed head means the file was lost after keying began.
+            self._keyed_from = head_seq if is_keyed(head_hash) else head_seq + 1
+            if head_seq:
+                logger.warning("audit log: entries 1..%d are unkeyed (written before the "
+                               "chain key); keyed from %d on", self._keyed_from - 1,
+                               self._keyed_from)
+            self.checkpoints.append(Checkpoint(head_seq, head_hash, self._keyed_from,
+                                               _now()), self.key, fd=fd)
+
+    def checkpoint(self) -> None:
+        """Append a checkpoint of the last entry this process wrote (logs, never raises)."""
+        if self.key is None or self.checkpoints is None or self._last is None:
+            return
+        if self._keyed_from is None:
+            return
+        try:
+            self.checkpoints.append(Checkpoint(*self._last, self._keyed_from, _now()), self.key)
+            self._checkpointed = time.monotonic()
+        except OSError:
+            logger.error("could not append an audit checkpoint", exc_info=True)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued and stop the thread."""
@@ -245,3 +433,8 @@ class AuditLog(AuditStore):
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        self.checkpoint()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -12,6 +12,10 @@ original was published (``storage.archive``, blob first), so every original the
 snapshot references is already on disk, and originals never change (content keys).
 Every instance acknowledged before the backup started is therefore in it, bit for
 bit. Zarr pyramids (one immutable store per job) and the keys directory follow.
+The action log's checkpoint file (``audit.checkpoint_file``, outside the database)
+is copied *before* the index, as ``audit/checkpoints.jsonl``: every checkpoint names
+an entry already committed, so none names one beyond the snapshot's head, and the
+backup's log verifies against its own checkpoints and chain key (``keys/``).
 
 ``manifest.json`` lists every file with its SHA-256 and size; :func:`verify` checks
 them, the SQLite integrity (or that ``pg_restore`` reads the dump), the action log's
@@ -39,10 +43,10 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, inspect, text
 
-from core.audit import ChainedEntry, verify_chain
+from core.audit import ChainedEntry, Checkpoint, verify_chain
 from core.settings import Settings
 from storage import _pgdump
-from storage.audit import AuditStore
+from storage.audit import AuditStore, CheckpointFile
 
 __all__ = ["BackupReport", "backup", "restore", "verify"]
 
@@ -52,6 +56,8 @@ FORMAT = "pacslab-backup/1"
 MANIFEST = "manifest.json"
 SQLITE_INDEX = "index.db"
 PG_INDEX = "index.pgdump"
+CHECKPOINTS = "audit/checkpoints.jsonl"
+CHAIN_KEY = "keys/audit-chain.key"
 
 
 @dataclass
@@ -201,6 +207,11 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
     if link_dest is not None:
         previous = json.loads((link_dest / MANIFEST).read_text())["files"]
 
+    checkpoints = settings.audit.checkpoint_file
+    if checkpoints is not None and checkpoints.is_file():
+        digest, size = _copy(checkpoints, partial / CHECKPOINTS)
+        files[CHECKPOINTS] = {"sha256": digest, "size": size}
+
     url = settings.index.url
     dialect = "postgresql" if _pgdump.is_postgres(url) else "sqlite"
     if dialect == "postgresql":
@@ -298,12 +309,17 @@ def verify(src: Path) -> list[str]:
     index = manifest.get("index") or {"dialect": "sqlite", "file": SQLITE_INDEX}
     path = src / str(index["file"])
     if path.is_file():
-        check = _verify_pg_dump if index["dialect"] == "postgresql" else _verify_sqlite
-        problems += check(path, listed)
+        key = (src / CHAIN_KEY).read_bytes() if CHAIN_KEY in listed else None
+        cp_file = src / CHECKPOINTS if CHECKPOINTS in listed else None
+        if index["dialect"] == "postgresql":
+            problems += _verify_pg_dump(path, listed, key, cp_file)
+        else:
+            problems += _verify_sqlite(path, listed, key, cp_file)
     return problems
 
 
-def _verify_sqlite(db: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
+def _verify_sqlite(db: Path, listed: dict[str, dict[str, Any]], chain_key: bytes | None,
+                   checkpoints: Path | None) -> list[str]:
     problems: list[str] = []
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -318,7 +334,7 @@ def _verify_sqlite(db: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
                 problems.append(f"original {key} is indexed but not in the backup")
         engine = create_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
         try:
-            for p in AuditStore(engine).verify():
+            for p in AuditStore(engine, key=chain_key, checkpoints=checkpoints).verify():
                 problems.append(f"audit log: {p.message}")
         finally:
             engine.dispose()
@@ -327,7 +343,8 @@ def _verify_sqlite(db: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _verify_pg_dump(dump: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
+def _verify_pg_dump(dump: Path, listed: dict[str, dict[str, Any]], chain_key: bytes | None,
+                    checkpoints: Path | None) -> list[str]:
     """The same checks on a ``pg_dump`` archive, from its rows (no server needed)."""
     try:
         unreadable = _pgdump.list_ok(dump)
@@ -347,7 +364,11 @@ def _verify_pg_dump(dump: Path, listed: dict[str, dict[str, Any]]) -> list[str]:
     )
     head_rows = [r for r in rows.get("audit_head", []) if r.get("id") == "1"]
     head = (int(str(head_rows[0]["seq"])), str(head_rows[0]["hash"])) if head_rows else None
-    for p in verify_chain(entries, head):
+    cps: list[Checkpoint] = []
+    if checkpoints is not None:
+        cps, bad = CheckpointFile(checkpoints).read(chain_key)
+        problems += [f"audit log: {p.message}" for p in bad]
+    for p in verify_chain(entries, head, key=chain_key, checkpoints=cps):
         problems.append(f"audit log: {p.message}")
     return problems
 

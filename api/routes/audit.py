@@ -107,7 +107,10 @@ def _bounds(values: list[str]) -> tuple[str | None, str | None]:
             else:
                 since, until = point, point + "\uffff"
             continue
-        next_day = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+        try:
+            next_day = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+        except ValueError as exc:  # 2026-13-45 matches the pattern but is no date
+            raise InvalidQueryError(f"date {day} is not a calendar date") from exc
         if prefix == "ge":
             since = day
         elif prefix == "gt":
@@ -121,7 +124,14 @@ def _bounds(values: list[str]) -> tuple[str | None, str | None]:
     return since, until
 
 
-@router.get("/AuditEvent", response_class=JSONResponse)
+_FHIR_JSON: dict[str, Any] = {"application/fhir+json": {}}
+
+
+@router.get("/AuditEvent", response_class=JSONResponse, responses={
+    200: {"description": "FHIR R4 searchset Bundle of AuditEvent", "content": _FHIR_JSON},
+    400: {"description": "OperationOutcome: a malformed search parameter",
+          "content": _FHIR_JSON},
+})
 def search_audit_events(
     request: Request,
     patient: str | None = None,
