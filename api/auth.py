@@ -31,6 +31,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.fhir._core import operation_outcome
 from core.auth import (
     SCOPES,
     Principal,
@@ -221,12 +222,16 @@ class AuthMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = problem_body(exc, path)
+        body, media_type = problem_body(exc, path), b"application/problem+json"
+        if path == "/fhir" or path.startswith("/fhir/"):
+            # FHIR R4 http.html: errors under the FHIR base are OperationOutcomes.
+            body = json.dumps(operation_outcome("error", exc.fhir_code, str(exc) or exc.title))
+            body, media_type = body.encode(), b"application/fhir+json"
         start: Message = {
             "type": "http.response.start",
             "status": exc.http_status,
             "headers": [
-                (b"content-type", b"application/problem+json"),
+                (b"content-type", media_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", _www_authenticate(exc).encode("latin-1")),
                 (b"cache-control", b"no-store"),
