@@ -225,8 +225,8 @@ class AuthMiddleware:
         body, media_type = problem_body(exc, path), b"application/problem+json"
         if path == "/fhir" or path.startswith("/fhir/"):
             # FHIR R4 http.html: errors under the FHIR base are OperationOutcomes.
-            body = json.dumps(operation_outcome("error", exc.fhir_code, str(exc) or exc.title))
-            body, media_type = body.encode(), b"application/fhir+json"
+            outcome = operation_outcome("error", exc.fhir_code, str(exc) or exc.title)
+            body, media_type = json.dumps(outcome).encode(), b"application/fhir+json"
         start: Message = {
             "type": "http.response.start",
             "status": exc.http_status,

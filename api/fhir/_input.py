@@ -41,7 +41,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class MalformedResourceError(InvalidDatasetError):
-    """A resource that fails basic FHIR rules: types, bounds (FHIR ``invalid``, HTTP 400; R4 http.html#create)."""
+    """A resource failing basic FHIR rules: types, bounds (FHIR ``invalid``, HTTP 400;
+    R4 http.html#create)."""
 
     title = "Invalid resource"
     http_status = 400

@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from core.errors import InvalidQueryError
 from api.fhir._core import DEFAULT_COUNT, MAX_COUNT, MAX_OFFSET, Paging
+from core.errors import InvalidQueryError
 
 __all__ = [
     "Criterion",

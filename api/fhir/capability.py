@@ -21,6 +21,10 @@ _SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-serv
 _OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
+def _modifiers(modifiers: tuple[str, ...]) -> str:
+    return f" (modifiers: {', '.join(':' + m for m in modifiers)})" if modifiers else ""
+
+
 def _resource(spec: ResourceSpec) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "type": spec.type,
@@ -34,8 +38,7 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
                 "name": p.name,
                 "definition": p.definition,
                 "type": p.type,
-                "documentation": p.documentation
-                + (f" (modifiers: {', '.join(':' + m for m in p.modifiers)})" if p.modifiers else ""),
+                "documentation": p.documentation + _modifiers(p.modifiers),
             }
             for p in spec.params
         ]
@@ -58,7 +61,11 @@ def _security(auth: AuthSettings) -> dict[str, Any]:
         "service": [
             {
                 "coding": [
-                    {"system": _SECURITY_SERVICE, "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"}
+                    {
+                        "system": _SECURITY_SERVICE,
+                        "code": "SMART-on-FHIR",
+                        "display": "SMART-on-FHIR",
+                    }
                 ],
                 "text": "OAuth2 bearer tokens (RFC 6750)",
             }

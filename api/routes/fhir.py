@@ -12,7 +12,6 @@ queries reuse the QIDO-RS query builder (:mod:`storage.index.queries`), so
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request

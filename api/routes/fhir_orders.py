@@ -634,6 +634,16 @@ def search_service_requests(request: Request) -> Response:
     return _fhir(search_bundle(request, search, entries, total))
 
 
+def order_numbers(request: Request, order_id: str) -> set[str]:
+    """The placer order number and Accession Number of ``ServiceRequest/[order_id]``
+    (what lab results and studies quote of it); empty if there is no such order."""
+    try:
+        rec = _service(request).get(order_id)
+    except NotFoundError:
+        return set()
+    return {n for n in (rec.placer_order_number, rec.item.order.accession_number) if n}
+
+
 class LinkRequest(BaseModel):
     """Body of ``POST /orders/unmatched/{study_uid}/link``."""
 
