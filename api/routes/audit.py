@@ -12,13 +12,13 @@ so a copy can be checked against the log.
 from __future__ import annotations
 
 import re
-from datetime import date, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.fhir import search_bundle, search_request, split_or
+from api.fhir import parse_date_param, search_bundle, search_request, split_or
 from api.fhir.registry import AUDIT_EVENT
 from core.audit import ChainedEntry, patient_key
 from core.errors import InvalidQueryError
@@ -95,34 +95,23 @@ def audit_event(e: ChainedEntry) -> dict[str, Any]:
 
 
 def _bounds(values: list[str]) -> tuple[str | None, str | None]:
+    """``[since, until)`` as ``recorded`` text (UTC, fixed width, so text order is time
+    order) of repeated FHIR date values (ANDed; partial dates are ranges, R4 3.1.1.5.2)."""
     since = until = None
     for value in values:
-        m = re.fullmatch(r"(ge|gt|le|lt|eq)?(\d{4}-\d{2}-\d{2})(T[0-9:.]+Z?)?", value)
-        if not m:
-            raise InvalidQueryError("date must be [ge|gt|le|lt]YYYY-MM-DD[Thh:mm:ssZ]")
-        prefix, day, clock = m.group(1) or "eq", m.group(2), m.group(3) or ""
-        if clock:
-            point = day + clock.rstrip("Z")
-            after = point + "\uffff" if prefix in ("gt", "le") else point
-            if prefix in ("ge", "gt"):
-                since = after
-            elif prefix in ("le", "lt"):
-                until = after
-            else:
-                since, until = point, point + "\uffff"
-            continue
-        next_day = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
-        if prefix == "ge":
-            since = day
-        elif prefix == "gt":
-            since = next_day
-        elif prefix == "le":
-            until = next_day
-        elif prefix == "lt":
-            until = day
-        else:
-            since, until = day, next_day
+        after, _after_incl, before, _before_incl = parse_date_param(value).bounds()
+        # bounds() gives inclusive lower and exclusive upper ends for every prefix.
+        if after is not None:
+            text = _recorded(after)
+            since = text if since is None else max(since, text)
+        if before is not None:
+            text = _recorded(before)
+            until = text if until is None else min(until, text)
     return since, until
+
+
+def _recorded(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @router.get("/AuditEvent", response_class=JSONResponse)
