@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from api.fhir._core import operation_outcome as _outcome
 from core.errors import InvalidQueryError
 from storage.lab import DateBound, StoredLabReport, StoredLabResult
 
@@ -488,8 +489,6 @@ def history_bundle(versions: Sequence[StoredLabResult], *, base: str) -> dict[st
 
 
 def operation_outcome(code: str, diagnostics: str, *, severity: str = "error") -> dict[str, Any]:
-    """An ``OperationOutcome`` with one issue (R4 ValueSet issue-type ``code``)."""
-    return {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
-    }
+    """An ``OperationOutcome`` with one issue (R4 ValueSet issue-type ``code``); the one
+    builder of :mod:`api.fhir`."""
+    return _outcome(severity, code, diagnostics)

@@ -7,11 +7,14 @@ Routes (``router``; :func:`include` adds it to an app):
   request carries the order and the demographics as ordered.
 * ``PUT /fhir/ServiceRequest/{id}``: update, or create with that id (R4 3.1.0.4.1
   update as create). ``status = revoked`` cancels the order.
-* ``GET /fhir/ServiceRequest/{id}`` and ``GET /fhir/ServiceRequest?…`` with
-  ``_lastUpdated`` (``ge``/``gt``/``le``/``lt``/``eq`` prefixes, R4 3.1.1.5.7),
-  ``status`` and ``identifier`` (``[system|]value``), ``_count``: a ``searchset``
-  Bundle, oldest change first, so polling ``_lastUpdated=gt<last seen>`` is the
-  change feed.
+* ``GET /fhir/ServiceRequest/{id}`` and ``GET /fhir/ServiceRequest?…`` with the
+  parameters of :data:`api.fhir.registry.SERVICE_REQUEST` (``patient``/``subject``,
+  ``code``, ``status``, ``identifier``, ``authored``, ``_id``, ``_lastUpdated``;
+  partial dates are ranges), ``_count``/``_offset``: a ``searchset`` Bundle with
+  ``total`` and paging links, oldest change first, so polling
+  ``_lastUpdated=gt<last seen>`` is the change feed.
+* Received resources are bounded (:mod:`api.fhir._input`): 1 MiB, nesting, string
+  lengths, no control characters, JSON types per element; 400/413 OperationOutcome.
 * ``GET /orders/unmatched`` and ``POST /orders/unmatched/{study_uid}/link``
   (``{"order": "<ServiceRequest id>"}``): received studies no order claims.
 

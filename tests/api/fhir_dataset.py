@@ -48,9 +48,9 @@ def fhir_settings(tmp: Path, *, auth: bool) -> Settings:
     try:
         return Settings(
             data_dir=tmp / "data",
-            dicom={"port": 0, "host": "127.0.0.1"},  # type: ignore[arg-type]
-            auth={"enabled": auth},  # type: ignore[arg-type]
-            lab={"profiles": {"auto": {}}},  # type: ignore[arg-type]
+            dicom={"port": 0, "host": "127.0.0.1"},
+            auth={"enabled": auth},
+            lab={"profiles": {"auto": {}}},
         )
     finally:
         os.environ.update(saved)
@@ -110,7 +110,7 @@ def _lab_files(settings: Settings) -> None:
         for name, f in files.items():
             obx = "".join(
                 _OBX.format(n=i + 1, code=c, name=n, value=v, day=f["day"])
-                for i, (c, n, v) in enumerate(f["obx"])  # type: ignore[arg-type]
+                for i, (c, n, v) in enumerate(f["obx"])
             )
             text = _ORU.format(**{**f, "obx": obx})
             (inbox / name).write_bytes(text.encode())

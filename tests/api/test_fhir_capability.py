@@ -55,7 +55,7 @@ def test_capability_statement_lists_the_registry(client: TestClient) -> None:
         assert [i["code"] for i in entry["interaction"]] == list(spec.interactions)
         advertised = {(p["name"], p["type"], p["definition"]) for p in entry.get("searchParam", [])}
         assert advertised == {(p.name, p.type, p.definition) for p in spec.params}
-    assert cap.rest[0].security is not None
+    assert cap.rest is not None and cap.rest[0].security is not None
     coding = rest["security"]["service"][0]["coding"][0]
     assert coding["code"] == "SMART-on-FHIR"
     assert "Bearer" in rest["security"]["description"] or "switched off" in rest[
