@@ -27,17 +27,26 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from api.fhir._core import DEFAULT_COUNT, MAX_COUNT, MAX_OFFSET, Paging
-from core.errors import InvalidQueryError
+from core.errors import InvalidQueryError, ServiceError
 
 __all__ = [
     "Criterion",
     "ResourceSpec",
     "Search",
     "SearchParam",
+    "TooCostlyError",
     "handling",
     "parse_search",
     "split_or",
 ]
+
+class TooCostlyError(ServiceError):
+    """A search that would read too many rows (FHIR ``too-costly``, HTTP 400)."""
+
+    title = "Search too costly"
+    http_status = 400
+    fhir_code = "too-costly"
+
 
 ParamType = Literal["token", "reference", "date", "string", "number", "uri", "quantity"]
 

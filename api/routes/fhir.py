@@ -12,6 +12,8 @@ queries reuse the QIDO-RS query builder (:mod:`storage.index.queries`), so
 from __future__ import annotations
 
 import re
+import unicodedata
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,6 +24,7 @@ from api.fhir import (
     FHIR_JSON,
     FHIR_PREFIX,
     Search,
+    TooCostlyError,
     capability_statement,
     check_accept,
     fhir_base,
@@ -268,18 +271,42 @@ def read_imaging_study(request: Request, index: IndexDep, id: str) -> JSONRespon
 
 _GENDER = {"male": "M", "female": "F", "other": "O"}
 _NAME_FORBIDDEN = re.compile(r"[*?\\^=]")
+#: Letters NFKD does not decompose into a base letter and a mark.
+_FOLD = str.maketrans({"đ": "d", "ð": "d", "ø": "o", "ł": "l", "ħ": "h", "ı": "i", "æ": "ae"})
+#: Patients read to check a name search (FHIR string matching folds accents, which
+#: the index cannot do in SQL): beyond this, narrow the search.
+_MAX_NAME_SCAN = 200_000
+_SCAN_CHUNK = 5_000
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form (FHIR R4 3.1.1.5.3 string search):
+    ``"NGUYỄN Đức"`` → ``"nguyen duc"``."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_FOLD)
 
 
 def _name_value(value: str) -> str:
     if _NAME_FORBIDDEN.search(value):
         raise InvalidQueryError("name search values must not contain * ? \\ ^ =")
-    return value
+    return fold(value.strip())
 
 
-def _patient_query(search: Search) -> Query | None:
+def _name_words(pn: str) -> list[str]:
+    """Every name part of a PN (components, groups, words), folded."""
+    return [w for w in re.split(r"[\\^= ]+", fold(pn)) if w]
+
+
+def _family(pn: str) -> str:
+    return fold(pn.split("=")[0].split("^")[0])
+
+
+def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[str]]]]:
+    """The index query of a Patient search (None: matches nothing), and the name
+    criteria ``(name | family, [folded alternatives])`` checked on each row."""
     matches: list[Match] = []
+    names: list[tuple[str, list[str]]] = []
     pks: set[int] | None = None
-    fuzzy = False
     last_updated: list[str] = []
     for c in search.criteria:
         if c.name == "identifier":
@@ -287,15 +314,8 @@ def _patient_query(search: Search) -> Query | None:
             if len(items) > 1:
                 raise InvalidQueryError("one identifier per value (repeat the parameter)")
             matches += _identifier_matches(items[0])
-        elif c.name == "name":
-            items = split_or(c.value)
-            if len(items) > 1:
-                raise InvalidQueryError("one name per value (repeat the parameter)")
-            matches.append(Match("PatientName", _name_value(items[0])))
-            fuzzy = True
-        elif c.name == "family":
-            # Non-fuzzy PN matching is case-insensitive here; family is the first component.
-            matches.append(Match("PatientName", _name_value(c.value) + "*"))
+        elif c.name in ("name", "family"):
+            names.append((c.name, [_name_value(v) for v in split_or(c.value)]))
         elif c.name == "birthdate":
             matches.append(Match("PatientBirthDate", parse_date_param(c.value).da_range()))
         elif c.name == "gender":
@@ -311,39 +331,79 @@ def _patient_query(search: Search) -> Query | None:
             pks = ids if pks is None else pks & ids
         elif c.name == "_lastUpdated":
             last_updated.append(c.value)
-    if fuzzy and any(m.keyword == "PatientName" and m.value.endswith("*") for m in matches):
-        raise InvalidQueryError("name and family together are not supported")
     patient_pk: int | None = None
     if pks is not None:
         pks.discard(_NO_PATIENT)
         if not pks:
-            return None
+            return None, names
         if len(pks) > 1:
             raise InvalidQueryError("one _id per search (several are not supported)")
         patient_pk = pks.pop()
     after, after_incl, before, before_incl = last_updated_bounds(last_updated)
-    return Query(
+    query = Query(
         level="patient",
         matches=tuple(matches),
-        fuzzy=fuzzy,
-        limit=search.paging.count,
-        offset=search.paging.offset,
         patient_pk=patient_pk,
         updated_after=after,
         updated_after_inclusive=after_incl,
         updated_before=before,
         updated_before_inclusive=before_incl,
     )
+    return query, names
+
+
+def _name_matches(row: dict[str, Any], names: list[tuple[str, list[str]]]) -> bool:
+    pn = str(row.get("PatientName") or "")
+    words = _name_words(pn)
+    family = _family(pn)
+    for kind, alternatives in names:
+        if kind == "family":
+            ok = any(family.startswith(a) for a in alternatives)
+        else:
+            ok = any(w.startswith(a) for a in alternatives for w in words)
+        if not ok:
+            return False
+    return True
+
+
+def _patients_by_name(
+    index: SqlIndex, query: Query, names: list[tuple[str, list[str]]], paging: Any
+) -> tuple[list[dict[str, Any]], int]:
+    """Rows matching ``query`` and the folded name criteria, one page and the total:
+    the index narrows by everything else, names are compared here (pk order, so pages
+    are stable)."""
+    matched: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        chunk = index.find(replace(query, limit=_SCAN_CHUNK, offset=offset))
+        matched += [r for r in chunk if _name_matches(r, names)]
+        offset += len(chunk)
+        if len(chunk) < _SCAN_CHUNK:
+            break
+        if offset >= _MAX_NAME_SCAN:
+            raise TooCostlyError(
+                f"a name search over more than {_MAX_NAME_SCAN} patients: add identifier, "
+                "birthdate, gender or _lastUpdated"
+            )
+    return matched[paging.offset : paging.offset + paging.count], len(matched)
 
 
 @router.get("/Patient", summary="Search Patient", responses=_FHIR_RESPONSES)
 def search_patient(request: Request, index: IndexDep) -> JSONResponse:
     """Search Patient (FHIR R4 patient.html#search): identifier, name, family,
-    birthdate, gender, _id, _lastUpdated."""
+    birthdate, gender, _id, _lastUpdated. ``name``/``family`` match the start of a
+    name part, case- and accent-insensitively (R4 3.1.1.5.3)."""
     search = search_request(request, PATIENT)
-    query = _patient_query(search)
-    total = index.count(query) if query is not None else 0
-    rows = index.find(query) if query is not None and search.paging.count else []
+    query, names = _patient_query(search)
+    paging = search.paging
+    rows: list[dict[str, Any]] = []
+    total = 0
+    if query is not None and names:
+        rows, total = _patients_by_name(index, query, names, paging)
+    elif query is not None:
+        total = index.count(query)
+        if paging.count:
+            rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
     return _fhir(search_bundle(request, search, [patient(r) for r in rows], total))
 
 

@@ -53,6 +53,7 @@ from pydantic import BaseModel
 from api.fhir import (
     Search,
     Token,
+    TooCostlyError,
     check_accept,
     fhir_response,
     parse_date_param,
@@ -123,14 +124,6 @@ _MAX_ID = 64
 _MAX_CODE_TEXT = 1024
 #: Orders read from JSON when code/identifier filters cannot be done by the store.
 _MAX_SCAN = 20_000
-
-
-class TooCostlyError(ServiceError):
-    """A search that would read too many orders (FHIR ``too-costly``, HTTP 400)."""
-
-    title = "Search too costly"
-    http_status = 400
-    fhir_code = "too-costly"
 
 
 class InvalidResourceError(InvalidDatasetError):

@@ -6,7 +6,7 @@ for orders, the lab inbox watcher for HL7 v2 ORU^R01 files).
 which resources a search matches:
 
 * Patients ``p1`` (PatientID P1, NGUYEN^VAN AN, male, 1970-01-01) and ``p2`` (P2,
-  Tran^Thi Binh, female, 1970-01-01);
+  Trần^Thị Bình, female, 1970-01-01);
 * ImagingStudy ``a`` (P1, CT, 2024-01-05, ACC-A), ``b`` (P2, MR, 2024-02-20, ACC-B),
   ``c`` (P1, CT, 2023-12-31, ACC-C);
 * ServiceRequest ``o1`` (P1, LOINC 24627-2, active, placer HIS-1), ``o2`` (P2, LOINC
@@ -123,7 +123,7 @@ def _lab_files(settings: Settings) -> None:
 def _studies(app: FastAPI, tmp: Path) -> dict[str, str]:
     studies = {
         "a": ("P1", "NGUYEN^VAN AN", "M", "CT", "20240105", "ACC-A"),
-        "b": ("P2", "Tran^Thi Binh", "F", "MR", "20240220", "ACC-B"),
+        "b": ("P2", "Trần^Thị Bình", "F", "MR", "20240220", "ACC-B"),
         "c": ("P1", "NGUYEN^VAN AN", "M", "CT", "20231231", "ACC-C"),
     }
     out = {}
@@ -136,6 +136,7 @@ def _studies(app: FastAPI, tmp: Path) -> dict[str, str]:
             PatientSex=sex,
             StudyDate=day,
             AccessionNumber=accession,
+            SpecificCharacterSet="ISO_IR 192",  # UTF-8 (PS3.3 C.12.1.1.2)
         )
         store_files(app.state.archive, paths)
         out[name] = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)

@@ -60,11 +60,17 @@ ROWS: list[tuple[str, list[tuple[str, str]], set[str]]] = [
     ("Patient", [("_id", "999999")], set()),
     ("Patient", [("identifier", "P1")], {"p1"}),
     ("Patient", [("identifier", "urn:other|P1")], set()),
-    ("Patient", [("name", "tran")], {"p2"}),
+    ("Patient", [("name", "tran")], {"p2"}),  # accent- and case-insensitive (3.1.1.5.3)
+    ("Patient", [("name", "TRẦN")], {"p2"}),
+    ("Patient", [("name", "bình")], {"p2"}),
+    ("Patient", [("name", "nguyễn")], {"p1"}),
+    ("Patient", [("name", "tran,nguyen")], {"p1", "p2"}),
+    ("Patient", [("name", "ran")], set()),  # starts-with, not contains
     ("Patient", [("name", "AN")], {"p1"}),
     ("Patient", [("name", "nguy"), ("name", "van")], {"p1"}),
     ("Patient", [("name", "nguy"), ("name", "thi")], set()),
     ("Patient", [("family", "tran")], {"p2"}),
+    ("Patient", [("family", "THI")], set()),
     ("Patient", [("family", "van")], set()),
     ("Patient", [("birthdate", "1970")], {"p1", "p2"}),
     ("Patient", [("birthdate", "1970-01-01")], {"p1", "p2"}),
@@ -294,3 +300,14 @@ def test_audit_events_page_with_total_and_next(client: TestClient,
     assert _search(client, "AuditEvent", [("date", f"ge{YEAR}-01-01")])["total"] >= total
     newest = _search(client, "AuditEvent", [("_sort", "-date"), ("_count", "1")])
     assert int(_ids(newest)[0]) >= total
+
+
+def test_name_search_is_bounded(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import api.routes.fhir as routes
+
+    monkeypatch.setattr(routes, "_SCAN_CHUNK", 1)
+    assert _search(client, "Patient", [("name", "tran")])["total"] == 1  # chunked scan
+    monkeypatch.setattr(routes, "_MAX_NAME_SCAN", 1)
+    r = client.get("/fhir/Patient", params={"name": "tran"})
+    assert r.status_code == 400
+    assert OperationOutcome.model_validate(r.json()).issue[0].code == "too-costly"
