@@ -311,3 +311,25 @@ def test_name_search_is_bounded(client: TestClient, monkeypatch: pytest.MonkeyPa
     r = client.get("/fhir/Patient", params={"name": "tran"})
     assert r.status_code == 400
     assert OperationOutcome.model_validate(r.json()).issue[0].code == "too-costly"
+
+
+HOSTILE = ["", ",", "|", "||", "a|", "|a", "Patient/", "Patient/../1", "Patient/1/_history/1",
+           "http://testserver/fhir/Patient/", "ge", "eq9999-99-99", "2024-13", "2024-02-30",
+           "gt2024-01-01T25:00", "99999999999999999999", "\u202e", "%", "*", "?", "\\",
+           "'; DROP TABLE patients; --", "a" * 1000, "x:y", "T", "-1", "a,,b", "Ω" * 300]
+
+
+def test_hostile_values_never_500(client: TestClient) -> None:
+    statement = client.get("/fhir/metadata").json()
+    tried = 0
+    for res in statement["rest"][0]["resource"]:
+        if {"code": "search-type"} not in res["interaction"]:
+            continue
+        names = [p["name"] for p in res.get("searchParam", [])] + ["_count", "_offset", "_sort"]
+        for name in names:
+            for value in HOSTILE:
+                r = client.get(f"/fhir/{res['type']}", params={name: value})
+                assert r.status_code in (200, 400), (res["type"], name, value, r.status_code)
+                assert r.headers["content-type"] == FHIR
+                tried += 1
+    assert tried > 1000
