@@ -102,6 +102,7 @@ SERVICE_REQUEST = ResourceSpec(
         ),
         _p("authored", "date", "ServiceRequest-authored", "When the order was placed"),
     ),
+    sorts=("_id", "_lastUpdated"),
 )
 
 _LAB_COMMON = (

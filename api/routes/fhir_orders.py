@@ -11,8 +11,8 @@ Routes (``router``; :func:`include` adds it to an app):
   parameters of :data:`api.fhir.registry.SERVICE_REQUEST` (``patient``/``subject``,
   ``code``, ``status``, ``identifier``, ``authored``, ``_id``, ``_lastUpdated``;
   partial dates are ranges), ``_count``/``_offset``: a ``searchset`` Bundle with
-  ``total`` and paging links, oldest change first, so polling
-  ``_lastUpdated=gt<last seen>`` is the change feed.
+  ``total`` and paging links, in creation order; with ``_sort=_lastUpdated`` oldest
+  change first, so polling ``_lastUpdated=gt<last seen>`` is the change feed.
 * Received resources are bounded (:mod:`api.fhir._input`): 1 MiB, nesting, string
   lengths, no control characters, JSON types per element; 400/413 OperationOutcome.
 * ``GET /orders/unmatched`` and ``POST /orders/unmatched/{study_uid}/link``
@@ -602,17 +602,23 @@ def _matches(rec: OrderRecord, f: _OrderFilter) -> bool:
 
 @router.get("/fhir/ServiceRequest")
 def search_service_requests(request: Request) -> Response:
-    """Search (R4 servicerequest.html#search): oldest change first, then the row id, so
-    ``_lastUpdated=gt<last seen>`` is a change feed and paging sees each order once."""
+    """Search (R4 servicerequest.html#search): in creation order (a key updates do not
+    move, so paging sees each order once), or with ``_sort=_lastUpdated`` oldest change
+    first, so ``_lastUpdated=gt<last seen>&_sort=_lastUpdated`` is the change feed."""
     search = search_request(request, SERVICE_REQUEST)
     f = _order_filter(request, search)
     service = _service(request)
     paging = search.paging
+    if len(search.sort) > 1 or search.sort[:1] in (("-_id",), ("-_lastUpdated",)):
+        raise InvalidQueryError("_sort: one of _id (default) or _lastUpdated, ascending")
+    # _id: creation order, which updates do not move (stable pages); _lastUpdated:
+    # oldest change first (the change feed).
+    f.sql["order"] = "updated" if search.sort == ("_lastUpdated",) else "id"
     if f.empty:
         records: list[OrderRecord] = []
         total = 0
     elif not f.codes and not f.identifiers:
-        total = service.store.count(**f.sql)
+        total = service.store.count(**{k: v for k, v in f.sql.items() if k != "order"})
         records = service.search(**f.sql, limit=paging.count, offset=paging.offset)
     else:
         # code and system-checked identifiers are read from each order's JSON: scan

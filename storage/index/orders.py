@@ -218,12 +218,14 @@ class SqlOrderStore:
         created_before: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
+        order: str = "updated",
     ) -> list[OrderRecord]:
         """Orders by status, last update (FHIR ``_lastUpdated``), creation (FHIR
         ``authored``), identifier, patient (ID and issuer) and public id.
 
-        Oldest change first (then the unique row id), so a poller can page through the
-        change feed and a pager sees every order once.
+        ``order="updated"``: oldest change first (then the row id), the change feed;
+        ``order="id"``: creation order, a unique key that updates do not move, so a
+        pager sees every order once.
         """
         conds = self._conditions(
             status=status, updated_from=updated_from, updated_before=updated_before,
@@ -233,7 +235,7 @@ class SqlOrderStore:
         query = (
             select(orders)
             .where(and_(True, *conds))
-            .order_by(orders.c.updated_at, orders.c.id)
+            .order_by(*((orders.c.id,) if order == "id" else (orders.c.updated_at, orders.c.id)))
             .limit(limit)
             .offset(offset)
         )

@@ -333,3 +333,26 @@ def test_hostile_values_never_500(client: TestClient) -> None:
                 assert r.headers["content-type"] == FHIR
                 tried += 1
     assert tried > 1000
+
+
+def test_service_request_pages_stay_stable_when_an_order_changes(
+    client: TestClient, loaded: tuple[FastAPI, dict[str, str]]
+) -> None:
+    from tests.api.fhir_dataset import service_request
+
+    ids = loaded[1]
+    first = _search(client, "ServiceRequest", [("_count", "1")])
+    (seen,) = _ids(first)
+    assert seen == ids["o1"]  # creation order
+    body = service_request("P1", "HIS-1", "24627-2") | {"id": ids["o1"]}
+    assert client.put(f"/fhir/ServiceRequest/{ids['o1']}", json=body).status_code == 200
+    pages = [seen]
+    bundle = first
+    while (nxt := {lk["relation"]: lk["url"] for lk in bundle["link"]}.get("next")):
+        bundle = client.get(nxt.replace("http://testserver", "")).json()
+        pages += _ids(bundle)
+    assert pages == [ids["o1"], ids["o2"], ids["o3"]]  # each once, none skipped
+    # The change feed order puts the changed order last.
+    feed = _search(client, "ServiceRequest", [("_sort", "_lastUpdated")])
+    assert _ids(feed)[-1] == ids["o1"]
+    assert client.get("/fhir/ServiceRequest", params={"_sort": "status"}).status_code == 400
