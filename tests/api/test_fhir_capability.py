@@ -203,3 +203,15 @@ def test_tab_and_newline_are_allowed_where_text_is(client: TestClient) -> None:
     body = service_request("P9", "HIS-9", "24627-2") | {"note": [{"text": "line 1\n\tline 2"}]}
     r = _post_raw(client, json.dumps(body).encode())
     assert r.status_code == 201, r.text
+
+
+def test_chunked_body_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"resourceType": "ServiceRequest", "note": [{"text": "'
+        for _ in range(40):
+            yield b"A" * 65536  # 2.5 MiB in all, no Content-Length
+        yield b'"}]}'
+
+    r = client.post("/fhir/ServiceRequest", content=chunks(), headers={"Content-Type": FHIR})
+    assert r.status_code == 413
+    assert OperationOutcome.model_validate(r.json()).issue[0].code == "too-costly"
