@@ -82,7 +82,7 @@ class ResourceSpec:
     type: str
     interactions: tuple[str, ...]
     params: tuple[SearchParam, ...] = ()
-    #: ``_sort`` keys (each also accepted with a leading ``-``); empty: no ``_sort``.
+    #: ``_sort`` values accepted (``-`` marks descending); empty: no ``_sort``.
     sorts: tuple[str, ...] = ()
     #: ``_include`` values accepted.
     includes: tuple[str, ...] = ()
@@ -221,7 +221,7 @@ def parse_search(
         if raw_name == "_sort" and spec.sorts:
             keys = tuple(split_or(value))
             for key in keys:
-                if key.removeprefix("-") not in spec.sorts:
+                if key not in spec.sorts:
                     raise InvalidQueryError(
                         f"_sort {key!r} is not supported; use {', '.join(spec.sorts)}"
                     )

@@ -45,7 +45,7 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
     if spec.includes:
         entry["searchInclude"] = list(spec.includes)
     if "search-type" in spec.interactions:
-        sort = f"; _sort: {', '.join(spec.sorts)} (prefix - for descending)" if spec.sorts else ""
+        sort = f"; _sort: {' | '.join(spec.sorts)} (one key)" if spec.sorts else ""
         entry["documentation"] = (
             "Search: _count, _offset; unknown parameters refused unless "
             f"Prefer: handling=lenient{sort}"

@@ -77,6 +77,12 @@ IMAGING_STUDY = ResourceSpec(
         ),
         _p("started", "date", "ImagingStudy-started", "Study Date (day precision)"),
         _p("modality", "token", "ImagingStudy-modality", "DICOM modality: [DCM system]|[code]"),
+        _p(
+            "status",
+            "token",
+            "ImagingStudy-status",
+            "available (every stored study is); the other ImagingStudyStatus codes match none",
+        ),
     ),
     includes=("ImagingStudy:subject", "ImagingStudy:patient"),
 )
@@ -148,7 +154,7 @@ OBSERVATION = ResourceSpec(
         ),
         _p("identifier", "token", "clinical-identifier", "urn:pacslab:lab-result|[id]"),
     ),
-    sorts=("_lastUpdated", "date", "_id"),
+    sorts=("_id", "_lastUpdated", "-_lastUpdated", "date", "-date"),
 )
 
 DIAGNOSTIC_REPORT = ResourceSpec(
@@ -164,7 +170,7 @@ DIAGNOSTIC_REPORT = ResourceSpec(
             "Specimen ID, placer or filler order number",
         ),
     ),
-    sorts=("_lastUpdated", "_id"),
+    sorts=("_id", "_lastUpdated", "-_lastUpdated"),
     includes=("DiagnosticReport:result",),
 )
 
@@ -181,7 +187,7 @@ AUDIT_EVENT = ResourceSpec(
         _p("agent", "reference", "AuditEvent-agent", "Who acted: token subject, apikey:[id], AE"),
         _p("date", "date", "AuditEvent-date", "When recorded (eq, gt, ge, lt, le)"),
     ),
-    sorts=("date", "_id"),
+    sorts=("date", "-date", "_id", "-_id"),
 )
 
 #: Every resource served, in CapabilityStatement order.

@@ -65,6 +65,8 @@ _FHIR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "OperationOutcome: invalid search"},
     404: {"description": "OperationOutcome: unknown resource"},
 }
+#: FHIR R4 ValueSet imagingstudy-status.
+_STUDY_STATUSES = frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"})
 #: Matches no row: the pk of a Patient reference that cannot exist.
 _NO_PATIENT = -1
 
@@ -204,6 +206,12 @@ def _study_query(index: SqlIndex, request: Request, search: Search) -> Query | N
                     raise InvalidQueryError(f"modality system must be {DCM_SYSTEM}")
                 codes.append(_exact(token.code))
             matches.append(Match("ModalitiesInStudy", "\\".join(codes)))
+        elif c.name == "status":
+            codes = {parse_token(v).code for v in split_or(c.value)}
+            if not codes <= _STUDY_STATUSES:
+                raise InvalidQueryError("status is an ImagingStudyStatus code")
+            if "available" not in codes:
+                return None  # every stored study is available (api.fhir.imaging)
         elif c.name == "_lastUpdated":
             last_updated.append(c.value)
     after, after_incl, before, before_incl = last_updated_bounds(last_updated)

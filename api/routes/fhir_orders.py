@@ -609,8 +609,8 @@ def search_service_requests(request: Request) -> Response:
     f = _order_filter(request, search)
     service = _service(request)
     paging = search.paging
-    if len(search.sort) > 1 or search.sort[:1] in (("-_id",), ("-_lastUpdated",)):
-        raise InvalidQueryError("_sort: one of _id (default) or _lastUpdated, ascending")
+    if len(search.sort) > 1:
+        raise InvalidQueryError("_sort: one key, _id (default) or _lastUpdated")
     # _id: creation order, which updates do not move (stable pages); _lastUpdated:
     # oldest change first (the change feed).
     f.sql["order"] = "updated" if search.sort == ("_lastUpdated",) else "id"

@@ -30,6 +30,7 @@ _REFERENCE_SAMPLES = {
     "gender": "male",
     "status": "completed",
 }
+_STATUS_SAMPLES = {"ImagingStudy": "available"}
 
 
 def _sample(resource: str, name: str, kind: str) -> str:
@@ -37,6 +38,8 @@ def _sample(resource: str, name: str, kind: str) -> str:
         return "x"  # the action log names agents and patients by identifier
     if name == "_id" and resource == "Patient":
         return "1"
+    if name == "status" and resource in _STATUS_SAMPLES:
+        return _STATUS_SAMPLES[resource]
     return _REFERENCE_SAMPLES.get(name, _SAMPLES[kind])
 
 
@@ -76,6 +79,16 @@ def test_every_advertised_parameter_is_accepted(client: TestClient) -> None:
             assert client.get(f"/fhir/{res['type']}", params={"_include": include}).status_code \
                 == 200
     assert checked >= 40
+    for spec in RESOURCES:  # every declared _sort value (listed in the documentation)
+        for key in spec.sorts:
+            assert key in served_docs(statement, spec.type)
+            r = client.get(f"/fhir/{spec.type}", params={"_sort": key})
+            assert r.status_code == 200, (spec.type, key, r.text)
+
+
+def served_docs(statement: dict[str, Any], resource: str) -> str:
+    entry = next(r for r in statement["rest"][0]["resource"] if r["type"] == resource)
+    return str(entry.get("documentation", ""))
 
 
 # -- authentication under /fhir ------------------------------------------------------
