@@ -207,10 +207,10 @@ def _study_query(index: SqlIndex, request: Request, search: Search) -> Query | N
                 codes.append(_exact(token.code))
             matches.append(Match("ModalitiesInStudy", "\\".join(codes)))
         elif c.name == "status":
-            codes = {parse_token(v).code for v in split_or(c.value)}
-            if not codes <= _STUDY_STATUSES:
+            statuses = {parse_token(v).code for v in split_or(c.value)}
+            if not statuses <= _STUDY_STATUSES:
                 raise InvalidQueryError("status is an ImagingStudyStatus code")
-            if "available" not in codes:
+            if "available" not in statuses:
                 return None  # every stored study is available (api.fhir.imaging)
         elif c.name == "_lastUpdated":
             last_updated.append(c.value)
