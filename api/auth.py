@@ -33,6 +33,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.fhir._core import operation_outcome
 from core.auth import (
     SCOPES,
     FailureLimiter,
@@ -265,9 +266,13 @@ class AuthMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = problem_body(exc, path)
+        body, media_type = problem_body(exc, path), b"application/problem+json"
+        if path == "/fhir" or path.startswith("/fhir/"):
+            # FHIR R4 http.html: errors under the FHIR base are OperationOutcomes.
+            outcome = operation_outcome("error", exc.fhir_code, str(exc) or exc.title)
+            body, media_type = json.dumps(outcome).encode(), b"application/fhir+json"
         headers = [
-            (b"content-type", b"application/problem+json"),
+            (b"content-type", media_type),
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
         ]

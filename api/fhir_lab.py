@@ -37,11 +37,9 @@ __all__ = [
     "LOINC",
     "TAG_SYSTEM",
     "UCUM",
-    "bundle",
     "diagnostic_report",
     "history_bundle",
     "observation",
-    "operation_outcome",
     "parse_date",
     "parse_token",
     "report_status",
@@ -433,37 +431,6 @@ def diagnostic_report(
     return _drop_empty(resource)
 
 
-def bundle(
-    resources: Sequence[dict[str, Any]],
-    *,
-    base: str,
-    total: int,
-    self_url: str,
-    next_url: str | None = None,
-    included: Sequence[dict[str, Any]] = (),
-) -> dict[str, Any]:
-    """A ``searchset`` Bundle (R4 §3.1.1.2): matches, then ``_include``-d resources."""
-    links = [{"relation": "self", "url": self_url}]
-    if next_url:
-        links.append({"relation": "next", "url": next_url})
-    entries = [
-        {
-            "fullUrl": f"{base}/{r['resourceType']}/{r['id']}",
-            "resource": r,
-            "search": {"mode": mode},
-        }
-        for mode, group in (("match", resources), ("include", included))
-        for r in group
-    ]
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": entries,
-    }
-
-
 def history_bundle(versions: Sequence[StoredLabResult], *, base: str) -> dict[str, Any]:
     """Every version of one result, newest first: a ``history`` Bundle (R4 §3.1.0.1.5)."""
     entries = []
@@ -485,11 +452,3 @@ def history_bundle(versions: Sequence[StoredLabResult], *, base: str) -> dict[st
             }
         )
     return {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
-
-
-def operation_outcome(code: str, diagnostics: str, *, severity: str = "error") -> dict[str, Any]:
-    """An ``OperationOutcome`` with one issue (R4 ValueSet issue-type ``code``)."""
-    return {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
-    }

@@ -509,6 +509,8 @@ class AuthSettings(BaseModel):
             # FHIR R4 3.1.0.4 / SMART App Launch: clients read the CapabilityStatement
             # before they have a token (it holds no patient data).
             "/fhir/metadata",
+            # SMART App Launch 2.0: discovery happens before a client has a token.
+            "/fhir/.well-known/smart-configuration",
         ]
     )
     #: The embedded issuer's private key (PEM, P-256). Empty: ``<data_dir>/keys/token-es256.pem``.
@@ -521,6 +523,11 @@ class AuthSettings(BaseModel):
     #: client shares the proxy's address: raise these there.
     failed_auth_burst: int = Field(default=10, ge=1)
     failed_auth_per_s: float = Field(default=0.5, gt=0)
+    #: The identity provider's OAuth2 token / authorization endpoints, advertised in the
+    #: FHIR CapabilityStatement and SMART configuration. Empty (the embedded issuer has
+    #: none: tokens come from ``pacslab token``): not advertised.
+    token_endpoint: str = ""
+    authorization_endpoint: str = ""
 
     @model_validator(mode="after")
     def _check_source(self) -> AuthSettings:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, and_, func, select, update
 
 from core.audit import (
     AuditEntry,
@@ -225,12 +225,42 @@ class AuditStore:
         until: str | None = None,
         limit: int = 100,
         offset: int = 0,
+        oldest_first: bool = False,
     ) -> list[ChainedEntry]:
-        """Entries matching every given criterion, newest first.
+        """Entries matching every given criterion, newest first (or oldest first).
 
         ``since``/``until`` compare ISO 8601 text (``recorded`` is UTC ``…Z``), so a date
-        ``2026-01-02`` bounds at midnight UTC.
+        ``2026-01-02`` bounds at midnight UTC. Oldest first keeps offsets stable while
+        entries are appended, so a pager sees each entry once.
         """
+        cond = self._conditions(patient_key, agent, since, until)
+        order = audit_events.c.seq if oldest_first else audit_events.c.seq.desc()
+        query = select(audit_events).order_by(order).limit(limit).offset(offset)
+        if cond:
+            query = query.where(and_(*cond))
+        with self.engine.connect() as conn:
+            return [ChainedEntry.from_row(r) for r in conn.execute(query).mappings()]
+
+    def count(
+        self,
+        *,
+        patient_key: str | None = None,
+        agent: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> int:
+        """How many entries :meth:`search` with these criteria finds (FHIR Bundle.total)."""
+        cond = self._conditions(patient_key, agent, since, until)
+        query = select(func.count()).select_from(audit_events)
+        if cond:
+            query = query.where(and_(*cond))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    @staticmethod
+    def _conditions(
+        patient_key: str | None, agent: str | None, since: str | None, until: str | None
+    ) -> list[Any]:
         cond: list[Any] = []
         if patient_key:
             cond.append(audit_events.c.patient_key == patient_key)
@@ -240,11 +270,7 @@ class AuditStore:
             cond.append(audit_events.c.recorded >= since)
         if until:
             cond.append(audit_events.c.recorded < until)
-        query = select(audit_events).order_by(audit_events.c.seq.desc()).limit(limit).offset(offset)
-        if cond:
-            query = query.where(and_(*cond))
-        with self.engine.connect() as conn:
-            return [ChainedEntry.from_row(r) for r in conn.execute(query).mappings()]
+        return cond
 
 
 class AuditLog(AuditStore):

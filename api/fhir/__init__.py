@@ -1,12 +1,15 @@
-"""Shared FHIR R4 layer: OperationOutcome, Bundles, search parsing, resource builders.
+"""Shared FHIR R4 layer: OperationOutcome, Bundles, one search machinery, the registry
+of served resources (which the CapabilityStatement is generated from), and input
+bounds for writes.
 
-Imaging resources live in :mod:`api.fhir.imaging`; lab (Observation, DiagnosticReport)
-and order (ServiceRequest) builders are to be added beside it, reusing the helpers
-re-exported here.
+Imaging resources are built by :mod:`api.fhir.imaging`; lab ones by
+:mod:`api.fhir_lab`; ServiceRequest by :mod:`api.routes.fhir_orders`.
 """
 
 from api.fhir._core import (
+    DEFAULT_COUNT,
     FHIR_JSON,
+    MAX_COUNT,
     DateParam,
     Paging,
     Token,
@@ -18,20 +21,56 @@ from api.fhir._core import (
     parse_token,
     searchset_bundle,
 )
-from api.fhir.capability import ResourceCapability, capability_statement
+from api.fhir._http import (
+    FHIR_PREFIX,
+    check_accept,
+    fhir_base,
+    fhir_response,
+    parse_reference,
+    search_bundle,
+    search_request,
+)
+from api.fhir._search import (
+    Criterion,
+    ResourceSpec,
+    Search,
+    SearchParam,
+    TooCostlyError,
+    handling,
+    parse_search,
+    split_or,
+)
+from api.fhir.capability import capability_statement, smart_configuration
 
 __all__ = [
+    "DEFAULT_COUNT",
     "FHIR_JSON",
+    "FHIR_PREFIX",
+    "MAX_COUNT",
+    "Criterion",
     "DateParam",
     "Paging",
-    "ResourceCapability",
+    "ResourceSpec",
+    "Search",
+    "SearchParam",
     "Token",
+    "TooCostlyError",
     "capability_statement",
+    "check_accept",
+    "fhir_base",
     "fhir_instant",
+    "fhir_response",
+    "handling",
     "last_updated_bounds",
     "operation_outcome",
     "parse_date_param",
     "parse_paging",
+    "parse_reference",
+    "parse_search",
     "parse_token",
+    "search_bundle",
+    "search_request",
     "searchset_bundle",
+    "smart_configuration",
+    "split_or",
 ]

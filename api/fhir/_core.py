@@ -18,7 +18,10 @@ from urllib.parse import urlencode
 from core.errors import InvalidQueryError
 
 __all__ = [
+    "DEFAULT_COUNT",
     "FHIR_JSON",
+    "MAX_COUNT",
+    "MAX_OFFSET",
     "DateParam",
     "Paging",
     "Token",
@@ -60,7 +63,7 @@ _PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _SUPPORTED_PREFIXES = frozenset({"eq", "gt", "lt", "ge", "le"})
 _DATE_RE = re.compile(
     r"(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})"
-    r"(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
+    r"(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})(\.(?P<f>\d{1,6}))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 
 
@@ -109,6 +112,7 @@ class DateParam:
 
 def parse_date_param(raw: str) -> DateParam:
     """Parse ``[prefix]YYYY[-MM[-DD[Thh:mm[:ss][zone]]]]`` (FHIR R4 3.1.1.5.2)."""
+    raw = raw.replace(" ", "+")  # "+07:00" arrives as " 07:00" when the client did not escape it
     prefix = raw[:2] if raw[:2] in _PREFIXES else "eq"
     value = raw[2:] if raw[:2] in _PREFIXES else raw
     if prefix not in _SUPPORTED_PREFIXES:
@@ -144,9 +148,13 @@ def parse_date_param(raw: str) -> DateParam:
                 int(m["H"]),
                 int(m["M"]),
                 int(m["S"] or 0),
+                int((m["f"] or "0").ljust(6, "0")),
                 tzinfo=tz,
             )
-            end = start + (timedelta(seconds=1) if m["S"] else timedelta(minutes=1))
+            if m["f"]:
+                end = start + timedelta(microseconds=10 ** (6 - len(m["f"])))
+            else:
+                end = start + (timedelta(seconds=1) if m["S"] else timedelta(minutes=1))
     except (ValueError, OverflowError) as exc:
         raise InvalidQueryError("date search value out of range") from exc
     return DateParam(prefix, start, end)

@@ -1,43 +1,110 @@
-"""The server's CapabilityStatement (FHIR R4 capabilitystatement.html), for ``/metadata``."""
+"""The server's CapabilityStatement (FHIR R4 capabilitystatement.html), for ``/metadata``,
+and the SMART App Launch discovery document (``.well-known/smart-configuration``).
+
+Both are generated from the registry of served resources (:mod:`api.fhir.registry`)
+and the authentication settings, never written by hand.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["ResourceCapability", "capability_statement"]
+from api.fhir._search import ResourceSpec
+from core.auth import SCOPES
+from core.settings import AuthSettings
+
+__all__ = ["capability_statement", "smart_configuration"]
+
+_SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
+_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 
 
-@dataclass(frozen=True, slots=True)
-class ResourceCapability:
-    """What the server does with one resource type: interactions and search params.
+def _modifiers(modifiers: tuple[str, ...]) -> str:
+    return f" (modifiers: {', '.join(':' + m for m in modifiers)})" if modifiers else ""
 
-    ``search_params`` are ``(name, type, documentation)``.
-    """
 
-    type: str
-    interactions: tuple[str, ...]
-    search_params: tuple[tuple[str, str, str], ...] = ()
+def _resource(spec: ResourceSpec) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "type": spec.type,
+        "interaction": [{"code": code} for code in spec.interactions],
+    }
+    if "update" in spec.interactions:
+        entry["updateCreate"] = True
+    if spec.params:
+        entry["searchParam"] = [
+            {
+                "name": p.name,
+                "definition": p.definition,
+                "type": p.type,
+                "documentation": p.documentation + _modifiers(p.modifiers),
+            }
+            for p in spec.params
+        ]
+    if spec.includes:
+        entry["searchInclude"] = list(spec.includes)
+    if "search-type" in spec.interactions:
+        sort = f"; _sort: {' | '.join(spec.sorts)} (one key)" if spec.sorts else ""
+        entry["documentation"] = (
+            "Search: _count, _offset; unknown parameters refused unless "
+            f"Prefer: handling=lenient{sort}"
+        )
+    return entry
+
+
+def _security(auth: AuthSettings) -> dict[str, Any]:
+    """``rest.security`` (FHIR R4 CapabilityStatement.rest.security; SMART App Launch
+    conformance: the ``oauth-uris`` extension, only with endpoints that exist)."""
+    security: dict[str, Any] = {
+        "cors": False,
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": _SECURITY_SERVICE,
+                        "code": "SMART-on-FHIR",
+                        "display": "SMART-on-FHIR",
+                    }
+                ],
+                "text": "OAuth2 bearer tokens (RFC 6750)",
+            }
+        ],
+    }
+    uris = [
+        {"url": name, "valueUri": value}
+        for name, value in (
+            ("token", auth.token_endpoint),
+            ("authorize", auth.authorization_endpoint),
+        )
+        if value
+    ]
+    if uris:
+        security["extension"] = [{"url": _OAUTH_URIS, "extension": uris}]
+    if auth.is_local:
+        source = "tokens issued by this service (`pacslab token`, ES256)"
+    else:
+        source = "tokens from the identity provider whose JWK Set is configured (RS256/ES256)"
+    security["description"] = (
+        f"Send 'Authorization: Bearer <JWT>' with {source}, audience "
+        f"'{auth.audience}', and one of the scopes {', '.join(SCOPES)} the resource needs "
+        "(imaging.read: ImagingStudy, Endpoint; lab.read: Observation, DiagnosticReport; "
+        "orders.read/orders.write: ServiceRequest; admin: AuditEvent). Devices may send an "
+        "API key instead. /metadata and /.well-known/smart-configuration are public."
+        if auth.enabled
+        else "Authentication is switched off on this instance."
+    )
+    return security
 
 
 def capability_statement(
-    base: str, resources: Sequence[ResourceCapability], *, software_version: str
+    base: str,
+    resources: Sequence[ResourceSpec],
+    *,
+    software_version: str,
+    auth: AuthSettings,
 ) -> dict[str, Any]:
     """A CapabilityStatement of kind ``instance`` for the server at ``base``."""
-    rest_resources = []
-    for cap in resources:
-        entry: dict[str, Any] = {
-            "type": cap.type,
-            "interaction": [{"code": code} for code in cap.interactions],
-        }
-        if cap.search_params:
-            entry["searchParam"] = [
-                {"name": name, "type": kind, "documentation": doc}
-                for name, kind, doc in cap.search_params
-            ]
-        rest_resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -47,5 +114,42 @@ def capability_statement(
         "implementation": {"description": "pacslab FHIR R4 server", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "rest": [{"mode": "server", "resource": rest_resources}],
+        "rest": [
+            {
+                "mode": "server",
+                "security": _security(auth),
+                "resource": [_resource(spec) for spec in resources],
+            }
+        ],
     }
+
+
+def smart_configuration(auth: AuthSettings) -> dict[str, Any]:
+    """SMART App Launch 2.0 discovery (``/.well-known/smart-configuration``, 2.0.0
+    conformance.html): endpoints only where they exist; capabilities only what a
+    client can rely on here.
+
+    This service verifies bearer tokens; it does not run an authorization server. With
+    the embedded issuer, tokens come from the ``pacslab token`` command (no OAuth
+    endpoint); with an identity provider, its endpoints are configured in
+    ``auth.token_endpoint`` / ``auth.authorization_endpoint``.
+    """
+    doc: dict[str, Any] = {"capabilities": []}
+    if auth.jwks_url:
+        doc["jwks_uri"] = auth.jwks_url
+    if auth.issuer.startswith("https://"):
+        doc["issuer"] = auth.issuer
+    grants: list[str] = []
+    if auth.authorization_endpoint:
+        doc["authorization_endpoint"] = auth.authorization_endpoint
+        doc["response_types_supported"] = ["code"]
+        doc["code_challenge_methods_supported"] = ["S256"]
+        doc["capabilities"] = ["launch-standalone", "client-public"]
+        grants.append("authorization_code")
+    if auth.token_endpoint:
+        doc["token_endpoint"] = auth.token_endpoint
+        grants.append("client_credentials")
+    if grants:
+        doc["grant_types_supported"] = grants
+    doc["scopes_supported"] = list(SCOPES)
+    return doc

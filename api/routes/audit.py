@@ -1,8 +1,10 @@
 """``GET /fhir/AuditEvent``: the action log as FHIR R4 AuditEvent resources (scope ``admin``).
 
-Search parameters (FHIR R4 AuditEvent search): ``patient`` (a patient key, a Patient ID,
-or ``issuer|id``), ``agent`` (subject, API key id ``apikey:…`` or AE title), ``date``
-with the ``ge``/``gt``/``le``/``lt`` prefixes (or a day), ``_count`` and ``_offset``.
+Search parameters (FHIR R4 AuditEvent search, declared in :mod:`api.fhir.registry`):
+``patient`` (a patient key, a Patient ID, or ``issuer|id``), ``agent`` (subject, API
+key id ``apikey:…`` or AE title), ``date`` with the ``ge``/``gt``/``le``/``lt``
+prefixes (or a day), ``_sort`` (``date``/``-date``), ``_count`` and ``_offset``;
+the Bundle has ``total`` and self/next/previous links.
 Each entry's chain position and hashes are exported as ``AuditEvent.entity.detail``,
 so a copy can be checked against the log.
 """
@@ -10,12 +12,14 @@ so a copy can be checked against the log.
 from __future__ import annotations
 
 import re
-from datetime import date, timedelta
-from typing import Annotated, Any
+from datetime import UTC, datetime
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.fhir import parse_date_param, search_bundle, search_request, split_or
+from api.fhir.registry import AUDIT_EVENT
 from core.audit import ChainedEntry, patient_key
 from core.errors import InvalidQueryError
 from storage.audit import AuditStore
@@ -91,76 +95,56 @@ def audit_event(e: ChainedEntry) -> dict[str, Any]:
 
 
 def _bounds(values: list[str]) -> tuple[str | None, str | None]:
+    """``[since, until)`` as ``recorded`` text (UTC, fixed width, so text order is time
+    order) of repeated FHIR date values (ANDed; partial dates are ranges, R4 3.1.1.5.2)."""
     since = until = None
     for value in values:
-        m = re.fullmatch(r"(ge|gt|le|lt|eq)?(\d{4}-\d{2}-\d{2})(T[0-9:.]+Z?)?", value)
-        if not m:
-            raise InvalidQueryError("date must be [ge|gt|le|lt]YYYY-MM-DD[Thh:mm:ssZ]")
-        prefix, day, clock = m.group(1) or "eq", m.group(2), m.group(3) or ""
-        if clock:
-            point = day + clock.rstrip("Z")
-            after = point + "\uffff" if prefix in ("gt", "le") else point
-            if prefix in ("ge", "gt"):
-                since = after
-            elif prefix in ("le", "lt"):
-                until = after
-            else:
-                since, until = point, point + "\uffff"
-            continue
-        try:
-            next_day = (date.fromisoformat(day) + timedelta(days=1)).isoformat()
-        except ValueError as exc:  # 2026-13-45 matches the pattern but is no date
-            raise InvalidQueryError(f"date {day} is not a calendar date") from exc
-        if prefix == "ge":
-            since = day
-        elif prefix == "gt":
-            since = next_day
-        elif prefix == "le":
-            until = next_day
-        elif prefix == "lt":
-            until = day
-        else:
-            since, until = day, next_day
+        after, _after_incl, before, _before_incl = parse_date_param(value).bounds()
+        # bounds() gives inclusive lower and exclusive upper ends for every prefix.
+        if after is not None:
+            text = _recorded(after)
+            since = text if since is None else max(since, text)
+        if before is not None:
+            text = _recorded(before)
+            until = text if until is None else min(until, text)
     return since, until
 
 
-_FHIR_JSON: dict[str, Any] = {"application/fhir+json": {}}
+def _recorded(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@router.get("/AuditEvent", response_class=JSONResponse, responses={
-    200: {"description": "FHIR R4 searchset Bundle of AuditEvent", "content": _FHIR_JSON},
-    400: {"description": "OperationOutcome: a malformed search parameter",
-          "content": _FHIR_JSON},
-})
-def search_audit_events(
-    request: Request,
-    patient: str | None = None,
-    agent: str | None = None,
-    date_: Annotated[list[str] | None, Query(alias="date")] = None,
-    count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(alias="_offset", ge=0, le=2**31 - 1)] = 0,
-) -> JSONResponse:
-    """Search the action log; a FHIR ``searchset`` Bundle, newest first."""
+@router.get("/AuditEvent", response_class=JSONResponse)
+def search_audit_events(request: Request) -> JSONResponse:
+    """Search the action log: a FHIR ``searchset`` Bundle with ``total`` and paging links.
+
+    Oldest first by default (``_sort=-date`` for newest first): the log only grows at
+    its end, so offsets stay valid while a client pages through ``next`` links.
+    """
+    search = search_request(request, AUDIT_EVENT)
     store: AuditStore = request.app.state.audit
-    key = None
-    if patient:
+    key: str | None = None
+    for c in search.all("patient"):
+        items = split_or(c.value)
+        if len(items) > 1 or (key is not None and key != items[0]):
+            raise InvalidQueryError("one patient per search")
+        patient = items[0]
         if re.fullmatch(r"[0-9a-f]{32}", patient):
             key = patient
         else:
             issuer, _, ident = patient.rpartition("|")
             key = patient_key(request.app.state.patient_secret, ident.removeprefix("Patient/"),
                               issuer)
-    since, until = _bounds(date_ or [])
-    rows = store.search(patient_key=key, agent=agent, since=since, until=until, limit=count,
-                        offset=offset)
-    base = str(request.base_url).rstrip("/")
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "entry": [
-            {"fullUrl": f"{base}/fhir/AuditEvent/{e.seq}", "resource": audit_event(e),
-             "search": {"mode": "match"}}
-            for e in rows
-        ],
-    }
+    agents = {v for c in search.all("agent") for v in split_or(c.value)}
+    if len(agents) > 1:
+        raise InvalidQueryError("one agent per search")
+    agent = agents.pop() if agents else None
+    since, until = _bounds([c.value for c in search.all("date")])
+    newest_first = bool(search.sort) and search.sort[0].startswith("-")
+    criteria: dict[str, Any] = {"patient_key": key, "agent": agent, "since": since,
+                                "until": until}
+    total = store.count(**criteria)
+    rows = store.search(**criteria, limit=search.paging.count, offset=search.paging.offset,
+                        oldest_first=not newest_first) if search.paging.count else []
+    bundle = search_bundle(request, search, [audit_event(e) for e in rows], total)
     return JSONResponse(bundle, media_type="application/fhir+json")

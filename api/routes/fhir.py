@@ -1,34 +1,45 @@
-"""FHIR R4 under ``/fhir``: ImagingStudy, Patient, Endpoint and the CapabilityStatement.
+"""FHIR R4 under ``/fhir``: ImagingStudy, Patient, Endpoint, the CapabilityStatement
+and the SMART configuration.
 
-Search follows FHIR R4 3.1.1 (http://hl7.org/fhir/R4/search.html) with lenient
-handling: unknown parameters are ignored and left out of the ``self`` link. Every
-error is an OperationOutcome (rendered in :mod:`api.errors`). Resources are built by
-:mod:`api.fhir.imaging` from index rows; queries reuse the QIDO-RS query builder
-(:mod:`storage.index.queries`), so ``started`` is DICOM range matching on StudyDate.
+Search follows FHIR R4 3.1.1 (http://hl7.org/fhir/R4/search.html) through the shared
+machinery of :mod:`api.fhir` (strict handling of unknown parameters unless
+``Prefer: handling=lenient``). Every error is an OperationOutcome (rendered in
+:mod:`api.errors`). Resources are built by :mod:`api.fhir.imaging` from index rows;
+queries reuse the QIDO-RS query builder (:mod:`storage.index.queries`), so
+``started`` is DICOM range matching on StudyDate.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import unicodedata
+from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import IndexDep, base_url
-from api.dicomweb import parse_accept
+from api.deps import IndexDep, SettingsDep, base_url
 from api.fhir import (
     FHIR_JSON,
-    ResourceCapability,
+    FHIR_PREFIX,
+    Search,
+    TooCostlyError,
     capability_statement,
+    check_accept,
+    fhir_base,
+    fhir_response,
     last_updated_bounds,
     parse_date_param,
-    parse_paging,
+    parse_reference,
     parse_token,
-    searchset_bundle,
+    search_bundle,
+    search_request,
+    smart_configuration,
+    split_or,
 )
 from api.fhir.imaging import (
+    ACCESSION_SYSTEM,
     DCM_SYSTEM,
     DICOM_UID_SYSTEM,
     ENDPOINT_ID,
@@ -37,14 +48,15 @@ from api.fhir.imaging import (
     issuer_for_system,
     patient,
 )
+from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
 
-__all__ = ["PREFIX", "router"]
+__all__ = ["PREFIX", "patient_identifiers", "patient_pks", "router"]
 
-PREFIX = "/fhir"
+PREFIX = FHIR_PREFIX
 router = APIRouter(prefix=PREFIX, tags=["fhir"])
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -53,133 +65,167 @@ _FHIR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "OperationOutcome: invalid search"},
     404: {"description": "OperationOutcome: unknown resource"},
 }
-
-_IMAGING_PARAMS = (
-    ("patient", "reference", "Patient/[id] of the subject"),
-    ("subject", "reference", "Patient/[id] of the subject"),
-    ("patient:identifier", "token", "Patient ID of the subject: [issuer system]|[id]"),
-    ("identifier", "token", "Accession Number, or urn:dicom:uid|urn:oid:[Study UID]"),
-    ("started", "date", "Study Date, with prefixes eq, ge, gt, le, lt"),
-    ("modality", "token", f"{DCM_SYSTEM}|[code], or the code alone"),
-    ("_id", "token", "Study Instance UID"),
-    ("_lastUpdated", "date", "When the index last changed the study"),
-)
-_PATIENT_PARAMS = (
-    ("identifier", "token", "Patient ID: [issuer system]|[id]"),
-    ("name", "string", "Case-insensitive prefix of any name part"),
-    ("birthdate", "date", "Patient's Birth Date"),
-    ("_id", "token", "Logical id"),
-)
+#: FHIR R4 ValueSet imagingstudy-status.
+_STUDY_STATUSES = frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"})
+#: Matches no row: the pk of a Patient reference that cannot exist.
+_NO_PATIENT = -1
 
 
 def _fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
-
-
-def _check_accept(request: Request) -> None:
-    fmt = request.query_params.get("_format")
-    if fmt and fmt not in ("json", "application/json", FHIR_JSON):
-        raise HTTPException(406, detail="only JSON is supported")
-    for rng in parse_accept(request.headers.get("accept")):
-        if rng.matches(FHIR_JSON) or rng.matches("application/json"):
-            return
-    raise HTTPException(406, detail="only application/fhir+json is supported")
-
-
-def _base(request: Request) -> str:
-    return base_url(request, PREFIX)
+    return fhir_response(body, status)
 
 
 @router.get("/metadata", summary="CapabilityStatement", responses=_FHIR_RESPONSES)
-def metadata(request: Request) -> JSONResponse:
-    """The server's CapabilityStatement (FHIR R4 http.html#capabilities)."""
-    _check_accept(request)
-    resources = [
-        ResourceCapability("Endpoint", ("read",)),
-        ResourceCapability("ImagingStudy", ("read", "search-type"), _IMAGING_PARAMS),
-        ResourceCapability("Patient", ("read", "search-type"), _PATIENT_PARAMS),
-    ]
-    return _fhir(capability_statement(_base(request), resources, software_version="0.1.0"))
+def metadata(request: Request, settings: SettingsDep) -> JSONResponse:
+    """The server's CapabilityStatement (FHIR R4 http.html#capabilities), generated
+    from the registry the search routes use."""
+    check_accept(request)
+    return _fhir(
+        capability_statement(
+            fhir_base(request), RESOURCES, software_version="0.1.0", auth=settings.auth
+        )
+    )
+
+
+@router.get("/.well-known/smart-configuration", summary="SMART App Launch configuration")
+def smart_config(settings: SettingsDep) -> JSONResponse:
+    """SMART App Launch 2.0 discovery (public: read before a client holds a token)."""
+    return JSONResponse(smart_configuration(settings.auth))
 
 
 @router.get(f"/Endpoint/{ENDPOINT_ID}", summary="The DICOMweb Endpoint", responses=_FHIR_RESPONSES)
 def read_endpoint(request: Request) -> JSONResponse:
-    _check_accept(request)
+    check_accept(request)
     return _fhir(dicomweb_endpoint(base_url(request, DICOMWEB_PREFIX)))
+
+
+# -- patients, shared by the resources that reference them ------------------------------
+
+
+def _pk_of(ident: str) -> int:
+    return int(ident) if ident.isdigit() and len(ident) <= 18 else _NO_PATIENT
+
+
+def _identifier_matches(raw: str) -> list[Match]:
+    token = parse_token(raw)
+    out = [Match("PatientID", _exact(token.code))]
+    if token.system is not None:
+        out.append(Match("IssuerOfPatientID", _exact(issuer_for_system(token.system))))
+    return out
+
+
+def _exact(value: str) -> str:
+    # DICOM wildcards would turn a FHIR exact token into a pattern (PS3.4 C.2.2.2.4).
+    if any(c in value for c in "*?\\"):
+        raise InvalidQueryError("identifier values must not contain * ? or \\")
+    return value
+
+
+def patient_pks(index: SqlIndex, request: Request, value: str, modifier: str | None) -> set[int]:
+    """Patient pks one ``patient``/``subject`` value names (commas ORed): a reference,
+    or with ``:identifier`` a ``[system]|[value]`` token of the Patient ID."""
+    out: set[int] = set()
+    for item in split_or(value):
+        if modifier == "identifier":
+            rows = index.find(Query(level="patient", matches=tuple(_identifier_matches(item))))
+            out |= {int(r["patient_pk"]) for r in rows}
+        else:
+            out.add(_pk_of(parse_reference(item, target="Patient", base=fhir_base(request))))
+    return out
+
+
+def patient_identifiers(
+    index: SqlIndex, request: Request, value: str, modifier: str | None
+) -> set[tuple[str, str | None]]:
+    """``(Patient ID, issuer or None for any)`` pairs a ``patient``/``subject`` value names,
+    for resources that keep the patient by identifier (orders, lab results)."""
+    out: set[tuple[str, str | None]] = set()
+    for item in split_or(value):
+        if modifier == "identifier":
+            token = parse_token(item)
+            issuer = None if token.system is None else issuer_for_system(token.system)
+            out.add((token.code, issuer))
+            continue
+        pk = _pk_of(parse_reference(item, target="Patient", base=fhir_base(request)))
+        for row in index.find(Query(level="patient", patient_pk=pk)):
+            out.add((str(row["PatientID"] or ""), str(row.get("IssuerOfPatientID") or "")))
+    return out
 
 
 # -- ImagingStudy ---------------------------------------------------------------------
 
 
-def _patient_pk(reference: str) -> int:
-    """The pk of ``Patient/[id]`` (or a bare id); -1 (matches nothing) for other ids."""
-    parts = reference.rstrip("/").split("/")
-    if len(parts) > 1 and parts[-2] != "Patient":
-        raise InvalidQueryError("patient reference must be Patient/[id]")
-    ident = parts[-1]
-    return int(ident) if ident.isdigit() and len(ident) <= 18 else -1
-
-
-def _identifier_matches(raw: str) -> list[Match]:
-    token = parse_token(raw)
-    out = [Match("PatientID", token.code)]
-    if token.system is not None:
-        out.append(Match("IssuerOfPatientID", issuer_for_system(token.system)))
-    return out
-
-
-def _study_query(
-    items: Sequence[tuple[str, str]], count: int | None = None, offset: int = 0
-) -> tuple[Query, list[tuple[str, str]]]:
+def _study_query(index: SqlIndex, request: Request, search: Search) -> Query | None:
+    """The index query of an ImagingStudy search; None when it can match nothing."""
     matches: list[Match] = []
-    used: list[tuple[str, str]] = []
     patient_pk: int | None = None
     last_updated: list[str] = []
-    for name, value in items:
-        if name in ("patient", "subject"):
-            patient_pk = _patient_pk(value)
-        elif name in ("patient:identifier", "subject:Patient.identifier", "subject:identifier"):
-            matches += _identifier_matches(value)
-        elif name == "identifier":
-            token = parse_token(value)
-            if token.system == DICOM_UID_SYSTEM or (
-                token.system is None and token.code.startswith("urn:oid:")
-            ):
-                matches.append(Match("StudyInstanceUID", token.code.removeprefix("urn:oid:")))
+    for c in search.criteria:
+        if c.name in ("patient", "subject"):
+            pks = patient_pks(index, request, c.value, c.modifier)
+            if patient_pk is not None:
+                pks &= {patient_pk}
+            if len(pks) != 1:
+                if not pks:
+                    return None
+                raise InvalidQueryError("one patient per search (several are not supported)")
+            patient_pk = pks.pop()
+        elif c.name == "identifier":
+            uids: list[str] = []
+            accessions: list[str] = []
+            for item in split_or(c.value):
+                token = parse_token(item)
+                if token.system == DICOM_UID_SYSTEM or (
+                    token.system is None and token.code.startswith("urn:oid:")
+                ):
+                    uids.append(_exact(token.code.removeprefix("urn:oid:")))
+                elif token.system in (None, ACCESSION_SYSTEM):
+                    accessions.append(_exact(token.code))
+                else:
+                    return None  # a system our studies never carry
+            if uids and accessions:
+                raise InvalidQueryError("identifier: UIDs and Accession Numbers in one OR")
+            if uids:
+                matches.append(Match("StudyInstanceUID", "\\".join(uids)))
             else:
-                matches.append(Match("AccessionNumber", token.code))
-        elif name == "_id":
-            if not _ID.fullmatch(value):
+                if len(accessions) > 1:
+                    raise InvalidQueryError("one Accession Number per identifier value")
+                matches.append(Match("AccessionNumber", accessions[0]))
+        elif c.name == "_id":
+            ids = split_or(c.value)
+            if not all(_ID.fullmatch(i) for i in ids):
                 raise InvalidQueryError("_id is not a FHIR id")
-            matches.append(Match("StudyInstanceUID", value))
-        elif name == "started":
-            matches.append(Match("StudyDate", parse_date_param(value).da_range()))
-        elif name == "modality":
+            matches.append(Match("StudyInstanceUID", "\\".join(ids)))
+        elif c.name == "started":
+            matches.append(Match("StudyDate", parse_date_param(c.value).da_range()))
+        elif c.name == "modality":
             codes = []
-            for item in value.split(","):
+            for item in split_or(c.value):
                 token = parse_token(item)
                 if token.system not in (None, DCM_SYSTEM):
                     raise InvalidQueryError(f"modality system must be {DCM_SYSTEM}")
-                codes.append(token.code)
+                codes.append(_exact(token.code))
             matches.append(Match("ModalitiesInStudy", "\\".join(codes)))
-        elif name == "_lastUpdated":
-            last_updated.append(value)
-        else:
-            continue  # lenient: unknown parameters are ignored (FHIR R4 3.1.1.4)
-        used.append((name, value))
+        elif c.name == "status":
+            statuses = {parse_token(v).code for v in split_or(c.value)}
+            if not statuses <= _STUDY_STATUSES:
+                raise InvalidQueryError("status is an ImagingStudyStatus code")
+            if "available" not in statuses:
+                return None  # every stored study is available (api.fhir.imaging)
+        elif c.name == "_lastUpdated":
+            last_updated.append(c.value)
     after, after_incl, before, before_incl = last_updated_bounds(last_updated)
-    query = Query(
+    return Query(
         level="study",
         matches=tuple(matches),
-        limit=count,
-        offset=offset,
+        limit=search.paging.count,
+        offset=search.paging.offset,
         patient_pk=patient_pk,
         updated_after=after,
         updated_after_inclusive=after_incl,
         updated_before=before,
         updated_before_inclusive=before_incl,
     )
-    return query, used
 
 
 def _studies(index: SqlIndex, study_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,37 +250,23 @@ def _studies(index: SqlIndex, study_rows: list[dict[str, Any]]) -> list[dict[str
 @router.get("/ImagingStudy", summary="Search ImagingStudy", responses=_FHIR_RESPONSES)
 def search_imaging_study(request: Request, index: IndexDep) -> JSONResponse:
     """Search ImagingStudy (FHIR R4 imagingstudy.html#search), a searchset Bundle."""
-    _check_accept(request)
-    items = list(request.query_params.multi_items())
-    paging = parse_paging(dict(items))
-    query, used = _study_query(items, paging.count, paging.offset)
-    total = index.count(query)
-    rows = index.find(query) if paging.count else []
+    search = search_request(request, IMAGING_STUDY)
+    query = _study_query(index, request, search)
+    total = index.count(query) if query is not None else 0
+    rows = index.find(query) if query is not None and search.paging.count else []
     included = []
-    if ("_include", "ImagingStudy:subject") in items or (
-        "_include",
-        "ImagingStudy:patient",
-    ) in items:
+    if search.includes:
         pks = sorted({r["patient_pk"] for r in rows})
         for pk in pks:
             included += [patient(p) for p in index.find(Query(level="patient", patient_pk=pk))]
-        used.append(("_include", "ImagingStudy:subject"))
-    bundle = searchset_bundle(
-        base=_base(request),
-        path="ImagingStudy",
-        params=used,
-        entries=_studies(index, rows),
-        total=total,
-        paging=paging,
-        included=included,
-    )
+    bundle = search_bundle(request, search, _studies(index, rows), total, included)
     return _fhir(bundle)
 
 
 @router.get("/ImagingStudy/{id}", summary="Read ImagingStudy", responses=_FHIR_RESPONSES)
 def read_imaging_study(request: Request, index: IndexDep, id: str) -> JSONResponse:
     """Read an ImagingStudy; its id is the Study Instance UID."""
-    _check_accept(request)
+    check_accept(request)
     if not _ID.fullmatch(id):
         raise NotFoundError("no such ImagingStudy")
     rows = index.find(Query(level="study", matches=(Match("StudyInstanceUID", id),)))
@@ -245,54 +277,147 @@ def read_imaging_study(request: Request, index: IndexDep, id: str) -> JSONRespon
 
 # -- Patient --------------------------------------------------------------------------
 
+_GENDER = {"male": "M", "female": "F", "other": "O"}
+_NAME_FORBIDDEN = re.compile(r"[*?\\^=]")
+#: Letters NFKD does not decompose into a base letter and a mark.
+_FOLD = str.maketrans({"đ": "d", "ð": "d", "ø": "o", "ł": "l", "ħ": "h", "ı": "i", "æ": "ae"})
+#: Patients read to check a name search (FHIR string matching folds accents, which
+#: the index cannot do in SQL): beyond this, narrow the search.
+_MAX_NAME_SCAN = 200_000
+_SCAN_CHUNK = 5_000
 
-@router.get("/Patient", summary="Search Patient", responses=_FHIR_RESPONSES)
-def search_patient(request: Request, index: IndexDep) -> JSONResponse:
-    """Search Patient by identifier, name, birthdate or _id (FHIR R4 patient.html#search)."""
-    _check_accept(request)
-    items = list(request.query_params.multi_items())
-    paging = parse_paging(dict(items))
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form (FHIR R4 3.1.1.5.3 string search):
+    ``"NGUYỄN Đức"`` → ``"nguyen duc"``."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_FOLD)
+
+
+def _name_value(value: str) -> str:
+    if _NAME_FORBIDDEN.search(value):
+        raise InvalidQueryError("name search values must not contain * ? \\ ^ =")
+    return fold(value.strip())
+
+
+def _name_words(pn: str) -> list[str]:
+    """Every name part of a PN (components, groups, words), folded."""
+    return [w for w in re.split(r"[\\^= ]+", fold(pn)) if w]
+
+
+def _family(pn: str) -> str:
+    return fold(pn.split("=")[0].split("^")[0])
+
+
+def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[str]]]]:
+    """The index query of a Patient search (None: matches nothing), and the name
+    criteria ``(name | family, [folded alternatives])`` checked on each row."""
     matches: list[Match] = []
-    used: list[tuple[str, str]] = []
+    names: list[tuple[str, list[str]]] = []
+    pks: set[int] | None = None
+    last_updated: list[str] = []
+    for c in search.criteria:
+        if c.name == "identifier":
+            items = split_or(c.value)
+            if len(items) > 1:
+                raise InvalidQueryError("one identifier per value (repeat the parameter)")
+            matches += _identifier_matches(items[0])
+        elif c.name in ("name", "family"):
+            names.append((c.name, [_name_value(v) for v in split_or(c.value)]))
+        elif c.name == "birthdate":
+            matches.append(Match("PatientBirthDate", parse_date_param(c.value).da_range()))
+        elif c.name == "gender":
+            codes = []
+            for item in split_or(c.value):
+                token = parse_token(item)
+                if token.code not in (*_GENDER, "unknown"):
+                    raise InvalidQueryError("gender is male, female, other or unknown")
+                codes.append(_GENDER.get(token.code, "U"))
+            matches.append(Match("PatientSex", "\\".join(codes)))
+        elif c.name == "_id":
+            ids = {_pk_of(i) for i in split_or(c.value)}
+            pks = ids if pks is None else pks & ids
+        elif c.name == "_lastUpdated":
+            last_updated.append(c.value)
     patient_pk: int | None = None
-    fuzzy = False
-    for name, value in items:
-        if name == "identifier":
-            matches += _identifier_matches(value)
-        elif name == "name":
-            matches.append(Match("PatientName", value))
-            fuzzy = True
-        elif name == "birthdate":
-            matches.append(Match("PatientBirthDate", parse_date_param(value).da_range()))
-        elif name == "_id":
-            patient_pk = _patient_pk(value)
-        else:
-            continue
-        used.append((name, value))
+    if pks is not None:
+        pks.discard(_NO_PATIENT)
+        if not pks:
+            return None, names
+        if len(pks) > 1:
+            raise InvalidQueryError("one _id per search (several are not supported)")
+        patient_pk = pks.pop()
+    after, after_incl, before, before_incl = last_updated_bounds(last_updated)
     query = Query(
         level="patient",
         matches=tuple(matches),
-        fuzzy=fuzzy,
-        limit=paging.count,
-        offset=paging.offset,
         patient_pk=patient_pk,
+        updated_after=after,
+        updated_after_inclusive=after_incl,
+        updated_before=before,
+        updated_before_inclusive=before_incl,
     )
-    total = index.count(query)
-    rows = index.find(query) if paging.count else []
-    bundle = searchset_bundle(
-        base=_base(request),
-        path="Patient",
-        params=used,
-        entries=[patient(r) for r in rows],
-        total=total,
-        paging=paging,
-    )
-    return _fhir(bundle)
+    return query, names
+
+
+def _name_matches(row: dict[str, Any], names: list[tuple[str, list[str]]]) -> bool:
+    pn = str(row.get("PatientName") or "")
+    words = _name_words(pn)
+    family = _family(pn)
+    for kind, alternatives in names:
+        if kind == "family":
+            ok = any(family.startswith(a) for a in alternatives)
+        else:
+            ok = any(w.startswith(a) for a in alternatives for w in words)
+        if not ok:
+            return False
+    return True
+
+
+def _patients_by_name(
+    index: SqlIndex, query: Query, names: list[tuple[str, list[str]]], paging: Any
+) -> tuple[list[dict[str, Any]], int]:
+    """Rows matching ``query`` and the folded name criteria, one page and the total:
+    the index narrows by everything else, names are compared here (pk order, so pages
+    are stable)."""
+    matched: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        chunk = index.find(replace(query, limit=_SCAN_CHUNK, offset=offset))
+        matched += [r for r in chunk if _name_matches(r, names)]
+        offset += len(chunk)
+        if len(chunk) < _SCAN_CHUNK:
+            break
+        if offset >= _MAX_NAME_SCAN:
+            raise TooCostlyError(
+                f"a name search over more than {_MAX_NAME_SCAN} patients: add identifier, "
+                "birthdate, gender or _lastUpdated"
+            )
+    return matched[paging.offset : paging.offset + paging.count], len(matched)
+
+
+@router.get("/Patient", summary="Search Patient", responses=_FHIR_RESPONSES)
+def search_patient(request: Request, index: IndexDep) -> JSONResponse:
+    """Search Patient (FHIR R4 patient.html#search): identifier, name, family,
+    birthdate, gender, _id, _lastUpdated. ``name``/``family`` match the start of a
+    name part, case- and accent-insensitively (R4 3.1.1.5.3)."""
+    search = search_request(request, PATIENT)
+    query, names = _patient_query(search)
+    paging = search.paging
+    rows: list[dict[str, Any]] = []
+    total = 0
+    if query is not None and names:
+        rows, total = _patients_by_name(index, query, names, paging)
+    elif query is not None:
+        total = index.count(query)
+        if paging.count:
+            rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
+    return _fhir(search_bundle(request, search, [patient(r) for r in rows], total))
 
 
 @router.get("/Patient/{id}", summary="Read Patient", responses=_FHIR_RESPONSES)
 def read_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
-    _check_accept(request)
+    check_accept(request)
     if not id.isdigit() or len(id) > 18:
         raise NotFoundError("no such Patient")
     rows = index.find(Query(level="patient", patient_pk=int(id)))

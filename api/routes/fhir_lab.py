@@ -6,19 +6,17 @@ Only fetching and wrapping lives here; the mapping and the parameter rules are i
 (R4 §3.1.1.4). An unknown parameter is refused with 400 rather than ignored: a
 typo in ``patient:identifier`` must not return every patient's results.
 
-Observation parameters: ``patient:identifier`` (also ``subject:identifier``,
-``patient.identifier``, ``subject.identifier``, and ``patient`` taken as the
-identifier value), ``specimen:identifier`` (also ``specimen.identifier``,
-``specimen``), ``based-on:identifier`` (placer/filler order number, i.e. the
-accession), ``identifier``, ``code``, ``date``, ``_lastUpdated``, ``status``,
-``_tag`` (``critical``, ``qc``; QC results are only returned when asked for),
-``_id``, ``_sort`` (``_lastUpdated``, ``-_lastUpdated``, ``date``, ``-date``),
-``_count``, ``_offset``.
-
-DiagnosticReport parameters: the patient and specimen ones, ``identifier``
-(specimen ID, placer or filler order number), ``code`` (of a result), ``date``,
-``_lastUpdated``, ``_tag=qc``, ``_id``, ``_include=DiagnosticReport:result``,
-``_sort``, ``_count``, ``_offset``.
+The parameters are declared once in :mod:`api.fhir.registry` (and so advertised in
+the CapabilityStatement): ``patient``/``subject`` (``Patient/[id]``, or
+``:identifier`` with the Patient ID), ``specimen`` (``Specimen/[id]`` or
+``:identifier``), ``code``, ``date``, ``_lastUpdated``, ``_tag`` (``critical``,
+``qc``; QC results only when asked for), ``_id``, ``category`` (every result is
+``laboratory``, every report ``LAB``: another category matches nothing); on
+Observation also ``status``, ``based-on`` (``ServiceRequest/[id]`` or
+``:identifier``: placer/filler order number) and ``identifier``; on
+DiagnosticReport ``identifier`` (specimen ID, placer or filler order number) and
+``_include=DiagnosticReport:result``. ``_sort``, ``_count``, ``_offset`` page.
+Unknown parameters: strict unless ``Prefer: handling=lenient``.
 
 Change feed: ``GET /fhir/Observation?_tag=critical&_lastUpdated=gt<instant>&_sort=_lastUpdated``.
 """
@@ -27,23 +25,33 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.fhir import (
+    Search,
+    check_accept,
+    fhir_base,
+    fhir_response,
+    parse_reference,
+    search_bundle,
+    search_request,
+    split_or,
+)
+from api.fhir import parse_token as parse_fhir_token
+from api.fhir.registry import DIAGNOSTIC_REPORT, OBSERVATION
 from api.fhir_lab import (
-    bundle,
+    RESULT_ID_SYSTEM,
     diagnostic_report,
     history_bundle,
     observation,
-    operation_outcome,
     parse_date,
     parse_token,
 )
-from core.errors import InvalidQueryError, NotFoundError, ServiceError
+from api.routes.fhir import patient_identifiers
+from core.errors import InvalidQueryError, NotFoundError
 from storage.index.lab import SqlLabStore
 from storage.lab import DateBound, LabReportQuery, LabResultQuery
 
@@ -53,25 +61,14 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/fhir", tags=["fhir"])
 
-FHIR_JSON = "application/fhir+json"
-MAX_COUNT = 1000
-MAX_OFFSET = 2**31 - 1
+DEFAULT_COUNT = 100
+_OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+_V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+_TAG_SYSTEM = "urn:pacslab:lab-tag"
 
-_PATIENT = {
-    "patient",
-    "patient:identifier",
-    "subject:identifier",
-    "patient.identifier",
-    "subject.identifier",
-}
-_SPECIMEN = {"specimen", "specimen:identifier", "specimen.identifier"}
-_COMMON = (
-    {"code", "date", "_lastUpdated", "_tag", "_id", "_sort", "_count", "_offset", "_format"}
-    | _PATIENT
-    | _SPECIMEN
-)
-_OBSERVATION_PARAMS = _COMMON | {"based-on:identifier", "identifier", "status"}
-_REPORT_PARAMS = _COMMON | {"identifier", "_include"}
+
+class _NoMatch(Exception):
+    """A criterion no lab result can meet (the answer is an empty Bundle)."""
 
 
 def _store(request: Request) -> SqlLabStore:
@@ -83,153 +80,168 @@ def _store(request: Request) -> SqlLabStore:
 
 
 def _fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
+    return fhir_response(body, status)
 
 
-def _problem(exc: ServiceError) -> JSONResponse:
-    return _fhir(operation_outcome(exc.fhir_code, str(exc)), exc.http_status)
+def _and(current: set[str] | None, values: set[str]) -> set[str]:
+    """AND of a repeated parameter: the intersection of each occurrence's OR set."""
+    out = values if current is None else current & values
+    if not out:
+        raise _NoMatch
+    return out
 
 
-def _guard(handler: Callable[[], dict[str, Any]]) -> JSONResponse:
-    try:
-        return _fhir(handler())
-    except ServiceError as exc:
-        if exc.http_status >= 500:
-            logger.error("FHIR lab request failed: %s", exc.title)
-        return _problem(exc)
+def _ids(search: Search, name: str, read: Any = None) -> tuple[str, ...]:
+    """Values of ``name`` (ORed by commas, ANDed when repeated), as the store's tuple."""
+    found: set[str] | None = None
+    for c in search.all(name):
+        found = _and(found, {read(c, v) if read else v for v in split_or(c.value)})
+    return tuple(sorted(found)) if found is not None else ()
 
 
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/fhir"
+def _patients(request: Request, search: Search) -> tuple[str, ...]:
+    """Patient IDs named by ``patient``/``subject``: ``Patient/[id]`` (a Patient this
+    server knows) or ``:identifier`` ``[system]|[value]``. Lab results keep the
+    patient by identifier (no issuer), so the identifier value is what is matched."""
+    found: set[str] | None = None
+    index = request.app.state.index
+    for c in search.all("patient") + search.all("subject"):
+        named = {pid for pid, _issuer in patient_identifiers(index, request, c.value, c.modifier)}
+        found = _and(found, {p for p in named if p})
+    return tuple(sorted(found)) if found is not None else ()
 
 
-def _values(request: Request, allowed: set[str]) -> dict[str, list[str]]:
-    """Parameters as name → list of occurrences; unknown names refused."""
-    params: dict[str, list[str]] = defaultdict(list)
-    for name, value in request.query_params.multi_items():
-        if name not in allowed:
-            raise InvalidQueryError(
-                f"unsupported search parameter {name!r}; supported: {', '.join(sorted(allowed))}"
-            )
-        params[name].append(value)
-    return params
+def _specimen(request: Request, search: Search) -> tuple[str, ...]:
+    def read(c: Any, value: str) -> str:
+        if c.modifier == "identifier":
+            return parse_fhir_token(value).code
+        return parse_reference(value, target="Specimen", base=fhir_base(request))
+
+    return _ids(search, "specimen", read)
 
 
-def _any_of(values: list[str]) -> tuple[str, ...]:
-    """One parameter given once (AND of several occurrences is not supported)."""
-    if len(values) > 1:
-        raise InvalidQueryError("repeat the value with commas, not the parameter")
-    out = []
-    for item in values[0].split(","):
-        # "[system|]value": identifiers are matched on their value.
-        _system, bar, value = item.partition("|")
-        out.append(value if bar else item)
-    if not all(out):
-        raise InvalidQueryError("empty search value")
-    return tuple(out)
+def _result_ids(search: Search) -> tuple[str, ...]:
+    def read(c: Any, value: str) -> str:
+        if c.name == "_id":
+            return value
+        token = parse_fhir_token(value)
+        if token.system not in (None, RESULT_ID_SYSTEM):
+            raise _NoMatch
+        return token.code
+
+    found: set[str] | None = None
+    for c in search.all("_id") + search.all("identifier"):
+        found = _and(found, {read(c, v) for v in split_or(c.value)})
+    return tuple(sorted(found)) if found is not None else ()
 
 
-def _identifiers(params: dict[str, list[str]], names: set[str]) -> tuple[str, ...]:
-    found = [v for n in names for v in params.get(n, [])]
-    return _any_of(found) if found else ()
+def _orders(request: Request, search: Search) -> tuple[str, ...]:
+    """``based-on``: ``ServiceRequest/[id]`` (its placer order number and accession) or
+    ``:identifier`` (the placer or filler order number)."""
+    from api.routes.fhir_orders import order_numbers
+
+    found: set[str] | None = None
+    for c in search.all("based-on"):
+        values: set[str] = set()
+        for v in split_or(c.value):
+            if c.modifier == "identifier":
+                values.add(parse_fhir_token(v).code)
+            else:
+                ident = parse_reference(v, target="ServiceRequest", base=fhir_base(request))
+                values |= order_numbers(request, ident)
+        found = _and(found, values)
+    return tuple(sorted(found)) if found is not None else ()
 
 
-def _dates(values: list[str]) -> tuple[DateBound, ...]:
+def _category(search: Search, system: str, code: str) -> None:
+    """Every lab result has one category; any other value matches nothing."""
+    for c in search.all("category"):
+        tokens = [parse_fhir_token(v) for v in split_or(c.value)]
+        if not any(t.code == code and t.system in (None, system) for t in tokens):
+            raise _NoMatch
+
+
+def _codes(search: Search) -> tuple[tuple[str | None, str], ...]:
+    occurrences = search.all("code")
+    if len(occurrences) > 1:
+        raise InvalidQueryError("repeat the code with commas, not the parameter")
+    return tuple(parse_token(v) for c in occurrences for v in split_or(c.value))
+
+
+def _dates(search: Search, name: str) -> tuple[DateBound, ...]:
     bounds: list[DateBound] = []
-    for value in values:
-        if "," in value:
+    for c in search.all(name):
+        if "," in c.value:
             raise InvalidQueryError("several dates in one parameter (OR) are not supported")
-        bounds.extend(parse_date(value))
+        bounds.extend(parse_date(c.value))
     return tuple(bounds)
 
 
-def _codes(params: dict[str, list[str]]) -> tuple[tuple[str | None, str], ...]:
-    if "code" not in params:
-        return ()
-    if len(params["code"]) > 1:
-        raise InvalidQueryError("repeat the code with commas, not the parameter")
-    return tuple(parse_token(v) for v in params["code"][0].split(","))
-
-
-def _paging(params: dict[str, list[str]]) -> tuple[int, int]:
-    try:
-        count = int(params.get("_count", ["100"])[-1])
-        offset = int(params.get("_offset", ["0"])[-1])
-    except ValueError as exc:
-        raise InvalidQueryError("_count and _offset must be integers") from exc
-    if count < 0 or offset < 0:
-        raise InvalidQueryError("_count and _offset must not be negative")
-    if offset > MAX_OFFSET:  # beyond any result set; SQL integers are 64-bit at most
-        raise InvalidQueryError(f"_offset must not exceed {MAX_OFFSET}")
-    return min(count, MAX_COUNT), offset
-
-
-def _tags(params: dict[str, list[str]]) -> set[str]:
+def _tags(search: Search) -> set[str]:
     tags = set()
-    for value in params.get("_tag", []):
-        for item in value.split(","):
-            _system, _bar, code = item.rpartition("|")
-            if code not in {"critical", "qc"}:
-                raise InvalidQueryError(f"unknown _tag {item!r}: critical or qc")
-            tags.add(code)
+    for c in search.all("_tag"):
+        for item in split_or(c.value):
+            token = parse_fhir_token(item)
+            if token.system not in (None, _TAG_SYSTEM) or token.code not in {"critical", "qc"}:
+                raise InvalidQueryError(f"unknown _tag {item!r}: {_TAG_SYSTEM}|critical or |qc")
+            tags.add(token.code)
     return tags
 
 
-def _links(request: Request, offset: int, count: int, total: int) -> tuple[str, str | None]:
-    items = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"]
-    url = f"{_base(request)}{request.url.path.removeprefix('/fhir')}"
-    self_url = f"{url}?{urlencode([*items, ('_offset', str(offset))])}"
-    next_url = None
-    if count and offset + count < total:
-        next_url = f"{url}?{urlencode([*items, ('_offset', str(offset + count))])}"
-    return self_url, next_url
+_RESULT_SORTS = {
+    "_lastUpdated": "updated",
+    "-_lastUpdated": "-updated",
+    "date": "performed",
+    "-date": "-performed",
+    "_id": "id",
+}
 
 
-def _result_query(params: dict[str, list[str]]) -> LabResultQuery:
-    count, offset = _paging(params)
-    tags = _tags(params)
-    sorts = {
-        "_lastUpdated": "updated",
-        "-_lastUpdated": "-updated",
-        "date": "performed",
-        "-date": "-performed",
-    }
-    sort = params.get("_sort", ["_id"])[-1]
-    if sort not in sorts and sort != "_id":
-        raise InvalidQueryError(f"_sort {sort!r} not supported: {', '.join(sorts)}")
+def _sort(search: Search, table: dict[str, str]) -> str:
+    if len(search.sort) > 1:
+        raise InvalidQueryError("one _sort key is supported")
+    key = search.sort[0] if search.sort else "_id"
+    if key not in table:
+        raise InvalidQueryError(f"_sort {key!r} is not supported: {', '.join(table)}")
+    return table[key]
+
+
+def _result_query(request: Request, search: Search) -> LabResultQuery:
+    _category(search, _OBSERVATION_CATEGORY, "laboratory")
+    tags = _tags(search)
+    statuses: set[str] | None = None
+    for c in search.all("status"):
+        statuses = _and(statuses, {parse_fhir_token(v).code for v in split_or(c.value)})
     return LabResultQuery(
-        observation_ids=_identifiers(params, {"_id", "identifier"}),
-        patient_ids=_identifiers(params, _PATIENT),
-        specimen_ids=_identifiers(params, _SPECIMEN),
-        order_ids=_identifiers(params, {"based-on:identifier"}),
-        codes=_codes(params),
-        statuses=_identifiers(params, {"status"}),
-        performed=_dates(params.get("date", [])),
-        updated=_dates(params.get("_lastUpdated", [])),
+        observation_ids=_result_ids(search),
+        patient_ids=_patients(request, search),
+        specimen_ids=_specimen(request, search),
+        order_ids=_orders(request, search),
+        codes=_codes(search),
+        statuses=tuple(sorted(statuses)) if statuses is not None else (),
+        performed=_dates(search, "date"),
+        updated=_dates(search, "_lastUpdated"),
         critical=True if "critical" in tags else None,
         qc="qc" in tags,
-        sort=sorts.get(sort, "id"),  # type: ignore[arg-type]
-        offset=offset,
-        limit=count,
+        sort=_sort(search, _RESULT_SORTS),  # type: ignore[arg-type]
+        offset=search.paging.offset,
+        limit=search.paging.count,
     )
+
+
+def _empty(request: Request, search: Search) -> JSONResponse:
+    return _fhir(search_bundle(request, search, [], 0))
 
 
 @router.get("/Observation", summary="Search lab results (FHIR R4 Observation)")
 def search_observations(request: Request) -> JSONResponse:
-    def run() -> dict[str, Any]:
-        params = _values(request, _OBSERVATION_PARAMS)
-        query = _result_query(params)
-        results, total = _store(request).search_results(query)
-        self_url, next_url = _links(request, query.offset, query.limit, total)
-        return bundle(
-            [observation(r) for r in results],
-            base=_base(request),
-            total=total,
-            self_url=self_url,
-            next_url=next_url,
-        )
-
-    return _guard(run)
+    search = search_request(request, OBSERVATION, default_count=DEFAULT_COUNT)
+    try:
+        query = _result_query(request, search)
+    except _NoMatch:
+        return _empty(request, search)
+    results, total = _store(request).search_results(query)
+    return _fhir(search_bundle(request, search, [observation(r) for r in results], total))
 
 
 @router.get("/Observation/{observation_id}", summary="Read a lab result (current version)")
@@ -240,7 +252,8 @@ def read_observation(request: Request, observation_id: str) -> JSONResponse:
             raise NotFoundError(f"no Observation/{observation_id}")
         return observation(versions[0])
 
-    return _guard(run)
+    check_accept(request)
+    return _fhir(run())
 
 
 @router.get("/Observation/{observation_id}/_history", summary="Every version of a lab result")
@@ -249,9 +262,10 @@ def observation_history(request: Request, observation_id: str) -> JSONResponse:
         versions = _store(request).result_history(observation_id)
         if not versions:
             raise NotFoundError(f"no Observation/{observation_id}")
-        return history_bundle(versions, base=_base(request))
+        return history_bundle(versions, base=fhir_base(request))
 
-    return _guard(run)
+    check_accept(request)
+    return _fhir(run())
 
 
 @router.get(
@@ -266,34 +280,40 @@ def read_observation_version(
                 return observation(version)
         raise NotFoundError(f"no Observation/{observation_id}/_history/{version_id}")
 
-    return _guard(run)
+    check_accept(request)
+    return _fhir(run())
 
 
-def _reports(request: Request, params: dict[str, list[str]]) -> dict[str, Any]:
-    count, offset = _paging(params)
-    tags = _tags(params)
+_REPORT_SORTS = {"_lastUpdated": "updated", "-_lastUpdated": "-updated", "_id": "id"}
+
+
+def _report_query(request: Request, search: Search) -> LabReportQuery:
+    _category(search, _V2_0074, "LAB")
+    tags = _tags(search)
     if "critical" in tags:
         raise InvalidQueryError("_tag=critical is searched on Observation")
-    sorts = {"_lastUpdated": "updated", "-_lastUpdated": "-updated", "_id": "id"}
-    sort = params.get("_sort", ["_id"])[-1]
-    if sort not in sorts:
-        raise InvalidQueryError(f"_sort {sort!r} not supported: {', '.join(sorts)}")
-    include = params.get("_include", [])
-    if any(v != "DiagnosticReport:result" for v in include):
-        raise InvalidQueryError("only _include=DiagnosticReport:result is supported")
-    query = LabReportQuery(
-        report_ids=_identifiers(params, {"_id"}),
-        patient_ids=_identifiers(params, _PATIENT),
-        specimen_ids=_identifiers(params, _SPECIMEN),
-        identifiers=_identifiers(params, {"identifier"}),
-        codes=_codes(params),
-        performed=_dates(params.get("date", [])),
-        updated=_dates(params.get("_lastUpdated", [])),
+    return LabReportQuery(
+        report_ids=_ids(search, "_id"),
+        patient_ids=_patients(request, search),
+        specimen_ids=_specimen(request, search),
+        identifiers=_ids(search, "identifier", lambda c, v: parse_fhir_token(v).code),
+        codes=_codes(search),
+        performed=_dates(search, "date"),
+        updated=_dates(search, "_lastUpdated"),
         qc="qc" in tags,
-        sort=sorts[sort],  # type: ignore[arg-type]
-        offset=offset,
-        limit=count,
+        sort=_sort(search, _REPORT_SORTS),  # type: ignore[arg-type]
+        offset=search.paging.offset,
+        limit=search.paging.count,
     )
+
+
+@router.get("/DiagnosticReport", summary="Search lab reports (FHIR R4 DiagnosticReport)")
+def search_reports(request: Request) -> JSONResponse:
+    search = search_request(request, DIAGNOSTIC_REPORT, default_count=DEFAULT_COUNT)
+    try:
+        query = _report_query(request, search)
+    except _NoMatch:
+        return _empty(request, search)
     store = _store(request)
     reports, total = store.search_reports(query)
     members: dict[str, list[Any]] = defaultdict(list)
@@ -304,21 +324,10 @@ def _reports(request: Request, params: dict[str, list[str]]) -> dict[str, Any]:
         for result in results:
             members[result.report_id].append(result)
     resources = [diagnostic_report(r, members[r.report_id]) for r in reports]
-    included = [observation(m) for r in reports for m in members[r.report_id]] if include else []
-    self_url, next_url = _links(request, offset, count, total)
-    return bundle(
-        resources,
-        base=_base(request),
-        total=total,
-        self_url=self_url,
-        next_url=next_url,
-        included=included,
+    included = (
+        [observation(m) for r in reports for m in members[r.report_id]] if search.includes else []
     )
-
-
-@router.get("/DiagnosticReport", summary="Search lab reports (FHIR R4 DiagnosticReport)")
-def search_reports(request: Request) -> JSONResponse:
-    return _guard(lambda: _reports(request, _values(request, _REPORT_PARAMS)))
+    return _fhir(search_bundle(request, search, resources, total, included))
 
 
 @router.get("/DiagnosticReport/{report_id}", summary="Read a lab report")
@@ -333,4 +342,5 @@ def read_report(request: Request, report_id: str) -> JSONResponse:
         )
         return diagnostic_report(reports[0], results)
 
-    return _guard(run)
+    check_accept(request)
+    return _fhir(run())

@@ -7,11 +7,14 @@ Routes (``router``; :func:`include` adds it to an app):
   request carries the order and the demographics as ordered.
 * ``PUT /fhir/ServiceRequest/{id}``: update, or create with that id (R4 3.1.0.4.1
   update as create). ``status = revoked`` cancels the order.
-* ``GET /fhir/ServiceRequest/{id}`` and ``GET /fhir/ServiceRequest?…`` with
-  ``_lastUpdated`` (``ge``/``gt``/``le``/``lt``/``eq`` prefixes, R4 3.1.1.5.7),
-  ``status`` and ``identifier`` (``[system|]value``), ``_count``: a ``searchset``
-  Bundle, oldest change first, so polling ``_lastUpdated=gt<last seen>`` is the
-  change feed.
+* ``GET /fhir/ServiceRequest/{id}`` and ``GET /fhir/ServiceRequest?…`` with the
+  parameters of :data:`api.fhir.registry.SERVICE_REQUEST` (``patient``/``subject``,
+  ``code``, ``status``, ``identifier``, ``authored``, ``_id``, ``_lastUpdated``;
+  partial dates are ranges), ``_count``/``_offset``: a ``searchset`` Bundle with
+  ``total`` and paging links, in creation order; with ``_sort=_lastUpdated`` oldest
+  change first, so polling ``_lastUpdated=gt<last seen>`` is the change feed.
+* Received resources are bounded (:mod:`api.fhir._input`): 1 MiB, nesting, string
+  lengths, no control characters, JSON types per element; 400/413 OperationOutcome.
 * ``GET /orders/unmatched`` and ``POST /orders/unmatched/{study_uid}/link``
   (``{"order": "<ServiceRequest id>"}``): received studies no order claims.
 
@@ -38,6 +41,8 @@ The API may not import ``worklist`` (STYLE.md §1), so it uses
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -45,7 +50,22 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from core.errors import InvalidDatasetError, ServiceError
+from api.fhir import (
+    Search,
+    Token,
+    TooCostlyError,
+    check_accept,
+    fhir_response,
+    parse_date_param,
+    parse_token,
+    search_bundle,
+    search_request,
+    split_or,
+)
+from api.fhir._input import MalformedResourceError, check_strings, expect, read_resource
+from api.fhir.registry import SERVICE_REQUEST
+from api.routes.fhir import patient_identifiers
+from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError, ServiceError
 from core.orders import (
     Code,
     Order,
@@ -68,6 +88,7 @@ V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 AE_SYSTEM = "urn:pacslab:ae-title"
 ACCESSION_SYSTEM = "urn:pacslab:accession"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
 STATUS_EXT = "https://pacslab.example/fhir/StructureDefinition/procedure-status"
 _SCHEMES = {
     "http://loinc.org": "LN",
@@ -92,6 +113,17 @@ _STATUS_SEARCH = {
     "completed": [OrderStatus.COMPLETED],
     "revoked": [OrderStatus.CANCELLED, OrderStatus.DISCONTINUED],
 }
+#: FHIR R4 ValueSet request-status: the codes a search may name.
+_REQUEST_STATUSES = frozenset(
+    {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+)
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+#: Bounds of received elements (PS3.5 6.2: PN components and LO are 64 characters).
+_MAX_NAME = 64
+_MAX_ID = 64
+_MAX_CODE_TEXT = 1024
+#: Orders read from JSON when code/identifier filters cannot be done by the store.
+_MAX_SCAN = 20_000
 
 
 class InvalidResourceError(InvalidDatasetError):
@@ -104,14 +136,30 @@ class InvalidResourceError(InvalidDatasetError):
 # ------------------------------------------------------------------ mapping (pure)
 
 
-def _coding(concept: Any) -> list[dict[str, Any]]:
-    if not isinstance(concept, dict):
+def _coding(concept: Any, path: str) -> list[dict[str, Any]]:
+    """The codings of a CodeableConcept, each checked to be an object of strings."""
+    if concept is None:
         return []
-    codings = concept.get("coding") or []
-    return [c for c in codings if isinstance(c, dict)]
+    expect(concept, dict, path)
+    codings = expect(concept.get("coding"), list, f"{path}.coding") or []
+    for i, c in enumerate(codings):
+        expect(c, dict, f"{path}.coding[{i}]")
+        for key in ("system", "code", "display"):
+            expect(c.get(key), str, f"{path}.coding[{i}].{key}", max_length=_MAX_CODE_TEXT)
+    expect(concept.get("text"), str, f"{path}.text", max_length=_MAX_CODE_TEXT)
+    return list(codings)
 
 
-def _person_name(name: dict[str, Any]) -> str:
+def _list(value: Any, path: str) -> list[Any]:
+    return list(expect(value, list, path) or [])
+
+
+def _person_name(name: dict[str, Any], path: str) -> str:
+    # DICOM PN components are at most 64 characters each (PS3.5 6.2, VR PN).
+    expect(name.get("family"), str, f"{path}.family", max_length=_MAX_NAME)
+    for key in ("given", "prefix", "suffix"):
+        for i, part in enumerate(_list(name.get(key), f"{path}.{key}")):
+            expect(part, str, f"{path}.{key}[{i}]", max_length=_MAX_NAME)
     given = [str(g) for g in name.get("given") or []]
     parts = [
         str(name.get("family") or ""),
@@ -124,31 +172,44 @@ def _person_name(name: dict[str, Any]) -> str:
 
 
 def _patient(resource: dict[str, Any]) -> Patient:
-    ref = str((resource.get("subject") or {}).get("reference") or "")
+    subject = expect(resource.get("subject"), dict, "ServiceRequest.subject") or {}
+    ref = expect(subject.get("reference"), str, "ServiceRequest.subject.reference") or ""
     if not ref.startswith("#"):
         raise InvalidResourceError("subject must reference a contained Patient (#id)")
-    patient = next(
+    contained = _list(resource.get("contained"), "ServiceRequest.contained")
+    index = next(
         (
-            c
-            for c in resource.get("contained") or []
+            i
+            for i, c in enumerate(contained)
             if isinstance(c, dict) and c.get("resourceType") == "Patient" and c.get("id") == ref[1:]
         ),
         None,
     )
-    if patient is None:
+    if index is None:
         raise InvalidResourceError(f"contained Patient {ref} not found")
-    ids = [i for i in patient.get("identifier") or [] if isinstance(i, dict) and i.get("value")]
+    patient: dict[str, Any] = contained[index]
+    where = f"ServiceRequest.contained[{index}]"
+    ids = _list(patient.get("identifier"), f"{where}.identifier")
+    for i, ident in enumerate(ids):
+        expect(ident, dict, f"{where}.identifier[{i}]")
+        # PS3.3 C.7.1.1: Patient ID and its issuer are LO, 64 characters at most.
+        expect(ident.get("value"), str, f"{where}.identifier[{i}].value", max_length=_MAX_ID)
+        expect(ident.get("system"), str, f"{where}.identifier[{i}].system", max_length=_MAX_ID + 8)
+    ids = [i for i in ids if i.get("value")]
     if not ids:
         raise InvalidResourceError("Patient.identifier with a value is required")
-    names = [n for n in patient.get("name") or [] if isinstance(n, dict)]
-    birth = patient.get("birthDate")
+    names = _list(patient.get("name"), f"{where}.name")
+    for i, n in enumerate(names):
+        expect(n, dict, f"{where}.name[{i}]")
+    expect(patient.get("gender"), str, f"{where}.gender")
+    birth = expect(patient.get("birthDate"), str, f"{where}.birthDate")
     try:
         birth_date = datetime.strptime(str(birth), "%Y-%m-%d").date() if birth else None
     except ValueError:
         raise InvalidResourceError("Patient.birthDate must be YYYY-MM-DD") from None
     issuer = str(ids[0].get("system") or "").removeprefix("urn:oid:")
     return Patient(
-        name=_person_name(names[0]) if names else "",
+        name=_person_name(names[0], f"{where}.name[0]") if names else "",
         id=str(ids[0]["value"])[:64],
         issuer=issuer[:64],
         birth_date=birth_date,
@@ -179,22 +240,29 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
     """
     if not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
         raise InvalidResourceError("resourceType must be ServiceRequest")
+    check_strings(resource, "ServiceRequest")
+    for key in ("status", "intent", "priority", "occurrenceDateTime", "id"):
+        expect(resource.get(key), str, f"ServiceRequest.{key}", max_length=_MAX_ID)
     status = resource.get("status")
     if status not in ("active", "draft", "on-hold", "revoked"):
         raise InvalidResourceError(f"status {status!r} cannot be set by the placer")
     if resource.get("intent") not in ("order", "original-order", "instance-order"):
         raise InvalidResourceError("intent must be order")
     placer = accession = ""
-    for ident in resource.get("identifier") or []:
-        if not isinstance(ident, dict):
-            continue
-        codes = {c.get("code") for c in _coding(ident.get("type"))}
+    for i, ident in enumerate(_list(resource.get("identifier"), "ServiceRequest.identifier")):
+        path = f"ServiceRequest.identifier[{i}]"
+        expect(ident, dict, path)
+        value = expect(ident.get("value"), str, f"{path}.value", max_length=_MAX_ID) or ""
+        codes = {c.get("code") for c in _coding(ident.get("type"), f"{path}.type")}
         if "PLAC" in codes:
-            placer = str(ident.get("value") or "")
+            placer = value
         elif "ACSN" in codes:
-            accession = str(ident.get("value") or "")
+            # PS3.3 C.4.10: Accession Number is SH, 16 characters at most.
+            if len(value) > 16:
+                raise MalformedResourceError(f"{path}.value: an Accession Number is 16 at most")
+            accession = value
     code_concept = resource.get("code") or {}
-    codings = _coding(code_concept)
+    codings = _coding(code_concept, "ServiceRequest.code")
     code = None
     if codings and codings[0].get("code"):
         c = codings[0]
@@ -208,8 +276,8 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
     modality = next(
         (
             str(c.get("code"))
-            for d in resource.get("orderDetail") or []
-            for c in _coding(d)
+            for i, d in enumerate(_list(resource.get("orderDetail"), "ServiceRequest.orderDetail"))
+            for c in _coding(d, f"ServiceRequest.orderDetail[{i}]")
             if c.get("system") == DCM and c.get("code")
         ),
         "",
@@ -217,14 +285,20 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
     station = next(
         (
             str(c.get("code"))
-            for d in resource.get("locationCode") or []
-            for c in _coding(d)
+            for i, d in enumerate(
+                _list(resource.get("locationCode"), "ServiceRequest.locationCode")
+            )
+            for c in _coding(d, f"ServiceRequest.locationCode[{i}]")
             if c.get("system") == AE_SYSTEM and c.get("code")
         ),
         "",
     )
     occurrence = resource.get("occurrenceDateTime")
-    notes = " ".join(str(n.get("text")) for n in resource.get("note") or [] if isinstance(n, dict))
+    note_items = _list(resource.get("note"), "ServiceRequest.note")
+    for i, n in enumerate(note_items):
+        expect(n, dict, f"ServiceRequest.note[{i}]")
+        expect(n.get("text"), str, f"ServiceRequest.note[{i}].text")
+    notes = " ".join(str(n.get("text")) for n in note_items if n.get("text"))
     steps: tuple[ScheduledProcedureStep, ...] = ()
     if occurrence or modality or station:
         steps = (
@@ -237,7 +311,8 @@ def resource_to_placed(resource: dict[str, Any], *, source: str = "fhir") -> Pla
                 comments=notes,
             ),
         )
-    requester = resource.get("requester") or {}
+    requester = expect(resource.get("requester"), dict, "ServiceRequest.requester") or {}
+    expect(requester.get("display"), str, "ServiceRequest.requester.display", max_length=_MAX_NAME)
     order = Order(
         accession_number=accession[:16],
         requested_procedure_id="",
@@ -357,48 +432,6 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
     return resource
 
 
-def _outcome(exc: ServiceError) -> JSONResponse:
-    body = {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {"severity": "error", "code": exc.fhir_code, "diagnostics": str(exc) or exc.title}
-        ],
-    }
-    return JSONResponse(body, status_code=exc.http_status, media_type=FHIR_JSON)
-
-
-def _fhir(
-    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
-
-
-def _last_updated(values: list[str]) -> tuple[datetime | None, datetime | None]:
-    lo: datetime | None = None
-    hi: datetime | None = None
-    for raw in values:
-        prefix = raw[:2] if raw[:2] in ("ge", "gt", "le", "lt", "eq") else "eq"
-        text = raw[2:] if raw[:2] == prefix else raw
-        try:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise InvalidResourceError(f"_lastUpdated {raw!r} is not a dateTime") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        tick = timedelta(microseconds=1)
-        if prefix in ("ge", "eq"):
-            lo = when
-        if prefix == "gt":
-            lo = when + tick
-        if prefix == "le":
-            hi = when + tick
-        if prefix == "lt":
-            hi = when
-        if prefix == "eq" and len(text) <= 10:  # a day: the whole day (3.1.1.5.7 precision)
-            hi = when + timedelta(days=1)
-    return lo, hi
-
-
 # ------------------------------------------------------------------------- routes
 
 
@@ -413,105 +446,204 @@ def _service(request: Request) -> OrderService:
     return service
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidResourceError("body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidResourceError("body must be a JSON object")
-    return body
+def _fhir(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return fhir_response(body, status, headers)
 
 
 @router.post("/fhir/ServiceRequest")
 async def create_service_request(request: Request) -> Response:
-    try:
-        placed = resource_to_placed(await _body(request))
-        service = _service(request)
-        if placed.action is OrderAction.CANCEL:
-            raise InvalidResourceError("a new ServiceRequest cannot be revoked")
-        rec = service.place(placed)
-    except ServiceError as exc:
-        return _outcome(exc)
+    """Create (FHIR R4 3.1.0.6); errors are OperationOutcomes (api/errors.py)."""
+    placed = resource_to_placed(await read_resource(request))
+    service = _service(request)
+    if placed.action is OrderAction.CANCEL:
+        raise InvalidResourceError("a new ServiceRequest cannot be revoked")
+    rec = service.place(placed)
     location = f"{request.base_url}fhir/ServiceRequest/{rec.id}/_history/{rec.version}"
     return _fhir(record_to_resource(rec), 201, {"Location": location, "ETag": f'W/"{rec.version}"'})
 
 
 @router.put("/fhir/ServiceRequest/{order_id}")
 async def update_service_request(order_id: str, request: Request) -> Response:
-    try:
-        body = await _body(request)
-        if body.get("id") not in (None, order_id):
-            raise InvalidResourceError("id in the body differs from the URL")
-        rec, created = _service(request).put(order_id, resource_to_placed(body))
-    except ServiceError as exc:
-        return _outcome(exc)
+    """Update, or create with the client's id (R4 3.1.0.4.1)."""
+    if not _ID.fullmatch(order_id):
+        raise MalformedResourceError("ServiceRequest id must be a FHIR id (64 characters at most)")
+    body = await read_resource(request)
+    if body.get("id") not in (None, order_id):
+        raise InvalidResourceError("id in the body differs from the URL")
+    rec, created = _service(request).put(order_id, resource_to_placed(body))
     return _fhir(record_to_resource(rec), 201 if created else 200, {"ETag": f'W/"{rec.version}"'})
 
 
 @router.get("/fhir/ServiceRequest/{order_id}")
 def read_service_request(order_id: str, request: Request) -> Response:
-    try:
-        rec = _service(request).get(order_id)
-    except ServiceError as exc:
-        return _outcome(exc)
+    check_accept(request)
+    if not _ID.fullmatch(order_id):
+        raise NotFoundError("no such ServiceRequest")
+    rec = _service(request).get(order_id)
     return _fhir(record_to_resource(rec), headers={"ETag": f'W/"{rec.version}"'})
+
+
+def _dates(values: list[str]) -> tuple[datetime | None, datetime | None]:
+    """``[from, before)`` of repeated date values (each a range, R4 3.1.1.5.2)."""
+    lo: datetime | None = None
+    hi: datetime | None = None
+    for raw in values:
+        a, a_incl, b, b_incl = parse_date_param(raw).bounds()
+        tick = timedelta(microseconds=1)
+        if a is not None:
+            a = a if a_incl else a + tick
+            lo = a if lo is None else max(lo, a)
+        if b is not None:
+            b = b + tick if b_incl else b
+            hi = b if hi is None else min(hi, b)
+    return lo, hi
+
+
+@dataclass
+class _OrderFilter:
+    """An order search: criteria the store evaluates, and the ones checked on records."""
+
+    sql: dict[str, Any] = field(default_factory=dict)
+    #: Each a list of alternatives (OR); all lists must hold (AND).
+    codes: list[list[Token]] = field(default_factory=list)
+    identifiers: list[list[Token]] = field(default_factory=list)
+    empty: bool = False
+
+
+def _order_filter(request: Request, search: Search) -> _OrderFilter:
+    f = _OrderFilter()
+    statuses: set[OrderStatus] | None = None
+    patients: set[tuple[str, str | None]] | None = None
+    ids: set[str] | None = None
+    for c in search.criteria:
+        if c.name == "status":
+            wanted: set[OrderStatus] = set()
+            for item in split_or(c.value):
+                token = parse_token(item)
+                if token.code not in _STATUS_SEARCH:
+                    # A RequestStatus no order of ours is in (draft, on-hold...): no match.
+                    if token.code in _REQUEST_STATUSES:
+                        continue
+                    raise InvalidQueryError(f"status {token.code!r} is not a RequestStatus")
+                wanted.update(_STATUS_SEARCH[token.code])
+            statuses = wanted if statuses is None else statuses & wanted
+        elif c.name in ("patient", "subject"):
+            named = patient_identifiers(request.app.state.index, request, c.value, c.modifier)
+            patients = named if patients is None else patients & named
+        elif c.name == "_id":
+            named_ids = set(split_or(c.value))
+            ids = named_ids if ids is None else ids & named_ids
+        elif c.name == "code":
+            f.codes.append([parse_token(v) for v in split_or(c.value)])
+        elif c.name == "identifier":
+            f.identifiers.append([parse_token(v) for v in split_or(c.value)])
+    if statuses is not None:
+        if not statuses:
+            f.empty = True
+        f.sql["status"] = sorted(statuses)
+    if ids is not None:
+        f.sql["public_ids"] = sorted(ids)
+    if patients is not None:
+        if len(patients) != 1:
+            if not patients:
+                f.empty = True
+            else:
+                raise InvalidQueryError("one patient per search (several are not supported)")
+        else:
+            ((pid, issuer),) = patients
+            f.sql["patient_id"] = pid
+            if issuer is not None:
+                f.sql["issuer"] = issuer.removeprefix("urn:oid:")
+    f.sql["updated_from"], f.sql["updated_before"] = _dates(
+        [c.value for c in search.all("_lastUpdated")]
+    )
+    f.sql["created_from"], f.sql["created_before"] = _dates(
+        [c.value for c in search.all("authored")]
+    )
+    if len(f.identifiers) == 1 and len(f.identifiers[0]) == 1:
+        # One identifier: the store narrows on it (placer, accession, id, no system
+        # check); _matches below still checks the system.
+        token = f.identifiers[0][0]
+        if token.system != DICOM_UID_SYSTEM and not token.code.startswith("urn:oid:"):
+            f.sql["identifier"] = token.code
+    return f
+
+
+def _code_matches(rec: OrderRecord, token: Token) -> bool:
+    code = rec.item.order.requested_procedure_code
+    if code is None or code.value != token.code:
+        return False
+    if token.system is None:
+        return True
+    return _SYSTEMS.get(code.scheme, f"urn:pacslab:scheme:{code.scheme}") == token.system
+
+
+def _identifier_matches(rec: OrderRecord, token: Token) -> bool:
+    o = rec.item.order
+    if token.system == DICOM_UID_SYSTEM or (
+        token.system is None and token.code.startswith("urn:oid:")
+    ):
+        return f"urn:oid:{o.study_instance_uid}" == token.code
+    if token.system == ACCESSION_SYSTEM:
+        return o.accession_number == token.code
+    if token.system is None:
+        return token.code in (rec.placer_order_number, o.accession_number)
+    # The placer's system is not kept: any other system names the placer order number.
+    return bool(rec.placer_order_number) and rec.placer_order_number == token.code
+
+
+def _matches(rec: OrderRecord, f: _OrderFilter) -> bool:
+    return all(any(_code_matches(rec, t) for t in alts) for alts in f.codes) and all(
+        any(_identifier_matches(rec, t) for t in alts) for alts in f.identifiers
+    )
 
 
 @router.get("/fhir/ServiceRequest")
 def search_service_requests(request: Request) -> Response:
-    params = request.query_params
+    """Search (R4 servicerequest.html#search): in creation order (a key updates do not
+    move, so paging sees each order once), or with ``_sort=_lastUpdated`` oldest change
+    first, so ``_lastUpdated=gt<last seen>&_sort=_lastUpdated`` is the change feed."""
+    search = search_request(request, SERVICE_REQUEST)
+    f = _order_filter(request, search)
+    service = _service(request)
+    paging = search.paging
+    if len(search.sort) > 1:
+        raise InvalidQueryError("_sort: one key, _id (default) or _lastUpdated")
+    # _id: creation order, which updates do not move (stable pages); _lastUpdated:
+    # oldest change first (the change feed).
+    f.sql["order"] = "updated" if search.sort == ("_lastUpdated",) else "id"
+    if f.empty:
+        records: list[OrderRecord] = []
+        total = 0
+    elif not f.codes and not f.identifiers:
+        total = service.store.count(**{k: v for k, v in f.sql.items() if k != "order"})
+        records = service.search(**f.sql, limit=paging.count, offset=paging.offset)
+    else:
+        # code and system-checked identifiers are read from each order's JSON: scan
+        # what the store narrowed to, in its stable order, up to a bound.
+        candidates = service.search(**f.sql, limit=_MAX_SCAN + 1, offset=0)
+        if len(candidates) > _MAX_SCAN:
+            raise TooCostlyError(
+                f"more than {_MAX_SCAN} orders to check: narrow with patient, "
+                "status or _lastUpdated"
+            )
+        matched = [r for r in candidates if _matches(r, f)]
+        total = len(matched)
+        records = matched[paging.offset : paging.offset + paging.count]
+    entries = [record_to_resource(r) for r in records]
+    return _fhir(search_bundle(request, search, entries, total))
+
+
+def order_numbers(request: Request, order_id: str) -> set[str]:
+    """The placer order number and Accession Number of ``ServiceRequest/[order_id]``
+    (what lab results and studies quote of it); empty if there is no such order."""
     try:
-        lo, hi = _last_updated(params.getlist("_lastUpdated"))
-        statuses = []
-        for value in ",".join(params.getlist("status")).split(","):
-            if not value:
-                continue
-            if value not in _STATUS_SEARCH:
-                raise InvalidResourceError(f"status {value!r} is not a RequestStatus we hold")
-            statuses.extend(_STATUS_SEARCH[value])
-        identifier = params.get("identifier")
-        if identifier is not None and "|" in identifier:
-            identifier = identifier.split("|", 1)[1]
-        if identifier and identifier.startswith("urn:oid:"):
-            identifier = identifier.removeprefix("urn:oid:")
-        try:
-            count = max(1, min(int(params.get("_count", "100")), 1000))
-        except ValueError:
-            raise InvalidResourceError("_count must be an integer") from None
-        records = _service(request).search(
-            status=statuses,
-            updated_from=lo,
-            updated_before=hi,
-            identifier=identifier or None,
-            limit=count,
-        )
-        if identifier and not records:
-            records = [
-                r
-                for r in _service(request).search(
-                    status=statuses, updated_from=lo, updated_before=hi, limit=count
-                )
-                if r.study_instance_uid == identifier
-            ]
-    except ServiceError as exc:
-        return _outcome(exc)
-    base = f"{request.base_url}fhir/ServiceRequest"
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(records),
-        "link": [{"relation": "self", "url": str(request.url)}],
-        "entry": [
-            {
-                "fullUrl": f"{base}/{r.id}",
-                "resource": record_to_resource(r),
-                "search": {"mode": "match"},
-            }
-            for r in records
-        ],
-    }
-    return _fhir(bundle)
+        rec = _service(request).get(order_id)
+    except NotFoundError:
+        return set()
+    return {n for n in (rec.placer_order_number, rec.item.order.accession_number) if n}
 
 
 class LinkRequest(BaseModel):

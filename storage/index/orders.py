@@ -212,13 +212,56 @@ class SqlOrderStore:
         updated_before: datetime | None = None,
         identifier: str | None = None,
         patient_id: str | None = None,
+        issuer: str | None = None,
+        public_ids: Sequence[str] = (),
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
+        order: str = "updated",
     ) -> list[OrderRecord]:
-        """Orders by status, last update (FHIR ``_lastUpdated``) and identifier.
+        """Orders by status, last update (FHIR ``_lastUpdated``), creation (FHIR
+        ``authored``), identifier, patient (ID and issuer) and public id.
 
-        Oldest change first, so a poller can page through the change feed.
+        ``order="updated"``: oldest change first (then the row id), the change feed;
+        ``order="id"``: creation order, a unique key that updates do not move, so a
+        pager sees every order once.
         """
+        conds = self._conditions(
+            status=status, updated_from=updated_from, updated_before=updated_before,
+            identifier=identifier, patient_id=patient_id, issuer=issuer,
+            public_ids=public_ids, created_from=created_from, created_before=created_before,
+        )
+        query = (
+            select(orders)
+            .where(and_(True, *conds))
+            .order_by(*((orders.c.id,) if order == "id" else (orders.c.updated_at, orders.c.id)))
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as conn:
+            return [_record(r) for r in conn.execute(query)]
+
+    def count(self, **criteria: Any) -> int:
+        """How many orders :meth:`search` with these criteria (no paging) finds."""
+        conds = self._conditions(**criteria)
+        query = select(func.count()).select_from(orders).where(and_(True, *conds))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    @staticmethod
+    def _conditions(
+        *,
+        status: Sequence[OrderStatus] = (),
+        updated_from: datetime | None = None,
+        updated_before: datetime | None = None,
+        identifier: str | None = None,
+        patient_id: str | None = None,
+        issuer: str | None = None,
+        public_ids: Sequence[str] = (),
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> list[Any]:
         conds: list[Any] = []
         if status:
             conds.append(orders.c.status.in_([str(s) for s in status]))
@@ -226,6 +269,10 @@ class SqlOrderStore:
             conds.append(orders.c.updated_at >= updated_from)
         if updated_before is not None:
             conds.append(orders.c.updated_at < updated_before)
+        if created_from is not None:
+            conds.append(orders.c.created_at >= created_from)
+        if created_before is not None:
+            conds.append(orders.c.created_at < created_before)
         if identifier is not None:
             conds.append(
                 or_(
@@ -237,15 +284,11 @@ class SqlOrderStore:
             )
         if patient_id is not None:
             conds.append(orders.c.patient_id == patient_id)
-        query = (
-            select(orders)
-            .where(and_(True, *conds))
-            .order_by(orders.c.updated_at, orders.c.id)
-            .limit(limit)
-            .offset(offset)
-        )
-        with self.engine.connect() as conn:
-            return [_record(r) for r in conn.execute(query)]
+        if issuer is not None:
+            conds.append(orders.c.issuer == issuer)
+        if public_ids:
+            conds.append(orders.c.public_id.in_(list(public_ids)))
+        return conds
 
     def history(self, public_id: str) -> list[OrderVersion]:
         """Every kept version of the order, oldest first."""

@@ -81,13 +81,31 @@ def test_capability_statement(client: TestClient) -> None:
         ({"modality": "CT,MR"}, {"a", "b", "c"}),
         ({"_lastUpdated": "gt2000-01-01"}, {"a", "b", "c"}),
         ({"_lastUpdated": "lt2000-01-01"}, set()),
-        ({"unknown-param": "x"}, {"a", "b", "c"}),  # lenient handling
     ],
 )
 def test_imaging_study_search(
     client: TestClient, catalogue: dict[str, str], params: dict[str, str], expected: set[str]
 ) -> None:
     assert search_ids(client, **params) == {catalogue[k] for k in expected}
+
+
+def test_unknown_parameter_strict_by_default_lenient_on_request(
+    client: TestClient, catalogue: dict[str, str]
+) -> None:
+    # Strict (FHIR R4 3.1.1.4 default here): 400 naming the parameter.
+    r = client.get("/fhir/ImagingStudy", params={"unknown-param": "x"})
+    assert r.status_code == 400 and r.headers["content-type"] == FHIR
+    assert "unknown-param" in OperationOutcome.model_validate(r.json()).issue[0].diagnostics
+    # Lenient: ignored, and absent from the self link.
+    r = client.get(
+        "/fhir/ImagingStudy",
+        params={"unknown-param": "x", "modality": "MR"},
+        headers={"Prefer": "handling=lenient"},
+    )
+    assert r.status_code == 200
+    assert {e["resource"]["id"] for e in r.json()["entry"]} == {catalogue["b"]}
+    self_url = next(link["url"] for link in r.json()["link"] if link["relation"] == "self")
+    assert "unknown-param" not in self_url and "modality=MR" in self_url
 
 
 def test_search_by_uid_and_patient(client: TestClient, catalogue: dict[str, str]) -> None:

@@ -42,6 +42,10 @@ def protected_requests(app: FastAPI, settings: Settings) -> list[tuple[str, str]
     return sorted((m, p) for m, p in out if not is_public(p, settings.auth.public_paths))
 
 
+def _error_type(path: str) -> str:
+    return "application/fhir+json" if path.startswith("/fhir/") else "application/problem+json"
+
+
 def test_there_are_routes_to_check(app: FastAPI, secure_settings: Settings) -> None:
     paths = {p for _, p in protected_requests(app, secure_settings)}
     assert "/metrics" in paths and "/fhir/AuditEvent" in paths
@@ -53,9 +57,14 @@ def test_health_is_open_and_everything_else_is_not(client: TestClient, app: Fast
     for method, path in protected_requests(app, secure_settings):
         r = client.request(method, path)
         assert r.status_code == 401, (method, path, r.status_code)
-        assert r.headers["content-type"] == "application/problem+json"
+        # Under /fhir errors are OperationOutcomes (FHIR R4 http.html), else RFC 9457.
+        assert r.headers["content-type"] == _error_type(path)
         assert r.headers["www-authenticate"].startswith("Bearer")
-        assert r.json()["status"] == 401
+        if path.startswith("/fhir/"):
+            assert r.json()["resourceType"] == "OperationOutcome"
+            assert r.json()["issue"][0]["code"] == "login"
+        else:
+            assert r.json()["status"] == 401
 
 
 @pytest.mark.parametrize("case", ["expired", "audience", "issuer", "not-yet", "garbage",
@@ -105,7 +114,8 @@ def test_wrong_scope_is_403_and_the_right_one_passes(client: TestClient, app: Fa
         others = [s for s in SCOPES if s not in needed]
         r = client.request(method, path, headers=bearer(token(*others)))
         assert r.status_code == 403, (method, path, r.status_code)
-        assert r.headers["content-type"] == "application/problem+json"
+        # Under /fhir errors are OperationOutcomes (FHIR R4 http.html), else RFC 9457.
+        assert r.headers["content-type"] == _error_type(path)
         assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
         r = client.request(method, path, headers=bearer(token(needed[0])))
         assert r.status_code not in (401, 403), (method, path, r.status_code, r.text)
