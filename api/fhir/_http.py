@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from api.deps import base_url
 from api.dicomweb import parse_accept
 from api.fhir._core import DEFAULT_COUNT, FHIR_JSON, searchset_bundle
 from api.fhir._search import ResourceSpec, Search, parse_search
@@ -48,8 +49,9 @@ def check_accept(request: Request) -> None:
 
 
 def fhir_base(request: Request) -> str:
-    """This server's FHIR base URL (honours ``root_path``)."""
-    return str(request.base_url).rstrip("/") + FHIR_PREFIX
+    """This server's FHIR base URL: ``http.public_url`` or the local address (honours
+    ``root_path``), never the ``Host`` header (issue 14.9, see ``api.deps.base_url``)."""
+    return base_url(request, FHIR_PREFIX)
 
 
 def search_request(

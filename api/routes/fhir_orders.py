@@ -55,6 +55,7 @@ from api.fhir import (
     Token,
     TooCostlyError,
     check_accept,
+    fhir_base,
     fhir_response,
     parse_date_param,
     parse_token,
@@ -460,7 +461,7 @@ async def create_service_request(request: Request) -> Response:
     if placed.action is OrderAction.CANCEL:
         raise InvalidResourceError("a new ServiceRequest cannot be revoked")
     rec = service.place(placed)
-    location = f"{request.base_url}fhir/ServiceRequest/{rec.id}/_history/{rec.version}"
+    location = f"{fhir_base(request)}/ServiceRequest/{rec.id}/_history/{rec.version}"
     return _fhir(record_to_resource(rec), 201, {"Location": location, "ETag": f'W/"{rec.version}"'})
 
 

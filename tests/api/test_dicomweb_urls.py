@@ -35,6 +35,8 @@ def urls(client: TestClient, ct: Stored, tmp_path: Path) -> list[str]:
     found += [i["00081190"]["Value"][0] for i in stow["00081199"]["Value"]]
     endpoint = client.get("/fhir/Endpoint/dicomweb", headers=EVIL).json()
     found.append(endpoint["address"])
+    bundle = client.get("/fhir/ImagingStudy", headers=EVIL).json()
+    found += [e["fullUrl"] for e in bundle["entry"]] + [link["url"] for link in bundle["link"]]
     study = client.get(f"/fhir/ImagingStudy/{ct.study}", headers=EVIL)
     assert study.status_code == 200
     assert len(found) >= 8
