@@ -236,3 +236,74 @@ def test_malformed_datasets_are_refused(receiver: Receiver, tmp_path: Path,
     assert result.returncode == 0, result.stderr
     report("malformed datasets", examples=sum(DATASET_OUTCOMES.values()),
            statuses=dict(DATASET_OUTCOMES))
+
+
+# -- the data set structure check (issue 14 §3): refuse every cut, never crash ---------
+
+
+def _top_level_boundaries(raw: bytes, offset: int) -> set[int]:
+    """Data set offsets where a top-level element starts (pydicom's reading)."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    ds = dcmread(BytesIO(raw), defer_size=64)
+    starts = {0, len(raw) - offset}  # (the first element may be converted already)
+    for elem in ds._dict.values():
+        tell = getattr(elem, "value_tell", None)
+        if tell is None:
+            continue
+        vr = getattr(elem, "VR", None)
+        header = 12 if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR",
+                               "UT", "SV", "UV") else 8
+        starts.add(tell - offset - header)
+    return starts
+
+
+def _structure_samples() -> list[tuple[str, bytes, int, str]]:
+    from pydicom.data import get_testdata_file
+
+    from storage.staging import read_file_meta
+
+    out = []
+    for name in ("rtplan.dcm", "CT_small.dcm", "JPEG2000.dcm", "MR_small_implicit.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            continue
+        raw = Path(str(path)).read_bytes()
+        meta, offset = read_file_meta(raw[:65536])
+        ts = meta[0x0010].rstrip(b"\0 ").decode()
+        out.append((name, raw, offset, ts))
+    return out
+
+
+STRUCTURE_SAMPLES = _structure_samples()
+STRUCTURE_OUTCOMES: Counter[str] = Counter()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(sample=st.sampled_from(range(len(STRUCTURE_SAMPLES))), cut=st.floats(0, 1),
+       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4))
+def test_structure_check_refuses_every_cut_and_never_crashes(
+    sample: int, cut: float, flips: list[tuple[float, int]]
+) -> None:
+    from core.header import DatasetStructureError, check_structure
+
+    name, raw, offset, ts = STRUCTURE_SAMPLES[sample]
+    data = bytearray(raw[offset:])
+    for where, value in flips:
+        data[int(where * (len(data) - 1))] = value
+    at = int(cut * len(data))
+    body = bytes(data[:at])
+    implicit = ts == "1.2.840.10008.1.2"
+    try:
+        check_structure(lambda o, n: body[o:o + n], 0, len(body), implicit=implicit)
+    except DatasetStructureError:
+        STRUCTURE_OUTCOMES["refused"] += 1
+        return
+    STRUCTURE_OUTCOMES["accepted"] += 1
+    if not flips:
+        # Unmodified bytes cut anywhere but between two top-level elements must be
+        # refused: an accepted cut would be indexed with shortened values.
+        assert at in _top_level_boundaries(raw, offset), f"{name} cut at {at} accepted"
+    report("structure check fuzz", outcomes=dict(STRUCTURE_OUTCOMES))
