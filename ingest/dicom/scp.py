@@ -40,6 +40,7 @@ from ingest.dicom.association import (
     Negotiation,
     Ticket,
 )
+from ingest.dicom.dimse import C_STORE_RQ, decode_command
 from ingest.dicom.handlers import handle_echo, handle_store, store_staged
 from ingest.service import IngestService
 
@@ -421,6 +422,8 @@ def _close(sock: socket.socket) -> None:
 
 
 _HANDOFF = threading.local()
+#: Data sets pynetdicom holds in memory (queries, MPPS): a few KiB in practice.
+_IN_MEMORY_DATASET = 16 << 20
 
 
 class _PduGuard:
@@ -442,7 +445,9 @@ class _PduGuard:
         self.max_dataset = settings.max_dataset_bytes
         self._body: tuple[int, int] | None = None
         self._command = 0
+        self._command_bytes = bytearray()
         self._dataset = 0
+        self._dataset_limit = _IN_MEMORY_DATASET
         self._associated = False
 
     def wrap(self, recv: Any, raw: socket.socket | None) -> Any:
@@ -482,6 +487,16 @@ class _PduGuard:
         elif length > 65536:
             self._refuse(raw, f"PDU type 0x{pdu_type:02X} of {length} bytes")
 
+    def _limit_for(self, command: bytes) -> int:
+        """Data set bound of the message ``command`` starts: a C-STORE's data set
+        streams to a file (``STORE_RECV_CHUNKED_DATASET``); every other one (C-FIND
+        identifiers, MPPS attributes) is held in memory by pynetdicom."""
+        try:
+            field = decode_command(command).command_field
+        except ValueError:
+            return _IN_MEMORY_DATASET  # pynetdicom will refuse the command itself
+        return self.max_dataset if field == C_STORE_RQ else _IN_MEMORY_DATASET
+
     def _count_pdvs(self, body: bytes | bytearray, raw: socket.socket | None) -> None:
         pos = 0
         while pos + 6 <= len(body):
@@ -491,12 +506,15 @@ class _PduGuard:
                 self._command += size
                 if self._command > self.max_command:
                     self._refuse(raw, "command set too long")
+                self._command_bytes += body[pos + 6 : pos + 4 + item_len]
                 if header & 0x02:
+                    self._dataset_limit = self._limit_for(bytes(self._command_bytes))
                     self._command = 0
                     self._dataset = 0
+                    self._command_bytes.clear()
             else:
                 self._dataset += size
-                if self._dataset > self.max_dataset:
+                if self._dataset > self._dataset_limit:
                     self._refuse(raw, "data set too long")
                 if header & 0x02:
                     self._dataset = 0

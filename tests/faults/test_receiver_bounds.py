@@ -12,9 +12,11 @@ files it sends and will not send a broken one) or a plain socket.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,7 +137,7 @@ def _element_offset(body: bytes, tag: int) -> int:
 def _meta_with_ts(meta: bytes, ts: str) -> bytes:
     from storage.staging import part10_prefix
 
-    ds = dcmread(__import__("io").BytesIO(meta + b""), force=True, stop_before_pixels=True)
+    ds = dcmread(io.BytesIO(meta), force=True, stop_before_pixels=True)
     return part10_prefix(ds.file_meta.MediaStorageSOPClassUID,
                          ds.file_meta.MediaStorageSOPInstanceUID, ts)
 
@@ -346,3 +348,51 @@ def test_an_idle_connection_is_closed_after_artim(service: Service) -> None:
         # Nothing sent: ARTIM (3 s here) closes it; recv returns EOF, not our timeout.
         assert sock.recv(1) == b""
     service.echo()
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("abstract", "field", "limit"),
+    [("1.2.840.10008.5.1.4.31", 0x0020, 64 << 20), (CT, 0x0001, 0)],
+    ids=["C-FIND identifier (pynetdicom)", "C-STORE data set (fast path)"],
+)
+def test_a_data_set_without_end_is_bounded(
+    service: Service, abstract: str, field: int, limit: int
+) -> None:
+    """C-FIND identifiers are held in memory by pynetdicom: cut at 16 MiB. C-STORE data
+    sets stream to disk (memory bounded whatever their size); the fragments stop at
+    the end of the test and the partial file goes with the association."""
+    uid = abstract.encode() + b"\x00" * (len(abstract) % 2)
+    command = _command([(0x0002, uid), (0x0100, struct.pack("<H", field)),
+                        (0x0110, struct.pack("<H", 1)), (0x0700, struct.pack("<H", 0)),
+                        (0x0800, struct.pack("<H", 0x0000)),
+                        *([(0x1000, b"1.2.3.4\x00")] if field == 1 else [])])
+    rss = service.rss()
+    staging_before = sum(1 for _ in (service.data / "originals").rglob("*.part"))
+    with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
+        sock.sendall(_associate_rq(abstract=abstract))
+        kind, _ = _read_pdu(sock)
+        assert kind == 0x02
+        item = struct.pack(">IBB", len(command) + 2, 1, 0x03) + command
+        sock.sendall(struct.pack(">BBI", 0x04, 0, len(item)) + item)
+        fragment = b"\x00" * 16000
+        item = struct.pack(">IBB", len(fragment) + 2, 1, 0x00) + fragment  # not last
+        pdu = struct.pack(">BBI", 0x04, 0, len(item)) + item
+        sent = _flood_until_closed(sock, pdu, limit or (96 << 20))
+        grown = service.rss() - rss
+    if limit:
+        assert sent < limit, "identifier fragments accepted without end"
+    assert grown < RSS_LIMIT, f"RSS grew {grown >> 20} MiB"
+    FIGURES[f"data set flood ({abstract})"] = f"{sent >> 20} MiB sent, RSS +{grown >> 20} MiB"
+    service.echo()
+    # Nothing half-received stays in staging once the association is gone.
+    for _ in range(50):
+        left = sum(1 for _ in (service.data / "originals").rglob("*.part"))
+        if left <= staging_before:
+            break
+        time.sleep(0.1)
+    assert left <= staging_before
