@@ -396,3 +396,20 @@ def test_a_data_set_without_end_is_bounded(
             break
         time.sleep(0.1)
     assert left <= staging_before
+
+
+def test_a_real_deflated_transfer_is_still_stored(service: Service, tmp_path: Path) -> None:
+    """DCMTK ``storescu -xd`` deflates on the fly (PS3.5 A.5): the bounded inflate reads
+    it like any other instance."""
+    files = write_ct_series(tmp_path / "dfl", slices=2, rows=64, columns=64)
+    uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+    result = run_dcmtk(["storescu", "-xd", "-aet", "DEFLATER", "-to", "20",
+                        "127.0.0.1", str(service.port), *map(str, files)], nodelay=True)
+    assert result.returncode == 0, result.stderr
+    assert all(service.indexed(uid) for uid in uids)
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(service.data / "index.db")) as db:
+        syntaxes = {row[0] for row in db.execute(
+            "SELECT transfer_syntax_uid FROM instances WHERE sop_instance_uid IN (?, ?)", uids)}
+    assert syntaxes == {DEFLATED}
