@@ -413,3 +413,23 @@ def test_a_real_deflated_transfer_is_still_stored(service: Service, tmp_path: Pa
         syntaxes = {row[0] for row in db.execute(
             "SELECT transfer_syntax_uid FROM instances WHERE sop_instance_uid IN (?, ?)", uids)}
     assert syntaxes == {DEFLATED}
+
+
+def test_storescu_sending_a_cut_file_is_refused(service: Service, tmp_path: Path) -> None:
+    """A real DCMTK ``storescu`` sends a file whose Pixel Data is cut short (as a
+    modality whose disk filled up would): refused with 0xC000 and quarantined."""
+    path, meta, body, ds = _ct(tmp_path)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(meta + body[:-100])
+    path.unlink()
+    before = len(service.quarantined())
+    result = run_dcmtk(["storescu", "-v", "-aet", "MODALITY", "-to", "20", "127.0.0.1",
+                        str(service.port), str(cut)], nodelay=True)
+    uid = str(ds.SOPInstanceUID)
+    assert not service.indexed(uid)
+    if "Received Store Response" in result.stderr:
+        assert "Success" not in result.stderr.split("Received Store Response", 1)[1][:60]
+        _refused(service, before, uid, 0xC000, "storescu cut file", "past the end")
+    else:  # storescu would not send it: nothing to refuse
+        FIGURES["storescu cut file"] = "not sent by storescu"
+    service.echo()
