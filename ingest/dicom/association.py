@@ -97,10 +97,12 @@ class Ticket:
     def touch(self) -> None:
         self.last_active = time.monotonic()
 
-    def establish(self, calling_ae: str) -> bool:
-        """Count this connection under its calling AE title; False if that AE is at
-        its limit (answer A-ASSOCIATE-RJ, transient, local limit exceeded)."""
-        return self._admission._establish(self, f"ae:{calling_ae}")
+    def establish(self, calling_ae: str, *, key: str = "") -> bool:
+        """Count this connection under its calling AE title (or ``key``: a TLS peer,
+        whose A-ASSOCIATE-RQ only pynetdicom reads); False if that key is at its
+        limit (answer A-ASSOCIATE-RJ, transient, local limit exceeded). Established,
+        it is evicted only when idle."""
+        return self._admission._establish(self, key or f"ae:{calling_ae}")
 
     def release(self) -> None:
         self._admission._release(self)

@@ -288,6 +288,11 @@ class DicomReceiver:
                 sock.close()
                 return
             ticket.sock = tls
+            ip = addr[0] if isinstance(addr, tuple) else peer
+            if not ticket.establish("", key=f"tls:{ip}"):
+                logger.warning("TLS connection from %s refused: too many from there", peer)
+                _close(tls)
+                return
             self._serve_slow(tls, addr, ticket, None)
             return
         try:
