@@ -12,6 +12,13 @@ verification (worklist, MPPS, role selection, user identity), which
 
 Each DIMSE response goes out in one ``sendall`` with TCP_NODELAY set, so default
 DCMTK peers (Nagle on) are not delayed by our small writes.
+
+Every peer is treated as hostile: nothing it declares is buffered beyond a bound.
+P-DATA-TF PDUs are limited by our Maximum Length Received (PS3.8 D.1), other PDUs to
+64 KiB, a command set's fragments to ``max_command_bytes``, a data set to
+``max_dataset_bytes`` (streamed to disk, never held); past any of them the association
+ends with A-ABORT (PS3.8 9.3.8). :class:`Admission` counts connections from accept and
+keeps one peer from taking every slot.
 """
 
 from __future__ import annotations
