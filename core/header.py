@@ -212,6 +212,7 @@ def scan_header(
     int_keywords: tuple[str, ...],
     complete: bool,
     tail: bytes = b"",
+    check_sequences: bool = False,
 ) -> HeaderValues | None:
     """Read the wanted top-level elements from the start of an encoded data set.
 
@@ -229,6 +230,9 @@ def scan_header(
         The data set's last 8 bytes. Encapsulated Pixel Data must end there with its
         Sequence Delimitation Item (PS3.5 A.4); otherwise (a truncated transfer, or
         elements after Pixel Data) the walk is unsure.
+    check_sequences
+        Also check the items of defined-length sequences (see :func:`walk_header`);
+        :class:`DatasetStructureError` then propagates: the data set is broken.
 
     Returns
     -------
@@ -248,7 +252,7 @@ def scan_header(
         _CACHE[key] = wanted
     ints = set(int_keywords)
     try:
-        values = _scan(data, implicit, wanted, ints, complete)
+        values = _scan(data, implicit, wanted, ints, complete, check_sequences)
     except (HeaderUnsure, struct.error, UnicodeDecodeError, LookupError):
         return None
     pixel = values.pixel_data
@@ -265,8 +269,13 @@ def walk_header(
     refuse: Iterable[int] = (),
     start: int = 0,
     complete: bool = False,
+    check_sequences: bool = False,
 ) -> tuple[dict[int, bytes], PixelDataElement | None]:
     """Raw values of the ``wanted`` top-level tags (tag → dictionary VR), up to Pixel Data.
+
+    With ``check_sequences``, the items of explicit defined-length sequences are
+    checked as :func:`check_structure` does (raising :class:`DatasetStructureError`);
+    otherwise they are skipped by their length.
 
     Walks Implicit or Explicit VR Little Endian elements from ``start`` (PS3.5 7.1.2,
     7.1.3), skipping every other element, sequences of defined or undefined length
@@ -302,6 +311,8 @@ def walk_header(
         end = value + length
         if end > walker.end:
             raise HeaderCutShort("header ends inside a value")
+        if check_sequences and vr == b"SQ":
+            _StructureWalk(_reader(data), end, True).sequence(value, end, False, 1, defined=True)
         dict_vr = wanted.get(tag)
         if dict_vr is not None:
             if not implicit and vr.decode("ascii") != dict_vr:
@@ -313,18 +324,24 @@ def walk_header(
     return raw, None
 
 
+def _reader(data: bytes | memoryview) -> ReadAt:
+    return lambda offset, n: bytes(data[offset : offset + n])
+
+
 def _scan(
     data: bytes | memoryview,
     implicit: bool,
     wanted: dict[int, tuple[str, str]],
     ints: set[str],
     complete: bool,
+    check_sequences: bool = False,
 ) -> HeaderValues:
     found, pixel = walk_header(
         data,
         implicit=implicit,
         wanted={tag: vr for tag, (_keyword, vr) in wanted.items()},
         complete=complete,
+        check_sequences=check_sequences,
     )
     raw = {wanted[tag][0]: (value, wanted[tag][1]) for tag, value in found.items()}
     charset = raw.pop("SpecificCharacterSet", None)

@@ -334,20 +334,21 @@ class Archive:
         little = transfer_syntax_uid != _BIG_ENDIAN
         data_end = staged.size - staged.dataset_offset
         # The header as received, in memory (most instances); pydicom when unsure.
-        values = (
-            scan_header(
-                staged.head,
-                transfer_syntax_uid,
-                text_keywords=TEXT_KEYWORDS,
-                int_keywords=INT_KEYWORDS,
-                complete=staged.head_complete,
-                tail=staged.tail,
-            )
-            if staged.head
-            else None
-        )
         with _DatasetReader(staged) as read:
             try:
+                values = (
+                    scan_header(
+                        staged.head,
+                        transfer_syntax_uid,
+                        text_keywords=TEXT_KEYWORDS,
+                        int_keywords=INT_KEYWORDS,
+                        complete=staged.head_complete,
+                        tail=staged.tail,
+                        check_sequences=True,
+                    )
+                    if staged.head
+                    else None
+                )
                 if values is None:
                     check_structure(read, 0, data_end, implicit=implicit, little=little)
                 elif values.pixel_data is not None:

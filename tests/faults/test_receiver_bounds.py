@@ -134,6 +134,20 @@ def _element_offset(body: bytes, tag: int) -> int:
     return at
 
 
+def _insert(body: bytes, tag: int, element: bytes) -> bytes:
+    """``element`` put in tag order among the top-level Explicit VR LE elements."""
+    pos = 0
+    while pos < len(body):
+        group, elem, vr = struct.unpack_from("<HH2s", body, pos)
+        if (group << 16 | elem) > tag:
+            break
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL"):
+            pos += 12 + struct.unpack_from("<I", body, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", body, pos + 6)[0]
+    return body[:pos] + element + body[pos:]
+
+
 def _meta_with_ts(meta: bytes, ts: str) -> bytes:
     from storage.staging import part10_prefix
 
@@ -172,6 +186,11 @@ def test_truncated_and_inconsistent_data_sets_are_refused_and_quarantined(
     unclosed = struct.pack("<HH2sHI", 0xFFFA, 0xFFFA, b"SQ", 0, 0xFFFFFFFF)
     unclosed += struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
     cases["undefined-length sequence not closed"] = (meta, body + unclosed, "not closed")
+    # A defined-length sequence whose item claims more than the sequence holds.
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 100) + b"\x00" * 8
+    nested = struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+    cases["item past the end of its sequence"] = (
+        meta, _insert(body, 0x00081140, nested), "past the end of its sequence")
     results = {}
     for n, (what, (m, b, reason)) in enumerate(cases.items()):
         uid = str(ds.SOPInstanceUID)
