@@ -407,6 +407,7 @@ def _peek(sock: socket.socket, n: int, deadline: float) -> bytes:
     With a timeout set, Python's socket is non-blocking underneath, so MSG_WAITALL
     returns what has arrived: poll until all of it is there.
     """
+    hangup: select.poll | None = None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -417,7 +418,18 @@ def _peek(sock: socket.socket, n: int, deadline: float) -> bytes:
             raise ConnectionError("closed")
         if len(data) >= n:
             return data[:n]
-        time.sleep(0.005)  # more is coming; the socket reads readable already
+        # Part of it is here, so the socket polls readable: wait for the peer's
+        # close (POLLRDHUP: it will send no more) or a few ms, then peek again.
+        if hangup is None:
+            hangup = select.poll()
+            hangup.register(sock, _POLLRDHUP)
+        if _POLLRDHUP and any(ev & _POLLRDHUP for _, ev in hangup.poll(5)):
+            raise ConnectionError("closed during A-ASSOCIATE-RQ")
+        if not _POLLRDHUP:
+            time.sleep(0.005)
+
+
+_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)  # Linux
 
 
 def _close(sock: socket.socket) -> None:
