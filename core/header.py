@@ -19,7 +19,7 @@ compares both over every file of pydicom's and pydicom-data's corpora).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
@@ -27,10 +27,13 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
 __all__ = [
+    "DatasetStructureError",
     "HeaderCutShort",
     "HeaderUnsure",
     "HeaderValues",
     "PixelDataElement",
+    "ReadAt",
+    "check_structure",
     "scan_header",
     "walk_header",
 ]
@@ -63,7 +66,6 @@ class HeaderUnsure(Exception):
 
 class HeaderCutShort(HeaderUnsure):
     """The header goes on past the bytes at hand: read more and walk again."""
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +212,7 @@ def scan_header(
     int_keywords: tuple[str, ...],
     complete: bool,
     tail: bytes = b"",
+    check_sequences: bool = False,
 ) -> HeaderValues | None:
     """Read the wanted top-level elements from the start of an encoded data set.
 
@@ -227,6 +230,9 @@ def scan_header(
         The data set's last 8 bytes. Encapsulated Pixel Data must end there with its
         Sequence Delimitation Item (PS3.5 A.4); otherwise (a truncated transfer, or
         elements after Pixel Data) the walk is unsure.
+    check_sequences
+        Also check the items of defined-length sequences (see :func:`walk_header`);
+        :class:`DatasetStructureError` then propagates: the data set is broken.
 
     Returns
     -------
@@ -246,7 +252,7 @@ def scan_header(
         _CACHE[key] = wanted
     ints = set(int_keywords)
     try:
-        values = _scan(data, implicit, wanted, ints, complete)
+        values = _scan(data, implicit, wanted, ints, complete, check_sequences)
     except (HeaderUnsure, struct.error, UnicodeDecodeError, LookupError):
         return None
     pixel = values.pixel_data
@@ -263,8 +269,13 @@ def walk_header(
     refuse: Iterable[int] = (),
     start: int = 0,
     complete: bool = False,
+    check_sequences: bool = False,
 ) -> tuple[dict[int, bytes], PixelDataElement | None]:
     """Raw values of the ``wanted`` top-level tags (tag → dictionary VR), up to Pixel Data.
+
+    With ``check_sequences``, the items of explicit defined-length sequences are
+    checked as :func:`check_structure` does (raising :class:`DatasetStructureError`);
+    otherwise they are skipped by their length.
 
     Walks Implicit or Explicit VR Little Endian elements from ``start`` (PS3.5 7.1.2,
     7.1.3), skipping every other element, sequences of defined or undefined length
@@ -300,6 +311,8 @@ def walk_header(
         end = value + length
         if end > walker.end:
             raise HeaderCutShort("header ends inside a value")
+        if check_sequences and vr == b"SQ":
+            _StructureWalk(_reader(data), end, True).sequence(value, end, False, 1, defined=True)
         dict_vr = wanted.get(tag)
         if dict_vr is not None:
             if not implicit and vr.decode("ascii") != dict_vr:
@@ -311,18 +324,24 @@ def walk_header(
     return raw, None
 
 
+def _reader(data: bytes | memoryview) -> ReadAt:
+    return lambda offset, n: bytes(data[offset : offset + n])
+
+
 def _scan(
     data: bytes | memoryview,
     implicit: bool,
     wanted: dict[int, tuple[str, str]],
     ints: set[str],
     complete: bool,
+    check_sequences: bool = False,
 ) -> HeaderValues:
     found, pixel = walk_header(
         data,
         implicit=implicit,
         wanted={tag: vr for tag, (_keyword, vr) in wanted.items()},
         complete=complete,
+        check_sequences=check_sequences,
     )
     raw = {wanted[tag][0]: (value, wanted[tag][1]) for tag, value in found.items()}
     charset = raw.pop("SpecificCharacterSet", None)
@@ -340,3 +359,164 @@ def _scan(
         else:
             text[keyword] = _decode(value_bytes, value_vr, encodings)
     return HeaderValues(text, int_values, pixel)
+
+
+# -- structure check (PS3.5 7.1, 7.5, A.4): refuse, never cut ------------------------
+
+
+class DatasetStructureError(ValueError):
+    """The encoded data set is truncated or inconsistent (PS3.5 7.1, 7.5, A.4)."""
+
+
+#: Reads ``n`` bytes at a data set offset (fewer at the end of the data).
+ReadAt = Callable[[int, int], bytes]
+_MAX_DEPTH = 32  # nested sequences; real objects stay under 10
+_MAX_ELEMENTS = 4_000_000  # a CPU bound: far more than any real object holds
+
+
+class _StructureWalk:
+    """Every element of a data set, nested ones included, checked against its bounds."""
+
+    __slots__ = ("count", "end", "little", "read")
+
+    def __init__(self, read: ReadAt, end: int, little: bool) -> None:
+        self.read = read
+        self.end = end
+        self.little = little
+        self.count = 0
+
+    def header(self, pos: int, limit: int, implicit: bool) -> tuple[int, bytes, int, int]:
+        """(tag, VR, length, value offset) of the element at ``pos`` before ``limit``."""
+        self.count += 1
+        if self.count > _MAX_ELEMENTS:
+            raise DatasetStructureError("too many elements")
+        if pos + 8 > limit:
+            raise DatasetStructureError("data set truncated inside an element header")
+        raw = self.read(pos, 12 if pos + 12 <= limit else 8)
+        if len(raw) < 8:
+            raise DatasetStructureError("data set truncated inside an element header")
+        order = "<" if self.little else ">"
+        group, elem = struct.unpack_from(order + "HH", raw, 0)
+        tag = (group << 16) | elem
+        if implicit or group == 0xFFFE:
+            # Items and delimiters never carry a VR (PS3.5 7.5); their length is
+            # little-endian only in little-endian syntaxes.
+            return tag, b"", struct.unpack_from(order + "I", raw, 4)[0], pos + 8
+        vr = bytes(raw[4:6])
+        if vr in _LONG_VRS:
+            if len(raw) < 12:
+                raise DatasetStructureError("data set truncated inside an element header")
+            return tag, vr, struct.unpack_from(order + "I", raw, 8)[0], pos + 12
+        if vr not in _SHORT_VRS:
+            raise _NotExplicitError("invalid VR")
+        return tag, vr, struct.unpack_from(order + "H", raw, 6)[0], pos + 8
+
+    def dataset(self, pos: int, limit: int, implicit: bool, depth: int, *, item: bool) -> int:
+        """Walk a data set from ``pos``; it ends at ``limit`` (defined length) or, for
+        an undefined-length item (``item`` and ``limit`` is the enclosing bound), at
+        its Item Delimitation Item. Returns the offset after it."""
+        if depth > _MAX_DEPTH:
+            raise DatasetStructureError("sequences nested too deep")
+        while pos < limit:
+            tag, vr, length, value = self.header(pos, limit, implicit)
+            if tag == _ITEM_END:
+                if not item or length != 0:
+                    raise DatasetStructureError("unexpected Item Delimitation Item")
+                return value
+            if tag in (_ITEM, _SEQ_END):
+                raise DatasetStructureError("item or delimiter outside a sequence")
+            if length == _UNDEFINED:
+                if tag == PIXEL_DATA and vr != b"UN":  # also in Icon Image Sequence items
+                    pos = self.fragments(value, limit)
+                elif implicit or vr in (b"SQ", b"UN"):
+                    # UN of undefined length holds Implicit VR Little Endian (PS3.5 6.2.2).
+                    pos = self.sequence(value, limit, implicit or vr == b"UN", depth + 1)
+                else:
+                    raise DatasetStructureError("undefined length on a VR that cannot have it")
+                continue
+            end = value + length
+            if end > limit:
+                raise DatasetStructureError("element length past the end of the data set")
+            if vr == b"SQ":
+                self.sequence(value, end, implicit, depth + 1, defined=True)
+            pos = end
+        if item:
+            raise DatasetStructureError("undefined-length item not closed")
+        return pos
+
+    def sequence(
+        self, pos: int, limit: int, implicit: bool, depth: int, *, defined: bool = False
+    ) -> int:
+        """Items of a sequence (PS3.5 7.5.1-7.5.2) up to its delimiter or ``limit``."""
+        while pos < limit:
+            tag, _vr, length, value = self.header(pos, limit, True)
+            if tag == _SEQ_END:
+                if defined or length != 0:
+                    raise DatasetStructureError("unexpected Sequence Delimitation Item")
+                return value
+            if tag != _ITEM:
+                raise DatasetStructureError("sequence holds something other than items")
+            if length == _UNDEFINED:
+                pos = self.dataset(value, limit, implicit, depth, item=True)
+            else:
+                if value + length > limit:
+                    raise DatasetStructureError("item length past the end of its sequence")
+                self.dataset(value, value + length, implicit, depth, item=False)
+                pos = value + length
+        if not defined:
+            raise DatasetStructureError("undefined-length sequence not closed")
+        return pos
+
+    def fragments(self, pos: int, limit: int) -> int:
+        """Encapsulated Pixel Data (PS3.5 A.4): defined-length items, then the delimiter."""
+        while pos < limit:
+            tag, _vr, length, value = self.header(pos, limit, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM or length == _UNDEFINED:
+                raise DatasetStructureError("encapsulated Pixel Data holds a non-fragment")
+            if value + length > limit:
+                raise DatasetStructureError("Pixel Data fragment past the end of the data set")
+            pos = value + length
+        raise DatasetStructureError("encapsulated Pixel Data without its delimiter")
+
+
+def check_structure(
+    read: ReadAt, start: int, end: int, *, implicit: bool, little: bool = True
+) -> None:
+    """Walk every element of an encoded data set and refuse what does not fit.
+
+    The element headers only are read (``read`` at data set offsets), values are
+    skipped by their lengths, so a walk over a large instance reads a few KiB. It
+    refuses what a reader would otherwise cut short or misread (PS3.5 7.1 element
+    encoding, 7.5 nesting, A.4 encapsulation): an element or item whose length runs
+    past the end of what holds it, a data set ending inside an element header, an
+    undefined-length sequence or item without its delimitation item, encapsulated
+    Pixel Data without its Sequence Delimitation Item.
+
+    Parameters
+    ----------
+    read
+        ``read(offset, n)``: up to ``n`` bytes of the data set at ``offset``.
+    start, end
+        Where the walk starts (an element header) and where the data set ends.
+    implicit, little
+        Implicit VR; little-endian (Explicit VR Big Endian otherwise).
+
+    Raises
+    ------
+    DatasetStructureError
+        With a reason free of patient data.
+    """
+    walk = _StructureWalk(read, end, little)
+    try:
+        walk.dataset(start, end, implicit, 0, item=False)
+    except _NotExplicitError:
+        # Implicit VR under an explicit transfer syntax: pydicom reads such files
+        # (with a warning) by switching to implicit, and so do we.
+        walk = _StructureWalk(read, end, little)
+        walk.dataset(start, end, True, 0, item=False)
+
+
+class _NotExplicitError(DatasetStructureError):
+    pass

@@ -116,8 +116,34 @@ class DicomSettings(BaseModel):
     workers: int = Field(0, ge=0)
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
+    #: Seconds an established association may stay silent before we close it; also
+    #: pynetdicom's network timeout. Idle associations hold slots a modality needs.
+    network_timeout_s: float = Field(30.0, gt=0)
+    #: ARTIM (PS3.8 9.1.5): seconds a new connection has to send its whole
+    #: A-ASSOCIATE-RQ before it is closed.
+    artim_timeout_s: float = Field(10.0, gt=0)
+    #: Connections per process, counted from accept (negotiating ones included).
     max_associations: int = Field(32, ge=1)
+    #: Most of those one calling AE title (or one IP address before its A-ASSOCIATE-RQ
+    #: is read) may hold; 0: half of ``max_associations``. So one peer that floods or
+    #: leaks associations cannot lock the other modalities out.
+    max_associations_per_ae: int = Field(0, ge=0)
+    #: The A-ASSOCIATE-RQ is a few KiB (PS3.8 9.3.2); a longer one is rejected unread.
+    max_associate_rq_bytes: int = Field(65536, ge=1024)
+    #: A DIMSE command set is a few hundred bytes (PS3.7 9.3); fragments of one past
+    #: this abort the association instead of being buffered.
+    max_command_bytes: int = Field(65536, ge=1024)
+    #: Largest data set of one C-STORE (as received; streamed to disk, never held in
+    #: memory). A larger one aborts the association.
+    max_dataset_bytes: int = Field(4 << 30, ge=1 << 20)
+    #: Deflated Explicit VR Little Endian (PS3.5 A.5): most bytes one data set may
+    #: inflate to, and most inflated bytes per received byte (zlib tops out near
+    #: 1032:1, real data sets compress far less). Beyond either: refused, 0xC000.
+    max_inflated_bytes: int = Field(4 << 30, ge=1 << 20)
+    max_inflate_ratio: int = Field(200, ge=2)
+    #: Refuse to start while ``allowed_calling_aes`` (and the worklist's list) is empty,
+    #: i.e. while any calling AE title would be served.
+    require_ae_allow_list: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -135,7 +161,16 @@ class DicomSettings(BaseModel):
     def _check_tls(self) -> DicomSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("dicom.tls_cert and dicom.tls_key must be set together")
+        if self.require_ae_allow_list and not self.allowed_calling_aes:
+            raise ValueError(
+                "dicom.require_ae_allow_list is set but dicom.allowed_calling_aes is empty"
+            )
         return self
+
+    @property
+    def per_ae_limit(self) -> int:
+        """Associations one calling AE (or IP address) may hold at once."""
+        return self.max_associations_per_ae or max(1, self.max_associations // 2)
 
 
 class HttpSettings(BaseModel):
@@ -233,6 +268,7 @@ class ProcessingSettings(BaseModel):
         if value == "embedded":
             raise ValueError("'embedded' is the worker of pacslab serve; choose another name")
         return value
+
     #: Transcode stored originals to HTJ2K lossless (issue #3 archive option).
     archive_htj2k: bool = False
 
@@ -389,6 +425,10 @@ class WorklistSettings(BaseModel):
     pn_accent_insensitive: bool = True
     #: Most C-FIND responses per query; one more match ends with 0xA700.
     max_results: int = Field(500, ge=1)
+    #: Calling AE titles whose Modality Worklist C-FIND and MPPS we serve; empty
+    #: serves any (a WARNING at start-up says so). Checked per request, on top of
+    #: ``dicom.allowed_calling_aes`` (which gates every association).
+    allowed_calling_aes: list[str] = Field(default_factory=list)
 
 
 class OrdersSettings(BaseModel):
@@ -533,7 +573,9 @@ class AuthSettings(BaseModel):
     def _check_source(self) -> AuthSettings:
         if self.jwks_path is not None and self.jwks_url:
             raise ValueError("set auth.jwks_path or auth.jwks_url, not both")
-        if self.jwks_url and not self.jwks_url.startswith(("https://", "http://127.", "http://localhost")):
+        if self.jwks_url and not self.jwks_url.startswith(
+            ("https://", "http://127.", "http://localhost")
+        ):
             raise ValueError("auth.jwks_url must be https (or loopback http for tests)")
         return self
 

@@ -30,7 +30,7 @@ from pacslab.wiring import build_index, build_ingest, build_order_service, stagi
 from storage.index.sql import SqlIndex
 from storage.originals import clear_staging
 
-__all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver"]
+__all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver", "warn_open_access"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,26 @@ def run_receiver(
         service.close()
         service.archive.close()
         index.close()
+
+
+def warn_open_access(settings: Settings) -> None:
+    """WARNING at start-up for every DICOM service any calling AE may use (issue 14 §9).
+
+    ``dicom.require_ae_allow_list`` turns the first into a start-up failure
+    (:class:`core.settings.DicomSettings` refuses it).
+    """
+    if not settings.dicom.allowed_calling_aes:
+        logger.warning(
+            "DICOM %s accepts associations from any calling AE title "
+            "(set PACSLAB_DICOM__ALLOWED_CALLING_AES, and "
+            "PACSLAB_DICOM__REQUIRE_AE_ALLOW_LIST=true to enforce it)",
+            settings.dicom.ae_title,
+        )
+    if not settings.worklist.allowed_calling_aes and not settings.dicom.allowed_calling_aes:
+        logger.warning(
+            "Modality Worklist C-FIND and MPPS answer any calling AE title "
+            "(set PACSLAB_WORKLIST__ALLOWED_CALLING_AES)"
+        )
 
 
 def receiver_staging_name(port: int) -> str:
@@ -168,6 +188,7 @@ class DicomProcesses:
         self._watch: threading.Thread | None = None
 
     def start(self) -> None:
+        warn_open_access(self.settings)
         self._clear_staging()
         for _ in range(self.count):
             self._procs.append(self._spawn())

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from core.errors import InvalidDatasetError, ServiceError
-from core.header import scan_header
+from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
 from core.instance import (
     INT_KEYWORDS,
     TEXT_KEYWORDS,
@@ -46,7 +47,7 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
-from storage.staging import StagedFile
+from storage.staging import StagedFile, StagedWriter
 
 __all__ = ["Accepted", "Archive", "check_pixel_data"]
 
@@ -54,6 +55,38 @@ logger = logging.getLogger(__name__)
 
 _PIXEL_DATA = Tag(0x7FE00010)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_LONG_HEADER_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
+_CHUNK = 1 << 20
+
+
+class _DatasetReader:
+    """``read(offset, n)`` over a staged data set: from the head kept in memory when
+    it holds the bytes, else ``pread`` from the file (opened only if needed)."""
+
+    def __init__(self, staged: StagedFile) -> None:
+        self._head = staged.head
+        self._path = staged.path
+        self._base = staged.dataset_offset
+        self._fd: int | None = None
+
+    def __enter__(self) -> Callable[[int, int], bytes]:
+        return self.read
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset + n <= len(self._head):
+            return self._head[offset : offset + n]
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        return os.pread(self._fd, n, self._base + offset)
+
+
 _NATIVE = {
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
@@ -187,7 +220,11 @@ class Archive:
         quarantine: Path,
         fsync: bool = True,
         max_batch: int = 64,
+        max_inflated_bytes: int = 4 << 30,
+        max_inflate_ratio: int = 200,
     ) -> None:
+        self.max_inflated_bytes = max_inflated_bytes
+        self.max_inflate_ratio = max_inflate_ratio
         self.originals = originals
         self.index = index
         self.quarantine = quarantine
@@ -207,6 +244,8 @@ class Archive:
             index,
             quarantine=settings.storage.quarantine_dir,
             fsync=settings.storage.fsync,
+            max_inflated_bytes=settings.dicom.max_inflated_bytes,
+            max_inflate_ratio=settings.dicom.max_inflate_ratio,
         )
 
     def staging_dir(self) -> Path:
@@ -269,20 +308,62 @@ class Archive:
                 src,
                 transfer_syntax_uid=staged.transfer_syntax_uid,
                 expected_sop_class_uid=staged.sop_class_uid if check_request_uids else None,
-                expected_sop_instance_uid=staged.sop_instance_uid
-                if check_request_uids
-                else None,
+                expected_sop_instance_uid=staged.sop_instance_uid if check_request_uids else None,
             )
 
+        if staged.transfer_syntax_uid == _DEFLATED:
+            inflated = self._inflate(staged)
+            try:
+                return self._read_encoded(inflated, record, _EXPLICIT_LE)
+            finally:
+                inflated.discard()
+        return self._read_encoded(staged, record, staged.transfer_syntax_uid)
+
+    def _read_encoded(
+        self,
+        staged: StagedFile,
+        record: Callable[[HeaderSource], InstanceRecord],
+        transfer_syntax_uid: str,
+    ) -> InstanceRecord:
+        """Check the structure, read the header, check Pixel Data: refuse, never cut.
+
+        ``transfer_syntax_uid`` is how ``staged``'s bytes are encoded (Explicit VR
+        Little Endian for an inflated Deflated data set).
+        """
+        implicit = transfer_syntax_uid == IMPLICIT_VR_LE
+        little = transfer_syntax_uid != _BIG_ENDIAN
+        data_end = staged.size - staged.dataset_offset
         # The header as received, in memory (most instances); pydicom when unsure.
-        values = scan_header(
-            staged.head,
-            staged.transfer_syntax_uid,
-            text_keywords=TEXT_KEYWORDS,
-            int_keywords=INT_KEYWORDS,
-            complete=staged.head_complete,
-            tail=staged.tail,
-        ) if staged.head else None
+        with _DatasetReader(staged) as read:
+            try:
+                values = (
+                    scan_header(
+                        staged.head,
+                        transfer_syntax_uid,
+                        text_keywords=TEXT_KEYWORDS,
+                        int_keywords=INT_KEYWORDS,
+                        complete=staged.head_complete,
+                        tail=staged.tail,
+                        check_sequences=True,
+                    )
+                    if staged.head
+                    else None
+                )
+                if values is None:
+                    check_structure(read, 0, data_end, implicit=implicit, little=little)
+                elif values.pixel_data is not None:
+                    # The walk checked every element before Pixel Data; the rest (the
+                    # pixel value, its fragments, anything after it) is checked here
+                    # from the element's header on: a few header reads, no values.
+                    element = values.pixel_data
+                    header = 12 if element.vr in _LONG_HEADER_VRS else 8
+                    check_structure(
+                        read, element.value_offset - header, data_end, implicit=implicit
+                    )
+            except DatasetStructureError as exc:
+                raise InvalidDatasetError(str(exc)) from exc
+            except OSError as exc:
+                raise InvalidDatasetError("data set unreadable") from exc
         if values is not None:
             rec = record(values)
             pixel = values.pixel_data
@@ -290,7 +371,7 @@ class Archive:
                 values,
                 pixel.length if pixel else None,
                 staged.dataset_offset + pixel.value_offset if pixel else None,
-                staged.transfer_syntax_uid,
+                transfer_syntax_uid,
                 staged.size,
             )
             return rec
@@ -305,7 +386,7 @@ class Archive:
                     src,
                     getattr(raw, "length", None),
                     getattr(raw, "value_tell", None),
-                    staged.transfer_syntax_uid,
+                    transfer_syntax_uid,
                     staged.size,
                 )
         except ServiceError:
@@ -323,6 +404,59 @@ class Archive:
         ) as exc:
             raise InvalidDatasetError(f"cannot parse data set: {type(exc).__name__}") from exc
         return rec
+
+    def _inflate(self, staged: StagedFile) -> StagedFile:
+        """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) to a
+        staging file of its own, incrementally and within the configured bounds.
+
+        pydicom inflates the whole data set in memory; a few MB that inflate to GBs
+        (a deflate bomb) must be refused after reading at most the bound, with memory
+        bounded by one chunk.
+
+        Raises
+        ------
+        InvalidDatasetError
+            Not a valid raw deflate stream, or larger than the bounds.
+        """
+        compressed = staged.size - staged.dataset_offset
+        cap = min(self.max_inflated_bytes, self.max_inflate_ratio * compressed + (1 << 20))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        writer = StagedWriter(
+            staged.path.parent, staged.sop_class_uid, staged.sop_instance_uid, _EXPLICIT_LE
+        )
+        total = 0
+        try:
+            with staged.path.open("rb") as fp:
+                fp.seek(staged.dataset_offset)
+                pending = b""
+                while True:
+                    if not pending:
+                        pending = fp.read(_CHUNK)
+                        if not pending:
+                            break
+                    # max_length: never more than one chunk of output per call.
+                    out = inflater.decompress(pending, _CHUNK)
+                    pending = inflater.unconsumed_tail
+                    total += len(out)
+                    if total > cap:
+                        raise InvalidDatasetError("Deflated data set inflates past the limit")
+                    writer.write(out)
+                    if inflater.eof:
+                        break
+                out = inflater.flush()
+                total += len(out)
+                if total > cap:
+                    raise InvalidDatasetError("Deflated data set inflates past the limit")
+                writer.write(out)
+            if not inflater.eof:
+                raise InvalidDatasetError("Deflated data set truncated")
+        except zlib.error as exc:
+            writer.abort()
+            raise InvalidDatasetError("Deflated data set is not a deflate stream") from exc
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.finish(fsync=False)
 
     def _undo_blob(self, key: str) -> None:
         # Delete only a blob no index row uses: a concurrent receiver may have indexed the

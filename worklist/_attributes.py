@@ -13,15 +13,19 @@ For a sequence row, ``get`` returns the contexts of its items.
 from __future__ import annotations
 
 import enum
+import logging
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, NamedTuple
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VM, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from worklist.model import Code, ScheduledProcedureStep, WorklistItem
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CODE",
@@ -32,7 +36,9 @@ __all__ = [
     "Entry",
     "Kind",
     "Node",
+    "UnboundedValueError",
     "add_nodes",
+    "bound_value",
     "collect",
     "full_dataset",
 ]
@@ -216,10 +222,113 @@ CHILDREN_BY_TAG: dict[int, dict[int, Attr]] = {
 
 
 def element_value(attr: Attr, value: Any) -> Any:
-    """Convert a ``get`` result to what pydicom stores for an element of ``attr.vr``."""
+    """Convert a ``get`` result to what pydicom stores for an element of ``attr.vr``,
+    bounded to what the VR allows (:func:`bound_value`)."""
+    if isinstance(value, str):
+        value = bound_value(attr.tag, attr.vr, value)
     if value == "" and attr.vr in ("US", "DS", "IS"):
         return None
     return value
+
+
+class UnboundedValueError(ValueError):
+    """An identifying value does not fit its VR: the entry must not be sent.
+
+    Cutting an identifier would make it another one (a truncated Patient ID or
+    Accession Number can name another patient's order), so such an entry is left out
+    of the response rather than bounded.
+    """
+
+
+#: PS3.5 Table 6.2-1 maximum value lengths (characters; PN per component group).
+MAX_LENGTH = {
+    "AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64,
+    "LT": 10240, "PN": 64, "SH": 16, "ST": 1024, "TM": 14, "UI": 64,
+    "UC": 65536, "UT": 65536, "UR": 65536,
+}  # fmt: skip
+#: Identifying attributes: refused (the entry left out), never cut.
+IDENTIFIERS = frozenset(
+    int(tag_for_keyword(k) or 0)
+    for k in (
+        "PatientID", "IssuerOfPatientID", "AccessionNumber", "RequestedProcedureID",
+        "ScheduledProcedureStepID", "StudyInstanceUID", "AdmissionID",
+        "ReferencedSOPInstanceUID", "ReferencedSOPClassUID", "ScheduledStationAETitle",
+    )
+)  # fmt: skip
+#: Values that a cut would make wrong rather than short: emptied (Type 2: present,
+#: no value) instead.
+_EXACT_VRS = frozenset({"AS", "DA", "DS", "DT", "IS", "TM", "UI", "AE"})
+#: ST, LT, UT may hold CR, LF, FF and TAB (PS3.5 6.1.3); no other control characters
+#: anywhere. ESC only introduces ISO 2022 code extensions, which our responses
+#: (ISO_IR 100 or ISO_IR 192, PS3.5 6.1.2.5) never use.
+_TEXT_CONTROLS = "\t\n\f\r"
+_CONTROL = {c: None for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_TEXT_CONTROL = {c: None for c in _CONTROL if chr(c) not in _TEXT_CONTROLS}
+_CS_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _")
+
+
+def bound_value(tag: int, vr: str, value: str) -> str:
+    """``value`` made valid for ``vr`` (PS3.5 6.2), with a WARNING when changed.
+
+    Display text (PN, LO, SH, ST, LT, UT, UC) is cut to the VR's length and loses
+    control characters: an order whose name is too long must still reach the
+    modality readable. CS is upper-cased and limited to its repertoire. Dates, times,
+    numbers, UIDs and AE titles are emptied instead: a cut one is a wrong one.
+    Identifying attributes (:data:`IDENTIFIERS`) that do not fit raise.
+
+    Raises
+    ------
+    UnboundedValueError
+        An identifier longer than its VR or with characters it does not allow.
+    """
+    limit = MAX_LENGTH.get(vr)
+    if limit is None:
+        return value
+    table = _TEXT_CONTROL if vr in ("ST", "LT", "UT") else _CONTROL
+    multi = vr not in ("ST", "LT", "UT", "UR")
+    cleaned = value.translate(table)
+    if multi and "\\" in cleaned and dictionary_VM(tag) == "1":
+        cleaned = cleaned.replace("\\", " ")  # a delimiter would make it two values
+    parts = cleaned.split("\\") if multi else [cleaned]
+    bounded = [_bound_one(vr, part, limit) for part in parts]
+    out = "\\".join(bounded) if multi else bounded[0]
+    if out != value:
+        if tag in IDENTIFIERS:
+            raise UnboundedValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) out of VR {vr}")
+        logger.warning(
+            "worklist value of (%04X,%04X) %s bounded: %d characters sent of %d",
+            tag >> 16,
+            tag & 0xFFFF,
+            vr,
+            len(out),
+            len(value),
+        )
+    return out
+
+
+def _bound_group(group: str, limit: int) -> str:
+    """A PN component group within ``limit``: the longest component is cut first, so
+    an over-long family name still leaves the given name (PS3.5 6.2.1)."""
+    parts = group.split("^")[:5]
+    while len("^".join(parts)) > limit:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        excess = len("^".join(parts)) - limit
+        parts[longest] = parts[longest][: max(len(parts[longest]) - excess, 0)]
+    return "^".join(parts)
+
+
+def _bound_one(vr: str, part: str, limit: int) -> str:
+    if vr == "PN":
+        # 64 characters per component group, at most 3 groups of 5 components.
+        return "=".join(_bound_group(g, limit) for g in part.split("=")[:3])
+    if vr == "CS":
+        # Accents dropped first (NFKD), so "ÇT" becomes "CT" rather than "T".
+        decomposed = unicodedata.normalize("NFKD", part)
+        upper = "".join(c for c in decomposed if not unicodedata.combining(c)).upper()
+        return "".join(c for c in upper if c in _CS_CHARS)[:limit]
+    if vr in _EXACT_VRS:
+        return part if len(part) <= limit and part.isascii() else ""
+    return part[:limit]
 
 
 #: One response element before encoding: (tag, VR, value). A SQ value is a list of
@@ -241,9 +350,10 @@ def collect(attrs: tuple[Attr, ...], ctx: Any, non_ascii: list[str]) -> list[Nod
             continue
         if attr.optional and value in ("", None):
             continue
+        value = element_value(attr, value)
         if isinstance(value, str) and not value.isascii():
             non_ascii.append(value)
-        out.append((attr.tag, attr.vr, element_value(attr, value)))
+        out.append((attr.tag, attr.vr, value))
     return out
 
 

@@ -594,9 +594,10 @@ def _collect(keys: tuple[KeyQuery, ...], ctx: Any, non_ascii: list[str]) -> list
                     items.append(_collect(key.keys, child, non_ascii))
             out.append((key.tag, "SQ", items))
             continue
+        value = element_value(attr, value)  # bounded to the VR (PS3.5 6.2)
         if isinstance(value, str) and not value.isascii():
             non_ascii.append(value)
-        out.append((key.tag, attr.vr, element_value(attr, value)))
+        out.append((key.tag, attr.vr, value))
     return out
 
 

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from core.errors import OutOfResourcesError, ProcedureStepStateError, ServiceError
-from worklist._attributes import Entry
+from worklist._attributes import Entry, UnboundedValueError
 from worklist._wire import Unencodable, raw_response
 from worklist.mpps import NO_LONGER_UPDATABLE_ID, Create, Effect, Set, transition
 from worklist.query import MatchOptions, WorklistQuery, build_query, matching_entries, project
@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 _PENDING = 0xFF00
 _PENDING_UNSUPPORTED_KEYS = 0xFF01
 _CANCEL = 0xFE00
+_NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.x "Refused: Not Authorized"
 _TOO_MANY = "Too many matches; narrow the query"
 
 
@@ -137,6 +138,10 @@ def handle_find(
         settings if isinstance(settings, MatchOptions) else MatchOptions.from_settings(settings)
     )
     calling = event.assoc.requestor.ae_title
+    if not _allowed(calling, getattr(settings, "allowed_calling_aes", ())):
+        logger.warning("C-FIND from %s refused: calling AE not allowed", calling)
+        yield _status(_NOT_AUTHORIZED, "Calling AE not allowed"), None
+        return
     try:
         query = build_query(event.identifier, options)
     except ServiceError as exc:
@@ -157,13 +162,24 @@ def handle_find(
                     logger.warning("C-FIND from %s stopped at %d matches", calling, sent)
                     yield _status(OutOfResourcesError.dimse_status, _TOO_MANY), None
                     return
-                yield pending, respond(query, entry)
+                try:
+                    identifier = respond(query, entry)
+                except UnboundedValueError as exc:
+                    # An identifier a modality would misread: leave this entry out.
+                    logger.warning("C-FIND from %s: entry left out, %s", calling, exc)
+                    continue
+                yield pending, identifier
                 sent += 1
     except ServiceError as exc:
         logger.warning("C-FIND from %s failed: %s", calling, exc.title)
         yield _error_status(exc), None
         return
     logger.info("C-FIND from %s: %d matches", calling, sent)
+
+
+def _allowed(calling: str, allowed: Sequence[str]) -> bool:
+    """The worklist's own allow-list (``worklist.allowed_calling_aes``); empty: any."""
+    return not allowed or calling.strip() in {a.strip() for a in allowed}
 
 
 def _act(effects: Sequence[Effect], sink: EffectSink | None) -> None:
@@ -177,9 +193,17 @@ def _act(effects: Sequence[Effect], sink: EffectSink | None) -> None:
 
 
 def handle_n_create(
-    event: Event, repo: MppsRepository, sink: EffectSink | None = None
+    event: Event,
+    repo: MppsRepository,
+    sink: EffectSink | None = None,
+    allowed: Sequence[str] = (),
 ) -> tuple[int | Dataset, Dataset | None]:
     """EVT_N_CREATE for Modality Performed Procedure Step (PS3.4 F.7.2.1)."""
+    if not _allowed(event.assoc.requestor.ae_title, allowed):
+        logger.warning(
+            "MPPS N-CREATE from %s refused: calling AE not allowed", event.assoc.requestor.ae_title
+        )
+        return _status(_NOT_AUTHORIZED, "Calling AE not allowed"), None
     req = cast("N_CREATE", event.request)
     requested = req.AffectedSOPInstanceUID
     # PS3.7 10.1.5.1.4: the SCP assigns the UID when the SCU leaves it out.
@@ -200,9 +224,17 @@ def handle_n_create(
 
 
 def handle_n_set(
-    event: Event, repo: MppsRepository, sink: EffectSink | None = None
+    event: Event,
+    repo: MppsRepository,
+    sink: EffectSink | None = None,
+    allowed: Sequence[str] = (),
 ) -> tuple[int | Dataset, Dataset | None]:
     """EVT_N_SET for Modality Performed Procedure Step (PS3.4 F.7.2.2)."""
+    if not _allowed(event.assoc.requestor.ae_title, allowed):
+        logger.warning(
+            "MPPS N-SET from %s refused: calling AE not allowed", event.assoc.requestor.ae_title
+        )
+        return _status(_NOT_AUTHORIZED, "Calling AE not allowed"), None
     uid = str(cast("N_SET", event.request).RequestedSOPInstanceUID)
     try:
         step, effects = transition(repo.get(uid), Set(uid, event.modification_list))
@@ -234,11 +266,12 @@ def handlers(
 ) -> list[Any]:
     """The ``evt_handlers`` to pass to ``AE.start_server`` (with any others)."""
     configure_pynetdicom()
+    allowed = list(getattr(settings, "allowed_calling_aes", ()))
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_C_FIND, handle_find, [source, settings]),
-        (evt.EVT_N_CREATE, handle_n_create, [repo, sink]),
-        (evt.EVT_N_SET, handle_n_set, [repo, sink]),
+        (evt.EVT_N_CREATE, handle_n_create, [repo, sink, allowed]),
+        (evt.EVT_N_SET, handle_n_set, [repo, sink, allowed]),
     ]
 
 
@@ -252,10 +285,11 @@ def build_ae(dicom: DicomSettings | None = None, *, ae_title: str = "PACSLAB") -
     ae = AE(ae_title=dicom.ae_title if dicom else ae_title)
     if dicom is not None:
         ae.maximum_pdu_size = dicom.max_pdu
-        ae.acse_timeout = dicom.acse_timeout_s
+        ae.acse_timeout = min(dicom.acse_timeout_s, dicom.artim_timeout_s)
         ae.dimse_timeout = dicom.dimse_timeout_s
         ae.network_timeout = dicom.network_timeout_s
         ae.maximum_associations = dicom.max_associations
+        ae.require_calling_aet = [a.strip() for a in dicom.allowed_calling_aes]
     for context in presentation_contexts():
         ae.add_supported_context(cast(str, context.abstract_syntax), context.transfer_syntax)
     ae.add_supported_context(Verification)

@@ -12,6 +12,13 @@ verification (worklist, MPPS, role selection, user identity), which
 
 Each DIMSE response goes out in one ``sendall`` with TCP_NODELAY set, so default
 DCMTK peers (Nagle on) are not delayed by our small writes.
+
+Every peer is treated as hostile: nothing it declares is buffered beyond a bound.
+P-DATA-TF PDUs are limited by our Maximum Length Received (PS3.8 D.1), other PDUs to
+64 KiB, a command set's fragments to ``max_command_bytes``, a data set to
+``max_dataset_bytes`` (streamed to disk, never held); past any of them the association
+ends with A-ABORT (PS3.8 9.3.8). :class:`Admission` counts connections from accept and
+keeps one peer from taking every slot.
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ from ingest.dicom.dimse import (
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StagedWriter
 
 __all__ = [
+    "Admission",
     "AssociationPolicy",
     "FastAssociation",
     "Negotiation",
     "PduReader",
     "StoreCallback",
+    "Ticket",
     "is_fast_path",
     "negotiate",
 ]
@@ -64,6 +73,8 @@ logger = logging.getLogger(__name__)
 A_ASSOCIATE_RQ_TYPE, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x01, 0x04, 0x05, 0x06, 0x07
 VERIFICATION = "1.2.840.10008.1.1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+#: Bound on the PDUs that are not P-DATA-TF once associated (release, abort).
+MAX_CONTROL_PDU = 65536
 
 #: Called with the finished data set's writer, the request and the calling AE title;
 #: returns the DIMSE status and an ErrorComment.
@@ -78,6 +89,123 @@ class AbortError(Exception):
         self.reason = reason
 
 
+class Ticket:
+    """One accepted connection's slot (see :class:`Admission`)."""
+
+    __slots__ = ("_admission", "key", "last_active", "sock", "state")
+
+    def __init__(self, admission: Admission, sock: socket.socket, key: str) -> None:
+        self._admission = admission
+        self.sock = sock
+        self.key = key  # "ip:<address>" until the calling AE title is known
+        self.state = "pending"  # pending -> established -> closed
+        self.last_active = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    def establish(self, calling_ae: str, *, key: str = "") -> bool:
+        """Count this connection under its calling AE title (or ``key``: a TLS peer,
+        whose A-ASSOCIATE-RQ only pynetdicom reads); False if that key is at its
+        limit (answer A-ASSOCIATE-RJ, transient, local limit exceeded). Established,
+        it is evicted only when idle."""
+        return self._admission._establish(self, key or f"ae:{calling_ae}")
+
+    def release(self) -> None:
+        self._admission._release(self)
+
+    def evict(self) -> None:
+        """Close the socket under the thread serving it: its next read fails."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Admission:
+    """Connection slots of one receiver process, counted from accept.
+
+    A connection holds a slot from ``accept`` (before its A-ASSOCIATE-RQ is read:
+    PS3.8 ARTIM runs then) until it closes, whichever transport serves it. When every
+    slot is taken, a new connection takes the slot of the connection that has waited
+    longest without sending its A-ASSOCIATE-RQ, or else of the established association
+    idle longest (if idle at least ``evict_idle_s``): an idle flood cannot keep a
+    modality out, a modality in the middle of a transfer is never cut off. One key
+    (calling AE title, or IP address while the AE is unknown) may hold at most
+    ``per_key`` slots.
+    """
+
+    def __init__(self, total: int, per_key: int, evict_idle_s: float = 2.0) -> None:
+        self.total = total
+        self.per_key = per_key
+        self.evict_idle_s = evict_idle_s
+        self._lock = threading.Lock()
+        self._tickets: dict[int, Ticket] = {}
+        self._per_key: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def admit(self, sock: socket.socket, ip: str) -> Ticket | None:
+        """A slot for a connection just accepted, or None (close it at once)."""
+        key = f"ip:{ip}"
+        victims: list[Ticket] = []
+        with self._lock:
+            if self._per_key.get(key, 0) >= self.per_key:
+                victim = self._oldest(lambda t: t.state == "pending" and t.key == key)
+                if victim is None:
+                    return None
+                victims.append(victim)
+            elif len(self._tickets) >= self.total:
+                victim = self._oldest(lambda t: t.state == "pending")
+                if victim is None:
+                    idle_since = time.monotonic() - self.evict_idle_s
+                    victim = self._oldest(
+                        lambda t: t.state == "established" and t.last_active <= idle_since
+                    )
+                if victim is None:
+                    return None
+                victims.append(victim)
+            for victim in victims:
+                self._drop(victim)
+            ticket = Ticket(self, sock, key)
+            self._tickets[id(ticket)] = ticket
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        for victim in victims:
+            logger.warning("closing an idle connection (%s) for a new one", victim.key)
+            victim.evict()
+        return ticket
+
+    def _oldest(self, match: Callable[[Ticket], bool]) -> Ticket | None:
+        candidates = [t for t in self._tickets.values() if match(t)]
+        return min(candidates, key=lambda t: t.last_active) if candidates else None
+
+    def _drop(self, ticket: Ticket) -> None:
+        if self._tickets.pop(id(ticket), None) is None:
+            return
+        left = self._per_key.get(ticket.key, 1) - 1
+        if left:
+            self._per_key[ticket.key] = left
+        else:
+            self._per_key.pop(ticket.key, None)
+        ticket.state = "closed"
+
+    def _establish(self, ticket: Ticket, key: str) -> bool:
+        with self._lock:
+            if ticket.state != "pending":
+                return ticket.state == "established"
+            if self._per_key.get(key, 0) >= self.per_key:
+                return False
+            self._drop(ticket)
+            ticket.key, ticket.state = key, "established"
+            ticket.touch()
+            self._tickets[id(ticket)] = ticket
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+            return True
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._drop(ticket)
+
+
 @dataclass
 class AssociationPolicy:
     """What this receiver accepts; shared by every association of a process."""
@@ -88,7 +216,9 @@ class AssociationPolicy:
     max_pdu: int = 4_194_304
     network_timeout_s: float = 60.0
     max_associations: int = 32
-    _active: int = 0
+    max_command_bytes: int = 65536
+    max_dataset_bytes: int = 4 << 30
+    admission: Admission = field(default_factory=lambda: Admission(32, 16))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
     _negotiating: threading.Lock = field(default_factory=threading.Lock)
@@ -126,17 +256,6 @@ class AssociationPolicy:
                         self._plans.popitem(last=False)
         return plan
 
-    def enter(self) -> bool:
-        with self._lock:
-            if self._active >= self.max_associations:
-                return False
-            self._active += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self._active -= 1
-
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -157,9 +276,12 @@ class PduReader:
     A view returned by :meth:`read_body` is valid until the next read.
     """
 
-    def __init__(self, sock: socket.socket, limit: int) -> None:
+    def __init__(self, sock: socket.socket, limit: int, ticket: Ticket | None = None) -> None:
         self.sock = sock
-        self.limit = limit
+        # Our Maximum Length Received bounds the P-DATA-TF variable field (PS3.8
+        # D.1.1); a little slack for peers that count the 6-byte header in it.
+        self.limit = limit + 6 if limit else 0
+        self.ticket = ticket
         self._header = bytearray(6)
         self._buf = bytearray(65536)
 
@@ -175,9 +297,15 @@ class PduReader:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         _recv_into(self.sock, memoryview(self._header))
+        if self.ticket is not None:
+            self.ticket.touch()
         pdu_type, _, length = struct.unpack(">BBI", self._header)
-        if self.limit and length > self.limit:
-            raise AbortError(0x06, f"PDU of {length} bytes exceeds the negotiated maximum")
+        if pdu_type == P_DATA_TF:
+            if self.limit and length > self.limit:
+                raise AbortError(0x06, f"PDU of {length} bytes exceeds the negotiated maximum")
+        elif length > MAX_CONTROL_PDU:
+            # A-RELEASE-RQ/RP and A-ABORT are 4 bytes (PS3.8 9.3.6-9.3.8): not buffered.
+            raise AbortError(0x06, f"PDU type 0x{pdu_type:02X} of {length} bytes")
         return pdu_type, length
 
     def read_item_header(self) -> tuple[int, int, int]:
@@ -185,6 +313,14 @@ class PduReader:
         _recv_into(self.sock, memoryview(self._header))
         item_len, context_id, header = struct.unpack(">IBB", self._header)
         return int(item_len), int(context_id), int(header)
+
+    def discard(self, length: int) -> None:
+        """Read and drop ``length`` bytes through the fixed buffer."""
+        view = memoryview(self._buf)
+        while length:
+            n = min(length, len(view))
+            _recv_into(self.sock, view[:n])
+            length -= n
 
     def read_body(self, length: int) -> memoryview:
         if length > len(self._buf):
@@ -270,7 +406,9 @@ class FastAssociation:
         policy: AssociationPolicy,
         on_store: StoreCallback,
         staging: Path,
+        ticket: Ticket | None = None,
     ) -> None:
+        self.ticket = ticket
         self.sock = sock
         self.peer = peer
         self.policy = policy
@@ -326,15 +464,14 @@ class FastAssociation:
             )
             self._reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE
             return False
-        if not self.policy.enter():
+        if self.ticket is not None and not self.ticket.establish(self.calling_ae):
             logger.warning(
-                "association from %s rejected: %d associations active",
+                "association from %s rejected: that AE holds %d associations already",
                 self.calling_ae,
-                self.policy.max_associations,
+                self.policy.admission.per_key,
             )
             self._reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local limit
             return False
-        self._entered = True
         self.accepted = plan.accepted
         self.sock.sendall(plan.ac_pdu)
         return True
@@ -351,16 +488,21 @@ class FastAssociation:
 
     def _serve(self) -> None:
         cmd_parts: list[bytes] = []
+        cmd_size = 0  # bytes of the command set being received
+        data_size = 0  # bytes of the data set being received
         command: Command | None = None
         cmd_context = 0
         writer: StagedWriter | None = None
-        reader = PduReader(self.sock, self.policy.max_pdu)
+        reader = PduReader(self.sock, self.policy.max_pdu, self.ticket)
         try:
             while True:
                 pdu_type, length = reader.read_header()
                 if pdu_type != P_DATA_TF:
                     reader.read_body(length)  # release/abort bodies hold nothing we use
                     if pdu_type == A_RELEASE_RQ:
+                        if command is not None or cmd_parts:
+                            # PS3.7 D.3.3.1 / PS3.8 7.2: no release in mid-message.
+                            raise AbortError(0x02, "A-RELEASE-RQ in the middle of a message")
                         self.sock.sendall(struct.pack(">BBII", A_RELEASE_RP, 0, 4, 0))
                         return
                     if pdu_type == A_ABORT:
@@ -382,8 +524,15 @@ class FastAssociation:
                     if header & 0x01:  # command fragment
                         if command is not None:
                             raise AbortError(0x02, "command fragment inside a data set")
+                        cmd_size += size
+                        if cmd_size > self.policy.max_command_bytes:
+                            # A command set is a few hundred bytes (PS3.7 9.3): fragments
+                            # without end are an attack on memory, not a message.
+                            raise AbortError(0x02, f"command set over {cmd_size - size} bytes")
                         cmd_parts.append(bytes(reader.read_body(size)))
                         if header & 0x02:
+                            cmd_size = 0
+                            data_size = 0
                             try:
                                 command = decode_command(b"".join(cmd_parts))
                             except ValueError as exc:
@@ -398,8 +547,11 @@ class FastAssociation:
                     else:  # data set fragment
                         if command is None or context_id != cmd_context:
                             raise AbortError(0x02, "data set fragment without its command")
+                        data_size += size
+                        if data_size > self.policy.max_dataset_bytes:
+                            raise AbortError(0x02, "data set larger than max_dataset_bytes")
                         if writer is None:
-                            reader.read_body(size)  # refused already: consume and drop
+                            reader.discard(size)  # refused already: consume and drop
                         else:
                             try:
                                 writer.receive(reader.recv_exactly, size)
@@ -464,8 +616,6 @@ class FastAssociation:
             self.sock.sendall(struct.pack(">BBIBBBB", A_ABORT, 0, 4, 0, 0, 0x02, reason))
 
     def _close(self) -> None:
-        if getattr(self, "_entered", False):
-            self.policy.leave()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

@@ -62,8 +62,9 @@ class _Noted:
 
 
 class _DimseAudit:
-    def __init__(self, log: AuditLog, secret: bytes,
-                 mpps_patient: PatientLookup | None = None) -> None:
+    def __init__(
+        self, log: AuditLog, secret: bytes, mpps_patient: PatientLookup | None = None
+    ) -> None:
         self.log = log
         self.secret = secret
         self.mpps_patient = mpps_patient
@@ -104,10 +105,14 @@ class _DimseAudit:
             if kind not in _WATCHED:
                 return
             cmd = message.command_set
-            uid = str(cmd.get("AffectedSOPInstanceUID", "") or
-                      cmd.get("RequestedSOPInstanceUID", "") or "")
-            sop_class = str(cmd.get("AffectedSOPClassUID", "") or
-                            cmd.get("RequestedSOPClassUID", "") or "")
+            uid = str(
+                cmd.get("AffectedSOPInstanceUID", "")
+                or cmd.get("RequestedSOPInstanceUID", "")
+                or ""
+            )
+            sop_class = str(
+                cmd.get("AffectedSOPClassUID", "") or cmd.get("RequestedSOPClassUID", "") or ""
+            )
             resource = f"SOPInstance/{uid}" if uid else f"SOPClass/{sop_class}"
             noted = _Noted(kind, resource, self._patient(event, message), sop_class, uid)
             with self.lock:
@@ -145,13 +150,21 @@ class _DimseAudit:
                 if not pkey:
                     pkey = self._step_patient(uid)
             requestor = event.assoc.requestor
-            self.log.record(AuditEntry(
-                action=action, event_type=event_type, outcome=outcome_for_dimse(status),
-                outcome_desc=f"0x{status:04X}", agent=str(requestor.ae_title)[:128],
-                agent_type="ae", source=str(requestor.address)[:64], resource=resource[:256],
-                patient_key=pkey, correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details(detail),
-            ))
+            self.log.record(
+                AuditEntry(
+                    action=action,
+                    event_type=event_type,
+                    outcome=outcome_for_dimse(status),
+                    outcome_desc=f"0x{status:04X}",
+                    agent=str(requestor.ae_title)[:128],
+                    agent_type="ae",
+                    source=str(requestor.address)[:64],
+                    resource=resource[:256],
+                    patient_key=pkey,
+                    correlation_id=correlation_id.get()[:32],
+                    detail=AuditEntry.details(detail),
+                )
+            )
         except Exception:
             logger.error("DIMSE audit: response not recorded", exc_info=True)
 

@@ -11,6 +11,7 @@ registered. Several processes may serve one listening socket (pre-fork, see
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -21,23 +22,30 @@ import threading
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler
 
 from core.logging import correlation
 from core.settings import DicomSettings
 from ingest.dicom.association import (
     A_ASSOCIATE_RQ_TYPE,
+    Admission,
     AssociationPolicy,
     FastAssociation,
     Negotiation,
+    Ticket,
 )
+from ingest.dicom.dimse import C_STORE_RQ, decode_command
 from ingest.dicom.handlers import handle_echo, handle_store, store_staged
 from ingest.service import IngestService
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 __all__ = ["TRANSFER_SYNTAXES", "DicomReceiver", "bind_listener"]
 
@@ -136,6 +144,9 @@ class DicomReceiver:
             max_pdu=settings.max_pdu,
             network_timeout_s=settings.network_timeout_s,
             max_associations=settings.max_associations,
+            max_command_bytes=settings.max_command_bytes,
+            max_dataset_bytes=settings.max_dataset_bytes,
+            admission=Admission(settings.max_associations, settings.per_ae_limit),
         )
         self.ssl_context = _ssl_context(settings)
         self._configure_pynetdicom()
@@ -151,6 +162,7 @@ class DicomReceiver:
             ("127.0.0.1", 0), block=False, evt_handlers=handlers, ssl_context=None
         )
         assert server is not None  # block=False returns the server
+        server.RequestHandlerClass = _BoundedRequestHandler
         self.slow_server = server
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -177,7 +189,8 @@ class DicomReceiver:
     ) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
-        ae.acse_timeout = self.settings.acse_timeout_s
+        # pynetdicom's ARTIM timer runs for acse_timeout (PS3.8 9.1.5).
+        ae.acse_timeout = min(self.settings.acse_timeout_s, self.settings.artim_timeout_s)
         ae.dimse_timeout = self.settings.dimse_timeout_s
         ae.network_timeout = self.settings.network_timeout_s
         ae.maximum_associations = self.settings.max_associations
@@ -216,20 +229,36 @@ class DicomReceiver:
                 continue
             sock.setblocking(True)
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            ticket = self.policy.admission.admit(
+                sock, str(addr[0]) if isinstance(addr, tuple) else peer
+            )
+            if ticket is None:
+                # Every slot busy with live transfers: refuse before reading a byte.
+                logger.warning(
+                    "connection from %s refused: %d connections",
+                    peer,
+                    self.settings.max_associations,
+                )
+                _close(sock)
+                continue
             with self._count_lock:
                 self._connections += 1
             thread = threading.Thread(
                 target=self._handle_counted,
-                args=(sock, addr, peer),
+                args=(sock, addr, peer, ticket),
                 name=f"dicom-{peer}",
                 daemon=True,
             )
             thread.start()
 
-    def _handle_counted(self, sock: socket.socket, addr: Any, peer: str) -> None:
+    def _handle_counted(self, sock: socket.socket, addr: Any, peer: str, ticket: Ticket) -> None:
         try:
-            self._handle(sock, addr, peer)
+            self._handle(sock, addr, peer, ticket)
+        except Exception:
+            logger.error("connection from %s failed", peer, exc_info=True)
+            _close(sock)
         finally:
+            ticket.release()
             with self._count_lock:
                 self._connections -= 1
 
@@ -247,18 +276,24 @@ class DicomReceiver:
             thread.join(timeout=2)
         self.slow_server.shutdown()
 
-    def _handle(self, sock: socket.socket, addr: Any, peer: str) -> None:
+    def _handle(self, sock: socket.socket, addr: Any, peer: str, ticket: Ticket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             try:
-                sock.settimeout(self.settings.acse_timeout_s)
+                sock.settimeout(self.settings.artim_timeout_s)
                 tls = self.ssl_context.wrap_socket(sock, server_side=True)
                 tls.settimeout(None)
             except (OSError, ssl.SSLError) as exc:
                 logger.warning("TLS handshake with %s failed: %s", peer, type(exc).__name__)
                 sock.close()
                 return
-            self._serve_slow(tls, addr)
+            ticket.sock = tls
+            ip = addr[0] if isinstance(addr, tuple) else peer
+            if not ticket.establish("", key=f"tls:{ip}"):
+                logger.warning("TLS connection from %s refused: too many from there", peer)
+                _close(tls)
+                return
+            self._serve_slow(tls, addr, ticket, None)
             return
         try:
             rq_bytes = self._peek_associate_rq(sock)
@@ -266,27 +301,48 @@ class DicomReceiver:
             logger.warning(
                 "connection from %s dropped before A-ASSOCIATE: %s", peer, type(exc).__name__
             )
-            sock.close()
+            _close(sock)
             return
-        if rq_bytes is not None:
-            try:
-                plan: Negotiation | None = self.policy.negotiation(rq_bytes)
-            except Exception:
-                plan = None  # let pynetdicom answer malformed requests per PS3.8
-            if plan is not None and plan.fast:
-                _recv_consume(sock, len(rq_bytes))
-                FastAssociation(
-                    sock,
-                    peer,
-                    self.policy,
-                    partial(store_staged, self.service),
-                    self.service.archive.staging_dir(),
-                ).run(plan)
-                return
+        except _RefusedError as exc:
+            logger.warning("connection from %s refused: %s", peer, exc)
+            with contextlib.suppress(OSError):
+                sock.sendall(exc.pdu)
+            _close(sock)
+            return
+        try:
+            plan: Negotiation | None = self.policy.negotiation(rq_bytes)
+        except Exception:
+            plan = None  # let pynetdicom answer malformed requests per PS3.8
+        if plan is not None and plan.fast:
+            _recv_consume(sock, len(rq_bytes))
+            FastAssociation(
+                sock,
+                peer,
+                self.policy,
+                partial(store_staged, self.service),
+                self.service.archive.staging_dir(),
+                ticket,
+            ).run(plan)
+            return
+        calling_ae = plan.calling_ae if plan is not None else ""
+        if calling_ae and plan is not None and plan.allowed and not ticket.establish(calling_ae):
+            logger.warning(
+                "association from %s (%s) rejected: that AE holds %d associations",
+                calling_ae,
+                peer,
+                self.policy.admission.per_key,
+            )
+            _recv_consume(sock, len(rq_bytes))
+            with contextlib.suppress(OSError):
+                sock.sendall(_associate_rj(0x02, 0x03, 0x02))  # transient, local limit
+            _close(sock)
+            return
         sock.settimeout(None)
-        self._serve_slow(sock, addr)
+        self._serve_slow(sock, addr, ticket, calling_ae)
 
-    def _serve_slow(self, sock: socket.socket, addr: Any) -> None:
+    def _serve_slow(
+        self, sock: socket.socket, addr: Any, ticket: Ticket, calling_ae: str | None
+    ) -> None:
         """Hand the connection to pynetdicom, under a correlation id of its own.
 
         pynetdicom's ``Association`` copies the context it is created in
@@ -294,24 +350,205 @@ class DicomReceiver:
         set before it exists, in this thread. ``process_request`` would first start a
         plain thread (``socketserver.ThreadingMixIn``), whose context is empty: the
         worklist and MPPS logs and action-log entries would have no correlation id.
-        This thread already belongs to the connection, so it builds the association.
+        This thread already belongs to the connection, so it builds the association,
+        then waits for it to end: the connection's slot is held until then.
         """
-        with correlation():
-            self.slow_server.process_request_thread(sock, addr)
+        _HANDOFF.guard = _PduGuard(self.settings, ticket)
+        _HANDOFF.assoc = None
+        try:
+            with correlation():
+                self.slow_server.process_request_thread(sock, addr)
+            assoc = _HANDOFF.assoc
+        finally:
+            _HANDOFF.guard = None
+            _HANDOFF.assoc = None
+        if assoc is not None:
+            assoc.join()
 
-    def _peek_associate_rq(self, sock: socket.socket) -> bytes | None:
-        """The A-ASSOCIATE-RQ PDU, read without consuming it; None if it is another PDU."""
-        sock.settimeout(self.settings.acse_timeout_s)
-        header = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(header) < 6:
-            raise ConnectionError("closed")
+    def _peek_associate_rq(self, sock: socket.socket) -> bytes:
+        """The A-ASSOCIATE-RQ PDU, read without consuming it (PS3.8 9.3.2).
+
+        The whole request must arrive within ARTIM (PS3.8 9.1.5); another first PDU,
+        or a request longer than ``max_associate_rq_bytes``, is answered without
+        reading it (nothing of it is buffered).
+        """
+        deadline = time.monotonic() + self.settings.artim_timeout_s
+        header = _peek(sock, 6, deadline)
         pdu_type, _, length = struct.unpack(">BBI", header)
-        if pdu_type != A_ASSOCIATE_RQ_TYPE or length > 1 << 20:
-            return None
-        data = sock.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
-        if len(data) < 6 + length:
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+            # Sta2 + anything but A-ASSOCIATE-RQ: AA-1, A-ABORT (PS3.8 9.2 table 9-10).
+            raise _RefusedError(
+                f"first PDU is type 0x{pdu_type:02X}",
+                struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x01),
+            )
+        if length > self.settings.max_associate_rq_bytes:
+            raise _RefusedError(
+                f"A-ASSOCIATE-RQ of {length} bytes", _associate_rj(0x01, 0x01, 0x01)
+            )
+        return _peek(sock, 6 + length, deadline)
+
+
+class _RefusedError(Exception):
+    """The first PDU is refused; ``pdu`` is the answer to send before closing."""
+
+    def __init__(self, message: str, pdu: bytes) -> None:
+        super().__init__(message)
+        self.pdu = pdu
+
+
+def _associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+def _peek(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """The first ``n`` bytes waiting on ``sock``, not consumed, by ``deadline``.
+
+    With a timeout set, Python's socket is non-blocking underneath, so MSG_WAITALL
+    returns what has arrived: poll until all of it is there.
+    """
+    hangup: select.poll | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("ARTIM expired before the A-ASSOCIATE-RQ arrived")
+        sock.settimeout(remaining)
+        data = sock.recv(n, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if not data:
+            raise ConnectionError("closed")
+        if len(data) >= n:
+            return data[:n]
+        # Part of it is here, so the socket polls readable: wait for the peer's
+        # close (POLLRDHUP: it will send no more) or a few ms, then peek again.
+        if hangup is None:
+            hangup = select.poll()
+            hangup.register(sock, _POLLRDHUP)
+        if _POLLRDHUP and any(ev & _POLLRDHUP for _, ev in hangup.poll(5)):
             raise ConnectionError("closed during A-ASSOCIATE-RQ")
-        return data
+        if not _POLLRDHUP:
+            time.sleep(0.005)
+
+
+_POLLRDHUP: int = getattr(select, "POLLRDHUP", 0)  # Linux
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+_HANDOFF = threading.local()
+#: Data sets pynetdicom holds in memory (queries, MPPS): a few KiB in practice.
+_IN_MEMORY_DATASET = 16 << 20
+
+
+class _PduGuard:
+    """Bounds what pynetdicom buffers on an association we hand it.
+
+    pynetdicom reads each PDU whole (``DULServiceProvider._read_pdu_data``: 6 bytes,
+    then the declared length) and joins command and data set fragments in memory.
+    This wraps its socket's ``recv``: a PDU longer than allowed, a command set past
+    ``max_command_bytes`` or a data set past ``max_dataset_bytes`` closes the
+    connection (after an A-ABORT) before the bytes are read.
+    """
+
+    def __init__(self, settings: DicomSettings, ticket: Ticket) -> None:
+        self.ticket = ticket
+        self.max_rq = settings.max_associate_rq_bytes
+        # pynetdicom holds a whole PDU in memory: bounded even when ours is "unlimited".
+        self.max_pdata = settings.max_pdu + 6 if settings.max_pdu else 64 << 20
+        self.max_command = settings.max_command_bytes
+        self.max_dataset = settings.max_dataset_bytes
+        self._body: tuple[int, int] | None = None
+        self._command = 0
+        self._command_bytes = bytearray()
+        self._dataset = 0
+        self._dataset_limit = _IN_MEMORY_DATASET
+        self._associated = False
+
+    def wrap(self, recv: Any, raw: socket.socket | None) -> Any:
+        def guarded(nr_bytes: int) -> bytearray:
+            if self._body is None:
+                data: bytearray = recv(nr_bytes)
+                if nr_bytes == 6 and len(data) == 6:
+                    pdu_type, _, length = struct.unpack(">BBI", data)
+                    self._check(pdu_type, length, raw)
+                    self._body = (pdu_type, length)
+                return data
+            pdu_type, _length = self._body
+            self._body = None
+            data = recv(nr_bytes)
+            if pdu_type == 0x04:
+                self._count_pdvs(data, raw)
+            return data
+
+        return guarded
+
+    def _refuse(self, raw: socket.socket | None, why: str) -> None:
+        logger.warning("aborting association from %s: %s", self.ticket.key, why)
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.sendall(struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06))
+        raise OSError(why)  # pynetdicom: transport closed (Evt17), nothing more is read
+
+    def _check(self, pdu_type: int, length: int, raw: socket.socket | None) -> None:
+        self.ticket.touch()
+        if pdu_type == 0x01:
+            if self._associated or length > self.max_rq:
+                self._refuse(raw, f"A-ASSOCIATE-RQ of {length} bytes")
+            self._associated = True
+        elif pdu_type == 0x04:
+            if self.max_pdata and length > self.max_pdata:
+                self._refuse(raw, f"P-DATA-TF of {length} bytes")
+        elif length > 65536:
+            self._refuse(raw, f"PDU type 0x{pdu_type:02X} of {length} bytes")
+
+    def _limit_for(self, command: bytes) -> int:
+        """Data set bound of the message ``command`` starts: a C-STORE's data set
+        streams to a file (``STORE_RECV_CHUNKED_DATASET``); every other one (C-FIND
+        identifiers, MPPS attributes) is held in memory by pynetdicom."""
+        try:
+            field = decode_command(command).command_field
+        except ValueError:
+            return _IN_MEMORY_DATASET  # pynetdicom will refuse the command itself
+        return self.max_dataset if field == C_STORE_RQ else _IN_MEMORY_DATASET
+
+    def _count_pdvs(self, body: bytes | bytearray, raw: socket.socket | None) -> None:
+        pos = 0
+        while pos + 6 <= len(body):
+            item_len, _context, header = struct.unpack_from(">IBB", body, pos)
+            size = max(item_len - 2, 0)
+            if header & 0x01:
+                self._command += size
+                if self._command > self.max_command:
+                    self._refuse(raw, "command set too long")
+                self._command_bytes += body[pos + 6 : pos + 4 + item_len]
+                if header & 0x02:
+                    self._dataset_limit = self._limit_for(bytes(self._command_bytes))
+                    self._command = 0
+                    self._dataset = 0
+                    self._command_bytes.clear()
+            else:
+                self._dataset += size
+                if self._dataset > self._dataset_limit:
+                    self._refuse(raw, "data set too long")
+                if header & 0x02:
+                    self._dataset = 0
+            pos += 4 + max(item_len, 2)
+
+
+class _BoundedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with :class:`_PduGuard` on the association's socket."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        guard: _PduGuard | None = getattr(_HANDOFF, "guard", None)
+        sock = assoc.dul.socket
+        if guard is not None and sock is not None:
+            sock.recv = guard.wrap(sock.recv, sock.socket)  # type: ignore[method-assign]
+            _HANDOFF.assoc = assoc
+        return assoc
 
 
 def _recv_consume(sock: socket.socket, n: int) -> None:

@@ -236,3 +236,154 @@ def test_malformed_datasets_are_refused(receiver: Receiver, tmp_path: Path,
     assert result.returncode == 0, result.stderr
     report("malformed datasets", examples=sum(DATASET_OUTCOMES.values()),
            statuses=dict(DATASET_OUTCOMES))
+
+
+# -- the data set structure check (issue 14 §3): refuse every cut, never crash ---------
+
+
+def _top_level_boundaries(raw: bytes, offset: int) -> set[int]:
+    """Data set offsets where a top-level element starts (pydicom's reading)."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    ds = dcmread(BytesIO(raw), defer_size=64)
+    starts = {0, len(raw) - offset}  # (the first element may be converted already)
+    for elem in ds._dict.values():
+        tell = getattr(elem, "value_tell", None)
+        if tell is None:
+            continue
+        vr = getattr(elem, "VR", None)
+        header = 12 if vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR",
+                               "UT", "SV", "UV") else 8
+        starts.add(tell - offset - header)
+    return starts
+
+
+def _structure_samples() -> list[tuple[str, bytes, int, str]]:
+    from pydicom.data import get_testdata_file
+
+    from storage.staging import read_file_meta
+
+    out = []
+    for name in ("rtplan.dcm", "CT_small.dcm", "JPEG2000.dcm", "MR_small_implicit.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            continue
+        raw = Path(str(path)).read_bytes()
+        meta, offset = read_file_meta(raw[:65536])
+        ts = meta[0x0010].rstrip(b"\0 ").decode()
+        out.append((name, raw, offset, ts))
+    return out
+
+
+STRUCTURE_SAMPLES = _structure_samples()
+STRUCTURE_OUTCOMES: Counter[str] = Counter()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(sample=st.sampled_from(range(len(STRUCTURE_SAMPLES))), cut=st.floats(0, 1),
+       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4))
+def test_structure_check_refuses_every_cut_and_never_crashes(
+    sample: int, cut: float, flips: list[tuple[float, int]]
+) -> None:
+    from core.header import DatasetStructureError, check_structure
+
+    name, raw, offset, ts = STRUCTURE_SAMPLES[sample]
+    data = bytearray(raw[offset:])
+    for where, value in flips:
+        data[int(where * (len(data) - 1))] = value
+    at = int(cut * len(data))
+    body = bytes(data[:at])
+    implicit = ts == "1.2.840.10008.1.2"
+    try:
+        check_structure(lambda o, n: body[o:o + n], 0, len(body), implicit=implicit)
+    except DatasetStructureError:
+        STRUCTURE_OUTCOMES["refused"] += 1
+        return
+    STRUCTURE_OUTCOMES["accepted"] += 1
+    if not flips:
+        # Unmodified bytes cut anywhere but between two top-level elements must be
+        # refused: an accepted cut would be indexed with shortened values.
+        assert at in _top_level_boundaries(raw, offset), f"{name} cut at {at} accepted"
+    report("structure check fuzz", outcomes=dict(STRUCTURE_OUTCOMES))
+
+
+# -- the guard on associations pynetdicom serves (issue 14 §3) --------------------------
+
+
+@st.composite
+def pdu_streams(draw: st.DrawFn) -> list[tuple[int, bytes, int]]:
+    """PDUs as (type, body, declared length): P-DATA-TF with command/data fragments of
+    any size and flags, other types with any length."""
+    out = []
+    for _ in range(draw(st.integers(1, 30))):
+        kind = draw(st.sampled_from([0x01, 0x04, 0x04, 0x04, 0x05, 0x07]))
+        if kind == 0x04:
+            body = b"".join(draw(st.lists(pdv_items(), min_size=1, max_size=3)))
+            size = draw(st.integers(0, 3000))
+            header = draw(st.integers(0, 3))
+            body += struct.pack(">IBB", size + 2, 1, header) + b"\0" * size
+        else:
+            body = draw(st.binary(max_size=64))
+        length = draw(st.one_of(st.just(len(body)), st.integers(0, 0xFFFFFFFF)))
+        out.append((kind, body, length))
+    return out
+
+
+GUARD_OUTCOMES: Counter[str] = Counter()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(stream=pdu_streams())
+def test_pdu_guard_bounds_what_pynetdicom_reads(stream: list[tuple[int, bytes, int]]) -> None:
+    from core.settings import DicomSettings
+    from ingest.dicom.association import Admission
+    from ingest.dicom.scp import _PduGuard
+
+    dicom = DicomSettings(max_pdu=16384, max_command_bytes=4096, max_associate_rq_bytes=2048)
+    a, b = socket.socketpair()
+    try:
+        ticket = Admission(4, 4).admit(a, "127.0.0.1")
+        assert ticket is not None
+        wire = b"".join(struct.pack(">BBI", t, 0, n) + body for t, body, n in stream)
+        pos = 0
+
+        def recv(n: int) -> bytearray:
+            nonlocal pos
+            chunk = wire[pos:pos + n]
+            pos += len(chunk)
+            return bytearray(chunk)
+
+        guarded = _PduGuard(dicom, ticket).wrap(recv, None)
+        read = command = 0
+        try:
+            while pos < len(wire):  # as DULServiceProvider._read_pdu_data does
+                header = guarded(6)
+                if len(header) < 6:
+                    break
+                kind, _, length = struct.unpack(">BBI", header)
+                # The guard let this length through: it is within its bound.
+                limit = {0x01: 2048, 0x04: 16384 + 6}.get(kind, 65536)
+                assert length <= limit
+                body = guarded(length)
+                read += len(body)
+                at = 0
+                while kind == 0x04 and at + 6 <= len(body):
+                    item_len, _cx, flags = struct.unpack_from(">IBB", body, at)
+                    if flags & 0x01:
+                        command += max(item_len - 2, 0)
+                        # Handed to pynetdicom: the command set so far is within bound.
+                        assert command <= 4096
+                        if flags & 0x02:
+                            command = 0
+                    at += 4 + max(item_len, 2)
+        except OSError:
+            GUARD_OUTCOMES["refused"] += 1
+        else:
+            GUARD_OUTCOMES["read through"] += 1
+        assert read <= len(wire)
+        report("pynetdicom PDU guard fuzz", outcomes=dict(GUARD_OUTCOMES))
+    finally:
+        a.close()
+        b.close()

@@ -128,10 +128,18 @@ def test_values_outside_the_encoder_are_refused_for_the_pydicom_path() -> None:
     sps = Dataset()
     sps.Modality = ""
     q.ScheduledProcedureStepSequence = [sps]
+    # A CS value outside its repertoire no longer reaches the encoder: project()
+    # bounds it to the VR (PS3.5 6.2, issue 14 §6) ...
     projection = project(build_query(q), entry)
+    assert projection.to_dataset().ScheduledProcedureStepSequence[0].Modality == "CT"
+    # ... so the encoder's refusal is checked on a projection built by hand.
+    sq_tag = next(n[0] for n in projection.nodes if n[1] == "SQ")
+    raw = Projection(
+        [(sq_tag, "SQ", [[(0x00080060, "CS", "ÇT")]])], projection.charset
+    )
     with pytest.raises(Unencodable):
-        raw_response(projection, implicit_vr=True)
-    assert projection.to_dataset().ScheduledProcedureStepSequence[0].Modality == "ÇT"
+        raw_response(raw, implicit_vr=True)
+    assert raw.to_dataset().ScheduledProcedureStepSequence[0].Modality == "ÇT"
 
 
 def test_an_ambiguous_vr_key_goes_the_pydicom_way() -> None:
