@@ -21,10 +21,12 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 __all__ = [
+    "REVIEW_CHOICES",
     "DateBound",
     "LabFileState",
     "LabIngestOutcome",
     "LabReportQuery",
+    "LabResolution",
     "LabResultQuery",
     "LabResultStore",
     "NewLabFile",
@@ -62,9 +64,16 @@ class NewLabReport:
     placer_order_id: str = ""
     filler_order_id: str = ""
     patient_id: str = ""
+    #: Assigning authority of ``patient_id`` (HL7 PID-3.4; the profile's or hospital's
+    #: for ASTM and exports): the Issuer of Patient ID of the ``patients`` table.
+    patient_issuer: str = ""
     patient_name: str = ""
     is_qc: bool = False
     analyzer: str = ""
+    #: The ordered panel / test (HL7 OBR-4, ASTM O.5): FHIR DiagnosticReport.code.
+    order_code: str = ""
+    order_system: str = ""
+    order_display: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +121,7 @@ class NewLabResult:
     performed_at: datetime | None = None
     is_qc: bool = False
     patient_id: str = ""
+    patient_issuer: str = ""
     patient_name: str = ""
     patient_birth_date: str = ""
     patient_sex: str = ""
@@ -176,6 +186,16 @@ class StoredLabResult:
     order_ref: str
     created_at: datetime
     updated_at: datetime
+    #: The ``patients`` row (FHIR ``Patient/<pk>``); ``None`` for QC and anonymous.
+    patient_pk: int | None = None
+    patient_issuer: str = ""
+    #: ``""``; ``"conflict"`` (held: the specimen/test was reported for another
+    #: patient first, see :meth:`LabResultStore.resolve`); ``"accepted"``;
+    #: ``"discarded"``; ``"moved"`` (retired when the specimen moved to another patient).
+    review: str = ""
+    #: For a conflict: the other patient's result series, and that patient's row.
+    conflict_with: str = ""
+    conflict_patient_pk: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +214,11 @@ class StoredLabReport:
     order_ref: str
     created_at: datetime
     updated_at: datetime
+    patient_pk: int | None = None
+    patient_issuer: str = ""
+    order_code: str = ""
+    order_system: str = ""
+    order_display: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +251,8 @@ class LabIngestOutcome:
     results: int = 0
     new_versions: int = 0
     critical: tuple[StoredLabResult, ...] = ()
+    #: Results held because their specimen/test belongs to another patient already.
+    conflicts: tuple[StoredLabResult, ...] = ()
 
 
 #: ``(comparison, instant)``: ``"ge"``/``"gt"``/``"le"``/``"lt"`` against a UTC instant.
@@ -240,10 +267,22 @@ class LabResultQuery:
     """
 
     observation_ids: tuple[str, ...] = ()
+    #: Patient ID values as sent, any issuer (the legacy ``patient:identifier`` search).
     patient_ids: tuple[str, ...] = ()
+    #: ``patients`` rows (FHIR ``patient=Patient/<pk>``).
+    patient_pks: tuple[int, ...] = ()
+    #: ``(issuer or None, patient id)``; ``None`` matches any issuer, ``""`` none.
+    patient_identifiers: tuple[tuple[str | None, str], ...] = ()
     specimen_ids: tuple[str, ...] = ()
     #: Matches the placer or filler order number (an accession).
     order_ids: tuple[str, ...] = ()
+    #: ServiceRequest ids (``based-on=ServiceRequest/<id>``): the linked order.
+    based_on: tuple[str, ...] = ()
+    #: FHIR observation-category codes; every lab result is ``laboratory``, so any
+    #: other code matches nothing (and is not ignored).
+    categories: tuple[str, ...] = ()
+    #: Review states (``StoredLabResult.review``): ``("conflict",)`` is the held list.
+    reviews: tuple[str, ...] = ()
     #: ``(system or None, code)``: ``None`` matches any system; ``"LN"`` also
     #: matches the LOINC alternate coding.
     codes: tuple[tuple[str | None, str], ...] = ()
@@ -267,10 +306,16 @@ class LabReportQuery:
 
     report_ids: tuple[str, ...] = ()
     patient_ids: tuple[str, ...] = ()
+    patient_pks: tuple[int, ...] = ()
+    patient_identifiers: tuple[tuple[str | None, str], ...] = ()
     specimen_ids: tuple[str, ...] = ()
     #: Matches specimen ID, placer or filler order number.
     identifiers: tuple[str, ...] = ()
-    #: Reports having a current result with one of these codes.
+    based_on: tuple[str, ...] = ()
+    #: v2-0074 diagnostic service section codes; lab reports are ``LAB``.
+    categories: tuple[str, ...] = ()
+    #: Reports whose ordered panel (DiagnosticReport.code) or a current result has
+    #: one of these codes.
     codes: tuple[tuple[str | None, str], ...] = ()
     performed: tuple[DateBound, ...] = ()
     updated: tuple[DateBound, ...] = ()
@@ -278,6 +323,28 @@ class LabReportQuery:
     sort: Literal["updated", "-updated", "id"] = "id"
     offset: int = 0
     limit: int = 100
+
+
+#: What :meth:`LabResultStore.resolve` may do with a held conflict.
+REVIEW_CHOICES = ("accept", "discard")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabResolution:
+    """What resolving a held conflict changed: each affected result, before and after.
+
+    ``accept`` confirms the held result as its patient's (it joins the searches as
+    any other result) and retires the other patient's result of the same specimen
+    and test with a new version ``entered-in-error`` (FHIR R4 Observation.status:
+    "should never have existed"); ``discard`` takes the held result out of every
+    search (``is_current`` false, kept for the record).
+    """
+
+    choice: str
+    held_before: StoredLabResult
+    held_after: StoredLabResult
+    retired_before: StoredLabResult | None = None
+    retired_after: StoredLabResult | None = None
 
 
 #: Finds the order a result answers: ``(specimen_id, placer, filler)`` → order
@@ -330,4 +397,20 @@ class LabResultStore(Protocol):
 
     def link_unmatched(self, lookup: OrderLookup, *, limit: int = 1000) -> int:
         """Try ``lookup`` on every unmatched result group; returns results linked."""
+        ...
+
+    def conflicts(self, *, limit: int = 100, offset: int = 0) -> tuple[list[StoredLabResult], int]:
+        """Held results (``review == "conflict"``), oldest first: the needs-review list."""
+        ...
+
+    def resolve(self, observation_id: str, choice: str) -> LabResolution:
+        """Accept or discard the held result ``observation_id`` (see :class:`LabResolution`).
+
+        Raises
+        ------
+        NotFoundError
+            No held conflict has this id.
+        InvalidQueryError
+            ``choice`` is not one of :data:`REVIEW_CHOICES`.
+        """
         ...

@@ -1,0 +1,169 @@
+"""lab results belong to patients: patient rows, ordered panel, held conflicts (issues 13, 14)
+
+Revision ID: 0005_lab_patients
+Revises: the newest revision before it present (0004, or another branch's 0005)
+Create Date: 2026-12-02 15:45:00.000000
+
+Adds ``patient_pk`` (a row of ``patients``, the Patient id space imaging uses) and the
+issuer to ``lab_reports`` and ``lab_results``; the ordered panel code to
+``lab_reports``; the review state of results held as conflicts to ``lab_results``.
+Existing lab rows get their patient from ``patients`` (issuer unknown: ``""``, the
+value imaging uses for an absent Issuer of Patient ID), created when missing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import op
+
+
+def _previous_revision() -> str:
+    # Other branches may add a revision 0005 at the same time. Chain onto the newest
+    # revision present that sorts before this one, so the merged tree stays one line.
+    here = Path(__file__).resolve()
+    present = []
+    for path in here.parent.glob("*.py"):
+        if path == here:
+            continue
+        found = re.search(r"^revision\s*=\s*[\"']([^\"']+)[\"']", path.read_text(), re.M)
+        if found and found.group(1) < revision:
+            present.append(found.group(1))
+    return max(present)
+
+
+revision = "0005_lab_patients"
+down_revision = _previous_revision()
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("lab_reports", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("patient_pk", sa.Integer(), nullable=True))
+        batch_op.add_column(
+            sa.Column("patient_issuer", sa.String(length=64), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("order_code", sa.String(length=64), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("order_system", sa.String(length=64), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("order_display", sa.String(length=255), server_default="", nullable=False)
+        )
+        batch_op.create_index(batch_op.f("ix_lab_reports_patient_pk"), ["patient_pk"])
+        batch_op.create_foreign_key(
+            batch_op.f("fk_lab_reports_patient_pk_patients"), "patients", ["patient_pk"], ["id"]
+        )
+    with op.batch_alter_table("lab_results", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("patient_pk", sa.Integer(), nullable=True))
+        batch_op.add_column(
+            sa.Column("patient_issuer", sa.String(length=64), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("review", sa.String(length=16), server_default="", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("conflict_with", sa.String(length=64), server_default="", nullable=False)
+        )
+        batch_op.add_column(sa.Column("conflict_patient_pk", sa.Integer(), nullable=True))
+        batch_op.create_index(batch_op.f("ix_lab_results_patient_pk"), ["patient_pk"])
+        batch_op.create_index(batch_op.f("ix_lab_results_review"), ["review"])
+        batch_op.create_index(batch_op.f("ix_lab_results_order_ref"), ["order_ref"])
+        batch_op.create_foreign_key(
+            batch_op.f("fk_lab_results_patient_pk_patients"), "patients", ["patient_pk"], ["id"]
+        )
+    _backfill()
+
+
+def _backfill() -> None:
+    """Give existing lab rows their patient row (issuer ``""``: it was not kept)."""
+    patients = sa.table(
+        "patients",
+        sa.column("id", sa.Integer),
+        sa.column("patient_id", sa.String),
+        sa.column("issuer", sa.String),
+        sa.column("name", sa.String),
+        sa.column("birth_date", sa.String),
+        sa.column("sex", sa.String),
+        sa.column("updated_at", sa.DateTime(timezone=True)),
+    )
+    results = sa.table(
+        "lab_results",
+        sa.column("patient_id", sa.String),
+        sa.column("patient_name", sa.String),
+        sa.column("patient_birth_date", sa.String),
+        sa.column("patient_sex", sa.String),
+        sa.column("is_qc", sa.Boolean),
+        sa.column("patient_pk", sa.Integer),
+    )
+    reports = sa.table(
+        "lab_reports",
+        sa.column("patient_id", sa.String),
+        sa.column("is_qc", sa.Boolean),
+        sa.column("patient_pk", sa.Integer),
+    )
+    existing = (
+        sa.select(patients.c.id)
+        .where(patients.c.patient_id == results.c.patient_id, patients.c.issuer == "")
+        .exists()
+    )
+    source = (
+        sa.select(
+            results.c.patient_id,
+            sa.literal(""),
+            sa.func.max(results.c.patient_name),
+            sa.func.substr(
+                sa.func.replace(sa.func.max(results.c.patient_birth_date), "-", ""), 1, 8
+            ),
+            sa.func.max(results.c.patient_sex),
+            sa.func.current_timestamp(),
+        )
+        .where(results.c.patient_id != "", results.c.is_qc == sa.false(), ~existing)
+        .group_by(results.c.patient_id)
+    )
+    op.execute(
+        patients.insert().from_select(
+            ["patient_id", "issuer", "name", "birth_date", "sex", "updated_at"], source
+        )
+    )
+    for table in (results, reports):
+        pk = (
+            sa.select(patients.c.id)
+            .where(patients.c.patient_id == table.c.patient_id, patients.c.issuer == "")
+            .scalar_subquery()
+        )
+        op.execute(
+            table.update()
+            .where(table.c.patient_id != "", table.c.is_qc == sa.false())
+            .values(patient_pk=pk)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("lab_results", schema=None) as batch_op:
+        batch_op.drop_constraint(
+            batch_op.f("fk_lab_results_patient_pk_patients"), type_="foreignkey"
+        )
+        batch_op.drop_index(batch_op.f("ix_lab_results_order_ref"))
+        batch_op.drop_index(batch_op.f("ix_lab_results_review"))
+        batch_op.drop_index(batch_op.f("ix_lab_results_patient_pk"))
+        for name in (
+            "conflict_patient_pk",
+            "conflict_with",
+            "review",
+            "patient_issuer",
+            "patient_pk",
+        ):
+            batch_op.drop_column(name)
+    with op.batch_alter_table("lab_reports", schema=None) as batch_op:
+        batch_op.drop_constraint(
+            batch_op.f("fk_lab_reports_patient_pk_patients"), type_="foreignkey"
+        )
+        batch_op.drop_index(batch_op.f("ix_lab_reports_patient_pk"))
+        for name in ("order_display", "order_system", "order_code", "patient_issuer", "patient_pk"):
+            batch_op.drop_column(name)
