@@ -241,8 +241,9 @@ class LabSettings(BaseModel):
     #: Test code (the sender's code or LOINC) → critical limits. Flags ``HH``/``LL``
     #: (HL7 table 0078 "panic" limits) from the analyzer also mark a value critical.
     critical: dict[str, LabCriticalLimit] = Field(default_factory=dict)
-    #: POSTed a small JSON notice for each new critical result; empty for none.
-    #: Failures are logged and never hold up ingestion.
+    #: POSTed a small JSON notice for each new critical result and each result held
+    #: as a patient conflict (issue 14); empty for none. Failures are logged and never
+    #: hold up ingestion.
     critical_webhook_url: str = ""
     critical_webhook_timeout_s: float = Field(5.0, gt=0)
     #: Analyzer clocks without an offset are read in this zone (IANA name); FHIR R4
@@ -250,6 +251,10 @@ class LabSettings(BaseModel):
     local_timezone: str = "UTC"
     #: Watch the inboxes in ``pacslab serve``.
     watch: bool = True
+    #: Issuer of Patient ID (assigning authority) of lab patients whose message names
+    #: none (ASTM P records, exports, HL7 without PID-3.4): the hospital's own system.
+    #: Empty keeps "no issuer", the value imaging uses when Issuer of Patient ID is absent.
+    patient_issuer: str = Field("", max_length=64)
 
     @field_validator("profiles")
     @classmethod

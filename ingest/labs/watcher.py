@@ -117,8 +117,9 @@ class LabInbox:
     critical : mapping of test code to LabCriticalLimit
     local_timezone : str
     announce : callable, optional
-        Called with the new critical results after their commit; errors are
-        logged, never raised (a side effect).
+        Called with the new critical results and the results held as conflicts
+        (``review == "conflict"``) after their commit; errors are logged, never
+        raised (a side effect).
     order_lookup : OrderLookup, optional
         Links results to a known order at ingest; without it they are unmatched.
     audit : AuditLog, optional
@@ -253,6 +254,10 @@ class LabInbox:
         dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
         self.store.mark_filed(sha)
         self._audit_results(sha, fmt, results, outcome.new_versions)
+        for held in outcome.conflicts:  # issue 14: another patient's specimen/test, held
+            self._audit(sha, "4", "held: specimen/test of another patient", fmt=fmt,
+                        patient_id=held.patient_id, detail={"observation": held.observation_id,
+                                                            "conflicts_with": held.conflict_with})
         logger.info(
             "lab file ingested (%s, %s): %d results, %d corrections/re-sends, %d critical",
             self.profile.name,
@@ -261,9 +266,10 @@ class LabInbox:
             outcome.new_versions,
             len(outcome.critical),
         )
-        if outcome.critical and self.announce is not None:
+        notices = outcome.critical + tuple(r for r in outcome.conflicts if not r.is_critical)
+        if notices and self.announce is not None:
             try:
-                self.announce(outcome.critical)
+                self.announce(notices)
             except Exception:
                 logger.error("announcing critical results failed", exc_info=True)
         return FileOutcome(name, "ingested", sha, outcome.results, dest)
