@@ -6,17 +6,20 @@ Only fetching and wrapping lives here; the mapping and the parameter rules are i
 (R4 §3.1.1.4). An unknown parameter is refused with 400 rather than ignored: a
 typo in ``patient:identifier`` must not return every patient's results.
 
-Observation parameters: ``patient:identifier`` (also ``subject:identifier``,
-``patient.identifier``, ``subject.identifier``, and ``patient`` taken as the
-identifier value), ``specimen:identifier`` (also ``specimen.identifier``,
-``specimen``), ``based-on:identifier`` (placer/filler order number, i.e. the
-accession), ``identifier``, ``code``, ``date``, ``_lastUpdated``, ``status``,
-``_tag`` (``critical``, ``qc``; QC results are only returned when asked for),
+Observation parameters: ``patient``/``subject`` (``Patient/<id>``, the Patient
+resource shared with imaging), ``patient:identifier`` (``[system|]value``, the system
+naming the issuer; also ``subject:identifier``, ``patient.identifier``,
+``subject.identifier``), ``specimen:identifier`` (also ``specimen.identifier``,
+``specimen``), ``based-on`` (``ServiceRequest/<id>``), ``based-on:identifier``
+(placer/filler order number, i.e. the accession), ``category`` (``laboratory``),
+``identifier``, ``code``, ``date``, ``_lastUpdated``, ``status``,
+``_tag`` (``critical``, ``qc``, ``needs-review``; QC results are only returned when asked for),
 ``_id``, ``_sort`` (``_lastUpdated``, ``-_lastUpdated``, ``date``, ``-date``),
 ``_count``, ``_offset``.
 
-DiagnosticReport parameters: the patient and specimen ones, ``identifier``
-(specimen ID, placer or filler order number), ``code`` (of a result), ``date``,
+DiagnosticReport parameters: the patient and specimen ones, ``based-on``,
+``category`` (``LAB``), ``identifier`` (specimen ID, placer or filler order number),
+``code`` (the ordered panel, or a result's), ``date``,
 ``_lastUpdated``, ``_tag=qc``, ``_id``, ``_include=DiagnosticReport:result``,
 ``_sort``, ``_count``, ``_offset``.
 
@@ -34,6 +37,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.fhir.imaging import issuer_for_system
 from api.fhir_lab import (
     bundle,
     diagnostic_report,
@@ -58,17 +62,20 @@ MAX_COUNT = 1000
 MAX_OFFSET = 2**31 - 1
 
 _PATIENT = {
-    "patient",
     "patient:identifier",
     "subject:identifier",
     "patient.identifier",
     "subject.identifier",
 }
+#: References: ``Patient/<id>`` (the Patient resource imaging and lab share).
+_PATIENT_REF = {"patient", "subject"}
 _SPECIMEN = {"specimen", "specimen:identifier", "specimen.identifier"}
 _COMMON = (
     {"code", "date", "_lastUpdated", "_tag", "_id", "_sort", "_count", "_offset", "_format"}
     | _PATIENT
+    | _PATIENT_REF
     | _SPECIMEN
+    | {"category", "based-on"}
 )
 _OBSERVATION_PARAMS = _COMMON | {"based-on:identifier", "identifier", "status"}
 _REPORT_PARAMS = _COMMON | {"identifier", "_include"}
@@ -164,13 +171,43 @@ def _paging(params: dict[str, list[str]]) -> tuple[int, int]:
     return min(count, MAX_COUNT), offset
 
 
+def _patient_refs(params: dict[str, list[str]]) -> tuple[int, ...]:
+    """``patient``/``subject`` = ``Patient/<id>`` or ``<id>``; another id matches nothing."""
+    out = []
+    for ref in _any_of([v for n in _PATIENT_REF for v in params.get(n, [])] or [""]):
+        kind, _slash, ident = ref.rpartition("/")
+        if kind not in ("", "Patient"):
+            raise InvalidQueryError("patient reference must be Patient/[id]")
+        out.append(int(ident) if ident.isdigit() and len(ident) <= 18 else -1)
+    return tuple(out)
+
+
+def _patient_identifiers(params: dict[str, list[str]]) -> tuple[tuple[str | None, str], ...]:
+    """``[system|]value`` tokens: the system names the issuer (``issuer_for_system``)."""
+    found = [v for n in _PATIENT for v in params.get(n, [])]
+    if len(found) > 1:
+        raise InvalidQueryError("repeat the value with commas, not the parameter")
+    out: list[tuple[str | None, str]] = []
+    for item in found[0].split(",") if found else []:
+        system, bar, value = item.partition("|")
+        if not (value if bar else item):
+            raise InvalidQueryError("empty search value")
+        out.append((issuer_for_system(system), value) if bar else (None, item))
+    return tuple(out)
+
+
+def _tokens(params: dict[str, list[str]], name: str) -> tuple[str, ...]:
+    """Codes of a token parameter, any system (``category``)."""
+    return tuple(v.rpartition("|")[2] for v in _any_of(params[name])) if name in params else ()
+
+
 def _tags(params: dict[str, list[str]]) -> set[str]:
     tags = set()
     for value in params.get("_tag", []):
         for item in value.split(","):
             _system, _bar, code = item.rpartition("|")
-            if code not in {"critical", "qc"}:
-                raise InvalidQueryError(f"unknown _tag {item!r}: critical or qc")
+            if code not in {"critical", "qc", "needs-review"}:
+                raise InvalidQueryError(f"unknown _tag {item!r}: critical, qc or needs-review")
             tags.add(code)
     return tags
 
@@ -199,9 +236,13 @@ def _result_query(params: dict[str, list[str]]) -> LabResultQuery:
         raise InvalidQueryError(f"_sort {sort!r} not supported: {', '.join(sorts)}")
     return LabResultQuery(
         observation_ids=_identifiers(params, {"_id", "identifier"}),
-        patient_ids=_identifiers(params, _PATIENT),
+        patient_pks=_patient_refs(params) if _PATIENT_REF & params.keys() else (),
+        patient_identifiers=_patient_identifiers(params),
         specimen_ids=_identifiers(params, _SPECIMEN),
         order_ids=_identifiers(params, {"based-on:identifier"}),
+        based_on=_identifiers(params, {"based-on"}),
+        categories=_tokens(params, "category"),
+        reviews=("conflict",) if "needs-review" in tags else (),
         codes=_codes(params),
         statuses=_identifiers(params, {"status"}),
         performed=_dates(params.get("date", [])),
@@ -272,8 +313,8 @@ def read_observation_version(
 def _reports(request: Request, params: dict[str, list[str]]) -> dict[str, Any]:
     count, offset = _paging(params)
     tags = _tags(params)
-    if "critical" in tags:
-        raise InvalidQueryError("_tag=critical is searched on Observation")
+    if tags & {"critical", "needs-review"}:
+        raise InvalidQueryError("_tag=critical and _tag=needs-review are searched on Observation")
     sorts = {"_lastUpdated": "updated", "-_lastUpdated": "-updated", "_id": "id"}
     sort = params.get("_sort", ["_id"])[-1]
     if sort not in sorts:
@@ -283,9 +324,12 @@ def _reports(request: Request, params: dict[str, list[str]]) -> dict[str, Any]:
         raise InvalidQueryError("only _include=DiagnosticReport:result is supported")
     query = LabReportQuery(
         report_ids=_identifiers(params, {"_id"}),
-        patient_ids=_identifiers(params, _PATIENT),
+        patient_pks=_patient_refs(params) if _PATIENT_REF & params.keys() else (),
+        patient_identifiers=_patient_identifiers(params),
         specimen_ids=_identifiers(params, _SPECIMEN),
         identifiers=_identifiers(params, {"identifier"}),
+        based_on=_identifiers(params, {"based-on"}),
+        categories=_tokens(params, "category"),
         codes=_codes(params),
         performed=_dates(params.get("date", [])),
         updated=_dates(params.get("_lastUpdated", [])),
