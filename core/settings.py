@@ -288,6 +288,13 @@ class LabSettings(BaseModel):
             raise ValueError(f"lab.local_timezone {value!r} is not an IANA time zone") from exc
         return value
 
+    @field_validator("patient_issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        # Kept as Issuer of Patient ID keeps an OID (bare digits), so that the FHIR
+        # system urn:oid:<oid> searches it (api.fhir.imaging.issuer_for_system).
+        return value.strip().removeprefix("urn:oid:")
+
     @field_validator("critical_webhook_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
