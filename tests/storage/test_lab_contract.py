@@ -259,9 +259,7 @@ class LabStoreContract:
         anonymous = _ingest(store, replace(_result(patient="", specimen="S1"), patient_id=""))
         assert anonymous.conflicts == () and anonymous.new_versions == 1
 
-    def test_resolve_accept_moves_the_specimen_with_new_versions(
-        self, store: SqlLabStore
-    ) -> None:
+    def test_resolve_accept_moves_the_specimen_with_new_versions(self, store: SqlLabStore) -> None:
         _ingest(store, _result(patient="A", specimen="S1"))
         (held,) = _ingest(store, _result(patient="B", specimen="S1")).conflicts
         with pytest.raises(InvalidQueryError):
