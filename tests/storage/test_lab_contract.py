@@ -325,3 +325,74 @@ class TestPostgresLabStore(LabStoreContract):
     @pytest.fixture
     def index(self, postgres_index: SqlIndex) -> SqlIndex:
         return postgres_index
+
+
+def _lab_rows_before_0005(index: SqlIndex) -> None:
+    """Rows as revision 0004 wrote them: patient ID on the result, no patient row."""
+    from storage.index.schema import lab_files, lab_reports, lab_results
+
+    with index.engine.begin() as conn:
+        file_pk = conn.execute(
+            lab_files.insert()
+            .values(
+                sha256="a" * 64, name="f.hl7", profile="auto", format="hl7v2",
+                status="filed", message_count=1, result_count=2, received_at=T0,
+            )
+            .returning(lab_files.c.id)
+        ).scalar_one()  # fmt: skip
+        for n, patient, qc in ((1, "OLD-1", False), (2, "", True)):
+            report_pk = conn.execute(
+                lab_reports.insert()
+                .values(
+                    report_id=f"r{n}", patient_id=patient, is_qc=qc, unmatched=True,
+                    created_at=T0, updated_at=T0,
+                )
+                .returning(lab_reports.c.id)
+            ).scalar_one()  # fmt: skip
+            conn.execute(
+                lab_results.insert().values(
+                    observation_id=f"o{n}", version=1, is_current=True, file_pk=file_pk,
+                    report_pk=report_pk, message_index=0, position=n, test_code="K", is_qc=qc,
+                    specimen_id=f"S{n}", patient_id=patient, patient_name="OLD^NAME",
+                    patient_birth_date="1970-01-02", is_critical=False, unmatched=True,
+                    created_at=T0, updated_at=T0,
+                )
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_migration_gives_existing_lab_rows_their_patient(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from storage.index.migrate import upgrade
+
+    url = (
+        f"sqlite:///{tmp_path}/index.db"
+        if backend == "sqlite"
+        else str(request.getfixturevalue("pg_url"))
+    )
+    index = SqlIndex(IndexSettings(url=url, migrate=False))
+    try:
+        upgrade(index.engine, "0004")
+        _lab_rows_before_0005(index)
+        upgrade(index.engine)
+        store = SqlLabStore(index)
+        found, _ = store.search_results(LabResultQuery(qc=None))
+        by_id = {r.observation_id: r for r in found}
+        assert by_id["o2"].patient_pk is None  # QC: no patient
+        pk = by_id["o1"].patient_pk
+        assert pk is not None and by_id["o1"].review == ""
+        with index.engine.connect() as conn:
+            row = conn.execute(select(patients).where(patients.c.id == pk)).one()
+        assert (row.patient_id, row.issuer, row.name, row.birth_date) == (
+            "OLD-1", "", "OLD^NAME", "19700102"
+        )  # fmt: skip
+        (report,) = store.search_reports(LabReportQuery(patient_pks=(pk,)))[0]
+        assert report.report_id == "r1"
+        # A new result of the same patient (no issuer) joins the same row.
+        _ingest(store, replace(_result(patient="OLD-1", issuer="", specimen="S9")))
+        assert _ids(store, patient_pks=(pk,)) == {"S1:K", "S9:2823-3"}
+    finally:
+        index.close()

@@ -40,43 +40,45 @@ branch_labels = None
 depends_on = None
 
 
+def _patient_pk(table: str) -> None:
+    """Add ``<table>.patient_pk`` referencing ``patients.id``, without a table rebuild.
+
+    SQLite cannot add a constraint to a table; batch mode would copy and drop the
+    table, which the foreign keys pointing at ``lab_reports`` refuse (and a copy of
+    a large result table is slow). ``ALTER TABLE ADD COLUMN … REFERENCES`` is allowed
+    for a column that defaults to NULL, so SQLite gets the reference inline.
+    """
+    name = f"fk_{table}_patient_pk_patients"
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute(
+            f"ALTER TABLE {table} ADD COLUMN patient_pk INTEGER "
+            f"CONSTRAINT {name} REFERENCES patients (id)"
+        )
+    else:
+        op.add_column(table, sa.Column("patient_pk", sa.Integer(), nullable=True))
+        op.create_foreign_key(name, table, "patients", ["patient_pk"], ["id"])
+    op.create_index(f"ix_{table}_patient_pk", table, ["patient_pk"])
+
+
+def _text(table: str, name: str, length: int) -> None:
+    op.add_column(
+        table, sa.Column(name, sa.String(length=length), server_default="", nullable=False)
+    )
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("lab_reports", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("patient_pk", sa.Integer(), nullable=True))
-        batch_op.add_column(
-            sa.Column("patient_issuer", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("order_code", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("order_system", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("order_display", sa.String(length=255), server_default="", nullable=False)
-        )
-        batch_op.create_index(batch_op.f("ix_lab_reports_patient_pk"), ["patient_pk"])
-        batch_op.create_foreign_key(
-            batch_op.f("fk_lab_reports_patient_pk_patients"), "patients", ["patient_pk"], ["id"]
-        )
-    with op.batch_alter_table("lab_results", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("patient_pk", sa.Integer(), nullable=True))
-        batch_op.add_column(
-            sa.Column("patient_issuer", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("review", sa.String(length=16), server_default="", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("conflict_with", sa.String(length=64), server_default="", nullable=False)
-        )
-        batch_op.add_column(sa.Column("conflict_patient_pk", sa.Integer(), nullable=True))
-        batch_op.create_index(batch_op.f("ix_lab_results_patient_pk"), ["patient_pk"])
-        batch_op.create_index(batch_op.f("ix_lab_results_review"), ["review"])
-        batch_op.create_index(batch_op.f("ix_lab_results_order_ref"), ["order_ref"])
-        batch_op.create_foreign_key(
-            batch_op.f("fk_lab_results_patient_pk_patients"), "patients", ["patient_pk"], ["id"]
-        )
+    _patient_pk("lab_reports")
+    _text("lab_reports", "patient_issuer", 64)
+    _text("lab_reports", "order_code", 64)
+    _text("lab_reports", "order_system", 64)
+    _text("lab_reports", "order_display", 255)
+    _patient_pk("lab_results")
+    _text("lab_results", "patient_issuer", 64)
+    _text("lab_results", "review", 16)
+    _text("lab_results", "conflict_with", 64)
+    op.add_column("lab_results", sa.Column("conflict_patient_pk", sa.Integer(), nullable=True))
+    op.create_index("ix_lab_results_review", "lab_results", ["review"])
+    op.create_index("ix_lab_results_order_ref", "lab_results", ["order_ref"])
     _backfill()
 
 
