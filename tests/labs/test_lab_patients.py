@@ -277,3 +277,52 @@ def test_based_on_names_the_same_patients_order(settings: Settings) -> None:
             DiagnosticReport.model_validate(reports[0])
             unlinked = [o for o in _search(client, "Observation") if o["id"] != linked[0]["id"]]
             assert len(unlinked) == 1 and "basedOn" not in unlinked[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status"),
+    [
+        ("Observation", {"patient": "Device/1"}, 400),
+        ("Observation", {"subject": "Patient/1/_history/1"}, 400),
+        ("Observation", {"patient": "Patient/abc"}, 200),
+        ("Observation", {"patient": "Patient/" + "9" * 40}, 200),
+        ("Observation", {"patient": "Patient/1", "subject": "Patient/2"}, 400),
+        ("Observation", {"patient:identifier": "|"}, 400),
+        ("Observation", {"patient:identifier": "a|b", "subject:identifier": "c|d"}, 400),
+        ("Observation", {"category": ""}, 400),
+        ("Observation", {"based-on": "ServiceRequest/" + "x" * 5000}, 200),
+        ("Observation", {"_tag": "needs-review,qc"}, 200),
+        ("DiagnosticReport", {"_tag": "needs-review"}, 400),
+        ("DiagnosticReport", {"category": "LAB", "based-on": "ServiceRequest/1"}, 200),
+    ],
+)
+def test_hostile_patient_and_review_parameters_are_4xx_never_500(
+    settings: Settings, path: str, params: dict[str, str], status: int
+) -> None:
+    with open_rig(lab_settings(settings)) as rig, TestClient(create_app(rig.settings)) as client:
+        r = client.get(f"/fhir/{path}", params=params)
+        assert r.status_code == status, r.text
+        if status == 200:
+            assert r.json()["total"] == 0
+        else:
+            assert r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_hostile_resolve_requests(settings: Settings) -> None:
+    with open_rig(lab_settings(settings)) as rig, TestClient(create_app(rig.settings)) as client:
+        for body, expected in (
+            (b"not json", 400),
+            (b'{"choice": "accept", "extra": "' + b"x" * 100_000 + b'"}', 404),
+            (b'{"choice": ["accept"]}', 400),
+        ):
+            r = client.post(
+                "/lab/conflicts/abc/resolve",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            assert r.status_code == expected, r.text
+        long_id = "a" * 10_000
+        r = client.post(f"/lab/conflicts/{long_id}/resolve", json={"choice": "discard"})
+        assert r.status_code == 404
+        assert client.get("/lab/conflicts", params={"limit": 0}).status_code == 400
+        assert client.get("/lab/conflicts", params={"offset": -1}).status_code == 400
