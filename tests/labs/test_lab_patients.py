@@ -326,3 +326,10 @@ def test_hostile_resolve_requests(settings: Settings) -> None:
         assert r.status_code == 404
         assert client.get("/lab/conflicts", params={"limit": 0}).status_code == 400
         assert client.get("/lab/conflicts", params={"offset": -1}).status_code == 400
+
+
+def test_the_review_routes_need_the_admin_scope() -> None:
+    from core.auth import required_scopes
+
+    assert tuple(required_scopes("GET", "/lab/conflicts")) == ("admin",)
+    assert tuple(required_scopes("POST", "/lab/conflicts/x/resolve")) == ("admin",)
