@@ -215,6 +215,14 @@ class LabProfileSettings(BaseModel):
     #: Analyzer name recorded when the message names none (ASTM H.5, HL7 MSH-3).
     analyzer: str = ""
     delimited: LabDelimitedSettings | None = None
+    #: Issuer of the Patient IDs this analyzer sends when the message names none
+    #: (ASTM P records carry no assigning authority); empty: ``lab.patient_issuer``.
+    patient_issuer: str = Field("", max_length=64)
+
+    @field_validator("patient_issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        return value.strip().removeprefix("urn:oid:")  # as LabSettings.patient_issuer
 
     @model_validator(mode="after")
     def _check_delimited(self) -> LabProfileSettings:

@@ -41,6 +41,8 @@ class InboxProfile:
     analyzer : str
         Used when a message names no sender.
     delimited : DelimitedProfile or None
+    patient_issuer : str
+        Issuer of Patient IDs sent without one (ASTM, exports).
     """
 
     name: str
@@ -49,6 +51,7 @@ class InboxProfile:
     skip_non_results: bool = True
     analyzer: str = ""
     delimited: DelimitedProfile | None = None
+    patient_issuer: str = ""
 
 
 def delimited_profile(name: str, section: LabDelimitedSettings) -> DelimitedProfile:
@@ -110,6 +113,7 @@ def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
         skip_non_results=section.skip_non_results,
         analyzer=section.analyzer,
         delimited=layout,
+        patient_issuer=section.patient_issuer,
     )
 
 

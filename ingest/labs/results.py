@@ -159,6 +159,7 @@ def plan_results(
     file_sha256: str,
     fmt: str,
     analyzer: str = "",
+    patient_issuer: str = "",
     critical: Mapping[str, LabCriticalLimit] | None = None,
     local_timezone: str = "UTC",
 ) -> list[NewLabResult]:
@@ -173,6 +174,9 @@ def plan_results(
         The format the file was read as (``"astm"``, ``"hl7v2"``…).
     analyzer : str
         The profile's analyzer name, for messages that name no sender.
+    patient_issuer : str
+        The profile's issuer of Patient IDs, for patients whose message names none
+        (HL7 PID-3.4 wins; without either the store applies the hospital's).
     critical : mapping of test code to LabCriticalLimit
     local_timezone : str
         IANA zone of analyzer clocks that send no offset.
@@ -224,7 +228,7 @@ def plan_results(
                 placer_order_id=placer,
                 filler_order_id=filler,
                 patient_id=patient.patient_id if patient else "",
-                patient_issuer=patient.issuer if patient else "",
+                patient_issuer=(patient.issuer or patient_issuer) if patient else "",
                 patient_name=patient.name if patient else "",
                 is_qc=obs.is_qc,
                 analyzer=sender,
@@ -273,7 +277,7 @@ def plan_results(
                     performed_at=_local(obs.performed_at, zone),
                     is_qc=obs.is_qc,
                     patient_id=patient.patient_id if patient else "",
-                    patient_issuer=patient.issuer if patient else "",
+                    patient_issuer=(patient.issuer or patient_issuer) if patient else "",
                     patient_name=patient.name if patient else "",
                     patient_birth_date=(
                         patient.birth_date.isoformat() if patient and patient.birth_date else ""

@@ -209,6 +209,7 @@ class LabInbox:
                 file_sha256=sha,
                 fmt=fmt,
                 analyzer=self.profile.analyzer,
+                patient_issuer=self.profile.patient_issuer,
                 critical=self.critical,
                 local_timezone=self.local_timezone,
             )

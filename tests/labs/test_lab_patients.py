@@ -333,3 +333,31 @@ def test_the_review_routes_need_the_admin_scope() -> None:
 
     assert tuple(required_scopes("GET", "/lab/conflicts")) == ("admin",)
     assert tuple(required_scopes("POST", "/lab/conflicts/x/resolve")) == ("admin",)
+
+
+def test_astm_patients_take_the_profiles_issuer_and_keep_their_first_name(
+    settings: Settings,
+) -> None:
+    """Bio-Rad IH-Com capture: two P records, one Patient ID, two spellings of the name."""
+    from lab_support import PROFILES
+
+    profiles = {**PROFILES, "biorad": {"format": "astm", "patient_issuer": "BIORAD-LIS"}}
+    with open_rig(lab_settings(settings, profiles=profiles)) as rig:
+        rig.drop("astm/biorad_ihcom_bloodtype_two_patients.astm", profile="biorad")
+        assert [o.status for o in rig.run()] == ["ingested"]
+        assert rig.store.conflicts()[1] == 0  # the same patient twice is no conflict
+        with TestClient(create_app(rig.settings)) as client:
+            system = "urn:pacslab:issuer:BIORAD-LIS"
+            (patient,) = _search(client, "Patient", identifier=f"{system}|1010868845")
+            assert patient["name"][0]["family"] == "Testus"  # the first P record's
+            assert _search(client, "Patient", identifier="1010868845") == [patient]
+            found = _search(client, "Observation", patient=f"Patient/{patient['id']}")
+            _results, total = rig.store.search_results(LabResultQuery())
+            assert len(found) == total and total > 1
+            assert {o["subject"]["identifier"]["system"] for o in found} == {system}
+            (report,) = _search(client, "DiagnosticReport", patient=f"Patient/{patient['id']}")
+            DiagnosticReport.model_validate(report)
+            # O.5 ``^^^MO10^^28343^`` names the one ordered test (the manufacturer's code).
+            assert report["code"]["coding"] == [
+                {"system": "urn:pacslab:lab-code:local", "code": "MO10"}
+            ]
