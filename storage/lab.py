@@ -287,6 +287,8 @@ class LabResultQuery:
     #: matches the LOINC alternate coding.
     codes: tuple[tuple[str | None, str], ...] = ()
     report_ids: tuple[str, ...] = ()
+    #: FHIR Observation.status codes as served (a held result is ``preliminary``,
+    #: an empty stored status ``unknown``).
     statuses: tuple[str, ...] = ()
     performed: tuple[DateBound, ...] = ()
     updated: tuple[DateBound, ...] = ()

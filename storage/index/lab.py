@@ -858,6 +858,17 @@ def _code_condition(codes: tuple[tuple[str | None, str], ...]) -> ColumnElement[
     return or_(*alternatives)
 
 
+def _status_condition(statuses: tuple[str, ...]) -> ColumnElement[bool]:
+    """FHIR Observation.status as served: a held result reads ``preliminary`` whatever
+    the sender said (its patient is unverified), an empty status ``unknown``."""
+    c = lab_results.c
+    stored = [s for s in statuses if s != "unknown"] + ([""] if "unknown" in statuses else [])
+    alternatives = [and_(c.review != "conflict", c.status.in_(stored))]
+    if "preliminary" in statuses:
+        alternatives.append(c.review == "conflict")
+    return or_(*alternatives)
+
+
 def _panel_condition(codes: tuple[tuple[str | None, str], ...]) -> ColumnElement[bool]:
     r = lab_reports.c
     return or_(
@@ -933,7 +944,7 @@ def _result_conditions(query: LabResultQuery) -> list[ColumnElement[bool]]:
     if query.report_ids:
         cond.append(lab_reports.c.report_id.in_(query.report_ids))
     if query.statuses:
-        cond.append(c.status.in_(query.statuses))
+        cond.append(_status_condition(query.statuses))
     if query.critical is not None:
         cond.append(c.is_critical == (true() if query.critical else false()))
     if query.qc is not None:

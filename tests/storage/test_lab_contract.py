@@ -247,6 +247,11 @@ class LabStoreContract:
         assert held.report_id != a_result.report_id  # not in A's DiagnosticReport
         listed, total = store.conflicts()
         assert total == 1 and listed[0].observation_id == held.observation_id
+        # Served as preliminary (unverified patient), so searched as preliminary.
+        assert {r.patient_id for r in store.search_results(
+            LabResultQuery(statuses=("preliminary",)))[0]} == {"B"}  # fmt: skip
+        assert {r.patient_id for r in store.search_results(
+            LabResultQuery(statuses=("final", "corrected")))[0]} == {"A"}  # fmt: skip
         # A re-send for B continues B's held series, still held.
         resent = _ingest(store, _result(patient="B", specimen="S1", status="corrected"))
         (held2,) = resent.conflicts
