@@ -121,7 +121,8 @@ class LabInbox:
         (``review == "conflict"``) after their commit; errors are logged, never
         raised (a side effect).
     order_lookup : OrderLookup, optional
-        Links results to a known order at ingest; without it they are unmatched.
+        Links results to a known order at ingest; without it the store matches
+        orders itself (placer/filler order number and the same patient).
     audit : AuditLog, optional
         The action log; every filed file appends to it (see the module docstring).
     patient_secret : bytes
@@ -252,6 +253,7 @@ class LabInbox:
             assert state is not None
             return self._known(path, sha, "filed", state.name, state.summary_json)
         body["new_versions"] = outcome.new_versions
+        body["held_for_review"] = len(outcome.conflicts)  # another patient's specimen/test
         dest = self._file(path, self.processed, sha, body, suffix=".summary.json")
         self.store.mark_filed(sha)
         self._audit_results(sha, fmt, results, outcome.new_versions)

@@ -105,6 +105,10 @@ def test_same_specimen_other_patient_is_held_listed_audited_announced(
         _drop_bytes(rig, "other_patient.hl7", _other_patient(raw))
         assert [o.status for o in rig.run()] == ["ingested"]
 
+        summary = json.loads(
+            (rig.inbox() / "processed" / "other_patient.hl7.summary.json").read_text()
+        )
+        assert summary["held_for_review"] == 1
         results, total = rig.store.search_results(LabResultQuery())
         assert total == 2  # nothing lost: both stored
         by_patient = {r.patient_id: r for r in results}
