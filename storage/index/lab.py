@@ -150,6 +150,38 @@ def _find_order(conn: Connection, report: NewLabReport, issuer: str) -> str:
     return f"ServiceRequest/{public_id}" if public_id else ""
 
 
+def _linkable(conn: Connection, report_pks: list[int], order_ref: str) -> list[int]:
+    """The groups that may take ``order_ref``: never a held group (its patient is in
+    question), and for one of our orders (``ServiceRequest/<id>``) only groups of the
+    order's patient (Patient ID, and issuer unless the order names none)."""
+    if not report_pks:
+        return []
+    r = lab_reports.c
+    held = (
+        select(lab_results.c.id)
+        .where(
+            and_(
+                lab_results.c.report_pk == r.id,
+                lab_results.c.is_current == true(),
+                lab_results.c.review == "conflict",
+            )
+        )
+        .exists()
+    )
+    cond: list[ColumnElement[bool]] = [r.id.in_(report_pks), ~held]
+    if order_ref.startswith("ServiceRequest/"):
+        order = conn.execute(
+            select(orders.c.patient_id, orders.c.issuer).where(
+                orders.c.public_id == order_ref.removeprefix("ServiceRequest/")
+            )
+        ).first()
+        if order is not None:
+            cond.append(r.patient_id == order.patient_id)
+            if order.issuer:
+                cond.append(r.patient_issuer == order.issuer)
+    return list(conn.execute(select(r.id).where(and_(*cond))).scalars())
+
+
 class SqlLabStore:
     """:class:`storage.lab.LabResultStore` over the index database.
 
@@ -645,6 +677,7 @@ class SqlLabStore:
         return linked
 
     def _link(self, conn: Connection, report_pks: list[int], order_ref: str) -> int:
+        report_pks = _linkable(conn, report_pks, order_ref)
         if not report_pks:
             return 0
         now = _now()

@@ -225,6 +225,23 @@ class LabStoreContract:
         reports, _ = store.search_reports(LabReportQuery(based_on=(order.id,)))
         assert [r.specimen_id for r in reports] == ["NB1"]
 
+    def test_late_link_never_crosses_patients(self, store: SqlLabStore, index: SqlIndex) -> None:
+        _ingest(store, _result(patient="1300974", issuer="Baptist East", specimen="L1",
+                               placer="4560411583"))  # fmt: skip
+        _ingest(store, _result(patient="5555", issuer="Baptist East", specimen="L2",
+                               placer="4560411583", code="718-7"))  # fmt: skip
+        _ingest(store, _result(patient="5555", issuer="Baptist East", specimen="L1"))  # held
+        assert store.search_results(LabResultQuery(unmatched=True))[1] == 3
+        service = OrderService(SqlOrderStore(index), OrdersSettings())
+        (raw,) = split_batch(ORM.read_bytes())
+        order = service.submit(placed_orders(parse_message(raw))[0])  # patient 1300974
+        ref = f"ServiceRequest/{order.id}"
+        # By order number: only the order's patient's group; by specimen: not the held one.
+        assert store.link_results(ref, order_id="4560411583") == 1
+        assert store.link_results(ref, specimen_id="L1") == 0
+        linked, _ = store.search_results(LabResultQuery(based_on=(ref,)))
+        assert [(r.patient_id, r.specimen_id, r.review) for r in linked] == [("1300974", "L1", "")]
+
     # -- conflicts -------------------------------------------------------------------
 
     def test_same_specimen_test_other_patient_is_held_not_a_version(
