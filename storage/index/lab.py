@@ -150,6 +150,18 @@ def _find_order(conn: Connection, report: NewLabReport, issuer: str) -> str:
     return f"ServiceRequest/{public_id}" if public_id else ""
 
 
+def _latest(conn: Connection, observation_id: str) -> Any:
+    """The newest version of a series (``id``, ``version``, ``is_current``, ``review``,
+    ``patient_pk``), or ``None``."""
+    c = lab_results.c
+    return conn.execute(
+        select(c.id, c.version, c.is_current, c.review, c.patient_pk)
+        .where(c.observation_id == observation_id)
+        .order_by(c.version.desc())
+        .limit(1)
+    ).first()
+
+
 def _linkable(conn: Connection, report_pks: list[int], order_ref: str) -> list[int]:
     """The groups that may take ``order_ref``: never a held group (its patient is in
     question), and for one of our orders (``ServiceRequest/<id>``) only groups of the
@@ -319,7 +331,16 @@ class SqlLabStore:
                     conn, result.report, patient_pk, issuer, now, order_lookup
                 )
             report_pk, order_ref, report_owner = reports[key]
-            series_owner = self._series_owner(conn, result.observation_id, patient_pk)
+            latest = _latest(conn, result.observation_id)
+            series_owner = None
+            if (
+                latest is not None
+                and latest.is_current
+                and patient_pk is not None
+                and latest.patient_pk is not None
+                and latest.patient_pk != patient_pk
+            ):
+                series_owner = int(latest.patient_pk)
             observation_id, review, conflict_with = result.observation_id, "", ""
             other = series_owner if series_owner is not None else report_owner
             if other is not None:
@@ -327,20 +348,9 @@ class SqlLabStore:
                 observation_id = held_id(result.observation_id, issuer, result.patient_id)
                 conflict_with = result.observation_id if series_owner is not None else ""
                 review = "conflict"
-            latest = conn.execute(
-                select(lab_results.c.id, lab_results.c.version, lab_results.c.review)
-                .where(lab_results.c.observation_id == observation_id)
-                .order_by(lab_results.c.version.desc())
-                .limit(1)
-            ).first()
-            current = conn.execute(
-                select(lab_results.c.id, lab_results.c.review).where(
-                    and_(
-                        lab_results.c.observation_id == observation_id,
-                        lab_results.c.is_current == true(),
-                    )
-                )
-            ).first()
+                latest = _latest(conn, observation_id)
+            # The current version is always the newest one (resolutions add versions).
+            current = latest if latest is not None and latest.is_current else None
             if review and current is not None and current.review == "accepted":
                 review = "accepted"  # a re-send of a result already confirmed as this patient's
             version, supersedes = 1, None
@@ -434,21 +444,6 @@ class SqlLabStore:
         )
         cache[(patient_id, issuer)] = pk
         return pk, issuer
-
-    @staticmethod
-    def _series_owner(conn: Connection, observation_id: str, patient_pk: int | None) -> int | None:
-        """The other patient whose current result this series is, or ``None``."""
-        if patient_pk is None:
-            return None
-        owner = conn.execute(
-            select(lab_results.c.patient_pk).where(
-                and_(
-                    lab_results.c.observation_id == observation_id,
-                    lab_results.c.is_current == true(),
-                )
-            )
-        ).scalar_one_or_none()
-        return owner if owner is not None and owner != patient_pk else None
 
     def _report(
         self,
