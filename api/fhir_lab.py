@@ -46,6 +46,7 @@ from typing import Any
 from api.fhir.imaging import patient_system
 from core.errors import InvalidQueryError
 from storage.lab import DateBound, StoredLabReport, StoredLabResult
+from storage.lab import report_status as lab_report_status
 
 __all__ = [
     "CODE_SYSTEM_PREFIX",
@@ -427,22 +428,15 @@ def _order_identifier(code: str, value: str) -> dict[str, Any]:
 
 
 def report_status(results: Iterable[StoredLabResult]) -> str:
-    """DiagnosticReport.status from its current results (R4 ValueSet diagnostic-report-status)."""
-    statuses = {r.status for r in results}
-    if not statuses:
-        return "registered"
-    if statuses == {"entered-in-error"}:
-        return "entered-in-error"
-    statuses.discard("entered-in-error")  # withdrawn results say nothing of the others
-    if "preliminary" in statuses:
-        return "partial" if statuses & {"final", "corrected"} else "preliminary"
-    if statuses == {"cancelled"}:
-        return "cancelled"
-    if "corrected" in statuses:
-        return "corrected"
-    if statuses <= {"final", "cancelled"}:
-        return "final"
-    return "unknown"
+    """DiagnosticReport.status from its current results (R4 ValueSet diagnostic-report-status).
+
+    The rules live in :func:`storage.lab.report_status`, which the store also keeps
+    searchable; a held result makes the report ``preliminary`` rather than ``final``.
+    """
+    current = list(results)
+    return lab_report_status(
+        (r.status for r in current), held=any(r.review == _HELD for r in current)
+    )
 
 
 def diagnostic_report(
@@ -490,8 +484,6 @@ def diagnostic_report(
     subject = _subject(report.patient_pk, report.patient_id, report.patient_issuer, report.is_qc)
     if subject:
         resource["subject"] = subject
-    if any(r.review == _HELD for r in results) and resource["status"] == "final":
-        resource["status"] = "preliminary"  # its results' patient is unverified
     if performed:
         resource["effectiveDateTime"] = _date_time(max(performed))
     if report.specimen_id:

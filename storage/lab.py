@@ -15,7 +15,7 @@ correction and thus replaces a final result"; the replaced one must be kept).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -35,6 +35,7 @@ __all__ = [
     "OrderLookup",
     "StoredLabReport",
     "StoredLabResult",
+    "report_status",
 ]
 
 
@@ -219,6 +220,8 @@ class StoredLabReport:
     order_code: str = ""
     order_system: str = ""
     order_display: str = ""
+    #: :func:`report_status` of its current results, kept by the store.
+    status: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,6 +319,8 @@ class LabReportQuery:
     based_on: tuple[str, ...] = ()
     #: v2-0074 diagnostic service section codes; lab reports are ``LAB``.
     categories: tuple[str, ...] = ()
+    #: DiagnosticReport.status as served (:func:`report_status`).
+    statuses: tuple[str, ...] = ()
     #: Reports whose ordered panel (DiagnosticReport.code) or a current result has
     #: one of these codes.
     codes: tuple[tuple[str | None, str], ...] = ()
@@ -325,6 +330,33 @@ class LabReportQuery:
     sort: Literal["updated", "-updated", "id"] = "id"
     offset: int = 0
     limit: int = 100
+
+
+def report_status(statuses: Iterable[str], *, held: bool = False) -> str:
+    """FHIR R4 DiagnosticReport.status (ValueSet diagnostic-report-status) of a group.
+
+    ``statuses`` are its current results' stored statuses; ``held`` says one of them
+    is held for review (its patient unverified: the report is not ``final``). Kept
+    here, beside the data, so the store can keep it searchable and the API renders
+    the same value.
+    """
+    found = set(statuses)
+    if not found:
+        return "registered"
+    if found == {"entered-in-error"}:
+        return "entered-in-error"
+    found.discard("entered-in-error")  # withdrawn results say nothing of the others
+    if "preliminary" in found:
+        status = "partial" if found & {"final", "corrected"} else "preliminary"
+    elif found == {"cancelled"}:
+        status = "cancelled"
+    elif "corrected" in found:
+        status = "corrected"
+    elif found <= {"final", "cancelled"}:
+        status = "final"
+    else:
+        status = "unknown"
+    return "preliminary" if held and status == "final" else status
 
 
 #: What :meth:`LabResultStore.resolve` may do with a held conflict.

@@ -69,6 +69,7 @@ from storage.lab import (
     OrderLookup,
     StoredLabReport,
     StoredLabResult,
+    report_status,
 )
 
 __all__ = ["SqlLabStore"]
@@ -148,6 +149,26 @@ def _find_order(conn: Connection, report: NewLabReport, issuer: str) -> str:
         .limit(1)
     ).scalar_one_or_none()
     return f"ServiceRequest/{public_id}" if public_id else ""
+
+
+def _refresh_report_status(conn: Connection, report_pks: list[int]) -> None:
+    """Store each group's DiagnosticReport.status (:func:`storage.lab.report_status`)."""
+    if not report_pks:
+        return
+    c = lab_results.c
+    rows = conn.execute(
+        select(c.report_pk, c.status, c.review).where(
+            and_(c.report_pk.in_(set(report_pks)), c.is_current == true())
+        )
+    ).all()
+    found: dict[int, list[tuple[str, str]]] = {pk: [] for pk in report_pks}
+    for row in rows:
+        found[row.report_pk].append((row.status, row.review))
+    for pk, members in found.items():
+        status = report_status(
+            (s for s, _ in members), held=any(r == "conflict" for _, r in members)
+        )
+        conn.execute(update(lab_reports).where(lab_reports.c.id == pk).values(status=status))
 
 
 def _latest(conn: Connection, observation_id: str) -> Any:
@@ -385,6 +406,7 @@ class SqlLabStore:
                     "lab result Observation/%s held: its specimen/test belongs to another patient",
                     observation_id,
                 )
+        _refresh_report_status(conn, [pk for pk, _ref, _owner in reports.values()])
         return LabIngestOutcome(
             duplicate=False,
             results=len(results),
@@ -570,6 +592,7 @@ class SqlLabStore:
                 new_pk = self._new_version(
                     conn, held, now, review="discarded", status="entered-in-error"
                 )
+                _refresh_report_status(conn, [held.report_pk])
                 return LabResolution(
                     choice=choice,
                     held_before=held_before,
@@ -592,6 +615,9 @@ class SqlLabStore:
                         conn, other, now, review="moved", status="entered-in-error"
                     )
                     retired_after = self._rows(conn, [retired_pk])[0]
+            _refresh_report_status(
+                conn, [held.report_pk] + ([other.report_pk] if retired_after else [])
+            )
             return LabResolution(
                 choice=choice,
                 held_before=held_before,
@@ -732,6 +758,8 @@ class SqlLabStore:
         cond.extend(_patient_conditions(r.patient_pk, query.patient_pks, query.patient_identifiers))
         if query.based_on:
             cond.append(r.order_ref.in_(_order_refs(query.based_on)))
+        if query.statuses:
+            cond.append(r.status.in_(query.statuses))
         if query.categories and "LAB" not in query.categories:
             cond.append(false())  # every lab report is v2-0074 "LAB"
         if query.specimen_ids:
@@ -1072,4 +1100,5 @@ def _stored_report(row: Any) -> StoredLabReport:
         order_code=row.order_code,
         order_system=row.order_system,
         order_display=row.order_display,
+        status=row.status,
     )

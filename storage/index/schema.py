@@ -302,6 +302,9 @@ lab_reports = Table(
     Column("order_code", String(64), nullable=False, server_default=""),
     Column("order_system", String(64), nullable=False, server_default=""),
     Column("order_display", String(255), nullable=False, server_default=""),
+    # DiagnosticReport.status of its current results (storage.lab.report_status),
+    # kept at every ingest and resolution so that it is searchable.
+    Column("status", String(24), nullable=False, server_default="", index=True),
     # No order known yet: the "unmatched" queue. order_ref names the order once linked.
     Column("unmatched", Boolean, nullable=False),
     Column("order_ref", String(64), nullable=False, server_default=""),

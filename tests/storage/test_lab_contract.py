@@ -198,6 +198,10 @@ class LabStoreContract:
         assert specimens(codes=((None, "718-7"),)) == {"SC"}
         assert specimens(categories=("LAB",)) == {"SA", "SB", "SC"}
         assert specimens(categories=("RAD",)) == set()
+        assert specimens(statuses=("partial",)) == {"SA"}  # final + preliminary results
+        assert specimens(statuses=("final",)) == {"SB", "SC"}
+        assert specimens(statuses=("final", "partial"), patient_pks=(b,)) == {"SB"}
+        assert specimens(statuses=("registered",)) == set()
         (report,) = store.search_reports(LabReportQuery(patient_pks=(a,)))[0]
         assert (report.order_code, report.order_system) == ("24326-1", "LN")
         assert report.patient_pk == a and report.patient_issuer == "HOSP"
@@ -262,6 +266,8 @@ class LabStoreContract:
         assert (held.review, held.conflict_with) == ("conflict", a_result.observation_id)
         assert held.conflict_patient_pk == a_result.patient_pk
         assert held.report_id != a_result.report_id  # not in A's DiagnosticReport
+        reports = {r.report_id: r.status for r in store.search_reports(LabReportQuery())[0]}
+        assert reports == {a_result.report_id: "corrected", held.report_id: "preliminary"}
         listed, total = store.conflicts()
         assert total == 1 and listed[0].observation_id == held.observation_id
         # Served as preliminary (unverified patient), so searched as preliminary.
@@ -318,6 +324,8 @@ class LabStoreContract:
         a, _ = store.search_results(LabResultQuery(patient_identifiers=((None, "A"),)))
         assert [(r.version, r.status, r.review) for r in a] == [(1, "final", "")]
         assert store.conflicts()[1] == 0
+        (held_report,) = store.search_reports(LabReportQuery(report_ids=(held.report_id,)))[0]
+        assert held_report.status == "entered-in-error"
         # The next result for B on A's specimen is held again.
         assert len(_ingest(store, _result(patient="B", specimen="S1")).conflicts) == 1
 
@@ -375,8 +383,9 @@ def _lab_rows_before_0005(index: SqlIndex) -> None:
                 lab_results.insert().values(
                     observation_id=f"o{n}", version=1, is_current=True, file_pk=file_pk,
                     report_pk=report_pk, message_index=0, position=n, test_code="K", is_qc=qc,
-                    specimen_id=f"S{n}", patient_id=patient, patient_name="OLD^NAME",
-                    patient_birth_date="1970-01-02", is_critical=False, unmatched=True,
+                    specimen_id=f"S{n}", status="final", patient_id=patient,
+                    patient_name="OLD^NAME", patient_birth_date="1970-01-02",
+                    is_critical=False, unmatched=True,
                     created_at=T0, updated_at=T0,
                 )
             )  # fmt: skip
@@ -412,7 +421,7 @@ def test_migration_gives_existing_lab_rows_their_patient(
             "OLD-1", "", "OLD^NAME", "19700102"
         )  # fmt: skip
         (report,) = store.search_reports(LabReportQuery(patient_pks=(pk,)))[0]
-        assert report.report_id == "r1"
+        assert (report.report_id, report.status) == ("r1", "final")
         # A new result of the same patient (no issuer) joins the same row.
         _ingest(store, replace(_result(patient="OLD-1", issuer="", specimen="S9")))
         assert _ids(store, patient_pks=(pk,)) == {"S1:K", "S9:2823-3"}

@@ -72,6 +72,8 @@ def upgrade() -> None:
     _text("lab_reports", "order_code", 64)
     _text("lab_reports", "order_system", 64)
     _text("lab_reports", "order_display", 255)
+    _text("lab_reports", "status", 24)
+    op.create_index("ix_lab_reports_status", "lab_reports", ["status"])
     _patient_pk("lab_results")
     _text("lab_results", "patient_issuer", 64)
     _text("lab_results", "review", 16)
@@ -80,6 +82,34 @@ def upgrade() -> None:
     op.create_index("ix_lab_results_review", "lab_results", ["review"])
     op.create_index("ix_lab_results_order_ref", "lab_results", ["order_ref"])
     _backfill()
+    _report_statuses()
+
+
+def _report_statuses() -> None:
+    """Each existing group's DiagnosticReport.status, from its current results."""
+    from storage.lab import report_status
+
+    results = sa.table(
+        "lab_results",
+        sa.column("report_pk", sa.Integer),
+        sa.column("status", sa.String),
+        sa.column("is_current", sa.Boolean),
+    )
+    reports = sa.table("lab_reports", sa.column("id", sa.Integer), sa.column("status", sa.String))
+    bind = op.get_bind()
+    statuses: dict[int, list[str]] = {}
+    rows = bind.execute(
+        sa.select(results.c.report_pk, results.c.status).where(results.c.is_current == sa.true())
+    )
+    for report_pk, status in rows:
+        statuses.setdefault(int(report_pk), []).append(status)
+    if statuses:
+        bind.execute(
+            reports.update()
+            .where(reports.c.id == sa.bindparam("pk"))
+            .values(status=sa.bindparam("st")),
+            [{"pk": pk, "st": report_status(found)} for pk, found in statuses.items()],
+        )
 
 
 def _backfill() -> None:
@@ -167,5 +197,13 @@ def downgrade() -> None:
             batch_op.f("fk_lab_reports_patient_pk_patients"), type_="foreignkey"
         )
         batch_op.drop_index(batch_op.f("ix_lab_reports_patient_pk"))
-        for name in ("order_display", "order_system", "order_code", "patient_issuer", "patient_pk"):
+        batch_op.drop_index(batch_op.f("ix_lab_reports_status"))
+        for name in (
+            "status",
+            "order_display",
+            "order_system",
+            "order_code",
+            "patient_issuer",
+            "patient_pk",
+        ):
             batch_op.drop_column(name)
