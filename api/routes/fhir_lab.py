@@ -18,7 +18,7 @@ naming the issuer; also ``subject:identifier``, ``patient.identifier``,
 ``_count``, ``_offset``.
 
 DiagnosticReport parameters: the patient and specimen ones, ``based-on``,
-``category`` (``LAB``), ``identifier`` (specimen ID, placer or filler order number),
+``category`` (``LAB``), ``status``, ``identifier`` (specimen ID, placer or filler order number),
 ``code`` (the ordered panel, or a result's), ``date``,
 ``_lastUpdated``, ``_tag=qc``, ``_id``, ``_include=DiagnosticReport:result``,
 ``_sort``, ``_count``, ``_offset``.
@@ -78,7 +78,7 @@ _COMMON = (
     | {"category", "based-on"}
 )
 _OBSERVATION_PARAMS = _COMMON | {"based-on:identifier", "identifier", "status"}
-_REPORT_PARAMS = _COMMON | {"identifier", "_include"}
+_REPORT_PARAMS = _COMMON | {"identifier", "_include", "status"}
 
 
 def _store(request: Request) -> SqlLabStore:
@@ -330,6 +330,7 @@ def _reports(request: Request, params: dict[str, list[str]]) -> dict[str, Any]:
         identifiers=_identifiers(params, {"identifier"}),
         based_on=_identifiers(params, {"based-on"}),
         categories=_tokens(params, "category"),
+        statuses=_identifiers(params, {"status"}),
         codes=_codes(params),
         performed=_dates(params.get("date", [])),
         updated=_dates(params.get("_lastUpdated", [])),

@@ -147,6 +147,10 @@ def test_same_specimen_other_patient_is_held_listed_audited_announced(
             assert [t["code"] for t in theirs[0]["meta"]["tag"]] == ["needs-review"]
             flagged = _search(client, "Observation", _tag="needs-review")
             assert [o["id"] for o in flagged] == [held.observation_id]
+            held_reports = _search(client, "DiagnosticReport", status="preliminary")
+            assert [r["subject"]["reference"] for r in held_reports] == [
+                f"Patient/{held.patient_pk}"
+            ]
             # The first patient's DiagnosticReport does not include the held result.
             (report,) = _search(client, "DiagnosticReport", patient=f"Patient/{first.patient_pk}")
             assert [r["reference"] for r in report["result"]] == [
