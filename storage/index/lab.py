@@ -52,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
+from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.lab import (
@@ -574,6 +574,15 @@ class SqlLabStore:
         """
         if choice not in REVIEW_CHOICES:
             raise InvalidQueryError(f"choice must be one of {', '.join(REVIEW_CHOICES)}")
+        try:
+            return self._resolve(observation_id, choice)
+        except IntegrityError as exc:
+            # Another reviewer settled it first (same next version number): one wins.
+            raise DuplicateError(f"held lab result {observation_id} was just resolved") from exc
+        except (OperationalError, DBAPIError) as exc:
+            raise OutOfResourcesError("index unavailable") from exc
+
+    def _resolve(self, observation_id: str, choice: str) -> LabResolution:
         with self._write() as conn:
             held = conn.execute(
                 select(lab_results).where(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.errors import InvalidQueryError, NotFoundError
+from core.errors import DuplicateError, InvalidQueryError, NotFoundError
 from core.settings import IndexSettings, OrdersSettings
 from storage.index.lab import SqlLabStore
 from storage.index.orders import SqlOrderStore
@@ -311,6 +311,31 @@ class LabStoreContract:
         assert resent.conflicts == ()
         b, _ = store.search_results(LabResultQuery(patient_identifiers=((None, "B"),)))
         assert [(r.version, r.review, r.status) for r in b] == [(3, "accepted", "corrected")]
+
+    def test_two_reviewers_at_once_settle_it_once(self, store: SqlLabStore) -> None:
+        import threading
+
+        _ingest(store, _result(patient="A", specimen="S1"))
+        (held,) = _ingest(store, _result(patient="B", specimen="S1")).conflicts
+        outcomes: list[str] = []
+        start = threading.Barrier(2)
+
+        def review(choice: str) -> None:
+            start.wait()
+            try:
+                outcomes.append(store.resolve(held.observation_id, choice).choice)
+            except (NotFoundError, DuplicateError) as exc:
+                outcomes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=review, args=(c,)) for c in ("accept", "discard")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(outcomes) == 2
+        assert len([o for o in outcomes if o in ("accept", "discard")]) == 1, outcomes
+        history = store.result_history(held.observation_id)
+        assert [v.version for v in history] == [2, 1]  # one settlement, one new version
 
     def test_resolve_discard_keeps_the_first_patients_result(self, store: SqlLabStore) -> None:
         _ingest(store, _result(patient="A", specimen="S1"))
