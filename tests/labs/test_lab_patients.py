@@ -369,3 +369,25 @@ def test_astm_patients_take_the_profiles_issuer_and_keep_their_first_name(
             assert report["code"]["coding"] == [
                 {"system": "urn:pacslab:lab-code:local", "code": "MO10"}
             ]
+
+
+@pytest.mark.parametrize(
+    ("name", "issuers", "panels"),
+    [
+        (RESULT, {"Baptist East"}, {("57128-1", "LN")}),
+        (OTHER, {"NPI"}, {("54089-8", "local")}),  # PID-3.4 "&NPI": universal ID only
+        # CX ``12345^5^M10^Memphis_Hosp^PI``: PID-3.4's namespace; ``14^^^^HC-HCE``: none.
+        ("hl7/hapi_oml_o21_oul_r22_multi_v251.hl7", {"Memphis_Hosp", ""}, None),
+        ("hl7/python_hl7_oru_r01_v24_sn_value.hl7", {""}, {("1554-5", "local")}),
+    ],
+)
+def test_parsers_keep_the_assigning_authority_and_the_ordered_panel(
+    name: str, issuers: set[str], panels: set[tuple[str, str]] | None
+) -> None:
+    from ingest.labs.parsers import hl7v2
+
+    parsed = hl7v2.parse((LAB_DATA / name).read_bytes(), skip_non_results=True)
+    assert {p.issuer for m in parsed.messages for p in m.patients} == issuers
+    found = {(o.panel.code, o.panel.system) for m in parsed.messages for o in m.orders if o.panel}
+    if panels is not None:
+        assert found == panels
