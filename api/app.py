@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
-from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
+from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, lab_review, tiles, viewer
 from api.security import install_security
 from core.settings import Settings
 from storage.archive import Archive
@@ -36,6 +36,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     dicomweb.router,
     fhir.router,
     fhir_lab.router,
+    lab_review.router,  # /lab/conflicts: held lab results (issue 14)
     tiles.iiif_router,
     tiles.dzi_router,
     viewer.router,

@@ -10,8 +10,22 @@ Choices, each tied to the specification:
 - ``Observation.id`` is the *logical* result, ``meta.versionId`` its version: a
   correction is version 2 of the same id and version 1 stays readable at
   ``Observation/<id>/_history/1`` (R4 §3.1.0.1.5 ``vread``).
-- Patients and specimens are logical references by identifier (R4 §2.3.0.1
-  ``Reference.identifier``): this service keeps no Patient resources.
+- The subject is ``Patient/<pk>``, the Patient resource of the ``patients`` row
+  imaging shares (``/fhir/Patient``), with its identifier (system from the issuer,
+  as :func:`api.fhir.imaging.patient_system` derives it) beside the reference (R4
+  §2.3.0.1: reference and identifier may both be given). Specimens are logical
+  references by identifier.
+- ``basedOn`` is ``ServiceRequest/<id>`` when the group was matched to an order
+  (placer/filler number and patient); absent otherwise: an order number nobody
+  placed here is no reference (it stays in DiagnosticReport.identifier).
+- DiagnosticReport.code is the ordered panel (HL7 OBR-4, ASTM O.5); LOINC 11502-2
+  "Laboratory report" only when the message names none.
+- A result held because its specimen/test was reported for another patient first
+  (issue 14) has status ``preliminary`` ("data may be incomplete or unverified"):
+  its patient is unverified, so it must not read as ``final``; ``entered-in-error``
+  would claim the result is wrong, which nobody has decided yet. It carries
+  ``meta.tag`` ``needs-review`` (searchable, ``_tag``). Once resolved, a withdrawn
+  version reads ``entered-in-error``.
 - Numbers go to ``valueQuantity`` with UCUM (``http://unitsofmeasure.org``) when the
   unit is known and the comparator kept (``<``, ``>``…, R4 Quantity.comparator);
   coded answers (HL7 CE/CWE) to ``valueCodeableConcept``; anything else to
@@ -29,8 +43,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from api.fhir.imaging import patient_system
 from core.errors import InvalidQueryError
 from storage.lab import DateBound, StoredLabReport, StoredLabResult
+from storage.lab import report_status as lab_report_status
 
 __all__ = [
     "CODE_SYSTEM_PREFIX",
@@ -84,6 +100,13 @@ _STATUS = {
     "final": "final",
     "corrected": "corrected",
     "cancelled": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+#: Review states that make a result ``preliminary`` with a ``needs-review`` tag.
+_HELD = "conflict"
+_DEFAULT_REPORT_CODE = {
+    "coding": [{"system": LOINC, "code": "11502-2", "display": "Laboratory report"}],
+    "text": "Laboratory report",
 }
 
 
@@ -282,13 +305,45 @@ def _interpretation(flags: Sequence[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _tags(is_critical: bool, is_qc: bool, reason: str = "") -> list[dict[str, Any]]:
+def _tags(
+    is_critical: bool, is_qc: bool, reason: str = "", *, held: bool = False
+) -> list[dict[str, Any]]:
     tags = []
     if is_critical:
         tags.append({"system": TAG_SYSTEM, "code": "critical", "display": reason or "critical"})
     if is_qc:
         tags.append({"system": TAG_SYSTEM, "code": "qc", "display": "quality control"})
+    if held:
+        tags.append(
+            {
+                "system": TAG_SYSTEM,
+                "code": "needs-review",
+                "display": "specimen/test already reported for another patient",
+            }
+        )
     return tags
+
+
+def _subject(
+    patient_pk: int | None, patient_id: str, issuer: str, is_qc: bool
+) -> dict[str, Any] | None:
+    """``Patient/<pk>`` with the identifier; identifier only for rows older than 0005."""
+    if is_qc or not patient_id:
+        return None
+    identifier: dict[str, Any] = {"value": patient_id}
+    system = patient_system(issuer)
+    if system:
+        identifier = {"system": system, "value": patient_id}
+    subject: dict[str, Any] = {"type": "Patient", "identifier": identifier}
+    if patient_pk is not None:
+        subject = {"reference": f"Patient/{patient_pk}", **subject}
+    return subject
+
+
+def _based_on(order_ref: str) -> list[dict[str, Any]]:
+    if not order_ref.startswith("ServiceRequest/"):
+        return []
+    return [{"reference": order_ref, "type": "ServiceRequest"}]
 
 
 def observation(result: StoredLabResult) -> dict[str, Any]:
@@ -297,7 +352,8 @@ def observation(result: StoredLabResult) -> dict[str, Any]:
         "versionId": str(result.version),
         "lastUpdated": _instant(result.updated_at),
     }
-    tags = _tags(result.is_critical, result.is_qc, result.critical_reason)
+    held = result.review == _HELD
+    tags = _tags(result.is_critical, result.is_qc, result.critical_reason, held=held)
     if tags:
         meta["tag"] = tags
     resource: dict[str, Any] = {
@@ -308,19 +364,16 @@ def observation(result: StoredLabResult) -> dict[str, Any]:
         if result.raw_value
         else [],
         "identifier": [{"system": RESULT_ID_SYSTEM, "value": result.observation_id}],
-        "basedOn": [
-            {"type": "ServiceRequest", "identifier": _order_identifier(code, value)}
-            for code, value in (("PLAC", result.placer_order_id), ("FILL", result.filler_order_id))
-            if value
-        ],
-        "status": _STATUS.get(result.status, "unknown"),
+        "basedOn": _based_on(result.order_ref),
+        "status": "preliminary" if held else _STATUS.get(result.status, "unknown"),
         "category": [
             {"coding": [{"system": _CATEGORY, "code": "laboratory", "display": "Laboratory"}]}
         ],
         "code": _code(result),
     }
-    if result.patient_id and not result.is_qc:
-        resource["subject"] = {"type": "Patient", "identifier": {"value": result.patient_id}}
+    subject = _subject(result.patient_pk, result.patient_id, result.patient_issuer, result.is_qc)
+    if subject:
+        resource["subject"] = subject
     if result.performed_at is not None:
         resource["effectiveDateTime"] = _date_time(result.performed_at)
     resource["issued"] = _instant(result.created_at)
@@ -354,24 +407,34 @@ def observation(result: StoredLabResult) -> dict[str, Any]:
     return _drop_empty(resource)
 
 
+def _report_code(report: StoredLabReport) -> dict[str, Any]:
+    """The ordered panel (OBR-4 / ASTM O.5) as DiagnosticReport.code, else 11502-2."""
+    if not report.order_code:
+        return _DEFAULT_REPORT_CODE
+    coding = _drop_empty(
+        {
+            "system": system_uri(report.order_system),
+            "code": report.order_code,
+            "display": report.order_display,
+        }
+    )
+    return {"coding": [coding], "text": report.order_display or report.order_code}
+
+
 def _order_identifier(code: str, value: str) -> dict[str, Any]:
     return {"type": {"coding": [{"system": _V2_0203, "code": code}]}, "value": value}
 
 
 def report_status(results: Iterable[StoredLabResult]) -> str:
-    """DiagnosticReport.status from its current results (R4 ValueSet diagnostic-report-status)."""
-    statuses = {r.status for r in results}
-    if not statuses:
-        return "registered"
-    if "preliminary" in statuses:
-        return "partial" if statuses & {"final", "corrected"} else "preliminary"
-    if statuses == {"cancelled"}:
-        return "cancelled"
-    if "corrected" in statuses:
-        return "corrected"
-    if statuses <= {"final", "cancelled"}:
-        return "final"
-    return "unknown"
+    """DiagnosticReport.status from its current results (R4 ValueSet diagnostic-report-status).
+
+    The rules live in :func:`storage.lab.report_status`, which the store also keeps
+    searchable; a held result makes the report ``preliminary`` rather than ``final``.
+    """
+    current = list(results)
+    return lab_report_status(
+        (r.status for r in current), held=any(r.review == _HELD for r in current)
+    )
 
 
 def diagnostic_report(
@@ -391,7 +454,7 @@ def diagnostic_report(
     performed = [r.performed_at for r in results if r.performed_at is not None]
     critical = any(r.is_critical for r in results)
     meta: dict[str, Any] = {"lastUpdated": _instant(report.updated_at)}
-    tags = _tags(critical, report.is_qc)
+    tags = _tags(critical, report.is_qc, held=any(r.review == _HELD for r in results))
     if tags:
         meta["tag"] = tags
     resource: dict[str, Any] = {
@@ -399,12 +462,14 @@ def diagnostic_report(
         "id": report.report_id,
         "meta": meta,
         "identifier": identifiers,
+        "category": [
+            {"coding": [{"system": _V2_0074, "code": "LAB", "display": "Laboratory"}]},
+            # The generic LOINC document code the report used as its code: now a category.
+            _DEFAULT_REPORT_CODE,
+        ],
+        "basedOn": _based_on(report.order_ref),
         "status": report_status(results),
-        "category": [{"coding": [{"system": _V2_0074, "code": "LAB", "display": "Laboratory"}]}],
-        "code": {
-            "coding": [{"system": LOINC, "code": "11502-2", "display": "Laboratory report"}],
-            "text": "Laboratory report",
-        },
+        "code": _report_code(report),
         "issued": _instant(report.updated_at),
         "result": [
             {
@@ -414,8 +479,9 @@ def diagnostic_report(
             for r in results
         ],
     }
-    if report.patient_id and not report.is_qc:
-        resource["subject"] = {"type": "Patient", "identifier": {"value": report.patient_id}}
+    subject = _subject(report.patient_pk, report.patient_id, report.patient_issuer, report.is_qc)
+    if subject:
+        resource["subject"] = subject
     if performed:
         resource["effectiveDateTime"] = _date_time(max(performed))
     if report.specimen_id:

@@ -335,6 +335,14 @@ class LabProfileSettings(BaseModel):
     delimited: LabDelimitedSettings | None = None
     #: Largest file of this inbox (bytes); None: ``IngestSettings.lab_max_bytes``.
     max_bytes: int | None = Field(None, gt=0)
+    #: Issuer of the Patient IDs this analyzer sends when the message names none
+    #: (ASTM P records carry no assigning authority); empty: ``lab.patient_issuer``.
+    patient_issuer: str = Field("", max_length=64)
+
+    @field_validator("patient_issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        return value.strip().removeprefix("urn:oid:")  # as LabSettings.patient_issuer
 
     @model_validator(mode="after")
     def _check_delimited(self) -> LabProfileSettings:
@@ -361,8 +369,9 @@ class LabSettings(BaseModel):
     #: Test code (the sender's code or LOINC) → critical limits. Flags ``HH``/``LL``
     #: (HL7 table 0078 "panic" limits) from the analyzer also mark a value critical.
     critical: dict[str, LabCriticalLimit] = Field(default_factory=dict)
-    #: POSTed a small JSON notice for each new critical result; empty for none.
-    #: Failures are logged and never hold up ingestion.
+    #: POSTed a small JSON notice for each new critical result and each result held
+    #: as a patient conflict (issue 14); empty for none. Failures are logged and never
+    #: hold up ingestion.
     critical_webhook_url: str = ""
     critical_webhook_timeout_s: float = Field(5.0, gt=0)
     #: Analyzer clocks without an offset are read in this zone (IANA name); FHIR R4
@@ -370,6 +379,10 @@ class LabSettings(BaseModel):
     local_timezone: str = "UTC"
     #: Watch the inboxes in ``pacslab serve``.
     watch: bool = True
+    #: Issuer of Patient ID (assigning authority) of lab patients whose message names
+    #: none (ASTM P records, exports, HL7 without PID-3.4): the hospital's own system.
+    #: Empty keeps "no issuer", the value imaging uses when Issuer of Patient ID is absent.
+    patient_issuer: str = Field("", max_length=64)
 
     @field_validator("profiles")
     @classmethod
@@ -402,6 +415,13 @@ class LabSettings(BaseModel):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"lab.local_timezone {value!r} is not an IANA time zone") from exc
         return value
+
+    @field_validator("patient_issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        # Kept as Issuer of Patient ID keeps an OID (bare digits), so that the FHIR
+        # system urn:oid:<oid> searches it (api.fhir.imaging.issuer_for_system).
+        return value.strip().removeprefix("urn:oid:")
 
     @field_validator("critical_webhook_url")
     @classmethod

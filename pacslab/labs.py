@@ -31,7 +31,7 @@ def build_lab_watcher(
     lab = settings.lab
     profiles = {name: parse_profile(name, section) for name, section in lab.profiles.items()}
     index = build_index(settings, migrate=False)
-    store = SqlLabStore(index)
+    store = SqlLabStore(index, default_issuer=lab.patient_issuer)
     audit, secret = build_audit(settings, index)
     webhook = (
         CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)

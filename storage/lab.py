@@ -15,16 +15,18 @@ correction and thus replaces a final result"; the replaced one must be kept).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
 __all__ = [
+    "REVIEW_CHOICES",
     "DateBound",
     "LabFileState",
     "LabIngestOutcome",
     "LabReportQuery",
+    "LabResolution",
     "LabResultQuery",
     "LabResultStore",
     "NewLabFile",
@@ -33,6 +35,7 @@ __all__ = [
     "OrderLookup",
     "StoredLabReport",
     "StoredLabResult",
+    "report_status",
 ]
 
 
@@ -62,9 +65,16 @@ class NewLabReport:
     placer_order_id: str = ""
     filler_order_id: str = ""
     patient_id: str = ""
+    #: Assigning authority of ``patient_id`` (HL7 PID-3.4; the profile's or hospital's
+    #: for ASTM and exports): the Issuer of Patient ID of the ``patients`` table.
+    patient_issuer: str = ""
     patient_name: str = ""
     is_qc: bool = False
     analyzer: str = ""
+    #: The ordered panel / test (HL7 OBR-4, ASTM O.5): FHIR DiagnosticReport.code.
+    order_code: str = ""
+    order_system: str = ""
+    order_display: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,6 +122,7 @@ class NewLabResult:
     performed_at: datetime | None = None
     is_qc: bool = False
     patient_id: str = ""
+    patient_issuer: str = ""
     patient_name: str = ""
     patient_birth_date: str = ""
     patient_sex: str = ""
@@ -176,6 +187,16 @@ class StoredLabResult:
     order_ref: str
     created_at: datetime
     updated_at: datetime
+    #: The ``patients`` row (FHIR ``Patient/<pk>``); ``None`` for QC and anonymous.
+    patient_pk: int | None = None
+    patient_issuer: str = ""
+    #: ``""``; ``"conflict"`` (held: the specimen/test was reported for another
+    #: patient first, see :meth:`LabResultStore.resolve`); ``"accepted"``;
+    #: ``"discarded"``; ``"moved"`` (retired when the specimen moved to another patient).
+    review: str = ""
+    #: For a conflict: the other patient's result series, and that patient's row.
+    conflict_with: str = ""
+    conflict_patient_pk: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +215,13 @@ class StoredLabReport:
     order_ref: str
     created_at: datetime
     updated_at: datetime
+    patient_pk: int | None = None
+    patient_issuer: str = ""
+    order_code: str = ""
+    order_system: str = ""
+    order_display: str = ""
+    #: :func:`report_status` of its current results, kept by the store.
+    status: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +254,8 @@ class LabIngestOutcome:
     results: int = 0
     new_versions: int = 0
     critical: tuple[StoredLabResult, ...] = ()
+    #: Results held because their specimen/test belongs to another patient already.
+    conflicts: tuple[StoredLabResult, ...] = ()
 
 
 #: ``(comparison, instant)``: ``"ge"``/``"gt"``/``"le"``/``"lt"`` against a UTC instant.
@@ -240,14 +270,28 @@ class LabResultQuery:
     """
 
     observation_ids: tuple[str, ...] = ()
+    #: Patient ID values as sent, any issuer (the legacy ``patient:identifier`` search).
     patient_ids: tuple[str, ...] = ()
+    #: ``patients`` rows (FHIR ``patient=Patient/<pk>``).
+    patient_pks: tuple[int, ...] = ()
+    #: ``(issuer or None, patient id)``; ``None`` matches any issuer, ``""`` none.
+    patient_identifiers: tuple[tuple[str | None, str], ...] = ()
     specimen_ids: tuple[str, ...] = ()
     #: Matches the placer or filler order number (an accession).
     order_ids: tuple[str, ...] = ()
+    #: ServiceRequest ids (``based-on=ServiceRequest/<id>``): the linked order.
+    based_on: tuple[str, ...] = ()
+    #: FHIR observation-category codes; every lab result is ``laboratory``, so any
+    #: other code matches nothing (and is not ignored).
+    categories: tuple[str, ...] = ()
+    #: Review states (``StoredLabResult.review``): ``("conflict",)`` is the held list.
+    reviews: tuple[str, ...] = ()
     #: ``(system or None, code)``: ``None`` matches any system; ``"LN"`` also
     #: matches the LOINC alternate coding.
     codes: tuple[tuple[str | None, str], ...] = ()
     report_ids: tuple[str, ...] = ()
+    #: FHIR Observation.status codes as served (a held result is ``preliminary``,
+    #: an empty stored status ``unknown``).
     statuses: tuple[str, ...] = ()
     performed: tuple[DateBound, ...] = ()
     updated: tuple[DateBound, ...] = ()
@@ -267,10 +311,18 @@ class LabReportQuery:
 
     report_ids: tuple[str, ...] = ()
     patient_ids: tuple[str, ...] = ()
+    patient_pks: tuple[int, ...] = ()
+    patient_identifiers: tuple[tuple[str | None, str], ...] = ()
     specimen_ids: tuple[str, ...] = ()
     #: Matches specimen ID, placer or filler order number.
     identifiers: tuple[str, ...] = ()
-    #: Reports having a current result with one of these codes.
+    based_on: tuple[str, ...] = ()
+    #: v2-0074 diagnostic service section codes; lab reports are ``LAB``.
+    categories: tuple[str, ...] = ()
+    #: DiagnosticReport.status as served (:func:`report_status`).
+    statuses: tuple[str, ...] = ()
+    #: Reports whose ordered panel (DiagnosticReport.code) or a current result has
+    #: one of these codes.
     codes: tuple[tuple[str | None, str], ...] = ()
     performed: tuple[DateBound, ...] = ()
     updated: tuple[DateBound, ...] = ()
@@ -278,6 +330,55 @@ class LabReportQuery:
     sort: Literal["updated", "-updated", "id"] = "id"
     offset: int = 0
     limit: int = 100
+
+
+def report_status(statuses: Iterable[str], *, held: bool = False) -> str:
+    """FHIR R4 DiagnosticReport.status (ValueSet diagnostic-report-status) of a group.
+
+    ``statuses`` are its current results' stored statuses; ``held`` says one of them
+    is held for review (its patient unverified: the report is not ``final``). Kept
+    here, beside the data, so the store can keep it searchable and the API renders
+    the same value.
+    """
+    found = set(statuses)
+    if not found:
+        return "registered"
+    if found == {"entered-in-error"}:
+        return "entered-in-error"
+    found.discard("entered-in-error")  # withdrawn results say nothing of the others
+    if "preliminary" in found:
+        status = "partial" if found & {"final", "corrected"} else "preliminary"
+    elif found == {"cancelled"}:
+        status = "cancelled"
+    elif "corrected" in found:
+        status = "corrected"
+    elif found <= {"final", "cancelled"}:
+        status = "final"
+    else:
+        status = "unknown"
+    return "preliminary" if held and status == "final" else status
+
+
+#: What :meth:`LabResultStore.resolve` may do with a held conflict.
+REVIEW_CHOICES = ("accept", "discard")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabResolution:
+    """What resolving a held conflict changed: each affected result, before and after.
+
+    ``accept`` confirms the held result as its patient's (it joins the searches as
+    any other result) and retires the other patient's result of the same specimen
+    and test with a new version ``entered-in-error`` (FHIR R4 Observation.status:
+    "should never have existed"); ``discard`` takes the held result out of every
+    search (``is_current`` false, kept for the record).
+    """
+
+    choice: str
+    held_before: StoredLabResult
+    held_after: StoredLabResult
+    retired_before: StoredLabResult | None = None
+    retired_after: StoredLabResult | None = None
 
 
 #: Finds the order a result answers: ``(specimen_id, placer, filler)`` → order
@@ -330,4 +431,20 @@ class LabResultStore(Protocol):
 
     def link_unmatched(self, lookup: OrderLookup, *, limit: int = 1000) -> int:
         """Try ``lookup`` on every unmatched result group; returns results linked."""
+        ...
+
+    def conflicts(self, *, limit: int = 100, offset: int = 0) -> tuple[list[StoredLabResult], int]:
+        """Held results (``review == "conflict"``), oldest first: the needs-review list."""
+        ...
+
+    def resolve(self, observation_id: str, choice: str) -> LabResolution:
+        """Accept or discard the held result ``observation_id`` (see :class:`LabResolution`).
+
+        Raises
+        ------
+        NotFoundError
+            No held conflict has this id.
+        InvalidQueryError
+            ``choice`` is not one of :data:`REVIEW_CHOICES`.
+        """
         ...

@@ -129,3 +129,66 @@ def test_report_status_and_shape() -> None:
     DiagnosticReport.model_validate(body)
     assert [r["reference"] for r in body["result"]] == ["Observation/abc", "Observation/x"]
     assert [i["value"] for i in body["identifier"]] == ["P1", "F1", "S1"]
+
+
+def test_subject_is_the_shared_patient_with_its_issuer_system() -> None:
+    obs = observation(_result(patient_pk=7, patient_issuer="Baptist East"))
+    Observation.model_validate(obs)
+    assert obs["subject"] == {
+        "reference": "Patient/7",
+        "type": "Patient",
+        "identifier": {"system": "urn:pacslab:issuer:Baptist%20East", "value": "PAT-1"},
+    }
+    oid = observation(_result(patient_pk=8, patient_issuer="1.2.3.4"))
+    assert oid["subject"]["identifier"]["system"] == "urn:oid:1.2.3.4"
+    none = observation(_result(patient_pk=9))
+    assert none["subject"] == {
+        "reference": "Patient/9", "type": "Patient", "identifier": {"value": "PAT-1"}
+    }  # fmt: skip
+    assert "subject" not in observation(_result(patient_pk=9, is_qc=True))
+
+
+def test_based_on_only_for_a_matched_order() -> None:
+    assert "basedOn" not in observation(_result())  # order numbers alone link nothing
+    linked = observation(_result(order_ref="ServiceRequest/o-1", unmatched=False))
+    Observation.model_validate(linked)
+    assert linked["basedOn"] == [{"reference": "ServiceRequest/o-1", "type": "ServiceRequest"}]
+
+
+def test_held_result_is_preliminary_and_tagged_needs_review() -> None:
+    held = observation(_result(review="conflict", conflict_with="abc", status="final"))
+    Observation.model_validate(held)
+    assert held["status"] == "preliminary"
+    assert [t["code"] for t in held["meta"]["tag"]] == ["needs-review"]
+    withdrawn = observation(_result(review="moved", status="entered-in-error", version=2))
+    Observation.model_validate(withdrawn)
+    assert withdrawn["status"] == "entered-in-error" and "tag" not in withdrawn["meta"]
+    assert observation(_result(review="accepted"))["status"] == "final"
+
+
+def test_report_code_is_the_ordered_panel() -> None:
+    base = StoredLabReport(
+        report_id="rep", specimen_id="S1", placer_order_id="P1", filler_order_id="",
+        patient_id="PAT-1", patient_name="", is_qc=False, analyzer="CHEM", unmatched=False,
+        order_ref="ServiceRequest/o-1", created_at=T0, updated_at=T0, patient_pk=3,
+        order_code="57128-1", order_system="LN",
+        order_display="Newborn Screening Report summary panel",
+    )  # fmt: skip
+    body = diagnostic_report(base, [_result()])
+    DiagnosticReport.model_validate(body)
+    assert body["code"] == {
+        "coding": [{"system": "http://loinc.org", "code": "57128-1",
+                    "display": "Newborn Screening Report summary panel"}],
+        "text": "Newborn Screening Report summary panel",
+    }  # fmt: skip
+    assert body["basedOn"] == [{"reference": "ServiceRequest/o-1", "type": "ServiceRequest"}]
+    assert body["subject"]["reference"] == "Patient/3"
+    local = diagnostic_report(replace(base, order_code="CHEM", order_system="L"), [_result()])
+    assert local["code"]["coding"][0]["system"] == "urn:pacslab:lab-code:L"
+    fallback = diagnostic_report(replace(base, order_code="", order_display=""), [_result()])
+    assert fallback["code"]["coding"][0]["code"] == "11502-2"
+    held = diagnostic_report(base, [_result(review="conflict")])
+    assert held["status"] == "preliminary"
+    assert [t["code"] for t in held["meta"]["tag"]] == ["needs-review"]
+    gone = diagnostic_report(base, [_result(status="entered-in-error")])
+    assert gone["status"] == "entered-in-error"

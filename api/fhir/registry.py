@@ -144,7 +144,12 @@ OBSERVATION = ResourceSpec(
     (
         *_lab("Observation"),
         _p("category", "token", "Observation-category", "laboratory (every lab result)"),
-        _p("status", "token", "Observation-status", "preliminary | final | corrected | cancelled"),
+        _p(
+            "status",
+            "token",
+            "Observation-status",
+            "preliminary | final | corrected | cancelled | entered-in-error | unknown",
+        ),
         _p(
             "based-on",
             "reference",
@@ -163,6 +168,18 @@ DIAGNOSTIC_REPORT = ResourceSpec(
     (
         *_lab("DiagnosticReport"),
         _p("category", "token", "DiagnosticReport-category", "LAB (v2-0074; every lab report)"),
+        _p(
+            "status",
+            "token",
+            "DiagnosticReport-status",
+            "registered | partial | preliminary | final | corrected | cancelled",
+        ),
+        _p(
+            "based-on",
+            "reference",
+            "DiagnosticReport-based-on",
+            "ServiceRequest/[id]: the order the report is linked to",
+        ),
         _p(
             "identifier",
             "token",

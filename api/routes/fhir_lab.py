@@ -7,15 +7,17 @@ Only fetching and wrapping lives here; the mapping and the parameter rules are i
 typo in ``patient:identifier`` must not return every patient's results.
 
 The parameters are declared once in :mod:`api.fhir.registry` (and so advertised in
-the CapabilityStatement): ``patient``/``subject`` (``Patient/[id]``, or
-``:identifier`` with the Patient ID), ``specimen`` (``Specimen/[id]`` or
-``:identifier``), ``code``, ``date``, ``_lastUpdated``, ``_tag`` (``critical``,
-``qc``; QC results only when asked for), ``_id``, ``category`` (every result is
-``laboratory``, every report ``LAB``: another category matches nothing); on
-Observation also ``status``, ``based-on`` (``ServiceRequest/[id]`` or
-``:identifier``: placer/filler order number) and ``identifier``; on
-DiagnosticReport ``identifier`` (specimen ID, placer or filler order number) and
-``_include=DiagnosticReport:result``. ``_sort``, ``_count``, ``_offset`` page.
+the CapabilityStatement): ``patient``/``subject`` (``Patient/[id]``, the Patient
+resource lab and imaging share, or ``:identifier`` ``[system]|[value]``, the system
+naming the issuer), ``specimen`` (``Specimen/[id]`` or ``:identifier``), ``code``,
+``date``, ``_lastUpdated``, ``_tag`` (``critical``, ``qc``, ``needs-review``; QC
+results only when asked for), ``_id``, ``category`` (every result is ``laboratory``,
+every report ``LAB``: another category matches nothing), ``status``, ``based-on``
+(``ServiceRequest/[id]``: the order a result is linked to, only ever one of the same
+patient; on Observation also ``:identifier``, the placer/filler order number); on
+Observation also ``identifier``; on DiagnosticReport ``identifier`` (specimen ID,
+placer or filler order number) and ``_include=DiagnosticReport:result``. ``_sort``,
+``_count``, ``_offset`` page.
 Unknown parameters: strict unless ``Prefer: handling=lenient``.
 
 Change feed: ``GET /fhir/Observation?_tag=critical&_lastUpdated=gt<instant>&_sort=_lastUpdated``.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -41,6 +43,7 @@ from api.fhir import (
     split_or,
 )
 from api.fhir import parse_token as parse_fhir_token
+from api.fhir.imaging import issuer_for_system
 from api.fhir.registry import DIAGNOSTIC_REPORT, OBSERVATION
 from api.fhir_lab import (
     RESULT_ID_SYSTEM,
@@ -50,7 +53,7 @@ from api.fhir_lab import (
     parse_date,
     parse_token,
 )
-from api.routes.fhir import patient_identifiers
+from api.routes.fhir import patient_pk
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.lab import SqlLabStore
 from storage.lab import DateBound, LabReportQuery, LabResultQuery
@@ -83,7 +86,10 @@ def _fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
     return fhir_response(body, status)
 
 
-def _and(current: set[str] | None, values: set[str]) -> set[str]:
+_T = TypeVar("_T")
+
+
+def _and(current: set[_T] | None, values: set[_T]) -> set[_T]:
     """AND of a repeated parameter: the intersection of each occurrence's OR set."""
     out = values if current is None else current & values
     if not out:
@@ -99,16 +105,31 @@ def _ids(search: Search, name: str, read: Any = None) -> tuple[str, ...]:
     return tuple(sorted(found)) if found is not None else ()
 
 
-def _patients(request: Request, search: Search) -> tuple[str, ...]:
-    """Patient IDs named by ``patient``/``subject``: ``Patient/[id]`` (a Patient this
-    server knows) or ``:identifier`` ``[system]|[value]``. Lab results keep the
-    patient by identifier (no issuer), so the identifier value is what is matched."""
-    found: set[str] | None = None
-    index = request.app.state.index
+_Identifier = tuple[str | None, str]
+
+
+def _patients(
+    request: Request, search: Search
+) -> tuple[tuple[int, ...], tuple[_Identifier, ...]]:
+    """``patient``/``subject``: ``Patient/[id]`` as ``patients`` rows (lab results point
+    at the Patient resource imaging uses), ``:identifier`` ``[system]|[value]`` as
+    ``(issuer, Patient ID)`` with the issuer from the system (None: any issuer)."""
+    pks: set[int] | None = None
+    identifiers: set[_Identifier] | None = None
     for c in search.all("patient") + search.all("subject"):
-        named = {pid for pid, _issuer in patient_identifiers(index, request, c.value, c.modifier)}
-        found = _and(found, {p for p in named if p})
-    return tuple(sorted(found)) if found is not None else ()
+        if c.modifier == "identifier":
+            found: set[_Identifier] = set()
+            for v in split_or(c.value):
+                token = parse_fhir_token(v)
+                system = token.system
+                found.add((None if system is None else issuer_for_system(system), token.code))
+            identifiers = _and(identifiers, found)
+        else:
+            base = fhir_base(request)
+            pks = _and(pks, {patient_pk(parse_reference(v, target="Patient", base=base))
+                             for v in split_or(c.value)})
+    return (tuple(sorted(pks)) if pks is not None else (),
+            tuple(sorted(identifiers, key=str)) if identifiers is not None else ())
 
 
 def _specimen(request: Request, search: Search) -> tuple[str, ...]:
@@ -135,22 +156,22 @@ def _result_ids(search: Search) -> tuple[str, ...]:
     return tuple(sorted(found)) if found is not None else ()
 
 
-def _orders(request: Request, search: Search) -> tuple[str, ...]:
-    """``based-on``: ``ServiceRequest/[id]`` (its placer order number and accession) or
-    ``:identifier`` (the placer or filler order number)."""
-    from api.routes.fhir_orders import order_numbers
-
-    found: set[str] | None = None
+def _orders(request: Request, search: Search) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``based-on``: (ServiceRequest ids a result is linked to, from
+    ``ServiceRequest/[id]``; order numbers, from ``:identifier``). A result is linked
+    only to an order of its own patient, so a reference never reaches another
+    patient's results that merely quote the same order number."""
+    linked: set[str] | None = None
+    numbers: set[str] | None = None
     for c in search.all("based-on"):
-        values: set[str] = set()
-        for v in split_or(c.value):
-            if c.modifier == "identifier":
-                values.add(parse_fhir_token(v).code)
-            else:
-                ident = parse_reference(v, target="ServiceRequest", base=fhir_base(request))
-                values |= order_numbers(request, ident)
-        found = _and(found, values)
-    return tuple(sorted(found)) if found is not None else ()
+        if c.modifier == "identifier":
+            numbers = _and(numbers, {parse_fhir_token(v).code for v in split_or(c.value)})
+        else:
+            base = fhir_base(request)
+            linked = _and(linked, {parse_reference(v, target="ServiceRequest", base=base)
+                                   for v in split_or(c.value)})
+    return (tuple(sorted(linked)) if linked is not None else (),
+            tuple(sorted(numbers)) if numbers is not None else ())
 
 
 def _category(search: Search, system: str, code: str) -> None:
@@ -177,13 +198,24 @@ def _dates(search: Search, name: str) -> tuple[DateBound, ...]:
     return tuple(bounds)
 
 
+_TAGS = frozenset({"critical", "qc", "needs-review"})
+
+
+def _statuses(search: Search) -> tuple[str, ...]:
+    statuses: set[str] | None = None
+    for c in search.all("status"):
+        statuses = _and(statuses, {parse_fhir_token(v).code for v in split_or(c.value)})
+    return tuple(sorted(statuses)) if statuses is not None else ()
+
+
 def _tags(search: Search) -> set[str]:
     tags = set()
     for c in search.all("_tag"):
         for item in split_or(c.value):
             token = parse_fhir_token(item)
-            if token.system not in (None, _TAG_SYSTEM) or token.code not in {"critical", "qc"}:
-                raise InvalidQueryError(f"unknown _tag {item!r}: {_TAG_SYSTEM}|critical or |qc")
+            if token.system not in (None, _TAG_SYSTEM) or token.code not in _TAGS:
+                raise InvalidQueryError(
+                    f"unknown _tag {item!r}: {_TAG_SYSTEM}|critical, |qc or |needs-review")
             tags.add(token.code)
     return tags
 
@@ -209,16 +241,18 @@ def _sort(search: Search, table: dict[str, str]) -> str:
 def _result_query(request: Request, search: Search) -> LabResultQuery:
     _category(search, _OBSERVATION_CATEGORY, "laboratory")
     tags = _tags(search)
-    statuses: set[str] | None = None
-    for c in search.all("status"):
-        statuses = _and(statuses, {parse_fhir_token(v).code for v in split_or(c.value)})
+    pks, identifiers = _patients(request, search)
+    based_on, order_numbers = _orders(request, search)
     return LabResultQuery(
         observation_ids=_result_ids(search),
-        patient_ids=_patients(request, search),
+        patient_pks=pks,
+        patient_identifiers=identifiers,
         specimen_ids=_specimen(request, search),
-        order_ids=_orders(request, search),
+        order_ids=order_numbers,
+        based_on=based_on,
+        reviews=("conflict",) if "needs-review" in tags else (),
         codes=_codes(search),
-        statuses=tuple(sorted(statuses)) if statuses is not None else (),
+        statuses=_statuses(search),
         performed=_dates(search, "date"),
         updated=_dates(search, "_lastUpdated"),
         critical=True if "critical" in tags else None,
@@ -290,13 +324,20 @@ _REPORT_SORTS = {"_lastUpdated": "updated", "-_lastUpdated": "-updated", "_id": 
 def _report_query(request: Request, search: Search) -> LabReportQuery:
     _category(search, _V2_0074, "LAB")
     tags = _tags(search)
-    if "critical" in tags:
-        raise InvalidQueryError("_tag=critical is searched on Observation")
+    if tags & {"critical", "needs-review"}:
+        raise InvalidQueryError("_tag=critical and _tag=needs-review are searched on Observation")
+    pks, identifiers = _patients(request, search)
+    based_on, order_numbers = _orders(request, search)
+    if order_numbers:  # a report's identifiers are its specimen and order numbers
+        raise InvalidQueryError("on DiagnosticReport, search order numbers with identifier")
     return LabReportQuery(
         report_ids=_ids(search, "_id"),
-        patient_ids=_patients(request, search),
+        patient_pks=pks,
+        patient_identifiers=identifiers,
         specimen_ids=_specimen(request, search),
         identifiers=_ids(search, "identifier", lambda c, v: parse_fhir_token(v).code),
+        based_on=based_on,
+        statuses=_statuses(search),
         codes=_codes(search),
         performed=_dates(search, "date"),
         updated=_dates(search, "_lastUpdated"),

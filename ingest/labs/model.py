@@ -187,6 +187,9 @@ class LabPatient:
     where : str
     patient_id : str
         ASTM P.3, else P.4, else P.5; HL7 PID-3 (first repeat, ID component).
+    issuer : str
+        Assigning authority of ``patient_id``: HL7 PID-3.4 (namespace ID, else
+        universal ID); ASTM carries none (the profile's or hospital's applies).
     name : str
         As sent, components joined by ``^`` (family^given^middle…).
     birth_date : date or None
@@ -196,6 +199,7 @@ class LabPatient:
 
     where: str
     patient_id: str = field(default="", repr=False)
+    issuer: str = ""
     name: str = field(default="", repr=False)
     birth_date: date | None = field(default=None, repr=False)
     sex: str = field(default="", repr=False)
@@ -217,6 +221,9 @@ class LabOrder:
         HL7 OBR-2 / OBR-3 entity identifiers; empty for ASTM.
     test_codes : tuple of str
         ASTM O.5 (one per repeat) or HL7 OBR-4 identifier.
+    panel : Coding or None
+        The ordered panel/test as a coding (HL7 OBR-4 identifier^text^system; ASTM
+        O.5 when it names one test): FHIR DiagnosticReport.code.
     priority : str
         ASTM O.6 (``S`` stat, ``A`` ASAP, ``R`` routine); HL7 OBR-5, TQ1-9 or
         ORC-7 component 6.
@@ -233,6 +240,7 @@ class LabOrder:
     placer_order_id: str = ""
     filler_order_id: str = ""
     test_codes: tuple[str, ...] = ()
+    panel: Coding | None = None
     priority: str = ""
     action_code: str = ""
     is_qc: bool = False

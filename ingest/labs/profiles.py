@@ -48,6 +48,8 @@ class InboxProfile:
     analyzer : str
         Used when a message names no sender.
     delimited : DelimitedProfile or None
+    patient_issuer : str
+        Issuer of Patient IDs sent without one (ASTM, exports).
     """
 
     name: str
@@ -57,6 +59,7 @@ class InboxProfile:
     analyzer: str = ""
     delimited: DelimitedProfile | None = None
     max_bytes: int | None = None
+    patient_issuer: str = ""
 
 
 def delimited_profile(name: str, section: LabDelimitedSettings) -> DelimitedProfile:
@@ -119,6 +122,7 @@ def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
         analyzer=section.analyzer,
         delimited=layout,
         max_bytes=section.max_bytes,
+        patient_issuer=section.patient_issuer,
     )
 
 

@@ -11,6 +11,11 @@ Decisions made here, each a function over values:
   QC runs are keyed by run time too: tomorrow's QC is not a correction of today's.
 - which group (FHIR DiagnosticReport) a result joins (:func:`report_key`): its order
   (HL7 OBR-2 placer, else OBR-3 filler), else its specimen/sample ID (ASTM O.3).
+  The group's code is the ordered panel (HL7 OBR-4, ASTM O.5 with one test).
+- whose result it is: the patient (PID-3 with its assigning authority PID-3.4, ASTM
+  P record) travels with each result; the store keeps the patient in the result's
+  identity (a series already reported for another patient is held, never continued,
+  see ``storage/index/lab.py``).
 - whether a value is critical (:func:`critical_reason`): per-test limits from the
   settings, or the analyzer's panic flags ``HH``/``LL`` (HL7 v2.5.1 table 0078).
 - what ``processed/<name>.summary.json`` and ``rejected/<name>.error.json`` say.
@@ -29,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 from core.errors import LabMessageError
 from core.settings import LabCriticalLimit
-from ingest.labs.model import LabMessage, LabObservation, ParseResult
+from ingest.labs.model import LabMessage, LabObservation, LabOrder, ParseResult
 from storage.lab import NewLabReport, NewLabResult
 
 __all__ = [
@@ -128,10 +133,16 @@ def critical_reason(obs: LabObservation, limits: Mapping[str, LabCriticalLimit])
     return ""
 
 
+def _order(msg: LabMessage, obs: LabObservation) -> LabOrder | None:
+    if obs.order_index is not None and obs.order_index < len(msg.orders):
+        return msg.orders[obs.order_index]
+    return None
+
+
 def _sample(msg: LabMessage, obs: LabObservation) -> tuple[str, str, str]:
     placer = filler = ""
-    if obs.order_index is not None and obs.order_index < len(msg.orders):
-        order = msg.orders[obs.order_index]
+    order = _order(msg, obs)
+    if order is not None:
         placer, filler = order.placer_order_id, order.filler_order_id
     return obs.specimen_id or filler or placer, placer, filler
 
@@ -148,6 +159,7 @@ def plan_results(
     file_sha256: str,
     fmt: str,
     analyzer: str = "",
+    patient_issuer: str = "",
     critical: Mapping[str, LabCriticalLimit] | None = None,
     local_timezone: str = "UTC",
 ) -> list[NewLabResult]:
@@ -162,6 +174,9 @@ def plan_results(
         The format the file was read as (``"astm"``, ``"hl7v2"``…).
     analyzer : str
         The profile's analyzer name, for messages that name no sender.
+    patient_issuer : str
+        The profile's issuer of Patient IDs, for patients whose message names none
+        (HL7 PID-3.4 wins; without either the store applies the hospital's).
     critical : mapping of test code to LabCriticalLimit
     local_timezone : str
         IANA zone of analyzer clocks that send no offset.
@@ -197,6 +212,8 @@ def plan_results(
             if not obs.is_qc and index is not None and index < len(msg.patients):
                 patient = msg.patients[index]
             sender = msg.sender or analyzer
+            order = _order(msg, obs)
+            panel = order.panel if order is not None else None
             report = NewLabReport(
                 report_id=short_id(
                     report_key(
@@ -211,9 +228,13 @@ def plan_results(
                 placer_order_id=placer,
                 filler_order_id=filler,
                 patient_id=patient.patient_id if patient else "",
+                patient_issuer=(patient.issuer or patient_issuer) if patient else "",
                 patient_name=patient.name if patient else "",
                 is_qc=obs.is_qc,
                 analyzer=sender,
+                order_code=panel.code if panel else "",
+                order_system=panel.system if panel else "",
+                order_display=panel.display if panel else "",
             )
             loinc = next((c for c in (obs.test, *obs.test_alternates) if c.system == "LN"), None)
             coded = obs.coded_value
@@ -256,6 +277,7 @@ def plan_results(
                     performed_at=_local(obs.performed_at, zone),
                     is_qc=obs.is_qc,
                     patient_id=patient.patient_id if patient else "",
+                    patient_issuer=(patient.issuer or patient_issuer) if patient else "",
                     patient_name=patient.name if patient else "",
                     patient_birth_date=(
                         patient.birth_date.isoformat() if patient and patient.birth_date else ""

@@ -105,10 +105,12 @@ class LabInbox:
     critical : mapping of test code to LabCriticalLimit
     local_timezone : str
     announce : callable, optional
-        Called with the new critical results after their commit; errors are
-        logged, never raised (a side effect).
+        Called with the new critical results and the results held as conflicts
+        (``review == "conflict"``) after their commit; errors are logged, never
+        raised (a side effect).
     order_lookup : OrderLookup, optional
-        Links results to a known order at ingest; without it they are unmatched.
+        Links results to a known order at ingest; without it the store matches
+        orders itself (placer/filler order number and the same patient).
     audit : AuditLog, optional
         The action log; every filed file appends to it (see the module docstring).
     patient_secret : bytes
@@ -209,6 +211,7 @@ class LabInbox:
                 file_sha256=sha,
                 fmt=fmt,
                 analyzer=self.profile.analyzer,
+                patient_issuer=self.profile.patient_issuer,
                 critical=self.critical,
                 local_timezone=self.local_timezone,
             )
@@ -256,9 +259,14 @@ class LabInbox:
             assert state is not None
             return self._known(path, sha, "filed", state.name, state.summary_json)
         body["new_versions"] = outcome.new_versions
+        body["held_for_review"] = len(outcome.conflicts)  # another patient's specimen/test
         dest = self._file(path, PROCESSED, sha, body, suffix=".summary.json")
         self.store.mark_filed(sha)
         self._audit_results(sha, fmt, results, outcome.new_versions)
+        for held in outcome.conflicts:  # issue 14: another patient's specimen/test, held
+            self._audit(sha, "4", "held: specimen/test of another patient", fmt=fmt,
+                        patient_id=held.patient_id, detail={"observation": held.observation_id,
+                                                            "conflicts_with": held.conflict_with})
         logger.info(
             "lab file ingested (%s, %s): %d results, %d corrections/re-sends, %d critical",
             self.profile.name,
@@ -267,9 +275,10 @@ class LabInbox:
             outcome.new_versions,
             len(outcome.critical),
         )
-        if outcome.critical and self.announce is not None:
+        notices = outcome.critical + tuple(r for r in outcome.conflicts if not r.is_critical)
+        if notices and self.announce is not None:
             try:
-                self.announce(outcome.critical)
+                self.announce(notices)
             except Exception:
                 logger.error("announcing critical results failed", exc_info=True)
         return FileOutcome(name, "ingested", sha, outcome.results, dest)

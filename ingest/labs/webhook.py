@@ -1,4 +1,4 @@
-"""Announce critical lab values to a webhook (I/O shell; a side effect, STYLE.md §5).
+"""Announce critical lab values and held results to a webhook (I/O shell; STYLE.md §5).
 
 Each new critical result is POSTed as a small JSON notice naming the FHIR R4
 ``Observation`` (id and ``meta.versionId``) so the receiver fetches the resource
@@ -7,6 +7,10 @@ over the API, the "id-only" payload of FHIR R4 Subscription (§ subscription.htm
 thread from a bounded queue; a failure or a full queue is logged and ingestion
 never waits for it. The ``_lastUpdated`` search (``_tag=critical``) is the feed a
 receiver can always catch up from.
+
+A result held because its specimen/test was reported for another patient first
+(issue 14, ``review == "conflict"``) is announced as ``lab-result.conflict``, naming
+the held Observation and the other patient's (``_tag=needs-review`` is its feed).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from storage.lab import StoredLabResult
 
-__all__ = ["CriticalWebhook", "critical_notice"]
+__all__ = ["CriticalWebhook", "conflict_notice", "critical_notice", "notices"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,38 @@ def critical_notice(result: StoredLabResult) -> dict[str, Any]:
     }
 
 
+def conflict_notice(result: StoredLabResult) -> dict[str, Any]:
+    """The JSON body announcing one held result (pure, no patient data).
+
+    ``conflictsWith`` names the other patient's Observation of the same specimen and
+    test (absent when only the order/specimen group was theirs).
+    """
+    body: dict[str, Any] = {
+        "event": "lab-result.conflict",
+        "resourceType": "Observation",
+        "id": result.observation_id,
+        "reference": f"Observation/{result.observation_id}",
+        "versionId": str(result.version),
+        "lastUpdated": result.updated_at.isoformat(),
+        "reason": "specimen/test already reported for another patient; held for review",
+        "specimen": result.specimen_id,
+        "analyzer": result.analyzer,
+    }
+    if result.conflict_with:
+        body["conflictsWith"] = f"Observation/{result.conflict_with}"
+    return body
+
+
+def notices(result: StoredLabResult) -> list[dict[str, Any]]:
+    """What to announce about a new result: critical value, held conflict, or both."""
+    out = []
+    if result.is_critical:
+        out.append(critical_notice(result))
+    if result.review == "conflict":
+        out.append(conflict_notice(result))
+    return out
+
+
 class CriticalWebhook:
     """POST :func:`critical_notice` bodies to ``url`` from a background thread.
 
@@ -68,16 +104,17 @@ class CriticalWebhook:
         self._thread.start()
 
     def announce(self, results: tuple[StoredLabResult, ...]) -> None:
-        """Queue one notice per result; never blocks, never raises."""
+        """Queue the :func:`notices` of each result; never blocks, never raises."""
         for result in results:
-            try:
-                self._queue.put_nowait(critical_notice(result))
-            except queue.Full:
-                self.failed += 1
-                logger.warning(
-                    "critical webhook queue full; notice for Observation/%s dropped",
-                    result.observation_id,
-                )
+            for body in notices(result):
+                try:
+                    self._queue.put_nowait(body)
+                except queue.Full:
+                    self.failed += 1
+                    logger.warning(
+                        "lab webhook queue full; notice for Observation/%s dropped",
+                        result.observation_id,
+                    )
 
     def _run(self) -> None:
         while True:

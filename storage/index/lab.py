@@ -13,11 +13,26 @@ either unknown (ingest it) or journaled (only move it).
 Versions: for each incoming result the current row of its ``observation_id`` (if
 any) stops being current and the new row gets ``version + 1`` and ``supersedes_pk``
 (FHIR R4 §3.1.0.1.5 ``_history``; HL7 v2.5.1 OBX-11 ``C`` corrections). Rows are
-never updated in place except for ``is_current`` and order links.
+never updated in place except for ``is_current``, order links and review states.
+
+Patients: each result's patient (Patient ID + issuer) is a row of the ``patients``
+table imaging uses (unique ``(patient_id, issuer)``), so the FHIR ``Patient/<pk>`` of
+a lab result is the one of the same patient's images. A new row takes the lab
+message's demographics; an existing row is never changed by a lab message (identity
+changes are explicit and audited elsewhere).
+
+Identity includes the patient: a result whose series (specimen + test) or group
+(order / specimen) already belongs to *another* patient is never a new version of
+that patient's result. It is stored as a series of its own (``observation_id``
+derived from the series and the patient), with ``review = "conflict"``: held, listed
+by :meth:`SqlLabStore.conflicts`, until :meth:`SqlLabStore.resolve` accepts or
+discards it. A result without a patient (many analyzers send only the barcode)
+continues the series as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -37,14 +52,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from core.errors import OutOfResourcesError
-from storage.index.schema import lab_files, lab_reports, lab_results
+from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
+from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.lab import (
+    REVIEW_CHOICES,
     DateBound,
     LabFileState,
     LabIngestOutcome,
     LabReportQuery,
+    LabResolution,
     LabResultQuery,
     NewLabFile,
     NewLabReport,
@@ -52,6 +69,7 @@ from storage.lab import (
     OrderLookup,
     StoredLabReport,
     StoredLabResult,
+    report_status,
 )
 
 __all__ = ["SqlLabStore"]
@@ -79,18 +97,140 @@ def _aware(value: datetime | None) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def held_id(series_id: str, issuer: str, patient_id: str) -> str:
+    """The id of a series held for another patient: the series plus the patient.
+
+    A FHIR id (R4 §2.24.0.1, 32 hex digits), stable across re-sends, so a second
+    result for the same specimen, test and (other) patient continues the held series.
+    """
+    key = f"{series_id}|patient|{issuer}|{patient_id}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def _fhir_birth_date(value: str) -> str:
+    """ISO ``YYYY-MM-DD`` (as lab results keep it) to DICOM DA ``YYYYMMDD`` (``patients``)."""
+    digits = value.replace("-", "")
+    return digits if len(digits) == 8 and digits.isdigit() else ""
+
+
+def _person_name(name: str) -> str:
+    """HL7 XPN / ASTM P.6 (family^given^middle^suffix^prefix) as a DICOM PN
+    (family^given^middle^prefix^suffix, PS3.5 6.2), the form ``patients.name`` keeps."""
+    parts = name.split("^")[:5]
+    if len(parts) >= 4:
+        parts = [*parts[:3], parts[4] if len(parts) > 4 else "", parts[3]]
+    return "^".join(parts).rstrip("^")
+
+
+def _find_order(conn: Connection, report: NewLabReport, issuer: str) -> str:
+    """``ServiceRequest/<id>`` of the order this group answers, or ``""``.
+
+    The order must carry the group's placer (HL7 OBR-2/ORC-2) or filler (OBR-3)
+    order number *and* be for the same patient: Patient ID, and the same issuer
+    unless the order names none. An order number alone could be another patient's.
+    """
+    numbers = []
+    if report.placer_order_id:
+        numbers.append(orders.c.placer_order_number == report.placer_order_id)
+    if report.filler_order_id:
+        numbers.append(orders.c.filler_order_number == report.filler_order_id)
+    if not numbers or not report.patient_id:
+        return ""
+    public_id = conn.execute(
+        select(orders.c.public_id)
+        .where(
+            and_(
+                or_(*numbers),
+                orders.c.patient_id == report.patient_id,
+                or_(orders.c.issuer == issuer, orders.c.issuer == ""),
+            )
+        )
+        .order_by(orders.c.id)
+        .limit(1)
+    ).scalar_one_or_none()
+    return f"ServiceRequest/{public_id}" if public_id else ""
+
+
+def _refresh_report_status(conn: Connection, report_pks: list[int]) -> None:
+    """Store each group's DiagnosticReport.status (:func:`storage.lab.report_status`)."""
+    if not report_pks:
+        return
+    c = lab_results.c
+    rows = conn.execute(
+        select(c.report_pk, c.status, c.review).where(
+            and_(c.report_pk.in_(set(report_pks)), c.is_current == true())
+        )
+    ).all()
+    found: dict[int, list[tuple[str, str]]] = {pk: [] for pk in report_pks}
+    for row in rows:
+        found[row.report_pk].append((row.status, row.review))
+    for pk, members in found.items():
+        status = report_status(
+            (s for s, _ in members), held=any(r == "conflict" for _, r in members)
+        )
+        conn.execute(update(lab_reports).where(lab_reports.c.id == pk).values(status=status))
+
+
+def _latest(conn: Connection, observation_id: str) -> Any:
+    """The newest version of a series (``id``, ``version``, ``is_current``, ``review``,
+    ``patient_pk``), or ``None``."""
+    c = lab_results.c
+    return conn.execute(
+        select(c.id, c.version, c.is_current, c.review, c.patient_pk)
+        .where(c.observation_id == observation_id)
+        .order_by(c.version.desc())
+        .limit(1)
+    ).first()
+
+
+def _linkable(conn: Connection, report_pks: list[int], order_ref: str) -> list[int]:
+    """The groups that may take ``order_ref``: never a held group (its patient is in
+    question), and for one of our orders (``ServiceRequest/<id>``) only groups of the
+    order's patient (Patient ID, and issuer unless the order names none)."""
+    if not report_pks:
+        return []
+    r = lab_reports.c
+    held = (
+        select(lab_results.c.id)
+        .where(
+            and_(
+                lab_results.c.report_pk == r.id,
+                lab_results.c.is_current == true(),
+                lab_results.c.review == "conflict",
+            )
+        )
+        .exists()
+    )
+    cond: list[ColumnElement[bool]] = [r.id.in_(report_pks), ~held]
+    if order_ref.startswith("ServiceRequest/"):
+        order = conn.execute(
+            select(orders.c.patient_id, orders.c.issuer).where(
+                orders.c.public_id == order_ref.removeprefix("ServiceRequest/")
+            )
+        ).first()
+        if order is not None:
+            cond.append(r.patient_id == order.patient_id)
+            if order.issuer:
+                cond.append(r.patient_issuer == order.issuer)
+    return list(conn.execute(select(r.id).where(and_(*cond))).scalars())
+
+
 class SqlLabStore:
     """:class:`storage.lab.LabResultStore` over the index database.
 
     Parameters
     ----------
     index : SqlIndex
-        Its engine and write queue are shared; its schema must be at head (0003).
+        Its engine and write queue are shared; its schema must be at head.
+    default_issuer : str
+        Issuer of Patient IDs that come without one (ASTM, exports, HL7 without
+        PID-3.4): the hospital's own assigning authority (``lab.patient_issuer``).
     """
 
-    def __init__(self, index: SqlIndex) -> None:
+    def __init__(self, index: SqlIndex, *, default_issuer: str = "") -> None:
         self.index = index
         self.engine = index.engine
+        self.default_issuer = default_issuer
 
     # -- journal -------------------------------------------------------------
 
@@ -199,89 +339,211 @@ class SqlLabStore:
             )
             .returning(lab_files.c.id)
         ).scalar_one()
-        reports: dict[str, tuple[int, str]] = {}
+        reports: dict[tuple[str, int | None], tuple[int, str, int | None]] = {}
+        patient_rows: dict[tuple[str, str], int] = {}
         critical_pks: list[int] = []
+        conflict_pks: list[int] = []
         new_versions = 0
         for result in results:
-            report_pk, order_ref = reports.get(result.report.report_id) or self._report(
-                conn, result.report, now, order_lookup
-            )
-            reports[result.report.report_id] = (report_pk, order_ref)
-            current = conn.execute(
-                select(lab_results.c.id, lab_results.c.version).where(
-                    and_(
-                        lab_results.c.observation_id == result.observation_id,
-                        lab_results.c.is_current == true(),
-                    )
+            patient_pk, issuer = self._patient(conn, result, now, patient_rows)
+            key = (result.report.report_id, patient_pk)
+            if key not in reports:
+                reports[key] = self._report(
+                    conn, result.report, patient_pk, issuer, now, order_lookup
                 )
-            ).first()
+            report_pk, order_ref, report_owner = reports[key]
+            latest = _latest(conn, result.observation_id)
+            series_owner = None
+            if (
+                latest is not None
+                and latest.is_current
+                and patient_pk is not None
+                and latest.patient_pk is not None
+                and latest.patient_pk != patient_pk
+            ):
+                series_owner = int(latest.patient_pk)
+            observation_id, review, conflict_with = result.observation_id, "", ""
+            other = series_owner if series_owner is not None else report_owner
+            if other is not None:
+                # Another patient's specimen/test (or order): never a version of theirs.
+                observation_id = held_id(result.observation_id, issuer, result.patient_id)
+                conflict_with = result.observation_id if series_owner is not None else ""
+                review = "conflict"
+                latest = _latest(conn, observation_id)
+            # The current version is always the newest one (resolutions add versions).
+            current = latest if latest is not None and latest.is_current else None
+            if review and current is not None and current.review == "accepted":
+                review = "accepted"  # a re-send of a result already confirmed as this patient's
             version, supersedes = 1, None
+            if latest is not None:
+                version = latest.version + 1
             if current is not None:
-                version, supersedes = current.version + 1, current.id
+                supersedes = current.id
                 new_versions += 1
                 conn.execute(
                     update(lab_results)
                     .where(lab_results.c.id == current.id)
                     .values(is_current=False)
                 )
+            values = _result_values(result, file_pk, report_pk, order_ref, now) | {
+                "observation_id": observation_id,
+                "version": version,
+                "supersedes_pk": supersedes,
+                "patient_pk": patient_pk,
+                "patient_issuer": issuer,
+                "review": review,
+                "conflict_with": conflict_with,
+                "conflict_patient_pk": other if review == "conflict" else None,
+            }
             pk = conn.execute(
-                lab_results.insert()
-                .values(
-                    _result_values(result, file_pk, report_pk, order_ref, now)
-                    | {"version": version, "supersedes_pk": supersedes}
-                )
-                .returning(lab_results.c.id)
+                lab_results.insert().values(values).returning(lab_results.c.id)
             ).scalar_one()
             if result.is_critical:
                 critical_pks.append(pk)
-        critical: tuple[StoredLabResult, ...] = ()
-        if critical_pks:
-            rows = conn.execute(
-                _result_select()
-                .where(lab_results.c.id.in_(critical_pks))
-                .order_by(lab_results.c.id)
-            ).all()
-            critical = tuple(_stored_result(r) for r in rows)
+            if review == "conflict":
+                conflict_pks.append(pk)
+                logger.warning(
+                    "lab result Observation/%s held: its specimen/test belongs to another patient",
+                    observation_id,
+                )
+        _refresh_report_status(conn, [pk for pk, _ref, _owner in reports.values()])
         return LabIngestOutcome(
-            duplicate=False, results=len(results), new_versions=new_versions, critical=critical
+            duplicate=False,
+            results=len(results),
+            new_versions=new_versions,
+            critical=self._rows(conn, critical_pks),
+            conflicts=self._rows(conn, conflict_pks),
         )
+
+    @staticmethod
+    def _rows(conn: Connection, pks: list[int]) -> tuple[StoredLabResult, ...]:
+        if not pks:
+            return ()
+        rows = conn.execute(
+            _result_select().where(lab_results.c.id.in_(pks)).order_by(lab_results.c.id)
+        ).all()
+        return tuple(_stored_result(r) for r in rows)
+
+    def _patient(
+        self,
+        conn: Connection,
+        result: NewLabResult,
+        now: datetime,
+        cache: dict[tuple[str, str], int],
+    ) -> tuple[int | None, str]:
+        """The ``patients`` row of a result's patient (created if new), and its issuer.
+
+        Same identity rule as imaging (``storage/index/sql.py``): Patient ID and
+        issuer (PS3.3 C.7.1.1). An existing row keeps its demographics: a lab message
+        does not rename a patient (that is an explicit, audited identity change).
+        """
+        if result.is_qc or not result.patient_id:
+            return None, ""
+        issuer = (result.patient_issuer or self.default_issuer)[:64]
+        patient_id = result.patient_id[:64]
+        known = cache.get((patient_id, issuer))
+        if known is not None:
+            return known, issuer
+        stmt = (
+            self.index._upsert(patients)
+            .values(
+                patient_id=patient_id,
+                issuer=issuer,
+                name=_person_name(result.patient_name)[:324],
+                birth_date=_fhir_birth_date(result.patient_birth_date),
+                sex=result.patient_sex[:16],
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["patient_id", "issuer"])
+        )
+        conn.execute(stmt)
+        pk = int(
+            conn.execute(
+                select(patients.c.id).where(
+                    and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer)
+                )
+            ).scalar_one()
+        )
+        cache[(patient_id, issuer)] = pk
+        return pk, issuer
 
     def _report(
         self,
         conn: Connection,
         report: NewLabReport,
+        patient_pk: int | None,
+        issuer: str,
         now: datetime,
         order_lookup: OrderLookup | None,
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, int | None]:
+        """The group's row, created if new: ``(pk, order reference, other patient)``.
+
+        A group (order, else specimen) that belongs to another patient is not
+        joined: the result goes to a group of its own for its patient, and the other
+        patient's pk is returned so the result is held.
+        """
+        report_id = report.report_id
+        owner: int | None = None
         row = conn.execute(
-            select(lab_reports.c.id, lab_reports.c.order_ref, lab_reports.c.patient_id).where(
-                lab_reports.c.report_id == report.report_id
-            )
+            select(
+                lab_reports.c.id,
+                lab_reports.c.order_ref,
+                lab_reports.c.patient_id,
+                lab_reports.c.patient_pk,
+            ).where(lab_reports.c.report_id == report_id)
         ).first()
+        if (
+            row is not None
+            and patient_pk is not None
+            and row.patient_pk is not None
+            and row.patient_pk != patient_pk
+        ):
+            owner = int(row.patient_pk)
+            report_id = held_id(report.report_id, issuer, report.patient_id)
+            row = conn.execute(
+                select(
+                    lab_reports.c.id,
+                    lab_reports.c.order_ref,
+                    lab_reports.c.patient_id,
+                    lab_reports.c.patient_pk,
+                ).where(lab_reports.c.report_id == report_id)
+            ).first()
         if row is not None:
             values: dict[str, Any] = {"updated_at": now}
-            if not row.patient_id and report.patient_id and not report.is_qc:
-                values.update(patient_id=report.patient_id, patient_name=report.patient_name)
+            if row.patient_pk is None and patient_pk is not None and not report.is_qc:
+                values.update(
+                    patient_id=report.patient_id[:64],
+                    patient_name=report.patient_name[:324],
+                    patient_pk=patient_pk,
+                    patient_issuer=issuer,
+                )
             conn.execute(update(lab_reports).where(lab_reports.c.id == row.id).values(**values))
-            return int(row.id), str(row.order_ref)
+            return int(row.id), str(row.order_ref), owner
         order_ref = ""
         if order_lookup is not None:
             order_ref = (
                 order_lookup(report.specimen_id, report.placer_order_id, report.filler_order_id)
                 or ""
             )
+        elif patient_pk is not None:
+            order_ref = _find_order(conn, report, issuer)
         pk = conn.execute(
             lab_reports.insert()
             .values(
-                report_id=report.report_id,
+                report_id=report_id,
                 specimen_id=report.specimen_id[:64],
                 placer_order_id=report.placer_order_id[:64],
                 filler_order_id=report.filler_order_id[:64],
                 # QC material belongs to no patient, whatever the message says.
                 patient_id="" if report.is_qc else report.patient_id[:64],
                 patient_name="" if report.is_qc else report.patient_name[:324],
+                patient_pk=None if report.is_qc else patient_pk,
+                patient_issuer="" if report.is_qc else issuer,
                 is_qc=report.is_qc,
                 analyzer=report.analyzer[:64],
+                order_code=report.order_code[:64],
+                order_system=report.order_system[:64],
+                order_display=report.order_display[:255],
                 unmatched=not order_ref,
                 order_ref=order_ref,
                 created_at=now,
@@ -289,7 +551,113 @@ class SqlLabStore:
             )
             .returning(lab_reports.c.id)
         ).scalar_one()
-        return int(pk), order_ref
+        return int(pk), order_ref, owner
+
+    # -- review ------------------------------------------------------------------
+
+    def conflicts(self, *, limit: int = 100, offset: int = 0) -> tuple[list[StoredLabResult], int]:
+        """Held results (``review == "conflict"``), oldest first: the needs-review list."""
+        return self.search_results(
+            LabResultQuery(reviews=("conflict",), qc=None, offset=offset, limit=limit)
+        )
+
+    def resolve(self, observation_id: str, choice: str) -> LabResolution:
+        """Accept or discard a held result; every change is a new version (FHIR history).
+
+        ``accept``: the held result becomes an ordinary result of its patient
+        (``review = "accepted"``), and the other patient's current result of the same
+        specimen and test gets a version ``entered-in-error`` (``review = "moved"``):
+        the specimen was theirs by mistake. ``discard``: the held result gets a
+        version ``entered-in-error`` (``review = "discarded"``); the other patient's
+        result is untouched. The versions stay current so that a ``_lastUpdated``
+        feed carries the withdrawal (FHIR R4 Observation.status ``entered-in-error``).
+        """
+        if choice not in REVIEW_CHOICES:
+            raise InvalidQueryError(f"choice must be one of {', '.join(REVIEW_CHOICES)}")
+        try:
+            return self._resolve(observation_id, choice)
+        except IntegrityError as exc:
+            # Another reviewer settled it first (same next version number): one wins.
+            raise DuplicateError(f"held lab result {observation_id} was just resolved") from exc
+        except (OperationalError, DBAPIError) as exc:
+            raise OutOfResourcesError("index unavailable") from exc
+
+    def _resolve(self, observation_id: str, choice: str) -> LabResolution:
+        with self._write() as conn:
+            held = conn.execute(
+                select(lab_results).where(
+                    and_(
+                        lab_results.c.observation_id == observation_id,
+                        lab_results.c.is_current == true(),
+                        lab_results.c.review == "conflict",
+                    )
+                )
+            ).first()
+            if held is None:
+                raise NotFoundError(f"no held lab result {observation_id}")
+            now = _now()
+            held_before = self._rows(conn, [held.id])[0]
+            if choice == "discard":
+                new_pk = self._new_version(
+                    conn, held, now, review="discarded", status="entered-in-error"
+                )
+                _refresh_report_status(conn, [held.report_pk])
+                return LabResolution(
+                    choice=choice,
+                    held_before=held_before,
+                    held_after=self._rows(conn, [new_pk])[0],
+                )
+            new_pk = self._new_version(conn, held, now, review="accepted")
+            retired_before = retired_after = None
+            if held.conflict_with:
+                other = conn.execute(
+                    select(lab_results).where(
+                        and_(
+                            lab_results.c.observation_id == held.conflict_with,
+                            lab_results.c.is_current == true(),
+                        )
+                    )
+                ).first()
+                if other is not None and other.patient_pk == held.conflict_patient_pk:
+                    retired_before = self._rows(conn, [other.id])[0]
+                    retired_pk = self._new_version(
+                        conn, other, now, review="moved", status="entered-in-error"
+                    )
+                    retired_after = self._rows(conn, [retired_pk])[0]
+            _refresh_report_status(
+                conn, [held.report_pk] + ([other.report_pk] if retired_after else [])
+            )
+            return LabResolution(
+                choice=choice,
+                held_before=held_before,
+                held_after=self._rows(conn, [new_pk])[0],
+                retired_before=retired_before,
+                retired_after=retired_after,
+            )
+
+    @staticmethod
+    def _new_version(
+        conn: Connection, row: Any, now: datetime, *, review: str, status: str | None = None
+    ) -> int:
+        """Copy ``row`` as the series' next current version with a new review state."""
+        values = dict(row._mapping)
+        values.pop("id")
+        values.update(
+            version=row.version + 1,
+            supersedes_pk=row.id,
+            is_current=True,
+            review=review,
+            created_at=now,
+            updated_at=now,
+        )
+        if status is not None:
+            values["status"] = status
+        conn.execute(update(lab_results).where(lab_results.c.id == row.id).values(is_current=False))
+        return int(
+            conn.execute(
+                lab_results.insert().values(values).returning(lab_results.c.id)
+            ).scalar_one()
+        )
 
     # -- order links -----------------------------------------------------------
 
@@ -339,6 +707,7 @@ class SqlLabStore:
         return linked
 
     def _link(self, conn: Connection, report_pks: list[int], order_ref: str) -> int:
+        report_pks = _linkable(conn, report_pks, order_ref)
         if not report_pks:
             return 0
         now = _now()
@@ -395,6 +764,13 @@ class SqlLabStore:
             cond.append(r.report_id.in_(query.report_ids))
         if query.patient_ids:
             cond.append(r.patient_id.in_(query.patient_ids))
+        cond.extend(_patient_conditions(r.patient_pk, query.patient_pks, query.patient_identifiers))
+        if query.based_on:
+            cond.append(r.order_ref.in_(_order_refs(query.based_on)))
+        if query.statuses:
+            cond.append(r.status.in_(query.statuses))
+        if query.categories and "LAB" not in query.categories:
+            cond.append(false())  # every lab report is v2-0074 "LAB"
         if query.specimen_ids:
             cond.append(r.specimen_id.in_(query.specimen_ids))
         if query.identifiers:
@@ -405,10 +781,21 @@ class SqlLabStore:
         if query.qc is not None:
             cond.append(r.is_qc == (true() if query.qc else false()))
         cond.extend(_bounds(r.updated_at, query.updated))
-        if query.codes or query.performed:
+        if query.codes:
+            # DiagnosticReport.code is the ordered panel; a result's code also finds it.
+            sub = [
+                lab_results.c.report_pk == r.id,
+                lab_results.c.is_current == true(),
+                _code_condition(query.codes),
+            ]
+            cond.append(
+                or_(
+                    _panel_condition(query.codes),
+                    select(lab_results.c.id).where(and_(*sub)).exists(),
+                )
+            )
+        if query.performed:
             sub = [lab_results.c.report_pk == r.id, lab_results.c.is_current == true()]
-            if query.codes:
-                sub.append(_code_condition(query.codes))
             sub.extend(_bounds(lab_results.c.performed_at, query.performed))
             cond.append(select(lab_results.c.id).where(and_(*sub)).exists())
         orders: dict[str, list[Any]] = {
@@ -536,6 +923,51 @@ def _code_condition(codes: tuple[tuple[str | None, str], ...]) -> ColumnElement[
     return or_(*alternatives)
 
 
+def _status_condition(statuses: tuple[str, ...]) -> ColumnElement[bool]:
+    """FHIR Observation.status as served: a held result reads ``preliminary`` whatever
+    the sender said (its patient is unverified), an empty status ``unknown``."""
+    c = lab_results.c
+    stored = [s for s in statuses if s != "unknown"] + ([""] if "unknown" in statuses else [])
+    alternatives = [and_(c.review != "conflict", c.status.in_(stored))]
+    if "preliminary" in statuses:
+        alternatives.append(c.review == "conflict")
+    return or_(*alternatives)
+
+
+def _panel_condition(codes: tuple[tuple[str | None, str], ...]) -> ColumnElement[bool]:
+    r = lab_reports.c
+    return or_(
+        *(
+            and_(r.order_code == code, true() if system is None else r.order_system == system)
+            for system, code in codes
+        )
+    )
+
+
+def _patient_conditions(
+    column: Any,
+    pks: tuple[int, ...],
+    identifiers: tuple[tuple[str | None, str], ...],
+) -> list[ColumnElement[bool]]:
+    """``patient=Patient/<pk>`` and ``patient.identifier=[system|]value`` on ``patients``."""
+    out: list[ColumnElement[bool]] = []
+    if pks:
+        out.append(column.in_(pks))
+    if identifiers:
+        p = patients.c
+        alternatives = [
+            and_(p.patient_id == value, true() if issuer is None else p.issuer == issuer)
+            for issuer, value in identifiers
+        ]
+        out.append(column.in_(select(p.id).where(or_(*alternatives))))
+    return out
+
+
+def _order_refs(based_on: tuple[str, ...]) -> list[str]:
+    """``ServiceRequest/<id>`` for each id (a bare id or the reference itself)."""
+    return [v if v.startswith("ServiceRequest/") else f"ServiceRequest/{v}" for v in based_on]
+
+
 def _bounds(column: Any, bounds: tuple[DateBound, ...]) -> list[ColumnElement[bool]]:
     out: list[ColumnElement[bool]] = []
     for op, instant in bounds:
@@ -560,6 +992,13 @@ def _result_conditions(query: LabResultQuery) -> list[ColumnElement[bool]]:
         cond.append(c.observation_id.in_(query.observation_ids))
     if query.patient_ids:
         cond.append(c.patient_id.in_(query.patient_ids))
+    cond.extend(_patient_conditions(c.patient_pk, query.patient_pks, query.patient_identifiers))
+    if query.based_on:
+        cond.append(c.order_ref.in_(_order_refs(query.based_on)))
+    if query.categories and "laboratory" not in query.categories:
+        cond.append(false())  # every lab result is category "laboratory"
+    if query.reviews:
+        cond.append(c.review.in_(query.reviews))
     if query.specimen_ids:
         cond.append(c.specimen_id.in_(query.specimen_ids))
     if query.order_ids:
@@ -570,7 +1009,7 @@ def _result_conditions(query: LabResultQuery) -> list[ColumnElement[bool]]:
     if query.report_ids:
         cond.append(lab_reports.c.report_id.in_(query.report_ids))
     if query.statuses:
-        cond.append(c.status.in_(query.statuses))
+        cond.append(_status_condition(query.statuses))
     if query.critical is not None:
         cond.append(c.is_critical == (true() if query.critical else false()))
     if query.qc is not None:
@@ -640,6 +1079,11 @@ def _stored_result(row: Any) -> StoredLabResult:
         order_ref=m["order_ref"],
         created_at=created,
         updated_at=updated,
+        patient_pk=m["patient_pk"],
+        patient_issuer=m["patient_issuer"],
+        review=m["review"],
+        conflict_with=m["conflict_with"],
+        conflict_patient_pk=m["conflict_patient_pk"],
     )
 
 
@@ -660,4 +1104,10 @@ def _stored_report(row: Any) -> StoredLabReport:
         order_ref=row.order_ref,
         created_at=created,
         updated_at=updated,
+        patient_pk=row.patient_pk,
+        patient_issuer=row.patient_issuer,
+        order_code=row.order_code,
+        order_system=row.order_system,
+        order_display=row.order_display,
+        status=row.status,
     )

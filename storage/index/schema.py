@@ -295,6 +295,16 @@ lab_reports = Table(
     Column("patient_name", String(324), nullable=False, server_default=""),
     Column("is_qc", Boolean, nullable=False),
     Column("analyzer", String(64), nullable=False, server_default=""),
+    # Migration 0005: the patient as a row of ``patients`` (the Patient id space imaging
+    # uses), its issuer as sent, and the ordered panel (HL7 OBR-4, ASTM O.5).
+    Column("patient_pk", ForeignKey("patients.id"), index=True),
+    Column("patient_issuer", String(64), nullable=False, server_default=""),
+    Column("order_code", String(64), nullable=False, server_default=""),
+    Column("order_system", String(64), nullable=False, server_default=""),
+    Column("order_display", String(255), nullable=False, server_default=""),
+    # DiagnosticReport.status of its current results (storage.lab.report_status),
+    # kept at every ingest and resolution so that it is searchable.
+    Column("status", String(24), nullable=False, server_default="", index=True),
     # No order known yet: the "unmatched" queue. order_ref names the order once linked.
     Column("unmatched", Boolean, nullable=False),
     Column("order_ref", String(64), nullable=False, server_default=""),
@@ -355,9 +365,17 @@ lab_results = Table(
     Column("is_critical", Boolean, nullable=False),
     Column("critical_reason", String(64), nullable=False, server_default=""),
     Column("unmatched", Boolean, nullable=False),
-    Column("order_ref", String(64), nullable=False, server_default=""),
+    Column("order_ref", String(64), nullable=False, server_default="", index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    # Migration 0005: the patient row, and the review state of a result whose
+    # specimen/test was reported for another patient first ("conflict": held, not
+    # made current over the other patient's result; see storage/index/lab.py).
+    Column("patient_pk", ForeignKey("patients.id"), index=True),
+    Column("patient_issuer", String(64), nullable=False, server_default=""),
+    Column("review", String(16), nullable=False, server_default="", index=True),
+    Column("conflict_with", String(64), nullable=False, server_default=""),
+    Column("conflict_patient_pk", Integer),
     UniqueConstraint("observation_id", "version", name="uq_lab_results_observation_version"),
     Index("ix_lab_results_current", "observation_id", "is_current"),
 )

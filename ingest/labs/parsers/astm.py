@@ -367,11 +367,12 @@ class _MessageBuilder:
         instrument_specimen = r.repeats(_field(fields, 4))
         if not specimen and instrument_specimen:
             specimen = instrument_specimen[0].split("^", 1)[0]
-        test_codes = tuple(
-            _test_coding(r.delims, r.unescape, rep)[0].code
+        tests = [
+            _test_coding(r.delims, r.unescape, rep)[0]
             for rep in _field(fields, 5).split(r.delims.repeat)
             if rep
-        )
+        ]
+        test_codes = tuple(t.code for t in tests)
         action = r.unescape(_field(fields, 12)).strip().upper()
         descriptor = (r.components(_field(fields, 16)) or [""])[0].strip().upper()
         self.orders.append(
@@ -380,6 +381,8 @@ class _MessageBuilder:
                 specimen_id=specimen,
                 instrument_specimen_id="~".join(instrument_specimen),
                 test_codes=test_codes,
+                # One test ordered: it is the report's code; several name no one panel.
+                panel=tests[0] if len(tests) == 1 and tests[0].code else None,
                 priority=r.unescape(_field(fields, 6)),
                 action_code=action,
                 is_qc=self.is_qc_message or action == "Q" or descriptor in _QC_DESCRIPTORS,

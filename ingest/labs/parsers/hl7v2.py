@@ -190,6 +190,7 @@ class _Order:
     placer: str = ""
     filler: str = ""
     test_code: str = ""
+    panel: Coding | None = None
     priority: str = ""
     specimen_action: str = ""
     order_control: str = ""
@@ -251,6 +252,23 @@ class _MessageReader:
             text = text.split(d.component, 1)[0]
         return self.unescape(text)
 
+    def coding(self, text: str) -> Coding | None:
+        """A CE/CWE (identifier^text^coding system), or None when it has no identifier."""
+        comps = self.components(text)
+        if not _component(comps, 1):
+            return None
+        return Coding(_component(comps, 1), _component(comps, 2), _component(comps, 3) or "local")
+
+    def assigning_authority(self, text: str) -> str:
+        """CX.4 (HD) of the first repeat: namespace ID, else universal ID (PID-3.4)."""
+        d = self.d
+        first = text.split(d.repeat, 1)[0]
+        parts = first.split(d.component)
+        if len(parts) < 4:
+            return ""
+        hd = [self.unescape(p).strip() for p in parts[3].split(d.subcomponent)]
+        return hd[0] or (hd[1] if len(hd) > 1 else "")
+
     def entity(self, text: str) -> str:
         """The entity identifier of an EI, ignoring misplaced subcomponents."""
         value = self.first(text)
@@ -306,7 +324,8 @@ class _MessageReader:
         )
 
     def pid(self, seg: list[str], where: str) -> None:
-        patient_id = self.entity(_get(seg, 3)) or self.entity(_get(seg, 2))
+        pid3 = _get(seg, 3) if self.entity(_get(seg, 3)) else _get(seg, 2)
+        patient_id = self.entity(pid3)
         dob = self.first(_get(seg, 7))
         birth_date = parse_birth_date(dob) if dob else None
         if dob and birth_date is None:
@@ -315,6 +334,7 @@ class _MessageReader:
             LabPatient(
                 where=where,
                 patient_id=patient_id,
+                issuer=self.assigning_authority(pid3),
                 name="^".join(self.components(_get(seg, 5))),
                 birth_date=birth_date,
                 sex=self.first(_get(seg, 8)),
@@ -352,6 +372,7 @@ class _MessageReader:
             placer=self.entity(_get(seg, 2)),
             filler=self.entity(_get(seg, 3)),
             test_code=self.first(_get(seg, 4)),
+            panel=self.coding(_get(seg, 4)),
             priority=self.first(_get(seg, 5)),
             specimen_action=self.first(_get(seg, 11)),
         )
@@ -509,6 +530,7 @@ class _MessageReader:
             placer_order_id=order.placer,
             filler_order_id=order.filler,
             test_codes=(order.test_code,) if order.test_code else (),
+            panel=order.panel,
             priority=order.priority or order.tq1_priority or order.orc_priority,
             action_code=order.specimen_action or order.order_control,
             is_qc=order.is_qc,
