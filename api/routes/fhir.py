@@ -102,7 +102,7 @@ def read_endpoint(request: Request) -> JSONResponse:
 # -- patients, shared by the resources that reference them ------------------------------
 
 
-def patient_pk(ident: str) -> int:
+def pk_of_patient(ident: str) -> int:
     """The ``patients`` row a Patient id names (ids are row keys); an id that cannot be
     one names no patient."""
     return int(ident) if ident.isdigit() and len(ident) <= 18 else _NO_PATIENT
@@ -132,7 +132,7 @@ def patient_pks(index: SqlIndex, request: Request, value: str, modifier: str | N
             rows = index.find(Query(level="patient", matches=tuple(_identifier_matches(item))))
             out |= {int(r["patient_pk"]) for r in rows}
         else:
-            out.add(patient_pk(parse_reference(item, target="Patient", base=fhir_base(request))))
+            out.add(pk_of_patient(parse_reference(item, target="Patient", base=fhir_base(request))))
     return out
 
 
@@ -148,7 +148,7 @@ def patient_identifiers(
             issuer = None if token.system is None else issuer_for_system(token.system)
             out.add((token.code, issuer))
             continue
-        pk = patient_pk(parse_reference(item, target="Patient", base=fhir_base(request)))
+        pk = pk_of_patient(parse_reference(item, target="Patient", base=fhir_base(request)))
         for row in index.find(Query(level="patient", patient_pk=pk)):
             out.add((str(row["PatientID"] or ""), str(row.get("IssuerOfPatientID") or "")))
     return out
@@ -337,7 +337,7 @@ def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[s
                 codes.append(_GENDER.get(token.code, "U"))
             matches.append(Match("PatientSex", "\\".join(codes)))
         elif c.name == "_id":
-            ids = {patient_pk(i) for i in split_or(c.value)}
+            ids = {pk_of_patient(i) for i in split_or(c.value)}
             pks = ids if pks is None else pks & ids
         elif c.name == "_lastUpdated":
             last_updated.append(c.value)

@@ -53,7 +53,7 @@ from api.fhir_lab import (
     parse_date,
     parse_token,
 )
-from api.routes.fhir import patient_pk
+from api.routes.fhir import pk_of_patient
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.lab import SqlLabStore
 from storage.lab import DateBound, LabReportQuery, LabResultQuery
@@ -126,7 +126,7 @@ def _patients(
             identifiers = _and(identifiers, found)
         else:
             base = fhir_base(request)
-            pks = _and(pks, {patient_pk(parse_reference(v, target="Patient", base=base))
+            pks = _and(pks, {pk_of_patient(parse_reference(v, target="Patient", base=base))
                              for v in split_or(c.value)})
     return (tuple(sorted(pks)) if pks is not None else (),
             tuple(sorted(identifiers, key=str)) if identifiers is not None else ())

@@ -12,8 +12,9 @@ which resources a search matches:
 * ServiceRequest ``o1`` (P1, LOINC 24627-2, active, placer HIS-1), ``o2`` (P2, LOINC
   24590-2, active, HIS-2), ``o3`` (P1, LOINC 24590-2, revoked, HIS-3);
 * Observation ``g1`` (P1 glucose 5.4, specimen S1, order ORD-1), ``k1`` (P1
-  potassium 4.1, S1, ORD-1), ``g2`` (P2 glucose 6.6, S2, ORD-2, 2024-03-02);
-  DiagnosticReport ``r1`` (S1) and ``r2`` (S2).
+  potassium 4.1, S1, ORD-1: no such order), ``g2`` (P2 glucose 6.6, S2, order HIS-2,
+  i.e. linked to ``o2``, 2024-03-02); DiagnosticReport ``r1`` (S1) and ``r2`` (S2,
+  based on ``o2``).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _lab_files(settings: Settings) -> None:
             specimen="S1", obx=[("2345-7", "Glucose", "5.4"), ("2823-3", "Potassium", "4.1")],
         ),
         "p2.hl7": dict(
-            day="20240302", msg="M2", pid="P2", name="TRAN^THI BINH", order="ORD-2",
+            day="20240302", msg="M2", pid="P2", name="TRAN^THI BINH", order="HIS-2",
             specimen="S2", obx=[("2345-7", "Glucose", "6.6")],
         ),
     }
