@@ -72,16 +72,24 @@ def convert(settings: Settings, paths: list[Path]) -> dict[str, int]:
     worker = build_worker(settings)
     wanted = {str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in paths}
     jobs: dict[str, int] = {}
-    for _ in range(10 * len(wanted)):
+
+    def done() -> bool:
         for uid in wanted - set(jobs):
             job = worker.index.latest_job("series", uid)
             if job is not None:
                 jobs[uid] = int(job.id)
-        if len(jobs) == len(wanted):
+        return len(jobs) == len(wanted)
+
+    # A run claims a batch of instance jobs; the series jobs follow the idle roll-up.
+    # The bound grows with the instances (64 slices need ~10 runs) and the last run's
+    # result is looked at too.
+    for _ in range(10 * len(wanted) + len(paths)):
+        if done():
             break
         if not worker.run_once():
             for hook in worker.on_idle:
                 hook()
+    done()
     worker.index.close()
     assert set(jobs) == wanted, "the worker did not convert every series"
     return jobs
