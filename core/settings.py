@@ -296,6 +296,11 @@ class LabProfileSettings(BaseModel):
     skip_non_results: bool = True
     #: Analyzer name recorded when the message names none (ASTM H.5, HL7 MSH-3).
     analyzer: str = ""
+    #: Decimal mark of ASTM/HL7 values (issue 18): ``auto`` reads a comma as the
+    #: decimal mark where unambiguous (``7,85`` yes, ``1,234`` no), ``comma`` always,
+    #: ``point`` never (a comma makes the value text). Delimited profiles use
+    #: ``delimited.decimal_comma``.
+    decimal_mark: Literal["auto", "point", "comma"] = "auto"
     delimited: LabDelimitedSettings | None = None
     #: Largest file of this inbox (bytes); None: ``IngestSettings.lab_max_bytes``.
     max_bytes: int | None = Field(None, gt=0)

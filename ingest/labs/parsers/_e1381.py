@@ -54,13 +54,19 @@ def is_framed(raw: bytes) -> bool:
     return False
 
 
-def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
+def unframe(raw: bytes, *, strict_numbers: bool = True) -> tuple[bytes, list[ParseWarning]]:
     """Return the record stream carried by E1381 frames, checksums verified.
 
     Parameters
     ----------
     raw : bytes
         A capture of the line: frames plus ENQ/ACK/NAK/EOT.
+    strict_numbers : bool
+        Reject a frame number out of sequence (``True``), or accept it with a
+        warning (``False``). A captured file is not a live link: nobody can ask
+        the sender to repeat, every checksum has verified, and capture tools and
+        some analyzers number frames irregularly (restarting at 0, skipping
+        after a NAK they never logged). A QC run is not thrown away for that.
 
     Returns
     -------
@@ -81,6 +87,7 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
     previous: tuple[int, bytes] | None = None
     open_record = False
     count = 0
+    irregular = 0
     i = 0
     n = len(raw)
     while i < n:
@@ -129,9 +136,19 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
             warnings.append(ParseWarning("repeated frame skipped (retransmission)", where))
             continue
         if expected is not None and number != expected:
-            raise LabMessageError(
-                f"frame number {number} where {expected} was expected", where=where
-            )
+            if strict_numbers:
+                raise LabMessageError(
+                    f"frame number {number} where {expected} was expected", where=where
+                )
+            irregular += 1
+            if irregular == 1:
+                warnings.append(
+                    ParseWarning(
+                        f"frame number {number} where {expected} was expected"
+                        " (irregular numbering accepted: checksums verify)",
+                        where,
+                    )
+                )
         expected = (number + 1) % 8
         previous = (number, text)
         out += text
@@ -147,6 +164,8 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
         raise LabMessageError("no E1381 frame (STX) in the capture")
     if open_record:
         raise LabMessageError("capture ends inside a record: last frame ended with ETB")
+    if irregular > 1:
+        warnings.append(ParseWarning(f"{irregular} frames numbered out of sequence in all"))
     return bytes(out), warnings
 
 
