@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 __all__ = [
     "NON_SETTING_VARIABLES",
+    "AnalyzerSettings",
     "AuditSettings",
     "AuthSettings",
     "DaskSettings",
@@ -610,6 +611,50 @@ class LogSettings(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class AnalyzerSettings(BaseModel):
+    """One analyzer connected live (issue 18): ASTM E1381/E1394 or HL7 over MLLP.
+
+    ``link`` says who opens the connection: ``tcp-server`` (the analyzer connects to
+    ``host:port`` of pacslab), ``tcp-client`` (pacslab connects to the analyzer's
+    ``host:port``) or ``serial`` (RS-232 ``device``). Timers are those of E1381
+    §6.5.2; tests shorten them.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    protocol: Literal["astm", "hl7-mllp"] = "astm"
+    link: Literal["tcp-server", "tcp-client", "serial"] = "tcp-server"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    device: str = ""
+    baudrate: int = Field(9600, gt=0)
+    #: ``e1381`` (frames, checksums, ENQ/ACK) or ``none`` (raw records over TCP,
+    #: as some middleware sends them; ASTM only).
+    framing: Literal["e1381", "none"] = "e1381"
+    #: Record character set: ascii, latin-1, utf-8, cp1258 or tcvn3 (core.charsets).
+    encoding: str = "latin-1"
+    decimal_mark: Literal["auto", "point", "comma"] = "auto"
+    #: Analyzer test code → LOINC (or our code): results carry the LOINC too, and a
+    #: host query answers an order for the LOINC with the analyzer's code.
+    test_codes: dict[str, str] = Field(default_factory=dict)
+    reply_timeout_s: float = Field(15.0, gt=0)  # E1381 sender: ACK after ENQ/frame
+    frame_timeout_s: float = Field(30.0, gt=0)  # E1381 receiver: next frame or EOT
+    busy_wait_s: float = Field(10.0, gt=0)  # after NAK to ENQ, before trying again
+    retries: int = Field(6, ge=0, le=20)  # E1381 §6.5.1.2: a frame is resent 6 times
+    reconnect_s: float = Field(5.0, gt=0)  # tcp-client/serial: wait before reconnecting
+
+    @model_validator(mode="after")
+    def _check_link(self) -> AnalyzerSettings:
+        if self.link == "serial" and not self.device:
+            raise ValueError(f"analyzer {self.name!r}: a serial link needs 'device'")
+        if self.link == "tcp-client" and not self.port:
+            raise ValueError(f"analyzer {self.name!r}: a tcp-client link needs 'port'")
+        if self.protocol == "hl7-mllp" and self.link == "serial":
+            raise ValueError(f"analyzer {self.name!r}: HL7 over MLLP needs a TCP link")
+        if self.framing == "none" and self.link == "serial":
+            raise ValueError(f"analyzer {self.name!r}: a serial link uses E1381 framing")
+        return self
+
+
 class Settings(BaseSettings):
     """All of pacslab's configuration; see the module docstring for sources."""
 
@@ -630,6 +675,8 @@ class Settings(BaseSettings):
     worklist: WorklistSettings = WorklistSettings()
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
     lab: LabSettings = LabSettings()
+    #: Analyzers connected live (issue 18), one entry each; names are unique.
+    analyzers: list[AnalyzerSettings] = Field(default_factory=list)
     log: LogSettings = LogSettings()
     auth: AuthSettings = AuthSettings()
     audit: AuditSettings = AuditSettings()
@@ -664,6 +711,13 @@ class Settings(BaseSettings):
             check_unknown_settings({}, file_data=file_source(), file_name=config)
             sources.append(file_source)
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _unique_analyzers(self) -> Settings:
+        names = [a.name for a in self.analyzers]
+        if len(names) != len(set(names)):
+            raise ValueError("analyzer names must be unique")
+        return self
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
