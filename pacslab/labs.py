@@ -142,6 +142,17 @@ def build_analyzer_links(
             retries=section.retries,
         )
         link = AnalyzerLink(section.name, session, status, timers=timers)
+
+        def download(
+            specimen: str, session: AstmSession = session, link: AnalyzerLink = link
+        ) -> bool:
+            message = session.download(specimen)
+            if message is None:
+                return False
+            link.send(message)
+            return True
+
+        REGISTRY.set_download(section.name, download)
         if section.link == "tcp-server":
             shells.append(TcpServerLink(link, section.host, section.port))
         elif section.link == "tcp-client":
@@ -161,6 +172,8 @@ def build_analyzer_links(
             )
 
     def release() -> None:
+        for section in settings.analyzers:
+            REGISTRY.remove(section.name)
         if webhook is not None:
             webhook.stop()
         index.close()

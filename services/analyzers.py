@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
+from core.errors import NotFoundError
 from core.orders import CLOSED, OrderRecord
 from storage.lab import LabIngestOutcome, LabResultStore, NewLabFile, NewLabResult, StoredLabResult
 
@@ -120,7 +121,34 @@ class LinkRegistry:
 
     def __init__(self) -> None:
         self._links: dict[str, LinkStatus] = {}
+        self._downloads: dict[str, Callable[[str], bool]] = {}
         self._lock = threading.Lock()
+
+    def set_download(self, name: str, download: Callable[[str], bool]) -> None:
+        """Register how orders are pushed to analyzer ``name`` (composition root)."""
+        with self._lock:
+            self._downloads[name] = download
+
+    def download(self, name: str, specimen_id: str) -> bool:
+        """Push the orders of ``specimen_id`` to analyzer ``name``.
+
+        Returns False when nothing is ordered for the specimen.
+
+        Raises
+        ------
+        NotFoundError
+            No such analyzer, or it cannot take order downloads.
+        """
+        with self._lock:
+            download = self._downloads.get(name)
+        if download is None:
+            raise NotFoundError(f"no analyzer link {name!r} that takes order downloads")
+        return download(specimen_id)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._links.pop(name, None)
+            self._downloads.pop(name, None)
 
     def add(self, status: LinkStatus) -> LinkStatus:
         with self._lock:

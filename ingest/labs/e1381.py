@@ -53,6 +53,8 @@ __all__ = [
 #: Bytes a receiver keeps for one frame before it gives up on it (a sender
 #: without ETX must not grow our memory; real analyzers exceed 247 characters).
 MAX_FRAME_BYTES: Final = 64 * 1024
+#: Sessions a message is offered in after its frames went unanswered.
+MAX_SESSIONS: Final = 3
 #: Bytes of one message (H…L) a receiver keeps before refusing its frames.
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
@@ -107,6 +109,7 @@ class _Outgoing:
     frames: list[bytes]
     index: int = 0
     tries: int = 0
+    sessions: int = 0
 
 
 @dataclass(slots=True)
@@ -192,6 +195,7 @@ class E1381Link:
         if state in ("receiving", "storing"):
             # §6.5.2.2: the receiver discards the incomplete message and goes neutral.
             self._reset_receiver()
+            self._buffer.clear()
             self._to_idle()
             effects: list[Effect] = [Abort("receiver timeout: no frame or EOT in time")]
             return effects + self._resume(now)
@@ -201,14 +205,19 @@ class E1381Link:
             self.deadline = now + self.timers.busy_s
             return [Send(bytes((EOT,))), Abort("no reply to ENQ")]
         if state == "sending":
+            # No reply to a frame: EOT, and offer the message again in a new session
+            # after the busy wait (the analyzer may have been busy or restarting),
+            # at most MAX_SESSIONS times.
             out = self._out
-            self._out = None
             self.state = "waiting"
             self.deadline = now + self.timers.busy_s
-            return [
-                Send(bytes((EOT,))),
-                Abort("no reply to a frame", out.message if out else b""),
-            ]
+            effects = [Send(bytes((EOT,)))]
+            if out is not None:
+                out.sessions += 1
+                if out.sessions >= MAX_SESSIONS:
+                    self._out = None
+                    return [*effects, Abort("no reply to a frame; message dropped", out.message)]
+            return [*effects, Abort("no reply to a frame")]
         if state == "waiting":
             self._to_idle()
             return self._resume(now)

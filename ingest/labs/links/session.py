@@ -87,6 +87,16 @@ class AstmSession:
             self._store(sha, message, parsed)
         return replies
 
+    def download(self, specimen_id: str) -> bytes | None:
+        """The order download for ``specimen_id`` (sent when the specimen is received).
+
+        The same records as a host query reply; None when nothing is ordered.
+        """
+        query = LabMessage(format="astm", where="download", queries=(specimen_id,))
+        if self.service.ordered_tests(specimen_id) is None:
+            return None
+        return format_query_reply(query, self.service.ordered_tests, self.settings.name)
+
     def _store(self, sha: str, message: bytes, parsed: ParseResult) -> None:
         name = f"{self.settings.name}-{sha[:16]}.astm"
         results = plan_results(
