@@ -402,3 +402,32 @@ def test_real_capture_over_serial_pty(settings: Settings, pty_pair: tuple[Path, 
     finally:
         pipe.close()
         rigs.close()
+
+
+# -- configuration and state in the API and /metrics ------------------------------------------
+
+
+def test_api_and_metrics_show_the_link_state(rig: LinkRig) -> None:
+    with TestClient(create_app(rig.settings)) as client:
+        before = client.get("/admin/analyzers").json()["analyzers"]
+        assert [(a["name"], a["config"]["link"], a["status"]["connected"]) for a in before] == [
+            ("xn", "tcp-server", False)
+        ]
+        pipe = rig.connect()
+        try:
+            send_session(pipe, [K_MESSAGE], reply_s=2)
+            _wait(lambda: rig.status.results_stored == 1)
+            one = client.get("/admin/analyzers/xn").json()
+            assert one["status"]["connected"] is True
+            assert one["status"]["last_message_at"] is not None
+            assert one["config"]["test_codes"] == {"K": "2823-3"}
+            text = client.get("/metrics").text
+            assert 'pacslab_analyzer_connected{analyzer="xn"} 1' in text
+            assert 'pacslab_analyzer_results_stored_total{analyzer="xn"} 1' in text
+            assert 'pacslab_analyzer_messages_received_total{analyzer="xn"} 1' in text
+        finally:
+            pipe.close()
+        assert client.get("/admin/analyzers/nope").status_code == 404
+        r = client.post("/admin/analyzers/xn/orders", json={"specimen_id": "S-NONE"})
+        assert r.status_code == 404
+        assert client.post("/admin/analyzers/xn/orders", json={}).status_code in (400, 422)
