@@ -627,9 +627,12 @@ class AnalyzerSettings(BaseModel):
     port: int = Field(0, ge=0, le=65535)
     device: str = ""
     baudrate: int = Field(9600, gt=0)
-    #: ``e1381`` (frames, checksums, ENQ/ACK) or ``none`` (raw records over TCP,
-    #: as some middleware sends them; ASTM only).
-    framing: Literal["e1381", "none"] = "e1381"
+    #: ASTM framing: E1381 (frames, checksums, ENQ/ACK). HL7 always uses MLLP.
+    framing: Literal["e1381"] = "e1381"
+    #: HL7 LAW: the analyzer's own MLLP listener, where OML^O33 order downloads go
+    #: (0: no order download). ASTM sends orders on the link itself.
+    order_host: str = "127.0.0.1"
+    order_port: int = Field(0, ge=0, le=65535)
     #: Record character set: ascii, latin-1, utf-8, cp1258 or tcvn3 (core.charsets).
     encoding: str = "latin-1"
     decimal_mark: Literal["auto", "point", "comma"] = "auto"
@@ -650,8 +653,11 @@ class AnalyzerSettings(BaseModel):
             raise ValueError(f"analyzer {self.name!r}: a tcp-client link needs 'port'")
         if self.protocol == "hl7-mllp" and self.link == "serial":
             raise ValueError(f"analyzer {self.name!r}: HL7 over MLLP needs a TCP link")
-        if self.framing == "none" and self.link == "serial":
-            raise ValueError(f"analyzer {self.name!r}: a serial link uses E1381 framing")
+        if self.protocol == "hl7-mllp" and self.link != "tcp-server":
+            raise ValueError(
+                f"analyzer {self.name!r}: HL7 results arrive on a tcp-server link "
+                "(orders go to order_host:order_port)"
+            )
         return self
 
 

@@ -114,11 +114,6 @@ def build_analyzer_links(
     )
     shells: list[Any] = []
     for section in settings.analyzers:
-        if section.protocol != "astm":
-            logger.warning(
-                "analyzer %s: %s links are not served yet", section.name, section.protocol
-            )
-            continue
         status = REGISTRY.add(LinkStatus(section.name, section.protocol, section.link))
         service = AnalyzerService(
             section.name,
@@ -128,10 +123,25 @@ def build_analyzer_links(
             announce=webhook.announce if webhook is not None else None,
             status=status,
         )
+        folder = settings.data_dir / "links" / section.name
+        if section.protocol == "hl7-mllp":
+            from ingest.labs.links.mllp import Hl7Session, MllpResultServer
+
+            hl7 = Hl7Session(
+                section,
+                service,
+                folder=folder,
+                critical=lab.critical,
+                local_timezone=lab.local_timezone,
+            )
+            if section.order_port:
+                REGISTRY.set_download(section.name, hl7.download)
+            shells.append(MllpResultServer(hl7, section.host, section.port))
+            continue
         session = AstmSession(
             section,
             service,
-            folder=settings.data_dir / "links" / section.name,
+            folder=folder,
             critical=lab.critical,
             local_timezone=lab.local_timezone,
         )

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from core.errors import NotFoundError
+from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from services.analyzers import REGISTRY
 
@@ -61,7 +61,11 @@ def download_orders(name: str, body: OrderDownload, request: Request) -> dict[st
     """Queue the order download of ``specimen_id`` to the analyzer (202: queued)."""
     if name not in _config(request.app.state.settings):
         raise NotFoundError(f"no analyzer {name!r}")
-    if not REGISTRY.download(name, body.specimen_id):
+    try:
+        queued = REGISTRY.download(name, body.specimen_id)
+    except ConnectionError as exc:
+        raise OutOfResourcesError("the analyzer did not take the orders") from exc
+    if not queued:
         raise NotFoundError("no open order for this specimen")
     return {"analyzer": name, "queued": True}
 
