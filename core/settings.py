@@ -644,6 +644,25 @@ class AnalyzerSettings(BaseModel):
     busy_wait_s: float = Field(10.0, gt=0)  # after NAK to ENQ, before trying again
     retries: int = Field(6, ge=0, le=20)  # E1381 §6.5.1.2: a frame is resent 6 times
     reconnect_s: float = Field(5.0, gt=0)  # tcp-client/serial: wait before reconnecting
+    #: tcp-server: a connection silent this long (no byte, link neutral) is closed,
+    #: so a dead or hostile peer cannot hold the analyzer's link.
+    idle_timeout_s: float = Field(600.0, gt=0)
+    #: tcp-server: IPs / CIDR networks allowed to connect (the analyzer's); empty:
+    #: anyone, with a warning at start. A newer allowed connection replaces the
+    #: current one (an analyzer that reconnects after a power cut).
+    allowed_sources: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _check_sources(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"analyzers: {item!r} is not an IP or CIDR network") from exc
+        return value
 
     @model_validator(mode="after")
     def _check_link(self) -> AnalyzerSettings:

@@ -136,7 +136,15 @@ def build_analyzer_links(
             )
             if section.order_port:
                 REGISTRY.set_download(section.name, hl7.download)
-            shells.append(MllpResultServer(hl7, section.host, section.port))
+            shells.append(
+                MllpResultServer(
+                    hl7,
+                    section.host,
+                    section.port,
+                    idle_timeout_s=section.idle_timeout_s,
+                    allowed_sources=section.allowed_sources,
+                )
+            )
             continue
         session = AstmSession(
             section,
@@ -164,7 +172,15 @@ def build_analyzer_links(
 
         REGISTRY.set_download(section.name, download)
         if section.link == "tcp-server":
-            shells.append(TcpServerLink(link, section.host, section.port))
+            shells.append(
+                TcpServerLink(
+                    link,
+                    section.host,
+                    section.port,
+                    allowed_sources=section.allowed_sources,
+                    idle_timeout_s=section.idle_timeout_s,
+                )
+            )
         elif section.link == "tcp-client":
             shells.append(
                 TcpClientLink(link, section.host, section.port, reconnect_s=section.reconnect_s)

@@ -119,3 +119,11 @@ def test_contention_the_instrument_wins() -> None:
     # After its EOT our message goes out.
     assert link.receive(EOT, 0.4) == [Send(ENQ)]
     assert link.pending == 1
+
+
+def test_a_frame_without_end_is_refused_when_it_outgrows_the_limit() -> None:
+    link = _link()
+    link.receive(ENQ, 0)
+    assert link.receive(b"\x021" + b"x" * (64 * 1024 + 100), 0) == [Send(NAK)]
+    # The link goes on: the next frame is read normally.
+    assert link.receive(frame(1, b"H|\\^&\r", last=True), 0) == [Send(ACK)]

@@ -431,3 +431,54 @@ def test_api_and_metrics_show_the_link_state(rig: LinkRig) -> None:
         r = client.post("/admin/analyzers/xn/orders", json={"specimen_id": "S-NONE"})
         assert r.status_code == 404
         assert client.post("/admin/analyzers/xn/orders", json={}).status_code in (400, 422)
+
+
+# -- hostile or broken peers ----------------------------------------------------------------
+
+
+def test_a_new_connection_takes_over_from_a_silent_one(rig: LinkRig) -> None:
+    silent = rig.connect()
+    try:
+        _wait(lambda: rig.status.connected)
+        pipe = rig.connect()
+        try:
+            assert send_session(pipe, [K_MESSAGE], reply_s=2).acked_messages == 1
+        finally:
+            pipe.close()
+        with pytest.raises(ConnectionError):
+            silent.read_byte(2)  # the old connection was closed
+    finally:
+        silent.close()
+    _wait(lambda: len(rig.results()) == 1)
+
+
+def test_idle_connection_is_closed(settings: Settings) -> None:
+    rigs = _rig(settings, idle_timeout_s=0.3)
+    rig = next(rigs)
+    try:
+        pipe = rig.connect()
+        try:
+            with pytest.raises(ConnectionError):
+                pipe.read_byte(5)
+        finally:
+            pipe.close()
+    finally:
+        rigs.close()
+
+
+def test_source_not_allowed_is_refused(settings: Settings) -> None:
+    rigs = _rig(settings, allowed_sources=["10.0.0.0/8"])
+    rig = next(rigs)
+    try:
+        pipe = rig.connect()
+        try:
+            pipe.write(b"\x05")
+            with pytest.raises(ConnectionError):
+                pipe.read_byte(5)
+        finally:
+            pipe.close()
+        _wait(lambda: "not allowed" in rig.status.last_error)
+        with pytest.raises(ValueError, match="not an IP"):
+            AnalyzerSettings(name="x", allowed_sources=["nope"])
+    finally:
+        rigs.close()

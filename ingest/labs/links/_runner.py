@@ -74,10 +74,14 @@ def run_link(
     transport: Transport,
     link: AnalyzerLink,
     *,
+    stop: threading.Event | None = None,
+    idle_timeout_s: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Serve ``transport`` until it closes or ``link.stopping`` is set."""
+    """Serve ``transport`` until it closes, ``link.stopping`` or ``stop`` is set, or it
+    has been silent for ``idle_timeout_s`` with the link neutral."""
     machine = E1381Link(timers=link.timers)
+    last_activity = clock()
     status = link.status
     status.update(connected=True, state=machine.state)
     pending: list[Effect] = []
@@ -85,8 +89,15 @@ def run_link(
         pending += machine.queue(message, clock())
     link.carry.clear()
     try:
-        while not link.stopping.is_set():
+        while not link.stopping.is_set() and not (stop is not None and stop.is_set()):
             now = clock()
+            if (
+                idle_timeout_s is not None
+                and machine.state == "idle"
+                and now - last_activity > idle_timeout_s
+            ):
+                logger.info("analyzer %s: connection idle; closed", link.name)
+                break
             while True:
                 try:
                     message = link.outbox.get_nowait()
@@ -101,6 +112,7 @@ def run_link(
             data = transport.read(wait)
             now = clock()
             if data:
+                last_activity = now
                 pending += machine.receive(data, now)
             pending += machine.tick(now)
             _carry_out(pending, machine, transport, link, clock)

@@ -20,12 +20,14 @@ repeated here because edges do not import each other (STYLE.md §1).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import socket
 import socketserver
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +36,7 @@ from core.errors import LabMessageError
 from core.settings import AnalyzerSettings, LabCriticalLimit
 from ingest.labs._values import DecimalComma
 from ingest.labs.links.session import AstmSession
+from ingest.labs.links.tcp import Network, is_allowed
 from ingest.labs.parsers import hl7v2
 from ingest.labs.results import plan_results, summary
 from services.analyzers import AnalyzerService, SpecimenOrders
@@ -296,20 +299,42 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], session: Hl7Session, idle_timeout_s: float):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        session: Hl7Session,
+        idle_timeout_s: float,
+        allowed: tuple[Network, ...] = (),
+    ):
         self.session = session
         self.idle_timeout_s = idle_timeout_s
+        self.allowed = allowed
         super().__init__(address, _Handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        if self.allowed and not is_allowed(host, self.allowed):
+            logger.warning("analyzer MLLP connection from %s refused", host)
+            self.session.service.status.error("connection from a source not allowed")
+            return False
+        return True
 
 
 class MllpResultServer:
     """Listen for an analyzer's HL7 results; ``start``/``stop`` like the ASTM shells."""
 
     def __init__(
-        self, session: Hl7Session, host: str, port: int, *, idle_timeout_s: float = 300.0
+        self,
+        session: Hl7Session,
+        host: str,
+        port: int,
+        *,
+        idle_timeout_s: float = 300.0,
+        allowed_sources: Sequence[str] = (),
     ) -> None:
         self.session = session
-        self._server = _Server((host, port), session, idle_timeout_s)
+        allowed = tuple(ipaddress.ip_network(a, strict=False) for a in allowed_sources)
+        self._server = _Server((host, port), session, idle_timeout_s, allowed)
         self.address: tuple[str, int] = self._server.server_address[:2]  # type: ignore[assignment]
         self._thread: threading.Thread | None = None
         self.link: Any = None

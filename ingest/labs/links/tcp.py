@@ -9,18 +9,21 @@ as a serial line would make it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import select
 import socket
 import threading
+from collections.abc import Sequence
 
 from ingest.labs.links._runner import AnalyzerLink, run_link
 
-__all__ = ["SocketTransport", "TcpClientLink", "TcpServerLink"]
+__all__ = ["Network", "SocketTransport", "TcpClientLink", "TcpServerLink", "is_allowed"]
 
 logger = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class SocketTransport:
@@ -48,34 +51,88 @@ class SocketTransport:
         self.sock.close()
 
 
-class TcpServerLink:
-    """Listen on ``host:port``; serve one analyzer connection at a time."""
+def is_allowed(host: str, networks: Sequence[Network]) -> bool:
+    """Whether ``host`` (an IP) is in one of ``networks``."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
-    def __init__(self, link: AnalyzerLink, host: str, port: int) -> None:
+
+class TcpServerLink:
+    """Listen on ``host:port``; serve one analyzer connection at a time.
+
+    Only ``allowed_sources`` may connect (empty: anyone). A new allowed connection
+    replaces the current one: an analyzer that lost power reconnects while its old
+    connection still looks open here. A connection silent for ``idle_timeout_s``
+    with the link neutral is closed.
+    """
+
+    def __init__(
+        self,
+        link: AnalyzerLink,
+        host: str,
+        port: int,
+        *,
+        allowed_sources: Sequence[str] = (),
+        idle_timeout_s: float | None = None,
+    ) -> None:
         self.link = link
+        self.allowed = tuple(ipaddress.ip_network(s, strict=False) for s in allowed_sources)
+        self.idle_timeout_s = idle_timeout_s
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.listener.settimeout(0.2)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self._thread = threading.Thread(target=self._serve, name=f"astm-{link.name}", daemon=True)
+        self._current: tuple[threading.Thread, threading.Event] | None = None
 
     def start(self) -> TcpServerLink:
         self.link.status.update(state="listening")
         self._thread.start()
         logger.info("analyzer %s: listening on port %d", self.link.name, self.address[1])
+        if not self.allowed:
+            logger.warning(
+                "analyzer %s: port %d accepts connections from anyone (allowed_sources empty)",
+                self.link.name,
+                self.address[1],
+            )
         return self
 
     def _serve(self) -> None:
         while not self.link.stopping.is_set():
             try:
-                sock, _peer = self.listener.accept()
+                sock, peer = self.listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 break
+            if self.allowed and not is_allowed(str(peer[0]), self.allowed):
+                logger.warning("analyzer %s: connection from %s refused", self.link.name, peer[0])
+                self.link.status.error("connection from a source not allowed")
+                sock.close()
+                continue
+            self._end_current()
             logger.info("analyzer %s: connected", self.link.name)
-            run_link(SocketTransport(sock), self.link)
-            if not self.link.stopping.is_set():
-                self.link.status.update(state="listening")
+            stop = threading.Event()
+            thread = threading.Thread(
+                target=self._run, args=(sock, stop), name=f"astm-{self.link.name}-conn", daemon=True
+            )
+            self._current = (thread, stop)
+            thread.start()
+        self._end_current()
+
+    def _run(self, sock: socket.socket, stop: threading.Event) -> None:
+        run_link(SocketTransport(sock), self.link, stop=stop, idle_timeout_s=self.idle_timeout_s)
+        if not self.link.stopping.is_set() and not stop.is_set():
+            self.link.status.update(state="listening")
+
+    def _end_current(self) -> None:
+        if self._current is not None:
+            thread, stop = self._current
+            stop.set()
+            thread.join(timeout=5)
+            self._current = None
 
     def stop(self) -> None:
         self.link.stopping.set()
