@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,9 +93,10 @@ class AstmSession:
         The same records as a host query reply; None when nothing is ordered.
         """
         query = LabMessage(format="astm", where="download", queries=(specimen_id,))
-        if self.service.ordered_tests(specimen_id) is None:
+        found = self.service.ordered_tests(specimen_id)
+        if found is None:
             return None
-        return format_query_reply(query, self.service.ordered_tests, self.settings.name)
+        return format_query_reply(query, lambda _: found, self.settings.name)
 
     def _store(self, sha: str, message: bytes, parsed: ParseResult) -> None:
         name = f"{self.settings.name}-{sha[:16]}.astm"
@@ -184,7 +185,7 @@ def _escape(text: str) -> str:
 
 def format_query_reply(
     query: LabMessage,
-    lookup: object,
+    lookup: Callable[[str], SpecimenOrders | None],
     sender: str,
     *,
     now: datetime | None = None,
@@ -196,13 +197,12 @@ def format_query_reply(
     as repeats ``^^^CODE``, O.12 ``N`` new, O.26 ``O`` order); when no specimen has
     any, the message is H and ``L|1|I`` (no information available).
     """
-    assert callable(lookup)
     stamp = (now or datetime.now()).strftime("%Y%m%d%H%M%S")
     lines = [f"H|\\^&|||pacslab|||||{_escape(query.sender)}||P|1|{stamp}"]
     answered = 0
     for specimen in query.queries:
         found = lookup(specimen)
-        if not isinstance(found, SpecimenOrders):
+        if found is None:
             continue
         answered += 1
         name = found.patient_name.replace("^", "\x00")
