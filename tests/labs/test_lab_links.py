@@ -268,6 +268,30 @@ def test_unparseable_message_is_kept_and_acknowledged(rig: LinkRig) -> None:
     assert rig.status.rejected == 1
 
 
+def test_pacslab_as_client_of_an_analyzer_that_listens(settings: Settings) -> None:
+    """link: tcp-client: the analyzer is the TCP server (many Sysmex/Mindray setups)."""
+    server = socket.create_server(("127.0.0.1", free_port()))
+    server.settimeout(10)
+    rigs = _rig(settings, link="tcp-client", port=server.getsockname()[1])
+    rig = next(rigs)
+    try:
+        conn, _ = server.accept()
+        pipe = Pipe(sock=conn)
+        try:
+            raw = (CAPTURES / ASTM_CAPTURES[0]).read_bytes()
+            transcript = send_session(pipe, messages_of(raw), reply_s=2)
+            assert transcript.acked_messages == len(messages_of(raw))
+        finally:
+            pipe.close()
+        _wait(lambda: len(rig.results()) == len(astm_parser.parse(raw).observations))
+        # The analyzer went away: pacslab reconnects on its own.
+        conn2, _ = server.accept()
+        conn2.close()
+    finally:
+        rigs.close()
+        server.close()
+
+
 # -- host query ---------------------------------------------------------------------------
 
 
@@ -393,6 +417,11 @@ def test_real_capture_over_serial_pty(settings: Settings, pty_pair: tuple[Path, 
     pipe = Pipe(fd=fd)
     try:
         _wait(lambda: rig.status.connected)
+        # Timeout path first: a frame cut off, then silence past the 0.6 s frame timer.
+        pipe.write(b"\x05")
+        assert pipe.read_byte(2) == ACK
+        pipe.write(b"\x021H|\\^&\r")
+        _wait(lambda: "receiver timeout" in rig.status.last_error)
         raw = (CAPTURES / ASTM_CAPTURES[2]).read_bytes()
         transcript = send_session(pipe, messages_of(raw), reply_s=2, corrupt={3})
         assert transcript.acked_messages == len(messages_of(raw))
