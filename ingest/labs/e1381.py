@@ -19,7 +19,11 @@ durability rule of pacslab: the frame that completes a message (the one carrying
 its L record, E1394 §13) is answered only after the shell has stored the message
 (:meth:`E1381Link.stored`). If storing fails the frame gets NAK, so the instrument
 sends it again (and after six tries gives up, keeping the results itself): an ACK
-always means "stored".
+always means "stored". One case cannot keep that promise: a sender that ends a
+message with EOT and no L record. Its frames were answered one by one, and EOT
+takes no answer, so such a message is delivered at EOT and a storage failure
+then can only be logged (E1394 §13 requires the L record; every capture we hold
+has it).
 """
 
 from __future__ import annotations
