@@ -107,6 +107,7 @@ def build_analyzer_links(
     index = build_index(settings, migrate=False)
     store = SqlLabStore(index)
     orders = SqlOrderStore(index)
+    audit, secret = build_audit(settings, index)
     webhook = (
         CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
         if lab.critical_webhook_url
@@ -122,6 +123,8 @@ def build_analyzer_links(
             test_codes=section.test_codes,
             announce=webhook.announce if webhook is not None else None,
             status=status,
+            audit=audit,
+            patient_secret=secret,
         )
         folder = settings.data_dir / "links" / section.name
         if section.protocol == "hl7-mllp":
@@ -202,6 +205,7 @@ def build_analyzer_links(
             REGISTRY.remove(section.name)
         if webhook is not None:
             webhook.stop()
+        audit.close()  # writes what is queued before the engine goes
         index.close()
 
     return shells, release

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
+from core.audit import AuditEntry, patient_key
 from core.errors import NotFoundError
+from core.logging import correlation_id
 from core.orders import CLOSED, OrderRecord
+from storage.audit import AuditLog
 from storage.lab import LabIngestOutcome, LabResultStore, NewLabFile, NewLabResult, StoredLabResult
 
 __all__ = [
@@ -195,6 +199,8 @@ class AnalyzerService:
         test_codes: Mapping[str, str] | None = None,
         announce: Callable[[tuple[StoredLabResult, ...]], None] | None = None,
         status: LinkStatus | None = None,
+        audit: AuditLog | None = None,
+        patient_secret: bytes = b"",
     ) -> None:
         self.name = name
         self.store = store
@@ -203,6 +209,8 @@ class AnalyzerService:
         self._by_ordered = {v: k for k, v in self.test_codes.items()}
         self.announce = announce
         self.status = status or LinkStatus(name, "", "")
+        self.audit = audit
+        self.patient_secret = patient_secret
 
     def store_results(self, file: NewLabFile, results: Sequence[NewLabResult]) -> LabIngestOutcome:
         """Store one message's results in one transaction; raise if not stored.
@@ -223,12 +231,48 @@ class AnalyzerService:
                 outcome.results,
                 file.sha256[:12],
             )
+        if not outcome.duplicate:
+            self._audit_results(file, results, outcome.new_versions)
         if outcome.critical and self.announce is not None:
             try:
                 self.announce(outcome.critical)
             except Exception:
                 logger.error("critical results of %s not announced", self.name, exc_info=True)
         return outcome
+
+    def _audit_results(
+        self, file: NewLabFile, results: Sequence[NewLabResult], new_versions: int
+    ) -> None:
+        """One action-log entry per patient of the message (as for a dropped file).
+
+        A side effect: a failure is logged, never raised (the results are stored).
+        """
+        if self.audit is None:
+            return
+        per_patient = Counter(r.patient_id for r in results if r.patient_id and not r.is_qc)
+        base = {"new_versions": new_versions, "qc_results": sum(r.is_qc for r in results)}
+        rows = sorted(per_patient.items()) or [("", len(results))]
+        for patient_id, count in rows:
+            try:
+                self.audit.record(
+                    AuditEntry(
+                        action="C",
+                        event_type="lab.link",
+                        outcome="0",
+                        outcome_desc="ingested",
+                        agent=self.name[:128],
+                        agent_type="system",
+                        source=f"link/{self.name}"[:64],
+                        resource=f"LabFile/{file.sha256}",
+                        patient_key=patient_key(self.patient_secret, patient_id),
+                        correlation_id=correlation_id.get()[:32],
+                        detail=AuditEntry.details(
+                            {"format": file.format, "analyzer": self.name, "results": count} | base
+                        ),
+                    )
+                )
+            except Exception:
+                logger.error("analyzer %s: audit entry not recorded", self.name, exc_info=True)
 
     def ordered_tests(self, specimen_id: str) -> SpecimenOrders | None:
         """The open orders for ``specimen_id``, or None when there is none.

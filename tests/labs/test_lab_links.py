@@ -511,3 +511,24 @@ def test_source_not_allowed_is_refused(settings: Settings) -> None:
             AnalyzerSettings(name="x", allowed_sources=["nope"])
     finally:
         rigs.close()
+
+
+def test_link_results_are_in_the_action_log(rig: LinkRig) -> None:
+    pipe = rig.connect()
+    try:
+        send_session(pipe, [K_MESSAGE], reply_s=2)
+    finally:
+        pipe.close()
+    _wait(lambda: len(rig.results()) == 1)
+    rig.shells[0].stop()  # stops the link; the audit queue is written at release
+    from storage.audit import AuditLog
+
+    log = AuditLog(rig.store.index.engine, rig.settings.audit, url=rig.store.index.url)
+    try:
+        _wait(lambda: any(e.event_type == "lab.link" for e in log.entries()))
+        (entry,) = [e for e in log.entries() if e.event_type == "lab.link"]
+        assert (entry.agent, entry.source, entry.outcome) == ("xn", "link/xn", "0")
+        assert entry.patient_key  # keyed, never the patient ID itself
+        assert "BN-0001" not in str(entry)
+    finally:
+        log.close()
