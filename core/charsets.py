@@ -22,7 +22,7 @@ import codecs
 import unicodedata
 from typing import Final
 
-__all__ = ["TCVN3_DECODING", "codec_for", "decode_text", "register"]
+__all__ = ["TCVN3_DECODING", "codec_for", "decode_text", "encode_text", "register"]
 
 #: TCVN 5712:1993 VN3, bytes 0xA1-0xFE (the rest of 0x80-0xFF is undefined).
 _VN3_HIGH: Final[dict[int, str]] = {
@@ -138,3 +138,51 @@ def decode_text(raw: bytes, codec: str) -> str:
     texts compare equal whatever the sender's code page.
     """
     return unicodedata.normalize("NFC", raw.decode(codec))
+
+
+_TONES: Final = frozenset("\u0300\u0301\u0303\u0309\u0323")
+
+
+def encode_text(text: str, codec: str) -> bytes:
+    """Encode ``text`` for a sender that reads ``codec``; never fails.
+
+    TCVN3 (VN3) has no upper-case toned letters: they are written with the
+    lower-case code. Windows-1258 has no precomposed code for most toned letters: it writes the base
+    letter (with its circumflex, breve or horn, which it has) followed by a
+    combining tone mark, as Vietnamese Windows software does. Characters a code
+    page cannot write at all become ``?``.
+    """
+    text = unicodedata.normalize("NFC", text)
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError:
+        pass
+    name = codecs.lookup(codec).name
+    if name == "tcvn3":
+        # VN3 has no upper-case toned letters: VN3 fonts draw upper case from the
+        # same codes in their upper-case face (".VnTimeH"), so the lower-case code
+        # is what a VN3 system expects for "Ầ".
+        return b"".join(_vn3_char(ch) for ch in text)
+    if name != "cp1258":
+        return text.encode(codec, errors="replace")
+    out = bytearray()
+    for ch in text:
+        try:
+            out += ch.encode("cp1258")
+            continue
+        except UnicodeEncodeError:
+            pass
+        parts = unicodedata.normalize("NFD", ch)
+        base = unicodedata.normalize("NFC", "".join(c for c in parts if c not in _TONES))
+        tones = "".join(c for c in parts if c in _TONES)
+        out += base.encode("cp1258", errors="replace") + tones.encode("cp1258", errors="replace")
+    return bytes(out)
+
+
+def _vn3_char(ch: str) -> bytes:
+    for candidate in (ch, ch.lower()):
+        try:
+            return candidate.encode("tcvn3")
+        except UnicodeEncodeError:
+            continue
+    return b"?"

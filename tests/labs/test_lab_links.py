@@ -532,3 +532,38 @@ def test_link_results_are_in_the_action_log(rig: LinkRig) -> None:
         assert "BN-0001" not in str(entry)
     finally:
         log.close()
+
+
+@pytest.mark.parametrize("encoding", ["tcvn3", "cp1258", "utf-8"])
+def test_vietnamese_names_in_and_out_in_the_analyzer_character_set(
+    settings: Settings, encoding: str
+) -> None:
+    from core.charsets import decode_text, encode_text
+
+    rigs = _rig(settings, encoding=encoding, test_codes={"K": "2823-3"})
+    rig = next(rigs)
+    try:
+        with TestClient(create_app(rig.settings)) as client:
+            assert client.post("/fhir/ServiceRequest", json=lab_order("S-VN-9")).status_code == 201
+        results = [
+            b"H|\\^&|||XN-VN\r",
+            encode_text("P|1||BN-9||Đỗ^Thị Hương\r", encoding),
+            b"O|1|S-VN-8||^^^K|R\r",
+            b"R|1|^^^K|4,2|mmol/L||N||F\r",
+            b"L|1|N\r",
+        ]
+        query = [b"H|\\^&\r", b"Q|1|^S-VN-9||^^^ALL\r", b"L|1|N\r"]
+        pipe = rig.connect()
+        try:
+            assert send_session(pipe, [results, query], reply_s=2).acked_messages == 2
+            texts = receive_session(pipe, wait_s=5)
+        finally:
+            pipe.close()
+        _wait(lambda: len(rig.results()) == 1)
+        assert rig.results()[0].patient_name == "Đỗ^Thị Hương"
+        patient = decode_text(texts[1], encoding).split("|")[5]
+        # VN3 writes upper-case toned letters with the lower-case code (its fonts
+        # have an upper-case face); the others keep the case.
+        assert (patient.upper() if encoding == "tcvn3" else patient) == "TRẦN^THỊ^LAN"
+    finally:
+        rigs.close()

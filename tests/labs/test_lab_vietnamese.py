@@ -272,3 +272,14 @@ def test_inbox_critical_comma_value_is_numeric_in_fhir(rig: LabRig, tmp_path: Pa
         bundle = client.get("/fhir/Observation", params={"code": "http://loinc.org|2823-3"}).json()
     (entry,) = bundle["entry"]
     assert entry["resource"]["valueQuantity"]["value"] == 7.85
+
+
+def test_encode_text_for_vietnamese_code_pages() -> None:
+    from core.charsets import encode_text
+
+    name = "TRẦN Thị Hương"
+    assert decode_text(encode_text(name, "cp1258"), "cp1258") == name
+    assert encode_text(name, "cp1258") == cp1258(name)
+    # VN3: upper-case toned letters take the lower-case code (upper-case VN3 fonts).
+    assert decode_text(encode_text(name, "tcvn3"), "tcvn3") == "TRầN Thị Hương"
+    assert encode_text("日本", "latin-1") == b"??"

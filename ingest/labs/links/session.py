@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from core.charsets import codec_for
+from core.charsets import codec_for, encode_text
 from core.errors import LabMessageError
 from core.settings import AnalyzerSettings, LabCriticalLimit
 from ingest.labs._values import DecimalComma
@@ -79,7 +79,9 @@ class AstmSession:
             return []
         parsed = self._mapped(parsed)
         replies = [
-            format_query_reply(msg, self.service.ordered_tests, self.settings.name)
+            format_query_reply(
+                msg, self.service.ordered_tests, self.settings.name, encoding=self.encoding
+            )
             for msg in parsed.messages
             if msg.queries
         ]
@@ -96,7 +98,9 @@ class AstmSession:
         found = self.service.ordered_tests(specimen_id)
         if found is None:
             return None
-        return format_query_reply(query, lambda _: found, self.settings.name)
+        return format_query_reply(
+            query, lambda _: found, self.settings.name, encoding=self.encoding
+        )
 
     def _store(self, sha: str, message: bytes, parsed: ParseResult) -> None:
         name = f"{self.settings.name}-{sha[:16]}.astm"
@@ -188,6 +192,7 @@ def format_query_reply(
     lookup: Callable[[str], SpecimenOrders | None],
     sender: str,
     *,
+    encoding: str = "latin-1",
     now: datetime | None = None,
 ) -> bytes:
     """The reply to a host query message (E1394 §12, LIS2-A2 §6.3), as records.
@@ -195,7 +200,8 @@ def format_query_reply(
     ``lookup(specimen_id)`` returns :class:`~services.analyzers.SpecimenOrders` or
     None. Specimens with orders get P and O records (O.5 the analyzer's test codes
     as repeats ``^^^CODE``, O.12 ``N`` new, O.26 ``O`` order); when no specimen has
-    any, the message is H and ``L|1|I`` (no information available).
+    any, the message is H and ``L|1|I`` (no information available). Text is
+    written in the analyzer's ``encoding`` (:func:`core.charsets.encode_text`).
     """
     stamp = (now or datetime.now()).strftime("%Y%m%d%H%M%S")
     lines = [f"H|\\^&|||pacslab|||||{_escape(query.sender)}||P|1|{stamp}"]
@@ -215,4 +221,4 @@ def format_query_reply(
         )
     lines.append("L|1|N" if answered else "L|1|I")
     text = "\r".join(lines) + "\r"
-    return text.encode("latin-1", errors="replace")
+    return encode_text(text, encoding)
