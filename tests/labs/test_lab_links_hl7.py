@@ -216,3 +216,27 @@ def test_order_download_refused_by_the_analyzer_is_an_error(
     finally:
         rigs.close()
         refusing.close()
+
+
+def test_law_work_order_query_answered_with_the_fhir_order(
+    rig: tuple[Settings, Any], tmp_path: Path
+) -> None:
+    settings, shell = rig
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/fhir/ServiceRequest", json=lab_order("S-QBP-1")).status_code == 201
+
+    def qbp(specimen: str, control: str) -> bytes:
+        return (
+            f"MSH|^~\\&|COBAS-VN|KHOA XN|pacslab|LIS|20260301090000||QBP^Q11^QBP_Q11|{control}|P"
+            "|2.5.1|||NE|AL||UNICODE UTF-8|||LAB-27^IHE\r"
+            f"QPD|WOS^Work Order Step^IHE_LABTF|Q-{control}|{specimen}\r"
+            "RCP|I||R\r"
+        ).encode()
+
+    found, missing = _send(shell.address[1], [qbp("S-QBP-1", "Q1"), qbp("S-NONE", "Q2")], tmp_path)
+    assert (found["MSH"][8], found["MSA"][1], found["MSA"][2]) == ("RSP^K11^RSP_K11", "AA", "Q1")
+    assert found["QAK"][1:3] == ["Q-Q1", "OK"]
+    assert found["SPM"][2] == "S-QBP-1"
+    assert found["OBR"][4].startswith("2823-3^")
+    assert missing["QAK"][1:3] == ["Q-Q2", "NF"]
+    assert "OBR" not in missing

@@ -9,6 +9,8 @@ C, ``<VT> message <FS><CR>``), original-mode acknowledgment:
   ``MSA-1 = AA``; a storage failure answers ``AE`` (the analyzer sends again), a
   message we cannot read is kept under ``rejected/`` and answered ``AR`` (sending
   it again would not help). An ACK or ORL^O34 from the analyzer is not answered.
+- **query** (LAB-27): a QBP^Q11 for a specimen on the same connection is answered
+  RSP^K11 with its orders (the segments of an OML^O33), QAK-2 ``OK`` or ``NF``.
 - **out** (:func:`send_message`, pacslab connects to the analyzer's listener):
   OML^O33 order downloads (:func:`format_oml_o33`), acknowledged by the analyzer
   with ACK or ORL^O34.
@@ -152,6 +154,8 @@ class Hl7Session:
         kind = _msh(_msh_fields(raw), 9).split("^")[0]
         if kind in ("ACK", "ORL"):
             return None
+        if kind == "QBP":
+            return self.query(raw)
         status = self.service.status
         status.update(last_message_at=datetime.now(UTC))
         status.count("messages_received")
@@ -202,6 +206,34 @@ class Hl7Session:
             status.error(f"message not stored: {type(exc).__name__}")
             return build_ack(raw, "AE", text="not stored; send again")
         return build_ack(raw, "AA")
+
+    def query(self, raw: bytes) -> bytes:
+        """Answer a LAW work-order query (LAB-27, QBP^Q11 → RSP^K11).
+
+        ``QPD-3`` names the specimen (container) ID. The answer carries the
+        order segments of an OML^O33 for it (QAK-2 ``OK``) or none (``NF``).
+        """
+        text = raw.decode("utf-8", errors="replace").replace("\n", "\r")
+        qpd = next((seg for seg in text.split("\r") if seg.startswith("QPD|")), "")
+        fields = qpd.split("|")
+        tag = fields[2] if len(fields) > 2 else ""
+        specimen = fields[3].split("^")[0] if len(fields) > 3 else ""
+        orders = self.service.ordered_tests(specimen) if specimen else None
+        msh = _msh_fields(raw)
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
+        control = hashlib.sha256(raw).hexdigest()[:20]
+        segments = [
+            f"MSH|^~\\&|pacslab|LIS|{_msh(msh, 3)}|{_msh(msh, 4)}|{stamp}||RSP^K11^RSP_K11|"
+            f"{control}|P|{_msh(msh, 12) or '2.5.1'}|||NE|NE||UNICODE UTF-8",
+            f"MSA|AA|{_msh(msh, 10)}",
+            f"QAK|{tag}|{'OK' if orders else 'NF'}",
+            qpd,
+        ]
+        if orders is not None:
+            body = format_oml_o33(orders, receiver=self.settings.name, control_id=control)
+            segments += body.decode("utf-8").rstrip("\r").split("\r")[1:]
+        self.service.status.count("messages_sent")
+        return ("\r".join(segments) + "\r").encode("utf-8")
 
     def download(self, specimen_id: str) -> bool:
         """Send the OML^O33 of ``specimen_id`` to the analyzer; False if nothing is ordered.
