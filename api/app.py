@@ -20,7 +20,17 @@ from fastapi.responses import PlainTextResponse
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
-from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, lab_review, tiles, viewer
+from api.routes import (
+    analyzers,
+    dicomweb,
+    fhir,
+    fhir_lab,
+    fhir_orders,
+    lab_review,
+    tiles,
+    viewer,
+)
+from api.routes.analyzers import render_link_metrics
 from api.security import install_security
 from core.settings import Settings
 from storage.archive import Archive
@@ -40,6 +50,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tiles.iiif_router,
     tiles.dzi_router,
     viewer.router,
+    analyzers.router,
 )
 
 
@@ -104,7 +115,10 @@ def create_app(
             logger.error("index counts unavailable for /metrics", exc_info=True)
             gauges = ""
         return PlainTextResponse(
-            metrics.exposition() + gauges + tiles.tile_service_of(app).latency.exposition(),
+            metrics.exposition()
+            + gauges
+            + tiles.tile_service_of(app).latency.exposition()
+            + render_link_metrics(),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 

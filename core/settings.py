@@ -30,6 +30,7 @@ from pydantic_settings import (
 
 __all__ = [
     "NON_SETTING_VARIABLES",
+    "AnalyzerSettings",
     "AuditSettings",
     "AuthSettings",
     "DaskSettings",
@@ -332,6 +333,11 @@ class LabProfileSettings(BaseModel):
     skip_non_results: bool = True
     #: Analyzer name recorded when the message names none (ASTM H.5, HL7 MSH-3).
     analyzer: str = ""
+    #: Decimal mark of ASTM/HL7 values (issue 18): ``auto`` reads a comma as the
+    #: decimal mark where unambiguous (``7,85`` yes, ``1,234`` no), ``comma`` always,
+    #: ``point`` never (a comma makes the value text). Delimited profiles use
+    #: ``delimited.decimal_comma``.
+    decimal_mark: Literal["auto", "point", "comma"] = "auto"
     delimited: LabDelimitedSettings | None = None
     #: Largest file of this inbox (bytes); None: ``IngestSettings.lab_max_bytes``.
     max_bytes: int | None = Field(None, gt=0)
@@ -674,6 +680,75 @@ class LogSettings(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class AnalyzerSettings(BaseModel):
+    """One analyzer connected live (issue 18): ASTM E1381/E1394 or HL7 over MLLP.
+
+    ``link`` says who opens the connection: ``tcp-server`` (the analyzer connects to
+    ``host:port`` of pacslab), ``tcp-client`` (pacslab connects to the analyzer's
+    ``host:port``) or ``serial`` (RS-232 ``device``). Timers are those of E1381
+    §6.5.2; tests shorten them.
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    protocol: Literal["astm", "hl7-mllp"] = "astm"
+    link: Literal["tcp-server", "tcp-client", "serial"] = "tcp-server"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    device: str = ""
+    baudrate: int = Field(9600, gt=0)
+    #: ASTM framing: E1381 (frames, checksums, ENQ/ACK). HL7 always uses MLLP.
+    framing: Literal["e1381"] = "e1381"
+    #: HL7 LAW: the analyzer's own MLLP listener, where OML^O33 order downloads go
+    #: (0: no order download). ASTM sends orders on the link itself.
+    order_host: str = "127.0.0.1"
+    order_port: int = Field(0, ge=0, le=65535)
+    #: Record character set: ascii, latin-1, utf-8, cp1258 or tcvn3 (core.charsets).
+    encoding: str = "latin-1"
+    decimal_mark: Literal["auto", "point", "comma"] = "auto"
+    #: Analyzer test code → LOINC (or our code): results carry the LOINC too, and a
+    #: host query answers an order for the LOINC with the analyzer's code.
+    test_codes: dict[str, str] = Field(default_factory=dict)
+    reply_timeout_s: float = Field(15.0, gt=0)  # E1381 sender: ACK after ENQ/frame
+    frame_timeout_s: float = Field(30.0, gt=0)  # E1381 receiver: next frame or EOT
+    busy_wait_s: float = Field(10.0, gt=0)  # after NAK to ENQ, before trying again
+    retries: int = Field(6, ge=0, le=20)  # E1381 §6.5.1.2: a frame is resent 6 times
+    reconnect_s: float = Field(5.0, gt=0)  # tcp-client/serial: wait before reconnecting
+    #: tcp-server: a connection silent this long (no byte, link neutral) is closed,
+    #: so a dead or hostile peer cannot hold the analyzer's link.
+    idle_timeout_s: float = Field(600.0, gt=0)
+    #: tcp-server: IPs / CIDR networks allowed to connect (the analyzer's); empty:
+    #: anyone, with a warning at start. A newer allowed connection replaces the
+    #: current one (an analyzer that reconnects after a power cut).
+    allowed_sources: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _check_sources(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"analyzers: {item!r} is not an IP or CIDR network") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_link(self) -> AnalyzerSettings:
+        if self.link == "serial" and not self.device:
+            raise ValueError(f"analyzer {self.name!r}: a serial link needs 'device'")
+        if self.link == "tcp-client" and not self.port:
+            raise ValueError(f"analyzer {self.name!r}: a tcp-client link needs 'port'")
+        if self.protocol == "hl7-mllp" and self.link == "serial":
+            raise ValueError(f"analyzer {self.name!r}: HL7 over MLLP needs a TCP link")
+        if self.protocol == "hl7-mllp" and self.link != "tcp-server":
+            raise ValueError(
+                f"analyzer {self.name!r}: HL7 results arrive on a tcp-server link "
+                "(orders go to order_host:order_port)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """All of pacslab's configuration; see the module docstring for sources."""
 
@@ -694,6 +769,8 @@ class Settings(BaseSettings):
     worklist: WorklistSettings = WorklistSettings()
     orders: OrdersSettings = Field(default_factory=OrdersSettings)
     lab: LabSettings = LabSettings()
+    #: Analyzers connected live (issue 18), one entry each; names are unique.
+    analyzers: list[AnalyzerSettings] = Field(default_factory=list)
     log: LogSettings = LogSettings()
     auth: AuthSettings = AuthSettings()
     audit: AuditSettings = AuditSettings()
@@ -728,6 +805,13 @@ class Settings(BaseSettings):
             check_unknown_settings({}, file_data=file_source(), file_name=config)
             sources.append(file_source)
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _unique_analyzers(self) -> Settings:
+        names = [a.name for a in self.analyzers]
+        if len(names) != len(set(names)):
+            raise ValueError("analyzer names must be unique")
+        return self
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -36,6 +36,10 @@ def start_background(settings: Settings) -> Background:
         from pacslab.labs import start_lab_watcher
 
         background.stoppers.append(start_lab_watcher(settings))
+    if settings.analyzers:
+        from pacslab.labs import start_analyzer_links
+
+        background.stoppers.append(start_analyzer_links(settings))
     return background
 
 

@@ -130,12 +130,15 @@ def cmd_dicom(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_labs(settings: Settings, args: argparse.Namespace) -> int:
-    """Only the lab inbox watcher (for scale-out, and for the crash test)."""
-    from pacslab.labs import start_lab_watcher
+    """Only the lab side: inbox watcher and analyzer links (scale-out, crash tests)."""
+    from pacslab.labs import start_analyzer_links, start_lab_watcher
 
     _prepare(settings)
     stop_watcher = start_lab_watcher(settings)
+    stop_links = start_analyzer_links(settings) if settings.analyzers else None
     _until_sigterm()
+    if stop_links is not None:
+        stop_links()
     stop_watcher()
     return 0
 
@@ -385,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run every service on embedded defaults (DICOM 11112, HTTP 8000)")
     sub.add_parser("dicom", help="run only the DICOM receiver")
-    sub.add_parser("labs", help="run only the lab inbox watcher (data/inbox/lab/<profile>/)")
+    sub.add_parser(
+        "labs", help="run only the lab inbox watcher (data/inbox/lab/<profile>/) and analyzer links"
+    )
     sub.add_parser("worker", help="run only the processing worker (instance and series jobs)")
     sub.add_parser("api", help="run only the HTTP API (DICOMweb, FHIR, IIIF, DZI)")
     demo = sub.add_parser(

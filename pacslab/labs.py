@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from core.settings import Settings
 from ingest.labs.profiles import parse_profile
@@ -13,7 +14,7 @@ from pacslab.wiring import build_audit, build_index
 from storage.dropfolder import DropLimits
 from storage.index.lab import SqlLabStore
 
-__all__ = ["build_lab_watcher", "start_lab_watcher"]
+__all__ = ["build_analyzer_links", "build_lab_watcher", "start_analyzer_links", "start_lab_watcher"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,145 @@ def start_lab_watcher(settings: Settings) -> Callable[[], None]:
 
     def stop() -> None:
         watcher.stop()
+        release()
+
+    return stop
+
+
+def build_analyzer_links(
+    settings: Settings,
+) -> tuple[list[Any], Callable[[], None]]:
+    """Build one link per configured analyzer (issue 18), not yet started.
+
+    Returns the link shells (each with ``start``/``stop`` and ``.link``, the
+    :class:`~ingest.labs.links.AnalyzerLink`) and a function that releases the
+    shared index. Every link's status is registered in
+    :data:`services.analyzers.REGISTRY` for the API and ``/metrics``.
+    """
+    from ingest.labs.e1381 import LinkTimers
+    from ingest.labs.links import AnalyzerLink
+    from ingest.labs.links.session import AstmSession
+    from ingest.labs.links.tcp import TcpClientLink, TcpServerLink
+    from services.analyzers import REGISTRY, AnalyzerService, LinkStatus
+    from storage.index.orders import SqlOrderStore
+
+    lab = settings.lab
+    index = build_index(settings, migrate=False)
+    store = SqlLabStore(index)
+    orders = SqlOrderStore(index)
+    audit, secret = build_audit(settings, index)
+    webhook = (
+        CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
+        if lab.critical_webhook_url
+        else None
+    )
+    shells: list[Any] = []
+    for section in settings.analyzers:
+        status = REGISTRY.add(LinkStatus(section.name, section.protocol, section.link))
+        service = AnalyzerService(
+            section.name,
+            store,
+            orders=orders,
+            test_codes=section.test_codes,
+            announce=webhook.announce if webhook is not None else None,
+            status=status,
+            audit=audit,
+            patient_secret=secret,
+        )
+        folder = settings.data_dir / "links" / section.name
+        if section.protocol == "hl7-mllp":
+            from ingest.labs.links.mllp import Hl7Session, MllpResultServer
+
+            hl7 = Hl7Session(
+                section,
+                service,
+                folder=folder,
+                critical=lab.critical,
+                local_timezone=lab.local_timezone,
+            )
+            if section.order_port:
+                REGISTRY.set_download(section.name, hl7.download)
+            shells.append(
+                MllpResultServer(
+                    hl7,
+                    section.host,
+                    section.port,
+                    idle_timeout_s=section.idle_timeout_s,
+                    allowed_sources=section.allowed_sources,
+                )
+            )
+            continue
+        session = AstmSession(
+            section,
+            service,
+            folder=folder,
+            critical=lab.critical,
+            local_timezone=lab.local_timezone,
+        )
+        timers = LinkTimers(
+            reply_s=section.reply_timeout_s,
+            frame_s=section.frame_timeout_s,
+            busy_s=section.busy_wait_s,
+            retries=section.retries,
+        )
+        link = AnalyzerLink(section.name, session, status, timers=timers)
+
+        def download(
+            specimen: str, session: AstmSession = session, link: AnalyzerLink = link
+        ) -> bool:
+            message = session.download(specimen)
+            if message is None:
+                return False
+            link.send(message)
+            return True
+
+        REGISTRY.set_download(section.name, download)
+        if section.link == "tcp-server":
+            shells.append(
+                TcpServerLink(
+                    link,
+                    section.host,
+                    section.port,
+                    allowed_sources=section.allowed_sources,
+                    idle_timeout_s=section.idle_timeout_s,
+                )
+            )
+        elif section.link == "tcp-client":
+            shells.append(
+                TcpClientLink(link, section.host, section.port, reconnect_s=section.reconnect_s)
+            )
+        else:
+            from ingest.labs.links.serial import SerialLink
+
+            shells.append(
+                SerialLink(
+                    link,
+                    section.device,
+                    baudrate=section.baudrate,
+                    reconnect_s=section.reconnect_s,
+                )
+            )
+
+    def release() -> None:
+        for section in settings.analyzers:
+            REGISTRY.remove(section.name)
+        if webhook is not None:
+            webhook.stop()
+        audit.close()  # writes what is queued before the engine goes
+        index.close()
+
+    return shells, release
+
+
+def start_analyzer_links(settings: Settings) -> Callable[[], None]:
+    """Start every configured analyzer link; returns the stopper."""
+    shells, release = build_analyzer_links(settings)
+    for shell in shells:
+        shell.start()
+
+    def stop() -> None:
+        for shell in shells:
+            shell.stop()
         release()
 
     return stop

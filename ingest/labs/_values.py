@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, timedelta, timezone
-from typing import Final
+from typing import Final, Literal, TypeAlias
 
 from ingest.labs.model import Comparator, ResultStatus
 
 __all__ = [
+    "DecimalComma",
+    "is_unambiguous_decimal_comma",
     "parse_birth_date",
     "parse_number",
     "parse_reference_range",
@@ -35,8 +37,33 @@ _COMPARATORS: Final[dict[str, Comparator]] = {
 }
 
 
+#: ``True``: ``,`` is the decimal mark; ``False``: a comma makes text non-numeric;
+#: ``"auto"``: a comma is read as the decimal mark only where that is unambiguous.
+DecimalComma: TypeAlias = bool | Literal["auto"]
+
+# A comma that could be a thousands separator: 1-3 digits (not a lone 0), comma,
+# exactly three digits (``1,234``, ``12,500``).
+_THOUSANDS: Final = re.compile(r"[+-]?[1-9]\d{0,2},\d{3}(?:[eE][+-]?\d{1,3})?\Z")
+
+
+def is_unambiguous_decimal_comma(digits: str) -> bool:
+    """Whether the comma in a number is certainly a decimal mark.
+
+    ``7,85``, ``0,123``, ``1234,5`` and ``,5`` can only be decimals. ``1,234`` could
+    be one thousand two hundred and thirty-four (a thousands separator), so it is
+    not read as a number without a profile saying which mark the sender uses. A
+    text with both ``.`` and ``,`` or two commas is never unambiguous.
+    """
+    if digits.count(",") != 1 or "." in digits:
+        return False
+    comma = digits.index(",")
+    if comma + 1 >= len(digits) or not digits[comma + 1].isdigit():
+        return False  # "7," says nothing about the mark
+    return _THOUSANDS.match(digits) is None
+
+
 def parse_number(
-    text: str, *, decimal_comma: bool = False
+    text: str, *, decimal_comma: DecimalComma = False
 ) -> tuple[float | None, Comparator | None]:
     """Read ``"12.5"``, ``"<0.5"``, ``"> 8"`` or ``">=1e3"`` as (number, comparator).
 
@@ -44,9 +71,10 @@ def parse_number(
     ----------
     text : str
         The value text.
-    decimal_comma : bool
-        Treat ``,`` as the decimal mark (European exports); otherwise a comma makes
-        the text non-numeric, because ``1,234`` is ambiguous.
+    decimal_comma : bool or "auto"
+        ``True``: treat ``,`` as the decimal mark (European and Vietnamese exports);
+        ``"auto"``: only where :func:`is_unambiguous_decimal_comma` (``7,85`` yes,
+        ``1,234`` no); ``False``: a comma makes the text non-numeric.
 
     Returns
     -------
@@ -58,7 +86,9 @@ def parse_number(
         return None, None
     digits = match.group(2)
     if "," in digits:
-        if not decimal_comma:
+        if decimal_comma is False or (
+            decimal_comma == "auto" and not is_unambiguous_decimal_comma(digits)
+        ):
             return None, None
         digits = digits.replace(",", ".")
     op = match.group(1)
@@ -71,7 +101,7 @@ _RANGE: Final = re.compile(
 
 
 def parse_reference_range(
-    text: str, *, decimal_comma: bool = False
+    text: str, *, decimal_comma: DecimalComma = False
 ) -> tuple[float | None, float | None]:
     """Read a reference range into (low, high).
 
@@ -90,7 +120,11 @@ def parse_reference_range(
     if match is not None:
         low = match.group(1)
         high = match.group(2)
-        if decimal_comma:
+        if decimal_comma == "auto":
+            if any("," in b and not is_unambiguous_decimal_comma(b) for b in (low, high)):
+                return None, None
+            low, high = low.replace(",", "."), high.replace(",", ".")
+        elif decimal_comma:
             low, high = low.replace(",", "."), high.replace(",", ".")
         elif "," in low or "," in high:
             return None, None

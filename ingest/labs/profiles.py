@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core import charsets  # registers the TCVN3 codec for profile encodings
 from core.dropfiles import astm_incomplete, hl7_incomplete
 from core.errors import LabMessageError
 from core.settings import LabDelimitedSettings, LabProfileSettings
+from ingest.labs._values import DecimalComma
 from ingest.labs.model import Coding, ParseResult
 from ingest.labs.parsers import astm, available_parsers, delimited, detect, get_parser, hl7v2
 from ingest.labs.parsers.delimited import DelimitedProfile
@@ -47,6 +49,8 @@ class InboxProfile:
         HL7 v2: leave out non-result messages of a batch (named in the summary).
     analyzer : str
         Used when a message names no sender.
+    decimal_comma : bool or "auto"
+        ASTM/HL7: how a comma in a value is read (``decimal_mark`` setting).
     delimited : DelimitedProfile or None
     patient_issuer : str
         Issuer of Patient IDs sent without one (ASTM, exports).
@@ -57,6 +61,7 @@ class InboxProfile:
     encoding: str = ""
     skip_non_results: bool = True
     analyzer: str = ""
+    decimal_comma: DecimalComma = "auto"
     delimited: DelimitedProfile | None = None
     max_bytes: int | None = None
     patient_issuer: str = ""
@@ -93,6 +98,9 @@ def delimited_profile(name: str, section: LabDelimitedSettings) -> DelimitedProf
     )
 
 
+_DECIMAL_MARKS: dict[str, DecimalComma] = {"auto": "auto", "comma": True, "point": False}
+
+
 def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
     """Validate one profile of the settings.
 
@@ -106,9 +114,10 @@ def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
     known = ("auto", "delimited", *available_parsers())
     if fmt not in known:
         raise ValueError(f"lab profile {name!r}: unknown format {fmt!r}; known: {', '.join(known)}")
-    if section.encoding:
+    encoding = charsets.codec_for(section.encoding) or section.encoding
+    if encoding:
         try:
-            "".encode(section.encoding)
+            "".encode(encoding)
         except LookupError as exc:
             raise ValueError(
                 f"lab profile {name!r}: unknown encoding {section.encoding!r}"
@@ -117,9 +126,10 @@ def parse_profile(name: str, section: LabProfileSettings) -> InboxProfile:
     return InboxProfile(
         name=name,
         format=fmt,
-        encoding=section.encoding,
+        encoding=encoding,
         skip_non_results=section.skip_non_results,
         analyzer=section.analyzer,
+        decimal_comma=_DECIMAL_MARKS[section.decimal_mark],
         delimited=layout,
         max_bytes=section.max_bytes,
         patient_issuer=section.patient_issuer,
@@ -144,9 +154,9 @@ def parse_file(raw: bytes, profile: InboxProfile) -> tuple[str, ParseResult]:
     """
     fmt = detect(raw) if profile.format == "auto" else profile.format
     if fmt == "astm":
-        result = _parse_astm(raw, profile.encoding)
+        result = _parse_astm(raw, profile.encoding, profile.decimal_comma)
     elif fmt == "hl7v2":
-        result = _parse_hl7v2(raw, profile.skip_non_results)
+        result = _parse_hl7v2(raw, profile.skip_non_results, profile.decimal_comma)
     elif fmt == "delimited":
         assert profile.delimited is not None  # enforced by the settings validator
         result = delimited.parse(raw, profile=profile.delimited)
@@ -186,21 +196,24 @@ def incomplete_reason(raw: bytes, profile: InboxProfile) -> str | None:
     return None
 
 
-def _parse_astm(raw: bytes, encoding: str) -> ParseResult:
+def _parse_astm(raw: bytes, encoding: str, decimal_comma: DecimalComma) -> ParseResult:
+    # A file is a capture, not a live link: irregular frame numbers are a warning
+    # when every checksum verifies (E1381 §6.3.3 numbering exists to detect lost
+    # frames while the sender can still repeat them).
     if encoding:
-        return astm.parse(raw, encoding=encoding)
+        return astm.parse(raw, encoding=encoding, decimal_comma=decimal_comma, strict_frames=False)
     try:
-        return astm.parse(raw, encoding="utf-8")
+        return astm.parse(raw, encoding="utf-8", decimal_comma=decimal_comma, strict_frames=False)
     except LabMessageError as exc:
         # E1394 §6.1 says ASCII; in practice UTF-8 or Latin-1. Latin-1 never fails to
         # decode, so it is the fallback, and only for a decoding failure.
         if not exc.reason.startswith("bytes are not valid utf-8"):
             raise
-        return astm.parse(raw, encoding="latin-1")
+        return astm.parse(raw, encoding="latin-1", decimal_comma=decimal_comma, strict_frames=False)
 
 
-def _parse_hl7v2(raw: bytes, skip_non_results: bool) -> ParseResult:
-    result = hl7v2.parse(raw, skip_non_results=skip_non_results)
+def _parse_hl7v2(raw: bytes, skip_non_results: bool, decimal_comma: DecimalComma) -> ParseResult:
+    result = hl7v2.parse(raw, skip_non_results=skip_non_results, decimal_comma=decimal_comma)
     if not result.messages:
         # Every message was skipped: parse strictly to name the first one and why.
         hl7v2.parse(raw)

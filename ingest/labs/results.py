@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 
 from core.errors import LabMessageError
 from core.settings import LabCriticalLimit
+from ingest.labs._values import parse_number
 from ingest.labs.model import LabMessage, LabObservation, LabOrder, ParseResult
 from storage.lab import NewLabReport, NewLabResult
 
@@ -107,7 +108,9 @@ def critical_reason(obs: LabObservation, limits: Mapping[str, LabCriticalLimit])
     Limits are looked up by the sender's test code, then by any alternate code
     (LOINC). A value with a comparator counts only when it is beyond the limit
     whatever the true value (``>8`` against a high limit of 7 is critical, ``<8``
-    is not). QC results are never critical: they belong to no patient.
+    is not). A value kept as text is read as a number here when it is one
+    (``7,85``), so no critical value escapes because of how it was written. QC
+    results are never critical: they belong to no patient.
     """
     if obs.is_qc:
         return ""
@@ -119,9 +122,16 @@ def critical_reason(obs: LabObservation, limits: Mapping[str, LabCriticalLimit])
         limit = limits.get(coding.code)
         if limit is not None:
             break
-    if limit is None or obs.value is None:
+    if limit is None:
         return ""
     value, comp = obs.value, obs.comparator
+    if value is None and obs.coded_value is None:
+        # "however it was written" (issue 18): a number the parser kept as text
+        # (HL7 ST, a profile that reads commas as text, ``7,85``) is still a
+        # number to a clinician; read it leniently here, for the alert only.
+        value, comp = parse_number(obs.text, decimal_comma="auto")
+    if value is None:
+        return ""
     if limit.high is not None and (
         (comp is None and value > limit.high) or (comp in (">", ">=") and value >= limit.high)
     ):

@@ -25,7 +25,19 @@ from typing import Final
 from core.errors import LabMessageError
 from ingest.labs.model import ParseWarning
 
-__all__ = ["STX", "is_framed", "unframe"]
+__all__ = [
+    "ACK",
+    "ENQ",
+    "EOT",
+    "MAX_FRAME_TEXT",
+    "NAK",
+    "STX",
+    "build_frame",
+    "is_framed",
+    "read_frame",
+    "split_frames",
+    "unframe",
+]
 
 STX: Final = 0x02
 ETX: Final = 0x03
@@ -54,13 +66,19 @@ def is_framed(raw: bytes) -> bool:
     return False
 
 
-def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
+def unframe(raw: bytes, *, strict_numbers: bool = True) -> tuple[bytes, list[ParseWarning]]:
     """Return the record stream carried by E1381 frames, checksums verified.
 
     Parameters
     ----------
     raw : bytes
         A capture of the line: frames plus ENQ/ACK/NAK/EOT.
+    strict_numbers : bool
+        Reject a frame number out of sequence (``True``), or accept it with a
+        warning (``False``). A captured file is not a live link: nobody can ask
+        the sender to repeat, every checksum has verified, and capture tools and
+        some analyzers number frames irregularly (restarting at 0, skipping
+        after a NAK they never logged). A QC run is not thrown away for that.
 
     Returns
     -------
@@ -81,6 +99,7 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
     previous: tuple[int, bytes] | None = None
     open_record = False
     count = 0
+    irregular = 0
     i = 0
     n = len(raw)
     while i < n:
@@ -129,9 +148,19 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
             warnings.append(ParseWarning("repeated frame skipped (retransmission)", where))
             continue
         if expected is not None and number != expected:
-            raise LabMessageError(
-                f"frame number {number} where {expected} was expected", where=where
-            )
+            if strict_numbers:
+                raise LabMessageError(
+                    f"frame number {number} where {expected} was expected", where=where
+                )
+            irregular += 1
+            if irregular == 1:
+                warnings.append(
+                    ParseWarning(
+                        f"frame number {number} where {expected} was expected"
+                        " (irregular numbering accepted: checksums verify)",
+                        where,
+                    )
+                )
         expected = (number + 1) % 8
         previous = (number, text)
         out += text
@@ -147,6 +176,8 @@ def unframe(raw: bytes) -> tuple[bytes, list[ParseWarning]]:
         raise LabMessageError("no E1381 frame (STX) in the capture")
     if open_record:
         raise LabMessageError("capture ends inside a record: last frame ended with ETB")
+    if irregular > 1:
+        warnings.append(ParseWarning(f"{irregular} frames numbered out of sequence in all"))
     return bytes(out), warnings
 
 
@@ -161,3 +192,71 @@ def _find_end(raw: bytes, start: int) -> int:
     if match is None or raw[match.start()] == STX:
         return -1
     return match.start()
+
+
+#: Largest frame text E1381 §6.3.1 allows (247 characters with the envelope).
+MAX_FRAME_TEXT: Final = 240
+
+
+def build_frame(number: int, text: bytes, *, last: bool) -> bytes:
+    """One frame ``<STX> FN text <ETX|ETB> C1 C2 <CR> <LF>`` (E1381 §6.3).
+
+    ``number`` is taken modulo 8; the checksum is the sum of FN through ETX/ETB
+    modulo 256 as two upper-case hex digits (§6.3.4).
+    """
+    body = bytes((0x30 + number % 8,)) + text + bytes((ETX if last else ETB,))
+    return bytes((STX,)) + body + f"{sum(body) & 0xFF:02X}".encode("ascii") + b"\r\n"
+
+
+def split_frames(records: bytes, *, max_text: int = MAX_FRAME_TEXT) -> list[tuple[bytes, bool]]:
+    """Cut a message (records ending with CR) into frame texts (§6.3.2).
+
+    Each record starts a new frame; a record longer than ``max_text`` goes out
+    in intermediate (ETB) frames and ends in an end (ETX) frame. Returns
+    ``(text, last)`` pairs, ``last`` meaning ETX.
+    """
+    out: list[tuple[bytes, bool]] = []
+    for record in records.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r"):
+        if not record:
+            continue
+        data = record + b"\r"
+        chunks = [data[i : i + max_text] for i in range(0, len(data), max_text)]
+        out.extend((chunk, k == len(chunks) - 1) for k, chunk in enumerate(chunks))
+    return out
+
+
+def read_frame(buffer: bytes) -> tuple[int, int | None, bytes, bool] | None:
+    """Read one frame at the start of ``buffer`` (which starts with STX).
+
+    Returns
+    -------
+    (consumed, number, text, last) or None
+        ``None`` when the frame is not complete yet. ``number`` is ``None`` when
+        the frame is defective (bad checksum, no frame digit): the receiver
+        replies NAK (§6.5.1.2) and waits for the retransmission.
+    """
+    end = _find_end(buffer, 1)
+    if end < 0:
+        nxt = buffer.find(bytes((STX,)), 1)
+        if nxt > 0:  # a new STX before ETX/ETB: the frame was cut off
+            return nxt, None, b"", False
+        return None
+    if len(buffer) < end + 3:
+        return None
+    consumed = end + 3
+    # CR LF end the frame; wait for them unless something else is there already.
+    for expected in (CR, LF):
+        if len(buffer) <= consumed:
+            return None
+        if buffer[consumed] == expected:
+            consumed += 1
+    body = buffer[1 : end + 1]
+    checksum = buffer[end + 1 : end + 3]
+    if (
+        len(body) < 2
+        or not 0x30 <= body[0] <= 0x37
+        or not all(c in _HEX for c in checksum)
+        or int(checksum, 16) != sum(body) & 0xFF
+    ):
+        return consumed, None, b"", False
+    return consumed, body[0] - 0x30, bytes(body[1:-1]), body[-1] == ETX

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
+from core.charsets import codec_for
 from core.errors import LabMessageError
 from ingest.labs.model import ParseWarning
 
@@ -140,7 +141,9 @@ def charset_codec(msh18: str) -> str | None:
     name = msh18.strip().upper()
     if not name:
         return None
-    codec = _CHARSETS.get(name)
+    # Table 0211 has no Vietnamese entry; senders write local names such as
+    # WINDOWS-1258 or TCVN3/VN3 (core.charsets maps them and provides TCVN3).
+    codec = _CHARSETS.get(name) or codec_for(name)
     if codec is None:
         raise LabMessageError(f"MSH-18 character set {name!r} is not supported")
     return codec

@@ -34,8 +34,10 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Final
 
+from core.charsets import codec_for
 from core.errors import LabMessageError
 from ingest.labs._values import (
+    DecimalComma,
     parse_birth_date,
     parse_number,
     parse_reference_range,
@@ -171,7 +173,13 @@ def _field(fields: list[str], number: int) -> str:
     return fields[number - 1] if len(fields) >= number else ""
 
 
-def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
+def parse(
+    raw: bytes,
+    *,
+    encoding: str = "latin-1",
+    decimal_comma: DecimalComma = False,
+    strict_frames: bool = True,
+) -> ParseResult:
     """Parse ASTM E1394 messages from an analyzer file or an E1381 line capture.
 
     Parameters
@@ -181,7 +189,15 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
         the first bytes and removed after checking every checksum.
     encoding : str
         Character set of the record text. E1394 §6.1 specifies ASCII; analyzers in
-        the field send Latin-1 (the default, which never fails to decode) or UTF-8.
+        the field send Latin-1 (the default, which never fails to decode), UTF-8,
+        Windows-1258 or TCVN3 (``vn3``, :mod:`core.charsets`).
+    decimal_comma : bool or "auto"
+        How a comma in R.4 and R.6 is read (:func:`ingest.labs._values.parse_number`).
+        Each value read with a decimal comma is counted in one warning.
+    strict_frames : bool
+        For E1381 captures: a frame number out of sequence rejects the file
+        (``True``) or is a warning when every checksum verifies (``False``, for a
+        captured file where losing a QC run is worse than an odd capture tool).
 
     Returns
     -------
@@ -197,8 +213,9 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
     """
     warnings: list[ParseWarning] = []
     if is_framed(raw):
-        raw, frame_warnings = unframe(raw)
+        raw, frame_warnings = unframe(raw, strict_numbers=strict_frames)
         warnings.extend(frame_warnings)
+    encoding = codec_for(encoding) or encoding
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -211,6 +228,7 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
         # Windows-1258 and some middleware send decomposed accents (Vietnamese).
         text = unicodedata.normalize("NFC", text)
     records = _records(text, warnings)
+    comma_values: list[str] = []  # where each value read with a decimal comma is
     if not records:
         raise LabMessageError("file holds no ASTM records")
     messages: list[LabMessage] = []
@@ -226,6 +244,8 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
             builder = _MessageBuilder(
                 _Reader(delims, encoding), record, where, len(messages) + 1, warnings
             )
+            builder.decimal_comma = decimal_comma
+            builder.comma_values = comma_values
             continue
         if builder is None:
             raise LabMessageError(f"{kind} record outside a message (no H before it)", where=where)
@@ -238,6 +258,12 @@ def parse(raw: bytes, *, encoding: str = "latin-1") -> ParseResult:
     if builder is not None:
         warnings.append(ParseWarning("message ends without an L record", builder.where))
         messages.append(builder.build())
+    if comma_values:
+        warnings.append(
+            ParseWarning(
+                f"comma read as the decimal mark in {len(comma_values)} value(s)", comma_values[0]
+            )
+        )
     return ParseResult(tuple(messages), tuple(warnings))
 
 
@@ -300,6 +326,8 @@ class _MessageBuilder:
         self.processing_id = (reader.components(_field(fields, 12)) or [""])[0]
         self.timestamp = self.stamp(_field(fields, 14), "H.14", where)
         self.is_qc_message = self.processing_id.upper() == "Q"
+        self.decimal_comma: DecimalComma = False
+        self.comma_values: list[str] = []
         self.patients: list[LabPatient] = []
         self.orders: list[LabOrder] = []
         self.observations: list[LabObservation] = []
@@ -404,10 +432,16 @@ class _MessageBuilder:
         text = "^".join(components)
         value, comparator = (None, None)
         if len(components) == 1 and text:
-            value, comparator = parse_number(text)
+            value, comparator = parse_number(text, decimal_comma=self.decimal_comma)
+            if value is not None and "," in text:
+                self.comma_values.append(self.located(where))
         unit = unescape(_field(fields, 5))
         range_text = "^".join(r.components(_field(fields, 6)))
-        low, high = parse_reference_range(range_text) if range_text else (None, None)
+        low, high = (
+            parse_reference_range(range_text, decimal_comma=self.decimal_comma)
+            if range_text
+            else (None, None)
+        )
         flags_field = _field(fields, 7)
         flags = tuple(r.repeats(flags_field)) if flags_field else ()
         status_code = unescape(_field(fields, 9))

@@ -27,6 +27,7 @@ from typing import Final
 
 from core.errors import LabMessageError
 from ingest.labs._values import (
+    DecimalComma,
     parse_birth_date,
     parse_number,
     parse_reference_range,
@@ -144,7 +145,9 @@ def message_type(raw: bytes) -> str:
     return read_message_type(message.segments[0], message.delimiters)
 
 
-def parse(raw: bytes, *, skip_non_results: bool = False) -> ParseResult:
+def parse(
+    raw: bytes, *, skip_non_results: bool = False, decimal_comma: DecimalComma = False
+) -> ParseResult:
     """Parse HL7 v2 result messages.
 
     Parameters
@@ -156,6 +159,11 @@ def parse(raw: bytes, *, skip_non_results: bool = False) -> ParseResult:
     skip_non_results : bool
         Leave out messages that are not results with a warning instead of
         rejecting the file; for batch files that mix orders and results.
+    decimal_comma : bool or "auto"
+        How a comma in an NM/SN value (OBX-5) or a range (OBX-7) is read
+        (:func:`ingest.labs._values.parse_number`); HL7 v2.5.1 §2.A.47 says NM
+        uses ``.``, but Vietnamese-locale senders write ``7,85``. Each value read
+        with a decimal comma is counted in one warning.
 
     Returns
     -------
@@ -169,6 +177,7 @@ def parse(raw: bytes, *, skip_non_results: bool = False) -> ParseResult:
     """
     messages: list[LabMessage] = []
     warnings: list[ParseWarning] = []
+    comma_values: list[str] = []
     for index, piece in enumerate(split_messages(raw), 1):
         message, read_warnings = read_message(piece, index)
         warnings.extend(read_warnings)
@@ -179,7 +188,16 @@ def parse(raw: bytes, *, skip_non_results: bool = False) -> ParseResult:
                 warnings.append(ParseWarning(f"skipped: {reason}", f"message {index}"))
                 continue
             raise LabMessageError(reason, where=f"message {index}, segment 1 (MSH)")
-        messages.append(_MessageReader(message, kind, warnings).read())
+        reader = _MessageReader(message, kind, warnings)
+        reader.decimal_comma = decimal_comma
+        reader.comma_values = comma_values
+        messages.append(reader.read())
+    if comma_values:
+        warnings.append(
+            ParseWarning(
+                f"comma read as the decimal mark in {len(comma_values)} value(s)", comma_values[0]
+            )
+        )
     return ParseResult(tuple(messages), tuple(warnings))
 
 
@@ -227,6 +245,8 @@ class _MessageReader:
         self.pending_specimen: _Specimen | None = None
         self.pending_orc: tuple[str, str, str, str] | None = None
         self.nte_target: str = "message"
+        self.decimal_comma: DecimalComma = False
+        self.comma_values: list[str] = []
 
     # -- field access -------------------------------------------------------
 
@@ -444,7 +464,11 @@ class _MessageReader:
         else:
             ucum = normalise_unit(unit) if unit else None
         range_text = unescape(_get(seg, 7))
-        low, high = parse_reference_range(range_text) if range_text else (None, None)
+        low, high = (
+            parse_reference_range(range_text, decimal_comma=self.decimal_comma)
+            if range_text
+            else (None, None)
+        )
         flags_field = _get(seg, 8)
         flags = (
             tuple(f for f in (self.first(rep) for rep in flags_field.split(d.repeat)) if f)
@@ -498,7 +522,10 @@ class _MessageReader:
                 )
             )
         if value_type == "SN":
-            return _structured_numeric(comps)
+            reading = _structured_numeric(comps, self.decimal_comma)
+            if reading.value is not None and "," in reading.text:
+                self.comma_values.append(where)
+            return reading
         if value_type in _CODED:
             coded = Coding(
                 _component(comps, 1), _component(comps, 2), _component(comps, 3) or "local"
@@ -511,7 +538,9 @@ class _MessageReader:
         else:
             text = "^".join(comps)
         if value_type == "NM":
-            number, comparator = parse_number(text)
+            number, comparator = parse_number(text, decimal_comma=self.decimal_comma)
+            if number is not None and "," in text:
+                self.comma_values.append(where)
             if number is None and text:
                 self.warnings.append(
                     ParseWarning("OBX-5 is not a number though OBX-2 is NM", where)
@@ -571,7 +600,7 @@ class _Reading:
     coded: Coding | None = None
 
 
-def _structured_numeric(comps: list[str]) -> _Reading:
+def _structured_numeric(comps: list[str], decimal_comma: DecimalComma = False) -> _Reading:
     """SN (v2.5.1 §2.A, structured numeric): ``comparator^num1^separator^num2``.
 
     ``^182`` is 182, ``<^0.5`` is <0.5, ``^1^:^128`` a ratio and ``^2^-^5`` a
@@ -586,7 +615,7 @@ def _structured_numeric(comps: list[str]) -> _Reading:
     comparator = _SN_COMPARATORS.get(comparator_text.strip())
     if separator or num2:
         return _Reading(text, tuple(comps), None, comparator)
-    number, inner = parse_number(num1)
+    number, inner = parse_number(num1, decimal_comma=decimal_comma)
     if inner is not None and comparator is None:
         comparator = inner
     return _Reading(text, tuple(comps), number, comparator if number is not None else None)
