@@ -160,10 +160,11 @@ def test_mwl_find(benchmark: Any, server: str, size: int, servers: dict[str, int
         # Per-round figures: the queries in order, cut into ten slices (the spread
         # --compare weighs a change against); raw latencies for the distribution chart.
         ms = [t * 1000 for t in timeline]
+        n = 5 if quick() else 10
         slices = {
-            "qps": per_round(timeline, 10, lambda v: len(v) / sum(v)),
-            "p50_ms": per_round(ms, 10, statistics.median),
-            "p99_ms": per_round(ms, 10, lambda v: _percentile(sorted(v), 0.99)),
+            "qps": per_round(timeline, n, lambda v: len(v) / sum(v)),
+            "p50_ms": per_round(ms, n, statistics.median),
+            "p99_ms": per_round(ms, n, lambda v: _percentile(sorted(v), 0.99)),
             "server_cpu_ms": None,
         }
         goals = {"qps": Goal(">=", 1.0, on="ratio", anchor="wlmscpfs"),
