@@ -81,8 +81,15 @@ def _is_pacslab(target: str) -> bool:
 
 def _goal_text(goal: Mapping[str, Any], unit: str) -> str:
     if goal["on"] == "ratio":
-        return f"{goal['op']} {goal['bound']:g}× {goal['anchor']}"
-    return f"{goal['op']} {goal['bound']:g} {unit}"
+        return f"{goal['op']} {goal['bound']:,g}× {goal['anchor']}"
+    return f"{goal['op']} {goal['bound']:,g} {unit}"
+
+
+def _spread_text(s: float | None) -> str:
+    if s is None:
+        return "—"
+    # beyond ±300 % the rounds disagree so much that the exact figure says nothing more
+    return f"±{s:.0%}" if s <= 3 else ">±300%"
 
 
 def _meets(op: str, value: float, bound: float) -> bool:
@@ -172,7 +179,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         met = {None: "", True: "met", False: "**not met**"}[r.met]
         lines.append(
             f"| {r.area} | {metric} | {_fmt(r.value)} {r.unit} | {anchor} | {ratio} | "
-            f"{f'±{s:.0%}' if s is not None else '—'} | {r.goal} | {met} |"
+            f"{_spread_text(s)} | {r.goal} | {met} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -269,7 +276,7 @@ def markdown_compare(changes: Sequence[Change]) -> str:
         if c.why:
             verdict += f" ({c.why})"
         change = f"{c.change:+.1%}" if c.change is not None else "—"
-        threshold = f"±{c.spread:.0%}" if c.spread is not None else "—"
+        threshold = _spread_text(c.spread)
         lines.append(f"| {c.key} | {c.measure} | {_fmt(c.previous)} | {_fmt(c.current)} | "
                      f"{change} | {threshold} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -81,9 +81,15 @@ def benchmarks_enabled(config: pytest.Config) -> bool:
     return bool(config.getoption("benchmark_enable", default=False))
 
 
+# Read once, at import: several benchmarks clear every PACSLAB_* variable (monkeypatch)
+# so that the servers they start see only their own settings.
+_QUICK = os.environ.get(QUICK_ENV, "") == "1"
+_FIGURES_PATH = os.environ.get(FIGURES_ENV, "")
+
+
 def quick() -> bool:
     """``./run bench --quick``: measure, but at smoke sizes with a few rounds."""
-    return os.environ.get(QUICK_ENV, "") == "1"
+    return _QUICK
 
 
 def _better(unit: str) -> str:
@@ -170,9 +176,8 @@ def figures_json() -> dict[str, Any]:
 
 def write_figures() -> None:
     """Write :func:`figures_json` where ``$PACSLAB_BENCH_FIGURES`` says, if it is set."""
-    path = os.environ.get(FIGURES_ENV)
-    if path:
-        Path(path).write_text(json.dumps(figures_json(), indent=1))
+    if _FIGURES_PATH:
+        Path(_FIGURES_PATH).write_text(json.dumps(figures_json(), indent=1))
 
 
 def terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
