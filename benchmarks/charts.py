@@ -30,6 +30,7 @@ def write_charts(metrics: Sequence[Mapping[str, Any]], rows: Sequence[Row], out:
 
     matplotlib.use("Agg")  # files only; no display on servers and CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written: list[tuple[str, str]] = []
     ratios = [r for r in rows if r.ratio is not None]
@@ -60,6 +61,7 @@ def write_charts(metrics: Sequence[Mapping[str, Any]], rows: Sequence[Row], out:
             for target, values in with_rounds.items():
                 ax.plot(range(1, len(values) + 1), values, marker="o", label=target)
             ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(m["unit"])
             ax.set_ylim(bottom=0)
             ax.set_title(m["case"], fontsize=9)

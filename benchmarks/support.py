@@ -192,7 +192,8 @@ def terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Conf
         ours = entry.figures.get("pacslab")
         for target, fig in sorted(entry.figures.items()):
             ratio = ""
-            if ours and target != "pacslab" and fig.value:
+            anchor = not target.startswith("pacslab")  # variants are not anchors
+            if ours and anchor and fig.value:
                 ratio = (f"   pacslab/{target} = {ours.value / fig.value:.2f}x "
                          f"({entry.better} is better)")
             spread = ""
