@@ -36,7 +36,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         if report.skipped and isinstance(report.longrepr, tuple):
             reason = str(report.longrepr[2])
         elif report.failed:
-            reason = str(getattr(report.longrepr, "reprcrash", "") or report.longreprtext)
+            crash = getattr(report.longrepr, "reprcrash", None)
+            reason = str(getattr(crash, "message", "") or report.longreprtext[-300:])
         add_outcome(report.nodeid, report.outcome, reason)
 
 
