@@ -175,9 +175,9 @@ def render_report(results: Mapping[str, Any], out: Path,
         from benchmarks.charts import write_charts
 
         charts = write_charts(section["metrics"], rows, out)
-    except ImportError:
+    except ImportError as exc:  # matplotlib is in the test extra that ./run bench installs
         charts = []
-        lines += ["Charts: matplotlib is not installed (`pip install -e '.[test]'`).", ""]
+        lines += [f"No charts: {exc} (`pip install -e '.[test]'` installs matplotlib).", ""]
     if charts:
         lines += ["## Charts", ""]
         for title, name in charts:

@@ -106,6 +106,8 @@ def build_rows(metrics: Sequence[Mapping[str, Any]], area_of: Mapping[str, str]
                ) -> list[Row]:
     """Rows for every (pacslab variant, anchor) pair of every case, in area order.
 
+    Within an area, cases keep the order they were measured in.
+
     ``area_of`` maps a benchmark file (``benchmarks/test_x.py``) to its area; the
     order of its values is the report's order.
     """
@@ -137,7 +139,7 @@ def build_rows(metrics: Sequence[Mapping[str, Any]], area_of: Mapping[str, str]
                     anchor_rounds=tuple(other.get("rounds") or ()) if other else (),
                     goal=text, met=met, interleaved=bool(m.get("interleaved")),
                 ))
-    rows.sort(key=lambda r: (order.get(r.area, len(order)), r.case))
+    rows.sort(key=lambda r: order.get(r.area, len(order)))  # stable: run order in an area
     return rows
 
 

@@ -72,7 +72,8 @@ def convert(settings: Settings, paths: list[Path]) -> dict[str, int]:
     worker = build_worker(settings)
     wanted = {str(dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in paths}
     jobs: dict[str, int] = {}
-    for _ in range(10 * len(wanted)):
+    # run_once takes one job: every instance's job comes before its series' job
+    for _ in range(10 * len(wanted) + 2 * len(paths)):
         for uid in wanted - set(jobs):
             job = worker.index.latest_job("series", uid)
             if job is not None:
