@@ -7,7 +7,8 @@ its own storage, fresh each round) and storescp (writes files, no index, no fsyn
 ceiling). DCMTK processes and Orthanc run with TCP_NODELAY=1 (the Debian build leaves
 Nagle's algorithm on); pacslab is also measured with storescu on default settings.
 
-Without --benchmark-enable this is a smoke run: 20 small instances, one round.
+Without --benchmark-enable this is a smoke run: 20 small instances, one round;
+``./run bench --quick`` measures 40 instances of 256², three rounds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.support import benchmarks_enabled, record
+from benchmarks.support import benchmarks_enabled, quick, record
 from core.synthetic import write_ct_series
 from tests.support import free_port
 
@@ -49,7 +50,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
            ) -> dict[str, object]:
     measuring = benchmarks_enabled(request.config)
-    count, size = (500, 512) if measuring else (20, 64)
+    count, size = (40, 256) if quick() else (500, 512) if measuring else (20, 64)
     root = tmp_path_factory.mktemp("ct")
     files = write_ct_series(root / "all", slices=count, rows=size, columns=size)
     for i, f in enumerate(files):  # four folders for four parallel associations
@@ -57,7 +58,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
         part.mkdir(exist_ok=True)
         (part / f.name).symlink_to(f)
     return {"root": root, "count": count, "bytes": sum(f.stat().st_size for f in files),
-            "rounds": 5 if measuring else 1}
+            "rounds": 3 if quick() else 5 if measuring else 1}
 
 
 def _storescu(port: int, folders: list[Path], *, nodelay: bool) -> None:
@@ -178,7 +179,7 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
             "inst_per_s": count / median, "mb_per_s": size / median / 1e6,
             "rounds_s": [round(t, 3) for t in times]}
         record(f"C-STORE {associations} association(s), inst/s", name, count / median,
-               "inst/s")
+               "inst/s", rounds=[count / t for t in times], interleaved=True)
     if not _orthanc_available():
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
                     "it): measured without the anchor")

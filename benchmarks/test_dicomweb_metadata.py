@@ -7,7 +7,7 @@ TestClient, over uvicorn on loopback and, side by side, Orthanc with its DICOMwe
 plugin when Debian's ``orthanc-dicomweb`` is installed (skipped otherwise).
 
 ``--benchmark-disable`` (the default ``addopts``) makes this a smoke run: 40 instances,
-each benchmark executed once.
+each benchmark executed once; ``./run bench --quick`` measures 40 instances.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import time
 import urllib.request
@@ -28,6 +29,7 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 
 from api.app import create_app
+from benchmarks.support import Goal, per_round, quick, record
 from core.instance import metadata_json
 from core.settings import Settings
 from core.synthetic import ct_series
@@ -38,7 +40,20 @@ from tests.support import free_port
 
 def _slices(request: pytest.FixtureRequest) -> int:
     disabled = request.config.getoption("benchmark_disable", default=True)
-    return 40 if disabled else 500
+    enabled = request.config.getoption("benchmark_enable", default=False)
+    return 40 if (disabled and not enabled) or quick() else 500
+
+
+def _record(benchmark: Any, target: str, n: int, goal: Goal | None = None) -> None:
+    """The round times (ms) of one of the three servers, under one case."""
+    if benchmark.stats is None:
+        return
+    ms = [t * 1000 for t in benchmark.stats.stats.data]  # one request per round
+    # the requests in order, in five slices: the median of each (one slow request
+    # would otherwise be the whole spread)
+    record(f"WADO-RS series metadata, {n} instances, median ms", target,
+           benchmark.stats.stats.median * 1000, "ms", samples=ms,
+           rounds=per_round(ms, 5, statistics.median), goal=goal)
 
 
 @pytest.fixture
@@ -79,12 +94,13 @@ def test_series_metadata_pacslab(benchmark: Any, stored_series: Any) -> None:
     def fetch() -> bytes:
         r = client.get(url)
         assert r.status_code == 200
-        return r.content
+        return bytes(r.content)
 
     body = benchmark(fetch)
     items = json.loads(body)
     assert len(items) == n
     assert items[0]["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    _record(benchmark, "pacslab (in-process)", n, Goal("<", 100.0))
     if benchmark.enabled:
         assert benchmark.stats.stats.median < 0.100, "series /metadata over 100 ms"
 
@@ -113,6 +129,7 @@ def test_series_metadata_pacslab_http(benchmark: Any, stored_series: Any) -> Non
                 return bytes(r.read())
 
         assert len(json.loads(benchmark(fetch))) == n
+        _record(benchmark, "pacslab", n)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -167,3 +184,4 @@ def test_series_metadata_orthanc(benchmark: Any, stored_series: Any, orthanc: st
             return bytes(r.read())
 
     assert len(json.loads(benchmark(fetch))) == n
+    _record(benchmark, "orthanc", n)

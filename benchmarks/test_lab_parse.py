@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from benchmarks.support import Goal, record
 from ingest.labs.model import ParseResult
 from ingest.labs.parsers import astm, hl7v2
 from tests.labs._framing import frame_capture
@@ -97,3 +98,6 @@ def test_lab_parse_throughput(benchmark: BenchmarkFixture, case: str) -> None:
         mean = stats.stats.mean
         benchmark.extra_info["results_per_s"] = round(RESULTS / mean)
         print(f"{case}: {RESULTS / mean:,.0f} results/s ({len(raw):,} bytes)")
+        record(f"lab parse {case}, results/s (one core)", "pacslab", RESULTS / mean,
+               "results/s", rounds=[RESULTS / t for t in stats.stats.data],
+               goal=Goal(">=", 20_000.0))

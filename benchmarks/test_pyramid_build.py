@@ -9,6 +9,8 @@
 (b) 8192² uint16 2-D pyramid MB/s.
 (c) 30000² RGB peak RSS of a conversion in a fresh subprocess (≤ 4 GiB).
 (d) random 256² tile reads from level 0: p50/p99.
+
+``./run bench --quick`` measures at the smoke sizes, a few rounds, without (c).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 import zarr
 
+from benchmarks.support import Goal, per_round, quick, record
 from core.synthetic import ct_phantom_slice, write_ct_series, write_projection_image
 from processing.omezarr import zarr_codecs
 from processing.pyramid import downsample, plan_pyramid
@@ -33,7 +36,16 @@ from processing.tiling import convert_instance, convert_series, enable_zarrs
 
 def _full(request: pytest.FixtureRequest) -> bool:
     opt = request.config.getoption
-    return bool(opt("benchmark_enable")) or not opt("benchmark_disable")
+    return (bool(opt("benchmark_enable")) or not opt("benchmark_disable")) and not quick()
+
+
+def _measured(request: pytest.FixtureRequest) -> bool:
+    """Measuring, at full or at quick sizes (rounds > 1)."""
+    return _full(request) or quick()
+
+
+def _round_seconds(benchmark: Any) -> list[float]:
+    return list(benchmark.stats.stats.data) if benchmark.stats else []
 
 
 def _report(benchmark: Any, **info: Any) -> None:
@@ -70,7 +82,7 @@ def _codec_only_mb_s(levels: list[np.ndarray], out: Path) -> float:
 
 def test_ct_volume_vs_codec_limit(benchmark: Any, request: pytest.FixtureRequest,
                                   tmp_path: Path) -> None:
-    slices, size = (300, 512) if _full(request) else (24, 128)
+    slices, size = (300, 512) if _full(request) else (64, 256) if quick() else (24, 128)
     paths = write_ct_series(tmp_path / "ct", slices=slices, rows=size, columns=size)
     nbytes = slices * size * size * 2
     full = _full(request)
@@ -86,11 +98,11 @@ def test_ct_volume_vs_codec_limit(benchmark: Any, request: pytest.FixtureRequest
     # Both sides are the best of several runs, and the anchor runs before and after
     # ours: on this shared machine one run of either varies by ±25 %, and the
     # machine's state drifts over the minute the test takes.
-    runs = 3 if full else 1
+    runs = 3 if full else 2 if quick() else 1
     limits = [_codec_only_mb_s(levels, tmp_path / f"before{r}") for r in range(runs)]
 
     result = benchmark.pedantic(convert_series, args=(paths, str(tmp_path / "ct.zarr")),
-                                rounds=5 if full else 1, iterations=1)
+                                rounds=5 if full else 3 if quick() else 1, iterations=1)
     ours = nbytes / benchmark.stats.stats.min / 1e6 if benchmark.stats else 0.0
     if not benchmark.stats:  # benchmark disabled: time one call ourselves
         t = time.perf_counter()
@@ -100,6 +112,10 @@ def test_ct_volume_vs_codec_limit(benchmark: Any, request: pytest.FixtureRequest
     limit = max(limits)
     _report(benchmark, pyramid_mb_s=round(ours), codec_limit_mb_s=round(limit),
             ratio=round(ours / limit, 3), levels=result.levels)
+    case = f"CT {slices}×{size}² int16 pyramid build, MB/s"
+    record(case, "pacslab", ours, "MB/s",
+           rounds=[nbytes / t / 1e6 for t in _round_seconds(benchmark)])
+    record(case, "codec-only limit", limit, "MB/s", rounds=limits)
 
 
 def test_2d_uint16_8192(benchmark: Any, request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -111,9 +127,11 @@ def test_2d_uint16_8192(benchmark: Any, request: pytest.FixtureRequest, tmp_path
     src = write_projection_image(tmp_path / "dx.dcm", n, n, lambda a, b: image[a:b])
     t = time.perf_counter()
     result = benchmark.pedantic(convert_instance, args=(src, str(tmp_path / "dx.zarr")),
-                                rounds=3 if _full(request) else 1, iterations=1)
+                                rounds=3 if _measured(request) else 1, iterations=1)
     elapsed = benchmark.stats.stats.min if benchmark.stats else time.perf_counter() - t
     _report(benchmark, mb_s=round(image.nbytes / elapsed / 1e6), levels=result.levels)
+    record(f"2-D {n}² uint16 pyramid build, MB/s", "pacslab", image.nbytes / elapsed / 1e6,
+           "MB/s", rounds=[image.nbytes / s / 1e6 for s in _round_seconds(benchmark)])
 
 
 _RGB_SCRIPT = """
@@ -128,7 +146,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - 
 def test_rgb_30000_peak_memory(benchmark: Any, request: pytest.FixtureRequest,
                                tmp_path: Path) -> None:
     if not _full(request):
-        pytest.skip("30000² RGB (2.7 GB) runs only with --benchmark-enable")
+        pytest.skip("30000² RGB (2.7 GB) runs only with --benchmark-enable, not --quick")
     n = 30000
     tile = np.random.default_rng(1).integers(0, 256, (1000, n, 3), dtype=np.uint8)
     src = write_projection_image(tmp_path / "rgb.dcm", n, n,
@@ -147,6 +165,8 @@ def test_rgb_30000_peak_memory(benchmark: Any, request: pytest.FixtureRequest,
     rss_kib, secs, levels = benchmark.pedantic(run, rounds=1, iterations=1)
     _report(benchmark, peak_rss_mib=rss_kib // 1024, seconds=round(secs, 1),
             mb_s=round(n * n * 3 / secs / 1e6), levels=levels)
+    record("30000² RGB conversion, peak memory MiB", "pacslab", rss_kib / 1024, "MiB",
+           goal=Goal("<", 4096.0))
     assert rss_kib * 1024 < 4 * 2**30
 
 
@@ -174,3 +194,12 @@ def test_random_tile_read(benchmark: Any, request: pytest.FixtureRequest,
     ms = np.array(times) * 1e3
     _report(benchmark, p50_ms=round(float(np.percentile(ms, 50)), 3),
             p99_ms=round(float(np.percentile(ms, 99)), 3))
+    values = [float(v) for v in ms]
+    for q in (50, 99):
+
+        def pct(v: list[float], q: int = q) -> float:
+            return float(np.percentile(v, q))
+
+        record(f"random 256² tile read from level 0 ({n}²), p{q} ms", "pacslab",
+               pct(values), "ms", samples=values if q == 50 else None,
+               rounds=per_round(values, 5, pct))

@@ -80,10 +80,10 @@ def convert(settings: Settings, paths: list[Path]) -> dict[str, int]:
                 jobs[uid] = int(job.id)
         return len(jobs) == len(wanted)
 
-    # A run claims a batch of instance jobs; the series jobs follow the idle roll-up.
-    # The bound grows with the instances (64 slices need ~10 runs) and the last run's
-    # result is looked at too.
-    for _ in range(10 * len(wanted) + len(paths)):
+    # Every instance's job runs before its series' job (which follows the idle
+    # roll-up): the bound grows with the instances, and the last run's result is
+    # looked at too.
+    for _ in range(10 * len(wanted) + 2 * len(paths)):
         if done():
             break
         if not worker.run_once():
