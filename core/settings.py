@@ -871,6 +871,9 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_ZARRS",  # processing/tiling.py: 0 keeps zarr-python's own codec pipeline
     "PACSLAB_FAULT_TRIALS",  # tests/faults: trials per fault-injection test
     "PACSLAB_LOAD_SECONDS",  # benchmarks/test_load.py: length of the load run
+    "PACSLAB_PYTHON",  # ./run bench: use this interpreter as it is, no set-up
+    "PACSLAB_BENCH_QUICK",  # ./run bench --quick: benchmarks shrink to smoke sizes
+    "PACSLAB_BENCH_FIGURES",  # ./run bench: where benchmarks write their figures
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"
