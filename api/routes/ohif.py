@@ -50,7 +50,8 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 
 from core.settings import OhifSettings, Settings
 
-__all__ = ["PREFIX", "app_config_js", "deep_link", "page_csp", "rewrite_asset", "rewrite_index", "router"]
+__all__ = ["PREFIX", "app_config_js", "deep_link", "page_csp", "rewrite_asset", "rewrite_index",
+           "router"]
 
 logger = logging.getLogger(__name__)
 

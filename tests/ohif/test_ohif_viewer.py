@@ -1,0 +1,268 @@
+"""OHIF Viewer v3 served by pacslab under /ohif (issue 20).
+
+The browser test drives the real OHIF build (npm ``@ohif/app``, installed by ``./run
+test``) in headless Debian chromium against ``create_app`` under uvicorn with
+authentication on: the EMR's deep link renders the demo CT, window/level by drag and
+scrolling change the image, no request fails and the CSP is never violated, and the
+study list (same tab: the token kept per tab) finds the study by a Vietnamese patient
+name. The other tests are plain ``TestClient`` tests of the serving rules over a small
+fake build (prefix rewrites, SPA fallback, 404s, no symlink followed, headers).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.routes.ohif import app_config_js, deep_link, rewrite_index
+from core.settings import OhifSettings, Settings
+from tests.api._support import make_study, running_app
+from tests.ohif import harness as h
+
+SLICES = 16
+
+
+def _overlay(page: object) -> dict[str, int]:
+    """Window width/level and image index from the viewport's overlay text."""
+    text: str = page.evaluate("() => document.body.innerText")  # type: ignore[attr-defined]
+    out: dict[str, int] = {}
+    if m := re.search(r"W:\s*(-?\d+)\s*L:\s*(-?\d+)", text):
+        out["W"], out["L"] = int(m.group(1)), int(m.group(2))
+    if m := re.search(r"I:\s*(\d+)\s*\((\d+)/(\d+)\)", text):
+        out["I"], out["N"] = int(m.group(2)), int(m.group(3))
+    return out
+
+
+def _study_rows(page: object) -> str:
+    return page.evaluate("() => document.body.innerText")  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.network
+def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
+    settings: Settings, tmp_path: Path
+) -> None:
+    api = h.need_ohif(settings.ohif.dist_dir)
+    study = h.demo_ct(tmp_path / "ct", slices=SLICES, size=256)
+    other = make_study(tmp_path / "other", PatientName="TRẦN^THỊ BÌNH", PatientID="P2",
+                       SpecificCharacterSet="ISO_IR 192", StudyDescription="MR OTHER")
+    stored = h.Study(study.study, study.series, study.slices, study.paths + other)
+    with h.pacslab_server(settings, stored) as srv:
+        pw, browser = h.launch(api)
+        try:
+            opened = h.open_viewer(browser, srv, study, timeout_s=90)
+            page = opened.page
+            # The token left the address bar at once (kept in sessionStorage).
+            assert "token" not in page.url
+            if page.get_by_text("Skip all").count():  # OHIF's first-visit tour
+                page.get_by_text("Skip all").first.click()
+            before = page.evaluate(h.CANVAS_STATS)
+            assert before["std"] > 5 and before["nonzero"] > 0.05, before  # not blank
+            first = _overlay(page)
+            assert first.get("N") == SLICES and first.get("I") == 1, first
+
+            # Window/level by drag (OHIF's default left-button tool).
+            box = page.locator(".cornerstone-canvas").first.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx, cy)
+            page.mouse.down()
+            page.mouse.move(cx + 120, cy + 80, steps=10)
+            page.mouse.up()
+            deadline = time.monotonic() + 10
+            while _overlay(page).get("W") == first.get("W") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after_wl = _overlay(page)
+            assert (after_wl["W"], after_wl["L"]) != (first["W"], first["L"]), after_wl
+            stats_wl = page.evaluate(h.CANVAS_STATS)
+            assert abs(stats_wl["mean"] - before["mean"]) > 1, (before, stats_wl)
+
+            # Scrolling changes slices.
+            page.mouse.wheel(0, 300)
+            page.mouse.wheel(0, 300)
+            deadline = time.monotonic() + 10
+            while _overlay(page).get("I") == 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _overlay(page)["I"] > 1
+
+            # Every slice was fetched; no request failed, no CSP violation.
+            deadline = time.monotonic() + 30
+            while len(h._frame_urls(page)) < SLICES and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(h._frame_urls(page)) == SLICES
+            assert opened.failed == [], opened.failed
+            bad = [m for m in opened.console if "Content Security Policy" in m
+                   or m.startswith("pageerror")]
+            assert bad == [], bad
+
+            # The study list in the same tab (the token is kept per tab), by name.
+            page.goto(f"{srv.base}/ohif/")
+            page.wait_for_selector("text=MR OTHER", timeout=30000)
+            for typed, shown, hidden in (("nguyễn", "NGUYỄN, VĂN AN", "MR OTHER"),
+                                         ("TRẦN", "MR OTHER", "CT CHEST W CONTRAST")):
+                page.locator("input").first.fill(typed)
+                deadline = time.monotonic() + 15
+                while hidden in _study_rows(page) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                text = _study_rows(page)
+                assert shown in text and hidden not in text, (typed, text[:400])
+            assert opened.failed == [], opened.failed
+        finally:
+            browser.close()
+            pw.stop()
+
+
+@pytest.mark.network
+def test_without_token_dicomweb_is_refused(settings: Settings, tmp_path: Path) -> None:
+    """The page is public; the images are not (OHIF's requests get 401 without #token)."""
+    api = h.need_ohif(settings.ohif.dist_dir)
+    study = h.demo_ct(tmp_path / "ct", slices=2, size=64)
+    with h.pacslab_server(settings, study) as srv:
+        pw, browser = h.launch(api)
+        try:
+            page = browser.new_page()
+            statuses: list[int] = []
+            page.on("response", lambda r: statuses.append(r.status)
+                    if "/dicomweb/" in r.url else None)
+            page.goto(f"{srv.base}{deep_link(study.study)}")
+            deadline = time.monotonic() + 30
+            while len(statuses) < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(200)  # (lets playwright deliver the events)
+            assert len(statuses) >= 2 and set(statuses) == {401}, statuses
+            assert page.evaluate("() => sessionStorage.getItem('pacslab.token')") is None
+        finally:
+            browser.close()
+            pw.stop()
+
+
+# --- serving rules over a fake build (no browser) ---------------------------------------
+
+INDEX = ('<!doctype html><html><head><script>console.time("scriptToView"),'
+         'window.PUBLIC_URL="/"</script><link rel="manifest" href="/manifest.json">'
+         '<script rel="preload" as="script" src="/app-config.js"></script>'
+         '<script>function browserImportFunction(n){return import(n)}window.PUBLIC_URL="/"'
+         '</script><script defer src="/app.bundle.0123456789abcdef.js"></script>'
+         '<link href="/app.bundle.css" rel="stylesheet"><a href="https://ohif.org/">x</a>'
+         '</head><body><div id="root"></div></body></html>')
+
+
+@pytest.fixture
+def fake_dist(tmp_path: Path) -> Path:
+    dist = tmp_path / "dist"
+    (dist / "assets").mkdir(parents=True)
+    (dist / "index.html").write_text(INDEX)
+    (dist / "app.bundle.0123456789abcdef.js").write_text(
+        'var x=1;\n__webpack_require__.p = "/";\nimport("/dicom-microscopy-viewer/a.js")')
+    (dist / "app.bundle.css").write_text("@font-face{src:url(/a34f9d1faa5f3315.woff2)}")
+    (dist / "manifest.json").write_text('{"icons":[{"src":"/assets/a.png"}]}')
+    (dist / "assets" / "a.png").write_bytes(b"\x89PNG")
+    (dist / "0ddf166f7a343eda.wasm").write_bytes(b"\0asm\1\0\0\0")
+    (dist / "app-config.js").write_text("window.config = {package: true}")
+    return dist
+
+
+@pytest.fixture
+def client(settings: Settings, fake_dist: Path) -> Iterator[TestClient]:
+    s = settings.model_copy(update={
+        "ohif": OhifSettings(dist_dir=fake_dist),
+        "auth": settings.auth.model_copy(update={"enabled": True})})
+    with running_app(s) as app, TestClient(app) as c:
+        yield c
+
+
+def test_index_under_prefix_without_inline_scripts(client: TestClient) -> None:
+    for path in ("/ohif", "/ohif/", "/ohif/viewer", "/ohif/viewer?StudyInstanceUIDs=1.2.3",
+                 "/ohif/index.html", "/ohif/segmentation/x"):
+        r = client.get(path)
+        assert r.status_code == 200, path  # public: no token, no patient data
+        assert r.headers["content-type"].startswith("text/html")
+        body = r.text
+        assert "<script>" not in body  # inline code moved to app-config.js
+        assert 'src="/ohif/app-config.js"' in body
+        assert 'src="/ohif/app.bundle.0123456789abcdef.js"' in body
+        assert 'href="/ohif/app.bundle.css"' in body and 'href="/ohif/manifest.json"' in body
+        assert 'href="https://ohif.org/"' in body  # absolute URLs untouched
+        csp = r.headers["content-security-policy"]
+        script_src = re.search(r"script-src ([^;]*)", csp)
+        assert script_src and script_src.group(1) == "'self' 'wasm-unsafe-eval'"
+        assert "frame-ancestors 'self'" in csp and "object-src 'none'" in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_assets_rewritten_for_the_prefix(client: TestClient) -> None:
+    js = client.get("/ohif/app.bundle.0123456789abcdef.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert '__webpack_require__.p = "/ohif/";' in js.text
+    assert "'/ohif/dicom-microscopy-viewer/" in js.text or '"/dicom-microscopy-viewer/' in js.text
+    assert "immutable" in js.headers["cache-control"]  # content-hashed name
+    assert client.get("/ohif/app.bundle.css").text == (
+        "@font-face{src:url(/ohif/a34f9d1faa5f3315.woff2)}")
+    assert '"/ohif/assets/a.png"' in client.get("/ohif/manifest.json").text
+    wasm = client.get("/ohif/0ddf166f7a343eda.wasm")
+    assert wasm.headers["content-type"] == "application/wasm"
+    assert client.get("/ohif/assets/a.png").content == b"\x89PNG"
+
+
+def test_generated_app_config(client: TestClient) -> None:
+    r = client.get("/ohif/app-config.js")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript")
+    body = r.text
+    assert "package: true" not in body  # the package's own config is never served
+    assert '"routerBasename": "/ohif"' in body and '"showStudyList": true' in body
+    assert 'location.origin + "/dicomweb"' in body
+    assert '"qidoSupportsIncludeField": true' in body
+    assert "sessionStorage" in body and "pacslab.token" in body  # the viewer's token key
+    assert "userAuthenticationService" in body and '"oidc"' not in body
+
+
+def test_app_config_with_oidc() -> None:
+    cfg = app_config_js(OhifSettings(oidc_authority="https://idp.example.org/realms/h",
+                                     oidc_client_id="ohif"))
+    assert '"authority": "https://idp.example.org/realms/h"' in cfg
+    assert '"client_id": "ohif"' in cfg and "if (!true)" in cfg  # token hook off
+    with pytest.raises(ValueError):
+        OhifSettings(oidc_authority="https://idp.example.org")  # client id missing
+    with pytest.raises(ValueError):
+        OhifSettings(oidc_authority="http://idp.example.org", oidc_client_id="x")
+
+
+@pytest.mark.parametrize("path", [
+    "/ohif/missing.js", "/ohif/assets/none.png", "/ohif/.pacslab-ohif-version",
+    "/ohif/..%2f..%2fetc%2fpasswd.js", "/ohif/%2e%2e/%2e%2e/etc/passwd.txt",
+    "/ohif/assets/../../dist.txt", "/ohif/" + "a/" * 300 + "x.js",
+])
+def test_missing_or_hostile_asset_paths_are_404(client: TestClient, path: str) -> None:
+    r = client.get(path)
+    # 404; or 401 when the auth layer already refuses a path that normalises off /ohif/
+    assert r.status_code in (401, 404), (path, r.status_code)
+    assert "root:" not in r.text
+
+
+def test_symlink_in_build_not_followed(client: TestClient, fake_dist: Path,
+                                       tmp_path: Path) -> None:
+    secret = tmp_path / "secret.js"
+    secret.write_text("SECRET")
+    os.symlink(secret, fake_dist / "leak.js")
+    os.symlink(tmp_path, fake_dist / "up")
+    assert client.get("/ohif/leak.js").status_code == 404
+    assert client.get("/ohif/up/secret.js").status_code == 404
+
+
+def test_not_installed_says_how(settings: Settings, tmp_path: Path) -> None:
+    s = settings.model_copy(update={"ohif": OhifSettings(dist_dir=tmp_path / "nothing")})
+    with running_app(s) as app, TestClient(app) as c:
+        for path in ("/ohif", "/ohif/viewer", "/ohif/app.bundle.js"):
+            r = c.get(path)
+            assert r.status_code == 503
+            assert "npm" in r.text and "PACSLAB_OHIF__DIST_DIR" in r.text and "./run" in r.text
+
+
+def test_deep_link_and_index_rewrite_pure() -> None:
+    assert deep_link("1.2.3") == "/ohif/viewer?StudyInstanceUIDs=1.2.3"
+    assert deep_link("1.2&x=<3>") == "/ohif/viewer?StudyInstanceUIDs=1.2%26x%3D%3C3%3E"
+    html = '<img src="//cdn/x"><a href="/a">'
+    assert rewrite_index(html) == '<img src="//cdn/x"><a href="/ohif/a">'
