@@ -40,7 +40,7 @@ from core.synthetic import write_ct_series
 from tests.support import free_port
 
 CHROMIUM = "/usr/bin/chromium"
-ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = "/usr/share/orthanc/plugins"
 #: The demo patient's name in Vietnamese (UTF-8, SpecificCharacterSet ISO_IR 192).
 PATIENT_NAME = "NGUYỄN^VĂN AN"
@@ -198,8 +198,7 @@ def orthanc_server(study: Study, dist: Path) -> Iterator[Server]:
             "Name": "anchor", "StorageDirectory": f"{tmp}/db", "IndexDirectory": f"{tmp}/db",
             "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "Plugins": [ORTHANC_PLUGINS],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
-                         "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpCompressionEnabled": False, "ConcurrentJobs": 2,
         }
         cfg = Path(tmp) / "orthanc.json"
