@@ -139,6 +139,35 @@ def test_without_token_dicomweb_is_refused(settings: Settings, tmp_path: Path) -
             pw.stop()
 
 
+@pytest.mark.network
+def test_builtin_viewer_links_to_ohif_with_the_tab_token(settings: Settings,
+                                                         tmp_path: Path) -> None:
+    """The built-in viewer's study page links to OHIF; the token follows in the tab."""
+    api = h.need_ohif(settings.ohif.dist_dir)
+    study = h.demo_ct(tmp_path / "ct", slices=3, size=128)
+    with h.pacslab_server(settings, study) as srv:
+        pw, browser = h.launch(api)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{srv.base}/viewer/studies/{study.study}#token={srv.token}")
+            link = page.get_by_text("Open in OHIF")
+            link.wait_for(timeout=20000)
+            assert link.get_attribute("href") == deep_link(study.study)
+            link.click()
+            page.wait_for_url("**/ohif/viewer?StudyInstanceUIDs=*")
+            deadline = time.monotonic() + 60
+            stats = None
+            while time.monotonic() < deadline:
+                stats = page.evaluate(h.CANVAS_STATS)
+                if stats and stats["std"] > 5:
+                    break
+                page.wait_for_timeout(200)
+            assert stats and stats["std"] > 5, stats
+        finally:
+            browser.close()
+            pw.stop()
+
+
 # --- serving rules over a fake build (no browser) ---------------------------------------
 
 INDEX = ('<!doctype html><html><head><script>console.time("scriptToView"),'
