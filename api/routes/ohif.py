@@ -97,8 +97,22 @@ def page_csp(settings: Settings) -> str:
             + " ".join(settings.http.viewer_frame_ancestors))
 
 
-def _headers(settings: Settings) -> dict[str, str]:
-    return {"Content-Security-Policy": page_csp(settings), "Referrer-Policy": "no-referrer",
+def worker_csp(settings: Settings) -> str:
+    """CSP sent with OHIF's scripts: it governs only the workers started from them.
+
+    A CSP header on a script loaded by ``<script>`` is ignored (the page's policy
+    applies); a dedicated worker, though, runs under the policy delivered with its own
+    script (CSP Level 3, 'Initialize a Worker's policy'). The image decoders' worker
+    (cornerstone's dicomImageLoader: OpenJPEG for JPEG 2000, CharLS …) is an
+    Emscripten build that evaluates strings, so ``'unsafe-eval'`` is allowed there and
+    only there; the page itself never gets it.
+    """
+    return page_csp(settings).replace("'wasm-unsafe-eval'", "'wasm-unsafe-eval' 'unsafe-eval'")
+
+
+def _headers(settings: Settings, *, script: bool = False) -> dict[str, str]:
+    csp = worker_csp(settings) if script else page_csp(settings)
+    return {"Content-Security-Policy": csp, "Referrer-Policy": "no-referrer",
             "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
@@ -350,7 +364,7 @@ def ohif_file(rel: str, request: Request) -> Response:
     if path.name == "index.html":
         return _index(request, dist)
     settings: Settings = request.app.state.settings
-    headers = _headers(settings)
+    headers = _headers(settings, script=path.suffix in {".js", ".mjs"})
     if _HASHED.search(path.name):
         headers["Cache-Control"] = "public, max-age=31536000, immutable"
     media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

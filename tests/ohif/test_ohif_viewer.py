@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 
 from api.routes.ohif import app_config_js, deep_link, rewrite_index
 from core.settings import OhifSettings, Settings
@@ -26,6 +28,7 @@ from tests.api._support import make_study, running_app
 from tests.ohif import harness as h
 
 SLICES = 16
+MR_J2K = "emri_small_jpeg_2k_lossless.dcm"  # pydicom test file: MR, 10 frames, JPEG 2000
 
 
 def _overlay(page: object) -> dict[str, int]:
@@ -51,7 +54,9 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
     study = h.demo_ct(tmp_path / "ct", slices=SLICES, size=256)
     other = make_study(tmp_path / "other", PatientName="TRẦN^THỊ BÌNH", PatientID="P2",
                        SpecificCharacterSet="ISO_IR 192", StudyDescription="MR OTHER")
-    stored = h.Study(study.study, study.series, study.slices, study.paths + other)
+    mr_path = Path(get_testdata_file(MR_J2K))  # type: ignore[arg-type]
+    mr_study = str(dcmread(mr_path, stop_before_pixels=True).StudyInstanceUID)
+    stored = h.Study(study.study, study.series, study.slices, study.paths + other + [mr_path])
     with h.pacslab_server(settings, stored) as srv:
         pw, browser = h.launch(api)
         try:
@@ -110,7 +115,23 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
                     time.sleep(0.2)
                 text = _study_rows(page)
                 assert shown in text and hidden not in text, (typed, text[:400])
+
+            # A compressed series (JPEG 2000 lossless, 10 frames): OHIF asks for frames
+            # with transfer-syntax=*, gets them as stored and decodes them in its worker.
+            page.goto(f"{srv.base}{deep_link(mr_study)}")
+            deadline = time.monotonic() + 60
+            stats = None
+            while time.monotonic() < deadline:
+                stats = page.evaluate(h.CANVAS_STATS)
+                if stats and stats["std"] > 5 and stats["nonzero"] > 0.05:
+                    break
+                page.wait_for_timeout(200)
+            assert stats and stats["std"] > 5 and stats["nonzero"] > 0.05, stats
+            assert _overlay(page).get("N") == 10
             assert opened.failed == [], opened.failed
+            bad = [m for m in opened.console if "Content Security Policy" in m
+                   or m.startswith("pageerror") or "decodeTask" in m]
+            assert bad == [], bad
         finally:
             browser.close()
             pw.stop()
@@ -228,6 +249,12 @@ def test_assets_rewritten_for_the_prefix(client: TestClient) -> None:
     assert '__webpack_require__.p = "/ohif/";' in js.text
     assert "'/ohif/dicom-microscopy-viewer/" in js.text or '"/dicom-microscopy-viewer/' in js.text
     assert "immutable" in js.headers["cache-control"]  # content-hashed name
+    # Only workers started from these scripts may eval (the image decoders' Emscripten
+    # code); the page's own policy never allows it.
+    assert "'unsafe-eval'" in js.headers["content-security-policy"]
+    assert "'unsafe-eval'" not in client.get("/ohif/viewer").headers["content-security-policy"]
+    assert "'unsafe-eval'" not in client.get("/ohif/app.bundle.css").headers[
+        "content-security-policy"]
     assert client.get("/ohif/app.bundle.css").text == (
         "@font-face{src:url(/ohif/a34f9d1faa5f3315.woff2)}")
     assert '"/ohif/assets/a.png"' in client.get("/ohif/manifest.json").text
