@@ -87,11 +87,12 @@ class Server:
 
 @contextmanager
 def pacslab_server(settings: Settings, study: Study) -> Iterator[Server]:
-    """pacslab's API with ``study`` stored (archive accept: the C-STORE path), auth on."""
+    """pacslab's API with ``study`` stored (archive accept: the C-STORE path) and the
+    instance job's metadata step done, as after ``pacslab demo``; auth on."""
     import uvicorn
 
     from api.keys import ensure_private_key, issue_token
-    from tests.api._support import running_app, store_files
+    from tests.api._support import run_metadata_step, running_app, store_files
 
     auth = settings.auth.model_copy(update={"enabled": True})
     assert auth.local_key is not None
@@ -99,6 +100,7 @@ def pacslab_server(settings: Settings, study: Study) -> Iterator[Server]:
     token = issue_token(auth, subject="dr-ohif", scopes=["imaging.read"], ttl_s=900)
     with running_app(settings.model_copy(update={"auth": auth})) as app:
         store_files(app.state.archive, study.paths)
+        run_metadata_step(app)  # what the instance job does after the C-STORE
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                             log_level="warning", access_log=False,
