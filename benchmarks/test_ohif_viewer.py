@@ -37,23 +37,18 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 @pytest.fixture
-def study(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[h.Study]:
-    measuring = not request.config.getoption("benchmark_disable", default=True)
+def study(measuring: bool, tmp_path: Path) -> Iterator[h.Study]:
     slices, size = (120, 512) if measuring else (10, 128)
     yield h.demo_ct(tmp_path / "ct", slices=slices, size=size)
 
 
-def _timings(browser: Any, server: h.Server, study: h.Study, rounds: int
-             ) -> list[tuple[float, float]]:
-    out = []
-    for _ in range(rounds):
-        opened = h.open_viewer(browser, server, study, timeout_s=180)
-        assert opened.all_slices_s is not None, "not every slice was loaded"
-        frame_failures = [f for f in opened.failed if "/frames/" in f or "/metadata" in f]
-        assert frame_failures == [], frame_failures
-        out.append((opened.first_image_s, opened.all_slices_s))
-        opened.page.context.close()
-    return out
+def _round(browser: Any, server: h.Server, study: h.Study) -> tuple[float, float]:
+    opened = h.open_viewer(browser, server, study, timeout_s=180)
+    assert opened.all_slices_s is not None, "not every slice was loaded"
+    failures = [f for f in opened.failed if "/frames/" in f or "/metadata" in f]
+    assert failures == [], failures
+    opened.page.context.close()
+    return opened.first_image_s, opened.all_slices_s
 
 
 def test_ohif_time_to_image_pacslab_vs_orthanc(
@@ -61,15 +56,19 @@ def test_ohif_time_to_image_pacslab_vs_orthanc(
 ) -> None:
     api = h.need_ohif(settings.ohif.dist_dir)
     h.need_orthanc()
-    rounds = 3 if measuring else 1
+    rounds = 5 if measuring else 1
+    pacslab: list[tuple[float, float]] = []
+    orthanc: list[tuple[float, float]] = []
     pw, browser = h.launch(api)
     try:
-        with h.pacslab_server(settings, study) as ours:
-            h.open_viewer(browser, ours, study, wait_all=False).page.context.close()  # warm-up
-            pacslab = _timings(browser, ours, study, rounds)
-        with h.orthanc_server(study, settings.ohif.dist_dir) as anchor:
-            h.open_viewer(browser, anchor, study, wait_all=False).page.context.close()
-            orthanc = _timings(browser, anchor, study, rounds)
+        with (h.pacslab_server(settings, study) as ours,
+              h.orthanc_server(study, settings.ohif.dist_dir) as anchor):
+            for server in (ours, anchor):  # warm-up: first start of each side
+                h.open_viewer(browser, server, study, wait_all=False).page.context.close()
+            # Interleaved, so the shared machine's load falls on both sides alike.
+            for _ in range(rounds):
+                pacslab.append(_round(browser, ours, study))
+                orthanc.append(_round(browser, anchor, study))
     finally:
         browser.close()
         pw.stop()
@@ -86,6 +85,8 @@ def test_ohif_time_to_image_pacslab_vs_orthanc(
         "ratio": {"first_image": round(first / a_first, 3),
                   "all_slices": round(every / a_every, 3)},
         "target": "pacslab <= Orthanc (ratio <= 1.0) for first image and all slices",
+        "rounds_s": {"pacslab": [[round(a, 3), round(b, 3)] for a, b in pacslab],
+                     "orthanc": [[round(a, 3), round(b, 3)] for a, b in orthanc]},
     })
     record("OHIF deep link: first image", "pacslab", first * 1000, "ms")
     record("OHIF deep link: first image", "orthanc", a_first * 1000, "ms")
