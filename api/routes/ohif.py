@@ -170,7 +170,6 @@ def app_config_js(ohif: OhifSettings) -> str:
             "redirect_uri": "/callback",
             "response_type": "code",
             "scope": ohif.oidc_scope,
-            "post_logout_redirect_uri": "/logout-redirect.html",
         }]
     return _CONFIG_TEMPLATE.replace("@PREFIX@", json.dumps(PREFIX + "/")).replace(
         "@CONFIG@", json.dumps(config, indent=1)).replace(

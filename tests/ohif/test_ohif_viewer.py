@@ -11,11 +11,15 @@ fake build (prefix rewrites, SPA fallback, 404s, no symlink followed, headers).
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,6 +30,7 @@ from api.routes.ohif import app_config_js, deep_link, rewrite_index
 from core.settings import OhifSettings, Settings
 from tests.api._support import make_study, running_app
 from tests.ohif import harness as h
+from tests.support import free_port
 
 SLICES = 16
 MR_J2K = "emri_small_jpeg_2k_lossless.dcm"  # pydicom test file: MR, 10 frames, JPEG 2000
@@ -187,6 +192,61 @@ def test_builtin_viewer_links_to_ohif_with_the_tab_token(settings: Settings,
         finally:
             browser.close()
             pw.stop()
+
+
+@pytest.mark.network
+def test_oidc_sends_the_browser_to_the_identity_provider(settings: Settings) -> None:
+    """With ohif.oidc_* set, OHIF signs in itself: authorization code flow with PKCE at
+    the provider named by its discovery document, redirect back to /ohif/callback."""
+    api = h.need_ohif(settings.ohif.dist_dir)
+    idp_port = free_port()
+    idp = f"http://127.0.0.1:{idp_port}"
+    discovery = json.dumps({
+        "issuer": idp, "authorization_endpoint": f"{idp}/authorize",
+        "token_endpoint": f"{idp}/token", "jwks_uri": f"{idp}/jwks",
+        "response_types_supported": ["code"], "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"]}).encode()
+    seen: list[str] = []
+
+    class Provider(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = discovery if self.path.endswith("openid-configuration") else b"sign in"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json" if body is discovery
+                             else "text/html")
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", idp_port), Provider)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    ohif = settings.ohif.model_copy(update={"oidc_authority": idp, "oidc_client_id": "ohif-pacs"})
+    study = h.Study("1.2.3", "1.2.3.4", 0, [])
+    try:
+        with h.pacslab_server(settings.model_copy(update={"ohif": ohif}), study) as srv:
+            pw, browser = h.launch(api)
+            try:
+                page = browser.new_page()
+                page.goto(f"{srv.base}/ohif/")
+                page.wait_for_url(f"{idp}/authorize?**", timeout=30000)
+                query = parse_qs(urlsplit(page.url).query)
+                assert query["client_id"] == ["ohif-pacs"]
+                assert query["response_type"] == ["code"]
+                assert query["redirect_uri"] == [f"{srv.base}/ohif/callback"]
+                assert query["code_challenge_method"] == ["S256"] and query["code_challenge"]
+                assert "imaging.read" in query["scope"][0].split()
+            finally:
+                browser.close()
+                pw.stop()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "/.well-known/openid-configuration" in seen
 
 
 # --- serving rules over a fake build (no browser) ---------------------------------------
