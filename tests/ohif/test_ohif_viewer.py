@@ -36,6 +36,16 @@ SLICES = 16
 MR_J2K = "emri_small_jpeg_2k_lossless.dcm"  # pydicom test file: MR, 10 frames, JPEG 2000
 
 
+#: Pixel statistics of every viewport canvas (MPR shows three).
+ALL_CANVAS_STATS = """() => [...document.querySelectorAll('.cornerstone-canvas')].map(c => {
+  const x = document.createElement('canvas'); x.width = c.width; x.height = c.height;
+  const g = x.getContext('2d'); g.drawImage(c, 0, 0);
+  const d = g.getImageData(0, 0, x.width, x.height).data;
+  let n = 0, s = 0, q = 0;
+  for (let i = 0; i < d.length; i += 16) { const v = d[i]; n++; s += v; q += v * v; }
+  const m = s / n; return {mean: m, std: Math.sqrt(Math.max(0, q / n - m * m))}; })"""
+
+
 def _overlay(page: object) -> dict[str, int]:
     """Window width/level and image index from the viewport's overlay text."""
     text: str = page.evaluate("() => document.body.innerText")  # type: ignore[attr-defined]
@@ -108,6 +118,20 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             bad = [m for m in opened.console if "Content Security Policy" in m
                    or m.startswith("pageerror")]
             assert bad == [], bad
+
+            # MPR: the volume built from pacslab's frames, resliced in three viewports.
+            # The reformats of 16 slices are thin strips, so "not blank" is std > 1
+            # (an empty viewport is exactly 0).
+            page.locator("[data-cy=Layout]").first.click()
+            page.get_by_text("MPR", exact=True).first.click()
+            deadline = time.monotonic() + 60
+            views: list[dict[str, float]] = []
+            while time.monotonic() < deadline:
+                views = page.evaluate(ALL_CANVAS_STATS)
+                if len(views) == 3 and all(v["std"] > 1 for v in views):
+                    break
+                page.wait_for_timeout(300)
+            assert len(views) == 3 and all(v["std"] > 1 for v in views), views
 
             # The study list in the same tab (the token is kept per tab), by name.
             page.goto(f"{srv.base}/ohif/")
