@@ -119,6 +119,24 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
                    or m.startswith("pageerror")]
             assert bad == [], bad
 
+            # A length measurement, calibrated by the Pixel Spacing (0.7 mm) of the
+            # metadata pacslab serves: a 200 px drag on the fitted 256 px image.
+            page.locator("[data-cy=MeasurementTools-split-button-primary]").first.click()
+            page.mouse.move(cx - 100, cy + 150)
+            page.mouse.down()
+            page.mouse.move(cx + 100, cy + 150, steps=10)
+            page.mouse.up()
+            expected = 200 / (min(box["width"], box["height"]) / 256) * 0.7
+            labels: list[str] = []
+            deadline = time.monotonic() + 10
+            while not labels and time.monotonic() < deadline:
+                labels = page.evaluate("() => [...document.querySelectorAll('svg text')]"
+                                       ".map(t => t.textContent).filter(t => / mm$/.test(t))")
+                page.wait_for_timeout(200)
+            assert len(labels) == 1, labels
+            assert abs(float(labels[0].removesuffix(" mm")) - expected) < 0.03 * expected, (
+                labels, expected)
+
             # MPR: the volume built from pacslab's frames, resliced in three viewports.
             # The reformats of 16 slices are thin strips, so "not blank" is std > 1
             # (an empty viewport is exactly 0).
