@@ -125,6 +125,11 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             page.mouse.move(cx - 100, cy + 150)
             page.mouse.down()
             page.mouse.move(cx + 100, cy + 150, steps=10)
+            # Let the last move land before the button is released (cornerstone handles
+            # moves per animation frame; under load the last step was dropped).
+            page.wait_for_timeout(300)
+            page.mouse.move(cx + 100, cy + 150)
+            page.wait_for_timeout(300)
             page.mouse.up()
             expected = 200 / (min(box["width"], box["height"]) / 256) * 0.7
             labels: list[str] = []
@@ -158,9 +163,11 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
                                          ("TRẦN", "MR OTHER", "CT CHEST W CONTRAST")):
                 page.locator("input").first.fill(typed)
                 deadline = time.monotonic() + 15
-                while hidden in _study_rows(page) and time.monotonic() < deadline:
-                    time.sleep(0.2)
                 text = _study_rows(page)
+                # (the list empties while the new search runs: wait for the answer)
+                while (hidden in text or shown not in text) and time.monotonic() < deadline:
+                    page.wait_for_timeout(200)
+                    text = _study_rows(page)
                 assert shown in text and hidden not in text, (typed, text[:400])
 
             # A compressed series (JPEG 2000 lossless, 10 frames): OHIF asks for frames
