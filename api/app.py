@@ -27,6 +27,7 @@ from api.routes import (
     fhir_lab,
     fhir_orders,
     lab_review,
+    ohif,
     tiles,
     viewer,
 )
@@ -51,6 +52,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tiles.dzi_router,
     viewer.router,
     analyzers.router,
+    ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
 )
 
 

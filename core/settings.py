@@ -43,6 +43,7 @@ __all__ = [
     "LabProfileSettings",
     "LabSettings",
     "LogSettings",
+    "OhifSettings",
     "OrdersSettings",
     "ProcessingSettings",
     "RetentionRule",
@@ -572,6 +573,10 @@ class AuthSettings(BaseModel):
             # Deep links an EMR opens (the same page; the token is in the #fragment).
             "/viewer/studies/",
             "/static/",
+            # OHIF Viewer (issue 20): its page, bundles and codecs hold no patient data;
+            # what it fetches from /dicomweb needs the token.
+            "/ohif",
+            "/ohif/",
             # FHIR R4 3.1.0.4 / SMART App Launch: clients read the CapabilityStatement
             # before they have a token (it holds no patient data).
             "/fhir/metadata",
@@ -749,6 +754,39 @@ class AnalyzerSettings(BaseModel):
         return self
 
 
+#: Where ``./run`` installs OHIF's built viewer (npm ``@ohif/app``, pinned there): the
+#: project's ``.ohif/dist``, outside git. Relative to the sources, not the working
+#: directory, so ``pacslab serve`` finds it from anywhere.
+_OHIF_DEFAULT_DIST = Path(__file__).resolve().parent.parent / ".ohif" / "dist"
+
+
+class OhifSettings(BaseModel):
+    """OHIF Viewer v3 served under ``/ohif`` (issue 20).
+
+    ``dist_dir`` is the package's ready-built ``dist/`` (``index.html``, bundles,
+    WebAssembly codecs). ``oidc_authority``/``oidc_client_id``: when both are set,
+    OHIF signs the user in at that OpenID Connect provider (code flow + PKCE) and
+    sends its access token; otherwise it uses the token given as ``#token=``, kept per
+    tab like the built-in viewer's.
+    """
+
+    enabled: bool = True
+    dist_dir: Path = _OHIF_DEFAULT_DIST
+    oidc_authority: str = ""
+    oidc_client_id: str = ""
+    #: Scopes OHIF asks the identity provider for (space separated).
+    oidc_scope: str = "openid imaging.read"
+
+    @model_validator(mode="after")
+    def _check_oidc(self) -> OhifSettings:
+        if bool(self.oidc_authority) != bool(self.oidc_client_id):
+            raise ValueError("set both ohif.oidc_authority and ohif.oidc_client_id, or neither")
+        if self.oidc_authority and not self.oidc_authority.startswith(
+                ("https://", "http://127.", "http://localhost")):
+            raise ValueError("ohif.oidc_authority must be https (or loopback http for tests)")
+        return self
+
+
 class Settings(BaseSettings):
     """All of pacslab's configuration; see the module docstring for sources."""
 
@@ -776,6 +814,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     signing: SigningSettings = SigningSettings()
     retention: RetentionSettings = RetentionSettings()
+    ohif: OhifSettings = OhifSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -123,6 +123,10 @@ def sync_wal(path: str) -> None:
         os.close(fd)
 
 
+def _unicode_lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
 def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -> Engine:
     engine = create_engine(
         url,
@@ -144,6 +148,11 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
         cur.execute("PRAGMA case_sensitive_like=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
+        # SQLite's built-in lower() folds ASCII only, so a PN search lowered in Python
+        # ("nguyễn") never met the stored "NGUYỄN" lowered in SQL ("nguyỄn"): OHIF's
+        # study list found no Vietnamese name (issue 20). Replace it with Python's
+        # Unicode lower(), as PostgreSQL's lower() already is.
+        dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:

@@ -167,6 +167,11 @@
         buttons.push({ series: s, stack: st, button: b });
       }
     }
+    // The diagnostic viewer (OHIF, issue 20) for the same study, in this tab: it reads
+    // the token this page keeps (sessionStorage "pacslab.token", same origin, same tab).
+    const ohif = text("a", "Open in OHIF (diagnostic viewer)", "ohif");
+    ohif.href = `/ohif/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}`;
+    box.append(ohif);
     $("status").textContent = series.length ? "Choose a series" : "No series in this study";
     return buttons;
   }
