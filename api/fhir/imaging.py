@@ -31,6 +31,7 @@ __all__ = [
     "issuer_for_system",
     "patient",
     "patient_system",
+    "viewer_endpoint",
 ]
 
 #: Identifier.system for DICOM UIDs (FHIR R4 ImagingStudy.identifier, value ``urn:oid:``).
@@ -43,6 +44,8 @@ _V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 _ISSUER_PREFIX = "urn:pacslab:issuer:"
 _OID = re.compile(r"[0-2](\.(0|[1-9]\d*))+")
 ENDPOINT_ID = "dicomweb"
+#: The contained Endpoint of an ImagingStudy that opens it in the diagnostic viewer.
+VIEWER_ENDPOINT_ID = "ohif"
 
 
 def patient_system(issuer: str) -> str | None:
@@ -159,12 +162,35 @@ def _modality(code: str) -> dict[str, str]:
     return {"system": DCM_SYSTEM, "code": code}
 
 
+def viewer_endpoint(url: str) -> dict[str, Any]:
+    """A contained Endpoint that opens the study in the diagnostic viewer (OHIF): IHE
+    Invoke Image Display (``ihe-iid``, endpoint-connection-type), an HTML page."""
+    return {
+        "resourceType": "Endpoint",
+        "id": VIEWER_ENDPOINT_ID,
+        "status": "active",
+        "connectionType": {
+            "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+            "code": "ihe-iid",
+        },
+        "name": "pacslab diagnostic viewer (OHIF) for this study",
+        "payloadType": [{"text": "DICOM"}],
+        "payloadMimeType": ["text/html"],
+        "address": url,
+    }
+
+
 def imaging_study(
     study: Mapping[str, Any],
     series_rows: Sequence[Mapping[str, Any]],
     instance_rows: Sequence[Mapping[str, Any]],
+    *,
+    viewer_url: str | None = None,
 ) -> dict[str, Any]:
     """An ImagingStudy from a study row and its series and instance rows.
+
+    ``viewer_url``: the page that opens this study in the diagnostic viewer; it becomes
+    a second, contained Endpoint (R4 ImagingStudy.endpoint), beside the DICOMweb one.
 
     ``started`` is the Study Date only: the index keeps no Timezone Offset From UTC,
     and a FHIR dateTime with a time must carry a zone (FHIR R4 datatypes dateTime).
@@ -196,6 +222,9 @@ def imaging_study(
     if started:
         res["started"] = started
     res["endpoint"] = [{"reference": f"Endpoint/{ENDPOINT_ID}"}]
+    if viewer_url:
+        res["contained"] = [viewer_endpoint(viewer_url)]
+        res["endpoint"].append({"reference": f"#{VIEWER_ENDPOINT_ID}"})
     res["numberOfSeries"] = int(study.get("NumberOfStudyRelatedSeries") or len(series_rows))
     res["numberOfInstances"] = int(study.get("NumberOfStudyRelatedInstances") or len(instance_rows))
     if study.get("StudyDescription"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -50,6 +51,7 @@ from api.fhir.imaging import (
 )
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
+from api.routes.ohif import deep_link as ohif_deep_link
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
@@ -230,13 +232,24 @@ def _study_query(index: SqlIndex, request: Request, search: Search) -> Query | N
     )
 
 
-def _studies(index: SqlIndex, study_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _viewer_url(request: Request) -> Callable[[str], str] | None:
+    """The diagnostic viewer's page for a study (OHIF deep link), when /ohif is on."""
+    if not request.app.state.settings.ohif.enabled:
+        return None
+    root = base_url(request, "")
+    return lambda uid: root + ohif_deep_link(uid)
+
+
+def _studies(
+    index: SqlIndex, study_rows: list[dict[str, Any]], request: Request
+) -> list[dict[str, Any]]:
     if not study_rows:
         return []
     uids = "\\".join(r["StudyInstanceUID"] for r in study_rows)
     series_rows = index.find(Query(level="series", matches=(Match("StudyInstanceUID", uids),)))
     instance_rows = index.find(Query(level="instance", matches=(Match("StudyInstanceUID", uids),)))
     out = []
+    viewer = _viewer_url(request)
     for st in study_rows:
         uid = st["StudyInstanceUID"]
         out.append(
@@ -244,6 +257,7 @@ def _studies(index: SqlIndex, study_rows: list[dict[str, Any]]) -> list[dict[str
                 st,
                 [s for s in series_rows if s["StudyInstanceUID"] == uid],
                 [i for i in instance_rows if i["StudyInstanceUID"] == uid],
+                viewer_url=viewer(uid) if viewer else None,
             )
         )
     return out
@@ -261,7 +275,7 @@ def search_imaging_study(request: Request, index: IndexDep) -> JSONResponse:
         pks = sorted({r["patient_pk"] for r in rows})
         for pk in pks:
             included += [patient(p) for p in index.find(Query(level="patient", patient_pk=pk))]
-    bundle = search_bundle(request, search, _studies(index, rows), total, included)
+    bundle = search_bundle(request, search, _studies(index, rows, request), total, included)
     return _fhir(bundle)
 
 
@@ -274,7 +288,7 @@ def read_imaging_study(request: Request, index: IndexDep, id: str) -> JSONRespon
     rows = index.find(Query(level="study", matches=(Match("StudyInstanceUID", id),)))
     if not rows:
         raise NotFoundError("no such ImagingStudy")
-    return _fhir(_studies(index, rows)[0])
+    return _fhir(_studies(index, rows, request)[0])
 
 
 # -- Patient --------------------------------------------------------------------------

@@ -431,3 +431,35 @@ def test_deep_link_and_index_rewrite_pure() -> None:
     assert deep_link("1.2&x=<3>") == "/ohif/viewer?StudyInstanceUIDs=1.2%26x%3D%3C3%3E"
     html = '<img src="//cdn/x"><a href="/a">'
     assert rewrite_index(html) == '<img src="//cdn/x"><a href="/ohif/a">'
+
+
+def test_imaging_study_links_to_the_ohif_deep_link(client: TestClient, tmp_path: Path) -> None:
+    """FHIR ImagingStudy.endpoint: besides the DICOMweb Endpoint, a contained IHE IID
+    Endpoint whose address opens that study in OHIF; the link is served (issue 20)."""
+    from api.keys import issue_token
+    from tests.api._support import store_ct
+
+    app = client.app
+    studies = [store_ct(app, tmp_path / "ct1").study, store_ct(app, tmp_path / "ct2").study]
+    settings = app.state.settings  # type: ignore[attr-defined]
+    token = issue_token(settings.auth, subject="emr", scopes=["imaging.read"])
+    auth = {"Authorization": f"Bearer {token}"}
+    bundle = client.get("/fhir/ImagingStudy", headers=auth).json()
+    by_uid = {e["resource"]["id"]: e["resource"] for e in bundle["entry"]}
+    assert set(studies) <= by_uid.keys()
+    for uid in studies:
+        study = by_uid[uid]
+        (viewer,) = study["contained"]
+        assert {"reference": "#ohif"} in study["endpoint"]
+        assert {"reference": "Endpoint/dicomweb"} in study["endpoint"]
+        assert viewer["connectionType"]["code"] == "ihe-iid"
+        url = urlsplit(viewer["address"])
+        assert f"{url.path}?{url.query}" == deep_link(uid)  # this study, not another
+        assert parse_qs(url.query) == {"StudyInstanceUIDs": [uid]}
+        page = client.get(f"{url.path}?{url.query}")
+        assert page.status_code == 200 and 'src="/ohif/app-config.js"' in page.text
+    off = settings.model_copy(update={"ohif": OhifSettings(enabled=False)})
+    with running_app(off) as app_off:
+        store_ct(app_off, tmp_path / "ct3")
+        other = TestClient(app_off).get("/fhir/ImagingStudy", headers=auth).json()
+        assert all("contained" not in e["resource"] for e in other["entry"])
