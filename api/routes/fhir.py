@@ -50,6 +50,7 @@ from api.fhir.imaging import (
 )
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
+from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
@@ -82,7 +83,7 @@ def metadata(request: Request, settings: SettingsDep) -> JSONResponse:
     check_accept(request)
     return _fhir(
         capability_statement(
-            fhir_base(request), RESOURCES, software_version="0.1.0", auth=settings.auth
+            fhir_base(request), RESOURCES, software_version=__version__, auth=settings.auth
         )
     )
 
