@@ -16,7 +16,7 @@ from conftest_pg import pg_server, pg_url  # noqa: F401
 from conftest_s3 import s3_bucket, s3_endpoint  # noqa: F401
 
 from core.settings import Settings
-from tests.support import Receiver, preserved_runtime
+from tests.support import Receiver, preserved_runtime, wait_until
 
 
 @pytest.fixture
@@ -52,11 +52,7 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
             daemon=True,
         )
         thread.start()
-        for _ in range(100):
-            if "service" in started:
-                break
-            threading.Event().wait(0.05)
-        assert "service" in started, "receiver did not start"
+        wait_until(lambda: "service" in started, timeout=5, message="receiver did not start")
         index = build_index(settings, migrate=False)
         yield Receiver(settings, port, index, started["service"])
         stop.set()

@@ -14,13 +14,17 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from core.settings import Settings
+
+_T = TypeVar("_T")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -145,3 +149,21 @@ def configured_runtime(receiver_staging: Path | None = None) -> Iterator[None]:
     with preserved_runtime():
         configure_runtime(receiver_staging=receiver_staging)
         yield
+
+
+def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: float = 0.05,
+               message: str | Callable[[], str] = "condition not reached in time") -> _T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    A liveness bound for something converging in another thread or process, not a
+    timing assertion: ``timeout`` only limits how long a failing test hangs. After it,
+    AssertionError with ``message`` (a callable is called then, to say what is left).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)
