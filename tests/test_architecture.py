@@ -64,6 +64,17 @@ def _copy_sources(to: Path) -> None:
     shutil.copy(CONFIG, to / ".importlinter")
 
 
+def test_a_type_checking_import_from_above_is_allowed(tmp_path: Path) -> None:
+    # STYLE.md §1: a type from a layer above comes in under TYPE_CHECKING.
+    _copy_sources(tmp_path)
+    (tmp_path / "storage" / "_typed.py").write_text(
+        "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+        "    from services.analyzers import AnalyzerService\n"
+    )
+    done = lint_imports(tmp_path)
+    assert done.returncode == 0, done.stdout
+
+
 @pytest.mark.parametrize(
     ("module", "source", "broken"),
     [
