@@ -33,6 +33,7 @@ from api.routes import (
 )
 from api.routes.analyzers import render_link_metrics
 from api.security import install_security
+from core import __version__
 from core.settings import Settings
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
@@ -85,7 +86,7 @@ def create_app(
 
     app = FastAPI(
         title="pacslab",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         docs_url=None,  # install_docs: Swagger UI from local files, not a CDN
         redoc_url=None,

@@ -178,7 +178,6 @@ class DicomSettings(BaseModel):
 class HttpSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1)
     #: Who may show /viewer in a frame: CSP ``frame-ancestors`` sources (CSP Level 3
     #: §7.7.3). ``'self'`` by default; add the EMR's origin (``https://emr.example``) to
     #: let it embed the viewer, or ``'none'`` to forbid framing.
@@ -270,9 +269,6 @@ class ProcessingSettings(BaseModel):
         if value == "embedded":
             raise ValueError("'embedded' is the worker of pacslab serve; choose another name")
         return value
-
-    #: Transcode stored originals to HTJ2K lossless (issue #3 archive option).
-    archive_htj2k: bool = False
 
 
 class IngestSettings(BaseModel):
@@ -895,9 +891,6 @@ class Settings(BaseSettings):
     @property
     def orders_inbox(self) -> Path:
         return self.data_dir / "inbox" / "orders"
-
-    def section(self, name: str) -> Any:
-        return getattr(self, name)
 
 
 # -- Unknown names (issue 13 item 12) ---------------------------------------------

@@ -1,3 +1,5 @@
 """pacslab composition root: the command line and the wiring of every service."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from core import __version__
 from core.logging import configure
 from core.settings import Settings
 
@@ -384,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "environment variables (nested with __, e.g. PACSLAB_DICOM__PORT) or a TOML/YAML "
         "file named by PACSLAB_CONFIG.",
     )
-    parser.add_argument("--version", action="version", version="pacslab 0.1.0")
+    parser.add_argument("--version", action="version", version=f"pacslab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run every service on embedded defaults (DICOM 11112, HTTP 8000)")
     sub.add_parser("dicom", help="run only the DICOM receiver")

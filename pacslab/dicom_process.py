@@ -26,6 +26,7 @@ from pynetdicom.presentation import PresentationContext
 from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
+from pacslab.runtime import configure_runtime
 from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
 from storage.index.sql import SqlIndex
 from storage.originals import clear_staging
@@ -60,6 +61,9 @@ def run_receiver(
     service = build_ingest(
         settings, index, staging_name=receiver_staging_name(listener.getsockname()[1])
     )
+    # pynetdicom's and pydicom's globals and the temp directory, once for this
+    # process (the receiver and the worklist SCP it also serves no longer set them).
+    configure_runtime(receiver_staging=service.archive.staging_dir())
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
     # Queries and procedure steps served by pynetdicom are logged too (issue 7 §2).
     from ingest.dicom.audit import dimse_audit_handlers

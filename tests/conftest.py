@@ -16,7 +16,7 @@ from conftest_pg import pg_server, pg_url  # noqa: F401
 from conftest_s3 import s3_bucket, s3_endpoint  # noqa: F401
 
 from core.settings import Settings
-from tests.support import Receiver
+from tests.support import Receiver, preserved_runtime, wait_until
 
 
 @pytest.fixture
@@ -39,28 +39,26 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
     from pacslab.wiring import build_index
 
     build_index(settings, migrate=True).close()
-    listener = bind_listener("127.0.0.1", 0)
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-    started: dict[str, object] = {}
-    thread = threading.Thread(
-        target=run_receiver,
-        args=(listener, settings, stop),
-        kwargs={"started": started},
-        daemon=True,
-    )
-    thread.start()
-    for _ in range(100):
-        if "service" in started:
-            break
-        threading.Event().wait(0.05)
-    assert "service" in started, "receiver did not start"
-    index = build_index(settings, migrate=False)
-    yield Receiver(settings, port, index, started["service"])
-    stop.set()
-    thread.join(timeout=10)
-    listener.close()
-    index.close()  # type: ignore[attr-defined]
+    # run_receiver sets process-wide globals (pacslab.runtime); undo them afterwards.
+    with preserved_runtime():
+        listener = bind_listener("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        stop = threading.Event()
+        started: dict[str, object] = {}
+        thread = threading.Thread(
+            target=run_receiver,
+            args=(listener, settings, stop),
+            kwargs={"started": started},
+            daemon=True,
+        )
+        thread.start()
+        wait_until(lambda: "service" in started, timeout=5, message="receiver did not start")
+        index = build_index(settings, migrate=False)
+        yield Receiver(settings, port, index, started["service"])
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+        index.close()  # type: ignore[attr-defined]
 
 
 # -- API (tests/api; helpers in tests/api/_support.py) -------------------------------

@@ -6,19 +6,25 @@ Imported as ``tests.support`` (the repository root is on ``sys.path``): a plain
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable, Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from core.settings import Settings
+
+_T = TypeVar("_T")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -107,3 +113,57 @@ class Receiver:
     port: int
     index: object
     service: object
+
+
+#: The process-wide globals :func:`pacslab.runtime.configure_runtime` sets.
+_PYNETDICOM_GLOBALS = ("LOG_REQUEST_IDENTIFIERS", "LOG_RESPONSE_IDENTIFIERS", "PASS_CONTEXTVARS",
+                       "STORE_RECV_CHUNKED_DATASET", "LOG_HANDLER_LEVEL")
+
+
+@contextlib.contextmanager
+def preserved_runtime() -> Iterator[None]:
+    """Put pynetdicom's, pydicom's and tempfile's process-wide globals back on exit, so
+    a receiver or SCP started by one test (its entry point runs
+    ``pacslab.runtime.configure_runtime``) leaves nothing behind for the next."""
+    from pydicom import config as pydicom_config
+    from pynetdicom import _config
+
+    saved = {name: getattr(_config, name) for name in _PYNETDICOM_GLOBALS}
+    validation = pydicom_config.settings.reading_validation_mode
+    tempdir = tempfile.tempdir
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_config, name, value)
+        pydicom_config.settings.reading_validation_mode = validation
+        tempfile.tempdir = tempdir
+
+
+@contextlib.contextmanager
+def configured_runtime(receiver_staging: Path | None = None) -> Iterator[None]:
+    """``pacslab.runtime.configure_runtime`` as a process entry point runs it, undone on
+    exit (:func:`preserved_runtime`)."""
+    from pacslab.runtime import configure_runtime
+
+    with preserved_runtime():
+        configure_runtime(receiver_staging=receiver_staging)
+        yield
+
+
+def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: float = 0.05,
+               message: str | Callable[[], str] = "condition not reached in time") -> _T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    A liveness bound for something converging in another thread or process, not a
+    timing assertion: ``timeout`` only limits how long a failing test hangs. After it,
+    AssertionError with ``message`` (a callable is called then, to say what is left).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)

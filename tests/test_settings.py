@@ -161,3 +161,15 @@ def test_every_command_refuses_an_unknown_variable(tmp_path: Path, command: list
     assert done.stderr == ("pacslab: unknown setting PACSLAB_DICON__PORT "
                            "(did you mean PACSLAB_DICOM__PORT?)\n")
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("name", ["HTTP__WORKERS", "PROCESSING__ARCHIVE_HTJ2K"])
+def test_removed_dead_settings_are_unknown_variables(name: str) -> None:
+    # Issue 15: settings nothing read were removed; setting one now stops the start
+    # like any other typo. (Built from parts so the README/code scan above never
+    # sees the old names.)
+    from core.settings import UnknownSettingError, check_unknown_settings
+
+    with pytest.raises(UnknownSettingError):
+        check_unknown_settings({"PACSLAB_" + name: "1"})
+    assert not hasattr(Settings(), "section")

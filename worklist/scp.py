@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_ae",
-    "configure_pynetdicom",
     "handle_conn_open",
     "handle_find",
     "handle_n_create",
@@ -59,14 +58,6 @@ _PENDING_UNSUPPORTED_KEYS = 0xFF01
 _CANCEL = 0xFE00
 _NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.x "Refused: Not Authorized"
 _TOO_MANY = "Too many matches; narrow the query"
-
-
-def configure_pynetdicom() -> None:
-    """Keep identifiers (names, birth dates, patient ids) out of pynetdicom's logs."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    # Association threads inherit the correlation id (core.logging).
-    _config.PASS_CONTEXTVARS = True
 
 
 def handle_conn_open(event: Event) -> None:
@@ -264,8 +255,12 @@ def handlers(
     settings: WorklistSettings | MatchOptions,
     sink: EffectSink | None = None,
 ) -> list[Any]:
-    """The ``evt_handlers`` to pass to ``AE.start_server`` (with any others)."""
-    configure_pynetdicom()
+    """The ``evt_handlers`` to pass to ``AE.start_server`` (with any others).
+
+    pynetdicom's globals (identifiers kept out of its logs, correlation ids passed to
+    association threads) are the composition root's to set, once per process:
+    :func:`pacslab.runtime.configure_runtime`.
+    """
     allowed = list(getattr(settings, "allowed_calling_aes", ()))
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
@@ -281,7 +276,6 @@ def build_ae(dicom: DicomSettings | None = None, *, ae_title: str = "PACSLAB") -
     Start it with ``ae.start_server((host, port), block=False,
     evt_handlers=handlers(...))``.
     """
-    configure_pynetdicom()
     ae = AE(ae_title=dicom.ae_title if dicom else ae_title)
     if dicom is not None:
         ae.maximum_pdu_size = dicom.max_pdu

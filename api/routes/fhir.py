@@ -52,6 +52,7 @@ from api.fhir.imaging import (
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
+from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
@@ -84,7 +85,7 @@ def metadata(request: Request, settings: SettingsDep) -> JSONResponse:
     check_accept(request)
     return _fhir(
         capability_statement(
-            fhir_base(request), RESOURCES, software_version="0.1.0", auth=settings.auth
+            fhir_base(request), RESOURCES, software_version=__version__, auth=settings.auth
         )
     )
 

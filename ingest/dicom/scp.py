@@ -17,15 +17,13 @@ import select
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pydicom import config as pydicom_config
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
@@ -149,7 +147,6 @@ class DicomReceiver:
             admission=Admission(settings.max_associations, settings.per_ae_limit),
         )
         self.ssl_context = _ssl_context(settings)
-        self._configure_pynetdicom()
         self.ae = self._build_ae(contexts, extra_contexts)
         handlers = [
             (evt.EVT_C_STORE, handle_store, [service]),
@@ -168,21 +165,6 @@ class DicomReceiver:
         self._threads: list[threading.Thread] = []
         self._connections = 0  # being served by this process
         self._count_lock = threading.Lock()
-
-    def _configure_pynetdicom(self) -> None:
-        # Set once per process from Settings (STYLE.md §4); these are pynetdicom globals.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        _config.LOG_HANDLER_LEVEL = "none"
-        _config.PASS_CONTEXTVARS = True
-        # We accept data sets as received: value validation on read only produces
-        # warnings (pydicom's default WARN mode) and its regexes cost more than the
-        # rest of header parsing. Refusals are decided by core.instance.record_from().
-        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-        # pynetdicom's chunked receive writes to tempfile's directory: keep it on the
-        # same file system as the originals.
-        tempfile.tempdir = str(self.service.archive.staging_dir())
 
     def _build_ae(
         self, contexts: Sequence[PresentationContext], extra: Sequence[PresentationContext]

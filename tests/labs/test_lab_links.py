@@ -39,7 +39,7 @@ from tests.labs._sim_analyzer import (
     receive_session,
     send_session,
 )
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 CAPTURES = Path(__file__).resolve().parents[1] / "data" / "lab" / "astm"
 ASTM_CAPTURES = (
@@ -55,14 +55,6 @@ K_MESSAGE = [
     b"R|1|^^^K|7,85|mmol/L|3,5-5,1|H||F\r",
     b"L|1|N\r",
 ]
-
-
-def _wait(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 @dataclass
@@ -141,7 +133,7 @@ def test_astm_package_as_analyzer_sends_results(rig: LinkRig, astm_peer: Any) ->
 
     Client(emitter, "127.0.0.1", rig.port(), timeout=5, flow_map=None)
     astm_peer.loop(0.05, count=100)
-    _wait(lambda: len(rig.results()) == 2)
+    wait_until(lambda: len(rig.results()) == 2, timeout=5)
     by_code = {r.test_code: r for r in rig.results()}
     assert (by_code["K"].value, by_code["K"].loinc, by_code["K"].is_critical) == (
         7.85,
@@ -181,7 +173,7 @@ def test_astm_package_as_server_receives_an_order_download(
         order = got[2]
         assert order[2] == "S-DL-1"
         assert order[4] == [None, None, None, "K"]
-        _wait(lambda: rig.status.messages_sent == 1)
+        wait_until(lambda: rig.status.messages_sent == 1, timeout=5)
     finally:
         rigs.close()
         server.close()
@@ -202,7 +194,7 @@ def test_real_captures_replayed_over_tcp(rig: LinkRig) -> None:
             pipe.close()
         assert set(transcript.replies) == {ACK}
         assert transcript.acked_messages == len(messages_of(raw))
-    _wait(lambda: len(rig.results()) == expected)
+    wait_until(lambda: len(rig.results()) == expected, timeout=5)
     assert rig.status.errors == 0
 
 
@@ -214,7 +206,7 @@ def test_nak_on_bad_checksum_then_resent_frame_stored_once(rig: LinkRig) -> None
         pipe.close()
     assert transcript.replies.count(NAK) == 2
     assert transcript.acked_messages == 1
-    _wait(lambda: len(rig.results()) == 1)
+    wait_until(lambda: len(rig.results()) == 1, timeout=5)
     assert rig.results()[0].value == 7.85
 
 
@@ -224,12 +216,12 @@ def test_receiver_timeout_discards_partial_message_then_link_recovers(rig: LinkR
         pipe.write(b"\x05")
         assert pipe.read_byte(2) == ACK
         pipe.write(b"\x021H|\\^&\r\x03")  # a frame cut off before its checksum
-        _wait(lambda: "receiver timeout" in rig.status.last_error, timeout=5)
+        wait_until(lambda: "receiver timeout" in rig.status.last_error, timeout=5)
         transcript = send_session(pipe, [K_MESSAGE], reply_s=2)
     finally:
         pipe.close()
     assert transcript.acked_messages == 1
-    _wait(lambda: len(rig.results()) == 1)
+    wait_until(lambda: len(rig.results()) == 1, timeout=5)
 
 
 def test_storage_failure_is_nak_and_the_repeat_is_stored_once(
@@ -264,7 +256,7 @@ def test_unparseable_message_is_kept_and_acknowledged(rig: LinkRig) -> None:
         pipe.close()
     assert transcript.acked_messages == 1
     rejected = rig.settings.data_dir / "links" / "xn" / "rejected"
-    _wait(lambda: len(list(rejected.glob("*.error.json"))) == 1)
+    wait_until(lambda: len(list(rejected.glob("*.error.json"))) == 1, timeout=5)
     assert rig.status.rejected == 1
 
 
@@ -283,7 +275,8 @@ def test_pacslab_as_client_of_an_analyzer_that_listens(settings: Settings) -> No
             assert transcript.acked_messages == len(messages_of(raw))
         finally:
             pipe.close()
-        _wait(lambda: len(rig.results()) == len(astm_parser.parse(raw).observations))
+        expected_results = len(astm_parser.parse(raw).observations)
+        wait_until(lambda: len(rig.results()) == expected_results, timeout=5)
         # The analyzer went away: pacslab reconnects on its own.
         conn2, _ = server.accept()
         conn2.close()
@@ -383,7 +376,7 @@ def test_lis_gives_up_after_six_retransmissions(rig: LinkRig) -> None:
     finally:
         pipe.close()
     assert frames == 7  # the first transmission and six retransmissions (§6.5.1.2)
-    _wait(lambda: "refused" in rig.status.last_error)
+    wait_until(lambda: "refused" in rig.status.last_error, timeout=5)
 
 
 # -- serial, over a socat pseudo-terminal pair ------------------------------------------------
@@ -401,7 +394,7 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait(lambda: a.exists() and b.exists())
+        wait_until(lambda: a.exists() and b.exists(), timeout=5)
         yield a, b
     finally:
         proc.terminate()
@@ -416,18 +409,18 @@ def test_real_capture_over_serial_pty(settings: Settings, pty_pair: tuple[Path, 
     tty.setraw(fd)
     pipe = Pipe(fd=fd)
     try:
-        _wait(lambda: rig.status.connected)
+        wait_until(lambda: rig.status.connected, timeout=5)
         # Timeout path first: a frame cut off, then silence past the 0.6 s frame timer.
         pipe.write(b"\x05")
         assert pipe.read_byte(2) == ACK
         pipe.write(b"\x021H|\\^&\r")
-        _wait(lambda: "receiver timeout" in rig.status.last_error)
+        wait_until(lambda: "receiver timeout" in rig.status.last_error, timeout=5)
         raw = (CAPTURES / ASTM_CAPTURES[2]).read_bytes()
         transcript = send_session(pipe, messages_of(raw), reply_s=2, corrupt={3})
         assert transcript.acked_messages == len(messages_of(raw))
         assert transcript.replies.count(NAK) == 1
         expected = len(astm_parser.parse(raw).observations)
-        _wait(lambda: len(rig.results()) == expected)
+        wait_until(lambda: len(rig.results()) == expected, timeout=5)
     finally:
         pipe.close()
         rigs.close()
@@ -445,7 +438,7 @@ def test_api_and_metrics_show_the_link_state(rig: LinkRig) -> None:
         pipe = rig.connect()
         try:
             send_session(pipe, [K_MESSAGE], reply_s=2)
-            _wait(lambda: rig.status.results_stored == 1)
+            wait_until(lambda: rig.status.results_stored == 1, timeout=5)
             one = client.get("/admin/analyzers/xn").json()
             assert one["status"]["connected"] is True
             assert one["status"]["last_message_at"] is not None
@@ -468,7 +461,7 @@ def test_api_and_metrics_show_the_link_state(rig: LinkRig) -> None:
 def test_a_new_connection_takes_over_from_a_silent_one(rig: LinkRig) -> None:
     silent = rig.connect()
     try:
-        _wait(lambda: rig.status.connected)
+        wait_until(lambda: rig.status.connected, timeout=5)
         pipe = rig.connect()
         try:
             assert send_session(pipe, [K_MESSAGE], reply_s=2).acked_messages == 1
@@ -478,7 +471,7 @@ def test_a_new_connection_takes_over_from_a_silent_one(rig: LinkRig) -> None:
             silent.read_byte(2)  # the old connection was closed
     finally:
         silent.close()
-    _wait(lambda: len(rig.results()) == 1)
+    wait_until(lambda: len(rig.results()) == 1, timeout=5)
 
 
 def test_idle_connection_is_closed(settings: Settings) -> None:
@@ -506,7 +499,7 @@ def test_source_not_allowed_is_refused(settings: Settings) -> None:
                 pipe.read_byte(5)
         finally:
             pipe.close()
-        _wait(lambda: "not allowed" in rig.status.last_error)
+        wait_until(lambda: "not allowed" in rig.status.last_error, timeout=5)
         with pytest.raises(ValueError, match="not an IP"):
             AnalyzerSettings(name="x", allowed_sources=["nope"])
     finally:
@@ -519,13 +512,13 @@ def test_link_results_are_in_the_action_log(rig: LinkRig) -> None:
         send_session(pipe, [K_MESSAGE], reply_s=2)
     finally:
         pipe.close()
-    _wait(lambda: len(rig.results()) == 1)
+    wait_until(lambda: len(rig.results()) == 1, timeout=5)
     rig.shells[0].stop()  # stops the link; the audit queue is written at release
     from storage.audit import AuditLog
 
     log = AuditLog(rig.store.index.engine, rig.settings.audit, url=rig.store.index.url)
     try:
-        _wait(lambda: any(e.event_type == "lab.link" for e in log.entries()))
+        wait_until(lambda: any(e.event_type == "lab.link" for e in log.entries()), timeout=5)
         (entry,) = [e for e in log.entries() if e.event_type == "lab.link"]
         assert (entry.agent, entry.source, entry.outcome) == ("xn", "link/xn", "0")
         assert entry.patient_key  # keyed, never the patient ID itself
@@ -559,7 +552,7 @@ def test_vietnamese_names_in_and_out_in_the_analyzer_character_set(
             texts = receive_session(pipe, wait_s=5)
         finally:
             pipe.close()
-        _wait(lambda: len(rig.results()) == 1)
+        wait_until(lambda: len(rig.results()) == 1, timeout=5)
         assert rig.results()[0].patient_name == "Đỗ^Thị Hương"
         patient = decode_text(texts[1], encoding).split("|")[5]
         # VN3 writes upper-case toned letters with the lower-case code (its fonts

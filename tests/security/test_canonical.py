@@ -34,7 +34,7 @@ def test_refused(bad: str) -> None:
 
 
 def test_flat_string_objects_take_the_same_bytes_as_the_general_path() -> None:
-    from core.canonical import _emit
+    import rfc8785  # the general RFC 8785 writer behind canonicalize()
 
     values = [
         {"b": "Nguyễn Văn An", "a": "\u000f\n\t\"\\/\u007f\u2028", "c": ""},
@@ -42,8 +42,45 @@ def test_flat_string_objects_take_the_same_bytes_as_the_general_path() -> None:
         {"\r": "control key", "z": "\U0001f600"},  # a non-ASCII-safe key order case
     ]
     for value in values:
-        out: list[str] = []
-        _emit(value, out)  # the element-by-element RFC 8785 writer
-        assert canonicalize(value) == "".join(out).encode("utf-8")
+        out = rfc8785.dumps(value)  # the element-by-element RFC 8785 writer
+        assert canonicalize(value) == out
     with pytest.raises(ValueError):
         canonicalize({"a": "\ud800"})  # lone surrogate
+
+
+# RFC 8785 Appendix B: IEEE 754 doubles and their canonical text. They were the
+# cross-check of our own number writer; they now check the rfc8785 package's.
+_APPENDIX_B = [
+    ("0000000000000000", "0"),
+    ("8000000000000000", "0"),
+    ("0000000000000001", "5e-324"),
+    ("8000000000000001", "-5e-324"),
+    ("7fefffffffffffff", "1.7976931348623157e+308"),
+    ("ffefffffffffffff", "-1.7976931348623157e+308"),
+    ("4340000000000000", "9007199254740992"),
+    ("c340000000000000", "-9007199254740992"),
+    ("4430000000000000", "295147905179352830000"),
+    ("44b52d02c7e14af5", "9.999999999999997e+22"),
+    ("44b52d02c7e14af6", "1e+23"),
+    ("44b52d02c7e14af7", "1.0000000000000001e+23"),
+    ("444b1ae4d6e2ef4e", "999999999999999700000"),
+    ("444b1ae4d6e2ef4f", "999999999999999900000"),
+    ("444b1ae4d6e2ef50", "1e+21"),
+    ("3eb0c6f7a0b5ed8c", "9.999999999999997e-7"),
+    ("3eb0c6f7a0b5ed8d", "0.000001"),
+    ("41b3de4355555553", "333333333.3333332"),
+    ("41b3de4355555554", "333333333.33333325"),
+    ("41b3de4355555555", "333333333.3333333"),
+    ("41b3de4355555556", "333333333.3333334"),
+    ("41b3de4355555557", "333333333.33333343"),
+    ("becbf647612f3696", "-0.0000033333333333333333"),
+    ("43143ff3c1cb0959", "1424953923781206.2"),
+]
+
+
+@pytest.mark.parametrize(("bits", "text"), _APPENDIX_B)
+def test_rfc8785_appendix_b_numbers(bits: str, text: str) -> None:
+    import struct
+
+    (value,) = struct.unpack(">d", bytes.fromhex(bits))
+    assert canonicalize([value]) == f"[{text}]".encode()

@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
-from tests.support import free_port
+from tests.support import configured_runtime, free_port
 from worklist.memory import InMemoryWorklist
 from worklist.model import WorklistItem, iter_entries, to_dataset
 from worklist.query import MatchOptions
@@ -120,19 +120,21 @@ def pacslab_server(
     from worklist.memory import InMemoryMppsRepository
 
     source = InMemoryWorklist(items)
-    ae = build_ae(ae_title=ae_title)
-    server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=handlers(
-            source, InMemoryMppsRepository(), options or MatchOptions(), source.apply_effects
-        ),
-    )
-    assert server is not None
-    try:
-        yield int(server.server_address[1]), source
-    finally:
-        server.shutdown()
+    # As in a receiver process, where pacslab.runtime.configure_runtime sets them.
+    with configured_runtime():
+        ae = build_ae(ae_title=ae_title)
+        server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=handlers(
+                source, InMemoryMppsRepository(), options or MatchOptions(), source.apply_effects
+            ),
+        )
+        assert server is not None
+        try:
+            yield int(server.server_address[1]), source
+        finally:
+            server.shutdown()
 
 
 def scrubbed_env(**values: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from pacslab.background import start_orders
 from pacslab.wiring import build_index
 from storage.audit import AuditStore, load_secret
 from storage.index.orders import SqlOrderStore
-from tests.support import free_port
+from tests.support import free_port, wait_until
 from tests.worklist.test_orders_hl7 import _Client, _new_order
 from worklist.orders.hl7v2 import parse_message, placed_orders, split_batch
 from worklist.orders.mllp import frame
@@ -49,14 +49,12 @@ def _patient(raw: bytes) -> tuple[str, str]:
 
 
 def _wait_filed(inbox: Path, names: list[str]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        filed = {p.name for sub in ("processed", "rejected") if (inbox / sub).is_dir()
-                 for p in (inbox / sub).iterdir()}
-        if set(names) <= filed:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not filed: {set(names) - filed}")
+    def filed() -> set[str]:
+        return {p.name for sub in ("processed", "rejected") if (inbox / sub).is_dir()
+                for p in (inbox / sub).iterdir()}
+
+    wait_until(lambda: set(names) <= filed(), timeout=60,
+               message=lambda: f"not filed: {set(names) - filed()}")
 
 
 @pytest.mark.network

@@ -25,6 +25,7 @@ from core.settings import IndexSettings, OrdersSettings
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
 from storage.orders import OrderService
+from tests.support import wait_until
 from worklist.orders.hl7v2 import build_ack, parse_message, placed_orders, split_batch
 from worklist.orders.intake import Hl7OrderIntake
 from worklist.orders.mllp import START, Deframer, MllpServer, frame
@@ -345,9 +346,7 @@ def test_inbox_thread_picks_up_a_renamed_file(
     try:
         (inbox / "x.hl7.tmp").write_bytes(_new_order(placer="PL7"))
         (inbox / "x.hl7.tmp").rename(inbox / "x.hl7")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (inbox / "processed" / "x.hl7").exists():
-            time.sleep(0.05)
+        wait_until((inbox / "processed" / "x.hl7").exists, timeout=10)
         assert (inbox / "processed" / "x.hl7").exists()
         assert service.store.find(placer="PL7") is not None
     finally:

@@ -427,15 +427,18 @@ def test_started_steps_leave_the_worklist() -> None:
     assert _drain(_event(_all_keys()), source, MatchOptions()) == []
 
 
-def test_handlers_keep_identifiers_out_of_pynetdicom_logs() -> None:
+def test_runtime_keeps_identifiers_out_of_pynetdicom_logs() -> None:
+    # The composition root sets pynetdicom's globals (pacslab.runtime), not handlers().
     from pynetdicom import _config, evt
 
+    from tests.support import configured_runtime
     from worklist.memory import InMemoryMppsRepository
     from worklist.scp import handlers, presentation_contexts
 
-    registered = handlers(InMemoryWorklist(), InMemoryMppsRepository(), MatchOptions())
-    assert _config.LOG_REQUEST_IDENTIFIERS is False
-    assert _config.LOG_RESPONSE_IDENTIFIERS is False
+    with configured_runtime():
+        registered = handlers(InMemoryWorklist(), InMemoryMppsRepository(), MatchOptions())
+        assert _config.LOG_REQUEST_IDENTIFIERS is False
+        assert _config.LOG_RESPONSE_IDENTIFIERS is False
     events = {h[0] for h in registered}
     assert {evt.EVT_C_FIND, evt.EVT_N_CREATE, evt.EVT_N_SET, evt.EVT_CONN_OPEN} <= events
     assert [c.abstract_syntax for c in presentation_contexts()] == [

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from core.errors import OrderMessageError
+from core.hl7v2 import charset_codec, escape
 from core.orders import (
     Code,
     Order,
@@ -82,16 +83,6 @@ _KNOWN = (
     "CTD|EVN|MSA|ERR|SAC|FT1|BLG|ROL"
 )
 _JOINED = re.compile(rf"\s({_KNOWN})\|")
-_CHARSETS = {
-    "UNICODE UTF-8": "utf-8",
-    "UNICODE": "utf-8",
-    "8859/1": "latin-1",
-    "8859/2": "iso8859-2",
-    "8859/5": "iso8859-5",
-    "8859/7": "iso8859-7",
-    "8859/15": "iso8859-15",
-    "ASCII": "ascii",
-}
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O"}
 _PRIORITY = {
     "S": "STAT",
@@ -175,7 +166,9 @@ def _decode(raw: bytes) -> str:
         parts = head.split(sep)
         if len(parts) > 17:
             charset = parts[17].split(b"~")[0].decode("ascii", "replace").strip()
-    codec = _CHARSETS.get(charset.upper()) if charset else None
+    # One table 0211 for every HL7 v2 reader (core.hl7v2); a name it does not know
+    # falls through to the UTF-8, then Latin-1 guess below, as an absent MSH-18 does.
+    codec = charset_codec(charset) if charset else None
     if codec:
         try:
             return raw.decode(codec)
@@ -606,13 +599,5 @@ _TABLE_0357 = {
 
 
 def _escape_text(value: str) -> str:
-    """Escape delimiters in free text (HL7 v2.5.1 2.7.4)."""
-    return (
-        value.replace("\\", "\\E\\")
-        .replace("|", "\\F\\")
-        .replace("^", "\\S\\")
-        .replace("&", "\\T\\")
-        .replace("~", "\\R\\")
-        .replace("\r", " ")
-        .replace("\n", " ")
-    )
+    """Escape delimiters in free text (HL7 v2.5.1 2.7.4), line breaks as spaces."""
+    return escape(value).replace("\r", " ").replace("\n", " ")

@@ -24,7 +24,8 @@ Hostile senders are bounded:
   others are closed on accept and logged with their IP only. Empty lets anyone
   in, with a warning at start.
 
-:func:`frame` and :class:`Deframer` are pure; :class:`MllpServer` is the socket shell.
+:func:`~core.hl7v2.frame` and :class:`~core.hl7v2.Deframer` (pure, shared with the
+analyzer links) live in :mod:`core.hl7v2`; :class:`MllpServer` is the socket shell.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from core.errors import OrderMessageError
+
+# The framing is shared with the analyzer links (ingest/labs/links/mllp.py) through
+# core.hl7v2; it is re-exported here for the callers and tests that import it from here.
+from core.hl7v2 import END, START, Deframer, Oversize, frame
 from core.logging import correlation
 
 if TYPE_CHECKING:
@@ -49,118 +53,7 @@ __all__ = ["END", "START", "Deframer", "MllpServer", "Oversize", "frame", "parse
 
 logger = logging.getLogger(__name__)
 
-START = b"\x0b"
-END = b"\x1c\x0d"
-#: Bytes of an oversize message kept to answer it (its MSH segment).
-_HEAD = 4096
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def frame(message: bytes) -> bytes:
-    """Wrap one message in MLLP framing."""
-    return START + message + END
-
-
-@dataclass(frozen=True, slots=True)
-class Oversize:
-    """A frame grew past the limit: its first bytes (for the ACK) and its size so far."""
-
-    head: bytes
-    size: int
-
-
-class Deframer:
-    """Collects bytes and yields complete messages (without framing).
-
-    Parameters
-    ----------
-    max_message : int
-        Largest message kept.
-    drain_bytes : int
-        Bytes of an oversize message read and discarded while looking for its end.
-    """
-
-    def __init__(
-        self, max_message: int = 16 * 1024 * 1024, drain_bytes: int = 256 * 1024 * 1024
-    ) -> None:
-        self._buf = bytearray()
-        self.max_message = max_message
-        self.drain_bytes = drain_bytes
-        self._dropping = False
-        self._dropped = 0
-        self._last = b""
-
-    @property
-    def in_message(self) -> bool:
-        """A message has started and has not ended."""
-        return self._dropping or bool(self._buf)
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Add received bytes; yield every message now complete.
-
-        Raises
-        ------
-        ValueError
-            A message grew past ``max_message`` without its end block.
-        """
-        for item in self.events(data):
-            if isinstance(item, Oversize):
-                raise ValueError("MLLP message too large")
-            yield item
-
-    def events(self, data: bytes) -> Iterator[bytes | Oversize]:
-        """Like :meth:`feed`, but an oversize message yields one :class:`Oversize`.
-
-        Its remaining bytes are then discarded up to its end block.
-
-        Raises
-        ------
-        ValueError
-            More than ``drain_bytes`` discarded without finding the end block.
-        """
-        if self._dropping:
-            data = self._drain(data)
-            if self._dropping:
-                return
-        self._buf += data
-        while True:
-            start = self._buf.find(START)
-            if start < 0:
-                self._buf.clear()  # nothing framed: garbage between messages
-                return
-            if start:
-                del self._buf[:start]
-            end = self._buf.find(END, 1)
-            if end < 0:
-                if len(self._buf) - 1 > self.max_message:
-                    yield Oversize(bytes(self._buf[1 : 1 + _HEAD]), len(self._buf) - 1)
-                    rest = bytes(self._buf[-1:])
-                    self._dropped = len(self._buf) - 2
-                    self._buf.clear()
-                    self._dropping = True
-                    self._last = rest
-                return
-            if end - 1 > self.max_message:
-                yield Oversize(bytes(self._buf[1 : 1 + _HEAD]), end - 1)
-                del self._buf[: end + len(END)]
-                continue
-            message = bytes(self._buf[1:end])
-            del self._buf[: end + len(END)]
-            yield message
-
-    def _drain(self, data: bytes) -> bytes:
-        """Discard up to the end block; return what follows it."""
-        joined = self._last + data
-        end = joined.find(END)
-        if end >= 0:
-            self._dropping, self._dropped, self._last = False, 0, b""
-            return joined[end + len(END) :]
-        self._dropped += len(data)
-        self._last = joined[-1:]
-        if self._dropped > self.drain_bytes:
-            raise ValueError("oversize MLLP message without an end block within the drain budget")
-        return b""
 
 
 def parse_sources(items: Sequence[str]) -> tuple[Network, ...]:

@@ -15,8 +15,9 @@ C, ``<VT> message <FS><CR>``), original-mode acknowledgment:
   OML^O33 order downloads (:func:`format_oml_o33`), acknowledged by the analyzer
   with ACK or ORL^O34.
 
-The MLLP byte framing is the same as ``worklist/orders/mllp.py``'s; it is
-repeated here because edges do not import each other (STYLE.md §1).
+The MLLP byte framing and the escape rules are shared with
+``worklist/orders/mllp.py`` through :mod:`core.hl7v2`, because edges do not
+import each other (STYLE.md §1).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from core.errors import LabMessageError
+from core.hl7v2 import END, START, Deframer, escape, frame
 from core.settings import AnalyzerSettings, LabCriticalLimit
 from ingest.labs._values import DecimalComma
 from ingest.labs.links.session import AstmSession
@@ -48,15 +50,13 @@ __all__ = ["Hl7Session", "MllpResultServer", "format_oml_o33", "mllp_frame", "se
 
 logger = logging.getLogger(__name__)
 
-START: Final = b"\x0b"
-END: Final = b"\x1c\x0d"
 MAX_MESSAGE: Final = 16 * 1024 * 1024
 _DECIMAL: Final[dict[str, DecimalComma]] = {"auto": "auto", "comma": True, "point": False}
 
 
 def mllp_frame(message: bytes) -> bytes:
     """``<VT> message <FS><CR>`` (HL7 v2.5.1 Appendix C.4.3)."""
-    return START + message + END
+    return frame(message)
 
 
 def _msh_fields(raw: bytes) -> list[str]:
@@ -90,13 +90,7 @@ def build_ack(raw: bytes, code: str, *, text: str = "") -> bytes:
 
 
 def _hl7_escape(text: str) -> str:
-    return (
-        text.replace("\\", "\\E\\")
-        .replace("|", "\\F\\")
-        .replace("^", "\\S\\")
-        .replace("&", "\\T\\")
-        .replace("~", "\\R\\")
-    )
+    return escape(text)
 
 
 def format_oml_o33(
@@ -295,7 +289,8 @@ class _Handler(socketserver.BaseRequestHandler):
         server = self.server
         status = server.session.service.status
         status.update(connected=True, state="connected")
-        buf = bytearray()
+        # Messages larger than MAX_MESSAGE close the connection (no drain, no AR).
+        deframer = Deframer(max_message=MAX_MESSAGE)
         try:
             while True:
                 sock.settimeout(server.idle_timeout_s)
@@ -305,24 +300,14 @@ class _Handler(socketserver.BaseRequestHandler):
                     break
                 if not data:
                     break
-                buf += data
-                while True:
-                    start = buf.find(START)
-                    if start < 0:
-                        buf.clear()
-                        break
-                    end = buf.find(END, start)
-                    if end < 0:
-                        if len(buf) - start > MAX_MESSAGE:
-                            status.error("MLLP message too large; connection closed")
-                            return
-                        del buf[:start]
-                        break
-                    message = bytes(buf[start + 1 : end])
-                    del buf[: end + len(END)]
-                    reply = server.session.handle(message)
-                    if reply is not None:
-                        sock.sendall(mllp_frame(reply))
+                try:
+                    for message in deframer.feed(data):
+                        reply = server.session.handle(message)
+                        if reply is not None:
+                            sock.sendall(mllp_frame(reply))
+                except ValueError:
+                    status.error("MLLP message too large; connection closed")
+                    return
         finally:
             status.update(connected=False, state="listening")
 

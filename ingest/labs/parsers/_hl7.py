@@ -8,8 +8,9 @@ declared in MSH-1/MSH-2 (§2.5.4), and decoding escape sequences (§2.7).
 Written by hand rather than with python-hl7 or hl7apy because real files need
 tolerance those libraries do not give: LF or CRLF segment separators, several
 messages per file separated by blank lines, MLLP block bytes left in dumps,
-segments run together on one line, and UTF-8 that no MSH-18 declares. The order
-side (worklist) reuses these helpers for ORM/OML.
+segments run together on one line, and UTF-8 that no MSH-18 declares. The
+delimiters, the character set table and MLLP framing are shared with the order
+side (worklist) through :mod:`core.hl7v2`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
-from core.charsets import codec_for
 from core.errors import LabMessageError
+from core.hl7v2 import END, START, Delimiters
+from core.hl7v2 import charset_codec as _table_0211_codec
 from ingest.labs.model import ParseWarning
 
 __all__ = [
@@ -40,9 +42,10 @@ __all__ = [
 ]
 
 _BOM: Final = b"\xef\xbb\xbf"
-# MLLP (HL7 v2.5.1 Appendix C): <VT> message <FS><CR>. Dumps of a TCP stream keep them.
-_MLLP_START: Final = 0x0B
-_MLLP_END: Final = 0x1C
+# MLLP (HL7 v2.5.1 Appendix C, core.hl7v2): <VT> message <FS><CR>. Dumps of a TCP
+# stream keep them.
+_MLLP_START: Final = START[0]
+_MLLP_END: Final = END[0]
 _MESSAGE_START: Final = re.compile(rb"(?:\A|(?<=[\r\n\x0b\x1c]))[ \t]*MSH(?=[^A-Za-z0-9\r\n])")
 _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 _SEGMENT_ID: Final = re.compile(r"[A-Z][A-Z0-9]{2}\Z")
@@ -53,43 +56,6 @@ _JOINABLE: Final = (
     "PID|PD1|PV1|PV2|NK1|ORC|OBR|OBX|NTE|SPM|SAC|TQ1|TQ2|CTD|FT1|CTI|DSC|SFT|"
     "TCD|SID|IN1|IN2|GT1|DG1|AL1|MSA|ERR|INV|BLG"
 )
-
-#: HL7 table 0211 names → Python codecs. UTF-16/32 cannot be split as bytes at
-#: "MSH" and are refused.
-_CHARSETS: Final[dict[str, str]] = {
-    "ASCII": "ascii",
-    "8859/1": "latin-1",
-    "8859/2": "iso8859-2",
-    "8859/3": "iso8859-3",
-    "8859/4": "iso8859-4",
-    "8859/5": "iso8859-5",
-    "8859/6": "iso8859-6",
-    "8859/7": "iso8859-7",
-    "8859/8": "iso8859-8",
-    "8859/9": "iso8859-9",
-    "8859/15": "iso8859-15",
-    "UNICODE": "utf-8",
-    "UNICODE UTF-8": "utf-8",
-    "UTF-8": "utf-8",
-    "GB 18030-2000": "gb18030",
-    "KS X 1001": "euc_kr",
-    "BIG-5": "big5",
-    "ISO IR6": "ascii",
-    "ISO IR100": "latin-1",
-    "ISO IR192": "utf-8",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Delimiters:
-    """The encoding characters of MSH-1 and MSH-2 (HL7 v2.5.1 §2.5.4)."""
-
-    field: str = "|"
-    component: str = "^"
-    repeat: str = "~"
-    escape: str = "\\"
-    subcomponent: str = "&"
-
 
 @dataclass(frozen=True, slots=True)
 class HL7Message:
@@ -141,9 +107,8 @@ def charset_codec(msh18: str) -> str | None:
     name = msh18.strip().upper()
     if not name:
         return None
-    # Table 0211 has no Vietnamese entry; senders write local names such as
-    # WINDOWS-1258 or TCVN3/VN3 (core.charsets maps them and provides TCVN3).
-    codec = _CHARSETS.get(name) or codec_for(name)
+    # One table 0211 (and the Vietnamese local names) for every HL7 v2 reader.
+    codec = _table_0211_codec(name)
     if codec is None:
         raise LabMessageError(f"MSH-18 character set {name!r} is not supported")
     return codec
