@@ -813,3 +813,5 @@ class SqlIndex:
         if self._ingest_setup is not None and self._ingest_setup[0] is not self.engine:
             self._ingest_setup[0].dispose()
         self.engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()

@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,21 +55,47 @@ READ_ONLY = "pacslab_read_only"
 upsert = sqlite_insert
 
 
+class _LockFile:
+    """One thread's open file description of the lock file, closed when the thread's
+    ``threading.local`` storage goes (the thread ended) or when the lock is closed."""
+
+    __slots__ = ("__weakref__", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class WriteLock:
-    """Cross-process, cross-thread exclusive lock on ``<database>.writelock``."""
+    """Cross-process, cross-thread exclusive lock on ``<database>.writelock``.
+
+    Each thread gets its own open file description (flocks of two threads conflict, as
+    they must: flock locks belong to the open file description). Association and
+    request threads come and go, so a thread's descriptor is closed when the thread
+    ends; kept open, one leaked per association thread would, after about a thousand
+    associations, push the process's descriptors past ``select()``'s FD_SETSIZE, which
+    pynetdicom's transport uses.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
+        self._files: weakref.WeakSet[_LockFile] = weakref.WeakSet()
 
     def _fd(self) -> int:
-        # One open file description per thread: flocks of two threads conflict, as
-        # they must (flock locks belong to the open file description).
-        fd: int | None = getattr(self._local, "fd", None)
-        if fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._local.fd = fd
-        return fd
+        held: _LockFile | None = getattr(self._local, "file", None)
+        if held is None or held.fd < 0:
+            held = _LockFile(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._local.file = held
+            self._files.add(held)
+        return held.fd
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -78,6 +105,11 @@ class WriteLock:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close every thread's descriptor (the index is closing: no writer is left)."""
+        for held in list(self._files):
+            held.close()
 
 
 def write_lock(url: str) -> WriteLock | None:
