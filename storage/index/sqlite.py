@@ -123,6 +123,10 @@ def sync_wal(path: str) -> None:
         os.close(fd)
 
 
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -> Engine:
     engine = create_engine(
         url,
@@ -142,6 +146,9 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
         # LIKE is case-sensitive on PostgreSQL; make SQLite agree, so that QIDO wildcard
         # matching (PS3.4 C.2.2.2.4) behaves the same on both (queries.py lowers PN).
         cur.execute("PRAGMA case_sensitive_like=ON")
+        # SQLite's own lower() folds ASCII only: "NGUYỄN" would never equal "nguyễn"
+        # and a Vietnamese name sent in capitals would not be found (issue 16 §1).
+        dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.close()
 
