@@ -53,6 +53,8 @@ _PENDING_WARNING = 0xFF01
 _CANCEL = 0xFE00
 #: PS3.4 C.4.2.1.5: Refused: Out of Resources - Unable to perform sub-operations.
 _REFUSED_SUBOPS = 0xA702
+#: A SOP Class UID never proposed (a UID of the 2.25 UUID arc, PS3.5 B.2).
+_NO_CONTEXT = "2.25.1"
 _SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"]
 
 FindHandler = Callable[["Event"], Iterator[tuple[Any, Any]]]
@@ -238,9 +240,18 @@ def _sub_operations(
             yield _CANCEL, None
             return
         ds = _load(service, item)
-        # A missing original counts as a failed sub-operation (pynetdicom counts a
-        # pending result without a Dataset as failed).
-        yield _PENDING, ds if ds is not None else item.sop_instance_uid
+        # An unreadable original is a failed sub-operation listed by its UID (PS3.4
+        # C.4.2.1.4.2): pynetdicom lists the UID of a Dataset whose C-STORE raised,
+        # and a Dataset of a SOP Class no context was negotiated for raises at once,
+        # before anything is sent.
+        yield _PENDING, ds if ds is not None else _unsendable(item)
+
+
+def _unsendable(item: RetrieveItem) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = _NO_CONTEXT
+    ds.SOPInstanceUID = item.sop_instance_uid
+    return ds
 
 
 def handle_get(
