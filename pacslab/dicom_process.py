@@ -197,7 +197,20 @@ def _query_retrieve(
         max_concurrent=settings.qr.max_concurrent_retrieves,
         fallback_find=fallback,
     )
-    return [*contexts, *qr.presentation_contexts()], [*rest, *qr_handlers]
+    from ingest.dicom import commitment
+    from services.commitment import CommitmentService
+
+    reporter = commitment.CommitmentReporter(
+        CommitmentService(index, service.archive.originals),
+        lambda ae: settings.qr.destinations.get(ae),
+        ae_title=settings.dicom.ae_title,
+        timeout_s=settings.qr.connect_timeout_s,
+        audit=service.audit,
+    )
+    return (
+        [*contexts, *qr.presentation_contexts(), *commitment.presentation_contexts()],
+        [*rest, *qr_handlers, *commitment.handlers(reporter)],
+    )
 
 
 def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
