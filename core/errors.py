@@ -24,6 +24,7 @@ __all__ = [
     "NotFoundError",
     "OrderMessageError",
     "OutOfResourcesError",
+    "PeerUnavailableError",
     "ProcedureStepStateError",
     "RetentionError",
     "SOPClassMismatchError",
@@ -145,6 +146,24 @@ class OutOfResourcesError(ServiceError, OSError):
     http_status = 507
     dimse_status = 0xA700
     fhir_code = "no-store"
+
+
+class PeerUnavailableError(ServiceError, ConnectionError):
+    """A remote archive refused, failed or did not answer (forwarding, issue 16 §4).
+
+    ``retry_in_s`` asks the job worker to try again after that long, however many
+    tries it took so far (the forwarding service decides when to give up). A C-MOVE
+    destination that cannot be reached is PS3.4 C.4.2.1.5 0xA801.
+    """
+
+    title = "Peer unavailable"
+    http_status = 502
+    dimse_status = 0xA801
+    fhir_code = "transient"
+
+    def __init__(self, message: str = "", *, retry_in_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
 
 
 class LabMessageError(ServiceError, ValueError):

@@ -699,6 +699,10 @@ class ForwardingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> ForwardingSettings:
+        for name in self.destinations:
+            # Jobs are of kind "fwd:<name>" in a 16-character column.
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,12}", name):
+                raise ValueError(f"forwarding destination name {name!r}: 1-12 of A-Z a-z 0-9 _.-")
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in self.destinations]
             if unknown:
