@@ -20,7 +20,7 @@ from fastapi.responses import PlainTextResponse
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
-from api.routes import dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
+from api.routes import dicom_admin, dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
 from api.security import install_security
 from core.settings import Settings
 from storage.archive import Archive
@@ -39,6 +39,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     tiles.iiif_router,
     tiles.dzi_router,
     viewer.router,
+    dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ConfiguredElsewhereError",
     "DuplicateError",
     "ForbiddenError",
     "InvalidAttributeValueError",
@@ -249,6 +250,16 @@ class ForbiddenError(ServiceError, PermissionError):
         super().__init__(message)
         #: The scope that would have been enough (``WWW-Authenticate: ... scope=``).
         self.scope = scope
+
+
+class ConfiguredElsewhereError(ServiceError, ValueError):
+    """A change through the API to something the settings define (issue 16: a C-MOVE
+    destination of ``qr.destinations``); HTTP 409, change the settings instead."""
+
+    title = "Defined in the settings"
+    http_status = 409
+    dimse_status = 0x0110
+    fhir_code = "business-rule"
 
 
 class RetentionError(ServiceError, ValueError):

@@ -172,6 +172,7 @@ def _query_retrieve(
     from functools import partial
 
     from ingest.dicom import qr
+    from services.destinations import DestinationDirectory
     from services.query_retrieve import QueryRetrieveService
 
     qr_service = QueryRetrieveService(
@@ -191,9 +192,10 @@ def _query_retrieve(
             fallback = partial(_call_with, fn, args)
         else:
             rest.append(entry)
+    directory = DestinationDirectory(index, settings.qr.destinations)
     qr_handlers = qr.handlers(
         qr_service,
-        destinations=lambda ae: settings.qr.destinations.get(ae),
+        destinations=directory.lookup,
         max_concurrent=settings.qr.max_concurrent_retrieves,
         fallback_find=fallback,
     )
@@ -202,7 +204,7 @@ def _query_retrieve(
 
     reporter = commitment.CommitmentReporter(
         CommitmentService(index, service.archive.originals),
-        lambda ae: settings.qr.destinations.get(ae),
+        directory.lookup,
         ae_title=settings.dicom.ae_title,
         timeout_s=settings.qr.connect_timeout_s,
         audit=service.audit,

@@ -27,14 +27,18 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.audit import AuditEntry
-from core.errors import PeerUnavailableError, ServiceError
+from core.errors import NotFoundError, PeerUnavailableError, ServiceError
 from core.logging import correlation_id
 from core.settings import ForwardingDestination, ForwardingRule, ForwardingSettings
 from storage.abc import OriginalStore, StoredInstance
 from storage.audit import AuditLog
+from storage.index import qr as qr_index
+
+if TYPE_CHECKING:
+    from storage.index.sql import SqlIndex
 
 __all__ = [
     "JOB_PREFIX",
@@ -43,6 +47,9 @@ __all__ = [
     "backoff_s",
     "destination_of",
     "job_kind",
+    "queue_jobs",
+    "queue_summary",
+    "retry_dead_letter",
     "route",
 ]
 
@@ -295,3 +302,43 @@ class ForwardingService:
             ))
         except Exception:
             logger.error("forward not recorded in the action log", exc_info=True)
+
+
+# -- the queue as the admin API shows it -------------------------------------------------
+
+
+def queue_summary(index: SqlIndex, destinations: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Jobs per destination and status (pending, running, done, failed)."""
+    counts = qr_index.job_counts(index, JOB_PREFIX)
+    out: dict[str, dict[str, int]] = {
+        name: {"pending": 0, "running": 0, "done": 0, "failed": 0} for name in destinations
+    }
+    for (kind, status), n in counts.items():
+        out.setdefault(destination_of(kind), {})[status] = n
+    return out
+
+
+def queue_jobs(
+    index: SqlIndex, *, status: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The newest forwarding jobs, with the last error (the dead-letter list when
+    ``status="failed"``)."""
+    return [
+        {
+            "id": job.id,
+            "destination": destination_of(job.kind),
+            "sop_instance_uid": job.target,
+            "status": job.status,
+            "attempts": job.attempts,
+            "last_error": job.error,
+            "next_try_at": job.not_before if job.status == "pending" else None,
+            "updated_at": job.updated_at.isoformat() if job.updated_at else None,
+        }
+        for job in qr_index.list_jobs(index, JOB_PREFIX, status=status, limit=limit)
+    ]
+
+
+def retry_dead_letter(index: SqlIndex, job_id: int) -> None:
+    """Manual retry of a dead-lettered job: back to pending with its tries reset."""
+    if not qr_index.retry_job(index, job_id, JOB_PREFIX):
+        raise NotFoundError(f"no failed forwarding job {job_id}")

@@ -11,14 +11,37 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    select,
+    update,
+)
 
 from storage.index.schema import instances, jobs
 
 if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
 
-__all__ = ["QueuedJob", "calling_ae_of", "job_counts", "list_jobs", "retry_job"]
+__all__ = [
+    "QueuedJob",
+    "calling_ae_of",
+    "delete_destination",
+    "dicom_destinations",
+    "get_destination",
+    "job_counts",
+    "list_destinations",
+    "list_jobs",
+    "put_destination",
+    "retry_job",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +119,61 @@ def retry_job(index: SqlIndex, job_id: int, prefix: str) -> bool:
                     updated_at=datetime.now(UTC))
         )
     return bool(result.rowcount)
+
+
+# -- C-MOVE destinations added through the admin API (migration 0007) ---------------
+
+dicom_destinations = Table(
+    "dicom_destinations",
+    MetaData(),  # its own: schema.py's metadata belongs to the shared tables
+    Column("ae_title", String(16), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("updated_by", String(128), nullable=False, server_default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def get_destination(index: SqlIndex, ae_title: str) -> tuple[str, int] | None:
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            select(dicom_destinations.c.host, dicom_destinations.c.port).where(
+                dicom_destinations.c.ae_title == ae_title
+            )
+        ).first()
+    return (str(row[0]), int(row[1])) if row is not None else None
+
+
+def list_destinations(index: SqlIndex) -> dict[str, tuple[str, int]]:
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                dicom_destinations.c.ae_title,
+                dicom_destinations.c.host,
+                dicom_destinations.c.port,
+            ).order_by(dicom_destinations.c.ae_title)
+        ).all()
+    return {str(a): (str(h), int(p)) for a, h, p in rows}
+
+
+def put_destination(index: SqlIndex, ae_title: str, host: str, port: int, by: str) -> bool:
+    """Add or replace; True when it was new."""
+    now = datetime.now(UTC)
+    with index.write() as conn:
+        gone = conn.execute(
+            delete(dicom_destinations).where(dicom_destinations.c.ae_title == ae_title)
+        )
+        conn.execute(
+            dicom_destinations.insert().values(
+                ae_title=ae_title, host=host, port=port, updated_by=by[:128], updated_at=now
+            )
+        )
+    return not gone.rowcount
+
+
+def delete_destination(index: SqlIndex, ae_title: str) -> bool:
+    with index.write() as conn:
+        gone = conn.execute(
+            delete(dicom_destinations).where(dicom_destinations.c.ae_title == ae_title)
+        )
+    return bool(gone.rowcount)

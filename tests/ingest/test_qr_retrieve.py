@@ -258,3 +258,19 @@ def test_retired_class_refused_when_turned_off(settings: Settings, tmp_path: Pat
     assert extra_storage_classes(accept_retired=False, private=["1.3.6.1.4.1.9590.100.1"]) == [
         "1.3.6.1.4.1.9590.100.1"
     ]
+
+
+def test_move_to_a_destination_added_through_the_admin_api(
+    archive: list[Study], receiver: Receiver, storescp: Path, dest_port: int
+) -> None:
+    from services.destinations import DestinationDirectory
+
+    directory = DestinationDirectory(receiver.index, {})  # type: ignore[arg-type]
+    directory.put("APIDEST", "127.0.0.1", dest_port, by="test")
+    study = archive[1]
+    result = run_dcmtk(["movescu", "-v", "-S", "-aec", "PACSLAB", "-aem", "APIDEST",
+                        "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", f"StudyInstanceUID={study.study_uid}",
+                        "127.0.0.1", str(receiver.port)], nodelay=True, timeout=60)
+    assert "Received Final Move Response (Success)" in result.stderr, result.stderr
+    assert set(received(storescp)) == set(study.sop_uids[0])
