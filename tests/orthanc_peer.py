@@ -28,7 +28,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 class OrthancPeer:
     def __init__(self, work: Path, *, aet: str = "ORTHANC",
                  modalities: dict[str, list[Any]] | None = None,
-                 dicomweb: bool = False) -> None:
+                 dicomweb: bool = False, extra: dict[str, Any] | None = None) -> None:
         exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(exe).exists():
             pytest.skip("Orthanc not installed (Debian package orthanc)")
@@ -50,6 +50,7 @@ class OrthancPeer:
             "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
             "DicomScuTimeout": 20,
         }
+        config.update(extra or {})
         if dicomweb:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         self.config = work / "orthanc.json"
