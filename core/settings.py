@@ -832,6 +832,8 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_ZARRS",  # processing/tiling.py: 0 keeps zarr-python's own codec pipeline
     "PACSLAB_FAULT_TRIALS",  # tests/faults: trials per fault-injection test
     "PACSLAB_LOAD_SECONDS",  # benchmarks/test_load.py: length of the load run
+    "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
+    "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"
