@@ -28,7 +28,8 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 class OrthancPeer:
     def __init__(self, work: Path, *, aet: str = "ORTHANC",
                  modalities: dict[str, list[Any]] | None = None,
-                 dicomweb: bool = False, extra: dict[str, Any] | None = None) -> None:
+                 dicomweb: bool = False, extra: dict[str, Any] | None = None,
+                 authorization: str = "") -> None:
         exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(exe).exists():
             pytest.skip("Orthanc not installed (Debian package orthanc)")
@@ -56,6 +57,7 @@ class OrthancPeer:
         self.config = work / "orthanc.json"
         self.config.write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.headers = {"Authorization": authorization} if authorization else {}
 
     def start(self) -> OrthancPeer:
         self.proc = subprocess.Popen([self.exe, str(self.config)], start_new_session=True,
@@ -81,12 +83,14 @@ class OrthancPeer:
         self.proc = None
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.base + path, timeout=30) as rsp:
+        req = urllib.request.Request(self.base + path, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=30) as rsp:
             return json.loads(rsp.read())
 
     def post(self, path: str, body: Any) -> Any:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method="POST")
+        req = urllib.request.Request(self.base + path, data=data, method="POST",
+                                     headers=self.headers)
         with urllib.request.urlopen(req, timeout=120) as rsp:
             raw = rsp.read()
         return json.loads(raw) if raw else None
