@@ -23,6 +23,7 @@ from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
 from api.routes import dicom_admin, dicomweb, fhir, fhir_lab, fhir_orders, tiles, viewer
 from api.security import install_security
 from core.settings import Settings
+from services.forwarding import queue_gauges
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -98,7 +99,7 @@ def create_app(
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics_text() -> PlainTextResponse:
         try:
-            gauges = render_gauges(idx.counts())
+            gauges = render_gauges(idx.counts()) + queue_gauges(idx)  # issue 16 forwarding
         except Exception:
             # A metrics scrape must not fail because the index is away (STYLE.md §5).
             logger.error("index counts unavailable for /metrics", exc_info=True)

@@ -47,6 +47,7 @@ __all__ = [
     "backoff_s",
     "destination_of",
     "job_kind",
+    "queue_gauges",
     "queue_jobs",
     "queue_summary",
     "retry_dead_letter",
@@ -342,3 +343,15 @@ def retry_dead_letter(index: SqlIndex, job_id: int) -> None:
     """Manual retry of a dead-lettered job: back to pending with its tries reset."""
     if not qr_index.retry_job(index, job_id, JOB_PREFIX):
         raise NotFoundError(f"no failed forwarding job {job_id}")
+
+
+def queue_gauges(index: SqlIndex) -> str:
+    """Prometheus text exposition of the forwarding queue: jobs per destination, status."""
+    lines = [
+        "# HELP pacslab_forward_jobs Forwarding jobs by destination and status.",
+        "# TYPE pacslab_forward_jobs gauge",
+    ]
+    for (kind, status), n in sorted(qr_index.job_counts(index, JOB_PREFIX).items()):
+        name = destination_of(kind).replace("\\", "").replace('"', "")
+        lines.append(f'pacslab_forward_jobs{{destination="{name}",status="{status}"}} {n}')
+    return "\n".join(lines) + "\n"

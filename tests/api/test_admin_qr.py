@@ -69,3 +69,9 @@ def test_job_id_out_of_range_is_a_400_not_a_500(client: TestClient) -> None:
     # SQLite integers are 64-bit: a larger id raised OverflowError (schemathesis found it).
     assert client.post(f"/admin/forwarding/jobs/{2**70}/retry").status_code == 400
     assert client.post("/admin/forwarding/jobs/0/retry").status_code == 400
+
+
+def test_metrics_show_the_forwarding_queue(client: TestClient, app: Any) -> None:
+    app.state.index.add_job(job_kind("REGIONAL"), "1.2.3.9")
+    text = client.get("/metrics").text
+    assert 'pacslab_forward_jobs{destination="REGIONAL",status="pending"} 1' in text
