@@ -5,10 +5,9 @@
   (1,000 x 100 = 100,000 instances when measuring); p50/p99 latency and queries/s over
   one association (pynetdicom SCU). Targets: p99 < 50 ms and at least Orthanc's
   queries/s.
-* C-MOVE (DCMTK ``movescu``) and C-GET (``getscu``) of a 300-instance CT (512 x 512) to
-  a DCMTK ``storescp``; instances/s from the tool's wall time. Target: 1.5 x Orthanc.
-* Forwarding throughput of the same CT to a ``storescp``: time from the worker's
-  first claim to the last instance on disk.
+* C-MOVE (DCMTK ``movescu``) and C-GET (``getscu``) of a 300-instance CT (512 x 512,
+  ``PACSLAB_QR_BENCH_CT_SLICES``) to a DCMTK ``storescp``; instances/s from the tool's
+  wall time. Target: 1.5 x Orthanc.
 
 Both servers get the same files over ``storescu``. Without --benchmark-enable this is
 a smoke run: a few tiny studies, a 3-instance CT, one round.
@@ -140,7 +139,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     studies, per_study = _sizes(measuring)
     work = tmp_path_factory.mktemp("qr")
     ids = _write_archive(work / "archive", studies, per_study)
-    slices, size = (300, 512) if measuring else (3, 64)
+    slices = int(os.environ.get("PACSLAB_QR_BENCH_CT_SLICES", "300")) if measuring else 3
+    size = 512 if measuring else 64
     ct_files = write_ct_series(work / "ct", slices=slices, rows=size, columns=size,
                                patient_id="BQCT", patient_name="CT^BENCH")
     import pydicom
@@ -165,7 +165,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         orthanc.stop()
 
 
-def _find_latencies(port: int, aet: str, ids: list[str], n: int) -> list[float]:
+def _find_latencies(port: int, aet: str, ids: list[str], n: int,
+                    misses: list[int] | None = None) -> list[float]:
+    """Latency of ``n`` study-level C-FINDs by Patient ID, each matching one study.
+
+    ``misses`` (the anchor's): answers without the match are counted there instead of
+    failing; Orthanc 1.10 answered one query in a few hundred with Success and no
+    match in our runs.
+    """
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", port, ae_title=aet)
@@ -185,10 +192,13 @@ def _find_latencies(port: int, aet: str, ids: list[str], n: int) -> list[float]:
                         "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):
                 setattr(q, key, "")
             started = time.perf_counter()
-            matches = [ds for status, ds in assoc.send_c_find(
-                q, StudyRootQueryRetrieveInformationModelFind) if status.Status in (0xFF00, 0xFF01)]
+            statuses = [int(status.get("Status", -1)) for status, _ in assoc.send_c_find(
+                q, StudyRootQueryRetrieveInformationModelFind)]
             out.append(time.perf_counter() - started)
-            assert len(matches) == 1
+            if misses is not None and statuses != [0xFF00, 0x0000]:
+                misses.append(len(out))
+                continue
+            assert statuses == [0xFF00, 0x0000], (len(out), statuses)
     finally:
         assoc.release()
     return out
@@ -204,13 +214,16 @@ def test_cfind_study_level(benchmark: Any, servers: dict[str, Any]) -> None:
     rates: dict[str, float] = {}
     info: dict[str, Any] = {"case": "C-FIND STUDY level by PatientID",
                             "studies": len(servers["ids"])}
+    misses: list[int] = []
     for target, aet in (("pacslab", "PACSLAB"), ("orthanc", "ORTHANC")):
-        lat = _find_latencies(servers[target], aet, servers["ids"], n)
+        lat = _find_latencies(servers[target], aet, servers["ids"], n,
+                              misses if target == "orthanc" else None)
         rates[target] = len(lat) / sum(lat)
         info[f"{target}_p50_ms"] = round(_p(lat, 0.5) * 1000, 2)
         info[f"{target}_p99_ms"] = round(_p(lat, 0.99) * 1000, 2)
         info[f"{target}_queries_per_s"] = round(rates[target], 1)
         record("C-FIND study level", target, rates[target], "queries/s")
+    info["orthanc_answers_without_the_match"] = len(misses)
     info.update(pacslab=rates["pacslab"], anchor=rates["orthanc"],
                 ratio=round(rates["pacslab"] / rates["orthanc"], 2),
                 target="p99 < 50 ms and >= 1.0 x Orthanc queries/s")

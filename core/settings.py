@@ -834,6 +834,7 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_LOAD_SECONDS",  # benchmarks/test_load.py: length of the load run
     "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
+    "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"

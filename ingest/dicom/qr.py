@@ -217,7 +217,10 @@ def handle_move(
         refusal = (_REFUSED_SUBOPS, "Too many retrieves at once; try again later")
     try:
         contexts = retrieve_contexts(items) if items else [build_context(Verification)]
-        yield remote.host, remote.port, {"contexts": contexts}
+        yield remote.host, remote.port, {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_ESTABLISHED, _busy_sender)],
+        }
         if refusal is not None:
             logger.warning("C-MOVE from %s refused: %s", calling, refusal[1])
             yield 1
@@ -230,6 +233,25 @@ def handle_move(
     finally:
         if entered:
             gate.leave()
+
+
+#: pynetdicom's DUL thread sleeps 1 ms whenever its queue is momentarily empty; a
+#: C-STORE sub-operation is cut into one P-DATA PDU per peer Maximum Length (16 KiB
+#: for DCMTK tools), and the encoder refills the queue a little slower than the DUL
+#: empties it, so a 512 KiB CT image waited up to 32 ms in sleeps. While sub-operations
+#: run, the loop sleeps 50 us instead (measured: C-MOVE of 100 CT images x3).
+_SENDING_LOOP_DELAY_S = 0.00005
+
+
+def _tighten(assoc: Any) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = _SENDING_LOOP_DELAY_S
+
+
+def _busy_sender(event: Event) -> None:
+    """EVT_ESTABLISHED of our association to a move destination (see above)."""
+    _tighten(event.assoc)
 
 
 def _sub_operations(
@@ -285,6 +307,7 @@ def handle_get(
         return
     try:
         yield len(items)
+        _tighten(event.assoc)
         logger.info("C-GET from %s: %d instances", calling, len(items))
         yield from _sub_operations(event, service, items)
         _record(service, event, "get", str(calling), items)
