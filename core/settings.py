@@ -691,7 +691,7 @@ class ForwardingSettings(BaseModel):
     destinations: dict[str, ForwardingDestination] = Field(default_factory=dict)
     rules: list[ForwardingRule] = Field(default_factory=list)
     #: Tries before an instance goes to the dead-letter list (manual retry from the API).
-    max_attempts: int = Field(12, ge=1)
+    max_attempts: int = Field(48, ge=1)
     #: Backoff: first retry after this, doubling, capped at ``retry_max_s``.
     retry_base_s: float = Field(5.0, gt=0)
     retry_max_s: float = Field(3600.0, gt=0)

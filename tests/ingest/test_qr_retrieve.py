@@ -6,6 +6,7 @@ arrives there is compared, instance by instance, with what was stored.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -94,6 +95,15 @@ def test_movescu_study_to_storescp(archive: list[Study], receiver: Receiver, sto
     got = received(storescp)
     assert set(got) == {uid for series in study.sop_uids for uid in series}
     same_pixels(receiver, got)
+    # The action log says who moved what where, with no patient data in clear.
+    audit = receiver.service.audit  # type: ignore[attr-defined]
+    assert audit.flush()
+    sent = [e for e in audit.entries() if e.event_type == "dicom.move-send"]
+    assert len(sent) == 1
+    entry = sent[0]
+    assert entry.agent == "MOVESCU" and entry.resource == f"Study/{study.study_uid}"
+    assert json.loads(entry.detail) == {"destination": DEST_AE, "instances": 5}
+    assert entry.patient_key and study.patient_id not in json.dumps(entry.as_dict())
 
 
 def test_movescu_series_and_image_levels(archive: list[Study], receiver: Receiver,
