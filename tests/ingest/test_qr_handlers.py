@@ -73,3 +73,36 @@ def test_unknown_destination_and_get_cap() -> None:
     assert refused[0] == 1 and refused[1][0].Status == 0xA702
     held.close()  # generator closed (association aborted): the slot is released
     assert next(handle_get(_event(GET), service, gate)) == 1  # type: ignore[arg-type]
+
+
+class FakeFind:
+    def __init__(self, event: Any, n: int) -> None:
+        self.event = event
+        self.n = n
+
+    def parse_find(self, identifier: Dataset, model: str) -> Any:
+        return SimpleNamespace(unsupported=(), level="study")
+
+    def find(self, request: Any) -> Any:
+        for i in range(self.n):
+            ds = Dataset()
+            ds.PatientID = f"P{i}"
+            yield ds
+            self.event.is_cancelled = i >= 0  # a C-CANCEL arrives after the first match
+
+
+def test_find_stops_at_c_cancel_with_fe00() -> None:
+    from ingest.dicom.qr import handle_find
+
+    event = _event("1.2.840.10008.5.1.4.1.2.2.1")
+    out = list(handle_find(event, FakeFind(event, 3)))  # type: ignore[arg-type]
+    assert [s for s, _ in out] == [0xFF00, 0xFE00]
+
+
+def test_other_find_classes_go_to_the_fallback() -> None:
+    from ingest.dicom.qr import handle_find
+
+    event = _event("1.2.840.10008.5.1.4.31")  # Modality Worklist
+    out = list(handle_find(event, FakeFind(event, 3),  # type: ignore[arg-type]
+                           lambda e: iter([(0xFF00, Dataset())])))
+    assert [s for s, _ in out] == [0xFF00]
