@@ -28,7 +28,8 @@ from core.synthetic import write_ct_series
 from tests.orthanc_peer import OrthancPeer
 from tests.support import free_port
 
-pytestmark = pytest.mark.network
+# The measuring run sends 300 CT images through both: longer than the suite's 300 s.
+pytestmark = [pytest.mark.network, pytest.mark.timeout(4 * 3600)]
 
 
 def _storescp(out: Path, port: int) -> subprocess.Popen[bytes]:

@@ -156,6 +156,9 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
             index.add_job("series", uid)
 
     worker.on_idle.append(roll_up)
+    # Forwarding keeps one association per destination while jobs keep coming; an
+    # idle queue releases them rather than holding the peers' association slots.
+    worker.on_idle.append(forwarding.close)
     return worker
 
 
