@@ -19,6 +19,7 @@ set when every value fits in it, and ISO_IR 192 (UTF-8) otherwise.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -154,6 +155,8 @@ def _element_value(keyword: str, vr: str, value: Any) -> str:
             raise InvalidQueryError(f"{keyword} has several values")
         return "\\".join(items)
     if isinstance(value, bytes):
+        if not value:
+            return ""  # an empty binary key asks for the value back (C.2.2.2.3)
         raise InvalidQueryError(f"matching on {keyword} is not supported")
     return str(value).strip()
 
@@ -215,6 +218,12 @@ def parse_find(identifier: Dataset, model: Model, *, limit: int | None = None) -
         if value in ("", "*"):
             continue
         matches.append(parse_match(keyword, value))
+    if level == "instance" and any(
+        k.keyword not in ATTRIBUTES and k.keyword not in _CONTROL for k in keys
+    ):
+        # Other image-level keys are returned from the DICOM JSON the index keeps for
+        # each instance (filled by its instance job), still without reading a file.
+        fields.add("metadata_json")
     query = Query(
         level=level,
         matches=tuple(matches),
@@ -280,6 +289,7 @@ def find_response(request: FindRequest, row: Mapping[str, Any], *, retrieve_ae: 
     for level, unique in _UNIQUE.items():
         if _DEPTH[level] <= depth and (level != "patient" or request.model == "patient"):
             wanted.setdefault(unique, RequestedKey(0, unique, ATTRIBUTES[unique].vr))
+    stored = _stored_header(request, row)
     for key in request.keys:
         if not key.keyword:
             # An unknown (retired or private) tag: returned zero length.
@@ -297,6 +307,21 @@ def find_response(request: FindRequest, row: Mapping[str, Any], *, retrieve_ae: 
             continue
         vr = key.vr if key.vr and key.vr != "UN" else dictionary_VR(keyword)
         attr = ATTRIBUTES.get(keyword)
+        if attr is None and key.tag in stored:
+            elem = stored[key.tag]
+            ds.add(elem)
+            if isinstance(elem.value, str) and elem.VR in _TEXT_VRS:
+                texts.append(elem.value)
+            elif elem.VR == "PN" and elem.value is not None:
+                texts.append(str(elem.value))
+            continue
+        if attr is None and vr != "SQ":
+            # Not held by the index: zero length, in a VR the encoder can write
+            # ("OB or OW" of the dictionary is not one).
+            tag = key.tag or tag_for_keyword(keyword)
+            if tag is not None:
+                ds.add_new(tag, vr.split(" or ")[0], None)
+                continue
         value = row.get(keyword) if attr is not None and _DEPTH[attr.level] <= depth else None
         if attr is not None and attr.derived and keyword not in row:
             value = None
@@ -320,6 +345,35 @@ def find_response(request: FindRequest, row: Mapping[str, Any], *, retrieve_ae: 
     if charset is not None:
         ds.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
     return ds
+
+
+def _stored_header(request: FindRequest, row: Mapping[str, Any]) -> Dataset:
+    """The requested non-index keys found in the row's DICOM JSON (PS3.18 F.2).
+
+    Bulk data (an empty ``BulkDataURI``) and undecodable values are left out: those
+    keys are returned empty, as for any key the index does not hold.
+    """
+    raw = row.get("metadata_json")
+    if not raw or raw == "{}":
+        return Dataset()
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return Dataset()
+    wanted = {}
+    for key in request.keys:
+        if not key.keyword or key.keyword in ATTRIBUTES or key.keyword in _CONTROL:
+            continue
+        elem = header.get(f"{key.tag:08X}")
+        if isinstance(elem, dict) and "BulkDataURI" not in elem and "InlineBinary" not in elem:
+            wanted[f"{key.tag:08X}"] = elem
+    if not wanted:
+        return Dataset()
+    try:
+        return Dataset.from_json(wanted)
+    except Exception:
+        logger.warning("stored DICOM JSON of an instance could not be read back")
+        return Dataset()
 
 
 # -- retrieve ------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def build(study: Study) -> list[Dataset]:
             ds.Modality = modality
             ds.SeriesNumber = number
             ds.InstanceNumber = i + 1
+            ds.ImageComments = f"image {i + 1}"
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
             ds.Rows = ds.Columns = 8

@@ -201,3 +201,27 @@ def test_latin1_request_gets_latin1_or_utf8_answer(archive: list[Study], receive
     # "ễ" and "ă" are not in Latin-1: the answer switches to UTF-8 and says so.
     assert results[0].SpecificCharacterSet == "ISO_IR 192"
     assert str(results[0].PatientName) == VIET_NAME
+
+
+def test_image_level_keys_from_the_indexed_header(
+    archive: list[Study], receiver: Receiver, tmp_path: Path
+) -> None:
+    """Keys beyond the index columns come from the DICOM JSON the instance job keeps in
+    the index; an instance whose job has not run yet returns them empty."""
+    from core.instance import metadata_json
+
+    study = archive[0]
+    store = receiver.service.archive.originals  # type: ignore[attr-defined]
+    done = study.sop_uids[0][:2]  # the third one's instance job "has not run"
+    for uid in done:
+        inst = receiver.index.get_instance(uid)  # type: ignore[attr-defined]
+        with store.open(inst.blob_key) as fp:
+            header = metadata_json(dcmread(fp, defer_size=1024))
+        receiver.index.set_metadata_json(uid, inst.blob_key, header)  # type: ignore[attr-defined]
+    rsp = findscu(receiver, tmp_path, "-S", "QueryRetrieveLevel=IMAGE",
+                  f"StudyInstanceUID={study.study_uid}",
+                  f"SeriesInstanceUID={study.series_uids[0]}", "SOPInstanceUID",
+                  "ImageComments")
+    got = {r.SOPInstanceUID: r for r in rsp}
+    assert set(got) == set(study.sop_uids[0])
+    assert [got[u].ImageComments for u in study.sop_uids[0]] == ["image 1", "image 2", ""]

@@ -79,3 +79,24 @@ def test_retrieve_needs_the_unique_key_of_its_level() -> None:
         ("SOPInstanceUID", "1.2.3.4\\1.2.3.5")]
     q = parse_retrieve(_q("PATIENT", PatientID="P1"), "patient")
     assert [(m.keyword, m.value) for m in q.matches] == [("PatientID", "P1")]
+
+
+def test_image_keys_from_the_indexed_dicom_json_but_never_bulk_data() -> None:
+    import json
+
+    from pynetdicom.dsutils import encode
+
+    q = _q("IMAGE", StudyInstanceUID="1.2", SOPInstanceUID="", ImageComments="",
+           SliceThickness="")
+    q.add_new(0x7FE00010, "OW", b"")
+    req = parse_find(q, "study")
+    assert "metadata_json" in req.query.fields
+    stored = {"00204000": {"vr": "LT", "Value": ["image 1"]},
+              "7FE00010": {"vr": "OW", "BulkDataURI": ""}}
+    row = {"StudyInstanceUID": "1.2", "SeriesInstanceUID": "1.2.3",
+           "SOPInstanceUID": "1.2.3.4", "metadata_json": json.dumps(stored)}
+    ds = find_response(req, row, retrieve_ae="PACSLAB")
+    assert ds.ImageComments == "image 1"
+    assert ds["PixelData"].is_empty and ds["PixelData"].VR == "OW"
+    assert ds["SliceThickness"].is_empty  # not in this header: empty, not guessed
+    assert encode(ds, True, True) is not None  # writable as sent
