@@ -225,3 +225,34 @@ def test_image_level_keys_from_the_indexed_header(
     got = {r.SOPInstanceUID: r for r in rsp}
     assert set(got) == set(study.sop_uids[0])
     assert [got[u].ImageComments for u in study.sop_uids[0]] == ["image 1", "image 2", ""]
+
+
+def test_hostile_identifiers_are_refused_not_run(archive: list[Study], receiver: Receiver
+                                                 ) -> None:
+    # 300 keys (private tags do not count, so use public ones of any level).
+    from pydicom.datadict import DicomDictionary
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "IMAGE"
+    added = 0
+    for tag, entry in sorted(DicomDictionary.items()):
+        if added >= 300:
+            break
+        if entry[0] in ("SQ", "OB", "OW", "UN", "OF", "OD", "OL", "OV") or (tag >> 16) < 8:
+            continue
+        q.add_new(tag, entry[0], None)
+        added += 1
+    assert [s for s, _ in _find(receiver.port, q)] == [0xA900]
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientName = "A" * 4000 + "*"
+    assert [s for s, _ in _find(receiver.port, q)] == [0xA900]
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyDate = "20240101-20241399"  # month 13
+    assert [s for s, _ in _find(receiver.port, q)] == [0xA900]
+    # The receiver still answers.
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = "QR002"
+    assert [s for s, _ in _find(receiver.port, q)] == [0xFF00, 0x0000]
