@@ -22,6 +22,7 @@ from api.errors import install_error_handlers
 from api.metrics import HttpMetrics, MetricsMiddleware, render_gauges
 from api.routes import (
     analyzers,
+    dicom_admin,
     dicomweb,
     fhir,
     fhir_lab,
@@ -35,6 +36,7 @@ from api.routes.analyzers import render_link_metrics
 from api.security import install_security
 from core import __version__
 from core.settings import Settings
+from services.forwarding import queue_gauges
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -54,6 +56,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     viewer.router,
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
+    dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
 )
 
 
@@ -112,7 +115,7 @@ def create_app(
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics_text() -> PlainTextResponse:
         try:
-            gauges = render_gauges(idx.counts())
+            gauges = render_gauges(idx.counts()) + queue_gauges(idx)  # issue 16 forwarding
         except Exception:
             # A metrics scrape must not fail because the index is away (STYLE.md §5).
             logger.error("index counts unavailable for /metrics", exc_info=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ConfiguredElsewhereError",
     "DuplicateError",
     "ForbiddenError",
     "InvalidAttributeValueError",
@@ -24,6 +25,7 @@ __all__ = [
     "NotFoundError",
     "OrderMessageError",
     "OutOfResourcesError",
+    "PeerUnavailableError",
     "ProcedureStepStateError",
     "RetentionError",
     "SOPClassMismatchError",
@@ -147,6 +149,24 @@ class OutOfResourcesError(ServiceError, OSError):
     fhir_code = "no-store"
 
 
+class PeerUnavailableError(ServiceError, ConnectionError):
+    """A remote archive refused, failed or did not answer (forwarding, issue 16 §4).
+
+    ``retry_in_s`` asks the job worker to try again after that long, however many
+    tries it took so far (the forwarding service decides when to give up). A C-MOVE
+    destination that cannot be reached is PS3.4 C.4.2.1.5 0xA801.
+    """
+
+    title = "Peer unavailable"
+    http_status = 502
+    dimse_status = 0xA801
+    fhir_code = "transient"
+
+    def __init__(self, message: str = "", *, retry_in_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
 class LabMessageError(ServiceError, ValueError):
     """An analyzer file that cannot be parsed; the file moves to ``rejected/``.
 
@@ -230,6 +250,16 @@ class ForbiddenError(ServiceError, PermissionError):
         super().__init__(message)
         #: The scope that would have been enough (``WWW-Authenticate: ... scope=``).
         self.scope = scope
+
+
+class ConfiguredElsewhereError(ServiceError, ValueError):
+    """A change through the API to something the settings define (issue 16: a C-MOVE
+    destination of ``qr.destinations``); HTTP 409, change the settings instead."""
+
+    title = "Defined in the settings"
+    http_status = 409
+    dimse_status = 0x0110
+    fhir_code = "business-rule"
 
 
 class RetentionError(ServiceError, ValueError):

@@ -35,6 +35,9 @@ __all__ = [
     "AuthSettings",
     "DaskSettings",
     "DicomSettings",
+    "ForwardingDestination",
+    "ForwardingRule",
+    "ForwardingSettings",
     "HttpSettings",
     "IndexSettings",
     "IngestSettings",
@@ -46,6 +49,8 @@ __all__ = [
     "OhifSettings",
     "OrdersSettings",
     "ProcessingSettings",
+    "QueryRetrieveSettings",
+    "RemoteAE",
     "RetentionRule",
     "RetentionSettings",
     "Settings",
@@ -674,6 +679,113 @@ class RetentionSettings(BaseModel):
     )
 
 
+class RemoteAE(BaseModel):
+    """A peer DICOM application entity (PS3.8 7.1.1.5): where its AE title is reached."""
+
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+
+
+class QueryRetrieveSettings(BaseModel):
+    """Query/Retrieve SCP (PS3.4 C), Storage Commitment (PS3.4 J), extra storage classes.
+
+    Issue 16. ``PACSLAB_QR__DESTINATIONS='{"WS1": {"host": "10.0.0.5", "port": 104}}'``.
+    """
+
+    #: C-MOVE destinations by AE title; the admin API adds more (kept in the index).
+    destinations: dict[str, RemoteAE] = Field(default_factory=dict)
+    #: A C-FIND with more matches ends with 0xA700 after this many (a narrower query
+    #: is asked for) rather than streaming the whole archive.
+    max_find_results: int = Field(10_000, ge=1)
+    #: C-MOVE / C-GET running at once in one receiver process; more get 0xA702.
+    max_concurrent_retrieves: int = Field(4, ge=1)
+    #: Sub-operations of one C-MOVE / C-GET (the response counters are US: 65535).
+    max_retrieve_instances: int = Field(65_535, ge=1, le=65_535)
+    #: Timeouts of our associations to move destinations / commitment SCUs (s).
+    connect_timeout_s: float = Field(10.0, gt=0)
+    #: Retired standard storage SOP classes (PS3.6 Table A-1, "Retired"), e.g. the
+    #: old Ultrasound Image Storage 1.2.840.10008.5.1.4.1.1.6 still sent by devices.
+    accept_retired_storage: bool = True
+    #: Private storage SOP classes to accept (exact UIDs); others are refused.
+    private_storage_classes: list[str] = Field(default_factory=list)
+
+    @field_validator("destinations")
+    @classmethod
+    def _check_aes(cls, value: dict[str, RemoteAE]) -> dict[str, RemoteAE]:
+        for ae in value:
+            if not 1 <= len(ae.strip()) <= 16 or "\\" in ae or not ae.isprintable():
+                raise ValueError(f"qr.destinations: {ae!r} is not an AE title")
+        return {ae.strip(): dest for ae, dest in value.items()}
+
+    @field_validator("private_storage_classes")
+    @classmethod
+    def _check_uids(cls, value: list[str]) -> list[str]:
+        for uid in value:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
+                raise ValueError(f"qr.private_storage_classes: {uid!r} is not a UID")
+        return value
+
+
+class ForwardingDestination(BaseModel):
+    """Where forwarded instances go: a C-STORE SCP or a STOW-RS endpoint (PS3.18 10.5)."""
+
+    kind: Literal["dicom", "stow"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(104, ge=1, le=65535)
+    url: str = ""
+    #: ``Authorization`` header value for STOW-RS (e.g. ``Bearer …``, ``Basic …``).
+    authorization: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> ForwardingDestination:
+        if self.kind == "dicom" and not (self.ae_title and self.host):
+            raise ValueError("a dicom forwarding destination needs ae_title and host")
+        if self.kind == "stow" and not self.url.startswith(("http://", "https://")):
+            raise ValueError("a stow forwarding destination needs an http(s) url")
+        return self
+
+
+class ForwardingRule(BaseModel):
+    """Forward what matches every given criterion (empty: any) to ``destinations``."""
+
+    name: str
+    destinations: list[str]
+    calling_aes: list[str] = Field(default_factory=list)
+    modalities: list[str] = Field(default_factory=list)
+    sop_classes: list[str] = Field(default_factory=list)
+    #: ``dicom`` (C-STORE) or ``stow`` (STOW-RS): how the instance arrived.
+    sources: list[str] = Field(default_factory=list)
+    #: Study attributes that must match (PS3.4 C.2.2.2 wildcards), e.g.
+    #: ``{"InstitutionName": "SITE A*"}``.
+    study: dict[str, str] = Field(default_factory=dict)
+
+
+class ForwardingSettings(BaseModel):
+    """Auto-routing of stored instances (issue 16 §4), run from the durable job queue."""
+
+    destinations: dict[str, ForwardingDestination] = Field(default_factory=dict)
+    rules: list[ForwardingRule] = Field(default_factory=list)
+    #: Tries before an instance goes to the dead-letter list (manual retry from the API).
+    max_attempts: int = Field(48, ge=1)
+    #: Backoff: first retry after this, doubling, capped at ``retry_max_s``.
+    retry_base_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(3600.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ForwardingSettings:
+        for name in self.destinations:
+            # Jobs are of kind "fwd:<name>" in a 16-character column.
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,12}", name):
+                raise ValueError(f"forwarding destination name {name!r}: 1-12 of A-Z a-z 0-9 _.-")
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in self.destinations]
+            if unknown:
+                raise ValueError(f"forwarding rule {rule.name!r}: unknown destinations {unknown}")
+        return self
+
+
 class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(False, alias="json")
@@ -811,6 +923,8 @@ class Settings(BaseSettings):
     signing: SigningSettings = SigningSettings()
     retention: RetentionSettings = RetentionSettings()
     ohif: OhifSettings = OhifSettings()
+    qr: QueryRetrieveSettings = QueryRetrieveSettings()  # issue 16
+    forwarding: ForwardingSettings = ForwardingSettings()  # issue 16
 
     @classmethod
     def settings_customise_sources(
@@ -906,6 +1020,9 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_PYTHON",  # ./run bench: use this interpreter as it is, no set-up
     "PACSLAB_BENCH_QUICK",  # ./run bench --quick: benchmarks shrink to smoke sizes
     "PACSLAB_BENCH_FIGURES",  # ./run bench: where benchmarks write their figures
+    "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
+    "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
+    "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"

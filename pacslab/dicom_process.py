@@ -21,13 +21,16 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 
 from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
+from ingest.service import IngestService
 from pacslab.runtime import configure_runtime
 from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
+from services.storage_classes import extra_storage_classes
 from storage.index.sql import SqlIndex
 from storage.originals import clear_staging
 
@@ -65,6 +68,9 @@ def run_receiver(
     # process (the receiver and the worklist SCP it also serves no longer set them).
     configure_runtime(receiver_staging=service.archive.staging_dir())
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
+    extra_contexts, extra_handlers = _query_retrieve(
+        settings, index, service, extra_contexts, extra_handlers
+    )
     # Queries and procedure steps served by pynetdicom are logged too (issue 7 §2).
     from ingest.dicom.audit import dimse_audit_handlers
 
@@ -81,6 +87,10 @@ def run_receiver(
         extra_contexts=extra_contexts,
         extra_handlers=extra_handlers,
         share_accepts=siblings > 1,
+        extra_storage_classes=extra_storage_classes(
+            accept_retired=settings.qr.accept_retired_storage,
+            private=settings.qr.private_storage_classes,
+        ),
     )
     # Everything built so far (pydicom's dictionaries, pynetdicom, SQLAlchemy's tables
     # and compiled statements) lives as long as the process: out of the cyclic
@@ -169,6 +179,68 @@ def _other_dicom_services(
         sink,
     )
     return presentation_contexts(), evt_handlers
+
+
+def _query_retrieve(
+    settings: Settings,
+    index: SqlIndex,
+    service: IngestService,
+    contexts: list[PresentationContext],
+    handlers: list[Any],
+) -> tuple[list[PresentationContext], list[Any]]:
+    """Query/Retrieve FIND, MOVE, GET (PS3.4 C) and Storage Commitment (PS3.4 J).
+
+    The worklist's C-FIND handler becomes the fallback of the Q/R one: pynetdicom
+    binds one handler per intervention event, so one handler routes by SOP Class.
+    """
+    from functools import partial
+
+    from ingest.dicom import qr
+    from services.destinations import DestinationDirectory
+    from services.query_retrieve import QueryRetrieveService
+
+    qr_service = QueryRetrieveService(
+        index,
+        service.archive.originals,
+        ae_title=settings.dicom.ae_title,
+        max_find_results=settings.qr.max_find_results,
+        max_retrieve_instances=settings.qr.max_retrieve_instances,
+        audit=service.audit,
+        patient_secret=service.patient_secret,
+    )
+    fallback = None
+    rest: list[Any] = []
+    for entry in handlers:
+        if entry[0] is evt.EVT_C_FIND:
+            fn, args = entry[1], list(entry[2]) if len(entry) > 2 else []
+            fallback = partial(_call_with, fn, args)
+        else:
+            rest.append(entry)
+    directory = DestinationDirectory(index, settings.qr.destinations)
+    qr_handlers = qr.handlers(
+        qr_service,
+        destinations=directory.lookup,
+        max_concurrent=settings.qr.max_concurrent_retrieves,
+        fallback_find=fallback,
+    )
+    from ingest.dicom import commitment
+    from services.commitment import CommitmentService
+
+    reporter = commitment.CommitmentReporter(
+        CommitmentService(index, service.archive.originals),
+        directory.lookup,
+        ae_title=settings.dicom.ae_title,
+        timeout_s=settings.qr.connect_timeout_s,
+        audit=service.audit,
+    )
+    return (
+        [*contexts, *qr.presentation_contexts(), *commitment.presentation_contexts()],
+        [*rest, *qr_handlers, *commitment.handlers(reporter)],
+    )
+
+
+def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
+    return fn(event, *args)
 
 
 def _child_main(listener: socket.socket, settings: Settings, siblings: int) -> None:

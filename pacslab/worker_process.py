@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,15 @@ from pydicom import dcmread
 from core.errors import NotFoundError
 from core.instance import metadata_json
 from core.settings import Settings
-from pacslab.wiring import build_index, build_order_service, build_originals
+from pacslab.wiring import build_audit, build_index, build_order_service, build_originals
 from processing.integrity import verify_original
 from processing.orders import order_keys, status_notice
 from processing.tiling import convert_series
 from processing.webhook import post_json
 from processing.worker import JobWorker
+from services.forwarding import ForwardingService, InstanceFacts, job_kind
 from storage.abc import Job
+from storage.index.qr import calling_ae_of
 
 __all__ = ["build_worker", "start_worker"]
 
@@ -56,6 +59,13 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
     workers = settings.dask.workers or None
 
     orders = build_order_service(settings, index)
+    forwarding = ForwardingService(
+        settings.forwarding,
+        index,
+        originals,
+        ae_title=settings.dicom.ae_title,
+        audit=build_audit(settings, index)[0] if settings.forwarding.rules else None,
+    )
 
     def instance_job(job: Job) -> Mapping[str, Any]:
         inst = index.get_instance(job.target)
@@ -63,6 +73,7 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
         with originals.open(inst.blob_key) as fp:
             ds = dcmread(fp, defer_size=1024)
         index.set_metadata_json(inst.sop_instance_uid, inst.blob_key, metadata_json(ds))
+        routed = forwarding.enqueue(_facts(index, inst, ds)) if forwarding.enabled else []
         # Reconciliation (issue #4): after the C-STORE was acknowledged, never in it.
         keys = order_keys(ds)
         link = orders.reconcile(
@@ -70,7 +81,12 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
             accession=keys.accession_number,
             procedure_id=keys.requested_procedure_id,
         )
-        return {"blob_key": inst.blob_key, "verified": True, "order": link.order_id or None}
+        out: dict[str, Any] = {
+            "blob_key": inst.blob_key, "verified": True, "order": link.order_id or None
+        }
+        if routed:
+            out["forwarded_to"] = routed
+        return out
 
     def series_job(job: Job) -> Mapping[str, Any]:
         # Queued when the series goes quiet or an MPPS completes (PS3.4 F.7.2.2.2).
@@ -123,6 +139,9 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
     handlers: dict[str, Any] = {"instance": instance_job, "series": series_job}
     if settings.orders.webhook_url:
         handlers["webhook"] = webhook_job
+    for name in settings.forwarding.destinations:
+        # Forwarding (issue 16 §4): one job kind per destination, "fwd:<name>".
+        handlers[job_kind(name)] = partial(_forward_job, forwarding, name)
     worker = JobWorker(
         index,
         handlers,
@@ -137,7 +156,33 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
             index.add_job("series", uid)
 
     worker.on_idle.append(roll_up)
+    # Forwarding keeps one association per destination while jobs keep coming; an
+    # idle queue releases them rather than holding the peers' association slots.
+    worker.on_idle.append(forwarding.close)
     return worker
+
+
+def _forward_job(forwarding: ForwardingService, name: str, job: Job) -> Mapping[str, Any]:
+    return forwarding.send(name, job.target, job.attempts)
+
+
+def _facts(index: Any, inst: Any, ds: Any) -> InstanceFacts:
+    """What forwarding rules match on, from the index row and the header just read."""
+    calling = calling_ae_of(index, inst.sop_instance_uid, inst.blob_key)
+    study = {
+        key: str(ds.get(key, "") or "")
+        for key in ("StudyDescription", "InstitutionName", "AccessionNumber",
+                    "ReferringPhysicianName", "StationName", "StudyID")
+    }
+    return InstanceFacts(
+        sop_instance_uid=inst.sop_instance_uid,
+        sop_class_uid=inst.sop_class_uid,
+        calling_ae=calling,
+        # STOW-RS stores under the calling AE "STOW" (api/dicomweb/_stow.py).
+        source="stow" if calling == "STOW" else "dicom",
+        modality=str(ds.get("Modality", "") or ""),
+        study=study,
+    )
 
 
 def _lower_priority() -> None:

@@ -129,6 +129,11 @@ class JobWorker:
                     if job.attempts >= self.max_attempts or expected
                     else min(60.0, 2.0**job.attempts)
                 )
+                # The handler may own its retry policy (forwarding to a peer that is
+                # down for hours): an error carrying ``retry_in_s`` is retried then.
+                asked = getattr(exc, "retry_in_s", None)
+                if isinstance(asked, (int, float)):
+                    retry = float(asked)
                 # A ServiceError (bad input) will fail the same way again: no retry.
                 self.index.fail_job(job.id, error, retry_in_s=retry)
                 log = logger.warning if expected else logger.error

@@ -38,6 +38,11 @@ _TYPES = {
     # access to instances (DCM 110103 is for instances created, read or deleted).
     "dicom.mpps": ("http://dicom.nema.org/resources/ontology/DCM", "110111",
                    "Procedure Record"),
+    # Issue 16: retrieves, forwarding (instances sent to another AE).
+    **{kind: ("http://dicom.nema.org/resources/ontology/DCM", "110104",
+              "DICOM Instances Transferred")
+       for kind in ("dicom.c-move", "dicom.c-get", "dicom.move-send", "dicom.get-send",
+                    "dicom.forward")},
     "lab.file": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
     "hl7.order": ("http://dicom.nema.org/resources/ontology/DCM", "110109", "Order Record"),
     "sign": ("http://dicom.nema.org/resources/ontology/DCM", "110110", "Patient Record"),

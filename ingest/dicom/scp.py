@@ -74,11 +74,11 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def storage_contexts() -> list[PresentationContext]:
-    return [
-        build_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts
-    ]
+def storage_contexts(extra_classes: Sequence[str] = ()) -> list[PresentationContext]:
+    """pynetdicom's storage SOP classes plus ``extra_classes`` (retired, private)."""
+    known = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    extra = [uid for uid in extra_classes if uid not in known]
+    return [build_context(uid, TRANSFER_SYNTAXES) for uid in [*known, *extra]]
 
 
 def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -113,6 +113,8 @@ class DicomReceiver:
     extra_contexts, extra_handlers
         Presentation contexts and pynetdicom event handlers of other services that
         share this AE and port (worklist C-FIND, MPPS), served by pynetdicom.
+    extra_storage_classes
+        Storage SOP classes accepted beyond pynetdicom's list (retired, private).
     share_accepts
         Other receiver processes accept on the same socket: a busy one lets them go
         first.
@@ -128,16 +130,16 @@ class DicomReceiver:
         extra_contexts: Sequence[PresentationContext] = (),
         extra_handlers: Sequence[tuple[Any, ...]] = (),
         share_accepts: bool = False,
+        extra_storage_classes: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.share_accepts = share_accepts
         self.service = service
-        contexts = [*storage_contexts(), build_context(Verification, TRANSFER_SYNTAXES[:2])]
+        storage = storage_contexts(extra_storage_classes)
+        contexts = [*storage, build_context(Verification, TRANSFER_SYNTAXES[:2])]
         self.policy = AssociationPolicy(
             contexts=contexts,
-            storage_sop_classes=frozenset(
-                str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
-            ),
+            storage_sop_classes=frozenset(str(cx.abstract_syntax) for cx in storage),
             allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
             max_pdu=settings.max_pdu,
             network_timeout_s=settings.network_timeout_s,
@@ -178,7 +180,11 @@ class DicomReceiver:
         ae.maximum_associations = self.settings.max_associations
         ae.require_calling_aet = list(self.policy.allowed_calling_aes)
         for cx in [*contexts, *extra]:
-            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax)
+            uid = str(cx.abstract_syntax)
+            # Storage contexts accept SCP/SCU Role Selection (PS3.7 D.3.3.4) either
+            # way, so a C-GET SCU can take the SCP role for its sub-operations.
+            role = True if uid in self.policy.storage_sop_classes else None
+            ae.add_supported_context(uid, cx.transfer_syntax, scu_role=role, scp_role=role)
         return ae
 
     # -- accept loop ---------------------------------------------------------------

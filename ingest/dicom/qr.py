@@ -1,0 +1,339 @@
+"""Thin pynetdicom adapters for Query/Retrieve (PS3.4 C) and Storage Commitment (PS3.4 J).
+
+They translate only: identifiers go to :class:`services.query_retrieve.QueryRetrieveService`,
+a :class:`~core.errors.ServiceError` becomes its DIMSE status with a PHI-free Error
+Comment, anything else is a bug that pynetdicom answers (0xC311/0xC511/0xC611) and logs.
+
+pynetdicom allows one handler per intervention event, and Modality Worklist also
+answers C-FIND on this AE: :func:`handle_find` serves the Query/Retrieve information
+models and hands every other SOP Class to ``fallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from core.errors import ServiceError
+from services.query_retrieve import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    QueryRetrieveService,
+    RetrieveItem,
+)
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+    from core.settings import RemoteAE
+
+__all__ = [
+    "RetrieveGate",
+    "handle_find",
+    "handle_get",
+    "handle_move",
+    "handlers",
+    "presentation_contexts",
+    "retrieve_contexts",
+]
+
+logger = logging.getLogger(__name__)
+
+_PENDING = 0xFF00
+_PENDING_WARNING = 0xFF01
+_CANCEL = 0xFE00
+#: PS3.4 C.4.2.1.5: Refused: Out of Resources - Unable to perform sub-operations.
+_REFUSED_SUBOPS = 0xA702
+#: A SOP Class UID never proposed (a UID of the 2.25 UUID arc, PS3.5 B.2).
+_NO_CONTEXT = "2.25.1"
+_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"]
+
+FindHandler = Callable[["Event"], Iterator[tuple[Any, Any]]]
+DestinationLookup = Callable[[str], "RemoteAE | None"]
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO; our messages carry no PHI
+    return ds
+
+
+def _comment(exc: ServiceError) -> str:
+    return (str(exc) or exc.title)[:64]
+
+
+def _sop_class(event: Event) -> str:
+    return str(event.request.AffectedSOPClassUID or "")
+
+
+def handle_find(
+    event: Event, service: QueryRetrieveService, fallback: FindHandler | None = None
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """EVT_C_FIND: Patient/Study Root Query/Retrieve FIND (PS3.4 C.4.1.3.1).
+
+    One Pending response per match (0xFF01 when some matching keys were not
+    applied), Cancel (0xFE00) once a C-CANCEL-FIND arrives, Out of Resources (0xA700)
+    past the configured number of matches.
+    """
+    sop_class = _sop_class(event)
+    model = FIND_MODELS.get(sop_class)
+    if model is None:
+        if fallback is None:
+            yield _status(0x0122, "SOP Class not supported"), None
+            return
+        yield from fallback(event)
+        return
+    calling = event.assoc.requestor.ae_title
+    try:
+        request = service.parse_find(event.identifier, model)
+    except ServiceError as exc:
+        logger.warning("C-FIND from %s refused: %s", calling, exc.title)
+        yield _status(exc.dimse_status, _comment(exc)), None
+        return
+    pending = _PENDING_WARNING if request.unsupported else _PENDING
+    sent = 0
+    try:
+        for response in service.find(request):
+            if event.is_cancelled:
+                logger.info("C-FIND from %s cancelled after %d matches", calling, sent)
+                yield _CANCEL, None
+                return
+            yield pending, response
+            sent += 1
+    except ServiceError as exc:
+        logger.warning("C-FIND from %s stopped after %d: %s", calling, sent, exc.title)
+        yield _status(exc.dimse_status, _comment(exc)), None
+        return
+    logger.info("C-FIND %s level from %s: %d matches", request.level, calling, sent)
+
+
+class RetrieveGate:
+    """A cap on C-MOVE/C-GET running at once in this process (issue 16 §2)."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def try_enter(self) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+def retrieve_contexts(items: list[RetrieveItem]) -> list[PresentationContext]:
+    """What to propose to a move destination: each SOP Class in its stored transfer
+    syntax, and uncompressed (PS3.5 A.1, A.2) for destinations that accept only that.
+
+    At most 128 contexts (PS3.8 9.3.2.2); the SOP classes beyond are not proposed and
+    their sub-operations fail, listed in the Failed SOP Instance UID List.
+    """
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for item in items:
+        own = item.transfer_syntax_uid
+        if own not in _SYNTAXES[:2]:
+            wanted[(item.sop_class_uid, (own,))] = None
+        wanted[(item.sop_class_uid, tuple(_SYNTAXES[:2]))] = None
+    contexts = [build_context(sop, list(ts)) for sop, ts in list(wanted)[:128]]
+    return contexts
+
+
+def _load(service: QueryRetrieveService, item: RetrieveItem) -> Dataset | None:
+    try:
+        return service.load(item)
+    except (ServiceError, OSError, ValueError):
+        logger.error("original of %s not readable for retrieve", item.sop_instance_uid,
+                     exc_info=True)
+        return None
+
+
+def _refuse(code: int, comment: str) -> tuple[int | Dataset, Dataset | None]:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = ""
+    return _status(code, comment), ds
+
+
+def _record(service: QueryRetrieveService, event: Event, kind: Literal["move", "get"],
+            destination: str,
+            items: list[RetrieveItem]) -> None:
+    requestor = event.assoc.requestor
+    service.record_retrieve(
+        kind,
+        calling_ae=str(requestor.ae_title),
+        address=str(requestor.address),
+        destination=destination,
+        items=items,
+    )
+
+
+def handle_move(
+    event: Event,
+    service: QueryRetrieveService,
+    destinations: DestinationLookup,
+    gate: RetrieveGate,
+) -> Iterator[Any]:
+    """EVT_C_MOVE (PS3.4 C.4.2.3.1): C-STORE sub-operations to a configured AE.
+
+    pynetdicom's protocol: yield the destination ``(host, port, kwargs)`` (``(None,
+    None)`` for an unknown AE: 0xA801), then the number of sub-operations, then one
+    ``(0xFF00, dataset)`` per instance; pynetdicom sends the Pending responses with
+    the remaining/completed/failed/warning counts and the final one with the Failed
+    SOP Instance UID List (PS3.4 C.4.2.1.4). Refusals after the destination is known
+    still come after the count, as the protocol has no earlier place for them.
+    """
+    calling = event.assoc.requestor.ae_title
+    dest_ae = str(event.move_destination or "").strip()
+    remote = destinations(dest_ae)
+    if remote is None:
+        logger.warning("C-MOVE from %s to unknown destination %s", calling, dest_ae)
+        yield None, None
+        return
+    model = MOVE_MODELS.get(_sop_class(event))
+    items: list[RetrieveItem] = []
+    refusal: tuple[int, str] | None = None
+    if model is None:
+        refusal = (0x0122, "SOP Class not supported")
+    else:
+        try:
+            items = service.plan_retrieve(event.identifier, model)
+        except ServiceError as exc:
+            refusal = (exc.dimse_status, _comment(exc))
+    if refusal is None and not items:
+        yield remote.host, remote.port
+        yield 0
+        _record(service, event, "move", dest_ae, items)
+        return
+    entered = refusal is None and gate.try_enter()
+    if refusal is None and not entered:
+        refusal = (_REFUSED_SUBOPS, "Too many retrieves at once; try again later")
+    try:
+        contexts = retrieve_contexts(items) if items else [build_context(Verification)]
+        yield remote.host, remote.port, {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_ESTABLISHED, _busy_sender)],
+        }
+        if refusal is not None:
+            logger.warning("C-MOVE from %s refused: %s", calling, refusal[1])
+            yield 1
+            yield _refuse(*refusal)
+            return
+        yield len(items)
+        logger.info("C-MOVE from %s to %s: %d instances", calling, dest_ae, len(items))
+        yield from _sub_operations(event, service, items)
+        _record(service, event, "move", dest_ae, items)
+    finally:
+        if entered:
+            gate.leave()
+
+
+#: pynetdicom's DUL thread sleeps 1 ms whenever its queue is momentarily empty; a
+#: C-STORE sub-operation is cut into one P-DATA PDU per peer Maximum Length (16 KiB
+#: for DCMTK tools), and the encoder refills the queue a little slower than the DUL
+#: empties it, so a 512 KiB CT image waited up to 32 ms in sleeps. While sub-operations
+#: run, the loop sleeps 50 us instead (measured: C-MOVE of 100 CT images x3).
+_SENDING_LOOP_DELAY_S = 0.00005
+
+
+def _tighten(assoc: Any) -> None:
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = _SENDING_LOOP_DELAY_S
+
+
+def _busy_sender(event: Event) -> None:
+    """EVT_ESTABLISHED of our association to a move destination (see above)."""
+    _tighten(event.assoc)
+
+
+def _sub_operations(
+    event: Event, service: QueryRetrieveService, items: list[RetrieveItem]
+) -> Iterator[tuple[int | Dataset, Any]]:
+    for item in items:
+        if event.is_cancelled:
+            yield _CANCEL, None
+            return
+        ds = _load(service, item)
+        # An unreadable original is a failed sub-operation listed by its UID (PS3.4
+        # C.4.2.1.4.2): pynetdicom lists the UID of a Dataset whose C-STORE raised,
+        # and a Dataset of a SOP Class no context was negotiated for raises at once,
+        # before anything is sent.
+        yield _PENDING, ds if ds is not None else _unsendable(item)
+
+
+def _unsendable(item: RetrieveItem) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = _NO_CONTEXT
+    ds.SOPInstanceUID = item.sop_instance_uid
+    return ds
+
+
+def handle_get(
+    event: Event, service: QueryRetrieveService, gate: RetrieveGate
+) -> Iterator[Any]:
+    """EVT_C_GET (PS3.4 C.4.3.3.1): C-STORE sub-operations on the same association.
+
+    The SCU must have proposed the storage SOP classes with the SCP role (PS3.7
+    D.3.3.4 SCP/SCU Role Selection); a sub-operation without such a context fails and
+    is listed in the Failed SOP Instance UID List.
+    """
+    calling = event.assoc.requestor.ae_title
+    model = GET_MODELS.get(_sop_class(event))
+    if model is None:
+        yield 1
+        yield _refuse(0x0122, "SOP Class not supported")
+        return
+    try:
+        items = service.plan_retrieve(event.identifier, model)
+    except ServiceError as exc:
+        logger.warning("C-GET from %s refused: %s", calling, exc.title)
+        yield 1
+        yield _refuse(exc.dimse_status, _comment(exc))
+        return
+    if not items:
+        yield 0
+        return
+    if not gate.try_enter():
+        yield 1
+        yield _refuse(_REFUSED_SUBOPS, "Too many retrieves at once; try again later")
+        return
+    try:
+        yield len(items)
+        _tighten(event.assoc)
+        logger.info("C-GET from %s: %d instances", calling, len(items))
+        yield from _sub_operations(event, service, items)
+        _record(service, event, "get", str(calling), items)
+    finally:
+        gate.leave()
+
+
+def presentation_contexts() -> list[PresentationContext]:
+    """SCP contexts of the Patient and Study Root FIND, MOVE and GET models."""
+    return [
+        build_context(UID(uid), _SYNTAXES)
+        for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)
+    ]
+
+
+def handlers(
+    service: QueryRetrieveService,
+    destinations: DestinationLookup,
+    *,
+    max_concurrent: int,
+    fallback_find: FindHandler | None = None,
+) -> list[tuple[Any, ...]]:
+    """``evt_handlers`` entries for the shared AE (see the module docstring)."""
+    gate = RetrieveGate(max_concurrent)
+    return [
+        (evt.EVT_C_FIND, handle_find, [service, fallback_find]),
+        (evt.EVT_C_MOVE, handle_move, [service, destinations, gate]),
+        (evt.EVT_C_GET, handle_get, [service, gate]),
+    ]

@@ -1,0 +1,179 @@
+"""Index queries of Query/Retrieve and forwarding (issue 16) that the shared modules lack.
+
+Kept apart from ``sql.py``/``queries.py`` so both can change without conflicts. Every
+function takes the :class:`~storage.index.sql.SqlIndex` and uses its engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    delete,
+    func,
+    select,
+    update,
+)
+
+from storage.index.schema import instances, jobs
+
+if TYPE_CHECKING:
+    from storage.index.sql import SqlIndex
+
+__all__ = [
+    "QueuedJob",
+    "calling_ae_of",
+    "delete_destination",
+    "dicom_destinations",
+    "get_destination",
+    "job_counts",
+    "list_destinations",
+    "list_jobs",
+    "put_destination",
+    "retry_job",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """A job row as the forwarding queue API shows it."""
+
+    id: int
+    kind: str
+    target: str
+    status: str
+    attempts: int
+    error: str
+    not_before: float
+    updated_at: datetime
+
+
+def calling_ae_of(index: SqlIndex, sop_instance_uid: str, blob_key: str) -> str:
+    """The calling AE title the given version of an instance arrived from ("" if unknown)."""
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            select(instances.c.calling_ae).where(
+                and_(
+                    instances.c.sop_instance_uid == sop_instance_uid,
+                    instances.c.blob_key == blob_key,
+                )
+            )
+        ).first()
+    return str(row[0]) if row is not None else ""
+
+
+def job_counts(index: SqlIndex, prefix: str) -> dict[tuple[str, str], int]:
+    """Jobs per ``(kind, status)`` for kinds starting with ``prefix``."""
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            select(jobs.c.kind, jobs.c.status, func.count())
+            .where(jobs.c.kind.startswith(prefix, autoescape=True))
+            .group_by(jobs.c.kind, jobs.c.status)
+        ).all()
+    return {(str(k), str(s)): int(n) for k, s, n in rows}
+
+
+def list_jobs(
+    index: SqlIndex, prefix: str, *, status: str | None = None, limit: int = 100
+) -> list[QueuedJob]:
+    """The newest jobs of the kinds starting with ``prefix`` (optionally one status)."""
+    cond = jobs.c.kind.startswith(prefix, autoescape=True)
+    if status is not None:
+        cond = and_(cond, jobs.c.status == status)
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                jobs.c.id, jobs.c.kind, jobs.c.target, jobs.c.status, jobs.c.attempts,
+                jobs.c.error, jobs.c.not_before, jobs.c.updated_at,
+            )
+            .where(cond)
+            .order_by(jobs.c.id.desc())
+            .limit(limit)
+        ).all()
+    return [QueuedJob(*row) for row in rows]
+
+
+def retry_job(index: SqlIndex, job_id: int, prefix: str) -> bool:
+    """Put a ``failed`` job of a ``prefix`` kind back to pending, tries reset (manual retry)."""
+    with index.write() as conn:
+        result = conn.execute(
+            update(jobs)
+            .where(
+                and_(
+                    jobs.c.id == job_id,
+                    jobs.c.status == "failed",
+                    jobs.c.kind.startswith(prefix, autoescape=True),
+                )
+            )
+            .values(status="pending", attempts=0, not_before=time.time(),
+                    updated_at=datetime.now(UTC))
+        )
+    return bool(result.rowcount)
+
+
+# -- C-MOVE destinations added through the admin API (migration 0007) ---------------
+
+dicom_destinations = Table(
+    "dicom_destinations",
+    MetaData(),  # its own: schema.py's metadata belongs to the shared tables
+    Column("ae_title", String(16), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("updated_by", String(128), nullable=False, server_default=""),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def get_destination(index: SqlIndex, ae_title: str) -> tuple[str, int] | None:
+    with index.engine.connect() as conn:
+        row = conn.execute(
+            select(dicom_destinations.c.host, dicom_destinations.c.port).where(
+                dicom_destinations.c.ae_title == ae_title
+            )
+        ).first()
+    return (str(row[0]), int(row[1])) if row is not None else None
+
+
+def list_destinations(index: SqlIndex) -> dict[str, tuple[str, int]]:
+    with index.engine.connect() as conn:
+        rows = conn.execute(
+            select(
+                dicom_destinations.c.ae_title,
+                dicom_destinations.c.host,
+                dicom_destinations.c.port,
+            ).order_by(dicom_destinations.c.ae_title)
+        ).all()
+    return {str(a): (str(h), int(p)) for a, h, p in rows}
+
+
+def put_destination(index: SqlIndex, ae_title: str, host: str, port: int, by: str) -> bool:
+    """Add or replace; True when it was new."""
+    now = datetime.now(UTC)
+    with index.write() as conn:
+        gone = conn.execute(
+            delete(dicom_destinations).where(dicom_destinations.c.ae_title == ae_title)
+        )
+        conn.execute(
+            dicom_destinations.insert().values(
+                ae_title=ae_title, host=host, port=port, updated_by=by[:128], updated_at=now
+            )
+        )
+    return not gone.rowcount
+
+
+def delete_destination(index: SqlIndex, ae_title: str) -> bool:
+    with index.write() as conn:
+        gone = conn.execute(
+            delete(dicom_destinations).where(dicom_destinations.c.ae_title == ae_title)
+        )
+    return bool(gone.rowcount)
