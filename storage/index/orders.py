@@ -35,6 +35,7 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, OutOfResourcesError, ProcedureStepStateError
+from core.person_name import person_name_key
 from core.orders import (
     OrderRecord,
     OrderStatus,
@@ -560,13 +561,17 @@ class SqlOrderStore:
                 patient_id=p.id,
                 issuer=p.issuer,
                 name=p.name,
+                name_key=person_name_key(p.name),
                 birth_date=p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
                 sex=p.sex[:16],
                 updated_at=now,
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["patient_id", "issuer"],
-                set_={k: stmt.excluded[k] for k in ("name", "birth_date", "sex", "updated_at")},
+                set_={
+                    k: stmt.excluded[k]
+                    for k in ("name", "name_key", "birth_date", "sex", "updated_at")
+                },
             ).returning(patients.c.id)
             patient_pk = conn.execute(stmt).scalar_one()
             conn.execute(

@@ -1,0 +1,277 @@
+"""Archive scale (issue 21): name keys, per-study modalities, roll-up column, counters
+
+Revision ID: 0006
+Revises: 0004 (0005, lab/patient columns, is written on another branch at the same
+    time; the lead re-chains this onto it when both are merged)
+Create Date: 2026-12-02 16:00:00.000000
+
+Adds, and fills for an existing archive:
+
+* ``patients.name_key``: :func:`core.person_name.person_name_key` of the name, indexed;
+* ``study_modalities``: each study's distinct series modalities, indexed by modality;
+* ``series.num_instances``: current instances of the series (per-study counts);
+* ``series.rollup_due_at``: the newest instance's arrival while the series' roll-up is
+  owed (the old roll-up's rule: no series job queued since that instance);
+* ``index_counters`` and the triggers that keep it: row counts of patients, studies,
+  series, instances (all and current) and jobs per status, so ``/metrics`` reads a few
+  rows instead of counting tables. On PostgreSQL each backend bumps its own shard
+  (``pg_backend_pid() % 16``): receivers on separate connections do not queue on one
+  counter row;
+* ``instances.metadata_z``: the DICOM JSON compressed (older rows keep their text).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from core.person_name import person_name_key
+
+revision = "0006"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+_SHARDS = 16
+_NAMES = (
+    "patients",
+    "studies",
+    "series",
+    "instances",
+    "instances_current",
+    "jobs_pending",
+    "jobs_running",
+    "jobs_done",
+    "jobs_failed",
+)
+
+_BUMP = "UPDATE index_counters SET value = value {sign} 1 WHERE shard = 0 AND {cond};"
+
+_SQLITE_TRIGGERS = [
+    *(
+        f"CREATE TRIGGER ic_{t}_insert AFTER INSERT ON {t} BEGIN "
+        + _BUMP.format(sign="+", cond=f"name = '{t}'")
+        + " END"
+        for t in ("patients", "studies", "series")
+    ),
+    *(
+        f"CREATE TRIGGER ic_{t}_delete AFTER DELETE ON {t} BEGIN "
+        + _BUMP.format(sign="-", cond=f"name = '{t}'")
+        + " END"
+        for t in ("patients", "studies", "series")
+    ),
+    "CREATE TRIGGER ic_instances_insert AFTER INSERT ON instances BEGIN "
+    + _BUMP.format(
+        sign="+", cond="(name = 'instances' OR (name = 'instances_current' AND NEW.is_current))"
+    )
+    + " END",
+    "CREATE TRIGGER ic_instances_delete AFTER DELETE ON instances BEGIN "
+    + _BUMP.format(
+        sign="-", cond="(name = 'instances' OR (name = 'instances_current' AND OLD.is_current))"
+    )
+    + " END",
+    "CREATE TRIGGER ic_instances_current AFTER UPDATE OF is_current ON instances "
+    "WHEN OLD.is_current <> NEW.is_current BEGIN "
+    "UPDATE index_counters SET value = value + (CASE WHEN NEW.is_current THEN 1 ELSE -1 END) "
+    "WHERE shard = 0 AND name = 'instances_current'; END",
+    "CREATE TRIGGER ic_jobs_insert AFTER INSERT ON jobs BEGIN "
+    + _BUMP.format(sign="+", cond="name = 'jobs_' || NEW.status")
+    + " END",
+    "CREATE TRIGGER ic_jobs_delete AFTER DELETE ON jobs BEGIN "
+    + _BUMP.format(sign="-", cond="name = 'jobs_' || OLD.status")
+    + " END",
+    "CREATE TRIGGER ic_jobs_status AFTER UPDATE OF status ON jobs "
+    "WHEN OLD.status <> NEW.status BEGIN "
+    "UPDATE index_counters SET value = value + "
+    "(CASE WHEN name = 'jobs_' || NEW.status THEN 1 ELSE -1 END) "
+    "WHERE shard = 0 AND name IN ('jobs_' || NEW.status, 'jobs_' || OLD.status); END",
+]
+
+_PG_FUNCTIONS = [
+    f"""
+CREATE OR REPLACE FUNCTION pacslab_bump(n text, d bigint) RETURNS void AS $$
+  INSERT INTO index_counters (name, shard, value) VALUES (n, pg_backend_pid() % {_SHARDS}, d)
+  ON CONFLICT (name, shard) DO UPDATE SET value = index_counters.value + EXCLUDED.value
+$$ LANGUAGE sql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_count_rows() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN PERFORM pacslab_bump(TG_TABLE_NAME, 1);
+  ELSE PERFORM pacslab_bump(TG_TABLE_NAME, -1); END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_count_instances() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM pacslab_bump('instances', 1);
+    IF NEW.is_current THEN PERFORM pacslab_bump('instances_current', 1); END IF;
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM pacslab_bump('instances', -1);
+    IF OLD.is_current THEN PERFORM pacslab_bump('instances_current', -1); END IF;
+  ELSIF OLD.is_current IS DISTINCT FROM NEW.is_current THEN
+    PERFORM pacslab_bump('instances_current', CASE WHEN NEW.is_current THEN 1 ELSE -1 END);
+  END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_count_jobs() RETURNS trigger AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM pacslab_bump('jobs_' || NEW.status, 1);
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM pacslab_bump('jobs_' || OLD.status, -1);
+  ELSIF OLD.status IS DISTINCT FROM NEW.status THEN
+    PERFORM pacslab_bump('jobs_' || OLD.status, -1);
+    PERFORM pacslab_bump('jobs_' || NEW.status, 1);
+  END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+]
+
+_PG_TRIGGERS = [
+    *(
+        f"CREATE TRIGGER ic_{t} AFTER INSERT OR DELETE ON {t} "
+        "FOR EACH ROW EXECUTE FUNCTION pacslab_count_rows()"
+        for t in ("patients", "studies", "series")
+    ),
+    "CREATE TRIGGER ic_instances AFTER INSERT OR DELETE OR UPDATE OF is_current ON instances "
+    "FOR EACH ROW EXECUTE FUNCTION pacslab_count_instances()",
+    "CREATE TRIGGER ic_jobs AFTER INSERT OR DELETE OR UPDATE OF status ON jobs "
+    "FOR EACH ROW EXECUTE FUNCTION pacslab_count_jobs()",
+]
+
+_TRIGGER_NAMES_SQLITE = [
+    *(f"ic_{t}_{e}" for t in ("patients", "studies", "series") for e in ("insert", "delete")),
+    "ic_instances_insert",
+    "ic_instances_delete",
+    "ic_instances_current",
+    "ic_jobs_insert",
+    "ic_jobs_delete",
+    "ic_jobs_status",
+]
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    pg = bind.dialect.name == "postgresql"
+    if pg:
+        # Writers of other processes wait until the counts below and the triggers are
+        # in place together: a row inserted in between would be counted twice or never.
+        op.execute(
+            "LOCK TABLE patients, studies, series, instances, jobs IN SHARE ROW EXCLUSIVE MODE"
+        )
+    key_type = sa.String(length=512).with_variant(
+        sa.String(length=512, collation="C"), "postgresql"
+    )
+    with op.batch_alter_table("patients") as batch:
+        batch.add_column(sa.Column("name_key", key_type, nullable=False, server_default=""))
+    op.create_index("ix_patients_name_key", "patients", ["name_key"])
+    with op.batch_alter_table("series") as batch:
+        batch.add_column(sa.Column("rollup_due_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(
+            sa.Column("num_instances", sa.Integer(), nullable=False, server_default="0")
+        )
+    op.create_index("ix_series_rollup_due_at", "series", ["rollup_due_at"])
+    with op.batch_alter_table("instances") as batch:
+        batch.add_column(sa.Column("metadata_z", sa.LargeBinary(), nullable=True))
+    op.create_table(
+        "study_modalities",
+        sa.Column("study_pk", sa.Integer(), nullable=False),
+        sa.Column("modality", sa.String(length=16), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["study_pk"], ["studies.id"], name="fk_study_modalities_study_pk_studies"
+        ),
+        sa.PrimaryKeyConstraint("study_pk", "modality", name="pk_study_modalities"),
+    )
+    op.create_index(
+        "ix_study_modalities_modality", "study_modalities", ["modality", "study_pk"]
+    )
+    op.create_table(
+        "index_counters",
+        sa.Column("name", sa.String(length=32), nullable=False),
+        sa.Column("shard", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("value", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.PrimaryKeyConstraint("name", "shard", name="pk_index_counters"),
+    )
+    _backfill(bind)
+    for stmt in (*_PG_FUNCTIONS, *_PG_TRIGGERS) if pg else _SQLITE_TRIGGERS:
+        op.execute(stmt)
+
+
+def _backfill(bind: sa.Connection) -> None:
+    """Fill the new columns and tables from what an existing archive holds (once)."""
+    rows = bind.execute(sa.text("SELECT id, name FROM patients WHERE name <> ''")).all()
+    keyed = [{"pk": pk, "key": person_name_key(name)} for pk, name in rows]
+    for start in range(0, len(keyed), 1000):
+        bind.execute(
+            sa.text("UPDATE patients SET name_key = :key WHERE id = :pk"),
+            keyed[start : start + 1000],
+        )
+    bind.execute(
+        sa.text(
+            "INSERT INTO study_modalities (study_pk, modality) "
+            "SELECT DISTINCT study_pk, modality FROM series WHERE modality <> ''"
+        )
+    )
+    bind.execute(
+        sa.text(
+            "UPDATE series SET num_instances = (SELECT count(*) FROM instances "
+            "WHERE instances.series_pk = series.id AND instances.is_current)"
+        )
+    )
+    # The old roll-up's rule, evaluated once: a series is owed a roll-up when no
+    # series job was queued since its newest instance arrived.
+    bind.execute(
+        sa.text(
+            "UPDATE series SET rollup_due_at = last.received_at FROM "
+            "(SELECT series_pk, max(received_at) AS received_at FROM instances "
+            " GROUP BY series_pk) AS last "
+            "WHERE last.series_pk = series.id AND NOT EXISTS ("
+            " SELECT 1 FROM jobs WHERE jobs.kind = 'series' "
+            " AND jobs.target = series.series_instance_uid "
+            " AND jobs.created_at >= last.received_at)"
+        )
+    )
+    counts = {
+        "patients": "SELECT count(*) FROM patients",
+        "studies": "SELECT count(*) FROM studies",
+        "series": "SELECT count(*) FROM series",
+        "instances": "SELECT count(*) FROM instances",
+        "instances_current": "SELECT count(*) FROM instances WHERE is_current",
+    }
+    values = {name: int(bind.execute(sa.text(sql)).scalar_one()) for name, sql in counts.items()}
+    for status in ("pending", "running", "done", "failed"):
+        values[f"jobs_{status}"] = int(
+            bind.execute(
+                sa.text("SELECT count(*) FROM jobs WHERE status = :s"), {"s": status}
+            ).scalar_one()
+        )
+    bind.execute(
+        sa.text("INSERT INTO index_counters (name, shard, value) VALUES (:name, 0, :value)"),
+        [{"name": name, "value": values[name]} for name in _NAMES],
+    )
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        for t in ("patients", "studies", "series", "instances", "jobs"):
+            op.execute(f"DROP TRIGGER IF EXISTS ic_{t} ON {t}")
+        for fn in ("pacslab_count_rows()", "pacslab_count_instances()", "pacslab_count_jobs()",
+                   "pacslab_bump(text, bigint)"):
+            op.execute(f"DROP FUNCTION IF EXISTS {fn}")
+    else:
+        for name in _TRIGGER_NAMES_SQLITE:
+            op.execute(f"DROP TRIGGER IF EXISTS {name}")
+    op.drop_table("index_counters")
+    op.drop_index("ix_study_modalities_modality", table_name="study_modalities")
+    op.drop_table("study_modalities")
+    with op.batch_alter_table("instances") as batch:
+        batch.drop_column("metadata_z")
+    op.drop_index("ix_series_rollup_due_at", table_name="series")
+    with op.batch_alter_table("series") as batch:
+        batch.drop_column("num_instances")
+        batch.drop_column("rollup_due_at")
+    op.drop_index("ix_patients_name_key", table_name="patients")
+    with op.batch_alter_table("patients") as batch:
+        batch.drop_column("name_key")
