@@ -35,7 +35,6 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, OutOfResourcesError, ProcedureStepStateError
-from core.person_name import person_name_key
 from core.orders import (
     OrderRecord,
     OrderStatus,
@@ -43,6 +42,7 @@ from core.orders import (
     item_from_json,
     item_to_json,
 )
+from core.person_name import person_name_key
 from storage.index.schema import (
     jobs,
     mpps,
