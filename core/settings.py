@@ -209,6 +209,10 @@ class ProcessingSettings(BaseModel):
     #: that died and did not come back under its name; any worker then requeues it.
     #: Longer than the slowest job (a large series conversion), or it would run twice.
     lease_s: float = Field(600.0, gt=0)
+    #: Seconds a finished instance job is kept before the worker deletes it (issue 21:
+    #: the jobs table kept one row per instance forever). Series jobs and failed jobs
+    #: are kept. 0 keeps them all.
+    done_job_retention_s: float = Field(86400.0, ge=0)
     #: The name of a ``pacslab worker`` process (its claims carry ``<host>-<name>``);
     #: several worker processes on one host each need their own, or one restarting
     #: would take back the jobs the others are running.

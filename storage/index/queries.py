@@ -306,7 +306,8 @@ def person_name_condition(
             *(column.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% "))
         )
     if not _has_wildcard(folded):
-        return column == folded  # type: ignore[no-any-return]
+        eq: ColumnElement[bool] = column == folded
+        return eq
     cut = min(i for i, ch in enumerate(folded) if ch in "*?")
     conds: list[ColumnElement[bool]] = [column.like(_like_pattern(folded), escape="\\")]
     literal = folded[:cut]

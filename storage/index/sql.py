@@ -730,9 +730,12 @@ class SqlIndex:
             .where(and_(jobs.c.status == "done", jobs.c.kind == "instance"))
             .order_by(jobs.c.id)
             .limit(limit)
+            .subquery()
         )
+        # The comparison in SQL: each dialect compares its own stored timestamps.
+        old_enough = select(oldest.c.id).where(oldest.c.updated_at <= cutoff)
         with self._read() as conn:
-            ids = [r.id for r in conn.execute(oldest) if r.updated_at <= cutoff]
+            ids = [r.id for r in conn.execute(old_enough)]
         if not ids:
             return 0
         with self._write() as conn:
@@ -906,7 +909,9 @@ class SqlIndex:
         stmt = metadata_query(study_instance_uid, series_instance_uid, sop_instance_uid)
         with self._read() as conn:
             return [
-                MetadataRow(*row[:6], unpack_metadata(row[6], row[7]))
+                MetadataRow(
+                    row[0], row[1], row[2], row[3], row[4], row[5], unpack_metadata(row[6], row[7])
+                )
                 for row in conn.execute(stmt)
             ]
 
