@@ -186,6 +186,8 @@ class Query:
     updated_after_inclusive: bool = True
     updated_before: datetime | None = None
     updated_before_inclusive: bool = True
+    #: Newest first (descending primary key) instead of oldest first: the viewer's list.
+    newest_first: bool = False
 
 
 def parse_match(keyword: str, value: str) -> Match:
@@ -500,6 +502,8 @@ def find_query(q: Query) -> Select[Any]:
         "series": [studies.c.id, series.c.series_number, series.c.id],
         "instance": [series.c.id, instances.c.instance_number, instances.c.id],
     }[q.level]
+    if q.newest_first:
+        order = [col.desc() for col in order]
     stmt = stmt.order_by(*order)
     if q.limit is not None:
         stmt = stmt.limit(q.limit)
