@@ -109,3 +109,27 @@ def test_fhir_patient_name_uses_the_same_rule(
     assert ids("đỗ") == {"P2"}
     assert ids("nguyễn") == {"P3", "P4"}
     assert ids("lan") == {"P1"}
+
+
+def test_default_limit_pages_with_a_warning_and_link(
+    app: FastAPI, client: TestClient, people: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.dicomweb import _qido
+
+    monkeypatch.setattr(_qido, "DEFAULT_LIMIT", 2)
+    seen: list[str] = []
+    url: str | None = "/dicomweb/studies"
+    pages = 0
+    while url:
+        r = client.get(url)
+        assert r.status_code == 200
+        seen += [s["0020000D"]["Value"][0] for s in r.json()]
+        pages += 1
+        link = r.headers.get("link")
+        if link:
+            assert "additional results" in r.headers["warning"]
+            url = link.split(">")[0].lstrip("<")
+        else:
+            assert "warning" not in r.headers
+            url = None
+    assert pages == 3 and sorted(seen) == sorted(people.values())
