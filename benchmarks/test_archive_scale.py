@@ -245,30 +245,34 @@ def stop_serve(service: Service) -> None:
         service.proc.wait()
 
 
-def mwl_find(port: int) -> Callable[[], None]:
+def mwl_find(port: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A Modality Worklist C-FIND on one association kept open (as a modality polls),
+    and the function that releases it."""
     from pydicom.dataset import Dataset
     from pynetdicom import AE
     from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACSLAB")
+    assert assoc.is_established
+    lock = threading.Lock()  # the read-load thread and the timing loop share it
+
     def once() -> None:
-        ae = AE(ae_title="BENCH")
-        ae.add_requested_context(ModalityWorklistInformationFind)
-        assoc = ae.associate("127.0.0.1", port, ae_title="PACSLAB")
-        assert assoc.is_established
         ds = Dataset()
-        ds.PatientName = "TRẦN*"
         ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "TRẦN*"
         ds.PatientID = ""
         item = Dataset()
         item.Modality = ""
         item.ScheduledStationAETitle = ""
         item.ScheduledProcedureStepStartDate = ""
         ds.ScheduledProcedureStepSequence = [item]
-        for status, _ in assoc.send_c_find(ds, ModalityWorklistInformationFind):
-            assert status is not None and status.Status in (0x0000, 0xFF00, 0xFF01)
-        assoc.release()
+        with lock:
+            for status, _ in assoc.send_c_find(ds, ModalityWorklistInformationFind):
+                assert status is not None and status.Status in (0x0000, 0xFF00, 0xFF01)
 
-    return once
+    return once, assoc.release
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -330,7 +334,7 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
             requests["viewer_study_search"] = get("/viewer/api/studies", name="trần")
             requests["viewer_series"] = get(f"/viewer/api/studies/{study_uid}/series")
             requests["metrics"] = get("/metrics")
-            requests["mwl_find"] = mwl_find(service.dicom_port)
+            requests["mwl_find"], release_mwl = mwl_find(service.dicom_port)
             # Sanity: the Vietnamese name search finds studies (an ignored filter or
             # ASCII-only folding would not).
             r = http.get("/dicomweb/studies", params={"PatientName": "trần*", "limit": "5"})
@@ -364,6 +368,7 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
                 stop.set()
                 loader.join(timeout=60)
             benchmark.pedantic(requests["qido_name_tran"], rounds=rounds if measuring else 1)
+            release_mwl()
             http.close()
         finally:
             stop_serve(service)
