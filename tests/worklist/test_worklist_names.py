@@ -54,7 +54,7 @@ def test_mwl_c_find_vietnamese_names(pattern: str, expected: list[str]) -> None:
             found = []
             for status, identifier in assoc.send_c_find(ds, ModalityWorklistInformationFind):
                 assert status is not None
-                if status.Status in (0xFF00, 0xFF01):
+                if status.Status in (0xFF00, 0xFF01) and identifier is not None:
                     found.append(str(identifier.AccessionNumber))
                 else:
                     assert status.Status == 0x0000
