@@ -14,9 +14,10 @@ prefix search is an index range scan.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
-__all__ = ["KEY_LENGTH", "fold_person_name", "person_name_key"]
+__all__ = ["KEY_LENGTH", "fold_person_name", "name_words", "person_name_key"]
 
 #: Longest stored key: a PN is at most 3 × 64 characters plus separators (PS3.5
 #: Table 6.2-1); folding may lengthen it (``ß`` → ``ss``), so leave room.
@@ -58,3 +59,19 @@ def person_name_key(value: str) -> str:
     'do'
     """
     return fold_person_name(value, case=True, accent=True)[:KEY_LENGTH]
+
+
+_PARTS = re.compile(r"[\^= ]+")
+
+
+def name_words(key: str) -> list[str]:
+    """The distinct words of a folded name: its components (``^``), groups (``=``)
+    and space-separated words, for "starts with any part" searches (PS3.18 8.3.4.1.1
+    fuzzy matching, FHIR ``name``).
+
+    Examples
+    --------
+    >>> name_words("tran^thi lan")
+    ['tran', 'thi', 'lan']
+    """
+    return list(dict.fromkeys(w for w in _PARTS.split(key) if w))

@@ -53,6 +53,7 @@ from storage.index.schema import (
     studies,
     study_links,
 )
+from storage.index.sql import set_name_words
 
 if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
@@ -574,6 +575,7 @@ class SqlOrderStore:
                 },
             ).returning(patients.c.id)
             patient_pk = conn.execute(stmt).scalar_one()
+            set_name_words(conn, patient_pk, person_name_key(p.name))
             conn.execute(
                 update(studies)
                 .where(studies.c.id == row.id)

@@ -42,8 +42,15 @@ from sqlalchemy import (
 )
 
 from core.errors import InvalidQueryError
-from core.person_name import person_name_key
-from storage.index.schema import instances, patients, series, studies, study_modalities
+from core.person_name import name_words, person_name_key
+from storage.index.schema import (
+    instances,
+    patient_name_words,
+    patients,
+    series,
+    studies,
+    study_modalities,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -289,7 +296,8 @@ def person_name_condition(
     with a literal start is a range of the key's index (plus the LIKE that checks the
     rest), so neither reads the whole table. ``fuzzy`` (PS3.18 8.3.4.1.1, and FHIR's
     ``name`` search: "starts with" on any part) matches the start of any component,
-    group or word; it is the one form that reads every key.
+    group or word: the patients come from a prefix range of ``patient_name_words``
+    (the first word of the value), the LIKE then checks the whole value.
 
     Parameters
     ----------
@@ -304,9 +312,20 @@ def person_name_condition(
     folded = person_name_key(value)
     if fuzzy:
         prefix = _like_pattern(folded.rstrip("*")) + "%"
-        return or_(
+        like = or_(
             *(column.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% "))
         )
+        words = name_words(folded.rstrip("*"))
+        first = words[0] if words else ""
+        cut = min((i for i, ch in enumerate(first) if ch in "*?"), default=len(first))
+        first = first[:cut]
+        upper = _next_string(first)
+        if key is not None or not first or upper is None:
+            return like
+        candidates = select(patient_name_words.c.patient_pk).where(
+            and_(patient_name_words.c.word >= first, patient_name_words.c.word < upper)
+        )
+        return and_(patients.c.id.in_(candidates), like)
     if not _has_wildcard(folded):
         eq: ColumnElement[bool] = column == folded
         return eq

@@ -43,6 +43,7 @@ __all__ = [
     "mpps",
     "order_versions",
     "orders",
+    "patient_name_words",
     "patients",
     "scheduled_steps",
     "series",
@@ -129,6 +130,18 @@ series = Table(
     # Current instances of the series, kept by the receiver in the same UPDATE:
     # per-study counts then read the study's few series rows, not its instances.
     Column("num_instances", Integer, nullable=False, server_default="0"),
+)
+
+# Each word of a patient's folded name (components, groups, words of name_key), for
+# "starts with any part" searches (QIDO fuzzymatching, FHIR Patient?name=): a prefix
+# range of this index instead of a LIKE '%…' over every name. Written with the
+# patient row by the receiver and the order reconciliation (storage.index.sql).
+patient_name_words = Table(
+    "patient_name_words",
+    metadata,
+    Column("word", SEARCH_KEY, primary_key=True),
+    Column("patient_pk", ForeignKey("patients.id"), primary_key=True),
+    Index("ix_patient_name_words_patient_pk", "patient_pk"),
 )
 
 # ModalitiesInStudy (PS3.18 Table 10.6.1-5) as a per-study set, written by the

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, func, select, text, 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.errors import NotFoundError, OutOfResourcesError
-from core.person_name import person_name_key
+from core.person_name import name_words, person_name_key
 from core.settings import IndexSettings
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
@@ -34,13 +34,14 @@ from storage.index.schema import (
     index_counters,
     instances,
     jobs,
+    patient_name_words,
     patients,
     series,
     studies,
     study_modalities,
 )
 
-__all__ = ["MetadataRow", "SqlIndex", "pack_metadata", "unpack_metadata"]
+__all__ = ["MetadataRow", "SqlIndex", "pack_metadata", "set_name_words", "unpack_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,18 @@ def _instance_values(item: NewInstance, series_pk: int, version: int) -> dict[st
         "metadata_json": meta,
         "metadata_z": packed,
     }
+
+
+def set_name_words(conn: Connection, patient_pk: int, name_key: str) -> None:
+    """Replace a patient's rows of ``patient_name_words`` (for writers of ``patients``
+    other than the receiver, e.g. order reconciliation)."""
+    conn.execute(patient_name_words.delete().where(patient_name_words.c.patient_pk == patient_pk))
+    words = name_words(name_key)
+    if words:
+        conn.execute(
+            patient_name_words.insert(),
+            [{"word": w, "patient_pk": patient_pk} for w in words],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +401,16 @@ class SqlIndex:
         self._series_upsert = upsert_stmt(
             series, _SERIES_KEYS, ["series_instance_uid"], ["updated_at"]
         )
+        self._words_delete = DirectStatement(
+            patient_name_words.delete().where(patient_name_words.c.patient_pk == bindparam("pk")),
+            dialect,
+        )
+        self._words_insert = DirectStatement(
+            self._upsert(patient_name_words)
+            .values(word=bindparam("word"), patient_pk=bindparam("patient_pk"))
+            .on_conflict_do_nothing(),
+            dialect,
+        )
         self._study_modality = DirectStatement(
             self._upsert(study_modalities)
             .values(study_pk=bindparam("study_pk"), modality=bindparam("modality"))
@@ -448,7 +471,13 @@ class SqlIndex:
             if cached is not None:
                 series_pk[uid] = cached
                 continue
-            patient_pk = self._patient_upsert.one(conn, _patient_values(rec, now))
+            patient = _patient_values(rec, now)
+            patient_pk = self._patient_upsert.one(conn, patient)
+            # The name's words, for "starts with any part" searches; once per series
+            # new to this process, like the patient upsert itself.
+            self._words_delete.execute(conn, [{"pk": patient_pk}])
+            words = name_words(patient["name_key"])
+            self._words_insert.execute(conn, [{"word": w, "patient_pk": patient_pk} for w in words])
             study_pk = self._study_upsert.one(conn, _study_values(rec, patient_pk, now))
             pk = int(self._series_upsert.one(conn, _series_values(rec, study_pk, now)))
             series_pk[uid] = pk

@@ -206,6 +206,9 @@ class TestSqliteScale(ScaleContract):
             level="study", matches=(Match("ModalitiesInStudy", "CT"),), limit=100)))
         assert "ix_study_modalities_modality" in modality, modality
         assert "SCAN instances" not in modality, modality
+        fuzzy = self._plan(index, find_query(Query(
+            level="study", matches=(Match("PatientName", "hung"),), fuzzy=True, limit=100)))
+        assert "patient_name_words" in fuzzy and "SCAN patients" not in fuzzy, fuzzy
         plain = self._plan(index, find_query(Query(level="study", limit=100)))
         assert "SCAN instances" not in plain and "i_n" not in plain, plain
 
@@ -258,6 +261,10 @@ def test_migration_0006_backfills_an_archive_written_at_0004(tmp_path: Path) -> 
         with index.engine.connect() as conn:
             keys = conn.execute(text("SELECT name_key FROM patients ORDER BY id")).scalars()
             assert list(keys) == [person_name_key("TRẦN^THỊ LAN"), "do^van hung"]
+            words = conn.execute(text(
+                "SELECT patient_pk, word FROM patient_name_words ORDER BY 1, 2")).all()
+            assert [tuple(w) for w in words] == [
+                (1, "lan"), (1, "thi"), (1, "tran"), (2, "do"), (2, "hung"), (2, "van")]
             pairs = conn.execute(text(
                 "SELECT study_pk, modality FROM study_modalities ORDER BY 1, 2")).all()
             assert [tuple(p) for p in pairs] == [(1, "CT"), (1, "SR"), (2, "MR")]

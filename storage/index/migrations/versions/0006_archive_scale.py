@@ -7,7 +7,8 @@ Create Date: 2026-12-02 16:00:00.000000
 
 Adds, and fills for an existing archive:
 
-* ``patients.name_key``: :func:`core.person_name.person_name_key` of the name, indexed;
+* ``patients.name_key``: :func:`core.person_name.person_name_key` of the name, indexed,
+  and ``patient_name_words``, its words (for "starts with any part" searches);
 * ``study_modalities``: each study's distinct series modalities, indexed by modality;
 * ``series.num_instances``: current instances of the series (per-study counts);
 * ``series.rollup_due_at``: the newest instance's arrival while the series' roll-up is
@@ -25,7 +26,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from core.person_name import person_name_key
+from core.person_name import name_words, person_name_key
 
 revision = "0006"
 down_revision = "0004"
@@ -188,6 +189,18 @@ def upgrade() -> None:
         "ix_study_modalities_modality", "study_modalities", ["modality", "study_pk"]
     )
     op.create_table(
+        "patient_name_words",
+        sa.Column("word", key_type, nullable=False),
+        sa.Column("patient_pk", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["patient_pk"], ["patients.id"], name="fk_patient_name_words_patient_pk_patients"
+        ),
+        sa.PrimaryKeyConstraint("word", "patient_pk", name="pk_patient_name_words"),
+    )
+    op.create_index(
+        "ix_patient_name_words_patient_pk", "patient_name_words", ["patient_pk"]
+    )
+    op.create_table(
         "index_counters",
         sa.Column("name", sa.String(length=32), nullable=False),
         sa.Column("shard", sa.Integer(), autoincrement=False, nullable=False),
@@ -203,10 +216,16 @@ def _backfill(bind: sa.Connection) -> None:
     """Fill the new columns and tables from what an existing archive holds (once)."""
     rows = bind.execute(sa.text("SELECT id, name FROM patients WHERE name <> ''")).all()
     keyed = [{"pk": pk, "key": person_name_key(name)} for pk, name in rows]
+    words = [{"pk": k["pk"], "word": w} for k in keyed for w in name_words(k["key"])]
     for start in range(0, len(keyed), 1000):
         bind.execute(
             sa.text("UPDATE patients SET name_key = :key WHERE id = :pk"),
             keyed[start : start + 1000],
+        )
+    for start in range(0, len(words), 1000):
+        bind.execute(
+            sa.text("INSERT INTO patient_name_words (word, patient_pk) VALUES (:word, :pk)"),
+            words[start : start + 1000],
         )
     bind.execute(
         sa.text(
@@ -264,6 +283,8 @@ def downgrade() -> None:
         for name in _TRIGGER_NAMES_SQLITE:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
     op.drop_table("index_counters")
+    op.drop_index("ix_patient_name_words_patient_pk", table_name="patient_name_words")
+    op.drop_table("patient_name_words")
     op.drop_index("ix_study_modalities_modality", table_name="study_modalities")
     op.drop_table("study_modalities")
     with op.batch_alter_table("instances") as batch:
