@@ -309,6 +309,7 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
             conn.execute(text("DELETE FROM study_modalities"))
             conn.execute(text("DELETE FROM series"))
             conn.execute(text("DELETE FROM studies"))
+            conn.execute(text("DELETE FROM patient_name_words"))
             conn.execute(text("DELETE FROM patients"))
         index.close()
         index = SqlIndex(IndexSettings(url=index_url))
