@@ -168,8 +168,11 @@ instances = Table(
     "instances",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("sop_instance_uid", UID, nullable=False, index=True),
-    Column("series_pk", ForeignKey("series.id"), nullable=False, index=True),
+    # Looked up through uq_instances_sop_blob and ix_instances_current (their leading
+    # columns): single-column indexes on these would only cost the receiver an extra
+    # B-tree insert per instance (dropped in 0006).
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("series_pk", ForeignKey("series.id"), nullable=False),
     Column("sop_class_uid", UID, nullable=False),
     Column("transfer_syntax_uid", UID, nullable=False),
     Column("instance_number", Integer),
@@ -192,6 +195,8 @@ instances = Table(
     Column("metadata_z", LargeBinary),
     UniqueConstraint("sop_instance_uid", "blob_key", name="uq_instances_sop_blob"),
     Index("ix_instances_current", "series_pk", "is_current"),
+    # "Is this original still used?" (a failed receive's undo, retention) was a scan.
+    Index("ix_instances_blob_key", "blob_key"),
 )
 
 jobs = Table(

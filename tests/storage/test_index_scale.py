@@ -209,6 +209,9 @@ class TestSqliteScale(ScaleContract):
         fuzzy = self._plan(index, find_query(Query(
             level="study", matches=(Match("PatientName", "hung"),), fuzzy=True, limit=100)))
         assert "patient_name_words" in fuzzy and "SCAN patients" not in fuzzy, fuzzy
+        for column in ("blob_key", "sop_instance_uid"):
+            lookup = self._plan(index, text(f"SELECT id FROM instances WHERE {column} = 'x'"))
+            assert "SCAN instances" not in lookup, (column, lookup)
         plain = self._plan(index, find_query(Query(level="study", limit=100)))
         assert "SCAN instances" not in plain and "i_n" not in plain, plain
 

@@ -18,7 +18,9 @@ Adds, and fills for an existing archive:
   rows instead of counting tables. On PostgreSQL each backend bumps its own shard
   (``pg_backend_pid() % 16``): receivers on separate connections do not queue on one
   counter row;
-* ``instances.metadata_z``: the DICOM JSON compressed (older rows keep their text).
+* ``instances.metadata_z``: the DICOM JSON compressed (older rows keep their text);
+* ``ix_instances_blob_key`` instead of two single-column indexes the composite ones
+  already cover.
 """
 
 from __future__ import annotations
@@ -176,6 +178,11 @@ def upgrade() -> None:
     op.create_index("ix_series_rollup_due_at", "series", ["rollup_due_at"])
     with op.batch_alter_table("instances") as batch:
         batch.add_column(sa.Column("metadata_z", sa.LargeBinary(), nullable=True))
+    # Redundant with uq_instances_sop_blob / ix_instances_current (same leading column):
+    # each cost the receiver a B-tree insert per instance. blob_key lookups scanned.
+    op.drop_index("ix_instances_sop_instance_uid", table_name="instances")
+    op.drop_index("ix_instances_series_pk", table_name="instances")
+    op.create_index("ix_instances_blob_key", "instances", ["blob_key"])
     op.create_table(
         "study_modalities",
         sa.Column("study_pk", sa.Integer(), nullable=False),
@@ -287,6 +294,9 @@ def downgrade() -> None:
     op.drop_table("patient_name_words")
     op.drop_index("ix_study_modalities_modality", table_name="study_modalities")
     op.drop_table("study_modalities")
+    op.drop_index("ix_instances_blob_key", table_name="instances")
+    op.create_index("ix_instances_series_pk", "instances", ["series_pk"])
+    op.create_index("ix_instances_sop_instance_uid", "instances", ["sop_instance_uid"])
     with op.batch_alter_table("instances") as batch:
         batch.drop_column("metadata_z")
     op.drop_index("ix_series_rollup_due_at", table_name="series")
