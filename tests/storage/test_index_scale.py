@@ -139,6 +139,23 @@ class ScaleContract:
         assert (c["jobs_pending"], c["jobs_done"], c["jobs_failed"]) == (7, 0, 1)
         assert len(index.get_jobs()) == 8  # the failed one and the pending ones stay
 
+    def test_bulk_statements_keep_the_counters_exact(self, index: SqlIndex) -> None:
+        fill(index)
+        with index.write() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'done' WHERE id % 2 = 0"))
+            conn.execute(text("UPDATE instances SET is_current = false WHERE id % 5 = 0"))
+            conn.execute(text("DELETE FROM jobs WHERE id % 3 = 0"))
+        with index.engine.connect() as conn:
+            real = {
+                "instances": conn.execute(text("SELECT count(*) FROM instances")).scalar_one(),
+                "instances_current": conn.execute(
+                    text("SELECT count(*) FROM instances WHERE is_current")).scalar_one(),
+                **{f"jobs_{s}": n for s, n in conn.execute(
+                    text("SELECT status, count(*) FROM jobs GROUP BY status"))},
+            }
+        counts = index.counts()
+        assert {k: counts[k] for k in real} == real
+
     def test_metadata_is_compressed_and_read_back(self, index: SqlIndex) -> None:
         meta = json.dumps({f"0009{i:04X}": {"vr": "LO", "Value": ["TRẦN " * 5]}
                            for i in range(40)}, ensure_ascii=False)

@@ -15,9 +15,9 @@ Adds, and fills for an existing archive:
   owed (the old roll-up's rule: no series job queued since that instance);
 * ``index_counters`` and the triggers that keep it: row counts of patients, studies,
   series, instances (all and current) and jobs per status, so ``/metrics`` reads a few
-  rows instead of counting tables. On PostgreSQL each backend bumps its own shard
-  (``pg_backend_pid() % 16``): receivers on separate connections do not queue on one
-  counter row;
+  rows instead of counting tables. On PostgreSQL the triggers are per statement (over
+  transition tables) and each backend bumps its own shard (``pg_backend_pid() % 16``):
+  receivers on separate connections do not queue on one counter row;
 * ``instances.metadata_z``: the DICOM JSON compressed (older rows keep their text);
 * ``ix_instances_blob_key`` instead of two single-column indexes the composite ones
   already cover.
@@ -90,6 +90,10 @@ _SQLITE_TRIGGERS = [
     "WHERE shard = 0 AND name IN ('jobs_' || NEW.status, 'jobs_' || OLD.status); END",
 ]
 
+# PostgreSQL: statement-level triggers over transition tables (PostgreSQL 10+), one
+# bump per statement and counter. Row-level ones bumped the same counter row once per
+# row, and PostgreSQL keeps every version of a row updated within one transaction: a
+# bulk UPDATE or DELETE of n rows walked ever longer version chains, O(n²).
 _PG_FUNCTIONS = [
     f"""
 CREATE OR REPLACE FUNCTION pacslab_bump(n text, d bigint) RETURNS void AS $$
@@ -97,51 +101,96 @@ CREATE OR REPLACE FUNCTION pacslab_bump(n text, d bigint) RETURNS void AS $$
   ON CONFLICT (name, shard) DO UPDATE SET value = index_counters.value + EXCLUDED.value
 $$ LANGUAGE sql""",
     """
-CREATE OR REPLACE FUNCTION pacslab_count_rows() RETURNS trigger AS $$
+CREATE OR REPLACE FUNCTION pacslab_count_inserted() RETURNS trigger AS $$
+DECLARE n bigint;
 BEGIN
-  IF TG_OP = 'INSERT' THEN PERFORM pacslab_bump(TG_TABLE_NAME, 1);
-  ELSE PERFORM pacslab_bump(TG_TABLE_NAME, -1); END IF;
+  SELECT count(*) INTO n FROM new_rows;
+  IF n <> 0 THEN PERFORM pacslab_bump(TG_TABLE_NAME, n); END IF;
   RETURN NULL;
 END $$ LANGUAGE plpgsql""",
     """
-CREATE OR REPLACE FUNCTION pacslab_count_instances() RETURNS trigger AS $$
+CREATE OR REPLACE FUNCTION pacslab_count_deleted() RETURNS trigger AS $$
+DECLARE n bigint;
 BEGIN
-  IF TG_OP = 'INSERT' THEN
-    PERFORM pacslab_bump('instances', 1);
-    IF NEW.is_current THEN PERFORM pacslab_bump('instances_current', 1); END IF;
-  ELSIF TG_OP = 'DELETE' THEN
-    PERFORM pacslab_bump('instances', -1);
-    IF OLD.is_current THEN PERFORM pacslab_bump('instances_current', -1); END IF;
-  ELSIF OLD.is_current IS DISTINCT FROM NEW.is_current THEN
-    PERFORM pacslab_bump('instances_current', CASE WHEN NEW.is_current THEN 1 ELSE -1 END);
-  END IF;
+  SELECT count(*) INTO n FROM old_rows;
+  IF n <> 0 THEN PERFORM pacslab_bump(TG_TABLE_NAME, -n); END IF;
   RETURN NULL;
 END $$ LANGUAGE plpgsql""",
     """
-CREATE OR REPLACE FUNCTION pacslab_count_jobs() RETURNS trigger AS $$
+CREATE OR REPLACE FUNCTION pacslab_instances_inserted() RETURNS trigger AS $$
+DECLARE n bigint; c bigint;
+BEGIN
+  SELECT count(*), count(*) FILTER (WHERE is_current) INTO n, c FROM new_rows;
+  IF n <> 0 THEN PERFORM pacslab_bump('instances', n); END IF;
+  IF c <> 0 THEN PERFORM pacslab_bump('instances_current', c); END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_instances_deleted() RETURNS trigger AS $$
+DECLARE n bigint; c bigint;
+BEGIN
+  SELECT count(*), count(*) FILTER (WHERE is_current) INTO n, c FROM old_rows;
+  IF n <> 0 THEN PERFORM pacslab_bump('instances', -n); END IF;
+  IF c <> 0 THEN PERFORM pacslab_bump('instances_current', -c); END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_instances_updated() RETURNS trigger AS $$
+DECLARE d bigint;
+BEGIN
+  SELECT (SELECT count(*) FROM new_rows WHERE is_current)
+       - (SELECT count(*) FROM old_rows WHERE is_current) INTO d;
+  IF d <> 0 THEN PERFORM pacslab_bump('instances_current', d); END IF;
+  RETURN NULL;
+END $$ LANGUAGE plpgsql""",
+    """
+CREATE OR REPLACE FUNCTION pacslab_jobs_changed() RETURNS trigger AS $$
+DECLARE r record;
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    PERFORM pacslab_bump('jobs_' || NEW.status, 1);
+    FOR r IN SELECT status, count(*) AS d FROM new_rows GROUP BY status LOOP
+      PERFORM pacslab_bump('jobs_' || r.status, r.d);
+    END LOOP;
   ELSIF TG_OP = 'DELETE' THEN
-    PERFORM pacslab_bump('jobs_' || OLD.status, -1);
-  ELSIF OLD.status IS DISTINCT FROM NEW.status THEN
-    PERFORM pacslab_bump('jobs_' || OLD.status, -1);
-    PERFORM pacslab_bump('jobs_' || NEW.status, 1);
+    FOR r IN SELECT status, count(*) AS d FROM old_rows GROUP BY status LOOP
+      PERFORM pacslab_bump('jobs_' || r.status, -r.d);
+    END LOOP;
+  ELSE
+    FOR r IN SELECT status, sum(d) AS d FROM (
+        SELECT status, 1 AS d FROM new_rows UNION ALL SELECT status, -1 FROM old_rows
+      ) AS changes GROUP BY status HAVING sum(d) <> 0 LOOP
+      PERFORM pacslab_bump('jobs_' || r.status, r.d);
+    END LOOP;
   END IF;
   RETURN NULL;
 END $$ LANGUAGE plpgsql""",
 ]
 
+
+def _pg_trigger(table: str, op: str, function: str) -> str:
+    tables = {"INSERT": "NEW TABLE AS new_rows", "DELETE": "OLD TABLE AS old_rows",
+              "UPDATE": "OLD TABLE AS old_rows NEW TABLE AS new_rows"}[op]
+    return (f"CREATE TRIGGER ic_{table}_{op.lower()} AFTER {op} ON {table} "
+            f"REFERENCING {tables} FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
+
+
+_PLAIN = ("patients", "studies", "series")
 _PG_TRIGGERS = [
-    *(
-        f"CREATE TRIGGER ic_{t} AFTER INSERT OR DELETE ON {t} "
-        "FOR EACH ROW EXECUTE FUNCTION pacslab_count_rows()"
-        for t in ("patients", "studies", "series")
-    ),
-    "CREATE TRIGGER ic_instances AFTER INSERT OR DELETE OR UPDATE OF is_current ON instances "
-    "FOR EACH ROW EXECUTE FUNCTION pacslab_count_instances()",
-    "CREATE TRIGGER ic_jobs AFTER INSERT OR DELETE OR UPDATE OF status ON jobs "
-    "FOR EACH ROW EXECUTE FUNCTION pacslab_count_jobs()",
+    *(_pg_trigger(t, "INSERT", "pacslab_count_inserted") for t in _PLAIN),
+    *(_pg_trigger(t, "DELETE", "pacslab_count_deleted") for t in _PLAIN),
+    _pg_trigger("instances", "INSERT", "pacslab_instances_inserted"),
+    _pg_trigger("instances", "DELETE", "pacslab_instances_deleted"),
+    _pg_trigger("instances", "UPDATE", "pacslab_instances_updated"),
+    *(_pg_trigger("jobs", op, "pacslab_jobs_changed") for op in ("INSERT", "DELETE", "UPDATE")),
+]
+_PG_TRIGGER_NAMES = [
+    *(f"ic_{t}_{e}" for t in ("patients", "studies", "series") for e in ("insert", "delete")),
+    *(f"ic_{t}_{e}" for t in ("instances", "jobs") for e in ("insert", "delete", "update")),
+]
+_PG_FUNCTION_NAMES = [
+    "pacslab_count_inserted()", "pacslab_count_deleted()", "pacslab_instances_inserted()",
+    "pacslab_instances_deleted()", "pacslab_instances_updated()", "pacslab_jobs_changed()",
+    "pacslab_bump(text, bigint)",
 ]
 
 _TRIGGER_NAMES_SQLITE = [
@@ -281,10 +330,9 @@ def _backfill(bind: sa.Connection) -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        for t in ("patients", "studies", "series", "instances", "jobs"):
-            op.execute(f"DROP TRIGGER IF EXISTS ic_{t} ON {t}")
-        for fn in ("pacslab_count_rows()", "pacslab_count_instances()", "pacslab_count_jobs()",
-                   "pacslab_bump(text, bigint)"):
+        for name in _PG_TRIGGER_NAMES:
+            op.execute(f"DROP TRIGGER IF EXISTS {name} ON {name.split('_')[1]}")
+        for fn in _PG_FUNCTION_NAMES:
             op.execute(f"DROP FUNCTION IF EXISTS {fn}")
     else:
         for name in _TRIGGER_NAMES_SQLITE:
