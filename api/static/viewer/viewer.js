@@ -156,6 +156,7 @@
     $("page").textContent = studies.length
       ? `${offset + 1}–${offset + studies.length}` : "";
     $("status").textContent = studies.length ? "Choose a study" : "No studies";
+    list.dataset.loads = String(Number(list.dataset.loads || 0) + 1);  // for tests
   }
 
   $("search").addEventListener("submit", (e) => {
