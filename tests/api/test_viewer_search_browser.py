@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from tests.api.test_viewer_search import listed  # noqa: F401, F811  (fixture)
+from tests.api.test_viewer_search import listed  # noqa: F401  (fixture)
 from tests.support import free_port
 
 CHROMIUM = "/usr/bin/chromium"
