@@ -263,6 +263,10 @@ class ProcessingSettings(BaseModel):
     #: that died and did not come back under its name; any worker then requeues it.
     #: Longer than the slowest job (a large series conversion), or it would run twice.
     lease_s: float = Field(600.0, gt=0)
+    #: Seconds a finished instance job is kept before the worker deletes it (issue 21:
+    #: the jobs table kept one row per instance forever). Series jobs and failed jobs
+    #: are kept. 0 keeps them all.
+    done_job_retention_s: float = Field(86400.0, ge=0)
     #: The name of a ``pacslab worker`` process (its claims carry ``<host>-<name>``);
     #: several worker processes on one host each need their own, or one restarting
     #: would take back the jobs the others are running.
@@ -1022,7 +1026,8 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_BENCH_FIGURES",  # ./run bench: where benchmarks write their figures
     "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
-    "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
+    "PACSLAB_QR_BENCH_CT_SLICES",
+    "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size  # benchmarks/test_query_retrieve.py: CT retrieved
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"

@@ -149,6 +149,7 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
         poll_interval_s=settings.processing.poll_interval_s,
         max_attempts=settings.processing.max_attempts,
         lease_s=settings.processing.lease_s,
+        prune_after_s=settings.processing.done_job_retention_s,
     )
 
     def roll_up() -> None:

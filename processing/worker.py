@@ -11,6 +11,12 @@ never comes back must not leave its jobs ``running`` forever). A living worker r
 the lease of every job it holds, every ``lease_s / 4`` (:class:`_LeaseKeeper`): a batch
 of large series can take longer than one lease, and without renewal another worker
 would take over jobs still being converted, and write the same store twice at once.
+
+Nothing an idle worker does grows with the archive (issue 21): claiming looks for a
+pending job in a read-only transaction, the roll-up hook (``on_idle``) reads the series
+past their quiet period from an index, and finished instance jobs older than
+``prune_after_s`` are deleted in bounded batches (at most every ``prune_every_s``), so
+the jobs table holds the recent past, not one row per instance ever received.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class JobWorker:
         max_attempts: int = 3,
         batch: int = 8,
         lease_s: float = 600.0,
+        prune_after_s: float = 0.0,
+        prune_every_s: float = 60.0,
     ) -> None:
         self.index = index
         self.handlers = dict(handlers)
@@ -90,6 +98,9 @@ class JobWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_lease_check = 0.0
+        self.prune_after_s = prune_after_s
+        self.prune_every_s = prune_every_s
+        self._next_prune = 0.0
         self.on_idle: list[Callable[[], None]] = []
         self.on_start: list[Callable[[], None]] = []
 
@@ -163,6 +174,21 @@ class JobWorker:
             logger.warning("requeued %d jobs whose lease expired (their worker died or hangs)", n)
         return n
 
+    def prune_done(self) -> int:
+        """Delete finished instance jobs past their retention, at most every
+        ``prune_every_s`` and 1000 at a time (a backlog drains over several calls)."""
+        if not self.prune_after_s:
+            return 0
+        now = time.monotonic()
+        if now < self._next_prune:
+            return 0
+        n = int(self.index.prune_jobs(self.prune_after_s))
+        # A full batch means more are waiting: come back on the next idle turn.
+        self._next_prune = now + (0.0 if n >= 1000 else self.prune_every_s)
+        if n:
+            logger.info("deleted %d finished instance jobs past their retention", n)
+        return n
+
     def run(self) -> None:
         for hook in self.on_start:
             hook()
@@ -178,6 +204,7 @@ class JobWorker:
                 if not ran:
                     for hook in self.on_idle:
                         hook()
+                    self.prune_done()
             except Exception:
                 logger.error("worker loop error", exc_info=True)
                 ran = 0

@@ -20,7 +20,7 @@ from core.errors import NotFoundError
 from core.retention import RetentionDecision, RetentionFacts, check_deletable, decide
 from core.settings import RetentionSettings
 from storage.abc import OriginalStore
-from storage.index.schema import instances, jobs, series, studies
+from storage.index.schema import instances, jobs, series, studies, study_modalities
 from storage.index.schema_emr import retention
 
 __all__ = ["RetentionRow", "RetentionStore"]
@@ -153,6 +153,7 @@ class RetentionStore:
             conn.execute(delete(jobs).where(jobs.c.target.in_(
                 [g.sop_instance_uid for g in gone] + [s.series_instance_uid for s in series_rows])))
             conn.execute(delete(instances).where(instances.c.series_pk.in_(pks)))
+            conn.execute(delete(study_modalities).where(study_modalities.c.study_pk == study.id))
             conn.execute(delete(series).where(series.c.study_pk == study.id))
             conn.execute(delete(studies).where(studies.c.id == study.id))
         if originals is not None:

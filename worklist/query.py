@@ -39,7 +39,6 @@ conformance statement can quote them):
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,6 +49,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from core.errors import InvalidQueryError
+from core.person_name import fold_person_name
 from worklist._attributes import (
     CHILDREN_BY_TAG,
     ITEM_BY_TAG,
@@ -186,26 +186,6 @@ def _values(elem: DataElement) -> list[str]:
     raw = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
     values = [str(v).strip() for v in raw]
     return [] if all(v == "" for v in values) else values
-
-
-def fold_person_name(value: str, *, case: bool, accent: bool) -> str:
-    """Normalize a PN value for comparison (PS3.4 C.2.2.2.1.1).
-
-    Trailing empty components and spaces go; with ``case`` the text is case-folded;
-    with ``accent`` combining marks are removed after canonical decomposition and
-    ``Đ``/``đ`` become ``D``/``d``.
-    """
-    groups = [g.rstrip("^ ") for g in value.split("=")]
-    text = "=".join(groups).rstrip("=")
-    if accent and not text.isascii():
-        text = text.replace("Đ", "D").replace("đ", "d")
-        text = "".join(
-            ch for ch in unicodedata.normalize("NFD", text) if not unicodedata.combining(ch)
-        )
-        text = unicodedata.normalize("NFC", text)
-    if case:
-        text = text.casefold()
-    return text
 
 
 def _wildcard(pattern: str) -> re.Pattern[str]:

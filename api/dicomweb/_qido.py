@@ -24,6 +24,10 @@ __all__ = ["Search", "fill_bulkdata_uris", "parse_search", "qido_json", "retriev
 
 _RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
 MAX_LIMIT = 10_000
+#: Results per response when the client gives no ``limit`` (PS3.18 8.3.4.4 lets the
+#: server return a subset and say so): every returned study costs a few per-study
+#: reads, and an archive holds tens of thousands (issue 21).
+DEFAULT_LIMIT = 100
 
 # Required return attributes, by level (PS3.18 Tables 10.6.1-5/6/7).
 _STUDY_RETURN = (
@@ -183,7 +187,7 @@ def parse_search(
         matches=tuple(matches),
         fuzzy=fuzzy_raw == "true",
         fields=frozenset(fields),
-        limit=min(limit, MAX_LIMIT) if limit is not None else MAX_LIMIT,
+        limit=min(limit, MAX_LIMIT) if limit is not None else DEFAULT_LIMIT,
         offset=offset,
     )
     return Search(query, keywords, tuple(extra), tuple(ignored))

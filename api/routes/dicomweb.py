@@ -9,6 +9,7 @@ endpoints); STOW-RS spools the body asynchronously first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -96,13 +97,24 @@ def _check_json_accept(request: Request) -> None:
 def _search(request: Request, index: SqlIndex, level: Level, context: dict[str, str]) -> Response:
     _check_json_accept(request)
     search = parse_search(level, list(request.query_params.multi_items()), context=context)
-    rows = index.find(search.query)
+    limit = search.query.limit or 0
+    # One row more than asked tells whether there is a next page (issue 21).
+    rows = index.find(dataclasses.replace(search.query, limit=limit + 1))
     headers = {}
+    if len(rows) > limit:
+        rows = rows[:limit]
+        # PS3.18 8.3.4.4: a partial result carries this warning; the next page's URL
+        # rides in a Link header (RFC 8288).
+        headers["Warning"] = '299 pacslab "There are additional results that can be requested"'
+        nxt = request.url.include_query_params(offset=search.query.offset + limit, limit=limit)
+        headers["Link"] = f'<{nxt}>; rel="next"'
     if search.ignored:
         names = ", ".join(sorted(set(search.ignored)))[:500]
         # PS3.18 8.3.4.1: unsupported matching keys are ignored, and said so.
         text = f"The following attributes are not supported for matching: {names}"
-        headers["Warning"] = f'299 pacslab "{text}"'
+        ignored = f'299 pacslab "{text}"'
+        # Several warnings share one header field, comma-separated (RFC 7234 5.5).
+        headers["Warning"] = ", ".join(filter(None, (headers.get("Warning"), ignored)))
     if not rows:
         return Response(status_code=204, headers=headers)
     base = _base(request)

@@ -32,14 +32,16 @@ from typing import Any, Final
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.responses import Response as StarletteResponse
 from starlette.types import Scope
 
 from api.routes.tiles import cache_headers, tile_service
-from core.errors import NotFoundError, ServiceError
+from core.errors import InvalidQueryError, NotFoundError, ServiceError
 from processing.render import PRESETS
-from storage.index.schema import instances, patients, series, studies
+from storage.index.queries import Match, parse_match
+from storage.index.queries import Query as StudyQuery
+from storage.index.schema import series, studies
 
 __all__ = ["STATIC_DIR", "NoSniffStaticFiles", "mount_static", "page_headers", "router"]
 
@@ -116,30 +118,65 @@ def viewer_series_page(study_uid: str, series_uid: str, request: Request) -> Fil
     return _page(request)
 
 
+def _study_search(name: str, patient_id: str, accession: str, date: str,
+                  modality: str) -> tuple[Match, ...]:
+    """The viewer's search fields as QIDO-RS matching keys (PS3.4 C.2.2.2), so they
+    are matched on the same indexes: the folded name key (a name typed as "trần" or
+    "TRAN VAN" is a prefix of the family name first), Patient ID and Accession Number
+    exact or with wildcards, a date or date range, modalities in the study."""
+    matches = []
+    if name.strip():
+        value = name.strip()
+        # A plain "tran van" starts the name: family name, then given names.
+        value = value if "*" in value or "?" in value else value.replace(" ", "^", 1) + "*"
+        matches.append(parse_match("PatientName", value))
+    for keyword, value in (("PatientID", patient_id), ("AccessionNumber", accession),
+                           ("StudyDate", date.replace("-", "") if len(date) == 10
+                            and date.count("-") == 2 else date),
+                           ("ModalitiesInStudy", modality.upper())):
+        if value.strip():
+            matches.append(parse_match(keyword, value.strip()))
+    return tuple(matches)
+
+
 @router.get("/api/studies", summary="Studies in the index (for the viewer)")
 def list_studies(request: Request, response: Response,
-                 limit: int = Query(200, ge=1, le=1000)) -> list[dict[str, Any]]:
-    """Newest studies first, with modalities and series counts."""
+                 limit: int = Query(50, ge=1, le=1000),
+                 offset: int = Query(0, ge=0, le=1_000_000),
+                 name: str = Query("", max_length=200),
+                 patient_id: str = Query("", max_length=64),
+                 accession: str = Query("", max_length=64),
+                 date: str = Query("", max_length=32),
+                 modality: str = Query("", max_length=64)) -> Any:
+    """Newest studies first, with modalities and series counts; searched by patient
+    name, Patient ID, Accession Number, date (``YYYYMMDD``, ``YYYY-MM-DD`` or a DICOM
+    range ``YYYYMMDD-YYYYMMDD``) and modality, and paged: a ``Link: <…>; rel="next"``
+    header (RFC 8288) names the next page while there is one.
+
+    Each page reads its own rows through the index (name key, per-study modality set,
+    per-study counts), whatever the archive's size (issue 21).
+    """
     response.headers.update(cache_headers(request, immutable=False))
+    try:
+        matches = _study_search(name, patient_id, accession, date, modality)
+    except InvalidQueryError as exc:
+        body = {"type": "about:blank", "title": "Bad request", "status": 400,
+                "detail": str(exc), "instance": request.url.path}
+        return JSONResponse(body, status_code=400, media_type="application/problem+json",
+                            headers={"Cache-Control": "no-store"})
     idx = request.app.state.index
-    n_series = (select(series.c.study_pk, func.count().label("n"),
-                       func.group_concat(series.c.modality.distinct()).label("modalities")
-                       if idx.is_sqlite else
-                       func.string_agg(series.c.modality.distinct(), ",").label("modalities"))
-                .group_by(series.c.study_pk).subquery())
-    query = (select(studies.c.study_instance_uid, studies.c.study_date,
-                    studies.c.description, studies.c.accession_number,
-                    patients.c.patient_id, patients.c.name, n_series.c.n,
-                    n_series.c.modalities)
-             .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id)
-                          .outerjoin(n_series, n_series.c.study_pk == studies.c.id))
-             .order_by(studies.c.updated_at.desc()).limit(limit))
-    with idx.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    return [{"study_instance_uid": r.study_instance_uid, "study_date": r.study_date,
-             "description": r.description, "accession_number": r.accession_number,
-             "patient_id": r.patient_id, "patient_name": r.name, "series": r.n or 0,
-             "modalities": sorted(set(filter(None, (r.modalities or "").split(","))))}
+    rows = idx.find(StudyQuery(level="study", matches=matches, limit=limit + 1, offset=offset,
+                               newest_first=True))
+    if len(rows) > limit:
+        rows = rows[:limit]
+        nxt = request.url.include_query_params(offset=offset + limit, limit=limit)
+        response.headers["Link"] = f'<{nxt.path}?{nxt.query}>; rel="next"'
+    return [{"study_instance_uid": r["StudyInstanceUID"], "study_date": r["StudyDate"],
+             "description": r["StudyDescription"], "accession_number": r["AccessionNumber"],
+             "patient_id": r["PatientID"], "patient_name": r["PatientName"],
+             "series": r["NumberOfStudyRelatedSeries"] or 0,
+             "modalities": sorted(set(filter(None, (r["ModalitiesInStudy"] or "")
+                                             .split("\\"))))}
             for r in rows]
 
 
@@ -149,15 +186,14 @@ def list_series(study_uid: str, request: Request, response: Response) -> Any:
     response.headers.update(cache_headers(request, immutable=False))
     idx = request.app.state.index
     service = tile_service(request)
-    n_inst = (select(instances.c.series_pk, func.count().label("n"))
-              .where(instances.c.is_current).group_by(instances.c.series_pk).subquery())
+    # One study's series rows: their current-instance counts are kept on the row
+    # (series.num_instances), so nothing here reads instances (issue 21).
     query = (select(series.c.series_instance_uid, series.c.modality, series.c.series_number,
-                    series.c.description, n_inst.c.n)
-             .select_from(series.join(studies, series.c.study_pk == studies.c.id)
-                          .outerjoin(n_inst, n_inst.c.series_pk == series.c.id))
+                    series.c.description, series.c.num_instances.label("n"))
+             .select_from(series.join(studies, series.c.study_pk == studies.c.id))
              .where(studies.c.study_instance_uid == study_uid)
              .order_by(series.c.series_number, series.c.id))
-    with idx.engine.connect() as conn:
+    with idx.read() as conn:
         rows = conn.execute(query).all()
     if not rows:
         body = {"type": "about:blank", "title": "Not found", "status": 404,

@@ -42,6 +42,7 @@ from core.orders import (
     item_from_json,
     item_to_json,
 )
+from core.person_name import person_name_key
 from storage.index.schema import (
     jobs,
     mpps,
@@ -52,6 +53,7 @@ from storage.index.schema import (
     studies,
     study_links,
 )
+from storage.index.sql import set_name_words
 
 if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
@@ -603,15 +605,20 @@ class SqlOrderStore:
                 patient_id=p.id,
                 issuer=p.issuer,
                 name=p.name,
+                name_key=person_name_key(p.name),
                 birth_date=p.birth_date.strftime("%Y%m%d") if p.birth_date else "",
                 sex=p.sex[:16],
                 updated_at=now,
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["patient_id", "issuer"],
-                set_={k: stmt.excluded[k] for k in ("name", "birth_date", "sex", "updated_at")},
+                set_={
+                    k: stmt.excluded[k]
+                    for k in ("name", "name_key", "birth_date", "sex", "updated_at")
+                },
             ).returning(patients.c.id)
             patient_pk = conn.execute(stmt).scalar_one()
+            set_name_words(conn, patient_pk, person_name_key(p.name))
             conn.execute(
                 update(studies)
                 .where(studies.c.id == row.id)

@@ -4,8 +4,10 @@ One query builder for SQLite and PostgreSQL (STYLE.md §6): each function turns 
 :class:`Query` value into a SQLAlchemy ``Select``; :class:`storage.index.sql.SqlIndex`
 executes it. Matching follows PS3.4 C.2.2.2 as profiled for QIDO-RS by PS3.18 8.3.4:
 
-* single value matching (C.2.2.2.1), case-insensitive for PN (our choice under
-  C.2.2.2.1.1, the same as the worklist's default);
+* single value matching (C.2.2.2.1), case- and accent-insensitive for PatientName
+  (our choice under C.2.2.2.1.1, the worklist's default rule:
+  :func:`core.person_name.person_name_key`), on the indexed ``patients.name_key``, so that
+  ``TRẦN*``, ``trần*`` and ``TRAN*`` find the same studies by an index range scan;
 * wildcard matching with ``*`` and ``?`` (C.2.2.2.4);
 * range matching of DA and TM (C.2.2.2.5), ``a-b``, ``a-`` and ``-b``;
 * list of UID matching (C.2.2.2.2), separated by ``\\`` or ``,`` (PS3.18 8.3.4.1),
@@ -14,8 +16,10 @@ executes it. Matching follows PS3.4 C.2.2.2 as profiled for QIDO-RS by PS3.18 8.
 * ``fuzzymatching=true`` (PS3.18 8.3.4.1.1): PN matches case-insensitively on the
   prefix of any name component or word.
 
-Counts and ModalitiesInStudy are derived with aggregates (the index keeps no counters,
-see ``schema.py``). Only current versions of instances count.
+Nothing here reads more than the rows it returns (issue 21): counts come from
+``series.num_instances`` (current instances, kept by the receiver) per returned study,
+and ModalitiesInStudy from the per-study set ``study_modalities``, which is also what
+matching on it reads (an index range on the modality).
 """
 
 from __future__ import annotations
@@ -30,8 +34,6 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
-    distinct,
-    exists,
     func,
     literal_column,
     or_,
@@ -40,7 +42,15 @@ from sqlalchemy import (
 )
 
 from core.errors import InvalidQueryError
-from storage.index.schema import instances, patients, series, studies
+from core.person_name import name_words, person_name_key
+from storage.index.schema import (
+    instances,
+    patient_name_words,
+    patients,
+    series,
+    studies,
+    study_modalities,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -52,6 +62,7 @@ __all__ = [
     "find_query",
     "metadata_query",
     "parse_match",
+    "person_name_condition",
 ]
 
 Level = Literal["patient", "study", "series", "instance"]
@@ -182,6 +193,8 @@ class Query:
     updated_after_inclusive: bool = True
     updated_before: datetime | None = None
     updated_before_inclusive: bool = True
+    #: Newest first (descending primary key) instead of oldest first: the viewer's list.
+    newest_first: bool = False
 
 
 def parse_match(keyword: str, value: str) -> Match:
@@ -257,6 +270,76 @@ def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
 
+def _next_string(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with ``prefix``, in code
+    point order (SQLite BINARY, PostgreSQL "C"); None when there is none."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars[-1]) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
+            code = 0xE000
+        if code <= 0x10FFFF:
+            chars[-1] = chr(code)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+def person_name_condition(
+    value: str, *, fuzzy: bool = False, key: Any = None
+) -> ColumnElement[bool]:
+    """Match a PN value against the folded, indexed name key (PS3.4 C.2.2.2.1.1).
+
+    Case (Unicode case folding) and accents are ignored on both sides
+    (:func:`core.person_name.person_name_key`): ``NGUYỄN``, ``nguyễn`` and ``NGUYEN``
+    are one name. A value without wildcards is an equality and a wildcard pattern
+    with a literal start is a range of the key's index (plus the LIKE that checks the
+    rest), so neither reads the whole table. ``fuzzy`` (PS3.18 8.3.4.1.1, and FHIR's
+    ``name`` search: "starts with" on any part) matches the start of any component,
+    group or word: the patients come from a prefix range of ``patient_name_words``
+    (the first word of the value), the LIKE then checks the whole value.
+
+    Parameters
+    ----------
+    value : str
+        The PN matching value, ``*`` and ``?`` as wildcards (C.2.2.2.4).
+    fuzzy : bool
+        Match the start of any name part instead of the whole name.
+    key : column, optional
+        The folded key column, ``patients.name_key`` by default.
+    """
+    column = patients.c.name_key if key is None else key
+    folded = person_name_key(value)
+    if fuzzy:
+        prefix = _like_pattern(folded.rstrip("*")) + "%"
+        like = or_(
+            *(column.like(lead + prefix, escape="\\") for lead in ("", "%^", "%=", "% "))
+        )
+        words = name_words(folded.rstrip("*"))
+        first = words[0] if words else ""
+        cut = min((i for i, ch in enumerate(first) if ch in "*?"), default=len(first))
+        first = first[:cut]
+        upper = _next_string(first)
+        if key is not None or not first or upper is None:
+            return like
+        candidates = select(patient_name_words.c.patient_pk).where(
+            and_(patient_name_words.c.word >= first, patient_name_words.c.word < upper)
+        )
+        return and_(patients.c.id.in_(candidates), like)
+    if not _has_wildcard(folded):
+        eq: ColumnElement[bool] = column == folded
+        return eq
+    cut = min(i for i, ch in enumerate(folded) if ch in "*?")
+    conds: list[ColumnElement[bool]] = [column.like(_like_pattern(folded), escape="\\")]
+    literal = folded[:cut]
+    if literal:
+        conds.insert(0, column >= literal)
+        upper = _next_string(literal)
+        if upper is not None:
+            conds.insert(1, column < upper)
+    return and_(*conds)
+
+
 def _string_match(column: Any, value: str, vr: str, fuzzy: bool) -> ColumnElement[bool]:
     if vr == "PN":
         col = func.lower(column)
@@ -302,23 +385,17 @@ def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
     attr = ATTRIBUTES[m.keyword]
     if m.value in ("", "*"):
         return true()
+    if attr.keyword == "PatientName":
+        return person_name_condition(m.value, fuzzy=fuzzy)
     if attr.keyword == "ModalitiesInStudy":
         # A study-level key also filters series and instances (PS3.18 10.6.1.2: the
-        # series of CT studies). The subquery reads its own alias of ``series``: at
-        # series level the outer ``series`` would otherwise be correlated away, and
-        # the study's series are found through the index on series.study_pk.
+        # series of CT studies). The studies come from the per-study modality set,
+        # a range of its (modality, study_pk) index.
         modality = ATTRIBUTES["Modality"]
-        se = series.alias("se_q")
-        return exists(
-            select(literal_column("1"))
-            .select_from(se)
-            .where(
-                and_(
-                    se.c.study_pk == studies.c.id,
-                    _value_match(modality, se.c.modality, m.value, fuzzy),
-                )
+        return studies.c.id.in_(
+            select(study_modalities.c.study_pk).where(
+                _value_match(modality, study_modalities.c.modality, m.value, fuzzy)
             )
-            .correlate(studies)
         )
     if attr.derived:
         raise InvalidQueryError(f"matching on {attr.keyword} is not supported")
@@ -328,60 +405,38 @@ def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
 # -- derived attributes -------------------------------------------------------------
 
 
-def _current_instances_of_series() -> Any:
-    inst = instances.alias("i_s")
-    return (
-        select(func.count(inst.c.id))
-        .where(and_(inst.c.series_pk == series.c.id, inst.c.is_current))
-        .scalar_subquery()
-    )
-
-
 def _study_counts() -> tuple[Any, Any]:
+    """Series with a current instance, and current instances, of the row's study: read
+    from its few series rows (``series.num_instances``), not its instances."""
     se = series.alias("se_n")
-    inst = instances.alias("i_n")
-    n_series = (
-        select(func.count(distinct(se.c.id)))
-        .select_from(se.join(inst, inst.c.series_pk == se.c.id))
-        .where(and_(se.c.study_pk == studies.c.id, inst.c.is_current))
-        .scalar_subquery()
-    )
+    of_study = and_(se.c.study_pk == studies.c.id, se.c.num_instances > 0)
+    n_series = select(func.count(se.c.id)).where(of_study).scalar_subquery()
     n_instances = (
-        select(func.count(inst.c.id))
-        .select_from(se.join(inst, inst.c.series_pk == se.c.id))
-        .where(and_(se.c.study_pk == studies.c.id, inst.c.is_current))
-        .scalar_subquery()
+        select(func.coalesce(func.sum(se.c.num_instances), 0)).where(of_study).scalar_subquery()
     )
     return n_series, n_instances
 
 
 def _modalities_in_study() -> Any:
-    """The distinct modalities of the study's own series (PS3.18 Table 10.6.1-5).
+    """The distinct modalities of the study's series (PS3.18 Table 10.6.1-5), from the
+    per-study set the receiver keeps (its primary key starts with ``study_pk``).
 
     The derived table must be correlated explicitly: SQLAlchemy does not correlate a
     subquery in FROM, and left alone it cross-joined ``studies`` back in, so every
-    study listed the modalities of the whole archive (issue 13.1). Both SQLite and
-    PostgreSQL let a derived table inside a scalar subquery refer to the outer row.
-    Only series with a current instance count, as in :func:`_study_counts`.
+    study listed the modalities of the whole archive (issue 13.1).
     """
-    se = series.alias("se_m")
-    inst = instances.alias("i_m")
-    has_current = exists(
-        select(literal_column("1"))
-        .select_from(inst)
-        .where(and_(inst.c.series_pk == se.c.id, inst.c.is_current))
-    )
-    distinct_modalities = (
-        select(se.c.modality.label("modality"))
-        .where(and_(se.c.study_pk == studies.c.id, se.c.modality != "", has_current))
-        .distinct()
+    sm = study_modalities.alias("sm")
+    ordered = (
+        select(sm.c.modality.label("modality"))
+        .where(and_(sm.c.study_pk == studies.c.id, sm.c.modality != ""))
+        .order_by(sm.c.modality)
         .correlate(studies)
         .subquery()
     )
     # aggregate_strings renders group_concat on SQLite and string_agg on PostgreSQL.
     return (
-        select(func.aggregate_strings(distinct_modalities.c.modality, "\\"))
-        .select_from(distinct_modalities)
+        select(func.aggregate_strings(ordered.c.modality, "\\"))
+        .select_from(ordered)
         .scalar_subquery()
     )
 
@@ -409,11 +464,13 @@ def _columns(level: Level, fields: frozenset[str]) -> list[Any]:
     else:
         cols.append(patients.c.updated_at.label("patient_updated_at"))
     if depth == 2 or (depth > 2 and "NumberOfSeriesRelatedInstances" in fields):
-        cols.append(_current_instances_of_series().label("NumberOfSeriesRelatedInstances"))
+        cols.append(series.c.num_instances.label("NumberOfSeriesRelatedInstances"))
     if depth == 3:
         cols.append(instances.c.blob_key.label("blob_key"))
         if "metadata_json" in fields:
+            # SqlIndex.find decompresses metadata_z into metadata_json.
             cols.append(instances.c.metadata_json.label("metadata_json"))
+            cols.append(instances.c.metadata_z.label("metadata_z"))
     return cols
 
 
@@ -464,6 +521,8 @@ def find_query(q: Query) -> Select[Any]:
         "series": [studies.c.id, series.c.series_number, series.c.id],
         "instance": [series.c.id, instances.c.instance_number, instances.c.id],
     }[q.level]
+    if q.newest_first:
+        order = [col.desc() for col in order]
     stmt = stmt.order_by(*order)
     if q.limit is not None:
         stmt = stmt.limit(q.limit)
@@ -515,6 +574,7 @@ def metadata_query(
             instances.c.transfer_syntax_uid,
             instances.c.blob_key,
             instances.c.metadata_json,
+            instances.c.metadata_z,
         )
         .select_from(
             instances.join(series, instances.c.series_pk == series.c.id).join(

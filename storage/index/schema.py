@@ -1,10 +1,15 @@
 """Tables of the metadata index (SQLAlchemy Core), one definition for SQLite and PostgreSQL.
 
 Patient → study → series → instance mirrors the DICOM information model (PS3.3 A.1.2).
-Counts (instances per series, series per study) are derived by queries, not stored,
-so parallel receivers never contend on a counter row. Every version of an instance is
-a row: a re-sent SOP Instance UID with other bytes adds a version and keeps the old
-one (``is_current`` marks the newest).
+Counts per series and per study are derived by per-study queries. Whole-table counts
+(``/metrics``) are kept in ``index_counters`` by triggers (migration 0006), sharded by
+connection on PostgreSQL, so parallel receivers do not queue on one counter row and no
+request counts a table. Nothing periodic reads a table whole (issue 21): the worker's
+roll-up finds quiet series through ``series.rollup_due_at``, searches by person name
+and modality go through indexed keys (``patients.name_key``, ``study_modalities``).
+
+Every version of an instance is a row: a re-sent SOP Instance UID with other bytes
+adds a version and keeps the old one (``is_current`` marks the newest).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -27,6 +33,7 @@ from sqlalchemy import (
 )
 
 __all__ = [
+    "index_counters",
     "instances",
     "jobs",
     "lab_files",
@@ -36,11 +43,13 @@ __all__ = [
     "mpps",
     "order_versions",
     "orders",
+    "patient_name_words",
     "patients",
     "scheduled_steps",
     "series",
     "studies",
     "study_links",
+    "study_modalities",
 ]
 
 # Deterministic constraint names keep Alembic migrations identical on both dialects.
@@ -55,6 +64,12 @@ metadata = MetaData(
 
 UID = String(64)  # PS3.5 9.1: a UID is at most 64 characters
 
+# Search keys compare byte-wise (code point order) on both dialects: SQLite's BINARY
+# collation is the default, PostgreSQL needs "C" so that a prefix range and LIKE 'x%'
+# use the B-tree index whatever the database's locale (PostgreSQL 11.9 "Operator
+# Classes and Operator Families").
+SEARCH_KEY = String(512).with_variant(String(512, collation="C"), "postgresql")
+
 patients = Table(
     "patients",
     metadata,
@@ -65,8 +80,12 @@ patients = Table(
     Column("name", String(324), nullable=False, server_default=""),
     Column("birth_date", String(8), nullable=False, server_default=""),
     Column("sex", String(16), nullable=False, server_default=""),
+    # core.person_name.person_name_key(name): case- and accent-folded, indexed, so
+    # PatientName=TRẦN* is a range scan that also finds "Trần" and "TRAN".
+    Column("name_key", SEARCH_KEY, nullable=False, server_default=""),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("patient_id", "issuer", name="uq_patients_patient_id_issuer"),
+    Index("ix_patients_name_key", "name_key"),
 )
 
 studies = Table(
@@ -103,14 +122,57 @@ series = Table(
     Column("pps_start_date", String(8), nullable=False, server_default=""),
     Column("pps_start_time", String(16), nullable=False, server_default=""),
     Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    # When the newest instance arrived, while the series' roll-up is owed: set by the
+    # receiver with each instance, cleared when the series job is queued. The worker's
+    # roll-up reads only the rows past their quiet period (an index range), not every
+    # instance's received_at.
+    Column("rollup_due_at", DateTime(timezone=True), index=True),
+    # Current instances of the series, kept by the receiver in the same UPDATE:
+    # per-study counts then read the study's few series rows, not its instances.
+    Column("num_instances", Integer, nullable=False, server_default="0"),
+)
+
+# Each word of a patient's folded name (components, groups, words of name_key), for
+# "starts with any part" searches (QIDO fuzzymatching, FHIR Patient?name=): a prefix
+# range of this index instead of a LIKE '%…' over every name. Written with the
+# patient row by the receiver and the order reconciliation (storage.index.sql).
+patient_name_words = Table(
+    "patient_name_words",
+    metadata,
+    Column("word", SEARCH_KEY, primary_key=True),
+    Column("patient_pk", ForeignKey("patients.id"), primary_key=True),
+    Index("ix_patient_name_words_patient_pk", "patient_pk"),
+)
+
+# ModalitiesInStudy (PS3.18 Table 10.6.1-5) as a per-study set, written by the
+# receiver with a new series; indexed by modality so ModalitiesInStudy=CT is a range.
+study_modalities = Table(
+    "study_modalities",
+    metadata,
+    Column("study_pk", ForeignKey("studies.id"), primary_key=True),
+    Column("modality", String(16), primary_key=True),
+    Index("ix_study_modalities_modality", "modality", "study_pk"),
+)
+
+# Row counts kept by triggers (migration 0006): ``name`` is a table ("instances") or
+# a job status ("jobs_done"); PostgreSQL spreads a name over shards by backend pid.
+index_counters = Table(
+    "index_counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("value", BigInteger, nullable=False, server_default="0"),
 )
 
 instances = Table(
     "instances",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("sop_instance_uid", UID, nullable=False, index=True),
-    Column("series_pk", ForeignKey("series.id"), nullable=False, index=True),
+    # Looked up through uq_instances_sop_blob and ix_instances_current (their leading
+    # columns): single-column indexes on these would only cost the receiver an extra
+    # B-tree insert per instance (dropped in 0006).
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("series_pk", ForeignKey("series.id"), nullable=False),
     Column("sop_class_uid", UID, nullable=False),
     Column("transfer_syntax_uid", UID, nullable=False),
     Column("instance_number", Integer),
@@ -127,9 +189,14 @@ instances = Table(
     Column("calling_ae", String(16), nullable=False, server_default=""),
     Column("received_at", DateTime(timezone=True), nullable=False),
     # DICOM JSON of the header (PS3.18 F.2) so /metadata is one query, no file reads.
+    # Since 0006 written zlib-compressed to metadata_z (metadata_json then ""): it
+    # was over half of the index's bytes. Rows of older versions keep the text.
     Column("metadata_json", Text, nullable=False, server_default="{}"),
+    Column("metadata_z", LargeBinary),
     UniqueConstraint("sop_instance_uid", "blob_key", name="uq_instances_sop_blob"),
     Index("ix_instances_current", "series_pk", "is_current"),
+    # "Is this original still used?" (a failed receive's undo, retention) was a scan.
+    Index("ix_instances_blob_key", "blob_key"),
 )
 
 jobs = Table(

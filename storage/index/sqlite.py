@@ -38,6 +38,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 __all__ = [
+    "MMAP_SIZE",
     "READ_ONLY",
     "WriteLock",
     "is_retryable",
@@ -48,6 +49,9 @@ __all__ = [
     "wal_path",
     "write_lock",
 ]
+
+#: Bytes of the database file SQLite maps into memory per connection (see make_engine).
+MMAP_SIZE = 0x7FFF0000  # SQLite caps it at its compile-time SQLITE_MAX_MMAP_SIZE (this)
 
 #: Execution option of connections that only read (see ``_on_begin``).
 READ_ONLY = "pacslab_read_only"
@@ -179,6 +183,13 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
         # matching (PS3.4 C.2.2.2.4) behaves the same on both (queries.py lowers PN).
         cur.execute("PRAGMA case_sensitive_like=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        # Read pages through a memory map of the database file (the OS page cache)
+        # rather than each connection's own 2 MB page cache: at a million instances the
+        # index is over a gigabyte, and a receiver's insert touches leaves of several
+        # B-trees keyed by random UIDs and hashes; with the small cache their pages were
+        # read again and again (write p99 ~11 ms against ~3 ms mapped, issue 21).
+        # Address space only: pages are shared with every other connection and process.
+        cur.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
         cur.close()
         # SQLite's built-in lower() folds ASCII only, so a PN search lowered in Python
         # ("nguyễn") never met the stored "NGUYỄN" lowered in SQL ("nguyỄn"): OHIF's

@@ -99,14 +99,51 @@
       `${state.plane} · slice ${state.index + 1}/${depth} · window ${state.window}`;
   }
 
-  async function loadStudies() {
+  // Study list: search fields and pages (issue 21). The server pages newest first and
+  // names the next page in a Link header (RFC 8288); the previous pages are kept here.
+  const PAGE = 50;
+  const listing = { offset: 0, next: null, params: new URLSearchParams() };
+
+  function searchParams() {
+    const p = new URLSearchParams();
+    const fields = { name: "q-name", patient_id: "q-id", accession: "q-accession",
+                     date: "q-date", modality: "q-modality" };
+    for (const [key, id] of Object.entries(fields)) {
+      const v = $(id).value.trim();
+      if (v) p.set(key, v);
+    }
+    return p;
+  }
+
+  function nextLink(header) {
+    const m = (header || "").match(/<([^>]+)>\s*;\s*rel="next"/);
+    return m ? m[1] : null;
+  }
+
+  async function loadStudies(offset = 0) {
     const list = $("studies");
+    const p = new URLSearchParams(listing.params);
+    p.set("limit", String(PAGE));
+    p.set("offset", String(offset));
+    const url = `/viewer/api/studies?${p}`;
+    const r = await fetch(url, { headers: authHeaders });
+    if (r.status === 401 || r.status === 403) {
+      $("status").textContent = "Not signed in: open /viewer#token=<access token>";
+    }
+    if (r.status === 400) {
+      list.replaceChildren(text("li", "Search not understood (dates: YYYYMMDD or a range)"));
+      return;
+    }
+    if (!r.ok) throw new HttpError(url, r.status);
+    const studies = await r.json();
+    listing.offset = offset;
+    listing.next = nextLink(r.headers.get("Link"));
     list.replaceChildren();
-    const studies = await json("/viewer/api/studies");
     for (const s of studies) {
       const b = document.createElement("button");
       b.dataset.uid = s.study_instance_uid;
       b.append(text("strong", s.patient_name || s.patient_id || "(no name)"));
+      b.append(text("small", `${s.patient_id || ""} ${s.accession_number || ""}`));
       b.append(text("small", `${s.study_date || ""} ${s.description || ""}`));
       b.append(text("small", `${s.modalities.join(", ")} · ${s.series} series`));
       b.addEventListener("click", () => openStudy(s.study_instance_uid).catch(report));
@@ -114,8 +151,24 @@
       li.append(b);
       list.append(li);
     }
+    $("prev").disabled = offset === 0;
+    $("next").disabled = !listing.next;
+    $("page").textContent = studies.length
+      ? `${offset + 1}–${offset + studies.length}` : "";
     $("status").textContent = studies.length ? "Choose a study" : "No studies";
+    list.dataset.loads = String(Number(list.dataset.loads || 0) + 1);  // for tests
   }
+
+  $("search").addEventListener("submit", (e) => {
+    e.preventDefault();
+    listing.params = searchParams();
+    loadStudies(0).catch(report);
+  });
+  $("prev").addEventListener("click", () =>
+    loadStudies(Math.max(0, listing.offset - PAGE)).catch(report));
+  $("next").addEventListener("click", () => {
+    if (listing.next) loadStudies(listing.offset + PAGE).catch(report);
+  });
 
   function report(err) {
     console.error(err);

@@ -13,29 +13,11 @@ value imaging uses for an absent Issuer of Patient ID), created when missing.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import sqlalchemy as sa
 from alembic import op
 
-
-def _previous_revision() -> str:
-    # Other branches may add a revision 0005 at the same time. Chain onto the newest
-    # revision present that sorts before this one, so the merged tree stays one line.
-    here = Path(__file__).resolve()
-    present = []
-    for path in here.parent.glob("*.py"):
-        if path == here:
-            continue
-        found = re.search(r"^revision\s*=\s*[\"']([^\"']+)[\"']", path.read_text(), re.M)
-        if found and found.group(1) < revision:
-            present.append(found.group(1))
-    return max(present)
-
-
 revision = "0005_lab_patients"
-down_revision = _previous_revision()
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
