@@ -1026,8 +1026,8 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_BENCH_FIGURES",  # ./run bench: where benchmarks write their figures
     "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
-    "PACSLAB_QR_BENCH_CT_SLICES",
-    "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size  # benchmarks/test_query_retrieve.py: CT retrieved
+    "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
+    "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"
