@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import logging
 import socket
 import socketserver
@@ -39,12 +38,10 @@ from core.errors import LabMessageError
 from core.hl7v2 import END, START, Deframer, escape, frame
 from core.settings import AnalyzerSettings, LabCriticalLimit
 from ingest.labs._values import DecimalComma
-from ingest.labs.links.session import AstmSession
+from ingest.labs.links.session import AstmSession, store_message
 from ingest.labs.links.tcp import Network, is_allowed
 from ingest.labs.parsers import hl7v2
-from ingest.labs.results import plan_results, summary
 from services.analyzers import AnalyzerService, SpecimenOrders
-from storage.lab import NewLabFile
 
 __all__ = ["Hl7Session", "MllpResultServer", "format_oml_o33", "mllp_frame", "send_message"]
 
@@ -163,37 +160,8 @@ class Hl7Session:
             status.count("rejected")
             status.error(f"message rejected: {exc.title}")
             return build_ack(raw, "AR", text=exc.title)
-        name = f"{self.settings.name}-{sha[:16]}.hl7"
-        results = plan_results(
-            parsed,
-            file_sha256=sha,
-            fmt="hl7v2",
-            analyzer=self.settings.name,
-            critical=self.critical,
-            local_timezone=self.local_timezone,
-        )
-        body = summary(
-            name=name,
-            sha256=sha,
-            profile=f"link:{self.settings.name}",
-            fmt="hl7v2",
-            parsed=parsed,
-            results=results,
-        )
         try:
-            AstmSession._keep(self.messages, sha, raw, None)
-            self.service.store_results(
-                NewLabFile(
-                    sha256=sha,
-                    name=name,
-                    profile=f"link:{self.settings.name}",
-                    format="hl7v2",
-                    message_count=len(parsed.messages),
-                    summary_json=json.dumps(body, ensure_ascii=False),
-                    received_at=datetime.now(UTC),
-                ),
-                results,
-            )
+            store_message(self, sha, raw, parsed, fmt="hl7v2")
         except Exception as exc:
             # Not stored: AE tells the analyzer to send the message again.
             logger.error("analyzer %s: HL7 message not stored", self.settings.name, exc_info=True)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from core.charsets import codec_for, encode_text
 from core.errors import LabMessageError
@@ -43,6 +43,60 @@ logger = logging.getLogger(__name__)
 
 _DECIMAL: Final[dict[str, DecimalComma]] = {"auto": "auto", "comma": True, "point": False}
 _LOINC_LIKE: Final = frozenset("0123456789-")
+
+
+class _LinkSession(Protocol):
+    """What :func:`store_message` needs of an ASTM or HL7 link session (read only)."""
+
+    @property
+    def settings(self) -> AnalyzerSettings: ...
+    @property
+    def service(self) -> AnalyzerService: ...
+    @property
+    def messages(self) -> Path: ...
+    @property
+    def critical(self) -> Mapping[str, LabCriticalLimit]: ...
+    @property
+    def local_timezone(self) -> str: ...
+
+
+def store_message(
+    session: _LinkSession, sha: str, raw: bytes, parsed: ParseResult, *, fmt: str
+) -> None:
+    """Keep the raw message, then store its results as one lab file of the link
+    (``profile`` ``link:<analyzer>``), with its summary: the step after which the
+    message may be acknowledged (ASTM ACK to the ``L`` frame, HL7 ``AA``)."""
+    name = session.settings.name
+    results = plan_results(
+        parsed,
+        file_sha256=sha,
+        fmt=fmt,
+        analyzer=name,
+        critical=session.critical,
+        local_timezone=session.local_timezone,
+    )
+    file_name = f"{name}-{sha[:16]}.{'hl7' if fmt == 'hl7v2' else fmt}"
+    body = summary(
+        name=file_name,
+        sha256=sha,
+        profile=f"link:{name}",
+        fmt=fmt,
+        parsed=parsed,
+        results=results,
+    )
+    AstmSession._keep(session.messages, sha, raw, None)
+    session.service.store_results(
+        NewLabFile(
+            sha256=sha,
+            name=file_name,
+            profile=f"link:{name}",
+            format=fmt,
+            message_count=len(parsed.messages),
+            summary_json=json.dumps(body, ensure_ascii=False),
+            received_at=datetime.now(UTC),
+        ),
+        results,
+    )
 
 
 class AstmSession:
@@ -103,36 +157,7 @@ class AstmSession:
         )
 
     def _store(self, sha: str, message: bytes, parsed: ParseResult) -> None:
-        name = f"{self.settings.name}-{sha[:16]}.astm"
-        results = plan_results(
-            parsed,
-            file_sha256=sha,
-            fmt="astm",
-            analyzer=self.settings.name,
-            critical=self.critical,
-            local_timezone=self.local_timezone,
-        )
-        body = summary(
-            name=name,
-            sha256=sha,
-            profile=f"link:{self.settings.name}",
-            fmt="astm",
-            parsed=parsed,
-            results=results,
-        )
-        self._keep(self.messages, sha, message, None)
-        self.service.store_results(
-            NewLabFile(
-                sha256=sha,
-                name=name,
-                profile=f"link:{self.settings.name}",
-                format="astm",
-                message_count=len(parsed.messages),
-                summary_json=json.dumps(body, ensure_ascii=False),
-                received_at=datetime.now(UTC),
-            ),
-            results,
-        )
+        store_message(self, sha, message, parsed, fmt="astm")
 
     def _mapped(self, parsed: ParseResult) -> ParseResult:
         """Add the configured order code (LOINC) to each result as an alternate."""
