@@ -66,7 +66,7 @@ from api.fhir import (
 from api.fhir._input import MalformedResourceError, check_strings, expect, read_resource
 from api.fhir.registry import SERVICE_REQUEST
 from api.routes.fhir import patient_identifiers
-from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError, ServiceError
+from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
 from core.orders import (
     Code,
     Order,
@@ -665,20 +665,6 @@ def _link_json(link: StudyLink) -> dict[str, Any]:
     }
 
 
-def _problem(exc: ServiceError, request: Request) -> JSONResponse:
-    return JSONResponse(
-        {
-            "type": "about:blank",
-            "title": exc.title,
-            "status": exc.http_status,
-            "detail": str(exc),
-            "instance": str(request.url.path),
-        },
-        status_code=exc.http_status,
-        media_type="application/problem+json",
-    )
-
-
 @router.get("/orders/unmatched", tags=["orders"])
 def list_unmatched(
     request: Request,
@@ -692,10 +678,7 @@ def list_unmatched(
 @router.post("/orders/unmatched/{study_uid}/link", tags=["orders"])
 def link_unmatched(study_uid: str, body: LinkRequest, request: Request) -> Response:
     """Link a received study to an order; the order's demographics then apply."""
-    try:
-        link = _service(request).link(study_uid, body.order)
-    except ServiceError as exc:
-        return _problem(exc, request)
+    link = _service(request).link(study_uid, body.order)
     return JSONResponse(_link_json(link))
 
 

@@ -22,7 +22,6 @@ from pydantic import BaseModel
 
 from core.audit import AuditEntry, patient_key
 from core.auth import Principal
-from core.errors import ServiceError
 from core.logging import correlation_id
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResolution, StoredLabResult
@@ -82,20 +81,6 @@ def _state(r: StoredLabResult | None) -> dict[str, Any] | None:
     }
 
 
-def _problem(exc: ServiceError, request: Request) -> JSONResponse:
-    return JSONResponse(
-        {
-            "type": "about:blank",
-            "title": exc.title,
-            "status": exc.http_status,
-            "detail": str(exc),
-            "instance": str(request.url.path),
-        },
-        status_code=exc.http_status,
-        media_type="application/problem+json",
-    )
-
-
 def _audit(request: Request, resolution: LabResolution) -> None:
     """One ``lab.resolve`` entry with before/after; a side effect (logs, never raises)."""
     log = getattr(request.app.state, "audit", None)
@@ -149,10 +134,7 @@ def list_conflicts(
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> JSONResponse:
     """Results held because their specimen/test was another patient's, oldest first."""
-    try:
-        held, total = _store(request).conflicts(limit=limit, offset=offset)
-    except ServiceError as exc:
-        return _problem(exc, request)
+    held, total = _store(request).conflicts(limit=limit, offset=offset)
     return JSONResponse({"total": total, "items": [_held_json(r) for r in held]})
 
 
@@ -160,10 +142,7 @@ def list_conflicts(
 def resolve_conflict(observation_id: str, body: ResolveRequest, request: Request) -> JSONResponse:
     """Accept the held result as its patient's (the other patient's result of the same
     specimen/test is withdrawn) or discard it; audited with before and after."""
-    try:
-        resolution = _store(request).resolve(observation_id, body.choice)
-    except ServiceError as exc:
-        return _problem(exc, request)
+    resolution = _store(request).resolve(observation_id, body.choice)
     _audit(request, resolution)
     logger.info("held lab result %s: %s", observation_id, body.choice)
     return JSONResponse(
