@@ -108,6 +108,18 @@ class StorageSettings(BaseModel):
         return value
 
 
+def _ip_networks(value: list[str], where: str) -> list[str]:
+    """A source allow-list: each entry an IP address or CIDR network."""
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {item!r} is not an IP or CIDR network") from exc
+    return value
+
+
 class DicomSettings(BaseModel):
     """The DICOM receiver (PS3.8 upper layer, PS3.7 DIMSE)."""
 
@@ -505,16 +517,7 @@ class OrdersSettings(BaseModel):
     @field_validator("mllp_allowed_sources")
     @classmethod
     def _check_sources(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"orders.mllp_allowed_sources: {item!r} is not an IP or CIDR network"
-                ) from exc
-        return value
+        return _ip_networks(value, "orders.mllp_allowed_sources")
     #: Modality of a step when the order names none (OBR-24 empty; FHIR without code).
     default_modality: str = "OT"
     #: Scheduled Station AE Title per modality, when the order names no station.
@@ -841,14 +844,7 @@ class AnalyzerSettings(BaseModel):
     @field_validator("allowed_sources")
     @classmethod
     def _check_sources(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"analyzers: {item!r} is not an IP or CIDR network") from exc
-        return value
+        return _ip_networks(value, "analyzers")
 
     @model_validator(mode="after")
     def _check_link(self) -> AnalyzerSettings:
