@@ -19,6 +19,30 @@ __all__ = ["build_analyzer_links", "build_lab_watcher", "start_analyzer_links", 
 logger = logging.getLogger(__name__)
 
 
+class _LabStack:
+    """What every way lab results arrive (inbox files, live analyzer links) stores them
+    with: the index, the lab store with the hospital's default patient issuer (so one
+    patient is one Patient whichever way the result came), the action log and the
+    critical-value webhook."""
+
+    def __init__(self, settings: Settings) -> None:
+        lab = settings.lab
+        self.index = build_index(settings, migrate=False)
+        self.store = SqlLabStore(self.index, default_issuer=lab.patient_issuer)
+        self.audit, self.secret = build_audit(settings, self.index)
+        self.webhook = (
+            CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
+            if lab.critical_webhook_url
+            else None
+        )
+
+    def release(self) -> None:
+        if self.webhook is not None:
+            self.webhook.stop()
+        self.audit.close()  # writes what is queued before the engine goes
+        self.index.close()
+
+
 def build_lab_watcher(
     settings: Settings, *, use_events: bool = True
 ) -> tuple[LabWatcher, Callable[[], None]]:
@@ -31,14 +55,8 @@ def build_lab_watcher(
     """
     lab = settings.lab
     profiles = {name: parse_profile(name, section) for name, section in lab.profiles.items()}
-    index = build_index(settings, migrate=False)
-    store = SqlLabStore(index, default_issuer=lab.patient_issuer)
-    audit, secret = build_audit(settings, index)
-    webhook = (
-        CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
-        if lab.critical_webhook_url
-        else None
-    )
+    stack = _LabStack(settings)
+    store, audit, secret, webhook = stack.store, stack.audit, stack.secret, stack.webhook
     inboxes = {
         settings.lab_inbox / name: LabInbox(
             settings.lab_inbox / name,
@@ -65,13 +83,7 @@ def build_lab_watcher(
         use_events=use_events,
     )
 
-    def release() -> None:
-        if webhook is not None:
-            webhook.stop()
-        audit.close()  # writes what is queued before the engine goes
-        index.close()
-
-    return watcher, release
+    return watcher, stack.release
 
 
 def start_lab_watcher(settings: Settings) -> Callable[[], None]:
@@ -104,15 +116,9 @@ def build_analyzer_links(
     from storage.index.orders import SqlOrderStore
 
     lab = settings.lab
-    index = build_index(settings, migrate=False)
-    store = SqlLabStore(index)
-    orders = SqlOrderStore(index)
-    audit, secret = build_audit(settings, index)
-    webhook = (
-        CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
-        if lab.critical_webhook_url
-        else None
-    )
+    stack = _LabStack(settings)
+    store, audit, secret, webhook = stack.store, stack.audit, stack.secret, stack.webhook
+    orders = SqlOrderStore(stack.index)
     shells: list[Any] = []
     for section in settings.analyzers:
         status = REGISTRY.add(LinkStatus(section.name, section.protocol, section.link))
@@ -203,10 +209,7 @@ def build_analyzer_links(
     def release() -> None:
         for section in settings.analyzers:
             REGISTRY.remove(section.name)
-        if webhook is not None:
-            webhook.stop()
-        audit.close()  # writes what is queued before the engine goes
-        index.close()
+        stack.release()
 
     return shells, release
 

@@ -560,3 +560,24 @@ def test_vietnamese_names_in_and_out_in_the_analyzer_character_set(
         assert (patient.upper() if encoding == "tcvn3" else patient) == "TRẦN^THỊ^LAN"
     finally:
         rigs.close()
+
+
+def test_link_results_take_the_hospitals_patient_issuer(settings: Settings) -> None:
+    """A result that arrives over a live link names its patient with the same default
+    issuer as one dropped in the inbox (``lab.patient_issuer``): one patient is one
+    Patient whichever way the result came (issue 13)."""
+    lab = settings.lab.model_copy(update={"patient_issuer": "BVTINH"})
+    raw = (CAPTURES / "biorad_ihcom_bloodtype_two_patients.astm").read_bytes()
+    expected = len(astm_parser.parse(raw).observations)
+    for rig in _rig(settings.model_copy(update={"lab": lab})):
+        pipe = rig.connect()
+        try:
+            send_session(pipe, messages_of(raw), reply_s=2)
+        finally:
+            pipe.close()
+        wait_until(lambda rig=rig: len(rig.results()) == expected, timeout=5)
+        results = rig.results()
+        assert {r.patient_issuer for r in results} == {"BVTINH"}
+        # One Patient row per (Patient ID, issuer): as many rows as patient IDs.
+        assert None not in {r.patient_pk for r in results}
+        assert len({r.patient_pk for r in results}) == len({r.patient_id for r in results})
