@@ -167,3 +167,28 @@ def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(message() if callable(message) else message)
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(app: object) -> Iterator[str]:
+    """An ASGI ``app`` under uvicorn in a thread on a free loopback port, for real HTTP
+    clients (browsers, npm clients); yields ``http://127.0.0.1:<port>``."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,  # type: ignore[arg-type]
+                                        log_level="warning", access_log=False,
+                                        lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +29,7 @@ from pydicom.data import get_testdata_file
 
 from core.settings import Settings
 from tests.api._support import Stored, running_app, store_ct, store_files
-from tests.support import free_port
+from tests.support import free_port, serving
 
 pytestmark = pytest.mark.network
 
@@ -125,7 +124,6 @@ def _page_server(directory: Path) -> tuple[ThreadingHTTPServer, str]:
 
 @pytest.fixture
 def served(settings: Settings, tmp_path: Path) -> Iterator[Served]:
-    import uvicorn
 
     from api.keys import ensure_private_key, issue_token
 
@@ -149,22 +147,11 @@ def served(settings: Settings, tmp_path: Path) -> Iterator[Served]:
         ds = dcmread(mr_path, stop_before_pixels=True)
         mr = {"study": str(ds.StudyInstanceUID), "series": str(ds.SeriesInstanceUID),
               "sop": str(ds.SOPInstanceUID)}
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                            log_level="warning", access_log=False,
-                                            lifespan="off"))
-        thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not srv.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
         try:
-            yield Served(f"http://127.0.0.1:{port}/dicomweb", token, ct, mr, mr_path,
-                         {"allowed": allowed, "other": other})
+            with serving(app) as base:
+                yield Served(f"{base}/dicomweb", token, ct, mr, mr_path,
+                             {"allowed": allowed, "other": other})
         finally:
-            srv.should_exit = True
-            thread.join(timeout=10)
             allowed_httpd.shutdown()
             other_httpd.shutdown()
 

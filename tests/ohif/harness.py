@@ -37,7 +37,7 @@ from pydicom import dcmread
 from api.routes.ohif import app_config_js, rewrite_asset, rewrite_index
 from core.settings import OhifSettings, Settings
 from core.synthetic import write_ct_series
-from tests.support import free_port
+from tests.support import free_port, serving
 
 CHROMIUM = "/usr/bin/chromium"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -89,7 +89,6 @@ class Server:
 def pacslab_server(settings: Settings, study: Study) -> Iterator[Server]:
     """pacslab's API with ``study`` stored (archive accept: the C-STORE path) and the
     instance job's metadata step done, as after ``pacslab demo``; auth on."""
-    import uvicorn
 
     from api.keys import ensure_private_key, issue_token
     from tests.api._support import run_metadata_step, running_app, store_files
@@ -101,21 +100,8 @@ def pacslab_server(settings: Settings, study: Study) -> Iterator[Server]:
     with running_app(settings.model_copy(update={"auth": auth})) as app:
         store_files(app.state.archive, study.paths)
         run_metadata_step(app)  # what the instance job does after the C-STORE
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                            log_level="warning", access_log=False,
-                                            lifespan="off"))
-        thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not srv.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        try:
-            yield Server(f"http://127.0.0.1:{port}", token)
-        finally:
-            srv.should_exit = True
-            thread.join(timeout=10)
+        with serving(app) as base:
+            yield Server(base, token)
 
 
 # --- the Orthanc anchor ---------------------------------------------------------------
