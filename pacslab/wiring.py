@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from core.settings import Settings
 from ingest.service import IngestService
+from services.orders import OrderService
 from storage.archive import Archive
 from storage.audit import AuditLog, load_secret
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
-from storage.orders import OrderService
 from storage.originals import open_originals as build_originals
 from storage.originals import staging_dir
 

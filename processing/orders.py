@@ -3,7 +3,7 @@
 Reconciliation runs in the ``instance`` job, after the C-STORE was acknowledged
 (never in its critical path): :func:`order_keys` reads what the modality copied
 from the worklist (PS3.4 K.6.1.2.3; IHE RAD TF-2 4.8.4.1.3 Request Attributes
-Sequence), and ``storage.orders.OrderService.reconcile`` links the study.
+Sequence), and ``services.orders.OrderService.reconcile`` links the study.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ FHIR ImagingStudy/ServiceRequest pattern):
   ImagingStudy (identifier ``urn:dicom:uid``).
 
 The API may not import ``worklist`` (STYLE.md §1), so it uses
-:class:`storage.orders.OrderService` directly.
+:class:`services.orders.OrderService` directly.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ from core.orders import (
     PlacedOrder,
     ScheduledProcedureStep,
 )
+from services.orders import OrderService
 from storage.index.orders import SqlOrderStore, StudyLink
-from storage.orders import OrderService
 
 __all__ = ["include", "record_to_resource", "resource_to_placed", "router"]
 

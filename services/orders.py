@@ -2,10 +2,9 @@
 
 HL7 v2 (``worklist/orders``), FHIR R4 (``api/routes/fhir_orders.py``), MPPS
 (``worklist/scp.py`` effects) and the processing worker (reconciliation) all change
-orders. They live in different layers that must not import each other (STYLE.md
-§1: api, worklist and ingest never import each other; api reaches storage through
-processing only for pure functions, and may import storage), so the one service they
-share sits in ``storage``, the lowest layer they all may use.
+orders. Those edges never import each other (STYLE.md §1), so the one service they
+share is a use case of the application layer, built once by the composition root
+(``pacslab.wiring.build_order_service``) and handed to each edge.
 
 The decisions are pure functions at the top of this module (:func:`schedule`,
 :func:`merge_change`, :func:`cancelled`, :func:`with_step_status`), tested
