@@ -40,10 +40,12 @@ from core.orders import (
     WorklistItem,
     derive_status,
 )
+from storage.index.orders import SqlOrderStore
 
 if TYPE_CHECKING:
     from core.settings import OrdersSettings
-    from storage.index.orders import OrderVersion, SqlOrderStore, StudyLink
+    from storage.index.orders import OrderVersion, StudyLink
+    from storage.index.sql import SqlIndex
 
 __all__ = [
     "OrderKeys",
@@ -51,6 +53,7 @@ __all__ = [
     "cancelled",
     "merge_change",
     "order_keys",
+    "order_service",
     "schedule",
     "status_notice",
     "with_step_status",
@@ -621,3 +624,9 @@ class OrderService:
             except ProcedureStepStateError:
                 continue
         logger.warning("order %s: images-arrived not recorded (concurrent changes)", public_id)
+
+
+def order_service(index: SqlIndex, settings: OrdersSettings) -> OrderService:
+    """The order service over ``index``: the one construction rule for every process
+    (webhook jobs are queued only when ``orders.webhook_url`` is set)."""
+    return OrderService(SqlOrderStore(index, webhook=bool(settings.webhook_url)), settings)
