@@ -40,7 +40,7 @@ from sqlalchemy import and_, select
 from core.settings import Settings
 from core.synthetic import write_ct_series
 from tests.labs._analyzer import drop, drops
-from tests.support import env_for
+from tests.support import env_for, wait_until
 
 from .conftest import (
     Acknowledged,
@@ -144,15 +144,6 @@ def _running_claims(index: Any) -> set[int]:
         rows = conn.execute(select(jobs.c.id).where(
             and_(jobs.c.status == "running", jobs.c.claimed_by == WORKER_NAME)))
         return {r.id for r in rows}
-
-
-def _wait(what: str, done: Callable[[], Any], timeout: float = 180) -> None:
-    """Until ``done()`` returns nothing left to do (a liveness bound for a converging
-    system, not a timing check); what was left is in the failure message."""
-    deadline = time.monotonic() + timeout
-    while left := done():
-        assert time.monotonic() < deadline, f"never converged: {what}: {left}"
-        time.sleep(0.2)
 
 
 # Each trial costs a restart (about 3 s of imports on a busy machine).
@@ -262,7 +253,10 @@ def test_kill_9_worker_and_api_under_mixed_load_loses_nothing(
                 left["lab inbox"] = inbox
             return left
 
-        _wait("jobs done and lab inbox empty", unsettled)
+        # A liveness bound for a converging system (not a timing check); what was
+        # left is in the failure message.
+        wait_until(lambda: not unsettled(), timeout=180, interval=0.2,
+                   message=lambda: f"never converged: jobs done, lab inbox empty: {unsettled()}")
         store = build_originals(Settings(data_dir=data))
         lost = []
         for uid in sorted(acked.uids):
