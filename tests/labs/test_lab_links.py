@@ -41,6 +41,9 @@ from tests.labs._sim_analyzer import (
 )
 from tests.support import free_port, wait_until
 
+#: Real peers over loopback sockets (the astm package, python-hl7's mllp_send).
+pytestmark = pytest.mark.network
+
 CAPTURES = Path(__file__).resolve().parents[1] / "data" / "lab" / "astm"
 ASTM_CAPTURES = (
     "immucor_galileo_result.astm",
