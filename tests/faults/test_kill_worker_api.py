@@ -4,7 +4,7 @@ load (issue #8 §5).
 Each service runs as its own ``pacslab`` command: ``dicom`` (receivers), ``labs`` (the
 inbox watcher), ``worker`` and ``api``. The load: two DCMTK ``storescu`` senders of
 small series (instance jobs and series pyramids keep the worker busy), one STOW-RS
-sender, one analyzer dropping real HL7 captures (``tests/labs/_analyzer.py``) and one
+sender, one analyzer dropping real HL7 captures (``tests/ingest/labs/_analyzer.py``) and one
 reader (QIDO-RS, the viewer's series list and IIIF tiles). Each trial kills the
 worker (while it holds claimed jobs) or the API with SIGKILL and starts it again at
 once, as a supervisor would.
@@ -39,7 +39,7 @@ from sqlalchemy import and_, select
 
 from core.settings import Settings
 from core.synthetic import write_ct_series
-from tests.labs._analyzer import drop, drops
+from tests.ingest.labs._analyzer import drop, drops
 from tests.support import env_for, wait_until
 
 from .conftest import (
