@@ -17,7 +17,7 @@ import pytest
 
 from core.settings import ForwardingRule, ForwardingSettings, Settings
 from services.forwarding import InstanceFacts, backoff_s, route
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.orthanc_peer import OrthancPeer
 from tests.support import Receiver, wait_until
 

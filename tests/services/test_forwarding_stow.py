@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import ForwardingRule, ForwardingSettings, Settings
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.orthanc_peer import OrthancPeer
 from tests.support import Receiver, wait_until
 
