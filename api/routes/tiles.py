@@ -21,7 +21,7 @@ is answered with 304 without touching the store. Versioned ids are
 with ``Vary: Authorization`` (:func:`cache_headers`), so no shared cache hands a
 patient's tiles to a caller without one (RFC 9111 §5.2.2.7). Problems are
 ``no-store``. In the process, decoded chunks (:class:`storage.pyramids.ChunkCache`,
-256 MiB) and encoded responses by ETag (:class:`ResponseCache`, 64 MiB) are kept in
+256 MiB) and encoded responses by ETag (:class:`services.tiles.ResponseCache`, 64 MiB) are kept in
 LRUs.
 
 Errors are ``application/problem+json`` (RFC 9457): 400 bad syntax, 404 unknown
