@@ -34,6 +34,7 @@ from api.routes import (
 )
 from api.routes.analyzers import render_link_metrics
 from api.security import install_security
+from api.state import build_api_services
 from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
@@ -121,16 +122,18 @@ def create_app(
             logger.error("index counts unavailable for /metrics", exc_info=True)
             gauges = ""
         return PlainTextResponse(
-            metrics.exposition()
-            + gauges
-            + tiles.tile_service_of(app).latency.exposition()
-            + render_link_metrics(),
+            metrics.exposition() + gauges + render_link_metrics(),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     # Last, so authentication and the action log wrap every route above (issue 7).
     security = install_security(app, settings, idx)
+    # The services the routes use (api/state.py), built once here, the API's
+    # composition root (STYLE.md §1), over the action log security opened.
+    app.state.services = build_api_services(
+        settings, idx, audit=security.audit, patient_secret=app.state.patient_secret
+    )
     install_cors(app, settings.http.cors_origins)
     return app
 

@@ -1,4 +1,9 @@
-"""FastAPI dependencies: the stores ``create_app`` built, taken from ``app.state``."""
+"""FastAPI dependencies: the stores and services ``create_app`` built, from ``app.state``.
+
+Each is an ``Annotated`` alias ending in ``Dep`` (STYLE.md §2, as the FastAPI
+full-stack template's ``SessionDep``): a route names what it needs in its signature.
+The services come from the typed :class:`api.state.ApiServices`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,23 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.state import services_of
 from core.settings import Settings
+from services.lab_results import LabResultService
+from services.orders import OrderService
+from services.tiles import TileService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
-__all__ = ["ArchiveDep", "IndexDep", "SettingsDep", "base_url"]
+__all__ = [
+    "ArchiveDep",
+    "IndexDep",
+    "LabResultsDep",
+    "OrdersDep",
+    "SettingsDep",
+    "TilesDep",
+    "base_url",
+]
 
 
 def _index(request: Request) -> SqlIndex:
@@ -28,9 +45,24 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
+def _orders(request: Request) -> OrderService:
+    return services_of(request.app).orders
+
+
+def _lab_results(request: Request) -> LabResultService:
+    return services_of(request.app).lab_results
+
+
+def _tiles(request: Request) -> TileService:
+    return services_of(request.app).tiles
+
+
 IndexDep = Annotated[SqlIndex, Depends(_index)]
 ArchiveDep = Annotated[Archive, Depends(_archive)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
+OrdersDep = Annotated[OrderService, Depends(_orders)]
+LabResultsDep = Annotated[LabResultService, Depends(_lab_results)]
+TilesDep = Annotated[TileService, Depends(_tiles)]
 
 
 def base_url(request: Request, prefix: str) -> str:

@@ -40,6 +40,7 @@ from typing import Any, Final
 
 from core.errors import InvalidQueryError, NotFoundError, UnsupportedRequestError
 from processing.render import FORMATS, PLANES, parse_window
+from services.tiles import ImageId
 
 __all__ = [
     "CONTEXT",
@@ -73,26 +74,6 @@ _DEGREES = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,9})?")
 #: Longest identifier or request parameter we parse (far above any valid one).
 _MAX_ID: Final = 200
 _MAX_PARAM: Final = 100
-
-
-@dataclass(frozen=True, slots=True)
-class ImageId:
-    """A parsed image identifier (see the module docstring)."""
-
-    series_uid: str
-    version: int | None
-    stack: int
-    plane: str
-    index: int
-    window: str | None = None
-
-    def text(self, *, version: int | None = None, window: str | None = None) -> str:
-        """The identifier, optionally pinned to a store ``version`` or a window."""
-        v = self.version if version is None else version
-        w = self.window if window is None else window
-        head = self.series_uid if v is None else f"{self.series_uid}@{v}"
-        tail = f":{w}" if w not in (None, "", "default") else ""
-        return f"{head}:{self.stack}:{self.plane}:{self.index}{tail}"
 
 
 def parse_image_id(text: str) -> ImageId:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the HTTP API: request counts and latency per route.
+"""Prometheus metrics of the HTTP API: request counts and latency per route, tile latency.
 
 A pure ASGI middleware (not ``BaseHTTPMiddleware``, which would buffer streamed
 WADO-RS bodies) times each request to its last body byte. The route label is the
@@ -18,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["HttpMetrics", "MetricsMiddleware", "render_gauges"]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Tiles answer in milliseconds (a warm 256² tile ~1 ms), so finer buckets.
+_TILE_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class HttpMetrics:
@@ -39,9 +41,21 @@ class HttpMetrics:
             registry=self.registry,
         )
 
+        self.tiles = Histogram(
+            "pacslab_tile_request_duration_seconds",
+            "Tile requests (IIIF, DZI) from parse to encoded bytes.",
+            ("api", "status"),
+            buckets=_TILE_BUCKETS,
+            registry=self.registry,
+        )
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+    def observe_tile(self, api: str, status: int, seconds: float) -> None:
+        """One tile request of ``api`` (``iiif``, ``iiif_info``, ``dzi``, ...)."""
+        self.tiles.labels(api, str(status)).observe(seconds)
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode("utf-8")

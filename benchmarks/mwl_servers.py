@@ -261,10 +261,15 @@ class LeanFindSCU:
 
 
 def _serve_memory(size: int, port: int) -> None:
+    from pacslab.runtime import configure_runtime
     from worklist.memory import InMemoryMppsRepository, InMemoryWorklist
     from worklist.query import MatchOptions
     from worklist.scp import build_ae, handlers
 
+    # This process is its own composition root: set pynetdicom's globals as
+    # ``pacslab dicom`` does (no identifiers in its logs, context variables carried
+    # into association threads), so both servers are measured with the same config.
+    configure_runtime()
     source = InMemoryWorklist(make_items(size))
     ae = build_ae(ae_title="PACSLAB")
     stop = threading.Event()

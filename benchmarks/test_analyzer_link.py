@@ -1,6 +1,6 @@
 """One ASTM E1381 TCP analyzer link: results/s, and last frame → visible in FHIR.
 
-A simulated analyzer (tests/labs/_sim_analyzer.py) sends one message per specimen
+A simulated analyzer (tests/ingest/labs/_sim_analyzer.py) sends one message per specimen
 over the link, honouring the protocol as an instrument does: it waits for each
 frame's ACK before the next (stop-and-wait, E1381 §6.3), and the ACK of the L frame
 comes only after the results are committed. Two numbers:
@@ -33,8 +33,8 @@ from benchmarks.support import record
 from core.settings import AnalyzerSettings, Settings
 from pacslab.labs import build_analyzer_links
 from pacslab.wiring import build_index
-from tests.labs._framing import frame
-from tests.labs._sim_analyzer import ACK, EOT, Pipe
+from tests.ingest.labs._framing import frame
+from tests.ingest.labs._sim_analyzer import ACK, EOT, Pipe
 from tests.support import free_port
 
 

@@ -29,21 +29,19 @@ import pytest
 
 from benchmarks.support import benchmarks_enabled, quick, record
 from core.synthetic import write_ct_series
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.network
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"port {port} not open")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, timeout=timeout, message=f"port {port} not open")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from benchmarks.support import Goal, record
 from ingest.labs.model import ParseResult
 from ingest.labs.parsers import astm, hl7v2
-from tests.labs._framing import frame_capture
+from tests.ingest.labs._framing import frame_capture
 
 RESULTS = 10_000
 TESTS = [

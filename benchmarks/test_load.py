@@ -6,7 +6,7 @@ For a bounded time, with authentication ON (bearer tokens from the embedded issu
 - 4 modalities send series with DCMTK ``storescu`` (each a loop of associations);
 - 2 analyzers drop real captures into the lab inbox (HL7 v2 and ASTM, from
   ``tests/data/lab``, origin and license in its SOURCES.md; each drop with a fresh
-  message control id, see ``tests/labs/_analyzer.py``), each waiting until its file
+  message control id, see ``tests/ingest/labs/_analyzer.py``), each waiting until its file
   is filed before the next, as analyzer middleware does;
 - 1 Modality Worklist C-FIND per second (pynetdicom);
 - N viewers read IIIF tiles of the converted series (scrolling through slices, now
@@ -46,7 +46,7 @@ import pytest
 
 from benchmarks.support import per_round, quick, record
 from core.synthetic import write_ct_series
-from tests.labs._analyzer import drop, drops
+from tests.ingest.labs._analyzer import drop, drops
 from tests.support import free_port
 from tests.worklist.order_requests import service_request
 

@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 from benchmarks.support import Goal, benchmarks_enabled, per_round, quick, record
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -78,18 +78,17 @@ if __name__ == "__main__":  # the workers are spawned: they re-import this file
 
 
 def _wait_http(port: int, proc: subprocess.Popen[bytes], path: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def serving() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", path)
-            if conn.getresponse().status < 500:
-                return
+            return conn.getresponse().status < 500
         except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port} not serving")
+            return False
+
+    wait_until(serving, timeout=timeout, interval=0.1, message=f"port {port} not serving")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

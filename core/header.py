@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, TEXT_VR_DELIMS, VR
 
 __all__ = [
@@ -38,9 +39,11 @@ __all__ = [
     "walk_header",
 ]
 
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+IMPLICIT_VR_LE = ImplicitVRLittleEndian
+_BIG_ENDIAN = ExplicitVRBigEndian
+# 1.2.840.10008.1.2.8.1 (Deflated Image Frame Compression, PS3.5 8.2.15) has no
+# constant in pydicom 3.0.
+_DEFLATED = (DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.8.1")
 
 PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD

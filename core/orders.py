@@ -1,7 +1,7 @@
 """Orders and worklist items as values (pure; standard library only).
 
 These were born in :mod:`worklist.model` and moved here so that the SQL order store
-(``storage/index/orders.py``), the order intake service (``storage/orders.py``), the
+(``storage/index/orders.py``), the order intake service (``services/orders.py``), the
 API and the worklist share one definition without importing each other
 (STYLE.md §1: domain values live in ``core``). :mod:`worklist.model` re-exports them.
 

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from rich.console import Console
@@ -113,7 +113,7 @@ def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True
             study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
             send = progress.add_task("C-STORE to PACSLAB", total=slices)
             ae = AE(ae_title="DEMO-CT")
-            ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", dicom_port, ae_title=settings.dicom.ae_title)
             if not assoc.is_established:
                 console.print("[red]association rejected[/]")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from core.settings import Settings
 from ingest.service import IngestService
+from services.orders import OrderService, order_service
 from storage.archive import Archive
 from storage.audit import AuditLog, load_secret
-from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
-from storage.orders import OrderService
 from storage.originals import open_originals as build_originals
 from storage.originals import staging_dir
 
@@ -63,5 +62,4 @@ def build_ingest(
 
 def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:
     """The order service over ``index`` (webhook jobs queued when a URL is set)."""
-    store = SqlOrderStore(index, webhook=bool(settings.orders.webhook_url))
-    return OrderService(store, settings.orders)
+    return order_service(index, settings.orders)

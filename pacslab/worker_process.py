@@ -21,11 +21,11 @@ from core.instance import metadata_json
 from core.settings import Settings
 from pacslab.wiring import build_audit, build_index, build_order_service, build_originals
 from processing.integrity import verify_original
-from processing.orders import order_keys, status_notice
 from processing.tiling import convert_series
 from processing.webhook import post_json
 from processing.worker import JobWorker
 from services.forwarding import ForwardingService, InstanceFacts, job_kind
+from services.orders import order_keys, status_notice
 from storage.abc import Job
 from storage.index.qr import calling_ae_of
 

@@ -36,14 +36,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from core.errors import InvalidDatasetError
 from core.header import HeaderCutShort, HeaderUnsure, walk_header
 from storage.staging import read_file_meta
 
 __all__ = ["NativeHeader", "read_native_header"]
 
-_IMPLICIT_LE: Final = "1.2.840.10008.1.2"
-_EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE: Final = ImplicitVRLittleEndian
+_EXPLICIT_LE: Final = ExplicitVRLittleEndian
 _UNDEFINED: Final = 0xFFFFFFFF
 #: A first read this long holds the whole header of almost every file.
 _FIRST_READ: Final = 16 * 1024

@@ -21,7 +21,7 @@ from typing import Final
 import numpy as np
 import pydicom
 from pydicom.encaps import encapsulate
-from pydicom.uid import UID
+from pydicom.uid import HTJ2KLossless
 
 from core.errors import InvalidDatasetError
 from processing.decode import InstanceInfo, iter_frames, read_instance_info
@@ -30,7 +30,7 @@ __all__ = ["HTJ2K_LOSSLESS", "transcode_htj2k"]
 
 logger = logging.getLogger(__name__)
 
-HTJ2K_LOSSLESS: Final = UID("1.2.840.10008.1.2.4.201")
+HTJ2K_LOSSLESS: Final = HTJ2KLossless
 
 
 def _stored_frames(info: InstanceInfo) -> list[bytes]:

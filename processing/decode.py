@@ -51,9 +51,26 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels
-from pydicom.uid import UID
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from core.errors import InvalidDatasetError
+from core.transfer_syntax import DECODED
 from processing._native_header import read_native_header
 
 __all__ = [
@@ -71,29 +88,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Transfer syntaxes the receiver accepts and this module decodes (PS3.5 Annex A, 10).
-ACCEPTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(
-    {
-        "1.2.840.10008.1.2",  # Implicit VR Little Endian
-        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still seen)
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000
-        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-        "1.2.840.10008.1.2.4.203",  # HTJ2K
-        "1.2.840.10008.1.2.5",  # RLE Lossless
-    }
-)
+#: Transfer syntaxes this module decodes (:data:`core.transfer_syntax.DECODED`); the
+#: receiver accepts these and video, which is stored but never decoded.
+ACCEPTED_TRANSFER_SYNTAXES: Final[frozenset[str]] = frozenset(DECODED)
 
-_NATIVE_LE: Final = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+_NATIVE_LE: Final = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 _FAST_PHOTOMETRIC: Final = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"})
 _YBR: Final = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 _PIXEL_DATA_TAG: Final = (0x7FE0, 0x0010)
@@ -365,7 +364,7 @@ def _native_location(fp: Any, ts: str, expected: int) -> PixelLocation | None:
     group, elem = struct.unpack("<HH", head[:4])
     if (group, elem) != _PIXEL_DATA_TAG:
         return None
-    if ts == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+    if ts == ImplicitVRLittleEndian:  # implicit VR: tag, 4-byte length
         (length,) = struct.unpack("<I", head[4:8])
         offset = pos + 8
     else:  # explicit VR OB/OW: tag, VR, 2 reserved, 4-byte length
@@ -777,7 +776,7 @@ class _NotApplicableError(Exception):
 
 def _decode_streaming(info: InstanceInfo, wanted: list[int]) -> Iterator[np.ndarray]:
     # pydicom reads frame by frame from the file; it cannot inflate Deflate files.
-    if info.transfer_syntax_uid == "1.2.840.10008.1.2.1.99":
+    if info.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         raise _NotApplicableError
     yield from iter_pixels(info.path, indices=wanted, as_rgb=True)
 
@@ -789,18 +788,18 @@ def _decode_dataset(info: InstanceInfo, wanted: list[int]) -> Iterator[np.ndarra
     yield from iter_pixels(ds, indices=wanted, as_rgb=True)
 
 
-_IMAGECODECS: Final = {
-    "1.2.840.10008.1.2.4.50": "jpeg8_decode",
-    "1.2.840.10008.1.2.4.51": "jpeg8_decode",
-    "1.2.840.10008.1.2.4.57": "ljpeg_decode",
-    "1.2.840.10008.1.2.4.70": "ljpeg_decode",
-    "1.2.840.10008.1.2.4.80": "jpegls_decode",
-    "1.2.840.10008.1.2.4.81": "jpegls_decode",
-    "1.2.840.10008.1.2.4.90": "jpeg2k_decode",
-    "1.2.840.10008.1.2.4.91": "jpeg2k_decode",
-    "1.2.840.10008.1.2.4.201": "htj2k_decode",
-    "1.2.840.10008.1.2.4.202": "htj2k_decode",
-    "1.2.840.10008.1.2.4.203": "htj2k_decode",
+_IMAGECODECS: Final[dict[str, str]] = {
+    JPEGBaseline8Bit: "jpeg8_decode",
+    JPEGExtended12Bit: "jpeg8_decode",
+    JPEGLossless: "ljpeg_decode",
+    JPEGLosslessSV1: "ljpeg_decode",
+    JPEGLSLossless: "jpegls_decode",
+    JPEGLSNearLossless: "jpegls_decode",
+    JPEG2000Lossless: "jpeg2k_decode",
+    JPEG2000: "jpeg2k_decode",
+    HTJ2KLossless: "htj2k_decode",
+    HTJ2KLosslessRPCL: "htj2k_decode",
+    HTJ2K: "htj2k_decode",
 }
 
 

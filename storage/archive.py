@@ -33,6 +33,12 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    UncompressedTransferSyntaxes,
+)
 
 from core.errors import InvalidDatasetError, ServiceError
 from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
@@ -54,9 +60,9 @@ __all__ = ["Accepted", "Archive", "check_pixel_data"]
 logger = logging.getLogger(__name__)
 
 _PIXEL_DATA = Tag(0x7FE00010)
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = DeflatedExplicitVRLittleEndian
+_EXPLICIT_LE = ExplicitVRLittleEndian
+_BIG_ENDIAN = ExplicitVRBigEndian
 _LONG_HEADER_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 _CHUNK = 1 << 20
 
@@ -87,12 +93,8 @@ class _DatasetReader:
         return os.pread(self._fd, n, self._base + offset)
 
 
-_NATIVE = {
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-}
+#: Uncompressed encodings (PS3.5 A.1-A.3, A.5): pydicom's list.
+_NATIVE = frozenset(UncompressedTransferSyntaxes)
 
 
 @dataclass(frozen=True, slots=True)

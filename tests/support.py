@@ -170,9 +170,13 @@ def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: 
 
 
 @contextlib.contextmanager
-def serving(app: object) -> Iterator[str]:
+def serving(app: object, *, lifespan: str = "off") -> Iterator[str]:
     """An ASGI ``app`` under uvicorn in a thread on a free loopback port, for real HTTP
-    clients (browsers, npm clients); yields ``http://127.0.0.1:<port>``."""
+    clients (browsers, npm clients); yields ``http://127.0.0.1:<port>``.
+
+    ``lifespan="on"`` runs the app's start-up and shut-down (``create_app`` closes
+    its own index and stores there).
+    """
     import threading
 
     import uvicorn
@@ -180,13 +184,15 @@ def serving(app: object) -> Iterator[str]:
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,  # type: ignore[arg-type]
                                         log_level="warning", access_log=False,
-                                        lifespan="off"))
+                                        lifespan=lifespan))  # type: ignore[arg-type]
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited"
+        return bool(srv.started)
+
+    wait_until(started, timeout=20, message="uvicorn did not start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

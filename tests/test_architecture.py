@@ -88,6 +88,8 @@ def test_a_type_checking_import_from_above_is_allowed(tmp_path: Path) -> None:
         ),
         # A lower layer reaching up (storage calling into a service).
         ("storage/_wrong.py", "import services.analyzers\n", "Layers:"),
+        # A service reaching up into an edge (the tile service using the API's state).
+        ("services/_wrong.py", "import api.state\n", "Layers:"),
         # The API pulling in the job worker.
         ("api/_wrong.py", "import processing.worker\n", "api imports only pure functions"),
     ],

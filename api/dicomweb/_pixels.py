@@ -30,7 +30,31 @@ from pydicom.encaps import get_frame
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    MPEG2MPHL,
+    MPEG2MPML,
+    MPEG4HP41,
+    MPEG4HP41BD,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from api.dicomweb._multipart import MediaRange
 from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
@@ -50,33 +74,33 @@ __all__ = [
     "transcode",
 ]
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
+IMPLICIT_LE = ImplicitVRLittleEndian
+EXPLICIT_LE = ExplicitVRLittleEndian
+DEFLATED_LE = DeflatedExplicitVRLittleEndian
+EXPLICIT_BE = ExplicitVRBigEndian
 NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE, EXPLICIT_BE})
 _LITTLE_NATIVE = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED_LE})
 
 # PS3.18 Table 8.7.3-3: media types of compressed frames, by transfer syntax.
-_FRAME_MEDIA = {
-    "1.2.840.10008.1.2.4.50": "image/jpeg",
-    "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg",
-    "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls",
-    "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2",
-    "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.92": "image/jpx",
-    "1.2.840.10008.1.2.4.93": "image/jpx",
-    "1.2.840.10008.1.2.4.201": "image/jphc",
-    "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc",
-    "1.2.840.10008.1.2.5": "image/dicom-rle",
-    "1.2.840.10008.1.2.4.100": "video/mpeg2",
-    "1.2.840.10008.1.2.4.101": "video/mpeg2",
-    "1.2.840.10008.1.2.4.102": "video/mp4",
-    "1.2.840.10008.1.2.4.103": "video/mp4",
+_FRAME_MEDIA: dict[str, str] = {
+    JPEGBaseline8Bit: "image/jpeg",
+    JPEGExtended12Bit: "image/jpeg",
+    JPEGLossless: "image/jpeg",
+    JPEGLosslessSV1: "image/jpeg",
+    JPEGLSLossless: "image/jls",
+    JPEGLSNearLossless: "image/jls",
+    JPEG2000Lossless: "image/jp2",
+    JPEG2000: "image/jp2",
+    JPEG2000MCLossless: "image/jpx",
+    JPEG2000MC: "image/jpx",
+    HTJ2KLossless: "image/jphc",
+    HTJ2KLosslessRPCL: "image/jphc",
+    HTJ2K: "image/jphc",
+    RLELossless: "image/dicom-rle",
+    MPEG2MPML: "video/mpeg2",
+    MPEG2MPHL: "video/mpeg2",
+    MPEG4HP41: "video/mp4",
+    MPEG4HP41BD: "video/mp4",
 }
 
 

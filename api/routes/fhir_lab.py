@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.deps import LabResultsDep
 from api.fhir import (
     Search,
     check_accept,
@@ -55,7 +56,6 @@ from api.fhir_lab import (
 )
 from api.routes.fhir import pk_of_patient
 from core.errors import InvalidQueryError, NotFoundError
-from storage.index.lab import SqlLabStore
 from storage.lab import DateBound, LabReportQuery, LabResultQuery
 
 __all__ = ["router"]
@@ -72,14 +72,6 @@ _TAG_SYSTEM = "urn:pacslab:lab-tag"
 
 class _NoMatch(Exception):
     """A criterion no lab result can meet (the answer is an empty Bundle)."""
-
-
-def _store(request: Request) -> SqlLabStore:
-    store: SqlLabStore | None = getattr(request.app.state, "lab_store", None)
-    if store is None:
-        store = SqlLabStore(request.app.state.index)
-        request.app.state.lab_store = store
-    return store
 
 
 def _fhir(body: dict[str, Any], status: int = 200) -> JSONResponse:
@@ -268,20 +260,20 @@ def _empty(request: Request, search: Search) -> JSONResponse:
 
 
 @router.get("/Observation", summary="Search lab results (FHIR R4 Observation)")
-def search_observations(request: Request) -> JSONResponse:
+def search_observations(request: Request, lab: LabResultsDep) -> JSONResponse:
     search = search_request(request, OBSERVATION, default_count=DEFAULT_COUNT)
     try:
         query = _result_query(request, search)
     except _NoMatch:
         return _empty(request, search)
-    results, total = _store(request).search_results(query)
+    results, total = lab.search_results(query)
     return _fhir(search_bundle(request, search, [observation(r) for r in results], total))
 
 
 @router.get("/Observation/{observation_id}", summary="Read a lab result (current version)")
-def read_observation(request: Request, observation_id: str) -> JSONResponse:
+def read_observation(request: Request, observation_id: str, lab: LabResultsDep) -> JSONResponse:
     def run() -> dict[str, Any]:
-        versions = _store(request).result_history(observation_id)
+        versions = lab.history(observation_id)
         if not versions:
             raise NotFoundError(f"no Observation/{observation_id}")
         return observation(versions[0])
@@ -291,9 +283,9 @@ def read_observation(request: Request, observation_id: str) -> JSONResponse:
 
 
 @router.get("/Observation/{observation_id}/_history", summary="Every version of a lab result")
-def observation_history(request: Request, observation_id: str) -> JSONResponse:
+def observation_history(request: Request, observation_id: str, lab: LabResultsDep) -> JSONResponse:
     def run() -> dict[str, Any]:
-        versions = _store(request).result_history(observation_id)
+        versions = lab.history(observation_id)
         if not versions:
             raise NotFoundError(f"no Observation/{observation_id}")
         return history_bundle(versions, base=fhir_base(request))
@@ -306,10 +298,10 @@ def observation_history(request: Request, observation_id: str) -> JSONResponse:
     "/Observation/{observation_id}/_history/{version_id}", summary="One version of a lab result"
 )
 def read_observation_version(
-    request: Request, observation_id: str, version_id: str
+    request: Request, observation_id: str, version_id: str, lab: LabResultsDep
 ) -> JSONResponse:
     def run() -> dict[str, Any]:
-        for version in _store(request).result_history(observation_id):
+        for version in lab.history(observation_id):
             if str(version.version) == version_id:
                 return observation(version)
         raise NotFoundError(f"no Observation/{observation_id}/_history/{version_id}")
@@ -349,17 +341,16 @@ def _report_query(request: Request, search: Search) -> LabReportQuery:
 
 
 @router.get("/DiagnosticReport", summary="Search lab reports (FHIR R4 DiagnosticReport)")
-def search_reports(request: Request) -> JSONResponse:
+def search_reports(request: Request, lab: LabResultsDep) -> JSONResponse:
     search = search_request(request, DIAGNOSTIC_REPORT, default_count=DEFAULT_COUNT)
     try:
         query = _report_query(request, search)
     except _NoMatch:
         return _empty(request, search)
-    store = _store(request)
-    reports, total = store.search_reports(query)
+    reports, total = lab.search_reports(query)
     members: dict[str, list[Any]] = defaultdict(list)
     if reports:
-        results, _ = store.search_results(
+        results, _ = lab.search_results(
             LabResultQuery(report_ids=tuple(r.report_id for r in reports), qc=None, limit=100_000)
         )
         for result in results:
@@ -372,13 +363,12 @@ def search_reports(request: Request) -> JSONResponse:
 
 
 @router.get("/DiagnosticReport/{report_id}", summary="Read a lab report")
-def read_report(request: Request, report_id: str) -> JSONResponse:
+def read_report(request: Request, report_id: str, lab: LabResultsDep) -> JSONResponse:
     def run() -> dict[str, Any]:
-        store = _store(request)
-        reports, _ = store.search_reports(LabReportQuery(report_ids=(report_id,), qc=None))
+        reports, _ = lab.search_reports(LabReportQuery(report_ids=(report_id,), qc=None))
         if not reports:
             raise NotFoundError(f"no DiagnosticReport/{report_id}")
-        results, _ = store.search_results(
+        results, _ = lab.search_results(
             LabResultQuery(report_ids=(report_id,), qc=None, limit=100_000)
         )
         return diagnostic_report(reports[0], results)

@@ -35,8 +35,8 @@ FHIR ImagingStudy/ServiceRequest pattern):
 * Once images are linked, ``supportingInfo`` holds a logical reference to the
   ImagingStudy (identifier ``urn:dicom:uid``).
 
-The API may not import ``worklist`` (STYLE.md §1), so it uses
-:class:`storage.orders.OrderService` directly.
+The API may not import ``worklist`` (STYLE.md §1): it uses the order service
+:class:`services.orders.OrderService` (``OrdersDep``) that the worklist uses too.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from api.deps import OrdersDep
 from api.fhir import (
     Search,
     Token,
@@ -66,6 +67,7 @@ from api.fhir import (
 from api.fhir._input import MalformedResourceError, check_strings, expect, read_resource
 from api.fhir.registry import SERVICE_REQUEST
 from api.routes.fhir import patient_identifiers
+from api.state import services_of
 from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
 from core.orders import (
     Code,
@@ -77,8 +79,7 @@ from core.orders import (
     PlacedOrder,
     ScheduledProcedureStep,
 )
-from storage.index.orders import SqlOrderStore, StudyLink
-from storage.orders import OrderService
+from storage.index.orders import StudyLink
 
 __all__ = ["include", "record_to_resource", "resource_to_placed", "router"]
 
@@ -436,17 +437,6 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
 # ------------------------------------------------------------------------- routes
 
 
-def _service(request: Request) -> OrderService:
-    state = request.app.state
-    service: OrderService | None = getattr(state, "order_service", None)
-    if service is None:
-        settings = state.settings
-        store = SqlOrderStore(state.index, webhook=bool(settings.orders.webhook_url))
-        service = OrderService(store, settings.orders)
-        state.order_service = service
-    return service
-
-
 def _fhir(
     body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -454,35 +444,36 @@ def _fhir(
 
 
 @router.post("/fhir/ServiceRequest")
-async def create_service_request(request: Request) -> Response:
+async def create_service_request(request: Request, orders: OrdersDep) -> Response:
     """Create (FHIR R4 3.1.0.6); errors are OperationOutcomes (api/errors.py)."""
     placed = resource_to_placed(await read_resource(request))
-    service = _service(request)
     if placed.action is OrderAction.CANCEL:
         raise InvalidResourceError("a new ServiceRequest cannot be revoked")
-    rec = service.place(placed)
+    rec = orders.place(placed)
     location = f"{fhir_base(request)}/ServiceRequest/{rec.id}/_history/{rec.version}"
     return _fhir(record_to_resource(rec), 201, {"Location": location, "ETag": f'W/"{rec.version}"'})
 
 
 @router.put("/fhir/ServiceRequest/{order_id}")
-async def update_service_request(order_id: str, request: Request) -> Response:
+async def update_service_request(
+    order_id: str, request: Request, orders: OrdersDep
+) -> Response:
     """Update, or create with the client's id (R4 3.1.0.4.1)."""
     if not _ID.fullmatch(order_id):
         raise MalformedResourceError("ServiceRequest id must be a FHIR id (64 characters at most)")
     body = await read_resource(request)
     if body.get("id") not in (None, order_id):
         raise InvalidResourceError("id in the body differs from the URL")
-    rec, created = _service(request).put(order_id, resource_to_placed(body))
+    rec, created = orders.put(order_id, resource_to_placed(body))
     return _fhir(record_to_resource(rec), 201 if created else 200, {"ETag": f'W/"{rec.version}"'})
 
 
 @router.get("/fhir/ServiceRequest/{order_id}")
-def read_service_request(order_id: str, request: Request) -> Response:
+def read_service_request(order_id: str, request: Request, orders: OrdersDep) -> Response:
     check_accept(request)
     if not _ID.fullmatch(order_id):
         raise NotFoundError("no such ServiceRequest")
-    rec = _service(request).get(order_id)
+    rec = orders.get(order_id)
     return _fhir(record_to_resource(rec), headers={"ETag": f'W/"{rec.version}"'})
 
 
@@ -602,13 +593,12 @@ def _matches(rec: OrderRecord, f: _OrderFilter) -> bool:
 
 
 @router.get("/fhir/ServiceRequest")
-def search_service_requests(request: Request) -> Response:
+def search_service_requests(request: Request, orders: OrdersDep) -> Response:
     """Search (R4 servicerequest.html#search): in creation order (a key updates do not
     move, so paging sees each order once), or with ``_sort=_lastUpdated`` oldest change
     first, so ``_lastUpdated=gt<last seen>&_sort=_lastUpdated`` is the change feed."""
     search = search_request(request, SERVICE_REQUEST)
     f = _order_filter(request, search)
-    service = _service(request)
     paging = search.paging
     if len(search.sort) > 1:
         raise InvalidQueryError("_sort: one key, _id (default) or _lastUpdated")
@@ -619,12 +609,12 @@ def search_service_requests(request: Request) -> Response:
         records: list[OrderRecord] = []
         total = 0
     elif not f.codes and not f.identifiers:
-        total = service.store.count(**{k: v for k, v in f.sql.items() if k != "order"})
-        records = service.search(**f.sql, limit=paging.count, offset=paging.offset)
+        total = orders.store.count(**{k: v for k, v in f.sql.items() if k != "order"})
+        records = orders.search(**f.sql, limit=paging.count, offset=paging.offset)
     else:
         # code and system-checked identifiers are read from each order's JSON: scan
         # what the store narrowed to, in its stable order, up to a bound.
-        candidates = service.search(**f.sql, limit=_MAX_SCAN + 1, offset=0)
+        candidates = orders.search(**f.sql, limit=_MAX_SCAN + 1, offset=0)
         if len(candidates) > _MAX_SCAN:
             raise TooCostlyError(
                 f"more than {_MAX_SCAN} orders to check: narrow with patient, "
@@ -641,7 +631,7 @@ def order_numbers(request: Request, order_id: str) -> set[str]:
     """The placer order number and Accession Number of ``ServiceRequest/[order_id]``
     (what lab results and studies quote of it); empty if there is no such order."""
     try:
-        rec = _service(request).get(order_id)
+        rec = services_of(request.app).orders.get(order_id)
     except NotFoundError:
         return set()
     return {n for n in (rec.placer_order_number, rec.item.order.accession_number) if n}
@@ -667,18 +657,18 @@ def _link_json(link: StudyLink) -> dict[str, Any]:
 
 @router.get("/orders/unmatched", tags=["orders"])
 def list_unmatched(
-    request: Request,
+    orders: OrdersDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> list[dict[str, Any]]:
     """Received studies that match no order (reconciliation), oldest first."""
-    return [_link_json(x) for x in _service(request).unmatched(limit=limit, offset=offset)]
+    return [_link_json(x) for x in orders.unmatched(limit=limit, offset=offset)]
 
 
 @router.post("/orders/unmatched/{study_uid}/link", tags=["orders"])
-def link_unmatched(study_uid: str, body: LinkRequest, request: Request) -> Response:
+def link_unmatched(study_uid: str, body: LinkRequest, orders: OrdersDep) -> Response:
     """Link a received study to an order; the order's demographics then apply."""
-    link = _service(request).link(study_uid, body.order)
+    link = orders.link(study_uid, body.order)
     return JSONResponse(_link_json(link))
 
 

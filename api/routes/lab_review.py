@@ -20,11 +20,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from core.audit import AuditEntry, patient_key
+from api.deps import LabResultsDep
 from core.auth import Principal
-from core.logging import correlation_id
-from storage.index.lab import SqlLabStore
-from storage.lab import LabResolution, StoredLabResult
+from services.lab_results import resolution_json
+from storage.lab import StoredLabResult
 
 __all__ = ["router"]
 
@@ -37,14 +36,6 @@ class ResolveRequest(BaseModel):
     """Body of ``POST /lab/conflicts/{observation_id}/resolve``."""
 
     choice: Literal["accept", "discard"]
-
-
-def _store(request: Request) -> SqlLabStore:
-    store: SqlLabStore | None = getattr(request.app.state, "lab_store", None)
-    if store is None:
-        store = SqlLabStore(request.app.state.index)
-        request.app.state.lab_store = store
-    return store
 
 
 def _patient_ref(pk: int | None) -> str | None:
@@ -68,93 +59,34 @@ def _held_json(r: StoredLabResult) -> dict[str, Any]:
     }
 
 
-def _state(r: StoredLabResult | None) -> dict[str, Any] | None:
-    """What the log keeps of one result version: no patient data, only references."""
-    if r is None:
-        return None
-    return {
-        "observation": r.observation_id,
-        "version": r.version,
-        "review": r.review,
-        "status": r.status,
-        "patient": _patient_ref(r.patient_pk),
-    }
-
-
-def _audit(request: Request, resolution: LabResolution) -> None:
-    """One ``lab.resolve`` entry with before/after; a side effect (logs, never raises)."""
-    log = getattr(request.app.state, "audit", None)
-    if log is None:
-        return
-    try:
-        principal = getattr(request.state, "principal", None)
-        agent, kind = (
-            (principal.subject, principal.kind)
-            if isinstance(principal, Principal)
-            else ("anonymous", "anonymous")
-        )
-        held = resolution.held_after
-        secret: bytes = getattr(request.app.state, "patient_secret", b"")
-        log.record(
-            AuditEntry(
-                action="U",
-                event_type="lab.resolve",
-                outcome="0",
-                outcome_desc=f"held result {resolution.choice}ed"[:64],
-                agent=agent[:128],
-                agent_type=kind,  # type: ignore[arg-type]
-                source=request.client.host if request.client else "",
-                resource=f"Observation/{held.observation_id}",
-                # Keyed as the inbox keys its lab.file entries, so one search finds both.
-                patient_key=patient_key(secret, held.patient_id),
-                correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details(
-                    {
-                        "choice": resolution.choice,
-                        "held": {
-                            "before": _state(resolution.held_before),
-                            "after": _state(resolution.held_after),
-                        },
-                        "other": {
-                            "before": _state(resolution.retired_before),
-                            "after": _state(resolution.retired_after),
-                        },
-                    }
-                ),
-            )
-        )
-    except Exception:
-        logger.error("lab resolution audit entry not recorded", exc_info=True)
-
-
 @router.get("/conflicts")
 def list_conflicts(
-    request: Request,
+    lab: LabResultsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> JSONResponse:
     """Results held because their specimen/test was another patient's, oldest first."""
-    held, total = _store(request).conflicts(limit=limit, offset=offset)
+    held, total = lab.conflicts(limit=limit, offset=offset)
     return JSONResponse({"total": total, "items": [_held_json(r) for r in held]})
 
 
 @router.post("/conflicts/{observation_id}/resolve")
-def resolve_conflict(observation_id: str, body: ResolveRequest, request: Request) -> JSONResponse:
+def resolve_conflict(
+    observation_id: str, body: ResolveRequest, request: Request, lab: LabResultsDep
+) -> JSONResponse:
     """Accept the held result as its patient's (the other patient's result of the same
     specimen/test is withdrawn) or discard it; audited with before and after."""
-    resolution = _store(request).resolve(observation_id, body.choice)
-    _audit(request, resolution)
-    logger.info("held lab result %s: %s", observation_id, body.choice)
-    return JSONResponse(
-        {
-            "choice": resolution.choice,
-            "held": {
-                "before": _state(resolution.held_before),
-                "after": _state(resolution.held_after),
-            },
-            "other": {
-                "before": _state(resolution.retired_before),
-                "after": _state(resolution.retired_after),
-            },
-        }
+    principal = getattr(request.state, "principal", None)
+    agent, kind = (
+        (principal.subject, principal.kind)
+        if isinstance(principal, Principal)
+        else ("anonymous", "anonymous")
     )
+    resolution = lab.resolve(
+        observation_id,
+        body.choice,
+        agent=agent,
+        agent_type=kind,
+        source=request.client.host if request.client else "",
+    )
+    return JSONResponse(resolution_json(resolution))

@@ -36,7 +36,8 @@ from sqlalchemy import select
 from starlette.responses import Response as StarletteResponse
 from starlette.types import Scope
 
-from api.routes.tiles import cache_headers, tile_service
+from api.deps import TilesDep
+from api.routes.tiles import cache_headers
 from core.errors import InvalidQueryError, NotFoundError, ServiceError
 from processing.render import PRESETS
 from storage.index.queries import Match, parse_match
@@ -181,11 +182,10 @@ def list_studies(request: Request, response: Response,
 
 
 @router.get("/api/studies/{study_uid}/series", summary="Series of a study with their pyramids")
-def list_series(study_uid: str, request: Request, response: Response) -> Any:
+def list_series(study_uid: str, request: Request, response: Response, service: TilesDep) -> Any:
     """Each series with its converted stacks, planes (size, depth) and presets."""
     response.headers.update(cache_headers(request, immutable=False))
     idx = request.app.state.index
-    service = tile_service(request)
     # One study's series rows: their current-instance counts are kept on the row
     # (series.num_instances), so nothing here reads instances (issue 21).
     query = (select(series.c.series_instance_uid, series.c.modality, series.c.series_number,

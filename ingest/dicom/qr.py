@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -55,7 +55,7 @@ _CANCEL = 0xFE00
 _REFUSED_SUBOPS = 0xA702
 #: A SOP Class UID never proposed (a UID of the 2.25 UUID arc, PS3.5 B.2).
 _NO_CONTEXT = "2.25.1"
-_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.10008.1.2.2"]
+_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 FindHandler = Callable[["Event"], Iterator[tuple[Any, Any]]]
 DestinationLookup = Callable[[str], "RemoteAE | None"]

@@ -30,6 +30,7 @@ from pynetdicom.transport import RequestHandler
 
 from core.logging import correlation
 from core.settings import DicomSettings
+from core.transfer_syntax import ACCEPTED
 from ingest.dicom.association import (
     A_ASSOCIATE_RQ_TYPE,
     Admission,
@@ -49,29 +50,8 @@ __all__ = ["TRANSFER_SYNTAXES", "DicomReceiver", "bind_listener"]
 
 logger = logging.getLogger(__name__)
 
-#: Accepted as received, never transcoded (PS3.5 Annex A, PS3.6 Table A-1).
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.4.100",  # MPEG2 MP@ML (US/endoscopy video)
-    "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264
-    "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD
-    "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main
-]
+#: Accepted as received, never transcoded (the one list: :mod:`core.transfer_syntax`).
+TRANSFER_SYNTAXES: list[str] = list(ACCEPTED)
 
 
 def storage_contexts(extra_classes: Sequence[str] = ()) -> list[PresentationContext]:

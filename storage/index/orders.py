@@ -5,7 +5,7 @@ write queue):
 
 * :class:`SqlOrderStore`: orders with every version kept, scheduled steps, study
   links (reconciliation) and the change feed. Decisions (what an NW/XO/CA or an MPPS
-  means for an order) are made by :class:`storage.orders.OrderService`; this module
+  means for an order) are made by :class:`services.orders.OrderService`; this module
   only reads and writes rows, with compare-and-set on the order's version.
 * :class:`SqlWorklistSource`: the ``worklist.ports.WorklistSource`` protocol. The
   ``worklist.ports.CandidateFilter`` maps onto the ``scheduled_steps`` indexes

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.state import services_of
 from core.orders import SpsStatus
 from core.settings import Settings
 from pacslab.wiring import build_index
@@ -141,7 +142,7 @@ def test_search_by_status_identifier_and_last_updated(
     r = client.get("/fhir/ServiceRequest", params={"_lastUpdated": f"gt{since}"})
     assert [e["resource"]["id"] for e in r.json()["entry"]] == [second["id"]]
     # An MPPS start changes the order: it comes back in the change feed.
-    service = client.app.state.order_service  # type: ignore[attr-defined]
+    service = services_of(client.app).orders
     service.step_status(
         accession="A00000001", procedure_id="", step_id="", status=SpsStatus.STARTED
     )

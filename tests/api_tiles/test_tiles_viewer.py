@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from core.settings import Settings
-from tests.support import free_port
+from tests.support import serving
 
 from .tiles_data import COLUMNS, ROWS, SLICES, Converted
 
@@ -81,23 +79,10 @@ def secured(converted: Converted) -> tuple[Settings, str]:
 
 @pytest.fixture
 def server(secured: tuple[Settings, str]) -> Iterator[str]:
-    import uvicorn
-
     from api.app import create_app
 
-    port = free_port()
-    config = uvicorn.Config(create_app(secured[0]), host="127.0.0.1", port=port,
-                            log_level="warning", access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(secured[0]), lifespan="on") as base:
+        yield base
 
 
 def _full_resolution(url: str) -> bool:

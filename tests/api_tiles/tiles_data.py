@@ -7,8 +7,6 @@ embedded worker's series job writes ``<zarr_root>/<series>/<job>.zarr`` (as in
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,26 +114,11 @@ def convert_synthetic_ct(root: Path, *, slices: int = SLICES, rows: int = ROWS,
 @contextmanager
 def running(settings: Settings) -> Iterator[str]:
     """``create_app(settings)`` under uvicorn in a thread on a free loopback port."""
-    import uvicorn
-
     from api.app import create_app
-    from tests.support import free_port
+    from tests.support import serving
 
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                            log_level="warning", access_log=False)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with serving(create_app(settings), lifespan="on") as base:
+        yield base
 
 
 def write_mr_series(directory: Path, *, slices: int, rows: int, columns: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import dcmtk, run_dcmtk, storescu_responses
+from tests.support import dcmtk, run_dcmtk, storescu_responses, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,16 +82,20 @@ def start_service(env: dict[str, str], *, timeout: float = 30) -> subprocess.Pop
     proc = subprocess.Popen([sys.executable, "-m", "pacslab", "dicom"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if run_dcmtk(["echoscu", "-to", "2", "127.0.0.1", env["PACSLAB_DICOM__PORT"]],
-                     nodelay=True, timeout=10).returncode == 0:
-            return proc
+
+    def answers() -> bool:
         if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    with_suppressed_kill(proc)
-    raise AssertionError("pacslab dicom did not start")
+            raise AssertionError("pacslab dicom exited before answering C-ECHO")
+        port = env["PACSLAB_DICOM__PORT"]
+        return run_dcmtk(["echoscu", "-to", "2", "127.0.0.1", port], nodelay=True,
+                         timeout=10).returncode == 0
+
+    try:
+        wait_until(answers, timeout=timeout, message="pacslab dicom did not start")
+    except AssertionError:
+        with_suppressed_kill(proc)
+        raise
+    return proc
 
 
 def with_suppressed_kill(proc: subprocess.Popen[bytes]) -> None:
@@ -111,15 +115,16 @@ def wait_http(proc: subprocess.Popen[bytes], port: int | str, *, timeout: float 
     """Until ``GET /health`` answers 200 (a liveness bound, not a timing assertion)."""
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+    def healthy() -> bool:
         if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    with_suppressed_kill(proc)
-    raise AssertionError("pacslab api did not start")
+            raise AssertionError("pacslab api exited before answering /health")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=timeout, message="pacslab api did not start")
+    except AssertionError:
+        with_suppressed_kill(proc)
+        raise

@@ -195,9 +195,9 @@ def test_order_file_changed_while_being_read_is_read_again(
 ) -> None:
     import worklist.orders.watcher as order_watcher
     from core.settings import IndexSettings, OrdersSettings
+    from services.orders import OrderService
     from storage.index.orders import SqlOrderStore
     from storage.index.sql import SqlIndex
-    from storage.orders import OrderService
     from worklist.orders.intake import Hl7OrderIntake
 
     order = (LAB.parent / "orders" / "hl7" / "cdc_orm_o01_v251_order_linked.hl7").read_bytes()

@@ -249,9 +249,9 @@ def test_a_symlink_swapped_in_after_the_look_is_not_opened(tmp_path: Path) -> No
 @pytest.fixture
 def order_inbox(tmp_path: Path) -> Iterator[tuple[Any, Any, Path]]:
     from core.settings import IndexSettings, OrdersSettings
+    from services.orders import OrderService
     from storage.index.orders import SqlOrderStore
     from storage.index.sql import SqlIndex
-    from storage.orders import OrderService
     from worklist.orders.intake import Hl7OrderIntake
     from worklist.orders.watcher import OrderInbox
 

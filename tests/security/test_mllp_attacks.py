@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from core.settings import IndexSettings, OrdersSettings
+from services.orders import OrderService
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
-from storage.orders import OrderService
 from worklist.orders.intake import Hl7OrderIntake
 from worklist.orders.mllp import Deframer, MllpServer, Oversize, frame
 

@@ -9,17 +9,20 @@ last error and is delivered after a manual retry.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from core.settings import ForwardingRule, ForwardingSettings, Settings
 from services.forwarding import InstanceFacts, backoff_s, route
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.orthanc_peer import OrthancPeer
-from tests.support import Receiver
+from tests.support import Receiver, wait_until
+
+#: Forwarding converges over retries and backoff: poll less often, wait longer.
+_wait = partial(wait_until, timeout=60, interval=0.2)
 
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
@@ -88,15 +91,6 @@ def settings(settings: Settings, orthanc: OrthancPeer) -> Settings:
     return settings.model_copy(update={"forwarding": forwarding, "processing": processing})
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
-
-
 def _forward_jobs(receiver: Receiver) -> list[object]:
     return [j for j in receiver.index.get_jobs() if j.kind.startswith("fwd:")]  # type: ignore[attr-defined]
 
@@ -115,7 +109,7 @@ def test_forward_to_orthanc_down_then_up_nothing_lost(
     worker.start()
     try:
         # Orthanc is down: every try fails, is retried with backoff, then dead-lettered.
-        assert _wait(lambda: len(_forward_jobs(receiver)) == 3
+        _wait(lambda: len(_forward_jobs(receiver)) == 3
                      and all(j.status == "failed" for j in _forward_jobs(receiver)))  # type: ignore[attr-defined]
         dead = _forward_jobs(receiver)
         assert all("gave up after 4 tries" in j.error for j in dead)  # type: ignore[attr-defined]
@@ -130,17 +124,17 @@ def test_forward_to_orthanc_down_then_up_nothing_lost(
         orthanc.start()
         for job in dead:
             assert retry_job(receiver.index, job.id, "fwd:")  # type: ignore[attr-defined,arg-type]
-        assert _wait(lambda: orthanc.sop_instance_uids() == set(ct.sop_uids[0]))
-        assert _wait(lambda: all(j.status == "done" for j in _forward_jobs(receiver)))  # type: ignore[attr-defined]
+        _wait(lambda: orthanc.sop_instance_uids() == set(ct.sop_uids[0]))
+        _wait(lambda: all(j.status == "done" for j in _forward_jobs(receiver)))  # type: ignore[attr-defined]
         # Down again for a while: new instances wait in the queue and arrive later.
         orthanc.stop()
         more = Study("FW003", "VO^THI D", "20240603", "A6003", [("CT", CT, 2)])
         store(receiver.port, build(more))
-        assert _wait(lambda: any(j.status == "pending" and j.attempts >= 1  # type: ignore[attr-defined]
+        _wait(lambda: any(j.status == "pending" and j.attempts >= 1  # type: ignore[attr-defined]
                                  for j in _forward_jobs(receiver)))
         orthanc.start()
         want = set(ct.sop_uids[0]) | set(more.sop_uids[0])
-        assert _wait(lambda: orthanc.sop_instance_uids() == want)
+        _wait(lambda: orthanc.sop_instance_uids() == want)
         assert not any(j.status == "failed" for j in _forward_jobs(receiver))  # type: ignore[attr-defined]
     finally:
         worker.stop()

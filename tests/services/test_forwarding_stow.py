@@ -8,16 +8,19 @@ error, never a silent loss.
 from __future__ import annotations
 
 import base64
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from core.settings import ForwardingRule, ForwardingSettings, Settings
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.orthanc_peer import OrthancPeer
-from tests.support import Receiver
+from tests.support import Receiver, wait_until
+
+#: Forwarding converges over retries and backoff: poll less often, wait longer.
+_wait = partial(wait_until, timeout=60, interval=0.2)
 
 pytestmark = pytest.mark.network
 
@@ -53,15 +56,6 @@ def settings(settings: Settings, orthanc: OrthancPeer) -> Settings:
     return settings.model_copy(update={"forwarding": forwarding, "processing": processing})
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return cond()
-
-
 def test_stow_forwarding_with_authorization(receiver: Receiver, orthanc: OrthancPeer,
                                             settings: Settings) -> None:
     from pacslab.worker_process import build_worker
@@ -77,8 +71,8 @@ def test_stow_forwarding_with_authorization(receiver: Receiver, orthanc: Orthanc
         return {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances?expand")}
 
     try:
-        assert _wait(lambda: in_orthanc() == set(mr.sop_uids[0]))
-        assert _wait(lambda: all(j.attempts >= 2 for j in [
+        _wait(lambda: in_orthanc() == set(mr.sop_uids[0]))
+        _wait(lambda: all(j.attempts >= 2 for j in [
             j for j in receiver.index.get_jobs() if j.kind == "fwd:BADAUTH"]))  # type: ignore[attr-defined]
         bad = [j for j in receiver.index.get_jobs() if j.kind == "fwd:BADAUTH"]  # type: ignore[attr-defined]
         assert len(bad) == 2 and all("HTTP 401" in j.error for j in bad)

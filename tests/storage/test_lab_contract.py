@@ -20,12 +20,12 @@ from sqlalchemy import select
 
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError
 from core.settings import IndexSettings, OrdersSettings
+from services.orders import OrderService
 from storage.index.lab import SqlLabStore
 from storage.index.orders import SqlOrderStore
 from storage.index.schema import patients
 from storage.index.sql import SqlIndex
 from storage.lab import LabReportQuery, LabResultQuery, NewLabFile, NewLabReport, NewLabResult
-from storage.orders import OrderService
 from worklist.orders.hl7v2 import parse_message, placed_orders, split_batch
 
 T0 = datetime(2024, 3, 15, 7, 15, tzinfo=UTC)

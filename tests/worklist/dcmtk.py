@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
-from tests.support import configured_runtime, free_port
+from tests.support import configured_runtime, free_port, wait_until
 from worklist.memory import InMemoryWorklist
 from worklist.model import WorklistItem, iter_entries, to_dataset
 from worklist.query import MatchOptions
@@ -70,14 +69,14 @@ def write_wl_folder(items: Iterable[WorklistItem], root: Path, called_ae: str) -
 def _wait_for_port(
     port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
+            return True
+        return False
+
+    wait_until(listening, timeout=timeout, message=f"nothing listens on {port}")
 
 
 @contextlib.contextmanager

@@ -22,9 +22,9 @@ import pytest
 from core.errors import OrderMessageError
 from core.orders import OrderAction, OrderStatus, SpsStatus
 from core.settings import IndexSettings, OrdersSettings
+from services.orders import OrderService
 from storage.index.orders import SqlOrderStore
 from storage.index.sql import SqlIndex
-from storage.orders import OrderService
 from tests.support import wait_until
 from worklist.orders.hl7v2 import build_ack, parse_message, placed_orders, split_batch
 from worklist.orders.intake import Hl7OrderIntake

@@ -2,7 +2,7 @@
 
 :mod:`worklist.orders.hl7v2` parses ORM^O01 / OMI^O23 and builds ACKs (pure);
 :class:`~worklist.orders.intake.Hl7OrderIntake` applies a message through
-:class:`storage.orders.OrderService` and answers it; :mod:`worklist.orders.mllp`
+:class:`services.orders.OrderService` and answers it; :mod:`worklist.orders.mllp`
 and :mod:`worklist.orders.watcher` are the transport shells.
 """
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from worklist.mpps import Effect, OrderStatusChanged, SeriesCompleted
 
 if TYPE_CHECKING:
-    from storage.orders import OrderService
+    from services.orders import OrderService
 
 __all__ = ["OrderEffects"]
 

@@ -42,8 +42,8 @@ from worklist.orders.hl7v2 import (
 )
 
 if TYPE_CHECKING:
+    from services.orders import OrderService
     from storage.audit import AuditLog
-    from storage.orders import OrderService
 
 __all__ = ["Hl7OrderIntake", "IntakeResult"]
 

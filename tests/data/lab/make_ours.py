@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
-from tests.labs._framing import frame_capture, with_long_comment  # noqa: E402
+from tests.ingest.labs._framing import frame_capture, with_long_comment  # noqa: E402
 
 
 def cp1258(text: str) -> bytes:

@@ -1,32 +1,17 @@
 """lab results: files journal, result groups, versioned results (issue 5)
 
 Revision ID: 0003
-Revises: 0002 (orders), or 0001 while 0002 is not on this branch
+Revises: 0002 (orders)
 Create Date: 2026-11-25 21:06:11.036272
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import sqlalchemy as sa
 from alembic import op
 
-
-def _previous_revision() -> str:
-    # Revision 0002 (orders) is written on another branch at the same time. Chain
-    # onto it when it is present, else onto 0001, so this branch migrates on its own
-    # and the merged tree is one straight line without editing this file.
-    here = Path(__file__).resolve()
-    for path in here.parent.glob("*.py"):
-        if path != here and re.search(r"^revision\s*=\s*[\"']0002[\"']", path.read_text(), re.M):
-            return "0002"
-    return "0001"
-
-
 revision = "0003"
-down_revision = _previous_revision()
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

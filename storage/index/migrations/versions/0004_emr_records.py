@@ -1,39 +1,17 @@
 """EMR rules: action log (hash chain, append-only), API keys, signed results, retention (issue 7)
 
 Revision ID: 0004
-Revises: 0003 (lab results), or the newest of 0002/0001 while those are not on this branch
+Revises: 0003 (lab results)
 Create Date: 2026-11-26 09:00:00.000000
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import sqlalchemy as sa
 from alembic import op
 
-
-def _previous_revision() -> str:
-    # 0002 (orders) and 0003 (labs) are written on other branches at the same time.
-    # Chain onto the newest one present, as 0003 does, so this branch migrates on its
-    # own and the merged tree is one straight line 0001 → 0002 → 0003 → 0004.
-    here = Path(__file__).resolve()
-    present = set()
-    for path in here.parent.glob("*.py"):
-        if path == here:
-            continue
-        found = re.search(r"^revision\s*=\s*[\"'](\d{4})[\"']", path.read_text(), re.M)
-        if found:
-            present.add(found.group(1))
-    for candidate in ("0003", "0002"):
-        if candidate in present:
-            return candidate
-    return "0001"
-
-
 revision = "0004"
-down_revision = _previous_revision()
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """lab results belong to patients: patient rows, ordered panel, held conflicts (issues 13, 14)
 
 Revision ID: 0005_lab_patients
-Revises: the newest revision before it present (0004, or another branch's 0005)
+Revises: 0004
 Create Date: 2026-12-02 15:45:00.000000
 
 Adds ``patient_pk`` (a row of ``patients``, the Patient id space imaging uses) and the

@@ -2,7 +2,7 @@
 
 Written from the standard (E1381 §6), independently of ``ingest.labs.e1381``, so
 the tests do not check the link against itself. It frames with
-``tests.labs._framing.frame`` and works over any byte pipe: a TCP socket or one
+``tests.ingest.labs._framing.frame`` and works over any byte pipe: a TCP socket or one
 end of a ``socat`` pseudo-terminal pair.
 """
 
@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from tests.labs._framing import frame
+from tests.ingest.labs._framing import frame
 
 ENQ, ACK, NAK, EOT, STX = 0x05, 0x06, 0x15, 0x04, 0x02
 

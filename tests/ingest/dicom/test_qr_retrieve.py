@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from core.settings import QueryRetrieveSettings, RemoteAE, Settings
-from tests.ingest.qr_data import US_RETIRED, Study, build, fill, store
+from tests.ingest.dicom.qr_data import US_RETIRED, Study, build, fill, store
 from tests.support import Receiver, dcmtk, free_port, run_dcmtk
 
 pytestmark = pytest.mark.network

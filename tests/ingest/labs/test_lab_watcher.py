@@ -26,6 +26,7 @@ from api.app import create_app
 from core.settings import Settings
 from ingest.labs.watcher import LabInbox
 from storage.lab import LabResultQuery
+from tests.support import wait_until
 
 
 def oru(
@@ -286,9 +287,7 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
             _write(rig.inbox() / "crit.hl7", oru(value="7.1"))
             _write(rig.inbox() / "fine.hl7", oru(specimen="S-OK", value="4.0", control="C7"))
             rig.run()
-            deadline = time.monotonic() + 10
-            while not _Hook.received and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: _Hook.received, message="no notice reached the webhook")
             (notice,) = _Hook.received
             assert notice["event"] == "lab-result.critical"
             assert (notice["code"], notice["value"], notice["reason"]) == (
@@ -313,15 +312,54 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
         server.shutdown()
 
 
-def test_webhook_failure_never_blocks_ingestion(settings: Settings) -> None:
-    custom = lab_settings(
-        settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url="http://127.0.0.1:9/x"
+class _HeldHook(BaseHTTPRequestHandler):
+    """A webhook receiver that holds its answer until the test releases it."""
+
+    release = threading.Event()
+    arrived = threading.Event()
+    answered = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _HeldHook.arrived.set()
+        _HeldHook.release.wait(30)
+        self.send_response(204)
+        self.end_headers()
+        _HeldHook.answered.set()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("receiver", ["refusing", "hanging"])
+def test_webhook_failure_never_blocks_ingestion(settings: Settings, receiver: str) -> None:
+    # Causal, not timed: the file is filed while the webhook's answer is still held
+    # (had ingestion waited for it, run() would return only after the answer).
+    server = HTTPServer(("127.0.0.1", 0), _HeldHook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for event in (_HeldHook.release, _HeldHook.arrived, _HeldHook.answered):
+        event.clear()
+    url = (
+        "http://127.0.0.1:9/x"  # discard port: connection refused
+        if receiver == "refusing"
+        else f"http://127.0.0.1:{server.server_address[1]}/hook"
     )
-    with open_rig(custom) as rig:
-        _write(rig.inbox() / "crit.hl7", oru(value="9.9"))
-        start = time.monotonic()
-        (outcome,) = rig.run()
-        assert outcome.status == "ingested" and time.monotonic() - start < 2
+    custom = lab_settings(settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url=url)
+    try:
+        with open_rig(custom) as rig:
+            _write(rig.inbox() / "crit.hl7", oru(value="9.9"))
+            (outcome,) = rig.run()
+            assert outcome.status == "ingested"
+            assert not _HeldHook.answered.is_set()
+            (stored,), _ = rig.store.search_results(LabResultQuery())
+            assert stored.value == 9.9
+            if receiver == "hanging":
+                wait_until(_HeldHook.arrived.is_set, message="the notice never left")
+            _HeldHook.release.set()  # before the rig stops its webhook thread
+    finally:
+        _HeldHook.release.set()
+        server.shutdown()
 
 
 def test_watchdog_events_pick_up_a_dropped_file(settings: Settings) -> None:
@@ -337,7 +375,5 @@ def test_watchdog_events_pick_up_a_dropped_file(settings: Settings) -> None:
         tmp = rig.inbox() / "live.hl7.tmp"
         tmp.write_bytes(oru())
         os.replace(tmp, rig.inbox() / "live.hl7")
-        deadline = time.monotonic() + 5
-        while not rig.watcher.outcomes and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: rig.watcher.outcomes, message="the dropped file was not picked up")
         assert [(o.name, o.status) for o in rig.watcher.outcomes] == [("live.hl7", "ingested")]

@@ -31,7 +31,7 @@ from pacslab.wiring import build_index
 from services.analyzers import REGISTRY, LinkStatus
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResultQuery, StoredLabResult
-from tests.labs._sim_analyzer import (
+from tests.ingest.labs._sim_analyzer import (
     ACK,
     NAK,
     Pipe,
@@ -41,7 +41,10 @@ from tests.labs._sim_analyzer import (
 )
 from tests.support import free_port, wait_until
 
-CAPTURES = Path(__file__).resolve().parents[1] / "data" / "lab" / "astm"
+#: Real peers over loopback sockets (the astm package, python-hl7's mllp_send).
+pytestmark = pytest.mark.network
+
+CAPTURES = Path(__file__).resolve().parents[2] / "data" / "lab" / "astm"
 ASTM_CAPTURES = (
     "immucor_galileo_result.astm",
     "biorad_ihcom_bloodtype_two_patients.astm",

@@ -10,7 +10,7 @@ import pytest
 from core.errors import LabMessageError
 from ingest.labs.parsers import astm, detect
 from ingest.labs.parsers._e1381 import unframe
-from tests.labs._framing import ACK, ENQ, EOT, frame, frame_capture, with_long_comment
+from tests.ingest.labs._framing import ACK, ENQ, EOT, frame, frame_capture, with_long_comment
 
 LabFile = Callable[[str], bytes]
 FRAMED = "astm/ours_e1381_framed_architect_etb_wrap_long.astm"

@@ -27,10 +27,13 @@ from pacslab.wiring import build_index
 from services.analyzers import REGISTRY
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResultQuery, StoredLabResult
-from tests.labs.test_lab_links import lab_order
+from tests.ingest.labs.test_lab_links import lab_order
 from tests.support import free_port
 
-REAL_ORU = Path(__file__).resolve().parents[1] / "data" / "lab" / "hl7"
+#: Real peers over loopback sockets (the astm package, python-hl7's mllp_send).
+pytestmark = pytest.mark.network
+
+REAL_ORU = Path(__file__).resolve().parents[2] / "data" / "lab" / "hl7"
 OUL_R22 = (
     "MSH|^~\\&|COBAS-VN|KHOA XN|pacslab|LIS|20260301090000+0700||OUL^R22^OUL_R22|OUL-0001|P|2.5.1"
     "|||NE|AL||UNICODE UTF-8|||LAB-29^IHE\r"

@@ -16,9 +16,9 @@ from pacslab.wiring import build_index
 from storage.index.lab import SqlLabStore
 from storage.index.sql import SqlIndex
 
-LAB_DATA = Path(__file__).resolve().parents[1] / "data" / "lab"
+LAB_DATA = Path(__file__).resolve().parents[2] / "data" / "lab"
 
-#: The CSV/TXT profiles of tests/labs/test_lab_delimited.py, written as settings.
+#: The CSV/TXT profiles of tests/ingest/labs/test_lab_delimited.py, written as settings.
 PROFILES: dict[str, Any] = {
     "auto": {},
     "cobas": {"format": "cobas_c111", "analyzer": "cobas c111"},

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from tests.ingest.qr_data import VIET_NAME, Study, fill
+from tests.ingest.dicom.qr_data import VIET_NAME, Study, fill
 from tests.support import Receiver, run_dcmtk
 
 pytestmark = pytest.mark.network

@@ -7,7 +7,7 @@ from pynetdicom import AE
 
 from core.errors import NotFoundError
 from core.settings import QueryRetrieveSettings, Settings
-from tests.ingest.qr_data import Study, build, store
+from tests.ingest.dicom.qr_data import Study, build, store
 from tests.support import Receiver
 
 pytestmark = pytest.mark.network

@@ -1,7 +1,7 @@
 """kill -9 during a live ASTM link: every acknowledged result survives, none twice.
 
 A real ``python -m pacslab labs`` process serves an analyzer link over TCP. A
-simulated analyzer (tests/labs/_sim_analyzer.py) sends one message per session,
+simulated analyzer (tests/ingest/labs/_sim_analyzer.py) sends one message per session,
 each for its own specimen, and notes which messages were acknowledged (the ACK
 of the frame carrying the L record). The process is killed with SIGKILL at a
 random moment, twice, and restarted; the analyzer then sends again every message
@@ -30,7 +30,7 @@ from core.settings import Settings
 from pacslab.wiring import build_index
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResultQuery
-from tests.labs._sim_analyzer import Pipe, send_session
+from tests.ingest.labs._sim_analyzer import Pipe, send_session
 from tests.support import free_port
 
 MESSAGES = 60

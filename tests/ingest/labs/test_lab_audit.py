@@ -117,6 +117,6 @@ def test_every_filed_lab_file_is_logged(rig: LabRig) -> None:
     assert log.verify() == []
     env = {"PACSLAB_DATA_DIR": str(rig.settings.data_dir), "PATH": "/usr/bin:/bin"}
     verified = subprocess.run([sys.executable, "-m", "pacslab", "audit", "verify"], env=env,
-                              capture_output=True, text=True, cwd=Path(__file__).parents[2],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[3],
                               check=False)
     assert verified.returncode == 0, verified.stdout + verified.stderr

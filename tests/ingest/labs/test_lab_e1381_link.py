@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ingest.labs.e1381 import Abort, Deliver, E1381Link, LinkTimers, Send, Sent
-from tests.labs._framing import frame
+from tests.ingest.labs._framing import frame
 
 ENQ, ACK, NAK, EOT = b"\x05", b"\x06", b"\x15", b"\x04"
 TIMERS = LinkTimers(reply_s=15, frame_s=30, busy_s=10, retries=6)

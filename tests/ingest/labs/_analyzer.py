@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-LAB_DATA = Path(__file__).resolve().parents[1] / "data" / "lab"
+LAB_DATA = Path(__file__).resolve().parents[2] / "data" / "lab"
 
 #: Result messages that the ``auto`` inbox ingests (see test_lab_inbox_files.py).
 HL7_RESULTS = (

@@ -25,7 +25,7 @@ from lab_support import LAB_DATA, LabRig, lab_settings, open_rig
 from core.settings import Settings
 from tests.support import free_port
 
-JS = Path(__file__).resolve().parents[1] / "js"
+JS = Path(__file__).resolve().parents[2] / "js"
 NODE = shutil.which("node")
 
 pytestmark = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-LAB_DATA = Path(__file__).resolve().parents[1] / "data" / "lab"
+LAB_DATA = Path(__file__).resolve().parents[2] / "data" / "lab"
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ingest.qr_data import VIET_NAME, Study, fill
+from tests.ingest.dicom.qr_data import VIET_NAME, Study, fill
 from tests.orthanc_peer import OrthancPeer
 from tests.support import Receiver
 

@@ -2,10 +2,9 @@
 
 HL7 v2 (``worklist/orders``), FHIR R4 (``api/routes/fhir_orders.py``), MPPS
 (``worklist/scp.py`` effects) and the processing worker (reconciliation) all change
-orders. They live in different layers that must not import each other (STYLE.md
-§1: api, worklist and ingest never import each other; api reaches storage through
-processing only for pure functions, and may import storage), so the one service they
-share sits in ``storage``, the lowest layer they all may use.
+orders. Those edges never import each other (STYLE.md §1), so the one service they
+share is a use case of the application layer, built once by the composition root
+(``pacslab.wiring.build_order_service``) and handed to each edge.
 
 The decisions are pure functions at the top of this module (:func:`schedule`,
 :func:`merge_change`, :func:`cancelled`, :func:`with_step_status`), tested
@@ -23,10 +22,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from core.errors import DuplicateError, NotFoundError, ProcedureStepStateError
@@ -40,16 +40,22 @@ from core.orders import (
     WorklistItem,
     derive_status,
 )
+from storage.index.orders import SqlOrderStore
 
 if TYPE_CHECKING:
     from core.settings import OrdersSettings
-    from storage.index.orders import OrderVersion, SqlOrderStore, StudyLink
+    from storage.index.orders import OrderVersion, StudyLink
+    from storage.index.sql import SqlIndex
 
 __all__ = [
+    "OrderKeys",
     "OrderService",
     "cancelled",
     "merge_change",
+    "order_keys",
+    "order_service",
     "schedule",
+    "status_notice",
     "with_step_status",
 ]
 
@@ -191,6 +197,71 @@ def _same_request(placed: PlacedOrder, rec: OrderRecord) -> bool:
     want = [(s.modality, s.start, s.description) for s in placed.steps]
     have = [(s.modality, s.start, s.description) for s in item.steps]
     return not want or want == have
+
+
+# ------------------------------------------------------------ received instances
+# Reconciliation runs in the ``instance`` job, after the C-STORE was acknowledged
+# (never in its critical path): :func:`order_keys` reads what the modality copied from
+# the worklist (PS3.4 K.6.1.2.3; IHE RAD TF-2 4.8.4.1.3 Request Attributes Sequence)
+# and :meth:`OrderService.reconcile` links the study.
+
+_FHIR_STATUS = {
+    OrderStatus.SCHEDULED: "active",
+    OrderStatus.IN_PROGRESS: "active",
+    OrderStatus.COMPLETED: "completed",
+    OrderStatus.DISCONTINUED: "revoked",
+    OrderStatus.CANCELLED: "revoked",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderKeys:
+    """What links an instance to its order."""
+
+    study_instance_uid: str
+    accession_number: str
+    requested_procedure_id: str
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def order_keys(ds: Dataset) -> OrderKeys:
+    """Study Instance UID, Accession Number and Requested Procedure ID of an instance.
+
+    The Requested Procedure ID is in the Request Attributes Sequence (0040,0275)
+    of the series (PS3.3 C.7.3.1); the first item that has one wins.
+    """
+    procedure = ""
+    for item in ds.get("RequestAttributesSequence") or []:
+        procedure = _text(item, "RequestedProcedureID")
+        if procedure:
+            break
+    accession = _text(ds, "AccessionNumber")
+    if not accession:
+        for item in ds.get("RequestAttributesSequence") or []:
+            accession = _text(item, "AccessionNumber")
+            if accession:
+                break
+    return OrderKeys(_text(ds, "StudyInstanceUID"), accession, procedure)
+
+
+def status_notice(rec: OrderRecord, event: str) -> dict[str, Any]:
+    """The small JSON a webhook receives for one order version (no patient data)."""
+    return {
+        "resourceType": "ServiceRequest",
+        "id": rec.id,
+        "versionId": str(rec.version),
+        "event": event,
+        "status": _FHIR_STATUS[rec.status],
+        "procedureStatus": str(rec.status),
+        "accessionNumber": rec.accession_number,
+        "studyInstanceUid": rec.study_instance_uid,
+        "imagingStudyUid": rec.linked_study_uid or None,
+        "lastUpdated": rec.updated_at.isoformat(),
+    }
 
 
 # ------------------------------------------------------------------------ service
@@ -554,3 +625,8 @@ class OrderService:
                 continue
         logger.warning("order %s: images-arrived not recorded (concurrent changes)", public_id)
 
+
+def order_service(index: SqlIndex, settings: OrdersSettings) -> OrderService:
+    """The order service over ``index``: the one construction rule for every process
+    (webhook jobs are queued only when ``orders.webhook_url`` is set)."""
+    return OrderService(SqlOrderStore(index, webhook=bool(settings.webhook_url)), settings)

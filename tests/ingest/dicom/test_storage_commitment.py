@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from core.settings import QueryRetrieveSettings, RemoteAE, Settings
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.support import Receiver, free_port
 
 pytestmark = pytest.mark.network

@@ -29,10 +29,10 @@ from lab_support import LAB_DATA, LabRig, lab_settings, open_rig
 
 from api.app import create_app
 from core.settings import Settings
+from services.orders import OrderService
 from storage.audit import AuditStore
 from storage.index.orders import SqlOrderStore
 from storage.lab import LabResultQuery
-from storage.orders import OrderService
 from worklist.orders.hl7v2 import parse_message, placed_orders, split_batch
 
 #: ORU^R01 for patient 1300974 of "Baptist East" (PID-3.4), placer 4560411583,

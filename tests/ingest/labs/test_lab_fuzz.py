@@ -20,9 +20,9 @@ from ingest.labs.model import ParseResult
 from ingest.labs.parsers import astm, detect, hl7v2
 from ingest.labs.parsers.delimited import COBAS_C111, DelimitedProfile
 from ingest.labs.parsers.delimited import parse as parse_delimited
-from tests.labs._framing import frame_capture
+from tests.ingest.labs._framing import frame_capture
 
-LAB_DATA = Path(__file__).resolve().parents[1] / "data" / "lab"
+LAB_DATA = Path(__file__).resolve().parents[2] / "data" / "lab"
 ASTM_FILES = sorted((LAB_DATA / "astm").glob("*.astm"))
 HL7_FILES = sorted((LAB_DATA / "hl7").glob("*.hl7"))
 CSV_FILES = sorted((LAB_DATA / "files").glob("*"))

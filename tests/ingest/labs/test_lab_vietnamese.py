@@ -26,8 +26,8 @@ from ingest.labs.parsers import astm, hl7v2
 from ingest.labs.profiles import InboxProfile, parse_file
 from ingest.labs.results import plan_results
 from storage.lab import LabResultQuery
-from tests.labs._framing import ENQ, EOT, frame
-from tests.labs.lab_support import LabRig, lab_settings, make_rig
+from tests.ingest.labs._framing import ENQ, EOT, frame
+from tests.ingest.labs.lab_support import LabRig, lab_settings, make_rig
 
 NAME = "Nguyễn Thị Hương"
 CITY = "Bệnh viện Đa khoa tỉnh Hà Giang"
