@@ -57,6 +57,7 @@ __all__ = [
     "Attribute",
     "Level",
     "Match",
+    "NameSearch",
     "Query",
     "count_query",
     "find_query",
@@ -174,6 +175,17 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
+class NameSearch:
+    """A FHIR string search on the patient's name (FHIR R4 3.1.1.5.3, Patient ``name``
+    and ``family``): each alternative matches the start of a name part (``family``:
+    of the family name, the first component), case- and accent-insensitively by the
+    one PN rule (:func:`person_name_condition`); alternatives are ORed (a comma)."""
+
+    alternatives: tuple[str, ...]
+    family_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Query:
     """A search of the index at one level (PS3.4 C.6.1 Patient Root / Study Root).
 
@@ -195,6 +207,8 @@ class Query:
     updated_before_inclusive: bool = True
     #: Newest first (descending primary key) instead of oldest first: the viewer's list.
     newest_first: bool = False
+    #: FHIR name searches, all of which must match (on the indexed name key and words).
+    names: tuple[NameSearch, ...] = ()
 
 
 def parse_match(keyword: str, value: str) -> Match:
@@ -338,6 +352,20 @@ def person_name_condition(
         if upper is not None:
             conds.insert(1, column < upper)
     return and_(*conds)
+
+
+def _name_search(search: NameSearch) -> ColumnElement[bool]:
+    """A FHIR name search as index range scans: ``family`` is a prefix of the name key
+    (its first component comes first), ``name`` the fuzzy "start of any part" match
+    through ``patient_name_words``. Wildcards in a value are literal characters."""
+    alternatives = [v.replace("*", "").replace("?", "") for v in search.alternatives]
+    conds = [
+        person_name_condition(f"{v}*") if search.family_only else
+        person_name_condition(v, fuzzy=True)
+        for v in alternatives
+        if v
+    ]
+    return or_(*conds) if conds else true()
 
 
 def _string_match(column: Any, value: str, vr: str, fuzzy: bool) -> ColumnElement[bool]:
@@ -492,6 +520,8 @@ def _base(q: Query) -> Select[Any]:
         if _DEPTH[attr.level] > depth:
             raise InvalidQueryError(f"{m.keyword} is not a {q.level}-level key")
         conds.append(_condition(m, q.fuzzy))
+    for search in q.names:
+        conds.append(_name_search(search))
     if depth >= 3:
         conds.append(instances.c.is_current)
     if q.patient_pk is not None:
@@ -537,6 +567,7 @@ def count_query(q: Query) -> Select[Any]:
         level=q.level,
         matches=q.matches,
         fuzzy=q.fuzzy,
+        names=q.names,
         patient_pk=q.patient_pk,
         updated_after=q.updated_after,
         updated_after_inclusive=q.updated_after_inclusive,

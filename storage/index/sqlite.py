@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "is_retryable",
     "lock_keys",
     "make_engine",
+    "read_only",
     "sync_wal",
     "upsert",
     "wal_path",
@@ -208,6 +209,17 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for transactions that only read.
+
+    On SQLite its BEGIN is deferred (see ``_on_begin``): a WAL reader takes a snapshot
+    and never the write lock, so it neither waits for receivers' commits nor holds
+    them up, whereas a plain ``engine.connect()`` begins IMMEDIATE and queues with the
+    writers (issue 21). Other dialects ignore the option.
+    """
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def lock_keys(conn: Any, keys: Any) -> None:
