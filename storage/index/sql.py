@@ -915,7 +915,9 @@ class SqlIndex:
     def find(self, query: Query) -> list[dict[str, Any]]:
         """Rows matching ``query``, keyed by DICOM keyword (plus ``patient_pk`` …)."""
         with self._read() as conn:
-            rows = [dict(row._mapping) for row in conn.execute(find_query(query))]
+            result = conn.execute(find_query(query))
+            keys = list(result.keys())  # once, not a mapping view per row
+            rows = [dict(zip(keys, row, strict=True)) for row in result]
         for row in rows:
             if "metadata_z" in row:
                 row["metadata_json"] = unpack_metadata(
