@@ -17,7 +17,10 @@ jobs older than a day pruned (the newest 25,000 kept, one day's worth). Then, wi
 * index bytes per instance.
 
 Size: ``PACSLAB_BENCH_SCALE_INSTANCES`` (default 2,000: the smoke run of the normal
-suite; 1,000,000 for the issue's figures, 10,000,000 as the long run). Backends:
+suite; 1,000,000 for the issue's figures, 10,000,000 as the long run). Filling 1 M takes
+5-10 minutes here; with ``PACSLAB_BENCH_SCALE_CACHE=DIR`` the filled SQLite file is kept
+in DIR (``archive_scale_<n>_v<FILL_VERSION>.db``) and copied by later runs instead, the
+empty archive's anchor then measured on a file of its own. Backends:
 SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
 Targets (issue 21), asserted with ``--benchmark-enable`` from 100,000 instances on:
 write p99 within 2x of the empty archive, idle CPU < 2 % of a core, every request p99
@@ -31,6 +34,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +66,9 @@ N_INSTANCES = int(os.environ.get("PACSLAB_BENCH_SCALE_INSTANCES", "2000"))
 pytestmark = [pytest.mark.network,
               pytest.mark.timeout(max(300, 300 + N_INSTANCES // 400))]
 BATCH = 5000
+CACHE = os.environ.get("PACSLAB_BENCH_SCALE_CACHE", "")
+#: Bump when generate() or fill() change what is indexed: cached files are refilled.
+FILL_VERSION = 1
 TARGETS = {"write_p99_ratio": 2.0, "idle_cpu_pct": 2.0, "request_p99_ms": 50.0,
            "metrics_p99_ms": 20.0}
 
@@ -315,26 +322,66 @@ def _index_bytes(index: SqlIndex) -> int:
         return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
 
 
+def _measure_and_empty(index: SqlIndex, writes: int) -> float:
+    """The anchor: write p99 on the empty archive; then its rows go again."""
+    empty_p99 = write_p99_ms(index, writes, "empty")
+    with index.write() as conn:
+        for table in ("jobs", "instances", "study_modalities", "series", "studies",
+                      "patient_name_words", "patients"):
+            conn.execute(text(f"DELETE FROM {table}"))
+    return empty_p99
+
+
+def _empty_anchor(tmp_path: Path, writes: int) -> float:
+    """The anchor on an empty SQLite file of its own (same disk, same settings)."""
+    (tmp_path / "empty").mkdir()
+    empty = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path / 'empty' / 'index.db'}"))
+    try:
+        return write_p99_ms(empty, writes, "empty")
+    finally:
+        empty.close()
+
+
+def _cached_fill(index: SqlIndex, index_url: str, cached: Path, n: int) -> float:
+    """Copy the cached filled file into place (filling and keeping it first if there is
+    none yet); seconds of the fill, or 0.0 when copied."""
+    db = Path(index_url.removeprefix("sqlite:///"))
+    index.close()
+    if cached.exists():
+        shutil.copyfile(cached, db)
+        return 0.0
+    index = SqlIndex(IndexSettings(url=index_url))
+    try:
+        seconds = fill(index, n)
+    finally:
+        index.close()  # the last connection: the WAL is checkpointed and removed
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    part = cached.with_suffix(".part")
+    shutil.copyfile(db, part)
+    part.rename(cached)
+    return seconds
+
+
 def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_url: str) -> None:
     n = N_INSTANCES
     backend = "sqlite" if index_url.startswith("sqlite") else "postgresql"
     writes = 300 if measuring else 20
     index = SqlIndex(IndexSettings(url=index_url))
     figures: dict[str, float] = {}
+    cached = (Path(CACHE) / f"archive_scale_{n}_v{FILL_VERSION}.db"
+              if CACHE and backend == "sqlite" else None)
     try:
-        empty_p99 = write_p99_ms(index, writes, "empty")
-        with index.write() as conn:  # the anchor's rows go; the archive starts empty
-            conn.execute(text("DELETE FROM jobs"))
-            conn.execute(text("DELETE FROM instances"))
-            conn.execute(text("DELETE FROM study_modalities"))
-            conn.execute(text("DELETE FROM series"))
-            conn.execute(text("DELETE FROM studies"))
-            conn.execute(text("DELETE FROM patient_name_words"))
-            conn.execute(text("DELETE FROM patients"))
-        index.close()
-        index = SqlIndex(IndexSettings(url=index_url))
-        figures["fill_s"] = fill(index, n)
-        figures["index_bytes_per_instance"] = _index_bytes(index) / n
+        if cached is not None:
+            figures["fill_s"] = _cached_fill(index, index_url, cached, n)
+            empty_p99 = _empty_anchor(tmp_path, writes)
+            index = SqlIndex(IndexSettings(url=index_url))
+            figures["index_bytes_per_instance"] = _index_bytes(index) / n
+        else:
+            empty_p99 = _measure_and_empty(index, writes)
+            index.close()
+            index = SqlIndex(IndexSettings(url=index_url))
+            figures["fill_s"] = fill(index, n)
+            figures["index_bytes_per_instance"] = _index_bytes(index) / n
         service = start_serve(tmp_path, index_url)
         try:
             time.sleep(3 if measuring else 1)  # start-up work done

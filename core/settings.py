@@ -1024,6 +1024,7 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
     "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
     "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size
+    "PACSLAB_BENCH_SCALE_CACHE",  # benchmarks/test_archive_scale.py: keep filled SQLite files
 })
 _NON_SETTING_PREFIX: Final = "PACSLAB_TEST_"
 _ENV_PREFIX: Final = "PACSLAB_"

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select, update
 
 from core.auth import SCOPES, hash_api_key, new_api_key
 from storage.index.schema_emr import api_keys
+from storage.index.sqlite import read_only
 
 __all__ = ["ApiKeyRecord", "ApiKeyStore"]
 
@@ -54,7 +55,7 @@ class ApiKeyStore:
         return key.token
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).first()
         if row is None:
             return None
@@ -62,7 +63,7 @@ class ApiKeyStore:
                             row.secret_hash, row.created_at, bool(row.revoked))
 
     def list(self) -> list[ApiKeyRecord]:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
         return [ApiKeyRecord(r.key_id, r.name, frozenset(r.scopes.split()), r.secret_hash,
                              r.created_at, bool(r.revoked)) for r in rows]

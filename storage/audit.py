@@ -49,6 +49,7 @@ from core.audit import (
 from core.settings import AuditSettings
 from storage.index import sqlite as _sqlite
 from storage.index.schema_emr import audit_events, audit_head
+from storage.index.sqlite import read_only
 
 __all__ = [
     "AuditKeyError",
@@ -175,7 +176,7 @@ class AuditStore:
         return cls(engine, key=key, checkpoints=settings.checkpoint_file)
 
     def head(self) -> tuple[int, str] | None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             row = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).first()
         return (int(row.seq), str(row.hash)) if row is not None else None
 
@@ -183,7 +184,7 @@ class AuditStore:
         """Every entry in ``seq`` order, read in chunks."""
         after = 0
         while True:
-            with self.engine.connect() as conn:
+            with read_only(self.engine) as conn:
                 rows = conn.execute(
                     select(audit_events)
                     .where(audit_events.c.seq > after)
@@ -238,7 +239,7 @@ class AuditStore:
         query = select(audit_events).order_by(order).limit(limit).offset(offset)
         if cond:
             query = query.where(and_(*cond))
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return [ChainedEntry.from_row(r) for r in conn.execute(query).mappings()]
 
     def count(
@@ -254,7 +255,7 @@ class AuditStore:
         query = select(func.count()).select_from(audit_events)
         if cond:
             query = query.where(and_(*cond))
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     @staticmethod

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.errors import SignedResultError
 from storage.index.schema_emr import signed_results
+from storage.index.sqlite import read_only
 
 __all__ = ["SignedResult", "SignedResultStore"]
 
@@ -61,7 +62,7 @@ class SignedResultStore:
                 raise SignedResultError("a concurrent signature won") from exc
 
     def versions(self, resource_type: str, resource_id: str) -> list[SignedResult]:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(
                 select(signed_results).where(and_(
                     signed_results.c.resource_type == resource_type,

@@ -22,6 +22,7 @@ from core.settings import RetentionSettings
 from storage.abc import OriginalStore
 from storage.index.schema import instances, jobs, series, studies, study_modalities
 from storage.index.schema_emr import retention
+from storage.index.sqlite import read_only
 
 __all__ = ["RetentionRow", "RetentionStore"]
 
@@ -78,7 +79,7 @@ class RetentionStore:
         return found
 
     def get(self, kind: str, target_id: str) -> RetentionRow | None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             r = conn.execute(select(retention).where(and_(
                 retention.c.target_kind == kind, retention.c.target_id == target_id))).first()
         return _row(r) if r is not None else None
@@ -88,7 +89,7 @@ class RetentionStore:
 
     def assign_studies(self, *, deceased_studies: frozenset[str] = frozenset()) -> int:
         """Give every study without a class one from the rules; return how many got one."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             known = {r.target_id for r in conn.execute(
                 select(retention.c.target_id).where(retention.c.target_kind == "study"))}
             rows = conn.execute(
@@ -118,13 +119,13 @@ class RetentionStore:
 
     def expired(self, today: date) -> list[RetentionRow]:
         """What may be deleted on ``today`` (retention ended), oldest first."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(select(retention).where(retention.c.expires_on <= today.isoformat())
                                 .order_by(retention.c.expires_on)).all()
         return [_row(r) for r in rows]
 
     def all(self) -> list[RetentionRow]:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return [_row(r) for r in conn.execute(select(retention).order_by(retention.c.id))]
 
     def check_delete(self, kind: str, target_id: str, today: date) -> None:
@@ -157,7 +158,7 @@ class RetentionStore:
             conn.execute(delete(series).where(series.c.study_pk == study.id))
             conn.execute(delete(studies).where(studies.c.id == study.id))
         if originals is not None:
-            with self.engine.connect() as conn:
+            with read_only(self.engine) as conn:
                 for g in gone:
                     still = conn.execute(select(instances.c.id).where(
                         instances.c.blob_key == g.blob_key).limit(1)).first()

@@ -12,7 +12,6 @@ queries reuse the QIDO-RS query builder (:mod:`storage.index.queries`), so
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -25,7 +24,6 @@ from api.fhir import (
     FHIR_JSON,
     FHIR_PREFIX,
     Search,
-    TooCostlyError,
     capability_statement,
     check_accept,
     fhir_base,
@@ -54,7 +52,7 @@ from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
 from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
-from storage.index.queries import Match, Query
+from storage.index.queries import Match, NameSearch, Query
 from storage.index.sql import SqlIndex
 
 __all__ = ["PREFIX", "patient_identifiers", "patient_pks", "router"]
@@ -296,41 +294,20 @@ def read_imaging_study(request: Request, index: IndexDep, id: str) -> JSONRespon
 
 _GENDER = {"male": "M", "female": "F", "other": "O"}
 _NAME_FORBIDDEN = re.compile(r"[*?\\^=]")
-#: Letters NFKD does not decompose into a base letter and a mark.
-_FOLD = str.maketrans({"đ": "d", "ð": "d", "ø": "o", "ł": "l", "ħ": "h", "ı": "i", "æ": "ae"})
-#: Patients read to check a name search (FHIR string matching folds accents, which
-#: the index cannot do in SQL): beyond this, narrow the search.
-_MAX_NAME_SCAN = 200_000
-_SCAN_CHUNK = 5_000
-
-
-def fold(text: str) -> str:
-    """Case- and accent-insensitive form (FHIR R4 3.1.1.5.3 string search):
-    ``"NGUYỄN Đức"`` → ``"nguyen duc"``."""
-    decomposed = unicodedata.normalize("NFKD", text.casefold())
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_FOLD)
 
 
 def _name_value(value: str) -> str:
     if _NAME_FORBIDDEN.search(value):
         raise InvalidQueryError("name search values must not contain * ? \\ ^ =")
-    return fold(value.strip())
+    return value.strip()
 
 
-def _name_words(pn: str) -> list[str]:
-    """Every name part of a PN (components, groups, words), folded."""
-    return [w for w in re.split(r"[\\^= ]+", fold(pn)) if w]
-
-
-def _family(pn: str) -> str:
-    return fold(pn.split("=")[0].split("^")[0])
-
-
-def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[str]]]]:
-    """The index query of a Patient search (None: matches nothing), and the name
-    criteria ``(name | family, [folded alternatives])`` checked on each row."""
+def _patient_query(search: Search) -> Query | None:
+    """The index query of a Patient search (None: matches nothing). ``name`` and
+    ``family`` are searches of the indexed name key and words (issue 21): folded by
+    the service's one PN rule, they are index range scans, never a scan of patients."""
     matches: list[Match] = []
-    names: list[tuple[str, list[str]]] = []
+    names: list[NameSearch] = []
     pks: set[int] | None = None
     last_updated: list[str] = []
     for c in search.criteria:
@@ -340,7 +317,8 @@ def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[s
                 raise InvalidQueryError("one identifier per value (repeat the parameter)")
             matches += _identifier_matches(items[0])
         elif c.name in ("name", "family"):
-            names.append((c.name, [_name_value(v) for v in split_or(c.value)]))
+            alternatives = tuple(_name_value(v) for v in split_or(c.value))
+            names.append(NameSearch(alternatives, family_only=c.name == "family"))
         elif c.name == "birthdate":
             matches.append(Match("PatientBirthDate", parse_date_param(c.value).da_range()))
         elif c.name == "gender":
@@ -360,57 +338,21 @@ def _patient_query(search: Search) -> tuple[Query | None, list[tuple[str, list[s
     if pks is not None:
         pks.discard(_NO_PATIENT)
         if not pks:
-            return None, names
+            return None
         if len(pks) > 1:
             raise InvalidQueryError("one _id per search (several are not supported)")
         patient_pk = pks.pop()
     after, after_incl, before, before_incl = last_updated_bounds(last_updated)
-    query = Query(
+    return Query(
         level="patient",
         matches=tuple(matches),
+        names=tuple(names),
         patient_pk=patient_pk,
         updated_after=after,
         updated_after_inclusive=after_incl,
         updated_before=before,
         updated_before_inclusive=before_incl,
     )
-    return query, names
-
-
-def _name_matches(row: dict[str, Any], names: list[tuple[str, list[str]]]) -> bool:
-    pn = str(row.get("PatientName") or "")
-    words = _name_words(pn)
-    family = _family(pn)
-    for kind, alternatives in names:
-        if kind == "family":
-            ok = any(family.startswith(a) for a in alternatives)
-        else:
-            ok = any(w.startswith(a) for a in alternatives for w in words)
-        if not ok:
-            return False
-    return True
-
-
-def _patients_by_name(
-    index: SqlIndex, query: Query, names: list[tuple[str, list[str]]], paging: Any
-) -> tuple[list[dict[str, Any]], int]:
-    """Rows matching ``query`` and the folded name criteria, one page and the total:
-    the index narrows by everything else, names are compared here (pk order, so pages
-    are stable)."""
-    matched: list[dict[str, Any]] = []
-    offset = 0
-    while True:
-        chunk = index.find(replace(query, limit=_SCAN_CHUNK, offset=offset))
-        matched += [r for r in chunk if _name_matches(r, names)]
-        offset += len(chunk)
-        if len(chunk) < _SCAN_CHUNK:
-            break
-        if offset >= _MAX_NAME_SCAN:
-            raise TooCostlyError(
-                f"a name search over more than {_MAX_NAME_SCAN} patients: add identifier, "
-                "birthdate, gender or _lastUpdated"
-            )
-    return matched[paging.offset : paging.offset + paging.count], len(matched)
 
 
 @router.get("/Patient", summary="Search Patient", responses=_FHIR_RESPONSES)
@@ -419,13 +361,11 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
     birthdate, gender, _id, _lastUpdated. ``name``/``family`` match the start of a
     name part, case- and accent-insensitively (R4 3.1.1.5.3)."""
     search = search_request(request, PATIENT)
-    query, names = _patient_query(search)
+    query = _patient_query(search)
     paging = search.paging
     rows: list[dict[str, Any]] = []
     total = 0
-    if query is not None and names:
-        rows, total = _patients_by_name(index, query, names, paging)
-    elif query is not None:
+    if query is not None:
         total = index.count(query)
         if paging.count:
             rows = index.find(replace(query, limit=paging.count, offset=paging.offset))

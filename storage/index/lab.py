@@ -55,6 +55,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
+from storage.index.sqlite import read_only
 from storage.lab import (
     REVIEW_CHOICES,
     DateBound,
@@ -235,7 +236,7 @@ class SqlLabStore:
     # -- journal -------------------------------------------------------------
 
     def file_state(self, sha256: str) -> LabFileState | None:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             row = conn.execute(select(lab_files).where(lab_files.c.sha256 == sha256)).first()
         if row is None:
             return None
@@ -251,7 +252,7 @@ class SqlLabStore:
 
     def unfiled(self, profile: str) -> list[LabFileState]:
         """Journal entries of ``profile`` committed but not yet marked filed."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(
                 select(lab_files.c.sha256).where(
                     and_(lab_files.c.profile == profile, lab_files.c.status == "ingested")
@@ -686,7 +687,7 @@ class SqlLabStore:
 
     def link_unmatched(self, lookup: OrderLookup, *, limit: int = 1000) -> int:
         """Ask ``lookup`` about each unmatched result group (oldest first)."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(
                 select(
                     lab_reports.c.id,
@@ -735,7 +736,7 @@ class SqlLabStore:
             "-performed": [lab_results.c.performed_at.desc(), lab_results.c.id.desc()],
         }
         order = orders[query.sort]
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             total = conn.execute(
                 select(func.count()).select_from(_joined()).where(and_(true(), *cond))
             ).scalar_one()
@@ -749,7 +750,7 @@ class SqlLabStore:
         return [_stored_result(r) for r in rows], int(total)
 
     def result_history(self, observation_id: str) -> list[StoredLabResult]:
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(
                 _result_select()
                 .where(lab_results.c.observation_id == observation_id)
@@ -804,7 +805,7 @@ class SqlLabStore:
             "-updated": [r.updated_at.desc(), r.id.desc()],
         }
         order = orders[query.sort]
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             total = conn.execute(
                 select(func.count()).select_from(lab_reports).where(and_(true(), *cond))
             ).scalar_one()
@@ -819,7 +820,7 @@ class SqlLabStore:
 
     def count_results(self) -> dict[str, int]:
         """Result rows (all versions) per file hash: the crash test's ledger."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             rows = conn.execute(
                 select(lab_files.c.sha256, func.count(lab_results.c.id))
                 .select_from(

@@ -54,6 +54,7 @@ from storage.index.schema import (
     study_links,
 )
 from storage.index.sql import set_name_words
+from storage.index.sqlite import read_only
 
 if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
@@ -200,7 +201,7 @@ class SqlOrderStore:
         else:
             raise TypeError("find() needs one key")
         try:
-            with self.engine.connect() as conn:
+            with read_only(self.engine) as conn:
                 row = conn.execute(select(orders).where(cond).order_by(orders.c.id)).first()
         except (OperationalError, DBAPIError) as exc:
             raise _unavailable(exc) from exc
@@ -241,14 +242,14 @@ class SqlOrderStore:
             .limit(limit)
             .offset(offset)
         )
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return [_record(r) for r in conn.execute(query)]
 
     def count(self, **criteria: Any) -> int:
         """How many orders :meth:`search` with these criteria (no paging) finds."""
         conds = self._conditions(**criteria)
         query = select(func.count()).select_from(orders).where(and_(True, *conds))
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 
     @staticmethod
@@ -300,7 +301,7 @@ class SqlOrderStore:
             .where(orders.c.public_id == public_id)
             .order_by(order_versions.c.version)
         )
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return [
                 OrderVersion(
                     version=r.version,
@@ -488,7 +489,7 @@ class SqlOrderStore:
             .select_from(study_links.outerjoin(orders, orders.c.id == study_links.c.order_pk))
             .where(study_links.c.study_instance_uid == study_uid)
         )
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             row = conn.execute(query).first()
         return None if row is None else self._link(row)
 
@@ -515,7 +516,7 @@ class SqlOrderStore:
             .limit(limit)
             .offset(offset)
         )
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             return [self._link(r) for r in conn.execute(query)]
 
     def record_link(
@@ -632,7 +633,7 @@ class SqlOrderStore:
 
     def study_patient(self, study_uid: str) -> dict[str, str]:
         """Patient and accession values the index holds for a study (empty if unknown)."""
-        with self.engine.connect() as conn:
+        with read_only(self.engine) as conn:
             row = conn.execute(
                 select(
                     studies.c.accession_number,
@@ -706,7 +707,7 @@ class SqlWorklistSource:
             .order_by(func.min(s.c.start_at), orders.c.id)
         )
         try:
-            with self.engine.connect() as conn:
+            with read_only(self.engine) as conn:
                 keys = [(int(r.id), int(r.version)) for r in conn.execute(query)]
                 found = {key: self._cache.get(key) for key in keys}
                 missing = [pk for (pk, _), item in found.items() if item is None]
@@ -763,7 +764,7 @@ class SqlMppsRepository(Generic[T]):
 
     def get(self, sop_instance_uid: str) -> T | None:
         try:
-            with self.engine.connect() as conn:
+            with read_only(self.engine) as conn:
                 row = conn.execute(
                     select(mpps.c.status, mpps.c.version, mpps.c.attributes_json).where(
                         mpps.c.sop_instance_uid == sop_instance_uid

@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 
 from storage.index.schema import instances, jobs
+from storage.index.sqlite import read_only
 
 if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
@@ -60,7 +61,7 @@ class QueuedJob:
 
 def calling_ae_of(index: SqlIndex, sop_instance_uid: str, blob_key: str) -> str:
     """The calling AE title the given version of an instance arrived from ("" if unknown)."""
-    with index.engine.connect() as conn:
+    with read_only(index.engine) as conn:
         row = conn.execute(
             select(instances.c.calling_ae).where(
                 and_(
@@ -74,7 +75,7 @@ def calling_ae_of(index: SqlIndex, sop_instance_uid: str, blob_key: str) -> str:
 
 def job_counts(index: SqlIndex, prefix: str) -> dict[tuple[str, str], int]:
     """Jobs per ``(kind, status)`` for kinds starting with ``prefix``."""
-    with index.engine.connect() as conn:
+    with read_only(index.engine) as conn:
         rows = conn.execute(
             select(jobs.c.kind, jobs.c.status, func.count())
             .where(jobs.c.kind.startswith(prefix, autoescape=True))
@@ -90,7 +91,7 @@ def list_jobs(
     cond = jobs.c.kind.startswith(prefix, autoescape=True)
     if status is not None:
         cond = and_(cond, jobs.c.status == status)
-    with index.engine.connect() as conn:
+    with read_only(index.engine) as conn:
         rows = conn.execute(
             select(
                 jobs.c.id, jobs.c.kind, jobs.c.target, jobs.c.status, jobs.c.attempts,
@@ -135,7 +136,7 @@ dicom_destinations = Table(
 
 
 def get_destination(index: SqlIndex, ae_title: str) -> tuple[str, int] | None:
-    with index.engine.connect() as conn:
+    with read_only(index.engine) as conn:
         row = conn.execute(
             select(dicom_destinations.c.host, dicom_destinations.c.port).where(
                 dicom_destinations.c.ae_title == ae_title
@@ -145,7 +146,7 @@ def get_destination(index: SqlIndex, ae_title: str) -> tuple[str, int] | None:
 
 
 def list_destinations(index: SqlIndex) -> dict[str, tuple[str, int]]:
-    with index.engine.connect() as conn:
+    with read_only(index.engine) as conn:
         rows = conn.execute(
             select(
                 dicom_destinations.c.ae_title,

@@ -243,8 +243,16 @@ class SqlIndex:
         self._upsert = dialect.upsert
         self._lock_keys = dialect.lock_keys
         self._is_retryable = dialect.is_retryable
-        self.engine: Engine = dialect.make_engine(
-            settings.url, busy_timeout_s=settings.busy_timeout_s
+        # SQLite: WAL checkpoints off the write path (see storage/index/sqlite.py).
+        self._checkpoints = _sqlite.checkpointer(settings.url) if self.is_sqlite else None
+        self.engine: Engine = (
+            _sqlite.make_engine(
+                settings.url,
+                busy_timeout_s=settings.busy_timeout_s,
+                checkpoints=self._checkpoints,
+            )
+            if self.is_sqlite
+            else _pg.make_engine(settings.url, busy_timeout_s=settings.busy_timeout_s)
         )
         self._write_lock = dialect.write_lock(settings.url)
         self._settings = settings
@@ -289,6 +297,8 @@ class SqlIndex:
                     dbapi_conn.execute("BEGIN IMMEDIATE")
                     yield dbapi_conn
                     dbapi_conn.execute("COMMIT")
+                    if self._checkpoints is not None:
+                        self._checkpoints.wrote()
                 except BaseException:
                     with contextlib.suppress(error):
                         dbapi_conn.execute("ROLLBACK")
@@ -327,6 +337,7 @@ class SqlIndex:
                         self._settings.url,
                         busy_timeout_s=self._settings.busy_timeout_s,
                         synchronous="NORMAL",
+                        checkpoints=self._checkpoints,
                     )
                     if wal
                     else self.engine
@@ -915,7 +926,9 @@ class SqlIndex:
     def find(self, query: Query) -> list[dict[str, Any]]:
         """Rows matching ``query``, keyed by DICOM keyword (plus ``patient_pk`` …)."""
         with self._read() as conn:
-            rows = [dict(row._mapping) for row in conn.execute(find_query(query))]
+            result = conn.execute(find_query(query))
+            keys = list(result.keys())  # once, not a mapping view per row
+            rows = [dict(zip(keys, row, strict=True)) for row in result]
         for row in rows:
             if "metadata_z" in row:
                 row["metadata_json"] = unpack_metadata(
@@ -957,6 +970,8 @@ class SqlIndex:
             return False
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
         if self._ingest_setup is not None and self._ingest_setup[0] is not self.engine:
             self._ingest_setup[0].dispose()
         self.engine.dispose()

@@ -16,6 +16,15 @@ exactly as durable as FULL would (its frames are in that file, or, once checkpoi
 in the database file SQLite has synced), and concurrent receivers' flushes overlap.
 Every other writer keeps FULL.
 
+Why checkpoints run in a thread of their own (:class:`Checkpointer`): SQLite's
+automatic checkpoint runs inside the COMMIT that takes the WAL past 1,000 pages. At a
+million instances that is one single-instance C-STORE in about 80: it copies those
+pages into the database file and fsyncs it while holding the write lock (SQLite's and
+ours), and every receiver queues behind it; with 300 writes measured, the p99 is such
+a write (issue 21). The index's connections turn the automatic checkpoint off and
+wake the checkpointer after they commit; its PASSIVE checkpoint waits for no reader
+and no writer, and none waits for it.
+
 Why an ``flock`` around each write transaction (:class:`WriteLock`): when SQLite's
 lock is taken, its busy handler sleeps 1, 2, 5, 10… ms before trying again, so
 receiver processes contending for the index lose milliseconds per instance. A
@@ -28,22 +37,28 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 __all__ = [
     "MMAP_SIZE",
     "READ_ONLY",
+    "Checkpointer",
     "WriteLock",
+    "checkpointer",
     "is_retryable",
     "lock_keys",
     "make_engine",
+    "read_only",
     "sync_wal",
     "upsert",
     "wal_path",
@@ -53,10 +68,15 @@ __all__ = [
 #: Bytes of the database file SQLite maps into memory per connection (see make_engine).
 MMAP_SIZE = 0x7FFF0000  # SQLite caps it at its compile-time SQLITE_MAX_MMAP_SIZE (this)
 
+#: Mark of a pooled connection that committed since it was checked out.
+_WROTE = "pacslab_wrote"
+
 #: Execution option of connections that only read (see ``_on_begin``).
 READ_ONLY = "pacslab_read_only"
 
 upsert = sqlite_insert
+
+logger = logging.getLogger(__name__)
 
 
 class _LockFile:
@@ -116,6 +136,77 @@ class WriteLock:
             held.close()
 
 
+class Checkpointer:
+    """PASSIVE checkpoints of one database file, off the write path (module docstring).
+
+    Writers call :meth:`wrote` after each commit; the thread, started on the first
+    one, checkpoints ``delay_s`` later, so a burst of commits shares one checkpoint,
+    and sleeps while nothing is written (no CPU when idle). Each process that writes
+    runs its own: SQLite lets one checkpoint run at a time and a PASSIVE one copies
+    what it can without waiting, so they never block each other or anyone else.
+    """
+
+    def __init__(self, path: str, *, delay_s: float = 0.25) -> None:
+        self.path = path
+        self.delay_s = delay_s
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def wrote(self) -> None:
+        """A transaction was committed: checkpoint soon."""
+        if self._thread is None:
+            with self._start:
+                if self._thread is None and not self._closed:
+                    thread = threading.Thread(
+                        target=self._run, name="sqlite-checkpoint", daemon=True
+                    )
+                    thread.start()
+                    self._thread = thread
+        self._wake.set()
+
+    def checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            # Nothing is lost: the frames stay in the WAL for the next checkpoint.
+            logger.warning("index checkpoint failed: %s", exc)
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                self._wake.wait()
+                if self._closed:
+                    return
+                time.sleep(self.delay_s)
+                # Cleared before the checkpoint: a commit from now on wakes it again.
+                self._wake.clear()
+                self.checkpoint(conn)
+                if self._closed:
+                    return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Stop the thread (the index is closing; SQLite checkpoints when the last
+        connection to the file closes)."""
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+
+def checkpointer(url: str) -> Checkpointer | None:
+    """The checkpointer of a database file; None for an in-memory database."""
+    db_path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    if not db_path or db_path == ":memory:":
+        return None
+    return Checkpointer(db_path)
+
+
 def write_lock(url: str) -> WriteLock | None:
     db_path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
     if not db_path or db_path == ":memory:":
@@ -163,7 +254,15 @@ def _unicode_lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -> Engine:
+def make_engine(
+    url: str,
+    *,
+    busy_timeout_s: float,
+    synchronous: str = "FULL",
+    checkpoints: Checkpointer | None = None,
+) -> Engine:
+    """An engine on SQLite; with ``checkpoints``, its connections leave checkpoints to
+    that :class:`Checkpointer` and wake it on every commit (module docstring)."""
     engine = create_engine(
         url,
         connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
@@ -190,6 +289,8 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
         # read again and again (write p99 ~11 ms against ~3 ms mapped, issue 21).
         # Address space only: pages are shared with every other connection and process.
         cur.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
+        if checkpoints is not None:
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
         # SQLite's built-in lower() folds ASCII only, so a PN search lowered in Python
         # ("nguyễn") never met the stored "NGUYỄN" lowered in SQL ("nguyỄn"): OHIF's
@@ -207,7 +308,32 @@ def make_engine(url: str, *, busy_timeout_s: float, synchronous: str = "FULL") -
         else:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    if checkpoints is not None:
+        # SQLAlchemy's "commit" event comes before the COMMIT (which, with FULL, also
+        # flushes the WAL): a checkpoint woken there could run before the frames are
+        # committed and miss them. So the commit marks the pooled connection, and the
+        # checkpointer is woken when it returns to the pool, committed.
+        @event.listens_for(engine, "commit")
+        def _on_commit(conn: Any) -> None:
+            conn.connection.info[_WROTE] = True
+
+        @event.listens_for(engine, "checkin")
+        def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+            if record is not None and record.info.pop(_WROTE, False):
+                checkpoints.wrote()
+
     return engine
+
+
+def read_only(engine: Engine) -> Connection:
+    """A connection for transactions that only read.
+
+    On SQLite its BEGIN is deferred (see ``_on_begin``): a WAL reader takes a snapshot
+    and never the write lock, so it neither waits for receivers' commits nor holds
+    them up, whereas a plain ``engine.connect()`` begins IMMEDIATE and queues with the
+    writers (issue 21). Other dialects ignore the option.
+    """
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def lock_keys(conn: Any, keys: Any) -> None:

@@ -23,7 +23,7 @@ from core.person_name import person_name_key
 from core.settings import IndexSettings
 from storage.abc import NewInstance
 from storage.index.migrate import upgrade
-from storage.index.queries import Match, Query, find_query
+from storage.index.queries import Match, NameSearch, Query, count_query, find_query
 from storage.index.sql import SqlIndex
 
 
@@ -77,6 +77,19 @@ class ScaleContract:
     def test_person_name_key(self, index: SqlIndex, pattern: str, expected: set[str]) -> None:
         fill(index)
         assert studies_of(index, Match("PatientName", pattern)) == expected
+
+    @pytest.mark.parametrize(("names", "expected"), [
+        ((NameSearch(("trần",)),), {"P1"}), ((NameSearch(("TRAN", "nguyễn")),), {"P1", "P3", "P4"}),
+        ((NameSearch(("hùng",)),), {"P2"}), ((NameSearch(("hung",), family_only=True),), set()),
+        ((NameSearch(("đỗ",), family_only=True),), {"P2"}), ((NameSearch(("ran",)),), set()),
+        ((NameSearch(("nguy",)), NameSearch(("anh",))), {"P3"}),
+    ])
+    def test_fhir_name_search(self, index: SqlIndex, names: tuple[NameSearch, ...],
+                              expected: set[str]) -> None:
+        fill(index)
+        rows = index.find(Query(level="patient", names=names))
+        assert {r["PatientID"] for r in rows} == expected
+        assert index.count(Query(level="patient", names=names)) == len(expected)
 
     def test_fuzzy_name_is_any_part(self, index: SqlIndex) -> None:
         fill(index)
@@ -226,6 +239,12 @@ class TestSqliteScale(ScaleContract):
         fuzzy = self._plan(index, find_query(Query(
             level="study", matches=(Match("PatientName", "hung"),), fuzzy=True, limit=100)))
         assert "patient_name_words" in fuzzy and "SCAN patients" not in fuzzy, fuzzy
+        # FHIR Patient name/family (any part / family prefix), with its total.
+        for names in ((NameSearch(("trần", "nguy")),), (NameSearch(("Đỗ",), family_only=True),)):
+            for stmt in (find_query(Query(level="patient", names=names, limit=100)),
+                         count_query(Query(level="patient", names=names))):
+                plan = self._plan(index, stmt)
+                assert "SCAN patients" not in plan, plan
         for column in ("blob_key", "sop_instance_uid"):
             lookup = self._plan(index, text(f"SELECT id FROM instances WHERE {column} = 'x'"))
             assert "SCAN instances" not in lookup, (column, lookup)
