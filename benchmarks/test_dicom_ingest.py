@@ -135,10 +135,14 @@ class Server:
         self.work.mkdir(parents=True)
         self.port = free_port()
         self.proc = self._start(self.work, self.port)
-        _wait_port(self.port, self.proc)
-        ready = getattr(self._start, "ready", None)
-        if ready is not None:
-            ready(self.work, self.proc)
+        try:
+            _wait_port(self.port, self.proc)
+            ready = getattr(self._start, "ready", None)
+            if ready is not None:
+                ready(self.work, self.proc)
+        except BaseException:
+            self.stop()
+            raise
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of (the main process, its descendants)."""
@@ -170,15 +174,18 @@ def start_pacslab(work: Path, port: int) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-def start_serve(work: Path, port: int) -> subprocess.Popen[bytes]:
-    """``pacslab serve`` on its defaults (auth on, series quiet 10 s), on free ports."""
+def start_serve(work: Path, port: int, tree: str = "") -> subprocess.Popen[bytes]:
+    """``pacslab serve`` on its defaults (auth on, series quiet 10 s), on free ports;
+    with ``tree``, the checkout of pacslab found there (a before/after comparison)."""
     env = _pacslab_env(work, port)
     env.update(PACSLAB_HTTP__HOST="127.0.0.1", PACSLAB_HTTP__PORT=str(free_port()),
                PACSLAB_ORDERS__MLLP_PORT="0")
+    if tree:
+        env["PYTHONPATH"] = tree
     work.with_suffix(".http-port").write_text(env["PACSLAB_HTTP__PORT"])
     return subprocess.Popen([sys.executable, "-m", "pacslab", "serve"], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            cwd=tree or None, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _serve_ready(work: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -188,6 +195,18 @@ def _serve_ready(work: Path, proc: subprocess.Popen[bytes]) -> None:
 
 
 start_serve.ready = _serve_ready  # type: ignore[attr-defined]
+
+#: Another checkout of pacslab (e.g. ``git worktree add /tmp/before main``) measured as
+#: one more row, "pacslab (BENCH_BEFORE_TREE)", interleaved with the others: the
+#: before/after figures of a change come from the same minutes of this machine.
+BEFORE_TREE = os.environ.get("BENCH_BEFORE_TREE", "")
+
+
+def start_serve_before(work: Path, port: int) -> subprocess.Popen[bytes]:
+    return start_serve(work, port, BEFORE_TREE)
+
+
+start_serve_before.ready = _serve_ready  # type: ignore[attr-defined]
 
 
 def _series_done(work: Path) -> bool:
@@ -244,8 +263,10 @@ def _orthanc_available() -> bool:
 
 SERVE = "pacslab"  # the headline row: the whole service, as hospitals run it
 RECEIVER = "pacslab dicom (receiver only)"
+BEFORE = "pacslab (BENCH_BEFORE_TREE)"
 
 
+@pytest.mark.timeout(7200)  # rounds of a minute or two each, not one test's 300 s
 @pytest.mark.parametrize("associations", [1, 4])
 def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_path: Path,
                            associations: int) -> None:
@@ -269,11 +290,13 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
     ]
     if _orthanc_available():
         targets.insert(2, ("orthanc", start_orthanc))
+    if BEFORE_TREE:
+        targets.insert(1, (BEFORE, start_serve_before))
     seconds: dict[str, list[float]] = {name: [] for name, _ in targets}
     # CPU ms per instance: (main process, descendants) during the transfer
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in targets}
-    pyramid_s: list[float] = []
-    main_to_pyramid: list[float] = []
+    pyramid_s: dict[str, list[float]] = {}
+    main_to_pyramid: dict[str, list[float]] = {}
 
     def one_round() -> None:
         for n, (name, start) in enumerate(targets):
@@ -288,10 +311,12 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
                 main1, kids1 = server.cpu()
                 cpu[name].append(((main1 - main0) * 1e3 / count,
                                   (kids1 - kids0) * 1e3 / count))
-                if start is start_serve:
+                if start in (start_serve, start_serve_before):
                     assert server.proc is not None
-                    pyramid_s.append(_wait_pyramid(server.work, server.proc))
-                    main_to_pyramid.append((server.cpu()[0] - main0) * 1e3 / count)
+                    waited = _wait_pyramid(server.work, server.proc)
+                    pyramid_s.setdefault(name, []).append(waited)
+                    main_to_pyramid.setdefault(name, []).append(
+                        (server.cpu()[0] - main0) * 1e3 / count)
             finally:
                 server.stop()
 
@@ -308,29 +333,33 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
             "rounds_s": [round(t, 3) for t in times],
             "cpu_ms_per_instance_main": round(main_ms, 3),
             "cpu_ms_per_instance_children": round(kids_ms, 3)}
-        if name == SERVE:
-            info["last_instance_to_pyramid_s"] = [round(t, 2) for t in pyramid_s]
+        if name in pyramid_s:
+            info["last_instance_to_pyramid_s"] = [round(t, 2) for t in pyramid_s[name]]
             info["cpu_ms_per_instance_main_to_pyramid"] = round(
-                statistics.median(main_to_pyramid), 3)
+                statistics.median(main_to_pyramid[name]), 3)
         benchmark.extra_info[name] = info  # type: ignore[attr-defined]
         record(case, name, count / median, "inst/s", rounds=[count / t for t in times],
                interleaved=True, goal=goal if name == SERVE else None)
         record(f"C-STORE {associations} association(s), CPU ms/instance, main process",
                name, main_ms, "ms", rounds=[c[0] for c in cpu[name]], interleaved=True)
-        if name in (SERVE, RECEIVER, "storescp"):
+        if name in (SERVE, BEFORE, RECEIVER, "storescp"):
             record(f"C-STORE {associations} association(s), CPU ms/instance, child processes",
                    name, kids_ms, "ms", rounds=[c[1] for c in cpu[name]], interleaved=True)
         print(f"\n{case} {name}: {count / median:.0f} inst/s (rounds "
               f"{[round(count / t) for t in times]}), CPU ms/inst main {main_ms:.2f} "
               f"children {kids_ms:.2f}", end="")
-    if pyramid_s:
-        record(f"C-STORE {associations} association(s), last instance to pyramid", SERVE,
-               statistics.median(pyramid_s), "s", rounds=pyramid_s)
-        print(f"\n{case} last instance -> pyramid s: {[round(t, 2) for t in pyramid_s]}; "
-              f"main CPU ms/inst to pyramid {statistics.median(main_to_pyramid):.2f}", end="")
+    for name, waits in pyramid_s.items():
+        record(f"C-STORE {associations} association(s), last instance to pyramid", name,
+               statistics.median(waits), "s", rounds=waits)
+        print(f"\n{case} {name} last instance -> pyramid s: {[round(t, 2) for t in waits]}; "
+              f"main CPU ms/inst to pyramid {statistics.median(main_to_pyramid[name]):.2f}",
+              end="")
     if "orthanc" in seconds:
-        ratios = [o / p for p, o in zip(seconds[SERVE], seconds["orthanc"], strict=True)]
-        print(f"\n{case} serve/orthanc per round: {[round(r, 2) for r in ratios]}", end="")
+        for name in (SERVE, BEFORE):
+            if name in seconds:
+                ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
+                print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
+                      end="")
     if not _orthanc_available():
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
                     "it): measured without the anchor")
