@@ -281,9 +281,10 @@ class ProcessingSettings(BaseModel):
     #: Stored originals re-hashed against their content key per idle turn of the
     #: worker, when no series is arriving (the scrub; 0 turns it off).
     scrub_per_idle: int = Field(8, ge=0, le=1000)
-    #: Nice value of the worker's threads (Linux: per thread; 19 is the lowest
-    #: priority): receivers are served first when both want the CPU.
-    nice: int = Field(19, ge=0, le=19)
+    #: Nice value of the worker's threads (Linux: per thread, inherited by the Dask
+    #: threads they start). 10 gives a receiver at 0 about nine tenths of a contended
+    #: core; 19 would also starve the pyramids behind any unrelated load on the host.
+    nice: int = Field(10, ge=0, le=19)
     max_attempts: int = Field(3, ge=1)
     #: Seconds after its claim that a ``running`` job counts as abandoned by a worker
     #: that died and did not come back under its name; any worker then requeues it.
