@@ -12,6 +12,10 @@ the lease of every job it holds, every ``lease_s / 4`` (:class:`_LeaseKeeper`): 
 of large series can take longer than one lease, and without renewal another worker
 would take over jobs still being converted, and write the same store twice at once.
 
+Kinds with a batch handler (``instance``) run as one call per claim, each job still
+failing or succeeding on its own; with ``defer_arriving_s`` the index leaves the
+instance jobs of a series still arriving pending until the sender pauses (issue 19).
+
 Nothing an idle worker does grows with the archive (issue 21): claiming looks for a
 pending job in a read-only transaction, the roll-up hook (``on_idle``) reads the series
 past their quiet period from an index, and finished instance jobs older than
@@ -155,7 +159,8 @@ class JobWorker:
             results = dict.fromkeys((j.id for j in jobs), exc)
         done: list[tuple[int, dict[str, Any]]] = []
         for job in jobs:
-            outcome = results.get(job.id)
+            # A job the handler did not report on is not done: it is retried.
+            outcome = results.get(job.id, RuntimeError(f"no result for {kind} job"))
             if isinstance(outcome, Exception):
                 with correlation(job.correlation_id or None):
                     self._failed(job, outcome)
