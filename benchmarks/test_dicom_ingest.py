@@ -1,11 +1,19 @@
 """C-STORE throughput: pacslab vs Orthanc (anchor) and DCMTK storescp (ceiling).
 
-Issue #2 §7. The same synthetic CT instances (512², int16, ~0.5 MB) are sent by the same
-DCMTK ``storescu`` over 1 and 4 parallel associations to: pacslab (``pacslab dicom``,
-fsync on, fresh data dir each round), Orthanc (Debian package, default SQLite index and
-its own storage, fresh each round) and storescp (writes files, no index, no fsync: the
-ceiling). DCMTK processes and Orthanc run with TCP_NODELAY=1 (the Debian build leaves
-Nagle's algorithm on); pacslab is also measured with storescu on default settings.
+Issues #2 §7 and 19. The same synthetic CT instances (512², int16, ~0.5 MB) are sent by
+the same DCMTK ``storescu`` over 1 and 4 parallel associations to: pacslab as hospitals
+run it (``pacslab serve``: receivers, API, worker and inboxes, fsync on, fresh data dir
+each round), the receiver alone (``pacslab dicom``, a second row), Orthanc (Debian
+package, default SQLite index and its own storage, fresh each round) and storescp
+(writes files, no index, no fsync: the ceiling). Every process runs with TCP_NODELAY=1
+(the Debian build of DCMTK leaves Nagle's algorithm on).
+
+Beside the rate, each round reads the CPU time (``/proc/<pid>/stat`` utime + stime) of
+the server's processes before and after the transfer: for ``pacslab serve`` split into
+the receiver processes and the main process (API, worker, inboxes), per instance. For
+``pacslab serve`` the round then waits for the series pyramid (the series job ``done``
+in the index) and reports the time from the last acknowledgement to it, and the main
+process's CPU per instance up to then (the deferred instance jobs included).
 
 Without --benchmark-enable this is a smoke run: 20 small instances, one round;
 ``./run bench --quick`` measures 40 instances of 256², three rounds.
@@ -13,11 +21,13 @@ Without --benchmark-enable this is a smoke run: 20 small instances, one round;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.support import benchmarks_enabled, quick, record
+from benchmarks.support import Goal, benchmarks_enabled, quick, record
 from core.synthetic import write_ct_series
 from tests.support import free_port, wait_until
 
@@ -72,6 +82,40 @@ def _storescu(port: int, folders: list[Path], *, nodelay: bool) -> None:
         assert p.returncode == 0, err.decode()[-2000:]
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14 and 15 of proc(5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (the receivers ``pacslab serve`` forks)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
 class Server:
     def __init__(self, start: Callable[[Path, int], subprocess.Popen[bytes]], base: Path
                  ) -> None:
@@ -80,15 +124,28 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.round = 0
+        self.work = base
 
     def fresh(self) -> None:
         self.stop()
         self.round += 1
-        work = self.base / f"round{self.round}"
-        work.mkdir(parents=True)
+        self.work = self.base / f"round{self.round}"
+        self.work.mkdir(parents=True)
         self.port = free_port()
-        self.proc = self._start(work, self.port)
-        _wait_port(self.port, self.proc)
+        self.proc = self._start(self.work, self.port)
+        try:
+            _wait_port(self.port, self.proc)
+            ready = getattr(self._start, "ready", None)
+            if ready is not None:
+                ready(self.work, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (the main process, its descendants)."""
+        assert self.proc is not None
+        return _cpu_s(self.proc.pid), sum(_cpu_s(p) for p in _descendants(self.proc.pid))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -101,12 +158,79 @@ class Server:
         self.proc = None
 
 
-def start_pacslab(work: Path, port: int) -> subprocess.Popen[bytes]:
+def _pacslab_env(work: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
     env.update(PACSLAB_DATA_DIR=str(work), PACSLAB_DICOM__PORT=str(port),
-               PACSLAB_DICOM__HOST="127.0.0.1", PACSLAB_LOG__LEVEL="WARNING")
-    return subprocess.Popen([sys.executable, "-m", "pacslab", "dicom"], env=env,
-                            start_new_session=True, stderr=subprocess.DEVNULL)
+               PACSLAB_DICOM__HOST="127.0.0.1", PACSLAB_LOG__LEVEL="WARNING",
+               TCP_NODELAY="1")
+    return env
+
+
+def start_pacslab(work: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "pacslab", "dicom"],
+                            env=_pacslab_env(work, port), start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+
+
+def start_serve(work: Path, port: int, tree: str = "") -> subprocess.Popen[bytes]:
+    """``pacslab serve`` on its defaults (auth on, series quiet 10 s), on free ports;
+    with ``tree``, the checkout of pacslab found there (a before/after comparison)."""
+    env = _pacslab_env(work, port)
+    env.update(PACSLAB_HTTP__HOST="127.0.0.1", PACSLAB_HTTP__PORT=str(free_port()),
+               PACSLAB_ORDERS__MLLP_PORT="0")
+    if tree:
+        env["PYTHONPATH"] = tree
+    work.with_suffix(".http-port").write_text(env["PACSLAB_HTTP__PORT"])
+    return subprocess.Popen([sys.executable, "-m", "pacslab", "serve"], env=env,
+                            cwd=tree or None, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _serve_ready(work: Path, proc: subprocess.Popen[bytes]) -> None:
+    # The DICOM port opens first (the receivers are forked before the API starts):
+    # measure once the whole service is up, as a hospital's would be.
+    _wait_port(int(work.with_suffix(".http-port").read_text()), proc)
+
+
+start_serve.ready = _serve_ready  # type: ignore[attr-defined]
+
+#: Another checkout of pacslab (e.g. ``git worktree add /tmp/before main``) measured as
+#: one more row, "pacslab (BENCH_BEFORE_TREE)", interleaved with the others: the
+#: before/after figures of a change come from the same minutes of this machine.
+BEFORE_TREE = os.environ.get("BENCH_BEFORE_TREE", "")
+
+
+def start_serve_before(work: Path, port: int) -> subprocess.Popen[bytes]:
+    return start_serve(work, port, BEFORE_TREE)
+
+
+start_serve_before.ready = _serve_ready  # type: ignore[attr-defined]
+
+
+def _series_done(work: Path) -> bool:
+    db = work / "index.db"
+    if not db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=5)) as conn:
+            row = conn.execute("SELECT count(*) FROM jobs WHERE kind = 'series' AND "
+                               "status = 'done'").fetchone()
+    except sqlite3.Error:
+        return False
+    return bool(row and row[0])
+
+
+def _wait_pyramid(work: Path, proc: subprocess.Popen[bytes], timeout: float = 300) -> float:
+    """Seconds until the series job is done (its pyramid readable), from now."""
+    began = time.perf_counter()
+    while not _series_done(work):
+        if proc.poll() is not None:
+            raise RuntimeError(f"pacslab serve exited with {proc.returncode}")
+        if time.perf_counter() - began > timeout:
+            raise TimeoutError("no series pyramid")
+        time.sleep(0.05)
+    return time.perf_counter() - began
 
 
 def start_orthanc(work: Path, port: int) -> subprocess.Popen[bytes]:
@@ -135,6 +259,12 @@ def _orthanc_available() -> bool:
     return bool(shutil.which("Orthanc")) or Path("/usr/sbin/Orthanc").exists()
 
 
+SERVE = "pacslab"  # the headline row: the whole service, as hospitals run it
+RECEIVER = "pacslab dicom (receiver only)"
+BEFORE = "pacslab (BENCH_BEFORE_TREE)"
+
+
+@pytest.mark.timeout(7200)  # rounds of a minute or two each, not one test's 300 s
 @pytest.mark.parametrize("associations", [1, 4])
 def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_path: Path,
                            associations: int) -> None:
@@ -144,40 +274,90 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
     run takes, this shared machine's speed drifts by more than the differences we
     measure (the same code measured 0.84x and 1.25x Orthanc depending on which server
     happened to run in a slow minute). Rates are per-server medians over the rounds.
+    ``pacslab serve``'s round ends when its series pyramid is done, so that its worker
+    never runs during the next server's transfer.
     """
     root = corpus["root"]
     assert isinstance(root, Path)
+    count = int(corpus["count"])  # type: ignore[call-overload]
     folders = [root / "all"] if associations == 1 else [root / f"part{i}" for i in range(4)]
-    targets: list[tuple[str, Callable[[Path, int], subprocess.Popen[bytes]], bool]] = [
-        ("pacslab", start_pacslab, True),
-        ("pacslab (storescu default, Nagle on)", start_pacslab, False),
-        ("storescp", start_storescp, True),
+    targets: list[tuple[str, Callable[[Path, int], subprocess.Popen[bytes]]]] = [
+        (SERVE, start_serve),
+        (RECEIVER, start_pacslab),
+        ("storescp", start_storescp),
     ]
     if _orthanc_available():
-        targets.insert(2, ("orthanc", start_orthanc, True))
-    seconds: dict[str, list[float]] = {name: [] for name, _, _ in targets}
+        targets.insert(2, ("orthanc", start_orthanc))
+    if BEFORE_TREE:
+        targets.insert(1, (BEFORE, start_serve_before))
+    seconds: dict[str, list[float]] = {name: [] for name, _ in targets}
+    # CPU ms per instance: (main process, descendants) during the transfer
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in targets}
+    pyramid_s: dict[str, list[float]] = {}
+    main_to_pyramid: dict[str, list[float]] = {}
 
     def one_round() -> None:
-        for n, (name, start, nodelay) in enumerate(targets):
+        for n, (name, start) in enumerate(targets):
             server = Server(start, tmp_path / f"server{n}")
             server.round = len(seconds[name])
             server.fresh()
             try:
+                main0, kids0 = server.cpu()
                 began = time.perf_counter()
-                _storescu(server.port, folders, nodelay=nodelay)
+                _storescu(server.port, folders, nodelay=True)
                 seconds[name].append(time.perf_counter() - began)
+                main1, kids1 = server.cpu()
+                cpu[name].append(((main1 - main0) * 1e3 / count,
+                                  (kids1 - kids0) * 1e3 / count))
+                if start in (start_serve, start_serve_before):
+                    assert server.proc is not None
+                    waited = _wait_pyramid(server.work, server.proc)
+                    pyramid_s.setdefault(name, []).append(waited)
+                    main_to_pyramid.setdefault(name, []).append(
+                        (server.cpu()[0] - main0) * 1e3 / count)
             finally:
                 server.stop()
 
     benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined]
-    count, size = int(corpus["count"]), int(corpus["bytes"])  # type: ignore[call-overload]
+    size = int(corpus["bytes"])  # type: ignore[call-overload]
+    case = f"C-STORE {associations} association(s), inst/s"
+    goal = Goal(">=", 1.5, on="ratio", anchor="orthanc") if _orthanc_available() else None
     for name, times in seconds.items():
         median = statistics.median(times)
-        benchmark.extra_info[name] = {  # type: ignore[attr-defined]
+        main_ms = statistics.median(c[0] for c in cpu[name])
+        kids_ms = statistics.median(c[1] for c in cpu[name])
+        info: dict[str, object] = {
             "inst_per_s": count / median, "mb_per_s": size / median / 1e6,
-            "rounds_s": [round(t, 3) for t in times]}
-        record(f"C-STORE {associations} association(s), inst/s", name, count / median,
-               "inst/s", rounds=[count / t for t in times], interleaved=True)
+            "rounds_s": [round(t, 3) for t in times],
+            "cpu_ms_per_instance_main": round(main_ms, 3),
+            "cpu_ms_per_instance_children": round(kids_ms, 3)}
+        if name in pyramid_s:
+            info["last_instance_to_pyramid_s"] = [round(t, 2) for t in pyramid_s[name]]
+            info["cpu_ms_per_instance_main_to_pyramid"] = round(
+                statistics.median(main_to_pyramid[name]), 3)
+        benchmark.extra_info[name] = info  # type: ignore[attr-defined]
+        record(case, name, count / median, "inst/s", rounds=[count / t for t in times],
+               interleaved=True, goal=goal if name == SERVE else None)
+        record(f"C-STORE {associations} association(s), CPU ms/instance, main process",
+               name, main_ms, "ms", rounds=[c[0] for c in cpu[name]], interleaved=True)
+        if name in (SERVE, BEFORE, RECEIVER, "storescp"):
+            record(f"C-STORE {associations} association(s), CPU ms/instance, child processes",
+                   name, kids_ms, "ms", rounds=[c[1] for c in cpu[name]], interleaved=True)
+        print(f"\n{case} {name}: {count / median:.0f} inst/s (rounds "
+              f"{[round(count / t) for t in times]}), CPU ms/inst main {main_ms:.2f} "
+              f"children {kids_ms:.2f}", end="")
+    for name, waits in pyramid_s.items():
+        record(f"C-STORE {associations} association(s), last instance to pyramid", name,
+               statistics.median(waits), "s", rounds=waits)
+        print(f"\n{case} {name} last instance -> pyramid s: {[round(t, 2) for t in waits]}; "
+              f"main CPU ms/inst to pyramid {statistics.median(main_to_pyramid[name]):.2f}",
+              end="")
+    if "orthanc" in seconds:
+        for name in (SERVE, BEFORE):
+            if name in seconds:
+                ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
+                print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
+                      end="")
     if not _orthanc_available():
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
                     "it): measured without the anchor")

@@ -270,6 +270,21 @@ class ProcessingSettings(BaseModel):
     #: Seconds without a new instance before a series is considered complete.
     series_quiet_s: float = Field(10.0, ge=0)
     poll_interval_s: float = Field(0.5, gt=0)
+    #: Seconds a series must go without a new instance before its instance jobs
+    #: (DICOM JSON, forwarding, order reconciliation) run, as one batch per series:
+    #: during a transfer the worker leaves the CPU and the index's write lock to the
+    #: receivers (issue 19). Capped at ``series_quiet_s``; 0 runs them at once.
+    instance_defer_s: float = Field(2.0, ge=0)
+    #: Jobs the worker claims at once (instance jobs of one series share one metadata
+    #: transaction and one header read per study for the order reconciliation).
+    batch: int = Field(64, ge=1, le=1000)
+    #: Stored originals re-hashed against their content key per idle turn of the
+    #: worker, when no series is arriving (the scrub; 0 turns it off).
+    scrub_per_idle: int = Field(8, ge=0, le=1000)
+    #: Nice value of the worker's threads (Linux: per thread, inherited by the Dask
+    #: threads they start). 10 gives a receiver at 0 about nine tenths of a contended
+    #: core; 19 would also starve the pyramids behind any unrelated load on the host.
+    nice: int = Field(10, ge=0, le=19)
     max_attempts: int = Field(3, ge=1)
     #: Seconds after its claim that a ``running`` job counts as abandoned by a worker
     #: that died and did not come back under its name; any worker then requeues it.

@@ -12,6 +12,10 @@ the lease of every job it holds, every ``lease_s / 4`` (:class:`_LeaseKeeper`): 
 of large series can take longer than one lease, and without renewal another worker
 would take over jobs still being converted, and write the same store twice at once.
 
+Kinds with a batch handler (``instance``) run as one call per claim, each job still
+failing or succeeding on its own; with ``defer_arriving_s`` the index leaves the
+instance jobs of a series still arriving pending until the sender pauses (issue 19).
+
 Nothing an idle worker does grows with the archive (issue 21): claiming looks for a
 pending job in a read-only transaction, the roll-up hook (``on_idle``) reads the series
 past their quiet period from an index, and finished instance jobs older than
@@ -31,11 +35,14 @@ from core.errors import ServiceError
 from core.logging import correlation
 from storage.abc import Job
 
-__all__ = ["JobHandler", "JobWorker"]
+__all__ = ["BatchHandler", "JobHandler", "JobWorker"]
 
 logger = logging.getLogger(__name__)
 
 JobHandler = Callable[[Job], Mapping[str, Any] | None]
+#: Runs several jobs of one kind at once (the instance jobs of a series share one
+#: index transaction); per job id its result, or the exception it failed with.
+BatchHandler = Callable[[list[Job]], Mapping[int, Mapping[str, Any] | BaseException]]
 
 
 class _LeaseKeeper:
@@ -83,9 +90,14 @@ class JobWorker:
         lease_s: float = 600.0,
         prune_after_s: float = 0.0,
         prune_every_s: float = 60.0,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
+        defer_arriving_s: float = 0.0,
     ) -> None:
         self.index = index
         self.handlers = dict(handlers)
+        self.batch_handlers = dict(batch_handlers or {})
+        # Instance jobs of a series still arriving wait (SqlIndex.claim_jobs, issue 19).
+        self.defer_arriving_s = defer_arriving_s
         self.name = name
         self.poll_interval_s = poll_interval_s
         self.max_attempts = max_attempts
@@ -101,12 +113,17 @@ class JobWorker:
         self.prune_after_s = prune_after_s
         self.prune_every_s = prune_every_s
         self._next_prune = 0.0
-        self.on_idle: list[Callable[[], None]] = []
+        self.on_idle: list[Callable[[], object]] = []
         self.on_start: list[Callable[[], None]] = []
 
     def run_once(self) -> int:
         """Claim and run up to ``batch`` jobs; return how many ran."""
-        jobs = self.index.claim_jobs(self.name, limit=self.batch)
+        if self.defer_arriving_s > 0:
+            jobs = self.index.claim_jobs(
+                self.name, limit=self.batch, defer_arriving_s=self.defer_arriving_s
+            )
+        else:
+            jobs = self.index.claim_jobs(self.name, limit=self.batch)
         if not jobs:
             return 0
         done: list[tuple[int, dict[str, Any]]] = []
@@ -114,13 +131,74 @@ class JobWorker:
         # waiting for the first: all of them are renewed until then.
         with _LeaseKeeper(self.index, self.name, [j.id for j in jobs], self.lease_s / 4):
             try:
+                grouped: dict[str, list[Job]] = {}
+                single: list[Job] = []
                 for job in jobs:
+                    if job.kind in self.batch_handlers:
+                        grouped.setdefault(job.kind, []).append(job)
+                    else:
+                        single.append(job)
+                # Batched kinds first: instance jobs (the DICOM JSON) before the
+                # series job of the same series, as the ids order them.
+                for kind, group in grouped.items():
+                    done += self._run_batch(kind, group)
+                for job in single:
                     result = self._run(job)
                     if result is not None:
                         done.append((job.id, result))
             finally:
                 self.index.finish_jobs(done)
         return len(jobs)
+
+    def _run_batch(self, kind: str, jobs: list[Job]) -> list[tuple[int, dict[str, Any]]]:
+        """Run jobs of one batched kind; the results of those that succeeded."""
+        started = time.perf_counter()
+        try:
+            results = self.batch_handlers[kind](jobs)
+        except Exception as exc:  # the batch as a whole (its transaction) failed
+            results = dict.fromkeys((j.id for j in jobs), exc)
+        done: list[tuple[int, dict[str, Any]]] = []
+        for job in jobs:
+            # A job the handler did not report on is not done: it is retried.
+            outcome = results.get(job.id, RuntimeError(f"no result for {kind} job"))
+            if isinstance(outcome, Exception):
+                with correlation(job.correlation_id or None):
+                    self._failed(job, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                done.append((job.id, dict(outcome or {})))
+        logger.debug(
+            "%d %s jobs done in %.3f s", len(jobs), kind, time.perf_counter() - started
+        )
+        return done
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """Record a failed run: retried with back-off, or failed for good."""
+        expected = isinstance(exc, ServiceError)
+        error = f"{type(exc).__name__}: {exc}"
+        retry = (
+            None
+            if job.attempts >= self.max_attempts or expected
+            else min(60.0, 2.0**job.attempts)
+        )
+        # The handler may own its retry policy (forwarding to a peer that is
+        # down for hours): an error carrying ``retry_in_s`` is retried then.
+        asked = getattr(exc, "retry_in_s", None)
+        if isinstance(asked, (int, float)):
+            retry = float(asked)
+        # A ServiceError (bad input) will fail the same way again: no retry.
+        self.index.fail_job(job.id, error, retry_in_s=retry)
+        log = logger.warning if expected else logger.error
+        log(
+            "job %d %s %s failed (attempt %d): %s",
+            job.id,
+            job.kind,
+            job.target,
+            job.attempts,
+            error,
+            exc_info=(type(exc), exc, exc.__traceback__) if not expected else None,
+        )
 
     def _run(self, job: Job) -> dict[str, Any] | None:
         """Run one job; its result if it succeeded (the caller marks it done)."""
@@ -133,30 +211,7 @@ class JobWorker:
             try:
                 result = handler(job)
             except Exception as exc:
-                expected = isinstance(exc, ServiceError)
-                error = f"{type(exc).__name__}: {exc}"
-                retry = (
-                    None
-                    if job.attempts >= self.max_attempts or expected
-                    else min(60.0, 2.0**job.attempts)
-                )
-                # The handler may own its retry policy (forwarding to a peer that is
-                # down for hours): an error carrying ``retry_in_s`` is retried then.
-                asked = getattr(exc, "retry_in_s", None)
-                if isinstance(asked, (int, float)):
-                    retry = float(asked)
-                # A ServiceError (bad input) will fail the same way again: no retry.
-                self.index.fail_job(job.id, error, retry_in_s=retry)
-                log = logger.warning if expected else logger.error
-                log(
-                    "job %d %s %s failed (attempt %d): %s",
-                    job.id,
-                    job.kind,
-                    job.target,
-                    job.attempts,
-                    error,
-                    exc_info=not expected,
-                )
+                self._failed(job, exc)
                 return None
             logger.debug(
                 "job %d %s done in %.3f s", job.id, job.kind, time.perf_counter() - started
@@ -202,8 +257,8 @@ class JobWorker:
                 self.requeue_expired()
                 ran = self.run_once()
                 if not ran:
-                    for hook in self.on_idle:
-                        hook()
+                    for idle_hook in self.on_idle:
+                        idle_hook()
                     self.prune_done()
             except Exception:
                 logger.error("worker loop error", exc_info=True)

@@ -146,7 +146,17 @@ class MetadataIndex(Protocol):
         """Rows per table and jobs per status, for /metrics and tests."""
         ...
 
-    def claim_jobs(self, worker: str, *, kind: str | None = None, limit: int = 1) -> list[Job]: ...
+    def claim_jobs(
+        self,
+        worker: str,
+        *,
+        kind: str | None = None,
+        limit: int = 1,
+        defer_arriving_s: float = 0.0,
+    ) -> list[Job]:
+        """Claim pending jobs; with ``defer_arriving_s``, not the ``instance`` jobs of
+        a series that received an instance that recently (it is still arriving)."""
+        ...
 
     def finish_job(self, job_id: int, *, result: dict[str, Any] | None = None) -> None: ...
 

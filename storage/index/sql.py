@@ -19,7 +19,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    exists,
+    func,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.errors import NotFoundError, OutOfResourcesError
@@ -639,18 +651,44 @@ class SqlIndex:
 
     # -- jobs -------------------------------------------------------------------
 
-    def claim_jobs(self, worker: str, *, kind: str | None = None, limit: int = 1) -> list[Job]:
+    def claim_jobs(
+        self,
+        worker: str,
+        *,
+        kind: str | None = None,
+        limit: int = 1,
+        defer_arriving_s: float = 0.0,
+    ) -> list[Job]:
         """Claim up to ``limit`` pending jobs; a job tried before is claimed alone.
 
         Why alone: a job whose worker died under it may be what kills workers (a
         decoder crash, an out-of-memory kill). Run on its own, its ``attempts`` count
         its own runs, so :meth:`requeue_worker_jobs` can give it up without taking the
         jobs claimed beside it down too.
+
+        With ``defer_arriving_s``, the ``instance`` jobs of a series that received an
+        instance in the last ``defer_arriving_s`` seconds are left pending (issue 19):
+        their work waits for the sender's pause instead of competing with the
+        receivers for the CPU and the write lock, and then runs as one batch per series.
+        Deferred, never dropped: the job row was committed with the instance.
         """
         now = _now()
         cond = and_(jobs.c.status == "pending", jobs.c.not_before <= time.time())
         if kind is not None:
             cond = and_(cond, jobs.c.kind == kind)
+        if defer_arriving_s > 0:
+            cutoff = datetime.fromtimestamp(time.time() - defer_arriving_s, UTC)
+            arriving = exists(
+                select(instances.c.id)
+                .select_from(instances.join(series, instances.c.series_pk == series.c.id))
+                .where(
+                    and_(
+                        instances.c.sop_instance_uid == jobs.c.target,
+                        series.c.rollup_due_at > cutoff,
+                    )
+                )
+            )
+            cond = and_(cond, or_(jobs.c.kind != "instance", not_(arriving)))
         retried = select(jobs).where(and_(cond, jobs.c.attempts > 0)).order_by(jobs.c.id)
         fresh = select(jobs).where(and_(cond, jobs.c.attempts == 0)).order_by(jobs.c.id)
         if not self.is_sqlite:
@@ -874,6 +912,60 @@ class SqlIndex:
                 .values(dict(zip(("metadata_json", "metadata_z"), pack_metadata(metadata),
                                  strict=True)))
             )
+
+    def set_metadata_many(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """Store the DICOM JSON of several versions, ``(sop_instance_uid, blob_key,
+        metadata)`` each, in one transaction (a batch of instance jobs: one fsync)."""
+        if not items:
+            return
+        stmt = (
+            update(instances)
+            .where(
+                and_(
+                    instances.c.sop_instance_uid == bindparam("uid"),
+                    instances.c.blob_key == bindparam("key"),
+                )
+            )
+            .values(metadata_json=bindparam("text"), metadata_z=bindparam("packed"))
+        )
+        rows = []
+        for uid, key, metadata in items:
+            packed_text, packed = pack_metadata(metadata)
+            rows.append({"uid": uid, "key": key, "text": packed_text, "packed": packed})
+        with self._write() as conn:
+            conn.execute(stmt, rows)
+
+    def series_arriving(self) -> bool:
+        """True while any series has instances its roll-up has not taken yet (a
+        transfer in progress, or just finished): idle-time work such as the scrub of
+        originals waits for it. One read of ``ix_series_rollup_due_at``."""
+        query = select(series.c.id).where(series.c.rollup_due_at.is_not(None)).limit(1)
+        with self._read() as conn:
+            return conn.execute(query).first() is not None
+
+    def instances_after(
+        self, after_id: int, *, limit: int = 100
+    ) -> list[tuple[int, StoredInstance]]:
+        """Up to ``limit`` instance versions with a row id above ``after_id``, in id
+        order, with their ids: a cursor for walks over the archive in small steps."""
+        query = (
+            self._instance_select()
+            .add_columns(instances.c.id.label("_row_id"))
+            .where(instances.c.id > after_id)
+            .order_by(instances.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        out = []
+        for row in rows:
+            values = row._asdict()
+            row_id = int(values.pop("_row_id"))
+            values["metadata_json"] = unpack_metadata(
+                values["metadata_json"], values.pop("metadata_z")
+            )
+            out.append((row_id, StoredInstance(**values)))
+        return out
 
     def series_due(self, quiet_s: float, *, limit: int = 50) -> list[str]:
         """Series quiet for ``quiet_s`` with instances newer than their last series job.

@@ -117,3 +117,20 @@ def test_a_batch_longer_than_the_lease_is_not_taken_over(index: SqlIndex) -> Non
     assert len(requeued) > 10 and sum(requeued) == 0
     assert sorted(seen) == [f"1.2.3.{i}" for i in range(5)]  # each ran once
     assert index.counts()["jobs_done"] == 5
+
+
+def test_a_batch_fails_job_by_job_and_a_job_left_out_is_not_done(index: SqlIndex) -> None:
+    def batch(jobs: list[Job]) -> dict[int, object]:
+        out: dict[int, object] = {j.id: {"ok": j.target} for j in jobs}
+        out[jobs[1].id] = InvalidDatasetError("unreadable")  # fails alone, no retry
+        del out[jobs[2].id]  # the handler forgot it: retried, never marked done
+        return out
+
+    worker = JobWorker(index, {}, batch_handlers={"instance": batch},  # type: ignore[dict-item]
+                       name="w", batch=10)
+    assert worker.run_once() == 5
+    jobs = {j.target: j for j in index.get_jobs()}
+    assert jobs["1.2.3.1"].status == "failed" and "unreadable" in (jobs["1.2.3.1"].error or "")
+    assert jobs["1.2.3.2"].status == "pending" and "no result" in (jobs["1.2.3.2"].error or "")
+    assert [jobs[f"1.2.3.{i}"].status for i in (0, 3, 4)] == ["done"] * 3
+    assert jobs["1.2.3.0"].result == {"ok": "1.2.3.0"}

@@ -35,7 +35,10 @@ pytestmark = [
 ]
 
 def _run_jobs(receiver: Receiver) -> None:
-    worker = build_worker(receiver.settings)
+    # Run by hand right after a transfer, as if the sender's pause had passed: the
+    # instance jobs of a series that just arrived are not deferred (issue 19).
+    processing = receiver.settings.processing.model_copy(update={"instance_defer_s": 0.0})
+    worker = build_worker(receiver.settings.model_copy(update={"processing": processing}))
     try:
         for _ in range(50):
             if not worker.run_once():
