@@ -29,6 +29,7 @@ from api.routes import (
     fhir_orders,
     lab_review,
     ohif,
+    rejections,
     tiles,
     viewer,
 )
@@ -37,6 +38,7 @@ from api.security import install_security
 from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
+from services.rejection import RejectionService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -57,6 +59,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    rejections.router,  # issue 17: IHE IOCM rejections under /admin/rejections
 )
 
 
@@ -77,6 +80,11 @@ def create_app(
     idx = index or SqlIndex(settings.index.model_copy(update={"migrate": False}))
     own_archive = archive is None
     arc = archive or Archive.from_settings(settings, idx)
+    # IHE IOCM: KOS rejection notes stored by STOW-RS are applied (an archive built by
+    # pacslab.wiring has this hook already).
+    iocm = RejectionService(idx, arc.originals, retention=settings.retention)
+    if own_archive:
+        arc.hooks.append(iocm)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,6 +139,7 @@ def create_app(
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     # Last, so authentication and the action log wrap every route above (issue 7).
     security = install_security(app, settings, idx)
+    iocm.audit = app.state.audit
     install_cors(app, settings.http.cors_origins)
     return app
 

@@ -17,13 +17,24 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.person_name import name_words, person_name_key
+from core.rejection import RETENTION_EXPIRED
 from core.settings import IndexSettings
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
@@ -36,6 +47,7 @@ from storage.index.schema import (
     jobs,
     patient_name_words,
     patients,
+    rejections,
     series,
     studies,
     study_modalities,
@@ -45,6 +57,9 @@ __all__ = ["MetadataRow", "SqlIndex", "pack_metadata", "set_name_words", "unpack
 
 logger = logging.getLogger(__name__)
 
+
+#: PS3.16 CID 7011 "Data Retention Policy Expired" (core.rejection.RETENTION_EXPIRED).
+_RETENTION_EXPIRED = RETENTION_EXPIRED
 
 #: Tries of one write transaction that a concurrent writer made fail (PostgreSQL).
 _ATTEMPTS = 5
@@ -434,6 +449,42 @@ class SqlIndex:
         self._existing_one = DirectStatement(
             existing.where(instances.c.sop_instance_uid == bindparam("uid")), dialect
         )
+        # IHE IOCM: a rejected SOP Instance is refused when sent again, unless it was
+        # rejected because its retention ended; then it is restored (one primary-key
+        # lookup per instance, in the same transaction as the insert: no race with
+        # a rejection being applied).
+        self._rejection_one = DirectStatement(
+            select(rejections.c.code).where(rejections.c.sop_instance_uid == bindparam("uid")),
+            dialect,
+        )
+        self._unreject = DirectStatement(
+            rejections.delete().where(rejections.c.sop_instance_uid == bindparam("uid")), dialect
+        )
+        self._restore = DirectStatement(
+            update(instances)
+            .where(
+                and_(
+                    instances.c.sop_instance_uid == bindparam("uid"),
+                    instances.c.blob_key == bindparam("key"),
+                )
+            )
+            .values(is_current=bindparam("current")),
+            dialect,
+        )
+        # The series' modality back in ModalitiesInStudy (a rejection may have removed
+        # it, and the series row may be cached, so the per-series insert is skipped).
+        self._restore_modality = DirectStatement(
+            self._upsert(study_modalities)
+            .from_select(
+                ["study_pk", "modality"],
+                select(series.c.study_pk, series.c.modality).where(
+                    # A literal, not a bind: DirectStatement binds only named rows.
+                    and_(series.c.id == bindparam("pk"), series.c.modality != literal_column("''"))
+                ),
+            )
+            .on_conflict_do_nothing(),
+            dialect,
+        )
         self._supersede = DirectStatement(
             update(instances)
             .where(instances.c.sop_instance_uid == bindparam("uid"))
@@ -491,6 +542,10 @@ class SqlIndex:
         found = [r for uid in uids for r in self._existing_one.execute(conn, [{"uid": uid}])]
         for sop_instance_uid, blob_key, version in found:
             existing.setdefault(sop_instance_uid, []).append((blob_key, int(version)))
+        rejected: dict[str, str] = {}
+        for uid in uids:
+            for (code,) in self._rejection_one.execute(conn, [{"uid": uid}]):
+                rejected[uid] = str(code)
 
         outcomes: list[AddOutcome] = []
         received: dict[int, datetime] = {}
@@ -501,7 +556,27 @@ class SqlIndex:
         for item in items:
             rec = item.record
             versions = existing.setdefault(rec.sop_instance_uid, [])
+            code = rejected.get(rec.sop_instance_uid)
+            if code is not None and code != _RETENTION_EXPIRED:
+                outcomes.append(AddOutcome(rec.sop_instance_uid, "refused", 0, reason=code))
+                continue
             same = [v for key, v in versions if key == item.blob_key]
+            pk = series_pk[rec.series_instance_uid]
+            if code is not None:
+                # Rejected because its retention ended, and sent again: current again
+                # (IHE RAD TF-2 4.66.4.1.3), this version or the same bytes' one.
+                del rejected[rec.sop_instance_uid]
+                self._unreject.execute(conn, [{"uid": rec.sop_instance_uid}])
+                self._restore_modality.execute(conn, [{"pk": pk}])
+                added[pk] = added.get(pk, 0) + 1
+                received[pk] = max(received.get(pk, item.received_at), item.received_at)
+                if same:
+                    self._restore.execute(
+                        conn, [{"uid": rec.sop_instance_uid, "key": item.blob_key,
+                                "current": True}]
+                    )
+                    outcomes.append(AddOutcome(rec.sop_instance_uid, "restored", same[0]))
+                    continue
             if same:
                 outcomes.append(AddOutcome(rec.sop_instance_uid, "duplicate", same[0]))
                 continue
@@ -509,13 +584,14 @@ class SqlIndex:
             versions.append((item.blob_key, version))
             if version > 1:
                 replaced.append(rec.sop_instance_uid)
-            outcomes.append(
-                AddOutcome(rec.sop_instance_uid, "replaced" if version > 1 else "stored", version)
+            status: Literal["stored", "replaced", "restored"] = (
+                "restored" if code is not None else "replaced" if version > 1 else "stored"
             )
-            pk = series_pk[rec.series_instance_uid]
+            outcomes.append(AddOutcome(rec.sop_instance_uid, status, version))
             rows.append(_instance_values(item, pk, version))
             received[pk] = max(received.get(pk, item.received_at), item.received_at)
-            if version == 1:  # a new version replaces a current one: count unchanged
+            if version == 1 and code is None:
+                # A new version replaces a current one: count unchanged.
                 added[pk] = added.get(pk, 0) + 1
             job_rows.append(
                 {
