@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.retention import RetentionDecision
+from core.settings import Settings
 from storage.audit import AuditStore
 from storage.retention import RetentionStore
 from tests.api._support import running_app
@@ -28,6 +29,16 @@ from tests.services.iocm_data import rejection_note
 from tests.support import Receiver, run_dcmtk, storescu_responses
 
 pytestmark = pytest.mark.network
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Both index backends: the rejection's UPDATEs and the receiver's refusal are SQL
+    of their own (storage/index/rejection.py, sql.py ``_add``)."""
+    if request.param == "sqlite":
+        return settings
+    url = request.getfixturevalue("pg_url")
+    return settings.model_copy(update={"index": settings.index.model_copy(update={"url": url})})
 
 
 @pytest.fixture
