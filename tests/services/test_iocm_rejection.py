@@ -272,3 +272,35 @@ def test_stow_rs_rejection_note(
     listed = [values(i, "00080018")[0]
               for i in qido(client, f"studies/{study.study_uid}/instances")]
     assert listed == [note.SOPInstanceUID]
+
+
+def test_purge_rejected_command(
+    archive: list[Study], receiver: Receiver, client: TestClient, tmp_path: Path
+) -> None:
+    if not receiver.settings.index.url.startswith("sqlite"):
+        pytest.skip("the command is run on the default (SQLite) index of its data dir")
+    import subprocess
+    import sys
+
+    from tests.support import env_for
+
+    study = archive[3]  # QR003's second study: one CT series of 2
+    index: Any = receiver.index
+    keys = [index.get_instance(uid).blob_key for uid in study.sop_uids[0]]
+    assert client.post("/admin/rejections", json={
+        "study_instance_uid": study.study_uid, "sop_instance_uids": study.sop_uids[0][:1],
+        "code": "113038"}).status_code == 201
+    env = env_for(receiver.settings.data_dir)
+    env["PACSLAB_AUTH__ENABLED"] = "false"
+    result = subprocess.run([sys.executable, "-m", "pacslab", "purge-rejected", "--code",
+                             "113001"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "purged 0 rejected instances" in result.stdout  # another code: nothing
+    result = subprocess.run([sys.executable, "-m", "pacslab", "purge-rejected"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "purged 1 rejected instances (1 versions, 1 originals)" in result.stdout
+    originals = client.app.state.archive.originals  # type: ignore[attr-defined]
+    assert not originals.exists(keys[0]) and originals.exists(keys[1])
+    events = [e for e in AuditStore(index.engine).entries() if e.event_type == "iocm.purge"]
+    assert len(events) == 2 and events[-1].agent.startswith("cli:")
