@@ -1,4 +1,4 @@
-"""Admin API of IHE IOCM rejections (issue 17): reject, list, purge.
+"""Admin API of IHE IOCM rejections (issue 17): reject, list, purge; study versions.
 
 Under ``/admin`` (scope ``admin``, core/auth.py); the security middleware writes every
 request to the action log, and :class:`services.rejection.RejectionService` adds an
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from api.deps import IndexDep, SettingsDep
 from services.rejection import RejectionService
+from storage.index.rejection import study_versions_of
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/admin/rejections", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"])
 
 _UID = r"^[0-9]+(\.[0-9]+)*$"  # PS3.5 9.1
 
@@ -51,7 +52,7 @@ def _service(request: Request, index: IndexDep, settings: SettingsDep) -> Reject
                             retention=settings.retention)
 
 
-@router.post("", status_code=201)
+@router.post("/rejections", status_code=201)
 def reject(body: RejectionIn, request: Request, index: IndexDep,
            settings: SettingsDep) -> dict[str, Any]:
     """Reject current instances at once (IHE RAD TF-2 4.66 semantics, without a KOS):
@@ -65,7 +66,7 @@ def reject(body: RejectionIn, request: Request, index: IndexDep,
             "studies": list(applied.studies)}
 
 
-@router.get("")
+@router.get("/rejections")
 def list_rejections(
     request: Request, index: IndexDep, settings: SettingsDep,
     study: Annotated[str | None, Query(max_length=64, pattern=_UID)] = None,
@@ -86,7 +87,7 @@ def list_rejections(
     ]
 
 
-@router.post("/purge")
+@router.post("/rejections/purge")
 def purge(body: PurgeIn, request: Request, index: IndexDep,
           settings: SettingsDep) -> dict[str, Any]:
     """Delete rejected instances' versions and originals (the explicit, audited action)."""
@@ -96,3 +97,11 @@ def purge(body: PurgeIn, request: Request, index: IndexDep,
     return {"instances": report.purged.instances, "versions": report.purged.versions,
             "originals": report.purged.originals,
             "kept_for_retention": report.kept_for_retention}
+
+
+@router.get("/studies/{study}/versions")
+def study_versions(
+    study: Annotated[str, Path(max_length=64, pattern=_UID)], index: IndexDep
+) -> list[dict[str, Any]]:
+    """What attribute corrections (re-sent instances) replaced in a study, oldest first."""
+    return study_versions_of(index, study)

@@ -17,6 +17,7 @@ after a purge, so the receiver still refuses the UID (sql.py ``_add``).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,15 @@ from sqlalchemy import and_, delete, func, select, update
 
 from core.errors import NotFoundError
 from core.rejection import RejectedRef
-from storage.index.schema import instances, jobs, rejections, series, studies, study_modalities
+from storage.index.schema import (
+    instances,
+    jobs,
+    rejections,
+    series,
+    studies,
+    study_modalities,
+    study_versions,
+)
 
 if TYPE_CHECKING:
     from storage.abc import OriginalStore
@@ -41,6 +50,7 @@ __all__ = [
     "current_refs",
     "list_rejections",
     "purge_rejected",
+    "study_versions_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -346,3 +356,19 @@ def purge_rejected(
     logger.info("purged %d rejected instances: %d versions, %d originals",
                 len(done), versions, removed)
     return Purged(len(done), versions, removed)
+
+
+def study_versions_of(index: SqlIndex, study: str) -> list[dict[str, Any]]:
+    """The recorded attribute versions of a study, oldest first (issue 17.2): what each
+    correction replaced, when, and which re-sent instance brought it."""
+    query = (
+        select(study_versions)
+        .where(study_versions.c.study_instance_uid == study)
+        .order_by(study_versions.c.version)
+    )
+    with index.read() as conn:
+        return [
+            {"version": r.version, "previous": json.loads(r.previous_json), "cause": r.cause,
+             "cause_uid": r.cause_uid, "changed_at": r.changed_at.isoformat()}
+            for r in conn.execute(query)
+        ]

@@ -51,6 +51,7 @@ __all__ = [
     "series",
     "studies",
     "study_links",
+    "study_versions",
     "study_modalities",
 ]
 
@@ -219,6 +220,25 @@ rejections = Table(
     Column("rejected_by", String(128), nullable=False, server_default=""),
     Column("rejected_at", DateTime(timezone=True), nullable=False),
     Column("purged_at", DateTime(timezone=True)),
+)
+
+# Attribute corrections of a study (issue 17.2, migration 0008): when a re-sent
+# instance (a new version, ``instances.version`` > 1) carries other study attributes,
+# the ``studies`` row takes the new values (QIDO-RS, C-FIND and FHIR answer with them)
+# and the values it had are kept here, one row per change: never an overwrite without
+# a record. The instance versions themselves all stay (``instances``).
+study_versions = Table(
+    "study_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    # The study's attributes before this change (sql.py ``_STUDY_CORRECTABLE``), JSON.
+    Column("previous_json", Text, nullable=False),
+    Column("cause", String(16), nullable=False),  # resend
+    Column("cause_uid", String(64), nullable=False, server_default=""),  # SOP Instance UID
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_instance_uid", "version", name="uq_study_versions_study_version"),
 )
 
 jobs = Table(

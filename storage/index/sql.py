@@ -51,6 +51,7 @@ from storage.index.schema import (
     series,
     studies,
     study_modalities,
+    study_versions,
 )
 
 __all__ = ["MetadataRow", "SqlIndex", "pack_metadata", "set_name_words", "unpack_metadata"]
@@ -147,6 +148,17 @@ def _series_values(rec: Any, study_pk: int, now: datetime) -> dict[str, Any]:
         "updated_at": now,
     }
 
+
+#: Study attributes a re-sent instance may correct (issue 17.2; ``study_versions``).
+_STUDY_CORRECTABLE = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "description",
+    "referring_physician_name",
+    "institution_name",
+)
 
 _INSTANCE_KEYS = [
     "sop_instance_uid",
@@ -471,6 +483,40 @@ class SqlIndex:
             .values(is_current=bindparam("current")),
             dialect,
         )
+        # Attribute corrections by re-send (a new version): the study row takes the new
+        # values, the old ones go to study_versions first (issue 17.2).
+        self._study_now = DirectStatement(
+            select(studies.c.id, *(studies.c[k] for k in _STUDY_CORRECTABLE)).where(
+                studies.c.study_instance_uid == bindparam("uid")
+            ),
+            dialect,
+        )
+        self._study_versions_n = DirectStatement(
+            select(func.count(study_versions.c.id)).where(
+                study_versions.c.study_instance_uid == bindparam("uid")
+            ),
+            dialect,
+        )
+        self._study_version_insert = DirectStatement(
+            study_versions.insert().values(
+                study_instance_uid=bindparam("uid"),
+                version=bindparam("n"),
+                previous_json=bindparam("previous"),
+                cause=bindparam("cause"),
+                cause_uid=bindparam("cause_uid"),
+                changed_at=bindparam("at"),
+            ),
+            dialect,
+        )
+        self._study_correct = DirectStatement(
+            update(studies)
+            .where(studies.c.id == bindparam("pk"))
+            .values(
+                {**{k: bindparam(f"v_{k}") for k in _STUDY_CORRECTABLE},
+                 "updated_at": bindparam("at")}
+            ),
+            dialect,
+        )
         # The series' modality back in ModalitiesInStudy (a rejection may have removed
         # it, and the series row may be cached, so the per-series insert is skipped).
         self._restore_modality = DirectStatement(
@@ -553,6 +599,7 @@ class SqlIndex:
         rows: list[dict[str, Any]] = []
         job_rows: list[dict[str, Any]] = []
         replaced: list[str] = []
+        corrections: list[NewInstance] = []
         for item in items:
             rec = item.record
             versions = existing.setdefault(rec.sop_instance_uid, [])
@@ -584,6 +631,7 @@ class SqlIndex:
             versions.append((item.blob_key, version))
             if version > 1:
                 replaced.append(rec.sop_instance_uid)
+                corrections.append(item)
             status: Literal["stored", "replaced", "restored"] = (
                 "restored" if code is not None else "replaced" if version > 1 else "stored"
             )
@@ -615,8 +663,38 @@ class SqlIndex:
                     for pk, at in sorted(received.items())
                 ],
             )
+        for item in corrections:
+            self._correct_study(conn, item, now)
         # The caller caches series_pk only once the transaction committed.
         return outcomes, series_pk
+
+    def _correct_study(self, conn: Any, item: NewInstance, now: datetime) -> None:
+        """A re-sent version's study attributes, if they differ: recorded, then current.
+
+        Only attributes the new version carries (non-empty) change the row: a re-send
+        that omits one corrects nothing (as dcm4chee-arc's default "supplement" policy).
+        """
+        rec = item.record
+        found = self._study_now.execute(conn, [{"uid": rec.study_instance_uid}])
+        if not found:
+            return
+        pk, *old = found[0]
+        before = dict(zip(_STUDY_CORRECTABLE, (str(v or "") for v in old), strict=True))
+        sent = _study_values(rec, 0, now)
+        after = {k: (str(sent[k]) or before[k]) for k in _STUDY_CORRECTABLE}
+        if after == before:
+            return
+        (n,) = self._study_versions_n.execute(conn, [{"uid": rec.study_instance_uid}])[0]
+        self._study_version_insert.execute(conn, [{
+            "uid": rec.study_instance_uid, "n": int(n) + 1,
+            "previous": json.dumps(before, sort_keys=True), "cause": "resend",
+            "cause_uid": rec.sop_instance_uid, "at": now,
+        }])
+        self._study_correct.execute(
+            conn, [{"pk": pk, "at": now, **{f"v_{k}": v for k, v in after.items()}}]
+        )
+        logger.info("study %s corrected by a re-sent instance (%s): %s", rec.study_instance_uid,
+                    rec.sop_instance_uid, ", ".join(k for k in after if after[k] != before[k]))
 
     # -- reads ------------------------------------------------------------------
 

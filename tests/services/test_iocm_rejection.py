@@ -304,3 +304,47 @@ def test_purge_rejected_command(
     assert not originals.exists(keys[0]) and originals.exists(keys[1])
     events = [e for e in AuditStore(index.engine).entries() if e.event_type == "iocm.purge"]
     assert len(events) == 2 and events[-1].agent.startswith("cli:")
+
+
+def test_correction_by_resend_is_a_new_version(
+    archive: list[Study], receiver: Receiver, client: TestClient, tmp_path: Path
+) -> None:
+    """A re-sent instance with corrected attributes: a new version is current (WADO-RS,
+    QIDO-RS, C-FIND answer with it), the earlier one stays retrievable for audit, and
+    the study's previous attribute values are recorded (issue 17.2)."""
+    study = archive[1]  # QR002: MR series of 2
+    first = study.sop_uids[0][0]
+    index: Any = receiver.index
+    old_key = index.get_instance(first).blob_key
+    (ds,) = [d for d in _datasets(study) if d.SOPInstanceUID == first]
+    ds.StudyDescription = "MR brain (corrected)"
+    ds.AccessionNumber = "A2002"
+    paths = write(tmp_path / "fix", [ds])
+    assert storescu(receiver, paths) == ["Success"]
+
+    versions = index.instance_versions(first)
+    assert [(v.version, v.is_current) for v in versions] == [(1, False), (2, True)]
+    assert versions[0].blob_key == old_key
+    originals = client.app.state.archive.originals  # type: ignore[attr-defined]
+    assert originals.exists(old_key)  # the superseded version is kept
+    with originals.open(old_key) as fp:  # and is still the bytes first received
+        assert dcmread(fp).StudyDescription == "MR study"
+    # Every answer is the current version's.
+    (st,) = findscu(receiver, tmp_path / "st", "QueryRetrieveLevel=STUDY",
+                    f"StudyInstanceUID={study.study_uid}", "StudyDescription",
+                    "AccessionNumber", "NumberOfStudyRelatedInstances")
+    assert (st.StudyDescription, st.AccessionNumber) == ("MR brain (corrected)", "A2002")
+    assert int(st.NumberOfStudyRelatedInstances) == 2  # a version is no new instance
+    meta = client.get(f"/dicomweb/studies/{study.study_uid}/series/{study.series_uids[0]}"
+                      f"/instances/{first}/metadata").json()
+    assert values(meta[0], "00081030") == ["MR brain (corrected)"]
+    (qido_st,) = qido(client, f"studies?StudyInstanceUID={study.study_uid}")
+    assert values(qido_st, "00080050") == ["A2002"]
+    # The values the correction replaced, for audit.
+    recorded = client.get(f"/admin/studies/{study.study_uid}/versions").json()
+    assert len(recorded) == 1 and recorded[0]["cause_uid"] == first
+    assert recorded[0]["previous"]["description"] == "MR study"
+    assert recorded[0]["previous"]["accession_number"] == "A1002"
+    # The same correction again changes nothing more.
+    assert storescu(receiver, paths) == ["Success"]
+    assert len(client.get(f"/admin/studies/{study.study_uid}/versions").json()) == 1

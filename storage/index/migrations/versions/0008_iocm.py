@@ -1,4 +1,4 @@
-"""IHE IOCM: the rejections table (issue 17, corrections)
+"""IHE IOCM: rejections, and study attribute versions (issue 17, corrections)
 
 Revision ID: 0008_iocm
 Revises: 0007 (the lead re-chains it when the branches merge)
@@ -34,8 +34,26 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_rejections_study_instance_uid"), "rejections", ["study_instance_uid"]
     )
+    op.create_table(
+        "study_versions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("previous_json", sa.Text(), nullable=False),
+        sa.Column("cause", sa.String(length=16), nullable=False),
+        sa.Column("cause_uid", sa.String(length=64), server_default="", nullable=False),
+        sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_study_versions")),
+        sa.UniqueConstraint("study_instance_uid", "version",
+                            name="uq_study_versions_study_version"),
+    )
+    op.create_index(
+        op.f("ix_study_versions_study_instance_uid"), "study_versions", ["study_instance_uid"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_study_versions_study_instance_uid"), table_name="study_versions")
+    op.drop_table("study_versions")
     op.drop_index(op.f("ix_rejections_study_instance_uid"), table_name="rejections")
     op.drop_table("rejections")
