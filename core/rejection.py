@@ -107,8 +107,9 @@ def parse_rejection_note(ds: Dataset) -> RejectionNote | None:
                     raise InvalidDatasetError("rejection note evidence without its UIDs")
                 if max(len(study_uid), len(series_uid), len(sop_uid)) > 64:
                     raise InvalidDatasetError("rejection note evidence UID too long")
-                refs.append(RejectedRef(study_uid, series_uid, sop_uid,
-                                        _text(sop, "ReferencedSOPClassUID")))
+                refs.append(
+                    RejectedRef(study_uid, series_uid, sop_uid, _text(sop, "ReferencedSOPClassUID"))
+                )
                 if len(refs) > MAX_REFERENCES:
                     raise InvalidDatasetError("rejection note names too many instances")
     if not refs:

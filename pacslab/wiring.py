@@ -36,7 +36,10 @@ def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
 
 
 def build_archive(
-    settings: Settings, index: SqlIndex | None = None, *, staging_name: str = "",
+    settings: Settings,
+    index: SqlIndex | None = None,
+    *,
+    staging_name: str = "",
     audit: AuditLog | None = None,
 ) -> Archive:
     idx = index or build_index(settings)

@@ -78,9 +78,14 @@ class PurgeReport:
 class RejectionService:
     """Reject, list and purge (IHE RAD TF-1 37, TF-2 4.66); an :class:`AcceptHook`."""
 
-    def __init__(self, index: SqlIndex, originals: OriginalStore | None = None, *,
-                 audit: AuditLog | None = None,
-                 retention: RetentionSettings | None = None) -> None:
+    def __init__(
+        self,
+        index: SqlIndex,
+        originals: OriginalStore | None = None,
+        *,
+        audit: AuditLog | None = None,
+        retention: RetentionSettings | None = None,
+    ) -> None:
         self.index = index
         self.originals = originals
         self.audit = audit
@@ -105,17 +110,30 @@ class RejectionService:
         caller = record.sop_instance_uid
 
         def apply() -> None:
-            applied = apply_rejection(self.index, note.refs, note.code, source="kos",
-                                      note_uid=note.sop_instance_uid, by="")
-            self._audit_rejection(applied, note.code, agent=caller, agent_type="ae",
-                                  note=note)
+            applied = apply_rejection(
+                self.index,
+                note.refs,
+                note.code,
+                source="kos",
+                note_uid=note.sop_instance_uid,
+                by="",
+            )
+            self._audit_rejection(applied, note.code, agent=caller, agent_type="ae", note=note)
 
         return apply
 
     # -- the API ------------------------------------------------------------------
 
-    def reject(self, study: str, *, series: str | None = None, sops: Sequence[str] = (),
-               code: str, by: str, agent_type: str = "user") -> Applied:
+    def reject(
+        self,
+        study: str,
+        *,
+        series: str | None = None,
+        sops: Sequence[str] = (),
+        code: str,
+        by: str,
+        agent_type: str = "user",
+    ) -> Applied:
         """Reject a study, one of its series, or instances of it (their current
         versions); NotFoundError if none is current, InvalidDatasetError for a code
         outside CID 7011, RetentionError for 113039 before retention ended."""
@@ -128,45 +146,72 @@ class RejectionService:
         self._audit_rejection(applied, code, agent=by, agent_type=agent_type, note=None)
         return applied
 
-    def rejections(self, *, study: str | None = None, code: str | None = None,
-             purged: bool | None = None, limit: int = 1000) -> list[RejectionRow]:
+    def rejections(
+        self,
+        *,
+        study: str | None = None,
+        code: str | None = None,
+        purged: bool | None = None,
+        limit: int = 1000,
+    ) -> list[RejectionRow]:
         return list_rejections(self.index, study=study, code=code, purged=purged, limit=limit)
 
-    def purge(self, *, by: str, codes: Sequence[str] = (), study: str | None = None,
-              agent_type: str = "user", today: date | None = None) -> PurgeReport:
+    def purge(
+        self,
+        *,
+        by: str,
+        codes: Sequence[str] = (),
+        study: str | None = None,
+        agent_type: str = "user",
+        today: date | None = None,
+    ) -> PurgeReport:
         """Delete the versions and originals of rejected instances (all codes, or
         ``codes``; one study or all). 113039 rejections are purged only once the
         study's retention ended; the others are purged when asked (their objects
         were never valid records of the patient: wrong patient, unusable)."""
         wanted = [parse_rejection_code(c) for c in codes] or list(REJECTION_CODES)
         day = today or datetime.now(UTC).date()
-        rows = [r for c in wanted for r in list_rejections(
-            self.index, study=study, code=c, purged=False, limit=MAX_REFERENCES)]
+        rows = [
+            r
+            for c in wanted
+            for r in list_rejections(
+                self.index, study=study, code=c, purged=False, limit=MAX_REFERENCES
+            )
+        ]
         allowed: list[str] = []
         kept = 0
         expired: dict[str, bool] = {}
         for r in rows:
             if r.code == RETENTION_EXPIRED:
                 if r.study_instance_uid not in expired:
-                    expired[r.study_instance_uid] = self._retention_over(r.study_instance_uid,
-                                                                         day)
+                    expired[r.study_instance_uid] = self._retention_over(r.study_instance_uid, day)
                 if not expired[r.study_instance_uid]:
                     kept += 1
                     continue
             allowed.append(r.sop_instance_uid)
         purged = purge_rejected(self.index, allowed, self.originals)
-        self._record(AuditEntry(
-            action="D", event_type="iocm.purge", outcome="0", agent=by[:128],
-            agent_type=agent_type,  # type: ignore[arg-type]
-            resource="Rejections",
-            correlation_id=correlation_id.get()[:32],
-            outcome_desc=f"{purged.instances} instances purged"[:64],
-            detail=AuditEntry.details({
-                "codes": wanted, "study_instance_uid": study or "",
-                "instances": purged.instances, "versions": purged.versions,
-                "originals": purged.originals, "kept_for_retention": kept,
-            }),
-        ))
+        self._record(
+            AuditEntry(
+                action="D",
+                event_type="iocm.purge",
+                outcome="0",
+                agent=by[:128],
+                agent_type=agent_type,  # type: ignore[arg-type]
+                resource="Rejections",
+                correlation_id=correlation_id.get()[:32],
+                outcome_desc=f"{purged.instances} instances purged"[:64],
+                detail=AuditEntry.details(
+                    {
+                        "codes": wanted,
+                        "study_instance_uid": study or "",
+                        "instances": purged.instances,
+                        "versions": purged.versions,
+                        "originals": purged.originals,
+                        "kept_for_retention": kept,
+                    }
+                ),
+            )
+        )
         return PurgeReport(purged, kept)
 
     # -- helpers ------------------------------------------------------------------
@@ -189,22 +234,39 @@ class RejectionService:
         for study in sorted({r.study_instance_uid for r in refs}):
             self.retention.check_delete("study", study, today)
 
-    def _audit_rejection(self, applied: Applied, code: str, *, agent: str, agent_type: str,
-                         note: RejectionNote | None) -> None:
-        self._record(AuditEntry(
-            action="U", event_type="iocm.reject", outcome="0", agent=agent[:128],
-            agent_type=agent_type,  # type: ignore[arg-type]
-            resource=(f"Study/{applied.studies[0]}" if len(applied.studies) == 1
-                      else "Studies")[:256],
-            correlation_id=correlation_id.get()[:32],
-            outcome_desc=f"{code} {REJECTION_CODES[code]}"[:64],
-            detail=AuditEntry.details({
-                "code": code, "source": "kos" if note else "api",
-                "note_uid": note.sop_instance_uid if note else "",
-                "recorded": applied.recorded, "hidden": applied.hidden,
-                "studies": list(applied.studies),
-            }),
-        ))
+    def _audit_rejection(
+        self,
+        applied: Applied,
+        code: str,
+        *,
+        agent: str,
+        agent_type: str,
+        note: RejectionNote | None,
+    ) -> None:
+        self._record(
+            AuditEntry(
+                action="U",
+                event_type="iocm.reject",
+                outcome="0",
+                agent=agent[:128],
+                agent_type=agent_type,  # type: ignore[arg-type]
+                resource=(
+                    f"Study/{applied.studies[0]}" if len(applied.studies) == 1 else "Studies"
+                )[:256],
+                correlation_id=correlation_id.get()[:32],
+                outcome_desc=f"{code} {REJECTION_CODES[code]}"[:64],
+                detail=AuditEntry.details(
+                    {
+                        "code": code,
+                        "source": "kos" if note else "api",
+                        "note_uid": note.sop_instance_uid if note else "",
+                        "recorded": applied.recorded,
+                        "hidden": applied.hidden,
+                        "studies": list(applied.studies),
+                    }
+                ),
+            )
+        )
 
     def _record(self, entry: AuditEntry) -> None:
         if self.audit is None:

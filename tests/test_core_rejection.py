@@ -9,25 +9,38 @@ from core.errors import InvalidDatasetError
 from core.rejection import parse_rejection_code, parse_rejection_note
 from tests.services.iocm_data import rejection_note
 
-REFS = [("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.1"),
-        ("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.2"),
-        ("1.2.3.5", "1.2.840.10008.5.1.4.1.1.4", "1.2.3.5.1")]
+REFS = [
+    ("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.1"),
+    ("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.2"),
+    ("1.2.3.5", "1.2.840.10008.5.1.4.1.1.4", "1.2.3.5.1"),
+]
 
 
 def test_rejection_note_lists_its_evidence() -> None:
-    ds = rejection_note(patient_id="P", patient_name="A^B", study_uid="1.2.3", rejected=REFS,
-                        code="113037", meaning="Rejected for Patient Safety Reasons")
+    ds = rejection_note(
+        patient_id="P",
+        patient_name="A^B",
+        study_uid="1.2.3",
+        rejected=REFS,
+        code="113037",
+        meaning="Rejected for Patient Safety Reasons",
+    )
     note = parse_rejection_note(ds)
     assert note is not None and note.code == "113037"
     assert note.sop_instance_uid == ds.SOPInstanceUID
-    assert [(r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid) for r in note.refs
-            ] == REFS
+    assert [(r.series_instance_uid, r.sop_class_uid, r.sop_instance_uid) for r in note.refs] == REFS
     assert {r.study_instance_uid for r in note.refs} == {"1.2.3"}
 
 
 def test_other_kos_and_other_classes_are_no_rejection() -> None:
-    ds = rejection_note(patient_id="P", patient_name="A^B", study_uid="1.2.3", rejected=REFS,
-                        code="113000", meaning="Of Interest")
+    ds = rejection_note(
+        patient_id="P",
+        patient_name="A^B",
+        study_uid="1.2.3",
+        rejected=REFS,
+        code="113000",
+        meaning="Of Interest",
+    )
     assert parse_rejection_note(ds) is None  # a key-image note (CID 7010)
     ds = rejection_note(patient_id="P", patient_name="A^B", study_uid="1.2.3", rejected=REFS)
     ds.ConceptNameCodeSequence[0].CodingSchemeDesignator = "99LOCAL"
@@ -44,11 +57,16 @@ def test_unusable_rejection_note_is_refused(damage: str) -> None:
     if damage == "no evidence":
         ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence()
     elif damage == "no sop uid":
-        del evidence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]\
+        del (
+            evidence[0]
+            .ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
             .ReferencedSOPInstanceUID
+        )
     elif damage == "itself":
-        evidence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]\
-            .ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        evidence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[
+            0
+        ].ReferencedSOPInstanceUID = ds.SOPInstanceUID
     else:
         evidence[0].StudyInstanceUID = "1." * 40
     with pytest.raises(InvalidDatasetError):

@@ -180,8 +180,13 @@ def apply_rejection(
                 conn.execute(
                     update(rejections)
                     .where(rejections.c.sop_instance_uid.in_(chunk))
-                    .values(code=code, source=source[:16], note_uid=note_uid[:64],
-                            rejected_by=by[:128], rejected_at=now)
+                    .values(
+                        code=code,
+                        source=source[:16],
+                        note_uid=note_uid[:64],
+                        rejected_by=by[:128],
+                        rejected_at=now,
+                    )
                 )
         per_series: dict[int, int] = {}
         for chunk in _chunks(uids):
@@ -204,16 +209,21 @@ def apply_rejection(
             conn.execute(
                 update(series)
                 .where(series.c.id == pk)
-                .values(num_instances=func.max(series.c.num_instances - n, 0)
-                        if index.is_sqlite
-                        else func.greatest(series.c.num_instances - n, 0),
-                        updated_at=now)
+                .values(
+                    num_instances=func.max(series.c.num_instances - n, 0)
+                    if index.is_sqlite
+                    else func.greatest(series.c.num_instances - n, 0),
+                    updated_at=now,
+                )
             )
         if per_series:
             affected = conn.execute(
-                select(series.c.id, series.c.series_instance_uid, series.c.study_pk,
-                       series.c.num_instances)
-                .where(series.c.id.in_(list(per_series)))
+                select(
+                    series.c.id,
+                    series.c.series_instance_uid,
+                    series.c.study_pk,
+                    series.c.num_instances,
+                ).where(series.c.id.in_(list(per_series)))
             ).all()
             # Their pyramids showed the rejected instances: retired now (the tile
             # service looks up done series jobs); a series with instances left is
@@ -231,9 +241,7 @@ def apply_rejection(
             )
             still = [a.id for a in affected if a.num_instances > 0]
             if still:
-                conn.execute(
-                    update(series).where(series.c.id.in_(still)).values(rollup_due_at=now)
-                )
+                conn.execute(update(series).where(series.c.id.in_(still)).values(rollup_due_at=now))
             touched_studies = {a.study_pk for a in affected}
             for study_pk in sorted(touched_studies):
                 visible = select(series.c.modality).where(
@@ -247,24 +255,40 @@ def apply_rejection(
                         )
                     )
                 )
-                conn.execute(
-                    update(studies).where(studies.c.id == study_pk).values(updated_at=now)
-                )
+                conn.execute(update(studies).where(studies.c.id == study_pk).values(updated_at=now))
     study_uids = tuple(sorted({r.study_instance_uid for r in refs}))
-    logger.info("rejection %s (%s): %d recorded, %d instances hidden, %d studies",
-                code, source, len(uids), hidden, len(study_uids))
+    logger.info(
+        "rejection %s (%s): %d recorded, %d instances hidden, %d studies",
+        code,
+        source,
+        len(uids),
+        hidden,
+        len(study_uids),
+    )
     return Applied(len(uids), hidden, study_uids)
 
 
 def _row(r: Any) -> RejectionRow:
-    return RejectionRow(r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid,
-                        r.code, r.source, r.note_uid, r.rejected_by, r.rejected_at,
-                        r.purged_at)
+    return RejectionRow(
+        r.sop_instance_uid,
+        r.series_instance_uid,
+        r.study_instance_uid,
+        r.code,
+        r.source,
+        r.note_uid,
+        r.rejected_by,
+        r.rejected_at,
+        r.purged_at,
+    )
 
 
 def list_rejections(
-    index: SqlIndex, *, study: str | None = None, code: str | None = None,
-    purged: bool | None = None, limit: int = 1000,
+    index: SqlIndex,
+    *,
+    study: str | None = None,
+    code: str | None = None,
+    purged: bool | None = None,
+    limit: int = 1000,
 ) -> list[RejectionRow]:
     """Rejections, newest first (the admin list and what :func:`purge_rejected` reads)."""
     conds: list[Any] = []
@@ -304,8 +328,10 @@ def purge_rejected(
                 r[0]
                 for r in conn.execute(
                     select(rejections.c.sop_instance_uid).where(
-                        and_(rejections.c.sop_instance_uid.in_(chunk),
-                             rejections.c.purged_at.is_(None))
+                        and_(
+                            rejections.c.sop_instance_uid.in_(chunk),
+                            rejections.c.purged_at.is_(None),
+                        )
                     )
                 )
             ]
@@ -322,8 +348,7 @@ def purge_rejected(
                     r[0]
                     for r in conn.execute(
                         select(instances.c.sop_instance_uid).where(
-                            and_(instances.c.sop_instance_uid.in_(rejected),
-                                 instances.c.is_current)
+                            and_(instances.c.sop_instance_uid.in_(rejected), instances.c.is_current)
                         )
                     )
                 }
@@ -353,8 +378,9 @@ def purge_rejected(
             with contextlib.suppress(OSError, NotFoundError):
                 originals.delete(key)
                 removed += 1
-    logger.info("purged %d rejected instances: %d versions, %d originals",
-                len(done), versions, removed)
+    logger.info(
+        "purged %d rejected instances: %d versions, %d originals", len(done), versions, removed
+    )
     return Purged(len(done), versions, removed)
 
 
@@ -368,7 +394,12 @@ def study_versions_of(index: SqlIndex, study: str) -> list[dict[str, Any]]:
     )
     with index.read() as conn:
         return [
-            {"version": r.version, "previous": json.loads(r.previous_json), "cause": r.cause,
-             "cause_uid": r.cause_uid, "changed_at": r.changed_at.isoformat()}
+            {
+                "version": r.version,
+                "previous": json.loads(r.previous_json),
+                "cause": r.cause,
+                "cause_uid": r.cause_uid,
+                "changed_at": r.changed_at.isoformat(),
+            }
             for r in conn.execute(query)
         ]

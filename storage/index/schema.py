@@ -51,8 +51,8 @@ __all__ = [
     "series",
     "studies",
     "study_links",
-    "study_versions",
     "study_modalities",
+    "study_versions",
 ]
 
 # Deterministic constraint names keep Alembic migrations identical on both dialects.

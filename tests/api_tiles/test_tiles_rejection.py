@@ -27,13 +27,22 @@ def test_rejection_retires_the_pyramid(tmp_path: Path) -> None:
     with TestClient(create_app(conv.settings)) as client:
         assert client.get(pinned).status_code == 200
         assert client.get(newest).status_code == 200
-        r = client.post("/admin/rejections", json={
-            "study_instance_uid": conv.study_uid, "series_instance_uid": conv.series_uid,
-            "sop_instance_uids": [str(first.SOPInstanceUID)], "code": "113001"})
+        r = client.post(
+            "/admin/rejections",
+            json={
+                "study_instance_uid": conv.study_uid,
+                "series_instance_uid": conv.series_uid,
+                "sop_instance_uids": [str(first.SOPInstanceUID)],
+                "code": "113001",
+            },
+        )
         assert r.status_code == 201, r.text
         assert client.get(newest).status_code == 404
-        wait_until(lambda: client.get(pinned).status_code == 404, timeout=10,
-                   message="the cached pyramid version is still served")
+        wait_until(
+            lambda: client.get(pinned).status_code == 404,
+            timeout=10,
+            message="the cached pyramid version is still served",
+        )
         series = client.get("/viewer/api/studies/" + conv.study_uid + "/series").json()
         assert [s["instances"] for s in series] == [3]
     index = build_index(conv.settings)

@@ -56,8 +56,11 @@ def client(receiver: Receiver) -> Iterator[TestClient]:
 
 def storescu(receiver: Receiver, paths: list[Path]) -> list[str]:
     """Send with DCMTK storescu; the status text of each response."""
-    result = run_dcmtk(["storescu", "-v", "-aec", "PACSLAB", "127.0.0.1", str(receiver.port),
-                        *map(str, paths)], nodelay=True, timeout=60)
+    result = run_dcmtk(
+        ["storescu", "-v", "-aec", "PACSLAB", "127.0.0.1", str(receiver.port), *map(str, paths)],
+        nodelay=True,
+        timeout=60,
+    )
     return [status for _, status in storescu_responses(result.stderr.splitlines())]
 
 
@@ -89,61 +92,114 @@ def test_kos_rejection_note_over_storescu_hides_at_once(
     ct = study.sop_uids[0]
     gone = ct[:2]
     note = rejection_note(
-        patient_id=study.patient_id, patient_name=study.patient_name,
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
         study_uid=study.study_uid,
-        rejected=[(ct_series, "1.2.840.10008.5.1.4.1.1.2", uid) for uid in gone])
+        rejected=[(ct_series, "1.2.840.10008.5.1.4.1.1.2", uid) for uid in gone],
+    )
     (note_path,) = write(tmp_path / "kos", [note])
     assert storescu(receiver, [note_path]) == ["Success"]
 
     # C-FIND, image level: the CT series has its third instance only.
-    images = findscu(receiver, tmp_path / "img", "QueryRetrieveLevel=IMAGE",
-                     f"StudyInstanceUID={study.study_uid}",
-                     f"SeriesInstanceUID={ct_series}", "SOPInstanceUID")
+    images = findscu(
+        receiver,
+        tmp_path / "img",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={study.study_uid}",
+        f"SeriesInstanceUID={ct_series}",
+        "SOPInstanceUID",
+    )
     assert [r.SOPInstanceUID for r in images] == [ct[2]]
     # Series level: the counts follow; the note is a series of its own (KO).
-    series = findscu(receiver, tmp_path / "se", "QueryRetrieveLevel=SERIES",
-                     f"StudyInstanceUID={study.study_uid}", "SeriesInstanceUID", "Modality",
-                     "NumberOfSeriesRelatedInstances")
+    series = findscu(
+        receiver,
+        tmp_path / "se",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study.study_uid}",
+        "SeriesInstanceUID",
+        "Modality",
+        "NumberOfSeriesRelatedInstances",
+    )
     counts = {r.SeriesInstanceUID: int(r.NumberOfSeriesRelatedInstances) for r in series}
     assert counts == {ct_series: 1, mr_series: 2, note.SeriesInstanceUID: 1}
     # Study level.
-    (st,) = findscu(receiver, tmp_path / "st", "QueryRetrieveLevel=STUDY",
-                    f"StudyInstanceUID={study.study_uid}", "NumberOfStudyRelatedInstances",
-                    "NumberOfStudyRelatedSeries", "ModalitiesInStudy")
+    (st,) = findscu(
+        receiver,
+        tmp_path / "st",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={study.study_uid}",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfStudyRelatedSeries",
+        "ModalitiesInStudy",
+    )
     assert int(st.NumberOfStudyRelatedInstances) == 1 + 2 + 1
     assert int(st.NumberOfStudyRelatedSeries) == 3
 
     # QIDO-RS and WADO-RS (404: PS3.18 gives 410 for a resource "no longer available",
     # but IOCM wants rejected objects to be as if never stored: hidden, not announced).
-    listed = {values(i, "00080018")[0] for i in qido(client, f"studies/{study.study_uid}/instances")}
+    listed = {
+        values(i, "00080018")[0] for i in qido(client, f"studies/{study.study_uid}/instances")
+    }
     assert not listed & set(gone) and ct[2] in listed and note.SOPInstanceUID in listed
     for uid in gone:
         path = f"/dicomweb/studies/{study.study_uid}/series/{ct_series}/instances/{uid}"
-        assert client.get(path, headers={"Accept": "multipart/related; type=application/dicom"}
-                          ).status_code == 404
+        assert (
+            client.get(
+                path, headers={"Accept": "multipart/related; type=application/dicom"}
+            ).status_code
+            == 404
+        )
         assert client.get(path + "/metadata").status_code == 404
     # A C-GET of the study brings what is left, and nothing rejected.
     out = tmp_path / "get"
     out.mkdir()
-    result = run_dcmtk(["getscu", "-v", "-S", "-aec", "PACSLAB", "-od", str(out),
-                        "-k", "QueryRetrieveLevel=STUDY",
-                        "-k", f"StudyInstanceUID={study.study_uid}",
-                        "127.0.0.1", str(receiver.port)], nodelay=True, timeout=60)
+    result = run_dcmtk(
+        [
+            "getscu",
+            "-v",
+            "-S",
+            "-aec",
+            "PACSLAB",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study.study_uid}",
+            "127.0.0.1",
+            str(receiver.port),
+        ],
+        nodelay=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     got = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out.iterdir()}
     assert got == {ct[2], *study.sop_uids[1], note.SOPInstanceUID} - set()  # KOS is kept
     # The rejection is listed, with its note.
     rows = client.get("/admin/rejections", params={"study": study.study_uid}).json()
     assert {(r["sop_instance_uid"], r["code"], r["source"], r["note_uid"]) for r in rows} == {
-        (uid, "113001", "kos", note.SOPInstanceUID) for uid in gone}
+        (uid, "113001", "kos", note.SOPInstanceUID) for uid in gone
+    }
 
     # Sent again (by the modality that made them): refused, 0xA771.
     originals = write(tmp_path / "again", [d for d in _datasets(study) if d.SOPInstanceUID in gone])
     # -nh: go on after a refusal; -d: show the response's Error Comment. DCMTK names
     # 0xA7xx after PS3.4 Table B.2-1's range ("Refused: Out of Resources"); the code
     # and the comment say which refusal it is.
-    result = run_dcmtk(["storescu", "-d", "-nh", "-aec", "PACSLAB", "127.0.0.1",
-                        str(receiver.port), *map(str, originals)], nodelay=True, timeout=60)
+    result = run_dcmtk(
+        [
+            "storescu",
+            "-d",
+            "-nh",
+            "-aec",
+            "PACSLAB",
+            "127.0.0.1",
+            str(receiver.port),
+            *map(str, originals),
+        ],
+        nodelay=True,
+        timeout=60,
+    )
     out = result.stdout + result.stderr
     assert out.lower().count("0xa771") >= 2, out
     assert out.count("rejected before (code 113001)") == 2, out
@@ -157,11 +213,20 @@ def _datasets(study: Study) -> list[Dataset]:
     the same UIDs)."""
     from tests.ingest.qr_data import build
 
-    copy = Study(study.patient_id, study.patient_name, study.study_date, study.accession,
-                 study.series, study_uid=study.study_uid)
+    copy = Study(
+        study.patient_id,
+        study.patient_name,
+        study.study_date,
+        study.accession,
+        study.series,
+        study_uid=study.study_uid,
+    )
     rebuilt = build(copy)
-    mapping = {new: old for news, olds in zip(copy.sop_uids, study.sop_uids, strict=True)
-               for new, old in zip(news, olds, strict=True)}
+    mapping = {
+        new: old
+        for news, olds in zip(copy.sop_uids, study.sop_uids, strict=True)
+        for new, old in zip(news, olds, strict=True)
+    }
     series_map = dict(zip(copy.series_uids, study.series_uids, strict=True))
     for ds in rebuilt:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = mapping[ds.SOPInstanceUID]
@@ -176,32 +241,58 @@ def test_api_rejection_of_a_series_and_purge(
     ct_series, mr_series = study.series_uids
     index: Any = receiver.index
     keys = [index.get_instance(uid).blob_key for uid in study.sop_uids[0]]
-    r = client.post("/admin/rejections", json={
-        "study_instance_uid": study.study_uid, "series_instance_uid": ct_series,
-        "code": "113037"})
+    r = client.post(
+        "/admin/rejections",
+        json={
+            "study_instance_uid": study.study_uid,
+            "series_instance_uid": ct_series,
+            "code": "113037",
+        },
+    )
     assert r.status_code == 201, r.text
     assert r.json()["hidden"] == 3
     # The series is gone everywhere; the study keeps the MR series and loses CT.
-    (st,) = qido(client, f"studies?StudyInstanceUID={study.study_uid}"
-                         "&includefield=ModalitiesInStudy")
+    (st,) = qido(
+        client, f"studies?StudyInstanceUID={study.study_uid}&includefield=ModalitiesInStudy"
+    )
     assert values(st, "00080061") == ["MR"]
     assert values(st, "00201208") == [2] and values(st, "00201206") == [1]
-    assert [values(s, "0020000E")[0] for s in qido(client, f"studies/{study.study_uid}/series")
-            ] == [mr_series]
-    series = findscu(receiver, tmp_path / "se", "QueryRetrieveLevel=SERIES",
-                     f"StudyInstanceUID={study.study_uid}", "SeriesInstanceUID")
+    assert [
+        values(s, "0020000E")[0] for s in qido(client, f"studies/{study.study_uid}/series")
+    ] == [mr_series]
+    series = findscu(
+        receiver,
+        tmp_path / "se",
+        "QueryRetrieveLevel=SERIES",
+        f"StudyInstanceUID={study.study_uid}",
+        "SeriesInstanceUID",
+    )
     assert [r.SeriesInstanceUID for r in series] == [mr_series]
     # FHIR ImagingStudy counts and the viewer's series list follow.
     fhir = client.get(f"/fhir/ImagingStudy/{study.study_uid}").json()
     assert fhir["numberOfSeries"] == 1 and fhir["numberOfInstances"] == 2
-    assert [s["series_instance_uid"] for s in
-            client.get(f"/viewer/api/studies/{study.study_uid}/series").json()] == [mr_series]
+    assert [
+        s["series_instance_uid"]
+        for s in client.get(f"/viewer/api/studies/{study.study_uid}/series").json()
+    ] == [mr_series]
     # Bad requests: unknown code, nothing current to reject (already rejected).
-    assert client.post("/admin/rejections", json={
-        "study_instance_uid": study.study_uid, "code": "999999"}).status_code == 400
-    assert client.post("/admin/rejections", json={
-        "study_instance_uid": study.study_uid, "series_instance_uid": ct_series,
-        "code": "113001"}).status_code == 404
+    assert (
+        client.post(
+            "/admin/rejections", json={"study_instance_uid": study.study_uid, "code": "999999"}
+        ).status_code
+        == 400
+    )
+    assert (
+        client.post(
+            "/admin/rejections",
+            json={
+                "study_instance_uid": study.study_uid,
+                "series_instance_uid": ct_series,
+                "code": "113001",
+            },
+        ).status_code
+        == 404
+    )
     # The originals are kept until the purge, then deleted (and the purge audited).
     originals = client.app.state.archive.originals  # type: ignore[attr-defined]
     assert all(originals.exists(k) for k in keys)
@@ -213,15 +304,23 @@ def test_api_rejection_of_a_series_and_purge(
     purged = client.get("/admin/rejections", params={"purged": True}).json()
     assert len(purged) == 3 and all(p["purged_at"] for p in purged)
     client.app.state.audit.flush()  # type: ignore[attr-defined]
-    events = [e for e in AuditStore(index.engine).entries()
-              if e.event_type in ("iocm.reject", "iocm.purge")]
+    events = [
+        e
+        for e in AuditStore(index.engine).entries()
+        if e.event_type in ("iocm.reject", "iocm.purge")
+    ]
     assert [e.event_type for e in events] == ["iocm.reject", "iocm.purge"]
     assert all(e.agent for e in events)
     # Still refused after the purge: the rejection outlives the files.
-    paths = write(tmp_path / "again", [d for d in _datasets(study)
-                                       if d.SOPInstanceUID == study.sop_uids[0][0]])
-    result = run_dcmtk(["storescu", "-d", "-aec", "PACSLAB", "127.0.0.1", str(receiver.port),
-                        *map(str, paths)], nodelay=True, timeout=60)
+    paths = write(
+        tmp_path / "again",
+        [d for d in _datasets(study) if d.SOPInstanceUID == study.sop_uids[0][0]],
+    )
+    result = run_dcmtk(
+        ["storescu", "-d", "-aec", "PACSLAB", "127.0.0.1", str(receiver.port), *map(str, paths)],
+        nodelay=True,
+        timeout=60,
+    )
     assert "rejected before (code 113037)" in result.stdout + result.stderr
 
 
@@ -234,9 +333,13 @@ def test_retention_expired_rejection_allows_deletion_and_restore(
     # 113039 says retention ended: refused while the study has no expired class.
     assert client.post("/admin/rejections", json=body).status_code == 409
     store = RetentionStore(index.engine, receiver.settings.retention)
-    store.set("study", study.study_uid,
-              RetentionDecision(10, "test", date(2020, 1, 1)), date(2010, 1, 1),
-              lengthen_only=False)
+    store.set(
+        "study",
+        study.study_uid,
+        RetentionDecision(10, "test", date(2020, 1, 1)),
+        date(2010, 1, 1),
+        lengthen_only=False,
+    )
     r = client.post("/admin/rejections", json=body)
     assert r.status_code == 201 and r.json()["hidden"] == 2
     assert qido(client, f"studies?StudyInstanceUID={study.study_uid}") == []
@@ -253,24 +356,35 @@ def test_retention_expired_rejection_allows_deletion_and_restore(
     assert index.get_instance(first).sop_instance_uid == first
 
 
-def test_stow_rs_rejection_note(
-    archive: list[Study], client: TestClient, tmp_path: Path
-) -> None:
+def test_stow_rs_rejection_note(archive: list[Study], client: TestClient, tmp_path: Path) -> None:
     study = archive[2]  # QR003, one CT
     (uid,) = study.sop_uids[0]
-    note = rejection_note(patient_id=study.patient_id, patient_name=study.patient_name,
-                          study_uid=study.study_uid, code="113038",
-                          meaning="Incorrect Modality Worklist Entry",
-                          rejected=[(study.series_uids[0], "1.2.840.10008.5.1.4.1.1.2", uid)])
+    note = rejection_note(
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        study_uid=study.study_uid,
+        code="113038",
+        meaning="Incorrect Modality Worklist Entry",
+        rejected=[(study.series_uids[0], "1.2.840.10008.5.1.4.1.1.2", uid)],
+    )
     (path,) = write(tmp_path / "kos", [note])
     boundary = "iocm-boundary"
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode())
-    r = client.post("/dicomweb/studies", content=body, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    r = client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+    )
     assert r.status_code == 200, r.text
-    listed = [values(i, "00080018")[0]
-              for i in qido(client, f"studies/{study.study_uid}/instances")]
+    listed = [
+        values(i, "00080018")[0] for i in qido(client, f"studies/{study.study_uid}/instances")
+    ]
     assert listed == [note.SOPInstanceUID]
 
 
@@ -287,17 +401,35 @@ def test_purge_rejected_command(
     study = archive[3]  # QR003's second study: one CT series of 2
     index: Any = receiver.index
     keys = [index.get_instance(uid).blob_key for uid in study.sop_uids[0]]
-    assert client.post("/admin/rejections", json={
-        "study_instance_uid": study.study_uid, "sop_instance_uids": study.sop_uids[0][:1],
-        "code": "113038"}).status_code == 201
+    assert (
+        client.post(
+            "/admin/rejections",
+            json={
+                "study_instance_uid": study.study_uid,
+                "sop_instance_uids": study.sop_uids[0][:1],
+                "code": "113038",
+            },
+        ).status_code
+        == 201
+    )
     env = env_for(receiver.settings.data_dir)
     env["PACSLAB_AUTH__ENABLED"] = "false"
-    result = subprocess.run([sys.executable, "-m", "pacslab", "purge-rejected", "--code",
-                             "113001"], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pacslab", "purge-rejected", "--code", "113001"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "purged 0 rejected instances" in result.stdout  # another code: nothing
-    result = subprocess.run([sys.executable, "-m", "pacslab", "purge-rejected"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pacslab", "purge-rejected"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "purged 1 rejected instances (1 versions, 1 originals)" in result.stdout
     originals = client.app.state.archive.originals  # type: ignore[attr-defined]
@@ -330,13 +462,21 @@ def test_correction_by_resend_is_a_new_version(
     with originals.open(old_key) as fp:  # and is still the bytes first received
         assert dcmread(fp).StudyDescription == "MR study"
     # Every answer is the current version's.
-    (st,) = findscu(receiver, tmp_path / "st", "QueryRetrieveLevel=STUDY",
-                    f"StudyInstanceUID={study.study_uid}", "StudyDescription",
-                    "AccessionNumber", "NumberOfStudyRelatedInstances")
+    (st,) = findscu(
+        receiver,
+        tmp_path / "st",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={study.study_uid}",
+        "StudyDescription",
+        "AccessionNumber",
+        "NumberOfStudyRelatedInstances",
+    )
     assert (st.StudyDescription, st.AccessionNumber) == ("MR brain (corrected)", "A2002")
     assert int(st.NumberOfStudyRelatedInstances) == 2  # a version is no new instance
-    meta = client.get(f"/dicomweb/studies/{study.study_uid}/series/{study.series_uids[0]}"
-                      f"/instances/{first}/metadata").json()
+    meta = client.get(
+        f"/dicomweb/studies/{study.study_uid}/series/{study.series_uids[0]}"
+        f"/instances/{first}/metadata"
+    ).json()
     assert values(meta[0], "00081030") == ["MR brain (corrected)"]
     (qido_st,) = qido(client, f"studies?StudyInstanceUID={study.study_uid}")
     assert values(qido_st, "00080050") == ["A2002"]

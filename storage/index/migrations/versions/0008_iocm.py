@@ -21,8 +21,7 @@ def upgrade() -> None:
         "rejections",
         sa.Column("sop_instance_uid", sa.String(length=64), nullable=False),
         sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
-        sa.Column("series_instance_uid", sa.String(length=64), server_default="",
-                  nullable=False),
+        sa.Column("series_instance_uid", sa.String(length=64), server_default="", nullable=False),
         sa.Column("code", sa.String(length=16), nullable=False),
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.Column("note_uid", sa.String(length=64), server_default="", nullable=False),
@@ -31,9 +30,7 @@ def upgrade() -> None:
         sa.Column("purged_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("sop_instance_uid", name=op.f("pk_rejections")),
     )
-    op.create_index(
-        op.f("ix_rejections_study_instance_uid"), "rejections", ["study_instance_uid"]
-    )
+    op.create_index(op.f("ix_rejections_study_instance_uid"), "rejections", ["study_instance_uid"])
     op.create_table(
         "study_versions",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -44,8 +41,9 @@ def upgrade() -> None:
         sa.Column("cause_uid", sa.String(length=64), server_default="", nullable=False),
         sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_study_versions")),
-        sa.UniqueConstraint("study_instance_uid", "version",
-                            name="uq_study_versions_study_version"),
+        sa.UniqueConstraint(
+            "study_instance_uid", "version", name="uq_study_versions_study_version"
+        ),
     )
     op.create_index(
         op.f("ix_study_versions_study_instance_uid"), "study_versions", ["study_instance_uid"]
