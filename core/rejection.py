@@ -117,4 +117,8 @@ def parse_rejection_note(ds: Dataset) -> RejectionNote | None:
     own = _text(ds, "SOPInstanceUID")
     if any(r.sop_instance_uid == own for r in refs):
         raise InvalidDatasetError("rejection note rejects itself")
+    # IHE RAD TF-3 4.66 (Rejection Note Stored): the note belongs to the study whose
+    # instances it rejects; one naming another study's would hide that patient's images.
+    if {r.study_instance_uid for r in refs} != {_text(ds, "StudyInstanceUID")}:
+        raise InvalidDatasetError("rejection note evidence names another study")
     return RejectionNote(own, code, tuple(refs))

@@ -46,6 +46,7 @@ from storage.index.rejection import (
     Purged,
     RejectionRow,
     apply_rejection,
+    conflicting_refs,
     current_refs,
     list_rejections,
     purge_rejected,
@@ -93,7 +94,9 @@ class RejectionService:
 
     # -- the receiver's hook (storage.archive.AcceptHook) -------------------------
 
-    def before_index(self, record: InstanceRecord, path: Path) -> Callable[[], None] | None:
+    def before_index(
+        self, record: InstanceRecord, path: Path, calling_ae: str
+    ) -> Callable[[], None] | None:
         """A KOS rejection note: checked now (refused if unusable), applied once indexed."""
         if record.sop_class_uid != KOS_SOP_CLASS_UID:
             return None
@@ -106,8 +109,16 @@ class RejectionService:
         note = parse_rejection_note(ds)
         if note is None:
             return None
+        if record.study_instance_uid != note.refs[0].study_instance_uid:
+            raise InvalidDatasetError("rejection note evidence names another study")
+        conflicts = conflicting_refs(self.index, note.refs)
+        if conflicts:
+            # dcm4chee-arc refuses such a note too (its 0xA773 "class-instance conflict").
+            raise InvalidDatasetError(
+                f"rejection note names {conflicts} instances under other UIDs than stored"
+            )
         self._check_retention(note.code, note.refs)
-        caller = record.sop_instance_uid
+        caller = calling_ae or "STOW-RS"
 
         def apply() -> None:
             applied = apply_rejection(
@@ -116,7 +127,7 @@ class RejectionService:
                 note.code,
                 source="kos",
                 note_uid=note.sop_instance_uid,
-                by="",
+                by=caller,
             )
             self._audit_rejection(applied, note.code, agent=caller, agent_type="ae", note=note)
 

@@ -106,7 +106,9 @@ class AcceptHook(Protocol):
     "stored" (its ServiceError fails the store, and a re-send runs it again).
     """
 
-    def before_index(self, record: InstanceRecord, path: Path) -> Callable[[], None] | None: ...
+    def before_index(
+        self, record: InstanceRecord, path: Path, calling_ae: str
+    ) -> Callable[[], None] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +284,7 @@ class Archive:
         try:
             record = self._read(staged, check_request_uids)
             for hook in self.hooks:
-                then = hook.before_index(record, staged.path)
+                then = hook.before_index(record, staged.path, calling_ae)
                 if then is not None:
                     after.append(then)
             if self.fsync:

@@ -50,7 +50,9 @@ def test_other_kos_and_other_classes_are_no_rejection() -> None:
     assert parse_rejection_note(ds) is None
 
 
-@pytest.mark.parametrize("damage", ["no evidence", "no sop uid", "itself", "long uid"])
+@pytest.mark.parametrize(
+    "damage", ["no evidence", "no sop uid", "itself", "long uid", "other study"]
+)
 def test_unusable_rejection_note_is_refused(damage: str) -> None:
     ds = rejection_note(patient_id="P", patient_name="A^B", study_uid="1.2.3", rejected=REFS)
     evidence = ds.CurrentRequestedProcedureEvidenceSequence
@@ -67,8 +69,10 @@ def test_unusable_rejection_note_is_refused(damage: str) -> None:
         evidence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[
             0
         ].ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    else:
+    elif damage == "long uid":
         evidence[0].StudyInstanceUID = "1." * 40
+    else:  # the note is filed in one study and rejects another's instances
+        evidence[0].StudyInstanceUID = "1.2.99"
     with pytest.raises(InvalidDatasetError):
         parse_rejection_note(ds)
 

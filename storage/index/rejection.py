@@ -47,6 +47,7 @@ __all__ = [
     "Purged",
     "RejectionRow",
     "apply_rejection",
+    "conflicting_refs",
     "current_refs",
     "list_rejections",
     "purge_rejected",
@@ -125,6 +126,37 @@ def current_refs(
     if sops and len(refs) != len(set(sops)):
         raise NotFoundError("some instances are not in the study (or series)")
     return refs
+
+
+def conflicting_refs(index: SqlIndex, refs: Sequence[RejectedRef]) -> int:
+    """How many of ``refs`` name a received instance under another study, series or
+    SOP Class than the index holds (a rejection note must not hide what it misnames)."""
+    by_uid = {r.sop_instance_uid: r for r in refs}
+    bad = 0
+    with index.read() as conn:
+        for chunk in _chunks(list(by_uid)):
+            rows = conn.execute(
+                select(
+                    instances.c.sop_instance_uid,
+                    instances.c.sop_class_uid,
+                    series.c.series_instance_uid,
+                    studies.c.study_instance_uid,
+                )
+                .distinct()
+                .select_from(
+                    instances.join(series, instances.c.series_pk == series.c.id).join(
+                        studies, series.c.study_pk == studies.c.id
+                    )
+                )
+                .where(instances.c.sop_instance_uid.in_(chunk))
+            )
+            for uid, sop_class, series_uid, study_uid in rows:
+                ref = by_uid[uid]
+                if (ref.study_instance_uid, ref.series_instance_uid) != (study_uid, series_uid) or (
+                    ref.sop_class_uid and ref.sop_class_uid != sop_class
+                ):
+                    bad += 1
+    return bad
 
 
 def apply_rejection(

@@ -208,6 +208,33 @@ def test_kos_rejection_note_over_storescu_hides_at_once(
     assert len(qido(client, f"studies/{study.study_uid}/series/{ct_series}/instances")) == 1
 
 
+def test_rejection_note_that_misnames_instances_is_refused(
+    archive: list[Study], receiver: Receiver, client: TestClient, tmp_path: Path
+) -> None:
+    """A note naming stored instances under another series (or SOP Class) is refused
+    before it is stored: it must not hide what it does not describe."""
+    study = archive[0]
+    mr_series = study.series_uids[1]
+    note = rejection_note(
+        patient_id=study.patient_id,
+        patient_name=study.patient_name,
+        study_uid=study.study_uid,
+        rejected=[(mr_series, "1.2.840.10008.5.1.4.1.1.2", study.sop_uids[0][0])],
+    )
+    (path,) = write(tmp_path / "kos", [note])
+    result = run_dcmtk(
+        ["storescu", "-d", "-aec", "PACSLAB", "127.0.0.1", str(receiver.port), str(path)],
+        nodelay=True,
+        timeout=60,
+    )
+    assert "instances under other UIDs than stored" in result.stdout + result.stderr
+    listed = {
+        values(i, "00080018")[0] for i in qido(client, f"studies/{study.study_uid}/instances")
+    }
+    assert study.sop_uids[0][0] in listed and note.SOPInstanceUID not in listed
+    assert client.get("/admin/rejections").json() == []
+
+
 def _datasets(study: Study) -> list[Dataset]:
     """``study``'s instances as first sent (qr_data.build made them; rebuilt here with
     the same UIDs)."""
