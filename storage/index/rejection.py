@@ -5,11 +5,11 @@ A rejection (IHE RAD TF-2 4.66, by a KOS rejection note or the admin API) writes
 instance's versions not current, takes them off their series' ``num_instances``,
 drops a modality no visible series of the study has any more from
 ``study_modalities``, and retires the series' pyramids (their done ``series`` jobs
-become ``rejected``). Every read of the index shows only current instances and series
-with some (``queries._visible``, ``SqlIndex.get_instance``…), so the objects are gone
-from every answer at once. A series that keeps instances is due for a new roll-up.
+become ``rejected``, and the series is due for a new roll-up). Every read of the
+index shows only current instances and series with some (``queries._visible``,
+``SqlIndex.get_instance``…), so the objects are gone from every answer at once.
 
-The versions and their originals stay until :func:`purge` deletes them: an explicit
+The versions and their originals stay until :func:`purge_rejected` deletes them: an explicit
 action, audited by its caller (services/rejection.py). The ``rejections`` row stays
 after a purge, so the receiver still refuses the UID (sql.py ``_add``).
 """
@@ -271,9 +271,13 @@ def apply_rejection(
                 )
                 .values(status="rejected", updated_at=now)
             )
-            still = [a.id for a in affected if a.num_instances > 0]
-            if still:
-                conn.execute(update(series).where(series.c.id.in_(still)).values(rollup_due_at=now))
+            # Every affected series is rolled up again, an emptied one too: a series
+            # job running now read the instances before this commit and would finish
+            # "done" with the rejected ones; the newer job (empty for an emptied series,
+            # worker_process.series_job) is the one the tile service then serves.
+            conn.execute(
+                update(series).where(series.c.id.in_(list(per_series))).values(rollup_due_at=now)
+            )
             touched_studies = {a.study_pk for a in affected}
             for study_pk in sorted(touched_studies):
                 visible = select(series.c.modality).where(
