@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 #: UIDs per IN list: well under SQLite's 32766 bound parameters.
 _CHUNK = 500
 
+#: Rejections of up to this many instances lock them against concurrent receives.
+_LOCKED_UP_TO = 2000
+
 
 def _chunks(values: Sequence[str]) -> Iterable[Sequence[str]]:
     for i in range(0, len(values), _CHUNK):
@@ -180,6 +183,13 @@ def apply_rejection(
     hidden = 0
     touched_studies: set[int] = set()
     with index.write() as conn:
+        if len(uids) <= _LOCKED_UP_TO:
+            # The receiver's advisory locks on these UIDs (PostgreSQL; a no-op on
+            # SQLite, whose writers are serialised): a C-STORE of one of them in
+            # flight either commits first (and its version is hidden here) or sees
+            # the rejection row (and is refused). Bounded: each lock takes a slot of
+            # the server's shared lock table until commit.
+            index._lock_keys(conn, uids)  # same package: the receiver's own lock keys
         known: set[str] = set()
         for chunk in _chunks(uids):
             known.update(
