@@ -29,6 +29,7 @@ from api.routes import (
     fhir_orders,
     lab_review,
     ohif,
+    rejections,
     tiles,
     viewer,
 )
@@ -38,6 +39,7 @@ from api.state import build_api_services
 from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
+from services.rejection import RejectionService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -58,6 +60,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    rejections.router,  # issue 17: IHE IOCM rejections under /admin/rejections
 )
 
 
@@ -78,6 +81,11 @@ def create_app(
     idx = index or SqlIndex(settings.index.model_copy(update={"migrate": False}))
     own_archive = archive is None
     arc = archive or Archive.from_settings(settings, idx)
+    # IHE IOCM: KOS rejection notes stored by STOW-RS are applied (an archive built by
+    # pacslab.wiring has this hook already).
+    iocm = RejectionService(idx, arc.originals, retention=settings.retention)
+    if own_archive:
+        arc.hooks.append(iocm)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,6 +142,7 @@ def create_app(
     app.state.services = build_api_services(
         settings, idx, audit=security.audit, patient_secret=app.state.patient_secret
     )
+    iocm.audit = app.state.audit
     install_cors(app, settings.http.cors_origins)
     return app
 

@@ -27,6 +27,7 @@ __all__ = [
     "OutOfResourcesError",
     "PeerUnavailableError",
     "ProcedureStepStateError",
+    "RejectedInstanceError",
     "RetentionError",
     "SOPClassMismatchError",
     "ServiceError",
@@ -268,6 +269,21 @@ class RetentionError(ServiceError, ValueError):
     title = "Retention period not over"
     http_status = 409
     dimse_status = 0x0110
+    fhir_code = "business-rule"
+
+
+class RejectedInstanceError(ServiceError, PermissionError):
+    """A SOP Instance rejected by an IOCM rejection note is sent again (IHE RAD TF-2
+    4.66.4.1.3: the Image Manager does not accept it again).
+
+    PS3.4 B.2.3 leaves the refusal's code to the implementation; 0xA771 is what
+    dcm4chee-arc answers ("Subsequent occurrence of rejected object"), so peers that
+    handle IOCM already know it. HTTP 409 (STOW-RS FailureReason carries 0xA771).
+    """
+
+    title = "Subsequent occurrence of rejected object"
+    http_status = 409
+    dimse_status = 0xA771
     fhir_code = "business-rule"
 
 

@@ -327,6 +327,41 @@ def cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
         index.close()
 
 
+def cmd_purge_rejected(settings: Settings, args: argparse.Namespace) -> int:
+    """Delete what IHE IOCM rejections hid (services/rejection.py), in the action log.
+
+    113039 ("Data Retention Policy Expired") rejections are purged only once the
+    study's retention ended; the others whenever this is run.
+    """
+    import datetime as dt
+    import getpass
+
+    from core.errors import ServiceError
+    from pacslab.wiring import build_audit, build_index
+    from services.rejection import RejectionService
+    from storage.originals import open_originals
+
+    today = dt.date.fromisoformat(args.today) if args.today else None
+    index = build_index(settings, migrate=True)
+    audit, _secret = build_audit(settings, index)
+    try:
+        service = RejectionService(index, open_originals(settings), audit=audit,
+                                   retention=settings.retention)
+        try:
+            report = service.purge(by=f"cli:{getpass.getuser()}", codes=args.code,
+                                   study=args.study, agent_type="system", today=today)
+        except ServiceError as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 1
+        print(f"purged {report.purged.instances} rejected instances "
+              f"({report.purged.versions} versions, {report.purged.originals} originals); "
+              f"{report.kept_for_retention} kept until their retention ends")
+        return 0
+    finally:
+        audit.close()
+        index.close()
+
+
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     """``backup DEST`` or ``backup verify DEST``."""
     from pathlib import Path
@@ -450,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     rdel.add_argument("--study", required=True)
     rdel.add_argument("--today", help="ISO date (default: today)")
 
+    purge = sub.add_parser(
+        "purge-rejected", help="delete instances rejected by IHE IOCM (audited)"
+    )
+    purge.add_argument("--code", action="append", default=[],
+                       help="only this rejection code (CID 7011; repeatable; default all)")
+    purge.add_argument("--study", help="only this Study Instance UID")
+    purge.add_argument("--today", help="ISO date for retention checks (default: today)")
+
     backup = sub.add_parser("backup", help="backup DEST | backup verify DEST")
     backup.add_argument("target", nargs="+", metavar="DEST")
     backup.add_argument(
@@ -509,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": cmd_audit,
         "verify-signature": cmd_verify_signature,
         "retention": cmd_retention,
+        "purge-rejected": cmd_purge_rejected,
         "backup": cmd_backup,
         "restore": cmd_restore,
     }

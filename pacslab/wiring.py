@@ -9,6 +9,7 @@ from __future__ import annotations
 from core.settings import Settings
 from ingest.service import IngestService
 from services.orders import OrderService, order_service
+from services.rejection import RejectionService
 from storage.archive import Archive
 from storage.audit import AuditLog, load_secret
 from storage.index.sql import SqlIndex
@@ -34,11 +35,19 @@ def build_index(settings: Settings, *, migrate: bool | None = None) -> SqlIndex:
 
 
 def build_archive(
-    settings: Settings, index: SqlIndex | None = None, *, staging_name: str = ""
+    settings: Settings,
+    index: SqlIndex | None = None,
+    *,
+    staging_name: str = "",
+    audit: AuditLog | None = None,
 ) -> Archive:
-    return Archive.from_settings(
-        settings, index or build_index(settings), staging_name=staging_name
+    idx = index or build_index(settings)
+    archive = Archive.from_settings(settings, idx, staging_name=staging_name)
+    # IHE IOCM: a KOS rejection note is applied as it is stored (C-STORE and STOW-RS).
+    archive.hooks.append(
+        RejectionService(idx, archive.originals, audit=audit, retention=settings.retention)
     )
+    return archive
 
 
 def build_audit(settings: Settings, index: SqlIndex) -> tuple[AuditLog, bytes]:
@@ -56,7 +65,9 @@ def build_ingest(
     idx = index or build_index(settings)
     audit, secret = build_audit(settings, idx)
     return IngestService(
-        build_archive(settings, idx, staging_name=staging_name), audit=audit, patient_secret=secret
+        build_archive(settings, idx, staging_name=staging_name, audit=audit),
+        audit=audit,
+        patient_secret=secret,
     )
 
 

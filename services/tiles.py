@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,10 @@ def _choose_level(w: int, h: int, tw: int, th: int, levels: int) -> int:
     return 0
 
 
+#: Seconds a cached pyramid version is served before its job is looked up again.
+_RECHECK_S = 1.0
+
+
 class TileService:
     """Resolve image ids against the index and render tiles (thread-safe).
 
@@ -126,6 +131,7 @@ class TileService:
         self.reader = reader or PyramidReader()
         self.responses = ResponseCache()
         self._jobs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._checked: dict[tuple[str, int], float] = {}
         self._auto: dict[str, Window] = {}
         self._lock = threading.Lock()
 
@@ -148,7 +154,11 @@ class TileService:
             return int(job.id), job.result
         with self._lock:
             result = self._jobs.get((series_uid, version))
-        if result is None:
+            checked = self._checked.get((series_uid, version), 0.0)
+        # A cached version is looked up again now and then: an IHE IOCM rejection
+        # retires the pyramids that showed rejected instances (their series job is no
+        # longer "done", storage/index/rejection.py), possibly from another process.
+        if result is None or time.monotonic() - checked > _RECHECK_S:
             job = next(
                 (
                     j
@@ -158,10 +168,13 @@ class TileService:
                 None,
             )
             if job is None:
+                with self._lock:
+                    self._jobs.pop((series_uid, version), None)
                 raise NotFoundError("no such pyramid version for the series")
             result = job.result
             with self._lock:
                 self._jobs[(series_uid, version)] = result
+                self._checked[(series_uid, version)] = time.monotonic()
         return version, result
 
     def image(self, series_uid: str, version: int | None, stack: int) -> tuple[int, PyramidImage]:

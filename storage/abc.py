@@ -43,12 +43,16 @@ class AddOutcome:
     """What indexing one instance did.
 
     ``stored``: new SOP Instance; ``duplicate``: same UID and same bytes, nothing added;
-    ``replaced``: same UID, other bytes: a new version is current, the old one kept.
+    ``replaced``: same UID, other bytes: a new version is current, the old one kept;
+    ``refused``: the SOP Instance was rejected (IHE IOCM), nothing added, ``reason``
+    is the rejection's CID 7011 code; ``restored``: it was rejected for an expired
+    retention period and is current again.
     """
 
     sop_instance_uid: str
-    status: Literal["stored", "duplicate", "replaced"]
+    status: Literal["stored", "duplicate", "replaced", "refused", "restored"]
     version: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -40,7 +41,7 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 
-from core.errors import InvalidDatasetError, ServiceError
+from core.errors import InvalidDatasetError, RejectedInstanceError, ServiceError
 from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
 from core.instance import (
     INT_KEYWORDS,
@@ -55,7 +56,7 @@ from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
 from storage.staging import StagedFile, StagedWriter
 
-__all__ = ["Accepted", "Archive", "check_pixel_data"]
+__all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,21 @@ class _DatasetReader:
 
 #: Uncompressed encodings (PS3.5 A.1-A.3, A.5): pydicom's list.
 _NATIVE = frozenset(UncompressedTransferSyntaxes)
+
+
+class AcceptHook(Protocol):
+    """Something the service layer does with some instances as they are accepted (an
+    IHE IOCM rejection note, services/rejection.py), registered by the composition root.
+
+    ``before_index`` sees the validated header and the staged file before anything is
+    published: raising :class:`ServiceError` refuses the instance (it is quarantined);
+    a returned callable runs once the instance is indexed, before the sender hears
+    "stored" (its ServiceError fails the store, and a re-send runs it again).
+    """
+
+    def before_index(
+        self, record: InstanceRecord, path: Path, calling_ae: str
+    ) -> Callable[[], None] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +248,8 @@ class Archive:
         self.quarantine = quarantine
         self.fsync = fsync
         self._group = _GroupCommit(index, max_batch, self.originals.sync)
+        #: Registered by the composition root (pacslab/wiring.py, api/app.py).
+        self.hooks: list[AcceptHook] = []
 
     @classmethod
     def from_settings(
@@ -264,8 +282,13 @@ class Archive:
             With the DIMSE/HTTP mapping of the failure; the file is then in the
             quarantine (or removed, for resource failures).
         """
+        after: list[Callable[[], None]] = []
         try:
             record = self._read(staged, check_request_uids)
+            for hook in self.hooks:
+                then = hook.before_index(record, staged.path, calling_ae)
+                if then is not None:
+                    after.append(then)
             if self.fsync:
                 fd = os.open(staged.path, os.O_RDONLY)
                 try:
@@ -295,6 +318,14 @@ class Archive:
             if created:
                 self._undo_blob(staged.key)
             raise
+        if outcome.status == "refused":
+            # IHE IOCM: rejected before, sent again (the index decided, in the insert's
+            # transaction). Not quarantined: the sender is told, nothing is kept.
+            if created:
+                self._undo_blob(staged.key)
+            raise RejectedInstanceError(f"rejected before (code {outcome.reason})")
+        for then in after:
+            then()
         if outcome.status == "replaced":
             logger.warning(
                 "SOP Instance %s re-sent with other content: version %d is current, "

@@ -191,7 +191,9 @@ def list_series(study_uid: str, request: Request, response: Response, service: T
     query = (select(series.c.series_instance_uid, series.c.modality, series.c.series_number,
                     series.c.description, series.c.num_instances.label("n"))
              .select_from(series.join(studies, series.c.study_pk == studies.c.id))
-             .where(studies.c.study_instance_uid == study_uid)
+             # A series without current instances (all rejected, IHE IOCM) is hidden,
+             # as in every index search (storage.index.queries._visible).
+             .where(studies.c.study_instance_uid == study_uid, series.c.num_instances > 0)
              .order_by(series.c.series_number, series.c.id))
     with idx.read() as conn:
         rows = conn.execute(query).all()

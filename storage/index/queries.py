@@ -507,6 +507,30 @@ def _columns(level: Level, fields: frozenset[str]) -> tuple[Any, ...]:
     return tuple(cols)
 
 
+def _visible(depth: int) -> list[ColumnElement[bool]]:
+    """What every search shows: current instances, and series and studies that have one.
+
+    The one place that hides what IHE IOCM rejected (storage/index/rejection.py): a
+    rejected instance has no current version, and its series' ``num_instances`` (current
+    instances) drops with it, so a series or study left without any is gone from QIDO-RS,
+    C-FIND, C-MOVE/C-GET, FHIR and the viewer alike, without a caller having to ask.
+    A series row exists only with an instance committed in the same transaction
+    (sql.py), so ``num_instances = 0`` never hides a series being received.
+    """
+    if depth >= 3:
+        return [instances.c.is_current]
+    if depth == 2:
+        return [series.c.num_instances > 0]
+    if depth == 1:
+        se = series.alias("se_v")
+        return [
+            select(se.c.id)
+            .where(and_(se.c.study_pk == studies.c.id, se.c.num_instances > 0))
+            .exists()
+        ]
+    return []
+
+
 def _base(q: Query) -> Select[Any]:
     depth = _DEPTH[q.level]
     source: Any = patients
@@ -527,8 +551,7 @@ def _base(q: Query) -> Select[Any]:
         conds.append(_condition(m, q.fuzzy))
     for search in q.names:
         conds.append(_name_search(search))
-    if depth >= 3:
-        conds.append(instances.c.is_current)
+    conds += _visible(depth)
     if q.patient_pk is not None:
         conds.append(patients.c.id == q.patient_pk)
     updated = studies.c.updated_at if depth >= 1 else patients.c.updated_at

@@ -9,7 +9,8 @@ roll-up finds quiet series through ``series.rollup_due_at``, searches by person 
 and modality go through indexed keys (``patients.name_key``, ``study_modalities``).
 
 Every version of an instance is a row: a re-sent SOP Instance UID with other bytes
-adds a version and keeps the old one (``is_current`` marks the newest).
+adds a version and keeps the old one (``is_current`` marks the newest). An instance
+rejected by IHE IOCM has no current version (``rejections`` says why).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ __all__ = [
     "orders",
     "patient_name_words",
     "patients",
+    "rejections",
     "scheduled_steps",
     "series",
     "studies",
     "study_links",
     "study_modalities",
+    "study_versions",
 ]
 
 # Deterministic constraint names keep Alembic migrations identical on both dialects.
@@ -197,6 +200,45 @@ instances = Table(
     Index("ix_instances_current", "series_pk", "is_current"),
     # "Is this original still used?" (a failed receive's undo, retention) was a scan.
     Index("ix_instances_blob_key", "blob_key"),
+)
+
+# IHE IOCM (migration 0008): one row per rejected SOP Instance UID, the authority for
+# "was this rejected, why". The rejected versions themselves stay in ``instances`` with
+# ``is_current`` false, which is what hides them from every read (queries.py, sql.py),
+# until an explicit purge deletes them (``purged_at``). The row outlives the purge so a
+# later C-STORE of the same UID is still refused (storage/index/rejection.py).
+rejections = Table(
+    "rejections",
+    metadata,
+    Column("sop_instance_uid", UID, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, index=True),
+    Column("series_instance_uid", UID, nullable=False, server_default=""),
+    Column("code", String(16), nullable=False),  # PS3.16 CID 7011
+    Column("source", String(16), nullable=False),  # kos | api
+    # The rejection note's SOP Instance UID ("" for the API).
+    Column("note_uid", String(64), nullable=False, server_default=""),
+    Column("rejected_by", String(128), nullable=False, server_default=""),
+    Column("rejected_at", DateTime(timezone=True), nullable=False),
+    Column("purged_at", DateTime(timezone=True)),
+)
+
+# Attribute corrections of a study (issue 17.2, migration 0008): when a re-sent
+# instance (a new version, ``instances.version`` > 1) carries other study attributes,
+# the ``studies`` row takes the new values (QIDO-RS, C-FIND and FHIR answer with them)
+# and the values it had are kept here, one row per change: never an overwrite without
+# a record. The instance versions themselves all stay (``instances``).
+study_versions = Table(
+    "study_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, index=True),
+    Column("version", Integer, nullable=False),
+    # The study's attributes before this change (sql.py ``_STUDY_CORRECTABLE``), JSON.
+    Column("previous_json", Text, nullable=False),
+    Column("cause", String(16), nullable=False),  # resend
+    Column("cause_uid", String(64), nullable=False, server_default=""),  # SOP Instance UID
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_instance_uid", "version", name="uq_study_versions_study_version"),
 )
 
 jobs = Table(

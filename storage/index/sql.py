@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    literal_column,
     not_,
     or_,
     select,
@@ -36,6 +37,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.person_name import name_words, person_name_key
+from core.rejection import RETENTION_EXPIRED
 from core.settings import IndexSettings
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
@@ -48,15 +50,20 @@ from storage.index.schema import (
     jobs,
     patient_name_words,
     patients,
+    rejections,
     series,
     studies,
     study_modalities,
+    study_versions,
 )
 
 __all__ = ["MetadataRow", "SqlIndex", "pack_metadata", "set_name_words", "unpack_metadata"]
 
 logger = logging.getLogger(__name__)
 
+
+#: PS3.16 CID 7011 "Data Retention Policy Expired" (core.rejection.RETENTION_EXPIRED).
+_RETENTION_EXPIRED = RETENTION_EXPIRED
 
 #: Tries of one write transaction that a concurrent writer made fail (PostgreSQL).
 _ATTEMPTS = 5
@@ -144,6 +151,17 @@ def _series_values(rec: Any, study_pk: int, now: datetime) -> dict[str, Any]:
         "updated_at": now,
     }
 
+
+#: Study attributes a re-sent instance may correct (issue 17.2; ``study_versions``).
+_STUDY_CORRECTABLE = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "description",
+    "referring_physician_name",
+    "institution_name",
+)
 
 _INSTANCE_KEYS = [
     "sop_instance_uid",
@@ -457,6 +475,76 @@ class SqlIndex:
         self._existing_one = DirectStatement(
             existing.where(instances.c.sop_instance_uid == bindparam("uid")), dialect
         )
+        # IHE IOCM: a rejected SOP Instance is refused when sent again, unless it was
+        # rejected because its retention ended; then it is restored (one primary-key
+        # lookup per instance, in the same transaction as the insert: no race with
+        # a rejection being applied).
+        self._rejection_one = DirectStatement(
+            select(rejections.c.code).where(rejections.c.sop_instance_uid == bindparam("uid")),
+            dialect,
+        )
+        self._unreject = DirectStatement(
+            rejections.delete().where(rejections.c.sop_instance_uid == bindparam("uid")), dialect
+        )
+        self._restore = DirectStatement(
+            update(instances)
+            .where(
+                and_(
+                    instances.c.sop_instance_uid == bindparam("uid"),
+                    instances.c.blob_key == bindparam("key"),
+                )
+            )
+            .values(is_current=bindparam("current")),
+            dialect,
+        )
+        # Attribute corrections by re-send (a new version): the study row takes the new
+        # values, the old ones go to study_versions first (issue 17.2).
+        self._study_now = DirectStatement(
+            select(studies.c.id, *(studies.c[k] for k in _STUDY_CORRECTABLE)).where(
+                studies.c.study_instance_uid == bindparam("uid")
+            ),
+            dialect,
+        )
+        self._study_versions_n = DirectStatement(
+            select(func.count(study_versions.c.id)).where(
+                study_versions.c.study_instance_uid == bindparam("uid")
+            ),
+            dialect,
+        )
+        self._study_version_insert = DirectStatement(
+            study_versions.insert().values(
+                study_instance_uid=bindparam("uid"),
+                version=bindparam("n"),
+                previous_json=bindparam("previous"),
+                cause=bindparam("cause"),
+                cause_uid=bindparam("cause_uid"),
+                changed_at=bindparam("at"),
+            ),
+            dialect,
+        )
+        self._study_correct = DirectStatement(
+            update(studies)
+            .where(studies.c.id == bindparam("pk"))
+            .values(
+                {**{k: bindparam(f"v_{k}") for k in _STUDY_CORRECTABLE},
+                 "updated_at": bindparam("at")}
+            ),
+            dialect,
+        )
+        # The series' modality back in ModalitiesInStudy (a rejection may have removed
+        # it, and the series row may be cached, so the per-series insert is skipped).
+        self._restore_modality = DirectStatement(
+            self._upsert(study_modalities)
+            .from_select(
+                ["study_pk", "modality"],
+                select(series.c.study_pk, series.c.modality).where(
+                    # A literal, not a bind: DirectStatement binds only named rows.
+                    and_(series.c.id == bindparam("pk"), series.c.modality != literal_column("''"))
+                ),
+            )
+            .on_conflict_do_nothing(),
+            dialect,
+        )
         self._supersede = DirectStatement(
             update(instances)
             .where(instances.c.sop_instance_uid == bindparam("uid"))
@@ -514,6 +602,10 @@ class SqlIndex:
         found = [r for uid in uids for r in self._existing_one.execute(conn, [{"uid": uid}])]
         for sop_instance_uid, blob_key, version in found:
             existing.setdefault(sop_instance_uid, []).append((blob_key, int(version)))
+        rejected: dict[str, str] = {}
+        for uid in uids:
+            for (code,) in self._rejection_one.execute(conn, [{"uid": uid}]):
+                rejected[uid] = str(code)
 
         outcomes: list[AddOutcome] = []
         received: dict[int, datetime] = {}
@@ -521,10 +613,31 @@ class SqlIndex:
         rows: list[dict[str, Any]] = []
         job_rows: list[dict[str, Any]] = []
         replaced: list[str] = []
+        corrections: list[NewInstance] = []
         for item in items:
             rec = item.record
             versions = existing.setdefault(rec.sop_instance_uid, [])
+            code = rejected.get(rec.sop_instance_uid)
+            if code is not None and code != _RETENTION_EXPIRED:
+                outcomes.append(AddOutcome(rec.sop_instance_uid, "refused", 0, reason=code))
+                continue
             same = [v for key, v in versions if key == item.blob_key]
+            pk = series_pk[rec.series_instance_uid]
+            if code is not None:
+                # Rejected because its retention ended, and sent again: current again
+                # (IHE RAD TF-2 4.66.4.1.3), this version or the same bytes' one.
+                del rejected[rec.sop_instance_uid]
+                self._unreject.execute(conn, [{"uid": rec.sop_instance_uid}])
+                self._restore_modality.execute(conn, [{"pk": pk}])
+                added[pk] = added.get(pk, 0) + 1
+                received[pk] = max(received.get(pk, item.received_at), item.received_at)
+                if same:
+                    self._restore.execute(
+                        conn, [{"uid": rec.sop_instance_uid, "key": item.blob_key,
+                                "current": True}]
+                    )
+                    outcomes.append(AddOutcome(rec.sop_instance_uid, "restored", same[0]))
+                    continue
             if same:
                 outcomes.append(AddOutcome(rec.sop_instance_uid, "duplicate", same[0]))
                 continue
@@ -532,13 +645,15 @@ class SqlIndex:
             versions.append((item.blob_key, version))
             if version > 1:
                 replaced.append(rec.sop_instance_uid)
-            outcomes.append(
-                AddOutcome(rec.sop_instance_uid, "replaced" if version > 1 else "stored", version)
+                corrections.append(item)
+            status: Literal["stored", "replaced", "restored"] = (
+                "restored" if code is not None else "replaced" if version > 1 else "stored"
             )
-            pk = series_pk[rec.series_instance_uid]
+            outcomes.append(AddOutcome(rec.sop_instance_uid, status, version))
             rows.append(_instance_values(item, pk, version))
             received[pk] = max(received.get(pk, item.received_at), item.received_at)
-            if version == 1:  # a new version replaces a current one: count unchanged
+            if version == 1 and code is None:
+                # A new version replaces a current one: count unchanged.
                 added[pk] = added.get(pk, 0) + 1
             job_rows.append(
                 {
@@ -562,8 +677,38 @@ class SqlIndex:
                     for pk, at in sorted(received.items())
                 ],
             )
+        for item in corrections:
+            self._correct_study(conn, item, now)
         # The caller caches series_pk only once the transaction committed.
         return outcomes, series_pk
+
+    def _correct_study(self, conn: Any, item: NewInstance, now: datetime) -> None:
+        """A re-sent version's study attributes, if they differ: recorded, then current.
+
+        Only attributes the new version carries (non-empty) change the row: a re-send
+        that omits one corrects nothing (as dcm4chee-arc's default "supplement" policy).
+        """
+        rec = item.record
+        found = self._study_now.execute(conn, [{"uid": rec.study_instance_uid}])
+        if not found:
+            return
+        pk, *old = found[0]
+        before = dict(zip(_STUDY_CORRECTABLE, (str(v or "") for v in old), strict=True))
+        sent = _study_values(rec, 0, now)
+        after = {k: (str(sent[k]) or before[k]) for k in _STUDY_CORRECTABLE}
+        if after == before:
+            return
+        (n,) = self._study_versions_n.execute(conn, [{"uid": rec.study_instance_uid}])[0]
+        self._study_version_insert.execute(conn, [{
+            "uid": rec.study_instance_uid, "n": int(n) + 1,
+            "previous": json.dumps(before, sort_keys=True), "cause": "resend",
+            "cause_uid": rec.sop_instance_uid, "at": now,
+        }])
+        self._study_correct.execute(
+            conn, [{"pk": pk, "at": now, **{f"v_{k}": v for k, v in after.items()}}]
+        )
+        logger.info("study %s corrected by a re-sent instance (%s): %s", rec.study_instance_uid,
+                    rec.sop_instance_uid, ", ".join(k for k in after if after[k] != before[k]))
 
     # -- reads ------------------------------------------------------------------
 
