@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "PatientAttributes",
     "coerce_patient_json",
     "coerce_patient_module",
+    "json_differences",
+    "patient_attributes_from_row",
     "patient_differences",
 ]
 
@@ -61,6 +64,19 @@ class PatientAttributes:
     issuer: str = ""
     birth_date: str = ""
     sex: str = ""
+
+
+def patient_attributes_from_row(row: Mapping[str, Any]) -> PatientAttributes:
+    """The values of an index row keyed by DICOM keyword (``storage.index.queries``);
+    the per-study pseudo issuer of an instance without Patient ID is no issuer."""
+    issuer = str(row.get("IssuerOfPatientID") or "")
+    return PatientAttributes(
+        name=str(row.get("PatientName") or ""),
+        patient_id=str(row.get("PatientID") or ""),
+        issuer="" if issuer.startswith("study:") else issuer,
+        birth_date=str(row.get("PatientBirthDate") or ""),
+        sex=str(row.get("PatientSex") or ""),
+    )
 
 
 def _pn_text(value: Any) -> str:
@@ -163,6 +179,25 @@ def _json_value(elem: Any, vr: str) -> str | None:
         groups = [first.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")]
         return _pn_text("=".join(groups))
     return str(first).strip()
+
+
+def json_differences(meta: str, current: PatientAttributes) -> list[str] | None:
+    """Keywords whose value in the DICOM JSON ``meta`` is not ``current``'s; None when
+    ``meta`` is not a JSON object (then read the file's header instead)."""
+    try:
+        obj = json.loads(meta)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not obj:
+        return None
+    out = []
+    for keyword, tag, vr, field in PATIENT_MODULE:
+        want = getattr(current, field)
+        if vr == "PN":
+            want = _pn_text(want)
+        if (_json_value(obj.get(tag), vr) or "") != want:
+            out.append(keyword)
+    return out
 
 
 def coerce_patient_json(
