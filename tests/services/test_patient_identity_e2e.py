@@ -115,15 +115,25 @@ def _findscu(port: int, out: Path, *keys: str, worklist: bool = False) -> list[D
 
 def _study_find(w: dict[str, Any], tag: str, patient_id: str) -> list[Dataset]:
     return _findscu(
-        w["port"], w["tmp"] / tag, "QueryRetrieveLevel=STUDY", f"PatientID={patient_id}",
-        "StudyInstanceUID", "PatientName", "IssuerOfPatientID",
+        w["port"],
+        w["tmp"] / tag,
+        "QueryRetrieveLevel=STUDY",
+        f"PatientID={patient_id}",
+        "StudyInstanceUID",
+        "PatientName",
+        "IssuerOfPatientID",
     )
 
 
 def _worklist(w: dict[str, Any], tag: str, patient_id: str) -> list[Dataset]:
     return _findscu(
-        w["port"], w["tmp"] / tag, f"PatientID={patient_id}", "PatientName",
-        "IssuerOfPatientID", "AccessionNumber",
+        w["port"],
+        w["tmp"] / tag,
+        f"PatientID={patient_id}",
+        "PatientName",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "AccessionNumber",
         "ScheduledProcedureStepSequence[0].ScheduledStationAETitle=CT1",
         "ScheduledProcedureStepSequence[0].Modality",
         "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate",
@@ -177,16 +187,19 @@ def test_merge_then_every_answer_is_the_surviving_patient_and_undo_restores(
     assert not _search(http, "Observation", surv_pk)
     index = world["app"].state.index
     row = index.instance_metadata(old.study_uid)[0]
-    original_sha = hashlib.sha256(world["app"].state.archive.originals.path(row.blob_key)
-                                  .read_bytes()).hexdigest()
+    original_sha = hashlib.sha256(
+        world["app"].state.archive.originals.path(row.blob_key).read_bytes()
+    ).hexdigest()
 
     # -- merge through FHIR $merge (R5 Parameters) --------------------------------
     body = {
         "resourceType": "Parameters",
         "parameter": [
             {"name": "source-patient", "valueReference": {"reference": f"Patient/{old_pk}"}},
-            {"name": "target-patient-identifier",
-             "valueIdentifier": {"system": SYSTEM, "value": SURV_ID}},
+            {
+                "name": "target-patient-identifier",
+                "valueIdentifier": {"system": SYSTEM, "value": SURV_ID},
+            },
         ],
     }
     r = http.post("/fhir/Patient/$merge", json=body)
@@ -224,8 +237,9 @@ def test_merge_then_every_answer_is_the_surviving_patient_and_undo_restores(
     assert _search(http, "DiagnosticReport", surv_pk)
 
     # WADO-RS /metadata and a retrieved instance carry the survivor; the original not.
-    meta = http.get(f"/dicomweb/studies/{old.study_uid}/metadata",
-                    headers={"Accept": "application/dicom+json"}).json()
+    meta = http.get(
+        f"/dicomweb/studies/{old.study_uid}/metadata", headers={"Accept": "application/dicom+json"}
+    ).json()
     for item in meta:
         assert item["00100010"]["Value"][0]["Alphabetic"] == SURV_NAME
         assert item["00100020"]["Value"] == [SURV_ID]
@@ -248,16 +262,33 @@ def test_merge_then_every_answer_is_the_surviving_patient_and_undo_restores(
     # DCMTK getscu (C-GET): what is sent is coerced too.
     out = world["tmp"] / "get"
     out.mkdir()
-    result = run_dcmtk(["getscu", "-v", "-S", "-aec", "PACSLAB", "-od", str(out),
-                        "-k", "QueryRetrieveLevel=STUDY",
-                        "-k", f"StudyInstanceUID={old.study_uid}",
-                        "127.0.0.1", str(world["port"])], nodelay=True, timeout=60)
+    result = run_dcmtk(
+        [
+            "getscu",
+            "-v",
+            "-S",
+            "-aec",
+            "PACSLAB",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={old.study_uid}",
+            "127.0.0.1",
+            str(world["port"]),
+        ],
+        nodelay=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     got = [dcmread(p) for p in out.iterdir()]
     assert len(got) == 2
     assert {(_pn(d.PatientName), d.PatientID) for d in got} == {(SURV_NAME, SURV_ID)}
-    assert all(d.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == OLD_ID
-               for d in got)
+    assert all(
+        d.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == OLD_ID
+        for d in got
+    )
 
     # Review: the change is listed, shown with its rows, and audited without PHI.
     listed = http.get("/admin/patients/changes").json()
@@ -286,9 +317,154 @@ def test_merge_then_every_answer_is_the_surviving_patient_and_undo_restores(
     assert _search(http, "Observation", old_pk) and not _search(http, "Observation", surv_pk)
     restored = http.get(f"/fhir/Patient/{old_pk}").json()
     assert "link" not in restored and restored.get("active") is not False
-    meta = http.get(f"/dicomweb/studies/{old.study_uid}/metadata",
-                    headers={"Accept": "application/dicom+json"}).json()
+    meta = http.get(
+        f"/dicomweb/studies/{old.study_uid}/metadata", headers={"Accept": "application/dicom+json"}
+    ).json()
     assert all("04000561" not in m and m["00100020"]["Value"] == [OLD_ID] for m in meta)
     # Undone once; a second undo is refused with an OperationOutcome-free 409.
     again = http.post(f"/admin/patients/changes/{change_id}/undo")
     assert again.status_code == 409
+
+
+def test_identifier_change_and_demographics_update_through_fhir_put(
+    world: dict[str, Any],
+) -> None:
+    http: httpx.Client = world["http"]
+    old: Study = world["old"]
+    pk = _patient_pk(http, OLD_ID)
+    body = {
+        "resourceType": "Patient",
+        "id": pk,
+        "identifier": [{"system": SYSTEM, "value": "NEW-ID-9"}],
+        "name": [{"use": "official", "family": "PHẠM", "given": ["VĂN", "ĐỨC"]}],
+        "gender": "male",
+        "birthDate": "1971-02-03",
+    }
+    r = http.put(f"/fhir/Patient/{pk}", json=body)
+    assert r.status_code == 200, r.text
+    updated = Patient.model_validate(r.json())
+    assert updated.identifier[0].value == "NEW-ID-9" and updated.name[0].family == "PHẠM"
+    assert str(updated.birthDate) == "1971-02-03"
+    # As an A47 then an A08: two changes, each audited.
+    kinds = [c["kind"] for c in http.get("/admin/patients/changes").json()]
+    assert kinds == ["update", "change-identifier"]
+
+    # C-FIND by the new identifier finds the study with the new name; the old ID nothing.
+    found = _study_find(world, "a1", "NEW-ID-9")
+    assert [(r.StudyInstanceUID, _pn(r.PatientName)) for r in found] == [
+        (old.study_uid, "PHẠM^VĂN ĐỨC")
+    ]
+    assert _study_find(world, "a2", OLD_ID) == []
+    # Name search (QIDO-RS, case- and accent-insensitive; FHIR name=) finds the new
+    # name, not the old one.
+    assert [s["0020000D"]["Value"][0] for s in _qido(http, PatientName="pham*")] == [old.study_uid]
+    assert _qido(http, PatientName="ONE*") == []
+    assert [
+        s["0020000D"]["Value"][0] for s in _qido(http, PatientName="duc", fuzzymatching="true")
+    ] == [old.study_uid]
+    by_name = http.get("/fhir/Patient", params={"name": "đức"}).json()
+    assert [e["resource"]["id"] for e in by_name.get("entry", [])] == [pk]
+    assert http.get("/fhir/Patient", params={"name": "testcase"}).json()["total"] == 0
+    # The worklist item and the lab results follow.
+    items = _worklist(world, "a3", "NEW-ID-9")
+    assert [(_pn(i.PatientName), str(i.PatientBirthDate)) for i in items] == [
+        ("PHẠM^VĂN ĐỨC", "19710203")
+    ]
+    observations = _search(http, "Observation", pk)
+    assert observations
+    assert {o["subject"]["identifier"]["value"] for o in observations} == {"NEW-ID-9"}
+    # Audit: before/after as keyed references (they differ for the identifier change).
+    world["app"].state.audit.flush()
+    index = world["app"].state.index
+    entries = {
+        e.event_type: json.loads(e.detail)
+        for e in AuditStore(index.engine).entries()
+        if e.event_type.startswith("patient.")
+    }
+    change = entries["patient.change-identifier"]
+    assert change["before"]["patient"] != change["after"]["patient"]
+    assert entries["patient.update"]["fields"] == ["birth_date", "name", "sex"]
+
+    # Undo both (newest first): the former identity and demographics are back.
+    for c in http.get("/admin/patients/changes").json():
+        r = http.post(f"/admin/patients/changes/{c['change_id']}/undo")
+        assert r.status_code == 200, r.text
+    found = _study_find(world, "a4", OLD_ID)
+    assert [(r.StudyInstanceUID, _pn(r.PatientName)) for r in found] == [(old.study_uid, OLD_NAME)]
+    assert _qido(http, PatientName="pham*") == []
+    assert [str(i.PatientID) for i in _worklist(world, "a5", OLD_ID)] == [OLD_ID]
+
+
+def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
+    http: httpx.Client = world["http"]
+    old_pk, surv_pk = _patient_pk(http, OLD_ID), _patient_pk(http, SURV_ID)
+
+    def merge(*parameters: dict[str, Any]) -> httpx.Response:
+        return http.post(
+            "/fhir/Patient/$merge",
+            json={"resourceType": "Parameters", "parameter": list(parameters)},
+        )
+
+    def ref(role: str, pk: str) -> dict[str, Any]:
+        return {"name": f"{role}-patient", "valueReference": {"reference": f"Patient/{pk}"}}
+
+    cases = [
+        (http.post("/fhir/Patient/$merge", content=b"{not json"), 400),
+        (http.post("/fhir/Patient/$merge", json={"resourceType": "Patient"}), 400),
+        (merge(ref("target", surv_pk)), 400),  # no source
+        (merge(ref("source", old_pk), ref("target", old_pk)), 400),  # into itself
+        (merge(ref("source", "999999"), ref("target", surv_pk)), 404),
+        (merge(ref("source", old_pk), ref("target", surv_pk), ref("target", old_pk)), 400),
+        (merge(ref("source", old_pk), {"name": "target-patient", "valueReference": "x"}), 400),
+        (http.put("/fhir/Patient/abc", json={"resourceType": "Patient", "id": "abc"}), 404),
+        (
+            http.put(f"/fhir/Patient/{old_pk}", json={"resourceType": "Patient", "id": "999999"}),
+            400,
+        ),
+        (
+            http.put(
+                f"/fhir/Patient/{old_pk}",
+                json={"resourceType": "Patient", "id": old_pk, "birthDate": "1971"},
+            ),
+            400,
+        ),
+        (
+            http.put(
+                f"/fhir/Patient/{old_pk}",
+                json={"resourceType": "Patient", "id": old_pk, "gender": "x"},
+            ),
+            400,
+        ),
+        (
+            http.put(
+                f"/fhir/Patient/{old_pk}",
+                json={"resourceType": "Patient", "id": old_pk, "name": [{"family": "A^B"}]},
+            ),
+            400,
+        ),
+        (http.put(f"/fhir/Patient/{old_pk}", json={"resourceType": "Observation"}), 400),
+        # A47 onto an identifier in use is a merge, not a change.
+        (
+            http.put(
+                f"/fhir/Patient/{old_pk}",
+                json={
+                    "resourceType": "Patient",
+                    "id": old_pk,
+                    "identifier": [{"system": SYSTEM, "value": SURV_ID}],
+                },
+            ),
+            400,
+        ),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert response.json()["resourceType"] == "OperationOutcome"
+    assert http.post("/admin/patients/changes/" + "0" * 32 + "/undo").status_code == 404
+    assert http.post("/admin/patients/changes/..%2Fx/undo").status_code == 404
+    assert http.get("/admin/patients/changes", params={"limit": 0}).status_code == 400
+    # Nothing was changed by any of them.
+    assert http.get("/admin/patients/changes").json() == []
+    # A merge of an already merged patient, or into one, is refused.
+    assert merge(ref("source", old_pk), ref("target", surv_pk)).status_code == 200
+    assert merge(ref("source", old_pk), ref("target", surv_pk)).status_code == 400
+    assert merge(ref("source", surv_pk), ref("target", old_pk)).status_code == 400
