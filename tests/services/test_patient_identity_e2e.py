@@ -468,3 +468,9 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
     assert merge(ref("source", old_pk), ref("target", surv_pk)).status_code == 200
     assert merge(ref("source", old_pk), ref("target", surv_pk)).status_code == 400
     assert merge(ref("source", surv_pk), ref("target", old_pk)).status_code == 400
+    # Images sent later under the obsolete identifier belong to the survivor.
+    late, late_datasets = _study(OLD_ID, OLD_NAME, "CT", CT, "PIR3")
+    store(world["port"], late_datasets)
+    found = {r.StudyInstanceUID for r in _study_find(world, "late", SURV_ID)}
+    assert found == {world["old"].study_uid, world["surv"].study_uid, late.study_uid}
+    assert _study_find(world, "late-old", OLD_ID) == []
