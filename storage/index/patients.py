@@ -380,12 +380,15 @@ class SqlPatientStore:
         self,
         change_id: str,
         old: tuple[str, list[str]],
-        new: tuple[str, str],
+        new: tuple[str, list[str]],
         *,
+        new_issuer: str | None,
         source: str,
         agent: str,
     ) -> tuple[StoredChange, PatientRow]:
-        """The same patient under a new Patient ID / issuer (HL7 A47)."""
+        """The same patient under a new Patient ID / issuer (HL7 A47). ``new`` lists
+        the issuers the new identifier may already be used under (refused: that is a
+        merge); ``new_issuer`` None keeps the patient's assigning authority."""
         now = _now()
         with self.index.write() as conn:
             plan = _Plan({}, [], None, [])
@@ -393,11 +396,18 @@ class SqlPatientStore:
             old_orders = self._orders_of(conn, old[0], old[1])
             if row is None and not old_orders:
                 raise NotFoundError("the patient whose identifier changes is unknown")
-            if self._find(conn, new[0], [new[1]]) is not None:
+            if self._find(conn, new[0], new[1]) is not None:
                 raise InvalidQueryError(
                     "the new identifier is already in use: that is a merge (A40), not a change"
                 )
-            after = {"patient_id": new[0], "issuer": new[1]}
+            if new_issuer is not None:
+                issuer = new_issuer
+            elif row is not None:
+                issuer = row.issuer
+            else:
+                issuer = str(old_orders[0][1]["issuer"])
+            new = (new[0], [issuer])
+            after = {"patient_id": new[0], "issuer": issuer}
             if row is not None:
                 plan.patient_pks.append(row.pk)
                 self._patient_change(conn, plan, row, after)
@@ -405,12 +415,12 @@ class SqlPatientStore:
                 for table in (lab_results, lab_reports):
                     self._lab_follow(conn, plan, table, row.pk, current)
             else:
-                current = PatientRow(0, new[0], new[1], "", "", "")
+                current = PatientRow(0, new[0], issuer, "", "", "")
             self._orders_change(
                 conn,
                 plan,
                 [
-                    (pk, before, {**before, "patient_id": new[0], "issuer": new[1]})
+                    (pk, before, {**before, "patient_id": new[0], "issuer": issuer})
                     for pk, before in old_orders
                 ],
             )
