@@ -124,6 +124,8 @@ class PatientRow:
     name: str
     birth_date: str
     sex: str
+    #: "record" once the record system set the demographics (images then keep off).
+    demographics_source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +186,9 @@ class SqlPatientStore:
 
     @staticmethod
     def _row(r: Any) -> PatientRow:
-        return PatientRow(int(r.id), r.patient_id, r.issuer, r.name, r.birth_date, r.sex)
+        return PatientRow(
+            int(r.id), r.patient_id, r.issuer, r.name, r.birth_date, r.sex, r.demographics_source
+        )
 
     def _find(self, conn: Connection, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
         for issuer in issuers:
@@ -554,6 +558,7 @@ class SqlPatientStore:
                     name_key=key,
                     birth_date=(demographics.get("birth_date") or "")[:8],
                     sex=(demographics.get("sex") or "")[:16],
+                    demographics_source="record",
                     updated_at=now,
                 )
                 .returning(patients.c.id)
@@ -572,8 +577,11 @@ class SqlPatientStore:
             "name": row.name,
             "birth_date": row.birth_date,
             "sex": row.sex,
+            "demographics_source": row.demographics_source,
         }
         values = {k: v for k, v in after.items() if k in before}
+        if any(k in values for k in _DEMOGRAPHICS):
+            values["demographics_source"] = "record"
         if "birth_date" in values:
             values["birth_date"] = (values["birth_date"] or "")[:8]
         if "sex" in values:
@@ -802,7 +810,14 @@ class SqlPatientStore:
             "lab_reports": plan.count("lab_reports"),
             "patients": plan.count("patients"),
             "created": len(plan.created),
-            "fields": sorted({k for _, _, after in plan.rows.get("patients", []) for k in after}),
+            "fields": sorted(
+                {
+                    k
+                    for _, _, after in plan.rows.get("patients", [])
+                    for k in after
+                    if k != "demographics_source"
+                }
+            ),
         }
         rows = {
             "rows": plan.rows,

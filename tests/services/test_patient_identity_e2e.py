@@ -387,12 +387,25 @@ def test_identifier_change_and_demographics_update_through_fhir_put(
     assert change["before"]["patient"] != change["after"]["patient"]
     assert entries["patient.update"]["fields"] == ["birth_date", "name", "sex"]
 
+    # A modality still sending the old name does not undo the record system's update.
+    late, late_datasets = _study("NEW-ID-9", OLD_NAME, "CT", CT, "PIR4")
+    store(world["port"], late_datasets)
+    found = _study_find(world, "a6", "NEW-ID-9")
+    assert {(r.StudyInstanceUID, _pn(r.PatientName)) for r in found} == {
+        (old.study_uid, "PHẠM^VĂN ĐỨC"),
+        (late.study_uid, "PHẠM^VĂN ĐỨC"),
+    }
+    assert _qido(http, PatientName="ONE*") == []
+
     # Undo both (newest first): the former identity and demographics are back.
     for c in http.get("/admin/patients/changes").json():
         r = http.post(f"/admin/patients/changes/{c['change_id']}/undo")
         assert r.status_code == 200, r.text
     found = _study_find(world, "a4", OLD_ID)
-    assert [(r.StudyInstanceUID, _pn(r.PatientName)) for r in found] == [(old.study_uid, OLD_NAME)]
+    assert {(r.StudyInstanceUID, _pn(r.PatientName)) for r in found} == {
+        (old.study_uid, OLD_NAME),
+        (late.study_uid, OLD_NAME),
+    }
     assert _qido(http, PatientName="pham*") == []
     assert [str(i.PatientID) for i in _worklist(world, "a5", OLD_ID)] == [OLD_ID]
 
