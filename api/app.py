@@ -29,6 +29,7 @@ from api.routes import (
     fhir_orders,
     lab_review,
     ohif,
+    patients,
     rejections,
     tiles,
     viewer,
@@ -40,6 +41,7 @@ from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
 from services.rejection import RejectionService
+from services.patients import PatientIdentityService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -61,6 +63,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
     rejections.router,  # issue 17: IHE IOCM rejections under /admin/rejections
+    patients.fhir_router,  # issue 17: PUT /fhir/Patient/{id}, POST /fhir/Patient/$merge
+    patients.admin_router,  # issue 17: /admin/patients/changes (review, undo)
 )
 
 
@@ -143,6 +147,13 @@ def create_app(
         settings, idx, audit=security.audit, patient_secret=app.state.patient_secret
     )
     iocm.audit = app.state.audit
+    # Patient identity (issue 17), on the action log install_security opened.
+    app.state.patients = PatientIdentityService(
+        idx,
+        audit=app.state.audit,
+        patient_secret=app.state.patient_secret,
+        default_issuer=settings.lab.patient_issuer,
+    )
     install_cors(app, settings.http.cors_origins)
     return app
 
