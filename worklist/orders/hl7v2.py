@@ -80,7 +80,7 @@ _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 # Segment ids whose appearance inside a field betrays segments run together.
 _KNOWN = (
     "MSH|PID|PD1|PV1|PV2|NK1|NTE|ORC|OBR|OBX|TQ1|TQ2|IPC|ZDS|AL1|DG1|IN1|IN2|GT1|SPM|"
-    "CTD|EVN|MSA|ERR|SAC|FT1|BLG|ROL"
+    "CTD|EVN|MSA|ERR|SAC|FT1|BLG|ROL|MRG"
 )
 _JOINED = re.compile(rf"\s({_KNOWN})\|")
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O"}
@@ -182,8 +182,14 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def parse_message(raw: bytes) -> Message:
+def parse_message(
+    raw: bytes, *, accepted: frozenset[tuple[str, str]] = ACCEPTED_TYPES
+) -> Message:
     """Split one message into segments and check its header (HL7 v2.5.1 2.5, 2.14.9).
+
+    ``accepted`` is the (MSH-9.1, MSH-9.2) pairs taken: the orders by default; the
+    intake adds the ADT events (:data:`worklist.orders.adt.ADT_TYPES`) when it has a
+    patient identity service to give them to.
 
     Raises
     ------
@@ -228,12 +234,13 @@ def parse_message(raw: bytes) -> Message:
             "MSH-10 message control id missing", where="MSH^1^10", hl7_code=101, ack_code="AR"
         )
     kind, trigger = msg.type
-    if (kind, trigger) not in ACCEPTED_TYPES:
+    if (kind, trigger) not in accepted:
         shown = f"{kind}^{trigger}" if trigger else kind or "(empty)"
+        taken = ", ".join(f"{k}^{t}" for k, t in sorted(accepted))
         raise OrderMessageError(
-            f"{shown} is not an imaging order message (ORM^O01, OMI^O23 accepted)",
+            f"{shown} is not an imaging order or other message we take ({taken} accepted)",
             where="MSH^1^9",
-            hl7_code=201 if kind in {"ORM", "OMI"} else 200,
+            hl7_code=201 if kind in {k for k, _ in accepted} else 200,
             ack_code="AR",
         )
     if msg.version not in _VERSIONS:
