@@ -176,13 +176,12 @@ def _pid_ref(r: _Reader, pid: Segment, n: int) -> PatientRef:
 
 def _ref(r: _Reader, seg: Segment, field: int, where: str) -> PatientRef | None:
     """The first repetition of a CX field with an identifier (CX.1), with CX.4."""
-    sub = r.msg.subcomponent
-    for rep in range(len(r.reps(seg, field))):
-        parts = r.comps(seg, field, rep)
-        patient_id = parts[0].strip() if parts else ""
+    for rep in r.reps(seg, field):
+        parts = _subcomponents(r, rep)
+        patient_id = parts[0][0].strip() if parts else ""
         if not patient_id or patient_id == _NULL:
             continue
-        hd = parts[3].split(sub) if len(parts) > 3 else []
+        hd = parts[3] if len(parts) > 3 else []
         issuer = next((h.strip() for h in hd[:2] if h.strip() and h.strip() != _NULL), "")
         for value in (patient_id, issuer):
             if len(value) > _MAX_CHARS or _BAD_CHARS.search(value):
@@ -194,6 +193,16 @@ def _ref(r: _Reader, seg: Segment, field: int, where: str) -> PatientRef | None:
                 )
         return PatientRef(patient_id, issuer)
     return None
+
+
+def _subcomponents(r: _Reader, rep: str) -> list[list[str]]:
+    """One repetition's components, each split into subcomponents, then unescaped.
+
+    Splitting comes first (HL7 v2.5.1 2.7.4): an escaped ``\\T\\`` is an ``&`` in
+    the text, not a subcomponent separator.
+    """
+    m = r.msg
+    return [[r.unescape(s) for s in c.split(m.subcomponent)] for c in rep.split(m.component)]
 
 
 def _demographics(r: _Reader, pid: Segment, n: int) -> Demographics:
@@ -208,11 +217,12 @@ def _name(r: _Reader, pid: Segment, n: int) -> str | None:
         return None
     if raw == _NULL:
         return ""
-    reps = [r.comps(pid, 5, i) for i in range(len(r.reps(pid, 5)))]
+    reps = [[c[0] for c in _subcomponents(r, rep)] for rep in r.reps(pid, 5)]
     legal = next((p for p in reps if len(p) > 6 and p[6].strip().upper() == "L"), None)
     parts: Sequence[str] = legal or (reps[0] if reps else [])
     parts = ["" if p.strip() == _NULL else p for p in parts]
-    pn = _person_name(parts, 0, r.msg.subcomponent)
+    # Components are already split and unescaped: no separator may split them again.
+    pn = _person_name(parts, 0, "\x00")
     if not pn:
         return None  # only delimiters: nothing sent
     if len(pn) > _MAX_CHARS or _BAD_CHARS.search(pn):
