@@ -222,7 +222,10 @@ class Hl7OrderIntake:
             logger.error("HL7 message %s failed", msg.control_id, exc_info=True)
             err = OrderMessageError("application internal error", hl7_code=207, ack_code="AR")
         if err is not None:
-            logger.warning("HL7 message %s not applied: %s", msg.control_id, err)
+            # The service's text may name the patient: the log gets the code and place only.
+            logger.warning(
+                "HL7 message %s not applied: %s at %s", msg.control_id, err.hl7_code, err.where
+            )
             ack = build_ack(
                 msg, err.ack_code, error=err, now=self.clock(), ack_control_id=self._ack_id()
             )
