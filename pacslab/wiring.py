@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from core.settings import Settings
 from ingest.service import IngestService
+from services.patients import PatientIdentityService
 from storage.archive import Archive
 from storage.audit import AuditLog, load_secret
 from storage.index.orders import SqlOrderStore
@@ -23,6 +24,7 @@ __all__ = [
     "build_ingest",
     "build_order_service",
     "build_originals",
+    "build_patient_identity",
     "staging_dir",
 ]
 
@@ -65,3 +67,23 @@ def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:
     """The order service over ``index`` (webhook jobs queued when a URL is set)."""
     store = SqlOrderStore(index, webhook=bool(settings.orders.webhook_url))
     return OrderService(store, settings.orders)
+
+
+def build_patient_identity(
+    settings: Settings,
+    index: SqlIndex,
+    *,
+    audit: AuditLog | None = None,
+    patient_secret: bytes | None = None,
+) -> PatientIdentityService:
+    """The patient identity service (IHE PIR, issue 17) over ``index``: what the ADT
+    reader, the FHIR ``Patient`` routes and the review API call. An empty issuer in a
+    command means the hospital's own (``lab.patient_issuer``)."""
+    if audit is None or patient_secret is None:
+        audit, patient_secret = build_audit(settings, index)
+    return PatientIdentityService(
+        index,
+        audit=audit,
+        patient_secret=patient_secret,
+        default_issuer=settings.lab.patient_issuer,
+    )

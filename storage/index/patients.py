@@ -1,0 +1,729 @@
+"""Patient identity changes in the SQL index (IHE PIR; issue 17, migration 0008_pir).
+
+One transaction per change moves or rewrites the rows of one patient in every store
+of the index: ``patients`` (and ``patient_name_words``), ``studies``, ``orders`` (the
+worklist items' patient, with a new order version), ``lab_results`` and
+``lab_reports``. Every changed column of every row is recorded, before and after, in
+``patient_changes.rows_json``; an undo checks that each row still holds the "after"
+values and writes the "before" values back, in one transaction, or changes nothing
+(:class:`~core.errors.ProcedureStepStateError`, 409) when a later change touched the
+same rows (undo the later one first).
+
+Kept apart from ``schema.py`` (own ``MetaData``, as ``qr.py`` does) so that parallel
+work on the shared tables does not conflict; the tables are created by migration
+``0008_pir``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+
+from core.errors import InvalidQueryError, NotFoundError, ProcedureStepStateError
+from core.person_name import person_name_key
+from storage.index.schema import (
+    lab_reports,
+    lab_results,
+    order_versions,
+    orders,
+    patients,
+    studies,
+)
+from storage.index.sql import set_name_words
+
+if TYPE_CHECKING:
+    from storage.index.sql import SqlIndex
+
+__all__ = [
+    "PatientRow",
+    "SqlPatientStore",
+    "StoredChange",
+    "patient_changes",
+    "patient_links",
+]
+
+_meta = MetaData()  # its own: schema.py's metadata belongs to the shared tables
+
+patient_changes = Table(
+    "patient_changes",
+    _meta,
+    Column("id", Integer, primary_key=True),
+    Column("change_id", String(32), nullable=False, unique=True),
+    Column("kind", String(24), nullable=False),
+    Column("source", String(16), nullable=False, server_default=""),
+    Column("agent", String(128), nullable=False, server_default=""),
+    # ",pk,pk," of the patient rows involved (review lists filter on it).
+    Column("patient_pks", String(255), nullable=False, server_default=""),
+    Column("summary_json", Text, nullable=False, server_default="{}"),
+    Column("rows_json", Text, nullable=False, server_default="{}"),
+    Column("undoes", String(32), nullable=False, server_default=""),
+    Column("undone_by", String(32), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+patient_links = Table(
+    "patient_links",
+    _meta,
+    Column("obsolete_pk", Integer, primary_key=True),
+    Column("surviving_pk", Integer, nullable=False, index=True),
+    Column("change_id", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+_TABLES: dict[str, Table] = {
+    "patients": patients,
+    "studies": studies,
+    "orders": orders,
+    "lab_results": lab_results,
+    "lab_reports": lab_reports,
+}
+_DEMOGRAPHICS = ("name", "birth_date", "sex")
+#: orders' patient columns ↔ patients' columns
+_ORDER_COLS = {
+    "patient_id": "patient_id",
+    "issuer": "issuer",
+    "patient_name": "name",
+    "birth_date": "birth_date",
+    "sex": "sex",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRow:
+    """The identity and demographics a ``patients`` row holds."""
+
+    pk: int
+    patient_id: str
+    issuer: str
+    name: str
+    birth_date: str
+    sex: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChange:
+    """One row of the change log, as the review API shows it (no row values)."""
+
+    change_id: str
+    kind: str
+    source: str
+    agent: str
+    patient_pks: tuple[int, ...]
+    summary: dict[str, Any]
+    undoes: str
+    undone_by: str
+    created_at: datetime
+    rows: dict[str, Any]
+
+
+@dataclass
+class _Plan:
+    """Row changes of one command: ``table → [(pk, before, after)]`` (changed columns)."""
+
+    rows: dict[str, list[tuple[int, dict[str, Any], dict[str, Any]]]]
+    created: list[int]
+    link: tuple[int, int] | None
+    patient_pks: list[int]
+    #: obsolete pks of earlier merges into the now obsolete patient, re-pointed
+    relinked: list[int] = field(default_factory=list)
+
+    def add(self, table: str, pk: int, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        if changed:
+            self.rows.setdefault(table, []).append(
+                (pk, {k: before.get(k) for k in changed}, changed)
+            )
+
+    def count(self, table: str) -> int:
+        return len(self.rows.get(table, []))
+
+
+def _da_to_iso(da: str) -> str | None:
+    if len(da) == 8 and da.isdigit():
+        try:
+            return datetime.strptime(da, "%Y%m%d").date().isoformat()
+        except ValueError:
+            return None
+    return None
+
+
+class SqlPatientStore:
+    """Identity changes over the tables of a :class:`~storage.index.sql.SqlIndex`."""
+
+    def __init__(self, index: SqlIndex) -> None:
+        self.index = index
+        self.engine = index.engine
+
+    # -- reads ------------------------------------------------------------------
+
+    @staticmethod
+    def _row(r: Any) -> PatientRow:
+        return PatientRow(int(r.id), r.patient_id, r.issuer, r.name, r.birth_date, r.sex)
+
+    def _find(self, conn: Connection, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
+        for issuer in issuers:
+            r = conn.execute(
+                select(patients).where(
+                    and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer)
+                )
+            ).first()
+            if r is not None:
+                return self._row(r)
+        return None
+
+    def patient(self, pk: int) -> PatientRow | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(patients).where(patients.c.id == pk)).first()
+        return None if r is None else self._row(r)
+
+    def study_patient(self, study_instance_uid: str) -> PatientRow | None:
+        """The patient row a study belongs to now (what retrieval coerces to)."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                select(patients)
+                .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id))
+                .where(studies.c.study_instance_uid == study_instance_uid)
+            ).first()
+        return None if r is None else self._row(r)
+
+    def links(self, pk: int) -> tuple[int | None, list[int]]:
+        """``(surviving pk this row was merged into, obsolete pks merged into it)``."""
+        with self.engine.connect() as conn:
+            up = conn.execute(
+                select(patient_links.c.surviving_pk).where(patient_links.c.obsolete_pk == pk)
+            ).scalar()
+            down = conn.execute(
+                select(patient_links.c.obsolete_pk)
+                .where(patient_links.c.surviving_pk == pk)
+                .order_by(patient_links.c.obsolete_pk)
+            ).scalars()
+            return (None if up is None else int(up)), [int(x) for x in down]
+
+    def changes(
+        self, *, patient_pk: int | None = None, limit: int = 100, offset: int = 0
+    ) -> list[StoredChange]:
+        """The change log, newest first."""
+        stmt = select(patient_changes).order_by(patient_changes.c.id.desc())
+        if patient_pk is not None:
+            stmt = stmt.where(patient_changes.c.patient_pks.contains(f",{patient_pk},"))
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.limit(limit).offset(offset)).all()
+        return [self._stored(r, with_rows=False) for r in rows]
+
+    def change(self, change_id: str) -> StoredChange:
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                select(patient_changes).where(patient_changes.c.change_id == change_id)
+            ).first()
+        if r is None:
+            raise NotFoundError("no such patient change")
+        return self._stored(r, with_rows=True)
+
+    @staticmethod
+    def _stored(r: Any, *, with_rows: bool) -> StoredChange:
+        created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
+        return StoredChange(
+            change_id=r.change_id,
+            kind=r.kind,
+            source=r.source,
+            agent=r.agent,
+            patient_pks=tuple(int(p) for p in r.patient_pks.strip(",").split(",") if p),
+            summary=json.loads(r.summary_json),
+            undoes=r.undoes,
+            undone_by=r.undone_by,
+            created_at=created,
+            rows=json.loads(r.rows_json) if with_rows else {},
+        )
+
+    # -- commands ---------------------------------------------------------------
+
+    def update(
+        self,
+        change_id: str,
+        patient_id: str,
+        issuers: list[str],
+        demographics: Mapping[str, str | None],
+        *,
+        source: str,
+        agent: str,
+    ) -> tuple[StoredChange, PatientRow]:
+        """Set demographics (``None``: keep); a patient seen nowhere yet is created
+        (A01/A04 register, FHIR update-as-create)."""
+        now = _now()
+        with self.index.write() as conn:
+            plan = _Plan({}, [], None, [])
+            row = self._find(conn, patient_id, issuers)
+            if row is None:
+                row = self._create(conn, plan, patient_id, issuers[0], demographics, now)
+            else:
+                after = {k: v for k, v in demographics.items() if v is not None}
+                self._patient_change(conn, plan, row, after)
+            plan.patient_pks.append(row.pk)
+            new = self._fetch(conn, row.pk)
+            self._orders_follow(conn, plan, row, new)
+            stored = self._commit(conn, plan, change_id, "update", source, agent, now)
+        return stored, new
+
+    def merge(
+        self,
+        change_id: str,
+        surviving: tuple[str, list[str]],
+        obsolete: tuple[str, list[str]],
+        demographics: Mapping[str, str | None] | None,
+        *,
+        source: str,
+        agent: str,
+    ) -> tuple[StoredChange, PatientRow, PatientRow | None]:
+        """Everything of ``obsolete`` becomes ``surviving``'s (HL7 A40, FHIR $merge).
+
+        The obsolete row stays (FHIR shows it inactive, replaced-by), with nothing
+        left pointing at it; orders of the obsolete identifier that no index row
+        holds are moved too. A surviving patient seen nowhere yet is created with
+        the message's demographics, else the obsolete patient's.
+        """
+        now = _now()
+        with self.index.write() as conn:
+            plan = _Plan({}, [], None, [])
+            old = self._find(conn, obsolete[0], obsolete[1])
+            old_orders = self._orders_of(conn, obsolete[0], obsolete[1])
+            if old is None and not old_orders:
+                raise NotFoundError("the obsolete patient is unknown")
+            keep = self._find(conn, surviving[0], surviving[1])
+            if keep is not None and old is not None and keep.pk == old.pk:
+                raise InvalidQueryError("a patient cannot be merged into itself")
+            if keep is None:
+                if surviving[0] == obsolete[0] and set(surviving[1]) & set(obsolete[1]):
+                    raise InvalidQueryError("a patient cannot be merged into itself")
+                base = {k: getattr(old, k) for k in _DEMOGRAPHICS} if old else {}
+                base.update({k: v for k, v in (demographics or {}).items() if v is not None})
+                keep = self._create(conn, plan, surviving[0], surviving[1][0], base, now)
+            elif demographics:
+                self._patient_change(
+                    conn, plan, keep, {k: v for k, v in demographics.items() if v is not None}
+                )
+            keep = self._fetch(conn, keep.pk)
+            if conn.execute(
+                select(patient_links.c.obsolete_pk).where(patient_links.c.obsolete_pk == keep.pk)
+            ).first():
+                raise InvalidQueryError("the surviving patient was itself merged into another")
+            plan.patient_pks.append(keep.pk)
+            if old is not None:
+                if conn.execute(
+                    select(patient_links.c.obsolete_pk).where(patient_links.c.obsolete_pk == old.pk)
+                ).first():
+                    raise InvalidQueryError("the obsolete patient was already merged")
+                plan.patient_pks.append(old.pk)
+                self._move(conn, plan, old.pk, keep)
+                plan.link = (old.pk, keep.pk)
+                conn.execute(
+                    patient_links.insert().values(
+                        obsolete_pk=old.pk,
+                        surviving_pk=keep.pk,
+                        change_id=change_id,
+                        created_at=now,
+                    )
+                )
+                # Patients merged into the obsolete one earlier now lead to the survivor.
+                plan.relinked = [
+                    int(x)
+                    for x in conn.execute(
+                        select(patient_links.c.obsolete_pk).where(
+                            patient_links.c.surviving_pk == old.pk
+                        )
+                    ).scalars()
+                ]
+                if plan.relinked:
+                    conn.execute(
+                        update(patient_links)
+                        .where(patient_links.c.obsolete_pk.in_(plan.relinked))
+                        .values(surviving_pk=keep.pk)
+                    )
+                conn.execute(update(patients).where(patients.c.id == old.pk).values(updated_at=now))
+            for pk, before in old_orders:
+                self._order_change(conn, plan, pk, before, self._order_values(keep))
+            stored = self._commit(conn, plan, change_id, "merge", source, agent, now)
+        return stored, keep, old
+
+    def change_identifier(
+        self,
+        change_id: str,
+        old: tuple[str, list[str]],
+        new: tuple[str, str],
+        *,
+        source: str,
+        agent: str,
+    ) -> tuple[StoredChange, PatientRow]:
+        """The same patient under a new Patient ID / issuer (HL7 A47)."""
+        now = _now()
+        with self.index.write() as conn:
+            plan = _Plan({}, [], None, [])
+            row = self._find(conn, old[0], old[1])
+            old_orders = self._orders_of(conn, old[0], old[1])
+            if row is None and not old_orders:
+                raise NotFoundError("the patient whose identifier changes is unknown")
+            if self._find(conn, new[0], [new[1]]) is not None:
+                raise InvalidQueryError(
+                    "the new identifier is already in use: that is a merge (A40), not a change"
+                )
+            after = {"patient_id": new[0], "issuer": new[1]}
+            if row is not None:
+                plan.patient_pks.append(row.pk)
+                self._patient_change(conn, plan, row, after)
+                current = self._fetch(conn, row.pk)
+                for table in (lab_results, lab_reports):
+                    self._lab_follow(conn, plan, table, row.pk, current)
+            else:
+                current = PatientRow(0, new[0], new[1], "", "", "")
+            for pk, before in old_orders:
+                merged = dict(before)
+                merged.update(patient_id=new[0], issuer=new[1])
+                self._order_change(conn, plan, pk, before, merged)
+            stored = self._commit(conn, plan, change_id, "change-identifier", source, agent, now)
+        return stored, current
+
+    def undo(self, change_id: str, new_id: str, *, source: str, agent: str) -> StoredChange:
+        """Write back every row's "before" values of ``change_id`` (see module doc)."""
+        now = _now()
+        with self.index.write() as conn:
+            r = conn.execute(
+                select(patient_changes).where(patient_changes.c.change_id == change_id)
+            ).first()
+            if r is None:
+                raise NotFoundError("no such patient change")
+            if r.undone_by:
+                raise ProcedureStepStateError("the change is already undone")
+            if r.kind == "undo":
+                raise InvalidQueryError("an undo cannot be undone; apply the change again")
+            saved = json.loads(r.rows_json)
+            plan = _Plan({}, [], None, [int(p) for p in r.patient_pks.strip(",").split(",") if p])
+            for table, rows in saved.get("rows", {}).items():
+                for pk, before, after in rows:
+                    if table == "orders":
+                        current = self._order_patient(conn, pk)
+                        self._check(current, after)
+                        merged = dict(current or {})
+                        merged.update(before)
+                        self._order_change(conn, plan, pk, current or {}, merged)
+                        continue
+                    tbl = _TABLES[table]
+                    cur = conn.execute(select(tbl).where(tbl.c.id == pk)).first()
+                    self._check(None if cur is None else dict(cur._mapping), after)
+                    plan.add(table, pk, after, before)
+                    values = dict(before)
+                    if table in ("patients", "studies"):
+                        values["updated_at"] = now
+                    if table == "patients" and "name" in before:
+                        values["name_key"] = person_name_key(before["name"])
+                    conn.execute(update(tbl).where(tbl.c.id == pk).values(**values))
+                    if table == "patients" and "name" in before:
+                        set_name_words(conn, pk, values["name_key"])
+            link = saved.get("link")
+            if link:
+                conn.execute(delete(patient_links).where(patient_links.c.obsolete_pk == link[0]))
+                relinked = [int(x) for x in saved.get("relinked", [])]
+                if relinked:
+                    conn.execute(
+                        update(patient_links)
+                        .where(patient_links.c.obsolete_pk.in_(relinked))
+                        .values(surviving_pk=link[0])
+                    )
+                conn.execute(
+                    update(patients).where(patients.c.id == link[0]).values(updated_at=now)
+                )
+            for pk in saved.get("created", []):
+                self._drop_if_unused(conn, int(pk))
+            result = conn.execute(
+                update(patient_changes)
+                .where(
+                    and_(
+                        patient_changes.c.change_id == change_id, patient_changes.c.undone_by == ""
+                    )
+                )
+                .values(undone_by=new_id)
+            )
+            if not result.rowcount:
+                raise ProcedureStepStateError("the change is already undone")
+            stored = self._commit(conn, plan, new_id, "undo", source, agent, now, undoes=change_id)
+        return stored
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _check(current: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
+        if current is None or any(current.get(k) != v for k, v in after.items()):
+            raise ProcedureStepStateError(
+                "rows of this change were changed since; undo the later change first"
+            )
+
+    def _fetch(self, conn: Connection, pk: int) -> PatientRow:
+        return self._row(conn.execute(select(patients).where(patients.c.id == pk)).one())
+
+    def _create(
+        self,
+        conn: Connection,
+        plan: _Plan,
+        patient_id: str,
+        issuer: str,
+        demographics: Mapping[str, str | None],
+        now: datetime,
+    ) -> PatientRow:
+        name = demographics.get("name") or ""
+        key = person_name_key(name)
+        pk = int(
+            conn.execute(
+                patients.insert()
+                .values(
+                    patient_id=patient_id[:64],
+                    issuer=issuer[:64],
+                    name=name[:324],
+                    name_key=key,
+                    birth_date=(demographics.get("birth_date") or "")[:8],
+                    sex=(demographics.get("sex") or "")[:16],
+                    updated_at=now,
+                )
+                .returning(patients.c.id)
+            ).scalar_one()
+        )
+        set_name_words(conn, pk, key)
+        plan.created.append(pk)
+        return self._fetch(conn, pk)
+
+    def _patient_change(
+        self, conn: Connection, plan: _Plan, row: PatientRow, after: Mapping[str, Any]
+    ) -> None:
+        before = {
+            "patient_id": row.patient_id,
+            "issuer": row.issuer,
+            "name": row.name,
+            "birth_date": row.birth_date,
+            "sex": row.sex,
+        }
+        values = {k: v for k, v in after.items() if k in before}
+        if "birth_date" in values:
+            values["birth_date"] = (values["birth_date"] or "")[:8]
+        if "sex" in values:
+            values["sex"] = (values["sex"] or "")[:16]
+        if "name" in values:
+            values["name"] = (values["name"] or "")[:324]
+        plan.add("patients", row.pk, before, values)
+        changed = {k: v for k, v in values.items() if before[k] != v}
+        if not changed:
+            return
+        if "name" in changed:
+            changed["name_key"] = person_name_key(changed["name"])
+        conn.execute(
+            update(patients).where(patients.c.id == row.pk).values(**changed, updated_at=_now())
+        )
+        if "name_key" in changed:
+            set_name_words(conn, row.pk, changed["name_key"])
+
+    def _move(self, conn: Connection, plan: _Plan, old_pk: int, keep: PatientRow) -> None:
+        now = _now()
+        study_pks = [
+            int(x)
+            for x in conn.execute(
+                select(studies.c.id).where(studies.c.patient_pk == old_pk)
+            ).scalars()
+        ]
+        for pk in study_pks:
+            plan.add("studies", pk, {"patient_pk": old_pk}, {"patient_pk": keep.pk})
+        if study_pks:
+            conn.execute(
+                update(studies)
+                .where(studies.c.patient_pk == old_pk)
+                .values(patient_pk=keep.pk, updated_at=now)
+            )
+        for table in (lab_results, lab_reports):
+            self._lab_follow(conn, plan, table, old_pk, keep)
+
+    def _lab_follow(
+        self, conn: Connection, plan: _Plan, table: Table, old_pk: int, keep: PatientRow
+    ) -> None:
+        """Lab rows of ``old_pk`` carry ``keep``'s row and identifier (what FHIR shows)."""
+        name = "lab_results" if table is lab_results else "lab_reports"
+        cols = [table.c.id, table.c.patient_pk, table.c.patient_id, table.c.patient_issuer]
+        cond: ColumnElement[bool] = table.c.patient_pk == old_pk
+        if table is lab_results:
+            cols.append(table.c.conflict_patient_pk)
+            cond = or_(cond, table.c.conflict_patient_pk == old_pk)
+        for r in conn.execute(select(*cols).where(cond)).all():
+            before = dict(r._mapping)
+            pk = int(before.pop("id"))
+            after = dict(before)
+            if before["patient_pk"] == old_pk:
+                after.update(
+                    patient_pk=keep.pk, patient_id=keep.patient_id, patient_issuer=keep.issuer
+                )
+            if before.get("conflict_patient_pk") == old_pk:
+                after["conflict_patient_pk"] = keep.pk
+            plan.add(name, pk, before, after)
+            changed = {k: v for k, v in after.items() if before[k] != v}
+            if changed:
+                conn.execute(update(table).where(table.c.id == pk).values(**changed))
+
+    def _orders_follow(
+        self, conn: Connection, plan: _Plan, before: PatientRow, after: PatientRow
+    ) -> None:
+        for pk, cols in self._orders_of(conn, before.patient_id, [before.issuer]):
+            self._order_change(conn, plan, pk, cols, self._order_values(after))
+
+    @staticmethod
+    def _order_values(p: PatientRow) -> dict[str, Any]:
+        return {
+            "patient_id": p.patient_id,
+            "issuer": p.issuer,
+            "patient_name": p.name,
+            "birth_date": p.birth_date,
+            "sex": p.sex,
+        }
+
+    @staticmethod
+    def _orders_of(
+        conn: Connection, patient_id: str, issuers: Iterable[str]
+    ) -> list[tuple[int, dict[str, Any]]]:
+        if not patient_id:
+            return []
+        rows = conn.execute(
+            select(orders.c.id, *(orders.c[c] for c in _ORDER_COLS)).where(
+                and_(orders.c.patient_id == patient_id, orders.c.issuer.in_(list(issuers)))
+            )
+        ).all()
+        return [(int(r.id), {c: r._mapping[c] for c in _ORDER_COLS}) for r in rows]
+
+    @staticmethod
+    def _order_patient(conn: Connection, pk: int) -> dict[str, Any] | None:
+        r = conn.execute(
+            select(*(orders.c[c] for c in _ORDER_COLS)).where(orders.c.id == pk)
+        ).first()
+        return None if r is None else dict(r._mapping)
+
+    def _order_change(
+        self,
+        conn: Connection,
+        plan: _Plan,
+        pk: int,
+        before: Mapping[str, Any],
+        after: Mapping[str, Any],
+    ) -> None:
+        """New order version whose worklist item carries ``after``'s patient values
+        (the worklist caches items by order version, so the version must move)."""
+        changed = {k: after[k] for k in _ORDER_COLS if k in after and before.get(k) != after[k]}
+        if not changed:
+            return
+        plan.add("orders", pk, before, changed)
+        r = conn.execute(
+            select(orders.c.item_json, orders.c.version, orders.c.status, orders.c.source).where(
+                orders.c.id == pk
+            )
+        ).one()
+        item = json.loads(r.item_json)
+        patient = item.setdefault("patient", {})
+        for col, value in changed.items():
+            field = {"patient_id": "id", "patient_name": "name"}.get(col, col)
+            patient[field] = _da_to_iso(value) if col == "birth_date" else value
+        now = _now()
+        text = json.dumps(item, ensure_ascii=False)
+        version = int(r.version) + 1
+        conn.execute(
+            update(orders)
+            .where(orders.c.id == pk)
+            .values(**changed, item_json=text, version=version, updated_at=now)
+        )
+        conn.execute(
+            order_versions.insert().values(
+                order_pk=pk,
+                version=version,
+                status=r.status,
+                event="patient",
+                source=r.source,
+                item_json=text,
+                changed_at=now,
+            )
+        )
+
+    def _drop_if_unused(self, conn: Connection, pk: int) -> None:
+        """Remove a patient row an undone change created, unless something uses it now."""
+        for table in (studies, lab_results, lab_reports):
+            used = conn.execute(
+                select(func.count()).select_from(table).where(table.c.patient_pk == pk)
+            ).scalar_one()
+            if used:
+                return
+        if conn.execute(
+            select(patient_links.c.obsolete_pk).where(
+                (patient_links.c.surviving_pk == pk) | (patient_links.c.obsolete_pk == pk)
+            )
+        ).first():
+            return
+        set_name_words(conn, pk, "")
+        conn.execute(delete(patients).where(patients.c.id == pk))
+
+    def _commit(
+        self,
+        conn: Connection,
+        plan: _Plan,
+        change_id: str,
+        kind: str,
+        source: str,
+        agent: str,
+        now: datetime,
+        *,
+        undoes: str = "",
+    ) -> StoredChange:
+        pks = list(dict.fromkeys(plan.patient_pks + plan.created))
+        summary = {
+            "studies": plan.count("studies"),
+            "orders": plan.count("orders"),
+            "lab_results": plan.count("lab_results"),
+            "lab_reports": plan.count("lab_reports"),
+            "patients": plan.count("patients"),
+            "created": len(plan.created),
+            "fields": sorted({k for _, _, after in plan.rows.get("patients", []) for k in after}),
+        }
+        rows = {
+            "rows": plan.rows,
+            "created": plan.created,
+            "link": plan.link,
+            "relinked": plan.relinked,
+        }
+        conn.execute(
+            patient_changes.insert().values(
+                change_id=change_id,
+                kind=kind,
+                source=source[:16],
+                agent=agent[:128],
+                patient_pks=("," + ",".join(str(p) for p in pks) + ",")[:255],
+                summary_json=json.dumps(summary),
+                rows_json=json.dumps(rows, ensure_ascii=False),
+                undoes=undoes,
+                created_at=now,
+            )
+        )
+        return StoredChange(
+            change_id, kind, source, agent, tuple(pks), summary, undoes, "", now, rows
+        )
