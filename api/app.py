@@ -29,6 +29,7 @@ from api.routes import (
     fhir_orders,
     lab_review,
     ohif,
+    patients,
     tiles,
     viewer,
 )
@@ -37,6 +38,7 @@ from api.security import install_security
 from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
+from services.patients import PatientIdentityService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -57,6 +59,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    patients.fhir_router,  # issue 17: PUT /fhir/Patient/{id}, POST /fhir/Patient/$merge
+    patients.admin_router,  # issue 17: /admin/patients/changes (review, undo)
 )
 
 
@@ -131,6 +135,13 @@ def create_app(
     fhir_orders.include(app)  # FHIR ServiceRequest orders and the unmatched-studies list
     # Last, so authentication and the action log wrap every route above (issue 7).
     security = install_security(app, settings, idx)
+    # Patient identity (issue 17), on the action log install_security opened.
+    app.state.patients = PatientIdentityService(
+        idx,
+        audit=app.state.audit,
+        patient_secret=app.state.patient_secret,
+        default_issuer=settings.lab.patient_issuer,
+    )
     install_cors(app, settings.http.cors_origins)
     return app
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,8 @@ __all__ = [
     "PatientAttributes",
     "coerce_patient_json",
     "coerce_patient_module",
+    "json_differences",
+    "patient_attributes_from_row",
     "patient_differences",
 ]
 
@@ -61,6 +64,19 @@ class PatientAttributes:
     issuer: str = ""
     birth_date: str = ""
     sex: str = ""
+
+
+def patient_attributes_from_row(row: Mapping[str, Any]) -> PatientAttributes:
+    """The values of an index row keyed by DICOM keyword (``storage.index.queries``);
+    the per-study pseudo issuer of an instance without Patient ID is no issuer."""
+    issuer = str(row.get("IssuerOfPatientID") or "")
+    return PatientAttributes(
+        name=str(row.get("PatientName") or ""),
+        patient_id=str(row.get("PatientID") or ""),
+        issuer="" if issuer.startswith("study:") else issuer,
+        birth_date=str(row.get("PatientBirthDate") or ""),
+        sex=str(row.get("PatientSex") or ""),
+    )
 
 
 def _pn_text(value: Any) -> str:
@@ -165,12 +181,52 @@ def _json_value(elem: Any, vr: str) -> str | None:
     return str(first).strip()
 
 
+_DECODER = json.JSONDecoder()
+
+
+def _top_level_element(meta: str, tag: str) -> Any:
+    """The JSON object of ``tag`` in ``meta`` without parsing the rest (``/metadata``
+    of a large series would otherwise parse every header twice). The first occurrence
+    is the top-level one: keys are written sorted (``core.instance.metadata_json``),
+    so a sequence holding the same tag (Other Patient IDs Sequence) comes after it.
+    ``None`` when absent."""
+    at = meta.find(f'"{tag}"')
+    if at < 0:
+        return None
+    colon = meta.find(":", at + len(tag) + 2)
+    start = colon + 1
+    while start < len(meta) and meta[start] in " \t\r\n":
+        start += 1
+    try:
+        value, _end = _DECODER.raw_decode(meta, start)
+    except ValueError:
+        return None
+    return value
+
+
+def json_differences(meta: str, current: PatientAttributes) -> list[str] | None:
+    """Keywords whose value in the DICOM JSON ``meta`` is not ``current``'s; None when
+    ``meta`` is not a JSON object (then read the file's header instead)."""
+    if not meta.lstrip().startswith("{") or meta.strip() == "{}":
+        return None
+    out = []
+    for keyword, tag, vr, field in PATIENT_MODULE:
+        want = getattr(current, field)
+        if vr == "PN":
+            want = _pn_text(want)
+        if (_json_value(_top_level_element(meta, tag), vr) or "") != want:
+            out.append(keyword)
+    return out
+
+
 def coerce_patient_json(
     meta: str, current: PatientAttributes, *, now: datetime | None = None
 ) -> str:
     """:func:`coerce_patient_module` for the DICOM JSON of one instance (PS3.18 F.2):
     the same values and the same Original Attributes Sequence item, as JSON text.
     Returns ``meta`` itself when nothing differs."""
+    if json_differences(meta, current) == []:
+        return meta  # the common case, without parsing the whole header
     try:
         obj = json.loads(meta)
     except ValueError:

@@ -18,13 +18,17 @@ index holds it now and applies :func:`core.coercion.coerce_patient_module` (or
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pydicom import dcmread
 
 from core.audit import AuditEntry, patient_key
-from core.coercion import PatientAttributes
+from core.coercion import PatientAttributes, coerce_patient_module, json_differences
 from core.errors import InvalidQueryError
 from core.logging import correlation_id
 from core.patients import (
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PatientIdentityService",
     "PatientLinks",
+    "coerced_part10",
     "current_patient_attributes",
 ]
 
@@ -72,6 +77,30 @@ def current_patient_attributes(
     """
     row = SqlPatientStore(index).study_patient(study_instance_uid)
     return None if row is None else _attributes(row)
+
+
+def coerced_part10(
+    source: Path | bytes, current: PatientAttributes, *, metadata: str = ""
+) -> bytes | None:
+    """The Part-10 bytes of ``source`` (a stored original's path, or bytes already
+    transcoded) with ``current``'s Patient module, or None when it carries those
+    values already (send the original as it is, bit for bit).
+
+    ``metadata``: the instance's DICOM JSON from the index, when there is one, so an
+    unchanged instance is recognised without opening its file.
+    """
+    if metadata and metadata != "{}":
+        differences = json_differences(metadata, current)
+        if differences == []:
+            return None
+    fp: BinaryIO = source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
+    with fp:
+        ds = dcmread(fp)
+    if not coerce_patient_module(ds, current):
+        return None
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +245,10 @@ class PatientIdentityService:
 
     def patient(self, patient_pk: int) -> PatientRow | None:
         return self.store.patient(patient_pk)
+
+    def find(self, ref: PatientRef) -> PatientRow | None:
+        """The patient row ``ref`` names (an empty issuer: the hospital's, or none)."""
+        return self.store.find(ref.patient_id, self._issuers(ref))
 
     # -- helpers ------------------------------------------------------------------------
 

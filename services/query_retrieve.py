@@ -33,6 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
 from core.audit import AuditEntry, patient_key
+from core.coercion import PatientAttributes, coerce_patient_module, patient_attributes_from_row
 from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.logging import correlation_id
 from storage.abc import OriginalStore
@@ -389,6 +390,9 @@ class RetrieveItem:
     blob_key: str
     study_instance_uid: str
     patient_id: str
+    #: The patient as the index holds it now (issue 17): sent instead of the stored
+    #: values when they differ, recorded in Original Attributes Sequence.
+    patient: PatientAttributes | None = None
 
 
 def parse_retrieve(identifier: Dataset, model: Model) -> Query:
@@ -482,6 +486,7 @@ class QueryRetrieveService:
                 blob_key=str(r["blob_key"]),
                 study_instance_uid=str(r["StudyInstanceUID"]),
                 patient_id=str(r.get("PatientID", "") or ""),
+                patient=patient_attributes_from_row(r),
             )
             for r in rows
         ]
@@ -490,9 +495,12 @@ class QueryRetrieveService:
         """The stored instance as a pydicom Dataset (file meta included)."""
         try:
             with self.originals.open(item.blob_key) as fp:
-                return dcmread(fp)
+                ds = dcmread(fp)
         except FileNotFoundError as exc:
             raise NotFoundError(f"original of {item.sop_instance_uid} is missing") from exc
+        if item.patient is not None:
+            coerce_patient_module(ds, item.patient)  # the original file is untouched
+        return ds
 
 
     def record_retrieve(

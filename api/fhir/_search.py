@@ -88,6 +88,10 @@ class ResourceSpec:
     includes: tuple[str, ...] = ()
     #: Profile/documentation shown in the CapabilityStatement.
     documentation: str = ""
+    #: Operations on the type or instance: ``(name, OperationDefinition canonical)``.
+    operations: tuple[tuple[str, str], ...] = ()
+    #: With ``update``: may an update create a resource at a client-chosen id?
+    update_create: bool = True
 
     def param(self, name: str) -> SearchParam | None:
         return next((p for p in self.params if p.name == name), None)

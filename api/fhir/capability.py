@@ -31,7 +31,7 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
         "interaction": [{"code": code} for code in spec.interactions],
     }
     if "update" in spec.interactions:
-        entry["updateCreate"] = True
+        entry["updateCreate"] = spec.update_create
     if spec.params:
         entry["searchParam"] = [
             {
@@ -44,6 +44,8 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
         ]
     if spec.includes:
         entry["searchInclude"] = list(spec.includes)
+    if spec.operations:
+        entry["operation"] = [{"name": n, "definition": d} for n, d in spec.operations]
     if "search-type" in spec.interactions:
         sort = f"; _sort: {' | '.join(spec.sorts)} (one key)" if spec.sorts else ""
         entry["documentation"] = (

@@ -44,7 +44,9 @@ _PATIENT_DOC = (
 
 PATIENT = ResourceSpec(
     "Patient",
-    _READ_SEARCH,
+    # update: demographics (and identifier) from the record system; $merge: IHE PIR
+    # patient merge (FHIR R5 Patient-merge, answered in R4), issue 17.
+    (*_READ_SEARCH, "update"),
     (
         _ID,
         _LAST_UPDATED,
@@ -59,6 +61,8 @@ PATIENT = ResourceSpec(
         _p("birthdate", "date", "individual-birthdate", "Birth date (eq, gt, ge, lt, le)"),
         _p("gender", "token", "individual-gender", "male | female | other | unknown"),
     ),
+    operations=(("merge", "http://hl7.org/fhir/OperationDefinition/Patient-merge"),),
+    update_create=False,
 )
 
 IMAGING_STUDY = ResourceSpec(

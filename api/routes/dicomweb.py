@@ -49,8 +49,10 @@ from api.dicomweb._pixels import (
     render,
     transcode,
 )
+from core.coercion import coerce_patient_json
 from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.instance import metadata_json
+from services.patients import coerced_part10, current_patient_attributes
 from storage.archive import Archive
 from storage.index.queries import Level
 from storage.index.sql import MetadataRow, SqlIndex
@@ -196,21 +198,32 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _retrieve(request: Request, archive: Archive, rows: list[MetadataRow]) -> Response:
+def _retrieve(
+    request: Request, archive: Archive, rows: list[MetadataRow], index: SqlIndex
+) -> Response:
     accept = parse_accept(request.headers.get("accept"))
     target = choose_instance_syntax(accept, [r.transfer_syntax_uid for r in rows])
     if target is None:
         raise _not_acceptable("application/dicom in a transfer syntax we can produce")
     paths = [(r, _path(archive, r.blob_key)) for r in rows]
     boundary = new_boundary()
+    # The patient as the index holds it now (issue 17): instances sent out carry it,
+    # the originals stay as stored (services.patients.coerced_part10).
+    current = current_patient_attributes(index, rows[0].study_instance_uid)
 
     def parts() -> Iterator[tuple[str, Iterable[bytes]]]:
         for row, path in paths:
             if target in ("*", row.transfer_syntax_uid):
                 ts = row.transfer_syntax_uid
-                yield f"application/dicom; transfer-syntax={ts}", _file_chunks(path)
+                coerced = (
+                    coerced_part10(path, current, metadata=row.metadata_json) if current else None
+                )
+                body = _file_chunks(path) if coerced is None else [coerced]
+                yield f"application/dicom; transfer-syntax={ts}", body
             else:
-                yield f"application/dicom; transfer-syntax={target}", [transcode(path, target)]
+                data = transcode(path, target)
+                coerced = coerced_part10(data, current) if current else None
+                yield f"application/dicom; transfer-syntax={target}", [coerced or data]
 
     type_param = "application/dicom"
     if target != "*":
@@ -236,14 +249,14 @@ _WADO = {
 @router.get("/studies/{study}", summary="WADO-RS: retrieve a study", **_WADO)  # type: ignore[arg-type]
 def retrieve_study(request: Request, index: IndexDep, archive: ArchiveDep, study: Uid) -> Response:
     """All instances of a study as multipart/related (PS3.18 10.4.1.1.1)."""
-    return _retrieve(request, archive, _rows(index, study))
+    return _retrieve(request, archive, _rows(index, study), index)
 
 
 @router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series", **_WADO)  # type: ignore[arg-type]
 def retrieve_series(
     request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid
 ) -> Response:
-    return _retrieve(request, archive, _rows(index, study, series))
+    return _retrieve(request, archive, _rows(index, study, series), index)
 
 
 @router.get(
@@ -254,22 +267,28 @@ def retrieve_series(
 def retrieve_instance(
     request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid, sop: Uid
 ) -> Response:
-    return _retrieve(request, archive, _rows(index, study, series, sop))
+    return _retrieve(request, archive, _rows(index, study, series, sop), index)
 
 
 # -- WADO-RS metadata (PS3.18 10.4.1.1.2) ---------------------------------------------
 
 
-def _metadata(request: Request, archive: Archive, rows: list[MetadataRow]) -> Response:
+def _metadata(
+    request: Request, archive: Archive, rows: list[MetadataRow], index: SqlIndex
+) -> Response:
     _check_json_accept(request)
     base = _base(request)
     items = []
+    # Current patient values over the stored ones (issue 17, core.coercion).
+    current = current_patient_attributes(index, rows[0].study_instance_uid) if rows else None
     for row in rows:
         meta = row.metadata_json
         if meta == "{}":
             # The instance job has not run yet: read the header ourselves.
             with archive.originals.open(row.blob_key) as fp:
                 meta = metadata_json(dcmread(fp, defer_size=1024))
+        if current is not None:
+            meta = coerce_patient_json(meta, current)
         url = (
             f"{base}/studies/{row.study_instance_uid}/series/{row.series_instance_uid}"
             f"/instances/{row.sop_instance_uid}"
@@ -284,7 +303,7 @@ _META = {"responses": {200: {"description": "DICOM JSON", "content": {DICOM_JSON
 
 @router.get("/studies/{study}/metadata", summary="WADO-RS: study metadata", **_META)  # type: ignore[arg-type]
 def study_metadata(request: Request, index: IndexDep, archive: ArchiveDep, study: Uid) -> Response:
-    return _metadata(request, archive, _rows(index, study))
+    return _metadata(request, archive, _rows(index, study), index)
 
 
 @router.get(
@@ -295,7 +314,7 @@ def study_metadata(request: Request, index: IndexDep, archive: ArchiveDep, study
 def series_metadata(
     request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid
 ) -> Response:
-    return _metadata(request, archive, _rows(index, study, series))
+    return _metadata(request, archive, _rows(index, study, series), index)
 
 
 @router.get(
@@ -306,7 +325,7 @@ def series_metadata(
 def instance_metadata(
     request: Request, index: IndexDep, archive: ArchiveDep, study: Uid, series: Uid, sop: Uid
 ) -> Response:
-    return _metadata(request, archive, _rows(index, study, series, sop))
+    return _metadata(request, archive, _rows(index, study, series, sop), index)
 
 
 # -- WADO-RS frames, bulk data (PS3.18 10.4.1.1.3, 10.4.1.1.5) -----------------------

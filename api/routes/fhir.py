@@ -52,6 +52,7 @@ from api.fhir.imaging import (
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
+from api.routes.patients import with_links
 from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, Query
@@ -429,7 +430,8 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
         total = index.count(query)
         if paging.count:
             rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
-    return _fhir(search_bundle(request, search, [patient(r) for r in rows], total))
+    found = [with_links(request, patient(r)) for r in rows]  # merges (issue 17)
+    return _fhir(search_bundle(request, search, found, total))
 
 
 @router.get("/Patient/{id}", summary="Read Patient", responses=_FHIR_RESPONSES)
@@ -440,4 +442,4 @@ def read_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
     rows = index.find(Query(level="patient", patient_pk=int(id)))
     if not rows:
         raise NotFoundError("no such Patient")
-    return _fhir(patient(rows[0]))
+    return _fhir(with_links(request, patient(rows[0])))  # merges (issue 17)

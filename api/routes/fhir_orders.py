@@ -64,6 +64,7 @@ from api.fhir import (
     split_or,
 )
 from api.fhir._input import MalformedResourceError, check_strings, expect, read_resource
+from api.fhir.imaging import issuer_for_system, patient_system
 from api.fhir.registry import SERVICE_REQUEST
 from api.routes.fhir import patient_identifiers
 from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
@@ -208,7 +209,10 @@ def _patient(resource: dict[str, Any]) -> Patient:
         birth_date = datetime.strptime(str(birth), "%Y-%m-%d").date() if birth else None
     except ValueError:
         raise InvalidResourceError("Patient.birthDate must be YYYY-MM-DD") from None
-    issuer = str(ids[0].get("system") or "").removeprefix("urn:oid:")
+    # The issuer as imaging and lab keep it (api.fhir.imaging.issuer_for_system), so
+    # that an order's patient is the same patient row everywhere (issue 17 merges).
+    system = str(ids[0].get("system") or "")
+    issuer = issuer_for_system(system) if system else ""
     return Patient(
         name=_person_name(names[0], f"{where}.name[0]") if names else "",
         id=str(ids[0]["value"])[:64],
@@ -341,6 +345,7 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
     """The ServiceRequest (with contained Patient) of an order."""
     item = rec.item
     p, o = item.patient, item.order
+    system = patient_system(p.issuer) if p.issuer else None
     pn = p.name.split("^") + [""] * 5
     name: dict[str, Any] = {}
     if pn[0]:
@@ -351,7 +356,7 @@ def record_to_resource(rec: OrderRecord) -> dict[str, Any]:
     patient: dict[str, Any] = {
         "resourceType": "Patient",
         "id": "patient",
-        "identifier": [{"value": p.id, **({"system": p.issuer} if p.issuer else {})}],
+        "identifier": [{"value": p.id, **({"system": system} if system else {})}],
     }
     if name:
         patient["name"] = [name]

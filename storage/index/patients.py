@@ -196,6 +196,11 @@ class SqlPatientStore:
                 return self._row(r)
         return None
 
+    def find(self, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
+        """The row of ``patient_id`` under the first of ``issuers`` that has one."""
+        with self.engine.connect() as conn:
+            return self._find(conn, patient_id, issuers)
+
     def patient(self, pk: int) -> PatientRow | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(patients).where(patients.c.id == pk)).first()

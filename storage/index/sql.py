@@ -411,6 +411,14 @@ class SqlIndex:
             .on_conflict_do_nothing(),
             dialect,
         )
+        from storage.index.patients import patient_links  # it imports this module
+
+        self._merged_into = DirectStatement(
+            select(patient_links.c.surviving_pk).where(
+                patient_links.c.obsolete_pk == bindparam("pk")
+            ),
+            dialect,
+        )
         self._study_modality = DirectStatement(
             self._upsert(study_modalities)
             .values(study_pk=bindparam("study_pk"), modality=bindparam("modality"))
@@ -478,6 +486,11 @@ class SqlIndex:
             self._words_delete.execute(conn, [{"pk": patient_pk}])
             words = name_words(patient["name_key"])
             self._words_insert.execute(conn, [{"word": w, "patient_pk": patient_pk} for w in words])
+            # Images arriving under an identifier merged into another (IHE PIR A40,
+            # issue 17) belong to the surviving patient; one key lookup per new series.
+            merged = self._merged_into.execute(conn, [{"pk": patient_pk}])
+            if merged:
+                patient_pk = merged[0][0]
             study_pk = self._study_upsert.one(conn, _study_values(rec, patient_pk, now))
             pk = int(self._series_upsert.one(conn, _series_values(rec, study_pk, now)))
             series_pk[uid] = pk
