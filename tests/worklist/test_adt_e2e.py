@@ -30,7 +30,6 @@ from core.settings import Settings
 from core.synthetic import ct_series
 from pacslab.background import start_orders
 from pacslab.labs import build_lab_watcher
-from pacslab.wiring import build_patient_identity
 from pacslab.worker_process import build_worker
 from tests.support import Receiver, free_port, run_dcmtk, wait_until
 from tests.worklist.adt_messages import a08, a40, a47
@@ -254,10 +253,14 @@ def test_a40_over_mllp_moves_everything_and_undo_restores(
         assert ack["MSA"][1] == "AE" and ack["ERR"][2] == "MRG^1^1"
         assert ack["ERR"][3].startswith("204^")
 
-        # Undo through the service: the former state comes back everywhere.
-        service = build_patient_identity(settings, receiver.index)  # type: ignore[arg-type]
-        merge = next(c for c in service.changes() if c.kind == "merge")
-        service.undo(merge.change_id, source="api", agent="test")
+        # The merge is reviewed and undone through the admin API: the former state
+        # comes back everywhere.
+        changes = client.get("/admin/patients/changes").json()
+        (merge,) = [c for c in changes if c["kind"] == "merge"]
+        assert (merge["source"], merge["agent"]) == ("hl7-mllp", "HIS")
+        assert merge["summary"]["studies"] == 1 and merge["summary"]["lab_results"] == 1
+        undone = client.post(f"/admin/patients/changes/{merge['change_id']}/undo")
+        assert undone.status_code == 200, undone.text
         assert _answers(receiver, client, "TMP0001", tmp_path) == before
         assert _answers(receiver, client, "BN0001", tmp_path)["cfind"] == []
 
