@@ -12,6 +12,7 @@ lab result included, and undoing the merge brings every answer back.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -278,6 +279,18 @@ def test_a47_and_a08_through_the_order_inbox(
         os.replace(inbox / f"{name}.tmp", inbox / name)
         wait_until(lambda: (inbox / "processed" / name).exists(), timeout=60,
                    message=f"{name} not processed")  # fmt: skip
+
+    # An A40 naming a patient we never saw: rejected/ with its reason, nothing applied.
+    unknown = a40([("BN0002", "NOBODY")], control_id="ADT0099")
+    (inbox / "unknown.hl7.tmp").write_bytes(unknown)
+    os.replace(inbox / "unknown.hl7.tmp", inbox / "unknown.hl7")
+    reports = inbox / "rejected"
+    wait_until(lambda: list(reports.glob("*.error.json")) if reports.is_dir() else [],
+               timeout=60, message="unknown.hl7 not rejected")  # fmt: skip
+    (report,) = [json.loads(p.read_text()) for p in reports.glob("*.error.json")]
+    (message,) = report["messages"]
+    assert (message["ack"], message["hl7_error_code"], message["where"]) == ("AE", 204, "MRG^1^1")
+    assert message["changes"] == []
 
     drop("a47.hl7", a47("TMP0002", "BN0002"))
     drop("a08.hl7", a08("BN0002", name="TRẦN^THỊ^MAI", birth="20261201", sex="F"))
