@@ -204,7 +204,8 @@ class PatientIdentityService:
             stored, row = self.store.change_identifier(
                 change_id,
                 (command.old.patient_id, self._issuers(command.old)),
-                (command.new.patient_id, command.new.issuer or self.default_issuer),
+                (command.new.patient_id, self._issuers(command.new)),
+                new_issuer=command.new.issuer or None,
                 source=source,
                 agent=agent,
             )

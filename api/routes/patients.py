@@ -210,8 +210,11 @@ async def update_patient(request: Request, index: IndexDep, id: str) -> JSONResp
     agent = _who(request)
     # Blocking work (one transaction each) off the event loop.
     if wanted is not None:
-        issuer = wanted.issuer if wanted.issuer or not current.issuer else ""
-        if (wanted.patient_id, issuer) != (current.patient_id, current.issuer):
+        # No system in the body: the same assigning authority (only the ID compared).
+        same = wanted.patient_id == current.patient_id and (
+            not wanted.issuer or wanted.issuer == current.issuer
+        )
+        if not same:
             new = PatientRef(wanted.patient_id, wanted.issuer)
             await run_in_threadpool(
                 svc.apply,

@@ -17,7 +17,7 @@ work on the shared tables does not conflict; the tables are created by migration
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     func,
     or_,
@@ -123,6 +124,8 @@ class PatientRow:
     name: str
     birth_date: str
     sex: str
+    #: "record" once the record system set the demographics (images then keep off).
+    demographics_source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +186,9 @@ class SqlPatientStore:
 
     @staticmethod
     def _row(r: Any) -> PatientRow:
-        return PatientRow(int(r.id), r.patient_id, r.issuer, r.name, r.birth_date, r.sex)
+        return PatientRow(
+            int(r.id), r.patient_id, r.issuer, r.name, r.birth_date, r.sex, r.demographics_source
+        )
 
     def _find(self, conn: Connection, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
         for issuer in issuers:
@@ -369,8 +374,9 @@ class SqlPatientStore:
                         .values(surviving_pk=keep.pk)
                     )
                 conn.execute(update(patients).where(patients.c.id == old.pk).values(updated_at=now))
-            for pk, before in old_orders:
-                self._order_change(conn, plan, pk, before, self._order_values(keep))
+            self._orders_change(
+                conn, plan, [(pk, before, self._order_values(keep)) for pk, before in old_orders]
+            )
             stored = self._commit(conn, plan, change_id, "merge", source, agent, now)
         return stored, keep, old
 
@@ -378,12 +384,15 @@ class SqlPatientStore:
         self,
         change_id: str,
         old: tuple[str, list[str]],
-        new: tuple[str, str],
+        new: tuple[str, list[str]],
         *,
+        new_issuer: str | None,
         source: str,
         agent: str,
     ) -> tuple[StoredChange, PatientRow]:
-        """The same patient under a new Patient ID / issuer (HL7 A47)."""
+        """The same patient under a new Patient ID / issuer (HL7 A47). ``new`` lists
+        the issuers the new identifier may already be used under (refused: that is a
+        merge); ``new_issuer`` None keeps the patient's assigning authority."""
         now = _now()
         with self.index.write() as conn:
             plan = _Plan({}, [], None, [])
@@ -391,11 +400,18 @@ class SqlPatientStore:
             old_orders = self._orders_of(conn, old[0], old[1])
             if row is None and not old_orders:
                 raise NotFoundError("the patient whose identifier changes is unknown")
-            if self._find(conn, new[0], [new[1]]) is not None:
+            if self._find(conn, new[0], new[1]) is not None:
                 raise InvalidQueryError(
                     "the new identifier is already in use: that is a merge (A40), not a change"
                 )
-            after = {"patient_id": new[0], "issuer": new[1]}
+            if new_issuer is not None:
+                issuer = new_issuer
+            elif row is not None:
+                issuer = row.issuer
+            else:
+                issuer = str(old_orders[0][1]["issuer"])
+            new = (new[0], [issuer])
+            after = {"patient_id": new[0], "issuer": issuer}
             if row is not None:
                 plan.patient_pks.append(row.pk)
                 self._patient_change(conn, plan, row, after)
@@ -403,11 +419,15 @@ class SqlPatientStore:
                 for table in (lab_results, lab_reports):
                     self._lab_follow(conn, plan, table, row.pk, current)
             else:
-                current = PatientRow(0, new[0], new[1], "", "", "")
-            for pk, before in old_orders:
-                merged = dict(before)
-                merged.update(patient_id=new[0], issuer=new[1])
-                self._order_change(conn, plan, pk, before, merged)
+                current = PatientRow(0, new[0], issuer, "", "", "")
+            self._orders_change(
+                conn,
+                plan,
+                [
+                    (pk, before, {**before, "patient_id": new[0], "issuer": issuer})
+                    for pk, before in old_orders
+                ],
+            )
             stored = self._commit(conn, plan, change_id, "change-identifier", source, agent, now)
         return stored, current
 
@@ -427,26 +447,19 @@ class SqlPatientStore:
             saved = json.loads(r.rows_json)
             plan = _Plan({}, [], None, [int(p) for p in r.patient_pks.strip(",").split(",") if p])
             for table, rows in saved.get("rows", {}).items():
-                for pk, before, after in rows:
-                    if table == "orders":
-                        current = self._order_patient(conn, pk)
-                        self._check(current, after)
-                        merged = dict(current or {})
+                if table == "orders":
+                    pks = [int(pk) for pk, _b, _a in rows]
+                    current = self._orders_patients(conn, pks)
+                    changes = []
+                    for pk, before, after in rows:
+                        now_values = current.get(int(pk))
+                        self._check(now_values, after)
+                        merged = dict(now_values or {})
                         merged.update(before)
-                        self._order_change(conn, plan, pk, current or {}, merged)
-                        continue
-                    tbl = _TABLES[table]
-                    cur = conn.execute(select(tbl).where(tbl.c.id == pk)).first()
-                    self._check(None if cur is None else dict(cur._mapping), after)
-                    plan.add(table, pk, after, before)
-                    values = dict(before)
-                    if table in ("patients", "studies"):
-                        values["updated_at"] = now
-                    if table == "patients" and "name" in before:
-                        values["name_key"] = person_name_key(before["name"])
-                    conn.execute(update(tbl).where(tbl.c.id == pk).values(**values))
-                    if table == "patients" and "name" in before:
-                        set_name_words(conn, pk, values["name_key"])
+                        changes.append((int(pk), now_values or {}, merged))
+                    self._orders_change(conn, plan, changes)
+                    continue
+                self._restore(conn, plan, table, rows, now)
             link = saved.get("link")
             if link:
                 conn.execute(delete(patient_links).where(patient_links.c.obsolete_pk == link[0]))
@@ -477,6 +490,42 @@ class SqlPatientStore:
         return stored
 
     # -- helpers ----------------------------------------------------------------
+
+    def _restore(
+        self,
+        conn: Connection,
+        plan: _Plan,
+        table: str,
+        rows: list[Any],
+        now: datetime,
+    ) -> None:
+        """Rows of one table back to their "before" values, one UPDATE per distinct
+        (before, after) pair, each only where the row still holds "after"."""
+        tbl = _TABLES[table]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for pk, before, after in rows:
+            key = (json.dumps(before, sort_keys=True), json.dumps(after, sort_keys=True))
+            groups.setdefault(key, []).append(int(pk))
+            plan.add(table, int(pk), after, before)
+        for (before_text, after_text), pks in groups.items():
+            before, after = json.loads(before_text), json.loads(after_text)
+            values = dict(before)
+            if table in ("patients", "studies"):
+                values["updated_at"] = now
+            if table == "patients" and "name" in before:
+                values["name_key"] = person_name_key(before["name"])
+            for chunk in range(0, len(pks), 500):
+                ids = pks[chunk : chunk + 500]
+                conds = [tbl.c.id.in_(ids)]
+                conds += [
+                    tbl.c[k].is_(None) if v is None else tbl.c[k] == v for k, v in after.items()
+                ]
+                done = conn.execute(update(tbl).where(and_(*conds)).values(**values)).rowcount
+                if done != len(ids):
+                    self._check(None, after)  # raises: rolled back with the transaction
+            if table == "patients" and "name" in before:
+                for pk in pks:
+                    set_name_words(conn, pk, values["name_key"])
 
     @staticmethod
     def _check(current: Mapping[str, Any] | None, after: Mapping[str, Any]) -> None:
@@ -509,6 +558,7 @@ class SqlPatientStore:
                     name_key=key,
                     birth_date=(demographics.get("birth_date") or "")[:8],
                     sex=(demographics.get("sex") or "")[:16],
+                    demographics_source="record",
                     updated_at=now,
                 )
                 .returning(patients.c.id)
@@ -527,8 +577,11 @@ class SqlPatientStore:
             "name": row.name,
             "birth_date": row.birth_date,
             "sex": row.sex,
+            "demographics_source": row.demographics_source,
         }
         values = {k: v for k, v in after.items() if k in before}
+        if any(k in values for k in _DEMOGRAPHICS):
+            values["demographics_source"] = "record"
         if "birth_date" in values:
             values["birth_date"] = (values["birth_date"] or "")[:8]
         if "sex" in values:
@@ -576,6 +629,7 @@ class SqlPatientStore:
         if table is lab_results:
             cols.append(table.c.conflict_patient_pk)
             cond = or_(cond, table.c.conflict_patient_pk == old_pk)
+        groups: dict[tuple[str, str], list[int]] = {}
         for r in conn.execute(select(*cols).where(cond)).all():
             before = dict(r._mapping)
             pk = int(before.pop("id"))
@@ -589,13 +643,21 @@ class SqlPatientStore:
             plan.add(name, pk, before, after)
             changed = {k: v for k, v in after.items() if before[k] != v}
             if changed:
-                conn.execute(update(table).where(table.c.id == pk).values(**changed))
+                groups.setdefault((json.dumps(changed, sort_keys=True), ""), []).append(pk)
+        # One UPDATE per distinct change (usually one), not one per result.
+        for (changed_text, _), pks in groups.items():
+            changed = json.loads(changed_text)
+            for chunk in range(0, len(pks), 500):
+                conn.execute(
+                    update(table).where(table.c.id.in_(pks[chunk : chunk + 500])).values(**changed)
+                )
 
     def _orders_follow(
         self, conn: Connection, plan: _Plan, before: PatientRow, after: PatientRow
     ) -> None:
-        for pk, cols in self._orders_of(conn, before.patient_id, [before.issuer]):
-            self._order_change(conn, plan, pk, cols, self._order_values(after))
+        values = self._order_values(after)
+        found = self._orders_of(conn, before.patient_id, [before.issuer])
+        self._orders_change(conn, plan, [(pk, cols, values) for pk, cols in found])
 
     @staticmethod
     def _order_values(p: PatientRow) -> dict[str, Any]:
@@ -621,55 +683,95 @@ class SqlPatientStore:
         return [(int(r.id), {c: r._mapping[c] for c in _ORDER_COLS}) for r in rows]
 
     @staticmethod
-    def _order_patient(conn: Connection, pk: int) -> dict[str, Any] | None:
-        r = conn.execute(
-            select(*(orders.c[c] for c in _ORDER_COLS)).where(orders.c.id == pk)
-        ).first()
-        return None if r is None else dict(r._mapping)
+    def _orders_patients(conn: Connection, pks: list[int]) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for chunk in range(0, len(pks), 500):
+            rows = conn.execute(
+                select(orders.c.id, *(orders.c[c] for c in _ORDER_COLS)).where(
+                    orders.c.id.in_(pks[chunk : chunk + 500])
+                )
+            ).all()
+            for r in rows:
+                out[int(r.id)] = {c: r._mapping[c] for c in _ORDER_COLS}
+        return out
 
-    def _order_change(
+    def _orders_change(
         self,
         conn: Connection,
         plan: _Plan,
-        pk: int,
-        before: Mapping[str, Any],
-        after: Mapping[str, Any],
+        changes: Sequence[tuple[int, Mapping[str, Any], Mapping[str, Any]]],
     ) -> None:
-        """New order version whose worklist item carries ``after``'s patient values
-        (the worklist caches items by order version, so the version must move)."""
-        changed = {k: after[k] for k in _ORDER_COLS if k in after and before.get(k) != after[k]}
-        if not changed:
+        """New order versions whose worklist items carry the "after" patient values
+        (the worklist caches items by order version, so the version must move).
+        Statements are batched: one SELECT per 500 orders, one executemany each for
+        the UPDATEs and the version rows."""
+        todo: dict[int, dict[str, Any]] = {}
+        for pk, before, after in changes:
+            changed = {k: after[k] for k in _ORDER_COLS if k in after and before.get(k) != after[k]}
+            if changed:
+                plan.add("orders", pk, before, changed)
+                todo[pk] = changed
+        if not todo:
             return
-        plan.add("orders", pk, before, changed)
-        r = conn.execute(
-            select(orders.c.item_json, orders.c.version, orders.c.status, orders.c.source).where(
-                orders.c.id == pk
-            )
-        ).one()
-        item = json.loads(r.item_json)
-        patient = item.setdefault("patient", {})
-        for col, value in changed.items():
-            field = {"patient_id": "id", "patient_name": "name"}.get(col, col)
-            patient[field] = _da_to_iso(value) if col == "birth_date" else value
         now = _now()
-        text = json.dumps(item, ensure_ascii=False)
-        version = int(r.version) + 1
-        conn.execute(
+        updates: list[dict[str, Any]] = []
+        versions: list[dict[str, Any]] = []
+        pks = sorted(todo)
+        for chunk in range(0, len(pks), 500):
+            rows = conn.execute(
+                select(
+                    orders.c.id,
+                    orders.c.item_json,
+                    orders.c.version,
+                    orders.c.status,
+                    orders.c.source,
+                ).where(orders.c.id.in_(pks[chunk : chunk + 500]))
+            ).all()
+            for r in rows:
+                changed = todo[int(r.id)]
+                item = json.loads(r.item_json)
+                patient = item.setdefault("patient", {})
+                for col, value in changed.items():
+                    field = {"patient_id": "id", "patient_name": "name"}.get(col, col)
+                    patient[field] = _da_to_iso(value) if col == "birth_date" else value
+                text = json.dumps(item, ensure_ascii=False)
+                version = int(r.version) + 1
+                row = {c: changed.get(c) for c in _ORDER_COLS}
+                updates.append(
+                    {
+                        "pk": int(r.id),
+                        **{f"v_{c}": v for c, v in row.items()},
+                        "b_item": text,
+                        "b_version": version,
+                        "b_updated": now,
+                    }
+                )
+                versions.append(
+                    {
+                        "order_pk": int(r.id),
+                        "version": version,
+                        "status": r.status,
+                        "event": "patient",
+                        "source": r.source,
+                        "item_json": text,
+                        "changed_at": now,
+                    }
+                )
+        # Columns not changed keep their value: COALESCE with a NULL parameter.
+        stmt = (
             update(orders)
-            .where(orders.c.id == pk)
-            .values(**changed, item_json=text, version=version, updated_at=now)
-        )
-        conn.execute(
-            order_versions.insert().values(
-                order_pk=pk,
-                version=version,
-                status=r.status,
-                event="patient",
-                source=r.source,
-                item_json=text,
-                changed_at=now,
+            .where(orders.c.id == bindparam("pk"))
+            .values(
+                {
+                    **{c: func.coalesce(bindparam(f"v_{c}"), orders.c[c]) for c in _ORDER_COLS},
+                    "item_json": bindparam("b_item"),
+                    "version": bindparam("b_version"),
+                    "updated_at": bindparam("b_updated"),
+                }
             )
         )
+        conn.execute(stmt, updates)
+        conn.execute(order_versions.insert(), versions)
 
     def _drop_if_unused(self, conn: Connection, pk: int) -> None:
         """Remove a patient row an undone change created, unless something uses it now."""
@@ -708,7 +810,14 @@ class SqlPatientStore:
             "lab_reports": plan.count("lab_reports"),
             "patients": plan.count("patients"),
             "created": len(plan.created),
-            "fields": sorted({k for _, _, after in plan.rows.get("patients", []) for k in after}),
+            "fields": sorted(
+                {
+                    k
+                    for _, _, after in plan.rows.get("patients", [])
+                    for k in after
+                    if k != "demographics_source"
+                }
+            ),
         }
         rows = {
             "rows": plan.rows,

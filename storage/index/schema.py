@@ -84,6 +84,9 @@ patients = Table(
     # PatientName=TRẦN* is a range scan that also finds "Trần" and "TRAN".
     Column("name_key", SEARCH_KEY, nullable=False, server_default=""),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Migration 0008_pir: "record" once the record system set the demographics (HL7
+    # ADT, FHIR Patient; issue 17): images received later no longer overwrite them.
+    Column("demographics_source", String(16), nullable=False, server_default=""),
     UniqueConstraint("patient_id", "issuer", name="uq_patients_patient_id_issuer"),
     Index("ix_patients_name_key", "name_key"),
 )

@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.errors import NotFoundError, OutOfResourcesError
@@ -389,11 +400,23 @@ class SqlIndex:
                 dialect,
             )
 
-        self._patient_upsert = upsert_stmt(
-            patients,
-            _PATIENT_KEYS,
-            ["patient_id", "issuer"],
-            ["name", "name_key", "birth_date", "sex", "updated_at"],
+        # Demographics the record system set (HL7 ADT, FHIR Patient; issue 17) are not
+        # overwritten by a modality's header: the row keeps them, and says so.
+        stmt = self._upsert(patients).values({k: bindparam(k) for k in _PATIENT_KEYS})
+        # A literal, not a bind parameter: DirectStatement binds only the row's values.
+        recorded = patients.c.demographics_source == literal_column("'record'")
+        self._patient_upsert = DirectStatement(
+            stmt.on_conflict_do_update(
+                index_elements=["patient_id", "issuer"],
+                set_={
+                    **{
+                        k: case((recorded, patients.c[k]), else_=stmt.excluded[k])
+                        for k in ("name", "name_key", "birth_date", "sex")
+                    },
+                    "updated_at": stmt.excluded["updated_at"],
+                },
+            ).returning(patients.c.id, patients.c.demographics_source),
+            dialect,
         )
         self._study_upsert = upsert_stmt(
             studies, _STUDY_KEYS, ["study_instance_uid"], ["updated_at"]
@@ -480,12 +503,15 @@ class SqlIndex:
                 series_pk[uid] = cached
                 continue
             patient = _patient_values(rec, now)
-            patient_pk = self._patient_upsert.one(conn, patient)
-            # The name's words, for "starts with any part" searches; once per series
-            # new to this process, like the patient upsert itself.
-            self._words_delete.execute(conn, [{"pk": patient_pk}])
-            words = name_words(patient["name_key"])
-            self._words_insert.execute(conn, [{"word": w, "patient_pk": patient_pk} for w in words])
+            ((patient_pk, source),) = self._patient_upsert.execute(conn, [patient])
+            if source != "record":
+                # The name's words, for "starts with any part" searches; once per series
+                # new to this process, like the patient upsert itself.
+                self._words_delete.execute(conn, [{"pk": patient_pk}])
+                words = name_words(patient["name_key"])
+                self._words_insert.execute(
+                    conn, [{"word": w, "patient_pk": patient_pk} for w in words]
+                )
             # Images arriving under an identifier merged into another (IHE PIR A40,
             # issue 17) belong to the surviving patient; one key lookup per new series.
             merged = self._merged_into.execute(conn, [{"pk": patient_pk}])

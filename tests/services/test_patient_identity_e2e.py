@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,12 +387,25 @@ def test_identifier_change_and_demographics_update_through_fhir_put(
     assert change["before"]["patient"] != change["after"]["patient"]
     assert entries["patient.update"]["fields"] == ["birth_date", "name", "sex"]
 
+    # A modality still sending the old name does not undo the record system's update.
+    late, late_datasets = _study("NEW-ID-9", OLD_NAME, "CT", CT, "PIR4")
+    store(world["port"], late_datasets)
+    found = _study_find(world, "a6", "NEW-ID-9")
+    assert {(r.StudyInstanceUID, _pn(r.PatientName)) for r in found} == {
+        (old.study_uid, "PHẠM^VĂN ĐỨC"),
+        (late.study_uid, "PHẠM^VĂN ĐỨC"),
+    }
+    assert _qido(http, PatientName="ONE*") == []
+
     # Undo both (newest first): the former identity and demographics are back.
     for c in http.get("/admin/patients/changes").json():
         r = http.post(f"/admin/patients/changes/{c['change_id']}/undo")
         assert r.status_code == 200, r.text
     found = _study_find(world, "a4", OLD_ID)
-    assert [(r.StudyInstanceUID, _pn(r.PatientName)) for r in found] == [(old.study_uid, OLD_NAME)]
+    assert {(r.StudyInstanceUID, _pn(r.PatientName)) for r in found} == {
+        (old.study_uid, OLD_NAME),
+        (late.study_uid, OLD_NAME),
+    }
     assert _qido(http, PatientName="pham*") == []
     assert [str(i.PatientID) for i in _worklist(world, "a5", OLD_ID)] == [OLD_ID]
 
@@ -474,3 +489,79 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
     found = {r.StudyInstanceUID for r in _study_find(world, "late", SURV_ID)}
     assert found == {world["old"].study_uid, world["surv"].study_uid, late.study_uid}
     assert _study_find(world, "late-old", OLD_ID) == []
+
+
+JS = Path(__file__).resolve().parents[1] / "js"
+MERGE_SCRIPT = r"""
+import { Client } from 'fhir-kit-client';
+import fhirPkg from 'fhir';
+const { Fhir } = fhirPkg;
+const [base, system, source, target] = process.argv.slice(1);
+const client = new Client({ baseUrl: base });
+const fhir = new Fhir();
+const problems = [];
+const check = (r) => {
+  for (const m of fhir.validate(r).messages) {
+    if (m.severity === 'error') problems.push(`${r.resourceType}: ${m.location} ${m.message}`);
+  }
+  return r;
+};
+const find = async (value) => {
+  const searchParams = { identifier: `${system}|${value}` };
+  return (await client.search({ resourceType: 'Patient', searchParams })).entry[0].resource;
+};
+const obsolete = await find(source);
+const input = {
+  resourceType: 'Parameters',
+  parameter: [
+    { name: 'source-patient', valueReference: { reference: `Patient/${obsolete.id}` } },
+    { name: 'target-patient-identifier', valueIdentifier: { system, value: target } },
+  ],
+};
+const out = check(await client.operation({ name: '$merge', resourceType: 'Patient', input }));
+const replaced = check(await client.read({ resourceType: 'Patient', id: obsolete.id }));
+const survivor = check(await client.resolve({ reference: replaced.link[0].other.reference }));
+const searchParams = { patient: `Patient/${survivor.id}` };
+const studies = await client.search({ resourceType: 'ImagingStudy', searchParams });
+console.log(JSON.stringify({ out, replaced, survivor, studies: studies.total, problems }));
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None
+    or not (JS / "node_modules" / "fhir-kit-client").is_dir()
+    or not (JS / "node_modules" / "fhir").is_dir(),
+    reason="node, fhir-kit-client or fhir not installed (./run test installs them)",
+)
+def test_fhir_kit_client_merges_and_follows_the_link(world: dict[str, Any]) -> None:
+    """npm fhir-kit-client (nobody on the team wrote it) calls $merge, reads the
+    obsolete Patient and resolves its replaced-by link; npm ``fhir`` validates each."""
+    base = str(world["http"].base_url).rstrip("/") + "/fhir"
+    done = subprocess.run(
+        [
+            shutil.which("node") or "node",
+            "--input-type=module",
+            "-e",
+            MERGE_SCRIPT,
+            base,
+            SYSTEM,
+            OLD_ID,
+            SURV_ID,
+        ],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["problems"] == []
+    assert [p["name"] for p in got["out"]["parameter"]] == ["input", "outcome", "result"]
+    assert got["replaced"]["active"] is False
+    assert got["replaced"]["link"][0]["type"] == "replaced-by"
+    assert got["survivor"]["identifier"][0]["value"] == SURV_ID
+    assert got["survivor"]["link"] == [
+        {"other": {"reference": f"Patient/{got['replaced']['id']}"}, "type": "replaces"}
+    ]
+    assert got["studies"] == 2

@@ -8,6 +8,8 @@ Create Date: 2026-12-02 19:20:00.000000
 change, undo) with the before/after values of every row it touched, so that a merge
 can be reviewed and undone exactly. ``patient_links`` says which patient row a merge
 made obsolete and which one survived (FHIR ``Patient.link`` replaced-by / replaces).
+``patients.demographics_source`` says the record system set a patient's demographics,
+which images received later then no longer overwrite.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.add_column(
+        "patients",
+        sa.Column("demographics_source", sa.String(length=16), server_default="", nullable=False),
+    )
     op.create_table(
         "patient_changes",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -51,6 +57,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("patients", schema=None) as batch_op:
+        batch_op.drop_column("demographics_source")
     op.drop_index("ix_patient_links_surviving_pk", table_name="patient_links")
     op.drop_table("patient_links")
     op.drop_index("ix_patient_changes_created_at", table_name="patient_changes")
