@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
+from storage.index.patients import patient_links
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.lab import (
@@ -344,7 +346,10 @@ class SqlLabStore:
         critical_pks: list[int] = []
         conflict_pks: list[int] = []
         new_versions = 0
+        merged: dict[tuple[str, str], tuple[str, str] | None] = {}
         for result in results:
+            # A merged identifier (issue 17): the survivor's result.
+            result = self._surviving(conn, result, merged)
             patient_pk, issuer = self._patient(conn, result, now, patient_rows)
             key = (result.report.report_id, patient_pk)
             if key not in reports:
@@ -423,6 +428,37 @@ class SqlLabStore:
             _result_select().where(lab_results.c.id.in_(pks)).order_by(lab_results.c.id)
         ).all()
         return tuple(_stored_result(r) for r in rows)
+
+    def _surviving(
+        self,
+        conn: Connection,
+        result: NewLabResult,
+        cache: dict[tuple[str, str], tuple[str, str] | None],
+    ) -> NewLabResult:
+        """``result`` as the surviving patient's when its identifier was merged into
+        another (IHE PIR A40, issue 17): lab results sent later under the obsolete
+        identifier follow the merge, as images do."""
+        if result.is_qc or not result.patient_id:
+            return result
+        key = (result.patient_id[:64], (result.patient_issuer or self.default_issuer)[:64])
+        if key not in cache:
+            old, surv = patients.alias("old"), patients.alias("surv")
+            row = conn.execute(
+                select(surv.c.patient_id, surv.c.issuer)
+                .select_from(
+                    old.join(patient_links, patient_links.c.obsolete_pk == old.c.id).join(
+                        surv, surv.c.id == patient_links.c.surviving_pk
+                    )
+                )
+                .where(and_(old.c.patient_id == key[0], old.c.issuer == key[1]))
+            ).first()
+            cache[key] = None if row is None else (str(row[0]), str(row[1]))
+        survivor = cache[key]
+        if survivor is None:
+            return result
+        pid, issuer = survivor
+        report = replace(result.report, patient_id=pid, patient_issuer=issuer)
+        return replace(result, patient_id=pid, patient_issuer=issuer, report=report)
 
     def _patient(
         self,

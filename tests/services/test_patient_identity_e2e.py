@@ -90,6 +90,7 @@ def world(receiver: Receiver, settings: Settings, tmp_path: Path) -> Iterator[di
                 "app": app,
                 "port": receiver.port,
                 "tmp": tmp_path,
+                "rig": rig,
             }
 
 
@@ -489,6 +490,16 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
     found = {r.StudyInstanceUID for r in _study_find(world, "late", SURV_ID)}
     assert found == {world["old"].study_uid, world["surv"].study_uid, late.study_uid}
     assert _study_find(world, "late-old", OLD_ID) == []
+    # So are lab results sent later under it (the same capture, re-sent as a correction).
+    rig = world["rig"]
+    from tests.labs.lab_support import LAB_DATA
+
+    capture = (LAB_DATA / "hl7/cdc_oru_r01_v251_result_linked.hl7").read_bytes()
+    (rig.inbox() / "resent.hl7").write_bytes(capture + b"\r")
+    assert [o.status for o in rig.run()] == ["ingested"]
+    observations = _search(http, "Observation", surv_pk)
+    assert observations and not _search(http, "Observation", old_pk)
+    assert {o["subject"]["identifier"]["value"] for o in observations} == {SURV_ID}
 
 
 JS = Path(__file__).resolve().parents[1] / "js"
