@@ -27,6 +27,9 @@ AREAS: dict[str, tuple[str, tuple[str, ...]]] = {
                        "C-MOVE/C-GET to come", ("test_dicomweb_metadata.py",
                                                 "test_query_retrieve.py")),
     "archive-scale": ("index and storage at archive scale", ("test_archive_scale.py",)),
+    "patient-identity": ("patient merge to every answer (service level beside one study "
+                         "query; HL7 A40 on pacslab serve to QIDO, C-FIND, FHIR, MWL, no anchor)",
+                         ("test_patient_merge.py", "test_adt_merge.py")),
     "load": ("mixed load on one pacslab serve (modalities, analyzers, worklist, viewers)",
              ("test_load.py",)),
 }

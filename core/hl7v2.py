@@ -9,7 +9,9 @@ from HL7 v2.5.1 chapter 2 (Control) and Appendix C (MLLP):
   (§2.15.9.18, HL7 table 0211), plus the local Vietnamese names of
   :mod:`core.charsets` (Windows-1258, TCVN3) that table 0211 lacks.
 * :func:`escape`: delimiters in free text as escape sequences (§2.7.4), for the
-  messages and ACKs we write.
+  messages and ACKs we write; :func:`unescaper`: the reverse, for what we read.
+* :func:`build_ack`: an original-mode acknowledgment (§2.9.2, MSA §2.15.8, ERR
+  §2.15.5 with HL7 Table 0357 codes, :data:`TABLE_0357`).
 * MLLP framing (Appendix C.4.3, ``<VT> message <FS><CR>``): :func:`frame` and the
   bounded, incremental :class:`Deframer`.
 
@@ -21,8 +23,11 @@ warns), the order reader is strict (it refuses with an ACK code).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
 from typing import Final
 
 from core.charsets import codec_for
@@ -31,12 +36,17 @@ __all__ = [
     "CHARSETS",
     "END",
     "START",
+    "TABLE_0357",
+    "AckError",
     "Deframer",
     "Delimiters",
     "Oversize",
+    "build_ack",
     "charset_codec",
     "escape",
     "frame",
+    "msh_fields",
+    "unescaper",
 ]
 
 #: HL7 table 0211 names → Python codecs (the union of what the lab and the order
@@ -111,6 +121,170 @@ def escape(text: str, delimiters: Delimiters = Delimiters()) -> str:
         .replace(d.subcomponent, f"{d.escape}T{d.escape}")
         .replace(d.repeat, f"{d.escape}R{d.escape}")
     )
+
+
+@lru_cache(maxsize=32)
+def unescaper(delimiters: Delimiters, codec: str) -> Callable[[str], str]:
+    """A function decoding HL7 escape sequences (v2.5.1 §2.7) in one leaf value.
+
+    ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` become the delimiters, ``\\Xhh…\\`` the bytes
+    decoded in ``codec``, ``\\.br\\`` a line break and ``\\.sp n\\`` n line breaks
+    (formatted text, §2.7.6); highlighting (``\\H\\ \\N\\``), other formatting
+    commands, character-set switches (``\\C…\\ \\M…\\``) and local escapes
+    (``\\Z…\\``) are dropped. An escape we do not recognise is kept literally.
+
+    Split a value at its delimiters first, then unescape each leaf: an escaped
+    delimiter is text, not structure.
+    """
+    d = delimiters
+    esc = re.escape(d.escape)
+    pattern = re.compile(
+        esc
+        + r"(F|S|T|R|E|X[0-9A-Fa-f]*|\.br|\.sp ?\d*|\.(?:in|ti|sk) ?[+-]?\d*|\.(?:ce|fi|nf)"
+        + r"|H|N|Z[^"
+        + esc
+        + r"]*|C[0-9A-Fa-f]*|M[0-9A-Fa-f]*)"
+        + esc
+    )
+    simple = {
+        "F": d.field,
+        "S": d.component,
+        "T": d.subcomponent,
+        "R": d.repeat,
+        "E": d.escape,
+        ".br": "\n",
+        ".ce": "\n",
+    }
+
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        found = simple.get(code)
+        if found is not None:
+            return found
+        if code[0] == "X":
+            digits = code[1:]
+            if len(digits) % 2:
+                return match.group(0)
+            return bytes.fromhex(digits).decode(codec, errors="replace")
+        if code.startswith(".sp"):
+            count = code[3:].strip()
+            return "\n" * (int(count) if count else 1) if len(count) < 3 else "\n"
+        return ""
+
+    escape = d.escape
+
+    def unescape(text: str) -> str:
+        if escape not in text:
+            return text
+        return pattern.sub(one, text)
+
+    return unescape
+
+
+#: HL7 Table 0357, message error condition codes (v2.5.1), for ERR-3.
+TABLE_0357: Final[dict[int, str]] = {
+    0: "Message accepted",
+    100: "Segment sequence error",
+    101: "Required field missing",
+    102: "Data type error",
+    103: "Table value not found",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    202: "Unsupported processing id",
+    203: "Unsupported version id",
+    204: "Unknown key identifier",
+    205: "Duplicate key identifier",
+    206: "Application record locked",
+    207: "Application internal error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AckError:
+    """What an ACK's ERR segment says: ERR-3 (Table 0357 code), ERR-2 (location, an
+    ERL such as ``PID^1^3``) and ERR-8 (user message, no patient data)."""
+
+    code: int
+    location: str = ""
+    text: str = ""
+
+
+def msh_fields(raw: bytes) -> list[str]:
+    """The MSH of a message we may not be able to parse, as ``fields[n]`` = MSH-n.
+
+    ``fields[0]`` is ``"MSH"`` and ``fields[1]`` the field separator (MSH-1); an
+    empty list when the first line is no MSH segment. Read as Latin-1, which never
+    fails: the values only go back to the sender in an ACK.
+    """
+    head = raw.lstrip(START).split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1")
+    if not head.startswith("MSH") or len(head) < 4:
+        return []
+    return ["MSH", head[3], *head[4:].split(head[3])]
+
+
+def build_ack(
+    original: Sequence[str],
+    code: str,
+    *,
+    now: datetime,
+    ack_control_id: str,
+    error: AckError | None = None,
+    sending: tuple[str, str] = ("PACSLAB", ""),
+) -> bytes:
+    """An original-mode acknowledgment (HL7 v2.5.1 2.9.2, 2.14.1 ACK, 2.15.8 MSA, 2.15.5 ERR).
+
+    Parameters
+    ----------
+    original : sequence of str
+        The acknowledged message's MSH fields, ``original[n]`` = MSH-n (as
+        :func:`msh_fields` returns them); empty when it had none.
+    code : str
+        MSA-1: ``AA``, ``AE`` or ``AR``.
+    now, ack_control_id
+        MSH-7 and MSH-10 of the ACK.
+    error : AckError, optional
+        The ERR segment.
+    sending
+        MSH-3/MSH-4 when the original has no receiving application to echo.
+
+    The ACK is UTF-8 with our own delimiters; echoed values lose any ``|`` and line
+    break, the error text has its delimiters escaped.
+    """
+
+    def get(n: int) -> str:
+        return original[n] if n < len(original) else ""
+
+    def clean(value: str) -> str:
+        return re.sub(r"[|\r\n]", " ", value)
+
+    component = (get(2)[:1] or "^") if original else "^"
+    nine = get(9).split(component)
+    trigger = nine[1] if len(nine) > 1 else ""
+    version = get(12).split(component)[0] or "2.5.1"
+    msh_out = "|".join(
+        [
+            "MSH",
+            "^~\\&",
+            clean(get(5)) or sending[0],
+            clean(get(6)) or sending[1],
+            clean(get(3)),
+            clean(get(4)),
+            now.strftime("%Y%m%d%H%M%S"),
+            "",
+            f"ACK^{clean(trigger)}^ACK" if trigger else "ACK",
+            ack_control_id,
+            clean(get(11) or "P"),
+            clean(version),
+        ]
+    )
+    segments = [msh_out, f"MSA|{code}|{clean(get(10).strip())}"]
+    if error is not None:
+        location = error.location.replace("|", " ")
+        text = escape(error.text).replace("\r", " ").replace("\n", " ")[:250]
+        segments.append(
+            f"ERR||{location}|{error.code}^{TABLE_0357.get(error.code, '')}^HL70357|E||||{text}"
+        )
+    return ("\r".join(segments) + "\r").encode("utf-8")
 
 
 def frame(message: bytes) -> bytes:

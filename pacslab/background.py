@@ -44,8 +44,16 @@ def start_background(settings: Settings) -> Background:
 
 
 def start_orders(settings: Settings) -> Callable[[], None]:
-    """HL7 v2 order intake: the inbox folder, and MLLP unless ``orders.mllp_port`` is 0."""
-    from pacslab.wiring import build_audit, build_index, build_order_service
+    """HL7 v2 order intake: the inbox folder, and MLLP unless ``orders.mllp_port`` is 0.
+
+    ADT (patient updates, merges, identifier changes; IHE PIR) arrive the same ways and
+    go to the patient identity service."""
+    from pacslab.wiring import (
+        build_audit,
+        build_index,
+        build_order_service,
+        build_patient_identity,
+    )
     from storage.dropfolder import DropLimits
     from worklist.orders.intake import Hl7OrderIntake
     from worklist.orders.mllp import MllpServer
@@ -53,8 +61,9 @@ def start_orders(settings: Settings) -> Callable[[], None]:
 
     index = build_index(settings, migrate=False)
     audit, secret = build_audit(settings, index)
+    patients = build_patient_identity(settings, index, audit=audit, patient_secret=secret)
     intake = Hl7OrderIntake(
-        build_order_service(settings, index), audit=audit, patient_secret=secret
+        build_order_service(settings, index), audit=audit, patient_secret=secret, patients=patients
     )
     section = settings.orders
     inbox = OrderInbox(

@@ -45,6 +45,8 @@ _TYPES = {
                     "dicom.forward")},
     "lab.file": ("http://dicom.nema.org/resources/ontology/DCM", "110107", "Import"),
     "hl7.order": ("http://dicom.nema.org/resources/ontology/DCM", "110109", "Order Record"),
+    # Issue 17: an ADT message (A01/A04/A08/A40/A47) changes a patient (PS3.15 A.5.3.10).
+    "hl7.adt": ("http://dicom.nema.org/resources/ontology/DCM", "110110", "Patient Record"),
     "sign": ("http://dicom.nema.org/resources/ontology/DCM", "110110", "Patient Record"),
 }
 _AGENT_TYPE = {

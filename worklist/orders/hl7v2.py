@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from core.errors import OrderMessageError
-from core.hl7v2 import charset_codec, escape
+from core.hl7v2 import AckError, Delimiters, charset_codec, msh_fields, unescaper
+from core.hl7v2 import build_ack as _core_ack
 from core.orders import (
     Code,
     Order,
@@ -80,7 +81,7 @@ _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 # Segment ids whose appearance inside a field betrays segments run together.
 _KNOWN = (
     "MSH|PID|PD1|PV1|PV2|NK1|NTE|ORC|OBR|OBX|TQ1|TQ2|IPC|ZDS|AL1|DG1|IN1|IN2|GT1|SPM|"
-    "CTD|EVN|MSA|ERR|SAC|FT1|BLG|ROL"
+    "CTD|EVN|MSA|ERR|SAC|FT1|BLG|ROL|MRG"
 )
 _JOINED = re.compile(rf"\s({_KNOWN})\|")
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O"}
@@ -158,7 +159,8 @@ def split_batch(raw: bytes) -> list[bytes]:
     return [b"\r".join(m) + b"\r" for m in out]
 
 
-def _decode(raw: bytes) -> str:
+def _decode(raw: bytes) -> tuple[str, str]:
+    """The message's text and the codec it was decoded with."""
     head = raw.split(b"\r", 1)[0].split(b"\n", 1)[0]
     charset = ""
     if head.startswith(b"MSH") and len(head) > 3:
@@ -171,19 +173,25 @@ def _decode(raw: bytes) -> str:
     codec = charset_codec(charset) if charset else None
     if codec:
         try:
-            return raw.decode(codec)
+            return raw.decode(codec), codec
         except UnicodeDecodeError as exc:
             raise OrderMessageError(
                 f"text is not {charset} as MSH-18 says", where="MSH^1^18", hl7_code=102
             ) from exc
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return raw.decode("latin-1")
+        return raw.decode("latin-1"), "latin-1"
 
 
-def parse_message(raw: bytes) -> Message:
+def parse_message(
+    raw: bytes, *, accepted: frozenset[tuple[str, str]] = ACCEPTED_TYPES
+) -> Message:
     """Split one message into segments and check its header (HL7 v2.5.1 2.5, 2.14.9).
+
+    ``accepted`` is the (MSH-9.1, MSH-9.2) pairs taken: the orders by default; the
+    intake adds the ADT events (:data:`worklist.orders.adt.ADT_TYPES`) when it has a
+    patient identity service to give them to.
 
     Raises
     ------
@@ -191,7 +199,8 @@ def parse_message(raw: bytes) -> Message:
         ``AR`` for a missing/garbled MSH, an unsupported type, trigger or version;
         ``AE`` code 100 for segments run together or an unreadable segment id.
     """
-    text = _decode(raw).lstrip("\x0b").rstrip("\x1c\r\n")
+    text, codec = _decode(raw)
+    text = text.lstrip("\x0b").rstrip("\x1c\r\n")
     lines = [ln for ln in re.split(r"\r\n|\r|\n", text)]
     if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
         raise OrderMessageError(
@@ -222,18 +231,21 @@ def parse_message(raw: bytes) -> Message:
         parts = line.split(field_sep)
         fields = (seg_id, field_sep, *parts[1:]) if seg_id == "MSH" else tuple(parts)
         segments.append(Segment(seg_id, tuple(fields), n))
-    msg = Message(tuple(segments), component, repetition, escape, sub, field_sep)
+    msg = Message(
+        tuple(segments), component, repetition, escape, sub, field_sep, {"codec": codec}
+    )
     if not msg.control_id:
         raise OrderMessageError(
             "MSH-10 message control id missing", where="MSH^1^10", hl7_code=101, ack_code="AR"
         )
     kind, trigger = msg.type
-    if (kind, trigger) not in ACCEPTED_TYPES:
+    if (kind, trigger) not in accepted:
         shown = f"{kind}^{trigger}" if trigger else kind or "(empty)"
+        taken = ", ".join(f"{k}^{t}" for k, t in sorted(accepted))
         raise OrderMessageError(
-            f"{shown} is not an imaging order message (ORM^O01, OMI^O23 accepted)",
+            f"{shown} is not an imaging order or other message we take ({taken} accepted)",
             where="MSH^1^9",
-            hl7_code=201 if kind in {"ORM", "OMI"} else 200,
+            hl7_code=201 if kind in {k for k, _ in accepted} else 200,
             ack_code="AR",
         )
     if msg.version not in _VERSIONS:
@@ -278,30 +290,12 @@ class _Reader:
 
     def __init__(self, msg: Message) -> None:
         self.msg = msg
-        esc = re.escape(msg.escape)
-        self._escape = re.compile(rf"{esc}([FSTRE]|X[0-9A-Fa-f]+|\.br){esc}")
-
-    def unescape(self, value: str) -> str:
-        m = self.msg
-
-        def sub(match: re.Match[str]) -> str:
-            code = match.group(1)
-            table = {
-                "F": m.field_sep,
-                "S": m.component,
-                "T": m.subcomponent,
-                "R": m.repetition,
-                "E": m.escape,
-                ".br": "\r\n",
-            }
-            if code in table:
-                return table[code]
-            try:
-                return bytes.fromhex(code[1:]).decode("utf-8", "replace")
-            except ValueError:
-                return ""
-
-        return self._escape.sub(sub, value) if m.escape in value else value
+        # One unescape for every HL7 v2 reader (core.hl7v2, v2.5.1 2.7); \Xhh\ bytes
+        # are decoded in the message's own character set.
+        delimiters = Delimiters(
+            msg.field_sep, msg.component, msg.repetition, msg.escape, msg.subcomponent
+        )
+        self.unescape = unescaper(delimiters, msg.extra.get("codec", "utf-8"))
 
     def reps(self, seg: Segment | None, n: int) -> list[str]:
         if seg is None:
@@ -532,72 +526,13 @@ def build_ack(
     sending
         MSH-3/MSH-4 when the original has no receiving application to echo.
     """
-    if isinstance(original, Message):
-        msh, cid, trigger = original.msh, original.control_id, original.type[1]
-        get = msh.get
-    else:
-        cid = control_id(original)
-        head = original.lstrip(b"\x0b").split(b"\r", 1)[0].split(b"\n", 1)[0]
-        text = head.decode("latin-1")
-        parts = text.split(text[3]) if text.startswith("MSH") and len(text) > 3 else []
-        values = ["MSH", "|", *parts[1:]] if parts else []
-
-        def get(n: int) -> str:
-            return values[n] if n < len(values) else ""
-
-        nine = get(9).split("^")
-        trigger = nine[1] if len(nine) > 1 else ""
-    version = get(12).split("^")[0] or "2.5.1"
-    processing = get(11) or "P"
-
-    def clean(value: str) -> str:
-        return re.sub(r"[|\r\n]", " ", value)
-
-    msh_out = "|".join(
-        [
-            "MSH",
-            "^~\\&",
-            clean(get(5)) or sending[0],
-            clean(get(6)) or sending[1],
-            clean(get(3)),
-            clean(get(4)),
-            now.strftime("%Y%m%d%H%M%S"),
-            "",
-            f"ACK^{trigger}^ACK" if trigger else "ACK",
-            ack_control_id,
-            clean(processing),
-            clean(version),
-        ]
-    )
-    segments = [msh_out, f"MSA|{code}|{clean(cid)}"]
+    fields = list(original.msh.fields) if isinstance(original, Message) else msh_fields(original)
+    ack_error = None
     if error is not None:
-        location = (error.where or "").replace("|", " ")
-        if location.startswith("line "):
+        location = error.where or ""
+        if location.startswith("line "):  # a line number is no ERL (ERR-2)
             location = ""
-        text = _escape_text(error.reason)[:250]
-        segments.append(
-            f"ERR||{location}|{error.hl7_code}^{_TABLE_0357.get(error.hl7_code, '')}"
-            f"^HL70357|E||||{text}"
-        )
-    return ("\r".join(segments) + "\r").encode("utf-8")
-
-
-_TABLE_0357 = {
-    0: "Message accepted",
-    100: "Segment sequence error",
-    101: "Required field missing",
-    102: "Data type error",
-    103: "Table value not found",
-    200: "Unsupported message type",
-    201: "Unsupported event code",
-    203: "Unsupported version id",
-    204: "Unknown key identifier",
-    205: "Duplicate key identifier",
-    206: "Application record locked",
-    207: "Application internal error",
-}
-
-
-def _escape_text(value: str) -> str:
-    """Escape delimiters in free text (HL7 v2.5.1 2.7.4), line breaks as spaces."""
-    return escape(value).replace("\r", " ").replace("\n", " ")
+        ack_error = AckError(error.hl7_code, location, error.reason)
+    return _core_ack(
+        fields, code, now=now, ack_control_id=ack_control_id, error=ack_error, sending=sending
+    )

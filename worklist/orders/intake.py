@@ -11,6 +11,16 @@ ACK: the sending application (MSH-3, as a calling AE title is for DICOM) is the
 agent, the MLLP peer or the inbox folder where it came from, the keyed reference of
 the PID-3 patient (:func:`core.audit.patient_key`) the patient, and the order ids,
 control id and ACK code the detail, never a name or an identifier.
+
+ADT (IHE PIR; HL7 v2.5.1 chapter 3: A01/A04/A08 update, A40 merge, A47 change
+identifier) goes the same way when a :class:`~core.patients.PatientIdentity` is
+given: :func:`worklist.orders.adt.patient_commands` reads the commands and the
+service applies them, in message order. ``AA`` when all were applied; ``AE`` with
+ERR-3 204 (unknown key identifier) for an unknown patient and the ERR-2 location of
+the pair that named it, or the parser's code; ``AR`` when the service cannot work
+now (index unavailable), so the sender retries. Without a service, ADT is refused
+with ``AR`` 200 (unsupported message type), as any message we do not take. Its
+audit entry (``hl7.adt``) names the change ids, never a name or an identifier.
 """
 
 from __future__ import annotations
@@ -28,12 +38,24 @@ from core.errors import (
     NotFoundError,
     OrderMessageError,
     OutOfResourcesError,
+    PeerUnavailableError,
     ProcedureStepStateError,
     ServiceError,
 )
 from core.logging import correlation_id, new_id
 from core.orders import OrderAction, OrderRecord, PlacedOrder
+from core.patients import (
+    MergePatients,
+    PatientChange,
+    PatientCommand,
+    PatientIdentity,
+    PatientRef,
+    UpdatePatient,
+)
+from worklist.orders.adt import ADT_TYPES, patient_commands
 from worklist.orders.hl7v2 import (
+    ACCEPTED_TYPES,
+    Message,
     build_ack,
     control_id,
     parse_message,
@@ -59,6 +81,7 @@ class IntakeResult:
     control_id: str
     error: OrderMessageError | None = None
     orders: tuple[OrderRecord, ...] = field(default=())
+    changes: tuple[PatientChange, ...] = field(default=())
 
 
 def _as_order_error(exc: ServiceError) -> OrderMessageError:
@@ -75,6 +98,22 @@ def _as_order_error(exc: ServiceError) -> OrderMessageError:
     return OrderMessageError(str(exc) or exc.title, hl7_code=207)
 
 
+def _as_adt_error(exc: ServiceError, where: str) -> OrderMessageError:
+    """A patient identity service refusal as an ACK error (HL7 Table 0357)."""
+    if isinstance(exc, NotFoundError):
+        return OrderMessageError(str(exc) or "unknown patient", where=where, hl7_code=204)
+    if isinstance(exc, DuplicateError):
+        # A47: the new identifier (PID-3 of the pair) is already someone else's.
+        segment, _, rest = where.partition("^")
+        pid3 = f"PID^{rest.split('^')[0]}^3" if segment == "MRG" else where
+        return OrderMessageError(str(exc), where=pid3, hl7_code=205)
+    if isinstance(exc, OutOfResourcesError | PeerUnavailableError):
+        return OrderMessageError(str(exc) or exc.title, hl7_code=206, ack_code="AR")
+    # InvalidQueryError (merging a patient into itself) and the rest: Table 0357 has
+    # no "business rule" code; 207 with the service's explanation in ERR-8.
+    return OrderMessageError(str(exc) or exc.title, where=where, hl7_code=207)
+
+
 class Hl7OrderIntake:
     """Parse, apply and acknowledge HL7 v2 order messages.
 
@@ -88,6 +127,8 @@ class Hl7OrderIntake:
         The action log; each message appends an entry (see the module docstring).
     patient_secret : bytes
         Keys the log's patient references.
+    patients : PatientIdentity, optional
+        Applies ADT messages; without it they are refused (``AR``).
     """
 
     def __init__(
@@ -97,8 +138,11 @@ class Hl7OrderIntake:
         clock: Callable[[], datetime] | None = None,
         audit: AuditLog | None = None,
         patient_secret: bytes = b"",
+        patients: PatientIdentity | None = None,
     ) -> None:
         self.service = service
+        self.patients = patients
+        self._accepted = ACCEPTED_TYPES | ADT_TYPES if patients is not None else ACCEPTED_TYPES
         self.clock = clock or datetime.now
         self.audit = audit
         self.patient_secret = patient_secret
@@ -116,7 +160,17 @@ class Hl7OrderIntake:
         ``peer`` (the MLLP client address, or the inbox folder) and ``file_sha256``
         (for a dropped file) only go to the action log.
         """
-        result, placed = self._apply(raw, source)
+        try:
+            msg = parse_message(raw, accepted=self._accepted)
+        except OrderMessageError as exc:
+            result = self._refused(raw, exc)
+            self._audit(raw, result, (), peer=peer, file_sha256=file_sha256)
+            return result
+        if msg.type[0] == "ADT" and self.patients is not None:
+            result, ref = self._apply_adt(msg, self.patients, raw, source, peer)
+            self._audit_adt(raw, result, ref, event=msg.type[1], peer=peer, file_sha256=file_sha256)
+            return result
+        result, placed = self._apply(msg, raw, source)
         self._audit(raw, result, placed, peer=peer, file_sha256=file_sha256)
         return result
 
@@ -132,17 +186,62 @@ class Hl7OrderIntake:
         self._audit(head, result, (), peer=peer, file_sha256="")
         return result
 
-    def _apply(self, raw: bytes, source: str) -> tuple[IntakeResult, Sequence[PlacedOrder]]:
-        """The result, and the orders the message placed (none when it did not parse)."""
+    def _refused(self, raw: bytes, exc: OrderMessageError) -> IntakeResult:
+        """The answer to a message refused for what it says (parse or mapping error)."""
+        logger.warning("HL7 message %s refused: %s", control_id(raw) or "-", exc)
+        ack = build_ack(
+            raw, exc.ack_code, error=exc, now=self.clock(), ack_control_id=self._ack_id()
+        )
+        return IntakeResult(ack, exc.ack_code, control_id(raw), exc)
+
+    def _apply_adt(
+        self, msg: Message, patients: PatientIdentity, raw: bytes, source: str, peer: str
+    ) -> tuple[IntakeResult, PatientRef | None]:
+        """Apply an ADT message's commands in order; the result and its patient.
+
+        Commands applied before one fails stay applied (each is a change of its own,
+        audited and undoable by the service); the ACK's ERR names the one that failed.
+        """
         try:
-            msg = parse_message(raw)
+            commands = patient_commands(msg)
+        except OrderMessageError as exc:
+            return self._refused(raw, exc), None
+        ref = _patient_of(commands[0].command)
+        origin = "hl7-inbox" if source == "hl7-file" else "hl7-mllp"
+        agent = (sending_application(raw) or peer or "unknown")[:128]
+        done: list[PatientChange] = []
+        err: OrderMessageError | None = None
+        try:
+            for item in commands:
+                try:
+                    done.append(patients.apply(item.command, source=origin, agent=agent))
+                except ServiceError as exc:
+                    err = _as_adt_error(exc, item.where)
+                    break
+        except Exception:
+            logger.error("HL7 message %s failed", msg.control_id, exc_info=True)
+            err = OrderMessageError("application internal error", hl7_code=207, ack_code="AR")
+        if err is not None:
+            # The service's text may name the patient: the log gets the code and place only.
+            logger.warning(
+                "HL7 message %s not applied: %s at %s", msg.control_id, err.hl7_code, err.where
+            )
+            ack = build_ack(
+                msg, err.ack_code, error=err, now=self.clock(), ack_control_id=self._ack_id()
+            )
+            return IntakeResult(ack, err.ack_code, msg.control_id, err, changes=tuple(done)), ref
+        logger.info("HL7 message %s: %d patient change(s) applied", msg.control_id, len(done))
+        ack = build_ack(msg, "AA", now=self.clock(), ack_control_id=self._ack_id())
+        return IntakeResult(ack, "AA", msg.control_id, None, changes=tuple(done)), ref
+
+    def _apply(
+        self, msg: Message, raw: bytes, source: str
+    ) -> tuple[IntakeResult, Sequence[PlacedOrder]]:
+        """The result, and the orders the message placed (none when it did not map)."""
+        try:
             placed = placed_orders(msg, source=source)
         except OrderMessageError as exc:
-            logger.warning("HL7 message %s refused: %s", control_id(raw) or "-", exc)
-            ack = build_ack(
-                raw, exc.ack_code, error=exc, now=self.clock(), ack_control_id=self._ack_id()
-            )
-            return IntakeResult(ack, exc.ack_code, control_id(raw), exc), ()
+            return self._refused(raw, exc), ()
         done: list[OrderRecord] = []
         try:
             for order in placed:
@@ -219,6 +318,60 @@ class Hl7OrderIntake:
             ))
         except Exception:
             logger.error("HL7 order audit entry not recorded", exc_info=True)
+
+
+    def _audit_adt(
+        self,
+        raw: bytes,
+        result: IntakeResult,
+        ref: PatientRef | None,
+        *,
+        event: str,
+        peer: str,
+        file_sha256: str,
+    ) -> None:
+        """Queue an ADT message's entry: the change ids and the keyed patient (the
+        surviving or new one), never a name or an identifier; it logs and carries on."""
+        if self.audit is None:
+            return
+        try:
+            key = patient_key(self.patient_secret, ref.patient_id, ref.issuer) if ref else ""
+            changes = [c.change_id for c in result.changes]
+            detail: dict[str, object] = {
+                "control_id": result.control_id, "ack": result.code, "event": event,
+                "changes": changes, "kinds": [c.kind for c in result.changes],
+            }
+            if result.error is not None:
+                detail["hl7_error_code"] = result.error.hl7_code
+                detail["where"] = result.error.where or ""
+            if file_sha256:
+                detail["file_sha256"] = file_sha256
+            self.audit.record(AuditEntry(
+                action="U",
+                event_type="hl7.adt",
+                outcome=_outcome(result),
+                outcome_desc=f"{result.code} {result.error.hl7_code}" if result.error
+                else result.code,
+                agent=(sending_application(raw) or peer or "unknown")[:128],
+                agent_type="system",
+                source=peer[:64],
+                resource=(f"PatientChange/{changes[0]}" if len(changes) == 1
+                          else f"HL7Message/{result.control_id}")[:256],
+                patient_key=key,
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details(detail),
+            ))
+        except Exception:
+            logger.error("HL7 ADT audit entry not recorded", exc_info=True)
+
+
+def _patient_of(command: PatientCommand) -> PatientRef:
+    """The patient an ADT message is about after it: the updated, surviving or new one."""
+    if isinstance(command, UpdatePatient):
+        return command.patient
+    if isinstance(command, MergePatients):
+        return command.surviving
+    return command.new
 
 
 #: FHIR R4 AuditEvent.action per order control: a cancel updates the order's status.

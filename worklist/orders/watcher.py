@@ -164,6 +164,8 @@ class OrderInbox:
                         "where": r.error.where if r.error else None,
                         "reason": r.error.reason if r.error else "",
                         "orders": [o.id for o in r.orders],
+                        # ADT: patient changes applied before the failing one (undoable)
+                        "changes": [c.change_id for c in r.changes],
                     }
                     for r in results
                 ],

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from core.errors import LabMessageError
-from core.hl7v2 import END, START, Deframer, escape, frame
+from core.hl7v2 import END, START, AckError, Deframer, escape, frame, msh_fields
+from core.hl7v2 import build_ack as _core_ack
 from core.settings import AnalyzerSettings, LabCriticalLimit
 from ingest.labs._values import DecimalComma
 from ingest.labs.links.session import AstmSession, store_message
@@ -69,21 +70,20 @@ def _msh(fields: list[str], number: int) -> str:
 
 
 def build_ack(raw: bytes, code: str, *, text: str = "") -> bytes:
-    """An original-mode ACK (v2.5.1 §2.9.2) echoing MSH-3/4 → 5/6, MSH-10 in MSA-2."""
-    fields = _msh_fields(raw)
-    trigger = _msh(fields, 9).split("^")
-    event = trigger[1] if len(trigger) > 1 else ""
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
-    control = hashlib.sha256(raw).hexdigest()[:20]
-    segments = [
-        "MSH|^~\\&|pacslab|LIS|"
-        f"{_msh(fields, 3)}|{_msh(fields, 4)}|{stamp}||ACK^{event}^ACK|{control}|P|"
-        f"{_msh(fields, 12) or '2.5.1'}",
-        f"MSA|{code}|{_msh(fields, 10)}",
-    ]
-    if text:
-        segments.append(f"ERR|||207|E||||{text[:80]}")
-    return ("\r".join(segments) + "\r").encode("utf-8")
+    """An original-mode ACK (v2.5.1 §2.9.2) echoing MSH-3/4 → 5/6, MSH-10 in MSA-2.
+
+    Built by the one ACK builder of every HL7 v2 edge (:func:`core.hl7v2.build_ack`);
+    MSH-10 derives from the message's hash, so a resent message gets the same ACK id.
+    ``text`` becomes ERR-8, with ERR-3 207 (application internal error, Table 0357).
+    """
+    return _core_ack(
+        msh_fields(raw),
+        code,
+        now=datetime.now(UTC),
+        ack_control_id=hashlib.sha256(raw).hexdigest()[:20],
+        error=AckError(207, "", text[:80]) if text else None,
+        sending=("pacslab", "LIS"),
+    )
 
 
 def _hl7_escape(text: str) -> str:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import itertools
 import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
 from core.errors import LabMessageError
-from core.hl7v2 import END, START, Delimiters
+
+# One unescape for every HL7 v2 reader (issue 15): it lives in core.hl7v2.
+from core.hl7v2 import END, START, Delimiters, unescaper
 from core.hl7v2 import charset_codec as _table_0211_codec
 from ingest.labs.model import ParseWarning
 
@@ -267,58 +268,3 @@ def _parse_delimiters_at(msh: str, where: str) -> Delimiters:
         return parse_delimiters(msh)
     except LabMessageError as exc:
         raise LabMessageError(exc.reason, where=where) from None
-
-
-@lru_cache(maxsize=32)
-def unescaper(delimiters: Delimiters, codec: str) -> Callable[[str], str]:
-    """A function decoding HL7 escape sequences (v2.5.1 §2.7) in one leaf value.
-
-    ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` become the delimiters, ``\\Xhh…\\`` the bytes
-    decoded in ``codec``, ``\\.br\\`` a line break and ``\\.sp n\\`` n line breaks
-    (formatted text, §2.7.6); highlighting (``\\H\\ \\N\\``), other formatting
-    commands, character-set switches (``\\C…\\ \\M…\\``) and local escapes
-    (``\\Z…\\``) are dropped. An escape we do not recognise is kept literally.
-    """
-    d = delimiters
-    esc = re.escape(d.escape)
-    pattern = re.compile(
-        esc
-        + r"(F|S|T|R|E|X[0-9A-Fa-f]*|\.br|\.sp ?\d*|\.(?:in|ti|sk) ?[+-]?\d*|\.(?:ce|fi|nf)"
-        + r"|H|N|Z[^"
-        + esc
-        + r"]*|C[0-9A-Fa-f]*|M[0-9A-Fa-f]*)"
-        + esc
-    )
-    simple = {
-        "F": d.field,
-        "S": d.component,
-        "T": d.subcomponent,
-        "R": d.repeat,
-        "E": d.escape,
-        ".br": "\n",
-        ".ce": "\n",
-    }
-
-    def one(match: re.Match[str]) -> str:
-        code = match.group(1)
-        found = simple.get(code)
-        if found is not None:
-            return found
-        if code[0] == "X":
-            digits = code[1:]
-            if len(digits) % 2:
-                return match.group(0)
-            return bytes.fromhex(digits).decode(codec, errors="replace")
-        if code.startswith(".sp"):
-            count = code[3:].strip()
-            return "\n" * (int(count) if count else 1) if len(count) < 3 else "\n"
-        return ""
-
-    escape = d.escape
-
-    def unescape(text: str) -> str:
-        if escape not in text:
-            return text
-        return pattern.sub(one, text)
-
-    return unescape
