@@ -29,6 +29,7 @@ from api.routes import (
     fhir_orders,
     lab_review,
     ohif,
+    shares,
     tiles,
     viewer,
 )
@@ -57,6 +58,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    shares.router,  # issue 17: share links (/admin/shares)
+    shares.viewer_router,  # issue 17: /viewer/shared and /viewer/api/share
 )
 
 

@@ -580,6 +580,8 @@ class AuthSettings(BaseModel):
             "/viewer",
             # Deep links an EMR opens (the same page; the token is in the #fragment).
             "/viewer/studies/",
+            # A share link's page (issue 17); its token is in the fragment too.
+            "/viewer/shared",
             "/static/",
             # OHIF Viewer (issue 20): its page, bundles and codecs hold no patient data;
             # what it fetches from /dicomweb needs the token.
