@@ -127,7 +127,8 @@ def create_app(
             metrics.exposition()
             + gauges
             + tiles.tile_service_of(app).latency.exposition()
-            + render_link_metrics(),
+            + render_link_metrics()
+            + _atna_metrics(app),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
@@ -136,6 +137,12 @@ def create_app(
     security = install_security(app, settings, idx)
     install_cors(app, settings.http.cors_origins)
     return app
+
+
+def _atna_metrics(app: FastAPI) -> str:
+    """The ATNA sender's counters (issue 17), when a collector is configured."""
+    sender = getattr(getattr(app.state, "audit", None), "atna", None)
+    return str(sender.exposition()) if sender is not None else ""
 
 
 #: Request headers a cross-origin viewer may send (beyond the CORS-safelisted ones):
