@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import base_url
 from api.routes.viewer import STATIC_DIR, page_headers
-from core.errors import ForbiddenError
+from core.errors import NotFoundError
 from core.sharing import ShareGrant
 from services.sharing import DEFAULT_TTL_S, MAX_TTL_S, ShareService
 from storage.shares import ShareRecord
@@ -133,9 +133,9 @@ def shared_page(request: Request) -> FileResponse:
 
 @viewer_router.get("/api/share", summary="The study a share link opens")
 def shared_study(request: Request) -> dict[str, Any]:
-    """For a share token: its study and end; any other caller is refused (403)."""
+    """For a share token: its study and end; any other caller: 404 (no share here)."""
     principal = getattr(request.state, "principal", None)
     grant = getattr(principal, "claims", {}).get("grant")
     if not isinstance(grant, ShareGrant):
-        raise ForbiddenError("not a share link", scope="")
+        raise NotFoundError("not a share link")
     return {"study_instance_uid": grant.study_uid, "expires_at": grant.expires_at.isoformat()}

@@ -209,7 +209,7 @@ def test_a_share_reads_its_own_study_only(client: TestClient, studies: Studies) 
     )
     assert client.delete(f"/admin/shares/{created['id']}", headers=share).status_code == 403
     # a staff token is not a share: /viewer/api/share says so
-    assert client.get("/viewer/api/share", headers=_bearer(studies.reader)).status_code == 403
+    assert client.get("/viewer/api/share", headers=_bearer(studies.reader)).status_code == 404
     # every use, allowed or refused, is in the action log under the share's id
     entries = _audit(client, f"share:{created['id']}")
     used = {e.resource for e in entries}
