@@ -324,8 +324,38 @@ def audit_message(entry: AuditEntry, source: AuditSource) -> bytes:
             },
         )
         _code(obj, "ParticipantObjectIDTypeCode", PATIENT_NUMBER)
-    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
-    return b'<?xml version="1.0" encoding="UTF-8"?>' + body
+    return ('<?xml version="1.0" encoding="UTF-8"?>' + _serialize(root)).encode("utf-8")
+
+
+#: What a value cannot carry as is: markup characters (escaped) and characters XML 1.0
+#: does not allow (2.2 Char; dropped, so a hostile agent or path cannot make the
+#: message unparseable).
+_ATTR_SPECIAL: Final = re.compile('[&<>"\n\r\t\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]')
+_TEXT_SPECIAL: Final = re.compile("[&<>\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+_ESCAPES: Final = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    '"': "&quot;",
+    "\n": "&#10;",
+    "\r": "&#13;",
+    "\t": "&#9;",
+}
+
+
+def _escaped(pattern: re.Pattern[str], value: str) -> str:
+    if not pattern.search(value):
+        return value  # the usual case: one scan, no copy
+    return pattern.sub(lambda m: _ESCAPES.get(m.group(), ""), value)
+
+
+def _serialize(el: ET.Element) -> str:
+    """One element as XML 1.0 on one line (ElementTree's own writer is several times
+    slower, and keeps characters XML does not allow)."""
+    attrs = "".join(f' {k}="{_escaped(_ATTR_SPECIAL, v)}"' for k, v in el.attrib.items())
+    inner = _escaped(_TEXT_SPECIAL, el.text) if el.text else ""
+    inner += "".join(_serialize(child) for child in el)
+    return f"<{el.tag}{attrs}>{inner}</{el.tag}>" if inner else f"<{el.tag}{attrs}/>"
 
 
 _PRINTUSASCII: Final = re.compile(r"[^\x21-\x7e]")
