@@ -133,6 +133,14 @@ def _rest_event(entry: AuditEntry, detail: dict[str, object]) -> AtnaEvent:
         return AtnaEvent(ORDER_RECORD)
     if path.startswith("/fhir/"):
         return AtnaEvent(PATIENT_RECORD)
+    if path.startswith("/admin/shares") and method in ("POST", "DELETE"):
+        # As the share service's own entries: a link made is an export, a revocation
+        # changes who may read the study.
+        return (
+            AtnaEvent(EXPORT)
+            if method == "POST"
+            else AtnaEvent(SECURITY_ALERT, OBJECT_SECURITY_CHANGED)
+        )
     if path.startswith("/admin/") and method != "GET":
         return AtnaEvent(SECURITY_ALERT, SECURITY_CONFIGURATION)
     return AtnaEvent(APPLICATION_ACTIVITY)

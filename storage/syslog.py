@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: RFC 5426 3.2: a UDP syslog message must fit one IPv4 datagram.
 MAX_UDP: Final = 65_507
 _STOP: Final = object()
+#: Messages written at once, at most.
+_BATCH: Final = 200
 
 
 class SyslogSender:
@@ -140,23 +142,27 @@ class SyslogSender:
     # -- the sender thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = 0.5
-        reported = False
+        backoff, reported = 0.5, False
         while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                assert isinstance(item, AuditEntry)
+            # Whatever queued meanwhile goes out in one write (one TLS record run, one
+            # syscall) instead of one per message.
+            batch = [self._queue.get()]
+            while len(batch) < _BATCH:
                 try:
-                    message = syslog_message(item, self.source)
-                except Exception:
-                    logger.error("ATNA message not built", exc_info=True)
-                    continue
-                while True:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                messages = []
+                for item in batch:
+                    if isinstance(item, AuditEntry):
+                        try:
+                            messages.append(syslog_message(item, self.source))
+                        except Exception:
+                            logger.error("ATNA message not built", exc_info=True)
+                while messages:
                     try:
-                        self._send(message)
-                        self.sent += 1
+                        self._send(messages)
                         if reported:
                             logger.info("ATNA collector %s reachable again", self.endpoint)
                         backoff, reported = 0.5, False
@@ -172,32 +178,40 @@ class SyslogSender:
                             )
                             reported = True
                         if self._closing.is_set() and time.monotonic() > self._deadline:
-                            self._give_up()
+                            self._give_up(len(messages))
                             return
                         # Wakes early on close, to try once more before the deadline.
                         self._closing.wait(backoff)
                         backoff = min(backoff * 2, self.settings.backoff_max_s)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
+            if any(item is _STOP for item in batch):
+                return
 
-    def _give_up(self) -> None:
-        left = 1 + self._queue.qsize()
+    def _give_up(self, in_hand: int) -> None:
+        left = in_hand + self._queue.qsize()
         with self._lock:
             self.dropped += left
         logger.error("ATNA sender closed with %d messages unsent to %s", left, self.endpoint)
 
-    def _send(self, message: bytes) -> None:
-        if self.transport == "udp":
+    def _send(self, messages: list[bytes]) -> None:
+        """Hand ``messages`` to the transport; ``sent`` counts them once written."""
+        sock = self._connected()
+        if self.transport != "udp":
+            sock.sendall(b"".join(octet_counted(m) for m in messages))
+            self.sent += len(messages)
+            return
+        while messages:
+            message = messages[0]
             if len(message) > MAX_UDP:
                 with self._lock:
                     self.dropped += 1
                 logger.error("ATNA message of %d bytes too large for UDP; dropped", len(message))
-                return
-            sock = self._connected()
-            sock.send(message)
-            return
-        sock = self._connected()
-        sock.sendall(octet_counted(message))
+            else:
+                sock.send(message)
+                self.sent += 1
+            messages.pop(0)  # a retry after an error resends only what was not sent
 
     def _connected(self) -> socket.socket:
         sock = self._sock

@@ -40,6 +40,9 @@ def _rest(path: str, status: int, method: str = "GET", agent_type: str = "user")
         (_rest("/fhir/ServiceRequest", 200, "POST"), "110109"),
         (_rest("/fhir/Observation", 200), "110110"),
         (_rest("/admin/dicom/destinations/X", 200, "PUT"), "110113"),
+        (_rest("/admin/shares", 201, "POST"), "110106"),
+        (_rest("/admin/shares/abc", 204, "DELETE"), "110113"),
+        (_rest("/admin/shares", 200), "110100"),
         (_rest("/health", 200), "110100"),
         (
             AuditEntry(

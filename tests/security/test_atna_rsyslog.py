@@ -189,9 +189,17 @@ def test_atna_over_tls_to_rsyslog(
         == 200
     )
 
+    # The share's use is the last request made: when it is in, so is everything before
+    # it (one sender per process; the C-STORE's came from the receiver's own).
     wanted = {"110104", "110112", "110114", "110106"}
+
+    def everything() -> bool:
+        got = _parsed(collector)
+        users = {ap.get("UserID") for _, r in got for ap in r.findall("ActiveParticipant")}
+        return wanted <= {_event(r) for _, r in got} and f"share:{share_id}" in users
+
     wait_until(
-        lambda: wanted <= {_event(root) for _, root in _parsed(collector)},
+        everything,
         timeout=30,
         message=lambda: f"events received: {[_event(r) for _, r in _parsed(collector)]}",
     )
