@@ -393,12 +393,57 @@ def test_share_link_in_headless_chromium(studies: Studies, tmp_path: Path) -> No
             )
             assert page.evaluate("() => window.pacslab.state.tilesLoaded") == 0
             page.close()
+
+            # expired: a link made two hours ago for one hour (the clock is injected)
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(f"{server}/viewer/shared#token={_expired_token(studies)}")
+            page.wait_for_function("() => window.pacslab && window.pacslab.ready", timeout=30000)
+            assert (
+                page.locator("#status").inner_text() == "This share link has expired or was revoked"
+            )
+            assert page.evaluate("() => window.pacslab.state.tilesLoaded") == 0
+            page.close()
         finally:
             browser.close()
+    # every use by the browser is in the action log under the share's id (the server's
+    # log was flushed when it stopped)
+    from pacslab.wiring import build_index
+    from storage.audit import AuditStore
+
+    index = build_index(studies.settings)
+    try:
+        uses = AuditStore(index.engine).search(agent=f"share:{created['id']}", limit=10_000)
+        refused = [
+            e
+            for e in AuditStore(index.engine).search(agent="anonymous", limit=10_000)
+            if f"share link {created['id']} revoked" in e.detail
+        ]
+    finally:
+        index.close()
+    paths = {e.resource for e in uses}
+    assert "/viewer/api/share" in paths
+    assert f"/viewer/api/studies/{studies.study_a}/series" in paths
+    assert any(p.startswith(f"/iiif/{studies.series_a}") for p in paths), paths
+    assert any(e.outcome_desc == "HTTP 403" for e in uses)  # study B, from the same tab
+    assert refused  # the revoked link's attempt
     assert csp == [], csp
     # no request line ever carried the token (it stays in the fragment)
     assert requests and not [u for u in requests if "pls_" in u], requests
     assert errors == [], errors
+
+
+def _expired_token(studies: Studies) -> str:
+    from pacslab.wiring import build_index
+    from services.sharing import ShareService
+    from storage.shares import ShareStore
+
+    index = build_index(studies.settings)
+    try:
+        past = datetime.now(UTC) - timedelta(hours=2)
+        service = ShareService(ShareStore(index), now=lambda: past)
+        return service.create(studies.study_a, expires_in_s=3600).token
+    finally:
+        index.close()
 
 
 def _app(studies: Studies) -> Any:
