@@ -29,6 +29,8 @@ AREAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "archive-scale": ("index and storage at archive scale", ("test_archive_scale.py",)),
     "load": ("mixed load on one pacslab serve (modalities, analyzers, worklist, viewers)",
              ("test_load.py",)),
+    "atna": ("ATNA syslog: request-path cost and delivery vs ATNA off and the chained log",
+             ("test_atna_syslog.py",)),
 }
 
 

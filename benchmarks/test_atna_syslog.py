@@ -23,6 +23,8 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from benchmarks.support import Goal, record
 from core.audit import AuditEntry
 from core.settings import AtnaSettings, Settings
+from storage.audit import AuditLog
+from storage.index.sql import SqlIndex
 from tests.security.rsyslog_peer import rsyslog
 from tests.support import wait_until
 
@@ -46,9 +48,8 @@ def _entries(n: int) -> list[AuditEntry]:
     ]
 
 
-def _log(settings: Settings, atna: AtnaSettings | None):  # type: ignore[no-untyped-def]
+def _log(settings: Settings, atna: AtnaSettings | None) -> tuple[SqlIndex, AuditLog]:
     from pacslab.wiring import build_index
-    from storage.audit import AuditLog
 
     index = build_index(settings, migrate=True)
     audit = settings.audit.model_copy(
@@ -98,7 +99,7 @@ def test_atna_cost_and_delivery(
             )
             return per_call, n / (time.perf_counter() - t0)
 
-        record_on, delivered = benchmark.pedantic(run, rounds=1, iterations=1)
+        record_on, delivered = benchmark.pedantic(run, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
         assert on.atna is not None and on.atna.dropped == 0
         on.close()
         index.close()
