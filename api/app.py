@@ -31,6 +31,7 @@ from api.routes import (
     ohif,
     patients,
     rejections,
+    shares,
     tiles,
     viewer,
 )
@@ -40,8 +41,8 @@ from api.state import build_api_services
 from core import __version__
 from core.settings import Settings
 from services.forwarding import queue_gauges
-from services.rejection import RejectionService
 from services.patients import PatientIdentityService
+from services.rejection import RejectionService
 from storage.archive import Archive
 from storage.index.sql import SqlIndex
 
@@ -65,6 +66,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     rejections.router,  # issue 17: IHE IOCM rejections under /admin/rejections
     patients.fhir_router,  # issue 17: PUT /fhir/Patient/{id}, POST /fhir/Patient/$merge
     patients.admin_router,  # issue 17: /admin/patients/changes (review, undo)
+    shares.router,  # issue 17: share links (/admin/shares)
+    shares.viewer_router,  # issue 17: /viewer/shared and /viewer/api/share
 )
 
 
@@ -134,7 +137,7 @@ def create_app(
             logger.error("index counts unavailable for /metrics", exc_info=True)
             gauges = ""
         return PlainTextResponse(
-            metrics.exposition() + gauges + render_link_metrics(),
+            metrics.exposition() + gauges + render_link_metrics() + _atna_metrics(app),
             media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
@@ -156,6 +159,12 @@ def create_app(
     )
     install_cors(app, settings.http.cors_origins)
     return app
+
+
+def _atna_metrics(app: FastAPI) -> str:
+    """The ATNA sender's counters (issue 17), when a collector is configured."""
+    sender = getattr(getattr(app.state, "audit", None), "atna", None)
+    return str(sender.exposition()) if sender is not None else ""
 
 
 #: Request headers a cross-origin viewer may send (beyond the CORS-safelisted ones):

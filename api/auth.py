@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import Depends, Request
@@ -47,7 +47,11 @@ from core.auth import (
 )
 from core.errors import ForbiddenError, ServiceError, TooManyRequestsError, UnauthorizedError
 from core.settings import AuthSettings
+from core.sharing import SHARE_PREFIX, ShareGrant, share_allows
 from storage.apikeys import ApiKeyStore
+
+if TYPE_CHECKING:
+    from services.sharing import ShareService
 
 __all__ = [
     "ANONYMOUS",
@@ -83,11 +87,12 @@ class Authenticator:
     """Turn request headers into a :class:`Principal`, or raise :class:`UnauthorizedError`."""
 
     def __init__(self, settings: AuthSettings, api_keys: ApiKeyStore | None = None,
-                 jwks: Any = None) -> None:
+                 jwks: Any = None, shares: ShareService | None = None) -> None:
         from api.keys import JwksSource
 
         self.settings = settings
         self.api_keys = api_keys
+        self.shares = shares
         self.jwks = jwks or JwksSource(settings)
         # Successful scrypt checks, by SHA-256 of the key: (when, the stored hash they
         # matched), for _API_KEY_CACHE_S. scrypt is deliberately slow and a device may
@@ -116,6 +121,8 @@ class Authenticator:
                 raise UnauthorizedError("use the Bearer scheme", error="invalid_request")
             if value.startswith("plk_"):
                 return self._limited_api_key(value, client)
+            if value.startswith(SHARE_PREFIX):
+                return self._share(value)
             return self._jwt(value)
         if api_key:
             return self._limited_api_key(api_key.strip(), client)
@@ -137,6 +144,18 @@ class Authenticator:
             with self._lock:
                 self._failures.failed(client, time.monotonic())
             raise
+
+    def _share(self, token: str) -> Principal:
+        """A share link's token (core/sharing.py): read access to one study only.
+
+        256 random bits, so guessing is hopeless and no failure bucket is spent on it;
+        the row is read on every request, so expiry and revocation act at once.
+        """
+        if self.shares is None:
+            raise UnauthorizedError("share links are not enabled")
+        grant = self.shares.resolve(token)
+        return Principal(subject=f"share:{grant.share_id}", scopes=frozenset(), kind="share",
+                         claims={"grant": grant})
 
     def _jwt(self, token: str) -> Principal:
         s = self.settings
@@ -248,7 +267,13 @@ class AuthMiddleware:
             principal = await anyio.to_thread.run_sync(
                 self.authenticator.authenticate, headers, str(client[0]) if client else "")
             state["principal"] = principal
-            require(principal, required_scopes(method, path))
+            grant = principal.claims.get("grant") if principal.kind == "share" else None
+            if isinstance(grant, ShareGrant):
+                query = scope.get("query_string", b"").decode("latin-1")
+                if not share_allows(grant, method, path, query):
+                    raise ForbiddenError("a share link opens its own study only", scope="")
+            else:
+                require(principal, required_scopes(method, path))
         except (UnauthorizedError, ForbiddenError, TooManyRequestsError) as exc:
             state["auth_error"] = str(exc)
             logger.info("HTTP %s %s refused: %s", method, path, exc)

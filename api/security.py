@@ -20,11 +20,13 @@ from api.routes import audit as audit_routes
 from api.routes import signing as signing_routes
 from core.errors import ServiceError
 from core.settings import Settings
+from services.sharing import ShareService
 from storage.apikeys import ApiKeyStore
 from storage.audit import AuditLog, load_secret
 from storage.index.sql import SqlIndex
 from storage.results import SignedResultStore
 from storage.retention import RetentionStore
+from storage.shares import ShareStore
 
 __all__ = ["Security", "install_security"]
 
@@ -60,13 +62,16 @@ def install_security(app: FastAPI, settings: Settings, index: SqlIndex) -> Secur
     app.state.retention = RetentionStore(index.engine, settings.retention)
     cert, key = ensure_hospital_cert(settings.signing)
     app.state.signing_cert, app.state.signing_key = cert, key
+    app.state.shares = ShareService(ShareStore(index), audit=audit,
+                                    patient_secret=app.state.patient_secret)
     app.include_router(audit_routes.router)
     app.include_router(signing_routes.router)
     if ServiceError not in app.exception_handlers:
         app.add_exception_handler(ServiceError, _service_error)
 
     authenticator = (
-        Authenticator(settings.auth, ApiKeyStore(index.engine)) if settings.auth.enabled else None
+        Authenticator(settings.auth, ApiKeyStore(index.engine), shares=app.state.shares)
+        if settings.auth.enabled else None
     )
     if not settings.auth.enabled:
         logger.warning("HTTP authentication is OFF (auth.enabled=false): every route is open")

@@ -32,6 +32,8 @@ AREAS: dict[str, tuple[str, tuple[str, ...]]] = {
                          ("test_patient_merge.py", "test_adt_merge.py")),
     "load": ("mixed load on one pacslab serve (modalities, analyzers, worklist, viewers)",
              ("test_load.py",)),
+    "atna": ("ATNA syslog: request-path cost and delivery vs ATNA off and the chained log",
+             ("test_atna_syslog.py",)),
 }
 
 

@@ -103,7 +103,7 @@ class AuditEntry:
     event_type: str  # rest | dicom.c-store | dicom.c-find | dicom.mpps | lab.file | sign …
     outcome: str  # 0 4 8 12
     agent: str
-    agent_type: Literal["user", "apikey", "ae", "system", "anonymous"]
+    agent_type: Literal["user", "apikey", "ae", "system", "anonymous", "share"]
     source: str = ""
     resource: str = ""
     patient_key: str = ""

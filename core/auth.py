@@ -51,6 +51,8 @@ SCOPES: Final = (
     "orders.read",
     "orders.write",
     "results.sign",
+    # Create and revoke share links to one study (issue 17 item 4).
+    "imaging.share",
     "admin",
 )
 #: Any authenticated caller (e.g. the FHIR capability statement).
@@ -89,6 +91,7 @@ _RULES: Final = (
     # DICOMweb: STOW-RS stores, everything else reads (PS3.18 10.5, 10.4, 10.6).
     _rule(frozenset({"POST"}), r"^/dicomweb/studies(/[^/]+)?$", "imaging.write"),
     _rule(_READ, r"^/(dicomweb|iiif|dzi|viewer|wado)(/|$)", "imaging.read"),
+    _rule(_ALL, r"^/admin/shares(/|$)", "imaging.share", "admin"),
     _rule(_ALL, r"^/(metrics|admin|jobs)(/|$)", "admin"),
 )
 _DEFAULT: Final = ("admin",)
@@ -139,7 +142,7 @@ class Principal:
 
     subject: str
     scopes: frozenset[str]
-    kind: str = "user"  # user | apikey | anonymous
+    kind: str = "user"  # user | apikey | anonymous | share
     issuer: str = ""
     client_id: str = ""
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -31,6 +31,7 @@ from pydantic_settings import (
 __all__ = [
     "NON_SETTING_VARIABLES",
     "AnalyzerSettings",
+    "AtnaSettings",
     "AuditSettings",
     "AuthSettings",
     "DaskSettings",
@@ -595,6 +596,8 @@ class AuthSettings(BaseModel):
             "/viewer",
             # Deep links an EMR opens (the same page; the token is in the #fragment).
             "/viewer/studies/",
+            # A share link's page (issue 17); its token is in the fragment too.
+            "/viewer/shared",
             "/static/",
             # OHIF Viewer (issue 20): its page, bundles and codecs hold no patient data;
             # what it fetches from /dicomweb needs the token.
@@ -639,6 +642,59 @@ class AuthSettings(BaseModel):
         return self.jwks_path is None and not self.jwks_url
 
 
+class AtnaSettings(BaseModel):
+    """ATNA: every action-log entry also sent as a DICOM audit message over syslog.
+
+    PS3.15 A.5 messages in RFC 5424 syslog to one collector (IHE ITI-20), besides the
+    hash-chained log: ``tls://host:6514`` (RFC 5425, the IHE transport), ``tcp://host:601``
+    (RFC 6587 octet counting) or ``udp://host:514`` (RFC 5426). Empty: not sent.
+    Sending never delays a request: a bounded queue and one sender thread; when the
+    collector is away the queue fills, then entries are dropped and counted
+    (``pacslab_atna_dropped_total``); the hash-chained log keeps them all.
+    """
+
+    url: str = ""
+    #: CA bundle (PEM) the collector's certificate must chain to (tls only); empty:
+    #: the system's trust store.
+    ca_file: Path | None = None
+    #: Client certificate and key (PEM) for collectors that ask for one (tls only).
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    #: AuditSourceID (PS3.15 A.5.1) and AuditEnterpriseSiteID; empty source: the host name.
+    source_id: str = Field("", max_length=64)
+    enterprise_site: str = Field("", max_length=64)
+    #: Messages waiting for the collector; beyond it new ones are dropped and counted.
+    queue_max: int = Field(10_000, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: Reconnection waits double from 0.5 s up to this.
+    backoff_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        if not value:
+            return value
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError("audit.atna.url: bad port") from exc
+        if parts.scheme not in ("tls", "tcp", "udp") or not parts.hostname or port is None:
+            raise ValueError("audit.atna.url must be tls://host:port, tcp://host:port "
+                             "or udp://host:port")
+        if parts.path.strip("/") or parts.query or parts.username:
+            raise ValueError("audit.atna.url takes only a scheme, host and port")
+        return value
+
+    @model_validator(mode="after")
+    def _check_client(self) -> AtnaSettings:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("audit.atna.client_cert and client_key go together")
+        return self
+
+
 class AuditSettings(BaseModel):
     """The hash-chained action log (audit_events table, FHIR R4 AuditEvent export)."""
 
@@ -661,6 +717,8 @@ class AuditSettings(BaseModel):
     #: A checkpoint is appended at most this often (and at start and close); a tail
     #: cut after the last checkpoint is caught only by the head row.
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    #: ATNA syslog copy of every entry (issue 17 item 5): ``PACSLAB_AUDIT__ATNA__URL``.
+    atna: AtnaSettings = AtnaSettings()
 
 
 class SigningSettings(BaseModel):

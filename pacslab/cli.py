@@ -247,6 +247,51 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_share(settings: Settings, args: argparse.Namespace) -> int:
+    """``share STUDY_UID --hours N`` prints a link; ``--revoke ID``; ``--list`` (issue 17)."""
+    import getpass
+
+    from core.errors import ServiceError
+    from pacslab.wiring import build_index
+    from services.sharing import ShareService
+    from storage.audit import AuditLog, load_secret
+    from storage.shares import ShareStore
+
+    index = build_index(settings, migrate=True)
+    audit = AuditLog(index.engine, settings.audit, url=index.url)
+    assert settings.audit.patient_key_file is not None
+    service = ShareService(ShareStore(index), audit=audit,
+                           patient_secret=load_secret(settings.audit.patient_key_file))
+    who = f"cli:{getpass.getuser()}"
+    try:
+        if args.list:
+            for r in service.list(study_uid=args.study_uid):
+                print(f"{r.share_id}  {service.state(r):7}  {r.expires_at.isoformat()}  "
+                      f"{r.study_uid}  {r.note}")
+        elif args.revoke:
+            service.revoke(args.revoke, by=who, source="cli")
+            print(f"revoked {args.revoke}: refused from the next request on")
+        elif args.study_uid:
+            created = service.create(args.study_uid, expires_in_s=round(args.hours * 3600),
+                                     note=args.note, by=who, source="cli")
+            http = settings.http
+            host = "localhost" if http.host in ("0.0.0.0", "::", "") else http.host
+            base = http.public_url or f"http://{host}:{http.port}"
+            print(created.url(base))
+            print(f"share {created.record.share_id} until {created.record.expires_at.isoformat()}"
+                  " (the link is shown once)", file=sys.stderr)
+        else:
+            print("pacslab share: give a STUDY_UID, --revoke ID or --list", file=sys.stderr)
+            return 2
+    except ServiceError as exc:
+        print(f"pacslab share: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        audit.close()
+        index.close()
+    return 0
+
+
 def cmd_verify_signature(settings: Settings, args: argparse.Namespace) -> int:
     """Verify a signed report offline with the hospital certificate alone."""
     from api.keys import load_certificate
@@ -456,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = api_sub.add_parser("revoke")
     revoke.add_argument("key_id")
 
+    share = sub.add_parser("share", help="a time-limited link to one study in the viewer")
+    share.add_argument("study_uid", nargs="?", help="the study to share")
+    share.add_argument("--hours", type=float, default=72.0, help="lifetime (default 72)")
+    share.add_argument("--note", default="", help="for the list, e.g. who it is for (no PHI)")
+    share.add_argument("--revoke", metavar="ID", help="revoke share ID")
+    share.add_argument("--list", action="store_true", help="list shares (of STUDY_UID)")
+
     audit = sub.add_parser("audit", help="the hash-chained action log")
     audit.add_argument("action", choices=["verify", "export"])
 
@@ -550,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": cmd_token,
         "apikey": cmd_apikey,
         "audit": cmd_audit,
+        "share": cmd_share,
         "verify-signature": cmd_verify_signature,
         "retention": cmd_retention,
         "purge-rejected": cmd_purge_rejected,

@@ -50,6 +50,7 @@ from core.settings import AuditSettings
 from storage.index import sqlite as _sqlite
 from storage.index.schema_emr import audit_events, audit_head
 from storage.index.sqlite import read_only
+from storage.syslog import SyslogSender
 
 __all__ = [
     "AuditKeyError",
@@ -295,6 +296,8 @@ class AuditLog(AuditStore):
         self._closed = False
         self.dropped = 0
         self._thread: threading.Thread | None = None
+        #: ATNA copy of every entry to a syslog collector (issue 17), if configured.
+        self.atna = SyslogSender(settings.atna) if settings.atna.url else None
 
     def _ensure_thread(self) -> None:
         # Started lazily, so an AuditLog built before a fork runs its thread in the child.
@@ -308,6 +311,8 @@ class AuditLog(AuditStore):
             return
         try:
             stamped = entry.stamped()
+            if self.atna is not None:
+                self.atna.submit(stamped)  # a queue put too: never blocks, never raises
             with self._cond:
                 if len(self._pending) >= self.settings.max_pending:
                     self.dropped += 1
@@ -461,6 +466,8 @@ class AuditLog(AuditStore):
         if thread is not None:
             thread.join(timeout)
         self.checkpoint()
+        if self.atna is not None:
+            self.atna.close()
 
 
 def _now() -> str:

@@ -49,6 +49,7 @@ __all__ = [
     "rejections",
     "scheduled_steps",
     "series",
+    "shares",
     "studies",
     "study_links",
     "study_modalities",
@@ -490,4 +491,20 @@ lab_results = Table(
     Column("conflict_patient_pk", Integer),
     UniqueConstraint("observation_id", "version", name="uq_lab_results_observation_version"),
     Index("ix_lab_results_current", "observation_id", "is_current"),
+)
+
+#: Share links (issue 17 item 4, migration 0008): one study, until ``expires_at``, to
+#: whoever holds the token; only the token's SHA-256 is kept (core/sharing.py).
+shares = Table(
+    "shares",
+    metadata,
+    Column("share_id", String(16), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("study_instance_uid", UID, nullable=False, index=True),
+    Column("note", String(200), nullable=False, server_default=""),
+    Column("created_by", String(128), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("revoked_by", String(128), nullable=False, server_default=""),
 )

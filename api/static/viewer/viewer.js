@@ -62,7 +62,7 @@
   async function json(url) {
     const r = await fetch(url, { headers: authHeaders });
     if (r.status === 401 || r.status === 403) {
-      $("status").textContent = "Not signed in: open /viewer#token=<access token>";
+      $("status").textContent = SIGN_IN;
     }
     if (!r.ok) throw new HttpError(url, r.status);
     return r.json();
@@ -71,8 +71,13 @@
   // /viewer/studies/{study}[/series/{series}]: UIDs are digits and dots (PS3.5 9.1).
   const link = location.pathname.match(
     /^\/viewer\/studies\/([^/]+)(?:\/series\/([^/]+))?\/?$/);
-  const deepLink = link ? { study: decodeURIComponent(link[1]),
-                            series: link[2] ? decodeURIComponent(link[2]) : null } : null;
+  let deepLink = link ? { study: decodeURIComponent(link[1]),
+                          series: link[2] ? decodeURIComponent(link[2]) : null } : null;
+  // A share link (issue 17): /viewer/shared#token=pls_…, one study, no UID in the URL.
+  // The server says which study it opens; the study list is not offered (it is refused).
+  const shared = location.pathname.replace(/\/$/, "") === "/viewer/shared";
+  const SIGN_IN = shared ? "This share link has expired or was revoked"
+    : "Not signed in: open /viewer#token=<access token>";
   const UID = /^[0-9]+(\.[0-9]+)*$/;
 
   function notFound(message) {
@@ -128,7 +133,7 @@
     const url = `/viewer/api/studies?${p}`;
     const r = await fetch(url, { headers: authHeaders });
     if (r.status === 401 || r.status === 403) {
-      $("status").textContent = "Not signed in: open /viewer#token=<access token>";
+      $("status").textContent = SIGN_IN;
     }
     if (r.status === 400) {
       list.replaceChildren(text("li", "Search not understood (dates: YYYYMMDD or a range)"));
@@ -344,12 +349,27 @@
     },
   };
 
-  loadStudies()
+  async function openShared() {
+    $("search").hidden = true;
+    $("pages").hidden = true;
+    let share;
+    try {
+      share = await json("/viewer/api/share");
+    } catch (err) {
+      $("status").textContent = SIGN_IN;
+      $("status").classList.add("error");
+      return;
+    }
+    deepLink = { study: share.study_instance_uid, series: null };
+    await openLink();
+  }
+
+  (shared ? openShared() : loadStudies()
     .catch((err) => {
       console.error(err);
       $("status").textContent = "Could not load the study list";
     })
-    .then(() => (deepLink ? openLink() : null))
+    .then(() => (deepLink ? openLink() : null)))
     .catch(report)
     .finally(() => { window.pacslab.ready = true; });
 })();
