@@ -24,6 +24,7 @@ from api.routes import (
     analyzers,
     dicom_admin,
     dicomweb,
+    export,
     fhir,
     fhir_lab,
     fhir_orders,
@@ -57,6 +58,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
     dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    export.router,  # issue 17.3: /export, study/series ZIP with DICOMDIR
 )
 
 
@@ -161,6 +163,8 @@ CORS_EXPOSE_HEADERS = (
     "Last-Modified",
     "Warning",
     "WWW-Authenticate",
+    "Content-Disposition",  # /export: the archive's file name
+    "X-Export-Id",  # /export: the id to poll /export/progress/{id} with
 )
 
 

@@ -89,6 +89,8 @@ _RULES: Final = (
     # DICOMweb: STOW-RS stores, everything else reads (PS3.18 10.5, 10.4, 10.6).
     _rule(frozenset({"POST"}), r"^/dicomweb/studies(/[^/]+)?$", "imaging.write"),
     _rule(_READ, r"^/(dicomweb|iiif|dzi|viewer|wado)(/|$)", "imaging.read"),
+    # Export (issue 17.3): the same instances as WADO-RS, as a ZIP file-set.
+    _rule(_READ, r"^/export(/|$)", "imaging.read"),
     _rule(_ALL, r"^/(metrics|admin|jobs)(/|$)", "admin"),
 )
 _DEFAULT: Final = ("admin",)
