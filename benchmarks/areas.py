@@ -27,6 +27,8 @@ AREAS: dict[str, tuple[str, tuple[str, ...]]] = {
                        "C-MOVE/C-GET to come", ("test_dicomweb_metadata.py",
                                                 "test_query_retrieve.py")),
     "archive-scale": ("index and storage at archive scale", ("test_archive_scale.py",)),
+    "export": ("study export to ZIP with DICOMDIR (MB/s) vs Orthanc /archive and /media",
+               ("test_study_export.py",)),
     "load": ("mixed load on one pacslab serve (modalities, analyzers, worklist, viewers)",
              ("test_load.py",)),
 }
