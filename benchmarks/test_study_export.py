@@ -148,9 +148,10 @@ def servers(
         _storescu(orthanc.dicom_port, tmp_path / "ct")
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # the instance jobs (metadata) are done
-            if _gauge(serve.base, "pacslab_jobs_running") == 0 and _gauge(
-                serve.base, "pacslab_jobs_pending"
-            ) <= 1:  # the held-back series job
+            if (
+                _gauge(serve.base, "pacslab_jobs_running") == 0
+                and _gauge(serve.base, "pacslab_jobs_pending") <= 1
+            ):  # the held-back series job
                 break
             time.sleep(0.5)
         (found,) = orthanc.post("/tools/lookup", study.encode())

@@ -182,20 +182,24 @@ class Deidentifier:
         }
 
         def visit(dataset: Dataset) -> None:
-            for elem in list(dataset):
-                if elem.tag.is_private:
-                    del dataset[elem.tag]
+            # By tag, so that elements without an action are never converted from
+            # their raw bytes (most of a data set; the cost of a naive walk).
+            for tag in list(dataset.keys()):
+                if tag.is_private:
+                    del dataset[tag]
                     continue
-                act = table.action(elem.tag)
-                if act is not None and act != "U*":
-                    if elem.VR == "SQ" and act != "X":
-                        pass  # keep the structure; its items are visited below
-                    else:
-                        actions[act](dataset, elem)
-                        if act == "X":
-                            continue
-                if elem.VR == "SQ" and elem.tag in dataset:
-                    for item in dataset[elem.tag].value:
+                act = table.action(tag)
+                raw = dataset.get_item(tag)
+                vr = getattr(raw, "VR", None)
+                if act is None and vr not in ("SQ", None):
+                    continue
+                elem = dataset[tag]
+                if act is not None and act != "U*" and (elem.VR != "SQ" or act == "X"):
+                    actions[act](dataset, elem)  # SQ other than X: kept, items visited
+                    if act == "X":
+                        continue
+                if elem.VR == "SQ":
+                    for item in elem.value:
                         visit(item)
 
         visit(ds)

@@ -94,8 +94,46 @@ class FileSetMember:
 
 @dataclass(slots=True)
 class _Node:
-    record: Dataset
+    record: Dataset | None  # None: ``encoded`` was written directly (IMAGE leaves)
     children: list[_Node] = field(default_factory=list)
+    encoded: bytes = b""
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One short Explicit VR Little Endian element (PS3.5 7.1.2), value padded even."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _image_record(header: Dataset, member: FileSetMember, number: int) -> bytes | None:
+    """An IMAGE record encoded directly (PS3.3 F.5.18: Instance Number is its only
+    key), or None when the instance needs pydicom's general path.
+
+    A series of thousands of images would otherwise cost a pydicom Dataset, a
+    recorder call and an encoding each: most of the time a large DICOMDIR takes.
+    """
+    charset = header.get("SpecificCharacterSet")
+    number_value = header.get("InstanceNumber")
+    if number_value in (None, ""):
+        number_value = number
+    parts = [
+        _element(0x0004, 0x1400, b"UL", b"\x00\x00\x00\x00"),
+        _element(0x0004, 0x1410, b"US", struct.pack("<H", 0xFFFF)),
+        _element(0x0004, 0x1420, b"UL", b"\x00\x00\x00\x00"),
+        _element(0x0004, 0x1430, b"CS", b"IMAGE"),
+        _element(0x0004, 0x1500, b"CS", "\\".join(member.file_id).encode("ascii")),
+        _element(0x0004, 0x1510, b"UI", str(header.SOPClassUID).encode("ascii")),
+        _element(0x0004, 0x1511, b"UI", str(header.SOPInstanceUID).encode("ascii")),
+        _element(0x0004, 0x1512, b"UI", member.transfer_syntax_uid.encode("ascii")),
+    ]
+    if charset:
+        values = charset if isinstance(charset, str) else "\\".join(charset)
+        parts.append(_element(0x0008, 0x0005, b"CS", values.encode("ascii")))
+    parts.append(_element(0x0020, 0x0013, b"IS", str(number_value).encode("ascii")))
+    # (0008,0005) sorts before (0020,0013) and after group 0004: order is by tag.
+    encoded = b"".join(parts)
+    return encoded if len(encoded) < 0x10000 else None
 
 
 def record_type(header: Dataset) -> str:
@@ -104,12 +142,11 @@ def record_type(header: Dataset) -> str:
 
 
 def _filled(header: Dataset, number: int) -> Dataset:
-    """A shallow copy of the keys the recorders read, with Type 1 gaps filled."""
+    """A copy of ``header``'s elements with the Type 1 gaps filled (for the recorders)."""
     ds = Dataset()
-    for elem in header:
-        if elem.tag.group in (0x0002, 0x7FE0) or elem.tag.is_private:
-            continue
-        ds.add(elem)
+    for tag in header.keys():  # noqa: SIM118 (iterating a Dataset converts elements)
+        if tag.group not in (0x0002, 0x7FE0) and not tag.is_private:
+            ds[tag] = header[tag]
     for keyword, dummy in _INVENTED.items():
         if ds.get(keyword) in (None, ""):
             if keyword in ds:
@@ -119,17 +156,22 @@ def _filled(header: Dataset, number: int) -> Dataset:
     return ds
 
 
-def _record(kind: str, ds: Dataset) -> Dataset:
+def _record(kind: str, header: Dataset, number: int) -> Dataset:
     record = Dataset()
     setattr(record, _NEXT, 0)
     record.RecordInUseFlag = 0xFFFF
     setattr(record, _LOWER, 0)
     record.DirectoryRecordType = kind
-    body = DIRECTORY_RECORDERS[kind](ds)
-    # The recorders copy the data set's character set only for some records; the
-    # records hold names and descriptions, so each says how it is encoded.
-    if "SpecificCharacterSet" in ds:
-        record.SpecificCharacterSet = ds.SpecificCharacterSet
+    try:
+        # The recorders read only their keys (no copy of the whole header) …
+        body = DIRECTORY_RECORDERS[kind](header)
+    except (KeyError, ValueError):
+        # … and refuse a missing or empty Type 1 key: fill it (dcmmkdir --invent).
+        body = DIRECTORY_RECORDERS[kind](_filled(header, number))
+    # The recorders copy the character set only for some records; the records hold
+    # names and descriptions, so each says how it is encoded.
+    if "SpecificCharacterSet" in header:
+        record.SpecificCharacterSet = header.SpecificCharacterSet
     record.update(body)
     return record
 
@@ -139,19 +181,24 @@ def _tree(members: Sequence[FileSetMember]) -> list[_Node]:
     studies: dict[str, _Node] = {}
     series: dict[str, _Node] = {}
     for number, member in enumerate(members, start=1):
-        ds = _filled(member.header, number)
-        pkey = str(ds.PatientID)
+        ds = member.header
+        pkey = str(ds.get("PatientID", "") or "")
         if pkey not in patients:
-            patients[pkey] = _Node(_record("PATIENT", ds))
+            patients[pkey] = _Node(_record("PATIENT", ds, number))
         skey = str(ds.StudyInstanceUID)
         if skey not in studies:
-            studies[skey] = _Node(_record("STUDY", ds))
+            studies[skey] = _Node(_record("STUDY", ds, number))
             patients[pkey].children.append(studies[skey])
         sekey = str(ds.SeriesInstanceUID)
         if sekey not in series:
-            series[sekey] = _Node(_record("SERIES", ds))
+            series[sekey] = _Node(_record("SERIES", ds, number))
             studies[skey].children.append(series[sekey])
-        leaf = _record(record_type(ds), ds)
+        kind = record_type(ds)
+        fast = _image_record(ds, member, number) if kind == "IMAGE" else None
+        if fast is not None:
+            series[sekey].children.append(_Node(None, encoded=fast))
+            continue
+        leaf = _record(kind, ds, number)
         leaf.ReferencedFileID = list(member.file_id)
         leaf.ReferencedSOPClassUIDInFile = ds.SOPClassUID
         leaf.ReferencedSOPInstanceUIDInFile = ds.SOPInstanceUID
@@ -166,6 +213,13 @@ def _encode(ds: Dataset) -> bytes:
     fp.is_implicit_VR = False
     write_dataset(fp, ds)
     return fp.getvalue()
+
+
+#: Where the two offsets sit in an encoded record: (0004,1400) UL, (0004,1410) US and
+#: (0004,1420) UL are its first three elements (lowest tags), 12 + 10 + 12 bytes in
+#: Explicit VR Little Endian; each value is the last 4 bytes of its element.
+_NEXT_AT: Final = 8
+_LOWER_AT: Final = 12 + 10 + 8
 
 
 def build_dicomdir(members: Sequence[FileSetMember], *, file_set_id: str = "") -> bytes:
@@ -204,19 +258,28 @@ def build_dicomdir(members: Sequence[FileSetMember], *, file_set_id: str = "") -
     sq_header = 12  # (0004,1220) tag, "SQ", 2 reserved bytes, 32-bit length
     first_item = len(head.getvalue()) + top_len + sq_header
 
-    # Offsets are fixed-length UL values: the lengths measured with zeros hold.
-    sizes = [len(_encode(node.record)) for node in order]
+    # Offsets are fixed-length UL values: records are encoded once with zeros and
+    # the offsets patched in (encoding is the costly part for thousands of records).
+    encoded = [
+        bytearray(_encode(node.record) if node.record is not None else node.encoded)
+        for node in order
+    ]
+    for item in encoded:
+        assert item[:4] == b"\x04\x00\x00\x14" and item[22:26] == b"\x04\x00\x20\x14"
     offsets: dict[int, int] = {}
     position = first_item
-    for node, size in zip(order, sizes, strict=True):
+    for node, item in zip(order, encoded, strict=True):
         offsets[id(node)] = position
-        position += 8 + size  # item tag + 32-bit length, then the record
+        position += 8 + len(item)  # item tag + 32-bit length, then the record
+    slot = {id(node): item for node, item in zip(order, encoded, strict=True)}
 
     def link(nodes: list[_Node]) -> None:
         for i, node in enumerate(nodes):
             after = nodes[i + 1] if i + 1 < len(nodes) else None
-            setattr(node.record, _NEXT, offsets[id(after)] if after else 0)
-            setattr(node.record, _LOWER, offsets[id(node.children[0])] if node.children else 0)
+            item = slot[id(node)]
+            struct.pack_into("<I", item, _NEXT_AT, offsets[id(after)] if after else 0)
+            lower = offsets[id(node.children[0])] if node.children else 0
+            struct.pack_into("<I", item, _LOWER_AT, lower)
             link(node.children)
 
     link(roots)
@@ -227,11 +290,9 @@ def build_dicomdir(members: Sequence[FileSetMember], *, file_set_id: str = "") -
     out = BytesIO()
     out.write(head.getvalue())
     out.write(_encode(top))
-    items = [_encode(node.record) for node in order]
-    total = sum(8 + len(item) for item in items)
+    total = sum(8 + len(item) for item in encoded)
     out.write(struct.pack("<HH2sHI", 0x0004, 0x1220, b"SQ", 0, total))
-    for item, size in zip(items, sizes, strict=True):
-        assert len(item) == size  # offsets were computed from these lengths
+    for item in encoded:
         out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(item)))
         out.write(item)
     return out.getvalue()

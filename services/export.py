@@ -65,6 +65,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_HEADER_BYTES = 1 << 16
+#: (7FE0,0010) Pixel Data, as its tag is written in a Little Endian data set.
+_PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"
 
 State = Literal["planning", "streaming", "done", "failed"]
 
@@ -176,10 +179,18 @@ class ExportService:
         return self.originals.open(row.blob_key)
 
     def _header(self, row: MetadataRow) -> Dataset:
+        """The data set up to its pixel data, from one read of the first 64 KiB when the
+        header fits (as ``core/header.py`` reads at ingest), else from the file."""
         try:
             with self.open_original(row) as fp:
+                head = fp.read(_HEADER_BYTES)
+                if _PIXEL_DATA_LE in head or len(head) < _HEADER_BYTES:
+                    ds = dcmread(BytesIO(head), stop_before_pixels=True)
+                    if "SOPInstanceUID" in ds and "SeriesInstanceUID" in ds:
+                        return ds
+                fp.seek(0)
                 return dcmread(fp, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError) as exc:
+        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
             raise InvalidDatasetError(f"stored instance {row.sop_instance_uid} unreadable") from exc
 
     def plan(

@@ -53,6 +53,9 @@ def _enrich(path: Path, referenced: tuple[str, str] | None) -> None:
         if keyword not in ("PatientName", "PatientID", "AccessionNumber"):
             setattr(ds, keyword, value)
     ds.PatientBirthDate = "19700315"
+    # One study: the same study attributes in every instance (the generator stamps
+    # each series with the time it was made).
+    ds.StudyDate, ds.StudyTime = "20260301", "101500"
     block = ds.private_block(0x0011, "PACSLAB TEST", create=True)
     block.add_new(0x01, "LO", PRIVATE_VALUE)
     if referenced is not None:  # a reference inside a sequence (U, nested)
