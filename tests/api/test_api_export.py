@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -211,7 +212,7 @@ def test_series_export(client: TestClient, study: Study, tmp_path: Path) -> None
     assert kinds == ["PATIENT", "STUDY", "SERIES", "IMAGE", "IMAGE"]
 
 
-def _walk(ds: Dataset) -> Iterator[tuple[Dataset, object]]:
+def _walk(ds: Dataset) -> Iterator[tuple[Dataset, DataElement]]:
     for elem in ds:
         yield ds, elem
         if elem.VR == "SQ":
@@ -369,3 +370,48 @@ def test_cli_export(settings: Settings, tmp_path: Path, monkeypatch: pytest.Monk
     assert main(["export", "1.2.3.999", "-o", str(tmp_path / "none.zip")]) == 1
     assert not (tmp_path / "none.zip").exists()
     assert not list(tmp_path.glob(".none.zip.part"))
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("deidentify", [False, True])
+def test_viewer_download_button_in_chromium(
+    app: FastAPI, study: Study, tmp_path: Path, deidentify: bool
+) -> None:
+    """The viewer's button downloads the ZIP under the page's CSP (headless Chromium)."""
+    from tests.support import serving
+
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with serving(app) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu"],
+        )
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{base}/viewer/studies/{study.study}")
+            page.wait_for_selector("#export")
+            if deidentify:
+                page.check("#export-deid")
+            with page.expect_download(timeout=60_000) as download:
+                page.click("#export")
+            saved = tmp_path / "download.zip"
+            download.value.save_as(saved)
+            page.wait_for_function(
+                "() => document.getElementById('export-note').textContent.startsWith('Downloaded')"
+            )
+            assert page.eval_on_selector("#export-progress", "p => p.value") == 1
+        finally:
+            browser.close()
+    files = unpack(saved.read_bytes(), tmp_path / "out")
+    instances = check_file_set(tmp_path / "out", files)
+    assert len(instances) == len(study.paths)
+    assert all((d.get("PatientIdentityRemoved") == "YES") == deidentify for d in instances)
+    # 404 favicon-like noise aside, no script or CSP error.
+    assert not [e for e in errors if "Content Security Policy" in e or "Error" in e], errors
