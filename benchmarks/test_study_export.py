@@ -162,6 +162,7 @@ def servers(
 
 
 @pytest.mark.network
+@pytest.mark.timeout(3600)  # a measured run stores 260 MB twice and downloads it 15 times
 def test_study_export_zip(benchmark: Any, servers: Any, tmp_path: Path) -> None:
     serve, orthanc, study, orthanc_id, slices, rounds = servers
     targets = {
@@ -172,7 +173,9 @@ def test_study_export_zip(benchmark: Any, servers: Any, tmp_path: Path) -> None:
     client = httpx.Client(timeout=600)
     # Once, outside the timing: each archive is a whole ZIP with every instance.
     for name, url in targets.items():
+        began = time.perf_counter()
         body = client.get(url).content
+        print(f"{name}: first download {time.perf_counter() - began:.1f} s", flush=True)
         with zipfile.ZipFile(io.BytesIO(body)) as zf:
             names = [n for n in zf.namelist() if not n.endswith("/")]
             dicom = [n for n in names if not n.upper().endswith("DICOMDIR")]

@@ -242,8 +242,10 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     if store.key is None:
         print("note: no chain key: keyed entries were checked for their links only")
     elif unkeyed:
-        print(f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
-              "anchored by the first keyed entry")
+        print(
+            f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
+            "anchored by the first keyed entry"
+        )
     return 0
 
 
@@ -339,7 +341,13 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     index = build_index(settings, migrate=True)
     try:
         audit, secret = build_audit(settings, index)
-        service = ExportService(index, open_originals(settings), audit=audit, patient_secret=secret)
+        service = ExportService(
+            index,
+            open_originals(settings),
+            audit=audit,
+            patient_secret=secret,
+            max_instances=settings.qr.max_retrieve_instances,
+        )
         request = ExportRequest(args.study, args.series, args.deidentify)
         try:
             progress = service.write(

@@ -36,7 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["FileSetMember", "build_dicomdir", "record_type"]
+__all__ = ["FileSetMember", "build_dicomdir", "record_type", "slim"]
 
 _FIRST: Final = "OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity"
 _LAST: Final = "OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity"
@@ -139,6 +139,42 @@ def _image_record(header: Dataset, member: FileSetMember, number: int) -> bytes 
 def record_type(header: Dataset) -> str:
     """The leaf Directory Record Type (0004,1430) of an instance (PS3.3 F.5)."""
     return _LEAF_BY_SOP_CLASS.get(str(header.get("SOPClassUID", "")), "IMAGE")
+
+
+#: What the PATIENT, STUDY, SERIES and IMAGE records read (PS3.3 F.5.1-F.5.4, F.5.18).
+_IMAGE_KEYS: Final = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "StudyDescription",
+    "PatientName",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+)
+
+
+def slim(header: Dataset) -> Dataset:
+    """The part of an IMAGE instance's header its records need; other leaf types
+    (SR, presentation states, RT …) keep the whole header for their recorders.
+
+    A plan holds one header per instance until the DICOMDIR is built: a study of
+    tens of thousands of images would otherwise hold every full header at once.
+    """
+    if record_type(header) != "IMAGE":
+        return header
+    out = Dataset()
+    for keyword in _IMAGE_KEYS:
+        if keyword in header:
+            out[keyword] = header[keyword]
+    return out
 
 
 def _filled(header: Dataset, number: int) -> Dataset:

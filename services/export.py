@@ -45,10 +45,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from core.audit import AuditEntry, patient_key
-from core.errors import InvalidDatasetError, NotFoundError
+from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
 from core.logging import correlation_id
 from services.deidentify import Deidentifier
-from services.dicomdir import FileSetMember, build_dicomdir
+from services.dicomdir import FileSetMember, build_dicomdir, slim
 
 if TYPE_CHECKING:
     from storage.abc import OriginalStore
@@ -156,6 +156,9 @@ class ExportService:
         Where the study's current instances are listed.
     originals
         The stored Part-10 files.
+    max_instances
+        Larger studies are refused (export them by series): the plan holds one small
+        header per instance (``qr.max_retrieve_instances``, as a C-MOVE's cap).
     audit, patient_secret
         The action log: one entry per export (who, which study, how many instances,
         de-identified or not; the patient only as a keyed reference).
@@ -168,7 +171,9 @@ class ExportService:
         *,
         audit: AuditLog | None = None,
         patient_secret: bytes = b"",
+        max_instances: int = 65_535,
     ) -> None:
+        self.max_instances = max_instances
         self.index = index
         self.originals = originals
         self.audit = audit
@@ -212,11 +217,19 @@ class ExportService:
         if progress is not None:
             progress.instances_total = len(rows)
         deidentifier = Deidentifier(seed or secrets.token_bytes(32)) if request.deidentify else None
-        headers = [self._header(row) for row in rows]
-        patient_id = str(headers[0].get("PatientID", "") or "")
-        if deidentifier is not None:
-            for header in headers:
+        if len(rows) > self.max_instances:
+            raise InvalidQueryError(
+                f"more than {self.max_instances} instances; export the study by series"
+            )
+        headers: list[Dataset] = []
+        patient_id = ""
+        for row in rows:
+            header = self._header(row)
+            if not headers:
+                patient_id = str(header.get("PatientID", "") or "")
+            if deidentifier is not None:
                 deidentifier.apply(header)
+            headers.append(slim(header))
         # Series in index order, instances by Instance Number within each series.
         by_series: dict[str, list[tuple[MetadataRow, Dataset]]] = {}
         for row, header in zip(rows, headers, strict=True):

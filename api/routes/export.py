@@ -99,6 +99,7 @@ def _export(
         archive.originals,
         audit=getattr(state, "audit", None),
         patient_secret=getattr(state, "patient_secret", b""),
+        max_instances=state.settings.qr.max_retrieve_instances,
     )
     progress = ExportProgress()
     plan = service.plan(export, progress)  # 404 here, before any byte is sent

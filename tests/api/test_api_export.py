@@ -415,3 +415,13 @@ def test_viewer_download_button_in_chromium(
     assert all((d.get("PatientIdentityRemoved") == "YES") == deidentify for d in instances)
     # 404 favicon-like noise aside, no script or CSP error.
     assert not [e for e in errors if "Content Security Policy" in e or "Error" in e], errors
+
+
+def test_too_large_a_study_is_refused_by_series_it_is_not(app: FastAPI, study: Study) -> None:
+    from core.errors import InvalidQueryError
+    from services.export import ExportRequest, ExportService
+
+    service = ExportService(app.state.index, app.state.archive.originals, max_instances=4)
+    with pytest.raises(InvalidQueryError):
+        service.plan(ExportRequest(study.study))
+    assert len(service.plan(ExportRequest(study.study, study.series[0])).entries) == 4
