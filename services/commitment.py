@@ -71,9 +71,9 @@ class CommitResult:
         ds = Dataset()
         ds.TransactionUID = self.transaction_uid
         if self.committed:
-            ds.ReferencedSOPSequence = DicomSequence(
-                [_ref(cls, uid) for cls, uid in self.committed]
-            )
+            ds.ReferencedSOPSequence = DicomSequence([
+                _ref(cls, uid) for cls, uid in self.committed
+            ])
         if self.failed:
             items = []
             for cls, uid, reason in self.failed:
@@ -135,9 +135,7 @@ class CommitmentService:
                 failed.append((sop_class, uid, reason))
         logger.info(
             "storage commitment %s: %d committed, %d failed",
-            request.transaction_uid,
-            len(committed),
-            len(failed),
+            request.transaction_uid, len(committed), len(failed),
         )
         return CommitResult(request.transaction_uid, tuple(committed), tuple(failed))
 

@@ -36,11 +36,8 @@ class Destination:
 def parse_ae_title(value: str) -> str:
     """PS3.5 6.2 AE: 1-16 characters of the default repertoire, no backslash or control."""
     stripped = value.strip()
-    if (
-        not 1 <= len(stripped) <= 16
-        or "\\" in stripped
-        or not stripped.isascii()
-        or not (stripped.isprintable())
+    if not 1 <= len(stripped) <= 16 or "\\" in stripped or not stripped.isascii() or not (
+        stripped.isprintable()
     ):
         raise InvalidQueryError("an AE title is 1-16 printable ASCII characters, no backslash")
     return stripped
@@ -60,7 +57,8 @@ class DestinationDirectory:
         return RemoteAE(host=stored[0], port=stored[1]) if stored else None
 
     def list(self) -> list[Destination]:
-        out = {ae: Destination(ae, d.host, d.port, "settings") for ae, d in self.configured.items()}
+        out = {ae: Destination(ae, d.host, d.port, "settings")
+               for ae, d in self.configured.items()}
         for ae, (host, port) in qr_index.list_destinations(self.index).items():
             out.setdefault(ae, Destination(ae, host, port, "api"))
         return [out[k] for k in sorted(out)]

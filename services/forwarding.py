@@ -292,26 +292,15 @@ class ForwardingService:
         if self.audit is None:
             return
         try:
-            self.audit.record(
-                AuditEntry(
-                    action="R",
-                    event_type="dicom.forward",
-                    outcome="0",
-                    outcome_desc="sent",
-                    agent="forwarding",
-                    agent_type="system",
-                    source="",
-                    resource=f"SOPInstance/{inst.sop_instance_uid}"[:256],
-                    patient_key="",
-                    correlation_id=correlation_id.get()[:32],
-                    detail=AuditEntry.details(
-                        {
-                            "destination": destination,
-                            "study": inst.study_instance_uid,
-                        }
-                    ),
-                )
-            )
+            self.audit.record(AuditEntry(
+                action="R", event_type="dicom.forward", outcome="0", outcome_desc="sent",
+                agent="forwarding", agent_type="system", source="",
+                resource=f"SOPInstance/{inst.sop_instance_uid}"[:256], patient_key="",
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details({
+                    "destination": destination, "study": inst.study_instance_uid,
+                }),
+            ))
         except Exception:
             logger.error("forward not recorded in the action log", exc_info=True)
 

@@ -234,11 +234,8 @@ def parse_find(identifier: Dataset, model: Model, *, limit: int | None = None) -
 
 
 def _empty(value: Any) -> bool:
-    return (
-        value is None
-        or value == ""
-        or value == []
-        or (isinstance(value, (list, MultiValue, DicomSequence)) and len(value) == 0)
+    return value is None or value == "" or value == [] or (
+        isinstance(value, (list, MultiValue, DicomSequence)) and len(value) == 0
     )
 
 
@@ -496,6 +493,7 @@ class QueryRetrieveService:
                 return dcmread(fp)
         except FileNotFoundError as exc:
             raise NotFoundError(f"original of {item.sop_instance_uid} is missing") from exc
+
 
     def record_retrieve(
         self,
