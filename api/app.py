@@ -24,6 +24,7 @@ from api.routes import (
     analyzers,
     dicom_admin,
     dicomweb,
+    export,
     fhir,
     fhir_lab,
     fhir_orders,
@@ -68,6 +69,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     patients.admin_router,  # issue 17: /admin/patients/changes (review, undo)
     shares.router,  # issue 17: share links (/admin/shares)
     shares.viewer_router,  # issue 17: /viewer/shared and /viewer/api/share
+    export.router,  # issue 17.3: /export, study/series ZIP with DICOMDIR
 )
 
 
@@ -193,6 +195,8 @@ CORS_EXPOSE_HEADERS = (
     "Last-Modified",
     "Warning",
     "WWW-Authenticate",
+    "Content-Disposition",  # /export: the archive's file name
+    "X-Export-Id",  # /export: the id to poll /export/progress/{id} with
 )
 
 

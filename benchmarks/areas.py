@@ -30,6 +30,8 @@ AREAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "patient-identity": ("patient merge to every answer (service level beside one study "
                          "query; HL7 A40 on pacslab serve to QIDO, C-FIND, FHIR, MWL, no anchor)",
                          ("test_patient_merge.py", "test_adt_merge.py")),
+    "export": ("study export to ZIP with DICOMDIR (MB/s) vs Orthanc /archive and /media",
+               ("test_study_export.py",)),
     "load": ("mixed load on one pacslab serve (modalities, analyzers, worklist, viewers)",
              ("test_load.py",)),
     "atna": ("ATNA syslog: request-path cost and delivery vs ATNA off and the chained log",

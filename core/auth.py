@@ -92,6 +92,8 @@ _RULES: Final = (
     _rule(frozenset({"POST"}), r"^/dicomweb/studies(/[^/]+)?$", "imaging.write"),
     _rule(_READ, r"^/(dicomweb|iiif|dzi|viewer|wado)(/|$)", "imaging.read"),
     _rule(_ALL, r"^/admin/shares(/|$)", "imaging.share", "admin"),
+    # Export (issue 17.3): the same instances as WADO-RS, as a ZIP file-set.
+    _rule(_READ, r"^/export(/|$)", "imaging.read"),
     _rule(_ALL, r"^/(metrics|admin|jobs)(/|$)", "admin"),
 )
 _DEFAULT: Final = ("admin",)

@@ -242,8 +242,10 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     if store.key is None:
         print("note: no chain key: keyed entries were checked for their links only")
     elif unkeyed:
-        print(f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
-              "anchored by the first keyed entry")
+        print(
+            f"note: {unkeyed} entries predate the chain key (SHA-256 only); "
+            "anchored by the first keyed entry"
+        )
     return 0
 
 
@@ -407,6 +409,42 @@ def cmd_purge_rejected(settings: Settings, args: argparse.Namespace) -> int:
         index.close()
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """A study or series as a ZIP with a DICOMDIR (issue 17.3), in the action log."""
+    import getpass
+
+    from core.errors import NotFoundError, ServiceError
+    from pacslab.wiring import build_audit, build_index
+    from services.export import ExportRequest, ExportService
+    from storage.originals import open_originals
+
+    index = build_index(settings, migrate=True)
+    try:
+        audit, secret = build_audit(settings, index)
+        service = ExportService(
+            index,
+            open_originals(settings),
+            audit=audit,
+            patient_secret=secret,
+            max_instances=settings.qr.max_retrieve_instances,
+        )
+        request = ExportRequest(args.study, args.series, args.deidentify)
+        try:
+            progress = service.write(
+                request, args.output, agent=f"cli:{getpass.getuser()}", agent_type="user"
+            )
+        except NotFoundError:
+            print(f"pacslab: no such study or series: {args.study}", file=sys.stderr)
+            return 1
+        except ServiceError as exc:
+            print(f"pacslab: export failed: {exc.title}: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.output}: {progress.instances_done} instances, {progress.bytes_done} bytes")
+        return 0
+    finally:
+        index.close()
+
+
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     """``backup DEST`` or ``backup verify DEST``."""
     from pathlib import Path
@@ -554,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="an earlier backup: unchanged originals are hard-linked",
     )
 
+    export = sub.add_parser(
+        "export", help="a study or series as a ZIP with a DICOMDIR (PS3.10/PS3.11)"
+    )
+    export.add_argument("study", metavar="STUDY_UID")
+    export.add_argument("--series", metavar="UID", default=None, help="only this series")
+    export.add_argument(
+        "--deidentify", action="store_true", help="PS3.15 E.1 Basic Confidentiality Profile"
+    )
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.zip")
+
     restore = sub.add_parser("restore", help="rebuild an instance from a backup")
     restore.add_argument("source", type=Path)
     restore.add_argument("--data-dir", type=Path, required=True)
@@ -608,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "purge-rejected": cmd_purge_rejected,
         "backup": cmd_backup,
         "restore": cmd_restore,
+        "export": cmd_export,
     }
     from storage.audit import AuditKeyError
 

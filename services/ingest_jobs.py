@@ -33,17 +33,17 @@ from pydicom.dataset import Dataset
 from core.errors import NotFoundError
 from core.instance import metadata_json
 from core.logging import correlation
-from services.orders import order_keys, status_notice
 from processing.tiling import convert_series
 from processing.webhook import post_json
 from services.forwarding import ForwardingService, InstanceFacts, job_kind
+from services.orders import order_keys, status_notice
 from storage.abc import Job, OriginalStore, StoredInstance
 from storage.index.qr import calling_ae_of
 
 if TYPE_CHECKING:
     from processing.worker import BatchHandler, JobHandler
-    from storage.index.sql import SqlIndex
     from services.orders import OrderService
+    from storage.index.sql import SqlIndex
 
 __all__ = ["IngestJobs"]
 

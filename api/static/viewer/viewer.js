@@ -229,9 +229,89 @@
     // the token this page keeps (sessionStorage "pacslab.token", same origin, same tab).
     const ohif = text("a", "Open in OHIF (diagnostic viewer)", "ohif");
     ohif.href = `/ohif/viewer?StudyInstanceUIDs=${encodeURIComponent(uid)}`;
-    box.append(ohif);
+    box.append(ohif, exportBox(uid));
     $("status").textContent = series.length ? "Choose a series" : "No series in this study";
     return buttons;
+  }
+
+  // Download the study as a ZIP with a DICOMDIR (issue 17.3). fetch() with the token
+  // (a plain link could not send it); progress from Content-Length when the server
+  // knows the size, else from /export/progress/{id} (de-identified archives).
+  function exportBox(uid) {
+    const box = document.createElement("div");
+    box.className = "export";
+    const button = text("button", "Download study (ZIP + DICOMDIR)");
+    button.type = "button";
+    button.id = "export";
+    const label = document.createElement("label");
+    const deid = document.createElement("input");
+    deid.type = "checkbox";
+    deid.id = "export-deid";
+    label.append(deid, " De-identify");
+    const bar = document.createElement("progress");
+    bar.id = "export-progress";
+    bar.max = 1;
+    bar.value = 0;
+    bar.hidden = true;
+    const note = text("span", "", "export-note");
+    note.id = "export-note";
+    button.addEventListener("click", () => {
+      button.disabled = true;
+      downloadStudy(uid, deid.checked, bar, note)
+        .catch((err) => { note.textContent = `Download failed (${err.message})`; })
+        .finally(() => { button.disabled = false; });
+    });
+    box.append(button, label, bar, note);
+    return box;
+  }
+
+  async function downloadStudy(uid, deidentify, bar, note) {
+    const url = `/export/studies/${encodeURIComponent(uid)}` +
+      (deidentify ? "?deidentify=true" : "");
+    note.textContent = "Preparing…";
+    const r = await fetch(url, { headers: authHeaders });
+    if (!r.ok) throw new HttpError("export", r.status);
+    const id = r.headers.get("X-Export-Id") || "";
+    const total = Number(r.headers.get("Content-Length")) || 0;
+    bar.hidden = false;
+    bar.value = 0;
+    let done = 0;
+    let poll = null;
+    if (!total && id) {
+      poll = setInterval(async () => {
+        try {
+          const p = await json(`/export/progress/${encodeURIComponent(id)}`);
+          if (p.instances_total) bar.value = p.instances_done / p.instances_total;
+          note.textContent = `${p.instances_done} / ${p.instances_total} instances`;
+        } catch (err) { console.error(err.message); }
+      }, 500);
+    }
+    const chunks = [];
+    const reader = r.body.getReader();
+    try {
+      for (;;) {
+        const { done: end, value } = await reader.read();
+        if (end) break;
+        chunks.push(value);
+        done += value.length;
+        if (total) {
+          bar.value = done / total;
+          note.textContent = `${(done / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
+        }
+      }
+    } finally {
+      if (poll) clearInterval(poll);
+    }
+    bar.value = 1;
+    const blob = new Blob(chunks, { type: "application/zip" });
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `study-${id || "export"}.zip`;  // no UID or name in the file name
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    note.textContent = `Downloaded ${(done / 1e6).toFixed(1)} MB`;
   }
 
   async function openLink() {
