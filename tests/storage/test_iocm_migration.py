@@ -1,4 +1,4 @@
-"""Migration 0008_iocm: up, down, up, and the same tables as storage/index/schema.py."""
+"""Migration 0009_iocm: up, down, up, and the same tables as storage/index/schema.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from storage.index.schema import metadata
 IOCM_TABLES = {"rejections", "study_versions"}
 
 
-def test_migration_0008_matches_schema_and_goes_down(tmp_path: Path) -> None:
+def test_migration_0009_matches_schema_and_goes_down(tmp_path: Path) -> None:
     from alembic import command
 
     engine = create_engine(f"sqlite:///{tmp_path}/m.db")
@@ -27,7 +27,7 @@ def test_migration_0008_matches_schema_and_goes_down(tmp_path: Path) -> None:
     cfg = alembic_config(engine)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0007")
+        command.downgrade(cfg, "0008_pir")
     assert not IOCM_TABLES & set(inspect(engine).get_table_names())
     upgrade(engine)
     assert set(inspect(engine).get_table_names()) >= IOCM_TABLES

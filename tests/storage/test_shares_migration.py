@@ -1,4 +1,4 @@
-"""Migration 0008_share: the ``shares`` table as schema.py declares it, up, down, up."""
+"""Migration 0010_share: the ``shares`` table as schema.py declares it, up, down, up."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from storage.index.migrate import alembic_config, upgrade
 from storage.index.schema import shares
 
 
-def test_migration_0008_share_up_down_up(tmp_path: Path) -> None:
+def test_migration_0010_share_up_down_up(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/m.db")
-    upgrade(engine, "0008_share")
+    upgrade(engine, "0010_share")
     assert "shares" in inspect(engine).get_table_names()
     only = MetaData()
     shares.to_metadata(only)
@@ -30,7 +30,7 @@ def test_migration_0008_share_up_down_up(tmp_path: Path) -> None:
     cfg = alembic_config(engine)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0007")
+        command.downgrade(cfg, "0009_iocm")
     assert "shares" not in inspect(engine).get_table_names()
     upgrade(engine)
     assert "shares" in inspect(engine).get_table_names()

@@ -1,7 +1,7 @@
 """Share links: time-limited, revocable links to one study (issue 17 item 4)
 
-Revision ID: 0008_share
-Revises: 0007 (the lead re-chains it when the branches merge)
+Revision ID: 0010_share
+Revises: 0009_iocm
 Create Date: 2026-12-02 19:30:00.000000
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_share"
-down_revision = "0007"
+revision = "0010_share"
+down_revision = "0009_iocm"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """IHE IOCM: rejections, and study attribute versions (issue 17, corrections)
 
-Revision ID: 0008_iocm
-Revises: 0007 (the lead re-chains it when the branches merge)
+Revision ID: 0009_iocm
+Revises: 0008_pir
 Create Date: 2026-12-02 19:30:00.000000
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_iocm"
-down_revision = "0007"
+revision = "0009_iocm"
+down_revision = "0008_pir"
 branch_labels = None
 depends_on = None
 
