@@ -24,7 +24,7 @@ from core.settings import Settings
 from storage.audit import AuditStore
 from storage.retention import RetentionStore
 from tests.api._support import running_app
-from tests.ingest.qr_data import Study, fill, write
+from tests.ingest.dicom.qr_data import Study, fill, write
 from tests.services.iocm_data import rejection_note
 from tests.support import Receiver, run_dcmtk, storescu_responses
 
@@ -238,7 +238,7 @@ def test_rejection_note_that_misnames_instances_is_refused(
 def _datasets(study: Study) -> list[Dataset]:
     """``study``'s instances as first sent (qr_data.build made them; rebuilt here with
     the same UIDs)."""
-    from tests.ingest.qr_data import build
+    from tests.ingest.dicom.qr_data import build
 
     copy = Study(
         study.patient_id,

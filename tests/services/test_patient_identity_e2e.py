@@ -35,7 +35,7 @@ from api.dicomweb._multipart import content_type_params
 from core.settings import Settings
 from storage.audit import AuditStore
 from tests.api._support import dataset_bytes, running_app
-from tests.ingest.qr_data import CT, MR, Study, build, store
+from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
 from tests.support import Receiver, run_dcmtk, serving
 
 pytestmark = pytest.mark.network
