@@ -28,7 +28,15 @@ from core.patients import MergePatients, PatientRef
 from core.settings import Settings
 from services.patients import PatientIdentityService
 from storage.index.queries import Match, Query
-from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients, studies
+from storage.index.schema import (
+    lab_files,
+    lab_reports,
+    lab_results,
+    orders,
+    patients,
+    series,
+    studies,
+)
 from storage.index.sql import SqlIndex
 
 
@@ -55,6 +63,19 @@ def _fill(index: SqlIndex, n: int) -> None:
                     "updated_at": now,
                 }
                 for i in range(n)
+            ],
+        )
+        # Each study with a series holding a current instance, as a received one has
+        # (a study without one is hidden, storage/index/queries.py _visible).
+        pks = conn.execute(
+            select(studies.c.id).where(studies.c.patient_pk == old).order_by(studies.c.id)
+        ).scalars()
+        conn.execute(
+            series.insert(),
+            [
+                {"series_instance_uid": f"1.2.3.{pk}.1", "study_pk": pk, "updated_at": now,
+                 "num_instances": 1}
+                for pk in pks
             ],
         )
         item = {

@@ -48,7 +48,7 @@ OLD_NAME, SURV_NAME = "ONE^TESTCASE", "TRẦN^THỊ LAN"
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The receiver's settings with the lab inbox ready and no quiet period."""
-    from tests.labs.lab_support import lab_settings
+    from tests.ingest.labs.lab_support import lab_settings
 
     return lab_settings(settings)
 
@@ -66,7 +66,7 @@ def _study(
 @pytest.fixture
 def world(receiver: Receiver, settings: Settings, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The archive of both patients, the API on uvicorn, and the lab rig."""
-    from tests.labs.lab_support import open_rig
+    from tests.ingest.labs.lab_support import open_rig
 
     old, old_datasets = _study(OLD_ID, OLD_NAME, "CT", CT, "PIR1")
     surv, surv_datasets = _study(SURV_ID, SURV_NAME, "MR", MR, "PIR2")
@@ -492,7 +492,7 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
     assert _study_find(world, "late-old", OLD_ID) == []
     # So are lab results sent later under it (the same capture, re-sent as a correction).
     rig = world["rig"]
-    from tests.labs.lab_support import LAB_DATA
+    from tests.ingest.labs.lab_support import LAB_DATA
 
     capture = (LAB_DATA / "hl7/cdc_oru_r01_v251_result_linked.hl7").read_bytes()
     (rig.inbox() / "resent.hl7").write_bytes(capture + b"\r")

@@ -22,7 +22,7 @@ from core.patients import (
 from core.settings import IndexSettings
 from services.patients import PatientIdentityService, current_patient_attributes
 from storage.index.queries import Match, Query
-from storage.index.schema import orders, patient_name_words, patients, studies
+from storage.index.schema import orders, patient_name_words, patients, series, studies
 from storage.index.sql import SqlIndex
 
 
@@ -46,9 +46,16 @@ def _patient(index: SqlIndex, patient_id: str, name: str, issuer: str = "") -> i
 def _study(index: SqlIndex, uid: str, patient_pk: int) -> None:
     now = datetime.now(UTC)
     with index.write() as conn:
+        study_pk = conn.execute(
+            studies.insert()
+            .values(study_instance_uid=uid, patient_pk=patient_pk, created_at=now, updated_at=now)
+            .returning(studies.c.id)
+        ).scalar_one()
+        # A study is visible only with a series holding a current instance (IOCM,
+        # storage/index/queries.py _visible): give it one, as a received study has.
         conn.execute(
-            studies.insert().values(
-                study_instance_uid=uid, patient_pk=patient_pk, created_at=now, updated_at=now
+            series.insert().values(
+                series_instance_uid=f"{uid}.1", study_pk=study_pk, updated_at=now, num_instances=1
             )
         )
 
