@@ -286,39 +286,17 @@ class Hl7OrderIntake:
         peer: str,
         file_sha256: str,
     ) -> None:
-        """Queue the message's entry; a side effect, so it logs and carries on."""
-        if self.audit is None:
-            return
-        try:
-            patient = placed[0].patient if placed else None
-            key = (patient_key(self.patient_secret, patient.id, patient.issuer)
-                   if patient is not None else "")
-            orders = [o.id for o in result.orders]
-            detail: dict[str, object] = {"control_id": result.control_id, "ack": result.code,
-                                         "orders": orders}
-            if result.error is not None:
-                detail["hl7_error_code"] = result.error.hl7_code
-                detail["where"] = result.error.where or ""
-            if file_sha256:
-                detail["file_sha256"] = file_sha256
-            self.audit.record(AuditEntry(
-                action=_ACTIONS.get(placed[0].action, "C") if placed else "C",
-                event_type="hl7.order",
-                outcome=_outcome(result),
-                outcome_desc=f"{result.code} {result.error.hl7_code}" if result.error
-                else result.code,
-                agent=(sending_application(raw) or peer or "unknown")[:128],
-                agent_type="system",
-                source=peer[:64],
-                resource=(f"ServiceRequest/{orders[0]}" if len(orders) == 1
-                          else f"HL7Message/{result.control_id}")[:256],
-                patient_key=key,
-                correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details(detail),
-            ))
-        except Exception:
-            logger.error("HL7 order audit entry not recorded", exc_info=True)
-
+        """Queue an order message's entry: the order ids and the keyed PID-3 patient."""
+        patient = placed[0].patient if placed else None
+        orders = [o.id for o in result.orders]
+        self._record(
+            raw, result, peer=peer, file_sha256=file_sha256,
+            event_type="hl7.order",
+            action=_ACTIONS.get(placed[0].action, "C") if placed else "C",
+            patient=(patient.id, patient.issuer) if patient is not None else None,
+            detail={"orders": orders},
+            resource=f"ServiceRequest/{orders[0]}" if len(orders) == 1 else "",
+        )
 
     def _audit_adt(
         self,
@@ -331,38 +309,60 @@ class Hl7OrderIntake:
         file_sha256: str,
     ) -> None:
         """Queue an ADT message's entry: the change ids and the keyed patient (the
-        surviving or new one), never a name or an identifier; it logs and carries on."""
+        surviving or new one), never a name or an identifier."""
+        changes = [c.change_id for c in result.changes]
+        self._record(
+            raw, result, peer=peer, file_sha256=file_sha256,
+            event_type="hl7.adt", action="U",
+            patient=(ref.patient_id, ref.issuer) if ref is not None else None,
+            detail={"event": event, "changes": changes,
+                    "kinds": [c.kind for c in result.changes]},
+            resource=f"PatientChange/{changes[0]}" if len(changes) == 1 else "",
+        )
+
+    def _record(
+        self,
+        raw: bytes,
+        result: IntakeResult,
+        *,
+        peer: str,
+        file_sha256: str,
+        event_type: str,
+        action: str,
+        patient: tuple[str, str] | None,
+        detail: dict[str, object],
+        resource: str,
+    ) -> None:
+        """One entry per message, whatever its kind (issue 7 §2): the sending
+        application as agent, the ACK as outcome, the keyed patient, never a name or an
+        identifier. A side effect, so it logs and carries on."""
         if self.audit is None:
             return
         try:
-            key = patient_key(self.patient_secret, ref.patient_id, ref.issuer) if ref else ""
-            changes = [c.change_id for c in result.changes]
-            detail: dict[str, object] = {
-                "control_id": result.control_id, "ack": result.code, "event": event,
-                "changes": changes, "kinds": [c.kind for c in result.changes],
-            }
+            key = patient_key(self.patient_secret, *patient) if patient is not None else ""
+            full: dict[str, object] = {"control_id": result.control_id, "ack": result.code,
+                                       **detail}
             if result.error is not None:
-                detail["hl7_error_code"] = result.error.hl7_code
-                detail["where"] = result.error.where or ""
+                full["hl7_error_code"] = result.error.hl7_code
+                full["where"] = result.error.where or ""
             if file_sha256:
-                detail["file_sha256"] = file_sha256
+                full["file_sha256"] = file_sha256
             self.audit.record(AuditEntry(
-                action="U",
-                event_type="hl7.adt",
+                action=action,
+                event_type=event_type,
                 outcome=_outcome(result),
                 outcome_desc=f"{result.code} {result.error.hl7_code}" if result.error
                 else result.code,
                 agent=(sending_application(raw) or peer or "unknown")[:128],
                 agent_type="system",
                 source=peer[:64],
-                resource=(f"PatientChange/{changes[0]}" if len(changes) == 1
-                          else f"HL7Message/{result.control_id}")[:256],
+                resource=(resource or f"HL7Message/{result.control_id}")[:256],
                 patient_key=key,
                 correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details(detail),
+                detail=AuditEntry.details(full),
             ))
         except Exception:
-            logger.error("HL7 ADT audit entry not recorded", exc_info=True)
+            logger.error("HL7 %s audit entry not recorded", event_type, exc_info=True)
 
 
 def _patient_of(command: PatientCommand) -> PatientRef:
