@@ -370,6 +370,13 @@ def test_retention_expired_rejection_allows_deletion_and_restore(
     r = client.post("/admin/rejections", json=body)
     assert r.status_code == 201 and r.json()["hidden"] == 2
     assert qido(client, f"studies?StudyInstanceUID={study.study_uid}") == []
+    # Only that study: the others are still found, with all their instances.
+    left = {values(s, "0020000D")[0] for s in qido(client, "studies")}
+    assert left == {s.study_uid for s in archive if s is not study}
+    for other in archive:
+        if other is not study:
+            n = sum(len(uids) for uids in other.sop_uids)
+            assert len(qido(client, f"studies/{other.study_uid}/instances")) == n
     # Sent again: accepted and current again (the one reason that allows it).
     first = study.sop_uids[0][0]
     paths = write(tmp_path / "again", [d for d in _datasets(study) if d.SOPInstanceUID == first])
