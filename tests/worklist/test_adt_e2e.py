@@ -57,6 +57,8 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         dicom={"port": 0, "host": "127.0.0.1"},
         auth={"enabled": False},
         lab={"profiles": {"auto": {}}, "patient_issuer": ISSUER},
+        # the worker is run by hand right after a transfer: no deferral (issue 19)
+        processing={"instance_defer_s": 0.0},
         orders={
             "mllp_port": free_port(),
             "mllp_host": "127.0.0.1",
