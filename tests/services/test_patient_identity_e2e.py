@@ -459,7 +459,7 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
             400,
         ),
         (http.put(f"/fhir/Patient/{old_pk}", json={"resourceType": "Observation"}), 400),
-        # A47 onto an identifier in use is a merge, not a change.
+        # A47 onto an identifier in use is a merge, not a change: a duplicate key.
         (
             http.put(
                 f"/fhir/Patient/{old_pk}",
@@ -469,7 +469,7 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
                     "identifier": [{"system": SYSTEM, "value": SURV_ID}],
                 },
             ),
-            400,
+            409,
         ),
     ]
     for response, status in cases:
