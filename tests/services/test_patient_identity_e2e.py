@@ -609,6 +609,10 @@ def test_fhir_put_patient_is_version_aware(world: dict[str, Any]) -> None:
     assert http.put(f"/fhir/Patient/{pk}", json=body3).headers["etag"] == 'W/"5"'
     searched = http.get("/fhir/Patient", params={"_id": pk}).json()["entry"][0]["resource"]
     assert searched["meta"]["versionId"] == "5"
+    # ... and says so in its CapabilityStatement.
+    rest = http.get("/fhir/metadata").json()["rest"][0]
+    (spec,) = [r for r in rest["resource"] if r["type"] == "Patient"]
+    assert spec["versioning"] == "versioned-update"
 
 
 def test_after_a_merge_orders_and_exports_carry_the_survivor(world: dict[str, Any]) -> None:
