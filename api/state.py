@@ -39,7 +39,13 @@ def build_api_services(
     """Every service of the API over ``index``, each built once."""
     lab_store = SqlLabStore(index, default_issuer=settings.lab.patient_issuer)
     return ApiServices(
-        orders=order_service(index, settings.orders),
+        orders=order_service(
+            index,
+            settings.orders,
+            audit=audit,
+            patient_secret=patient_secret,
+            default_issuer=settings.lab.patient_issuer,
+        ),
         lab_results=LabResultService(lab_store, audit=audit, patient_secret=patient_secret),
         tiles=TileService(index),
     )

@@ -70,6 +70,7 @@ SECURITY_ALERT: Final = _dcm("110113", "Security Alert")
 USER_AUTHENTICATION: Final = _dcm("110114", "User Authentication")
 # CID 401-404 event type codes used here.
 LOGIN: Final = _dcm("110122", "Login")
+NODE_AUTHENTICATION: Final = _dcm("110126", "Node Authentication")
 SECURITY_CONFIGURATION: Final = _dcm("110129", "Security Configuration")
 OBJECT_SECURITY_CHANGED: Final = _dcm("110135", "Object Security Attributes Changed")
 # CID 402 Audit Active Participant Role ID.
@@ -165,6 +166,22 @@ _BY_TYPE: Final = {
     "retention.delete": AtnaEvent(STUDY_DELETED),
     "share.create": AtnaEvent(EXPORT),
     "share.revoke": AtnaEvent(SECURITY_ALERT, OBJECT_SECURITY_CHANGED),
+    "export": AtnaEvent(EXPORT),
+    # A calling AE title we do not accept is a failed login of a node (as a REST 401
+    # is); a TLS handshake that fails is a node authentication failure.
+    "dicom.association-rejected": AtnaEvent(USER_AUTHENTICATION, LOGIN),
+    "dicom.tls-failed": AtnaEvent(SECURITY_ALERT, NODE_AUTHENTICATION),
+    # Patient identity (IHE PIR, issue 17): each change is a Patient Record event with
+    # the patients involved as participant objects (see _patient_keys).
+    "hl7.adt": AtnaEvent(PATIENT_RECORD, requestor_is_source=True),
+    "patient.update": AtnaEvent(PATIENT_RECORD),
+    "patient.merge": AtnaEvent(PATIENT_RECORD),
+    "patient.change-identifier": AtnaEvent(PATIENT_RECORD),
+    "patient.undo": AtnaEvent(PATIENT_RECORD),
+    "order.patient-merged": AtnaEvent(ORDER_RECORD),
+    # IHE IOCM: a rejection changes what may be read; a purge deletes.
+    "iocm.reject": AtnaEvent(INSTANCES_ACCESSED),
+    "iocm.purge": AtnaEvent(STUDY_DELETED),
 }
 
 
@@ -186,6 +203,28 @@ def event_for(entry: AuditEntry) -> AtnaEvent:
     if entry.event_type.startswith("dicom.") and entry.event_type.endswith("-send"):
         return AtnaEvent(INSTANCES_TRANSFERRED)
     return AtnaEvent(APPLICATION_ACTIVITY)
+
+
+_KEY: Final = re.compile(r"[0-9a-f]{32}")
+
+
+def _patient_keys(entry: AuditEntry, detail: dict[str, object]) -> list[str]:
+    """The keyed references of the patients an entry is about: its own, and for a
+    patient identity change (``patient.*``, ``order.patient-merged``) every patient of
+    its before/after (a merge names the obsolete and the surviving patient)."""
+    keys = [entry.patient_key] if entry.patient_key else []
+    if entry.event_type.startswith("patient.") or entry.event_type == "order.patient-merged":
+        for side in ("before", "after"):
+            values = detail.get(side)
+            if not isinstance(values, dict):
+                continue
+            for name, value in values.items():
+                if name == "change":  # an undo's "before" names the change, not a patient
+                    continue
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str) and _KEY.fullmatch(item) and item not in keys:
+                        keys.append(item)
+    return keys
 
 
 def _code(parent: ET.Element, tag: str, code: Code) -> ET.Element:
@@ -321,12 +360,12 @@ def audit_message(entry: AuditEntry, source: AuditSource) -> bytes:
             },
         )
         _code(obj, "ParticipantObjectIDTypeCode", URI)
-    if stamped.patient_key:
+    for key in _patient_keys(stamped, detail):
         obj = ET.SubElement(
             root,
             "ParticipantObjectIdentification",
             {
-                "ParticipantObjectID": stamped.patient_key,
+                "ParticipantObjectID": key,
                 "ParticipantObjectTypeCode": "1",
                 "ParticipantObjectTypeCodeRole": "1",
             },

@@ -26,6 +26,7 @@ __all__ = [
     "OrderMessageError",
     "OutOfResourcesError",
     "PeerUnavailableError",
+    "PreconditionFailedError",
     "ProcedureStepStateError",
     "RejectedInstanceError",
     "RetentionError",
@@ -124,9 +125,11 @@ class NotFoundError(ServiceError, LookupError):
 
 
 class DuplicateError(ServiceError, ValueError):
-    """N-CREATE for an existing SOP Instance (PS3.7 C.5.9 0x0111)."""
+    """N-CREATE for an existing SOP Instance (PS3.7 C.5.9 0x0111), or a key already in
+    use, such as a patient identifier change (HL7 A47, FHIR ``PUT Patient``) onto an
+    identifier another patient holds (HL7 Table 0357 205 "duplicate key identifier")."""
 
-    title = "Duplicate SOP Instance"
+    title = "Duplicate"
     http_status = 409
     dimse_status = 0x0111
     fhir_code = "duplicate"
@@ -139,6 +142,17 @@ class ProcedureStepStateError(ServiceError, ValueError):
     http_status = 409
     dimse_status = 0x0110
     fhir_code = "business-rule"
+
+
+class PreconditionFailedError(ServiceError, ValueError):
+    """A version-aware update named a version that is not the current one (FHIR R4
+    http.html#concurrency: ``If-Match: W/"n"`` → 412 Precondition Failed, RFC 9110
+    13.1.1). No DIMSE request carries a version; its status is a processing failure."""
+
+    title = "Precondition failed"
+    http_status = 412
+    dimse_status = 0x0110
+    fhir_code = "conflict"
 
 
 class OutOfResourcesError(ServiceError, OSError):

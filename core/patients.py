@@ -109,7 +109,9 @@ class PatientIdentity(Protocol):
     or API key id): both go into the audit entry, never a name or an identifier.
     Raises :class:`core.errors.NotFoundError` for an unknown patient where the
     command needs one, :class:`core.errors.InvalidQueryError` for a command that
-    makes no sense (merging a patient into itself).
+    makes no sense (merging a patient into itself), :class:`core.errors.DuplicateError`
+    for an identifier change onto an identifier another patient holds (HL7 Table 0357
+    205 "duplicate key identifier": that is a merge).
     """
 
     def apply(self, command: PatientCommand, *, source: str, agent: str) -> PatientChange: ...

@@ -59,6 +59,37 @@ class IngestService:
         except Exception:  # a side effect: log and carry on (STYLE.md §5)
             logger.error("C-STORE audit entry not recorded", exc_info=True)
 
+    def record_refused_association(
+        self,
+        calling_ae: str,
+        peer: str,
+        *,
+        reason: str,
+        called_ae: str = "",
+        code: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Log an association we refused for who asked (PS3.15 A.5.3 User Authentication:
+        a calling AE title we do not know is a failed login of a node; a failed TLS
+        handshake is a Security Alert). ``code`` is the A-ASSOCIATE-RJ's (result,
+        source, reason), PS3.8 9.3.4. A side effect: logs and carries on."""
+        if self.audit is None:
+            return
+        try:
+            detail: dict[str, object] = {"reason": reason}
+            if code is not None:
+                detail["result"], detail["result_source"], detail["diagnostic"] = code
+            self.audit.record(AuditEntry(
+                action="E",
+                event_type="dicom.tls-failed" if reason == "tls" else "dicom.association-rejected",
+                outcome="4", outcome_desc=f"association rejected: {reason}"[:64],
+                agent=(calling_ae or "unknown")[:128], agent_type="ae", source=peer[:64],
+                resource=f"AE/{called_ae}"[:256] if called_ae else "",
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details(detail),
+            ))
+        except Exception:  # a side effect: log and carry on (STYLE.md §5)
+            logger.error("refused association not recorded", exc_info=True)
+
     def close(self) -> None:
         """Write the queued audit entries (the archive is closed by its owner)."""
         if self.audit is not None:

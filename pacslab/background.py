@@ -63,7 +63,10 @@ def start_orders(settings: Settings) -> Callable[[], None]:
     audit, secret = build_audit(settings, index)
     patients = build_patient_identity(settings, index, audit=audit, patient_secret=secret)
     intake = Hl7OrderIntake(
-        build_order_service(settings, index), audit=audit, patient_secret=secret, patients=patients
+        build_order_service(settings, index, audit=audit, patient_secret=secret),
+        audit=audit,
+        patient_secret=secret,
+        patients=patients,
     )
     section = settings.orders
     inbox = OrderInbox(

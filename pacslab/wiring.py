@@ -73,9 +73,22 @@ def build_ingest(
     )
 
 
-def build_order_service(settings: Settings, index: SqlIndex) -> OrderService:
-    """The order service over ``index`` (webhook jobs queued when a URL is set)."""
-    return order_service(index, settings.orders)
+def build_order_service(
+    settings: Settings,
+    index: SqlIndex,
+    *,
+    audit: AuditLog | None = None,
+    patient_secret: bytes = b"",
+) -> OrderService:
+    """The order service over ``index`` (webhook jobs queued when a URL is set). With
+    ``audit``, an order placed for the survivor of a merge is recorded there."""
+    return order_service(
+        index,
+        settings.orders,
+        audit=audit,
+        patient_secret=patient_secret,
+        default_issuer=settings.lab.patient_issuer,
+    )
 
 
 def build_patient_identity(

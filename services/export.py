@@ -24,7 +24,13 @@ standard library's ``zipfile`` would need a hand-made writer and size arithmetic
 
 Every instance is read through :meth:`ExportService.open_original`, the one place
 where a read of an original (``OriginalStore.open``, as WADO-RS metadata and
-C-GET/C-MOVE read them) can be coerced (e.g. to the current patient demographics).
+C-GET/C-MOVE read them) is coerced to the patient as the index holds it now (IHE PIR,
+issue 17: after an update or a merge, an exported study carries the current
+demographics, as WADO-RS and C-MOVE send them; :func:`services.patients.coerced_part10`,
+the replaced values in the Original Attributes Sequence, PS3.3 C.12.1.1.9.1). The
+stored originals stay bit-exact; the DICOMDIR's records carry the current values too,
+and the action-log entry counts the coerced instances. A de-identified export is not
+coerced: the profile replaces the Patient module anyway.
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from core.audit import AuditEntry, patient_key
+from core.coercion import PatientAttributes, coerce_patient_module, patient_differences
 from core.errors import InvalidDatasetError, InvalidQueryError, NotFoundError
 from core.logging import correlation_id
 from services.deidentify import Deidentifier
 from services.dicomdir import FileSetMember, build_dicomdir, slim
+from services.patients import coerced_part10, current_patient_attributes
 
 if TYPE_CHECKING:
     from storage.abc import OriginalStore
@@ -115,7 +123,8 @@ class ExportProgress:
 class _Entry:
     row: MetadataRow
     file_id: tuple[str, ...]
-    size: int | None  # of the original; None when unknown or re-encoded
+    size: int | None  # of the original; None when unknown, re-encoded or coerced
+    coerce: bool = False  # its Patient module is not the current one (issue 17)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +135,15 @@ class ExportPlan:
     entries: tuple[_Entry, ...]
     dicomdir: bytes
     deidentifier: Deidentifier | None
-    patient_id: str  # of the original, for the action log's keyed patient reference
+    patient_id: str  # for the action log's keyed patient reference (the current one)
+    #: The study's patient as the index holds it now (None: de-identified, or unknown).
+    current: PatientAttributes | None = None
+    patient_issuer: str = ""
+
+    @property
+    def coerced(self) -> int:
+        """How many instances go out with the current Patient module, not the stored."""
+        return sum(1 for e in self.entries if e.coerce)
 
     @property
     def arcnames(self) -> list[str]:
@@ -179,9 +196,27 @@ class ExportService:
         self.audit = audit
         self.patient_secret = patient_secret
 
-    def open_original(self, row: MetadataRow) -> BinaryIO:
-        """The stored original of ``row``, as WADO-RS metadata and C-GET read it."""
-        return self.originals.open(row.blob_key)
+    def open_original(
+        self, row: MetadataRow, current: PatientAttributes | None = None
+    ) -> BinaryIO:
+        """The stored original of ``row``, as WADO-RS and C-GET/C-MOVE send it: with
+        ``current`` (the study's patient now, :func:`current_patient_attributes`), its
+        Patient module coerced to those values (:func:`coerced_part10`); the original
+        itself when it carries them already, or without ``current``."""
+        if current is None:
+            return self.originals.open(row.blob_key)
+        if self.originals.has_local_paths:
+            source: Path | bytes = self.originals.path(row.blob_key)
+        else:
+            with self.originals.open(row.blob_key) as fp:
+                source = fp.read()
+        try:
+            coerced = coerced_part10(source, current, metadata=row.metadata_json)
+        except (InvalidDicomError, EOFError, ValueError, KeyError) as exc:
+            raise InvalidDatasetError(f"stored instance {row.sop_instance_uid} unreadable") from exc
+        if coerced is not None:
+            return BytesIO(coerced)
+        return BytesIO(source) if isinstance(source, bytes) else self.originals.open(row.blob_key)
 
     def _header(self, row: MetadataRow) -> Dataset:
         """The data set up to its pixel data, from one read of the first 64 KiB when the
@@ -221,7 +256,15 @@ class ExportService:
             raise InvalidQueryError(
                 f"more than {self.max_instances} instances; export the study by series"
             )
+        # The patient now (updates, merges: issue 17); a de-identified export is not
+        # coerced, the profile replaces the Patient module.
+        current = (
+            None
+            if deidentifier is not None
+            else current_patient_attributes(self.index, request.study_instance_uid)
+        )
         headers: list[Dataset] = []
+        coerce: list[bool] = []
         patient_id = ""
         for row in rows:
             header = self._header(row)
@@ -229,11 +272,21 @@ class ExportService:
                 patient_id = str(header.get("PatientID", "") or "")
             if deidentifier is not None:
                 deidentifier.apply(header)
+            differs = current is not None and bool(patient_differences(header, current))
+            if differs:
+                assert current is not None
+                coerce_patient_module(header, current)  # the DICOMDIR's records too
+            coerce.append(differs)
             headers.append(slim(header))
+        if current is not None:
+            patient_id = current.patient_id
         # Series in index order, instances by Instance Number within each series.
         by_series: dict[str, list[tuple[MetadataRow, Dataset]]] = {}
-        for row, header in zip(rows, headers, strict=True):
+        coerced_uids: set[str] = set()
+        for row, header, differs in zip(rows, headers, coerce, strict=True):
             by_series.setdefault(row.series_instance_uid, []).append((row, header))
+            if differs:
+                coerced_uids.add(row.sop_instance_uid)
         entries: list[_Entry] = []
         members: list[FileSetMember] = []
         local = self.originals.has_local_paths and deidentifier is None
@@ -247,14 +300,29 @@ class ExportService:
                     _component("SE", s),
                     _component("IM", i),
                 )
-                size = os.stat(self.originals.path(row.blob_key)).st_size if local else None
-                entries.append(_Entry(row, file_id, size))
+                differs = row.sop_instance_uid in coerced_uids
+                size = (
+                    os.stat(self.originals.path(row.blob_key)).st_size
+                    if local and not differs
+                    else None
+                )
+                entries.append(_Entry(row, file_id, size, differs))
                 members.append(FileSetMember(header, file_id, row.transfer_syntax_uid))
         dicomdir = build_dicomdir(members, file_set_id="PACSLAB")
-        return ExportPlan(request, tuple(entries), dicomdir, deidentifier, patient_id)
+        return ExportPlan(
+            request,
+            tuple(entries),
+            dicomdir,
+            deidentifier,
+            patient_id,
+            current,
+            current.issuer if current is not None else "",
+        )
 
-    def _original_chunks(self, row: MetadataRow) -> Iterator[bytes]:
-        with self.open_original(row) as fp:
+    def _original_chunks(
+        self, row: MetadataRow, current: PatientAttributes | None = None
+    ) -> Iterator[bytes]:
+        with self.open_original(row, current) as fp:
             while chunk := fp.read(_CHUNK):
                 yield chunk
 
@@ -318,7 +386,7 @@ class ExportService:
             if plan.deidentifier is not None:
                 yield self._deidentified(plan, entry.row)
             else:
-                yield from self._original_chunks(entry.row)
+                yield from self._original_chunks(entry.row, plan.current if entry.coerce else None)
             progress.instances_done += 1
 
         for entry in plan.entries:
@@ -366,7 +434,9 @@ class ExportService:
                     agent_type=agent_type,
                     source=source[:64],
                     resource=resource[:256],
-                    patient_key=patient_key(self.patient_secret, plan.patient_id)
+                    patient_key=patient_key(
+                        self.patient_secret, plan.patient_id, plan.patient_issuer
+                    )
                     if self.patient_secret
                     else "",
                     correlation_id=correlation_id.get()[:32],
@@ -375,6 +445,8 @@ class ExportService:
                             "instances": progress.instances_done,
                             "bytes": progress.bytes_done,
                             "deidentified": request.deidentify,
+                            # instances sent with the current Patient module (issue 17)
+                            "coerced": plan.coerced,
                             "export_id": progress.export_id,
                         }
                     ),

@@ -19,6 +19,7 @@ Instance UID) and PS3.3 C.4.10-C.4.12 for the values.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from core.audit import AuditEntry, patient_key
 from core.errors import DuplicateError, NotFoundError, ProcedureStepStateError
+from core.logging import correlation_id
 from core.orders import (
     OrderAction,
     OrderRecord,
@@ -41,9 +44,11 @@ from core.orders import (
     derive_status,
 )
 from storage.index.orders import SqlOrderStore
+from storage.index.patients import SqlPatientStore
 
 if TYPE_CHECKING:
     from core.settings import OrdersSettings
+    from storage.audit import AuditLog
     from storage.index.orders import OrderVersion, StudyLink
     from storage.index.sql import SqlIndex
 
@@ -278,6 +283,15 @@ class OrderService:
         Scheduling defaults and reconciliation choices.
     new_id, new_uid : callable, optional
         Public id and Study Instance UID factories (tests make them predictable).
+    patients : SqlPatientStore, optional
+        Where merges are looked up: an order arriving under the identifier of a patient
+        merged into another (IHE PIR A40, FHIR ``$merge``) is placed for the surviving
+        patient, as images and lab results sent late are (issue 17).
+    audit, patient_secret
+        The action log and the key of its patient references: each such redirection
+        appends an ``order.patient-merged`` entry (keyed references, never an id).
+    default_issuer
+        What an order without an issuer (PID-3.4) means (``lab.patient_issuer``).
     """
 
     def __init__(
@@ -287,9 +301,17 @@ class OrderService:
         *,
         new_id: Callable[[], str] | None = None,
         new_uid: Callable[[], str] | None = None,
+        patients: SqlPatientStore | None = None,
+        audit: AuditLog | None = None,
+        patient_secret: bytes = b"",
+        default_issuer: str = "",
     ) -> None:
         self.store = store
         self.settings = settings
+        self.patients = patients
+        self.audit = audit
+        self.patient_secret = patient_secret
+        self.default_issuer = default_issuer
         self._new_id = new_id or (lambda: uuid.uuid4().hex)
         root = settings.uid_root or None
         self._new_uid = new_uid or (lambda: str(generate_uid(prefix=root)))
@@ -315,6 +337,7 @@ class OrderService:
             An order with this placer number exists and asks for something else
             (a resent identical message returns the existing order instead).
         """
+        placed, merged_from = self._follow_merge(placed)
         if placed.placer_order_number:
             existing = self.store.find(placer=placed.placer_order_number)
             if existing is not None:
@@ -330,7 +353,71 @@ class OrderService:
             status=lambda item: derive_status(item.steps),
         )
         logger.info("order %s placed (accession %s)", rec.id, rec.accession_number)
+        self._audit_merged(rec, placed, merged_from)
         return rec
+
+    # -- merged patients (IHE PIR, issue 17) --------------------------------------
+
+    def _follow_merge(self, placed: PlacedOrder) -> tuple[PlacedOrder, tuple[str, str] | None]:
+        """``placed`` for the surviving patient when its patient was merged away, and
+        the obsolete ``(id, issuer)`` it named (None: not merged). The survivor's
+        identity and demographics are the record system's: they replace the order's."""
+        p = placed.patient
+        if self.patients is None or not p.id:
+            return placed, None
+        issuers = [p.issuer] if p.issuer else list(dict.fromkeys([self.default_issuer, ""]))
+        surv = self.patients.surviving(p.id[:64], [i[:64] for i in issuers])
+        if surv is None:
+            return placed, None
+        birth = p.birth_date
+        if len(surv.birth_date) == 8 and surv.birth_date.isdigit():
+            with contextlib.suppress(ValueError):
+                birth = datetime.strptime(surv.birth_date, "%Y%m%d").date()
+        patient = replace(
+            p,
+            id=surv.patient_id,
+            issuer=surv.issuer,
+            name=surv.name or p.name,
+            birth_date=birth,
+            sex=surv.sex or p.sex,
+        )
+        return replace(placed, patient=patient), (p.id, p.issuer)
+
+    def _audit_merged(
+        self, rec: OrderRecord, placed: PlacedOrder, merged_from: tuple[str, str] | None
+    ) -> None:
+        """One action-log entry for an order placed for the survivor of a merge: the
+        keyed obsolete and surviving references, never an identifier. A side effect:
+        logs and carries on."""
+        if merged_from is None:
+            return
+        logger.info("order %s: its patient was merged into another; placed for the survivor",
+                    rec.id)
+        if self.audit is None:
+            return
+        def key(pid: str, issuer: str) -> str:
+            return patient_key(self.patient_secret, pid, issuer) if self.patient_secret else ""
+
+        try:
+            surviving = key(placed.patient.id, placed.patient.issuer)
+            self.audit.record(AuditEntry(
+                action="U",
+                event_type="order.patient-merged",
+                outcome="0",
+                agent=(placed.source or "orders")[:128],
+                agent_type="system",
+                source=placed.source[:64],
+                resource=f"ServiceRequest/{rec.id}",
+                patient_key=surviving,
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details({
+                    "order": rec.id,
+                    "before": {"patient": key(*merged_from)},
+                    "after": {"patient": surviving},
+                }),
+            ))
+        except Exception:
+            logger.error("order redirection not recorded in the action log", exc_info=True)
 
     def _current(self, placed: PlacedOrder, public_id: str | None) -> OrderRecord:
         rec = (
@@ -352,6 +439,7 @@ class OrderService:
         ProcedureStepStateError
             The order is completed, discontinued or cancelled.
         """
+        placed, merged_from = self._follow_merge(placed)
         for _ in range(_CAS_RETRIES):
             rec = self._current(placed, public_id)
             if rec.status in (
@@ -373,6 +461,7 @@ class OrderService:
             except ProcedureStepStateError:
                 continue
             logger.info("order %s changed (version %d)", out.id, out.version)
+            self._audit_merged(out, placed, merged_from)
             return out
         raise ProcedureStepStateError("order changed concurrently; retry")
 
@@ -626,7 +715,22 @@ class OrderService:
         logger.warning("order %s: images-arrived not recorded (concurrent changes)", public_id)
 
 
-def order_service(index: SqlIndex, settings: OrdersSettings) -> OrderService:
+def order_service(
+    index: SqlIndex,
+    settings: OrdersSettings,
+    *,
+    audit: AuditLog | None = None,
+    patient_secret: bytes = b"",
+    default_issuer: str = "",
+) -> OrderService:
     """The order service over ``index``: the one construction rule for every process
-    (webhook jobs are queued only when ``orders.webhook_url`` is set)."""
-    return OrderService(SqlOrderStore(index, webhook=bool(settings.webhook_url)), settings)
+    (webhook jobs are queued only when ``orders.webhook_url`` is set; orders for a
+    merged-away patient go to the survivor, audited in ``audit``)."""
+    return OrderService(
+        SqlOrderStore(index, webhook=bool(settings.webhook_url)),
+        settings,
+        patients=SqlPatientStore(index),
+        audit=audit,
+        patient_secret=patient_secret,
+        default_issuer=default_issuer,
+    )

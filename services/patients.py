@@ -164,8 +164,21 @@ class PatientIdentityService:
 
     # -- the protocol ---------------------------------------------------------------
 
-    def apply(self, command: PatientCommand, *, source: str, agent: str) -> PatientChange:
-        """Apply ``command`` to every store, record and audit it (see module doc)."""
+    def apply(
+        self,
+        command: PatientCommand,
+        *,
+        source: str,
+        agent: str,
+        expected_version: int | None = None,
+    ) -> PatientChange:
+        """Apply ``command`` to every store, record and audit it (see module doc).
+
+        ``expected_version`` (FHIR ``If-Match``, updates and identifier changes only):
+        the patient's :meth:`version` the caller read; another one is refused with
+        :class:`~core.errors.PreconditionFailedError` (412), in the change's own
+        transaction.
+        """
         change_id = uuid.uuid4().hex
         if isinstance(command, UpdatePatient):
             _check_ref(command.patient)
@@ -177,6 +190,7 @@ class PatientIdentityService:
                 demo,
                 source=source,
                 agent=agent,
+                expected_version=expected_version,
             )
             keys = {"patient": self._key(row.patient_id, row.issuer)}
             before, after = keys, keys
@@ -208,6 +222,7 @@ class PatientIdentityService:
                 new_issuer=command.new.issuer or None,
                 source=source,
                 agent=agent,
+                expected_version=expected_version,
             )
             before = {"patient": self._key(command.old.patient_id, self._old_issuer(stored))}
             after = {"patient": self._key(row.patient_id, row.issuer)}
@@ -246,6 +261,10 @@ class PatientIdentityService:
 
     def patient(self, patient_pk: int) -> PatientRow | None:
         return self.store.patient(patient_pk)
+
+    def version(self, patient_pk: int) -> int:
+        """The FHIR ``meta.versionId`` of a patient (1 + the changes that involved it)."""
+        return self.store.version(patient_pk)
 
     def find(self, ref: PatientRef) -> PatientRow | None:
         """The patient row ``ref`` names (an empty issuer: the hospital's, or none)."""

@@ -92,6 +92,9 @@ class ResourceSpec:
     operations: tuple[tuple[str, str], ...] = ()
     #: With ``update``: may an update create a resource at a client-chosen id?
     update_create: bool = True
+    #: CapabilityStatement.rest.resource.versioning (``versioned-update``: ``If-Match``
+    #: is honoured, FHIR R4 http.html#concurrency); empty: not stated.
+    versioning: str = ""
 
     def param(self, name: str) -> SearchParam | None:
         return next((p for p in self.params if p.name == name), None)

@@ -30,6 +30,8 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
         "type": spec.type,
         "interaction": [{"code": code} for code in spec.interactions],
     }
+    if spec.versioning:
+        entry["versioning"] = spec.versioning
     if "update" in spec.interactions:
         entry["updateCreate"] = spec.update_create
     if spec.params:

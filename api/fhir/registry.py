@@ -63,6 +63,7 @@ PATIENT = ResourceSpec(
     ),
     operations=(("merge", "http://hl7.org/fhir/OperationDefinition/Patient-merge"),),
     update_create=False,
+    versioning="versioned-update",  # If-Match on PUT (issue 17)
 )
 
 IMAGING_STUDY = ResourceSpec(

@@ -50,7 +50,7 @@ from api.fhir.imaging import (
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
-from api.routes.patients import with_links
+from api.routes.patients import etag, with_links
 from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, NameSearch, Query
@@ -382,4 +382,5 @@ def read_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
     rows = index.find(Query(level="patient", patient_pk=int(id)))
     if not rows:
         raise NotFoundError("no such Patient")
-    return _fhir(with_links(request, patient(rows[0])))  # merges (issue 17)
+    resource = with_links(request, patient(rows[0]))  # merges (issue 17)
+    return fhir_response(resource, headers=etag(resource))

@@ -31,7 +31,7 @@ from api.deps import IndexDep
 from api.fhir import check_accept, fhir_base, fhir_response, operation_outcome, parse_reference
 from api.fhir._input import MalformedResourceError, expect, read_resource
 from api.fhir.imaging import issuer_for_system, patient
-from core.errors import InvalidQueryError, NotFoundError
+from core.errors import InvalidQueryError, NotFoundError, PreconditionFailedError
 from core.patients import (
     ChangePatientIdentifier,
     Demographics,
@@ -43,7 +43,7 @@ from services.patients import PatientIdentityService
 from storage.index.queries import Query as IndexQuery
 from storage.index.sql import SqlIndex
 
-__all__ = ["admin_router", "fhir_router", "with_links"]
+__all__ = ["admin_router", "etag", "fhir_router", "with_links"]
 
 fhir_router = APIRouter(prefix="/fhir", tags=["fhir"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
@@ -79,6 +79,8 @@ def with_links(request: Request, resource: dict[str, Any]) -> dict[str, Any]:
     if svc is None or not ident.isdigit():
         return resource
     links = svc.links(int(ident))
+    # FHIR R4 version-aware updates (http.html#concurrency): the version If-Match names.
+    resource.setdefault("meta", {})["versionId"] = str(svc.version(int(ident)))
     out: list[dict[str, Any]] = []
     if links.replaced_by is not None:
         resource["active"] = False
@@ -90,6 +92,27 @@ def with_links(request: Request, resource: dict[str, Any]) -> dict[str, Any]:
     if out:
         resource["link"] = out
     return resource
+
+
+def etag(resource: dict[str, Any]) -> dict[str, str]:
+    """The ``ETag`` header of a Patient: ``W/"versionId"`` (FHIR R4 http.html#read)."""
+    version = resource.get("meta", {}).get("versionId")
+    return {"ETag": f'W/"{version}"'} if version else {}
+
+
+_IF_MATCH = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
+
+
+def _if_match(request: Request) -> int | None:
+    """The version an ``If-Match: W/"n"`` names (None: no header, a plain update)."""
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    m = _IF_MATCH.fullmatch(raw)
+    if m is None:
+        # Not a version we ever gave (RFC 9110 13.1.1: the condition is false).
+        raise PreconditionFailedError('If-Match must be a version ETag W/"n"')
+    return int(m.group(1))
 
 
 def _patient_resource(request: Request, index: SqlIndex, pk: int) -> dict[str, Any]:
@@ -195,9 +218,15 @@ def _row_ref(svc: PatientIdentityService, pk: int) -> PatientRef:
 @fhir_router.put("/Patient/{id}", summary="Update Patient (demographics, identifier)")
 async def update_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
     """FHIR R4 update of a Patient (http.html#update): every store follows (see
-    :mod:`services.patients`); 404 for an unknown id (no update-as-create)."""
+    :mod:`services.patients`); 404 for an unknown id (no update-as-create).
+
+    Version-aware (http.html#concurrency): with ``If-Match: W/"n"`` the update is
+    applied only while the Patient is at version ``n`` (checked in the change's
+    transaction), else 412 and nothing changes. The answer carries the new ``ETag``
+    and ``meta.versionId``."""
     check_accept(request)
     pk = _pk(id)
+    expected = _if_match(request)
     body = await read_resource(request)
     if body.get("resourceType") != "Patient":
         raise MalformedResourceError("the body must be a Patient")
@@ -221,12 +250,22 @@ async def update_patient(request: Request, index: IndexDep, id: str) -> JSONResp
                 ChangePatientIdentifier(old=current, new=new),
                 source="fhir",
                 agent=agent,
+                expected_version=expected,
             )
             row = svc.patient(pk)
             assert row is not None
             current = PatientRef(row.patient_id, row.issuer)
-    await run_in_threadpool(svc.apply, UpdatePatient(current, demo), source="fhir", agent=agent)
-    return fhir_response(_patient_resource(request, index, pk))
+            if expected is not None:
+                expected += 1  # the identifier change is this update's first version
+    await run_in_threadpool(
+        svc.apply,
+        UpdatePatient(current, demo),
+        source="fhir",
+        agent=agent,
+        expected_version=expected,
+    )
+    resource = _patient_resource(request, index, pk)
+    return fhir_response(resource, headers=etag(resource))
 
 
 def _merge_ref(

@@ -407,7 +407,10 @@ class FastAssociation:
         on_store: StoreCallback,
         staging: Path,
         ticket: Ticket | None = None,
+        on_refused: Callable[[str, str, tuple[int, int, int]], None] | None = None,
     ) -> None:
+        #: Told (calling AE, peer, A-ASSOCIATE-RJ code) of a calling AE refused (audit).
+        self.on_refused = on_refused
         self.ticket = ticket
         self.sock = sock
         self.peer = peer
@@ -463,6 +466,8 @@ class FastAssociation:
                 self.peer,
             )
             self._reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE
+            if self.on_refused is not None:
+                self.on_refused(self.calling_ae, self.peer, (0x01, 0x01, 0x03))
             return False
         if self.ticket is not None and not self.ticket.establish(self.calling_ae):
             logger.warning(

@@ -133,6 +133,8 @@ class DicomReceiver:
         handlers = [
             (evt.EVT_C_STORE, handle_store, [service]),
             (evt.EVT_C_ECHO, handle_echo),
+            # Refused associations go to the action log (ATNA User Authentication).
+            (evt.EVT_REJECTED, self._on_rejected),
             *extra_handlers,
         ]
         # pynetdicom serves only connections we hand over; its own listening socket is
@@ -147,6 +149,29 @@ class DicomReceiver:
         self._threads: list[threading.Thread] = []
         self._connections = 0  # being served by this process
         self._count_lock = threading.Lock()
+
+    def _refused(self, calling_ae: str, peer: str, code: tuple[int, int, int]) -> None:
+        """A calling AE title we do not accept (A-ASSOCIATE-RJ 1/1/3, PS3.8 9.3.4)."""
+        self.service.record_refused_association(
+            calling_ae,
+            peer,
+            reason="calling AE not recognized",
+            called_ae=self.settings.ae_title,
+            code=code,
+        )
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom rejected an association (EVT_REJECTED, acceptor side): audited
+        when its calling AE title is not one we accept; a local limit is no security
+        event. A notification handler: logs its own errors and carries on."""
+        try:
+            requestor = event.assoc.requestor
+            calling = str(requestor.ae_title or "").strip()
+            allowed = self.policy.allowed_calling_aes
+            if allowed and calling not in allowed:
+                self._refused(calling, str(requestor.address or ""), (1, 1, 3))
+        except Exception:
+            logger.error("refused association not audited", exc_info=True)
 
     def _build_ae(
         self, contexts: Sequence[PresentationContext], extra: Sequence[PresentationContext]
@@ -253,6 +278,8 @@ class DicomReceiver:
                 tls.settimeout(None)
             except (OSError, ssl.SSLError) as exc:
                 logger.warning("TLS handshake with %s failed: %s", peer, type(exc).__name__)
+                if isinstance(exc, ssl.SSLError):  # not a peer that just went away
+                    self.service.record_refused_association("", peer, reason="tls")
                 sock.close()
                 return
             ticket.sock = tls
@@ -290,6 +317,7 @@ class DicomReceiver:
                 partial(store_staged, self.service),
                 self.service.archive.staging_dir(),
                 ticket,
+                on_refused=self._refused,
             ).run(plan)
             return
         calling_ae = plan.calling_ae if plan is not None else ""

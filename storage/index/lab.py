@@ -54,7 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
-from storage.index.patients import patient_links
+from storage.index.pir_tables import patient_links
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.index.sqlite import read_only

@@ -9,9 +9,7 @@ values and writes the "before" values back, in one transaction, or changes nothi
 (:class:`~core.errors.ProcedureStepStateError`, 409) when a later change touched the
 same rows (undo the later one first).
 
-Kept apart from ``schema.py`` (own ``MetaData``, as ``qr.py`` does) so that parallel
-work on the shared tables does not conflict; the tables are created by migration
-``0008_pir``.
+The tables (``storage/index/pir_tables.py``) are created by migration ``0008_pir``.
 """
 
 from __future__ import annotations
@@ -23,15 +21,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    Column,
     ColumnElement,
     Connection,
-    DateTime,
-    Integer,
-    MetaData,
-    String,
     Table,
-    Text,
     and_,
     bindparam,
     delete,
@@ -41,8 +33,15 @@ from sqlalchemy import (
     update,
 )
 
-from core.errors import InvalidQueryError, NotFoundError, ProcedureStepStateError
+from core.errors import (
+    DuplicateError,
+    InvalidQueryError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProcedureStepStateError,
+)
 from core.person_name import person_name_key
+from storage.index.pir_tables import patient_changes, patient_links
 from storage.index.schema import (
     lab_reports,
     lab_results,
@@ -63,34 +62,6 @@ __all__ = [
     "patient_changes",
     "patient_links",
 ]
-
-_meta = MetaData()  # its own: schema.py's metadata belongs to the shared tables
-
-patient_changes = Table(
-    "patient_changes",
-    _meta,
-    Column("id", Integer, primary_key=True),
-    Column("change_id", String(32), nullable=False, unique=True),
-    Column("kind", String(24), nullable=False),
-    Column("source", String(16), nullable=False, server_default=""),
-    Column("agent", String(128), nullable=False, server_default=""),
-    # ",pk,pk," of the patient rows involved (review lists filter on it).
-    Column("patient_pks", String(255), nullable=False, server_default=""),
-    Column("summary_json", Text, nullable=False, server_default="{}"),
-    Column("rows_json", Text, nullable=False, server_default="{}"),
-    Column("undoes", String(32), nullable=False, server_default=""),
-    Column("undone_by", String(32), nullable=False, server_default=""),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
-
-patient_links = Table(
-    "patient_links",
-    _meta,
-    Column("obsolete_pk", Integer, primary_key=True),
-    Column("surviving_pk", Integer, nullable=False, index=True),
-    Column("change_id", String(32), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
 
 _TABLES: dict[str, Table] = {
     "patients": patients,
@@ -221,6 +192,42 @@ class SqlPatientStore:
             ).first()
         return None if r is None else self._row(r)
 
+    def surviving(self, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
+        """The patient ``patient_id`` was merged into (IHE PIR A40, FHIR ``$merge``), or
+        None when its row (under the first of ``issuers`` that has one) is not merged
+        away. Merges into an obsolete patient are re-pointed (``merge``), so one link
+        leads to the survivor."""
+        with self.engine.connect() as conn:
+            row = self._find(conn, patient_id, issuers)
+            if row is None:
+                return None
+            up = conn.execute(
+                select(patient_links.c.surviving_pk).where(patient_links.c.obsolete_pk == row.pk)
+            ).scalar()
+            return None if up is None else self._fetch(conn, int(up))
+
+    @staticmethod
+    def _version(conn: Connection, pk: int) -> int:
+        return 1 + int(
+            conn.execute(
+                select(func.count())
+                .select_from(patient_changes)
+                .where(patient_changes.c.patient_pks.contains(f",{pk},"))
+            ).scalar_one()
+        )
+
+    def version(self, pk: int) -> int:
+        """The FHIR ``meta.versionId`` of a patient row: 1, plus one for every change
+        of the log that involved it (updates, identifier changes, merges, undos)."""
+        with self.engine.connect() as conn:
+            return self._version(conn, pk)
+
+    def _check_version(self, conn: Connection, pk: int, expected: int | None) -> None:
+        """Refuse a version-aware update (``If-Match``) of a row that changed since:
+        checked in the write transaction of the change, so no update is lost."""
+        if expected is not None and self._version(conn, pk) != expected:
+            raise PreconditionFailedError("the Patient changed since that version")
+
     def links(self, pk: int) -> tuple[int | None, list[int]]:
         """``(surviving pk this row was merged into, obsolete pks merged into it)``."""
         with self.engine.connect() as conn:
@@ -281,13 +288,19 @@ class SqlPatientStore:
         *,
         source: str,
         agent: str,
+        expected_version: int | None = None,
     ) -> tuple[StoredChange, PatientRow]:
         """Set demographics (``None``: keep); a patient seen nowhere yet is created
-        (A01/A04 register, FHIR update-as-create)."""
+        (A01/A04 register, FHIR update-as-create). ``expected_version``: refuse with
+        :class:`~core.errors.PreconditionFailedError` unless the row is at it."""
         now = _now()
         with self.index.write() as conn:
             plan = _Plan({}, [], None, [])
             row = self._find(conn, patient_id, issuers)
+            if expected_version is not None:
+                if row is None:
+                    raise PreconditionFailedError("the Patient changed since that version")
+                self._check_version(conn, row.pk, expected_version)
             if row is None:
                 row = self._create(conn, plan, patient_id, issuers[0], demographics, now)
             else:
@@ -389,10 +402,12 @@ class SqlPatientStore:
         new_issuer: str | None,
         source: str,
         agent: str,
+        expected_version: int | None = None,
     ) -> tuple[StoredChange, PatientRow]:
         """The same patient under a new Patient ID / issuer (HL7 A47). ``new`` lists
         the issuers the new identifier may already be used under (refused: that is a
-        merge); ``new_issuer`` None keeps the patient's assigning authority."""
+        merge: :class:`~core.errors.DuplicateError`); ``new_issuer`` None keeps the
+        patient's assigning authority."""
         now = _now()
         with self.index.write() as conn:
             plan = _Plan({}, [], None, [])
@@ -400,8 +415,13 @@ class SqlPatientStore:
             old_orders = self._orders_of(conn, old[0], old[1])
             if row is None and not old_orders:
                 raise NotFoundError("the patient whose identifier changes is unknown")
+            if expected_version is not None:
+                if row is None:
+                    raise PreconditionFailedError("the Patient changed since that version")
+                self._check_version(conn, row.pk, expected_version)
             if self._find(conn, new[0], new[1]) is not None:
-                raise InvalidQueryError(
+                # HL7 Table 0357 205 "duplicate key identifier", FHIR 409 "duplicate".
+                raise DuplicateError(
                     "the new identifier is already in use: that is a merge (A40), not a change"
                 )
             if new_issuer is not None:

@@ -44,6 +44,7 @@ from sqlalchemy import (
 
 from core.errors import InvalidQueryError
 from core.person_name import name_words, person_name_key
+from storage.index.pir_tables import patient_links
 from storage.index.schema import (
     instances,
     patient_name_words,
@@ -531,6 +532,22 @@ def _visible(depth: int) -> list[ColumnElement[bool]]:
     return []
 
 
+def _merged_away() -> ColumnElement[bool]:
+    """The patient row was merged into another (IHE PIR A40, FHIR ``$merge``).
+
+    A patient-level search (C-FIND PATIENT, FHIR Patient search) lists the surviving
+    patient only, with its current demographics: the obsolete row stays for review,
+    undo and FHIR read (``active: false``, ``replaced-by``), where it is named by its
+    key (``Query.patient_pk``), but nothing is under it any more. Deeper levels need no
+    filter: a merge moves every study to the survivor.
+    """
+    return (
+        select(patient_links.c.obsolete_pk)
+        .where(patient_links.c.obsolete_pk == patients.c.id)
+        .exists()
+    )
+
+
 def _base(q: Query) -> Select[Any]:
     depth = _DEPTH[q.level]
     source: Any = patients
@@ -554,6 +571,8 @@ def _base(q: Query) -> Select[Any]:
     conds += _visible(depth)
     if q.patient_pk is not None:
         conds.append(patients.c.id == q.patient_pk)
+    elif depth == 0:
+        conds.append(~_merged_away())
     updated = studies.c.updated_at if depth >= 1 else patients.c.updated_at
     if q.updated_after is not None:
         conds.append(

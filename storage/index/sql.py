@@ -44,6 +44,7 @@ from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
 from storage.index import sqlite as _sqlite
 from storage.index.direct import DirectStatement
+from storage.index.pir_tables import patient_links
 from storage.index.queries import Query, count_query, find_query, metadata_query
 from storage.index.schema import (
     index_counters,
@@ -465,8 +466,6 @@ class SqlIndex:
             .on_conflict_do_nothing(),
             dialect,
         )
-        from storage.index.patients import patient_links  # it imports this module
-
         self._merged_into = DirectStatement(
             select(patient_links.c.surviving_pk).where(
                 patient_links.c.obsolete_pk == bindparam("pk")

@@ -125,3 +125,50 @@ def test_hostile_values_stay_data() -> None:
     framed = octet_counted(msg)
     length, _, rest = framed.partition(b" ")
     assert int(length) == len(rest) == len(msg)
+
+
+@pytest.mark.parametrize(
+    ("event_type", "event", "type_code"),
+    [
+        ("export", "110106", None),
+        ("dicom.association-rejected", "110114", "110122"),
+        ("dicom.tls-failed", "110113", "110126"),
+        ("hl7.adt", "110110", None),
+        ("patient.merge", "110110", None),
+        ("patient.undo", "110110", None),
+        ("order.patient-merged", "110109", None),
+    ],
+)
+def test_lifecycle_events(event_type: str, event: str, type_code: str | None) -> None:
+    mapped = event_for(
+        AuditEntry(action="U", event_type=event_type, outcome="0", agent="x", agent_type="system")
+    )
+    assert mapped.event_id.code == event
+    assert (mapped.type_code.code if mapped.type_code else None) == type_code
+
+
+def test_patient_change_names_every_patient_it_involves() -> None:
+    """A merge's message has the obsolete and the surviving patient (keyed references);
+    an undo's "before" names the change, not a patient."""
+    surviving, obsolete, change = "a" * 32, "b" * 32, "c" * 32
+    merge = AuditEntry(
+        action="U", event_type="patient.merge", outcome="0", agent="HIS", agent_type="system",
+        resource=f"PatientChange/{change}", patient_key=surviving,
+        detail=AuditEntry.details({"change": change,
+                                   "before": {"obsolete": obsolete, "surviving": surviving},
+                                   "after": {"patient": surviving, "replaces": obsolete}}),
+    )  # fmt: skip
+    root = ET.fromstring(audit_message(merge, SOURCE))
+    people = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")
+              if o.get("ParticipantObjectTypeCode") == "1"]  # fmt: skip
+    assert people == [surviving, obsolete]
+    undo = AuditEntry(
+        action="U", event_type="patient.undo", outcome="0", agent="u", agent_type="user",
+        patient_key=obsolete,
+        detail=AuditEntry.details({"before": {"change": change},
+                                   "after": {"patients": [obsolete, surviving]}}),
+    )  # fmt: skip
+    root = ET.fromstring(audit_message(undo, SOURCE))
+    people = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")
+              if o.get("ParticipantObjectTypeCode") == "1"]  # fmt: skip
+    assert people == [obsolete, surviving]

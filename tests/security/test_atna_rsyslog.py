@@ -340,3 +340,66 @@ def test_collector_away_then_back(tmp_path: Path) -> None:
             assert sender.sent == 20 - sender.dropped
     finally:
         sender.close(timeout=1)
+
+
+def test_atna_for_refused_associations_and_patient_changes(
+    settings: Settings, collector: Collector, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue 17 gaps: an association refused for its calling AE title (DCMTK ``echoscu``
+    on the fast path, ``findscu`` through pynetdicom) and a patient merge reach rsyslog as
+    PS3.15 A.5.3 User Authentication (Login, failed) and Patient Record messages, the
+    merge with both patients as participant objects (keyed, never the Patient ID), as
+    the hash-chained log records them."""
+    from core.patients import Demographics, MergePatients, PatientRef, UpdatePatient
+
+    settings.dicom.allowed_calling_aes = ["MODALITY1"]
+    receiver: Receiver = request.getfixturevalue("receiver")
+    client: TestClient = request.getfixturevalue("client")
+    for tool in (["echoscu"], ["findscu", "-S", "-k", "QueryRetrieveLevel=STUDY"]):
+        out = run_dcmtk([*tool, "-aet", "INTRUDER", "127.0.0.1", str(receiver.port)])
+        assert out.returncode != 0  # A-ASSOCIATE-RJ
+    patients: Any = client.app.state.patients  # type: ignore[attr-defined]
+    for pid, name in (("ATNA-1", "MOT^A"), ("ATNA-2", "HAI^B")):
+        patients.apply(UpdatePatient(PatientRef(pid), Demographics(name=name)),
+                       source="api", agent="tester")  # fmt: skip
+    merge = patients.apply(MergePatients(PatientRef("ATNA-1"), PatientRef("ATNA-2")),
+                           source="api", agent="tester")  # fmt: skip
+
+    def arrived() -> bool:
+        got = _parsed(collector)
+        refused = [r for _, r in got if _event(r) == "110114"
+                   and any(ap.get("UserID") == "INTRUDER" for ap in r.findall("ActiveParticipant"))]
+        merged = [r for _, r in got if _event(r) == "110110"
+                  and any(o.get("ParticipantObjectID") == f"PatientChange/{merge.change_id}"
+                          for o in r.findall("ParticipantObjectIdentification"))]  # fmt: skip
+        return len(refused) >= 2 and bool(merged)
+
+    wait_until(arrived, timeout=30,
+               message=lambda: f"events received: {[_event(r) for _, r in _parsed(collector)]}")
+    messages = _parsed(collector)
+    raw = "\n".join(m["raw"] for m in collector.messages())
+    assert "ATNA-1" not in raw and "ATNA-2" not in raw and "MOT^A" not in raw
+    refused = [(h, r) for h, r in messages if _event(r) == "110114"]
+    for head, root in refused:
+        ident = root.find("EventIdentification")
+        assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
+        assert _coded(ident.find("EventTypeCode"), "110122")["originalText"] == "Login"
+        assert head["pri"] == str(10 * 8 + 4)
+        intruder = next(ap for ap in root.findall("ActiveParticipant")
+                        if ap.get("UserIsRequestor") == "true")  # fmt: skip
+        assert intruder.get("UserID") == "INTRUDER"
+        assert intruder.get("AlternativeUserID") == "AETITLE=INTRUDER"
+        assert intruder.get("NetworkAccessPointID", "").startswith("127.0.0.1")
+    (merged,) = [r for _, r in messages if _event(r) == "110110"
+                 and any(o.get("ParticipantObjectID") == f"PatientChange/{merge.change_id}"
+                         for o in r.findall("ParticipantObjectIdentification"))]  # fmt: skip
+    assert merged.find("EventIdentification").get("EventActionCode") == "U"  # type: ignore[union-attr]
+    people = [o for o in merged.findall("ParticipantObjectIdentification")
+              if o.get("ParticipantObjectTypeCode") == "1"]  # fmt: skip
+    assert len(people) == 2  # the surviving and the obsolete patient
+    assert all(o.get("ParticipantObjectTypeCodeRole") == "1" for o in people)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", o.get("ParticipantObjectID", "")) for o in people)
+    # The hash-chained log has the same entries (ATNA is a copy, not instead).
+    audit: Any = client.app.state.audit  # type: ignore[attr-defined]
+    assert audit.flush()
+    assert audit.search(agent="INTRUDER")

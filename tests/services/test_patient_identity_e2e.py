@@ -459,7 +459,7 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
             400,
         ),
         (http.put(f"/fhir/Patient/{old_pk}", json={"resourceType": "Observation"}), 400),
-        # A47 onto an identifier in use is a merge, not a change.
+        # A47 onto an identifier in use is a merge, not a change: a duplicate key.
         (
             http.put(
                 f"/fhir/Patient/{old_pk}",
@@ -469,7 +469,7 @@ def test_bad_requests_are_4xx_operation_outcomes(world: dict[str, Any]) -> None:
                     "identifier": [{"system": SYSTEM, "value": SURV_ID}],
                 },
             ),
-            400,
+            409,
         ),
     ]
     for response, status in cases:
@@ -576,3 +576,107 @@ def test_fhir_kit_client_merges_and_follows_the_link(world: dict[str, Any]) -> N
         {"other": {"reference": f"Patient/{got['replaced']['id']}"}, "type": "replaces"}
     ]
     assert got["studies"] == 2
+
+
+def test_fhir_put_patient_is_version_aware(world: dict[str, Any]) -> None:
+    """FHIR R4 http.html#concurrency: read gives ``ETag: W/"n"`` and meta.versionId; a PUT
+    with ``If-Match`` naming another version is 412 and changes nothing; with the current
+    one it is applied and the answer names the next version."""
+    http: httpx.Client = world["http"]
+    pk = _patient_pk(http, OLD_ID)
+    read = http.get(f"/fhir/Patient/{pk}")
+    assert read.headers["etag"] == 'W/"1"' and read.json()["meta"]["versionId"] == "1"
+    body = {"resourceType": "Patient", "id": pk, "name": [{"family": "HAI", "given": ["MOT"]}]}
+    for stale in ('W/"2"', 'W/"0"', '"x"'):
+        r = http.put(f"/fhir/Patient/{pk}", json=body, headers={"If-Match": stale})
+        assert r.status_code == 412, (stale, r.text)
+        assert r.json()["resourceType"] == "OperationOutcome"
+    assert http.get("/admin/patients/changes").json() == []
+    r = http.put(f"/fhir/Patient/{pk}", json=body, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == 'W/"2"' and r.json()["meta"]["versionId"] == "2"
+    # The same If-Match again (a lost update): refused, the name stays.
+    body2 = {**body, "name": [{"family": "BA"}]}
+    r = http.put(f"/fhir/Patient/{pk}", json=body2, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 412
+    assert http.get(f"/fhir/Patient/{pk}").json()["name"][0]["family"] == "HAI"
+    # An identifier change and an update in one PUT: two versions.
+    body3 = {**body2, "identifier": [{"system": SYSTEM, "value": "NEW-ID-7"}]}
+    r = http.put(f"/fhir/Patient/{pk}", json=body3, headers={"If-Match": 'W/"2"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == 'W/"4"'
+    # Without If-Match an update is applied as before (no precondition).
+    assert http.put(f"/fhir/Patient/{pk}", json=body3).headers["etag"] == 'W/"5"'
+    searched = http.get("/fhir/Patient", params={"_id": pk}).json()["entry"][0]["resource"]
+    assert searched["meta"]["versionId"] == "5"
+    # ... and says so in its CapabilityStatement.
+    rest = http.get("/fhir/metadata").json()["rest"][0]
+    (spec,) = [r for r in rest["resource"] if r["type"] == "Patient"]
+    assert spec["versioning"] == "versioned-update"
+
+
+def test_after_a_merge_orders_and_exports_carry_the_survivor(world: dict[str, Any]) -> None:
+    """A FHIR ServiceRequest placed later under the merged-away identifier schedules the
+    survivor (findscu -W); an export of the merged study carries the survivor's Patient
+    module (as WADO-RS and C-GET do) with the Original Attributes Sequence, the DICOMDIR
+    too, DCMTK ``dcmftest`` accepts each file; a de-identified export is unaffected."""
+    import zipfile
+
+    http: httpx.Client = world["http"]
+    old: Study = world["old"]
+    old_pk, surv_pk = _patient_pk(http, OLD_ID), _patient_pk(http, SURV_ID)
+    r = http.post(
+        "/fhir/Patient/$merge",
+        json={
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "source-patient", "valueReference": {"reference": f"Patient/{old_pk}"}},
+                {"name": "target-patient", "valueReference": {"reference": f"Patient/{surv_pk}"}},
+            ],
+        },
+    )
+    assert r.status_code == 200, r.text
+    r = http.post("/fhir/ServiceRequest", json=_service_request("PIR-ORDER-LATE"))
+    assert r.status_code == 201, r.text
+    contained = r.json()["contained"][0]
+    assert contained["identifier"][0]["value"] == SURV_ID
+    items = _worklist(world, "late-w", SURV_ID)
+    assert len(items) == 2 and {_pn(i.PatientName) for i in items} == {SURV_NAME}
+    assert _worklist(world, "late-w-old", OLD_ID) == []
+    world["app"].state.audit.flush()
+    index = world["app"].state.index
+    moved = [e for e in AuditStore(index.engine).entries()
+             if e.event_type == "order.patient-merged"]  # fmt: skip
+    assert len(moved) == 1 and OLD_ID not in moved[0].detail
+
+    # Export of the merged study: the survivor's demographics, the original untouched.
+    r = http.get(f"/export/studies/{old.study_uid}")
+    assert r.status_code == 200, r.text
+    out = world["tmp"] / "export"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        zf.extractall(out)
+    files = sorted(p for p in (out / "DICOM").rglob("*") if p.is_file())
+    assert len(files) == 2
+    for path in files:
+        ds = dcmread(path)
+        assert (_pn(ds.PatientName), ds.PatientID) == (SURV_NAME, SURV_ID)
+        item = ds.OriginalAttributesSequence[-1]
+        assert item.ReasonForTheAttributeModification == "COERCE"
+        assert item.ModifiedAttributesSequence[0].PatientID == OLD_ID
+        if shutil.which("dcmftest"):
+            assert "yes" in run_dcmtk(["dcmftest", str(path)]).stdout
+    dicomdir = dcmread(out / "DICOMDIR")
+    patients = [r for r in dicomdir.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT"]
+    assert [(str(p.PatientID), _pn(p.PatientName)) for p in patients] == [(SURV_ID, SURV_NAME)]
+    world["app"].state.audit.flush()
+    (entry,) = [e for e in AuditStore(index.engine).entries() if e.event_type == "export"]
+    assert json.loads(entry.detail)["coerced"] == 2
+    # De-identified: neither identifier (the profile replaces the Patient module).
+    r = http.get(f"/export/studies/{old.study_uid}", params={"deidentify": "true"})
+    assert r.status_code == 200, r.text
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        for name in zf.namelist():
+            if name.startswith("DICOM/"):
+                ds = dcmread(io.BytesIO(zf.read(name)))
+                assert str(ds.PatientID) not in (OLD_ID, SURV_ID)
+                assert "OriginalAttributesSequence" not in ds

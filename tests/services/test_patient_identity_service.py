@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.errors import InvalidQueryError, NotFoundError, ProcedureStepStateError
+from core.errors import (
+    DuplicateError,
+    InvalidQueryError,
+    NotFoundError,
+    ProcedureStepStateError,
+)
 from core.patients import (
     ChangePatientIdentifier,
     Demographics,
@@ -183,7 +188,8 @@ class IdentityContract:
                 source="api",
                 agent="t",
             )
-        with pytest.raises(InvalidQueryError):
+        # A47 onto an identifier in use: a duplicate key (HL7 205, FHIR 409), not 207/400.
+        with pytest.raises(DuplicateError):
             svc.apply(
                 ChangePatientIdentifier(PatientRef("A"), PatientRef("B")), source="api", agent="t"
             )

@@ -32,6 +32,7 @@ from core.synthetic import ct_series
 from pacslab.background import start_orders
 from pacslab.labs import build_lab_watcher
 from pacslab.worker_process import build_worker
+from storage.audit import AuditStore
 from tests.support import Receiver, free_port, run_dcmtk, wait_until
 from tests.worklist.adt_messages import a08, a40, a47
 from tests.worklist.dcmtk import HAVE_DCMTK, findscu, write_query
@@ -307,3 +308,90 @@ def test_a47_and_a08_through_the_order_inbox(
         patient = _fhir_patient(client, "BN0002")
         assert patient is not None
         assert (patient["gender"], patient["birthDate"]) == ("female", "2026-12-01")
+
+
+def _patient_find(port: int, tmp_path: Path, tag: str, **keys: str) -> list[Dataset]:
+    """DCMTK ``findscu -P`` (Patient Root) at PATIENT level; the responses."""
+    out = tmp_path / f"pfind-{tag}"
+    out.mkdir()
+    args = ["findscu", "-P", "-aet", "VIEWER", "-aec", "PACSLAB", "-X", "-od", str(out),
+            "-k", "QueryRetrieveLevel=PATIENT"]  # fmt: skip
+    for key in ("PatientID", "PatientName", "IssuerOfPatientID", "PatientBirthDate"):
+        args += ["-k", f"{key}={keys[key]}" if key in keys else key]
+    proc = run_dcmtk([*args, "127.0.0.1", str(port)])
+    assert proc.returncode == 0, proc.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_after_a40_the_obsolete_patient_is_gone_and_late_orders_follow_the_survivor(
+    receiver: Receiver, intake: Settings, tmp_path: Path
+) -> None:
+    """Issue 17 gaps: after an A40, C-FIND at PATIENT level and FHIR Patient search list
+    the survivor only (with its demographics), not the merged-away record; an ORM sent
+    later under the obsolete identifier schedules the survivor (and is audited); an A47
+    onto an identifier in use is refused AE 205 (duplicate key identifier) at PID-3."""
+    settings = intake
+    port = settings.orders.mllp_port
+    study = _store_images(receiver, tmp_path, "TMP0003", "CAP CUU^BA")
+    assert send(port, a08("BN0003", name="LÊ^VĂN^BA", sex="M"), tmp_path)["MSA"][1] == "AA"
+    ack = send(port, a40([("BN0003", "TMP0003")]), tmp_path)
+    assert ack["MSA"][1] == "AA", ack
+
+    # C-FIND PATIENT level (Patient Root), DCMTK findscu: the survivor only.
+    everyone = _patient_find(receiver.port, tmp_path, "all", PatientName="*")
+    assert [(str(d.PatientID), str(d.PatientName)) for d in everyone] == [
+        ("BN0003", "LÊ^VĂN^BA")
+    ]
+    assert _patient_find(receiver.port, tmp_path, "old", PatientID="TMP0003") == []
+    by_old_name = _patient_find(receiver.port, tmp_path, "old-name", PatientName="CAP CUU*")
+    assert by_old_name == []
+    # Its studies are the survivor's (Patient Root, STUDY level under it).
+    assert _study_find(receiver.port, "BN0003", tmp_path)[0].StudyInstanceUID == study
+
+    with TestClient(create_app(settings)) as client:
+        # FHIR Patient search: nothing under the old identifier or name; a read of the
+        # obsolete record still answers (inactive, replaced-by).
+        old = client.get("/fhir/Patient", params={"identifier": "TMP0003"}).json()
+        assert old["total"] == 0, old
+        assert client.get("/fhir/Patient", params={"name": "cap cuu"}).json()["total"] == 0
+        (entry,) = client.get("/fhir/Patient", params={"name": "lê"}).json()["entry"]
+        assert entry["resource"]["identifier"][0]["value"] == "BN0003"
+        # QIDO-RS: nothing under the obsolete patient's identifier or name either.
+        for params in ({"PatientID": "TMP0003"}, {"PatientName": "CAP CUU*"}):
+            assert client.get("/dicomweb/studies", params=params).status_code == 204
+
+        # An order arriving later under the merged-away identifier: AA, scheduled for
+        # the survivor (identifier and demographics), nothing under the old one.
+        ack = send(port, orm("LATE1", "TMP0003", "CAP CUU^BA"), tmp_path)
+        assert ack["MSA"][1] == "AA", ack
+        assert _mwl(receiver.port, "BN0003", tmp_path) != []
+        assert [str(d.PatientName) for d in _mwl(receiver.port, "BN0003", tmp_path)] == [
+            "LÊ^VĂN^BA"
+        ]
+        assert _mwl(receiver.port, "TMP0003", tmp_path) == []
+        assert client.get("/fhir/Patient", params={"identifier": "TMP0003"}).json()["total"] == 0
+        orders = client.get("/fhir/ServiceRequest", params={"patient:identifier": "BN0003"})
+        assert orders.status_code == 200 and orders.json()["total"] == 1, orders.text
+        # ... and audited, with keyed references only.
+        state = client.app.state  # type: ignore[attr-defined]
+        state.audit.flush()
+        entries = [
+            e
+            for e in AuditStore(state.index.engine).entries()
+            if e.event_type == "order.patient-merged"
+        ]
+        assert len(entries) == 1
+        detail = json.loads(entries[0].detail)
+        assert detail["before"]["patient"] != detail["after"]["patient"]
+        assert "TMP0003" not in entries[0].detail and "BN0003" not in entries[0].detail
+
+    # A47 onto an identifier another patient holds: a merge, not a change; AE 205.
+    assert send(port, a08("BN0004", name="PHAM^AN", control_id="ADT0009"), tmp_path)[
+        "MSA"
+    ][1] == "AA"
+    ack = send(port, a47("BN0004", "BN0003", control_id="ADT0048"), tmp_path)
+    assert (ack["MSA"][1], ack["ERR"][2]) == ("AE", "PID^1^3"), ack
+    assert ack["ERR"][3].startswith("205^"), ack
+    names = {str(d.PatientID) for d in _patient_find(receiver.port, tmp_path, "end",
+                                                      PatientName="*")}  # fmt: skip
+    assert names == {"BN0003", "BN0004"}
