@@ -24,10 +24,10 @@ jobs older than a day pruned (the newest 25,000 kept, one day's worth). Then, wi
 Size: ``PACSLAB_BENCH_SCALE_INSTANCES`` (default 2,000: the smoke run of the normal
 suite; 1,000,000 for the issue's figures, 10,000,000 as the long run). Filling 1 M takes
 5-10 minutes on a quiet machine, 22 minutes (1 M) and 31 minutes (2 M) at load 10-19 on
-2026-12-03; 10 M would be ~11.4 GB and 2.5-3.5 hours, past a session's 3 hours; with ``PACSLAB_BENCH_SCALE_CACHE=DIR`` the filled SQLite file is kept
-in DIR (``archive_scale_<n>_v<FILL_VERSION>.db``) and copied by later runs instead.
-Backends:
-SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
+2026-12-03; 10 M would be ~11.4 GB and 2.5-3.5 hours, past a session's 3 hours. With
+``PACSLAB_BENCH_SCALE_CACHE=DIR`` the filled SQLite file is kept in DIR
+(``archive_scale_<n>_v<FILL_VERSION>.db``) and copied by later runs instead.
+Backends: SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
 Targets (issue 21), asserted with ``--benchmark-enable`` from 100,000 instances on:
 write p99 within 2x of the empty archive, idle CPU < 2 % of a core, every request p99
 < 50 ms, ``/metrics`` < 20 ms. ``benchmark.extra_info`` carries ``pacslab`` (the
