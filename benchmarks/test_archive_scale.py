@@ -8,20 +8,26 @@ jobs older than a day pruned (the newest 25,000 kept, one day's worth). Then, wi
 ``pacslab serve`` running on that index, it measures:
 
 * idle CPU of the whole service (all its processes), % of one core;
-* the receiver's index write (one instance per transaction, as a C-STORE), p99, on the
-  empty archive first (the anchor), then with the service idle and while QIDO-RS,
-  FHIR, the viewer and ``/metrics`` are queried in a loop;
+* the receiver's index write (one instance per transaction, as a C-STORE), p50/p99, on
+  an empty archive (the anchor; SQLite: a file of its own), on the filled one with the
+  service idle, and on the filled one while ``READ_CLIENTS`` processes query QIDO-RS,
+  FHIR, the viewer, ``/metrics`` and the worklist in a loop: ``WRITE_ROUNDS`` rounds,
+  the three conditions interleaved; pooled p99s, the rounds' median p99s and the
+  ratios loaded/idle, idle/empty and loaded/empty;
 * p50/p99 of QIDO-RS ``PatientName=NGUY*``, ``PatientName=TRẦN*``,
-  ``ModalitiesInStudy=CT``, FHIR ``Patient?name=trần``, the viewer's study search and
-  series panel, ``/metrics`` and a Modality Worklist C-FIND (``PatientName=TRẦN*``);
+  ``ModalitiesInStudy=CT``, a ``StudyDate`` range, the second page of the default
+  listing, FHIR ``Patient?name=trần``, the viewer's study search and series panel,
+  ``/metrics`` and a Modality Worklist C-FIND (``PatientName=TRẦN*``), one of each per
+  round;
 * index bytes per instance.
 
 Size: ``PACSLAB_BENCH_SCALE_INSTANCES`` (default 2,000: the smoke run of the normal
 suite; 1,000,000 for the issue's figures, 10,000,000 as the long run). Filling 1 M takes
-5-10 minutes here; with ``PACSLAB_BENCH_SCALE_CACHE=DIR`` the filled SQLite file is kept
-in DIR (``archive_scale_<n>_v<FILL_VERSION>.db``) and copied by later runs instead, the
-empty archive's anchor then measured on a file of its own. Backends:
-SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
+5-10 minutes on a quiet machine, 22 minutes (1 M) and 31 minutes (2 M) at load 10-19 on
+2026-12-03; 10 M would be ~11.4 GB and 2.5-3.5 hours, past a session's 3 hours. With
+``PACSLAB_BENCH_SCALE_CACHE=DIR`` the filled SQLite file is kept in DIR
+(``archive_scale_<n>_v<FILL_VERSION>.db``) and copied by later runs instead.
+Backends: SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
 Targets (issue 21), asserted with ``--benchmark-enable`` from 100,000 instances on:
 write p99 within 2x of the empty archive, idle CPU < 2 % of a core, every request p99
 < 50 ms, ``/metrics`` < 20 ms. ``benchmark.extra_info`` carries ``pacslab`` (the
@@ -30,12 +36,14 @@ figures), ``anchor`` (the empty archive's write p99) and ``target``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -69,6 +77,13 @@ BATCH = 5000
 CACHE = os.environ.get("PACSLAB_BENCH_SCALE_CACHE", "")
 #: Bump when generate() or fill() change what is indexed: cached files are refilled.
 FILL_VERSION = 1
+#: A two-week StudyDate range inside the generated archive (studies every 7 minutes
+#: from 2026-01-01: 1 M instances span about 17 days).
+DATE_RANGE = "20260105-20260112"
+#: Interleaved write rounds (empty archive, filled archive idle, filled archive under
+#: read load) and read-load client processes (QIDO-RS, FHIR, viewer, /metrics, MWL).
+WRITE_ROUNDS = 5
+READ_CLIENTS = 2
 TARGETS = {"write_p99_ratio": 2.0, "idle_cpu_pct": 2.0, "request_p99_ms": 50.0,
            "metrics_p99_ms": 20.0}
 
@@ -170,18 +185,29 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def write_p99_ms(index: SqlIndex, n: int, tag: str) -> float:
-    """p99 of single-instance add_instances calls (a C-STORE's index write), ms."""
+def write_times(index: SqlIndex, n: int, tag: str, skip: int = 0) -> list[float]:
+    """Seconds of ``n`` single-instance add_instances calls (a C-STORE's index write),
+    the ``skip`` first instances of ``tag``'s sequence left out (already written)."""
     out = []
-    for item in generate(n, seed=99):
+    for k, item in enumerate(generate(skip + n, seed=99)):
+        if k < skip:
+            continue
+        # A content key of its own per instance (the tag and the key cut to 64
+        # characters made every key of a tag the same).
+        key = hashlib.sha256(f"{tag}{item.blob_key}".encode()).hexdigest()
         fresh = NewInstance(record=_with_prefix(item.record, tag),
-                            blob_key=f"{tag}{item.blob_key}"[:64], size=item.size,
+                            blob_key=key, size=item.size,
                             calling_ae="CT1", received_at=datetime.now(UTC),
                             metadata_json=item.metadata_json)
         t = time.perf_counter()
         index.add_instances([fresh])
         out.append(time.perf_counter() - t)
-    return _pct(out, 0.99) * 1000
+    return out
+
+
+def write_p99_ms(index: SqlIndex, n: int, tag: str) -> float:
+    """p99 of single-instance add_instances calls, ms."""
+    return _pct(write_times(index, n, tag), 0.99) * 1000
 
 
 def _with_prefix(rec: InstanceRecord, tag: str) -> InstanceRecord:
@@ -285,19 +311,24 @@ def mwl_find(port: int) -> tuple[Callable[[], None], Callable[[], None]]:
     return once, assoc.release
 
 
-def read_load(base: str, study_uid: str, dicom_port: int, stop: Any) -> None:
-    """QIDO-RS, FHIR, viewer, /metrics and MWL C-FIND in a loop until ``stop`` is set
-    (run in its own process)."""
+def read_load(base: str, study_uid: str, dicom_port: int, stop: Any, active: Any,
+              client: int = 0) -> None:
+    """QIDO-RS, FHIR, viewer, /metrics and MWL C-FIND in a loop while ``active`` is
+    set, until ``stop`` is (run in its own process; ``client`` staggers the order)."""
     paths = [("/dicomweb/studies", {"PatientName": "NGUY*"}),
              ("/dicomweb/studies", {"PatientName": "TRẦN*"}),
              ("/dicomweb/studies", {"ModalitiesInStudy": "CT"}),
+             ("/dicomweb/studies", {"StudyDate": DATE_RANGE}),
              ("/fhir/Patient", {"name": "trần"}),
              ("/viewer/api/studies", {"name": "trần"}),
              (f"/viewer/api/studies/{study_uid}/series", {}),
              ("/metrics", {})]
+    paths = paths[client:] + paths[:client]
     find, release = mwl_find(dicom_port)
     with httpx.Client(base_url=base, timeout=60) as http:
         while not stop.is_set():
+            if not active.wait(0.1):
+                continue
             for path, params in paths:
                 http.get(path, params=params)
             find()
@@ -332,16 +363,6 @@ def _measure_and_empty(index: SqlIndex, writes: int) -> float:
     return empty_p99
 
 
-def _empty_anchor(tmp_path: Path, writes: int) -> float:
-    """The anchor on an empty SQLite file of its own (same disk, same settings)."""
-    (tmp_path / "empty").mkdir()
-    empty = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path / 'empty' / 'index.db'}"))
-    try:
-        return write_p99_ms(empty, writes, "empty")
-    finally:
-        empty.close()
-
-
 def _cached_fill(index: SqlIndex, index_url: str, cached: Path, n: int) -> float:
     """Copy the cached filled file into place (filling and keeping it first if there is
     none yet); seconds of the fill, or 0.0 when copied."""
@@ -362,32 +383,97 @@ def _cached_fill(index: SqlIndex, index_url: str, cached: Path, n: int) -> float
     return seconds
 
 
+def _write_rounds(index: SqlIndex, empty: SqlIndex | None, writes: int,
+                  active: Any, figures: dict[str, float]) -> dict[str, list[float]]:
+    """The receiver's write p99 on the empty archive (the anchor, when ``empty`` is
+    given), on the filled archive with the service idle, and with the read-load
+    clients querying: ``WRITE_ROUNDS`` rounds, the conditions interleaved (their order
+    rotated each round) so that the machine's drift falls on all three alike. Pooled
+    p99 of all rounds per condition, the median of the rounds' p99s, and the ratios."""
+    conditions = ["empty", "idle", "loaded"] if empty is not None else ["idle", "loaded"]
+    per = max(20, writes // WRITE_ROUNDS)
+    pooled: dict[str, list[float]] = {c: [] for c in conditions}
+    rounds: dict[str, list[float]] = {c: [] for c in conditions}
+    for r in range(WRITE_ROUNDS):
+        for cond in conditions[r % len(conditions):] + conditions[:r % len(conditions)]:
+            if cond == "loaded":
+                active.set()
+                time.sleep(1)  # the clients are querying
+            try:
+                times = write_times(empty if cond == "empty" and empty else index, per,
+                                    f"{cond}{r}")
+            finally:
+                if cond == "loaded":
+                    active.clear()
+                    time.sleep(1)  # their requests in flight end
+            pooled[cond] += times
+            rounds[cond].append(_pct(times, 0.99) * 1000)
+    for cond in conditions:
+        figures[f"write_p99_{cond}_ms"] = _pct(pooled[cond], 0.99) * 1000
+        figures[f"write_p50_{cond}_ms"] = _pct(pooled[cond], 0.5) * 1000
+        figures[f"write_p99_{cond}_round_median_ms"] = statistics.median(rounds[cond])
+    figures["write_p99_loaded_over_idle"] = (figures["write_p99_loaded_ms"]
+                                             / figures["write_p99_idle_ms"])
+    return rounds
+
+
 def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_url: str) -> None:
     n = N_INSTANCES
     backend = "sqlite" if index_url.startswith("sqlite") else "postgresql"
-    writes = 300 if measuring else 20
+    writes = 500 if measuring else 20
     index = SqlIndex(IndexSettings(url=index_url))
+    empty: SqlIndex | None = None
     figures: dict[str, float] = {}
     cached = (Path(CACHE) / f"archive_scale_{n}_v{FILL_VERSION}.db"
               if CACHE and backend == "sqlite" else None)
+    empty_p99 = float("nan")
     try:
+        if backend == "sqlite":
+            # The anchor: an empty file of its own (same disk, same settings), written
+            # in the same rounds as the filled one.
+            (tmp_path / "empty").mkdir()
+            empty = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path / 'empty' / 'index.db'}"))
         if cached is not None:
             figures["fill_s"] = _cached_fill(index, index_url, cached, n)
-            empty_p99 = _empty_anchor(tmp_path, writes)
             index = SqlIndex(IndexSettings(url=index_url))
-            figures["index_bytes_per_instance"] = _index_bytes(index) / n
         else:
-            empty_p99 = _measure_and_empty(index, writes)
-            index.close()
-            index = SqlIndex(IndexSettings(url=index_url))
+            if empty is None:  # PostgreSQL: the anchor before the fill, in the same database
+                empty_p99 = _measure_and_empty(index, writes)
+                index.close()
+                index = SqlIndex(IndexSettings(url=index_url))
             figures["fill_s"] = fill(index, n)
-            figures["index_bytes_per_instance"] = _index_bytes(index) / n
+        figures["index_bytes_per_instance"] = _index_bytes(index) / n
         service = start_serve(tmp_path, index_url)
         try:
             time.sleep(3 if measuring else 1)  # start-up work done
             figures["idle_cpu_pct"] = service.cpu_pct(20 if measuring else 2)
-            figures["write_p99_idle_ms"] = write_p99_ms(index, writes, "idle")
             study_uid = "1.2.826.0.1.3680043.10.21.1"
+            # The receiver's writes while the read requests run in a loop, from other
+            # processes: threads here would share the GIL with the timed writes.
+            ctx = multiprocessing.get_context("spawn")
+            stop_load, active = ctx.Event(), ctx.Event()
+            loaders = [ctx.Process(target=read_load, args=(service.base, study_uid,
+                                                           service.dicom_port, stop_load,
+                                                           active, k))
+                       for k in range(READ_CLIENTS)]
+            for loader in loaders:
+                loader.start()
+            try:
+                time.sleep(5 if measuring else 2)  # the clients are up, paused
+                _write_rounds(index, empty, writes, active, figures)
+            finally:
+                stop_load.set()
+                active.set()
+                for loader in loaders:
+                    loader.join(timeout=60)
+                    if loader.is_alive():
+                        loader.kill()
+            if empty is None:
+                figures["write_p99_empty_ms"] = empty_p99
+            empty_p99 = figures["write_p99_empty_ms"]
+            for cond in ("idle", "loaded"):
+                figures[f"write_p99_{cond}_over_empty"] = (figures[f"write_p99_{cond}_ms"]
+                                                           / empty_p99)
             http = httpx.Client(base_url=service.base, timeout=60)
             requests: dict[str, Callable[[], None]] = {}
 
@@ -400,6 +486,8 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
             requests["qido_name_nguy"] = get("/dicomweb/studies", PatientName="NGUY*")
             requests["qido_name_tran"] = get("/dicomweb/studies", PatientName="TRẦN*")
             requests["qido_modality_ct"] = get("/dicomweb/studies", ModalitiesInStudy="CT")
+            requests["qido_date_range"] = get("/dicomweb/studies", StudyDate=DATE_RANGE)
+            requests["qido_page_2"] = get("/dicomweb/studies", offset="100")
             requests["fhir_patient_name"] = get("/fhir/Patient", name="trần")
             requests["viewer_study_search"] = get("/viewer/api/studies", name="trần")
             requests["viewer_series"] = get(f"/viewer/api/studies/{study_uid}/series")
@@ -413,32 +501,20 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
             assert found == {"TRẦN"}, found
 
             rounds = 100 if measuring else 5
-            for name, call in requests.items():
+            times: dict[str, list[float]] = {name: [] for name in requests}
+            for call in requests.values():
                 for _ in range(3):  # warm: statement caches, first connections
                     call()
-                times = []
-                for _ in range(rounds):
+            # Interleaved: one of each request per round, so a slow minute of this
+            # shared machine falls on all of them alike.
+            for _ in range(rounds):
+                for name, call in requests.items():
                     t = time.perf_counter()
                     call()
-                    times.append(time.perf_counter() - t)
-                figures[f"{name}_p50_ms"] = _pct(times, 0.5) * 1000
-                figures[f"{name}_p99_ms"] = _pct(times, 0.99) * 1000
-
-            # The receiver's writes while the read requests run in a loop, from another
-            # process: a thread here would share the GIL with the timed writes.
-            ctx = multiprocessing.get_context("spawn")
-            stop_load = ctx.Event()
-            loader = ctx.Process(target=read_load, args=(service.base, study_uid,
-                                                         service.dicom_port, stop_load))
-            loader.start()
-            try:
-                time.sleep(2)  # the loader is up and querying
-                figures["write_p99_loaded_ms"] = write_p99_ms(index, writes, "loaded")
-            finally:
-                stop_load.set()
-                loader.join(timeout=60)
-                if loader.is_alive():
-                    loader.kill()
+                    times[name].append(time.perf_counter() - t)
+            for name in requests:
+                figures[f"{name}_p50_ms"] = _pct(times[name], 0.5) * 1000
+                figures[f"{name}_p99_ms"] = _pct(times[name], 0.99) * 1000
             benchmark.pedantic(requests["qido_name_tran"], rounds=rounds if measuring else 1)
             release_mwl()
             http.close()
@@ -446,7 +522,8 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
             stop_serve(service)
     finally:
         index.close()
-    figures["write_p99_empty_ms"] = empty_p99
+        if empty is not None:
+            empty.close()
     case = f"archive_scale_{n}_{backend}"
     benchmark.extra_info.update(
         case=case, instances=n, backend=backend, pacslab=figures,

@@ -12,7 +12,7 @@ queries reuse the QIDO-RS query builder (:mod:`storage.index.queries`), so
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -263,13 +263,25 @@ def _studies(
     return out
 
 
+def _total(index: SqlIndex, query: Query | None, rows: Sequence[object], count: int,
+           offset: int) -> int:
+    """Bundle.total: known from the page itself when the page is not full (and is not
+    past the end), so only a full page counts every match (issue 21: the count reads
+    every match's index entry, the page only ``count`` of them)."""
+    if query is None:
+        return 0
+    if count and len(rows) < count and (rows or offset == 0):
+        return offset + len(rows)
+    return index.count(query)
+
+
 @router.get("/ImagingStudy", summary="Search ImagingStudy", responses=_FHIR_RESPONSES)
 def search_imaging_study(request: Request, index: IndexDep) -> JSONResponse:
     """Search ImagingStudy (FHIR R4 imagingstudy.html#search), a searchset Bundle."""
     search = search_request(request, IMAGING_STUDY)
     query = _study_query(index, request, search)
-    total = index.count(query) if query is not None else 0
     rows = index.find(query) if query is not None and search.paging.count else []
+    total = _total(index, query, rows, search.paging.count, search.paging.offset)
     included = []
     if search.includes:
         pks = sorted({r["patient_pk"] for r in rows})
@@ -366,10 +378,9 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
     paging = search.paging
     rows: list[dict[str, Any]] = []
     total = 0
-    if query is not None:
-        total = index.count(query)
-        if paging.count:
-            rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
+    if query is not None and paging.count:
+        rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
+    total = _total(index, query, rows, paging.count, paging.offset)
     found = [with_links(request, patient(r)) for r in rows]  # merges (issue 17)
     return _fhir(search_bundle(request, search, found, total))
 

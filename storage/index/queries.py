@@ -523,15 +523,11 @@ def _visible(depth: int) -> list[ColumnElement[bool]]:
     if depth == 2:
         return [series.c.num_instances > 0]
     if depth == 1:
-        se = series.alias("se_v")
-        return [
-            select(se.c.id)
-            .where(and_(se.c.study_pk == studies.c.id, se.c.num_instances > 0))
-            .exists()
-        ]
+        return [_study_has_current_series()]
     return []
 
 
+@lru_cache(maxsize=1)
 def _merged_away() -> ColumnElement[bool]:
     """The patient row was merged into another (IHE PIR A40, FHIR ``$merge``).
 
@@ -544,6 +540,19 @@ def _merged_away() -> ColumnElement[bool]:
     return (
         select(patient_links.c.obsolete_pk)
         .where(patient_links.c.obsolete_pk == patients.c.id)
+        .exists()
+    )
+
+
+@lru_cache(maxsize=1)
+def _study_has_current_series() -> ColumnElement[bool]:
+    """The study-level visibility test, built once: an alias copies its table's column
+    collection, and building this per request was over half of a QIDO-RS study
+    search's CPU in ``find`` (issue 21). SQLAlchemy elements are immutable: shared."""
+    se = series.alias("se_v")
+    return (
+        select(se.c.id)
+        .where(and_(se.c.study_pk == studies.c.id, se.c.num_instances > 0))
         .exists()
     )
 
@@ -597,6 +606,38 @@ _KEY: dict[str, Any] = {
 }
 
 
+def _index_order(q: Query) -> list[Any] | None:
+    """For a study search on a patient name prefix or a study date range, the order of
+    the index that finds the matches, so that a page is read off that index and the
+    scan stops at the limit; None for the default order (primary key).
+
+    In primary key order SQLite had to collect and sort every match before the limit
+    applied (``USE TEMP B-TREE FOR ORDER BY``): ``PatientName=NGUY*`` matches about a
+    third of all studies, so its cost grew with the archive (issue 21). The name key's
+    index holds (name_key, patient id) and ``ix_studies_patient_pk`` (patient_pk,
+    study id), so (name key, patient, study) is the order of the join itself; the
+    date's index holds (study_date, study id). Every order ends in a unique key, so
+    offset paging stays stable. QIDO-RS leaves the order of matches to the server
+    (PS3.18 8.3.4.5). The viewer's newest-first list keeps its order, except by date
+    where newest study date first is the same promise.
+    """
+    if q.level != "study" or q.names or q.fuzzy:
+        return None
+    by_name = by_date = False
+    for m in q.matches:
+        if m.value in ("", "*"):
+            continue
+        if m.keyword == "PatientName" and not m.value.startswith(("*", "?")):
+            by_name = True
+        elif m.keyword == "StudyDate":
+            by_date = True
+    if by_name and not q.newest_first:
+        return [patients.c.name_key, patients.c.id, studies.c.id]
+    if by_date:
+        return [studies.c.study_date, studies.c.id]
+    return None
+
+
 def find_query(q: Query) -> Select[Any]:
     """Rows of ``q`` (labels are DICOM keywords), in a stable order for paging.
 
@@ -607,7 +648,7 @@ def find_query(q: Query) -> Select[Any]:
     the 100 studies it returns (issue 21). Chosen by key, the sort is of integers
     from covering indexes, and the subqueries run for the page's rows only.
     """
-    order: list[Any] = {
+    order: list[Any] = _index_order(q) or {
         "patient": [patients.c.id],
         "study": [studies.c.id],
         "series": [studies.c.id, series.c.series_number, series.c.id],
