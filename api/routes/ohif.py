@@ -33,6 +33,8 @@ If the viewer is not installed, ``/ohif`` answers 503 with how to install it.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import mimetypes
@@ -40,7 +42,7 @@ import os
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote
@@ -240,11 +242,28 @@ _CONFIG_TEMPLATE: Final = """\
 class _Cached:
     mtime_ns: int
     size: int
-    body: bytes | None  # None: served as the file is
+    body: bytes | None  # None: served from the file (too large to keep)
+    etag: str = ""
+    gzipped: bytes | None = None  # the body gzip-compressed, once asked for
 
 
 _cache: dict[Path, _Cached] = {}
 _cache_lock = threading.Lock()
+#: Files of the build kept in memory once served, so a page load's ~30 MB of scripts
+#: go out in one write each (a FileResponse reads 64 KiB per thread hop, and each hop
+#: waits for the event loop again on a busy machine). Bounded: the whole build is
+#: 200 MB, a viewer page needs the same few dozen files every time.
+_MEMORY_MAX_FILE: Final = 32 * 1024 * 1024
+_MEMORY_MAX_TOTAL: Final = 128 * 1024 * 1024
+_memory_total = 0
+#: What is worth compressing (text and WebAssembly; images and fonts already are).
+_COMPRESSIBLE: Final = frozenset({".js", ".mjs", ".css", ".json", ".wasm", ".svg", ".map"})
+#: Add the viewer route's preload hints (:func:`preload_links`).
+_PRELOAD = True
+#: Serve compressible files gzip-encoded to clients that accept it.
+_GZIP = True
+#: gzip only above this size (below, the header overhead is most of the gain).
+_GZIP_MIN: Final = 1024
 
 _WEBPACK_PUBLIC_PATH: Final = b'__webpack_require__.p = "/";'
 
@@ -308,18 +327,148 @@ def _lookup(dist: Path, rel: str) -> Path | None:
 
 
 def _rewritten(path: Path) -> _Cached:
+    """The file as served (rewritten for the prefix), kept in memory when it fits.
+
+    The ETag is strong (RFC 9110 8.8.3): a digest of the bytes served, so a rewrite
+    rule that changes gives new tags.
+    """
+    global _memory_total
     st = path.stat()
     with _cache_lock:
         hit = _cache.get(path)
     if hit is not None and hit.mtime_ns == st.st_mtime_ns and hit.size == st.st_size:
         return hit
-    body = None
-    if path.suffix in {".js", ".css"} or path.name == "manifest.json":
-        body = rewrite_asset(path.name, path.read_bytes())
-    entry = _Cached(st.st_mtime_ns, st.st_size, body)
+    if st.st_size > _MEMORY_MAX_FILE or _memory_total + st.st_size > _MEMORY_MAX_TOTAL:
+        body = None
+        if path.suffix in {".js", ".css"} or path.name == "manifest.json":
+            body = rewrite_asset(path.name, path.read_bytes())
+        tag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
+        entry = _Cached(st.st_mtime_ns, st.st_size, body, f'"{tag}"' if body is None else
+                        '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+    else:
+        data = path.read_bytes()
+        body = rewrite_asset(path.name, data) or data
+        entry = _Cached(st.st_mtime_ns, st.st_size, body,
+                        '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
     with _cache_lock:
+        old = _cache.get(path)
+        if old is not None and old.body is not None:
+            _memory_total -= len(old.body)
+        if entry.body is not None:
+            _memory_total += len(entry.body)
         _cache[path] = entry
     return entry
+
+
+_compressing: set[Path] = set()
+
+
+def _gzipped(path: Path, entry: _Cached) -> bytes | None:
+    """``entry``'s body gzip-compressed, or None while that is being done.
+
+    Compressing the 17 MB ``app.bundle`` takes a second or two of CPU: the first
+    request for a file never waits for it; it gets the plain bytes and starts the
+    compression in the background, once per file (level 6, kept with the entry).
+    """
+    if entry.gzipped is not None:
+        return entry.gzipped
+    with _cache_lock:
+        if path in _compressing:
+            return None
+        _compressing.add(path)
+
+    def compress() -> None:
+        try:
+            assert entry.body is not None
+            packed = gzip.compress(entry.body, compresslevel=6, mtime=0)
+            with _cache_lock:
+                if _cache.get(path) is entry:
+                    _cache[path] = replace(entry, gzipped=packed)
+        finally:
+            with _cache_lock:
+                _compressing.discard(path)
+
+    threading.Thread(target=compress, name="ohif-gzip", daemon=True).start()
+    return None
+
+
+def _accepts_gzip(request: Request) -> bool:
+    """Whether the client takes ``Content-Encoding: gzip`` (RFC 9110 12.5.3)."""
+    for item in request.headers.get("accept-encoding", "").lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() in {"gzip", "x-gzip"}:
+            q = params.strip().removeprefix("q=").strip()
+            return not (params and q in {"0", "0.0", "0.00", "0.000"})
+    return False
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    """``If-None-Match`` matches ``etag`` (weak comparison, RFC 9110 13.1.2)."""
+    header = request.headers.get("if-none-match")
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return etag in {t.strip().removeprefix("W/") for t in header.split(",")}
+
+
+#: What OHIF's viewer route loads, after ``app.bundle``, before its first image, by
+#: package version: the lazily loaded chunks of the default mode (webpack loads them
+#: in four or five waves, each one only when the previous one has run), its styles and
+#: the font. Recorded from Chromium's resource timing on the demo CT's deep link
+#: (benchmarks/test_ohif_viewer.py). Names are content-hashed: a file not in the
+#: installed build is left out, so another version just gets no hints.
+_VIEWER_PRELOAD: Final[dict[str, tuple[str, ...]]] = {
+    "3.13.2": (
+        "1673.bundle.76779c7722e8c6c0.js", "6938.bundle.34415aaeea5935b3.js",
+        "6489.bundle.95cb243641a61a2f.js", "6495.bundle.8e8306fedff44999.js",
+        "8478.bundle.4520037e6185b95f.js", "89.bundle.b327bf3664812958.js",
+        "6214.css", "2779.bundle.4621e305af9e2c6a.js",
+        "2623.css", "2623.bundle.44c0c8ec6fa40d03.js",
+        "6749.bundle.2a95108fde2dedb6.js", "5696.bundle.292d30e7e9e1fab1.js",
+        "1483.bundle.256a358f0af21ca9.js", "9383.bundle.40008913697b48b8.js",
+        "7499.bundle.796480e788eda09a.js", "8492.css", "8492.bundle.f30e427e47ad3932.js",
+        "9290.bundle.90bacace23d695b0.js", "4683.bundle.d4913bffd8e587b7.js",
+        "1180.bundle.762993518ea30ae3.js",
+        "7248.bundle.e874b288ff479513.js", "3833.css", "781.css",
+        "781.bundle.54774b486e83a5e1.js", "9415.css", "9415.bundle.95b6a277cf9bd823.js",
+        "3500.bundle.e96688cc0e82b35f.js", "9116.bundle.391de9ce46a7ca19.js",
+        "100.bundle.cb02411ce321d4e4.js", "5406.bundle.4dcfa7c697973300.js", "3760.css",
+        "3760.bundle.dc948e0d7fbed387.js", "9068.bundle.e1d5946c370fd4ee.js",
+        "899.bundle.3ea5c8d021b1e60d.js", "5448.bundle.ac180bf858959dd5.js", "5910.css",
+        "5910.bundle.f969465957013c3e.js", "7463.css", "7463.bundle.40668aa8d083d077.js",
+        "1206.bundle.786e5b556f903028.js", "a34f9d1faa5f3315.woff2",
+    ),
+}
+#: The stamp ``./run`` writes into the installed build.
+_VERSION_STAMP: Final = ".pacslab-ohif-version"
+
+
+def preload_links(dist: Path, prefix: str = PREFIX) -> str:
+    """``<link rel="preload">`` tags for the viewer route's chunks in ``dist``.
+
+    Without them the browser finds each wave of chunks only after running the
+    previous one, and waits for the network in between; with them it fetches all of
+    them while it compiles ``app.bundle`` (their use then is a memory-cache hit).
+    ``fetchpriority="low"``: ``app.bundle`` itself comes first.
+    """
+    try:
+        version = (dist / _VERSION_STAMP).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+    tags = []
+    for name in _VIEWER_PRELOAD.get(version, ()):
+        if not (dist / name).is_file():
+            continue
+        href = f"{prefix}/{name}"
+        if name.endswith(".js"):
+            tags.append(f'<link rel="preload" as="script" fetchpriority="low" href="{href}">')
+        elif name.endswith(".css"):
+            tags.append(f'<link rel="preload" as="style" fetchpriority="low" href="{href}">')
+        elif name.endswith(".woff2"):
+            tags.append(f'<link rel="preload" as="font" type="font/woff2" crossorigin '
+                        f'fetchpriority="low" href="{href}">')
+    return "".join(tags)
 
 
 def _not_installed() -> PlainTextResponse:
@@ -327,8 +476,10 @@ def _not_installed() -> PlainTextResponse:
                              headers={"Cache-Control": "no-store", "Retry-After": "3600"})
 
 
-def _index(request: Request, dist: Path) -> Response:
+def _index(request: Request, dist: Path, *, viewer: bool = False) -> Response:
     html = rewrite_index((dist / "index.html").read_text(encoding="utf-8"))
+    if viewer and _PRELOAD:
+        html = html.replace("</head>", preload_links(dist) + "</head>", 1)
     return Response(html, media_type="text/html; charset=utf-8",
                     headers=_headers(request.app.state.settings))
 
@@ -359,7 +510,7 @@ def ohif_file(rel: str, request: Request) -> Response:
         last = rel.rsplit("/", 1)[-1]
         if "." in last:  # an asset that is not there: 404, not the page
             return PlainTextResponse("not found", status_code=404)
-        return _index(request, dist)
+        return _index(request, dist, viewer=rel.split("/", 1)[0] == "viewer")
     if path.name == "index.html":
         return _index(request, dist)
     settings: Settings = request.app.state.settings
@@ -372,6 +523,20 @@ def ohif_file(rel: str, request: Request) -> Response:
     elif path.suffix == ".wasm":
         media = "application/wasm"
     entry = _rewritten(path)
+    compressible = path.suffix in _COMPRESSIBLE or path.name == "manifest.json"
+    packed = None
+    if (_GZIP and compressible and entry.body is not None and len(entry.body) >= _GZIP_MIN
+            and _accepts_gzip(request)):
+        packed = _gzipped(path, entry)
+    etag = entry.etag[:-1] + '-gz"' if packed is not None else entry.etag
+    headers["ETag"] = etag
+    if compressible:
+        headers["Vary"] = "Accept-Encoding"
+    if _not_modified(request, etag):
+        return Response(status_code=304, headers=headers)
+    if packed is not None:
+        headers["Content-Encoding"] = "gzip"
+        return Response(packed, media_type=media, headers=headers)
     if entry.body is not None:
         return Response(entry.body, media_type=media, headers=headers)
     return FileResponse(path, media_type=media, headers=headers)

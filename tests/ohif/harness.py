@@ -82,7 +82,33 @@ def demo_ct(directory: Path, *, slices: int, size: int) -> Study:
 class Server:
     base: str  # http://127.0.0.1:P
     token: str = ""
-    requests: list[str] = field(default_factory=list)
+    #: Every HTTP request the server answered: (start, seconds until its last byte was
+    #: handed to the socket, path), on ``time.monotonic``'s clock.
+    requests: list[tuple[float, float, str]] = field(default_factory=list)
+
+    def server_s(self, start: float, end: float) -> float:
+        """Sum of the server's request times for the requests begun in [start, end]."""
+        return sum(d for t, d, _ in list(self.requests) if start <= t <= end)
+
+
+class _Timed:
+    """ASGI wrapper that records each request's server time into ``log``."""
+
+    def __init__(self, app: Any, log: list[tuple[float, float, str]]) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.monotonic()
+
+        async def timed_send(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.log.append((t0, time.monotonic() - t0, scope["path"]))
+
+        await self.app(scope, receive, timed_send)
 
 
 @contextmanager
@@ -100,8 +126,9 @@ def pacslab_server(settings: Settings, study: Study) -> Iterator[Server]:
     with running_app(settings.model_copy(update={"auth": auth})) as app:
         store_files(app.state.archive, study.paths)
         run_metadata_step(app)  # what the instance job does after the C-STORE
-        with serving(app) as base:
-            yield Server(base, token)
+        log: list[tuple[float, float, str]] = []
+        with serving(_Timed(app, log)) as base:
+            yield Server(base, token, log)
 
 
 # --- the Orthanc anchor ---------------------------------------------------------------
@@ -114,15 +141,24 @@ def need_orthanc() -> None:
         pytest.skip("Orthanc's DICOMweb plugin is not installed (Debian orthanc-dicomweb)")
 
 
-def _ohif_site_handler(dist: Path, orthanc: str) -> type[BaseHTTPRequestHandler]:
-    """OHIF's build under /ohif with an app-config for /dicom-web, which is proxied."""
+def _ohif_site_handler(dist: Path, orthanc: str,
+                       log: list[tuple[float, float, str]]) -> type[BaseHTTPRequestHandler]:
+    """OHIF's build under /ohif with an app-config for /dicom-web, which is proxied.
+
+    Files are read once and kept in memory, and Nagle is off (headers and body are
+    two writes: with Nagle the body waited for the client's delayed ACK, 40 ms), so
+    the site adds as little as it can to Orthanc's own time.
+    """
     config = app_config_js(OhifSettings(dist_dir=dist)).replace(
         '"/dicomweb"', '"/dicom-web"')
     index = rewrite_index((dist / "index.html").read_text(encoding="utf-8"))
     target = orthanc.removeprefix("http://")
 
+    files: dict[Path, bytes] = {}
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -138,6 +174,13 @@ def _ohif_site_handler(dist: Path, orthanc: str) -> type[BaseHTTPRequestHandler]
             self.wfile.write(body)
 
         def do_GET(self) -> None:
+            t0 = time.monotonic()
+            try:
+                self._get()
+            finally:
+                log.append((t0, time.monotonic() - t0, self.path.split("?", 1)[0]))
+
+        def _get(self) -> None:
             path = self.path.split("?", 1)[0]
             if path.startswith("/dicom-web/"):
                 self._proxy()
@@ -148,8 +191,10 @@ def _ohif_site_handler(dist: Path, orthanc: str) -> type[BaseHTTPRequestHandler]
                 return
             file = dist / rel
             if rel and ".." not in rel and file.is_file():
-                data = file.read_bytes()
-                data = rewrite_asset(file.name, data) or data
+                if file not in files:
+                    raw = file.read_bytes()
+                    files[file] = rewrite_asset(file.name, raw) or raw
+                data = files[file]
                 ctype = ("text/javascript" if file.suffix == ".js" else "application/wasm"
                          if file.suffix == ".wasm" else "text/css" if file.suffix == ".css"
                          else "application/octet-stream")
@@ -209,11 +254,12 @@ def orthanc_server(study: Study, dist: Path) -> Iterator[Server]:
                                              method="POST")
                 urllib.request.urlopen(req, timeout=30).read()
             site_port = free_port()
+            timings: list[tuple[float, float, str]] = []
             httpd = ThreadingHTTPServer(("127.0.0.1", site_port),
-                                        _ohif_site_handler(dist, base))
+                                        _ohif_site_handler(dist, base, timings))
             threading.Thread(target=httpd.serve_forever, daemon=True).start()
             try:
-                yield Server(f"http://127.0.0.1:{site_port}")
+                yield Server(f"http://127.0.0.1:{site_port}", "", timings)
             finally:
                 httpd.shutdown()
                 httpd.server_close()
@@ -261,6 +307,8 @@ class Opened:
     failed: list[str]  # "STATUS URL" of failed requests
     first_image_s: float
     all_slices_s: float | None
+    #: Sum of the server's request times for the requests begun until the first image.
+    server_first_s: float = 0.0
 
 
 def token_fragment(token: str) -> str:
@@ -303,7 +351,8 @@ def open_viewer(browser: Any, server: Server, study: Study, *, wait_all: bool = 
                 all_s = time.monotonic() - start
                 break
             time.sleep(0.05)
-    return Opened(page, console, failed, first, all_s)
+    return Opened(page, console, failed, first, all_s,
+                  server.server_s(start, start + first))
 
 
 def _frame_urls(page: Any) -> list[str]:

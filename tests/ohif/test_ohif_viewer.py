@@ -26,7 +26,8 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from api.routes.ohif import app_config_js, deep_link, rewrite_index
+from api.routes import ohif
+from api.routes.ohif import app_config_js, deep_link, preload_links, rewrite_index
 from core.settings import OhifSettings, Settings
 from tests.api._support import make_study, running_app
 from tests.ohif import harness as h
@@ -370,6 +371,76 @@ def test_assets_rewritten_for_the_prefix(client: TestClient) -> None:
     wasm = client.get("/ohif/0ddf166f7a343eda.wasm")
     assert wasm.headers["content-type"] == "application/wasm"
     assert client.get("/ohif/assets/a.png").content == b"\x89PNG"
+
+
+def test_assets_validate_and_compress(client: TestClient, fake_dist: Path) -> None:
+    """Strong ETags and 304s (RFC 9110 13.1.2); gzip for those who accept it, with
+    Content-Encoding, Vary and a tag of its own; the first request for a file never
+    waits for the compression (done once, in the background)."""
+    big = fake_dist / "1206.bundle.786e5b556f903028.js"
+    big.write_text("var chunk = 1;\n" * 500)
+    url = "/ohif/" + big.name
+    plain = client.get(url, headers={"Accept-Encoding": "identity"})
+    assert plain.status_code == 200 and plain.content == big.read_bytes()
+    etag = plain.headers["etag"]
+    assert etag.startswith('"') and not etag.startswith('W/')
+    assert plain.headers["vary"] == "Accept-Encoding" and "content-encoding" not in plain.headers
+    again = client.get(url, headers={"If-None-Match": etag, "Accept-Encoding": "identity"})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    deadline = time.monotonic() + 10
+    while True:  # the first gzip-accepting request starts the compression
+        gz = client.get(url, headers={"Accept-Encoding": "gzip, br"})
+        if gz.headers.get("content-encoding") == "gzip" or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert gz.headers["content-encoding"] == "gzip"
+    assert gz.content == big.read_bytes()  # httpx decodes it
+    assert int(gz.headers["content-length"]) < len(big.read_bytes()) // 10
+    assert gz.headers["etag"] != etag and "immutable" in gz.headers["cache-control"]
+    assert client.get(url, headers={"Accept-Encoding": "gzip;q=0"}).headers.get(
+        "content-encoding") is None
+    assert client.get(url, headers={"If-None-Match": gz.headers["etag"],
+                                    "Accept-Encoding": "gzip"}).status_code == 304
+    # A rewritten script is served, tagged and compressed as rewritten.
+    js = client.get("/ohif/app.bundle.0123456789abcdef.js")
+    assert '"/ohif/"' in js.text and js.headers["etag"]
+    # Images are not compressed again.
+    png = client.get("/ohif/assets/a.png", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in png.headers and "vary" not in png.headers
+
+
+def test_viewer_route_preloads_its_chunks(client: TestClient, fake_dist: Path) -> None:
+    """The deep link's page names the chunks its first image needs, for the installed
+    version (a stamp without a list, or a missing file, gives no hint for it)."""
+    assert preload_links(fake_dist) == ""  # no version stamp
+    (fake_dist / ".pacslab-ohif-version").write_text("3.13.2\n")
+    (fake_dist / "6495.bundle.8e8306fedff44999.js").write_text("x")
+    (fake_dist / "2623.css").write_text("a{}")
+    (fake_dist / "a34f9d1faa5f3315.woff2").write_bytes(b"wOF2")
+    page = client.get("/ohif/viewer?StudyInstanceUIDs=1.2.3").text
+    assert ('<link rel="preload" as="script" fetchpriority="low" '
+            'href="/ohif/6495.bundle.8e8306fedff44999.js">') in page
+    assert '<link rel="preload" as="style" fetchpriority="low" href="/ohif/2623.css">' in page
+    assert 'as="font" type="font/woff2" crossorigin' in page
+    assert page.count("<link rel=\"preload\"") == 3  # only the files that are there
+    assert page.index("/ohif/6495.bundle") < page.index("</head>")
+    for other in ("/ohif", "/ohif/", "/ohif/segmentation/x"):
+        assert "<link rel=\"preload\"" not in client.get(other).text, other
+    (fake_dist / ".pacslab-ohif-version").write_text("9.9.9")
+    assert preload_links(fake_dist) == ""
+
+
+def test_installed_build_has_the_preloaded_files(settings: Settings) -> None:
+    """When the pinned OHIF version changes, its viewer's chunk list must be recorded
+    (benchmarks/test_ohif_viewer.py's profile; api/routes/ohif.py _VIEWER_PRELOAD)."""
+    dist = settings.ohif.dist_dir
+    stamp = dist / ".pacslab-ohif-version"
+    if not stamp.is_file():
+        pytest.skip(f"OHIF Viewer is not installed in {dist}")
+    version = stamp.read_text().strip()
+    names = ohif._VIEWER_PRELOAD.get(version)
+    assert names, f"no preload list for OHIF {version}: record the viewer route's chunks"
+    assert [n for n in names if not (dist / n).is_file()] == []
 
 
 def test_generated_app_config(client: TestClient) -> None:
