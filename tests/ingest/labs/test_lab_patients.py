@@ -89,8 +89,8 @@ def _drop_bytes(rig: LabRig, name: str, data: bytes) -> None:
 
 def _audit_entries(rig: LabRig) -> list[Any]:
     for inbox in rig.watcher.inboxes.values():
-        if inbox.audit is not None:
-            inbox.audit.flush()
+        if inbox.service.audit is not None:
+            inbox.service.audit.flush()
     return list(AuditStore(rig.index.engine).entries())
 
 
