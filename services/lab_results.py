@@ -395,24 +395,31 @@ def error_report(
     }
 
 
-def critical_notice(result: StoredLabResult) -> dict[str, Any]:
-    """The JSON body announcing one critical result (pure, no patient data)."""
+def _notice(event: str, result: StoredLabResult, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """An "id-only" notice (FHIR R4 Subscription ``payload``) naming one Observation."""
     return {
-        "event": "lab-result.critical",
+        "event": event,
         "resourceType": "Observation",
         "id": result.observation_id,
         "reference": f"Observation/{result.observation_id}",
         "versionId": str(result.version),
         "lastUpdated": result.updated_at.isoformat(),
+        **facts,
+        "specimen": result.specimen_id,
+        "analyzer": result.analyzer,
+    }
+
+
+def critical_notice(result: StoredLabResult) -> dict[str, Any]:
+    """The JSON body announcing one critical result (pure, no patient data)."""
+    return _notice("lab-result.critical", result, {
         "code": result.loinc or result.test_code,
         "system": "LN" if result.loinc else result.test_system,
         "value": result.value,
         "comparator": result.comparator or None,
         "unit": result.ucum_unit or result.unit,
         "reason": result.critical_reason,
-        "specimen": result.specimen_id,
-        "analyzer": result.analyzer,
-    }
+    })
 
 
 def conflict_notice(result: StoredLabResult) -> dict[str, Any]:
@@ -421,17 +428,9 @@ def conflict_notice(result: StoredLabResult) -> dict[str, Any]:
     ``conflictsWith`` names the other patient's Observation of the same specimen and
     test (absent when only the order/specimen group was theirs).
     """
-    body: dict[str, Any] = {
-        "event": "lab-result.conflict",
-        "resourceType": "Observation",
-        "id": result.observation_id,
-        "reference": f"Observation/{result.observation_id}",
-        "versionId": str(result.version),
-        "lastUpdated": result.updated_at.isoformat(),
+    body = _notice("lab-result.conflict", result, {
         "reason": "specimen/test already reported for another patient; held for review",
-        "specimen": result.specimen_id,
-        "analyzer": result.analyzer,
-    }
+    })
     if result.conflict_with:
         body["conflictsWith"] = f"Observation/{result.conflict_with}"
     return body
