@@ -54,6 +54,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -250,24 +251,14 @@ def plan_results(
         seen: Counter[str] = Counter()
         for obs in msg.observations:
             sample, placer, filler = _sample(msg, obs)
-            base = series_key(
-                obs,
-                fmt=fmt,
-                sample=sample,
-                occurrence=0,
-                file_sha256=file_sha256,
+            key_of = partial(
+                series_key, obs, fmt=fmt, sample=sample, file_sha256=file_sha256,
                 position=position,
             )
+            base = key_of(occurrence=0)
             occurrence = seen[base]
             seen[base] += 1
-            key = series_key(
-                obs,
-                fmt=fmt,
-                sample=sample,
-                occurrence=occurrence,
-                file_sha256=file_sha256,
-                position=position,
-            )
+            key = key_of(occurrence=occurrence)
             patient = None
             index = obs.patient_index
             if not obs.is_qc and index is not None and index < len(msg.patients):
