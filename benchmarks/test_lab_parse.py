@@ -16,7 +16,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from benchmarks.support import Goal, record
-from ingest.labs.model import ParseResult
+from core.labs import ParseResult
 from ingest.labs.parsers import astm, hl7v2
 from tests.ingest.labs._framing import frame_capture
 

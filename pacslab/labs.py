@@ -11,6 +11,7 @@ from ingest.labs.profiles import parse_profile
 from ingest.labs.watcher import LabInbox, LabWatcher
 from ingest.labs.webhook import CriticalWebhook
 from pacslab.wiring import build_audit, build_index
+from services.lab_results import LabResultService
 from storage.dropfolder import DropLimits
 from storage.index.lab import SqlLabStore
 
@@ -20,20 +21,28 @@ logger = logging.getLogger(__name__)
 
 
 class _LabStack:
-    """What every way lab results arrive (inbox files, live analyzer links) stores them
-    with: the index, the lab store with the hospital's default patient issuer (so one
-    patient is one Patient whichever way the result came), the action log and the
-    critical-value webhook."""
+    """What every way lab results arrive (inbox files, live analyzer links) files them
+    with: one :class:`LabResultService` over the index, the lab store with the
+    hospital's default patient issuer (so one patient is one Patient whichever way the
+    result came), the action log, the critical limits and the critical-value webhook."""
 
     def __init__(self, settings: Settings) -> None:
         lab = settings.lab
         self.index = build_index(settings, migrate=False)
-        self.store = SqlLabStore(self.index, default_issuer=lab.patient_issuer)
-        self.audit, self.secret = build_audit(settings, self.index)
+        store = SqlLabStore(self.index, default_issuer=lab.patient_issuer)
+        self.audit, secret = build_audit(settings, self.index)
         self.webhook = (
             CriticalWebhook(lab.critical_webhook_url, timeout_s=lab.critical_webhook_timeout_s)
             if lab.critical_webhook_url
             else None
+        )
+        self.results = LabResultService(
+            store,
+            audit=self.audit,
+            patient_secret=secret,
+            critical=lab.critical,
+            local_timezone=lab.local_timezone,
+            announce=self.webhook.announce if self.webhook is not None else None,
         )
 
     def release(self) -> None:
@@ -56,17 +65,11 @@ def build_lab_watcher(
     lab = settings.lab
     profiles = {name: parse_profile(name, section) for name, section in lab.profiles.items()}
     stack = _LabStack(settings)
-    store, audit, secret, webhook = stack.store, stack.audit, stack.secret, stack.webhook
     inboxes = {
         settings.lab_inbox / name: LabInbox(
             settings.lab_inbox / name,
             profile,
-            store,
-            critical=lab.critical,
-            local_timezone=lab.local_timezone,
-            announce=webhook.announce if webhook is not None else None,
-            audit=audit,
-            patient_secret=secret,
+            stack.results,
             limits=DropLimits(
                 max_bytes=profile.max_bytes or settings.ingest.lab_max_bytes,
                 stable_s=settings.ingest.lab_stable_s,
@@ -115,34 +118,23 @@ def build_analyzer_links(
     from services.analyzers import REGISTRY, AnalyzerService, LinkStatus
     from storage.index.orders import SqlOrderStore
 
-    lab = settings.lab
     stack = _LabStack(settings)
-    store, audit, secret, webhook = stack.store, stack.audit, stack.secret, stack.webhook
     orders = SqlOrderStore(stack.index)
     shells: list[Any] = []
     for section in settings.analyzers:
         status = REGISTRY.add(LinkStatus(section.name, section.protocol, section.link))
         service = AnalyzerService(
             section.name,
-            store,
+            stack.results,
             orders=orders,
             test_codes=section.test_codes,
-            announce=webhook.announce if webhook is not None else None,
             status=status,
-            audit=audit,
-            patient_secret=secret,
         )
         folder = settings.data_dir / "links" / section.name
         if section.protocol == "hl7-mllp":
             from ingest.labs.links.mllp import Hl7Session, MllpResultServer
 
-            hl7 = Hl7Session(
-                section,
-                service,
-                folder=folder,
-                critical=lab.critical,
-                local_timezone=lab.local_timezone,
-            )
+            hl7 = Hl7Session(section, service, folder=folder)
             if section.order_port:
                 REGISTRY.set_download(section.name, hl7.download)
             shells.append(
@@ -155,13 +147,7 @@ def build_analyzer_links(
                 )
             )
             continue
-        session = AstmSession(
-            section,
-            service,
-            folder=folder,
-            critical=lab.critical,
-            local_timezone=lab.local_timezone,
-        )
+        session = AstmSession(section, service, folder=folder)
         timers = LinkTimers(
             reply_s=section.reply_timeout_s,
             frame_s=section.frame_timeout_s,

@@ -3,11 +3,12 @@
 Three use cases, whatever the wire (ASTM E1381/E1394 or HL7 LAW over MLLP, which
 the edges in :mod:`ingest.labs.links` speak):
 
-- **store results durably** (:meth:`AnalyzerService.store_results`): one
-  transaction through the lab store's ``ingest_file``, the same call a dropped file
-  takes; only when it returns may the edge acknowledge the message to the
-  analyzer. A message the analyzer sends again (its ACK was lost, we crashed) has
-  the same bytes, hence the same hash, and is not stored twice.
+- **store results durably** (:meth:`AnalyzerService.store_results`): filed by
+  :class:`services.lab_results.LabResultService` in one transaction, as a dropped
+  file is (the same matching, conflict holding, action log and webhook); only when
+  it returns may the edge acknowledge the message to the analyzer. A message the
+  analyzer sends again (its ACK was lost, we crashed) has the same
+  bytes, hence the same hash, and is not stored twice.
 - **host query** (:meth:`AnalyzerService.ordered_tests`, E1394 §12, CLSI LIS2-A2
   Q record; HL7 LAW query by specimen): the tests ordered for a specimen barcode,
   from the order store (FHIR ServiceRequest or HL7 ORM/OML orders): an order
@@ -22,18 +23,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
-from core.audit import AuditEntry, patient_key
 from core.errors import NotFoundError
-from core.logging import correlation_id
+from core.labs import ParseResult
 from core.orders import CLOSED, OrderRecord
-from storage.audit import AuditLog
-from storage.lab import LabIngestOutcome, LabResultStore, NewLabFile, NewLabResult, StoredLabResult
+from services.lab_results import LabResultService, LabSource
+from storage.lab import LabIngestOutcome
 
 __all__ = [
     "AnalyzerService",
@@ -179,100 +178,51 @@ class AnalyzerService:
     ----------
     name : str
         The analyzer's configured name.
-    store : LabResultStore
+    results : LabResultService
+        Files the results (with the action log and the webhook).
     orders : OrderFinder, optional
         Without it every host query is answered "no information".
     test_codes : mapping
         Analyzer test code → the code orders use (LOINC).
-    announce : callable, optional
-        Called with new critical results after their commit (a side effect:
-        errors are logged, never raised).
     status : LinkStatus, optional
     """
 
     def __init__(
         self,
         name: str,
-        store: LabResultStore,
+        results: LabResultService,
         *,
         orders: OrderFinder | None = None,
         test_codes: Mapping[str, str] | None = None,
-        announce: Callable[[tuple[StoredLabResult, ...]], None] | None = None,
         status: LinkStatus | None = None,
-        audit: AuditLog | None = None,
-        patient_secret: bytes = b"",
     ) -> None:
         self.name = name
-        self.store = store
+        self.results = results
+        self.source = LabSource.link(name)
         self.orders = orders
         self.test_codes = dict(test_codes or {})
         self._by_ordered = {v: k for k, v in self.test_codes.items()}
-        self.announce = announce
         self.status = status or LinkStatus(name, "", "")
-        self.audit = audit
-        self.patient_secret = patient_secret
 
-    def store_results(self, file: NewLabFile, results: Sequence[NewLabResult]) -> LabIngestOutcome:
+    def store_results(self, parsed: ParseResult, *, sha256: str, fmt: str) -> LabIngestOutcome:
         """Store one message's results in one transaction; raise if not stored.
 
         Returns only once the results are committed: the caller may then
-        acknowledge the message. A repeat of a stored message is a duplicate.
+        acknowledge the message. A repeat of a stored message (same bytes, same
+        ``sha256``) is a duplicate. The message is journaled as the lab file
+        ``<name>-<hash>.<format>`` of profile ``link:<name>``.
         """
-        outcome = self.store.ingest_file(file, results)
-        if outcome.duplicate:
-            logger.info(
-                "analyzer %s re-sent message %s: already stored", self.name, file.sha256[:12]
-            )
+        ext = "hl7" if fmt == "hl7v2" else fmt
+        filing = self.results.file(
+            parsed, sha256=sha256, name=f"{self.name}-{sha256[:16]}.{ext}", fmt=fmt,
+            source=self.source,
+        )
+        if filing.outcome.duplicate:
+            logger.info("analyzer %s re-sent message %s: already stored", self.name, sha256[:12])
         else:
-            self.status.count("results_stored", outcome.results)
-            logger.info(
-                "analyzer %s: %d result(s) stored from message %s",
-                self.name,
-                outcome.results,
-                file.sha256[:12],
-            )
-        if not outcome.duplicate:
-            self._audit_results(file, results, outcome.new_versions)
-        if outcome.critical and self.announce is not None:
-            try:
-                self.announce(outcome.critical)
-            except Exception:
-                logger.error("critical results of %s not announced", self.name, exc_info=True)
-        return outcome
-
-    def _audit_results(
-        self, file: NewLabFile, results: Sequence[NewLabResult], new_versions: int
-    ) -> None:
-        """One action-log entry per patient of the message (as for a dropped file).
-
-        A side effect: a failure is logged, never raised (the results are stored).
-        """
-        if self.audit is None:
-            return
-        per_patient = Counter(r.patient_id for r in results if r.patient_id and not r.is_qc)
-        base = {"new_versions": new_versions, "qc_results": sum(r.is_qc for r in results)}
-        rows = sorted(per_patient.items()) or [("", len(results))]
-        for patient_id, count in rows:
-            try:
-                self.audit.record(
-                    AuditEntry(
-                        action="C",
-                        event_type="lab.link",
-                        outcome="0",
-                        outcome_desc="ingested",
-                        agent=self.name[:128],
-                        agent_type="system",
-                        source=f"link/{self.name}"[:64],
-                        resource=f"LabFile/{file.sha256}",
-                        patient_key=patient_key(self.patient_secret, patient_id),
-                        correlation_id=correlation_id.get()[:32],
-                        detail=AuditEntry.details(
-                            {"format": file.format, "analyzer": self.name, "results": count} | base
-                        ),
-                    )
-                )
-            except Exception:
-                logger.error("analyzer %s: audit entry not recorded", self.name, exc_info=True)
+            self.status.count("results_stored", filing.outcome.results)
+            self.results.publish(filing)
+        return filing.outcome
 
     def ordered_tests(self, specimen_id: str) -> SpecimenOrders | None:
         """The open orders for ``specimen_id``, or None when there is none.

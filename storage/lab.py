@@ -82,7 +82,7 @@ class NewLabResult:
     """One observation to store (ASTM E1394 R record, HL7 v2.5.1 OBX, export row).
 
     ``observation_id`` names the series this result is a version of; the store
-    numbers the versions. See :class:`ingest.labs.model.LabObservation` for the
+    numbers the versions. See :class:`core.labs.LabObservation` for the
     meaning of each field as sent.
     """
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 __all__ = ["S3Bucket", "s3_bucket", "s3_endpoint"]
 
@@ -48,14 +48,14 @@ def s3_endpoint() -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def listening() -> bool:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("moto server did not start")
-            time.sleep(0.05)
+                    return True
+            assert proc.poll() is None, "moto server did not start (it exited)"
+            return False
+
+        wait_until(listening, timeout=30, message="moto server did not start")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

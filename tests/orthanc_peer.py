@@ -11,14 +11,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 __all__ = ["OrthancPeer"]
 
@@ -62,15 +61,18 @@ class OrthancPeer:
     def start(self) -> OrthancPeer:
         self.proc = subprocess.Popen([self.exe, str(self.config)], start_new_session=True,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
+        proc = self.proc
+
+        def answers() -> bool:
             try:
                 self.get("/system")
-                return self
+                return True
             except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc did not start") from None
-                time.sleep(0.1)
+                assert proc.poll() is None, "Orthanc did not start (it exited)"
+                return False
+
+        wait_until(answers, timeout=30, interval=0.1, message="Orthanc did not start")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -152,12 +152,15 @@ def configured_runtime(receiver_staging: Path | None = None) -> Iterator[None]:
 
 
 def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: float = 0.05,
-               message: str | Callable[[], str] = "condition not reached in time") -> _T:
+               message: str | Callable[[], str] = "condition not reached in time",
+               sleep: Callable[[float], object] = time.sleep) -> _T:
     """Call ``predicate`` until it returns something truthy, and return that.
 
     A liveness bound for something converging in another thread or process, not a
     timing assertion: ``timeout`` only limits how long a failing test hangs. After it,
     AssertionError with ``message`` (a callable is called then, to say what is left).
+    ``sleep`` waits ``interval`` seconds between calls: a browser test passes
+    :func:`page_sleep` so that Playwright delivers the page's events meanwhile.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -166,7 +169,13 @@ def wait_until(predicate: Callable[[], _T], *, timeout: float = 10.0, interval: 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(message() if callable(message) else message)
-        time.sleep(interval)
+        sleep(interval)
+
+
+def page_sleep(page: Any) -> Callable[[float], object]:
+    """A ``sleep`` for :func:`wait_until` that lets a Playwright page deliver its
+    events (the sync API runs event handlers only inside its own calls)."""
+    return lambda seconds: page.wait_for_timeout(seconds * 1000)
 
 
 @contextlib.contextmanager

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from core import charsets  # registers the TCVN3 codec for profile encodings
 from core.dropfiles import astm_incomplete, hl7_incomplete
 from core.errors import LabMessageError
+from core.lab_values import DecimalComma
+from core.labs import Coding, ParseResult
 from core.settings import LabDelimitedSettings, LabProfileSettings
-from ingest.labs._values import DecimalComma
-from ingest.labs.model import Coding, ParseResult
 from ingest.labs.parsers import astm, available_parsers, delimited, detect, get_parser, hl7v2
 from ingest.labs.parsers.delimited import DelimitedProfile
 

@@ -45,32 +45,25 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core.audit import AuditEntry, patient_key
 from core.dropfiles import name_verdict, safe_name
 from core.errors import LabMessageError, OutOfResourcesError
-from core.logging import correlation, correlation_id
-from core.settings import LabCriticalLimit
+from core.logging import correlation
 from ingest.labs.parsers import detect
 from ingest.labs.profiles import InboxProfile, incomplete_reason, parse_file
-from ingest.labs.results import error_report, plan_results, summary
-from storage.audit import AuditLog
+from services.lab_results import LabResultService, LabSource, error_report
 from storage.dropfolder import PROCESSED, REJECTED, DropFile, DropFolder, DropLimits, SetAside
-from storage.lab import LabResultStore, NewLabFile, NewLabResult, OrderLookup, StoredLabResult
 
 __all__ = ["FileOutcome", "LabInbox", "LabWatcher"]
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +86,12 @@ class FileOutcome:
 
 
 class LabInbox:
-    """Reads and files the files of one profile folder.
+    """Reads and files the files of one profile folder (the drop-folder shell).
+
+    What to do with the results of a complete file (match them to a patient and
+    an order, hold a conflict, file, audit, announce) is
+    :class:`services.lab_results.LabResultService`'s; this shell reads, moves and
+    writes the summary or reason file beside each file.
 
     Parameters
     ----------
@@ -101,20 +99,8 @@ class LabInbox:
         ``<data_dir>/inbox/lab/<profile>``; ``processed/`` and ``rejected/`` are
         created inside it.
     profile : InboxProfile
-    store : LabResultStore
-    critical : mapping of test code to LabCriticalLimit
-    local_timezone : str
-    announce : callable, optional
-        Called with the new critical results and the results held as conflicts
-        (``review == "conflict"``) after their commit; errors are logged, never
-        raised (a side effect).
-    order_lookup : OrderLookup, optional
-        Links results to a known order at ingest; without it the store matches
-        orders itself (placer/filler order number and the same patient).
-    audit : AuditLog, optional
-        The action log; every filed file appends to it (see the module docstring).
-    patient_secret : bytes
-        Keys the patient references of the log (:func:`core.audit.patient_key`).
+    service : LabResultService
+        Files the results and writes the action log (see the module docstring).
     limits : DropLimits, optional
         Size limit and waits of the folder (from ``IngestSettings``).
     """
@@ -123,25 +109,20 @@ class LabInbox:
         self,
         folder: Path,
         profile: InboxProfile,
-        store: LabResultStore,
+        service: LabResultService,
         *,
-        critical: Mapping[str, LabCriticalLimit] | None = None,
-        local_timezone: str = "UTC",
-        announce: Callable[[tuple[StoredLabResult, ...]], None] | None = None,
-        order_lookup: OrderLookup | None = None,
-        audit: AuditLog | None = None,
-        patient_secret: bytes = b"",
         limits: DropLimits | None = None,
     ) -> None:
         self.folder = folder
         self.profile = profile
-        self.store = store
-        self.critical = dict(critical or {})
-        self.local_timezone = local_timezone
-        self.announce = announce
-        self.order_lookup = order_lookup
-        self.audit = audit
-        self.patient_secret = patient_secret
+        self.service = service
+        self.store = service.store
+        self.source = LabSource.inbox(
+            profile.name,
+            folder.name,
+            analyzer=profile.analyzer,
+            patient_issuer=profile.patient_issuer,
+        )
         self.processed = folder / PROCESSED
         self.rejected = folder / REJECTED
         self.drops = DropFolder(
@@ -206,15 +187,6 @@ class LabInbox:
             with contextlib.suppress(LabMessageError):
                 fmt = detect(raw) if self.profile.format == "auto" else self.profile.format
             fmt, parsed = parse_file(raw, self.profile)
-            results = plan_results(
-                parsed,
-                file_sha256=sha,
-                fmt=fmt,
-                analyzer=self.profile.analyzer,
-                patient_issuer=self.profile.patient_issuer,
-                critical=self.critical,
-                local_timezone=self.local_timezone,
-            )
         except LabMessageError as exc:
             if not self.drops.unchanged(drop):
                 return self._changed(drop)
@@ -233,55 +205,15 @@ class LabInbox:
         if not self.drops.unchanged(drop):
             # Read while still being written (or replaced): nothing is committed.
             return self._changed(drop)
-        body = summary(
-            name=name,
-            sha256=sha,
-            profile=self.profile.name,
-            fmt=fmt,
-            parsed=parsed,
-            results=results,
-        )
-        outcome = self.store.ingest_file(
-            NewLabFile(
-                sha256=sha,
-                name=name,
-                profile=self.profile.name,
-                format=fmt,
-                message_count=len(parsed.messages),
-                summary_json=json.dumps(body, ensure_ascii=False),
-                received_at=datetime.now(UTC),
-            ),
-            results,
-            order_lookup=self.order_lookup,
-        )
-        if outcome.duplicate:  # another watcher committed the same bytes meanwhile
+        filing = self.service.file(parsed, sha256=sha, name=name, fmt=fmt, source=self.source)
+        if filing.outcome.duplicate:  # another watcher committed the same bytes meanwhile
             state = self.store.file_state(sha)
             assert state is not None
             return self._known(path, sha, "filed", state.name, state.summary_json)
-        body["new_versions"] = outcome.new_versions
-        body["held_for_review"] = len(outcome.conflicts)  # another patient's specimen/test
-        dest = self._file(path, PROCESSED, sha, body, suffix=".summary.json")
+        dest = self._file(path, PROCESSED, sha, filing.filed_summary, suffix=".summary.json")
         self.store.mark_filed(sha)
-        self._audit_results(sha, fmt, results, outcome.new_versions)
-        for held in outcome.conflicts:  # issue 14: another patient's specimen/test, held
-            self._audit(sha, "4", "held: specimen/test of another patient", fmt=fmt,
-                        patient_id=held.patient_id, detail={"observation": held.observation_id,
-                                                            "conflicts_with": held.conflict_with})
-        logger.info(
-            "lab file ingested (%s, %s): %d results, %d corrections/re-sends, %d critical",
-            self.profile.name,
-            fmt,
-            outcome.results,
-            outcome.new_versions,
-            len(outcome.critical),
-        )
-        notices = outcome.critical + tuple(r for r in outcome.conflicts if not r.is_critical)
-        if notices and self.announce is not None:
-            try:
-                self.announce(notices)
-            except Exception:
-                logger.error("announcing critical results failed", exc_info=True)
-        return FileOutcome(name, "ingested", sha, outcome.results, dest)
+        self.service.publish(filing)  # the action log, then the webhook
+        return FileOutcome(name, "ingested", sha, filing.outcome.results, dest)
 
     def _known(
         self, path: Path, sha: str, status: str, first_name: str, summary_json: str
@@ -314,44 +246,11 @@ class LabInbox:
                     detail={"duplicates_so_far": count})
         return FileOutcome(name, "duplicate", sha, destination=dest)
 
-    def _audit_results(
-        self, sha: str, fmt: str, results: Sequence[NewLabResult], new_versions: int
-    ) -> None:
-        """One entry per patient of the file (search by patient finds it), or one."""
-        per_patient = Counter(r.patient_id for r in results if r.patient_id and not r.is_qc)
-        qc = sum(1 for r in results if r.is_qc)
-        base = {"new_versions": new_versions, "qc_results": qc}
-        if not per_patient:
-            self._audit(sha, "0", "ingested", fmt=fmt, detail=base | {"results": len(results)})
-        for patient_id, count in sorted(per_patient.items()):
-            self._audit(sha, "0", "ingested", fmt=fmt, patient_id=patient_id,
-                        detail=base | {"results": count})
-
     def _audit(
-        self,
-        sha: str,
-        outcome: str,
-        desc: str,
-        *,
-        fmt: str | None,
-        detail: Mapping[str, Any],
-        patient_id: str = "",
+        self, sha: str, outcome: str, desc: str, *, fmt: str | None, detail: Mapping[str, Any]
     ) -> None:
-        """Queue one action-log entry; a side effect, so it logs and carries on."""
-        if self.audit is None:
-            return
-        try:
-            self.audit.record(AuditEntry(
-                action="C", event_type="lab.file", outcome=outcome, outcome_desc=desc[:64],
-                agent=self.profile.name[:128], agent_type="system",
-                source=f"inbox/lab/{self.folder.name}"[:64], resource=f"LabFile/{sha}",
-                patient_key=patient_key(self.patient_secret, patient_id),
-                correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details({"format": fmt or "", "analyzer":
-                                           self.profile.analyzer, **detail}),
-            ))
-        except Exception:
-            logger.error("lab file audit entry not recorded", exc_info=True)
+        """One entry of the action log about this inbox's file ``sha`` (never raises)."""
+        self.service.record(self.source, sha, outcome, desc, fmt=fmt, detail=detail)
 
     def _changed(self, drop: DropFile) -> FileOutcome:
         logger.warning("lab file %s changed while being read: read again", drop.sha256[:12])

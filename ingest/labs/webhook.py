@@ -1,6 +1,7 @@
 """Announce critical lab values and held results to a webhook (I/O shell; STYLE.md §5).
 
-Each new critical result is POSTed as a small JSON notice naming the FHIR R4
+What is announced is :func:`services.lab_results.notices` (pure); this module only
+delivers it. Each new critical result is POSTed as a small JSON notice naming the FHIR R4
 ``Observation`` (id and ``meta.versionId``) so the receiver fetches the resource
 over the API, the "id-only" payload of FHIR R4 Subscription (§ subscription.html
 ``payload``): no patient data travels in the notice. Delivery happens on a daemon
@@ -23,67 +24,16 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from services.lab_results import notices
 from storage.lab import StoredLabResult
 
-__all__ = ["CriticalWebhook", "conflict_notice", "critical_notice", "notices"]
+__all__ = ["CriticalWebhook"]
 
 logger = logging.getLogger(__name__)
 
 
-def critical_notice(result: StoredLabResult) -> dict[str, Any]:
-    """The JSON body announcing one critical result (pure, no patient data)."""
-    return {
-        "event": "lab-result.critical",
-        "resourceType": "Observation",
-        "id": result.observation_id,
-        "reference": f"Observation/{result.observation_id}",
-        "versionId": str(result.version),
-        "lastUpdated": result.updated_at.isoformat(),
-        "code": result.loinc or result.test_code,
-        "system": "LN" if result.loinc else result.test_system,
-        "value": result.value,
-        "comparator": result.comparator or None,
-        "unit": result.ucum_unit or result.unit,
-        "reason": result.critical_reason,
-        "specimen": result.specimen_id,
-        "analyzer": result.analyzer,
-    }
-
-
-def conflict_notice(result: StoredLabResult) -> dict[str, Any]:
-    """The JSON body announcing one held result (pure, no patient data).
-
-    ``conflictsWith`` names the other patient's Observation of the same specimen and
-    test (absent when only the order/specimen group was theirs).
-    """
-    body: dict[str, Any] = {
-        "event": "lab-result.conflict",
-        "resourceType": "Observation",
-        "id": result.observation_id,
-        "reference": f"Observation/{result.observation_id}",
-        "versionId": str(result.version),
-        "lastUpdated": result.updated_at.isoformat(),
-        "reason": "specimen/test already reported for another patient; held for review",
-        "specimen": result.specimen_id,
-        "analyzer": result.analyzer,
-    }
-    if result.conflict_with:
-        body["conflictsWith"] = f"Observation/{result.conflict_with}"
-    return body
-
-
-def notices(result: StoredLabResult) -> list[dict[str, Any]]:
-    """What to announce about a new result: critical value, held conflict, or both."""
-    out = []
-    if result.is_critical:
-        out.append(critical_notice(result))
-    if result.review == "conflict":
-        out.append(conflict_notice(result))
-    return out
-
-
 class CriticalWebhook:
-    """POST :func:`critical_notice` bodies to ``url`` from a background thread.
+    """POST :func:`~services.lab_results.notices` bodies to ``url`` from a background thread.
 
     Parameters
     ----------

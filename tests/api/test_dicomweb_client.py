@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -19,7 +18,7 @@ from pydicom.encaps import generate_frames
 from pydicom.filewriter import dcmwrite
 
 from tests.api._support import Stored, dataset_bytes, make_study
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -34,9 +33,7 @@ def server(app: FastAPI) -> Iterator[str]:
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: srv.started, interval=0.02, message="uvicorn did not start")
     assert srv.started, "uvicorn did not start"
     yield f"http://127.0.0.1:{port}/dicomweb"
     srv.should_exit = True

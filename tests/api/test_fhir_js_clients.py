@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import uvicorn
 
 from tests.api.fhir_dataset import dataset
+from tests.support import wait_until
 
 pytestmark = pytest.mark.network
 
@@ -41,9 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str,
         srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 10
-        while not srv.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: srv.started, interval=0.02, message="uvicorn did not start")
         assert srv.started, "uvicorn did not start"
         token = issue_token(
             settings.auth,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.api.test_viewer_search import listed  # noqa: F401  (fixture)
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -29,10 +28,7 @@ def server(app: FastAPI) -> Iterator[str]:
                                         access_log=False))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    wait_until(lambda: srv.started, timeout=20, message="uvicorn did not start")
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)

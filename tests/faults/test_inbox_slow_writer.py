@@ -27,6 +27,7 @@ from pacslab.labs import build_lab_watcher
 from pacslab.wiring import build_index
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResultQuery
+from tests.support import wait_until
 
 LAB = Path(__file__).resolve().parents[1] / "data" / "lab"
 GALILEO = LAB / "astm" / "immucor_galileo_result.astm"  # one H…L message, 14 results
@@ -89,11 +90,16 @@ def _watch_while_writing(
 ) -> list[FileOutcome]:
     """Poll like the service does until the writer is done; nothing may be filed."""
     seen: list[FileOutcome] = []
-    while not done.is_set():
+
+    def written() -> bool:
+        if done.is_set():
+            return True
         watcher.rescan()
-        seen += watcher.poll()
+        seen.extend(watcher.poll())
         assert _results(store) == 0, "results filed from a file still being written"
-        time.sleep(0.02)
+        return False
+
+    wait_until(written, timeout=60, interval=0.02, message="the writer did not finish")
     return seen
 
 
@@ -149,12 +155,11 @@ def test_file_that_stays_incomplete_is_rejected_with_its_reason(settings: Settin
     cut = raw[: raw.rfind(b"\nL|")]  # the writer died before the L record
     with _rig(settings, lab_incomplete_s=0.5) as (watcher, store, inbox):
         (inbox / "dead.astm").write_bytes(cut)
-        deadline = time.monotonic() + 20
-        outcomes: list[FileOutcome] = []
-        while not outcomes and time.monotonic() < deadline:
+        def polled() -> list[FileOutcome]:
             watcher.rescan()
-            outcomes = watcher.poll()
-            time.sleep(0.05)
+            return watcher.poll()
+
+        outcomes = wait_until(polled, timeout=20, message="the incomplete file was kept")
         assert [(o.name, o.status) for o in outcomes] == [("dead.astm", "rejected")]
         assert _results(store) == 0  # never filed as complete
         reason = json.loads((inbox / "rejected" / "dead.astm.error.json").read_text())

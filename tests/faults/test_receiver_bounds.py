@@ -16,7 +16,6 @@ import io
 import json
 import socket
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from core.synthetic import write_ct_series
-from tests.support import env_for, run_dcmtk
+from tests.support import env_for, run_dcmtk, wait_until
 
 from .conftest import report, start_service, with_suppressed_kill
 
@@ -409,12 +408,12 @@ def test_a_data_set_without_end_is_bounded(
     FIGURES[f"data set flood ({abstract})"] = f"{sent >> 20} MiB sent, RSS +{grown >> 20} MiB"
     service.echo()
     # Nothing half-received stays in staging once the association is gone.
-    for _ in range(50):
-        left = sum(1 for _ in (service.data / "originals").rglob("*.part"))
-        if left <= staging_before:
-            break
-        time.sleep(0.1)
-    assert left <= staging_before
+    def staged() -> int:
+        return sum(1 for _ in (service.data / "originals").rglob("*.part"))
+
+    wait_until(lambda: staged() <= staging_before, timeout=5, interval=0.1,
+               message=lambda: f"{staged() - staging_before} half-received file(s) left")
+    assert staged() <= staging_before
 
 
 def test_a_real_deflated_transfer_is_still_stored(service: Service, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ rendered image (the viewport canvas has non-blank pixels) and to all slices load
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -37,7 +38,7 @@ from pydicom import dcmread
 from api.routes.ohif import app_config_js, rewrite_asset, rewrite_index
 from core.settings import OhifSettings, Settings
 from core.synthetic import write_ct_series
-from tests.support import free_port, serving
+from tests.support import free_port, serving, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -240,15 +241,15 @@ def orthanc_server(study: Study, dist: Path) -> Iterator[Server]:
         proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{http_port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
+            def answers() -> bool:
                 try:
                     urllib.request.urlopen(f"{base}/system", timeout=2).read()
-                    break
+                    return True
                 except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("Orthanc did not start") from None
-                    time.sleep(0.2)
+                    assert proc.poll() is None, "Orthanc did not start (it exited)"
+                    return False
+
+            wait_until(answers, timeout=30, interval=0.2, message="Orthanc did not start")
             for path in study.paths:
                 req = urllib.request.Request(f"{base}/instances", data=path.read_bytes(),
                                              method="POST")
@@ -331,26 +332,23 @@ def open_viewer(browser: Any, server: Server, study: Study, *, wait_all: bool = 
            + token_fragment(server.token))
     start = time.monotonic()
     page.goto(url)
-    deadline = start + timeout_s
-    first = None
-    while time.monotonic() < deadline:
+
+    def rendered() -> bool:
         stats = page.evaluate(CANVAS_STATS)
-        if stats and stats["std"] > 5 and stats["nonzero"] > 0.05:
-            first = time.monotonic() - start
-            break
-        time.sleep(0.05)
-    if first is None:
-        raise AssertionError(f"no image rendered in {timeout_s:.0f} s; console: {console[-20:]}"
-                             f"; failed: {failed[:20]}")
+        return bool(stats and stats["std"] > 5 and stats["nonzero"] > 0.05)
+
+    wait_until(rendered, timeout=timeout_s,
+               message=lambda: f"no image rendered in {timeout_s:.0f} s; console: "
+               f"{console[-20:]}; failed: {failed[:20]}")
+    first = time.monotonic() - start
     all_s = None
     if wait_all:
-        # Every slice fetched (each frame is one WADO-RS /frames request, completed).
-        while time.monotonic() < deadline:
-            n = len(_frame_urls(page))
-            if n >= study.slices:
-                all_s = time.monotonic() - start
-                break
-            time.sleep(0.05)
+        # Every slice fetched (each frame is one WADO-RS /frames request, completed),
+        # within what is left of timeout_s; else all_s stays None.
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: len(_frame_urls(page)) >= study.slices,
+                       timeout=max(0.0, start + timeout_s - time.monotonic()))
+            all_s = time.monotonic() - start
     return Opened(page, console, failed, first, all_s,
                   server.server_s(start, start + first))
 

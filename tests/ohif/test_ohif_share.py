@@ -9,7 +9,6 @@ study is refused to the same tab, and so is OHIF's search for the patient's stud
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from core.settings import Settings
 from tests.ohif import harness as h
+from tests.support import page_sleep, wait_until
 
 
 @pytest.mark.network
@@ -52,13 +52,10 @@ def test_share_link_opens_ohif_for_its_study_only(settings: Settings, tmp_path: 
             link.wait_for(timeout=20000)
             link.click()
             page.wait_for_url("**/ohif/viewer?StudyInstanceUIDs=*")
-            deadline = time.monotonic() + 60
-            stats = None
-            while time.monotonic() < deadline:
-                stats = page.evaluate(h.CANVAS_STATS)
-                if stats and stats["std"] > 5:
-                    break
-                page.wait_for_timeout(200)
+            stats = wait_until(
+                lambda: st if (st := page.evaluate(h.CANVAS_STATS)) and st["std"] > 5 else None,
+                timeout=60, interval=0.2, sleep=page_sleep(page),
+                message=lambda: f"OHIF showed no image: {failed}")
             assert stats and stats["std"] > 5, (stats, failed)
             refused = page.evaluate(
                 "async (u) => (await fetch(u, {headers: {Authorization: 'Bearer ' + "

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +30,7 @@ from api.routes.ohif import app_config_js, deep_link, preload_links, rewrite_ind
 from core.settings import OhifSettings, Settings
 from tests.api._support import make_study, running_app
 from tests.ohif import harness as h
-from tests.support import free_port
+from tests.support import free_port, page_sleep, wait_until
 
 SLICES = 16
 MR_J2K = "emri_small_jpeg_2k_lossless.dcm"  # pydicom test file: MR, 10 frames, JPEG 2000
@@ -94,9 +93,8 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             page.mouse.down()
             page.mouse.move(cx + 120, cy + 80, steps=10)
             page.mouse.up()
-            deadline = time.monotonic() + 10
-            while _overlay(page).get("W") == first.get("W") and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: _overlay(page).get("W") != first.get("W"), interval=0.1,
+                       message="window/level did not change on drag")
             after_wl = _overlay(page)
             assert (after_wl["W"], after_wl["L"]) != (first["W"], first["L"]), after_wl
             stats_wl = page.evaluate(h.CANVAS_STATS)
@@ -105,15 +103,13 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             # Scrolling changes slices.
             page.mouse.wheel(0, 300)
             page.mouse.wheel(0, 300)
-            deadline = time.monotonic() + 10
-            while _overlay(page).get("I") == 1 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: _overlay(page).get("I") != 1, interval=0.1,
+                       message="scrolling did not change the slice")
             assert _overlay(page)["I"] > 1
 
             # Every slice was fetched; no request failed, no CSP violation.
-            deadline = time.monotonic() + 30
-            while len(h._frame_urls(page)) < SLICES and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_until(lambda: len(h._frame_urls(page)) >= SLICES, timeout=30, interval=0.2,
+                       message=lambda: f"{len(h._frame_urls(page))} of {SLICES} frames fetched")
             assert len(h._frame_urls(page)) == SLICES
             assert opened.failed == [], opened.failed
             bad = [m for m in opened.console if "Content Security Policy" in m
@@ -133,12 +129,10 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             page.wait_for_timeout(300)
             page.mouse.up()
             expected = 200 / (min(box["width"], box["height"]) / 256) * 0.7
-            labels: list[str] = []
-            deadline = time.monotonic() + 10
-            while not labels and time.monotonic() < deadline:
-                labels = page.evaluate("() => [...document.querySelectorAll('svg text')]"
-                                       ".map(t => t.textContent).filter(t => / mm$/.test(t))")
-                page.wait_for_timeout(200)
+            labels: list[str] = wait_until(
+                lambda: page.evaluate("() => [...document.querySelectorAll('svg text')]"
+                                      ".map(t => t.textContent).filter(t => / mm$/.test(t))"),
+                interval=0.2, sleep=page_sleep(page), message="no length measurement shown")
             assert len(labels) == 1, labels
             assert abs(float(labels[0].removesuffix(" mm")) - expected) < 0.03 * expected, (
                 labels, expected)
@@ -148,13 +142,12 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             # (an empty viewport is exactly 0).
             page.locator("[data-cy=Layout]").first.click()
             page.get_by_text("MPR", exact=True).first.click()
-            deadline = time.monotonic() + 60
-            views: list[dict[str, float]] = []
-            while time.monotonic() < deadline:
-                views = page.evaluate(ALL_CANVAS_STATS)
-                if len(views) == 3 and all(v["std"] > 1 for v in views):
-                    break
-                page.wait_for_timeout(300)
+            def mpr_views() -> list[dict[str, float]]:
+                views: list[dict[str, float]] = page.evaluate(ALL_CANVAS_STATS)
+                return views if len(views) == 3 and all(v["std"] > 1 for v in views) else []
+
+            views = wait_until(mpr_views, timeout=60, interval=0.3, sleep=page_sleep(page),
+                               message=lambda: f"MPR views: {page.evaluate(ALL_CANVAS_STATS)}")
             assert len(views) == 3 and all(v["std"] > 1 for v in views), views
 
             # The study list in the same tab (the token is kept per tab), by name.
@@ -163,24 +156,23 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
             for typed, shown, hidden in (("nguyễn", "NGUYỄN, VĂN AN", "MR OTHER"),
                                          ("TRẦN", "MR OTHER", "CT CHEST W CONTRAST")):
                 page.locator("input").first.fill(typed)
-                deadline = time.monotonic() + 15
-                text = _study_rows(page)
                 # (the list empties while the new search runs: wait for the answer)
-                while (hidden in text or shown not in text) and time.monotonic() < deadline:
-                    page.wait_for_timeout(200)
+                def answered(shown: str = shown, hidden: str = hidden) -> str:
                     text = _study_rows(page)
+                    return text if shown in text and hidden not in text else ""
+
+                text = wait_until(answered, timeout=15, interval=0.2, sleep=page_sleep(page),
+                                  message=f"the study list did not answer {typed!r}")
                 assert shown in text and hidden not in text, (typed, text[:400])
 
             # A compressed series (JPEG 2000 lossless, 10 frames): OHIF asks for frames
             # with transfer-syntax=*, gets them as stored and decodes them in its worker.
             page.goto(f"{srv.base}{deep_link(mr_study)}")
-            deadline = time.monotonic() + 60
-            stats = None
-            while time.monotonic() < deadline:
-                stats = page.evaluate(h.CANVAS_STATS)
-                if stats and stats["std"] > 5 and stats["nonzero"] > 0.05:
-                    break
-                page.wait_for_timeout(200)
+            stats = wait_until(
+                lambda: st if (st := page.evaluate(h.CANVAS_STATS)) and st["std"] > 5
+                and st["nonzero"] > 0.05 else None,
+                timeout=60, interval=0.2, sleep=page_sleep(page),
+                message=lambda: f"compressed series not shown: {page.evaluate(h.CANVAS_STATS)}")
             assert stats and stats["std"] > 5 and stats["nonzero"] > 0.05, stats
             assert _overlay(page).get("N") == 10
             assert opened.failed == [], opened.failed
@@ -205,9 +197,8 @@ def test_without_token_dicomweb_is_refused(settings: Settings, tmp_path: Path) -
             page.on("response", lambda r: statuses.append(r.status)
                     if "/dicomweb/" in r.url else None)
             page.goto(f"{srv.base}{deep_link(study.study)}")
-            deadline = time.monotonic() + 30
-            while len(statuses) < 2 and time.monotonic() < deadline:
-                page.wait_for_timeout(200)  # (lets playwright deliver the events)
+            wait_until(lambda: len(statuses) >= 2, timeout=30, interval=0.2,
+                       sleep=page_sleep(page), message=lambda: f"DICOMweb answers: {statuses}")
             assert len(statuses) >= 2 and set(statuses) == {401}, statuses
             assert page.evaluate("() => sessionStorage.getItem('pacslab.token')") is None
         finally:
@@ -231,13 +222,10 @@ def test_builtin_viewer_links_to_ohif_with_the_tab_token(settings: Settings,
             assert link.get_attribute("href") == deep_link(study.study)
             link.click()
             page.wait_for_url("**/ohif/viewer?StudyInstanceUIDs=*")
-            deadline = time.monotonic() + 60
-            stats = None
-            while time.monotonic() < deadline:
-                stats = page.evaluate(h.CANVAS_STATS)
-                if stats and stats["std"] > 5:
-                    break
-                page.wait_for_timeout(200)
+            stats = wait_until(
+                lambda: st if (st := page.evaluate(h.CANVAS_STATS)) and st["std"] > 5 else None,
+                timeout=60, interval=0.2, sleep=page_sleep(page),
+                message=lambda: f"OHIF showed no image: {page.evaluate(h.CANVAS_STATS)}")
             assert stats and stats["std"] > 5, stats
         finally:
             browser.close()
@@ -387,12 +375,11 @@ def test_assets_validate_and_compress(client: TestClient, fake_dist: Path) -> No
     assert plain.headers["vary"] == "Accept-Encoding" and "content-encoding" not in plain.headers
     again = client.get(url, headers={"If-None-Match": etag, "Accept-Encoding": "identity"})
     assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
-    deadline = time.monotonic() + 10
-    while True:  # the first gzip-accepting request starts the compression
-        gz = client.get(url, headers={"Accept-Encoding": "gzip, br"})
-        if gz.headers.get("content-encoding") == "gzip" or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    # the first gzip-accepting request starts the compression in the background
+    wait_until(lambda: client.get(url, headers={"Accept-Encoding": "gzip, br"})
+               .headers.get("content-encoding") == "gzip",
+               timeout=10, message="the build file was never sent gzip-compressed")
+    gz = client.get(url, headers={"Accept-Encoding": "gzip, br"})
     assert gz.headers["content-encoding"] == "gzip"
     assert gz.content == big.read_bytes()  # httpx decodes it
     assert int(gz.headers["content-length"]) < len(big.read_bytes()) // 10

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from core.synthetic import write_ct_series
 from pacslab.wiring import build_index
 from pacslab.worker_process import build_worker
 from processing.tiling import convert_series
+from tests.support import wait_until
 
 pytestmark = pytest.mark.network
 
@@ -50,11 +50,13 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                    "--scheduler-file", str(info), log=tmp / "scheduler.log")]
     try:
-        deadline = time.monotonic() + 60
-        while not info.exists() or not info.read_text().strip():
+        def started() -> bool:
+            if info.exists() and info.read_text().strip():
+                return True
             assert procs[0].poll() is None, (tmp / "scheduler.log").read_text()
-            assert time.monotonic() < deadline, "dask scheduler did not start"
-            time.sleep(0.1)
+            return False
+
+        wait_until(started, timeout=60, interval=0.1, message="dask scheduler did not start")
         address = str(json.loads(info.read_text())["address"])
         for n in range(2):
             procs.append(_dask("worker", address, "--no-nanny", "--nthreads", "2",

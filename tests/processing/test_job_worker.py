@@ -14,6 +14,7 @@ from core.settings import IndexSettings
 from processing.worker import JobWorker
 from storage.abc import Job, NewInstance
 from storage.index.sql import SqlIndex
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -73,10 +74,8 @@ def test_a_running_worker_takes_over_jobs_of_one_that_never_came_back(index: Sql
     assert len(gone) == 2
     worker.start()
     try:
-        for _ in range(3000):  # a liveness bound, not a timing assertion
-            if index.counts().get("jobs_done") == 5:
-                break
-            threading.Event().wait(0.01)
+        wait_until(lambda: index.counts().get("jobs_done") == 5, timeout=30, interval=0.01,
+                   message=lambda: f"jobs: {index.counts()}")
     finally:
         worker.stop()
     assert sorted(done) == [f"1.2.3.{i}" for i in range(5)]

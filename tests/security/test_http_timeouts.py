@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from core.settings import Settings
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 HALF_OPEN = 60
 
@@ -37,10 +37,7 @@ def server(settings: Settings) -> Iterator[int]:
     srv = uvicorn.Server(uvicorn_config(cfg, app))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    wait_until(lambda: srv.started, timeout=20, message="uvicorn did not start")
     yield port
     srv.should_exit = True
     thread.join(timeout=10)

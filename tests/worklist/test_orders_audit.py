@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -75,15 +74,14 @@ def test_dropped_and_mllp_orders_are_logged(settings: Settings) -> None:
         (inbox / "empty.hl7.tmp").write_bytes(b"\r\n")  # no message at all
         os.replace(inbox / "empty.hl7.tmp", inbox / "empty.hl7")
         _wait_filed(inbox, [p.name for p in FILES] + ["empty.hl7"])
-        deadline = time.monotonic() + 30
-        while True:
+        def connected() -> socket.socket | None:
             try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
+                return socket.create_connection(("127.0.0.1", port), timeout=10)
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return None
+
+        sock = wait_until(connected, timeout=30, message=f"nothing listens on {port}")
+        assert sock is not None
         with sock:
             client = _Client(sock)
             oru = split_batch((HL7 / "cdc_oru_r01_v251_result_linked.hl7").read_bytes())[0]

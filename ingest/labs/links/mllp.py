@@ -37,8 +37,8 @@ from typing import Any, Final
 from core.errors import LabMessageError
 from core.hl7v2 import END, START, AckError, Deframer, escape, frame, msh_fields
 from core.hl7v2 import build_ack as _core_ack
-from core.settings import AnalyzerSettings, LabCriticalLimit
-from ingest.labs._values import DecimalComma
+from core.lab_values import DecimalComma
+from core.settings import AnalyzerSettings
 from ingest.labs.links.session import AstmSession, store_message
 from ingest.labs.links.tcp import Network, is_allowed
 from ingest.labs.parsers import hl7v2
@@ -127,14 +127,10 @@ class Hl7Session:
         service: AnalyzerService,
         *,
         folder: Path,
-        critical: dict[str, LabCriticalLimit] | None = None,
-        local_timezone: str = "UTC",
     ) -> None:
         self.settings = settings
         self.service = service
         self.decimal = _DECIMAL[settings.decimal_mark]
-        self.critical = dict(critical or {})
-        self.local_timezone = local_timezone
         self.messages = folder / "messages"
         self.rejected = folder / "rejected"
         self._counter = 0

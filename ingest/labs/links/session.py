@@ -3,8 +3,8 @@
 The handler given to the link loop (:data:`~ingest.labs.links._runner.MessageHandler`):
 parse the message with the analyzer's character set and decimal mark, then
 
-- results (R records) are planned like a dropped file's (:mod:`ingest.labs.results`)
-  and stored through :meth:`services.analyzers.AnalyzerService.store_results`; the
+- results (R records) are filed like a dropped file's, through
+  :meth:`services.analyzers.AnalyzerService.store_results`; the
   raw message is kept first under ``<data_dir>/links/<name>/messages/`` (as a file
   is kept in ``processed/``);
 - each Q record (E1394 §12) gets a reply message: H, then per specimen P and one
@@ -21,21 +21,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Final, Protocol
 
 from core.charsets import codec_for, encode_text
 from core.errors import LabMessageError
-from core.settings import AnalyzerSettings, LabCriticalLimit
-from ingest.labs._values import DecimalComma
-from ingest.labs.model import Coding, LabMessage, ParseResult
+from core.lab_values import DecimalComma
+from core.labs import Coding, LabMessage, ParseResult
+from core.settings import AnalyzerSettings
 from ingest.labs.parsers import astm
-from ingest.labs.results import plan_results, summary
 from services.analyzers import AnalyzerService, SpecimenOrders
-from storage.lab import NewLabFile
 
 __all__ = ["AstmSession", "format_query_reply"]
 
@@ -49,54 +47,19 @@ class _LinkSession(Protocol):
     """What :func:`store_message` needs of an ASTM or HL7 link session (read only)."""
 
     @property
-    def settings(self) -> AnalyzerSettings: ...
-    @property
     def service(self) -> AnalyzerService: ...
     @property
     def messages(self) -> Path: ...
-    @property
-    def critical(self) -> Mapping[str, LabCriticalLimit]: ...
-    @property
-    def local_timezone(self) -> str: ...
 
 
 def store_message(
     session: _LinkSession, sha: str, raw: bytes, parsed: ParseResult, *, fmt: str
 ) -> None:
-    """Keep the raw message, then store its results as one lab file of the link
-    (``profile`` ``link:<analyzer>``), with its summary: the step after which the
-    message may be acknowledged (ASTM ACK to the ``L`` frame, HL7 ``AA``)."""
-    name = session.settings.name
-    results = plan_results(
-        parsed,
-        file_sha256=sha,
-        fmt=fmt,
-        analyzer=name,
-        critical=session.critical,
-        local_timezone=session.local_timezone,
-    )
-    file_name = f"{name}-{sha[:16]}.{'hl7' if fmt == 'hl7v2' else fmt}"
-    body = summary(
-        name=file_name,
-        sha256=sha,
-        profile=f"link:{name}",
-        fmt=fmt,
-        parsed=parsed,
-        results=results,
-    )
+    """Keep the raw message, then store its results (one lab file of the link): the
+    step after which the message may be acknowledged (ASTM ACK to the ``L`` frame,
+    HL7 ``AA``)."""
     AstmSession._keep(session.messages, sha, raw, None)
-    session.service.store_results(
-        NewLabFile(
-            sha256=sha,
-            name=file_name,
-            profile=f"link:{name}",
-            format=fmt,
-            message_count=len(parsed.messages),
-            summary_json=json.dumps(body, ensure_ascii=False),
-            received_at=datetime.now(UTC),
-        ),
-        results,
-    )
+    session.service.store_results(parsed, sha256=sha, fmt=fmt)
 
 
 class AstmSession:
@@ -108,15 +71,11 @@ class AstmSession:
         service: AnalyzerService,
         *,
         folder: Path,
-        critical: Mapping[str, LabCriticalLimit] | None = None,
-        local_timezone: str = "UTC",
     ) -> None:
         self.settings = settings
         self.service = service
         self.encoding = codec_for(settings.encoding) or settings.encoding
         self.decimal = _DECIMAL[settings.decimal_mark]
-        self.critical = dict(critical or {})
-        self.local_timezone = local_timezone
         self.messages = folder / "messages"
         self.rejected = folder / "rejected"
 

@@ -3,7 +3,7 @@
 Like pydicom's ``add_plugin``, a parser name maps to a ``(module, function)``
 import path that is imported on first use, so the watcher can name a format in
 its settings without importing every parser. Every parser is pure: bytes in,
-:class:`~ingest.labs.model.ParseResult` out, :class:`~core.errors.LabMessageError`
+:class:`~core.labs.ParseResult` out, :class:`~core.errors.LabMessageError`
 for anything it cannot read.
 
 ================  ===============================================  =====================
@@ -26,7 +26,7 @@ import importlib
 from typing import Final, Protocol
 
 from core.errors import LabMessageError
-from ingest.labs.model import ParseResult
+from core.labs import ParseResult
 
 __all__ = ["Parser", "add_plugin", "available_parsers", "detect", "get_parser", "parse"]
 

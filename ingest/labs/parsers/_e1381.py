@@ -23,7 +23,7 @@ import re
 from typing import Final
 
 from core.errors import LabMessageError
-from ingest.labs.model import ParseWarning
+from core.labs import ParseWarning
 
 __all__ = [
     "ACK",

@@ -27,7 +27,7 @@ from core.errors import LabMessageError
 # One unescape for every HL7 v2 reader (issue 15): it lives in core.hl7v2.
 from core.hl7v2 import END, START, Delimiters, unescaper
 from core.hl7v2 import charset_codec as _table_0211_codec
-from ingest.labs.model import ParseWarning
+from core.labs import ParseWarning
 
 __all__ = [
     "Delimiters",

@@ -36,7 +36,7 @@ from typing import Final
 
 from core.charsets import codec_for
 from core.errors import LabMessageError
-from ingest.labs._values import (
+from core.lab_values import (
     DecimalComma,
     parse_birth_date,
     parse_number,
@@ -44,7 +44,7 @@ from ingest.labs._values import (
     parse_status,
     parse_timestamp,
 )
-from ingest.labs.model import (
+from core.labs import (
     Coding,
     LabMessage,
     LabObservation,
@@ -192,7 +192,7 @@ def parse(
         the field send Latin-1 (the default, which never fails to decode), UTF-8,
         Windows-1258 or TCVN3 (``vn3``, :mod:`core.charsets`).
     decimal_comma : bool or "auto"
-        How a comma in R.4 and R.6 is read (:func:`ingest.labs._values.parse_number`).
+        How a comma in R.4 and R.6 is read (:func:`core.lab_values.parse_number`).
         Each value read with a decimal comma is counted in one warning.
     strict_frames : bool
         For E1381 captures: a frame number out of sequence rejects the file
@@ -202,7 +202,7 @@ def parse(
     Returns
     -------
     ParseResult
-        One :class:`~ingest.labs.model.LabMessage` per H…L.
+        One :class:`~core.labs.LabMessage` per H…L.
 
     Raises
     ------

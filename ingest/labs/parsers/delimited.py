@@ -10,9 +10,9 @@ Text is NFC-normalised after decoding: Windows-1258 (Vietnamese) writes tone mar
 as combining characters (``e`` + U+0303), which would otherwise never compare
 equal to the precomposed names other systems send.
 
-A file becomes one :class:`~ingest.labs.model.LabMessage`; rows sharing a
-specimen ID share a :class:`~ingest.labs.model.LabOrder`, and rows sharing a
-patient ID a :class:`~ingest.labs.model.LabPatient`.
+A file becomes one :class:`~core.labs.LabMessage`; rows sharing a
+specimen ID share a :class:`~core.labs.LabOrder`, and rows sharing a
+patient ID a :class:`~core.labs.LabPatient`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from types import MappingProxyType
 from typing import Final
 
 from core.errors import LabMessageError
-from ingest.labs._values import parse_birth_date, parse_number, parse_reference_range
-from ingest.labs.model import (
+from core.lab_values import parse_birth_date, parse_number, parse_reference_range
+from core.labs import (
     Coding,
     Comparator,
     LabMessage,

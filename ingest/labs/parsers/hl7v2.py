@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Final
 
 from core.errors import LabMessageError
-from ingest.labs._values import (
+from core.lab_values import (
     DecimalComma,
     parse_birth_date,
     parse_number,
@@ -34,7 +34,7 @@ from ingest.labs._values import (
     parse_status,
     parse_timestamp,
 )
-from ingest.labs.model import (
+from core.labs import (
     Coding,
     Comparator,
     LabMessage,
@@ -161,7 +161,7 @@ def parse(
         rejecting the file; for batch files that mix orders and results.
     decimal_comma : bool or "auto"
         How a comma in an NM/SN value (OBX-5) or a range (OBX-7) is read
-        (:func:`ingest.labs._values.parse_number`); HL7 v2.5.1 §2.A.47 says NM
+        (:func:`core.lab_values.parse_number`); HL7 v2.5.1 §2.A.47 says NM
         uses ``.``, but Vietnamese-locale senders write ``7,85``. Each value read
         with a decimal comma is counted in one warning.
 

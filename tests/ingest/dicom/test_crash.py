@@ -20,7 +20,7 @@ from pydicom import dcmread
 
 from core.settings import Settings
 from core.synthetic import write_ct_series
-from tests.support import dcmtk, env_for, run_dcmtk, storescu_responses
+from tests.support import dcmtk, env_for, run_dcmtk, storescu_responses, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -30,12 +30,14 @@ def _start(env: dict[str, str]) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     port = env["PACSLAB_DICOM__PORT"]
-    for _ in range(200):
-        if run_dcmtk(["echoscu", "127.0.0.1", port], nodelay=True).returncode == 0:
-            return proc
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("pacslab dicom did not start")
+    try:
+        wait_until(lambda: run_dcmtk(["echoscu", "127.0.0.1", port],
+                                     nodelay=True).returncode == 0,
+                   timeout=20, interval=0.1, message="pacslab dicom did not start")
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc
 
 
 @pytest.mark.parametrize("trial", range(3))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from core.settings import QueryRetrieveSettings, RemoteAE, Settings
 from tests.ingest.dicom.qr_data import US_RETIRED, Study, build, fill, store
-from tests.support import Receiver, dcmtk, free_port, run_dcmtk
+from tests.support import Receiver, dcmtk, free_port, run_dcmtk, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -53,11 +52,9 @@ def storescp(tmp_path: Path, dest_port: int) -> Iterator[Path]:
         [dcmtk("storescp"), "-aet", DEST_AE, "+xa", "-od", str(out), str(dest_port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 10
-    while run_dcmtk(["echoscu", "-aec", DEST_AE, "127.0.0.1", str(dest_port)],
-                    timeout=10).returncode != 0:
-        assert time.monotonic() < deadline, "storescp did not start"
-        time.sleep(0.1)
+    wait_until(lambda: run_dcmtk(["echoscu", "-aec", DEST_AE, "127.0.0.1", str(dest_port)],
+                                 timeout=10).returncode == 0,
+               interval=0.1, message="storescp did not start")
     yield out
     proc.terminate()
     proc.wait(timeout=10)

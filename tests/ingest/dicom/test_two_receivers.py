@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from pydicom import dcmread
 from core.settings import IndexSettings
 from core.synthetic import write_ct_series
 from storage.index.sql import SqlIndex
-from tests.support import dcmtk, free_port, run_dcmtk
+from tests.support import dcmtk, free_port, run_dcmtk, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.postgres]
 
@@ -32,14 +31,18 @@ def start_receiver(env: dict[str, str]) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     port = env["PACSLAB_DICOM__PORT"]
-    for _ in range(300):
+    def answers() -> bool:
         if run_dcmtk(["echoscu", "127.0.0.1", port], nodelay=True).returncode == 0:
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("pacslab dicom did not start")
+            return True
+        assert proc.poll() is None, "pacslab dicom did not start (it exited)"
+        return False
+
+    try:
+        wait_until(answers, timeout=30, interval=0.1, message="pacslab dicom did not start")
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
 
 
 def receiver_env(data_dir: Path, index_url: str) -> dict[str, str]:

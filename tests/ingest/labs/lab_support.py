@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
-from collections.abc import Generator
+import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +129,27 @@ def make_rig(settings: Settings, *, use_events: bool = False) -> Generator[LabRi
 
 #: ``with open_rig(settings) as rig:``
 open_rig = contextlib.contextmanager(make_rig)
+
+
+@contextlib.contextmanager
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A loopback HTTP server keeping each JSON body POSTed to it: ``(url, bodies)``."""
+    received: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()

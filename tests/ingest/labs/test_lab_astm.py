@@ -8,7 +8,7 @@ from datetime import date, datetime
 import pytest
 
 from core.errors import LabMessageError
-from ingest.labs.model import ResultStatus
+from core.labs import ResultStatus
 from ingest.labs.parsers import astm
 
 LabFile = Callable[[str], bytes]

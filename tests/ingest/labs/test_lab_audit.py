@@ -40,7 +40,7 @@ def rig(settings: Settings) -> Iterator[LabRig]:
 
 
 def _log(rig: LabRig) -> AuditLog:
-    audit = next(iter(rig.watcher.inboxes.values())).audit
+    audit = next(iter(rig.watcher.inboxes.values())).service.audit
     assert audit is not None
     assert audit.flush()
     return audit
@@ -70,7 +70,7 @@ def test_every_filed_lab_file_is_logged(rig: LabRig) -> None:
     by_file: dict[str, list[ChainedEntry]] = {}
     for e in entries:
         by_file.setdefault(e.resource, []).append(e)
-    secret = next(iter(rig.watcher.inboxes.values())).patient_secret
+    secret = next(iter(rig.watcher.inboxes.values())).service.patient_secret
     stored_patients: set[str] = set()
 
     for rel, profile in INGESTED.items():

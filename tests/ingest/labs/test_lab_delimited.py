@@ -8,7 +8,7 @@ from datetime import date, datetime
 import pytest
 
 from core.errors import LabMessageError
-from ingest.labs.model import Coding, ResultStatus
+from core.labs import Coding, ResultStatus
 from ingest.labs.parsers import delimited, get_parser
 from ingest.labs.parsers.delimited import COBAS_C111, DelimitedProfile
 

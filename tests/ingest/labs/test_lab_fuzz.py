@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import LabMessageError
-from ingest.labs.model import ParseResult
+from core.labs import ParseResult
 from ingest.labs.parsers import astm, detect, hl7v2
 from ingest.labs.parsers.delimited import COBAS_C111, DelimitedProfile
 from ingest.labs.parsers.delimited import parse as parse_delimited

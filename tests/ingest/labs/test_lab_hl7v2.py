@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 
 from core.errors import LabMessageError
-from ingest.labs.model import Coding, ResultStatus
+from core.labs import Coding, ResultStatus
 from ingest.labs.parsers import hl7v2
 from ingest.labs.parsers._hl7 import (
     Delimiters,

@@ -13,6 +13,7 @@ stored twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from pacslab.wiring import build_index
 from storage.index.lab import SqlLabStore
 from storage.lab import LabResultQuery
 from tests.ingest.labs._sim_analyzer import Pipe, send_session
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 MESSAGES = 60
 
@@ -70,14 +71,18 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _connect(port: int, timeout: float = 30.0) -> Pipe:
-    deadline = time.monotonic() + timeout
-    while True:
+    def connected() -> Pipe | None:
         try:
             return Pipe(sock=socket.create_connection(("127.0.0.1", port), timeout=2))
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+            return None
+
+    try:
+        pipe = wait_until(connected, timeout=timeout, message=f"nothing listens on {port}")
+    except AssertionError as exc:
+        raise OSError(str(exc)) from None  # the analyzer thread retries on OSError
+    assert pipe is not None
+    return pipe
 
 
 class Analyzer:
@@ -122,9 +127,12 @@ def test_kill_9_during_a_live_link(settings: Settings) -> None:
         for _ in range(2):
             # Kill mid-stream: after some messages went through, at a random moment.
             target = len(analyzer.acked) + rng.randint(5, 15)
-            deadline = time.monotonic() + 60
-            while len(analyzer.acked) < target and time.monotonic() < deadline:
-                time.sleep(0.005)
+            # (the kill happens either way: a slow start only moves it later)
+            def reached(n: int = target) -> bool:
+                return len(analyzer.acked) >= n
+
+            with contextlib.suppress(AssertionError):
+                wait_until(reached, timeout=60, interval=0.005)
             time.sleep(rng.uniform(0, 0.05))
             acked_before_kill = set(analyzer.acked)
             os.killpg(proc.pid, signal.SIGKILL)

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import tty
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -168,9 +167,13 @@ def test_astm_package_as_server_receives_an_order_download(
             assert client.post("/fhir/ServiceRequest", json=lab_order("S-DL-1")).status_code == 201
         assert REGISTRY.download("xn", "S-DL-1") is True
         assert REGISTRY.download("xn", "S-NOTHING") is False
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not any(r[0] == "L" for r in got):
+        def ended() -> bool:
+            if any(r[0] == "L" for r in got):
+                return True
             astm_peer.loop(0.05, count=1)
+            return False
+
+        wait_until(ended, timeout=5, interval=0, message=lambda: f"order download: {got}")
         kinds = [r[0] for r in got]
         assert kinds == ["H", "P", "O", "L"]
         order = got[2]

@@ -12,10 +12,7 @@ first patient's result, and only an explicit, audited resolution moves it.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +22,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
-from lab_support import LAB_DATA, LabRig, lab_settings, open_rig
+from lab_support import LAB_DATA, LabRig, lab_settings, open_rig, webhook_receiver
 
 from api.app import create_app
 from core.settings import Settings
@@ -33,6 +30,7 @@ from services.orders import OrderService
 from storage.audit import AuditStore
 from storage.index.orders import SqlOrderStore
 from storage.lab import LabResultQuery
+from tests.support import wait_until
 from worklist.orders.hl7v2 import parse_message, placed_orders, split_batch
 
 #: ORU^R01 for patient 1300974 of "Baptist East" (PID-3.4), placer 4560411583,
@@ -52,27 +50,10 @@ def _other_patient(raw: bytes, patient: str = "7700001") -> bytes:
     return out
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []  # noqa: RUF012 - shared with the test
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        _Hook.received.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def hook() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Hook.received.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
+def hook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    with webhook_receiver() as receiver:
+        yield receiver
 
 
 def _search(client: TestClient, path: str, **params: str) -> list[dict[str, Any]]:
@@ -89,16 +70,17 @@ def _drop_bytes(rig: LabRig, name: str, data: bytes) -> None:
 
 def _audit_entries(rig: LabRig) -> list[Any]:
     for inbox in rig.watcher.inboxes.values():
-        if inbox.audit is not None:
-            inbox.audit.flush()
+        if inbox.service.audit is not None:
+            inbox.service.audit.flush()
     return list(AuditStore(rig.index.engine).entries())
 
 
 @pytest.mark.network
 def test_same_specimen_other_patient_is_held_listed_audited_announced(
-    settings: Settings, hook: str
+    settings: Settings, hook: tuple[str, list[dict[str, Any]]]
 ) -> None:
-    with open_rig(lab_settings(settings, critical_webhook_url=hook)) as rig:
+    url, received = hook
+    with open_rig(lab_settings(settings, critical_webhook_url=url)) as rig:
         rig.drop(RESULT)
         assert [o.status for o in rig.run()] == ["ingested"]
         raw = (LAB_DATA / RESULT).read_bytes()
@@ -118,10 +100,8 @@ def test_same_specimen_other_patient_is_held_listed_audited_announced(
         assert held.patient_pk != first.patient_pk and held.specimen_id == first.specimen_id
 
         # The webhook heard of the held result, id-only.
-        deadline = time.monotonic() + 10
-        while not _Hook.received and time.monotonic() < deadline:
-            time.sleep(0.02)
-        (notice,) = _Hook.received
+        wait_until(lambda: received, interval=0.02, message="the webhook heard nothing")
+        (notice,) = received
         assert notice["event"] == "lab-result.conflict"
         assert notice["id"] == held.observation_id
         assert notice["conflictsWith"] == f"Observation/{first.observation_id}"

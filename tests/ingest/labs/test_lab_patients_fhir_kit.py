@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -23,7 +22,7 @@ import pytest
 from lab_support import LAB_DATA, LabRig, lab_settings, open_rig
 
 from core.settings import Settings
-from tests.support import free_port
+from tests.support import free_port, wait_until
 
 JS = Path(__file__).resolve().parents[2] / "js"
 NODE = shutil.which("node")
@@ -96,10 +95,7 @@ def served(settings: Settings) -> Iterator[tuple[LabRig, str]]:
         srv = uvicorn.Server(config)
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
-        deadline = time.monotonic() + 20
-        while not srv.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+        wait_until(lambda: srv.started, timeout=20, message="uvicorn did not start")
         try:
             yield rig, f"http://127.0.0.1:{port}/fhir"
         finally:

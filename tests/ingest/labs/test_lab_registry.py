@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from core.errors import LabMessageError
-from ingest.labs.model import ParseResult
+from core.labs import ParseResult
 from ingest.labs.parsers import add_plugin, available_parsers, detect, get_parser, parse
 
 LabFile = Callable[[str], bytes]

@@ -7,11 +7,11 @@ from datetime import datetime
 import pytest
 
 from core.errors import LabMessageError
+from core.labs import Coding, LabObservation
 from core.settings import LabCriticalLimit, LabProfileSettings, LabSettings, Settings
 from ingest.labs.inbox import Stability, filed_name, is_candidate
-from ingest.labs.model import Coding, LabObservation
 from ingest.labs.profiles import InboxProfile, parse_file, parse_profile
-from ingest.labs.results import critical_reason, report_key, series_key
+from services.lab_results import critical_reason, report_key, series_key
 
 
 @pytest.mark.parametrize(

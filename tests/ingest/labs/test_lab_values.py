@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from ingest.labs._values import (
+from core.lab_values import (
     parse_number,
     parse_reference_range,
     parse_status,
     parse_timestamp,
 )
-from ingest.labs.model import ResultStatus
+from core.labs import ResultStatus
 from ingest.labs.units import normalise_unit
 
 

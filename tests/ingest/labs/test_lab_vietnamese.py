@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from core.charsets import TCVN3_DECODING, codec_for, decode_text
 from core.errors import LabMessageError
+from core.lab_values import is_unambiguous_decimal_comma, parse_number, parse_reference_range
 from core.settings import LabCriticalLimit, Settings
-from ingest.labs._values import is_unambiguous_decimal_comma, parse_number, parse_reference_range
 from ingest.labs.parsers import astm, hl7v2
 from ingest.labs.profiles import InboxProfile, parse_file
-from ingest.labs.results import plan_results
+from services.lab_results import plan_results
 from storage.lab import LabResultQuery
 from tests.ingest.labs._framing import ENQ, EOT, frame
 from tests.ingest.labs.lab_support import LabRig, lab_settings, make_rig

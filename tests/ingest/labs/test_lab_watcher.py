@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.observation import Observation
-from lab_support import LabRig, lab_settings, make_rig, open_rig
+from lab_support import LabRig, lab_settings, make_rig, open_rig, webhook_receiver
 
 from api.app import create_app
 from core.settings import Settings
@@ -81,10 +81,15 @@ def test_half_written_file_is_not_read(settings: Settings) -> None:
         thread = threading.Thread(target=writer)
         thread.start()
         outcomes = []
-        while not done.is_set():
+
+        def written() -> bool:
+            if done.is_set():
+                return True
             rig.watcher.rescan()
-            outcomes += rig.watcher.poll()
-            time.sleep(0.02)
+            outcomes.extend(rig.watcher.poll())
+            return False
+
+        wait_until(written, timeout=30, interval=0.02, message="the writer did not finish")
         assert outcomes == [], "the file was read while it was being written"
         thread.join()
         outcomes = rig.run()
@@ -260,35 +265,18 @@ def test_order_link_later_clears_the_unmatched_queue(rig: LabRig) -> None:
     assert rig.store.search_results(LabResultQuery(unmatched=True))[1] == 0
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, Any]] = []  # noqa: RUF012 - shared with the test
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        _Hook.received.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.mark.network
 def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Hook.received.clear()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    custom = lab_settings(settings, critical={"2823-3": {"high": 6.2}}, critical_webhook_url=url)
-    try:
+    with webhook_receiver() as (url, received):
+        custom = lab_settings(settings, critical={"2823-3": {"high": 6.2}},
+                              critical_webhook_url=url)
         with open_rig(custom) as rig:
             before = time.time()
             _write(rig.inbox() / "crit.hl7", oru(value="7.1"))
             _write(rig.inbox() / "fine.hl7", oru(specimen="S-OK", value="4.0", control="C7"))
             rig.run()
-            wait_until(lambda: _Hook.received, message="no notice reached the webhook")
-            (notice,) = _Hook.received
+            wait_until(lambda: received, message="no notice reached the webhook")
+            (notice,) = received
             assert notice["event"] == "lab-result.critical"
             assert (notice["code"], notice["value"], notice["reason"]) == (
                 "2823-3",
@@ -308,8 +296,6 @@ def test_critical_values_reach_the_webhook_and_the_feed(settings: Settings) -> N
                 ).json()
                 (entry,) = feed["entry"]
                 assert entry["resource"]["id"] == notice["id"]
-    finally:
-        server.shutdown()
 
 
 class _HeldHook(BaseHTTPRequestHandler):

@@ -1,9 +1,10 @@
 """Small parse_* functions for values every lab format shares.
 
 Numbers with comparators, reference ranges, timestamps and status codes look the
-same in ASTM E1394 and HL7 v2.5.1, so the parsers share these. All are total: bad
-input returns ``None`` (or an empty result), never raises, so one odd field does not
-reject a whole file; the parsers decide what deserves a warning.
+same in ASTM E1394 and HL7 v2.5.1, so the parsers share these (and the lab result
+service reads a number kept as text with :func:`parse_number` for critical values).
+All are total: bad input returns ``None`` (or an empty result), never raises, so one
+odd field does not reject a whole file; the parsers decide what deserves a warning.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 from datetime import date, datetime, timedelta, timezone
 from typing import Final, Literal, TypeAlias
 
-from ingest.labs.model import Comparator, ResultStatus
+from core.labs import Comparator, ResultStatus
 
 __all__ = [
     "DecimalComma",

@@ -1,4 +1,6 @@
-"""Value objects for parsed lab results, shared by every lab parser.
+"""Value objects for parsed lab results: what every lab parser returns
+(``ingest/labs/parsers/``) and the lab result service files
+(``services/lab_results.py``), so they live below both.
 
 The shape follows what the wire formats carry in common: ASTM E1394-97 (CLSI
 LIS2-A2) records H/P/O/R/C and HL7 v2.5.1 chapter 7 (ORU^R01, OUL^R22) segments
