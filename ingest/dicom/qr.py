@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.errors import ServiceError
 from services.query_retrieve import (
     FIND_MODELS,
+    EncodedInstance,
     GET_MODELS,
     MOVE_MODELS,
     QueryRetrieveService,
@@ -247,11 +251,112 @@ def _tighten(assoc: Any) -> None:
     dul = getattr(assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = _SENDING_LOOP_DELAY_S
+    _send_encoded_as_stored(assoc)
 
 
 def _busy_sender(event: Event) -> None:
     """EVT_ESTABLISHED of our association to a move destination (see above)."""
     _tighten(event.assoc)
+
+
+class _Encoded(Dataset):
+    """What :func:`_sub_operations` yields for an original sent as it is stored.
+
+    pynetdicom's C-MOVE/C-GET service classes take only Datasets and hand them to
+    ``send_c_store`` (which re-encodes them); this one carries the stored bytes
+    (:class:`EncodedInstance`) and the two UIDs pynetdicom reads (the failed list),
+    and the association's ``send_c_store`` is wrapped to send those bytes
+    (:func:`_send_encoded_as_stored`). ``fallback`` loads the decoded instance when
+    no context in the stored transfer syntax was accepted.
+    """
+
+    def __init__(self, encoded: EncodedInstance, fallback: Callable[[], Dataset | None]) -> None:
+        super().__init__()
+        self.SOPClassUID = encoded.sop_class_uid
+        self.SOPInstanceUID = encoded.sop_instance_uid
+        object.__setattr__(self, "_encoded", encoded)
+        object.__setattr__(self, "_fallback", fallback)
+
+
+def _send_encoded_as_stored(assoc: Any) -> None:
+    """Wrap ``assoc.send_c_store`` so an :class:`_Encoded` goes out as stored.
+
+    Measured on a C-MOVE of a 512 x 512 CT: parsing the original and re-encoding it
+    (pixel data included) took about 19 ms an instance, reading its bytes about 1 ms.
+    Sent unchanged in a context of its own transfer syntax (PS3.7 9.3.1, the data set
+    of a C-STORE is the encoded data set), or decoded by pynetdicom otherwise.
+    """
+    original = getattr(assoc, "send_c_store", None)
+    if original is None or getattr(assoc, "_pacslab_encoded", False):
+        return
+
+    def send_c_store(
+        dataset: Any,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
+        if isinstance(dataset, _Encoded):
+            encoded: EncodedInstance = object.__getattribute__(dataset, "_encoded")
+            context = _stored_context(assoc, encoded)
+            if context is not None:
+                return _send_encoded(assoc, context, encoded, msg_id, priority,
+                                     originator_aet, originator_id)
+            loaded = object.__getattribute__(dataset, "_fallback")()
+            if loaded is None:
+                raise ValueError("original not readable")  # a failed sub-operation
+            dataset = loaded
+        return original(dataset, msg_id=msg_id, priority=priority,
+                        originator_aet=originator_aet, originator_id=originator_id)
+
+    assoc.send_c_store = send_c_store
+    assoc._pacslab_encoded = True
+
+
+def _stored_context(assoc: Any, encoded: EncodedInstance) -> Any:
+    try:
+        return assoc._get_valid_context(
+            encoded.sop_class_uid, encoded.transfer_syntax_uid, "scu", allow_conversion=False
+        )
+    except ValueError:
+        return None
+
+
+def _send_encoded(
+    assoc: Any,
+    context: PresentationContext,
+    encoded: EncodedInstance,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> Dataset:
+    """``Association.send_c_store`` (pynetdicom 3.0) with the data set given encoded."""
+    if not assoc.is_established:
+        raise RuntimeError("association released before the C-STORE sub-operation")
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = UID(encoded.sop_class_uid)
+    req.AffectedSOPInstanceUID = UID(encoded.sop_instance_uid)
+    req.DataSet = BytesIO(encoded.data_set)
+    # As pynetdicom does: pause the reactor so the response is ours to read.
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, context.context_id)
+        _cx_id, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    status: Dataset = assoc._check_received_status(rsp)
+    return status
 
 
 def _sub_operations(
@@ -261,12 +366,23 @@ def _sub_operations(
         if event.is_cancelled:
             yield _CANCEL, None
             return
+        encoded = _encoded(service, item)
+        if encoded is not None:
+            yield _PENDING, _Encoded(encoded, lambda item=item: _load(service, item))
+            continue
         ds = _load(service, item)
         # An unreadable original is a failed sub-operation listed by its UID (PS3.4
         # C.4.2.1.4.2): pynetdicom lists the UID of a Dataset whose C-STORE raised,
         # and a Dataset of a SOP Class no context was negotiated for raises at once,
         # before anything is sent.
         yield _PENDING, ds if ds is not None else _unsendable(item)
+
+
+def _encoded(service: QueryRetrieveService, item: RetrieveItem) -> EncodedInstance | None:
+    try:
+        return service.encoded(item)
+    except (ServiceError, OSError, ValueError):
+        return None  # _load reads it again and reports
 
 
 def _unsendable(item: RetrieveItem) -> Dataset:

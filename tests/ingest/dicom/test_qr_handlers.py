@@ -24,6 +24,9 @@ class FakeService:
     def plan_retrieve(self, identifier: Dataset, model: str) -> list[RetrieveItem]:
         return self.items
 
+    def encoded(self, item: RetrieveItem) -> None:
+        return None  # every sub-operation takes the decoded path
+
     def load(self, item: RetrieveItem) -> Dataset:
         ds = Dataset()
         ds.SOPInstanceUID = item.sop_instance_uid
