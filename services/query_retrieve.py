@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-from io import BytesIO
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, Literal, Protocol
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
-from pydicom.filereader import read_dataset, read_preamble
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag

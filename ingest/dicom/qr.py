@@ -28,9 +28,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from core.errors import ServiceError
 from services.query_retrieve import (
     FIND_MODELS,
-    EncodedInstance,
     GET_MODELS,
     MOVE_MODELS,
+    EncodedInstance,
     QueryRetrieveService,
     RetrieveItem,
 )
