@@ -254,7 +254,9 @@ def queue_commitment(
                 updated_at=now,
             )
         )
-        return int(result.inserted_primary_key[0])
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
 
 def commitment_request(index: SqlIndex, transaction_uid: str) -> tuple[str, str] | None:
