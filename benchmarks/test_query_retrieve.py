@@ -202,9 +202,12 @@ def _find_latencies(port: int, aet: str, ids: list[str], n: int,
                     misses: list[int] | None = None) -> list[float]:
     """Latency of ``n`` study-level C-FINDs by Patient ID, each matching one study.
 
-    ``misses`` (the anchor's): answers without the match are counted there instead of
-    failing; Orthanc 1.10 answered one query in a few hundred with Success and no
-    match in our runs.
+    ``misses``: answers without the match are counted there instead of failing.
+    Orthanc 1.10 answered one query in a few hundred with Success and no match in our
+    runs, and so did pacslab once (with "Received unexpected C-FIND service message"
+    from pynetdicom): the SCU's own association reactor can take a response off the
+    queue before ``send_c_find`` reads it (its pause flag is set just before it
+    waits), so the count is kept for both servers and reported.
     """
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -248,17 +251,24 @@ def test_cfind_study_level(benchmark: Any, servers: dict[str, Any], archive: lis
     rates: dict[str, float] = {}
     info: dict[str, Any] = {"case": "C-FIND STUDY level by PatientID",
                             "studies": len(archive)}
-    misses: list[int] = []
-    for target, aet in (("pacslab", "PACSLAB"), ("orthanc", "ORTHANC")):
-        lat = _find_latencies(servers[target], aet, archive, n,
-                              misses if target == "orthanc" else None)
+    misses: dict[str, list[int]] = {"pacslab": [], "orthanc": []}
+    latencies: dict[str, list[float]] = {"pacslab": [], "orthanc": []}
+    order = [("pacslab", "PACSLAB"), ("orthanc", "ORTHANC")]
+    chunks = 10 if servers["measuring"] else 1
+    for c in range(chunks):
+        # Interleaved in chunks, the first one alternating: the machine is shared.
+        for target, aet in order if c % 2 == 0 else order[::-1]:
+            latencies[target] += _find_latencies(servers[target], aet, archive,
+                                                 n // chunks, misses[target])
+    for target, lat in latencies.items():
         rates[target] = len(lat) / sum(lat)
         info[f"{target}_p50_ms"] = round(_p(lat, 0.5) * 1000, 2)
         info[f"{target}_p99_ms"] = round(_p(lat, 0.99) * 1000, 2)
         info[f"{target}_queries_per_s"] = round(rates[target], 1)
         record("C-FIND study level", target, rates[target], "queries/s")
         record("C-FIND study level p99", target, _p(lat, 0.99) * 1000, "ms")
-    info["orthanc_answers_without_the_match"] = len(misses)
+    for target, missed in misses.items():
+        info[f"{target}_answers_without_the_match"] = len(missed)
     info.update(pacslab=rates["pacslab"], anchor=rates["orthanc"],
                 ratio=round(rates["pacslab"] / rates["orthanc"], 2),
                 target="p99 < 50 ms and >= 1.0 x Orthanc queries/s")

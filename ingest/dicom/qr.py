@@ -21,6 +21,7 @@ from functools import partial
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Literal
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
@@ -296,6 +297,13 @@ class _Encoded(Dataset):
         object.__setattr__(self, "_fallback", fallback)
 
 
+#: The as-stored path is written against pynetdicom 3's internals (below).
+_ENCODED_PATH = pynetdicom.__version__.startswith("3.")
+#: What :func:`_send_encoded` uses of pynetdicom 3.0's Association beyond its API.
+_PYNETDICOM_INTERNALS = ("_reactor_checkpoint", "_is_paused", "_get_valid_context",
+                         "_check_received_status", "_handle_no_response", "dul", "dimse")
+
+
 def _send_encoded_as_stored(assoc: Any) -> None:
     """Wrap ``assoc.send_c_store`` so an :class:`_Encoded` goes out as stored.
 
@@ -307,6 +315,8 @@ def _send_encoded_as_stored(assoc: Any) -> None:
     original = getattr(assoc, "send_c_store", None)
     if original is None or getattr(assoc, "_pacslab_encoded", False):
         return
+    if not all(hasattr(assoc, name) for name in _PYNETDICOM_INTERNALS):
+        return  # another pynetdicom: every instance goes the decoded way
 
     def send_c_store(
         dataset: Any,
@@ -471,7 +481,7 @@ def _sub_operations(
         if event.is_cancelled:
             yield _CANCEL, None
             return
-        encoded = _encoded(service, item)
+        encoded = _encoded(service, item) if _ENCODED_PATH else None
         if encoded is not None:
             yield _PENDING, _Encoded(encoded, partial(_load, service, item))
             continue
