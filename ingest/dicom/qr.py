@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Literal
@@ -454,7 +455,8 @@ def _write_message(assoc: Any, req: C_STORE, context_id: int) -> None:
     max_pdu = int(assoc.dimse.maximum_pdu_size)
     payload = b"".join([
         *_p_data_tf(command, context_id, max_pdu, command=True),
-        *_p_data_tf(req.DataSet.getvalue(), context_id, max_pdu, command=False),
+        *_p_data_tf(req.DataSet.getvalue() if req.DataSet else b"", context_id, max_pdu,
+                    command=False),
     ])
     while dul.to_provider_queue.queue:
         time.sleep(0.0001)
@@ -507,11 +509,31 @@ def _serialised_socket(dul: Any) -> tuple[threading.Lock, Callable[[bytes], None
 def _sub_operations(
     event: Event, service: QueryRetrieveService, items: list[RetrieveItem]
 ) -> Iterator[tuple[int | Dataset, Any]]:
-    for item in items:
+    # The next original is read while the current one is on the wire (its file read
+    # and header parse are a millisecond or two of each sub-operation).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-read")
+    try:
+        yield from _sub_operations_reading_ahead(event, service, items, pool)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _sub_operations_reading_ahead(
+    event: Event,
+    service: QueryRetrieveService,
+    items: list[RetrieveItem],
+    pool: ThreadPoolExecutor,
+) -> Iterator[tuple[int | Dataset, Any]]:
+    def read(item: RetrieveItem) -> Future[EncodedInstance | None] | None:
+        return pool.submit(_encoded, service, item) if _ENCODED_PATH else None
+
+    ahead = read(items[0]) if items else None
+    for n, item in enumerate(items):
+        current, ahead = ahead, read(items[n + 1]) if n + 1 < len(items) else None
         if event.is_cancelled:
             yield _CANCEL, None
             return
-        encoded = _encoded(service, item) if _ENCODED_PATH else None
+        encoded = current.result() if current is not None else None
         if encoded is not None:
             yield _PENDING, _Encoded(encoded, partial(_load, service, item))
             continue
