@@ -1095,6 +1095,7 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_BENCH_FIGURES",  # ./run bench: where benchmarks write their figures
     "PACSLAB_QR_BENCH_STUDIES",  # benchmarks/test_query_retrieve.py: studies in the archive
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
+    "PACSLAB_QR_BENCH_ROUNDS",  # benchmarks/test_query_retrieve.py: C-MOVE/C-GET rounds
     "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
     "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size
     "PACSLAB_BENCH_SCALE_CACHE",  # benchmarks/test_archive_scale.py: keep filled SQLite files

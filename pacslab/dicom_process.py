@@ -29,7 +29,13 @@ from core.settings import Settings
 from ingest.dicom.scp import DicomReceiver, bind_listener
 from ingest.service import IngestService
 from pacslab.runtime import configure_runtime
-from pacslab.wiring import build_index, build_ingest, build_order_service, staging_dir
+from pacslab.wiring import (
+    build_commitment_queue,
+    build_index,
+    build_ingest,
+    build_order_service,
+    staging_dir,
+)
 from services.storage_classes import extra_storage_classes
 from storage.index.sql import SqlIndex
 from storage.originals import clear_staging
@@ -226,12 +232,14 @@ def _query_retrieve(
     from ingest.dicom import commitment
     from services.commitment import CommitmentService
 
+    decisions = CommitmentService(index, service.archive.originals)
     reporter = commitment.CommitmentReporter(
-        CommitmentService(index, service.archive.originals),
+        decisions,
         directory.lookup,
         ae_title=settings.dicom.ae_title,
         timeout_s=settings.qr.connect_timeout_s,
         audit=service.audit,
+        queue=build_commitment_queue(settings, index, decisions, directory.lookup),
     )
     return (
         [*contexts, *qr.presentation_contexts(), *commitment.presentation_contexts()],

@@ -6,8 +6,11 @@ API) calls these once at start.
 
 from __future__ import annotations
 
-from core.settings import Settings
+from collections.abc import Callable
+
+from core.settings import RemoteAE, Settings
 from ingest.service import IngestService
+from services.commitment import CommitmentQueue, CommitmentService
 from services.orders import OrderService, order_service
 from services.patients import PatientIdentityService
 from services.rejection import RejectionService
@@ -109,3 +112,16 @@ def build_patient_identity(
         patient_secret=patient_secret,
         default_issuer=settings.lab.patient_issuer,
     )
+
+
+def build_commitment_queue(
+    settings: Settings,
+    index: SqlIndex,
+    decisions: CommitmentService,
+    lookup: Callable[[str], RemoteAE | None],
+) -> CommitmentQueue:
+    """The owed N-EVENT-REPORTs, shared by the receivers and the worker (issue 16 §3):
+    the worker may send one once the receiver had six timeouts' worth to do it."""
+    timeout = settings.qr.connect_timeout_s
+    return CommitmentQueue(index, decisions, lookup, ae_title=settings.dicom.ae_title,
+                           timeout_s=timeout, grace_s=6 * timeout + 10)

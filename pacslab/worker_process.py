@@ -16,11 +16,20 @@ import threading
 from collections.abc import Callable
 
 from core.settings import Settings
-from pacslab.wiring import build_audit, build_index, build_order_service, build_originals
+from pacslab.wiring import (
+    build_audit,
+    build_commitment_queue,
+    build_index,
+    build_order_service,
+    build_originals,
+)
 from processing.worker import JobWorker
+from services.commitment import CommitmentService
+from services.destinations import DestinationDirectory
 from services.forwarding import ForwardingService
 from services.ingest_jobs import IngestJobs
 from services.scrub import OriginalScrub
+from storage.index.qr import COMMIT_JOB
 
 __all__ = ["build_worker", "start_worker"]
 
@@ -56,9 +65,15 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
         webhook_url=settings.orders.webhook_url,
         webhook_timeout_s=settings.orders.webhook_timeout_s,
     )
+    handlers = jobs.handlers()
+    # Storage Commitment reports the receivers could not deliver (issue 16 §3).
+    directory = DestinationDirectory(index, settings.qr.destinations)
+    handlers[COMMIT_JOB] = build_commitment_queue(
+        settings, index, CommitmentService(index, originals), directory.lookup
+    ).run_job
     worker = JobWorker(
         index,
-        jobs.handlers(),
+        handlers,
         batch_handlers=jobs.batch_handlers(),
         name=f"{socket.gethostname()}-{name}",
         poll_interval_s=processing.poll_interval_s,

@@ -7,21 +7,34 @@ original still hashes to its content key (:func:`processing.integrity.verify_ori
 Everything else is listed in the Failed SOP Sequence with a Failure Reason of PS3.4
 Table J.3.2-1 / PS3.7 C: 0x0112 no such object instance, 0x0119 class-instance
 conflict, 0x0110 processing failure (missing or corrupted original).
+
+A request accepted is owed its N-EVENT-REPORT even across a restart:
+:class:`CommitmentQueue` keeps it in the index with a ``commit`` job before the
+N-ACTION is answered. The receiver delivers at once; when it cannot (the SCU does
+not listen yet, the receiver stops), the worker runs the job later
+(:meth:`CommitmentQueue.run_job`): it decides again and sends the report on a new
+association to the SCU's AE, with backoff, until ``max_attempts``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from core.errors import InvalidDatasetError, NotFoundError
+from core.errors import InvalidDatasetError, NotFoundError, PeerUnavailableError, ServiceError
 from processing.integrity import verify_original
-from storage.abc import OriginalStore, StoredInstance
+from storage.abc import Job, OriginalStore, StoredInstance
+from storage.index import qr as qr_index
+
+if TYPE_CHECKING:
+    from core.settings import RemoteAE
+    from storage.index.sql import SqlIndex
 
 __all__ = [
     "CLASS_INSTANCE_CONFLICT",
@@ -29,8 +42,10 @@ __all__ = [
     "PROCESSING_FAILURE",
     "CommitRequest",
     "CommitResult",
+    "CommitmentQueue",
     "CommitmentService",
     "parse_request",
+    "send_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,3 +172,111 @@ class CommitmentService:
 
     def check_all(self, requests: Sequence[CommitRequest]) -> list[CommitResult]:
         return [self.check(r) for r in requests]
+
+
+def send_report(
+    result: CommitResult, remote: RemoteAE, *, ae_title: str, calling: str, timeout_s: float
+) -> bool:
+    """The N-EVENT-REPORT on a new association to the SCU, where we propose the SCP
+    role of the SOP Class (PS3.4 J.3.3, PS3.7 D.3.3.4); True if answered 0x0000."""
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        StorageCommitmentPushModelInstance,
+    )
+
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(StorageCommitmentPushModel)
+    role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    assoc = ae.associate(remote.host, remote.port, ae_title=calling, ext_neg=[role])
+    if not assoc.is_established:
+        return False
+    try:
+        status, _ = assoc.send_n_event_report(
+            result.to_dataset(),
+            result.event_type_id,
+            StorageCommitmentPushModel,
+            StorageCommitmentPushModelInstance,
+        )
+    except Exception:
+        logger.warning("N-EVENT-REPORT on a new association failed", exc_info=True)
+        return False
+    finally:
+        assoc.release()
+    return bool(status) and int(status.get("Status", 0xFFFF)) == 0x0000
+
+
+class CommitmentQueue:
+    """The owed reports, kept in the index (see the module docstring).
+
+    ``grace_s``: how long the receiver has to deliver before the worker may;
+    ``retry_base_s``/``retry_max_s``/``max_attempts``: the worker's backoff, as
+    forwarding's.
+    """
+
+    def __init__(
+        self,
+        index: SqlIndex,
+        service: CommitmentService,
+        destinations: Callable[[str], RemoteAE | None],
+        *,
+        ae_title: str,
+        timeout_s: float = 10.0,
+        grace_s: float = 120.0,
+        retry_base_s: float = 30.0,
+        retry_max_s: float = 3600.0,
+        max_attempts: int = 20,
+        sender: Callable[..., bool] = send_report,
+    ) -> None:
+        self.index = index
+        self.service = service
+        self.destinations = destinations
+        self.ae_title = ae_title
+        self.timeout_s = timeout_s
+        self.grace_s = grace_s
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.max_attempts = max_attempts
+        self.sender = sender
+
+    def remember(self, request: CommitRequest, calling: str, *, correlation_id: str = "") -> int:
+        """Keep ``request`` until its report is delivered; its job id."""
+        return qr_index.queue_commitment(
+            self.index,
+            request.transaction_uid,
+            calling,
+            json.dumps(request.references),
+            delay_s=self.grace_s,
+            correlation_id=correlation_id,
+        )
+
+    def delivered(self, transaction_uid: str, how: str) -> None:
+        qr_index.settle_commitment(self.index, transaction_uid, how)
+
+    def undelivered(self, transaction_uid: str, error: str) -> None:
+        """The receiver gave up; the job stays pending for the worker."""
+        qr_index.note_commitment_error(self.index, transaction_uid, error)
+
+    def run_job(self, job: Job) -> Mapping[str, Any]:
+        """The worker's ``commit`` job: decide again, send on a new association."""
+        kept = qr_index.commitment_request(self.index, job.target)
+        if kept is None:
+            return {"delivered": "before"}  # settled since the job was claimed
+        calling, refs = kept
+        request = CommitRequest(job.target, tuple((str(c), str(u)) for c, u in json.loads(refs)))
+        remote = self.destinations(calling)
+        if remote is None:
+            raise ServiceError(f"no address configured for AE {calling}")
+        result = self.service.check(request)
+        if self.sender(result, remote, ae_title=self.ae_title, calling=calling,
+                       timeout_s=self.timeout_s):
+            self.delivered(job.target, "worker")
+            return {"delivered": "worker", "committed": len(result.committed),
+                    "failed": len(result.failed)}
+        if job.attempts >= self.max_attempts:
+            raise ServiceError(f"report not delivered after {job.attempts} tries")
+        exc = PeerUnavailableError(f"{calling} did not take the N-EVENT-REPORT")
+        exc.retry_in_s = float(min(self.retry_max_s,
+                                   self.retry_base_s * 2.0 ** max(0, job.attempts - 1)))
+        raise exc

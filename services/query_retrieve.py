@@ -23,17 +23,26 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any, Literal, Protocol
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from core.audit import AuditEntry, patient_key
-from core.coercion import PatientAttributes, coerce_patient_module, patient_attributes_from_row
+from core.coercion import (
+    PatientAttributes,
+    coerce_patient_module,
+    patient_attributes_from_row,
+    patient_differences,
+)
 from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.logging import correlation_id
 from storage.abc import OriginalStore
@@ -44,6 +53,7 @@ __all__ = [
     "FIND_MODELS",
     "GET_MODELS",
     "MOVE_MODELS",
+    "EncodedInstance",
     "FindRequest",
     "QueryIndex",
     "QueryRetrieveService",
@@ -395,6 +405,25 @@ class RetrieveItem:
     patient: PatientAttributes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedInstance:
+    """A stored instance to send as it is: its data set as encoded in the original
+    (after the File Meta Information, PS3.10 7.1), in its stored transfer syntax."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    data_set: bytes
+
+
+def _past_patient_module(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) > 0x0010FFFF
+
+
+def _past_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag.group) != 0x0002
+
+
 def parse_retrieve(identifier: Dataset, model: Model) -> Query:
     """The instance-level query of a C-MOVE/C-GET identifier (PS3.4 C.4.2.2.1).
 
@@ -501,6 +530,49 @@ class QueryRetrieveService:
         if item.patient is not None:
             coerce_patient_module(ds, item.patient)  # the original file is untouched
         return ds
+
+    def encoded(self, item: RetrieveItem) -> EncodedInstance | None:
+        """The stored data set as it is, when it can be sent without re-encoding.
+
+        That is when its Patient module is the index's (nothing to coerce, issue 17)
+        and its transfer syntax is not deflated; otherwise None, and the sender uses
+        :meth:`load`. Only the File Meta Information and the elements up to the
+        Patient module are parsed (a C-MOVE of a CT spent most of its time decoding
+        and re-encoding whole data sets, pixel data included).
+        """
+        try:
+            with self.originals.open(item.blob_key) as fp:
+                raw = fp.read()
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"original of {item.sop_instance_uid} is missing") from exc
+        buf = BytesIO(raw)
+        try:
+            read_preamble(buf, False)
+            meta = read_dataset(
+                buf, is_implicit_VR=False, is_little_endian=True, stop_when=_past_file_meta
+            )
+            offset = buf.tell()
+            syntax = UID(str(meta.get("TransferSyntaxUID", "") or ""))
+            if not syntax or syntax.is_deflated or not syntax.is_transfer_syntax:
+                return None
+            if item.patient is not None:
+                header = read_dataset(
+                    buf,
+                    is_implicit_VR=syntax.is_implicit_VR,
+                    is_little_endian=syntax.is_little_endian,
+                    stop_when=_past_patient_module,
+                )
+                if patient_differences(header, item.patient):
+                    return None
+        except Exception:
+            # Not readable this way: the sender falls back to load(), which reports.
+            return None
+        return EncodedInstance(
+            sop_class_uid=item.sop_class_uid,
+            sop_instance_uid=item.sop_instance_uid,
+            transfer_syntax_uid=str(syntax),
+            data_set=raw[offset:],
+        )
 
 
     def record_retrieve(

@@ -6,8 +6,10 @@ follow in a thread of their own, after the N-ACTION response has left (PS3.4 J.3
 the report comes after the response). The report goes on the same association
 while the SCU keeps it open, otherwise on a new association to the SCU's AE title
 as configured in ``qr.destinations``, where we propose the SCP role (PS3.4 J.3.3,
-PS3.7 D.3.3.4). Delivery is tried a few times; an SCU that never listens gets
-nothing, and the log says so (UIDs and AE titles only).
+PS3.7 D.3.3.4). Delivery is tried a few times here; the request was kept in the
+index before the N-ACTION was answered (:class:`services.commitment.CommitmentQueue`),
+so a report this process could not deliver (the SCU not listening yet, a restart)
+is sent later by the worker's ``commit`` job. Logs carry UIDs and AE titles only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
@@ -29,7 +31,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from core.audit import AuditEntry
 from core.errors import ServiceError
 from core.logging import correlation_id
-from services.commitment import CommitmentService, CommitRequest, CommitResult, parse_request
+from services.commitment import (
+    CommitmentQueue,
+    CommitmentService,
+    CommitRequest,
+    CommitResult,
+    parse_request,
+    send_report,
+)
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -46,6 +55,7 @@ logger = logging.getLogger(__name__)
 _NO_SUCH_ACTION = 0x0123
 _INVALID_INSTANCE = 0x0117
 _MISSING_ATTRIBUTE = 0x0120
+_PROCESSING_FAILURE = 0x0110
 _TRIES = 3
 
 
@@ -67,7 +77,9 @@ class CommitmentReporter:
         ae_title: str,
         timeout_s: float = 10.0,
         audit: AuditLog | None = None,
+        queue: CommitmentQueue | None = None,
     ) -> None:
+        self.queue = queue
         self.service = service
         self.destinations = destinations
         self.ae_title = ae_title
@@ -92,11 +104,19 @@ class CommitmentReporter:
         except ServiceError as exc:
             return _status(_MISSING_ATTRIBUTE, str(exc) or exc.title), None
         calling = str(event.assoc.requestor.ae_title)
+        cid = correlation_id.get()
+        if self.queue is not None:
+            # Kept before we answer: an accepted request is owed its report (J.3.3).
+            try:
+                self.queue.remember(request, calling, correlation_id=cid)
+            except Exception:
+                logger.error("storage commitment %s not kept", request.transaction_uid,
+                             exc_info=True)
+                return _status(_PROCESSING_FAILURE, "Request not kept; try again"), None
         responded = threading.Event()
         key = (id(event.assoc), int(req.MessageID or 0))
         with self._lock:
             self._responded[key] = responded
-        cid = correlation_id.get()
         threading.Thread(
             target=self._deliver,
             args=(event.assoc, calling, request, responded, key, cid),
@@ -141,17 +161,28 @@ class CommitmentReporter:
                 self._responded.pop(key, None)
             result = self.service.check(request)
             for attempt in range(_TRIES):
+                if attempt:
+                    time.sleep(min(2.0 ** (attempt - 1), 10.0))
+                how = ""
                 if assoc.is_established and self._send(assoc, result):
-                    self._record(calling, result, "same association")
+                    how = "same association"
+                elif self._send_new(calling, result):
+                    how = "new association"
+                if how:
+                    self._record(calling, result, how)
+                    if self.queue is not None:
+                        self.queue.delivered(request.transaction_uid, how)
                     return
-                if self._send_new(calling, result):
-                    self._record(calling, result, "new association")
-                    return
-                time.sleep(min(2.0**attempt, 10.0))
             logger.warning(
-                "storage commitment %s: report to %s not delivered",
+                "storage commitment %s: report to %s not delivered%s",
                 request.transaction_uid, calling,
+                "; the worker will try again" if self.queue is not None else "",
             )
+            if self.queue is not None:
+                self.queue.undelivered(
+                    request.transaction_uid,
+                    f"receiver: {calling} took no report in {_TRIES} tries",
+                )
         except Exception:
             logger.error("storage commitment report failed", exc_info=True)
 
@@ -172,18 +203,8 @@ class CommitmentReporter:
         remote = self.destinations(calling)
         if remote is None:
             return False
-        ae = AE(ae_title=self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.add_requested_context(StorageCommitmentPushModel)
-        # We request this association but act as the SCP of the SOP class.
-        role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-        assoc = ae.associate(remote.host, remote.port, ae_title=calling, ext_neg=[role])
-        if not assoc.is_established:
-            return False
-        try:
-            return self._send(assoc, result)
-        finally:
-            assoc.release()
+        return send_report(result, remote, ae_title=self.ae_title, calling=calling,
+                           timeout_s=self.timeout_s)
 
     def _record(self, calling: str, result: CommitResult, how: str) -> None:
         if self.audit is None:

@@ -6,6 +6,7 @@ function takes the :class:`~storage.index.sql.SqlIndex` and uses its engine.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
     delete,
     func,
@@ -32,16 +34,21 @@ if TYPE_CHECKING:
     from storage.index.sql import SqlIndex
 
 __all__ = [
+    "COMMIT_JOB",
     "QueuedJob",
     "calling_ae_of",
+    "commitment_request",
     "delete_destination",
     "dicom_destinations",
     "get_destination",
     "job_counts",
     "list_destinations",
     "list_jobs",
+    "note_commitment_error",
     "put_destination",
+    "queue_commitment",
     "retry_job",
+    "settle_commitment",
 ]
 
 
@@ -178,3 +185,124 @@ def delete_destination(index: SqlIndex, ae_title: str) -> bool:
             delete(dicom_destinations).where(dicom_destinations.c.ae_title == ae_title)
         )
     return bool(gone.rowcount)
+
+
+# -- Storage Commitment requests whose report is owed (migration 0011) ---------------
+
+#: Job kind of an owed N-EVENT-REPORT; the job's target is the Transaction UID.
+COMMIT_JOB = "commit"
+
+commitment_requests = Table(
+    "commitment_requests",
+    MetaData(),
+    Column("transaction_uid", String(64), primary_key=True),
+    Column("calling_ae", String(16), nullable=False),
+    Column("references_json", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def queue_commitment(
+    index: SqlIndex,
+    transaction_uid: str,
+    calling_ae: str,
+    references_json: str,
+    *,
+    delay_s: float,
+    correlation_id: str = "",
+) -> int:
+    """Keep a request and queue its ``commit`` job in one transaction; the job id.
+
+    The job is claimable after ``delay_s`` (the receiver tries first, on the
+    association). A Transaction UID asked again replaces the request and keeps the
+    unfinished job it has.
+    """
+    now = datetime.now(UTC)
+    with index.write() as conn:
+        conn.execute(
+            delete(commitment_requests).where(
+                commitment_requests.c.transaction_uid == transaction_uid
+            )
+        )
+        conn.execute(
+            commitment_requests.insert().values(
+                transaction_uid=transaction_uid,
+                calling_ae=calling_ae[:16],
+                references_json=references_json,
+                created_at=now,
+            )
+        )
+        row = conn.execute(
+            select(jobs.c.id).where(
+                and_(
+                    jobs.c.kind == COMMIT_JOB,
+                    jobs.c.target == transaction_uid,
+                    jobs.c.status.in_(("pending", "running")),
+                )
+            )
+        ).first()
+        if row is not None:
+            return int(row.id)
+        result = conn.execute(
+            jobs.insert().values(
+                kind=COMMIT_JOB,
+                target=transaction_uid,
+                status="pending",
+                correlation_id=correlation_id[:32],
+                not_before=time.time() + delay_s,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+
+def commitment_request(index: SqlIndex, transaction_uid: str) -> tuple[str, str] | None:
+    """``(calling AE, references JSON)`` of an owed report, or None."""
+    with read_only(index.engine) as conn:
+        row = conn.execute(
+            select(commitment_requests.c.calling_ae, commitment_requests.c.references_json)
+            .where(commitment_requests.c.transaction_uid == transaction_uid)
+        ).first()
+    return (str(row[0]), str(row[1])) if row is not None else None
+
+
+def settle_commitment(index: SqlIndex, transaction_uid: str, how: str) -> None:
+    """The report was delivered: its request goes, its unfinished job is done."""
+    now = datetime.now(UTC)
+    with index.write() as conn:
+        conn.execute(
+            delete(commitment_requests).where(
+                commitment_requests.c.transaction_uid == transaction_uid
+            )
+        )
+        conn.execute(
+            update(jobs)
+            .where(
+                and_(
+                    jobs.c.kind == COMMIT_JOB,
+                    jobs.c.target == transaction_uid,
+                    jobs.c.status.in_(("pending", "running")),
+                )
+            )
+            .values(status="done", error="", updated_at=now,
+                    result_json=json.dumps({"delivered": how}))
+        )
+
+
+def note_commitment_error(index: SqlIndex, transaction_uid: str, error: str) -> None:
+    """Why the receiver could not deliver an owed report (the queue API shows it)."""
+    with index.write() as conn:
+        conn.execute(
+            update(jobs)
+            .where(
+                and_(
+                    jobs.c.kind == COMMIT_JOB,
+                    jobs.c.target == transaction_uid,
+                    jobs.c.status == "pending",
+                )
+            )
+            .values(error=error[:2000], updated_at=datetime.now(UTC))
+        )

@@ -5,8 +5,10 @@ Its own process because pynetdicom 3.0.4 cannot take an N-EVENT-REPORT request w
 in a lambda that takes no arguments), and the receiver in the test process turns it
 on. A modality is another process anyway.
 
-usage: commit_scu.py PORT MODE(same|new) LISTEN_PORT SCU_AE REQUEST_JSON
-prints one JSON line: the N-ACTION status and the report received.
+usage: commit_scu.py PORT MODE(same|new|away|listen) LISTEN_PORT SCU_AE REQUEST_JSON
+prints one JSON line: the N-ACTION status and the report received. ``away`` sends the
+N-ACTION and leaves without listening (a modality switched off); ``listen`` sends
+nothing and waits for a report on LISTEN_PORT (the same modality back on).
 """
 
 from __future__ import annotations
@@ -45,11 +47,19 @@ def main() -> int:
         return 0x0000, None
 
     server = None
-    if mode == "new":
+    if mode in ("new", "listen"):
         listener = AE(ae_title=scu_ae)
         listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         server = listener.start_server(("127.0.0.1", int(listen_port)), block=False,
                                        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    if mode == "listen":
+        print(json.dumps({"listening": True}), flush=True)
+        outcome: dict[str, object] = {} if got.wait(60) else {"error": "no N-EVENT-REPORT"}
+        if server is not None:
+            server.shutdown()
+        outcome.update(report)
+        print(json.dumps(outcome))
+        return 0
     ae = AE(ae_title=scu_ae)
     ae.add_requested_context(StorageCommitmentPushModel)
     assoc = ae.associate("127.0.0.1", int(port), ae_title="PACSLAB",
@@ -70,8 +80,11 @@ def main() -> int:
     status, _ = assoc.send_n_action(ds, int(spec.get("action", 1)), StorageCommitmentPushModel,
                                     StorageCommitmentPushModelInstance)
     result: dict[str, object] = {"status": int(status.Status) if status else None}
-    if mode == "new":
+    if mode in ("new", "away"):
         assoc.release()  # at once: the report has to come on a new association
+    if mode == "away":
+        print(json.dumps(result))
+        return 0
     if result["status"] == 0 and not got.wait(30):
         result["error"] = "no N-EVENT-REPORT"
     if mode == "same" and assoc.is_established:

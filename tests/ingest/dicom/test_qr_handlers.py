@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 
 from core.settings import RemoteAE
@@ -23,6 +24,9 @@ class FakeService:
 
     def plan_retrieve(self, identifier: Dataset, model: str) -> list[RetrieveItem]:
         return self.items
+
+    def encoded(self, item: RetrieveItem) -> None:
+        return None  # every sub-operation takes the decoded path
 
     def load(self, item: RetrieveItem) -> Dataset:
         ds = Dataset()
@@ -106,3 +110,33 @@ def test_other_find_classes_go_to_the_fallback() -> None:
     out = list(handle_find(event, FakeFind(event, 3),  # type: ignore[arg-type]
                            lambda e: iter([(0xFF00, Dataset())])))
     assert [s for s, _ in out] == [0xFF00]
+
+
+@pytest.mark.parametrize(("size", "max_pdu"), [(0, 16384), (10, 16384), (40_000, 16384),
+                                               (16378, 16384), (5000, 0)])
+def test_pdus_written_at_once_are_pynetdicoms(size: int, max_pdu: int) -> None:
+    """The C-STORE request written in one send carries the PDUs pynetdicom would send."""
+    from io import BytesIO
+
+    from pydicom.uid import UID
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    from ingest.dicom.qr import _p_data_tf
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    req = C_STORE()
+    req.MessageID, req.Priority = 7, 2
+    req.AffectedSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    req.AffectedSOPInstanceUID = UID("1.2.3.4")
+    req.DataSet = BytesIO(data)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    theirs = b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(3, max_pdu))
+    command = encode(msg.command_set, True, True)
+    assert command is not None
+    ours = b"".join([*_p_data_tf(command, 3, max_pdu, command=True),
+                     *_p_data_tf(data, 3, max_pdu, command=False)])
+    assert ours == theirs

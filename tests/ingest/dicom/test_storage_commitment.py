@@ -13,14 +13,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import select, update
 
 from core.settings import QueryRetrieveSettings, RemoteAE, Settings
+from storage.index.schema import jobs
 from tests.ingest.dicom.qr_data import CT, MR, Study, build, store
-from tests.support import Receiver, free_port
+from tests.support import Receiver, free_port, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -99,6 +102,54 @@ def test_malformed_request_is_refused(receiver: Receiver, scu_port: int) -> None
     assert commit(receiver, "same", scu_port, spec)["status"] == 0x0120
     spec = {"transaction": str(generate_uid()), "references": [[CT, "1.2.3"]], "action": 7}
     assert commit(receiver, "same", scu_port, spec)["status"] == 0x0123
+
+
+def test_owed_report_is_delivered_after_a_restart(
+    receiver: Receiver, stored: dict[str, str], scu_port: int, settings: Settings
+) -> None:
+    """The SCU leaves before its report and comes back once the receiver gave up:
+    the request kept in the index is reported by a worker built afresh (a restart)."""
+    from pacslab.worker_process import build_worker
+    from storage.index.qr import COMMIT_JOB, commitment_request
+
+    unknown = str(generate_uid())
+    spec = {"transaction": str(generate_uid()),
+            "references": [[CT, stored["good"]], [CT, unknown]]}
+    assert commit(receiver, "away", scu_port, spec)["status"] == 0x0000
+    index: Any = receiver.index
+    uid = str(spec["transaction"])
+
+    def owed() -> Any:
+        return next(j for j in index.get_jobs(target=uid) if j.kind == COMMIT_JOB)
+
+    assert owed().status == "pending"  # kept before the N-ACTION was answered
+    wait_until(lambda: "receiver:" in _job_error(index, owed().id), timeout=30,
+               message="the receiver did not give up")
+    listener = subprocess.Popen(
+        [sys.executable, str(SCU), str(receiver.port), "listen", str(scu_port), SCU_AE, "{}"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert "listening" in listener.stdout.readline()
+        with index.write() as conn:  # the grace period is over
+            conn.execute(update(jobs).where(jobs.c.id == owed().id).values(not_before=0))
+        worker = build_worker(settings, name="restarted")
+        worker.run_once()
+        report = json.loads(listener.communicate(timeout=60)[0].strip().splitlines()[-1])
+    finally:
+        listener.kill()
+    assert "error" not in report, report
+    assert report["transaction"] == uid and report["type"] == 2
+    assert report["committed"] == [stored["good"]]
+    assert report["failed"] == {unknown: 0x0112}
+    assert owed().status == "done"
+    assert commitment_request(index, uid) is None
+
+
+def _job_error(index: Any, job_id: int) -> str:
+    with index.read() as conn:
+        return str(conn.execute(select(jobs.c.error).where(jobs.c.id == job_id)).scalar())
 
 
 def test_pure_parse_refuses_missing_transaction() -> None:
