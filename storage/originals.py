@@ -89,9 +89,9 @@ def fsync_all(paths: list[Path]) -> None:
     except OSError as exc:
         errors.append(exc)
     for future in futures:
-        exc = future.exception()
-        if exc is not None:
-            errors.append(exc)
+        failure = future.exception()
+        if failure is not None:
+            errors.append(failure)
     if errors:
         raise errors[0]
 
