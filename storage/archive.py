@@ -54,7 +54,6 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
-from storage.originals import flush_pool
 from storage.staging import StagedFile, StagedWriter
 
 __all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data"]
@@ -292,22 +291,14 @@ class Archive:
             quarantine (or removed, for resource failures).
         """
         after: list[Callable[[], None]] = []
-        # The staged file's flush runs while its header is read and checked (the
-        # Python part): on one association an instance's latency is the sum of its
-        # steps, and the flush is the longest (issue 19). Nothing is published before
-        # it has returned.
-        flushing = flush_pool().submit(_fsync_file, staged.path) if self.fsync else None
         try:
-            try:
-                record = self._read(staged, check_request_uids)
-                for hook in self.hooks:
-                    then = hook.before_index(record, staged.path, calling_ae)
-                    if then is not None:
-                        after.append(then)
-            finally:
-                flush_error = flushing.exception() if flushing is not None else None
-            if flush_error is not None:
-                raise flush_error
+            record = self._read(staged, check_request_uids)
+            for hook in self.hooks:
+                then = hook.before_index(record, staged.path, calling_ae)
+                if then is not None:
+                    after.append(then)
+            if self.fsync:
+                _fsync_file(staged.path)
         except ServiceError as exc:
             self._quarantine(staged, exc, calling_ae)
             raise
@@ -540,5 +531,4 @@ class Archive:
             staged.discard()
 
     def close(self) -> None:
-        """Nothing to stop: commits run in the receiving threads (and flushes in the
-        process's shared pool of fsync threads)."""
+        """Nothing to stop: commits run in the receiving threads."""
