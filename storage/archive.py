@@ -68,6 +68,14 @@ _LONG_HEADER_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 _CHUNK = 1 << 20
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _DatasetReader:
     """``read(offset, n)`` over a staged data set: from the head kept in memory when
     it holds the bytes, else ``pread`` from the file (opened only if needed)."""
@@ -290,11 +298,7 @@ class Archive:
                 if then is not None:
                     after.append(then)
             if self.fsync:
-                fd = os.open(staged.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_file(staged.path)
         except ServiceError as exc:
             self._quarantine(staged, exc, calling_ae)
             raise
