@@ -41,7 +41,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -160,6 +159,9 @@ class Checkpointer:
         self.path = path
         self.delay_s = delay_s
         self._wake = threading.Event()
+        #: Set by close(): ends the delay at once, so closing an index never waits out
+        #: ``delay_s`` (every test app's shutdown waited a second for it).
+        self._stop = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
@@ -188,9 +190,8 @@ class Checkpointer:
         try:
             while True:
                 self._wake.wait()
-                if self._closed:
+                if self._closed or self._stop.wait(self.delay_s):
                     return
-                time.sleep(self.delay_s)
                 # Cleared before the checkpoint: a commit from now on wakes it again.
                 self._wake.clear()
                 self.checkpoint(conn)
@@ -203,6 +204,7 @@ class Checkpointer:
         """Stop the thread (the index is closing; SQLite checkpoints when the last
         connection to the file closes)."""
         self._closed = True
+        self._stop.set()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
