@@ -180,10 +180,7 @@ def send_report(
     """The N-EVENT-REPORT on a new association to the SCU, where we propose the SCP
     role of the SOP Class (PS3.4 J.3.3, PS3.7 D.3.3.4); True if answered 0x0000."""
     from pynetdicom import AE, build_role
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        StorageCommitmentPushModel,
-        StorageCommitmentPushModelInstance,
-    )
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -193,6 +190,20 @@ def send_report(
     if not assoc.is_established:
         return False
     try:
+        return send_event_report(assoc, result, "a new association")
+    finally:
+        assoc.release()
+
+
+def send_event_report(assoc: Any, result: CommitResult, where: str) -> bool:
+    """The N-EVENT-REPORT of ``result`` on an established association (PS3.4 J.3.3),
+    the request's own or a new one; True if the SCU answered 0x0000."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StorageCommitmentPushModel,
+        StorageCommitmentPushModelInstance,
+    )
+
+    try:
         status, _ = assoc.send_n_event_report(
             result.to_dataset(),
             result.event_type_id,
@@ -200,10 +211,8 @@ def send_report(
             StorageCommitmentPushModelInstance,
         )
     except Exception:
-        logger.warning("N-EVENT-REPORT on a new association failed", exc_info=True)
+        logger.warning("N-EVENT-REPORT on %s failed", where, exc_info=True)
         return False
-    finally:
-        assoc.release()
     return bool(status) and int(status.get("Status", 0xFFFF)) == 0x0000
 
 

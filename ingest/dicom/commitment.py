@@ -37,6 +37,7 @@ from services.commitment import (
     CommitRequest,
     CommitResult,
     parse_request,
+    send_event_report,
     send_report,
 )
 
@@ -187,17 +188,7 @@ class CommitmentReporter:
             logger.error("storage commitment report failed", exc_info=True)
 
     def _send(self, assoc: Association, result: CommitResult) -> bool:
-        try:
-            status, _ = assoc.send_n_event_report(
-                result.to_dataset(),
-                result.event_type_id,
-                StorageCommitmentPushModel,
-                StorageCommitmentPushModelInstance,
-            )
-        except Exception:
-            logger.warning("N-EVENT-REPORT on the same association failed", exc_info=True)
-            return False
-        return bool(status) and int(status.get("Status", 0xFFFF)) == 0x0000
+        return send_event_report(assoc, result, "the same association")
 
     def _send_new(self, calling: str, result: CommitResult) -> bool:
         remote = self.destinations(calling)
