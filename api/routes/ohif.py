@@ -50,6 +50,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 
+from api.conditional import not_modified
 from core.settings import OhifSettings, Settings
 
 __all__ = ["PREFIX", "app_config_js", "deep_link", "page_csp", "rewrite_asset", "rewrite_index",
@@ -402,16 +403,6 @@ def _accepts_gzip(request: Request) -> bool:
     return False
 
 
-def _not_modified(request: Request, etag: str) -> bool:
-    """``If-None-Match`` matches ``etag`` (weak comparison, RFC 9110 13.1.2)."""
-    header = request.headers.get("if-none-match")
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    return etag in {t.strip().removeprefix("W/") for t in header.split(",")}
-
-
 #: What OHIF's viewer route loads, after ``app.bundle``, before its first image, by
 #: package version: the lazily loaded chunks of the default mode (webpack loads them
 #: in four or five waves, each one only when the previous one has run), its styles and
@@ -532,7 +523,7 @@ def ohif_file(rel: str, request: Request) -> Response:
     headers["ETag"] = etag
     if compressible:
         headers["Vary"] = "Accept-Encoding"
-    if _not_modified(request, etag):
+    if not_modified(request, etag):
         return Response(status_code=304, headers=headers)
     if packed is not None:
         headers["Content-Encoding"] = "gzip"

@@ -39,6 +39,7 @@ from typing import Final
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from api.conditional import not_modified
 from api.deps import TilesDep, base_url
 from api.iiif import (
     canonical,
@@ -93,17 +94,6 @@ def _problem(request: Request, exc: ServiceError) -> JSONResponse:
     )
 
 
-def _not_modified(request: Request, etag: str) -> bool:
-    """RFC 9110 §13.1.2: weak comparison of ``If-None-Match`` against ``etag``."""
-    header = request.headers.get("if-none-match")
-    if not header:
-        return False
-    if header.strip() == "*":
-        return True
-    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
-    return etag in tags
-
-
 def cache_headers(request: Request, *, immutable: bool) -> dict[str, str]:
     """``Cache-Control`` (and ``Vary``) for a response to ``request`` (RFC 9111 §5.2.2).
 
@@ -139,7 +129,7 @@ def _cached(
     varies = ", ".join(v for v in (vary, headers.get("Vary")) if v)
     if varies:
         headers["Vary"] = varies
-    if _not_modified(request, etag):
+    if not_modified(request, etag):
         return Response(status_code=304, headers=headers)
     cache = service.responses
     hit = cache.get(etag)
