@@ -31,7 +31,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from core.audit import AuditEntry, patient_key
-from core.errors import DuplicateError, NotFoundError, ProcedureStepStateError
+from core.errors import (
+    DuplicateError,
+    NotFoundError,
+    PreconditionFailedError,
+    ProcedureStepStateError,
+)
 from core.logging import correlation_id
 from core.orders import (
     OrderAction,
@@ -186,6 +191,17 @@ def with_step_status(
             changed = True
         steps.append(s)
     return replace(item, steps=tuple(steps)), changed
+
+
+def _check_version(rec: OrderRecord | None, expected: int | None) -> None:
+    """Refuse a version-aware update of an order that is not at ``expected``
+    (RFC 9110 §13.1.1: ``If-Match`` on a missing resource is false too)."""
+    if expected is None:
+        return
+    if rec is None:
+        raise PreconditionFailedError("no such ServiceRequest to match If-Match")
+    if rec.version != expected:
+        raise PreconditionFailedError("the ServiceRequest changed since that version")
 
 
 def _same_request(placed: PlacedOrder, rec: OrderRecord) -> bool:
@@ -429,19 +445,32 @@ class OrderService:
             raise NotFoundError(f"no order {public_id or placed.placer_order_number}")
         return rec
 
-    def change(self, placed: PlacedOrder, *, public_id: str | None = None) -> OrderRecord:
+    def change(
+        self,
+        placed: PlacedOrder,
+        *,
+        public_id: str | None = None,
+        expected_version: int | None = None,
+    ) -> OrderRecord:
         """Apply a change to an order not yet closed (see :func:`merge_change`).
+
+        With ``expected_version`` (FHIR ``If-Match``) the change applies only to that
+        version: the store's compare-and-set on the version makes the check and the
+        write one step, so a concurrent writer turns it into a 412, never a lost update.
 
         Raises
         ------
         NotFoundError
             No such order.
+        PreconditionFailedError
+            The order is not at ``expected_version``.
         ProcedureStepStateError
             The order is completed, discontinued or cancelled.
         """
         placed, merged_from = self._follow_merge(placed)
         for _ in range(_CAS_RETRIES):
             rec = self._current(placed, public_id)
+            _check_version(rec, expected_version)
             if rec.status in (
                 OrderStatus.COMPLETED,
                 OrderStatus.DISCONTINUED,
@@ -475,7 +504,12 @@ class OrderService:
         return abs(hash(rec.id)) % 10**8
 
     def cancel(
-        self, placed: PlacedOrder | None = None, *, public_id: str | None = None, source: str = ""
+        self,
+        placed: PlacedOrder | None = None,
+        *,
+        public_id: str | None = None,
+        source: str = "",
+        expected_version: int | None = None,
     ) -> OrderRecord:
         """Cancel an order that has not started (HL7 ORC-1 ``CA``; FHIR ``revoked``).
 
@@ -498,6 +532,7 @@ class OrderService:
             if rec is None:
                 if placed is None:
                     raise NotFoundError(f"no order {public_id}")
+                _check_version(None, expected_version)
                 tombstone = self.store.create(
                     public_id=public_id or self._new_id(),
                     placer=placed.placer_order_number,
@@ -511,6 +546,7 @@ class OrderService:
                 )
                 logger.info("cancel for unknown order kept as %s", tombstone.id)
                 return tombstone
+            _check_version(rec, expected_version)
             if rec.status is OrderStatus.CANCELLED:
                 return rec
             if rec.status is not OrderStatus.SCHEDULED:
@@ -529,18 +565,27 @@ class OrderService:
             return out
         raise ProcedureStepStateError("order changed concurrently; retry")
 
-    def put(self, public_id: str, placed: PlacedOrder) -> tuple[OrderRecord, bool]:
+    def put(
+        self, public_id: str, placed: PlacedOrder, *, expected_version: int | None = None
+    ) -> tuple[OrderRecord, bool]:
         """Create or update the order with this public id (FHIR update-as-create).
+
+        ``expected_version`` (FHIR ``If-Match``, R4 http.html#concurrency): update only
+        that version; with no order yet there is no version to match, so no create.
 
         Returns the order and whether it was created.
         """
         if self.store.find(public_id=public_id) is None:
+            _check_version(None, expected_version)
             if placed.action is OrderAction.CANCEL:
                 return self.cancel(placed, source=placed.source), True
             return self.place(placed, public_id=public_id), True
         if placed.action is OrderAction.CANCEL:
-            return self.cancel(public_id=public_id, source=placed.source), False
-        return self.change(placed, public_id=public_id), False
+            out = self.cancel(
+                public_id=public_id, source=placed.source, expected_version=expected_version
+            )
+            return out, False
+        return self.change(placed, public_id=public_id, expected_version=expected_version), False
 
     # -- reads ------------------------------------------------------------------
 

@@ -114,6 +114,7 @@ SERVICE_REQUEST = ResourceSpec(
         _p("authored", "date", "ServiceRequest-authored", "When the order was placed"),
     ),
     sorts=("_id", "_lastUpdated"),
+    versioning="versioned-update",  # If-Match on PUT
 )
 
 _LAB_COMMON = (

@@ -50,6 +50,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from api.conditional import if_match_version
 from api.deps import OrdersDep
 from api.fhir import (
     Search,
@@ -463,13 +464,17 @@ async def create_service_request(request: Request, orders: OrdersDep) -> Respons
 async def update_service_request(
     order_id: str, request: Request, orders: OrdersDep
 ) -> Response:
-    """Update, or create with the client's id (R4 3.1.0.4.1)."""
+    """Update, or create with the client's id (R4 3.1.0.4.1).
+
+    Version-aware (http.html#concurrency): with ``If-Match: W/"n"`` the update applies
+    only while the order is at version ``n``, else 412 and nothing changes."""
     if not _ID.fullmatch(order_id):
         raise MalformedResourceError("ServiceRequest id must be a FHIR id (64 characters at most)")
+    expected = if_match_version(request)
     body = await read_resource(request)
     if body.get("id") not in (None, order_id):
         raise InvalidResourceError("id in the body differs from the URL")
-    rec, created = orders.put(order_id, resource_to_placed(body))
+    rec, created = orders.put(order_id, resource_to_placed(body), expected_version=expected)
     return _fhir(record_to_resource(rec), 201 if created else 200, {"ETag": f'W/"{rec.version}"'})
 
 

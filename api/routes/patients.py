@@ -27,11 +27,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.conditional import if_match_version
 from api.deps import IndexDep
 from api.fhir import check_accept, fhir_base, fhir_response, operation_outcome, parse_reference
 from api.fhir._input import MalformedResourceError, expect, read_resource
 from api.fhir.imaging import issuer_for_system, patient
-from core.errors import InvalidQueryError, NotFoundError, PreconditionFailedError
+from core.errors import InvalidQueryError, NotFoundError
 from core.patients import (
     ChangePatientIdentifier,
     Demographics,
@@ -98,21 +99,6 @@ def etag(resource: dict[str, Any]) -> dict[str, str]:
     """The ``ETag`` header of a Patient: ``W/"versionId"`` (FHIR R4 http.html#read)."""
     version = resource.get("meta", {}).get("versionId")
     return {"ETag": f'W/"{version}"'} if version else {}
-
-
-_IF_MATCH = re.compile(r'\s*(?:W/)?"(\d{1,18})"\s*')
-
-
-def _if_match(request: Request) -> int | None:
-    """The version an ``If-Match: W/"n"`` names (None: no header, a plain update)."""
-    raw = request.headers.get("if-match")
-    if raw is None:
-        return None
-    m = _IF_MATCH.fullmatch(raw)
-    if m is None:
-        # Not a version we ever gave (RFC 9110 13.1.1: the condition is false).
-        raise PreconditionFailedError('If-Match must be a version ETag W/"n"')
-    return int(m.group(1))
 
 
 def _patient_resource(request: Request, index: SqlIndex, pk: int) -> dict[str, Any]:
@@ -226,7 +212,7 @@ async def update_patient(request: Request, index: IndexDep, id: str) -> JSONResp
     and ``meta.versionId``."""
     check_accept(request)
     pk = _pk(id)
-    expected = _if_match(request)
+    expected = if_match_version(request)
     body = await read_resource(request)
     if body.get("resourceType") != "Patient":
         raise MalformedResourceError("the body must be a Patient")

@@ -129,6 +129,41 @@ def test_put_updates_and_revoked_cancels(client: TestClient) -> None:
     assert r.status_code == 201 and r.json()["id"] == "his-2002"
 
 
+def test_put_with_if_match_is_version_aware(client: TestClient) -> None:
+    """FHIR R4 http.html#concurrency: ``If-Match: W/"n"`` updates only version n; a stale,
+    malformed or wildcard If-Match, or one on a missing order, is 412 and changes nothing."""
+    sr_id = client.post("/fhir/ServiceRequest", json=service_request()).json()["id"]
+    mr = service_request(modality="MR") | {"id": sr_id}
+    for stale in ('W/"2"', '"0"', "*", "garbage"):
+        r = client.put(f"/fhir/ServiceRequest/{sr_id}", json=mr, headers={"If-Match": stale})
+        assert r.status_code == 412, (stale, r.text)
+        assert r.json()["resourceType"] == "OperationOutcome"
+    got = client.get(f"/fhir/ServiceRequest/{sr_id}").json()
+    assert got["meta"]["versionId"] == "1"
+    assert got["orderDetail"][0]["coding"][0]["code"] == "CT"
+
+    r = client.put(f"/fhir/ServiceRequest/{sr_id}", json=mr, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["ETag"] == 'W/"2"' and r.json()["meta"]["versionId"] == "2"
+    # The same If-Match again is a lost update: refused, MR stays.
+    us = service_request(modality="US") | {"id": sr_id}
+    r = client.put(f"/fhir/ServiceRequest/{sr_id}", json=us, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 412
+    revoked = service_request(status="revoked") | {"id": sr_id}
+    r = client.put(f"/fhir/ServiceRequest/{sr_id}", json=revoked, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 412
+    got = client.get(f"/fhir/ServiceRequest/{sr_id}").json()
+    assert got["status"] == "active" and got["orderDetail"][0]["coding"][0]["code"] == "MR"
+    r = client.put(f"/fhir/ServiceRequest/{sr_id}", json=revoked, headers={"If-Match": 'W/"2"'})
+    assert r.status_code == 200 and r.json()["status"] == "revoked"
+
+    # No order to match: no update-as-create under If-Match.
+    new = service_request("HIS-3003") | {"id": "his-3003"}
+    r = client.put("/fhir/ServiceRequest/his-3003", json=new, headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 412
+    assert client.get("/fhir/ServiceRequest/his-3003").status_code == 404
+
+
 def test_search_by_status_identifier_and_last_updated(
     client: TestClient, settings: Settings
 ) -> None:
