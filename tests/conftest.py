@@ -52,7 +52,9 @@ def receiver(settings: Settings) -> Iterator[Receiver]:
             daemon=True,
         )
         thread.start()
-        wait_until(lambda: "service" in started, timeout=5, message="receiver did not start")
+        # A start deadline, not a speed check: on a loaded 2-core runner the receiver's
+        # start (index open, fan-out directories, sockets) took over 5 s once.
+        wait_until(lambda: "service" in started, timeout=30, message="receiver did not start")
         index = build_index(settings, migrate=False)
         yield Receiver(settings, port, index, started["service"])
         stop.set()
