@@ -15,6 +15,10 @@ from benchmarks.support import (
     terminal_summary,
     write_figures,
 )
+from pacslab.runtime import close_reactor_race
+
+# pynetdicom SCUs in the benchmarks: see pacslab.runtime.close_reactor_race.
+close_reactor_race()
 
 
 @pytest.fixture

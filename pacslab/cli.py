@@ -76,6 +76,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     dicom.start()  # fork first: the children must not inherit our threads
     from pacslab.api_process import run_api
     from pacslab.background import start_background
+    from pacslab.runtime import configure_runtime
+
+    configure_runtime()  # the worker is an SCU too (forwarding, commitment reports)
 
     background = start_background(settings)
     try:
@@ -109,9 +112,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     resumes the jobs it left ``running``; jobs of a worker that never comes back are
     requeued by any worker once their lease (``processing.lease_s``) expires.
     """
+    from pacslab.runtime import configure_runtime
     from pacslab.worker_process import start_worker
 
     _prepare(settings)
+    configure_runtime()  # a DICOM SCU (forwarding, commitment reports)
     stop_worker = start_worker(settings, name=settings.processing.worker_name)
     _until_sigterm()
     stop_worker()

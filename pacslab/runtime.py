@@ -6,26 +6,62 @@ object built in a test change the process for the tests after it, which is how
 pydicom's and the FastAPI template's tests came to need save-flip-restore fixtures
 (STYLE.md §4). Here they are set in one place, by the process entry points in
 ``pacslab/`` only: :func:`pacslab.dicom_process.run_receiver` for a DICOM receiver
-process (which also serves the worklist and MPPS).
+process (which also serves the worklist and MPPS), and ``pacslab serve`` for the main
+process (its worker is a DICOM SCU: forwarding, Storage Commitment reports).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import pynetdicom
 from pydicom import config as pydicom_config
 from pynetdicom import _config
+from pynetdicom.dimse import DIMSEServiceProvider
 
-__all__ = ["configure_runtime"]
+__all__ = ["close_reactor_race", "configure_runtime"]
+
+
+def close_reactor_race() -> None:
+    """Keep an association's reactor thread off the DIMSE queue while a ``send_*`` waits.
+
+    pynetdicom 3.0's reactor marks itself paused just *before* it waits on its
+    checkpoint and unmarks it just after. A ``send_c_store`` (or any ``send_*``) that
+    clears the checkpoint in between sees a stale "paused", sends, and the reactor then
+    takes the peer's response off the queue as if it were a request ("Received
+    unexpected C-STORE service message"): the sender waits out the DIMSE timeout. It
+    happens when the peer answers fast and the machine is loaded (pynetdicom issue
+    #875; one CI run here lost a C-STORE of our own test SCU to it). The reactor is the
+    only caller of the non-blocking ``get_msg``; while the checkpoint is cleared it now
+    gets nothing, so the message stays for the sender. Process-wide, idempotent, and
+    only on the pynetdicom major version this was read against.
+    """
+    current: Any = DIMSEServiceProvider.get_msg
+    if getattr(current, "_pacslab_race_closed", False):
+        return
+    if not pynetdicom.__version__.startswith("3."):
+        return
+
+    def get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
+        if not block:
+            checkpoint = getattr(self.assoc, "_reactor_checkpoint", None)
+            if checkpoint is not None and not checkpoint.is_set():
+                return None, None
+        return current(self, block)
+
+    get_msg._pacslab_race_closed = True  # type: ignore[attr-defined]
+    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign]
 
 
 def configure_runtime(*, receiver_staging: Path | None = None) -> None:
     """Set pynetdicom's and pydicom's globals (and the temp directory) for this process.
 
-    Always: pynetdicom keeps data set identifiers (names, birth dates, patient ids)
-    out of its logs (``LOG_REQUEST_IDENTIFIERS``/``LOG_RESPONSE_IDENTIFIERS``, STYLE.md
-    §5) and association threads inherit the correlation id of :mod:`core.logging`
+    Always: the reactor race of :func:`close_reactor_race` is closed; pynetdicom keeps
+    data set identifiers (names, birth dates, patient ids) out of its logs
+    (``LOG_REQUEST_IDENTIFIERS``/``LOG_RESPONSE_IDENTIFIERS``, STYLE.md §5) and association
+    threads inherit the correlation id of :mod:`core.logging`
     (``PASS_CONTEXTVARS``).
 
     Parameters
@@ -40,6 +76,7 @@ def configure_runtime(*, receiver_staging: Path | None = None) -> None:
         cost more than the rest of header parsing; refusals are decided by
         :func:`core.instance.record_from`.
     """
+    close_reactor_race()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.PASS_CONTEXTVARS = True

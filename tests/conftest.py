@@ -16,7 +16,12 @@ from conftest_pg import pg_server, pg_url  # noqa: F401
 from conftest_s3 import s3_bucket, s3_endpoint  # noqa: F401
 
 from core.settings import Settings
+from pacslab.runtime import close_reactor_race
 from tests.support import Receiver, preserved_runtime, wait_until
+
+# Our test and benchmark SCUs are pynetdicom associations too: close its reactor race
+# for the whole session, as the entry points do in the service (pacslab/runtime.py).
+close_reactor_race()
 
 
 @pytest.fixture
