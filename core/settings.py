@@ -282,6 +282,10 @@ class ProcessingSettings(BaseModel):
     #: Stored originals re-hashed against their content key per idle turn of the
     #: worker, when no series is arriving (the scrub; 0 turns it off).
     scrub_per_idle: int = Field(8, ge=0, le=1000)
+    #: Share of one core the scrub may use, in percent (issue 21): after a turn that
+    #: took t seconds of CPU it waits t * (100 / scrub_cpu_pct - 1), as RAID and ZFS
+    #: scrubs are throttled. 1 % re-hashes about 5-10 MB of originals a second here.
+    scrub_cpu_pct: float = Field(1.0, gt=0, le=100)
     #: Nice value of the worker's threads (Linux: per thread, inherited by the Dask
     #: threads they start). 10 gives a receiver at 0 about nine tenths of a contended
     #: core; 19 would also starve the pyramids behind any unrelated load on the host.

@@ -154,10 +154,38 @@ def uvicorn_config(settings: Settings, app: FastAPI) -> Any:
     )
 
 
-def run_api(settings: Settings) -> None:
-    """Serve HTTP until SIGTERM or SIGINT (uvicorn handles both)."""
+def quiet_server(config: Any) -> Any:
+    """A ``uvicorn.Server`` whose housekeeping tick (the Date header, the exit flag)
+    comes once a second instead of ten times: the tick was most of an idle
+    ``pacslab serve``'s remaining CPU once the worker stopped polling (issue 21).
+    The Date header keeps uvicorn's one-second resolution, and SIGTERM/SIGINT wake
+    the loop at once, so shutting down waits for no tick."""
     import uvicorn
 
+    class QuietServer(uvicorn.Server):
+        _wake: asyncio.Event | None = None
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            should_exit = await self.on_tick(0)
+            while not should_exit:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                should_exit = await self.on_tick(0)  # 0: a multiple of 10, the date too
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            loop, wake = self._loop, self._wake
+            if loop is not None and wake is not None:
+                loop.call_soon_threadsafe(wake.set)
+
+    return QuietServer(config)
+
+
+def run_api(settings: Settings) -> None:
+    """Serve HTTP until SIGTERM or SIGINT (uvicorn handles both)."""
     with api_app(settings) as app:
         logger.info("HTTP on port %d; data in %s", settings.http.port, settings.data_dir)
         # What start-up built (FastAPI's routes and models, pydicom's dictionaries,
@@ -168,4 +196,4 @@ def run_api(settings: Settings) -> None:
         # do (pacslab/dicom_process.py).
         gc.collect()
         gc.freeze()
-        uvicorn.Server(uvicorn_config(settings, app)).run()
+        quiet_server(uvicorn_config(settings, app)).run()

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -110,8 +109,13 @@ def run_receiver(
         started["service"] = service
         started["receiver"] = receiver
     try:
-        while thread.is_alive() and not (stop and stop.is_set()):
-            time.sleep(0.2)
+        # Until the receiver's thread ends (the process then exits and is restarted),
+        # without waking up five times a second to look (issue 21: idle CPU).
+        if stop is None:
+            thread.join()
+        else:
+            while thread.is_alive() and not stop.wait(0.2):
+                pass
     finally:
         receiver.stop()
         service.close()

@@ -93,7 +93,19 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
     # Forwarding keeps one association per destination while jobs keep coming; an
     # idle queue releases them rather than holding the peers' association slots.
     worker.on_idle.append(forwarding.close)
-    worker.on_idle.append(OriginalScrub(index, originals, per_turn=processing.scrub_per_idle).step)
+    # Time alone makes work due when a series passes its quiet period (the roll-up),
+    # its instance jobs' deferral ends, or a retry's back-off does.
+    waits = sorted({processing.series_quiet_s, worker.defer_arriving_s} - {0.0})
+    worker.next_due = lambda: index.next_due(waits)
+    # Paced by its CPU budget, on every idle poll (not only when a job may be due).
+    worker.on_tick.append(
+        OriginalScrub(
+            index,
+            originals,
+            per_turn=processing.scrub_per_idle,
+            cpu_pct=processing.scrub_cpu_pct,
+        ).step
+    )
     return worker
 
 

@@ -6,7 +6,10 @@ to its key (:func:`processing.integrity.verify_original`). That check used to be
 first step of every instance job, reading every instance again right after it arrived,
 while the next ones were still arriving (issue 19). It is now a walk over the archive,
 a few instances per idle turn of the worker and never while a series is arriving, like
-a RAID or ZFS scrub; a full pass starts again after :data:`PASS_PAUSE_S`.
+a RAID or ZFS scrub; a full pass starts again after :data:`PASS_PAUSE_S`. Like theirs,
+its speed is capped: each turn is followed by a pause that keeps its CPU (the hashing,
+the index reads) to ``cpu_pct`` of one core, so an idle service stays idle (issue 21:
+the scrub was two thirds of an idle ``pacslab serve``'s CPU).
 
 A mismatch is logged as an ERROR with the SOP Instance UID and the content key (no
 patient data) and counted; the original is left where it is for the operator
@@ -37,19 +40,38 @@ PASS_PAUSE_S = 6 * 3600.0
 class OriginalScrub:
     """Verify ``per_turn`` originals each time :meth:`step` is called (an idle hook)."""
 
-    def __init__(self, index: SqlIndex, originals: OriginalStore, *, per_turn: int) -> None:
+    def __init__(
+        self,
+        index: SqlIndex,
+        originals: OriginalStore,
+        *,
+        per_turn: int,
+        cpu_pct: float = 100.0,
+    ) -> None:
         self.index = index
         self.originals = originals
         self.per_turn = per_turn
+        self.cpu_pct = cpu_pct
         self.cursor = 0  # the last instance row id verified in this pass
         self.verified = 0
         self.mismatched: list[str] = []  # SOP Instance UIDs found damaged
         self._resume_at = 0.0
 
     def step(self) -> int:
-        """Verify the next ``per_turn`` originals unless a series is arriving; how many."""
+        """Verify the next ``per_turn`` originals unless a series is arriving or the
+        pause after the last turn (its CPU budget) is not over; how many."""
         if self.per_turn <= 0 or time.monotonic() < self._resume_at:
             return 0
+        started = time.thread_time()
+        try:
+            return self._step()
+        finally:
+            if self.cpu_pct < 100.0:
+                spent = time.thread_time() - started
+                pause = spent * (100.0 / self.cpu_pct - 1.0)
+                self._resume_at = max(self._resume_at, time.monotonic() + pause)
+
+    def _step(self) -> int:
         # Ingest first: a transfer in progress (or whose roll-up is still due) has the
         # disk and the CPU; the scrub waits for the archive to be quiet.
         if self.index.series_arriving():

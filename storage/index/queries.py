@@ -19,7 +19,8 @@ executes it. Matching follows PS3.4 C.2.2.2 as profiled for QIDO-RS by PS3.18 8.
 Nothing here reads more than the rows it returns (issue 21): counts come from
 ``series.num_instances`` (current instances, kept by the receiver) per returned study,
 and ModalitiesInStudy from the per-study set ``study_modalities``, which is also what
-matching on it reads (an index range on the modality).
+matching on it reads: ``ModalitiesInStudy=CT`` pages off its (modality, study_pk) index,
+and beside a name or date key it is one primary key lookup per study read.
 """
 
 from __future__ import annotations
@@ -411,7 +412,7 @@ def _value_match(attr: Attribute, column: Any, value: str, fuzzy: bool) -> Colum
     return _string_match(column, value, vr, fuzzy)
 
 
-def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
+def _condition(m: Match, fuzzy: bool, *, per_row: bool = False) -> ColumnElement[bool]:
     attr = ATTRIBUTES[m.keyword]
     if m.value in ("", "*"):
         return true()
@@ -419,14 +420,17 @@ def _condition(m: Match, fuzzy: bool) -> ColumnElement[bool]:
         return person_name_condition(m.value, fuzzy=fuzzy)
     if attr.keyword == "ModalitiesInStudy":
         # A study-level key also filters series and instances (PS3.18 10.6.1.2: the
-        # series of CT studies). The studies come from the per-study modality set,
-        # a range of its (modality, study_pk) index.
+        # series of CT studies), from the per-study modality set.
         modality = ATTRIBUTES["Modality"]
-        return studies.c.id.in_(
-            select(study_modalities.c.study_pk).where(
-                _value_match(modality, study_modalities.c.modality, m.value, fuzzy)
-            )
-        )
+        sm = study_modalities.alias("sm_m")
+        matched = _value_match(modality, sm.c.modality, m.value, fuzzy)
+        if per_row:
+            # Another index chooses the page (name key, date): a primary key lookup
+            # (study_pk, modality) per study it reads. As IN (…), SQLite first
+            # collected every study of the modality into a list (issue 21).
+            return select(sm.c.study_pk).where(sm.c.study_pk == studies.c.id, matched).exists()
+        # A range of the (modality, study_pk) index, which SQLite may also drive from.
+        return studies.c.id.in_(select(sm.c.study_pk).where(matched))
     if attr.derived:
         raise InvalidQueryError(f"matching on {attr.keyword} is not supported")
     return _value_match(attr, attr.column, m.value, fuzzy)
@@ -560,21 +564,33 @@ def _study_has_current_series() -> ColumnElement[bool]:
 def _base(q: Query) -> Select[Any]:
     depth = _DEPTH[q.level]
     source: Any = patients
+    driving = _driving_modality(q)
     if depth >= 1:
         source = studies.join(patients, studies.c.patient_pk == patients.c.id)
+    if driving is not None:
+        # The page is read off ix_study_modalities_modality: (modality = CT, study_pk
+        # ascending) is the primary key's order, so the scan stops at the limit.
+        source = study_modalities.join(
+            source,
+            and_(study_modalities.c.study_pk == studies.c.id,
+                 study_modalities.c.modality == driving[1]),
+        )
     if depth >= 2:
         source = series.join(source, series.c.study_pk == studies.c.id)
     if depth >= 3:
         source = instances.join(source, instances.c.series_pk == series.c.id)
     stmt = select(*_columns(q.level, q.fields)).select_from(source)
     conds: list[ColumnElement[bool]] = []
+    per_row = driving is not None or _index_order(q) is not None
     for m in q.matches:
         attr = ATTRIBUTES.get(m.keyword)
         if attr is None:
             raise InvalidQueryError(f"matching on {m.keyword} is not supported")
         if _DEPTH[attr.level] > depth:
             raise InvalidQueryError(f"{m.keyword} is not a {q.level}-level key")
-        conds.append(_condition(m, q.fuzzy))
+        if driving is not None and m is driving[0]:
+            continue  # the join above
+        conds.append(_condition(m, q.fuzzy, per_row=per_row))
     for search in q.names:
         conds.append(_name_search(search))
     conds += _visible(depth)
@@ -638,6 +654,25 @@ def _index_order(q: Query) -> list[Any] | None:
     return None
 
 
+def _driving_modality(q: Query) -> tuple[Match, str] | None:
+    """The ModalitiesInStudy key a study search's page is read by, when no name or date
+    order applies and it names one modality (no list, no wildcard): ``ModalitiesInStudy=CT``
+    then joins ``study_modalities`` on that modality and pages in ``study_pk`` order, the
+    primary key's, off ``ix_study_modalities_modality``. As ``studies.id IN (…)`` SQLite
+    collected every CT study into a list before the first row of the page (issue 21).
+    A list or a wildcard keeps ``IN``: a study may match several of its items.
+    """
+    if q.level != "study" or _index_order(q) is not None:
+        return None
+    for m in q.matches:
+        if m.keyword != "ModalitiesInStudy" or m.value in ("", "*"):
+            continue
+        items = _split_list(m.value)
+        if len(items) == 1 and not _has_wildcard(items[0]):
+            return m, items[0]
+    return None
+
+
 def find_query(q: Query) -> Select[Any]:
     """Rows of ``q`` (labels are DICOM keywords), in a stable order for paging.
 
@@ -654,13 +689,17 @@ def find_query(q: Query) -> Select[Any]:
         "series": [studies.c.id, series.c.series_number, series.c.id],
         "instance": [series.c.id, instances.c.instance_number, instances.c.id],
     }[q.level]
+    # Read off the modality's index, the same order named by its own column: SQLite
+    # does not carry the join's equality over to ORDER BY studies.id.
+    page_order = [study_modalities.c.study_pk] if _driving_modality(q) else order
     if q.newest_first:
         order = [col.desc() for col in order]
+        page_order = [col.desc() for col in page_order]
     stmt = _base(q)
     if q.limit is None and not q.offset:
-        return stmt.order_by(*order)
+        return stmt.order_by(*page_order)
     key = _KEY[q.level]
-    page = stmt.with_only_columns(key).order_by(*order)
+    page = stmt.with_only_columns(key).order_by(*page_order)
     if q.limit is not None:
         page = page.limit(q.limit)
     if q.offset:

@@ -277,6 +277,8 @@ class SqlIndex:
         self._is_retryable = dialect.is_retryable
         # SQLite: WAL checkpoints off the write path (see storage/index/sqlite.py).
         self._checkpoints = _sqlite.checkpointer(settings.url) if self.is_sqlite else None
+        # SQLite: the commit counter the idle worker polls (see data_version()).
+        self._data_version = _sqlite.data_version(settings.url) if self.is_sqlite else None
         self.engine: Engine = (
             _sqlite.make_engine(
                 settings.url,
@@ -1160,6 +1162,47 @@ class SqlIndex:
         with self._read() as conn:
             return [r.series_instance_uid for r in conn.execute(query)]
 
+    def data_version(self) -> int | None:
+        """A number that changes whenever anyone commits to the index (SQLite's
+        ``PRAGMA data_version``, a few microseconds); None where there is no such cheap
+        test (PostgreSQL, an in-memory database): the caller then reads the tables.
+
+        The idle worker polls it instead of the job queue (issue 21): unchanged, no
+        job was added or made claimable by a commit since its last look.
+        """
+        return self._data_version.read() if self._data_version is not None else None
+
+    def next_due(self, waits: Sequence[float] = ()) -> float | None:
+        """When time alone, with no commit, next makes work due (epoch seconds); None
+        if nothing will: the earliest future ``not_before`` of a pending job (a retry's
+        back-off, a delayed job), and for each of ``waits`` (a series' quiet period,
+        the deferral of its instance jobs) the moment the next series whose roll-up is
+        owed passes it. Two ranges of ``ix_series_rollup_due_at``; the pending jobs by
+        ``ix_jobs_status_kind`` (few when the worker is idle, which is when it asks).
+        """
+        now = time.time()
+        out: list[float] = []
+        with self._read() as conn:
+            for wait in waits:
+                cutoff = datetime.fromtimestamp(now - wait, UTC)
+                first = conn.execute(
+                    select(func.min(series.c.rollup_due_at)).where(
+                        series.c.rollup_due_at > cutoff
+                    )
+                ).scalar()
+                if first is not None:
+                    if first.tzinfo is None:
+                        first = first.replace(tzinfo=UTC)
+                    out.append(first.timestamp() + wait)
+            retry = conn.execute(
+                select(func.min(jobs.c.not_before)).where(
+                    and_(jobs.c.status == "pending", jobs.c.not_before > now)
+                )
+            ).scalar()
+            if retry is not None:
+                out.append(float(retry))
+        return min(out, default=None)
+
     def latest_job(self, kind: str, target: str, *, status: str = "done") -> Job | None:
         """The newest job of a kind for a target, e.g. where a series' pyramid is."""
         query = (select(jobs).where(and_(jobs.c.kind == kind, jobs.c.target == target,
@@ -1237,6 +1280,8 @@ class SqlIndex:
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.close()
+        if self._data_version is not None:
+            self._data_version.close()
         if self._ingest_setup is not None and self._ingest_setup[0] is not self.engine:
             self._ingest_setup[0].dispose()
         self.engine.dispose()

@@ -53,8 +53,10 @@ __all__ = [
     "MMAP_SIZE",
     "READ_ONLY",
     "Checkpointer",
+    "DataVersion",
     "WriteLock",
     "checkpointer",
+    "data_version",
     "is_retryable",
     "lock_keys",
     "make_engine",
@@ -217,6 +219,44 @@ def checkpointer(url: str) -> Checkpointer | None:
     if not db_path or db_path == ":memory:":
         return None
     return Checkpointer(db_path)
+
+
+class DataVersion:
+    """``PRAGMA data_version`` of one database file, on a connection of its own.
+
+    The number changes whenever another connection, of this process or any other,
+    commits to the file (SQLite reads it from the WAL index: microseconds, no table
+    read, no transaction left open). This connection never writes, so every commit
+    counts. The idle worker reads it on each poll and looks at the job queue only
+    when it moved (issue 21).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def read(self) -> int:
+        with self._lock:
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def data_version(url: str) -> DataVersion | None:
+    """The commit counter of a database file; None for an in-memory database."""
+    db_path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    if not db_path or db_path == ":memory:":
+        return None
+    return DataVersion(db_path)
 
 
 def write_lock(url: str) -> WriteLock | None:

@@ -110,6 +110,16 @@ def _no_sort_before_limit(plans: dict[str, list[tuple[int, int, str]]]) -> None:
                 assert parent == 0, (detail, sql)
 
 
+def _no_list_before_limit(plans: dict[str, list[tuple[int, int, str]]]) -> None:
+    """Nor may it first collect every match of one key into a list (``x IN (SELECT …)``
+    as a ``LIST SUBQUERY`` under the page's own): ``ModalitiesInStudy=CT`` listed
+    every CT study of the archive before the page's first row (issue 21)."""
+    for sql, rows in plans.items():
+        for _id, parent, detail in rows:
+            if detail.startswith("LIST SUBQUERY"):
+                assert parent == 0, (detail, sql)
+
+
 def test_receiver_write_uses_indexes(index: SqlIndex, traced: list[str]) -> None:
     rec = record(3, series="1.1.1", study="1.1", patient="P1", name="TRẦN^THỊ LAN")
     plans = _run(index, traced, lambda: index.add_instances([new(rec, "plan-w")]))
@@ -139,8 +149,10 @@ def test_periodic_paths_use_indexes(index: SqlIndex, traced: list[str]) -> None:
     ((Match("StudyDate", "20261101-20261231"),), False),
     ((Match("StudyDate", "20261101-"),), False),
     ((Match("ModalitiesInStudy", "CT"),), False),
-    # Two keys: SQLite reads the smaller set (by its statistics) and may sort it.
-    ((Match("ModalitiesInStudy", "CT"), Match("StudyDate", "20261101-20261231")), True),
+    # Two keys: the date's or the name's index chooses the page, the modality is a key
+    # lookup per study read.
+    ((Match("ModalitiesInStudy", "CT"), Match("StudyDate", "20261101-20261231")), False),
+    ((Match("ModalitiesInStudy", "CT"), Match("PatientName", "NGUY*")), False),
     # Equality on a patient's or a study's own key: a handful of rows to sort.
     ((Match("PatientID", "P1"),), True),
     ((Match("AccessionNumber", "AP1"),), True),
@@ -156,6 +168,25 @@ def test_qido_study_search_reads_a_page_off_an_index(
     _no_full_scan(plans)
     if not sort_ok:
         _no_sort_before_limit(plans)
+        _no_list_before_limit(plans)
+
+
+def test_viewer_modality_filter_reads_a_page_off_its_index(
+        index: SqlIndex, traced: list[str]) -> None:
+    """The viewer's list (newest first) filtered by modality, and the FHIR
+    ImagingStudy ``modality`` search (one code), with their totals."""
+    ct = (Match("ModalitiesInStudy", "CT"),)
+    plans = _run(index, traced, lambda: (
+        index.find(Query(level="study", matches=ct, limit=51, newest_first=True)),
+        index.find(Query(level="study", matches=ct, limit=51, offset=50, newest_first=True)),
+        index.find(Query(level="study", matches=(*ct, Match("PatientName", "TRAN*")),
+                         limit=51, newest_first=True)),
+    ))
+    _no_full_scan(plans)
+    _no_sort_before_limit(plans)
+    _no_list_before_limit(plans)
+    assert any("ix_study_modalities_modality" in d for rows in plans.values()
+               for *_, d in rows), plans
 
 
 def test_default_listing_stops_at_its_limit(index: SqlIndex, traced: list[str]) -> None:

@@ -20,10 +20,12 @@ from sqlalchemy import create_engine, text
 from core.errors import OutOfResourcesError
 from core.instance import InstanceRecord
 from core.person_name import person_name_key
+from core.rejection import RejectedRef
 from core.settings import IndexSettings
 from storage.abc import NewInstance
 from storage.index.migrate import upgrade
 from storage.index.queries import Match, NameSearch, Query, count_query, find_query
+from storage.index.rejection import apply_rejection
 from storage.index.sql import SqlIndex
 
 
@@ -109,6 +111,49 @@ class ScaleContract:
         series = index.find(Query(level="series", matches=(Match("ModalitiesInStudy", "MR"),)))
         assert [r["SeriesInstanceUID"] for r in series] == ["2.1.1"]
         assert series[0]["NumberOfSeriesRelatedInstances"] == 2
+
+    def test_a_rejected_modality_leaves_the_study_set(self, index: SqlIndex) -> None:
+        """A study whose CT series was rejected (IHE IOCM) and whose MR series is left
+        no longer matches ModalitiesInStudy=CT, whichever index chooses the page."""
+        fill(index)
+        mr = record(1, series="1.1.3", study="1.1", patient="P1", name="TRẦN^THỊ LAN",
+                    modality="MR")
+        index.add_instances([new(mr, "mr-1")])
+        apply_rejection(index, [RejectedRef("1.1", "1.1.1", f"1.1.1.{i}") for i in (1, 2)],
+                        "113001", source="test")
+        for kw in ({}, {"limit": 1}, {"limit": 1, "offset": 1}, {"newest_first": True}):
+            rows = index.find(Query(level="study", matches=(Match("ModalitiesInStudy", "CT"),),
+                                    **kw))  # type: ignore[arg-type]
+            assert "1.1" not in {r["StudyInstanceUID"] for r in rows}, kw
+        assert studies_of(index, Match("ModalitiesInStudy", "CT")) == {"3.1"}
+        assert studies_of(index, Match("ModalitiesInStudy", "MR")) == {"1.1", "2.1"}
+        assert studies_of(index, Match("ModalitiesInStudy", "CT"),
+                          Match("PatientName", "TRAN*")) == set()
+        assert studies_of(index, Match("ModalitiesInStudy", "CT"),
+                          Match("StudyDate", "20261201")) == {"3.1"}
+        assert index.count(Query(level="study", matches=(
+            Match("ModalitiesInStudy", "CT"),))) == 1
+        (row,) = index.find(Query(level="study", matches=(Match("StudyInstanceUID", "1.1"),)))
+        assert row["ModalitiesInStudy"] == "MR\\SR"
+
+    def test_modality_pages_are_the_primary_key_order(self, index: SqlIndex) -> None:
+        """ModalitiesInStudy=CT pages off the modality's index: the same studies, in
+        the same order (oldest or newest first), as the unpaged answer."""
+        fill(index)
+        more = [new(record(1, series=f"{n}.1.1", study=f"{n}.1", patient=f"P{n}",
+                           name="LÊ^VĂN", modality="CT"), f"ct-{n}") for n in range(5, 9)]
+        index.add_instances(more)
+        for newest in (False, True):
+            whole = [r["StudyInstanceUID"] for r in index.find(Query(
+                level="study", matches=(Match("ModalitiesInStudy", "CT"),),
+                newest_first=newest))]
+            assert sorted(whole) == ["1.1", "3.1", "5.1", "6.1", "7.1", "8.1"]
+            paged = [r["StudyInstanceUID"] for off in range(0, 6, 4) for r in index.find(
+                Query(level="study", matches=(Match("ModalitiesInStudy", " CT "),),
+                      limit=4, offset=off, newest_first=newest))]
+            assert paged == whole, newest
+            assert whole == (sorted(whole, key=lambda u: int(u.split(".")[0]),
+                                    reverse=newest))
 
     def test_counts_survive_a_new_version(self, index: SqlIndex) -> None:
         fill(index)
