@@ -160,8 +160,10 @@ def test_dead_lettered_report_is_retried_from_the_admin_api(
     settings = settings.model_copy(update={"qr": settings.qr.model_copy(update={
         "commit_max_attempts": 2, "commit_retry_base_s": 0.01})})
     unknown = str(generate_uid())
-    spec = {"transaction": str(generate_uid()),
-            "references": [[CT, stored["good"]], [CT, unknown], [MR, stored["other"]]]}
+    spec: dict[str, object] = {
+        "transaction": str(generate_uid()),
+        "references": [[CT, stored["good"]], [CT, unknown], [MR, stored["other"]]],
+    }
     assert commit(receiver, "away", scu_port, spec)["status"] == 0x0000
     index: Any = receiver.index
     uid = str(spec["transaction"])
