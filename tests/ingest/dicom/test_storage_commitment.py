@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def stored(receiver: Receiver) -> dict[str, str]:
     return {"good": good, "corrupt": corrupt, "other": other}
 
 
-def commit(receiver: Receiver, mode: str, scu_port: int, spec: dict[str, object]
+def commit(receiver: Receiver, mode: str, scu_port: int, spec: Mapping[str, object]
            ) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, str(SCU), str(receiver.port), mode, str(scu_port), SCU_AE,
