@@ -1104,6 +1104,7 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
     "PACSLAB_QR_BENCH_ROUNDS",  # benchmarks/test_query_retrieve.py: C-MOVE/C-GET rounds
     "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
+    "PACSLAB_QR_BENCH_CACHE",  # benchmarks/test_query_retrieve.py: keep Orthanc's filled folder
     "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size
     "PACSLAB_BENCH_SCALE_CACHE",  # benchmarks/test_archive_scale.py: keep filled SQLite files
 })
