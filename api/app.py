@@ -41,6 +41,7 @@ from api.security import install_security
 from api.state import build_api_services
 from core import __version__
 from core.settings import Settings
+from services.commitment_reports import commitment_gauges
 from services.forwarding import queue_gauges
 from services.patients import PatientIdentityService
 from services.rejection import RejectionService
@@ -63,7 +64,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     viewer.router,
     analyzers.router,
     ohif.router,  # OHIF Viewer v3 under /ohif (issue 20)
-    dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding queue
+    dicom_admin.router,  # issue 16: C-MOVE destinations, forwarding and commitment queues
     rejections.router,  # issue 17: IHE IOCM rejections under /admin/rejections
     patients.fhir_router,  # issue 17: PUT /fhir/Patient/{id}, POST /fhir/Patient/$merge
     patients.admin_router,  # issue 17: /admin/patients/changes (review, undo)
@@ -133,7 +134,8 @@ def create_app(
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics_text() -> PlainTextResponse:
         try:
-            gauges = render_gauges(idx.counts()) + queue_gauges(idx)  # issue 16 forwarding
+            # Issue 16: the forwarding queue and the owed commitment reports.
+            gauges = render_gauges(idx.counts()) + queue_gauges(idx) + commitment_gauges(idx)
         except Exception:
             # A metrics scrape must not fail because the index is away (STYLE.md §5).
             logger.error("index counts unavailable for /metrics", exc_info=True)

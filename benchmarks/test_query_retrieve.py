@@ -10,14 +10,25 @@
   wall time, median of ``PACSLAB_QR_BENCH_ROUNDS`` (5) rounds interleaved with
   Orthanc's. Target: 1.5 x Orthanc.
 
-Both servers get the same files over ``storescu`` (the C-FIND archive over four
-associations at once, and only when the C-FIND case runs: ``-k retrieve_ct`` measures
-the retrieves alone). Without --benchmark-enable this is a smoke run: a few tiny
-studies, a 3-instance CT, one round.
+Both servers get the same CT over ``storescu``. The C-FIND archive (only when the
+C-FIND case runs: ``-k retrieve_ct`` measures the retrieves alone) is the same tiny
+instances (8 x 8 CT, deterministic UIDs, one patient per study) in both, filled before
+the servers start answering: pacslab's index through the receiver's own index call
+(``SqlIndex.add_instances`` of :func:`core.instance.record_from` records, in batches,
+as ``benchmarks/test_archive_scale.py`` does; C-FIND reads only the index, so no
+original files are written), Orthanc through its REST ``POST /instances`` from four
+threads at once. 100,000 instances over ``storescu`` took hours per server here. With
+``PACSLAB_QR_BENCH_CACHE=DIR`` Orthanc's filled storage folder is kept in DIR
+(``orthanc_<studies>x<instances>_v<FILL_VERSION>``) and copied by later runs.
+
+Sizes: without --benchmark-enable (the normal suite, CI) a smoke run: 4 studies x 2
+instances, a 3-instance CT, one round; ``./run bench --quick``: 100 x 5; measuring:
+1,000 x 100 (``PACSLAB_QR_BENCH_STUDIES`` x ``PACSLAB_QR_BENCH_INSTANCES``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -28,19 +39,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from benchmarks.support import benchmarks_enabled, record
+from benchmarks.support import benchmarks_enabled, quick, record
+from core.instance import InstanceRecord
 from core.synthetic import write_ct_series
 from tests.orthanc_peer import OrthancPeer
 from tests.support import free_port
@@ -51,59 +66,138 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(4 * 3600)]
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
+#: Bump when _archive() changes what is stored: cached Orthanc folders refill.
+FILL_VERSION = 1
+CACHE = os.environ.get("PACSLAB_QR_BENCH_CACHE", "")
+
+
 def _sizes(measuring: bool) -> tuple[int, int]:
     if not measuring:
         return 4, 2
+    if quick():
+        return 100, 5
     return (int(os.environ.get("PACSLAB_QR_BENCH_STUDIES", "1000")),
             int(os.environ.get("PACSLAB_QR_BENCH_INSTANCES", "100")))
 
 
-def _write_archive(root: Path, studies: int, per_study: int, parts: int = 1) -> list[str]:
-    """Tiny CT instances (8 x 8), one patient per study, in ``parts`` folders (one
-    ``storescu`` each); the Patient IDs."""
-    root.mkdir(parents=True, exist_ok=True)
-    for part in range(parts):
-        (root / f"part{part}").mkdir(exist_ok=True)
-    pixels = np.zeros(64, dtype=np.uint16).tobytes()
-    ids = []
-    for s in range(studies):
-        pid = f"BQ{s:06d}"
-        ids.append(pid)
-        study, series = str(generate_uid()), str(generate_uid())
-        folder = root / f"part{s % parts}"
+def _patient_ids(studies: int) -> list[str]:
+    return [f"BQ{s:06d}" for s in range(studies)]
+
+
+def _study_dataset(s: int, pid: str) -> Dataset:
+    """The first instance of study ``s``: tiny CT (8 x 8), one patient per study."""
+    study = f"1.2.826.0.1.3680043.10.1016.{100_000 + s}"
+    series = f"{study}.1"
+    uid = _sop_uid(series, 0)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.PatientID, ds.PatientName = pid, f"PATIENT^{s:06d}"
+    ds.StudyDate = f"2024{1 + s % 12:02d}{1 + s % 28:02d}"
+    ds.Modality, ds.AccessionNumber = "CT", f"ACC{s:06d}"
+    ds.SeriesNumber, ds.InstanceNumber = 1, _instance_number(0)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = np.zeros(64, dtype=np.uint16).tobytes()
+    return ds
+
+
+def _sop_uid(series: str, i: int) -> str:
+    return f"{series}.{_instance_number(i)}"
+
+
+def _instance_number(i: int) -> int:
+    # Four digits for any study of up to 8,999 instances: every instance of a study is
+    # its first one's file with the same number of bytes changed (_archive).
+    return 1001 + i
+
+
+def _archive(studies: int, per_study: int) -> Iterator[tuple[InstanceRecord, bytes]]:
+    """Every instance of the archive: the record pacslab's receiver reads from it
+    (:func:`core.instance.record_from`) and its Part-10 file, the same UIDs every run
+    (a cached Orthanc folder holds what pacslab's index is filled with).
+
+    pydicom builds each study's first instance; the others are that file and record
+    with their SOP Instance UID and Instance Number changed (same lengths): building
+    100,000 files with pydicom took longer than Orthanc took to store them.
+    """
+    from core.instance import DatasetValues, record_from
+
+    for s, pid in enumerate(_patient_ids(studies)):
+        ds = _study_dataset(s, pid)
+        first = record_from(DatasetValues(ds), transfer_syntax_uid=ExplicitVRLittleEndian)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        raw = buf.getvalue()
+        number_tag = b"\x20\x00\x13\x00IS\x04\x00"  # (0020,0013) IS, 4 bytes, explicit LE
+        first_number = number_tag + str(_instance_number(0)).encode()
+        assert raw.count(first_number) == 1 and raw.count(first.sop_instance_uid.encode()) == 2
         for i in range(per_study):
-            uid = str(generate_uid())
-            ds = Dataset()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CT
-            ds.file_meta.MediaStorageSOPInstanceUID = uid
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.SOPClassUID, ds.SOPInstanceUID = CT, uid
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.PatientID, ds.PatientName = pid, f"PATIENT^{s:06d}"
-            ds.StudyDate = f"2024{1 + s % 12:02d}{1 + s % 28:02d}"
-            ds.Modality, ds.AccessionNumber = "CT", f"ACC{s:06d}"
-            ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.Rows = ds.Columns = 8
-            ds.BitsAllocated = ds.BitsStored = 16
-            ds.HighBit, ds.PixelRepresentation = 15, 0
-            ds.PixelData = pixels
-            ds.save_as(folder / f"{s:06d}_{i:04d}.dcm", enforce_file_format=True)
-    return ids
+            uid = _sop_uid(first.series_instance_uid, i)
+            number = _instance_number(i)
+            yield (
+                replace(first, sop_instance_uid=uid, instance_number=number),
+                raw.replace(first.sop_instance_uid.encode(), uid.encode()).replace(
+                    first_number, number_tag + str(number).encode()),
+            )
 
 
-def _store_parts(port: int, root: Path, aet: str) -> None:
-    """``storescu`` of each part folder at once (one association each): 100,000
-    instances over one association took most of an hour per server."""
-    parts = sorted(p for p in root.iterdir() if p.is_dir())
-    procs = [subprocess.Popen([shutil.which("storescu") or "storescu", "-aec", aet, "+sd",
-                               "127.0.0.1", str(port), str(part)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "TCP_NODELAY": "1"}) for part in parts]
-    for proc in procs:
-        _out, err = proc.communicate(timeout=7200)
-        assert proc.returncode == 0, err.decode()[-2000:]
+def _fill_pacslab_index(data_dir: Path, studies: int, per_study: int) -> float:
+    """pacslab's index filled through the receiver's own call (``add_instances`` of
+    the records it reads from each data set, batches of 5,000); instances/s."""
+    from core.settings import Settings
+    from pacslab.wiring import build_index
+    from storage.abc import NewInstance
+
+    index = build_index(Settings(data_dir=data_dir), migrate=True)
+    started = time.perf_counter()
+    batch: list[NewInstance] = []
+    try:
+        for n, (record, _file) in enumerate(_archive(studies, per_study)):
+            batch.append(NewInstance(record=record, blob_key=f"{n:064x}", size=1024,
+                                     calling_ae="BENCH", received_at=datetime.now(UTC)))
+            if len(batch) == 5000:
+                index.add_instances(batch)
+                batch = []
+        index.add_instances(batch)
+        return studies * per_study / (time.perf_counter() - started)
+    finally:
+        index.close()
+
+
+def _fill_orthanc(orthanc: OrthancPeer, studies: int, per_study: int) -> float:
+    """``POST /instances`` of every data set, four at once; instances/s."""
+    import httpx
+
+    started = time.perf_counter()
+    with httpx.Client(base_url=orthanc.base, timeout=120,
+                      limits=httpx.Limits(max_connections=4)) as http, \
+            ThreadPoolExecutor(4) as pool:
+        def post(body: bytes) -> None:
+            http.post("/instances", content=body).raise_for_status()
+
+        pending: set[Future[None]] = set()
+        for _record, body in _archive(studies, per_study):
+            pending.add(pool.submit(post, body))
+            if len(pending) >= 64:  # bounded: 100,000 files are not held at once
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+        for f in pending:
+            f.result()
+    return studies * per_study / (time.perf_counter() - started)
+
+
+def _orthanc_cache(studies: int, per_study: int) -> Path | None:
+    if not CACHE:
+        return None
+    return Path(CACHE) / f"orthanc_{studies}x{per_study}_v{FILL_VERSION}"
 
 
 def _storescu(port: int, folder: Path, aet: str = "PACSLAB") -> None:
@@ -155,10 +249,20 @@ def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
             storescp: tuple[int, Path]) -> Iterator[dict[str, Any]]:
-    """pacslab and Orthanc holding the same CT series (the C-FIND archive is
-    :func:`archive`'s, stored only when a C-FIND case runs)."""
+    """pacslab and Orthanc holding the same CT series and, when a selected test uses
+    :func:`archive`, the same C-FIND archive (filled before they answer)."""
     measuring = benchmarks_enabled(request.config)
     work = tmp_path_factory.mktemp("qr")
+    with_archive = any("archive" in getattr(item, "fixturenames", ())
+                       for item in request.session.items)
+    studies, per_study = _sizes(measuring)
+    fills: dict[str, float] = {}
+    if with_archive:
+        fills["pacslab"] = _fill_pacslab_index(work / "pacslab", studies, per_study)
+    cached = _orthanc_cache(studies, per_study) if with_archive else None
+    from_cache = cached is not None and (cached / "complete").exists()
+    if cached is not None and from_cache:
+        shutil.copytree(cached / "db", work / "orthanc" / "db")
     slices = int(os.environ.get("PACSLAB_QR_BENCH_CT_SLICES", "300")) if measuring else 3
     size = 512 if measuring else 64
     ct_files = write_ct_series(work / "ct", slices=slices, rows=size, columns=size,
@@ -175,10 +279,23 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                                  "DicomAlwaysAllowMove": True,
                                  "DicomAlwaysAllowGet": True}).start()
     try:
+        if with_archive and not from_cache:
+            fills["orthanc"] = _fill_orthanc(orthanc, studies, per_study)
+            if cached is not None:  # kept for later runs, copied while Orthanc is stopped
+                orthanc.stop()
+                shutil.rmtree(cached, ignore_errors=True)
+                cached.mkdir(parents=True)
+                shutil.copytree(work / "orthanc" / "db", cached / "db")
+                (cached / "complete").write_text(f"{studies} x {per_study}\n")
+                orthanc.start()
         for port, aet in ((pacs.port, "PACSLAB"), (orthanc.dicom_port, "ORTHANC")):
             _storescu(port, work / "ct", aet)
         yield {"pacslab": pacs.port, "orthanc": orthanc.dicom_port, "work": work,
-               "ct_study": ct_study, "slices": slices, "measuring": measuring}
+               "ct_study": ct_study, "slices": slices, "measuring": measuring,
+               "studies": studies if with_archive else 0, "per_study": per_study,
+               # Not a comparison: the two fills take different roads (see above).
+               "fill_instances_per_s": {t: round(r) for t, r in fills.items()},
+               "orthanc_from_cache": from_cache}
     finally:
         pacs.stop()
         orthanc.stop()
@@ -186,16 +303,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
 
 @pytest.fixture(scope="module")
 def archive(servers: dict[str, Any]) -> list[str]:
-    """The C-FIND archive, the same files in both servers; its Patient IDs."""
-    studies, per_study = _sizes(servers["measuring"])
-    root = servers["work"] / "archive"
-    ids = _write_archive(root, studies, per_study, parts=4 if servers["measuring"] else 1)
-    for target, aet in (("pacslab", "PACSLAB"), ("orthanc", "ORTHANC")):
-        started = time.perf_counter()
-        _store_parts(servers[target], root, aet)
-        record("C-FIND archive fill (storescu x4)", target,
-               studies * per_study / (time.perf_counter() - started), "instances/s")
-    return ids
+    """The C-FIND archive's Patient IDs (:func:`servers` filled both servers)."""
+    assert servers["studies"], "the archive is filled only when a selected test uses it"
+    return _patient_ids(servers["studies"])
 
 
 def _find_latencies(port: int, aet: str, ids: list[str], n: int,
@@ -250,7 +360,11 @@ def test_cfind_study_level(benchmark: Any, servers: dict[str, Any], archive: lis
     n = 500 if servers["measuring"] else 5
     rates: dict[str, float] = {}
     info: dict[str, Any] = {"case": "C-FIND STUDY level by PatientID",
-                            "studies": len(archive)}
+                            "studies": len(archive),
+                            "instances": len(archive) * servers["per_study"],
+                            "fill_instances_per_s": servers["fill_instances_per_s"],
+                            "orthanc_from_cache": servers["orthanc_from_cache"],
+                            "load_before": [round(x, 2) for x in os.getloadavg()]}
     misses: dict[str, list[int]] = {"pacslab": [], "orthanc": []}
     latencies: dict[str, list[float]] = {"pacslab": [], "orthanc": []}
     order = [("pacslab", "PACSLAB"), ("orthanc", "ORTHANC")]
@@ -267,6 +381,7 @@ def test_cfind_study_level(benchmark: Any, servers: dict[str, Any], archive: lis
         info[f"{target}_queries_per_s"] = round(rates[target], 1)
         record("C-FIND study level", target, rates[target], "queries/s")
         record("C-FIND study level p99", target, _p(lat, 0.99) * 1000, "ms")
+    info["load_after"] = [round(x, 2) for x in os.getloadavg()]
     for target, missed in misses.items():
         info[f"{target}_answers_without_the_match"] = len(missed)
     info.update(pacslab=rates["pacslab"], anchor=rates["orthanc"],
@@ -317,3 +432,17 @@ def test_retrieve_ct(benchmark: Any, servers: dict[str, Any], storescp: tuple[in
         orthanc_seconds=[round(x, 2) for x in seconds["orthanc"]],
     )
     benchmark(lambda: None)
+
+
+def test_archive_files_match_their_records() -> None:
+    """The patched files of :func:`_archive` say what pacslab's index is filled with."""
+    import pydicom
+
+    from core.instance import DatasetValues, record_from
+
+    items = list(_archive(2, 3))
+    assert len({rec.sop_instance_uid for rec, _ in items}) == 6
+    for rec, raw in items:
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        assert ds.file_meta.MediaStorageSOPInstanceUID == rec.sop_instance_uid
+        assert record_from(DatasetValues(ds), transfer_syntax_uid=ExplicitVRLittleEndian) == rec

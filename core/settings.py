@@ -787,6 +787,13 @@ class QueryRetrieveSettings(BaseModel):
     max_retrieve_instances: int = Field(65_535, ge=1, le=65_535)
     #: Timeouts of our associations to move destinations / commitment SCUs (s).
     connect_timeout_s: float = Field(10.0, gt=0)
+    #: Storage Commitment reports the receiver could not deliver are sent by the worker
+    #: with this backoff (first retry after ``commit_retry_base_s``, doubling, capped at
+    #: ``commit_retry_max_s``); after ``commit_max_attempts`` tries the report goes to the
+    #: dead-letter list (``/admin/commitment/jobs?status=failed``, manual retry).
+    commit_max_attempts: int = Field(20, ge=1)
+    commit_retry_base_s: float = Field(30.0, gt=0)
+    commit_retry_max_s: float = Field(3600.0, gt=0)
     #: Retired standard storage SOP classes (PS3.6 Table A-1, "Retired"), e.g. the
     #: old Ultrasound Image Storage 1.2.840.10008.5.1.4.1.1.6 still sent by devices.
     accept_retired_storage: bool = True
@@ -1101,6 +1108,7 @@ NON_SETTING_VARIABLES: Final = frozenset({
     "PACSLAB_QR_BENCH_INSTANCES",  # benchmarks/test_query_retrieve.py: instances per study
     "PACSLAB_QR_BENCH_ROUNDS",  # benchmarks/test_query_retrieve.py: C-MOVE/C-GET rounds
     "PACSLAB_QR_BENCH_CT_SLICES",  # benchmarks/test_query_retrieve.py: CT retrieved
+    "PACSLAB_QR_BENCH_CACHE",  # benchmarks/test_query_retrieve.py: keep Orthanc's filled folder
     "PACSLAB_BENCH_SCALE_INSTANCES",  # benchmarks/test_archive_scale.py: archive size
     "PACSLAB_BENCH_SCALE_CACHE",  # benchmarks/test_archive_scale.py: keep filled SQLite files
 })

@@ -122,6 +122,10 @@ def build_commitment_queue(
 ) -> CommitmentQueue:
     """The owed N-EVENT-REPORTs, shared by the receivers and the worker (issue 16 §3):
     the worker may send one once the receiver had six timeouts' worth to do it."""
-    timeout = settings.qr.connect_timeout_s
+    qr = settings.qr
+    timeout = qr.connect_timeout_s
     return CommitmentQueue(index, decisions, lookup, ae_title=settings.dicom.ae_title,
-                           timeout_s=timeout, grace_s=6 * timeout + 10)
+                           timeout_s=timeout, grace_s=6 * timeout + 10,
+                           retry_base_s=qr.commit_retry_base_s,
+                           retry_max_s=qr.commit_retry_max_s,
+                           max_attempts=qr.commit_max_attempts)

@@ -13,7 +13,10 @@ A request accepted is owed its N-EVENT-REPORT even across a restart:
 N-ACTION is answered. The receiver delivers at once; when it cannot (the SCU does
 not listen yet, the receiver stops), the worker runs the job later
 (:meth:`CommitmentQueue.run_job`): it decides again and sends the report on a new
-association to the SCU's AE, with backoff, until ``max_attempts``.
+association to the SCU's AE, with backoff, until ``max_attempts``. Then the job is
+``failed``: the dead-letter list of owed reports (:mod:`services.commitment_reports`), kept
+with its request and last error until someone retries it from the admin API, as
+forwarding's.
 """
 
 from __future__ import annotations
@@ -284,8 +287,13 @@ class CommitmentQueue:
             return {"delivered": "worker", "committed": len(result.committed),
                     "failed": len(result.failed)}
         if job.attempts >= self.max_attempts:
-            raise ServiceError(f"report not delivered after {job.attempts} tries")
+            # The dead-letter list (report_jobs) shows this as the last error.
+            raise ServiceError(
+                f"{calling} at {remote.host}:{remote.port} took no N-EVENT-REPORT "
+                f"in {job.attempts} tries"
+            )
         exc = PeerUnavailableError(f"{calling} did not take the N-EVENT-REPORT")
         exc.retry_in_s = float(min(self.retry_max_s,
                                    self.retry_base_s * 2.0 ** max(0, job.attempts - 1)))
         raise exc
+

@@ -1,9 +1,9 @@
-"""Admin API of Query/Retrieve and forwarding (issue 16): C-MOVE destinations, the queue.
+"""Admin API of issue 16: C-MOVE destinations, the forwarding queue, owed commitment reports.
 
 Under ``/admin`` (scope ``admin``, core/auth.py); every request is written to the
 action log by the security middleware, with its principal, method and path, so each
 change says who did it. Routes only translate: the use cases are in
-:mod:`services.destinations` and :mod:`services.forwarding`.
+:mod:`services.destinations`, :mod:`services.forwarding` and :mod:`services.commitment_reports`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.deps import IndexDep, SettingsDep
+from services.commitment_reports import report_jobs, report_summary, retry_report
 from services.destinations import DestinationDirectory
 from services.forwarding import queue_jobs, queue_summary, retry_dead_letter
 
@@ -89,4 +90,31 @@ def retry_forwarding_job(
 ) -> dict[str, Any]:
     """Send a dead-lettered instance again (tries reset); 404 unless the job failed."""
     retry_dead_letter(index, job_id)
+    return {"id": job_id, "status": "pending"}
+
+
+@router.get("/commitment")
+def commitment_queue(index: IndexDep) -> dict[str, Any]:
+    """Owed Storage Commitment reports (``commit`` jobs) per status; ``failed`` is the
+    dead-letter list."""
+    return {"jobs": report_summary(index)}
+
+
+@router.get("/commitment/jobs")
+def commitment_jobs(
+    index: IndexDep,
+    status: Annotated[Literal["pending", "running", "done", "failed"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    """The newest Storage Commitment report jobs with their SCU and last error."""
+    return report_jobs(index, status=status, limit=limit)
+
+
+@router.post("/commitment/jobs/{job_id}/retry", status_code=202)
+def retry_commitment_job(
+    job_id: Annotated[int, Path(ge=1, le=2**31 - 1)], index: IndexDep
+) -> dict[str, Any]:
+    """Send a dead-lettered report again (tries reset; the worker decides again and
+    delivers it on a new association); 404 unless the job failed."""
+    retry_report(index, job_id)
     return {"id": job_id, "status": "pending"}

@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.index.schema import instances, jobs
 from storage.index.sqlite import read_only
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMMIT_JOB",
+    "CommitmentJob",
     "QueuedJob",
     "calling_ae_of",
+    "commitment_jobs",
     "commitment_request",
     "delete_destination",
     "dicom_destinations",
@@ -80,22 +83,30 @@ def calling_ae_of(index: SqlIndex, sop_instance_uid: str, blob_key: str) -> str:
     return str(row[0]) if row is not None else ""
 
 
-def job_counts(index: SqlIndex, prefix: str) -> dict[tuple[str, str], int]:
-    """Jobs per ``(kind, status)`` for kinds starting with ``prefix``."""
+def _kinds(prefix: str, exact: bool) -> ColumnElement[bool]:
+    return jobs.c.kind == prefix if exact else jobs.c.kind.startswith(prefix, autoescape=True)
+
+
+def job_counts(
+    index: SqlIndex, prefix: str, *, exact: bool = False
+) -> dict[tuple[str, str], int]:
+    """Jobs per ``(kind, status)`` for kinds starting with ``prefix`` (or equal to it)."""
     with read_only(index.engine) as conn:
         rows = conn.execute(
             select(jobs.c.kind, jobs.c.status, func.count())
-            .where(jobs.c.kind.startswith(prefix, autoescape=True))
+            .where(_kinds(prefix, exact))
             .group_by(jobs.c.kind, jobs.c.status)
         ).all()
     return {(str(k), str(s)): int(n) for k, s, n in rows}
 
 
 def list_jobs(
-    index: SqlIndex, prefix: str, *, status: str | None = None, limit: int = 100
+    index: SqlIndex, prefix: str, *, status: str | None = None, limit: int = 100,
+    exact: bool = False,
 ) -> list[QueuedJob]:
-    """The newest jobs of the kinds starting with ``prefix`` (optionally one status)."""
-    cond = jobs.c.kind.startswith(prefix, autoescape=True)
+    """The newest jobs of the kinds starting with ``prefix`` (or equal to it with
+    ``exact``), optionally of one status."""
+    cond = _kinds(prefix, exact)
     if status is not None:
         cond = and_(cond, jobs.c.status == status)
     with read_only(index.engine) as conn:
@@ -111,8 +122,9 @@ def list_jobs(
     return [QueuedJob(*row) for row in rows]
 
 
-def retry_job(index: SqlIndex, job_id: int, prefix: str) -> bool:
-    """Put a ``failed`` job of a ``prefix`` kind back to pending, tries reset (manual retry)."""
+def retry_job(index: SqlIndex, job_id: int, prefix: str, *, exact: bool = False) -> bool:
+    """Put a ``failed`` job of a ``prefix`` kind (``exact``: of that kind) back to
+    pending, tries reset (manual retry)."""
     with index.write() as conn:
         result = conn.execute(
             update(jobs)
@@ -120,7 +132,7 @@ def retry_job(index: SqlIndex, job_id: int, prefix: str) -> bool:
                 and_(
                     jobs.c.id == job_id,
                     jobs.c.status == "failed",
-                    jobs.c.kind.startswith(prefix, autoescape=True),
+                    _kinds(prefix, exact),
                 )
             )
             .values(status="pending", attempts=0, not_before=time.time(),
@@ -306,3 +318,36 @@ def note_commitment_error(index: SqlIndex, transaction_uid: str, error: str) -> 
             )
             .values(error=error[:2000], updated_at=datetime.now(UTC))
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitmentJob:
+    """A ``commit`` job as the admin API shows it, with the request it reports on."""
+
+    job: QueuedJob
+    calling_ae: str  # "" once the request is gone (its report was delivered)
+
+
+def commitment_jobs(
+    index: SqlIndex, *, status: str | None = None, limit: int = 100
+) -> list[CommitmentJob]:
+    """The newest ``commit`` jobs (optionally one status) and their SCU's AE title."""
+    cond = jobs.c.kind == COMMIT_JOB
+    if status is not None:
+        cond = and_(cond, jobs.c.status == status)
+    joined = jobs.outerjoin(
+        commitment_requests, commitment_requests.c.transaction_uid == jobs.c.target
+    )
+    with read_only(index.engine) as conn:
+        rows = conn.execute(
+            select(
+                jobs.c.id, jobs.c.kind, jobs.c.target, jobs.c.status, jobs.c.attempts,
+                jobs.c.error, jobs.c.not_before, jobs.c.updated_at,
+                commitment_requests.c.calling_ae,
+            )
+            .select_from(joined)
+            .where(cond)
+            .order_by(jobs.c.id.desc())
+            .limit(limit)
+        ).all()
+    return [CommitmentJob(QueuedJob(*row[:8]), str(row[8] or "")) for row in rows]

@@ -75,3 +75,44 @@ def test_metrics_show_the_forwarding_queue(client: TestClient, app: Any) -> None
     app.state.index.add_job(job_kind("REGIONAL"), "1.2.3.9")
     text = client.get("/metrics").text
     assert 'pacslab_forward_jobs{destination="REGIONAL",status="pending"} 1' in text
+
+
+def test_commitment_dead_letters_and_manual_retry(client: TestClient, app: Any) -> None:
+    """Owed Storage Commitment reports whose tries ran out: listed with their SCU and
+    last error, retried one by one (tries reset), each retry in the action log."""
+    from storage.index.qr import COMMIT_JOB, queue_commitment
+
+    index = app.state.index
+    refs = '[["1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"]]'
+    dead = queue_commitment(index, "1.2.9.1", "MR1", refs, delay_s=0)
+    queue_commitment(index, "1.2.9.2", "MR1", refs, delay_s=60)  # still owed: pending
+    index.add_job(job_kind("REGIONAL"), "1.2.3.1")  # a forwarding job: never listed
+    index.fail_job(dead, "ServiceError: MR1 at 10.0.0.7:104 took no N-EVENT-REPORT in 20 tries")
+    assert client.get("/admin/commitment").json()["jobs"] == {
+        "pending": 1, "running": 0, "done": 0, "failed": 1}
+    failed = client.get("/admin/commitment/jobs", params={"status": "failed"}).json()
+    assert [(j["id"], j["transaction_uid"], j["calling_ae"], j["last_error"])
+            for j in failed] == [
+        (dead, "1.2.9.1", "MR1",
+         "ServiceError: MR1 at 10.0.0.7:104 took no N-EVENT-REPORT in 20 tries")]
+    assert len(client.get("/admin/commitment/jobs").json()) == 2
+    text = client.get("/metrics").text
+    assert 'pacslab_commit_jobs{status="failed"} 1' in text
+    assert 'pacslab_commit_jobs{status="pending"} 1' in text
+
+    assert client.post(f"/admin/commitment/jobs/{dead}/retry").status_code == 202
+    job = next(j for j in index.get_jobs(target="1.2.9.1") if j.kind == COMMIT_JOB)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert client.get("/admin/commitment/jobs", params={"status": "failed"}).json() == []
+    # Only a failed commit job: not twice, not a forwarding job, not an unknown id.
+    assert client.post(f"/admin/commitment/jobs/{dead}/retry").status_code == 404
+    fwd = next(j for j in index.get_jobs() if j.kind.startswith("fwd:"))
+    index.fail_job(fwd.id, "boom")
+    assert client.post(f"/admin/commitment/jobs/{fwd.id}/retry").status_code == 404
+    assert client.post("/admin/forwarding/jobs/999999/retry").status_code == 404
+    assert client.post(f"/admin/commitment/jobs/{2**70}/retry").status_code == 400
+    assert client.get("/admin/commitment/jobs", params={"limit": 0}).status_code == 400
+    # Audited: who retried which job (the security middleware, as every /admin call).
+    assert app.state.audit.flush()
+    assert any(e.resource.endswith(f"/admin/commitment/jobs/{dead}/retry")
+               and e.outcome_desc == "HTTP 202" for e in app.state.audit.entries())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def stored(receiver: Receiver) -> dict[str, str]:
     return {"good": good, "corrupt": corrupt, "other": other}
 
 
-def commit(receiver: Receiver, mode: str, scu_port: int, spec: dict[str, object]
+def commit(receiver: Receiver, mode: str, scu_port: int, spec: Mapping[str, object]
            ) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, str(SCU), str(receiver.port), mode, str(scu_port), SCU_AE,
@@ -145,6 +146,64 @@ def test_owed_report_is_delivered_after_a_restart(
     assert report["failed"] == {unknown: 0x0112}
     assert owed().status == "done"
     assert commitment_request(index, uid) is None
+
+
+def test_dead_lettered_report_is_retried_from_the_admin_api(
+    receiver: Receiver, client: Any, stored: dict[str, str], scu_port: int,
+    settings: Settings,
+) -> None:
+    """The SCU stays away until the worker's tries run out: the report is dead-lettered
+    with its last error; once the SCU listens again an admin retries it through the
+    API and the worker delivers it on a new association, decided again."""
+    from pacslab.worker_process import build_worker
+    from storage.index.qr import COMMIT_JOB
+
+    settings = settings.model_copy(update={"qr": settings.qr.model_copy(update={
+        "commit_max_attempts": 2, "commit_retry_base_s": 0.01})})
+    unknown = str(generate_uid())
+    spec: dict[str, object] = {
+        "transaction": str(generate_uid()),
+        "references": [[CT, stored["good"]], [CT, unknown], [MR, stored["other"]]],
+    }
+    assert commit(receiver, "away", scu_port, spec)["status"] == 0x0000
+    index: Any = receiver.index
+    uid = str(spec["transaction"])
+
+    def owed() -> Any:
+        return next(j for j in index.get_jobs(target=uid) if j.kind == COMMIT_JOB)
+
+    wait_until(lambda: "receiver:" in _job_error(index, owed().id), timeout=30,
+               message="the receiver did not give up")
+    with index.write() as conn:  # the grace period is over
+        conn.execute(update(jobs).where(jobs.c.id == owed().id).values(not_before=0))
+    worker = build_worker(settings, name="commit-dlq")
+    wait_until(lambda: worker.run_once() == 0 and owed().status == "failed", timeout=30,
+               message="the report was not dead-lettered")
+    dead = client.get("/admin/commitment/jobs", params={"status": "failed"}).json()
+    assert [(d["id"], d["transaction_uid"], d["calling_ae"], d["attempts"])
+            for d in dead] == [(owed().id, uid, SCU_AE, 2)]
+    assert f"{SCU_AE} at 127.0.0.1:{scu_port} took no N-EVENT-REPORT" in dead[0]["last_error"]
+    assert 'pacslab_commit_jobs{status="failed"} 1' in client.get("/metrics").text
+    worker.run_once()
+    assert owed().status == "failed"  # nothing runs it until someone asks
+    listener = subprocess.Popen(
+        [sys.executable, str(SCU), str(receiver.port), "listen", str(scu_port), SCU_AE, "{}"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert listener.stdout is not None
+        assert "listening" in listener.stdout.readline()
+        assert client.post(f"/admin/commitment/jobs/{owed().id}/retry").status_code == 202
+        assert worker.run_once() == 1
+        report = json.loads(listener.communicate(timeout=60)[0].strip().splitlines()[-1])
+    finally:
+        listener.kill()
+    assert "error" not in report, report
+    assert report["transaction"] == uid and report["type"] == 2
+    assert report["committed"] == [stored["good"]]
+    assert report["failed"] == {unknown: 0x0112, stored["other"]: 0x0119}
+    assert owed().status == "done"
+    assert client.get("/admin/commitment").json()["jobs"]["failed"] == 0
 
 
 def _job_error(index: Any, job_id: int) -> str:
