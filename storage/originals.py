@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
+from storage._flush import SharedFlush
 from storage.abc import OriginalStore
 
 __all__ = [
@@ -108,6 +109,7 @@ class FileOriginalStore:
         self._known_dirs: set[Path] = set()
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._shared_sync = SharedFlush(self._sync_dirty)
         if fsync:
             self._make_fanout()
 
@@ -176,13 +178,18 @@ class FileOriginalStore:
                 self._dirty_dirs.update(dirs)
 
     def sync(self) -> None:
-        """fsync every directory that gained an entry since the last sync.
+        """fsync every directory that gained an entry before this call.
 
         All at once (:func:`fsync_all`): the caller acknowledges nothing before this
         returns, so their order does not matter (a crash between them leaves at worst an
-        empty fan-out directory). When several receivers commit at once, one sync covers
-        them all.
+        empty fan-out directory). Receiving threads that call it together share one
+        round (:class:`storage._flush.SharedFlush`): a round already running may have
+        taken their directories from the set before they were synced, so they wait for
+        it and for the next round, which one of them runs for all.
         """
+        self._shared_sync()
+
+    def _sync_dirty(self) -> None:
         with self._dirty_lock:
             dirs = list(self._dirty_dirs)
             self._dirty_dirs.clear()
