@@ -69,8 +69,9 @@ def flush_pool() -> ThreadPoolExecutor:
 
 
 def _after_fork() -> None:
-    global _flush_pool
+    global _flush_pool, _flush_pool_lock
     _flush_pool = None  # the parent's threads do not exist in the child
+    _flush_pool_lock = threading.Lock()  # nor does a parent thread that held it
 
 
 os.register_at_fork(after_in_child=_after_fork)
