@@ -25,7 +25,7 @@ from pynetdicom.presentation import PresentationContext
 
 from core.logging import configure
 from core.settings import Settings
-from ingest.dicom.scp import DicomReceiver, bind_listener
+from ingest.dicom.scp import AcceptLoads, DicomReceiver, bind_listener
 from ingest.service import IngestService
 from pacslab.runtime import configure_runtime
 from pacslab.wiring import (
@@ -59,11 +59,13 @@ def run_receiver(
     started: dict[str, object] | None = None,
     *,
     siblings: int = 1,
+    loads: AcceptLoads | None = None,
 ) -> None:
     """Serve DICOM on ``listener`` in this process until ``stop`` (or forever).
 
     ``started`` (for tests) receives the service once the receiver accepts connections;
-    ``siblings`` is how many receiver processes share ``listener``.
+    ``siblings`` is how many receiver processes share ``listener``, ``loads`` their
+    connection counts.
     """
     index = build_index(settings, migrate=False)
     service = build_ingest(
@@ -92,6 +94,7 @@ def run_receiver(
         extra_contexts=extra_contexts,
         extra_handlers=extra_handlers,
         share_accepts=siblings > 1,
+        loads=loads,
         extra_storage_classes=extra_storage_classes(
             accept_retired=settings.qr.accept_retired_storage,
             private=settings.qr.private_storage_classes,
@@ -255,11 +258,13 @@ def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
     return fn(event, *args)
 
 
-def _child_main(listener: socket.socket, settings: Settings, siblings: int) -> None:
+def _child_main(
+    listener: socket.socket, settings: Settings, siblings: int, loads: AcceptLoads
+) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     configure(settings.log.level, json_format=settings.log.json_format)
-    run_receiver(listener, settings, siblings=siblings)
+    run_receiver(listener, settings, siblings=siblings, loads=loads)
 
 
 class DicomProcesses:
@@ -271,6 +276,9 @@ class DicomProcesses:
         self.port = self.listener.getsockname()[1]
         self.count = settings.dicom.workers or os.cpu_count() or 1
         self._ctx = mp.get_context("fork")
+        #: Connections each receiver serves, in memory shared with all of them: a
+        #: new connection goes to the least busy one (ingest.dicom.scp.AcceptLoads).
+        self._loads = self._ctx.RawArray("i", self.count)
         self._procs: list[BaseProcess] = []
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -278,8 +286,8 @@ class DicomProcesses:
     def start(self) -> None:
         warn_open_access(self.settings)
         self._clear_staging()
-        for _ in range(self.count):
-            self._procs.append(self._spawn())
+        for slot in range(self.count):
+            self._procs.append(self._spawn(slot))
         logger.info(
             "DICOM %s listening on port %d with %d receiver processes",
             self.settings.dicom.ae_title,
@@ -297,10 +305,11 @@ class DicomProcesses:
         if removed:
             logger.warning("removed %d unacknowledged partial files from staging", removed)
 
-    def _spawn(self) -> BaseProcess:
+    def _spawn(self, slot: int) -> BaseProcess:
+        self._loads[slot] = 0  # a killed receiver's connections are gone with it
         proc = self._ctx.Process(
             target=_child_main,
-            args=(self.listener, self.settings, self.count),
+            args=(self.listener, self.settings, self.count, AcceptLoads(self._loads, slot)),
             name="pacslab-dicom",
             daemon=True,
         )
@@ -314,7 +323,7 @@ class DicomProcesses:
                     logger.error(
                         "receiver process %s exited (%s); restarting", proc.pid, proc.exitcode
                     )
-                    self._procs[i] = self._spawn()
+                    self._procs[i] = self._spawn(i)
 
     def stop(self) -> None:
         self._stop.set()

@@ -108,6 +108,12 @@ class OriginalStore(Protocol):
         """
         ...
 
+    def prepare(self, key: str) -> bool:
+        """Make ahead of :meth:`commit` what publishing under ``key`` needs (a fan-out
+        directory); True if that awaits :meth:`sync`, which the caller may then run
+        while it fsyncs the staged file."""
+        ...
+
     def sync(self) -> None:
         """Make every ``commit(defer_sync=True)`` so far durable (OutOfResourcesError
         if it cannot)."""
@@ -128,8 +134,18 @@ class OriginalStore(Protocol):
 class MetadataIndex(Protocol):
     """The index of patients, studies, series, instances and processing jobs."""
 
-    def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
-        """Index a batch in one transaction, each with a pending ``instance`` job."""
+    def add_instances(
+        self, items: Sequence[NewInstance], *, sync: bool = True
+    ) -> list[AddOutcome]:
+        """Index a batch in one transaction, each with a pending ``instance`` job.
+
+        Durable when this returns; with ``sync=False`` only once :meth:`sync_instances`
+        has returned (so that the flush can be shared and leave the write path)."""
+        ...
+
+    def sync_instances(self) -> None:
+        """Make every ``add_instances(sync=False)`` committed before this call durable
+        (OutOfResourcesError if it cannot)."""
         ...
 
     def get_instance(self, sop_instance_uid: str) -> StoredInstance:

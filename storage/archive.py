@@ -10,8 +10,12 @@ The DICOM JSON kept for WADO-RS ``/metadata`` is computed by the instance job, o
 the acknowledgement path (it costs as much as the rest of the header parsing).
 
 Index writes are group-committed (:class:`_GroupCommit`): the receiving thread that
-finds no commit running writes every instance queued meanwhile in one transaction (one
-WAL fsync for many instances), after one round of directory fsyncs for all of them.
+finds no commit running writes every instance queued meanwhile in one transaction.
+The flushes are taken off that serial path (issue 19): each thread makes its new
+directory entries durable before it queues, and a leader flushes the WAL after handing
+leadership on; both flushes are shared by the threads that need one at the same moment
+(:class:`storage._flush.SharedFlush`). Per instance the order stays: staged file
+fsynced → published → directories fsynced → row committed → WAL flushed → answered.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 
-from core.errors import InvalidDatasetError, RejectedInstanceError, ServiceError
+from core.errors import (
+    InvalidDatasetError,
+    OutOfResourcesError,
+    RejectedInstanceError,
+    ServiceError,
+)
 from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
 from core.instance import (
     INT_KEYWORDS,
@@ -54,6 +63,7 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
+from storage.originals import flush_pool
 from storage.staging import StagedFile, StagedWriter
 
 __all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data"]
@@ -175,22 +185,23 @@ class _Waiter:
 
 class _GroupCommit:
     """Group commit of index rows by leader and followers: many instances, one
-    transaction (one WAL fsync), and no extra thread.
+    transaction, one WAL flush, and no extra thread.
 
-    The first receiver to arrive while no commit runs becomes the leader: it makes the
-    batch's directory entries durable (``before_commit``) and writes every instance
-    queued so far in one transaction, then wakes the others with their outcomes and,
-    if more arrived meanwhile, hands leadership to the oldest of those. A committer
-    thread did the same with two thread hand-offs per instance, which cost more GIL
-    switching than the transaction itself when one or two associations were active.
+    The first receiver to arrive while no commit runs becomes the leader: it writes
+    every instance queued so far in one transaction, hands leadership to the oldest
+    instance queued meanwhile (whose transaction then runs while this one's is being
+    flushed), makes its own commit durable (``index.sync_instances``, one flush shared
+    with a leader flushing at the same moment) and only then wakes its followers with
+    their outcomes. A committer thread did the same with two thread hand-offs per
+    instance, which cost more GIL switching than the transaction itself when one or two
+    associations were active. The originals' directories are made durable by each
+    instance's own thread before it queues (:meth:`Archive.accept`), so neither that
+    flush nor the WAL's holds up the next transaction.
     """
 
-    def __init__(
-        self, index: MetadataIndex, max_batch: int, before_commit: Callable[[], None]
-    ) -> None:
+    def __init__(self, index: MetadataIndex, max_batch: int) -> None:
         self.index = index
         self.max_batch = max_batch
-        self.before_commit = before_commit
         self._lock = threading.Lock()
         self._queue: collections.deque[_Waiter] = collections.deque()
         self._busy = False  # a leader is committing; False only when the queue is empty
@@ -213,9 +224,10 @@ class _GroupCommit:
     def _lead(self) -> None:
         with self._lock:
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+        committed = False
         try:
-            self.before_commit()
-            outcomes = self.index.add_instances([w.item for w in batch])
+            outcomes = self.index.add_instances([w.item for w in batch], sync=False)
+            committed = True
         except BaseException as exc:  # every waiter must hear about it
             for w in batch:
                 w.error = exc
@@ -228,11 +240,17 @@ class _GroupCommit:
                 successor.lead = True
             else:
                 self._busy = False
+        if successor is not None:
+            successor.event.set()
+        if committed:
+            try:
+                self.index.sync_instances()
+            except BaseException as exc:  # committed, not known durable: not "stored"
+                for w in batch:
+                    w.error, w.outcome = exc, None
         for w in batch:
             w.lead = False
             w.event.set()
-        if successor is not None:
-            successor.event.set()
 
 
 class Archive:
@@ -255,7 +273,7 @@ class Archive:
         self.index = index
         self.quarantine = quarantine
         self.fsync = fsync
-        self._group = _GroupCommit(index, max_batch, self.originals.sync)
+        self._group = _GroupCommit(index, max_batch)
         #: Registered by the composition root (pacslab/wiring.py, api/app.py).
         self.hooks: list[AcceptHook] = []
 
@@ -298,15 +316,16 @@ class Archive:
                 if then is not None:
                     after.append(then)
             if self.fsync:
-                _fsync_file(staged.path)
+                self._fsync_staged(staged)
+        except OutOfResourcesError:
+            staged.discard()
+            raise
         except ServiceError as exc:
             self._quarantine(staged, exc, calling_ae)
             raise
         except OSError:
             staged.discard()
             raise
-        # The new directory entry is made durable by the group commit's leader, for
-        # every instance of the batch at once, before their index rows are committed.
         created = self.originals.commit(staged.path, staged.key, defer_sync=True)
         item = NewInstance(
             record=record,
@@ -317,6 +336,9 @@ class Archive:
             correlation_id=correlation_id.get(),
         )
         try:
+            # The new directory entries durable before the index row: in this thread,
+            # one round of fsyncs shared with the threads publishing at the same moment.
+            self.originals.sync()
             outcome = self._group.submit(item)
         except Exception:
             if created:
@@ -338,6 +360,19 @@ class Archive:
                 outcome.version,
             )
         return Accepted(record, outcome, staged.key)
+
+    def _fsync_staged(self, staged: StagedFile) -> None:
+        """fsync the staged file; meanwhile, if publishing it needs a new fan-out
+        directory, make that and fsync its parent from the flush pool (issue 19: on one
+        association an instance's latency is the sum of its flushes; in a store still
+        filling, most instances make a directory)."""
+        ahead = self.originals.prepare(staged.key)
+        pending = flush_pool().submit(self.originals.sync) if ahead else None
+        try:
+            _fsync_file(staged.path)
+        finally:
+            if pending is not None:
+                pending.result()  # raises the sync's OutOfResourcesError
 
     def _read(self, staged: StagedFile, check_request_uids: bool) -> InstanceRecord:
         def record(src: HeaderSource) -> InstanceRecord:

@@ -290,6 +290,8 @@ class AuditLog(AuditStore):
         self.enabled = settings.enabled
         self._is_pg = engine.dialect.name == "postgresql"
         self._lock = _sqlite.write_lock(url) if url.startswith("sqlite") else None
+        #: The WAL file appends flush after the write lock ("" not WAL; None: not known).
+        self._wal: str | None = None
         self._pending: collections.deque[AuditEntry] = collections.deque()
         self._cond = threading.Condition()
         self._flushes: list[threading.Event] = []
@@ -381,29 +383,97 @@ class AuditLog(AuditStore):
         """Append ``entries`` to the chain now, in one transaction (the writer thread's step)."""
         if not entries:
             return []
-        held = self._lock.held() if self._lock else contextlib.nullcontext()
-        with held, self.engine.begin() as conn:
-            query = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
-            if self._is_pg:
-                query = query.with_for_update()  # serialises writers on every machine
-            head = conn.execute(query).first()
-            if head is None:
-                raise RuntimeError("audit_head row missing (migration 0004 not applied?)")
-            if self.key is not None and self._keyed_from is None:
-                self._start_keying(int(head.seq), str(head.hash))
-            rows = chain(entries, last_seq=int(head.seq), last_hash=str(head.hash),
-                         key=self.key)
-            conn.execute(audit_events.insert(), [r.as_dict() for r in rows])
-            conn.execute(
-                update(audit_head)
-                .where(audit_head.c.id == 1)
-                .values(seq=rows[-1].seq, hash=rows[-1].hash)
-            )
+        wal = self._sqlite_wal()
+        if wal:
+            rows, durable = self._append_sqlite(entries, wal)
+            if not durable:
+                return rows  # committed (never to be appended again), not checkpointed
+        else:
+            held = self._lock.held() if self._lock else contextlib.nullcontext()
+            with held, self.engine.begin() as conn:
+                query = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+                if self._is_pg:
+                    query = query.with_for_update()  # serialises writers on every machine
+                head = conn.execute(query).first()
+                if head is None:
+                    raise RuntimeError("audit_head row missing (migration 0004 not applied?)")
+                rows = self._link(entries, int(head.seq), str(head.hash))
+                conn.execute(audit_events.insert(), [r.as_dict() for r in rows])
+                conn.execute(
+                    update(audit_head)
+                    .where(audit_head.c.id == 1)
+                    .values(seq=rows[-1].seq, hash=rows[-1].hash)
+                )
         # After the commit: a checkpoint must never name an entry that is not there.
         self._last = (rows[-1].seq, rows[-1].hash)
         if time.monotonic() - self._checkpointed >= self.settings.checkpoint_interval_s:
             self.checkpoint()
         return rows
+
+    def _link(self, entries: list[AuditEntry], head_seq: int, head_hash: str
+              ) -> list[ChainedEntry]:
+        if self.key is not None and self._keyed_from is None:
+            self._start_keying(head_seq, head_hash)
+        return chain(entries, last_seq=head_seq, last_hash=head_hash, key=self.key)
+
+    def _sqlite_wal(self) -> str | None:
+        """The WAL file to flush after an append, on SQLite in WAL mode (else None)."""
+        if self._lock is None:
+            return None
+        if self._wal is None:
+            try:
+                self._wal = _sqlite.wal_path(self.engine) or ""
+            except Exception:
+                return None  # not known yet: this append commits with FULL
+        return self._wal or None
+
+    def _append_sqlite(self, entries: list[AuditEntry], wal: str
+                       ) -> tuple[list[ChainedEntry], bool]:
+        """One append on the bare sqlite3 connection, committed with ``synchronous=NORMAL``
+        under the write lock and made durable by an ``fdatasync`` of the WAL once the lock
+        is released (as C-STORE's commits are, storage/index/sqlite.py): the receivers
+        queued behind this transaction no longer wait for its flush, nor for
+        SQLAlchemy's per-statement work. Durable before it returns (so before any
+        checkpoint names it) unless the flush failed: then the entries are committed,
+        and must not be appended again, but not known durable (False).
+        """
+        assert self._lock is not None
+        pooled = self.engine.raw_connection()
+        try:
+            db = pooled.driver_connection
+            assert db is not None
+            db.execute("PRAGMA synchronous=NORMAL")  # autocommit mode: no transaction open
+            try:
+                with self._lock.held():
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        head = db.execute(
+                            "SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+                        if head is None:
+                            raise RuntimeError(
+                                "audit_head row missing (migration 0004 not applied?)")
+                        rows = self._link(entries, int(head[0]), str(head[1]))
+                        db.executemany(_INSERT_EVENT,
+                                       [tuple(getattr(r, f) for f in _EVENT_COLUMNS)
+                                        for r in rows])
+                        db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+                                   (rows[-1].seq, rows[-1].hash))
+                        db.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            db.execute("ROLLBACK")
+                        raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")  # the pool's other users' setting
+            _sqlite.mark_written(pooled)  # wakes the index's checkpointer at check-in
+        finally:
+            pooled.close()
+        try:
+            _sqlite.sync_wal(wal)
+        except OSError as exc:
+            logger.error("audit log WAL flush failed: %s", exc.strerror)
+            return rows, False
+        return rows, True
 
     def anchor(self) -> None:
         """Record where keying begins now, before any entry is written (start-up).
@@ -468,6 +538,12 @@ class AuditLog(AuditStore):
         self.checkpoint()
         if self.atna is not None:
             self.atna.close()
+
+
+#: audit_events' columns, in ChainedEntry's order, for the bare-sqlite3 insert.
+_EVENT_COLUMNS = tuple(c.name for c in audit_events.columns)
+_INSERT_EVENT = (f"INSERT INTO audit_events ({', '.join(_EVENT_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' for _ in _EVENT_COLUMNS)})")
 
 
 def _now() -> str:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
+from storage._flush import SharedFlush
 from storage.abc import OriginalStore
 
 __all__ = [
@@ -68,8 +69,9 @@ def flush_pool() -> ThreadPoolExecutor:
 
 
 def _after_fork() -> None:
-    global _flush_pool
+    global _flush_pool, _flush_pool_lock
     _flush_pool = None  # the parent's threads do not exist in the child
+    _flush_pool_lock = threading.Lock()  # nor does a parent thread that held it
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -108,6 +110,7 @@ class FileOriginalStore:
         self._known_dirs: set[Path] = set()
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        self._shared_sync = SharedFlush(self._sync_dirty)
         if fsync:
             self._make_fanout()
 
@@ -141,20 +144,42 @@ class FileOriginalStore:
             raise NotFoundError("not a content key")
         return self.root / key[:2] / key[2:4] / f"{key}.dcm"
 
+    def prepare(self, key: str) -> bool:
+        """Make the fan-out directory ``key`` will be published in, ahead of the publish;
+        True if its entry now awaits :meth:`sync` (which may then run while the staged
+        file is being fsynced: the two flushes are independent).
+
+        Raises
+        ------
+        OutOfResourcesError
+            The directory cannot be made (store full or read-only).
+        """
+        try:
+            return self._make_parent(self.path(key).parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise OutOfResourcesError("original store full or read-only") from exc
+            raise
+
+    def _make_parent(self, parent: Path) -> bool:
+        if parent in self._known_dirs:
+            return False
+        try:
+            parent.mkdir(exist_ok=True)
+        except FileNotFoundError:  # first level removed since the store opened
+            parent.mkdir(parents=True, exist_ok=True)
+            self._dirty(self.root)
+        # The fan-out directory must itself be a durable entry (made here, or by
+        # another process that may not have synced it yet).
+        self._dirty(parent.parent)
+        self._known_dirs.add(parent)
+        return self.fsync
+
     def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         final = self.path(key)
         parent = final.parent
         try:
-            if parent not in self._known_dirs:
-                try:
-                    parent.mkdir(exist_ok=True)
-                except FileNotFoundError:  # first level removed since the store opened
-                    parent.mkdir(parents=True, exist_ok=True)
-                    self._dirty(self.root)
-                # The fan-out directory must itself be a durable entry (made here, or by
-                # another process that may not have synced it yet).
-                self._dirty(parent.parent)
-                self._known_dirs.add(parent)
+            self._make_parent(parent)
             if final.exists():
                 staged.unlink(missing_ok=True)
                 return False
@@ -176,13 +201,18 @@ class FileOriginalStore:
                 self._dirty_dirs.update(dirs)
 
     def sync(self) -> None:
-        """fsync every directory that gained an entry since the last sync.
+        """fsync every directory that gained an entry before this call.
 
         All at once (:func:`fsync_all`): the caller acknowledges nothing before this
         returns, so their order does not matter (a crash between them leaves at worst an
-        empty fan-out directory). When several receivers commit at once, one sync covers
-        them all.
+        empty fan-out directory). Receiving threads that call it together share one
+        round (:class:`storage._flush.SharedFlush`): a round already running may have
+        taken their directories from the set before they were synced, so they wait for
+        it and for the next round, which one of them runs for all.
         """
+        self._shared_sync()
+
+    def _sync_dirty(self) -> None:
         with self._dirty_lock:
             dirs = list(self._dirty_dirs)
             self._dirty_dirs.clear()

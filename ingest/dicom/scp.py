@@ -46,7 +46,7 @@ from ingest.service import IngestService
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
-__all__ = ["TRANSFER_SYNTAXES", "DicomReceiver", "bind_listener"]
+__all__ = ["TRANSFER_SYNTAXES", "AcceptLoads", "DicomReceiver", "bind_listener"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,26 @@ def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class AcceptLoads:
+    """How many connections each receiver process sharing a listening socket serves:
+    one integer per process (``slot``) in memory they all share (a
+    ``multiprocessing.RawArray``, made before the fork). Each process writes only its
+    own slot, so no lock is needed; a reader may see a count one connection old.
+    """
+
+    def __init__(self, counts: Any, slot: int) -> None:
+        self.counts = counts
+        self.slot = slot
+
+    def add(self, n: int) -> None:
+        self.counts[self.slot] += n
+
+    def ahead(self) -> int:
+        """Connections this process serves beyond the least busy one."""
+        counts = [int(n) for n in self.counts]
+        return counts[self.slot] - min(counts)
+
+
 class DicomReceiver:
     """Accept loop of one process; see the module docstring.
 
@@ -98,6 +118,10 @@ class DicomReceiver:
     share_accepts
         Other receiver processes accept on the same socket: a busy one lets them go
         first.
+    loads
+        The connection counts of every process sharing the socket (with
+        ``share_accepts``): only a process busier than the least busy one lets the
+        others go first.
 
     Durability (fsync) is the archive's business, not the transport's.
     """
@@ -111,9 +135,11 @@ class DicomReceiver:
         extra_handlers: Sequence[tuple[Any, ...]] = (),
         share_accepts: bool = False,
         extra_storage_classes: Sequence[str] = (),
+        loads: AcceptLoads | None = None,
     ) -> None:
         self.settings = settings
         self.share_accepts = share_accepts
+        self.loads = loads if share_accepts else None
         self.service = service
         storage = storage_contexts(extra_storage_classes)
         contexts = [*storage, build_context(Verification, TRANSFER_SYNTAXES[:2])]
@@ -197,20 +223,22 @@ class DicomReceiver:
     def serve(self, listener: socket.socket) -> None:
         """Accept connections until :meth:`stop` (blocking)."""
         # Non-blocking accept after our own poll: every receiver process sharing the
-        # socket wakes for a new connection, and one already serving associations
-        # (``share_accepts``: there are other processes) waits a moment before taking
-        # it, so an idle process gets it first. Left to
-        # the kernel, four parallel associations were split 3:1 between two processes
-        # as often as 2:2, and the busier process (one GIL) set the pace.
+        # socket wakes for a new connection, and one busier than another (``loads``)
+        # waits a moment before taking it, so a less busy process gets it first. Left
+        # to the kernel, four parallel associations were split 3:1 between two
+        # processes as often as 2:2, and the busier process (one GIL) set the pace; a
+        # wait by a process's own count only (any busy process waited) left two
+        # processes with one association each racing for the third and the fourth,
+        # and 3:1 splits still came in about half of the runs (issue 19).
         listener.setblocking(False)
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(500):  # ms; so stop() is noticed
                 continue
-            busy = self._connections if self.share_accepts else 0
-            if busy:
-                time.sleep(0.01 * min(busy, 5))
+            wait = self._accept_wait_s()
+            if wait:
+                time.sleep(wait)
             try:
                 sock, addr = listener.accept()
             except BlockingIOError:
@@ -236,6 +264,8 @@ class DicomReceiver:
                 continue
             with self._count_lock:
                 self._connections += 1
+                if self.loads is not None:
+                    self.loads.add(1)
             thread = threading.Thread(
                 target=self._handle_counted,
                 args=(sock, addr, peer, ticket),
@@ -254,6 +284,21 @@ class DicomReceiver:
             ticket.release()
             with self._count_lock:
                 self._connections -= 1
+                if self.loads is not None:
+                    self.loads.add(-1)
+
+    def _accept_wait_s(self) -> float:
+        """How long to leave a pending connection to the other processes first."""
+        if not self.share_accepts:
+            return 0.0
+        if self.loads is None:
+            busy = self._connections
+            return 0.01 * min(busy, 5) if busy > 0 else 0.0
+        # Long enough for a less busy process whose threads hold the GIL (a first
+        # association's negotiation: ~30 ms of pynetdicom) to get to its accept; a
+        # connection waits this long only when every other process is busy too.
+        ahead = self.loads.ahead()
+        return 0.04 * min(ahead, 5) if ahead > 0 else 0.0
 
     def start(self, listener: socket.socket) -> threading.Thread:
         thread = threading.Thread(

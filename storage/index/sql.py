@@ -40,6 +40,7 @@ from core.errors import NotFoundError, OutOfResourcesError
 from core.person_name import name_words, person_name_key
 from core.rejection import RETENTION_EXPIRED
 from core.settings import IndexSettings
+from storage._flush import SharedFlush
 from storage.abc import AddOutcome, Job, NewInstance, StoredInstance
 from storage.index import postgres as _pg
 from storage.index import sqlite as _sqlite
@@ -295,6 +296,7 @@ class SqlIndex:
             None if self.is_sqlite else (self.engine, None)
         )
         self._ingest_lock = threading.Lock()
+        self._wal_flush = SharedFlush(self._sync_wal)
         self._series_cache: dict[str, int] = {}
         self._prepare_statements()
         if settings.migrate:
@@ -379,7 +381,11 @@ class SqlIndex:
                 self._ingest_setup = (engine, wal)
             return self._ingest_setup
 
-    def add_instances(self, items: Sequence[NewInstance]) -> list[AddOutcome]:
+    def add_instances(
+        self, items: Sequence[NewInstance], *, sync: bool = True
+    ) -> list[AddOutcome]:
+        """Index ``items`` in one transaction; durable on return unless ``sync`` is
+        False, and then once :meth:`sync_instances` has returned."""
         if not items:
             return []
         engine, wal = self._ingest()
@@ -404,18 +410,40 @@ class SqlIndex:
                     "index write failed: %s", type(exc.orig).__name__ if exc.orig else exc
                 )
                 raise OutOfResourcesError("index unavailable") from exc
-        if wal:
-            try:
-                _sqlite.sync_wal(wal)
-            except OSError as exc:
-                # Committed but not known durable: the sender is not told "stored" and
-                # sends again, which finds the same bytes already indexed.
-                logger.error("index WAL flush failed: %s", exc.strerror)
-                raise OutOfResourcesError("index not durable") from exc
         if len(self._series_cache) > 10_000:
             self._series_cache.clear()
         self._series_cache.update(added)
+        if sync:
+            self.sync_instances()
         return outcomes
+
+    def sync_instances(self) -> None:
+        """Make every ``add_instances`` committed before this call durable.
+
+        On SQLite in WAL mode, their commits left the WAL unflushed (see
+        storage/index/sqlite.py): one ``fdatasync`` of it, shared by the receiving
+        threads that ask together (:class:`storage._flush.SharedFlush`). Elsewhere the
+        commit itself was durable: nothing to do.
+
+        Raises
+        ------
+        OutOfResourcesError
+            The flush failed: the commits are not known to be durable.
+        """
+        setup = self._ingest_setup
+        if setup is not None and setup[1]:
+            self._wal_flush()
+
+    def _sync_wal(self) -> None:
+        setup = self._ingest_setup
+        assert setup is not None and setup[1]
+        try:
+            _sqlite.sync_wal(setup[1])
+        except OSError as exc:
+            # Committed but not known durable: the sender is not told "stored" and
+            # sends again, which finds the same bytes already indexed.
+            logger.error("index WAL flush failed: %s", exc.strerror)
+            raise OutOfResourcesError("index not durable") from exc
 
     def _prepare_statements(self) -> None:
         """Build the write statements once: constructing an upsert per call costs more

@@ -60,6 +60,7 @@ __all__ = [
     "is_retryable",
     "lock_keys",
     "make_engine",
+    "mark_written",
     "read_only",
     "sync_wal",
     "upsert",
@@ -375,6 +376,13 @@ def make_engine(
                 checkpoints.wrote()
 
     return engine
+
+
+def mark_written(pooled: Any) -> None:
+    """Record that a transaction on this raw pooled connection (``engine.raw_connection``)
+    committed, so the checkpointer is woken when it returns to the pool, as for
+    connections that commit through SQLAlchemy (see ``make_engine``)."""
+    pooled.info[_WROTE] = True
 
 
 def read_only(engine: Engine) -> Connection:
