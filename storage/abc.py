@@ -108,12 +108,6 @@ class OriginalStore(Protocol):
         """
         ...
 
-    def prepare(self, key: str) -> bool:
-        """Make ahead of :meth:`commit` what publishing under ``key`` needs (a fan-out
-        directory); True if that awaits :meth:`sync`, which the caller may then run
-        while it fsyncs the staged file."""
-        ...
-
     def sync(self) -> None:
         """Make every ``commit(defer_sync=True)`` so far durable (OutOfResourcesError
         if it cannot)."""

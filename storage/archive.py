@@ -45,12 +45,7 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 
-from core.errors import (
-    InvalidDatasetError,
-    OutOfResourcesError,
-    RejectedInstanceError,
-    ServiceError,
-)
+from core.errors import InvalidDatasetError, RejectedInstanceError, ServiceError
 from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
 from core.instance import (
     INT_KEYWORDS,
@@ -63,7 +58,6 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
-from storage.originals import flush_pool
 from storage.staging import StagedFile, StagedWriter
 
 __all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data"]
@@ -316,10 +310,7 @@ class Archive:
                 if then is not None:
                     after.append(then)
             if self.fsync:
-                self._fsync_staged(staged)
-        except OutOfResourcesError:
-            staged.discard()
-            raise
+                _fsync_file(staged.path)
         except ServiceError as exc:
             self._quarantine(staged, exc, calling_ae)
             raise
@@ -360,19 +351,6 @@ class Archive:
                 outcome.version,
             )
         return Accepted(record, outcome, staged.key)
-
-    def _fsync_staged(self, staged: StagedFile) -> None:
-        """fsync the staged file; meanwhile, if publishing it needs a new fan-out
-        directory, make that and fsync its parent from the flush pool (issue 19: on one
-        association an instance's latency is the sum of its flushes; in a store still
-        filling, most instances make a directory)."""
-        ahead = self.originals.prepare(staged.key)
-        pending = flush_pool().submit(self.originals.sync) if ahead else None
-        try:
-            _fsync_file(staged.path)
-        finally:
-            if pending is not None:
-                pending.result()  # raises the sync's OutOfResourcesError
 
     def _read(self, staged: StagedFile, check_request_uids: bool) -> InstanceRecord:
         def record(src: HeaderSource) -> InstanceRecord:

@@ -102,10 +102,6 @@ class ObjectOriginalStore:
                 staged.unlink(missing_ok=True)
         return True
 
-    def prepare(self, key: str) -> bool:
-        """Nothing to make ahead: object keys need no directories."""
-        return False
-
     def sync(self) -> None:
         """Nothing to do: an object is durable once its PUT succeeded."""
 

@@ -144,42 +144,20 @@ class FileOriginalStore:
             raise NotFoundError("not a content key")
         return self.root / key[:2] / key[2:4] / f"{key}.dcm"
 
-    def prepare(self, key: str) -> bool:
-        """Make the fan-out directory ``key`` will be published in, ahead of the publish;
-        True if its entry now awaits :meth:`sync` (which may then run while the staged
-        file is being fsynced: the two flushes are independent).
-
-        Raises
-        ------
-        OutOfResourcesError
-            The directory cannot be made (store full or read-only).
-        """
-        try:
-            return self._make_parent(self.path(key).parent)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise OutOfResourcesError("original store full or read-only") from exc
-            raise
-
-    def _make_parent(self, parent: Path) -> bool:
-        if parent in self._known_dirs:
-            return False
-        try:
-            parent.mkdir(exist_ok=True)
-        except FileNotFoundError:  # first level removed since the store opened
-            parent.mkdir(parents=True, exist_ok=True)
-            self._dirty(self.root)
-        # The fan-out directory must itself be a durable entry (made here, or by
-        # another process that may not have synced it yet).
-        self._dirty(parent.parent)
-        self._known_dirs.add(parent)
-        return self.fsync
-
     def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         final = self.path(key)
         parent = final.parent
         try:
-            self._make_parent(parent)
+            if parent not in self._known_dirs:
+                try:
+                    parent.mkdir(exist_ok=True)
+                except FileNotFoundError:  # first level removed since the store opened
+                    parent.mkdir(parents=True, exist_ok=True)
+                    self._dirty(self.root)
+                # The fan-out directory must itself be a durable entry (made here, or by
+                # another process that may not have synced it yet).
+                self._dirty(parent.parent)
+                self._known_dirs.add(parent)
             if final.exists():
                 staged.unlink(missing_ok=True)
                 return False
