@@ -38,7 +38,9 @@ def write_charts(metrics: Sequence[Mapping[str, Any]], rows: Sequence[Row], out:
     from matplotlib.ticker import MaxNLocator
 
     written: list[tuple[str, str]] = []
-    ratios = [r for r in rows if r.ratio is not None]
+    # A zero on either side (e.g. 0.0 ms of CPU in a process that did nothing) has no
+    # place on a log scale, and 1/0 ended the whole report (seen on `./run bench ingest`).
+    ratios = [r for r in rows if r.ratio is not None and r.ratio > 0]
     if ratios:
         fig, ax = plt.subplots(figsize=(11, 0.35 * len(ratios) + 1.5))
         labels = [f"{r.case} — {r.variant} / {r.anchor}" for r in ratios]

@@ -209,3 +209,17 @@ def test_compare_flags_a_drop_beyond_the_spread(quick_run: Path, tmp_path: Path)
     assert "## Compared with" in report
     worse = [line for line in report.splitlines() if "**worse**" in line]
     assert worse and all("qps" in line and "ratio to wlmscpfs" in line for line in worse)
+
+
+def test_charts_leave_out_a_zero_figure(tmp_path: Path) -> None:
+    """A process that used no CPU gives a 0 ratio; the chart (log scale, and 1/ratio
+    when lower is better) skips it instead of ending the report."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.charts import write_charts
+
+    zero = _metric([0.0, 0.0], [5.0, 5.0], unit="ms", better="lower")
+    zero["case"] = "C-STORE 1 association(s), CPU ms/instance, main process"
+    rows = build_rows([zero, _metric([500.0, 500.0], [400.0, 400.0])], AREA_OF)
+    assert [r.ratio for r in rows] == [0.0, 1.25]
+    written = write_charts([], rows, tmp_path)
+    assert (tmp_path / "ratios.png").is_file() and written
