@@ -239,7 +239,7 @@ def test_the_listener_survives_a_postgres_restart(restartable_pg: PgServer) -> N
         wait_until(lambda: listener.read() is None, message="the lost connection went unseen")
         restartable_pg.start()
         after = wait_until(listener.read, message="the listener did not reconnect")
-        assert after > before_restart
+        assert after is not None and after > before_restart
         theirs.add_instances(_instances("1.2.3.8", 4))
         wait_until(lambda: len(done) == 4, message=lambda: f"done: {done}")
         counting.after_polls(5)
