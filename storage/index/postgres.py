@@ -99,6 +99,15 @@ def is_retryable(exc: Any) -> bool:
     return getattr(orig, "sqlstate", None) in _RETRYABLE
 
 
+#: The triggers of migration 0012 that notify :data:`WORK_CHANNEL`.
+_TRIGGERS = ("nw_jobs_insert", "nw_jobs_update", "nw_instances_insert")
+_TRIGGERS_THERE = (
+    "SELECT count(*) FROM pg_trigger WHERE tgname IN ('" + "', '".join(_TRIGGERS) + "')"
+)
+#: Seconds before a listener that found no triggers looks again (an upgrade under way).
+_NO_TRIGGERS_RECHECK_S = 60.0
+
+
 class WorkListener:
     """``LISTEN`` for :data:`WORK_CHANNEL` on a connection of its own: a counter of the
     notifications received, read without a query (issue 21).
@@ -111,8 +120,9 @@ class WorkListener:
     (``select`` with a zero timeout), consumes what arrived and counts it, so an idle
     worker's poll makes no query and no round trip.
 
-    None means "no signal, read the tables": before the first connection, and after
-    the connection was lost (a server restart) until it is back. Notifications sent in
+    None means "no signal, read the tables": before the first connection, on a schema
+    without the triggers (asked again every minute), and after the connection was lost
+    (a server restart) until it is back. Notifications sent in
     that gap are lost, so reconnecting bumps the counter: the worker's next poll is a
     full turn, which finds whatever was committed meanwhile. LISTEN is in place before
     that turn, so nothing committed after it is missed either. TCP keepalives notice
@@ -176,11 +186,20 @@ class WorkListener:
             conn = psycopg.connect(**params)
             try:
                 conn.execute(f"LISTEN {WORK_CHANNEL}")
+                row = conn.execute(_TRIGGERS_THERE).fetchone()
             except BaseException:
                 conn.close()
                 raise
         except psycopg.Error as exc:
             logger.info("index change listener cannot connect yet (%s)", type(exc).__name__)
+            return False
+        if not row or row[0] < len(_TRIGGERS):
+            # A schema before migration 0012 (a worker started with migrate=False before
+            # the upgrade): nothing would notify, so no signal; asked again later.
+            conn.close()
+            self._next_connect = now + _NO_TRIGGERS_RECHECK_S
+            logger.warning("index has no work notifications (migration 0012): the idle "
+                           "worker reads the job queue on every poll")
             return False
         self._conn = conn
         # Whatever was notified while no one listened is lost: one full turn.
