@@ -35,7 +35,9 @@ no query). So a job is picked up as soon as before: at the first poll after the 
 or the moment that makes it due. Where there is none (None: the test fakes, or a
 PostgreSQL listener reconnecting after a server restart), every poll is a full turn;
 the number moves again once the listener is back, as notifications sent meanwhile are
-lost. The worker itself does not know which backend it runs on. ``on_tick`` hooks
+lost (idle ``pacslab serve`` on PostgreSQL, 100,000 instances, 2026-12-03: 1.9 % of a
+core with a full turn per poll, 1.0 % listening; the server's own 0.8 % to 0.45 %).
+The worker itself does not know which backend it runs on. ``on_tick`` hooks
 (the scrub of originals, which paces itself) run on every idle poll.
 """
 
