@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import (
     Connection,
@@ -262,6 +262,14 @@ class MetadataRow:
     metadata_json: str
 
 
+class _ChangeCounter(Protocol):
+    """A number that moves when work for the job worker may have been committed."""
+
+    def read(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class SqlIndex:
     """:class:`storage.abc.MetadataIndex` on SQLAlchemy (SQLite by default)."""
 
@@ -278,8 +286,6 @@ class SqlIndex:
         self._is_retryable = dialect.is_retryable
         # SQLite: WAL checkpoints off the write path (see storage/index/sqlite.py).
         self._checkpoints = _sqlite.checkpointer(settings.url) if self.is_sqlite else None
-        # SQLite: the commit counter the idle worker polls (see data_version()).
-        self._data_version = _sqlite.data_version(settings.url) if self.is_sqlite else None
         self.engine: Engine = (
             _sqlite.make_engine(
                 settings.url,
@@ -288,6 +294,13 @@ class SqlIndex:
             )
             if self.is_sqlite
             else _pg.make_engine(settings.url, busy_timeout_s=settings.busy_timeout_s)
+        )
+        # What the idle worker polls instead of the job queue (see data_version()):
+        # SQLite's commit counter, PostgreSQL's notifications (migration 0012).
+        self._data_version: _ChangeCounter | None = (
+            _sqlite.data_version(settings.url)
+            if self.is_sqlite
+            else _pg.WorkListener(self.engine, connect_timeout_s=settings.busy_timeout_s)
         )
         self._write_lock = dialect.write_lock(settings.url)
         self._settings = settings
@@ -1191,12 +1204,19 @@ class SqlIndex:
             return [r.series_instance_uid for r in conn.execute(query)]
 
     def data_version(self) -> int | None:
-        """A number that changes whenever anyone commits to the index (SQLite's
-        ``PRAGMA data_version``, a few microseconds); None where there is no such cheap
-        test (PostgreSQL, an in-memory database): the caller then reads the tables.
+        """A number that moves when someone may have committed work for the job worker,
+        read without a query; None where there is no such signal (an in-memory
+        database, a PostgreSQL listener not connected): the caller then reads the tables.
 
-        The idle worker polls it instead of the job queue (issue 21): unchanged, no
-        job was added or made claimable by a commit since its last look.
+        SQLite: ``PRAGMA data_version``, which moves on every commit of another
+        connection (read from the WAL index, a few microseconds). PostgreSQL: the
+        notifications received on a listening connection of its own
+        (:class:`storage.index.postgres.WorkListener`), which the triggers of migration
+        0012 send from each transaction that creates or re-queues a pending job or adds
+        instances; it moves once more after the listener reconnects, as notifications
+        sent meanwhile are lost. The idle worker polls it instead of the job queue
+        (issue 21): unchanged, no job was added or made claimable by a commit since
+        its last look.
         """
         return self._data_version.read() if self._data_version is not None else None
 

@@ -8,6 +8,7 @@ PACSLAB_TEST_POSTGRES_URL), each test in a fresh database migrated by Alembic.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +95,25 @@ class IndexContract:
         assert (counts["jobs_done"], counts["jobs_failed"], counts["jobs_pending"]) == (1, 1, 1)
         retried = index.claim_jobs("w3")
         assert retried[0].attempts == 2
+
+    def test_the_change_signal_moves_with_committed_work(self, index: SqlIndex) -> None:
+        """``data_version()``: what the idle worker polls instead of the job queue
+        (issue 21). It moves after instances, a new job, a retry and a requeue are
+        committed, so a worker that saw it unchanged may skip its queries."""
+        from tests.support import wait_until
+
+        def moves_after(commit: Callable[[], object]) -> None:
+            seen = index.data_version()
+            assert seen is not None
+            commit()
+            wait_until(lambda: index.data_version() != seen,
+                       message="committed work left the signal unchanged")
+
+        moves_after(lambda: index.add_instances([new(record(1), "1")]))
+        moves_after(lambda: index.add_job("forward", "1.2.3.1.1"))
+        claimed = index.claim_jobs("w1", limit=2)
+        moves_after(lambda: index.fail_job(claimed[0].id, "peer down", retry_in_s=0))
+        moves_after(lambda: index.requeue_stale_jobs(0))
 
     def test_renewed_leases_are_not_requeued(self, index: SqlIndex) -> None:
         index.add_instances([new(record(i), f"{i:x}") for i in range(1, 4)])

@@ -1,0 +1,115 @@
+"""Issue 21 on PostgreSQL: the worker's periodic statements keep their indexes, and an
+idle turn takes no row lock.
+
+The SQLite plans are checked by ``test_index_query_plans.py``. Here each statement the
+worker's engine is handed is explained (``EXPLAIN (FORMAT JSON)``, with its values
+bound) with ``enable_seqscan = off``: on a test-sized table PostgreSQL rightly prefers
+reading it whole, but with sequential scans priced out it still chooses one only when
+no index can serve the statement, which is the statement whose cost would grow with
+the archive. And no statement of an idle turn may say ``FOR UPDATE``: the claim's row
+locks are for when a job is there to claim (``SqlIndex.claim_jobs`` looks first in a
+read-only transaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from core.settings import IndexSettings
+from storage.index.sql import SqlIndex
+from tests.storage.test_index_query_plans import BIG
+from tests.storage.test_index_scale import fill
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def index(pg_url: str) -> Iterator[SqlIndex]:
+    idx = SqlIndex(IndexSettings(url=pg_url))
+    fill(idx, age_s=60)
+    yield idx
+    idx.close()
+
+
+def _statements(index: SqlIndex, call: Callable[[], object]) -> list[tuple[str, Any]]:
+    """Every statement (and its parameters) ``call`` runs on the index's engine."""
+    seen: list[tuple[str, Any]] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
+               executemany: bool) -> None:
+        if not executemany:
+            seen.append((statement, parameters))
+
+    event.listen(index.engine, "before_cursor_execute", before)
+    try:
+        call()
+    finally:
+        event.remove(index.engine, "before_cursor_execute", before)
+    assert seen, "no statement seen"
+    return seen
+
+
+def _scans(node: dict[str, Any]) -> Iterator[str]:
+    """The tables a plan reads from end to end (``Seq Scan`` nodes)."""
+    if node.get("Node Type") == "Seq Scan":
+        yield str(node.get("Relation Name"))
+    for child in node.get("Plans", ()):
+        yield from _scans(child)
+
+
+def _no_full_scan(index: SqlIndex, statements: list[tuple[str, Any]]) -> None:
+    with index.engine.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        for sql, params in statements:
+            head = sql.lstrip().split(None, 1)[0].upper()
+            if head not in ("SELECT", "UPDATE", "DELETE", "INSERT", "WITH"):
+                continue
+            plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar_one()
+            scanned = set(_scans(plan[0]["Plan"])) & set(BIG)
+            assert not scanned, (scanned, sql)
+        conn.rollback()
+
+
+def _drain(index: SqlIndex) -> None:
+    """The steady state of an idle service: every job done, every series rolled up."""
+    for uid in index.series_due(0):
+        index.add_job("series", uid)
+    while jobs := index.claim_jobs("w", limit=100):
+        index.finish_jobs([(j.id, {}) for j in jobs])
+
+
+def test_an_idle_turn_takes_no_lock_and_scans_nothing(index: SqlIndex) -> None:
+    _drain(index)
+
+    def idle_turn() -> None:  # what JobWorker.run and pacslab/worker_process.py run
+        index.requeue_stale_jobs(600, give_up_after=5)
+        assert index.claim_jobs("w", limit=64, defer_arriving_s=2.0) == []
+        assert index.series_due(10) == []
+        index.prune_jobs(3600)
+        index.next_due([2.0, 10.0])
+        index.series_arriving()
+        index.counts()
+
+    statements = _statements(index, idle_turn)
+    locking = [sql for sql, _ in statements if "FOR UPDATE" in sql.upper()]
+    assert locking == []
+    _no_full_scan(index, statements)
+
+
+def test_a_busy_turn_claims_through_indexes(index: SqlIndex) -> None:
+    """With jobs waiting: the claim (``FOR UPDATE SKIP LOCKED``), the deferral of a
+    series still arriving, the roll-up and the finish read indexes only."""
+
+    def busy_turn() -> None:
+        jobs = index.claim_jobs("w", limit=8, defer_arriving_s=2.0)
+        assert jobs
+        index.finish_jobs([(j.id, {}) for j in jobs])
+        for uid in index.series_due(10)[:1]:
+            index.add_job("series", uid)
+        index.renew_jobs("w", [j.id for j in jobs])
+
+    _no_full_scan(index, _statements(index, busy_turn))
