@@ -128,8 +128,10 @@ def test_time_alone_makes_a_series_due(paths: tuple[SqlIndex, SqlIndex]) -> None
     worker.start()
     try:
         theirs.add_instances(_instances("1.2.3.5", 2))
-        wait_until(lambda: rolled == ["1.2.3.5"], message=lambda: f"rolled: {rolled}")
-        assert {j.status for j in ours.get_jobs()} == {"done"}
+        # The handler has run before the worker marks its job done: wait for both.
+        wait_until(lambda: rolled and {j.status for j in ours.get_jobs()} == {"done"},
+                   message=lambda: f"rolled: {rolled}, jobs: {ours.get_jobs()}")
+        assert rolled == ["1.2.3.5"]
     finally:
         worker.stop()
 
