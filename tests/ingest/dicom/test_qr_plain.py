@@ -189,7 +189,12 @@ def _raw_find(port: int, identifier: bytes) -> int:
                                    *_p_data_tf(identifier, cx_id, 16384, command=False)]))
         reader = PduReader(scu.sock, 65536)
         while True:
-            pdu_type, length = reader.read_header()
+            try:
+                pdu_type, length = reader.read_header()
+            except ConnectionError:
+                # Closed with our unread bytes in its buffer, the kernel may reset the
+                # connection before the A-ABORT is read.
+                return -1
             if pdu_type != 0x04:
                 return -pdu_type  # A-ABORT etc.
             body = bytes(reader.read_body(length))
@@ -209,7 +214,7 @@ def test_hostile_identifiers(archive: list[Study], receiver: Receiver) -> None:
     assert _raw_find(receiver.port, struct.pack("<HHI", 0x0010, 0x0010, 0x7FFFFFFF)) == 0xC310
     # Past qr.max_identifier_bytes (4 KiB here): A-ABORT, nothing buffered.
     big = struct.pack("<HHI", 0x0008, 0x1030, 8000) + b"x" * 8000
-    assert _raw_find(receiver.port, big) == -0x07
+    assert _raw_find(receiver.port, big) in (-0x07, -1)
     # The receiver still answers.
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
