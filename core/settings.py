@@ -783,12 +783,13 @@ class QueryRetrieveSettings(BaseModel):
     max_find_results: int = Field(10_000, ge=1)
     #: C-MOVE / C-GET running at once in one receiver process; more get 0xA702.
     max_concurrent_retrieves: int = Field(4, ge=1)
-    #: Serve Q/R C-FIND and C-MOVE (with C-ECHO, C-CANCEL and storage on the same
-    #: association) on the receiver's plain-socket path, with our own Storage SCU for
-    #: the sub-operations, when the association needs nothing pynetdicom-only (no
-    #: role selection, user identity or extended negotiation; C-GET always goes to
-    #: pynetdicom). False hands every Q/R association to pynetdicom, as before issue 16's
-    #: plain path (kept for comparison and as a fallback).
+    #: Serve Q/R C-FIND, C-MOVE and C-GET (with C-ECHO, C-CANCEL and storage on the
+    #: same association) on the receiver's plain-socket path, with our own Storage SCU
+    #: for C-MOVE sub-operations, when the association needs nothing pynetdicom-only
+    #: (user identity, extended negotiation; SCP/SCU role selection is negotiated
+    #: there for C-GET). pynetdicom's threads poll their queues with 1 ms sleeps
+    #: (issue 16: C-FIND p99, retrieve rates). False hands every Q/R association to
+    #: pynetdicom, as before (kept for comparison and as a fallback).
     plain_socket: bool = True
     #: Bytes of one C-FIND/C-MOVE identifier held in memory on the plain path; a
     #: longer one aborts the association (a real identifier is a few hundred bytes).

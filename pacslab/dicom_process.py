@@ -102,6 +102,7 @@ def run_receiver(
         plain_sop_classes=plain_qr.sop_classes if plain_qr is not None else frozenset(),
         plain_contexts=plain_qr.contexts() if plain_qr is not None else (),
         max_identifier_bytes=settings.qr.max_identifier_bytes,
+        plain_roles=plain_qr is not None and plain_qr.serve_get,
         extra_storage_classes=extra_storage_classes(
             accept_retired=settings.qr.accept_retired_storage,
             private=settings.qr.private_storage_classes,

@@ -41,6 +41,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -236,6 +237,10 @@ class AssociationPolicy:
     plain_sop_classes: frozenset[str] = frozenset()
     #: A C-FIND/C-MOVE identifier is held in memory: past this, A-ABORT.
     max_identifier_bytes: int = 65536
+    #: Accept SCP/SCU Role Selection (PS3.7 D.3.3.4) on this path: C-GET served here,
+    #: its C-STORE sub-operations on the storage contexts the SCU takes the SCP role
+    #: for (the storage ``contexts`` then allow both roles).
+    plain_roles: bool = False
     admission: Admission = field(default_factory=lambda: Admission(32, 16))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
@@ -360,6 +365,8 @@ class Negotiation:
     #: The requestor's Maximum Length Received (PS3.8 D.1; 0: unlimited): P-DATA-TF
     #: PDUs we send it are cut to this.
     peer_max_pdu: int = 16382
+    #: Accepted contexts we may act as SCU on (role selection): C-GET sub-operations.
+    scu_contexts: frozenset[int] = frozenset()
 
 
 def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
@@ -369,14 +376,20 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
     rq = pdu.to_primitive()
     calling_ae = str(rq.calling_ae_title).strip()
     allowed = not policy.allowed_calling_aes or calling_ae in policy.allowed_calling_aes
-    if not is_fast_path(rq, policy.storage_sop_classes | policy.plain_sop_classes):
+    if not is_fast_path(rq, policy.storage_sop_classes | policy.plain_sop_classes,
+                        roles=policy.plain_roles):
         return Negotiation(False, calling_ae, allowed, {}, b"")
+    roles: dict[str, tuple[bool | None, bool | None]] = {}
     peer_max_pdu = 16382  # PS3.8 D.1: a requestor that does not say gets the default
     for item in rq.user_information:
         if isinstance(item, MaximumLengthNotification):
             peer_max_pdu = int(item.maximum_length_received or 0)
-    results, _roles = negotiate_as_acceptor(
-        rq.presentation_context_definition_list, list(policy.contexts), None
+        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+    results, role_items = negotiate_as_acceptor(
+        rq.presentation_context_definition_list,
+        list(policy.contexts),
+        roles or None,  # type: ignore[arg-type]
     )
     accepted = {
         int(cx.context_id or 0): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -396,19 +409,27 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
     impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = IMPLEMENTATION_VERSION
-    ac.user_information = [max_len, impl, version]
+    ac.user_information = [max_len, impl, version, *role_items]
     ac_pdu = A_ASSOCIATE_AC()
     ac_pdu.from_primitive(ac)
-    return Negotiation(True, calling_ae, allowed, accepted, ac_pdu.encode(), peer_max_pdu)
+    scu = frozenset(int(cx.context_id or 0) for cx in results if cx.result == 0x00 and cx.as_scu)
+    return Negotiation(
+        True, calling_ae, allowed, accepted, ac_pdu.encode(), peer_max_pdu, scu
+    )
 
 
-def is_fast_path(rq: A_ASSOCIATE, storage_sop_classes: frozenset[str]) -> bool:
+def is_fast_path(
+    rq: A_ASSOCIATE, storage_sop_classes: frozenset[str], *, roles: bool = False
+) -> bool:
     """True if every proposed context is Verification or in ``storage_sop_classes``
     (storage, and the Q/R FIND/MOVE models when the plain path serves them) and no
     negotiation item needs pynetdicom (SCP/SCU role selection, PS3.7 D.3.3.4; user
-    identity, D.3.3.7; extended negotiation, D.3.3.5)."""
+    identity, D.3.3.7; extended negotiation, D.3.3.5). ``roles``: role selection is
+    served here too (C-GET on the plain path)."""
     for item in rq.user_information:
         name = type(item).__name__
+        if roles and name == "SCP_SCU_RoleSelectionNegotiation":
+            continue
         if name not in {
             "MaximumLengthNotification",
             "ImplementationClassUIDNotification",
@@ -440,7 +461,9 @@ class FastAssociation:
     ) -> None:
         self.on_request = on_request
         self.peer_max_pdu = 16382
+        self.scu_contexts: frozenset[int] = frozenset()
         self._reader: PduReader | None = None
+        self._cancel_seen: set[int] = set()  # C-CANCEL-RQs read during a C-GET
         #: Told (calling AE, peer, A-ASSOCIATE-RJ code) of a calling AE refused (audit).
         self.on_refused = on_refused
         self.ticket = ticket
@@ -511,6 +534,7 @@ class FastAssociation:
             return False
         self.accepted = plan.accepted
         self.peer_max_pdu = plan.peer_max_pdu
+        self.scu_contexts = plan.scu_contexts
         self.sock.sendall(plan.ac_pdu)
         return True
 
@@ -687,6 +711,9 @@ class FastAssociation:
         reader = self._reader
         if reader is None:
             return False
+        if message_id in self._cancel_seen:
+            self._cancel_seen.discard(message_id)
+            return True
         while select.select([self.sock], [], [], 0)[0]:
             command = self._read_command(reader)
             if command.command_field != C_CANCEL_RQ:
@@ -697,6 +724,26 @@ class FastAssociation:
                 return True
             # A cancel of another (finished) operation: nothing to do.
         return False
+
+    def store_on_this(
+        self, context_id: int, command: bytes, data_set: bytes, message_id: int, operation_id: int
+    ) -> int:
+        """A C-STORE sub-operation of a C-GET on this association (PS3.4 C.4.3.3.1):
+        send the request, return the Status of its C-STORE-RSP. A C-CANCEL-RQ of the
+        C-GET that arrives first is remembered for :meth:`cancelled`."""
+        self.send_message(context_id, command, data_set)
+        reader = self._reader
+        assert reader is not None
+        while True:
+            rsp = self._read_command(reader)
+            if rsp.command_field == C_CANCEL_RQ:
+                if rsp.message_id_responded == operation_id:
+                    self._cancel_seen.add(operation_id)
+                continue
+            if (rsp.command_field == C_STORE_RSP and rsp.message_id_responded == message_id
+                    and rsp.status is not None):
+                return rsp.status
+            raise AbortError(0x02, f"DIMSE 0x{rsp.command_field:04X} instead of C-STORE-RSP")
 
     def _read_command(self, reader: PduReader) -> Command:
         """Read one command-only message (C-CANCEL-RQ), PDU by PDU."""

@@ -19,6 +19,8 @@ __all__ = [
     "C_ECHO_RSP",
     "C_FIND_RQ",
     "C_FIND_RSP",
+    "C_GET_RQ",
+    "C_GET_RSP",
     "C_MOVE_RQ",
     "C_MOVE_RSP",
     "C_STORE_RQ",
@@ -33,6 +35,7 @@ C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
+C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
 C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
 #: Any value but 0x0101 says a data set follows (PS3.7 E.1); pynetdicom and DCMTK send 1.

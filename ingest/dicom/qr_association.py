@@ -11,8 +11,10 @@ response in one ``sendall``, and checks for a C-CANCEL-RQ between responses with
 waiting (PS3.7 9.3.2.3). C-MOVE sub-operations go out on our own Storage SCU
 (:class:`~ingest.dicom.storescu.StorageScu`), the stored bytes as they are.
 
-C-GET needs SCP/SCU Role Selection (PS3.7 D.3.3.4), which the plain path does not
-negotiate: those associations stay with pynetdicom.
+C-GET (PS3.4 C.4.3) is served here too when ``serve_get``: its sub-operations go out
+on the requestor's own association, on the storage contexts it took the SCP role for
+(SCP/SCU Role Selection, PS3.7 D.3.3.4), and a C-CANCEL-RQ may arrive between them or
+before a C-STORE-RSP.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -46,6 +48,8 @@ from ingest.dicom.audit import identifier_patient_key, record_dimse
 from ingest.dicom.dimse import (
     C_FIND_RQ,
     C_FIND_RSP,
+    C_GET_RQ,
+    C_GET_RSP,
     C_MOVE_RQ,
     C_MOVE_RSP,
     Command,
@@ -55,6 +59,7 @@ from ingest.dicom.dimse import (
 from ingest.dicom.storescu import StorageScu
 from services.query_retrieve import (
     FIND_MODELS,
+    GET_MODELS,
     MOVE_MODELS,
     EncodedInstance,
     QueryRetrieveService,
@@ -77,6 +82,44 @@ _SUBOPS_WARNING = 0xB000
 _STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 DestinationLookup = Callable[[str], "RemoteAE | None"]
+
+
+class _Sender(Protocol):
+    """Where C-STORE sub-operations go: :class:`StorageScu` (C-MOVE) or the
+    requestor's association (:class:`_SameAssociation`, C-GET)."""
+
+    def context_for(self, sop_class_uid: str, transfer_syntax_uid: str) -> int | None: ...
+
+    def next_message_id(self) -> int: ...
+
+    def store(self, context_id: int, command: bytes, data_set: bytes) -> int: ...
+
+
+class _SameAssociation:
+    """C-GET sub-operations on the requestor's association (PS3.4 C.4.3.3.1): the
+    accepted storage contexts it took the SCP role for."""
+
+    def __init__(self, assoc: FastAssociation, operation_id: int) -> None:
+        self.assoc = assoc
+        self.operation_id = operation_id
+        self._by_syntax = {
+            (abstract, ts): cx
+            for cx, (abstract, ts) in assoc.accepted.items()
+            if cx in assoc.scu_contexts
+        }
+        self._message_id = operation_id  # ours count on from the C-GET's
+
+    def context_for(self, sop_class_uid: str, transfer_syntax_uid: str) -> int | None:
+        return self._by_syntax.get((sop_class_uid, transfer_syntax_uid))
+
+    def next_message_id(self) -> int:
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    def store(self, context_id: int, command: bytes, data_set: bytes) -> int:
+        return self.assoc.store_on_this(
+            context_id, command, data_set, self._message_id, self.operation_id
+        )
 
 
 class PlainQueryRetrieve:
@@ -105,7 +148,9 @@ class PlainQueryRetrieve:
         connect_timeout_s: float,
         acse_timeout_s: float,
         dimse_timeout_s: float,
+        serve_get: bool = True,
     ) -> None:
+        self.serve_get = serve_get
         self.service = service
         self.destinations = destinations
         self.gate = gate
@@ -117,8 +162,8 @@ class PlainQueryRetrieve:
 
     @property
     def sop_classes(self) -> frozenset[str]:
-        """The Patient and Study Root FIND and MOVE models served here."""
-        return frozenset([*FIND_MODELS, *MOVE_MODELS])
+        """The Patient and Study Root FIND and MOVE (and GET) models served here."""
+        return frozenset([*FIND_MODELS, *MOVE_MODELS, *(GET_MODELS if self.serve_get else ())])
 
     def contexts(self) -> list[PresentationContext]:
         return [build_context(UID(uid), SYNTAXES) for uid in sorted(self.sop_classes)]
@@ -131,6 +176,8 @@ class PlainQueryRetrieve:
             _Operation(self, assoc, command, context_id, ts, abstract).find(identifier)
         elif command.command_field == C_MOVE_RQ:
             _Operation(self, assoc, command, context_id, ts, abstract).move(identifier)
+        elif command.command_field == C_GET_RQ and self.serve_get:
+            _Operation(self, assoc, command, context_id, ts, abstract).get(identifier)
         else:
             raise AbortError(0x02, f"unsupported DIMSE command 0x{command.command_field:04X}")
 
@@ -266,8 +313,8 @@ class _Operation:
         status = self._move(data)
         self._audit("dicom.c-move", status)
 
-    def _refuse(self, status: int, text: str) -> int:
-        self._send(C_MOVE_RSP, status, text, counts=(None, 0, 0, 0))
+    def _refuse(self, status: int, text: str, field: int = C_MOVE_RSP) -> int:
+        self._send(field, status, text, counts=(None, 0, 0, 0))
         return status
 
     def _move(self, data: bytes) -> int:
@@ -313,11 +360,52 @@ class _Operation:
                                calling, dest_ae, exc)
                 return self._refuse(_UNKNOWN_DESTINATION, "Move destination not reachable")
             logger.info("C-MOVE from %s to %s: %d instances", calling, dest_ae, len(items))
-            return self._sub_operations(scu, dest_ae, items)
+            try:
+                return self._sub_operations(scu, dest_ae, items, C_MOVE_RSP)
+            finally:
+                if scu.usable:
+                    scu.release()
+                else:
+                    scu.abort()
         finally:
             self.owner.gate.leave()
 
-    def _sub_operations(self, scu: StorageScu, dest_ae: str, items: list[RetrieveItem]) -> int:
+    # -- C-GET (PS3.4 C.4.3.3.1) -------------------------------------------------------
+
+    def get(self, data: bytes) -> None:
+        """C-STORE sub-operations on this association, responses as for C-MOVE."""
+        status = self._get(data)
+        self._audit("dicom.c-get", status)
+
+    def _get(self, data: bytes) -> int:
+        calling = self.assoc.calling_ae
+        sop_class = self.command.affected_sop_class_uid
+        model = GET_MODELS.get(sop_class)
+        if model is None or sop_class != self.abstract:
+            return self._refuse(0x0122, "SOP Class not supported", C_GET_RSP)
+        identifier = self._identifier(data)
+        if identifier is None:
+            return self._refuse(0xC410, "Unable to decode the identifier", C_GET_RSP)
+        try:
+            items = self.service.plan_retrieve(identifier, model)
+        except ServiceError as exc:
+            logger.warning("C-GET from %s refused: %s", calling, exc.title)
+            return self._refuse(exc.dimse_status, comment(exc), C_GET_RSP)
+        if not items:
+            self._send(C_GET_RSP, 0x0000, counts=(None, 0, 0, 0))
+            return 0x0000
+        if not self.owner.gate.try_enter():
+            return self._refuse(REFUSED_SUBOPS, "Too many retrieves at once; try again later",
+                                C_GET_RSP)
+        try:
+            logger.info("C-GET from %s: %d instances", calling, len(items))
+            sender = _SameAssociation(self.assoc, self.command.message_id)
+            return self._sub_operations(sender, calling, items, C_GET_RSP)
+        finally:
+            self.owner.gate.leave()
+
+    def _sub_operations(self, scu: _Sender, dest_ae: str, items: list[RetrieveItem],
+                        field: int) -> int:
         completed = failed = warning = 0
         failed_uids: list[str] = []
         remaining = len(items)
@@ -343,7 +431,8 @@ class _Operation:
                 status: int | None = None
                 if usable:
                     try:
-                        status = self._store(scu, item, current.result() if current else None)
+                        status = self._store(scu, item, current.result() if current else None,
+                                             field)
                     except OSError as exc:
                         # The destination went away or stopped answering: this and
                         # every later sub-operation fail (PS3.4 C.4.2.3.1).
@@ -358,47 +447,46 @@ class _Operation:
                     completed += 1
                 else:
                     warning += 1
-                self._send(C_MOVE_RSP, PENDING, counts=(remaining, completed, failed, warning))
+                self._send(field, PENDING, counts=(remaining, completed, failed, warning))
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-            if usable:
-                scu.release()
-            else:
-                scu.abort()
+            if isinstance(scu, StorageScu):
+                scu.usable = usable
         if attempted:
-            self._record(dest_ae, attempted)
+            self._record(dest_ae, attempted, "move" if field == C_MOVE_RSP else "get")
         listed = Dataset()
         listed.FailedSOPInstanceUIDList = failed_uids or ""
         if cancelled:
-            logger.info("C-MOVE from %s cancelled, %d left", self.assoc.calling_ae, remaining)
-            self._send(C_MOVE_RSP, CANCEL, data=listed,
+            logger.info("retrieve from %s cancelled, %d left", self.assoc.calling_ae, remaining)
+            self._send(field, CANCEL, data=listed,
                        counts=(remaining, completed, failed, warning))
             return CANCEL
         if not failed and not warning:
             final = 0x0000
-            self._send(C_MOVE_RSP, final, counts=(None, completed, failed, warning))
+            self._send(field, final, counts=(None, completed, failed, warning))
             return final
         final = REFUSED_SUBOPS if failed == len(items) else _SUBOPS_WARNING
-        self._send(C_MOVE_RSP, final, data=listed, counts=(None, completed, failed, warning))
+        self._send(field, final, data=listed, counts=(None, completed, failed, warning))
         return final
 
-    def _store(self, scu: StorageScu, item: RetrieveItem, stored: EncodedInstance | None
-               ) -> int | None:
+    def _store(self, scu: _Sender, item: RetrieveItem, stored: EncodedInstance | None,
+               field: int) -> int | None:
         """One C-STORE sub-operation; None when it cannot be sent (nothing went out)."""
         payload = self._payload(scu, item, stored)
         if payload is None:
             return None
         context_id, data_set = payload
+        move = field == C_MOVE_RSP  # PS3.7 9.3.1.1: Move Originator only for a C-MOVE
         command = encode_store_rq(
             scu.next_message_id(),
             item.sop_class_uid,
             item.sop_instance_uid,
-            move_originator_aet=self.assoc.calling_ae,
-            move_originator_id=self.command.message_id,
+            move_originator_aet=self.assoc.calling_ae if move else "",
+            move_originator_id=self.command.message_id if move else None,
         )
         return scu.store(context_id, command, data_set)
 
-    def _payload(self, scu: StorageScu, item: RetrieveItem, stored: EncodedInstance | None
+    def _payload(self, scu: _Sender, item: RetrieveItem, stored: EncodedInstance | None
                  ) -> tuple[int, bytes] | None:
         """The context and data set bytes of a sub-operation.
 
@@ -438,9 +526,10 @@ class _Operation:
         logger.warning("C-MOVE: no accepted context for %s in %s", item.sop_class_uid, own.name)
         return None
 
-    def _record(self, dest_ae: str, items: list[RetrieveItem]) -> None:
+    def _record(self, dest_ae: str, items: list[RetrieveItem],
+                kind: Literal["move", "get"] = "move") -> None:
         self.service.record_retrieve(
-            "move",
+            kind,
             calling_ae=self.assoc.calling_ae,
             address=self.assoc.peer.rsplit(":", 1)[0],
             destination=dest_ae,

@@ -128,6 +128,7 @@ class DicomReceiver:
         C-MOVE: :class:`~ingest.dicom.qr_association.PlainQueryRetrieve`), for the
         SOP classes ``plain_sop_classes`` with the presentation contexts
         ``plain_contexts``; their other associations still go to pynetdicom.
+        ``plain_roles``: SCP/SCU Role Selection is negotiated there too (C-GET).
 
     Durability (fsync) is the archive's business, not the transport's.
     """
@@ -146,6 +147,7 @@ class DicomReceiver:
         plain_sop_classes: frozenset[str] = frozenset(),
         plain_contexts: Sequence[PresentationContext] = (),
         max_identifier_bytes: int = 1 << 20,
+        plain_roles: bool = False,
     ) -> None:
         self.settings = settings
         self.plain_requests = plain_requests
@@ -154,10 +156,18 @@ class DicomReceiver:
         self.service = service
         storage = storage_contexts(extra_storage_classes)
         contexts = [*storage, build_context(Verification, TRANSFER_SYNTAXES[:2])]
+        plain_roles = plain_roles and plain_requests is not None
+        if plain_roles:
+            # As the pynetdicom AE (_build_ae): storage contexts allow either role, so
+            # a C-GET SCU can take the SCP role for its sub-operations (PS3.7 D.3.3.4).
+            for cx in storage:
+                cx.scu_role = True
+                cx.scp_role = True
         self.policy = AssociationPolicy(
             contexts=[*contexts, *plain_contexts] if plain_requests else contexts,
             plain_sop_classes=plain_sop_classes if plain_requests else frozenset(),
             max_identifier_bytes=max_identifier_bytes,
+            plain_roles=plain_roles,
             storage_sop_classes=frozenset(str(cx.abstract_syntax) for cx in storage),
             allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
             max_pdu=settings.max_pdu,

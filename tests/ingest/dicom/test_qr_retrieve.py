@@ -189,7 +189,10 @@ def test_move_refusals(archive: list[Study], receiver: Receiver, storescp: Path)
     assert list(storescp.iterdir()) == []
 
 
-def test_getscu_series(archive: list[Study], receiver: Receiver, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plain_socket", [True, False], indirect=True,
+                         ids=["plain", "pynetdicom"])
+def test_getscu_series(archive: list[Study], receiver: Receiver, tmp_path: Path,
+                       plain_socket: bool) -> None:
     study = archive[0]
     out = tmp_path / "get"
     out.mkdir()
