@@ -1,6 +1,6 @@
-"""Q/R on the plain-socket path (issue 16): C-CANCEL, hostile identifiers, awkward
-move destinations. pynetdicom is the peer where DCMTK's tools cannot do it (cancel
-mid-way, a destination that accepts only Implicit VR Little Endian)."""
+"""Q/R on the plain-socket path (issue 16): C-CANCEL of C-FIND, C-MOVE and C-GET,
+hostile identifiers, awkward move destinations. pynetdicom is the peer where DCMTK's
+tools cannot do it (cancel mid-way, a destination accepting only Implicit VR LE)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -266,3 +267,42 @@ def test_implicit_only_destination_gets_the_decoded_instances(
             original = dcmread(fp)
         assert np.array_equal(ds.pixel_array, original.pixel_array)
         assert str(ds.PatientName) == str(original.PatientName)
+
+
+def test_c_cancel_of_a_get_midway(archive: list[Study], receiver: Receiver,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    go = _slow_second_check(monkeypatch)
+    study = archive[0]  # 5 instances
+    ae = AE(ae_title="NATWS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(CTImageStorage)
+    got: list[str] = []
+
+    def on_store(event: Any) -> int:
+        got.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1", receiver.port, ae_title="PACSLAB",
+        ext_neg=[build_role(MRImageStorage, scp_role=True),
+                 build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    try:
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = study.study_uid
+        out = []
+        for status, _ds in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet,
+                                            msg_id=11):
+            out.append(status)
+            if len(out) == 1:
+                assoc.send_c_cancel(11, None, StudyRootQueryRetrieveInformationModelGet)
+                threading.Timer(0.5, go.set).start()
+        assert [int(s.Status) for s in out] == [0xFF00, 0xFE00]
+        assert int(out[-1].NumberOfRemainingSuboperations) == 4
+    finally:
+        assoc.release()
+    assert len(got) == 1
