@@ -633,6 +633,10 @@ class FastAssociation:
                         if header & 0x02:
                             if identifier is not None:
                                 assert self.on_request is not None
+                                if length:
+                                    # The operation reads this socket itself (C-CANCEL,
+                                    # C-GET's C-STORE-RSPs): no PDVs may be left unread.
+                                    raise AbortError(0x02, "PDVs after a complete request")
                                 request, identifier = bytes(identifier), None
                                 self.on_request(self, command, cmd_context, request)
                             else:

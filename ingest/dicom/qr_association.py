@@ -360,13 +360,7 @@ class _Operation:
                                calling, dest_ae, exc)
                 return self._refuse(_UNKNOWN_DESTINATION, "Move destination not reachable")
             logger.info("C-MOVE from %s to %s: %d instances", calling, dest_ae, len(items))
-            try:
-                return self._sub_operations(scu, dest_ae, items, C_MOVE_RSP)
-            finally:
-                if scu.usable:
-                    scu.release()
-                else:
-                    scu.abort()
+            return self._sub_operations(scu, dest_ae, items, C_MOVE_RSP)
         finally:
             self.owner.gate.leave()
 
@@ -451,7 +445,12 @@ class _Operation:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             if isinstance(scu, StorageScu):
-                scu.usable = usable
+                # Released before the final response, as pynetdicom does: once the
+                # requestor reads it, the destination has everything (PS3.8 9.3.6).
+                if usable:
+                    scu.release()
+                else:
+                    scu.abort()
         if attempted:
             self._record(dest_ae, attempted, "move" if field == C_MOVE_RSP else "get")
         listed = Dataset()

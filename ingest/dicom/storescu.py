@@ -78,8 +78,6 @@ class StorageScu:
         self._reader = PduReader(sock, max_pdu)
         self._by_syntax = {(a, ts): cx for cx, (a, ts) in accepted.items()}
         self._message_id = 0
-        #: False once a sub-operation failed on the wire: abort, do not release.
-        self.usable = True
 
     @classmethod
     def associate(
