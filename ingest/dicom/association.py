@@ -241,6 +241,12 @@ class AssociationPolicy:
     #: its C-STORE sub-operations on the storage contexts the SCU takes the SCP role
     #: for (the storage ``contexts`` then allow both roles).
     plain_roles: bool = False
+    #: With the Q/R plain path: the SOP classes only pynetdicom serves (worklist,
+    #: MPPS, commitment...); an association proposing one goes there, one proposing
+    #: SOP classes nobody serves stays here and those contexts are rejected (PS3.8
+    #: 9.3.3.2 result 3), as pynetdicom would (DCMTK's getscu proposes retired print
+    #: classes). None: every proposed context must be one served here.
+    pynetdicom_sop_classes: frozenset[str] | None = None
     admission: Admission = field(default_factory=lambda: Admission(32, 16))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
@@ -377,7 +383,7 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
     calling_ae = str(rq.calling_ae_title).strip()
     allowed = not policy.allowed_calling_aes or calling_ae in policy.allowed_calling_aes
     if not is_fast_path(rq, policy.storage_sop_classes | policy.plain_sop_classes,
-                        roles=policy.plain_roles):
+                        roles=policy.plain_roles, elsewhere=policy.pynetdicom_sop_classes):
         return Negotiation(False, calling_ae, allowed, {}, b"")
     roles: dict[str, tuple[bool | None, bool | None]] = {}
     peer_max_pdu = 16382  # PS3.8 D.1: a requestor that does not say gets the default
@@ -419,13 +425,18 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
 
 
 def is_fast_path(
-    rq: A_ASSOCIATE, storage_sop_classes: frozenset[str], *, roles: bool = False
+    rq: A_ASSOCIATE,
+    storage_sop_classes: frozenset[str],
+    *,
+    roles: bool = False,
+    elsewhere: frozenset[str] | None = None,
 ) -> bool:
     """True if every proposed context is Verification or in ``storage_sop_classes``
     (storage, and the Q/R FIND/MOVE models when the plain path serves them) and no
     negotiation item needs pynetdicom (SCP/SCU role selection, PS3.7 D.3.3.4; user
     identity, D.3.3.7; extended negotiation, D.3.3.5). ``roles``: role selection is
-    served here too (C-GET on the plain path)."""
+    served here too (C-GET on the plain path). ``elsewhere``: only contexts of these
+    SOP classes need pynetdicom; others unknown here are rejected here."""
     for item in rq.user_information:
         name = type(item).__name__
         if roles and name == "SCP_SCU_RoleSelectionNegotiation":
@@ -439,7 +450,10 @@ def is_fast_path(
             return False
     for cx in rq.presentation_context_definition_list:
         uid = str(cx.abstract_syntax)
-        if uid != VERIFICATION and uid not in storage_sop_classes:
+        if elsewhere is not None:
+            if uid in elsewhere:
+                return False
+        elif uid != VERIFICATION and uid not in storage_sop_classes:
             return False
     return True
 

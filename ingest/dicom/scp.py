@@ -168,6 +168,10 @@ class DicomReceiver:
             plain_sop_classes=plain_sop_classes if plain_requests else frozenset(),
             max_identifier_bytes=max_identifier_bytes,
             plain_roles=plain_roles,
+            pynetdicom_sop_classes=frozenset(
+                str(cx.abstract_syntax) for cx in extra_contexts
+                if str(cx.abstract_syntax) not in plain_sop_classes
+            ) if plain_requests else None,
             storage_sop_classes=frozenset(str(cx.abstract_syntax) for cx in storage),
             allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
             max_pdu=settings.max_pdu,
