@@ -744,12 +744,21 @@ class FastAssociation:
         return False
 
     def store_on_this(
-        self, context_id: int, command: bytes, data_set: bytes, message_id: int, operation_id: int
+        self,
+        context_id: int,
+        command: bytes,
+        data_set: bytes,
+        message_id: int,
+        operation_id: int,
+        while_waiting: Callable[[], None] | None = None,
     ) -> int:
         """A C-STORE sub-operation of a C-GET on this association (PS3.4 C.4.3.3.1):
-        send the request, return the Status of its C-STORE-RSP. A C-CANCEL-RQ of the
-        C-GET that arrives first is remembered for :meth:`cancelled`."""
+        send the request, run ``while_waiting``, return the Status of its C-STORE-RSP.
+        A C-CANCEL-RQ of the C-GET that arrives first is remembered for
+        :meth:`cancelled`."""
         self.send_message(context_id, command, data_set)
+        if while_waiting is not None:
+            while_waiting()
         reader = self._reader
         assert reader is not None
         while True:

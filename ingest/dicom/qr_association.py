@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -92,7 +92,8 @@ class _Sender(Protocol):
 
     def next_message_id(self) -> int: ...
 
-    def store(self, context_id: int, command: bytes, data_set: bytes) -> int: ...
+    def store(self, context_id: int, command: bytes, data_set: bytes,
+              while_waiting: Callable[[], None] | None = None) -> int: ...
 
 
 class _SameAssociation:
@@ -116,10 +117,35 @@ class _SameAssociation:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
 
-    def store(self, context_id: int, command: bytes, data_set: bytes) -> int:
+    def store(self, context_id: int, command: bytes, data_set: bytes,
+              while_waiting: Callable[[], None] | None = None) -> int:
         return self.assoc.store_on_this(
-            context_id, command, data_set, self._message_id, self.operation_id
+            context_id, command, data_set, self._message_id, self.operation_id, while_waiting
         )
+
+
+class _ReadAhead:
+    """The next original, read while the peer handles the current C-STORE (between
+    our ``sendall`` and its response), in the same thread.
+
+    A reading thread (as :mod:`.qr` uses) parsed the header holding the GIL just when
+    the C-STORE-RSP arrived: the sending thread then waited out the interpreter's
+    switch interval (5 ms) for it, longer than the peer took to store an instance.
+    """
+
+    def __init__(self, service: QueryRetrieveService, items: list[RetrieveItem]) -> None:
+        self.service = service
+        self.items = items
+        self._n = -1
+        self._value: EncodedInstance | None = None
+
+    def fill(self, n: int) -> None:
+        if n < len(self.items) and n != self._n:
+            self._value, self._n = encoded(self.service, self.items[n]), n
+
+    def get(self, n: int) -> EncodedInstance | None:
+        self.fill(n)
+        return self._value
 
 
 class PlainQueryRetrieve:
@@ -405,19 +431,11 @@ class _Operation:
         remaining = len(items)
         cancelled = False
         attempted: list[RetrieveItem] = []
-        # The next original is read while the current one is on the wire (its file
-        # read and header parse are a millisecond or two of each sub-operation).
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-read")
-
-        def read(item: RetrieveItem) -> Future[EncodedInstance | None]:
-            return pool.submit(encoded, self.service, item)
-
+        ahead = _ReadAhead(self.service, items)
         usable = True
         try:
-            ahead: Future[EncodedInstance | None] | None = read(items[0])
             for n, item in enumerate(items):
-                current = ahead
-                ahead = read(items[n + 1]) if n + 1 < len(items) else None
+                current = ahead.get(n)
                 if self.assoc.cancelled(self.command.message_id):
                     cancelled = True
                     break
@@ -425,8 +443,8 @@ class _Operation:
                 status: int | None = None
                 if usable:
                     try:
-                        status = self._store(scu, item, current.result() if current else None,
-                                             field)
+                        status = self._store(scu, item, current, field,
+                                             partial(ahead.fill, n + 1))
                     except OSError as exc:
                         # The destination went away or stopped answering: this and
                         # every later sub-operation fail (PS3.4 C.4.2.3.1).
@@ -443,7 +461,6 @@ class _Operation:
                     warning += 1
                 self._send(field, PENDING, counts=(remaining, completed, failed, warning))
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
             if isinstance(scu, StorageScu):
                 # Released before the final response, as pynetdicom does: once the
                 # requestor reads it, the destination has everything (PS3.8 9.3.6).
@@ -469,7 +486,7 @@ class _Operation:
         return final
 
     def _store(self, scu: _Sender, item: RetrieveItem, stored: EncodedInstance | None,
-               field: int) -> int | None:
+               field: int, while_waiting: Callable[[], None]) -> int | None:
         """One C-STORE sub-operation; None when it cannot be sent (nothing went out)."""
         payload = self._payload(scu, item, stored)
         if payload is None:
@@ -483,7 +500,7 @@ class _Operation:
             move_originator_aet=self.assoc.calling_ae if move else "",
             move_originator_id=self.command.message_id if move else None,
         )
-        return scu.store(context_id, command, data_set)
+        return scu.store(context_id, command, data_set, while_waiting)
 
     def _payload(self, scu: _Sender, item: RetrieveItem, stored: EncodedInstance | None
                  ) -> tuple[int, bytes] | None:

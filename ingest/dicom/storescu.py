@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -168,8 +168,10 @@ class StorageScu:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
 
-    def store(self, context_id: int, command: bytes, data_set: bytes) -> int:
-        """Send one C-STORE-RQ (PS3.7 9.3.1.1) and return the Status of its response.
+    def store(self, context_id: int, command: bytes, data_set: bytes,
+              while_waiting: Callable[[], None] | None = None) -> int:
+        """Send one C-STORE-RQ (PS3.7 9.3.1.1) and return the Status of its response;
+        ``while_waiting`` runs between the two (the next original is read then).
 
         Raises
         ------
@@ -183,6 +185,8 @@ class StorageScu:
         ])
         self.sock.settimeout(self.dimse_timeout_s)
         self.sock.sendall(payload)
+        if while_waiting is not None:
+            while_waiting()
         return self._read_status()
 
     def _read_status(self) -> int:
