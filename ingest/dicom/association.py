@@ -85,7 +85,7 @@ MAX_CONTROL_PDU = 65536
 #: Called with the finished data set's writer, the request and the calling AE title;
 #: returns the DIMSE status and an ErrorComment.
 StoreCallback = Callable[[StagedWriter, Command, str], tuple[int, str]]
-#: Serves a request that is not C-STORE/C-ECHO (C-FIND, C-MOVE: :mod:`.qr_association`)
+#: Serves a request that is not C-STORE/C-ECHO (C-FIND, C-MOVE, C-GET: :mod:`.qr_association`)
 #: given the association, the command, its context ID and the identifier's bytes; it
 #: sends every response itself (:meth:`FastAssociation.send_message`).
 RequestCallback = Callable[["FastAssociation", Command, int, bytes], None]
@@ -232,10 +232,10 @@ class AssociationPolicy:
     max_associations: int = 32
     max_command_bytes: int = 65536
     max_dataset_bytes: int = 4 << 30
-    #: SOP classes beyond storage and verification served on this path (Q/R FIND and
-    #: MOVE, :mod:`.qr_association`); their contexts must be in ``contexts``.
+    #: SOP classes beyond storage and verification served on this path (Q/R FIND,
+    #: MOVE and GET, :mod:`.qr_association`); their contexts must be in ``contexts``.
     plain_sop_classes: frozenset[str] = frozenset()
-    #: A C-FIND/C-MOVE identifier is held in memory: past this, A-ABORT.
+    #: A C-FIND/C-MOVE/C-GET identifier is held in memory: past this, A-ABORT.
     max_identifier_bytes: int = 65536
     #: Accept SCP/SCU Role Selection (PS3.7 D.3.3.4) on this path: C-GET served here,
     #: its C-STORE sub-operations on the storage contexts the SCU takes the SCP role
@@ -460,7 +460,7 @@ def is_fast_path(
 
 class FastAssociation:
     """One storage/verification association on a blocking socket, in its own thread;
-    with ``on_request``, Q/R C-FIND and C-MOVE too (:mod:`.qr_association`)."""
+    with ``on_request``, Q/R C-FIND, C-MOVE and C-GET too (:mod:`.qr_association`)."""
 
     def __init__(
         self,

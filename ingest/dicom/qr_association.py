@@ -1,4 +1,4 @@
-"""Query/Retrieve C-FIND and C-MOVE on the plain-socket association (PS3.4 C.4.1, C.4.2).
+"""Query/Retrieve C-FIND, C-MOVE, C-GET on the plain-socket association (PS3.4 C.4.1-C.4.3).
 
 Why not pynetdicom here (issue 16): its DUL and reactor threads hand every message
 through queues polled with 1 ms sleeps, which was most of a C-FIND's 62 ms p99 on a
@@ -149,7 +149,7 @@ class _ReadAhead:
 
 
 class PlainQueryRetrieve:
-    """The ``on_request`` of a :class:`FastAssociation`: C-FIND and C-MOVE.
+    """The ``on_request`` of a :class:`FastAssociation`: C-FIND, C-MOVE and C-GET.
 
     Parameters
     ----------
@@ -209,7 +209,7 @@ class PlainQueryRetrieve:
 
 
 class _Operation:
-    """One C-FIND or C-MOVE request being answered."""
+    """One C-FIND, C-MOVE or C-GET request being answered."""
 
     def __init__(
         self,
