@@ -783,6 +783,17 @@ class QueryRetrieveSettings(BaseModel):
     max_find_results: int = Field(10_000, ge=1)
     #: C-MOVE / C-GET running at once in one receiver process; more get 0xA702.
     max_concurrent_retrieves: int = Field(4, ge=1)
+    #: Serve Q/R C-FIND, C-MOVE and C-GET (with C-ECHO, C-CANCEL and storage on the
+    #: same association) on the receiver's plain-socket path, with our own Storage SCU
+    #: for C-MOVE sub-operations, when the association needs nothing pynetdicom-only
+    #: (user identity, extended negotiation; SCP/SCU role selection is negotiated
+    #: there for C-GET). pynetdicom's threads poll their queues with 1 ms sleeps
+    #: (issue 16: C-FIND p99, retrieve rates). False hands every Q/R association to
+    #: pynetdicom, as before (kept for comparison and as a fallback).
+    plain_socket: bool = True
+    #: Bytes of one C-FIND/C-MOVE identifier held in memory on the plain path; a
+    #: longer one aborts the association (a real identifier is a few hundred bytes).
+    max_identifier_bytes: int = Field(1 << 20, ge=1024)
     #: Sub-operations of one C-MOVE / C-GET (the response counters are US: 65535).
     max_retrieve_instances: int = Field(65_535, ge=1, le=65_535)
     #: Timeouts of our associations to move destinations / commitment SCUs (s).

@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
@@ -38,6 +38,9 @@ from pacslab.wiring import (
 from services.storage_classes import extra_storage_classes
 from storage.index.sql import SqlIndex
 from storage.originals import clear_staging
+
+if TYPE_CHECKING:
+    from ingest.dicom.qr_association import PlainQueryRetrieve
 
 __all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver", "warn_open_access"]
 
@@ -75,7 +78,7 @@ def run_receiver(
     # process (the receiver and the worklist SCP it also serves no longer set them).
     configure_runtime(receiver_staging=service.archive.staging_dir())
     extra_contexts, extra_handlers = _other_dicom_services(settings, index)
-    extra_contexts, extra_handlers = _query_retrieve(
+    extra_contexts, extra_handlers, plain_qr = _query_retrieve(
         settings, index, service, extra_contexts, extra_handlers
     )
     # Queries and procedure steps served by pynetdicom are logged too (issue 7 §2).
@@ -95,6 +98,11 @@ def run_receiver(
         extra_handlers=extra_handlers,
         share_accepts=siblings > 1,
         loads=loads,
+        plain_requests=plain_qr,
+        plain_sop_classes=plain_qr.sop_classes if plain_qr is not None else frozenset(),
+        plain_contexts=plain_qr.contexts() if plain_qr is not None else (),
+        max_identifier_bytes=settings.qr.max_identifier_bytes,
+        plain_roles=plain_qr is not None and plain_qr.serve_get,
         extra_storage_classes=extra_storage_classes(
             accept_retired=settings.qr.accept_retired_storage,
             private=settings.qr.private_storage_classes,
@@ -200,15 +208,19 @@ def _query_retrieve(
     service: IngestService,
     contexts: list[PresentationContext],
     handlers: list[Any],
-) -> tuple[list[PresentationContext], list[Any]]:
+) -> tuple[list[PresentationContext], list[Any], PlainQueryRetrieve | None]:
     """Query/Retrieve FIND, MOVE, GET (PS3.4 C) and Storage Commitment (PS3.4 J).
 
     The worklist's C-FIND handler becomes the fallback of the Q/R one: pynetdicom
     binds one handler per intervention event, so one handler routes by SOP Class.
+    With ``qr.plain_socket``, also the plain-socket C-FIND/C-MOVE server, sharing the
+    service and the cap on retrieves with the pynetdicom handlers.
     """
     from functools import partial
 
     from ingest.dicom import qr
+    from ingest.dicom._retrieve import RetrieveGate
+    from ingest.dicom.qr_association import PlainQueryRetrieve
     from services.destinations import DestinationDirectory
     from services.query_retrieve import QueryRetrieveService
 
@@ -230,12 +242,26 @@ def _query_retrieve(
         else:
             rest.append(entry)
     directory = DestinationDirectory(index, settings.qr.destinations)
+    gate = RetrieveGate(settings.qr.max_concurrent_retrieves)
     qr_handlers = qr.handlers(
         qr_service,
         destinations=directory.lookup,
         max_concurrent=settings.qr.max_concurrent_retrieves,
         fallback_find=fallback,
+        gate=gate,
     )
+    plain = None
+    if settings.qr.plain_socket:
+        plain = PlainQueryRetrieve(
+            qr_service,
+            directory.lookup,
+            gate,
+            ae_title=settings.dicom.ae_title,
+            max_pdu=settings.dicom.max_pdu,
+            connect_timeout_s=settings.qr.connect_timeout_s,
+            acse_timeout_s=settings.dicom.acse_timeout_s,
+            dimse_timeout_s=settings.dicom.dimse_timeout_s,
+        )
     from ingest.dicom import commitment
     from services.commitment import CommitmentService
 
@@ -251,6 +277,7 @@ def _query_retrieve(
     return (
         [*contexts, *qr.presentation_contexts(), *commitment.presentation_contexts()],
         [*rest, *qr_handlers, *commitment.handlers(reporter)],
+        plain,
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import struct
 import threading
@@ -40,12 +41,15 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from core.errors import ServiceError
 from core.logging import correlation
+from ingest.dicom._retrieve import p_data_tf
 from ingest.dicom.dimse import (
+    C_CANCEL_RQ,
     C_ECHO_RQ,
     C_ECHO_RSP,
     C_STORE_RQ,
@@ -57,11 +61,13 @@ from ingest.dicom.dimse import (
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StagedWriter
 
 __all__ = [
+    "AbortError",
     "Admission",
     "AssociationPolicy",
     "FastAssociation",
     "Negotiation",
     "PduReader",
+    "RequestCallback",
     "StoreCallback",
     "Ticket",
     "is_fast_path",
@@ -79,6 +85,10 @@ MAX_CONTROL_PDU = 65536
 #: Called with the finished data set's writer, the request and the calling AE title;
 #: returns the DIMSE status and an ErrorComment.
 StoreCallback = Callable[[StagedWriter, Command, str], tuple[int, str]]
+#: Serves a request that is not C-STORE/C-ECHO (C-FIND, C-MOVE, C-GET: :mod:`.qr_association`)
+#: given the association, the command, its context ID and the identifier's bytes; it
+#: sends every response itself (:meth:`FastAssociation.send_message`).
+RequestCallback = Callable[["FastAssociation", Command, int, bytes], None]
 
 
 class AbortError(Exception):
@@ -87,6 +97,10 @@ class AbortError(Exception):
     def __init__(self, reason: int, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class PeerAbortError(ConnectionError):
+    """The peer sent A-ABORT (PS3.8 9.3.8): the association is gone, nothing to answer."""
 
 
 class Ticket:
@@ -218,6 +232,21 @@ class AssociationPolicy:
     max_associations: int = 32
     max_command_bytes: int = 65536
     max_dataset_bytes: int = 4 << 30
+    #: SOP classes beyond storage and verification served on this path (Q/R FIND,
+    #: MOVE and GET, :mod:`.qr_association`); their contexts must be in ``contexts``.
+    plain_sop_classes: frozenset[str] = frozenset()
+    #: A C-FIND/C-MOVE/C-GET identifier is held in memory: past this, A-ABORT.
+    max_identifier_bytes: int = 65536
+    #: Accept SCP/SCU Role Selection (PS3.7 D.3.3.4) on this path: C-GET served here,
+    #: its C-STORE sub-operations on the storage contexts the SCU takes the SCP role
+    #: for (the storage ``contexts`` then allow both roles).
+    plain_roles: bool = False
+    #: With the Q/R plain path: the SOP classes only pynetdicom serves (worklist,
+    #: MPPS, commitment...); an association proposing one goes there, one proposing
+    #: SOP classes nobody serves stays here and those contexts are rejected (PS3.8
+    #: 9.3.3.2 result 3), as pynetdicom would (DCMTK's getscu proposes retired print
+    #: classes). None: every proposed context must be one served here.
+    pynetdicom_sop_classes: frozenset[str] | None = None
     admission: Admission = field(default_factory=lambda: Admission(32, 16))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _plans: OrderedDict[bytes, Negotiation] = field(default_factory=OrderedDict)
@@ -339,6 +368,11 @@ class Negotiation:
     allowed: bool  # calling AE title permitted (PS3.8 A-ASSOCIATE-RJ reason 3 otherwise)
     accepted: dict[int, tuple[str, str]]  # context id -> (abstract, transfer syntax)
     ac_pdu: bytes  # the encoded A-ASSOCIATE-AC
+    #: The requestor's Maximum Length Received (PS3.8 D.1; 0: unlimited): P-DATA-TF
+    #: PDUs we send it are cut to this.
+    peer_max_pdu: int = 16382
+    #: Accepted contexts we may act as SCU on (role selection): C-GET sub-operations.
+    scu_contexts: frozenset[int] = frozenset()
 
 
 def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
@@ -348,10 +382,20 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
     rq = pdu.to_primitive()
     calling_ae = str(rq.calling_ae_title).strip()
     allowed = not policy.allowed_calling_aes or calling_ae in policy.allowed_calling_aes
-    if not is_fast_path(rq, policy.storage_sop_classes):
+    if not is_fast_path(rq, policy.storage_sop_classes | policy.plain_sop_classes,
+                        roles=policy.plain_roles, elsewhere=policy.pynetdicom_sop_classes):
         return Negotiation(False, calling_ae, allowed, {}, b"")
-    results, _roles = negotiate_as_acceptor(
-        rq.presentation_context_definition_list, list(policy.contexts), None
+    roles: dict[str, tuple[bool | None, bool | None]] = {}
+    peer_max_pdu = 16382  # PS3.8 D.1: a requestor that does not say gets the default
+    for item in rq.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            peer_max_pdu = int(item.maximum_length_received or 0)
+        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+    results, role_items = negotiate_as_acceptor(
+        rq.presentation_context_definition_list,
+        list(policy.contexts),
+        roles or None,  # type: ignore[arg-type]
     )
     accepted = {
         int(cx.context_id or 0): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -371,17 +415,32 @@ def negotiate(rq_bytes: bytes, policy: AssociationPolicy) -> Negotiation:
     impl.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     version = ImplementationVersionNameNotification()
     version.implementation_version_name = IMPLEMENTATION_VERSION
-    ac.user_information = [max_len, impl, version]
+    ac.user_information = [max_len, impl, version, *role_items]
     ac_pdu = A_ASSOCIATE_AC()
     ac_pdu.from_primitive(ac)
-    return Negotiation(True, calling_ae, allowed, accepted, ac_pdu.encode())
+    scu = frozenset(int(cx.context_id or 0) for cx in results if cx.result == 0x00 and cx.as_scu)
+    return Negotiation(
+        True, calling_ae, allowed, accepted, ac_pdu.encode(), peer_max_pdu, scu
+    )
 
 
-def is_fast_path(rq: A_ASSOCIATE, storage_sop_classes: frozenset[str]) -> bool:
-    """True if every proposed context is Storage or Verification and no negotiation
-    item needs pynetdicom (role selection, user identity, extended negotiation)."""
+def is_fast_path(
+    rq: A_ASSOCIATE,
+    storage_sop_classes: frozenset[str],
+    *,
+    roles: bool = False,
+    elsewhere: frozenset[str] | None = None,
+) -> bool:
+    """True if every proposed context is Verification or in ``storage_sop_classes``
+    (storage, and the Q/R FIND/MOVE models when the plain path serves them) and no
+    negotiation item needs pynetdicom (SCP/SCU role selection, PS3.7 D.3.3.4; user
+    identity, D.3.3.7; extended negotiation, D.3.3.5). ``roles``: role selection is
+    served here too (C-GET on the plain path). ``elsewhere``: only contexts of these
+    SOP classes need pynetdicom; others unknown here are rejected here."""
     for item in rq.user_information:
         name = type(item).__name__
+        if roles and name == "SCP_SCU_RoleSelectionNegotiation":
+            continue
         if name not in {
             "MaximumLengthNotification",
             "ImplementationClassUIDNotification",
@@ -391,13 +450,17 @@ def is_fast_path(rq: A_ASSOCIATE, storage_sop_classes: frozenset[str]) -> bool:
             return False
     for cx in rq.presentation_context_definition_list:
         uid = str(cx.abstract_syntax)
-        if uid != VERIFICATION and uid not in storage_sop_classes:
+        if elsewhere is not None:
+            if uid in elsewhere:
+                return False
+        elif uid != VERIFICATION and uid not in storage_sop_classes:
             return False
     return True
 
 
 class FastAssociation:
-    """One storage/verification association on a blocking socket, in its own thread."""
+    """One storage/verification association on a blocking socket, in its own thread;
+    with ``on_request``, Q/R C-FIND, C-MOVE and C-GET too (:mod:`.qr_association`)."""
 
     def __init__(
         self,
@@ -408,7 +471,13 @@ class FastAssociation:
         staging: Path,
         ticket: Ticket | None = None,
         on_refused: Callable[[str, str, tuple[int, int, int]], None] | None = None,
+        on_request: RequestCallback | None = None,
     ) -> None:
+        self.on_request = on_request
+        self.peer_max_pdu = 16382
+        self.scu_contexts: frozenset[int] = frozenset()
+        self._reader: PduReader | None = None
+        self._cancel_seen: set[int] = set()  # C-CANCEL-RQs read during a C-GET
         #: Told (calling AE, peer, A-ASSOCIATE-RJ code) of a calling AE refused (audit).
         self.on_refused = on_refused
         self.ticket = ticket
@@ -478,6 +547,8 @@ class FastAssociation:
             self._reject(0x02, 0x03, 0x02)  # rejected-transient, presentation, local limit
             return False
         self.accepted = plan.accepted
+        self.peer_max_pdu = plan.peer_max_pdu
+        self.scu_contexts = plan.scu_contexts
         self.sock.sendall(plan.ac_pdu)
         return True
 
@@ -498,7 +569,9 @@ class FastAssociation:
         command: Command | None = None
         cmd_context = 0
         writer: StagedWriter | None = None
+        identifier: bytearray | None = None  # of a C-FIND/C-MOVE, held in memory
         reader = PduReader(self.sock, self.policy.max_pdu, self.ticket)
+        self._reader = reader
         try:
             while True:
                 pdu_type, length = reader.read_header()
@@ -549,13 +622,21 @@ class FastAssociation:
                                 command = None
                             elif command.command_field == C_STORE_RQ:
                                 writer = self._open_writer(command, cmd_context)
+                            elif self.on_request is not None:
+                                identifier = bytearray()
                     else:  # data set fragment
                         if command is None or context_id != cmd_context:
                             raise AbortError(0x02, "data set fragment without its command")
                         data_size += size
                         if data_size > self.policy.max_dataset_bytes:
                             raise AbortError(0x02, "data set larger than max_dataset_bytes")
-                        if writer is None:
+                        if identifier is not None:
+                            if data_size > self.policy.max_identifier_bytes:
+                                # A query identifier is a few hundred bytes: one past
+                                # the bound is an attack on memory (PS3.8 9.3.8).
+                                raise AbortError(0x02, "identifier over max_identifier_bytes")
+                            identifier += reader.read_body(size)
+                        elif writer is None:
                             reader.discard(size)  # refused already: consume and drop
                         else:
                             try:
@@ -564,7 +645,16 @@ class FastAssociation:
                                 logger.error("cannot stage incoming instance: %s", exc.title)
                                 writer = None
                         if header & 0x02:
-                            self._dispatch(command, cmd_context, writer)
+                            if identifier is not None:
+                                assert self.on_request is not None
+                                if length:
+                                    # The operation reads this socket itself (C-CANCEL,
+                                    # C-GET's C-STORE-RSPs): no PDVs may be left unread.
+                                    raise AbortError(0x02, "PDVs after a complete request")
+                                request, identifier = bytes(identifier), None
+                                self.on_request(self, command, cmd_context, request)
+                            else:
+                                self._dispatch(command, cmd_context, writer)
                             writer = None
                             command = None
         finally:
@@ -585,6 +675,10 @@ class FastAssociation:
         abstract, _ts = self.accepted[context_id]
         if command.command_field == C_ECHO_RQ:
             self._respond(context_id, encode_response(C_ECHO_RSP, command, 0x0000))
+            return
+        if command.command_field == C_CANCEL_RQ:
+            # PS3.7 9.3.2.3: a C-CANCEL of an operation already finished (the final
+            # response crossed it on the wire) has nothing to cancel.
             return
         if command.command_field != C_STORE_RQ:
             raise AbortError(0x02, f"unsupported DIMSE command 0x{command.command_field:04X}")
@@ -611,6 +705,104 @@ class FastAssociation:
         if status in (0x0000,) or status >> 12 == 0xB:
             self.stored += 1
         self._respond(context_id, encode_response(C_STORE_RSP, command, status, comment))
+
+    # -- operations served by on_request (PS3.7 9.3.2, 9.3.4) ----------------------
+
+    def send_message(self, context_id: int, command_bytes: bytes, data_set: bytes = b"") -> None:
+        """One DIMSE message in one ``sendall``: the command PDV, then the data set's
+        PDVs cut to the requestor's Maximum Length (PS3.8 9.3.5, E.2)."""
+        parts = [*p_data_tf(command_bytes, context_id, self.peer_max_pdu, command=True),
+                 *p_data_tf(data_set, context_id, self.peer_max_pdu, command=False)]
+        self.sock.sendall(b"".join(parts))
+        if self.ticket is not None:
+            self.ticket.touch()  # busy answering, not idle: never evicted for a new one
+
+    def cancelled(self, message_id: int) -> bool:
+        """Whether a C-CANCEL-RQ for ``message_id`` has arrived (PS3.7 9.3.2.3), read
+        without waiting when nothing has.
+
+        With the asynchronous operations window at 1 (PS3.7 D.3.3.3) the requestor may
+        send only C-CANCEL while an operation is outstanding: any other request, or an
+        A-RELEASE-RQ (PS3.7 D.3.3.1: not while a response is due), ends the
+        association with A-ABORT; an A-ABORT from the peer ends it at once.
+        """
+        reader = self._reader
+        if reader is None:
+            return False
+        if message_id in self._cancel_seen:
+            self._cancel_seen.discard(message_id)
+            return True
+        while select.select([self.sock], [], [], 0)[0]:
+            command = self._read_command(reader)
+            if command.command_field != C_CANCEL_RQ:
+                raise AbortError(
+                    0x02, f"DIMSE 0x{command.command_field:04X} while an operation runs"
+                )
+            if command.message_id_responded == message_id:
+                return True
+            # A cancel of another (finished) operation: nothing to do.
+        return False
+
+    def store_on_this(
+        self,
+        context_id: int,
+        command: bytes,
+        data_set: bytes,
+        message_id: int,
+        operation_id: int,
+        while_waiting: Callable[[], None] | None = None,
+    ) -> int:
+        """A C-STORE sub-operation of a C-GET on this association (PS3.4 C.4.3.3.1):
+        send the request, run ``while_waiting``, return the Status of its C-STORE-RSP.
+        A C-CANCEL-RQ of the C-GET that arrives first is remembered for
+        :meth:`cancelled`."""
+        self.send_message(context_id, command, data_set)
+        if while_waiting is not None:
+            while_waiting()
+        reader = self._reader
+        assert reader is not None
+        while True:
+            rsp = self._read_command(reader)
+            if rsp.command_field == C_CANCEL_RQ:
+                if rsp.message_id_responded == operation_id:
+                    self._cancel_seen.add(operation_id)
+                continue
+            if (rsp.command_field == C_STORE_RSP and rsp.message_id_responded == message_id
+                    and rsp.status is not None):
+                return rsp.status
+            raise AbortError(0x02, f"DIMSE 0x{rsp.command_field:04X} instead of C-STORE-RSP")
+
+    def _read_command(self, reader: PduReader) -> Command:
+        """Read one command-only message (C-CANCEL-RQ), PDU by PDU."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            pdu_type, length = reader.read_header()
+            if pdu_type == A_ABORT:
+                reader.read_body(length)
+                raise PeerAbortError("peer aborted the association")
+            if pdu_type != P_DATA_TF:
+                raise AbortError(0x02, f"PDU type 0x{pdu_type:02X} while an operation runs")
+            while length > 0:
+                if length < 6:
+                    raise AbortError(0x06, "truncated PDV item")
+                item_len, context_id, header = reader.read_item_header()
+                if item_len < 2 or 4 + item_len > length:
+                    raise AbortError(0x06, "invalid PDV item length")
+                length -= 4 + item_len
+                if context_id not in self.accepted or not header & 0x01:
+                    raise AbortError(0x02, "data set while an operation runs")
+                size += item_len - 2
+                if size > self.policy.max_command_bytes:
+                    raise AbortError(0x02, "command set over max_command_bytes")
+                parts.append(bytes(reader.read_body(item_len - 2)))
+                if header & 0x02:
+                    if length:
+                        raise AbortError(0x02, "PDVs after a complete command")
+                    try:
+                        return decode_command(b"".join(parts))
+                    except ValueError as exc:
+                        raise AbortError(0x06, str(exc)) from exc
 
     def _respond(self, context_id: int, command_bytes: bytes) -> None:
         item = struct.pack(">IBB", len(command_bytes) + 2, context_id, 0x03) + command_bytes

@@ -30,7 +30,7 @@ from storage.audit import AuditLog
 if TYPE_CHECKING:
     from pynetdicom.events import Event
 
-__all__ = ["PatientLookup", "dimse_audit_handlers"]
+__all__ = ["PatientLookup", "dimse_audit_handlers", "identifier_patient_key", "record_dimse"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,48 @@ _PENDING = (0xFF00, 0xFF01)
 
 #: Patient ID and issuer of a stored procedure step, by SOP Instance UID (or None).
 PatientLookup = Callable[[str], "tuple[str, str] | None"]
+
+
+def identifier_patient_key(secret: bytes, ds: Any) -> str:
+    """The keyed patient reference of a request identifier; empty for a wildcard
+    Patient ID, which names no one patient (PS3.4 C.2.2.2.4)."""
+    pid = str(ds.get("PatientID", "") or "")
+    if "*" in pid or "?" in pid:
+        return ""
+    issuer = str(ds.get("IssuerOfPatientID", "") or "")
+    return patient_key(secret, pid, issuer)
+
+
+def record_dimse(
+    log: AuditLog,
+    *,
+    event_type: str,
+    action: str,
+    status: int,
+    calling_ae: str,
+    address: str,
+    resource: str,
+    patient_key: str,
+    detail: dict[str, Any],
+) -> None:
+    """One action-log entry for a DIMSE request at its final response (PS3.15
+    A.5.3.12 Query, A.5.3.4 Procedure Record); both transports call it. Raises what
+    the log raises (callers are notification handlers: they log and carry on)."""
+    log.record(
+        AuditEntry(
+            action=action,
+            event_type=event_type,
+            outcome=outcome_for_dimse(status),
+            outcome_desc=f"0x{status:04X}",
+            agent=calling_ae[:128],
+            agent_type="ae",
+            source=address[:64],
+            resource=resource[:256],
+            patient_key=patient_key,
+            correlation_id=correlation_id.get()[:32],
+            detail=AuditEntry.details(detail),
+        )
+    )
 
 
 @dataclass(slots=True)
@@ -83,12 +125,7 @@ class _DimseAudit:
         data.seek(0)
         ds = decode(data, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         data.seek(0)
-        pid = str(ds.get("PatientID", "") or "")
-        if "*" in pid or "?" in pid:
-            # A wildcard query key (PS3.4 C.2.2.2.4) names no one patient.
-            return ""
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
-        return patient_key(self.secret, pid, issuer)
+        return identifier_patient_key(self.secret, ds)
 
     def _step_patient(self, uid: str) -> str:
         # An N-SET's modification list rarely repeats the Patient ID (PS3.4 F.7.2.2:
@@ -150,20 +187,16 @@ class _DimseAudit:
                 if not pkey:
                     pkey = self._step_patient(uid)
             requestor = event.assoc.requestor
-            self.log.record(
-                AuditEntry(
-                    action=action,
-                    event_type=event_type,
-                    outcome=outcome_for_dimse(status),
-                    outcome_desc=f"0x{status:04X}",
-                    agent=str(requestor.ae_title)[:128],
-                    agent_type="ae",
-                    source=str(requestor.address)[:64],
-                    resource=resource[:256],
-                    patient_key=pkey,
-                    correlation_id=correlation_id.get()[:32],
-                    detail=AuditEntry.details(detail),
-                )
+            record_dimse(
+                self.log,
+                event_type=event_type,
+                action=action,
+                status=status,
+                calling_ae=str(requestor.ae_title),
+                address=str(requestor.address),
+                resource=resource,
+                patient_key=pkey,
+                detail=detail,
             )
         except Exception:
             logger.error("DIMSE audit: response not recorded", exc_info=True)

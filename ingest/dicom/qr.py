@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pynetdicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -34,6 +33,19 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.errors import ServiceError
+from ingest.dicom._retrieve import (
+    CANCEL,
+    PENDING,
+    PENDING_WARNING,
+    REFUSED_SUBOPS,
+    SYNTAXES,
+    RetrieveGate,
+    comment,
+    encoded,
+    load,
+    p_data_tf,
+    retrieve_contexts,
+)
 from services.query_retrieve import (
     FIND_MODELS,
     GET_MODELS,
@@ -60,14 +72,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PENDING = 0xFF00
-_PENDING_WARNING = 0xFF01
-_CANCEL = 0xFE00
-#: PS3.4 C.4.2.1.5: Refused: Out of Resources - Unable to perform sub-operations.
-_REFUSED_SUBOPS = 0xA702
+_PENDING, _PENDING_WARNING, _CANCEL = PENDING, PENDING_WARNING, CANCEL
+_REFUSED_SUBOPS = REFUSED_SUBOPS
 #: A SOP Class UID never proposed (a UID of the 2.25 UUID arc, PS3.5 B.2).
 _NO_CONTEXT = "2.25.1"
-_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+_SYNTAXES = SYNTAXES
+_comment = comment
+_load = load
+_encoded = encoded
+_p_data_tf = p_data_tf
 
 FindHandler = Callable[["Event"], Iterator[tuple[Any, Any]]]
 DestinationLookup = Callable[[str], "RemoteAE | None"]
@@ -78,10 +91,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]  # LO; our messages carry no PHI
     return ds
-
-
-def _comment(exc: ServiceError) -> str:
-    return (str(exc) or exc.title)[:64]
 
 
 def _sop_class(event: Event) -> str:
@@ -127,45 +136,6 @@ def handle_find(
         yield _status(exc.dimse_status, _comment(exc)), None
         return
     logger.info("C-FIND %s level from %s: %d matches", request.level, calling, sent)
-
-
-class RetrieveGate:
-    """A cap on C-MOVE/C-GET running at once in this process (issue 16 §2)."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = threading.BoundedSemaphore(limit)
-
-    def try_enter(self) -> bool:
-        return self._slots.acquire(blocking=False)
-
-    def leave(self) -> None:
-        self._slots.release()
-
-
-def retrieve_contexts(items: list[RetrieveItem]) -> list[PresentationContext]:
-    """What to propose to a move destination: each SOP Class in its stored transfer
-    syntax, and uncompressed (PS3.5 A.1, A.2) for destinations that accept only that.
-
-    At most 128 contexts (PS3.8 9.3.2.2); the SOP classes beyond are not proposed and
-    their sub-operations fail, listed in the Failed SOP Instance UID List.
-    """
-    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
-    for item in items:
-        own = item.transfer_syntax_uid
-        if own not in _SYNTAXES[:2]:
-            wanted[(item.sop_class_uid, (own,))] = None
-        wanted[(item.sop_class_uid, tuple(_SYNTAXES[:2]))] = None
-    contexts = [build_context(sop, list(ts)) for sop, ts in list(wanted)[:128]]
-    return contexts
-
-
-def _load(service: QueryRetrieveService, item: RetrieveItem) -> Dataset | None:
-    try:
-        return service.load(item)
-    except (ServiceError, OSError, ValueError):
-        logger.error("original of %s not readable for retrieve", item.sop_instance_uid,
-                     exc_info=True)
-        return None
 
 
 def _refuse(code: int, comment: str) -> tuple[int | Dataset, Dataset | None]:
@@ -464,29 +434,6 @@ def _write_message(assoc: Any, req: C_STORE, context_id: int) -> None:
         raw_send(payload)
 
 
-def _p_data_tf(
-    data: bytes, context_id: int, max_pdu: int, *, command: bool
-) -> list[bytes | memoryview]:
-    """P-DATA-TF PDUs of one PDV each carrying ``data`` (PS3.8 9.3.5, E.2), as
-    pynetdicom's ``encode_msg`` cuts them: fragments of the peer's Maximum Length less
-    the PDV header (6 bytes), the last one flagged; built with ``struct``, as
-    pynetdicom's PDU objects cost about a millisecond per CT image."""
-    if not data and not command:
-        return []  # as pynetdicom: no data set PDV for an empty data set
-    size = max(1, max_pdu - 6) if max_pdu else max(1, len(data))
-    view = memoryview(data)
-    out: list[bytes | memoryview] = []
-    flags = 0x01 if command else 0x00
-    for start in range(0, max(1, len(data)), size):
-        fragment = view[start:start + size]
-        last = start + size >= len(data)
-        pdv = len(fragment) + 2
-        out.append(struct.pack(">BBLLBB", 0x04, 0x00, pdv + 4, pdv, context_id,
-                               flags | (0x02 if last else 0x00)))
-        out.append(fragment)
-    return out
-
-
 def _serialised_socket(dul: Any) -> tuple[threading.Lock, Callable[[bytes], None]]:
     """A lock around the DUL socket's ``send`` (installed once per association) and
     the unwrapped ``send``."""
@@ -543,13 +490,6 @@ def _sub_operations_reading_ahead(
         # and a Dataset of a SOP Class no context was negotiated for raises at once,
         # before anything is sent.
         yield _PENDING, ds if ds is not None else _unsendable(item)
-
-
-def _encoded(service: QueryRetrieveService, item: RetrieveItem) -> EncodedInstance | None:
-    try:
-        return service.encoded(item)
-    except (ServiceError, OSError, ValueError):
-        return None  # _load reads it again and reports
 
 
 def _unsendable(item: RetrieveItem) -> Dataset:
@@ -612,9 +552,11 @@ def handlers(
     *,
     max_concurrent: int,
     fallback_find: FindHandler | None = None,
+    gate: RetrieveGate | None = None,
 ) -> list[tuple[Any, ...]]:
-    """``evt_handlers`` entries for the shared AE (see the module docstring)."""
-    gate = RetrieveGate(max_concurrent)
+    """``evt_handlers`` entries for the shared AE (see the module docstring); ``gate``
+    is shared with the plain-socket path when it serves Q/R too."""
+    gate = gate or RetrieveGate(max_concurrent)
     return [
         (evt.EVT_C_FIND, handle_find, [service, fallback_find]),
         (evt.EVT_C_MOVE, handle_move, [service, destinations, gate]),

@@ -37,6 +37,7 @@ from ingest.dicom.association import (
     AssociationPolicy,
     FastAssociation,
     Negotiation,
+    RequestCallback,
     Ticket,
 )
 from ingest.dicom.dimse import C_STORE_RQ, decode_command
@@ -122,6 +123,12 @@ class DicomReceiver:
         The connection counts of every process sharing the socket (with
         ``share_accepts``): only a process busier than the least busy one lets the
         others go first.
+    plain_requests
+        Serves requests beyond C-STORE/C-ECHO on the plain-socket path (Q/R C-FIND,
+        C-MOVE: :class:`~ingest.dicom.qr_association.PlainQueryRetrieve`), for the
+        SOP classes ``plain_sop_classes`` with the presentation contexts
+        ``plain_contexts``; their other associations still go to pynetdicom.
+        ``plain_roles``: SCP/SCU Role Selection is negotiated there too (C-GET).
 
     Durability (fsync) is the archive's business, not the transport's.
     """
@@ -136,15 +143,35 @@ class DicomReceiver:
         share_accepts: bool = False,
         extra_storage_classes: Sequence[str] = (),
         loads: AcceptLoads | None = None,
+        plain_requests: RequestCallback | None = None,
+        plain_sop_classes: frozenset[str] = frozenset(),
+        plain_contexts: Sequence[PresentationContext] = (),
+        max_identifier_bytes: int = 1 << 20,
+        plain_roles: bool = False,
     ) -> None:
         self.settings = settings
+        self.plain_requests = plain_requests
         self.share_accepts = share_accepts
         self.loads = loads if share_accepts else None
         self.service = service
         storage = storage_contexts(extra_storage_classes)
         contexts = [*storage, build_context(Verification, TRANSFER_SYNTAXES[:2])]
+        plain_roles = plain_roles and plain_requests is not None
+        if plain_roles:
+            # As the pynetdicom AE (_build_ae): storage contexts allow either role, so
+            # a C-GET SCU can take the SCP role for its sub-operations (PS3.7 D.3.3.4).
+            for cx in storage:
+                cx.scu_role = True
+                cx.scp_role = True
         self.policy = AssociationPolicy(
-            contexts=contexts,
+            contexts=[*contexts, *plain_contexts] if plain_requests else contexts,
+            plain_sop_classes=plain_sop_classes if plain_requests else frozenset(),
+            max_identifier_bytes=max_identifier_bytes,
+            plain_roles=plain_roles,
+            pynetdicom_sop_classes=frozenset(
+                str(cx.abstract_syntax) for cx in extra_contexts
+                if str(cx.abstract_syntax) not in plain_sop_classes
+            ) if plain_requests else None,
             storage_sop_classes=frozenset(str(cx.abstract_syntax) for cx in storage),
             allowed_calling_aes=frozenset(a.strip() for a in settings.allowed_calling_aes),
             max_pdu=settings.max_pdu,
@@ -363,6 +390,7 @@ class DicomReceiver:
                 self.service.archive.staging_dir(),
                 ticket,
                 on_refused=self._refused,
+                on_request=self.plain_requests,
             ).run(plan)
             return
         calling_ae = plan.calling_ae if plan is not None else ""

@@ -18,10 +18,23 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from core.settings import Settings
 from tests.ingest.dicom.qr_data import VIET_NAME, Study, fill
 from tests.support import Receiver, run_dcmtk
 
 pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def plain_socket(request: pytest.FixtureRequest) -> bool:
+    """``qr.plain_socket``; tests parametrised on it also run the pynetdicom path."""
+    return bool(getattr(request, "param", True))
+
+
+@pytest.fixture
+def settings(settings: Settings, plain_socket: bool) -> Settings:
+    qr = settings.qr.model_copy(update={"plain_socket": plain_socket})
+    return settings.model_copy(update={"qr": qr})
 
 
 @pytest.fixture
@@ -40,8 +53,10 @@ def findscu(receiver: Receiver, out: Path, model: str, *keys: str) -> list[Datas
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
-def test_study_level_by_patient_id(archive: list[Study], receiver: Receiver, tmp_path: Path
-                                   ) -> None:
+@pytest.mark.parametrize("plain_socket", [True, False], indirect=True,
+                         ids=["plain", "pynetdicom"])
+def test_study_level_by_patient_id(archive: list[Study], receiver: Receiver, tmp_path: Path,
+                                   plain_socket: bool) -> None:
     rsp = findscu(receiver, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "PatientID=QR003",
                   "StudyInstanceUID", "StudyDate", "PatientName", "ModalitiesInStudy",
                   "NumberOfStudyRelatedInstances", "AccessionNumber")

@@ -38,8 +38,15 @@ def dest_port() -> int:
 
 
 @pytest.fixture
-def settings(settings: Settings, dest_port: int) -> Settings:
-    qr = QueryRetrieveSettings(destinations={DEST_AE: RemoteAE(host="127.0.0.1", port=dest_port)})
+def plain_socket(request: pytest.FixtureRequest) -> bool:
+    """``qr.plain_socket``; tests parametrised on it also run the pynetdicom path."""
+    return bool(getattr(request, "param", True))
+
+
+@pytest.fixture
+def settings(settings: Settings, dest_port: int, plain_socket: bool) -> Settings:
+    qr = QueryRetrieveSettings(destinations={DEST_AE: RemoteAE(host="127.0.0.1", port=dest_port)},
+                               plain_socket=plain_socket)
     return settings.model_copy(update={"qr": qr})
 
 
@@ -80,8 +87,12 @@ def same_pixels(receiver: Receiver, got: dict[str, Dataset]) -> None:
         assert str(ds.PatientName) == str(original.PatientName)
 
 
-def test_movescu_study_to_storescp(archive: list[Study], receiver: Receiver, storescp: Path
+@pytest.mark.parametrize("plain_socket", [True, False], indirect=True,
+                         ids=["plain", "pynetdicom"])
+def test_movescu_study_to_storescp(archive: list[Study], receiver: Receiver, storescp: Path,
+                                   plain_socket: bool, caplog: pytest.LogCaptureFixture
                                    ) -> None:
+    caplog.set_level("INFO", logger="ingest.dicom")
     study = archive[0]
     result = run_dcmtk(["movescu", "-v", "-S", "-aec", "PACSLAB", "-aem", DEST_AE,
                         "-k", "QueryRetrieveLevel=STUDY",
@@ -101,6 +112,11 @@ def test_movescu_study_to_storescp(archive: list[Study], receiver: Receiver, sto
     assert entry.agent == "MOVESCU" and entry.resource == f"Study/{study.study_uid}"
     assert json.loads(entry.detail) == {"destination": DEST_AE, "instances": 5}
     assert entry.patient_key and study.patient_id not in json.dumps(entry.as_dict())
+    # Served by the transport the setting chose.
+    served = {r.name for r in caplog.records if "C-MOVE from" in r.getMessage()}
+    assert served == {"ingest.dicom.qr_association" if plain_socket else "ingest.dicom.qr"}
+    moves = [e for e in audit.entries() if e.event_type == "dicom.c-move"]
+    assert len(moves) == 1 and moves[0].outcome == "0"
 
 
 def test_movescu_series_and_image_levels(archive: list[Study], receiver: Receiver,
@@ -135,8 +151,10 @@ def _move(port: int, identifier: Dataset, destination: str) -> list[Dataset]:
         assoc.release()
 
 
+@pytest.mark.parametrize("plain_socket", [True, False], indirect=True,
+                         ids=["plain", "pynetdicom"])
 def test_move_counts_pending_and_lists_failed_sops(
-    archive: list[Study], receiver: Receiver, storescp: Path
+    archive: list[Study], receiver: Receiver, storescp: Path, plain_socket: bool
 ) -> None:
     study = archive[0]
     # One original is gone (a disk fault): its sub-operation fails and is listed.
@@ -171,7 +189,10 @@ def test_move_refusals(archive: list[Study], receiver: Receiver, storescp: Path)
     assert list(storescp.iterdir()) == []
 
 
-def test_getscu_series(archive: list[Study], receiver: Receiver, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plain_socket", [True, False], indirect=True,
+                         ids=["plain", "pynetdicom"])
+def test_getscu_series(archive: list[Study], receiver: Receiver, tmp_path: Path,
+                       plain_socket: bool) -> None:
     study = archive[0]
     out = tmp_path / "get"
     out.mkdir()
