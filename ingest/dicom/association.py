@@ -732,7 +732,7 @@ class FastAssociation:
         if message_id in self._cancel_seen:
             self._cancel_seen.discard(message_id)
             return True
-        while select.select([self.sock], [], [], 0)[0]:
+        while self._readable():
             command = self._read_command(reader)
             if command.command_field != C_CANCEL_RQ:
                 raise AbortError(
@@ -742,6 +742,17 @@ class FastAssociation:
                 return True
             # A cancel of another (finished) operation: nothing to do.
         return False
+
+    def _readable(self) -> bool:
+        """Bytes to read now, without waiting: decrypted bytes TLS already holds
+        (invisible to the kernel), else ``poll`` (``select`` fails on descriptors
+        past FD_SETSIZE, which a busy receiver process can reach)."""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def store_on_this(
         self,
