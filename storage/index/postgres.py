@@ -117,7 +117,7 @@ class WorkListener:
     pending job or adds instances, and PostgreSQL delivers a notification only once
     that transaction has committed: when the worker sees it, the work is visible to
     its next query. :meth:`read` looks at this connection's socket without waiting
-    (``select`` with a zero timeout), consumes what arrived and counts it, so an idle
+    (``poll`` with a zero timeout), consumes what arrived and counts it, so an idle
     worker's poll makes no query and no round trip.
 
     None means "no signal, read the tables": before the first connection, on a schema
@@ -152,7 +152,10 @@ class WorkListener:
             assert self._conn is not None
             try:
                 pgconn = self._conn.pgconn
-                if select.select([pgconn.socket], [], [], 0)[0]:
+                # poll, not select: select fails on descriptors past FD_SETSIZE.
+                poller = select.poll()
+                poller.register(pgconn.socket, select.POLLIN)
+                if poller.poll(0):
                     pgconn.consume_input()  # raises once the server has gone
                 while pgconn.notifies() is not None:
                     self._count += 1
