@@ -31,7 +31,7 @@ from ingest.dicom.dimse import C_FIND_RSP, decode_command
 from ingest.dicom.qr import _p_data_tf
 from ingest.dicom.storescu import StorageScu
 from tests.ingest.dicom.qr_data import Study, fill
-from tests.support import Receiver, free_port
+from tests.support import Receiver, free_port, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -309,3 +309,51 @@ def test_c_cancel_of_a_get_midway(archive: list[Study], receiver: Receiver,
     finally:
         assoc.release()
     assert len(got) == 1
+
+
+def test_a_release_request_in_the_middle_of_a_c_get_aborts(
+    archive: list[Study], receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PS3.7 D.3.3.1: no A-RELEASE-RQ while a response is due. A requestor that sends
+    one instead of its C-STORE-RSP gets A-ABORT; the receiver goes on serving."""
+    study = archive[0]
+    ae = AE(ae_title="NATWS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context(CTImageStorage)
+    stores: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stores.append(str(event.dataset.SOPInstanceUID))
+        if len(stores) == 1:  # A-RELEASE-RQ (PS3.8 9.3.6) ahead of the C-STORE-RSP
+            event.assoc.dul.socket.send(struct.pack(">BBII", 0x05, 0, 4, 0))
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1", receiver.port, ae_title="PACSLAB",
+        ext_neg=[build_role(MRImageStorage, scp_role=True),
+                 build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study.study_uid
+    statuses = [int(s.Status) for s, _ in
+                assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet) if s]
+    # The A-ABORT may not reach pynetdicom: our C-STORE-RSP, unread when the receiver
+    # closed, can make the kernel reset the connection first. Either way it is over.
+    wait_until(lambda: not assoc.is_established, timeout=10,
+               message=f"association still up after {statuses}")
+    assert 0x0000 not in statuses and len(stores) == 1
+    assert any("PDU type 0x05 while an operation runs" in r.getMessage()
+               for r in caplog.records if r.name == "ingest.dicom.association")
+
+    echo = AE(ae_title="QRTEST")
+    echo.add_requested_context("1.2.840.10008.1.1")
+    again = echo.associate("127.0.0.1", receiver.port, ae_title="PACSLAB")
+    assert again.is_established
+    try:
+        assert int(again.send_c_echo().Status) == 0x0000
+    finally:
+        again.release()
