@@ -171,16 +171,48 @@ def _fill_pacslab_index(data_dir: Path, studies: int, per_study: int) -> float:
         index.close()
 
 
-def _fill_orthanc(orthanc: OrthancPeer, studies: int, per_study: int) -> float:
-    """``POST /instances`` of every data set, four at once; instances/s."""
+#: A failed ``POST /instances`` is sent again this many times, a second apart.
+FILL_RETRIES = 5
+
+
+def _fill_orthanc(orthanc: OrthancPeer, studies: int, per_study: int) -> tuple[float, int]:
+    """``POST /instances`` of every data set, four at once; instances/s and retries.
+
+    A 5xx answer or a broken connection is retried (storing the same instance again is
+    harmless: Orthanc answers AlreadyStored): one HTTP 500 about 50,000 instances into
+    a 100,000 fill threw the whole fill away once (cause unknown: Orthanc's log was not
+    kept then, and two later 100,000 fills had none). Retries are counted and reported
+    (``orthanc_fill_retries``); a request that still fails says what Orthanc answered
+    and the end of its log (``OrthancPeer.log``).
+    """
+    import threading
+
     import httpx
 
     started = time.perf_counter()
+    retries = 0
+    lock = threading.Lock()
     with httpx.Client(base_url=orthanc.base, timeout=120,
                       limits=httpx.Limits(max_connections=4)) as http, \
             ThreadPoolExecutor(4) as pool:
         def post(body: bytes) -> None:
-            http.post("/instances", content=body).raise_for_status()
+            nonlocal retries
+            for attempt in range(FILL_RETRIES + 1):
+                try:
+                    rsp = http.post("/instances", content=body)
+                    if rsp.status_code < 500:
+                        rsp.raise_for_status()
+                        return
+                    failure = f"HTTP {rsp.status_code}: {rsp.text[:500]}"
+                except httpx.TransportError as exc:
+                    failure = repr(exc)
+                if attempt == FILL_RETRIES:
+                    raise AssertionError(f"Orthanc's POST /instances failed {attempt + 1} "
+                                         f"times, last {failure}\n{orthanc.log_tail()}")
+                with lock:
+                    retries += 1
+                print(f"Orthanc fill: {failure}; retrying", file=sys.stderr, flush=True)
+                time.sleep(1)
 
         pending: set[Future[None]] = set()
         for _record, body in _archive(studies, per_study):
@@ -191,7 +223,7 @@ def _fill_orthanc(orthanc: OrthancPeer, studies: int, per_study: int) -> float:
                     f.result()
         for f in pending:
             f.result()
-    return studies * per_study / (time.perf_counter() - started)
+    return studies * per_study / (time.perf_counter() - started), retries
 
 
 def _orthanc_cache(studies: int, per_study: int) -> Path | None:
@@ -257,6 +289,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                        for item in request.session.items)
     studies, per_study = _sizes(measuring)
     fills: dict[str, float] = {}
+    fill_retries = 0
     if with_archive:
         fills["pacslab"] = _fill_pacslab_index(work / "pacslab", studies, per_study)
     cached = _orthanc_cache(studies, per_study) if with_archive else None
@@ -280,7 +313,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                                  "DicomAlwaysAllowGet": True}).start()
     try:
         if with_archive and not from_cache:
-            fills["orthanc"] = _fill_orthanc(orthanc, studies, per_study)
+            fills["orthanc"], fill_retries = _fill_orthanc(orthanc, studies, per_study)
             if cached is not None:  # kept for later runs, copied while Orthanc is stopped
                 orthanc.stop()
                 shutil.rmtree(cached, ignore_errors=True)
@@ -295,7 +328,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
                "studies": studies if with_archive else 0, "per_study": per_study,
                # Not a comparison: the two fills take different roads (see above).
                "fill_instances_per_s": {t: round(r) for t, r in fills.items()},
-               "orthanc_from_cache": from_cache}
+               "orthanc_from_cache": from_cache, "orthanc_fill_retries": fill_retries}
     finally:
         pacs.stop()
         orthanc.stop()
@@ -364,6 +397,7 @@ def test_cfind_study_level(benchmark: Any, servers: dict[str, Any], archive: lis
                             "instances": len(archive) * servers["per_study"],
                             "fill_instances_per_s": servers["fill_instances_per_s"],
                             "orthanc_from_cache": servers["orthanc_from_cache"],
+                            "orthanc_fill_retries": servers["orthanc_fill_retries"],
                             "load_before": [round(x, 2) for x in os.getloadavg()]}
     misses: dict[str, list[int]] = {"pacslab": [], "orthanc": []}
     latencies: dict[str, list[float]] = {"pacslab": [], "orthanc": []}

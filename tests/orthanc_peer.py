@@ -57,10 +57,14 @@ class OrthancPeer:
         self.config.write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
         self.headers = {"Authorization": authorization} if authorization else {}
+        #: Orthanc's own log (warnings and errors), kept across restarts: its answer to a
+        #: failed request (an HTTP 500) is explained there, not in the response.
+        self.log = work / "orthanc.log"
 
     def start(self) -> OrthancPeer:
-        self.proc = subprocess.Popen([self.exe, str(self.config)], start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([self.exe, str(self.config)], start_new_session=True,
+                                         stdout=log, stderr=log)
         proc = self.proc
 
         def answers() -> bool:
@@ -83,6 +87,13 @@ class OrthancPeer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of Orthanc's log, for an assertion message."""
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     def get(self, path: str) -> Any:
         req = urllib.request.Request(self.base + path, headers=self.headers)
