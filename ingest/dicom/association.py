@@ -337,11 +337,22 @@ class PduReader:
             raise AbortError(0x06, f"PDU type 0x{pdu_type:02X} of {length} bytes")
         return pdu_type, length
 
-    def read_item_header(self) -> tuple[int, int, int]:
-        """A PDV item's length, presentation context ID and control header (PS3.8 E.2)."""
+    def read_item(self, remaining: int) -> tuple[int, int, int]:
+        """The next PDV item's fragment size, presentation context ID and control
+        header (PS3.8 E.2), given the ``remaining`` bytes of its P-DATA-TF PDU.
+
+        Raises
+        ------
+        AbortError
+            The item does not fit in what is left of its PDU (PS3.8 9.3.5.1).
+        """
+        if remaining < 6:
+            raise AbortError(0x06, "truncated PDV item")
         _recv_into(self.sock, memoryview(self._header))
         item_len, context_id, header = struct.unpack(">IBB", self._header)
-        return int(item_len), int(context_id), int(header)
+        if item_len < 2 or 4 + item_len > remaining:
+            raise AbortError(0x06, "invalid PDV item length")
+        return int(item_len) - 2, int(context_id), int(header)
 
     def discard(self, length: int) -> None:
         """Read and drop ``length`` bytes through the fixed buffer."""
@@ -590,13 +601,8 @@ class FastAssociation:
                 # P-DATA-TF, item by item (PS3.8 9.3.5.1): a data set fragment goes from
                 # the socket straight into the staged file's buffer, without a copy.
                 while length > 0:
-                    if length < 6:
-                        raise AbortError(0x06, "truncated PDV item")
-                    item_len, context_id, header = reader.read_item_header()
-                    if item_len < 2 or 4 + item_len > length:
-                        raise AbortError(0x06, "invalid PDV item length")
-                    length -= 4 + item_len
-                    size = item_len - 2
+                    size, context_id, header = reader.read_item(length)
+                    length -= 6 + size
                     if context_id not in self.accepted:
                         raise AbortError(0x06, f"PDV on unaccepted context {context_id}")
                     if header & 0x01:  # command fragment
@@ -795,18 +801,14 @@ class FastAssociation:
             if pdu_type != P_DATA_TF:
                 raise AbortError(0x02, f"PDU type 0x{pdu_type:02X} while an operation runs")
             while length > 0:
-                if length < 6:
-                    raise AbortError(0x06, "truncated PDV item")
-                item_len, context_id, header = reader.read_item_header()
-                if item_len < 2 or 4 + item_len > length:
-                    raise AbortError(0x06, "invalid PDV item length")
-                length -= 4 + item_len
+                fragment, context_id, header = reader.read_item(length)
+                length -= 6 + fragment
                 if context_id not in self.accepted or not header & 0x01:
                     raise AbortError(0x02, "data set while an operation runs")
-                size += item_len - 2
+                size += fragment
                 if size > self.policy.max_command_bytes:
                     raise AbortError(0x02, "command set over max_command_bytes")
-                parts.append(bytes(reader.read_body(item_len - 2)))
+                parts.append(bytes(reader.read_body(fragment)))
                 if header & 0x02:
                     if length:
                         raise AbortError(0x02, "PDVs after a complete command")

@@ -37,6 +37,7 @@ from ingest.dicom.association import (
     APPLICATION_CONTEXT,
     MAX_CONTROL_PDU,
     P_DATA_TF,
+    AbortError,
     PduReader,
 )
 from ingest.dicom.dimse import C_STORE_RSP, decode_command
@@ -190,32 +191,29 @@ class StorageScu:
         return self._read_status()
 
     def _read_status(self) -> int:
+        try:
+            return self._read_response()
+        except AbortError as exc:  # a PDU or PDV past our bounds: unusable, as any
+            raise ConnectionError(str(exc)) from exc  # other broken association
+
+    def _read_response(self) -> int:
         parts: list[bytes] = []
         size = 0
         reader = self._reader
         while True:
-            try:
-                pdu_type, length = reader.read_header()
-            except Exception as exc:  # AbortError: a PDU past our bounds
-                if isinstance(exc, OSError):
-                    raise
-                raise ConnectionError(str(exc)) from exc
+            pdu_type, length = reader.read_header()
             if pdu_type != P_DATA_TF:
                 reader.read_body(length)
                 raise ConnectionError(f"PDU 0x{pdu_type:02X} instead of a C-STORE-RSP")
             while length > 0:
-                if length < 6:
-                    raise ConnectionError("truncated PDV item")
-                item_len, _cx, header = reader.read_item_header()
-                if item_len < 2 or 4 + item_len > length:
-                    raise ConnectionError("invalid PDV item length")
-                length -= 4 + item_len
+                fragment, _cx, header = reader.read_item(length)
+                length -= 6 + fragment
                 if not header & 0x01:
                     raise ConnectionError("data set in a C-STORE-RSP")
-                size += item_len - 2
+                size += fragment
                 if size > MAX_CONTROL_PDU:
                     raise ConnectionError("C-STORE-RSP command set too long")
-                parts.append(bytes(reader.read_body(item_len - 2)))
+                parts.append(bytes(reader.read_body(fragment)))
                 if header & 0x02:
                     try:
                         rsp = decode_command(b"".join(parts))
