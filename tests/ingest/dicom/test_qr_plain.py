@@ -272,27 +272,33 @@ def test_implicit_only_destination_gets_the_decoded_instances(
         assert str(ds.PatientName) == str(original.PatientName)
 
 
-def test_c_cancel_of_a_get_midway(archive: list[Study], receiver: Receiver,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    go = _slow_second_check(monkeypatch)
-    study = archive[0]  # 5 instances
+def _get_association(port: int, on_store: Any) -> Any:
+    """A C-GET SCU taking the SCP role for the archive's CT and MR (PS3.7 D.3.3.4)."""
     ae = AE(ae_title="NATWS")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(MRImageStorage)
     ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="PACSLAB",
+        ext_neg=[build_role(MRImageStorage, scp_role=True),
+                 build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    return assoc
+
+
+def test_c_cancel_of_a_get_midway(archive: list[Study], receiver: Receiver,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    go = _slow_second_check(monkeypatch)
+    study = archive[0]  # 5 instances
     got: list[str] = []
 
     def on_store(event: Any) -> int:
         got.append(str(event.dataset.SOPInstanceUID))
         return 0x0000
 
-    assoc = ae.associate(
-        "127.0.0.1", receiver.port, ae_title="PACSLAB",
-        ext_neg=[build_role(MRImageStorage, scp_role=True),
-                 build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
+    assoc = _get_association(receiver.port, on_store)
     try:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
@@ -317,10 +323,6 @@ def test_a_release_request_in_the_middle_of_a_c_get_aborts(
     """PS3.7 D.3.3.1: no A-RELEASE-RQ while a response is due. A requestor that sends
     one instead of its C-STORE-RSP gets A-ABORT; the receiver goes on serving."""
     study = archive[0]
-    ae = AE(ae_title="NATWS")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(MRImageStorage)
-    ae.add_requested_context(CTImageStorage)
     stores: list[str] = []
 
     def on_store(event: Any) -> int:
@@ -329,13 +331,7 @@ def test_a_release_request_in_the_middle_of_a_c_get_aborts(
             event.assoc.dul.socket.send(struct.pack(">BBII", 0x05, 0, 4, 0))
         return 0x0000
 
-    assoc = ae.associate(
-        "127.0.0.1", receiver.port, ae_title="PACSLAB",
-        ext_neg=[build_role(MRImageStorage, scp_role=True),
-                 build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    assert assoc.is_established
+    assoc = _get_association(receiver.port, on_store)
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study.study_uid
