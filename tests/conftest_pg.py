@@ -148,6 +148,19 @@ def pg_server() -> Iterator[PgServer | str]:
 
 
 @pytest.fixture
+def restartable_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own, to stop and start again (outages)."""
+    pytest.importorskip("psycopg", reason="psycopg 3 not installed (pip install psycopg[binary])")
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+    server = PgServer(bin_dir)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
 def pg_url(pg_server: PgServer | str) -> str:
     """A fresh, empty database for this test (schema not yet migrated)."""
     if isinstance(pg_server, str):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest_pg import PgServer, find_pg_bin
+from conftest_pg import PgServer
 from pydicom import dcmread
 
 from core.settings import Settings
@@ -107,30 +107,18 @@ def _check(name: str, receiver: Receiver, results: list[tuple[str, int]],
     assert all(s == 0 for s in after[last_bad + 1:]), "recovered, then failed again"
 
 
-@pytest.fixture
-def outage_pg() -> Iterator[PgServer]:
-    pytest.importorskip("psycopg")
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not installed")
-    server = PgServer(bin_dir)
-    server.start()
-    yield server
-    server.cleanup()
-
-
 class TestPostgresStopped:
     @pytest.fixture
-    def settings(self, tmp_path: Path, outage_pg: PgServer) -> Settings:
+    def settings(self, tmp_path: Path, restartable_pg: PgServer) -> Settings:
         return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"},
-                        index={"url": outage_pg.url(), "busy_timeout_s": 2})
+                        index={"url": restartable_pg.url(), "busy_timeout_s": 2})
 
     @pytest.mark.postgres
     def test_stop_postgres_then_start_it_again(self, receiver: Receiver, tmp_path: Path,
-                                               outage_pg: PgServer) -> None:
+                                               restartable_pg: PgServer) -> None:
         files = write_ct_series(tmp_path / "ct", slices=100, rows=16, columns=16)
         results, recovered = _send_through_outage(
-            receiver, files, lambda: outage_pg.stop("immediate"), outage_pg.start)
+            receiver, files, lambda: restartable_pg.stop("immediate"), restartable_pg.start)
         _check("index unavailable (PostgreSQL stopped 3 s)", receiver, results, recovered)
 
 

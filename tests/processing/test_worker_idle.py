@@ -26,7 +26,7 @@ from services.scrub import OriginalScrub
 from storage.abc import Job, NewInstance
 from storage.index.postgres import WorkListener
 from storage.index.sql import SqlIndex
-from tests.conftest_pg import PgServer, find_pg_bin
+from tests.conftest_pg import PgServer
 from tests.support import wait_until
 
 
@@ -201,19 +201,6 @@ def test_stop_ends_an_idle_wait(paths: tuple[SqlIndex, SqlIndex]) -> None:
     stopped.start()
     stopped.join(timeout=30)
     assert not stopped.is_alive()
-
-
-@pytest.fixture
-def restartable_pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this test's own, to stop and start again."""
-    pytest.importorskip("psycopg")
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not installed")
-    server = PgServer(bin_dir)
-    server.start()
-    yield server
-    server.cleanup()
 
 
 @pytest.mark.postgres
