@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 # PostgreSQL fixtures (a throwaway server per session when the binaries exist).
-from conftest_pg import pg_server, pg_url, restartable_pg  # noqa: F401
+from conftest_pg import (  # noqa: F401
+    pg_empty_url,
+    pg_server,
+    pg_template,
+    pg_url,
+    restartable_pg,
+)
 
 # A local S3-compatible server (moto) when moto[server] and s3fs are installed.
 from conftest_s3 import s3_bucket, s3_endpoint  # noqa: F401

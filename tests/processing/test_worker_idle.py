@@ -242,7 +242,7 @@ def test_the_listener_survives_a_postgres_restart(restartable_pg: PgServer) -> N
 
 
 @pytest.mark.postgres
-def test_no_signal_on_a_schema_without_the_triggers(pg_url: str) -> None:
+def test_no_signal_on_a_schema_without_the_triggers(pg_empty_url: str) -> None:
     """A worker started (``migrate=False``) on an index not yet upgraded to migration
     0012: nothing would notify, so there is no signal and every poll reads the tables,
     rather than a counter that never moves and jobs left waiting."""
@@ -250,10 +250,10 @@ def test_no_signal_on_a_schema_without_the_triggers(pg_url: str) -> None:
 
     from storage.index.migrate import upgrade
 
-    engine = create_engine(pg_url)
+    engine = create_engine(pg_empty_url)
     upgrade(engine, "0011_qr_commitment")
     engine.dispose()
-    index = SqlIndex(IndexSettings(url=pg_url, migrate=False))
+    index = SqlIndex(IndexSettings(url=pg_empty_url, migrate=False))
     try:
         assert index.data_version() is None
     finally:

@@ -427,7 +427,7 @@ def test_migration_gives_existing_lab_rows_their_patient(
     url = (
         f"sqlite:///{tmp_path}/index.db"
         if backend == "sqlite"
-        else str(request.getfixturevalue("pg_url"))
+        else str(request.getfixturevalue("pg_empty_url"))
     )
     index = SqlIndex(IndexSettings(url=url, migrate=False))
     try:
