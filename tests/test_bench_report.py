@@ -128,7 +128,9 @@ def test_area_without_benchmark_is_named_not_failed(tmp_path: Path) -> None:
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
+    # Nor pytest-xdist's worker name: pytest-benchmark reads it and then records nothing.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PACSLAB_", "PYTEST_XDIST_"))}
     env["PACSLAB_PYTHON"] = sys.executable
     return subprocess.run([str(ROOT / "run"), "bench", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
