@@ -33,19 +33,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from core.errors import ServiceError
-from ingest.dicom._retrieve import (
-    CANCEL,
-    PENDING,
-    PENDING_WARNING,
-    REFUSED_SUBOPS,
-    SYNTAXES,
-    RetrieveGate,
-    comment,
-    encoded,
-    load,
-    p_data_tf,
-    retrieve_contexts,
-)
+from ingest.dicom import _retrieve
+from ingest.dicom._retrieve import RetrieveGate, retrieve_contexts
 from services.query_retrieve import (
     FIND_MODELS,
     GET_MODELS,
@@ -72,15 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PENDING, _PENDING_WARNING, _CANCEL = PENDING, PENDING_WARNING, CANCEL
-_REFUSED_SUBOPS = REFUSED_SUBOPS
 #: A SOP Class UID never proposed (a UID of the 2.25 UUID arc, PS3.5 B.2).
 _NO_CONTEXT = "2.25.1"
-_SYNTAXES = SYNTAXES
-_comment = comment
-_load = load
-_encoded = encoded
-_p_data_tf = p_data_tf
 
 FindHandler = Callable[["Event"], Iterator[tuple[Any, Any]]]
 DestinationLookup = Callable[[str], "RemoteAE | None"]
@@ -119,21 +101,21 @@ def handle_find(
         request = service.parse_find(event.identifier, model)
     except ServiceError as exc:
         logger.warning("C-FIND from %s refused: %s", calling, exc.title)
-        yield _status(exc.dimse_status, _comment(exc)), None
+        yield _status(exc.dimse_status, _retrieve.comment(exc)), None
         return
-    pending = _PENDING_WARNING if request.unsupported else _PENDING
+    pending = _retrieve.PENDING_WARNING if request.unsupported else _retrieve.PENDING
     sent = 0
     try:
         for response in service.find(request):
             if event.is_cancelled:
                 logger.info("C-FIND from %s cancelled after %d matches", calling, sent)
-                yield _CANCEL, None
+                yield _retrieve.CANCEL, None
                 return
             yield pending, response
             sent += 1
     except ServiceError as exc:
         logger.warning("C-FIND from %s stopped after %d: %s", calling, sent, exc.title)
-        yield _status(exc.dimse_status, _comment(exc)), None
+        yield _status(exc.dimse_status, _retrieve.comment(exc)), None
         return
     logger.info("C-FIND %s level from %s: %d matches", request.level, calling, sent)
 
@@ -188,7 +170,7 @@ def handle_move(
         try:
             items = service.plan_retrieve(event.identifier, model)
         except ServiceError as exc:
-            refusal = (exc.dimse_status, _comment(exc))
+            refusal = (exc.dimse_status, _retrieve.comment(exc))
     if refusal is None and not items:
         yield remote.host, remote.port
         yield 0
@@ -196,7 +178,7 @@ def handle_move(
         return
     entered = refusal is None and gate.try_enter()
     if refusal is None and not entered:
-        refusal = (_REFUSED_SUBOPS, "Too many retrieves at once; try again later")
+        refusal = (_retrieve.REFUSED_SUBOPS, "Too many retrieves at once; try again later")
     try:
         contexts = retrieve_contexts(items) if items else [build_context(Verification)]
         yield remote.host, remote.port, {
@@ -408,10 +390,11 @@ def _write_message(assoc: Any, req: C_STORE, context_id: int) -> None:
     pynetdicom hands each PDU (a 512 x 512 CT is 33 of them at DCMTK's 16 KiB) to its
     DUL thread through a queue, one per reactor turn, the two threads taking turns
     on the GIL; on a busy machine that was most of a sub-operation's time. The PDUs
-    are cut as pynetdicom's ``encode_msg`` cuts them (:func:`_p_data_tf`), written under a lock the
-    DUL's writes take too (:func:`_serialised_socket`), once it has nothing queued,
-    so no PDU of another message comes between them (PS3.8 9.3.1). The state machine
-    stays in Sta6: sending P-DATA does not change the state (PS3.8 9.2, DT-1).
+    are cut as pynetdicom's ``encode_msg`` cuts them (:func:`_retrieve.p_data_tf`),
+    written under a lock the DUL's writes take too (:func:`_serialised_socket`), once it
+    has nothing queued, so no PDU of another message comes between them (PS3.8 9.3.1).
+    The state machine stays in Sta6: sending P-DATA does not change the state (PS3.8
+    9.2, DT-1).
     """
     dul = assoc.dul
     lock, raw_send = _serialised_socket(dul)
@@ -424,8 +407,8 @@ def _write_message(assoc: Any, req: C_STORE, context_id: int) -> None:
         raise ValueError("C-STORE command set not encodable")
     max_pdu = int(assoc.dimse.maximum_pdu_size)
     payload = b"".join([
-        *_p_data_tf(command, context_id, max_pdu, command=True),
-        *_p_data_tf(req.DataSet.getvalue() if req.DataSet else b"", context_id, max_pdu,
+        *_retrieve.p_data_tf(command, context_id, max_pdu, command=True),
+        *_retrieve.p_data_tf(req.DataSet.getvalue() if req.DataSet else b"", context_id, max_pdu,
                     command=False),
     ])
     while dul.to_provider_queue.queue:
@@ -472,24 +455,24 @@ def _sub_operations_reading_ahead(
     pool: ThreadPoolExecutor,
 ) -> Iterator[tuple[int | Dataset, Any]]:
     def read(item: RetrieveItem) -> Future[EncodedInstance | None] | None:
-        return pool.submit(_encoded, service, item) if _ENCODED_PATH else None
+        return pool.submit(_retrieve.encoded, service, item) if _ENCODED_PATH else None
 
     ahead = read(items[0]) if items else None
     for n, item in enumerate(items):
         current, ahead = ahead, read(items[n + 1]) if n + 1 < len(items) else None
         if event.is_cancelled:
-            yield _CANCEL, None
+            yield _retrieve.CANCEL, None
             return
         encoded = current.result() if current is not None else None
         if encoded is not None:
-            yield _PENDING, _Encoded(encoded, partial(_load, service, item))
+            yield _retrieve.PENDING, _Encoded(encoded, partial(_retrieve.load, service, item))
             continue
-        ds = _load(service, item)
+        ds = _retrieve.load(service, item)
         # An unreadable original is a failed sub-operation listed by its UID (PS3.4
         # C.4.2.1.4.2): pynetdicom lists the UID of a Dataset whose C-STORE raised,
         # and a Dataset of a SOP Class no context was negotiated for raises at once,
         # before anything is sent.
-        yield _PENDING, ds if ds is not None else _unsendable(item)
+        yield _retrieve.PENDING, ds if ds is not None else _unsendable(item)
 
 
 def _unsendable(item: RetrieveItem) -> Dataset:
@@ -519,14 +502,14 @@ def handle_get(
     except ServiceError as exc:
         logger.warning("C-GET from %s refused: %s", calling, exc.title)
         yield 1
-        yield _refuse(exc.dimse_status, _comment(exc))
+        yield _refuse(exc.dimse_status, _retrieve.comment(exc))
         return
     if not items:
         yield 0
         return
     if not gate.try_enter():
         yield 1
-        yield _refuse(_REFUSED_SUBOPS, "Too many retrieves at once; try again later")
+        yield _refuse(_retrieve.REFUSED_SUBOPS, "Too many retrieves at once; try again later")
         return
     try:
         yield len(items)
@@ -541,7 +524,7 @@ def handle_get(
 def presentation_contexts() -> list[PresentationContext]:
     """SCP contexts of the Patient and Study Root FIND, MOVE and GET models."""
     return [
-        build_context(UID(uid), _SYNTAXES)
+        build_context(UID(uid), _retrieve.SYNTAXES)
         for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)
     ]
 

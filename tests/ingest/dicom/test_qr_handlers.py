@@ -124,7 +124,7 @@ def test_pdus_written_at_once_are_pynetdicoms(size: int, max_pdu: int) -> None:
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import P_DATA_TF
 
-    from ingest.dicom.qr import _p_data_tf
+    from ingest.dicom._retrieve import p_data_tf
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     req = C_STORE()
@@ -137,6 +137,6 @@ def test_pdus_written_at_once_are_pynetdicoms(size: int, max_pdu: int) -> None:
     theirs = b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(3, max_pdu))
     command = encode(msg.command_set, True, True)
     assert command is not None
-    ours = b"".join([*_p_data_tf(command, 3, max_pdu, command=True),
-                     *_p_data_tf(data, 3, max_pdu, command=False)])
+    ours = b"".join([*p_data_tf(command, 3, max_pdu, command=True),
+                     *p_data_tf(data, 3, max_pdu, command=False)])
     assert ours == theirs

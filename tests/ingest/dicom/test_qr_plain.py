@@ -26,9 +26,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from core.settings import QueryRetrieveSettings, RemoteAE, Settings
+from ingest.dicom._retrieve import p_data_tf
 from ingest.dicom.association import FastAssociation, PduReader
 from ingest.dicom.dimse import C_FIND_RSP, decode_command
-from ingest.dicom.qr import _p_data_tf
 from ingest.dicom.storescu import StorageScu
 from tests.ingest.dicom.qr_data import Study, fill
 from tests.support import Receiver, free_port, wait_until
@@ -186,8 +186,8 @@ def _raw_find(port: int, identifier: bytes) -> int:
         cmd.CommandDataSetType = 1
         raw = encode(cmd, True, True)
         assert raw is not None
-        scu.sock.sendall(b"".join([*_p_data_tf(raw, cx_id, 16384, command=True),
-                                   *_p_data_tf(identifier, cx_id, 16384, command=False)]))
+        scu.sock.sendall(b"".join([*p_data_tf(raw, cx_id, 16384, command=True),
+                                   *p_data_tf(identifier, cx_id, 16384, command=False)]))
         reader = PduReader(scu.sock, 65536)
         while True:
             try:
