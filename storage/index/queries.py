@@ -815,8 +815,10 @@ def _merged_page(q: Query, modalities: tuple[str, ...], by: Any) -> CompoundSele
     return page.offset(q.offset) if q.offset else page
 
 
-def count_query(q: Query) -> Select[Any]:
-    """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total)."""
+def count_query(q: Query, at_most: int | None = None) -> Select[Any]:
+    """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total);
+    with ``at_most``, counted no further than ``at_most + 1`` rows (FHIR ``_total``
+    other than ``accurate``: the count stops like a page does)."""
     plain = Query(
         level=q.level,
         matches=q.matches,
@@ -829,8 +831,10 @@ def count_query(q: Query) -> Select[Any]:
         updated_before_inclusive=q.updated_before_inclusive,
         modality_values=q.modality_values,
     )
-    inner = _base(plain).with_only_columns(literal_column("1").label("one")).subquery()
-    return select(func.count()).select_from(inner)
+    matching: Select[Any] = _base(plain).with_only_columns(literal_column("1").label("one"))
+    if at_most is not None:
+        matching = matching.limit(at_most + 1)
+    return select(func.count()).select_from(matching.subquery())
 
 
 def metadata_query(

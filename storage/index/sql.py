@@ -1316,13 +1316,14 @@ class SqlIndex:
                 )
         return rows
 
-    def count(self, query: Query) -> int:
-        """How many rows ``query`` matches without its limit and offset."""
+    def count(self, query: Query, at_most: int | None = None) -> int:
+        """How many rows ``query`` matches without its limit and offset; with
+        ``at_most``, the count stops at ``at_most + 1``."""
         with self._read() as conn:
             resolved = self._resolve(conn, query)
             if resolved is None:
                 return 0
-            return int(conn.execute(count_query(resolved)).scalar_one())
+            return int(conn.execute(count_query(resolved, at_most)).scalar_one())
 
     def instance_metadata(
         self,
