@@ -66,6 +66,7 @@ __all__ = [
     "Match",
     "NameSearch",
     "Query",
+    "after_key_query",
     "count_query",
     "find_query",
     "metadata_query",
@@ -223,6 +224,12 @@ class Query:
     #: (:func:`modality_values_query`), so the wildcard is matched as that list, off
     #: the index, instead of a LIKE over every row of ``study_modalities``.
     modality_values: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Keyset paging of a study search: the page starts after this StudyInstanceUID
+    #: (the previous page's last study) in the page's order, read from the index at
+    #: that point instead of past ``offset`` skipped rows. ``SqlIndex.find`` reads
+    #: the study's order key into ``after_key`` (:func:`after_key_query`).
+    after: str | None = None
+    after_key: tuple[Any, ...] | None = None
 
 
 def parse_match(keyword: str, value: str) -> Match:
@@ -617,6 +624,11 @@ def _base(q: Query, drive: str | None = None) -> Select[Any]:
         conds.append(_condition(m, q.fuzzy, per_row=per_row, resolved=q.modality_values))
     for search in q.names:
         conds.append(_name_search(search))
+    if q.after_key is not None:
+        # Keyset paging: the page order's own columns (the modality's index when
+        # it is joined on), so the read starts at the anchor.
+        cols = [study_modalities.c.study_pk] if driving is not None else _order_key(q)
+        conds.append(_after(q, cols))
     conds += _visible(depth)
     if q.patient_pk is not None:
         conds.append(patients.c.id == q.patient_pk)
@@ -747,6 +759,43 @@ def _driving_modality(q: Query) -> tuple[Match, tuple[str, ...]] | None:
 #: hostile one, up to 1 KiB) is matched by IN; SQLite refuses a compound SELECT of
 #: more than 500 terms.
 _MAX_MERGED = 32
+
+
+def _order_key(q: Query) -> list[Any]:
+    """The columns of a study search's page order (its index's), ascending."""
+    return _index_order(q) or [studies.c.id]
+
+
+def after_key_query(q: Query) -> Select[Any]:
+    """The page-order key of ``q.after`` (a StudyInstanceUID): the anchor of keyset
+    paging. The study itself need not match ``q`` or still be visible."""
+    return (
+        select(*_order_key(q))
+        .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id))
+        .where(studies.c.study_instance_uid == q.after)
+    )
+
+
+def _after(q: Query, cols: list[Any]) -> ColumnElement[bool]:
+    """Rows after ``q.after_key`` in the order of ``cols`` (before it, newest first).
+
+    Written as ``first >= k0 AND (first > k0 OR (rest) > (k1 …))`` rather than a row
+    value: the bound on the first column is what an index range starts from (SQLite
+    does not seek on a row value spanning two tables); the few rows that share the
+    anchor's first column are filtered, not read past.
+    """
+    assert q.after_key is not None
+    key = list(q.after_key)
+
+    def beyond(i: int) -> ColumnElement[bool]:
+        col, value = cols[i], key[i]
+        strict: ColumnElement[bool] = col < value if q.newest_first else col > value
+        if i == len(cols) - 1:
+            return strict
+        return or_(strict, and_(col == value, beyond(i + 1)))
+
+    first = cols[0] <= key[0] if q.newest_first else cols[0] >= key[0]
+    return and_(first, beyond(0)) if len(cols) > 1 else beyond(0)
 
 
 def find_query(q: Query) -> Select[Any]:

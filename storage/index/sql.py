@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.errors import NotFoundError, OutOfResourcesError
+from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.person_name import name_words, person_name_key
 from core.rejection import RETENTION_EXPIRED
 from core.settings import IndexSettings
@@ -48,6 +48,7 @@ from storage.index.direct import DirectStatement
 from storage.index.pir_tables import patient_links
 from storage.index.queries import (
     Query,
+    after_key_query,
     count_query,
     find_query,
     metadata_query,
@@ -1289,7 +1290,21 @@ class SqlIndex:
     @staticmethod
     def _resolve(conn: Connection, query: Query) -> Query | None:
         """``query`` with its ModalitiesInStudy wildcards resolved into the archive's
-        matching modalities (``Query.modality_values``); None when one matches none."""
+        matching modalities (``Query.modality_values``), and its keyset anchor
+        (``Query.after``) into its order key; None when a wildcard matches none.
+
+        Raises
+        ------
+        InvalidQueryError
+            ``after`` on a search other than of studies, or naming no study.
+        """
+        if query.after is not None:
+            if query.level != "study":
+                raise InvalidQueryError("after pages study searches only")
+            anchor = conn.execute(after_key_query(query)).first()
+            if anchor is None:
+                raise InvalidQueryError("after names no study")
+            query = replace(query, after_key=tuple(anchor))
         patterns = modality_wildcards(query)
         if not patterns:
             return query

@@ -182,10 +182,12 @@ def test_periodic_paths_use_indexes(index: SqlIndex, traced: list[str]) -> None:
 ], ids=lambda m: "+".join(f"{x.keyword}={x.value}" for x in m) if isinstance(m, tuple) else "")
 def test_qido_study_search_reads_a_page_off_an_index(
         index: SqlIndex, traced: list[str], matches: tuple[Match, ...], sort_ok: bool) -> None:
-    """QIDO-RS and C-FIND study searches with the default limit (and a second page)."""
+    """QIDO-RS and C-FIND study searches with the default limit (and a second page, by
+    offset and by the keyset QIDO-RS's ``next`` Link carries)."""
     def search() -> None:
         index.find(Query(level="study", matches=matches, limit=101))
         index.find(Query(level="study", matches=matches, limit=101, offset=100))
+        index.find(Query(level="study", matches=matches, limit=101, after="3.1"))
 
     plans = _run(index, traced, search)
     _no_full_scan(plans)

@@ -141,6 +141,7 @@ def test_modality_lists_and_wildcards_read_ranges_of_the_index(index: SqlIndex) 
                              newest_first=True))
             index.find(Query(level="study", matches=(*match, Match("PatientName", "NGUY*")),
                              limit=101))
+            index.find(Query(level="study", matches=match, limit=101, after="1.1"))
 
         statements = _statements(index, search)
         _no_full_scan(index, statements)

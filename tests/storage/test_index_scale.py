@@ -13,11 +13,12 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 
-from core.errors import OutOfResourcesError
+from core.errors import InvalidQueryError, OutOfResourcesError
 from core.instance import InstanceRecord
 from core.person_name import person_name_key
 from core.rejection import RejectedRef
@@ -195,6 +196,33 @@ class ScaleContract:
             # FHIR _total other than accurate: the count stops at its bound + 1.
             assert index.count(Query(level="study", matches=match), at_most=1) == min(
                 len(expected), 2), value
+
+    def test_keyset_pages_follow_the_page_order(self, index: SqlIndex) -> None:
+        """``Query.after`` (QIDO-RS's ``next`` Link): each page starts after the last
+        study of the one before, in whichever order the page is read (primary key,
+        name key, study date, a modality or a list's merge; oldest or newest first)."""
+        fill(index)
+        index.add_instances([
+            new(record(1, series=f"{n}.1.1", study=f"{n}.1", patient=f"P{n}", name=name,
+                       modality=m), f"k-{n}")
+            for n, name, m in [(5, "NGUYỄN^AN", "CT"), (6, "NGUYEN^AN", "MR"),
+                               (7, "TRẦN^B", "CT")]])
+        for matches in [(), (Match("PatientName", "N*"),), (Match("StudyDate", "20260101-"),),
+                        (Match("ModalitiesInStudy", "CT"),),
+                        (Match("ModalitiesInStudy", "CT\\MR"),)]:
+            for newest in (False, True):
+                def uids(matches: tuple[Match, ...] = matches, newest: bool = newest,
+                         **kw: Any) -> list[str]:
+                    return [r["StudyInstanceUID"] for r in index.find(Query(
+                        level="study", matches=matches, newest_first=newest, **kw))]
+
+                whole, paged, after = uids(), [], None
+                while page := uids(limit=2, after=after):
+                    paged += page
+                    after = page[-1]
+                assert paged == whole, (matches, newest)
+        with pytest.raises(InvalidQueryError):
+            index.find(Query(level="study", after="9.9", limit=2))
 
     def test_counts_survive_a_new_version(self, index: SqlIndex) -> None:
         fill(index)
