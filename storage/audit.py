@@ -250,12 +250,17 @@ class AuditStore:
         agent: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        at_most: int | None = None,
     ) -> int:
-        """How many entries :meth:`search` with these criteria finds (FHIR Bundle.total)."""
+        """How many entries :meth:`search` with these criteria finds (FHIR Bundle.total),
+        counted no further than ``at_most + 1`` when given (FHIR ``_total``)."""
         cond = self._conditions(patient_key, agent, since, until)
-        query = select(func.count()).select_from(audit_events)
+        matching = select(audit_events.c.seq)
         if cond:
-            query = query.where(and_(*cond))
+            matching = matching.where(and_(*cond))
+        if at_most is not None:
+            matching = matching.limit(at_most + 1)
+        query = select(func.count()).select_from(matching.subquery())
         with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 

@@ -303,6 +303,10 @@ class LabResultQuery:
     sort: Literal["updated", "-updated", "performed", "-performed", "id"] = "id"
     offset: int = 0
     limit: int = 100
+    #: Count the total no further than this + 1 matches (FHIR ``_total`` other than
+    #: ``accurate``); None counts every match. A page that is not full is its own
+    #: count.
+    total_at_most: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,6 +334,10 @@ class LabReportQuery:
     sort: Literal["updated", "-updated", "id"] = "id"
     offset: int = 0
     limit: int = 100
+    #: Count the total no further than this + 1 matches (FHIR ``_total`` other than
+    #: ``accurate``); None counts every match. A page that is not full is its own
+    #: count.
+    total_at_most: int | None = None
 
 
 def report_status(statuses: Iterable[str], *, held: bool = False) -> str:

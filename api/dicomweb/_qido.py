@@ -22,7 +22,10 @@ from storage.index.queries import ATTRIBUTES, Level, Match, Query, parse_match
 
 __all__ = ["Search", "fill_bulkdata_uris", "parse_search", "qido_json", "retrieve_url"]
 
-_RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield"})
+#: ``after`` is ours (not PS3.18): the keyset continuation of a study search, which
+#: the ``next`` Link carries; ``offset`` keeps working as PS3.18 8.3.4.4 defines it.
+_RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield", "after"})
+_UID = re.compile(r"[0-9.]{1,64}")
 MAX_LIMIT = 10_000
 #: Results per response when the client gives no ``limit`` (PS3.18 8.3.4.4 lets the
 #: server return a subset and say so): every returned study costs a few per-study
@@ -126,6 +129,9 @@ def parse_search(
         raise InvalidQueryError("fuzzymatching must be true or false")
     limit = _int_param(params, "limit")
     offset = _int_param(params, "offset") or 0
+    after = params.get("after")
+    if after is not None and (level != "study" or not _UID.fullmatch(after)):
+        raise InvalidQueryError("after is the StudyInstanceUID a study search pages after")
     depth = _LEVEL_DEPTH[level]
 
     matches: list[Match] = [Match(k, v) for k, v in (context or {}).items()]
@@ -189,6 +195,7 @@ def parse_search(
         fields=frozenset(fields),
         limit=min(limit, MAX_LIMIT) if limit is not None else DEFAULT_LIMIT,
         offset=offset,
+        after=after,
     )
     return Search(query, keywords, tuple(extra), tuple(ignored))
 

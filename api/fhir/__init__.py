@@ -37,8 +37,11 @@ from api.fhir._search import (
     SearchParam,
     TooCostlyError,
     handling,
+    page_total,
     parse_search,
+    reported_total,
     split_or,
+    total_bound,
 )
 from api.fhir.capability import capability_statement, smart_configuration
 
@@ -63,14 +66,17 @@ __all__ = [
     "handling",
     "last_updated_bounds",
     "operation_outcome",
+    "page_total",
     "parse_date_param",
     "parse_paging",
     "parse_reference",
     "parse_search",
     "parse_token",
+    "reported_total",
     "search_bundle",
     "search_request",
     "searchset_bundle",
     "smart_configuration",
     "split_or",
+    "total_bound",
 ]

@@ -232,11 +232,14 @@ def searchset_bundle(
     path: str,
     params: Sequence[tuple[str, str]],
     entries: Sequence[dict[str, Any]],
-    total: int,
+    total: int | None,
     paging: Paging,
     included: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """A ``searchset`` Bundle with ``total`` and self/first/previous/next/last links.
+
+    ``total`` None (``_total=none``, or more matches than were counted) leaves
+    ``Bundle.total`` and the ``last`` link out; ``next`` is then given after a full page.
 
     ``params`` are the search parameters that were applied (``_count``/``_offset`` are
     set per link); ``entries`` are resources, each gets ``fullUrl`` and
@@ -253,20 +256,26 @@ def searchset_bundle(
     if paging.count:
         if paging.offset > 0:
             links.append(link("previous", max(0, paging.offset - paging.count)))
-        if paging.offset + paging.count < total:
+        more = len(entries) >= paging.count if total is None else (
+            paging.offset + paging.count < total)
+        if more:
             links.append(link("next", paging.offset + paging.count))
-        last = ((total - 1) // paging.count) * paging.count if total else 0
-        links.append(link("last", last))
+        if total is not None:
+            last = ((total - 1) // paging.count) * paging.count if total else 0
+            links.append(link("last", last))
 
     def entry(resource: dict[str, Any], mode: str) -> dict[str, Any]:
         full = f"{base.rstrip('/')}/{resource['resourceType']}/{resource['id']}"
         return {"fullUrl": full, "resource": resource, "search": {"mode": mode}}
 
-    return {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "meta": {"lastUpdated": fhir_instant(datetime.now(UTC))},
-        "total": total,
-        "link": links,
-        "entry": [entry(r, "match") for r in entries] + [entry(r, "include") for r in included],
     }
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = links
+    bundle["entry"] = (
+        [entry(r, "match") for r in entries] + [entry(r, "include") for r in included])
+    return bundle

@@ -71,7 +71,7 @@ def search_bundle(
     request: Request,
     search: Search,
     entries: Sequence[dict[str, Any]],
-    total: int,
+    total: int | None,
     included: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The searchset Bundle of ``search``: total, self/first/previous/next/last links."""

@@ -14,15 +14,20 @@ Rules implemented here, the same for every resource:
   drops them, and they are absent from the ``self`` link;
 * an unsupported modifier is always refused (3.1.1.5: servers SHALL reject it);
 * ``_count`` / ``_offset`` page, ``_sort`` only where declared, ``_format`` is
-  honoured for JSON and refused (406) otherwise; ``_summary``, ``_elements``,
-  ``_total`` and friends are not supported, hence refused under strict handling;
+  honoured for JSON and refused (406) otherwise; ``_total`` (search.html#total) is
+  ``none``, ``estimate`` or ``accurate`` (anything else: 400): only ``accurate``
+  counts every match of a full page, the default (``estimate``) counts up to
+  :data:`TOTAL_ESTIMATE_BOUND` beyond the page and leaves Bundle.total out past it,
+  ``none`` leaves it out (:func:`total_bound`, :func:`reported_total`);
+  ``_summary``, ``_elements`` and friends are not supported, hence refused under
+  strict handling;
 * values are bounded (length, no control characters) before anything parses them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,14 +35,19 @@ from api.fhir._core import DEFAULT_COUNT, MAX_COUNT, MAX_OFFSET, Paging
 from core.errors import InvalidQueryError, ServiceError
 
 __all__ = [
+    "TOTAL_ESTIMATE_BOUND",
     "Criterion",
     "ResourceSpec",
     "Search",
     "SearchParam",
     "TooCostlyError",
+    "TotalMode",
     "handling",
+    "page_total",
     "parse_search",
+    "reported_total",
     "split_or",
+    "total_bound",
 ]
 
 class TooCostlyError(ServiceError):
@@ -58,6 +68,13 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.:]{0,127}")
 #: Result parameters every search understands (3.1.1.5.7): they page or format.
 _PAGING = frozenset({"_count", "_offset"})
 _FORMAT = "_format"
+
+TotalMode = Literal["none", "estimate", "accurate"]
+_TOTAL_MODES: tuple[TotalMode, ...] = ("none", "estimate", "accurate")
+#: How many matches past the page Bundle.total is counted when the search does not ask
+#: for ``_total=accurate``: a full page of a name that a third of the archive matches
+#: counted every match (issue 21); the count is now bounded, like the page.
+TOTAL_ESTIMATE_BOUND = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +140,8 @@ class Search:
     sort: tuple[str, ...] = ()
     includes: tuple[str, ...] = ()
     applied: tuple[tuple[str, str], ...] = field(default=())
+    #: ``_total`` (FHIR R4 search.html#total); ``estimate`` when not given.
+    total: TotalMode = "estimate"
 
     def all(self, name: str) -> list[Criterion]:
         """Every occurrence of ``name`` (each an AND term)."""
@@ -130,6 +149,40 @@ class Search:
 
     def has(self, *names: str) -> bool:
         return any(c.name in names for c in self.criteria)
+
+
+def total_bound(search: Search) -> int | None:
+    """How far a search's total may be counted: None for every match
+    (``_total=accurate``), else ``offset + count + TOTAL_ESTIMATE_BOUND`` (nothing
+    for ``none``): the page's own read already passes ``offset + count`` rows, so the
+    count costs at most a bounded amount more. A store counts at most this many + 1."""
+    if search.total == "accurate":
+        return None
+    if search.total == "none":
+        return 0
+    return search.paging.offset + search.paging.count + TOTAL_ESTIMATE_BOUND
+
+
+def page_total(search: Search, page: int, count: Callable[[int | None], int]) -> int | None:
+    """Bundle.total of a search whose page held ``page`` matches: the page itself
+    when it is not full (nor past the end), else ``count(total_bound(search))`` (the
+    store's count, stopped at that bound + 1), as :func:`reported_total` reports it."""
+    offset, size = search.paging.offset, search.paging.count
+    if search.total == "none":
+        return None
+    if size and page < size and (page or offset == 0):
+        return reported_total(search, offset + page)
+    return reported_total(search, count(total_bound(search)))
+
+
+def reported_total(search: Search, counted: int) -> int | None:
+    """Bundle.total of a search whose store counted ``counted`` matches (at most
+    :func:`total_bound` + 1): None, to leave it out, for ``_total=none`` or past the
+    bound (R4: Bundle.total is optional; the ``next`` link still pages on)."""
+    bound = total_bound(search)
+    if search.total == "none" or (bound is not None and counted > bound):
+        return None
+    return counted
 
 
 def handling(prefer: str | None) -> Literal["strict", "lenient"]:
@@ -210,6 +263,7 @@ def parse_search(
     count, offset = default_count, 0
     sort: tuple[str, ...] = ()
     includes: list[str] = []
+    total: TotalMode | None = None
     for raw_name, value in items:
         if not _NAME.fullmatch(raw_name):
             if strict:
@@ -224,6 +278,17 @@ def parse_search(
             continue
         if raw_name == _FORMAT:
             applied.append((raw_name, value))  # checked by the route (406 if not JSON)
+            continue
+        if raw_name == "_total":
+            # Refused whatever the handling: a client that asks for an accurate total
+            # must not get a bundle without one.
+            if total is not None:
+                raise InvalidQueryError("_total given twice")
+            mode = next((m for m in _TOTAL_MODES if m == value), None)
+            if mode is None:
+                raise InvalidQueryError("_total must be none, estimate or accurate")
+            total = mode
+            applied.append((raw_name, value))
             continue
         if raw_name == "_sort" and spec.sorts:
             keys = tuple(split_or(value))
@@ -266,6 +331,7 @@ def parse_search(
         sort=sort,
         includes=tuple(includes),
         applied=tuple(applied),
+        total=total or "estimate",
     )
 
 

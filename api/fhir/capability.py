@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from api.fhir._search import ResourceSpec
+from api.fhir._search import TOTAL_ESTIMATE_BOUND, ResourceSpec
 from core.auth import SCOPES
 from core.settings import AuthSettings
 
@@ -51,7 +51,9 @@ def _resource(spec: ResourceSpec) -> dict[str, Any]:
     if "search-type" in spec.interactions:
         sort = f"; _sort: {' | '.join(spec.sorts)} (one key)" if spec.sorts else ""
         entry["documentation"] = (
-            "Search: _count, _offset; unknown parameters refused unless "
+            "Search: _count, _offset; _total: none | estimate (the default: counted up "
+            f"to {TOTAL_ESTIMATE_BOUND} past the page, Bundle.total left out beyond) | "
+            "accurate; unknown parameters refused unless "
             f"Prefer: handling=lenient{sort}"
         )
     return entry

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.fhir import parse_date_param, search_bundle, search_request, split_or
+from api.fhir import page_total, parse_date_param, search_bundle, search_request, split_or
 from api.fhir.registry import AUDIT_EVENT
 from core.audit import ChainedEntry, patient_key
 from core.errors import InvalidQueryError
@@ -150,8 +150,8 @@ def search_audit_events(request: Request) -> JSONResponse:
     newest_first = bool(search.sort) and search.sort[0].startswith("-")
     criteria: dict[str, Any] = {"patient_key": key, "agent": agent, "since": since,
                                 "until": until}
-    total = store.count(**criteria)
     rows = store.search(**criteria, limit=search.paging.count, offset=search.paging.offset,
                         oldest_first=not newest_first) if search.paging.count else []
+    total = page_total(search, len(rows), lambda bound: store.count(**criteria, at_most=bound))
     bundle = search_bundle(request, search, [audit_event(e) for e in rows], total)
     return JSONResponse(bundle, media_type="application/fhir+json")

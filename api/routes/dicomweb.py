@@ -108,7 +108,14 @@ def _search(request: Request, index: SqlIndex, level: Level, context: dict[str, 
         # PS3.18 8.3.4.4: a partial result carries this warning; the next page's URL
         # rides in a Link header (RFC 8288).
         headers["Warning"] = '299 pacslab "There are additional results that can be requested"'
-        nxt = request.url.include_query_params(offset=search.query.offset + limit, limit=limit)
+        if level == "study":
+            # Keyset: the next page is read from the index at this page's last study,
+            # not past offset + limit skipped rows (issue 21); offset still works.
+            nxt = request.url.remove_query_params("offset").include_query_params(
+                after=rows[-1]["StudyInstanceUID"], limit=limit)
+        else:
+            nxt = request.url.include_query_params(offset=search.query.offset + limit,
+                                                   limit=limit)
         headers["Link"] = f'<{nxt}>; rel="next"'
     if search.ignored:
         names = ", ".join(sorted(set(search.ignored)))[:500]

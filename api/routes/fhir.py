@@ -29,6 +29,7 @@ from api.fhir import (
     fhir_base,
     fhir_response,
     last_updated_bounds,
+    page_total,
     parse_date_param,
     parse_reference,
     parse_token,
@@ -263,16 +264,15 @@ def _studies(
     return out
 
 
-def _total(index: SqlIndex, query: Query | None, rows: Sequence[object], count: int,
-           offset: int) -> int:
+def _total(index: SqlIndex, query: Query | None, rows: Sequence[object],
+           search: Search) -> int | None:
     """Bundle.total: known from the page itself when the page is not full (and is not
-    past the end), so only a full page counts every match (issue 21: the count reads
-    every match's index entry, the page only ``count`` of them)."""
+    past the end); a full page counts its matches only as far as ``_total`` asks
+    (:func:`api.fhir._search.total_bound`: every match for ``accurate`` only; issue
+    21: the count read every match's index entry, the page only ``count`` of them)."""
     if query is None:
-        return 0
-    if count and len(rows) < count and (rows or offset == 0):
-        return offset + len(rows)
-    return index.count(query)
+        return page_total(search, 0, lambda _bound: 0)
+    return page_total(search, len(rows), lambda bound: index.count(query, at_most=bound))
 
 
 @router.get("/ImagingStudy", summary="Search ImagingStudy", responses=_FHIR_RESPONSES)
@@ -281,7 +281,7 @@ def search_imaging_study(request: Request, index: IndexDep) -> JSONResponse:
     search = search_request(request, IMAGING_STUDY)
     query = _study_query(index, request, search)
     rows = index.find(query) if query is not None and search.paging.count else []
-    total = _total(index, query, rows, search.paging.count, search.paging.offset)
+    total = _total(index, query, rows, search)
     included = []
     if search.includes:
         pks = sorted({r["patient_pk"] for r in rows})
@@ -377,10 +377,9 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
     query = _patient_query(search)
     paging = search.paging
     rows: list[dict[str, Any]] = []
-    total = 0
     if query is not None and paging.count:
         rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
-    total = _total(index, query, rows, paging.count, paging.offset)
+    total = _total(index, query, rows, search)
     found = [with_links(request, patient(r)) for r in rows]  # merges (issue 17)
     return _fhir(search_bundle(request, search, found, total))
 

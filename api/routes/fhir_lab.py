@@ -39,9 +39,11 @@ from api.fhir import (
     fhir_base,
     fhir_response,
     parse_reference,
+    reported_total,
     search_bundle,
     search_request,
     split_or,
+    total_bound,
 )
 from api.fhir import parse_token as parse_fhir_token
 from api.fhir.imaging import issuer_for_system
@@ -252,11 +254,12 @@ def _result_query(request: Request, search: Search) -> LabResultQuery:
         sort=_sort(search, _RESULT_SORTS),  # type: ignore[arg-type]
         offset=search.paging.offset,
         limit=search.paging.count,
+        total_at_most=total_bound(search),
     )
 
 
 def _empty(request: Request, search: Search) -> JSONResponse:
-    return _fhir(search_bundle(request, search, [], 0))
+    return _fhir(search_bundle(request, search, [], reported_total(search, 0)))
 
 
 @router.get("/Observation", summary="Search lab results (FHIR R4 Observation)")
@@ -267,7 +270,8 @@ def search_observations(request: Request, lab: LabResultsDep) -> JSONResponse:
     except _NoMatch:
         return _empty(request, search)
     results, total = lab.search_results(query)
-    return _fhir(search_bundle(request, search, [observation(r) for r in results], total))
+    return _fhir(search_bundle(request, search, [observation(r) for r in results],
+                               reported_total(search, total)))
 
 
 @router.get("/Observation/{observation_id}", summary="Read a lab result (current version)")
@@ -337,6 +341,7 @@ def _report_query(request: Request, search: Search) -> LabReportQuery:
         sort=_sort(search, _REPORT_SORTS),  # type: ignore[arg-type]
         offset=search.paging.offset,
         limit=search.paging.count,
+        total_at_most=total_bound(search),
     )
 
 
@@ -359,7 +364,8 @@ def search_reports(request: Request, lab: LabResultsDep) -> JSONResponse:
     included = (
         [observation(m) for r in reports for m in members[r.report_id]] if search.includes else []
     )
-    return _fhir(search_bundle(request, search, resources, total, included))
+    return _fhir(search_bundle(request, search, resources, reported_total(search, total),
+                               included))
 
 
 @router.get("/DiagnosticReport/{report_id}", summary="Read a lab report")

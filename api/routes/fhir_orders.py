@@ -59,8 +59,10 @@ from api.fhir import (
     check_accept,
     fhir_base,
     fhir_response,
+    page_total,
     parse_date_param,
     parse_token,
+    reported_total,
     search_bundle,
     search_request,
     split_or,
@@ -617,10 +619,12 @@ def search_service_requests(request: Request, orders: OrdersDep) -> Response:
     f.sql["order"] = "updated" if search.sort == ("_lastUpdated",) else "id"
     if f.empty:
         records: list[OrderRecord] = []
-        total = 0
+        total = reported_total(search, 0)
     elif not f.codes and not f.identifiers:
-        total = orders.store.count(**{k: v for k, v in f.sql.items() if k != "order"})
         records = orders.search(**f.sql, limit=paging.count, offset=paging.offset)
+        criteria = {k: v for k, v in f.sql.items() if k != "order"}
+        total = page_total(search, len(records),
+                           lambda bound: orders.store.count(at_most=bound, **criteria))
     else:
         # code and system-checked identifiers are read from each order's JSON: scan
         # what the store narrowed to, in its stable order, up to a bound.
@@ -631,7 +635,7 @@ def search_service_requests(request: Request, orders: OrdersDep) -> Response:
                 "status or _lastUpdated"
             )
         matched = [r for r in candidates if _matches(r, f)]
-        total = len(matched)
+        total = reported_total(search, len(matched))
         records = matched[paging.offset : paging.offset + paging.count]
     entries = [record_to_resource(r) for r in records]
     return _fhir(search_bundle(request, search, entries, total))

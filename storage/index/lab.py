@@ -43,6 +43,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Select,
     and_,
     false,
     func,
@@ -773,9 +774,6 @@ class SqlLabStore:
         }
         order = orders[query.sort]
         with read_only(self.engine) as conn:
-            total = conn.execute(
-                select(func.count()).select_from(_joined()).where(and_(true(), *cond))
-            ).scalar_one()
             rows = conn.execute(
                 _result_select()
                 .where(and_(true(), *cond))
@@ -783,7 +781,11 @@ class SqlLabStore:
                 .offset(query.offset)
                 .limit(query.limit)
             ).all()
-        return [_stored_result(r) for r in rows], int(total)
+            matching = select(lab_results.c.id).select_from(_joined()).where(
+                and_(true(), *cond))
+            total = _total(conn, matching, len(rows), query.offset, query.limit,
+                           query.total_at_most)
+        return [_stored_result(r) for r in rows], total
 
     def result_history(self, observation_id: str) -> list[StoredLabResult]:
         with read_only(self.engine) as conn:
@@ -842,9 +844,6 @@ class SqlLabStore:
         }
         order = orders[query.sort]
         with read_only(self.engine) as conn:
-            total = conn.execute(
-                select(func.count()).select_from(lab_reports).where(and_(true(), *cond))
-            ).scalar_one()
             rows = conn.execute(
                 select(lab_reports)
                 .where(and_(true(), *cond))
@@ -852,7 +851,10 @@ class SqlLabStore:
                 .offset(query.offset)
                 .limit(query.limit)
             ).all()
-        return [_stored_report(row) for row in rows], int(total)
+            matching = select(r.id).where(and_(true(), *cond))
+            total = _total(conn, matching, len(rows), query.offset, query.limit,
+                           query.total_at_most)
+        return [_stored_report(row) for row in rows], total
 
     def count_results(self) -> dict[str, int]:
         """Result rows (all versions) per file hash: the crash test's ledger."""
@@ -928,6 +930,19 @@ def _result_values(
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _total(conn: Connection, matching: Select[Any], page: int, offset: int, limit: int,
+           at_most: int | None) -> int:
+    """The total of a search whose page held ``page`` rows: the page itself when it is
+    not full (nor past the end), else ``matching``'s rows counted, at most
+    ``at_most + 1`` of them (FHIR ``_total``; issue 21: a full page of a common name
+    counted every result of it)."""
+    if limit and page < limit and (page or offset == 0):
+        return offset + page
+    if at_most is not None:
+        matching = matching.limit(at_most + 1)
+    return int(conn.execute(select(func.count()).select_from(matching.subquery())).scalar_one())
 
 
 def _joined() -> Any:

@@ -245,10 +245,14 @@ class SqlOrderStore:
         with read_only(self.engine) as conn:
             return [_record(r) for r in conn.execute(query)]
 
-    def count(self, **criteria: Any) -> int:
-        """How many orders :meth:`search` with these criteria (no paging) finds."""
+    def count(self, at_most: int | None = None, **criteria: Any) -> int:
+        """How many orders :meth:`search` with these criteria (no paging) finds, counted
+        no further than ``at_most + 1`` when given (FHIR ``_total``)."""
         conds = self._conditions(**criteria)
-        query = select(func.count()).select_from(orders).where(and_(True, *conds))
+        matching = select(orders.c.id).where(and_(True, *conds))
+        if at_most is not None:
+            matching = matching.limit(at_most + 1)
+        query = select(func.count()).select_from(matching.subquery())
         with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 

@@ -20,7 +20,9 @@ Nothing here reads more than the rows it returns (issue 21): counts come from
 ``series.num_instances`` (current instances, kept by the receiver) per returned study,
 and ModalitiesInStudy from the per-study set ``study_modalities``, which is also what
 matching on it reads: ``ModalitiesInStudy=CT`` pages off its (modality, study_pk) index,
-and beside a name or date key it is one primary key lookup per study read.
+and beside a name or date key it is one primary key lookup per study read. A list
+(``CT\\MR``) reads one such page per modality and merges them; a wildcard (``C*``) is
+first resolved into the archive's matching modalities by a loose scan of that index.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Select,
     and_,
     func,
@@ -41,6 +44,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union,
 )
 
 from core.errors import InvalidQueryError
@@ -62,9 +66,12 @@ __all__ = [
     "Match",
     "NameSearch",
     "Query",
+    "after_key_query",
     "count_query",
     "find_query",
     "metadata_query",
+    "modality_values_query",
+    "modality_wildcards",
     "parse_match",
     "person_name_condition",
 ]
@@ -212,6 +219,17 @@ class Query:
     newest_first: bool = False
     #: FHIR name searches, all of which must match (on the indexed name key and words).
     names: tuple[NameSearch, ...] = ()
+    #: The archive's modalities each ModalitiesInStudy wildcard (``C*``) matches, as
+    #: (wildcard, values): read first by :class:`storage.index.sql.SqlIndex`
+    #: (:func:`modality_values_query`), so the wildcard is matched as that list, off
+    #: the index, instead of a LIKE over every row of ``study_modalities``.
+    modality_values: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Keyset paging of a study search: the page starts after this StudyInstanceUID
+    #: (the previous page's last study) in the page's order, read from the index at
+    #: that point instead of past ``offset`` skipped rows. ``SqlIndex.find`` reads
+    #: the study's order key into ``after_key`` (:func:`after_key_query`).
+    after: str | None = None
+    after_key: tuple[Any, ...] | None = None
 
 
 def parse_match(keyword: str, value: str) -> Match:
@@ -412,7 +430,10 @@ def _value_match(attr: Attribute, column: Any, value: str, fuzzy: bool) -> Colum
     return _string_match(column, value, vr, fuzzy)
 
 
-def _condition(m: Match, fuzzy: bool, *, per_row: bool = False) -> ColumnElement[bool]:
+def _condition(
+    m: Match, fuzzy: bool, *, per_row: bool = False,
+    resolved: tuple[tuple[str, tuple[str, ...]], ...] = (),
+) -> ColumnElement[bool]:
     attr = ATTRIBUTES[m.keyword]
     if m.value in ("", "*"):
         return true()
@@ -423,7 +444,11 @@ def _condition(m: Match, fuzzy: bool, *, per_row: bool = False) -> ColumnElement
         # series of CT studies), from the per-study modality set.
         modality = ATTRIBUTES["Modality"]
         sm = study_modalities.alias("sm_m")
-        matched = _value_match(modality, sm.c.modality, m.value, fuzzy)
+        values = _wildcard_values(m, resolved)
+        matched = (
+            sm.c.modality.in_(values) if values is not None
+            else _value_match(modality, sm.c.modality, m.value, fuzzy)
+        )
         if per_row:
             # Another index chooses the page (name key, date): a primary key lookup
             # (study_pk, modality) per study it reads. As IN (…), SQLite first
@@ -561,10 +586,16 @@ def _study_has_current_series() -> ColumnElement[bool]:
     )
 
 
-def _base(q: Query) -> Select[Any]:
+def _base(q: Query, drive: str | None = None) -> Select[Any]:
+    """The matching rows of ``q``; ``drive`` is the one modality of the driving
+    ModalitiesInStudy list (:func:`_driving_modality`) this statement joins on."""
     depth = _DEPTH[q.level]
     source: Any = patients
     driving = _driving_modality(q)
+    if driving is not None and drive is None and len(driving[1]) == 1:
+        drive = driving[1][0]
+    if drive is None:
+        driving = None  # a list read without a page: matched by IN below
     if depth >= 1:
         source = studies.join(patients, studies.c.patient_pk == patients.c.id)
     if driving is not None:
@@ -573,7 +604,7 @@ def _base(q: Query) -> Select[Any]:
         source = study_modalities.join(
             source,
             and_(study_modalities.c.study_pk == studies.c.id,
-                 study_modalities.c.modality == driving[1]),
+                 study_modalities.c.modality == drive),
         )
     if depth >= 2:
         source = series.join(source, series.c.study_pk == studies.c.id)
@@ -590,9 +621,14 @@ def _base(q: Query) -> Select[Any]:
             raise InvalidQueryError(f"{m.keyword} is not a {q.level}-level key")
         if driving is not None and m is driving[0]:
             continue  # the join above
-        conds.append(_condition(m, q.fuzzy, per_row=per_row))
+        conds.append(_condition(m, q.fuzzy, per_row=per_row, resolved=q.modality_values))
     for search in q.names:
         conds.append(_name_search(search))
+    if q.after_key is not None:
+        # Keyset paging: the page order's own columns (the modality's index when
+        # it is joined on), so the read starts at the anchor.
+        cols = [study_modalities.c.study_pk] if driving is not None else _order_key(q)
+        conds.append(_after(q, cols))
     conds += _visible(depth)
     if q.patient_pk is not None:
         conds.append(patients.c.id == q.patient_pk)
@@ -654,23 +690,112 @@ def _index_order(q: Query) -> list[Any] | None:
     return None
 
 
-def _driving_modality(q: Query) -> tuple[Match, str] | None:
+def _wildcard_values(m: Match, resolved: tuple[tuple[str, tuple[str, ...]], ...]
+                     ) -> tuple[str, ...] | None:
+    """The modalities a ModalitiesInStudy wildcard stands for (``Query.modality_values``),
+    None when ``m`` is no wildcard or was not resolved (then it is matched by LIKE)."""
+    items = _split_list(m.value)
+    if len(items) != 1 or not _has_wildcard(items[0]):
+        return None
+    return dict(resolved).get(items[0])
+
+
+def modality_wildcards(q: Query) -> list[str]:
+    """The ModalitiesInStudy wildcards of ``q`` (``C*``, ``?T``) to resolve with
+    :func:`modality_values_query` into ``Query.modality_values``."""
+    out = []
+    for m in q.matches:
+        items = _split_list(m.value) if m.keyword == "ModalitiesInStudy" else []
+        if m.value not in ("", "*") and len(items) == 1 and _has_wildcard(items[0]):
+            out.append(items[0])
+    return out
+
+
+def modality_values_query(pattern: str) -> Select[Any]:
+    """The distinct modalities of the archive that the CS wildcard ``pattern`` matches
+    (PS3.4 C.2.2.2.4), read by a loose index scan of ``ix_study_modalities_modality``:
+    one seek per distinct modality (a few dozen), however many studies hold each."""
+    sm = study_modalities.alias("sm_v")
+    walk = select(func.min(sm.c.modality).label("modality")).cte(
+        "modality_walk", recursive=True)
+    after = sm.alias("sm_w")
+    following = (
+        select(func.min(after.c.modality)).where(after.c.modality > walk.c.modality)
+        .scalar_subquery()
+    )
+    walk = walk.union_all(select(following).where(walk.c.modality.is_not(None)))
+    return select(walk.c.modality).where(
+        walk.c.modality.is_not(None), walk.c.modality.like(_like_pattern(pattern), escape="\\")
+    )
+
+
+def _driving_modality(q: Query) -> tuple[Match, tuple[str, ...]] | None:
     """The ModalitiesInStudy key a study search's page is read by, when no name or date
-    order applies and it names one modality (no list, no wildcard): ``ModalitiesInStudy=CT``
-    then joins ``study_modalities`` on that modality and pages in ``study_pk`` order, the
-    primary key's, off ``ix_study_modalities_modality``. As ``studies.id IN (…)`` SQLite
+    order applies, with the modalities it names: ``ModalitiesInStudy=CT`` then joins
+    ``study_modalities`` on that modality and pages in ``study_pk`` order, the primary
+    key's, off ``ix_study_modalities_modality``. As ``studies.id IN (…)`` SQLite
     collected every CT study into a list before the first row of the page (issue 21).
-    A list or a wildcard keeps ``IN``: a study may match several of its items.
+    A list (``CT\\MR``, PS3.4 C.2.2.2.2) or a resolved wildcard (``C*``) reads one
+    such page per modality and merges them (:func:`find_query`): a study may hold
+    several of them.
     """
     if q.level != "study" or _index_order(q) is not None:
         return None
     for m in q.matches:
         if m.keyword != "ModalitiesInStudy" or m.value in ("", "*"):
             continue
-        items = _split_list(m.value)
-        if len(items) == 1 and not _has_wildcard(items[0]):
-            return m, items[0]
+        items = tuple(dict.fromkeys(_split_list(m.value)))
+        values = _wildcard_values(m, q.modality_values)
+        if values is not None:
+            items = values
+        elif len(items) == 1 and _has_wildcard(items[0]):
+            continue  # not resolved: matched by LIKE
+        if 0 < len(items) <= _MAX_MERGED:
+            return m, items
     return None
+
+
+#: The most modalities whose pages :func:`_merged_page` merges: a longer list (a
+#: hostile one, up to 1 KiB) is matched by IN; SQLite refuses a compound SELECT of
+#: more than 500 terms.
+_MAX_MERGED = 32
+
+
+def _order_key(q: Query) -> list[Any]:
+    """The columns of a study search's page order (its index's), ascending."""
+    return _index_order(q) or [studies.c.id]
+
+
+def after_key_query(q: Query) -> Select[Any]:
+    """The page-order key of ``q.after`` (a StudyInstanceUID): the anchor of keyset
+    paging. The study itself need not match ``q`` or still be visible."""
+    return (
+        select(*_order_key(q))
+        .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id))
+        .where(studies.c.study_instance_uid == q.after)
+    )
+
+
+def _after(q: Query, cols: list[Any]) -> ColumnElement[bool]:
+    """Rows after ``q.after_key`` in the order of ``cols`` (before it, newest first).
+
+    Written as ``first >= k0 AND (first > k0 OR (rest) > (k1 …))`` rather than a row
+    value: the bound on the first column is what an index range starts from (SQLite
+    does not seek on a row value spanning two tables); the few rows that share the
+    anchor's first column are filtered, not read past.
+    """
+    assert q.after_key is not None
+    key = list(q.after_key)
+
+    def beyond(i: int) -> ColumnElement[bool]:
+        col, value = cols[i], key[i]
+        strict: ColumnElement[bool] = col < value if q.newest_first else col > value
+        if i == len(cols) - 1:
+            return strict
+        return or_(strict, and_(col == value, beyond(i + 1)))
+
+    first = cols[0] <= key[0] if q.newest_first else cols[0] >= key[0]
+    return and_(first, beyond(0)) if len(cols) > 1 else beyond(0)
 
 
 def find_query(q: Query) -> Select[Any]:
@@ -691,25 +816,58 @@ def find_query(q: Query) -> Select[Any]:
     }[q.level]
     # Read off the modality's index, the same order named by its own column: SQLite
     # does not carry the join's equality over to ORDER BY studies.id.
-    page_order = [study_modalities.c.study_pk] if _driving_modality(q) else order
+    driving = _driving_modality(q)
+    if driving is not None and len(driving[1]) > 1 and q.limit is None:
+        driving = None  # no page to read: the list is matched by IN (_base)
+    page_order = [study_modalities.c.study_pk] if driving else order
     if q.newest_first:
         order = [col.desc() for col in order]
         page_order = [col.desc() for col in page_order]
-    stmt = _base(q)
     if q.limit is None and not q.offset:
-        return stmt.order_by(*page_order)
+        return _base(q).order_by(*page_order)
     key = _KEY[q.level]
-    page = stmt.with_only_columns(key).order_by(*page_order)
-    if q.limit is not None:
-        page = page.limit(q.limit)
-    if q.offset:
-        page = page.offset(q.offset)
+    page: Select[Any] | CompoundSelect[Any]
+    if driving is not None and len(driving[1]) > 1:
+        page = _merged_page(q, driving[1], page_order[0])
+    else:
+        single = _base(q).with_only_columns(key).order_by(*page_order)
+        if q.limit is not None:
+            single = single.limit(q.limit)
+        page = single.offset(q.offset) if q.offset else single
     outer = Query(level=q.level, fields=q.fields)
     return _base(outer).where(key.in_(page.scalar_subquery())).order_by(*order)
 
 
-def count_query(q: Query) -> Select[Any]:
-    """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total)."""
+def _merged_page(q: Query, modalities: tuple[str, ...], by: Any) -> CompoundSelect[Any]:
+    """The page of a study search on a ModalitiesInStudy list (``CT\\MR``, or a
+    wildcard's modalities): for each modality the first ``offset + limit`` matches off
+    its range of ``ix_study_modalities_modality`` (each read stops there), merged
+    without duplicates (a CT and MR study is in two of them). Any study of the page
+    is among the first ``offset + limit`` of each modality it holds, so the merge
+    holds the whole page; as ``IN (…)``, every study of every modality was collected
+    (a list) or every row of ``study_modalities`` read (a wildcard) first (issue 21).
+    """
+    assert q.limit is not None
+    reads = [
+        _base(q, drive=modality)
+        .with_only_columns(study_modalities.c.study_pk.label("pk"))
+        .order_by(by)
+        .limit(q.limit + q.offset)
+        .subquery()
+        for modality in modalities
+    ]
+    # ORDER BY and LIMIT on the compound itself: SQLite merges the ordered reads
+    # (MERGE (UNION)) instead of sorting them.
+    page = union(*(select(r.c.pk) for r in reads)).order_by(
+        literal_column("pk").desc() if q.newest_first else literal_column("pk")
+    ).limit(q.limit)
+    return page.offset(q.offset) if q.offset else page
+
+
+def count_query(q: Query, at_most: int | None = None) -> Select[Any]:
+    """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total);
+    with ``at_most``, counted no further than ``at_most + 1`` rows (FHIR ``_total``
+    other than ``accurate``: the count stops like a page does)."""
     plain = Query(
         level=q.level,
         matches=q.matches,
@@ -720,9 +878,12 @@ def count_query(q: Query) -> Select[Any]:
         updated_after_inclusive=q.updated_after_inclusive,
         updated_before=q.updated_before,
         updated_before_inclusive=q.updated_before_inclusive,
+        modality_values=q.modality_values,
     )
-    inner = _base(plain).with_only_columns(literal_column("1").label("one")).subquery()
-    return select(func.count()).select_from(inner)
+    matching: Select[Any] = _base(plain).with_only_columns(literal_column("1").label("one"))
+    if at_most is not None:
+        matching = matching.limit(at_most + 1)
+    return select(func.count()).select_from(matching.subquery())
 
 
 def metadata_query(

@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -36,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.errors import NotFoundError, OutOfResourcesError
+from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.person_name import name_words, person_name_key
 from core.rejection import RETENTION_EXPIRED
 from core.settings import IndexSettings
@@ -46,7 +46,15 @@ from storage.index import postgres as _pg
 from storage.index import sqlite as _sqlite
 from storage.index.direct import DirectStatement
 from storage.index.pir_tables import patient_links
-from storage.index.queries import Query, count_query, find_query, metadata_query
+from storage.index.queries import (
+    Query,
+    after_key_query,
+    count_query,
+    find_query,
+    metadata_query,
+    modality_values_query,
+    modality_wildcards,
+)
 from storage.index.schema import (
     index_counters,
     instances,
@@ -1279,10 +1287,41 @@ class SqlIndex:
         """A connection for read-only queries (a deferred BEGIN on SQLite)."""
         return self.engine.connect().execution_options(**{_sqlite.READ_ONLY: True})
 
+    @staticmethod
+    def _resolve(conn: Connection, query: Query) -> Query | None:
+        """``query`` with its ModalitiesInStudy wildcards resolved into the archive's
+        matching modalities (``Query.modality_values``), and its keyset anchor
+        (``Query.after``) into its order key; None when a wildcard matches none.
+
+        Raises
+        ------
+        InvalidQueryError
+            ``after`` on a search other than of studies, or naming no study.
+        """
+        if query.after is not None:
+            if query.level != "study":
+                raise InvalidQueryError("after pages study searches only")
+            anchor = conn.execute(after_key_query(query)).first()
+            if anchor is None:
+                raise InvalidQueryError("after names no study")
+            query = replace(query, after_key=tuple(anchor))
+        patterns = modality_wildcards(query)
+        if not patterns:
+            return query
+        resolved = tuple(
+            (p, tuple(conn.execute(modality_values_query(p)).scalars())) for p in patterns
+        )
+        if not all(values for _p, values in resolved):
+            return None
+        return replace(query, modality_values=resolved)
+
     def find(self, query: Query) -> list[dict[str, Any]]:
         """Rows matching ``query``, keyed by DICOM keyword (plus ``patient_pk`` …)."""
         with self._read() as conn:
-            result = conn.execute(find_query(query))
+            resolved = self._resolve(conn, query)
+            if resolved is None:
+                return []
+            result = conn.execute(find_query(resolved))
             keys = list(result.keys())  # once, not a mapping view per row
             rows = [dict(zip(keys, row, strict=True)) for row in result]
         for row in rows:
@@ -1292,10 +1331,14 @@ class SqlIndex:
                 )
         return rows
 
-    def count(self, query: Query) -> int:
-        """How many rows ``query`` matches without its limit and offset."""
+    def count(self, query: Query, at_most: int | None = None) -> int:
+        """How many rows ``query`` matches without its limit and offset; with
+        ``at_most``, the count stops at ``at_most + 1``."""
         with self._read() as conn:
-            return int(conn.execute(count_query(query)).scalar_one())
+            resolved = self._resolve(conn, query)
+            if resolved is None:
+                return 0
+            return int(conn.execute(count_query(resolved, at_most)).scalar_one())
 
     def instance_metadata(
         self,

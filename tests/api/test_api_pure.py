@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -96,6 +97,16 @@ def test_bundle_links() -> None:
     assert links["previous"].endswith("_offset=0")
     assert links["last"].endswith("_offset=4")
     assert b["entry"][0]["fullUrl"] == "http://h/fhir/Patient/0"
+    # No total (_total=none, or past what was counted): no last link, and next only
+    # after a full page.
+    kw: dict[str, Any] = {"base": "http://h/fhir", "path": "Patient", "params": [],
+                          "total": None}
+    unknown = searchset_bundle(entries=resources, paging=Paging(2, 2), **kw)
+    assert "total" not in unknown
+    assert {link["relation"] for link in unknown["link"]} == {"self", "first", "previous",
+                                                              "next"}
+    short = searchset_bundle(entries=resources[:1], paging=Paging(2, 2), **kw)
+    assert "next" not in {link["relation"] for link in short["link"]}
 
 
 @pytest.mark.parametrize(

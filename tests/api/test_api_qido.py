@@ -101,6 +101,10 @@ def test_empty_result_is_204(client: TestClient, ct: Stored) -> None:
         ({"StudyTime": "2359"}, {"c"}),
         ({"ModalitiesInStudy": "MR"}, {"b"}),
         ({"ModalitiesInStudy": "CT\\MR"}, {"a", "b", "c"}),
+        ({"ModalitiesInStudy": "MR,XA"}, {"b"}),  # PS3.18 8.3.4.1: a comma-separated list
+        ({"ModalitiesInStudy": "C*"}, {"a", "c"}),
+        ({"ModalitiesInStudy": "?R"}, {"b"}),
+        ({"ModalitiesInStudy": "X*"}, set()),
         ({"StudyDescription": "CT*"}, {"a", "c"}),
         ({"PatientName": ""}, {"a", "b", "c"}),  # universal matching
     ],

@@ -366,3 +366,51 @@ def test_service_request_pages_stay_stable_when_an_order_changes(
     feed = _search(client, "ServiceRequest", [("_sort", "_lastUpdated")])
     assert _ids(feed)[-1] == ids["o1"]
     assert client.get("/fhir/ServiceRequest", params={"_sort": "status"}).status_code == 400
+
+
+@pytest.mark.parametrize("resource", sorted(ALL))
+def test_total_is_honoured(client: TestClient, resource: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_total`` (FHIR R4 search.html#total): ``accurate`` counts every match,
+    ``none`` leaves Bundle.total (and the ``last`` link) out while ``next`` still
+    pages, and the default (``estimate``) counts only a bounded way past the page
+    (issue 21): past the bound the total is left out, not counted on."""
+    n = len(ALL[resource])
+
+    def links(bundle: dict[str, Any]) -> dict[str, str]:
+        return {lk["relation"]: lk["url"].replace("http://testserver", "")
+                for lk in bundle["link"]}
+
+    for mode in ("accurate", "estimate"):
+        bundle = _search(client, resource, [("_total", mode), ("_count", "1")])
+        assert bundle["total"] == n and {"next", "last"} <= set(links(bundle)), mode
+    bundle = _search(client, resource, [("_total", "none"), ("_count", "1")])
+    assert "total" not in bundle and "last" not in links(bundle)
+    seen = _ids(bundle)
+    while nxt := links(bundle).get("next"):
+        assert "_total=none" in nxt
+        bundle = client.get(nxt).json()
+        assert "total" not in bundle
+        seen += _ids(bundle)
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == n
+    # A bound of 0 past the page: a full first page no longer knows its total.
+    monkeypatch.setattr("api.fhir._search.TOTAL_ESTIMATE_BOUND", 0)
+    first = _search(client, resource, [("_count", "1")])
+    assert "total" not in first and "next" in links(first)
+    assert _search(client, resource, [("_count", "1"), ("_total", "accurate")])["total"] == n
+    assert _search(client, resource, [("_count", str(n))])["total"] == n  # page not full
+    for bad in ([("_total", "bogus")], [("_total", "ACCURATE")],
+                [("_total", "none"), ("_total", "accurate")]):
+        for prefer in ("handling=strict", "handling=lenient"):
+            r = client.get(f"/fhir/{resource}", params=bad, headers={"Prefer": prefer})
+            assert r.status_code == 400 and r.headers["content-type"] == FHIR, (bad, prefer)
+            OperationOutcome.model_validate(r.json())
+
+
+def test_audit_event_total_is_honoured(client: TestClient,
+                                       loaded: tuple[FastAPI, dict[str, str]]) -> None:
+    assert loaded[0].state.audit.flush()
+    accurate = _search(client, "AuditEvent", [("_count", "1"), ("_total", "accurate")])
+    assert accurate["total"] >= 10
+    assert "total" not in _search(client, "AuditEvent", [("_count", "1"), ("_total", "none")])
+    assert client.get("/fhir/AuditEvent", params={"_total": "x"}).status_code == 400

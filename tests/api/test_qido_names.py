@@ -129,7 +129,24 @@ def test_default_limit_pages_with_a_warning_and_link(
         if link:
             assert "additional results" in r.headers["warning"]
             url = link.split(">")[0].lstrip("<")
+            assert "after=" in url and "offset" not in url  # keyset (issue 21)
         else:
             assert "warning" not in r.headers
             url = None
     assert pages == 3 and sorted(seen) == sorted(people.values())
+
+
+def test_keyset_and_offset_pages_agree(client: TestClient, people: dict[str, str]) -> None:
+    """A name search pages in its index's order: by the ``after`` the Link carries
+    (the last study of a page), and by PS3.18 ``offset``, the same studies in turn."""
+    def page(**params: Any) -> list[str]:
+        r = client.get("/dicomweb/studies", params={"PatientName": "N*", "limit": 1, **params})
+        return [s["0020000D"]["Value"][0] for s in r.json()] if r.status_code == 200 else []
+
+    by_offset = page() + page(offset=1) + page(offset=2)
+    first = page()
+    assert by_offset[:2] == first + page(after=first[0]) and len(by_offset) == 2
+    assert page(after=by_offset[1]) == []
+    for bad in ({"after": "x"}, {"after": "9.9.9"}):
+        assert client.get("/dicomweb/studies", params=bad).status_code == 400, bad
+    assert client.get("/dicomweb/series", params={"after": first[0]}).status_code == 400

@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import event
 
 from core.settings import IndexSettings
+from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
 from tests.storage.test_index_query_plans import BIG
 from tests.storage.test_index_scale import fill
@@ -61,6 +62,16 @@ def _scans(node: dict[str, Any]) -> Iterator[str]:
         yield from _scans(child)
 
 
+def _whole_index_reads(node: dict[str, Any]) -> Iterator[str]:
+    """The indexes of ``study_modalities`` a plan reads from end to end: an index scan
+    without an ``Index Cond`` (``modality LIKE 'C%'`` is such a read, filtered)."""
+    if (str(node.get("Index Name", "")).endswith("study_modalities_modality")
+            or node.get("Index Name") == "pk_study_modalities") and "Index Cond" not in node:
+        yield str(node["Index Name"])
+    for child in node.get("Plans", ()):
+        yield from _whole_index_reads(child)
+
+
 def _no_full_scan(index: SqlIndex, statements: list[tuple[str, Any]]) -> None:
     with index.engine.connect() as conn:
         conn.exec_driver_sql("SET enable_seqscan = off")
@@ -71,6 +82,8 @@ def _no_full_scan(index: SqlIndex, statements: list[tuple[str, Any]]) -> None:
             plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar_one()
             scanned = set(_scans(plan[0]["Plan"])) & set(BIG)
             assert not scanned, (scanned, sql)
+            whole = list(_whole_index_reads(plan[0]["Plan"]))
+            assert not whole, (whole, sql)
         conn.rollback()
 
 
@@ -113,3 +126,23 @@ def test_a_busy_turn_claims_through_indexes(index: SqlIndex) -> None:
         index.renew_jobs("w", [j.id for j in jobs])
 
     _no_full_scan(index, _statements(index, busy_turn))
+
+
+def test_modality_lists_and_wildcards_read_ranges_of_the_index(index: SqlIndex) -> None:
+    """QIDO-RS and C-FIND ``ModalitiesInStudy`` with one modality, a list or a wildcard
+    (the wildcard first resolved by a loose scan of ``ix_study_modalities_modality``):
+    every read of ``study_modalities`` is a range of one of its indexes."""
+    for value in ("CT", "CT\\MR", "CT,MR,US", "C*", "?R"):
+        match = (Match("ModalitiesInStudy", value),)
+
+        def search(match: tuple[Match, ...] = match) -> None:
+            index.find(Query(level="study", matches=match, limit=101))
+            index.find(Query(level="study", matches=match, limit=51, offset=50,
+                             newest_first=True))
+            index.find(Query(level="study", matches=(*match, Match("PatientName", "NGUY*")),
+                             limit=101))
+            index.find(Query(level="study", matches=match, limit=101, after="1.1"))
+
+        statements = _statements(index, search)
+        _no_full_scan(index, statements)
+        assert any("study_modalities.modality = " in sql for sql, _ in statements), value

@@ -236,6 +236,12 @@ class LabStoreContract:
                                placer="4560411583", code="718-7"))  # fmt: skip
         _ingest(store, _result(patient="5555", issuer="Baptist East", specimen="L1"))  # held
         assert store.search_results(LabResultQuery(unmatched=True))[1] == 3
+        # A full page counts its total only as far as asked (FHIR _total, issue 21).
+        assert store.search_results(LabResultQuery(unmatched=True, limit=1,
+                                                   total_at_most=0))[1] == 1
+        assert store.search_results(LabResultQuery(unmatched=True, limit=1,
+                                                   total_at_most=5))[1] == 3
+        assert store.search_reports(LabReportQuery(limit=1, total_at_most=0))[1] <= 1
         service = OrderService(SqlOrderStore(index), OrdersSettings())
         (raw,) = split_batch(ORM.read_bytes())
         order = service.submit(placed_orders(parse_message(raw))[0])  # patient 1300974

@@ -143,9 +143,17 @@ def test_patient_root_each_level(archive: list[Study], receiver: Receiver, tmp_p
     assert [int(r.InstanceNumber) for r in rsp] == [1, 2, 3]
 
 
-def test_study_root_series_and_image_levels(
+def test_study_root_each_level(
     archive: list[Study], receiver: Receiver, tmp_path: Path
 ) -> None:
+    # ModalitiesInStudy as a list (PS3.4 C.2.2.2.2) and as wildcards (C.2.2.2.4), read
+    # off the per-study modality set's index (issue 21): each study once.
+    for n, (key, picked) in enumerate([("CT\\MR", [0, 1, 2, 3]), ("M*", [0, 1]),
+                                       ("?T", [0, 2, 3]), ("X*", [])]):
+        rsp = findscu(receiver, tmp_path / f"st{n}", "-S", "QueryRetrieveLevel=STUDY",
+                      f"ModalitiesInStudy={key}", "StudyInstanceUID")
+        assert sorted(r.StudyInstanceUID for r in rsp) == sorted(
+            archive[i].study_uid for i in picked), key
     rsp = findscu(receiver, tmp_path / "se", "-S", "QueryRetrieveLevel=SERIES",
                   f"StudyInstanceUID={archive[0].study_uid}", "SeriesInstanceUID",
                   "Modality", "SeriesNumber")
