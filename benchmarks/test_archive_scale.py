@@ -12,9 +12,10 @@ jobs older than a day pruned (the newest 25,000 kept, one day's worth). Then, wi
   an empty archive (the anchor: a file of its own on SQLite, a database of its own on
   the same server on PostgreSQL), on the filled one with the service idle, and on the
   filled one while ``READ_CLIENTS`` processes query QIDO-RS, FHIR, the viewer,
-  ``/metrics`` and the worklist in a loop: ``WRITE_ROUNDS`` rounds, the three
-  conditions interleaved; pooled p99s, the rounds' median p99s and the
-  ratios loaded/idle, idle/empty and loaded/empty;
+  ``/metrics`` and the worklist in a loop, and (``loaded_empty``, not a target) on the
+  empty one while those clients query the filled one: ``WRITE_ROUNDS`` rounds, the
+  conditions interleaved; pooled p99s, the rounds' median p99s and the ratios
+  loaded/idle, idle/empty, loaded/empty and loaded/loaded_empty;
 * p50/p99 of QIDO-RS ``PatientName=NGUY*``, ``PatientName=TRẦN*``,
   ``ModalitiesInStudy=CT``, a ``StudyDate`` range, the second page of the default
   listing, FHIR ``Patient?name=trần``, the viewer's study search and series panel,
@@ -389,23 +390,27 @@ def _cached_fill(index: SqlIndex, index_url: str, cached: Path, n: int) -> float
 def _write_rounds(index: SqlIndex, empty: SqlIndex, writes: int,
                   active: Any, figures: dict[str, float]) -> dict[str, list[float]]:
     """The receiver's write p99 on the empty archive (the anchor), on the filled
-    archive with the service idle, and with the read-load clients querying:
+    archive with the service idle, and with the read-load clients querying; and on
+    the empty archive while the same clients query the filled one (``loaded_empty``:
+    the same competition for this machine's two cores, without the archive, so that
+    loaded/loaded_empty tells the archive's own share of the loaded figure).
     ``WRITE_ROUNDS`` rounds, the conditions interleaved (their order rotated each
-    round) so that the machine's drift falls on all three alike. Pooled p99 of all
+    round) so that the machine's drift falls on all of them alike. Pooled p99 of all
     rounds per condition, the median of the rounds' p99s, and the ratios."""
-    conditions = ["empty", "idle", "loaded"]
+    conditions = ["empty", "idle", "loaded", "loaded_empty"]
     per = max(20, writes // WRITE_ROUNDS)
     pooled: dict[str, list[float]] = {c: [] for c in conditions}
     rounds: dict[str, list[float]] = {c: [] for c in conditions}
     for r in range(WRITE_ROUNDS):
         for cond in conditions[r % len(conditions):] + conditions[:r % len(conditions)]:
-            if cond == "loaded":
+            if cond.startswith("loaded"):
                 active.set()
                 time.sleep(1)  # the clients are querying
             try:
-                times = write_times(empty if cond == "empty" else index, per, f"{cond}{r}")
+                target = empty if cond in ("empty", "loaded_empty") else index
+                times = write_times(target, per, f"{cond}{r}")
             finally:
-                if cond == "loaded":
+                if cond.startswith("loaded"):
                     active.clear()
                     time.sleep(1)  # their requests in flight end
             pooled[cond] += times
@@ -416,6 +421,8 @@ def _write_rounds(index: SqlIndex, empty: SqlIndex, writes: int,
         figures[f"write_p99_{cond}_round_median_ms"] = statistics.median(rounds[cond])
     figures["write_p99_loaded_over_idle"] = (figures["write_p99_loaded_ms"]
                                              / figures["write_p99_idle_ms"])
+    figures["write_p99_loaded_over_loaded_empty"] = (figures["write_p99_loaded_ms"]
+                                                     / figures["write_p99_loaded_empty_ms"])
     return rounds
 
 
