@@ -32,7 +32,11 @@ suite; 1,000,000 for the issue's figures, 10,000,000 as the long run). Filling 1
 Backends: SQLite, and PostgreSQL when the test server of ``tests/conftest_pg.py`` can start.
 Targets (issue 21), asserted with ``--benchmark-enable`` from 100,000 instances on:
 write p99 within 2x of the empty archive, idle CPU < 2 % of a core, every request p99
-< 50 ms, ``/metrics`` < 20 ms. ``benchmark.extra_info`` carries ``pacslab`` (the
+< 50 ms, ``/metrics`` < 20 ms. The loaded write is held to the empty archive under the
+same read load (``loaded_empty``), not to the quiet one: on two cores the clients take
+the CPU the writer would have, whatever the archive's size (PostgreSQL, 100,000
+instances, 2026-12-03: loaded 34.1 ms, loaded_empty 32.0, quiet empty 6.8; the old
+comparison, loaded/empty, is still reported). ``benchmark.extra_info`` carries ``pacslab`` (the
 figures), ``anchor`` (the empty archive's write p99) and ``target``.
 """
 
@@ -538,7 +542,8 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
     print(json.dumps({"case": case, **{k: round(v, 2) for k, v in figures.items()}}))
     if measuring and n >= 100_000:
         assert figures["write_p99_idle_ms"] <= TARGETS["write_p99_ratio"] * empty_p99, figures
-        assert figures["write_p99_loaded_ms"] <= TARGETS["write_p99_ratio"] * empty_p99, figures
+        assert (figures["write_p99_loaded_ms"]
+                <= TARGETS["write_p99_ratio"] * figures["write_p99_loaded_empty_ms"]), figures
         assert figures["idle_cpu_pct"] < TARGETS["idle_cpu_pct"], figures
         assert figures["metrics_p99_ms"] < TARGETS["metrics_p99_ms"], figures
         for name in requests:
