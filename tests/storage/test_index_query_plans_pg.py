@@ -1,5 +1,5 @@
-"""Issue 21 on PostgreSQL: the worker's periodic statements keep their indexes, and an
-idle turn takes no row lock.
+"""Issue 21 on PostgreSQL: the worker's periodic statements and the receiver's index
+write keep their indexes, and an idle turn takes no row lock.
 
 The SQLite plans are checked by ``test_index_query_plans.py``. Here each statement the
 worker's engine is handed is explained (``EXPLAIN (FORMAT JSON)``, with its values
@@ -20,10 +20,11 @@ import pytest
 from sqlalchemy import event
 
 from core.settings import IndexSettings
+from storage.index.direct import DirectStatement
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
 from tests.storage.test_index_query_plans import BIG
-from tests.storage.test_index_scale import fill
+from tests.storage.test_index_scale import fill, new, record
 
 pytestmark = pytest.mark.postgres
 
@@ -146,3 +147,29 @@ def test_modality_lists_and_wildcards_read_ranges_of_the_index(index: SqlIndex) 
         statements = _statements(index, search)
         _no_full_scan(index, statements)
         assert any("study_modalities.modality = " in sql for sql, _ in statements), value
+
+
+def test_the_receivers_write_reads_indexes_only(index: SqlIndex,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE's ``add_instances``: its statements go to the driver
+    (:class:`~storage.index.direct.DirectStatement`), past the engine's events, so
+    they are caught there. A new series (patient, study, series upserts, name words,
+    merge lookup, modality) and then the common case, an instance of a series this
+    process has indexed (lookups by SOP Instance UID, inserts, the series' counters).
+    Measured at 100,000 instances (issue 21): each of them costs the same as on an
+    empty archive."""
+    seen: list[tuple[str, Any]] = []
+    execute = DirectStatement.execute
+
+    def spy(self: DirectStatement, conn: Any, rows: Any) -> list[Any]:
+        seen.extend((self.sql, self._params(row)) for row in rows)
+        return execute(self, conn, rows)
+
+    monkeypatch.setattr(DirectStatement, "execute", spy)
+    for i in (1, 2):
+        index.add_instances([new(record(i, series="9.1.1", study="9.1", patient="P9",
+                                        name="LÊ^VĂN AN"), f"9a1a{i}")])
+    monkeypatch.undo()
+    sqls = {sql.split(None, 1)[0].upper() for sql, _ in seen}
+    assert {"SELECT", "INSERT", "UPDATE", "DELETE"} <= sqls, sqls
+    _no_full_scan(index, seen)
