@@ -124,7 +124,7 @@ class ScaleContract:
                         "113001", source="test")
         for kw in ({}, {"limit": 1}, {"limit": 1, "offset": 1}, {"newest_first": True}):
             rows = index.find(Query(level="study", matches=(Match("ModalitiesInStudy", "CT"),),
-                                    **kw))  # type: ignore[arg-type]
+                                    **kw))
             assert "1.1" not in {r["StudyInstanceUID"] for r in rows}, kw
         assert studies_of(index, Match("ModalitiesInStudy", "CT")) == {"3.1"}
         assert studies_of(index, Match("ModalitiesInStudy", "MR")) == {"1.1", "2.1"}
