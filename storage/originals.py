@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,9 @@ def fsync_dir(path: Path) -> None:
 
 
 _FANOUT = [f"{i:02x}" for i in range(256)]
+
+#: A content key: the SHA-256 of a data set, 64 lowercase hexadecimal digits.
+_CONTENT_KEY = re.compile("[0-9a-f]{64}")
 
 _flush_pool: ThreadPoolExecutor | None = None
 _flush_pool_lock = threading.Lock()
@@ -140,7 +144,7 @@ class FileOriginalStore:
         return self._staging
 
     def path(self, key: str) -> Path:
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        if _CONTENT_KEY.fullmatch(key) is None:
             raise NotFoundError("not a content key")
         return self.root / key[:2] / key[2:4] / f"{key}.dcm"
 
