@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.settings import Settings
 from core.synthetic import write_ct_series
+from pacslab.runtime import configure_runtime
 
 __all__ = ["run_demo"]
 
@@ -78,6 +79,11 @@ def _metrics(port: int, token: str = "") -> dict[str, float]:
 
 
 def run_demo(settings: Settings, *, slices: int = 120, keep_running: bool = True) -> int:
+    # The demo is a pynetdicom SCU like the worker: without this, pynetdicom's reactor
+    # race (pacslab.runtime.close_reactor_race) can take a fast C-STORE-RSP off the
+    # queue, and the C-STORE waits out the DIMSE timeout; also keeps identifiers out
+    # of pynetdicom's logs.
+    configure_runtime()
     console = Console(soft_wrap=True)
     dicom_port, http_port = settings.dicom.port, settings.http.port
     server: subprocess.Popen[bytes] | None = None
