@@ -26,6 +26,39 @@ from core.settings import Settings
 from pacslab.runtime import close_reactor_race
 from tests.support import Receiver, preserved_runtime, wait_until
 
+#: Files that take a minute or more (measured in CI runs), started first: with
+#: pytest-xdist (``./run test``) workers take files in collection order, so a long file
+#: begun last would run alone at the end while the other worker sits idle.
+_LONG_FILES = (
+    "tests/faults/test_kill_worker_api.py",
+    "tests/api/test_api_schemathesis.py",
+    "benchmarks/test_archive_scale.py",
+    "benchmarks/test_dicom_ingest.py",
+    "tests/ohif/test_ohif_viewer.py",
+    "tests/ingest/dicom/test_storage_commitment.py",
+    "tests/ingest/labs/test_lab_crash.py",
+    "tests/ohif/test_ohif_share.py",
+    "tests/pacslab/test_cli.py",
+    "tests/ingest/dicom/test_crash.py",
+    "benchmarks/test_ohif_viewer.py",
+    "tests/faults/test_kill_receiver.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Long files first (:data:`_LONG_FILES`, in that order), the rest as collected."""
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    root = config.rootpath
+
+    def key(item: pytest.Item) -> int:
+        try:
+            name = item.path.relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(name, len(rank))
+
+    items.sort(key=key)  # stable: the order within a file and among the rest is kept
+
 # Our test and benchmark SCUs are pynetdicom associations too: close its reactor race
 # for the whole session, as the entry points do in the service (pacslab/runtime.py).
 close_reactor_race()
