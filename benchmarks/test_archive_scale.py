@@ -42,7 +42,9 @@ waited for the write lock, taken by FHIR Patient reads (BEGIN IMMEDIATE) and hel
 the in-process job worker, slowed by the API threads' hold on the GIL; after the fix
 (deferred reads, one transaction per failed batch, a 0.5 ms GIL switch interval in
 ``serve``), same hour: loaded 107 ms against loaded_empty 88 (1.21; the machine's
-disk flushes alone reached 100 ms then).
+disk flushes alone reached 100 ms then), 178 against 124 (1.43) in the next run. The
+wait for the job worker's write transactions is smaller but not gone at load 6-14:
+the worker belongs in a process of its own.
 ``benchmark.extra_info`` carries ``pacslab`` (the figures), ``anchor`` (the empty
 archive's write p99) and ``target``.
 """
