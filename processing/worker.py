@@ -185,16 +185,22 @@ class JobWorker:
         except Exception as exc:  # the batch as a whole (its transaction) failed
             results = dict.fromkeys((j.id for j in jobs), exc)
         done: list[tuple[int, dict[str, Any]]] = []
-        for job in jobs:
-            # A job the handler did not report on is not done: it is retried.
-            outcome = results.get(job.id, RuntimeError(f"no result for {kind} job"))
-            if isinstance(outcome, Exception):
-                with correlation(job.correlation_id or None):
-                    self._failed(job, outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                done.append((job.id, dict(outcome or {})))
+        failed: list[tuple[int, str, float | None]] = []
+        try:
+            for job in jobs:
+                # A job the handler did not report on is not done: it is retried.
+                outcome = results.get(job.id, RuntimeError(f"no result for {kind} job"))
+                if isinstance(outcome, Exception):
+                    with correlation(job.correlation_id or None):
+                        failed.append(self._failure(job, outcome))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    done.append((job.id, dict(outcome or {})))
+        finally:
+            # One transaction for the batch's failures, not one per job (issue 21).
+            if failed:
+                self.index.fail_jobs(failed)
         logger.debug(
             "%d %s jobs done in %.3f s", len(jobs), kind, time.perf_counter() - started
         )
@@ -202,6 +208,11 @@ class JobWorker:
 
     def _failed(self, job: Job, exc: Exception) -> None:
         """Record a failed run: retried with back-off, or failed for good."""
+        job_id, error, retry = self._failure(job, exc)
+        self.index.fail_job(job_id, error, retry_in_s=retry)
+
+    def _failure(self, job: Job, exc: Exception) -> tuple[int, str, float | None]:
+        """Log a failed run; what ``fail_jobs`` records of it (see ``_failed``)."""
         expected = isinstance(exc, ServiceError)
         error = f"{type(exc).__name__}: {exc}"
         retry = (
@@ -215,7 +226,6 @@ class JobWorker:
         if isinstance(asked, (int, float)):
             retry = float(asked)
         # A ServiceError (bad input) will fail the same way again: no retry.
-        self.index.fail_job(job.id, error, retry_in_s=retry)
         log = logger.warning if expected else logger.error
         log(
             "job %d %s %s failed (attempt %d): %s",
@@ -226,6 +236,7 @@ class JobWorker:
             error,
             exc_info=(type(exc), exc, exc.__traceback__) if not expected else None,
         )
+        return job.id, error, retry
 
     def _run(self, job: Job) -> dict[str, Any] | None:
         """Run one job; its result if it succeeded (the caller marks it done)."""

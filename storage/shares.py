@@ -78,12 +78,12 @@ class ShareStore:
             )
 
     def by_token_hash(self, token_hash: str) -> ShareRecord | None:
-        with self.index.engine.connect() as conn:
+        with self.index.read() as conn:
             row = conn.execute(select(shares).where(shares.c.token_hash == token_hash)).first()
         return ShareRecord.from_row(row) if row is not None else None
 
     def get(self, share_id: str) -> ShareRecord | None:
-        with self.index.engine.connect() as conn:
+        with self.index.read() as conn:
             row = conn.execute(select(shares).where(shares.c.share_id == share_id)).first()
         return ShareRecord.from_row(row) if row is not None else None
 
@@ -91,7 +91,7 @@ class ShareStore:
         query = select(shares).order_by(shares.c.created_at.desc()).limit(limit)
         if study_uid:
             query = query.where(shares.c.study_instance_uid == study_uid)
-        with self.index.engine.connect() as conn:
+        with self.index.read() as conn:
             return [ShareRecord.from_row(r) for r in conn.execute(query)]
 
     def revoke(self, share_id: str, *, by: str, at: datetime) -> bool:
@@ -106,7 +106,7 @@ class ShareStore:
 
     def study_series(self, study_uid: str) -> frozenset[str] | None:
         """The study's series UIDs; None if the study is not in the index."""
-        with self.index.engine.connect() as conn:
+        with self.index.read() as conn:
             found = conn.execute(
                 select(studies.c.id).where(studies.c.study_instance_uid == study_uid)
             ).first()
@@ -124,6 +124,6 @@ class ShareStore:
             .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id))
             .where(studies.c.study_instance_uid == study_uid)
         )
-        with self.index.engine.connect() as conn:
+        with self.index.read() as conn:
             row = conn.execute(query).first()
         return (str(row[0] or ""), str(row[1] or "")) if row is not None else ("", "")

@@ -174,17 +174,17 @@ class SqlPatientStore:
 
     def find(self, patient_id: str, issuers: Iterable[str]) -> PatientRow | None:
         """The row of ``patient_id`` under the first of ``issuers`` that has one."""
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             return self._find(conn, patient_id, issuers)
 
     def patient(self, pk: int) -> PatientRow | None:
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             r = conn.execute(select(patients).where(patients.c.id == pk)).first()
         return None if r is None else self._row(r)
 
     def study_patient(self, study_instance_uid: str) -> PatientRow | None:
         """The patient row a study belongs to now (what retrieval coerces to)."""
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             r = conn.execute(
                 select(patients)
                 .select_from(studies.join(patients, studies.c.patient_pk == patients.c.id))
@@ -197,7 +197,7 @@ class SqlPatientStore:
         None when its row (under the first of ``issuers`` that has one) is not merged
         away. Merges into an obsolete patient are re-pointed (``merge``), so one link
         leads to the survivor."""
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             row = self._find(conn, patient_id, issuers)
             if row is None:
                 return None
@@ -219,7 +219,7 @@ class SqlPatientStore:
     def version(self, pk: int) -> int:
         """The FHIR ``meta.versionId`` of a patient row: 1, plus one for every change
         of the log that involved it (updates, identifier changes, merges, undos)."""
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             return self._version(conn, pk)
 
     def _check_version(self, conn: Connection, pk: int, expected: int | None) -> None:
@@ -230,7 +230,7 @@ class SqlPatientStore:
 
     def links(self, pk: int) -> tuple[int | None, list[int]]:
         """``(surviving pk this row was merged into, obsolete pks merged into it)``."""
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             up = conn.execute(
                 select(patient_links.c.surviving_pk).where(patient_links.c.obsolete_pk == pk)
             ).scalar()
@@ -248,12 +248,12 @@ class SqlPatientStore:
         stmt = select(patient_changes).order_by(patient_changes.c.id.desc())
         if patient_pk is not None:
             stmt = stmt.where(patient_changes.c.patient_pks.contains(f",{patient_pk},"))
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             rows = conn.execute(stmt.limit(limit).offset(offset)).all()
         return [self._stored(r, with_rows=False) for r in rows]
 
     def change(self, change_id: str) -> StoredChange:
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             r = conn.execute(
                 select(patient_changes).where(patient_changes.c.change_id == change_id)
             ).first()

@@ -1010,13 +1010,24 @@ class SqlIndex:
                 )
 
     def fail_job(self, job_id: int, error: str, *, retry_in_s: float | None = None) -> None:
-        values: dict[str, Any] = {"error": error[:2000], "updated_at": _now()}
-        if retry_in_s is None:
-            values["status"] = "failed"
-        else:
-            values.update(status="pending", not_before=time.time() + retry_in_s)
+        self.fail_jobs([(job_id, error, retry_in_s)])
+
+    def fail_jobs(self, failed: Sequence[tuple[int, str, float | None]]) -> None:
+        """Record several failed runs ``(job id, error, retry in s or None for failed
+        for good)`` in one transaction, as :meth:`finish_jobs` does: a batch of
+        instance jobs that fails (their files unreadable) wrote one transaction per
+        job, each holding the write lock through a WAL fsync (issue 21)."""
+        if not failed:
+            return
+        now = _now()
         with self._write() as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+            for job_id, error, retry_in_s in failed:
+                values: dict[str, Any] = {"error": error[:2000], "updated_at": now}
+                if retry_in_s is None:
+                    values["status"] = "failed"
+                else:
+                    values.update(status="pending", not_before=time.time() + retry_in_s)
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
 
     def prune_jobs(self, older_than_s: float, *, limit: int = 1000) -> int:
         """Delete up to ``limit`` finished instance jobs done ``older_than_s`` ago.

@@ -133,3 +133,23 @@ def test_a_batch_fails_job_by_job_and_a_job_left_out_is_not_done(index: SqlIndex
     assert jobs["1.2.3.2"].status == "pending" and "no result" in (jobs["1.2.3.2"].error or "")
     assert [jobs[f"1.2.3.{i}"].status for i in (0, 3, 4)] == ["done"] * 3
     assert jobs["1.2.3.0"].result == {"ok": "1.2.3.0"}
+
+
+def test_a_batch_that_fails_as_a_whole_records_its_failures_in_one_transaction(
+        index: SqlIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One write transaction per failed job held the write lock through one WAL fsync
+    # each, and queued the receiver's commits behind them (issue 21).
+    def batch(jobs: list[Job]) -> dict[int, object]:
+        raise OSError("disk gone")
+
+    calls: list[int] = []
+    fail_jobs = index.fail_jobs
+    monkeypatch.setattr(index, "fail_jobs", lambda failed: (calls.append(len(failed)),
+                                                           fail_jobs(failed))[1])
+    worker = JobWorker(index, {}, batch_handlers={"instance": batch},  # type: ignore[dict-item]
+                       name="w", batch=10)
+    assert worker.run_once() == 5
+    assert calls == [5]
+    jobs = index.get_jobs()
+    assert {j.status for j in jobs} == {"pending"}
+    assert all("disk gone" in (j.error or "") for j in jobs)

@@ -18,16 +18,18 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from core.errors import InvalidQueryError, OutOfResourcesError
+from core.errors import InvalidQueryError, NotFoundError, OutOfResourcesError
 from core.instance import InstanceRecord
 from core.person_name import person_name_key
 from core.rejection import RejectedRef
 from core.settings import IndexSettings
 from storage.abc import NewInstance
 from storage.index.migrate import upgrade
+from storage.index.patients import SqlPatientStore
 from storage.index.queries import Match, NameSearch, Query, count_query, find_query
 from storage.index.rejection import apply_rejection
 from storage.index.sql import SqlIndex
+from storage.shares import ShareStore
 
 
 def record(i: int, *, series: str, study: str, patient: str, name: str,
@@ -329,6 +331,40 @@ class TestSqliteScale(ScaleContract):
             rec = record(7, series="1.1.1", study="1.1", patient="P1", name="TRẦN^THỊ LAN")
             with pytest.raises(OutOfResourcesError):
                 index.add_instances([new(rec, "w")])
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+    def test_patient_and_share_reads_never_take_the_write_lock(
+            self, index: SqlIndex, tmp_path: Path) -> None:
+        # FHIR Patient search read each resource's version and links through a plain
+        # connect(), i.e. BEGIN IMMEDIATE: under read load the receiver's commits queued
+        # behind SQLite's busy handler (write p99 45 ms against 8 on an empty file,
+        # 100,000 instances, issue 21).
+        fill(index)
+        patients = SqlPatientStore(index)
+        share_store = ShareStore(index)
+        with index.read() as conn:
+            pk, pid, issuer = conn.execute(
+                text("SELECT p.id, p.patient_id, p.issuer FROM patients p JOIN studies s"
+                     " ON s.patient_pk = p.id WHERE s.study_instance_uid = '1.1'")).one()
+        holder = sqlite3.connect(tmp_path / "index.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            assert patients.find(pid, [issuer]) is not None
+            assert patients.patient(pk) is not None
+            assert patients.study_patient("1.1") is not None
+            assert patients.surviving(pid, [issuer]) is None
+            assert patients.version(pk) == 1
+            assert patients.links(pk) == (None, [])
+            assert patients.changes() == []
+            with pytest.raises(NotFoundError):
+                patients.change("nope")
+            assert share_store.by_token_hash("x") is None
+            assert share_store.get("x") is None
+            assert share_store.list() == []
+            assert "1.1.1" in (share_store.study_series("1.1") or ())
+            assert share_store.study_patient("1.1")[0] == pid
         finally:
             holder.execute("ROLLBACK")
             holder.close()
