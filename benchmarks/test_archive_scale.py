@@ -39,12 +39,12 @@ instances, 2026-12-03: loaded 34.1 ms, loaded_empty 32.0, quiet empty 6.8; the o
 comparison, loaded/empty, is still reported). SQLite missed it (same day, 100,000:
 loaded 45.5 ms, loaded_empty 8.0; 194 against 77 on a busier hour): its loaded writes
 waited for the write lock, taken by FHIR Patient reads (BEGIN IMMEDIATE) and held by
-the in-process job worker, slowed by the API threads' hold on the GIL; after the fix
-(deferred reads, one transaction per failed batch, a 0.5 ms GIL switch interval in
-``serve``), same hour: loaded 107 ms against loaded_empty 88 (1.21; the machine's
-disk flushes alone reached 100 ms then), 178 against 124 (1.43) in the next run. The
-wait for the job worker's write transactions is smaller but not gone at load 6-14:
-the worker belongs in a process of its own.
+the in-process job worker, slowed by the API threads' hold on the GIL. After the fix
+(deferred reads, one transaction per failed batch), same hour: 1.22 (measured with a
+0.5 ms GIL switch interval in ``serve`` as well, 1.21 and 1.43; that change was not
+kept: process-wide, for a small gain). The wait for the job worker's write
+transactions is smaller but not gone at load 6-14: the worker belongs in a process of
+its own.
 ``benchmark.extra_info`` carries ``pacslab`` (the figures), ``anchor`` (the empty
 archive's write p99) and ``target``.
 """

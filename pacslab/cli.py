@@ -22,10 +22,6 @@ __all__ = ["main"]
 
 logger = logging.getLogger("pacslab")
 
-#: GIL switch interval of ``pacslab serve``'s main process (see cmd_serve); Python's
-#: default is 0.005.
-SERVE_SWITCH_INTERVAL_S = 0.0005
-
 
 def _prepare(settings: Settings) -> None:
     """Create the data layout and bring the index schema to head, before any fork."""
@@ -83,13 +79,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacslab.runtime import configure_runtime
 
     configure_runtime()  # the worker is an SCU too (forwarding, commitment reports)
-    # The job worker's write transactions run on threads of this process, beside the
-    # API's request threads. Each SQLite call inside them releases the GIL and waits
-    # for it back, by default up to 5 ms per busy request thread, while holding the
-    # index's write lock: under QIDO/FHIR load a two-statement transaction held it
-    # 0.3-1 s and the receivers' C-STORE commits queued behind it (issue 21: write
-    # p99 flock wait 120-160 ms loaded, 3-13 ms with 0.5 ms here, 100,000 instances).
-    sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)
 
     background = start_background(settings)
     try:
