@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -258,6 +259,13 @@ class PatientIdentityService:
     def links(self, patient_pk: int) -> PatientLinks:
         up, down = self.store.links(patient_pk)
         return PatientLinks(up, tuple(down))
+
+    def link_states(self, patient_pks: Sequence[int]) -> dict[int, tuple[PatientLinks, int]]:
+        """:meth:`links` and :meth:`version` of many patients at once (a search page)."""
+        return {
+            pk: (PatientLinks(up, tuple(down)), version)
+            for pk, (up, down, version) in self.store.link_states(patient_pks).items()
+        }
 
     def patient(self, patient_pk: int) -> PatientRow | None:
         return self.store.patient(patient_pk)

@@ -51,7 +51,7 @@ from api.fhir.imaging import (
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
-from api.routes.patients import etag, with_links
+from api.routes.patients import etag, with_links, with_links_many
 from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, NameSearch, Query
@@ -380,7 +380,7 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
     if query is not None and paging.count:
         rows = index.find(replace(query, limit=paging.count, offset=paging.offset))
     total = _total(index, query, rows, search)
-    found = [with_links(request, patient(r)) for r in rows]  # merges (issue 17)
+    found = with_links_many(request, [patient(r) for r in rows])  # merges (issue 17)
     return _fhir(search_bundle(request, search, found, total))
 
 

@@ -40,7 +40,7 @@ from core.patients import (
     PatientRef,
     UpdatePatient,
 )
-from services.patients import PatientIdentityService
+from services.patients import PatientIdentityService, PatientLinks
 from storage.index.queries import Query as IndexQuery
 from storage.index.sql import SqlIndex
 
@@ -75,13 +75,27 @@ def _pk(ident: str) -> int:
 def with_links(request: Request, resource: dict[str, Any]) -> dict[str, Any]:
     """``resource`` with ``active`` and ``link`` from the merges (FHIR R4
     Patient.link: ``replaced-by`` on the obsolete record, ``replaces`` on the survivor)."""
+    return with_links_many(request, [resource])[0]
+
+
+def with_links_many(request: Request, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`with_links` of a page of Patients, their merges and versions read in one
+    go (a round trip per row made a 50-patient page 150-400 ms on PostgreSQL, issue 21)."""
     svc: PatientIdentityService | None = getattr(request.app.state, "patients", None)
-    ident = str(resource.get("id", ""))
-    if svc is None or not ident.isdigit():
-        return resource
-    links = svc.links(int(ident))
+    pks = [int(str(r.get("id", ""))) for r in resources if str(r.get("id", "")).isdigit()]
+    if svc is None or not pks:
+        return resources
+    states = svc.link_states(pks)
+    for resource in resources:
+        ident = str(resource.get("id", ""))
+        if ident.isdigit() and int(ident) in states:
+            _apply_links(resource, *states[int(ident)])
+    return resources
+
+
+def _apply_links(resource: dict[str, Any], links: PatientLinks, version: int) -> None:
     # FHIR R4 version-aware updates (http.html#concurrency): the version If-Match names.
-    resource.setdefault("meta", {})["versionId"] = str(svc.version(int(ident)))
+    resource.setdefault("meta", {})["versionId"] = str(version)
     out: list[dict[str, Any]] = []
     if links.replaced_by is not None:
         resource["active"] = False
@@ -92,7 +106,6 @@ def with_links(request: Request, resource: dict[str, Any]) -> dict[str, Any]:
         resource["active"] = True
     if out:
         resource["link"] = out
-    return resource
 
 
 def etag(resource: dict[str, Any]) -> dict[str, str]:

@@ -241,6 +241,41 @@ class SqlPatientStore:
             ).scalars()
             return (None if up is None else int(up)), [int(x) for x in down]
 
+    def link_states(self, pks: Sequence[int]) -> dict[int, tuple[int | None, list[int], int]]:
+        """``(surviving pk, obsolete pks merged into it, version)`` of each of ``pks``
+        (:meth:`links` and :meth:`version` of a whole page): two statements on one
+        connection, not three and a connection per row. A search page of 50 patients
+        took 150 round trips on PostgreSQL, 150-400 ms under load (issue 21)."""
+        wanted = sorted({int(pk) for pk in pks})
+        out: dict[int, tuple[int | None, list[int], int]] = {pk: (None, [], 1) for pk in wanted}
+        if not wanted:
+            return out
+        ups: dict[int, int] = {}
+        downs: dict[int, list[int]] = {pk: [] for pk in wanted}
+        versions = dict.fromkeys(wanted, 1)
+        with self.engine.connect() as conn:
+            for obsolete, surviving in conn.execute(
+                select(patient_links.c.obsolete_pk, patient_links.c.surviving_pk)
+                .where(or_(patient_links.c.obsolete_pk.in_(wanted),
+                           patient_links.c.surviving_pk.in_(wanted)))
+                .order_by(patient_links.c.obsolete_pk)
+            ):
+                if int(obsolete) in downs:
+                    ups[int(obsolete)] = int(surviving)
+                if int(surviving) in downs:
+                    downs[int(surviving)].append(int(obsolete))
+            for (involved,) in conn.execute(
+                select(patient_changes.c.patient_pks).where(
+                    or_(*(patient_changes.c.patient_pks.contains(f",{pk},") for pk in wanted))
+                )
+            ):
+                # Each row once per pk, as _version counts it; the text may be cut at
+                # 255 characters, so the part after the last comma is no pk.
+                for pk in {int(p) for p in str(involved).split(",")[:-1] if p.isdigit()}:
+                    if pk in versions:
+                        versions[pk] += 1
+        return {pk: (ups.get(pk), downs[pk], versions[pk]) for pk in wanted}
+
     def changes(
         self, *, patient_pk: int | None = None, limit: int = 100, offset: int = 0
     ) -> list[StoredChange]:

@@ -262,7 +262,8 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Index("ix_jobs_status_kind", "status", "kind"),
-    Index("ix_jobs_target", "kind", "target"),
+    # Pattern ops on PostgreSQL: kind LIKE 'fwd:%' uses it under any collation (0013).
+    Index("ix_jobs_target", "kind", "target", postgresql_ops={"kind": "varchar_pattern_ops"}),
 )
 
 

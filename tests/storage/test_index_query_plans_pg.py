@@ -173,3 +173,61 @@ def test_the_receivers_write_reads_indexes_only(index: SqlIndex,
     sqls = {sql.split(None, 1)[0].upper() for sql, _ in seen}
     assert {"SELECT", "INSERT", "UPDATE", "DELETE"} <= sqls, sqls
     _no_full_scan(index, seen)
+
+
+def _index_reads_without_cond(node: dict[str, Any], table: str) -> Iterator[str]:
+    """The indexes of ``table`` a plan reads from end to end (no ``Index Cond``)."""
+    if (node.get("Relation Name") == table and "Index Name" in node
+            and "Index Cond" not in node):
+        yield str(node["Index Name"])
+    for child in node.get("Plans", ()):
+        yield from _index_reads_without_cond(child, table)
+
+
+@pytest.mark.parametrize("collation", ["en_US.utf8", "C.utf8"])
+def test_job_kind_prefixes_read_a_range_under_any_collation(pg_server: Any,
+                                                            collation: str) -> None:
+    """``/metrics`` and the queue pages count jobs by kind prefix (``kind LIKE 'fwd:%'``,
+    storage/index/qr.py). A btree index serves a LIKE prefix only under the C collation
+    or with pattern ops: the test server is C, a production database usually is not,
+    and there each scrape read all of ``jobs`` until migration 0013 (issue 21)."""
+    import subprocess
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from storage.index import qr
+
+    if collation.lower() not in subprocess.run(["locale", "-a"], capture_output=True,
+                                               text=True, check=False).stdout.lower():
+        pytest.skip(f"locale {collation} not installed")
+    admin = pg_server if isinstance(pg_server, str) else pg_server.url()
+    name = f"pacslab_coll_{collation.split('.')[0].lower()}_{id(admin) % 100000}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 "
+                              f"LC_COLLATE '{collation}' LC_CTYPE '{collation}'"))
+    finally:
+        engine.dispose()
+    index = SqlIndex(IndexSettings(url=make_url(admin).set(database=name)
+                                   .render_as_string(hide_password=False)))
+    try:
+        for i in range(3):
+            index.add_job("instance", f"1.{i}")
+            index.add_job("fwd:PACS2", f"1.{i}")
+        statements = _statements(index, lambda: (qr.job_counts(index, "fwd:"),
+                                                 qr.list_jobs(index, "fwd:"),
+                                                 qr.job_counts(index, "commit", exact=True)))
+        with index.engine.connect() as conn:
+            assert conn.execute(text("SELECT datcollate FROM pg_database WHERE datname = "
+                                     "current_database()")).scalar_one() == collation
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            for sql, params in statements:
+                plan = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + sql, params).scalar_one()
+                assert "jobs" not in set(_scans(plan[0]["Plan"])), sql
+                assert not list(_index_reads_without_cond(plan[0]["Plan"], "jobs")), sql
+            conn.rollback()
+    finally:
+        index.close()
