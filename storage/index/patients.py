@@ -253,7 +253,7 @@ class SqlPatientStore:
         ups: dict[int, int] = {}
         downs: dict[int, list[int]] = {pk: [] for pk in wanted}
         versions = dict.fromkeys(wanted, 1)
-        with self.engine.connect() as conn:
+        with self.index.read() as conn:
             for obsolete, surviving in conn.execute(
                 select(patient_links.c.obsolete_pk, patient_links.c.surviving_pk)
                 .where(or_(patient_links.c.obsolete_pk.in_(wanted),

@@ -357,6 +357,7 @@ class TestSqliteScale(ScaleContract):
             assert patients.surviving(pid, [issuer]) is None
             assert patients.version(pk) == 1
             assert patients.links(pk) == (None, [])
+            assert patients.link_states([pk]) == {pk: (None, [], 1)}
             assert patients.changes() == []
             with pytest.raises(NotFoundError):
                 patients.change("nope")
