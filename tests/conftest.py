@@ -27,8 +27,9 @@ from pacslab.runtime import close_reactor_race
 from tests.support import Receiver, preserved_runtime, wait_until
 
 #: Files that take a minute or more (measured in CI runs), started first: with
-#: pytest-xdist (``./run test``) workers take files in collection order, so a long file
-#: begun last would run alone at the end while the other worker sits idle.
+#: pytest-xdist (``./run test``: ``--dist loadfile --no-loadscope-reorder``) workers
+#: take files in collection order, so a long file begun last would run alone at the
+#: end while the other worker sits idle.
 _LONG_FILES = (
     "tests/faults/test_kill_worker_api.py",
     "tests/api/test_api_schemathesis.py",
