@@ -11,6 +11,7 @@ fake build (prefix rewrites, SPA fallback, 404s, no symlink followed, headers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,6 +58,15 @@ def _overlay(page: object) -> dict[str, int]:
     return out
 
 
+def _overlay_of(page: object, images: int) -> dict[str, int]:
+    """The overlay once it counts ``images`` (it shows "(1/0)" for a moment after the
+    first image is drawn, while OHIF still loads the stack), or as it is after 15 s."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: _overlay(page).get("N") == images, timeout=15, interval=0.2,
+                   sleep=page_sleep(page))
+    return _overlay(page)
+
+
 def _study_rows(page: object) -> str:
     return page.evaluate("() => document.body.innerText")  # type: ignore[attr-defined, no-any-return]
 
@@ -83,7 +93,7 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
                 page.get_by_text("Skip all").first.click()
             before = page.evaluate(h.CANVAS_STATS)
             assert before["std"] > 5 and before["nonzero"] > 0.05, before  # not blank
-            first = _overlay(page)
+            first = _overlay_of(page, SLICES)
             assert first.get("N") == SLICES and first.get("I") == 1, first
 
             # Window/level by drag (OHIF's default left-button tool).
@@ -174,7 +184,7 @@ def test_deep_link_renders_and_responds_and_study_list_finds_vietnamese_name(
                 timeout=60, interval=0.2, sleep=page_sleep(page),
                 message=lambda: f"compressed series not shown: {page.evaluate(h.CANVAS_STATS)}")
             assert stats and stats["std"] > 5 and stats["nonzero"] > 0.05, stats
-            assert _overlay(page).get("N") == 10
+            assert _overlay_of(page, 10).get("N") == 10
             assert opened.failed == [], opened.failed
             bad = [m for m in opened.console if "Content Security Policy" in m
                    or m.startswith("pageerror") or "decodeTask" in m]
