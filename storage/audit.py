@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Engine, and_, select, update
 
 from core.audit import (
     AuditEntry,
@@ -48,6 +48,7 @@ from core.audit import (
 )
 from core.settings import AuditSettings
 from storage.index import sqlite as _sqlite
+from storage.index.queries import bounded_count
 from storage.index.schema_emr import audit_events, audit_head
 from storage.index.sqlite import read_only
 from storage.syslog import SyslogSender
@@ -258,9 +259,7 @@ class AuditStore:
         matching = select(audit_events.c.seq)
         if cond:
             matching = matching.where(and_(*cond))
-        if at_most is not None:
-            matching = matching.limit(at_most + 1)
-        query = select(func.count()).select_from(matching.subquery())
+        query = bounded_count(matching, at_most)
         with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 

@@ -56,6 +56,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
 from storage.index.pir_tables import patient_links
+from storage.index.queries import bounded_count
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.index.sqlite import read_only
@@ -940,9 +941,7 @@ def _total(conn: Connection, matching: Select[Any], page: int, offset: int, limi
     counted every result of it)."""
     if limit and page < limit and (page or offset == 0):
         return offset + page
-    if at_most is not None:
-        matching = matching.limit(at_most + 1)
-    return int(conn.execute(select(func.count()).select_from(matching.subquery())).scalar_one())
+    return int(conn.execute(bounded_count(matching, at_most)).scalar_one())
 
 
 def _joined() -> Any:

@@ -43,6 +43,7 @@ from core.orders import (
     item_to_json,
 )
 from core.person_name import person_name_key
+from storage.index.queries import bounded_count
 from storage.index.schema import (
     jobs,
     mpps,
@@ -249,10 +250,7 @@ class SqlOrderStore:
         """How many orders :meth:`search` with these criteria (no paging) finds, counted
         no further than ``at_most + 1`` when given (FHIR ``_total``)."""
         conds = self._conditions(**criteria)
-        matching = select(orders.c.id).where(and_(True, *conds))
-        if at_most is not None:
-            matching = matching.limit(at_most + 1)
-        query = select(func.count()).select_from(matching.subquery())
+        query = bounded_count(select(orders.c.id).where(and_(True, *conds)), at_most)
         with read_only(self.engine) as conn:
             return int(conn.execute(query).scalar_one())
 

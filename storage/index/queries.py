@@ -67,6 +67,7 @@ __all__ = [
     "NameSearch",
     "Query",
     "after_key_query",
+    "bounded_count",
     "count_query",
     "find_query",
     "metadata_query",
@@ -864,6 +865,15 @@ def _merged_page(q: Query, modalities: tuple[str, ...], by: Any) -> CompoundSele
     return page.offset(q.offset) if q.offset else page
 
 
+def bounded_count(matching: Select[Any], at_most: int | None) -> Select[Any]:
+    """``SELECT count(*)`` of ``matching``'s rows, read no further than ``at_most + 1``
+    of them when given (FHIR ``_total`` other than ``accurate``): the count stops like
+    a page does, and a count past ``at_most`` says only "more" (issue 21)."""
+    if at_most is not None:
+        matching = matching.limit(at_most + 1)
+    return select(func.count()).select_from(matching.subquery())
+
+
 def count_query(q: Query, at_most: int | None = None) -> Select[Any]:
     """Number of rows ``q`` matches, ignoring its limit and offset (FHIR Bundle.total);
     with ``at_most``, counted no further than ``at_most + 1`` rows (FHIR ``_total``
@@ -880,10 +890,8 @@ def count_query(q: Query, at_most: int | None = None) -> Select[Any]:
         updated_before_inclusive=q.updated_before_inclusive,
         modality_values=q.modality_values,
     )
-    matching: Select[Any] = _base(plain).with_only_columns(literal_column("1").label("one"))
-    if at_most is not None:
-        matching = matching.limit(at_most + 1)
-    return select(func.count()).select_from(matching.subquery())
+    return bounded_count(
+        _base(plain).with_only_columns(literal_column("1").label("one")), at_most)
 
 
 def metadata_query(
