@@ -79,7 +79,13 @@ from core.instance import InstanceRecord
 from core.settings import IndexSettings
 from storage.abc import NewInstance
 from storage.index.sql import SqlIndex
-from tests.conftest_pg import create_database, pg_server, pg_template, pg_url  # noqa: F401
+from tests.conftest_pg import (  # noqa: F401  (fixtures)
+    admin_url,
+    create_database,
+    pg_server,
+    pg_template,
+    pg_url,
+)
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,9 +372,8 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path, index_url: str) ->
     if index_url.startswith("sqlite"):
         (tmp_path / "empty").mkdir()
         return f"sqlite:///{tmp_path / 'empty' / 'index.db'}"
-    server = request.getfixturevalue("pg_server")
-    admin = server if isinstance(server, str) else server.url()
-    return create_database(admin, template=request.getfixturevalue("pg_template"))
+    return create_database(admin_url(request.getfixturevalue("pg_server")),
+                           template=request.getfixturevalue("pg_template"))
 
 
 def _index_bytes(index: SqlIndex) -> int:

@@ -34,7 +34,15 @@ import pytest
 
 from tests.support import free_port
 
-__all__ = ["PgServer", "find_pg_bin", "pg_empty_url", "pg_server", "pg_template", "pg_url"]
+__all__ = [
+    "PgServer",
+    "admin_url",
+    "find_pg_bin",
+    "pg_empty_url",
+    "pg_server",
+    "pg_template",
+    "pg_url",
+]
 
 _counter = itertools.count()
 # Read at import: the DICOM receiver later points tempfile.tempdir at its staging
@@ -112,9 +120,6 @@ class PgServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self) -> str:
-        return create_database(self.url())
-
 
 def create_database(admin_url: str, *, template: str | None = None) -> str:
     """A new database on the server of ``admin_url`` (empty, or a copy of the database
@@ -165,7 +170,9 @@ def restartable_pg() -> Iterator[PgServer]:
     server.cleanup()
 
 
-def _admin_url(pg_server: PgServer | str) -> str:
+def admin_url(pg_server: PgServer | str) -> str:
+    """The URL of ``pg_server``'s administrative database (``pg_server`` as the fixture
+    gives it: an external URL, or a server we started)."""
     return pg_server if isinstance(pg_server, str) else pg_server.url()
 
 
@@ -177,7 +184,7 @@ def pg_template(pg_server: PgServer | str) -> str:
     from core.settings import IndexSettings
     from storage.index.sql import SqlIndex
 
-    url = create_database(_admin_url(pg_server))
+    url = create_database(admin_url(pg_server))
     SqlIndex(IndexSettings(url=url)).close()  # migrates; close() lets go of every connection
     name = make_url(url).database
     assert name is not None
@@ -187,10 +194,10 @@ def pg_template(pg_server: PgServer | str) -> str:
 @pytest.fixture
 def pg_url(pg_server: PgServer | str, pg_template: str) -> str:
     """A fresh database for this test, already migrated to head."""
-    return create_database(_admin_url(pg_server), template=pg_template)
+    return create_database(admin_url(pg_server), template=pg_template)
 
 
 @pytest.fixture
 def pg_empty_url(pg_server: PgServer | str) -> str:
     """A fresh, empty database for this test (no schema: for migration tests)."""
-    return create_database(_admin_url(pg_server))
+    return create_database(admin_url(pg_server))

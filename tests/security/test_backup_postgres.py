@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest_pg import PgServer, create_database
+from conftest_pg import PgServer, admin_url, create_database
 from sqlalchemy import text
 
 from core.settings import Settings
@@ -39,9 +39,7 @@ def settings(settings: Settings, pg_url: str) -> Settings:
 
 
 def _another_database(pg_server: PgServer | str) -> str:
-    if isinstance(pg_server, str):
-        return create_database(pg_server)
-    return pg_server.create_database()
+    return create_database(admin_url(pg_server))
 
 
 def _sha(path: Path) -> str:

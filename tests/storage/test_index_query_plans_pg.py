@@ -23,6 +23,7 @@ from core.settings import IndexSettings
 from storage.index.direct import DirectStatement
 from storage.index.queries import Match, Query
 from storage.index.sql import SqlIndex
+from tests.conftest_pg import admin_url
 from tests.storage.test_index_query_plans import BIG
 from tests.storage.test_index_scale import fill, new, record
 
@@ -201,7 +202,7 @@ def test_job_kind_prefixes_read_a_range_under_any_collation(pg_server: Any,
     if collation.lower() not in subprocess.run(["locale", "-a"], capture_output=True,
                                                text=True, check=False).stdout.lower():
         pytest.skip(f"locale {collation} not installed")
-    admin = pg_server if isinstance(pg_server, str) else pg_server.url()
+    admin = admin_url(pg_server)
     name = f"pacslab_coll_{collation.split('.')[0].lower()}_{id(admin) % 100000}"
     engine = create_engine(admin, isolation_level="AUTOCOMMIT")
     try:

@@ -77,10 +77,9 @@ def sql_source(
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('sqlwl')}/index.db"
     else:
-        from conftest_pg import create_database  # as tests/conftest.py imports it
+        from conftest_pg import admin_url, create_database  # as tests/conftest.py does
 
-        server = request.getfixturevalue("pg_server")
-        url = create_database(server if isinstance(server, str) else server.url())
+        url = create_database(admin_url(request.getfixturevalue("pg_server")))
     index = SqlIndex(IndexSettings(url=url))
     store = SqlOrderStore(index)
     place_items(store, ITEMS, source="test")
