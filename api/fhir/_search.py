@@ -33,6 +33,7 @@ from typing import Literal
 
 from api.fhir._core import DEFAULT_COUNT, MAX_COUNT, MAX_OFFSET, Paging
 from core.errors import InvalidQueryError, ServiceError
+from storage.index.queries import total_from_page
 
 __all__ = [
     "TOTAL_ESTIMATE_BOUND",
@@ -167,11 +168,11 @@ def page_total(search: Search, page: int, count: Callable[[int | None], int]) ->
     """Bundle.total of a search whose page held ``page`` matches: the page itself
     when it is not full (nor past the end), else ``count(total_bound(search))`` (the
     store's count, stopped at that bound + 1), as :func:`reported_total` reports it."""
-    offset, size = search.paging.offset, search.paging.count
     if search.total == "none":
         return None
-    if size and page < size and (page or offset == 0):
-        return reported_total(search, offset + page)
+    known = total_from_page(page, search.paging.offset, search.paging.count)
+    if known is not None:
+        return reported_total(search, known)
     return reported_total(search, count(total_bound(search)))
 
 

@@ -56,7 +56,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.errors import DuplicateError, InvalidQueryError, NotFoundError, OutOfResourcesError
 from storage.index.pir_tables import patient_links
-from storage.index.queries import bounded_count
+from storage.index.queries import bounded_count, total_from_page
 from storage.index.schema import lab_files, lab_reports, lab_results, orders, patients
 from storage.index.sql import SqlIndex
 from storage.index.sqlite import read_only
@@ -939,8 +939,9 @@ def _total(conn: Connection, matching: Select[Any], page: int, offset: int, limi
     not full (nor past the end), else ``matching``'s rows counted, at most
     ``at_most + 1`` of them (FHIR ``_total``; issue 21: a full page of a common name
     counted every result of it)."""
-    if limit and page < limit and (page or offset == 0):
-        return offset + page
+    known = total_from_page(page, offset, limit)
+    if known is not None:
+        return known
     return int(conn.execute(bounded_count(matching, at_most)).scalar_one())
 
 

@@ -75,6 +75,7 @@ __all__ = [
     "modality_wildcards",
     "parse_match",
     "person_name_condition",
+    "total_from_page",
 ]
 
 Level = Literal["patient", "study", "series", "instance"]
@@ -863,6 +864,15 @@ def _merged_page(q: Query, modalities: tuple[str, ...], by: Any) -> CompoundSele
         literal_column("pk").desc() if q.newest_first else literal_column("pk")
     ).limit(q.limit)
     return page.offset(q.offset) if q.offset else page
+
+
+def total_from_page(page: int, offset: int, limit: int) -> int | None:
+    """The total a search's page alone tells, without a count: when the page is not full
+    (and not past the end, where an empty page says nothing of what came before), every
+    match is in it or before it. None when only a count can tell."""
+    if limit and page < limit and (page or offset == 0):
+        return offset + page
+    return None
 
 
 def bounded_count(matching: Select[Any], at_most: int | None) -> Select[Any]:
