@@ -1,5 +1,6 @@
-"""Background services of ``pacslab serve`` besides DICOM and HTTP: processing worker,
-lab and order inboxes. Each runs in threads of the main process on embedded defaults."""
+"""Background services of ``pacslab serve`` besides DICOM and HTTP: the processing
+worker (a process of its own, :class:`pacslab.worker_process.WorkerProcess`), the lab
+and order inboxes and analyzer links (threads of the main process)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ class Background:
 
 def start_background(settings: Settings) -> Background:
     background = Background()
-    from pacslab.worker_process import start_worker
+    from pacslab.worker_process import WorkerProcess
 
-    background.stoppers.append(start_worker(settings))
+    background.stoppers.append(WorkerProcess(settings).start().stop)
     background.stoppers.append(start_orders(settings))
     if settings.lab.watch:
         from pacslab.labs import start_lab_watcher

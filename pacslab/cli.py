@@ -78,15 +78,34 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacslab.background import start_background
     from pacslab.runtime import configure_runtime
 
-    configure_runtime()  # the worker is an SCU too (forwarding, commitment reports)
+    # pydicom's settings for the API (STOW-RS, WADO-RS) and the inboxes; the worker
+    # process sets its own.
+    configure_runtime()
 
     background = start_background(settings)
+    _exit_on_sigterm()
     try:
         run_api(settings)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stops below are bounded
         background.stop()
         dicom.stop()
     return 0
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM end ``run_api`` with ``SystemExit(0)``, so what follows it runs.
+
+    uvicorn takes SIGTERM while it serves, shuts down gracefully, then puts the
+    previous handler back and raises the signal again (so a default handler still
+    ends the process). Under Python's default that ended the process there: the
+    worker, the inboxes and the receivers were never stopped, only killed with it.
+    """
+    signal.signal(signal.SIGTERM, _raise_exit)
 
 
 def _until_sigterm() -> None:
@@ -101,6 +120,7 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     from pacslab.api_process import run_api
 
     _prepare(settings)
+    _exit_on_sigterm()
     run_api(settings)
     return 0
 

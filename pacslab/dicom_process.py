@@ -8,7 +8,6 @@ service never leaves a receiver holding the port.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import multiprocessing as mp
@@ -27,7 +26,7 @@ from core.logging import configure
 from core.settings import Settings
 from ingest.dicom.scp import AcceptLoads, DicomReceiver, bind_listener
 from ingest.service import IngestService
-from pacslab.runtime import configure_runtime
+from pacslab.runtime import configure_runtime, die_with_parent
 from pacslab.wiring import (
     build_commitment_queue,
     build_index,
@@ -45,14 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver", "warn_open_access"]
 
 logger = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def run_receiver(
@@ -288,7 +279,7 @@ def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
 def _child_main(
     listener: socket.socket, settings: Settings, siblings: int, loads: AcceptLoads
 ) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     configure(settings.log.level, json_format=settings.log.json_format)
     run_receiver(listener, settings, siblings=siblings, loads=loads)

@@ -6,12 +6,15 @@ object built in a test change the process for the tests after it, which is how
 pydicom's and the FastAPI template's tests came to need save-flip-restore fixtures
 (STYLE.md §4). Here they are set in one place, by the process entry points in
 ``pacslab/`` only: :func:`pacslab.dicom_process.run_receiver` for a DICOM receiver
-process (which also serves the worklist and MPPS), and ``pacslab serve`` for the main
-process (its worker is a DICOM SCU: forwarding, Storage Commitment reports).
+process (which also serves the worklist and MPPS), the worker process of ``pacslab
+serve`` and ``pacslab worker`` (a DICOM SCU: forwarding, Storage Commitment reports),
+and the main process of ``pacslab serve`` (API and inboxes).
 """
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,18 @@ from pydicom import config as pydicom_config
 from pynetdicom import _config
 from pynetdicom.dimse import DIMSEServiceProvider
 
-__all__ = ["close_reactor_race", "configure_runtime"]
+__all__ = ["close_reactor_race", "configure_runtime", "die_with_parent"]
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this child process when the ``pacslab serve`` that started
+    it dies (Linux ``PR_SET_PDEATHSIG``): a receiver or worker left behind would hold
+    the port, the index and its claims with nobody supervising it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def close_reactor_race() -> None:
