@@ -277,9 +277,10 @@ def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
 
 
 def _child_main(
-    listener: socket.socket, settings: Settings, siblings: int, loads: AcceptLoads
+    listener: socket.socket, settings: Settings, siblings: int, loads: AcceptLoads,
+    parent_pid: int,
 ) -> None:
-    die_with_parent()
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     configure(settings.log.level, json_format=settings.log.json_format)
     run_receiver(listener, settings, siblings=siblings, loads=loads)
@@ -327,7 +328,8 @@ class DicomProcesses:
         self._loads[slot] = 0  # a killed receiver's connections are gone with it
         proc = self._ctx.Process(
             target=_child_main,
-            args=(self.listener, self.settings, self.count, AcceptLoads(self._loads, slot)),
+            args=(self.listener, self.settings, self.count, AcceptLoads(self._loads, slot),
+                  os.getpid()),
             name="pacslab-dicom",
             daemon=True,
         )

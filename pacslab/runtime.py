@@ -14,6 +14,7 @@ and the main process of ``pacslab serve`` (API and inboxes).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -27,15 +28,22 @@ from pynetdicom.dimse import DIMSEServiceProvider
 __all__ = ["close_reactor_race", "configure_runtime", "die_with_parent"]
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Have the kernel kill this child process when the ``pacslab serve`` that started
     it dies (Linux ``PR_SET_PDEATHSIG``): a receiver or worker left behind would hold
-    the port, the index and its claims with nobody supervising it."""
+    the port, the index and its claims with nobody supervising it.
+
+    ``parent_pid`` is the parent's pid as the parent saw it when it started the child:
+    a parent that died before this call (a spawned child takes a second to get here)
+    sent no signal, and this process then exits at once instead of running orphaned.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def close_reactor_race() -> None:

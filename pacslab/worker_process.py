@@ -144,9 +144,9 @@ def start_worker(settings: Settings, *, name: str = "embedded") -> Callable[[], 
     return worker.stop
 
 
-def _child_main(settings: Settings, name: str) -> None:
+def _child_main(settings: Settings, name: str, parent_pid: int) -> None:
     """The worker process: run the worker until the parent's SIGTERM, then stop it."""
-    die_with_parent()
+    die_with_parent(parent_pid)
     configure(settings.log.level, json_format=settings.log.json_format)
     configure_runtime()  # a DICOM SCU (forwarding, commitment reports)
     stopping = threading.Event()
@@ -199,7 +199,8 @@ class WorkerProcess:
 
     def _spawn(self) -> None:
         proc = self._ctx.Process(
-            target=_child_main, args=(self.settings, self.name), name="pacslab-worker",
+            target=_child_main, args=(self.settings, self.name, os.getpid()),
+            name="pacslab-worker",
             daemon=True,
         )
         proc.start()

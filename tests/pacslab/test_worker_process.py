@@ -126,3 +126,20 @@ def test_the_worker_is_a_process_of_its_own_restarted_when_killed(
     log = (tmp_path / "serve.log").read_text()
     assert "worker process" in log and "exited" in log  # the kill, seen and logged
     assert "did not stop" not in log  # the second one stopped when asked
+
+
+@pytest.mark.parametrize("same_parent", [True, False], ids=["parent-alive", "parent-gone"])
+def test_a_child_whose_parent_is_gone_before_it_asks_to_die_with_it_exits(
+    same_parent: bool,
+) -> None:
+    """A spawned worker takes a second to reach ``die_with_parent``; a parent that died
+    meanwhile sent no PR_SET_PDEATHSIG signal. One benchmark run left such a worker
+    running (re-parented to init) for minutes. Here the "parent" pid is the real one,
+    or one that is not this process's parent any more."""
+    code = ("import os, sys\nfrom pacslab.runtime import die_with_parent\n"
+            "die_with_parent(os.getppid() if sys.argv[1] == 'yes' else os.getppid() + 100000)\n"
+            "print('still running')\n")
+    out = subprocess.run([sys.executable, "-c", code, "yes" if same_parent else "no"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert ("still running" in out.stdout) is same_parent
