@@ -9,7 +9,11 @@ values and writes the "before" values back, in one transaction, or changes nothi
 (:class:`~core.errors.ProcedureStepStateError`, 409) when a later change touched the
 same rows (undo the later one first).
 
-The tables (``storage/index/pir_tables.py``) are created by migration ``0008_pir``.
+The tables (``storage/index/pir_tables.py``) are created by migration ``0008_pir``;
+``patient_change_patients`` (which patient rows each change involved, all of them) by
+``0014_pir_change_patients`` (issue 21): versions, a patient's changes and undo read it,
+by index, instead of matching ``patient_changes.patient_pks`` text with ``LIKE`` over the
+whole log (text that was cut at 255 characters, too).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from core.errors import (
     ProcedureStepStateError,
 )
 from core.person_name import person_name_key
-from storage.index.pir_tables import patient_changes, patient_links
+from storage.index.pir_tables import patient_change_patients, patient_changes, patient_links
 from storage.index.schema import (
     lab_reports,
     lab_results,
@@ -59,6 +63,7 @@ __all__ = [
     "PatientRow",
     "SqlPatientStore",
     "StoredChange",
+    "patient_change_patients",
     "patient_changes",
     "patient_links",
 ]
@@ -208,17 +213,20 @@ class SqlPatientStore:
 
     @staticmethod
     def _version(conn: Connection, pk: int) -> int:
+        # A range of the link table's primary key (patient_pk, change_pk): as many index
+        # entries as the row has changes, whatever the size of the log (issue 21).
         return 1 + int(
             conn.execute(
                 select(func.count())
-                .select_from(patient_changes)
-                .where(patient_changes.c.patient_pks.contains(f",{pk},"))
+                .select_from(patient_change_patients)
+                .where(patient_change_patients.c.patient_pk == pk)
             ).scalar_one()
         )
 
     def version(self, pk: int) -> int:
         """The FHIR ``meta.versionId`` of a patient row: 1, plus one for every change
-        of the log that involved it (updates, identifier changes, merges, undos)."""
+        of the log that involved it (updates, identifier changes, merges, undos; a
+        merge involves the rows merged into its obsolete patient earlier, too)."""
         with self.index.read() as conn:
             return self._version(conn, pk)
 
@@ -264,47 +272,70 @@ class SqlPatientStore:
                     ups[int(obsolete)] = int(surviving)
                 if int(surviving) in downs:
                     downs[int(surviving)].append(int(obsolete))
-            for (involved,) in conn.execute(
-                select(patient_changes.c.patient_pks).where(
-                    or_(*(patient_changes.c.patient_pks.contains(f",{pk},") for pk in wanted))
-                )
+            # What _version counts, for the page at once: one index range per pk.
+            for pk, count in conn.execute(
+                select(patient_change_patients.c.patient_pk, func.count())
+                .where(patient_change_patients.c.patient_pk.in_(wanted))
+                .group_by(patient_change_patients.c.patient_pk)
             ):
-                # Each row once per pk, as _version counts it; the text may be cut at
-                # 255 characters, so the part after the last comma is no pk.
-                for pk in {int(p) for p in str(involved).split(",")[:-1] if p.isdigit()}:
-                    if pk in versions:
-                        versions[pk] += 1
+                versions[int(pk)] += int(count)
         return {pk: (ups.get(pk), downs[pk], versions[pk]) for pk in wanted}
 
     def changes(
         self, *, patient_pk: int | None = None, limit: int = 100, offset: int = 0
     ) -> list[StoredChange]:
-        """The change log, newest first."""
-        stmt = select(patient_changes).order_by(patient_changes.c.id.desc())
-        if patient_pk is not None:
-            stmt = stmt.where(patient_changes.c.patient_pks.contains(f",{patient_pk},"))
+        """The change log, newest first; with ``patient_pk``, the changes that involved
+        that row (a range of the link table's key, read newest first off the index).
+        Two statements: the page, then the patients of all its changes at once."""
+        link = patient_change_patients
+        if patient_pk is None:
+            stmt = select(patient_changes).order_by(patient_changes.c.id.desc())
+        else:
+            stmt = (
+                select(patient_changes)
+                .select_from(link.join(patient_changes, patient_changes.c.id == link.c.change_pk))
+                .where(link.c.patient_pk == patient_pk)
+                .order_by(link.c.change_pk.desc())
+            )
         with self.index.read() as conn:
             rows = conn.execute(stmt.limit(limit).offset(offset)).all()
-        return [self._stored(r, with_rows=False) for r in rows]
+            involved = self._involved(conn, [int(r.id) for r in rows])
+        return [self._stored(r, involved.get(int(r.id), ()), with_rows=False) for r in rows]
 
     def change(self, change_id: str) -> StoredChange:
         with self.index.read() as conn:
             r = conn.execute(
                 select(patient_changes).where(patient_changes.c.change_id == change_id)
             ).first()
-        if r is None:
-            raise NotFoundError("no such patient change")
-        return self._stored(r, with_rows=True)
+            if r is None:
+                raise NotFoundError("no such patient change")
+            involved = self._involved(conn, [int(r.id)])
+        return self._stored(r, involved.get(int(r.id), ()), with_rows=True)
 
     @staticmethod
-    def _stored(r: Any, *, with_rows: bool) -> StoredChange:
+    def _involved(conn: Connection, change_pks: Sequence[int]) -> dict[int, tuple[int, ...]]:
+        """The patient rows each of ``change_pks`` involved, in the change's order
+        (``ix_patient_change_patients_change_pk``; a page is at most 1,000 changes)."""
+        out: dict[int, list[int]] = {}
+        link = patient_change_patients
+        for chunk in range(0, len(change_pks), 500):
+            for change_pk, patient_pk in conn.execute(
+                select(link.c.change_pk, link.c.patient_pk)
+                .where(link.c.change_pk.in_(change_pks[chunk : chunk + 500]))
+                .order_by(link.c.change_pk, link.c.position)
+            ):
+                out.setdefault(int(change_pk), []).append(int(patient_pk))
+        return {k: tuple(v) for k, v in out.items()}
+
+    @staticmethod
+    def _stored(r: Any, patient_pks: tuple[int, ...], *, with_rows: bool) -> StoredChange:
         created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
         return StoredChange(
             change_id=r.change_id,
             kind=r.kind,
             source=r.source,
             agent=r.agent,
-            patient_pks=tuple(int(p) for p in r.patient_pks.strip(",").split(",") if p),
+            patient_pks=patient_pks,
             summary=json.loads(r.summary_json),
             undoes=r.undoes,
             undone_by=r.undone_by,
@@ -500,7 +531,9 @@ class SqlPatientStore:
             if r.kind == "undo":
                 raise InvalidQueryError("an undo cannot be undone; apply the change again")
             saved = json.loads(r.rows_json)
-            plan = _Plan({}, [], None, [int(p) for p in r.patient_pks.strip(",").split(",") if p])
+            # The undo involves every row the change did (the link table holds them all;
+            # the text column may have been cut at 255 characters).
+            plan = _Plan({}, [], None, list(self._involved(conn, [int(r.id)]).get(int(r.id), ())))
             for table, rows in saved.get("rows", {}).items():
                 if table == "orders":
                     pks = [int(pk) for pk, _b, _a in rows]
@@ -857,7 +890,9 @@ class SqlPatientStore:
         *,
         undoes: str = "",
     ) -> StoredChange:
-        pks = list(dict.fromkeys(plan.patient_pks + plan.created))
+        # The re-pointed obsolete rows of a merge are involved too: their FHIR
+        # Patient.link (replaced-by) changed, so their version must move (If-Match).
+        pks = list(dict.fromkeys(plan.patient_pks + plan.created + plan.relinked))
         summary = {
             "studies": plan.count("studies"),
             "orders": plan.count("orders"),
@@ -880,19 +915,30 @@ class SqlPatientStore:
             "link": plan.link,
             "relinked": plan.relinked,
         }
-        conn.execute(
-            patient_changes.insert().values(
+        change_pk = conn.execute(
+            patient_changes.insert()
+            .values(
                 change_id=change_id,
                 kind=kind,
                 source=source[:16],
                 agent=agent[:128],
+                # Display and older readers only: cut at 255, so nothing reads it back.
                 patient_pks=("," + ",".join(str(p) for p in pks) + ",")[:255],
                 summary_json=json.dumps(summary),
                 rows_json=json.dumps(rows, ensure_ascii=False),
                 undoes=undoes,
                 created_at=now,
             )
-        )
+            .returning(patient_changes.c.id)
+        ).scalar_one()
+        if pks:  # every one, in the same transaction as the change (issue 21)
+            conn.execute(
+                patient_change_patients.insert(),
+                [
+                    {"change_pk": change_pk, "patient_pk": pk, "position": i}
+                    for i, pk in enumerate(pks)
+                ],
+            )
         return StoredChange(
             change_id, kind, source, agent, tuple(pks), summary, undoes, "", now, rows
         )

@@ -25,18 +25,25 @@ from core.patients import (
     UpdatePatient,
 )
 from core.settings import IndexSettings
-from services.patients import PatientIdentityService, current_patient_attributes
+from services.patients import (
+    PatientIdentityService,
+    PatientLinks,
+    current_patient_attributes,
+)
 from storage.index.queries import Match, Query
 from storage.index.schema import orders, patient_name_words, patients, series, studies
 from storage.index.sql import SqlIndex
 
 
-def _patient(index: SqlIndex, patient_id: str, name: str, issuer: str = "") -> int:
+def _patient(
+    index: SqlIndex, patient_id: str, name: str, issuer: str = "", *, pk: int | None = None
+) -> int:
     with index.write() as conn:
         return int(
             conn.execute(
                 patients.insert()
                 .values(
+                    **({} if pk is None else {"id": pk}),
                     patient_id=patient_id,
                     issuer=issuer,
                     name=name,
@@ -159,6 +166,60 @@ class IdentityContract:
         kinds = [ch.kind for ch in svc.changes()]
         assert kinds == ["undo", "undo", "merge", "merge"]
         assert [ch.undone_by != "" for ch in svc.changes()] == [False, False, True, True]
+
+    def test_a_merge_of_many_rows_counts_lists_and_undoes_every_one(
+        self, index: SqlIndex, svc: PatientIdentityService
+    ) -> None:
+        """Issue 21: A, into which 41 patients were merged, merged into B involves 43
+        rows (B, A and the 41 re-pointed to B, whose Patient.link changed). With the pks
+        of a grown archive (7 digits) their ",pk,pk," text passes 255 characters, where
+        patient_changes.patient_pks is cut: every row must still count the change in
+        its version, list it among its changes, and get its link back on undo."""
+        base = 1_000_000  # pks as in an archive of a million patients
+        xs = [_patient(index, f"X{i}", f"X{i}^X", pk=base + i) for i in range(41)]
+        a = _patient(index, "A", "A^X", pk=base + 100)
+        b = _patient(index, "B", "B^X", pk=base + 101)
+        for i in range(41):
+            svc.apply(MergePatients(PatientRef("A"), PatientRef(f"X{i}")), source="api", agent="t")
+        involved = [b, a, *xs]
+        assert len("," + ",".join(map(str, involved)) + ",") > 255
+        before = {pk: svc.version(pk) for pk in involved}
+        merge = svc.apply(MergePatients(PatientRef("B"), PatientRef("A")), source="api", agent="t")
+        stored = svc.change(merge.change_id)
+        assert stored.patient_pks[:2] == (b, a)  # the change's order: survivor first
+        assert sorted(stored.patient_pks) == sorted(involved)
+        assert all(svc.links(x).replaced_by == b for x in xs)
+        for pk in involved:
+            assert svc.version(pk) == before[pk] + 1, pk
+            assert [c.change_id for c in svc.changes(patient_pk=pk, limit=1)] == [
+                merge.change_id
+            ], pk
+        _states_agree(index, svc, involved)
+        undo = svc.undo(merge.change_id, source="api", agent="t")
+        assert svc.links(a) == PatientLinks(None, tuple(xs))
+        assert all(svc.links(x).replaced_by == a for x in xs)
+        assert svc.links(b).replaces == ()
+        for pk in involved:
+            assert svc.version(pk) == before[pk] + 2, pk
+            assert [c.change_id for c in svc.changes(patient_pk=pk, limit=2)] == [
+                undo.change_id,
+                merge.change_id,
+            ], pk
+        _states_agree(index, svc, involved)
+        # The review list's page gets its patients in one more statement, not one a row.
+        seen: list[str] = []
+
+        def count(*args: object) -> None:
+            if str(args[2]).lstrip().upper().startswith("SELECT"):
+                seen.append(str(args[2]))
+
+        event.listen(index.engine, "before_cursor_execute", count)
+        try:
+            page = svc.changes(limit=50)
+        finally:
+            event.remove(index.engine, "before_cursor_execute", count)
+        assert len(page) == 43 and len(seen) == 2, seen
+        assert sorted(page[0].patient_pks) == sorted(involved)  # the undo: the same rows
 
     def test_merge_into_an_unknown_patient_creates_it_and_undo_removes_it(
         self, index: SqlIndex, svc: PatientIdentityService

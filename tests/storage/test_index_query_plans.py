@@ -263,3 +263,29 @@ def test_the_page_order_follows_the_index(index: SqlIndex) -> None:
     sql = str(find_query(Query(level="study", matches=(Match("StudyDate", "20260101-"),),
                                limit=5)))
     assert "study_date" in sql.rsplit("ORDER BY", 1)[1]
+
+
+def test_patient_versions_and_changes_read_the_link_table_index(
+        index: SqlIndex, traced: list[str]) -> None:
+    """IHE PIR (issue 21): a patient's version (FHIR ``meta.versionId``, checked for
+    ``If-Match``), a search page's versions and a patient's changes are ranges of
+    ``patient_change_patients``' primary key (patient_pk, change_pk), not a ``LIKE``
+    over every row of the change log, which grows with the archive."""
+    from storage.index.patients import SqlPatientStore
+
+    store = SqlPatientStore(index)
+    plans = _run(index, traced, lambda: (
+        store.version(1),
+        store.link_states([1, 2, 3]),
+        store.changes(patient_pk=1, limit=20),
+    ))
+    _no_full_scan(plans)
+    _no_sort_before_limit(plans)
+    details = [d for rows in plans.values() for *_, d in rows]
+    assert not any(d.startswith("SCAN patient_change") for d in details), plans
+    version = next(rows for sql, rows in plans.items()
+                   if "count(*)" in sql and "patient_change_patients" in sql
+                   and "GROUP BY" not in sql)
+    assert [d for *_, d in version] == [
+        "SEARCH patient_change_patients USING COVERING INDEX"
+        " sqlite_autoindex_patient_change_patients_1 (patient_pk=?)"], version
