@@ -405,6 +405,16 @@ def _cached_fill(index: SqlIndex, index_url: str, cached: Path, n: int) -> float
     return seconds
 
 
+def _queued_jobs(http: httpx.Client) -> float:
+    """Pending and running jobs, as ``/metrics`` reports them."""
+    queued = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("pacslab_jobs_pending", "pacslab_jobs_running"):
+            queued += float(value)
+    return queued
+
+
 def _write_rounds(index: SqlIndex, empty: SqlIndex, writes: int, active: Any,
                   figures: dict[str, float], *, diagnose: bool = True
                   ) -> dict[str, list[float]]:
@@ -526,6 +536,9 @@ def test_archive_scale(benchmark: Any, measuring: bool, tmp_path: Path, index_ur
 
             rounds = 100 if measuring else 5
             times: dict[str, list[float]] = {name: [] for name in requests}
+            # Diagnostic: the worker's queue as the timed requests begin (the write
+            # rounds' instances are jobs it runs meanwhile; their originals are none).
+            figures["jobs_queued_at_requests"] = _queued_jobs(http)
             for call in requests.values():
                 for _ in range(3):  # warm: statement caches, first connections
                     call()
