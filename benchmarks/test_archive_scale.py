@@ -44,7 +44,17 @@ the in-process job worker, slowed by the API threads' hold on the GIL. After the
 0.5 ms GIL switch interval in ``serve`` as well, 1.21 and 1.43; that change was not
 kept: process-wide, for a small gain). The wait for the job worker's write
 transactions is smaller but not gone at load 6-14: the worker belongs in a process of
-its own.
+its own. It has one since (pacslab/worker_process.py). On a quiet machine the same day
+(load ~1, the benchmark's own), at 1 M instances, all targets were met on PostgreSQL
+(requests p99 <= 17.4 ms, /metrics 11.5, loaded/loaded_empty 0.5); on SQLite the
+loaded write stayed at 2.0-2.2x loaded_empty, 1.0x with the action log off: its
+writer thread, in the API's process, held the write lock while it waited for the GIL.
+The API's process now switches threads every 0.5 ms (0.7-0.8x, one run 2.2x). At 10 M
+on SQLite (fill 17 min, 1,146 bytes per instance): idle CPU 1.2 %, /metrics p99 10.2
+ms, loaded/loaded_empty 0.7; missed: idle write p99 4.0 ms against 1.6 empty (p50s
+0.6 both), QIDO NGUY* p99 56 ms and the viewer's name search p99 108 ms (p50 15; its
+page was every matching study sorted, now read among the newest studies first:
+storage/index/queries.newest_window).
 ``benchmark.extra_info`` carries ``pacslab`` (the figures), ``anchor`` (the empty
 archive's write p99) and ``target``.
 """

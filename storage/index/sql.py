@@ -54,6 +54,8 @@ from storage.index.queries import (
     metadata_query,
     modality_values_query,
     modality_wildcards,
+    newest_floor_query,
+    newest_window,
 )
 from storage.index.schema import (
     index_counters,
@@ -1332,15 +1334,28 @@ class SqlIndex:
             resolved = self._resolve(conn, query)
             if resolved is None:
                 return []
-            result = conn.execute(find_query(resolved))
-            keys = list(result.keys())  # once, not a mapping view per row
-            rows = [dict(zip(keys, row, strict=True)) for row in result]
+            rows: list[dict[str, Any]] | None = None
+            window = newest_window(resolved)
+            if window is not None:
+                floor = conn.execute(newest_floor_query(window)).scalar()
+                if floor is not None:
+                    rows = self._rows(conn, replace(resolved, newer_than_pk=int(floor)))
+                    if len(rows) < (resolved.limit or 0):
+                        rows = None  # not a full page: only the whole archive tells
+            if rows is None:
+                rows = self._rows(conn, resolved)
         for row in rows:
             if "metadata_z" in row:
                 row["metadata_json"] = unpack_metadata(
                     row.get("metadata_json"), row.pop("metadata_z")
                 )
         return rows
+
+    @staticmethod
+    def _rows(conn: Connection, query: Query) -> list[dict[str, Any]]:
+        result = conn.execute(find_query(query))
+        keys = list(result.keys())  # once, not a mapping view per row
+        return [dict(zip(keys, row, strict=True)) for row in result]
 
     def count(self, query: Query, at_most: int | None = None) -> int:
         """How many rows ``query`` matches without its limit and offset; with

@@ -199,6 +199,47 @@ class ScaleContract:
             assert index.count(Query(level="study", matches=match), at_most=1) == min(
                 len(expected), 2), value
 
+    def test_newest_first_name_pages_read_among_the_newest_studies(
+        self, index: SqlIndex, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The viewer's newest-first name search (``storage.index.queries.newest_window``)
+        reads its page among the newest studies first: a full page from there is the
+        page; otherwise (a rare name, a deep page, a small archive) the whole archive is
+        read. Every page, either way, is the unwindowed answer's slice, and the window
+        was used for some of them (here 4 studies wide, 2 per row of the page)."""
+        from storage.index import queries as q
+
+        monkeypatch.setattr(q, "NEWEST_WINDOW", 4)
+        monkeypatch.setattr(q, "NEWEST_WINDOW_PER_ROW", 2)
+        fill(index)  # 1.1 TRẦN, 2.1 Đỗ, 3.1 NGUYỄN, 4.1 NGUYEN: the oldest studies
+        names = ["TRẦN^AN", "LÊ^BÌNH", "TRAN^CHI", "LÊ^DŨNG", "TRẦN^EM", "LÊ^GIANG"]
+        index.add_instances([
+            new(record(1, series=f"{n}.1.1", study=f"{n}.1", patient=f"P{n}",
+                       name=names[(n - 5) % len(names)]), f"w-{n}") for n in range(5, 23)])
+        reads: list[tuple[bool, bool]] = []  # (windowed, a full page)
+        rows = SqlIndex._rows
+
+        def spy(conn: Any, query: Query) -> list[dict[str, Any]]:
+            out = rows(conn, query)
+            reads.append((query.newer_than_pk is not None, len(out) == query.limit))
+            return out
+
+        monkeypatch.setattr(SqlIndex, "_rows", staticmethod(spy))
+        expected = {"trần*": 10, "TRAN*": 10, "lê*": 9, "đỗ*": 1, "nguyen*": 2, "x*": 0}
+        for pattern in expected:
+            match = (Match("PatientName", pattern),)
+            whole = [r["StudyInstanceUID"] for r in index.find(Query(
+                level="study", matches=match, newest_first=True))]
+            assert len(set(whole)) == len(whole) == expected[pattern]  # the reference
+            for limit in (1, 2, 3, 7):
+                for offset in range(0, len(whole) + 1):
+                    page = [r["StudyInstanceUID"] for r in index.find(Query(
+                        level="study", matches=match, newest_first=True, limit=limit,
+                        offset=offset))]
+                    assert page == whole[offset:offset + limit], (pattern, limit, offset)
+        # Pages served from the window, and pages read again without it.
+        assert (True, True) in reads and (True, False) in reads
+
     def test_keyset_pages_follow_the_page_order(self, index: SqlIndex) -> None:
         """``Query.after`` (QIDO-RS's ``next`` Link): each page starts after the last
         study of the one before, in whichever order the page is read (primary key,
