@@ -3,6 +3,7 @@ merges, identifier changes, updates and their undo, beside the end-to-end test."
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -106,10 +107,9 @@ def _order_row(index: SqlIndex, public_id: str) -> tuple[str, str, int, dict[str
     return r.patient_id, r.patient_name, int(r.version), json.loads(r.item_json)["patient"]
 
 
-def _states_agree(index: SqlIndex, svc: PatientIdentityService, pks: list[int]) -> None:
-    """A search page's batch read (issue 21) says what links() and version() say of
-    each row, in two statements whatever the page's size (a round trip per row made a
-    FHIR Patient page 150-400 ms on PostgreSQL)."""
+@contextlib.contextmanager
+def _selects(index: SqlIndex) -> Iterator[list[str]]:
+    """The SELECT statements the index's engine runs inside the block."""
     seen: list[str] = []
 
     def count(*args: object) -> None:
@@ -118,9 +118,17 @@ def _states_agree(index: SqlIndex, svc: PatientIdentityService, pks: list[int]) 
 
     event.listen(index.engine, "before_cursor_execute", count)
     try:
-        states = svc.link_states([*pks, 10**9])
+        yield seen
     finally:
         event.remove(index.engine, "before_cursor_execute", count)
+
+
+def _states_agree(index: SqlIndex, svc: PatientIdentityService, pks: list[int]) -> None:
+    """A search page's batch read (issue 21) says what links() and version() say of
+    each row, in two statements whatever the page's size (a round trip per row made a
+    FHIR Patient page 150-400 ms on PostgreSQL)."""
+    with _selects(index) as seen:
+        states = svc.link_states([*pks, 10**9])
     assert len(seen) == 2, seen
     assert states == {pk: (svc.links(pk), svc.version(pk)) for pk in [*pks, 10**9]}
 
@@ -207,17 +215,8 @@ class IdentityContract:
             ], pk
         _states_agree(index, svc, involved)
         # The review list's page gets its patients in one more statement, not one a row.
-        seen: list[str] = []
-
-        def count(*args: object) -> None:
-            if str(args[2]).lstrip().upper().startswith("SELECT"):
-                seen.append(str(args[2]))
-
-        event.listen(index.engine, "before_cursor_execute", count)
-        try:
+        with _selects(index) as seen:
             page = svc.changes(limit=50)
-        finally:
-            event.remove(index.engine, "before_cursor_execute", count)
         assert len(page) == 43 and len(seen) == 2, seen
         assert sorted(page[0].patient_pks) == sorted(involved)  # the undo: the same rows
 

@@ -429,12 +429,9 @@ def test_migration_gives_existing_lab_rows_their_patient(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     from storage.index.migrate import upgrade
+    from tests.storage.migration_checks import empty_index_url
 
-    url = (
-        f"sqlite:///{tmp_path}/index.db"
-        if backend == "sqlite"
-        else str(request.getfixturevalue("pg_empty_url"))
-    )
+    url = empty_index_url(backend, tmp_path, request)
     index = SqlIndex(IndexSettings(url=url, migrate=False))
     try:
         upgrade(index.engine, "0004")

@@ -10,41 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine, inspect, select
+from sqlalchemy import select
 
 from core.settings import IndexSettings
 from services.patients import PatientIdentityService
-from storage.index.migrate import alembic_config, upgrade
+from storage.index.migrate import upgrade
 from storage.index.pir_tables import patient_change_patients, patient_changes
 from storage.index.sql import SqlIndex
+from tests.storage.migration_checks import assert_table_migration, empty_index_url
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def test_migration_0014_matches_the_table_and_goes_down(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite:///{tmp_path}/m.db")
-    upgrade(engine, "0014_pir_change_patients")
-    only = MetaData()
-    patient_changes.to_metadata(only)  # the foreign key's target
-    patient_change_patients.to_metadata(only)
-
-    def ours(obj: Any, name: str | None, type_: str, reflected: bool, other: Any) -> bool:
-        table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", "")
-        return table == "patient_change_patients"
-
-    with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"include_object": ours})
-        assert compare_metadata(context, only) == []
-    cfg = alembic_config(engine)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0013_pir_jobs_kind_pattern")
-    assert "patient_change_patients" not in inspect(engine).get_table_names()
-    upgrade(engine)
-    assert "patient_change_patients" in inspect(engine).get_table_names()
+    assert_table_migration(tmp_path, "0014_pir_change_patients", "0013_pir_jobs_kind_pattern",
+                           patient_change_patients, patient_changes)
 
 
 def _rows(
@@ -74,11 +54,7 @@ def _text(pks: list[int]) -> str:
 def test_migration_0014_backfills_the_change_log(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = (
-        f"sqlite:///{tmp_path}/index.db"
-        if backend == "sqlite"
-        else str(request.getfixturevalue("pg_empty_url"))
-    )
+    url = empty_index_url(backend, tmp_path, request)
     index = SqlIndex(IndexSettings(url=url, migrate=False))
     try:
         upgrade(index.engine, "0013_pir_jobs_kind_pattern")
