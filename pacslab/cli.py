@@ -83,8 +83,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     configure_runtime()
 
     background = start_background(settings)
-    _exit_on_sigterm()
     try:
+        _exit_on_sigterm()
         run_api(settings)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the stops below are bounded

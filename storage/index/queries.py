@@ -720,8 +720,8 @@ def newest_window(q: Query) -> int | None:
     range then yields index entries alone (``ix_studies_patient_pk`` holds the study
     key), and only the window's studies are checked and sorted (1.2 ms warm). A full
     page from the window is the exact page: every study outside it is older than every
-    study in it. A page that is not full (a rare
-    name) is read again without the window, which then has few matches to sort.
+    study in it. A page that is not full (a rare name) is read again without the
+    window, which then has few matches to sort.
     """
     if (q.level != "study" or not q.newest_first or not q.limit or q.fuzzy or q.names
             or q.after_key is not None or q.newer_than_pk is not None
