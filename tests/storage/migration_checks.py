@@ -14,7 +14,13 @@ from sqlalchemy import MetaData, Table, create_engine, inspect
 
 from storage.index.migrate import alembic_config, upgrade
 
-__all__ = ["assert_table_migration", "empty_index_url"]
+__all__ = ["assert_table_migration", "empty_index_url", "on_both_backends"]
+
+#: A backfill test's ``backend`` parameter: SQLite, and PostgreSQL where its test server
+#: can start (``empty_index_url`` turns it into a new index).
+on_both_backends = pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 
 
 def assert_table_migration(tmp_path: Path, revision: str, previous: str, table: Table,

@@ -26,6 +26,7 @@ from storage.index.orders import SqlOrderStore
 from storage.index.schema import patients
 from storage.index.sql import SqlIndex
 from storage.lab import LabReportQuery, LabResultQuery, NewLabFile, NewLabReport, NewLabResult
+from tests.storage.migration_checks import empty_index_url, on_both_backends
 from worklist.orders.hl7v2 import parse_message, placed_orders, split_batch
 
 T0 = datetime(2024, 3, 15, 7, 15, tzinfo=UTC)
@@ -422,14 +423,11 @@ def _lab_rows_before_0005(index: SqlIndex) -> None:
             )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@on_both_backends
 def test_migration_gives_existing_lab_rows_their_patient(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     from storage.index.migrate import upgrade
-    from tests.storage.migration_checks import empty_index_url
 
     url = empty_index_url(backend, tmp_path, request)
     index = SqlIndex(IndexSettings(url=url, migrate=False))

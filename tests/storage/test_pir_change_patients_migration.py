@@ -17,7 +17,11 @@ from services.patients import PatientIdentityService
 from storage.index.migrate import upgrade
 from storage.index.pir_tables import patient_change_patients, patient_changes
 from storage.index.sql import SqlIndex
-from tests.storage.migration_checks import assert_table_migration, empty_index_url
+from tests.storage.migration_checks import (
+    assert_table_migration,
+    empty_index_url,
+    on_both_backends,
+)
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -48,9 +52,7 @@ def _text(pks: list[int]) -> str:
     return ("," + ",".join(map(str, pks)) + ",")[:255]
 
 
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
+@on_both_backends
 def test_migration_0014_backfills_the_change_log(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
