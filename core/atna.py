@@ -249,8 +249,9 @@ def audit_message(entry: AuditEntry, source: AuditSource) -> bytes:
     * ActiveParticipant: the requestor (user, API key, share or calling AE, with its
       network address) and this application; their roles say who sent the data.
     * AuditSourceIdentification: this installation (``source``).
-    * ParticipantObjectIdentification: the study or resource (its UID or path), the
-      query's SOP Class for C-FIND, and the patient's keyed reference.
+    * ParticipantObjectIdentification: the study or resource (its UID or path; a
+      transfer's SOP Classes and their instance counts), the query's SOP Class for
+      C-FIND, and the patient's keyed reference.
     """
     event = event_for(entry)
     stamped = entry.stamped()
@@ -332,6 +333,13 @@ def audit_message(entry: AuditEntry, source: AuditSource) -> bytes:
             },
         )
         _code(obj, "ParticipantObjectIDTypeCode", STUDY_UID)
+        # Instances Transferred: the transfer's SOP Classes, each with its number of instances (the
+        # C-STORE entry of an association and study, ingest/store_audit.py).
+        sop_classes = detail.get("sop_classes")
+        if isinstance(sop_classes, dict):
+            for uid, count in sorted(sop_classes.items()):
+                ET.SubElement(obj, "SOPClass",
+                              {"UID": str(uid), "NumberOfInstances": str(int(count))})
     if event.event_id == QUERY:
         sop_class = str(detail.get("sop_class_uid") or "")
         obj = ET.SubElement(

@@ -709,6 +709,11 @@ class AuditSettings(BaseModel):
     #: Entries kept in memory while the database cannot take them; more are dropped
     #: with an ERROR (a C-STORE is never refused because the log is away, STYLE.md §5).
     max_pending: int = Field(default=100_000, ge=1)
+    #: C-STORE is logged per association and study (PS3.15 A.5.3 DICOM Instances
+    #: Transferred: the study, its SOP Classes and instance counts), written when the
+    #: association ends or after this many seconds of an open transfer. 0: one entry
+    #: per stored instance.
+    store_summary_s: float = Field(default=5.0, ge=0, le=3600)
     #: Secret keying the patient reference (HMAC-SHA256 of issuer and Patient ID), so
     #: the log holds no patient identifier. Empty: ``<data_dir>/keys/audit-patient.key``.
     patient_key_file: Path | None = None

@@ -14,6 +14,7 @@ from collections import Counter
 from core.audit import AuditEntry, outcome_for_dimse, patient_key
 from core.errors import ServiceError
 from core.logging import correlation_id
+from ingest.store_audit import StoreKey, TransferSummaries, TransferSummary
 from storage.archive import Accepted, Archive
 from storage.audit import AuditLog
 from storage.staging import StagedFile
@@ -24,10 +25,14 @@ logger = logging.getLogger(__name__)
 
 
 class IngestService:
-    """Accept instances; with ``audit``, log each one (PS3.15 A.5.3.2 Instances Transferred).
+    """Accept instances; with ``audit``, log them (PS3.15 A.5.3 DICOM Instances Transferred).
 
-    The log entry is queued after the archive's decision and never delays the
-    acknowledgement (:class:`storage.audit.AuditLog` writes from its own thread).
+    What an association stores of a study is one entry (:mod:`ingest.store_audit`),
+    written when the association ends (:meth:`association_ended`, called by both
+    transports) or once it has been open ``audit.store_summary_s``; a refused
+    instance is an entry of its own, with its status. Entries are queued after the
+    archive's decision and never delay the acknowledgement
+    (:class:`storage.audit.AuditLog` writes from its own thread).
     """
 
     def __init__(self, archive: Archive, *, audit: AuditLog | None = None,
@@ -37,27 +42,92 @@ class IngestService:
         self.patient_secret = patient_secret
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        max_age = audit.settings.store_summary_s if audit is not None else 0.0
+        self.summaries = TransferSummaries(max_age)
+        #: Patient references by (Patient ID, issuer): an HMAC per instance is
+        #: wasted work when a study's instances all name the same patient.
+        self._patient_keys: dict[tuple[str, str], str] = {}
+        self._sweep_stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
-    def _audit(self, staged: StagedFile, calling_ae: str, status: int, desc: str,
-               accepted: Accepted | None) -> None:
+    def _audit_refused(self, staged: StagedFile, calling_ae: str, status: int,
+                       desc: str) -> None:
         if self.audit is None:
             return
         try:
-            rec = accepted.record if accepted is not None else None
-            key = (patient_key(self.patient_secret, rec.patient_id, rec.issuer_of_patient_id)
-                   if rec is not None else "")
-            detail = {"sop_class_uid": staged.sop_class_uid}
-            if rec is not None:
-                detail["study_instance_uid"] = rec.study_instance_uid
             self.audit.record(AuditEntry(
                 action="C", event_type="dicom.c-store", outcome=outcome_for_dimse(status),
                 outcome_desc=f"0x{status:04X} {desc}"[:64], agent=calling_ae[:128],
                 agent_type="ae", resource=f"Instance/{staged.sop_instance_uid}"[:256],
-                patient_key=key, correlation_id=correlation_id.get()[:32],
-                detail=AuditEntry.details(detail),
+                correlation_id=correlation_id.get()[:32],
+                detail=AuditEntry.details({"sop_class_uid": staged.sop_class_uid}),
             ))
         except Exception:  # a side effect: log and carry on (STYLE.md §5)
             logger.error("C-STORE audit entry not recorded", exc_info=True)
+
+    def _patient_key(self, patient_id: str, issuer: str) -> str:
+        found = self._patient_keys.get((patient_id, issuer))
+        if found is None:
+            found = patient_key(self.patient_secret, patient_id, issuer)
+            if len(self._patient_keys) >= 4096:  # bounded: a day's patients, not a year's
+                self._patient_keys.clear()
+            self._patient_keys[(patient_id, issuer)] = found
+        return found
+
+    def _audit_stored(self, staged: StagedFile, calling_ae: str, accepted: Accepted) -> None:
+        if self.audit is None or not self.audit.enabled:
+            return
+        try:
+            rec = accepted.record
+            key = StoreKey(
+                association=correlation_id.get(),
+                calling_ae=calling_ae,
+                study_instance_uid=rec.study_instance_uid,
+                patient_key=self._patient_key(rec.patient_id, rec.issuer_of_patient_id),
+                outcome_desc=f"0x0000 {accepted.outcome.status}",
+            )
+            self._write(self.summaries.add(key, staged.sop_class_uid))
+            self._ensure_sweeper()
+        except Exception:  # a side effect: log and carry on (STYLE.md §5)
+            logger.error("C-STORE audit entry not recorded", exc_info=True)
+
+    def _write(self, summaries: list[TransferSummary]) -> None:
+        if self.audit is not None:
+            for summary in summaries:
+                self.audit.record(summary.entry())
+
+    def association_ended(self, association: str | None = None) -> None:
+        """Write the entries of an association that ended (default: the current
+        correlation id's). Both transports call it; a side effect that never raises."""
+        try:
+            self._write(self.summaries.ended(
+                correlation_id.get() if association is None else association))
+        except Exception:
+            logger.error("C-STORE audit entries not recorded", exc_info=True)
+
+    def flush_audit(self, timeout: float = 10.0) -> bool:
+        """Write every open summary and wait for the log (tests, shutdown)."""
+        self._write(self.summaries.drain())
+        return self.audit is None or self.audit.flush(timeout)
+
+    def _ensure_sweeper(self) -> None:
+        # Started on the first summary, so a process that never stores runs no thread.
+        if self._sweeper is None and self.summaries.max_age_s > 0:
+            with self._lock:
+                if self._sweeper is None:
+                    self._sweeper = threading.Thread(
+                        target=self._sweep, name="pacslab-store-audit", daemon=True)
+                    self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Write the summaries of transfers open ``store_summary_s`` (an association
+        that stays open between studies still gets its entries on time)."""
+        period = max(self.summaries.max_age_s / 2, 0.05)
+        while not self._sweep_stop.wait(period):
+            try:
+                self._write(self.summaries.due())
+            except Exception:
+                logger.error("C-STORE audit entries not recorded", exc_info=True)
 
     def record_refused_association(
         self,
@@ -91,7 +161,12 @@ class IngestService:
             logger.error("refused association not recorded", exc_info=True)
 
     def close(self) -> None:
-        """Write the queued audit entries (the archive is closed by its owner)."""
+        """Write the open summaries and the queued audit entries (the archive is closed
+        by its owner)."""
+        self._sweep_stop.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5)
+        self._write(self.summaries.drain())
         if self.audit is not None:
             self.audit.close()
 
@@ -100,7 +175,7 @@ class IngestService:
         try:
             accepted = self.archive.accept(staged, calling_ae=calling_ae)
         except ServiceError as exc:
-            self._audit(staged, calling_ae, exc.dimse_status, exc.title, None)
+            self._audit_refused(staged, calling_ae, exc.dimse_status, exc.title)
             with self._lock:
                 self.counts["refused"] += 1
             logger.warning(
@@ -111,7 +186,7 @@ class IngestService:
                 exc,
             )
             raise
-        self._audit(staged, calling_ae, 0x0000, accepted.outcome.status, accepted)
+        self._audit_stored(staged, calling_ae, accepted)
         with self._lock:
             self.counts[accepted.outcome.status] += 1
         logger.debug(

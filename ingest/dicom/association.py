@@ -483,8 +483,12 @@ class FastAssociation:
         ticket: Ticket | None = None,
         on_refused: Callable[[str, str, tuple[int, int, int]], None] | None = None,
         on_request: RequestCallback | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.on_request = on_request
+        #: Called once the association is over (released, aborted or dropped), in its
+        #: thread under its correlation id: the C-STORE action log writes its entries.
+        self.on_closed = on_closed
         self.peer_max_pdu = 16382
         self.scu_contexts: frozenset[int] = frozenset()
         self._reader: PduReader | None = None
@@ -536,6 +540,8 @@ class FastAssociation:
                     self.stored,
                     time.perf_counter() - started,
                 )
+                if self.on_closed is not None:
+                    self.on_closed()
 
     def _negotiate(self, plan: Negotiation) -> bool:
         self.calling_ae = plan.calling_ae

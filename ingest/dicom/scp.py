@@ -186,6 +186,10 @@ class DicomReceiver:
         handlers = [
             (evt.EVT_C_STORE, handle_store, [service]),
             (evt.EVT_C_ECHO, handle_echo),
+            # The association's C-STORE entries (ingest/store_audit.py). pynetdicom runs
+            # these in the association's thread, under the id _serve_slow set.
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
             # Refused associations go to the action log (ATNA User Authentication).
             (evt.EVT_REJECTED, self._on_rejected),
             *extra_handlers,
@@ -212,6 +216,10 @@ class DicomReceiver:
             called_ae=self.settings.ae_title,
             code=code,
         )
+
+    def _on_ended(self, event: Any) -> None:
+        """EVT_RELEASED / EVT_ABORTED: the association's C-STORE entries are due."""
+        self.service.association_ended()
 
     def _on_rejected(self, event: Any) -> None:
         """pynetdicom rejected an association (EVT_REJECTED, acceptor side): audited
@@ -391,6 +399,7 @@ class DicomReceiver:
                 ticket,
                 on_refused=self._refused,
                 on_request=self.plain_requests,
+                on_closed=self.service.association_ended,
             ).run(plan)
             return
         calling_ae = plan.calling_ae if plan is not None else ""

@@ -172,3 +172,23 @@ def test_patient_change_names_every_patient_it_involves() -> None:
     people = [o.get("ParticipantObjectID") for o in root.findall("ParticipantObjectIdentification")
               if o.get("ParticipantObjectTypeCode") == "1"]  # fmt: skip
     assert people == [obsolete, surviving]
+
+
+def test_a_transfer_names_its_study_and_sop_classes_with_counts() -> None:
+    """The C-STORE entry of an association and study becomes one PS3.15 A.5.3 DICOM
+    Instances Transferred message: the study, each SOP Class with NumberOfInstances."""
+    from ingest.store_audit import StoreKey, TransferSummary
+
+    summary = TransferSummary(StoreKey("cid1", "CT_ROOM_1", "1.2.3", "k" * 32,
+                                       "0x0000 stored"), opened=0.0)
+    summary.sop_classes.update({"1.2.840.10008.5.1.4.1.1.2": 3,
+                                "1.2.840.10008.5.1.4.1.1.7": 1})
+    root = ET.fromstring(audit_message(summary.entry(), SOURCE))
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
+    (study,) = [o for o in root.findall("ParticipantObjectIdentification")
+                if o.get("ParticipantObjectTypeCode") == "2"]  # fmt: skip
+    assert study.get("ParticipantObjectID") == "1.2.3"
+    assert [(c.get("UID"), c.get("NumberOfInstances")) for c in study.findall("SOPClass")] == [
+        ("1.2.840.10008.5.1.4.1.1.2", "3"), ("1.2.840.10008.5.1.4.1.1.7", "1")]
+    requestor = root.find("ActiveParticipant")
+    assert requestor is not None and requestor.get("AlternativeUserID") == "AETITLE=CT_ROOM_1"

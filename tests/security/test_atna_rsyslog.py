@@ -154,7 +154,7 @@ def test_atna_over_tls_to_rsyslog(
     ds = dcmread(path, stop_before_pixels=True)
     study, patient_id = str(ds.StudyInstanceUID), str(ds.PatientID)
 
-    # 1. C-STORE from DCMTK (PS3.4 B; A.5.3.2 DICOM Instances Transferred)
+    # 1. C-STORE from DCMTK (PS3.4 B; PS3.15 A.5.3 DICOM Instances Transferred)
     out = run_dcmtk(["storescu", "-aet", "MODALITY1", "127.0.0.1", str(receiver.port), str(path)])
     assert out.returncode == 0, out.stderr
     # 2. QIDO-RS query (A.5.3.10 Query)
@@ -231,6 +231,9 @@ def test_atna_over_tls_to_rsyslog(
     assert modality.get("AlternativeUserID") == "AETITLE=MODALITY1"
     objs = _objects(store)
     assert objs["110180"].get("ParticipantObjectID") == study
+    # the association's one instance, counted under its SOP Class (ingest/store_audit.py)
+    assert [(c.get("UID"), c.get("NumberOfInstances"))
+            for c in objs["110180"].findall("SOPClass")] == [(str(ds.SOPClassUID), "1")]
     patient = objs["2"]
     assert patient.get("ParticipantObjectTypeCode") == "1"
     assert patient.get("ParticipantObjectTypeCodeRole") == "1"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -17,6 +19,8 @@ from core.audit import AuditEntry, ChainedEntry, verify_chain
 from core.settings import Settings
 from storage.audit import AuditLog
 from tests.security._support import bearer
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def _entry(i: int) -> AuditEntry:
@@ -145,19 +149,102 @@ def test_http_reads_and_refusals_are_logged_without_phi(
     assert [e["resource"]["outcome"] for e in by_agent["entry"]] == ["4"]
 
 
+@pytest.fixture
+def entries_wait_for_the_association(settings: Settings) -> None:
+    """Summaries open for ten minutes: in these tests only the end of the association
+    can have written them (ingest/store_audit.py)."""
+    settings.audit.store_summary_s = 600
+
+
+def _store_entries(service: Any) -> list[ChainedEntry]:
+    assert service.audit.flush()
+    return [e for e in service.audit.entries() if e.event_type == "dicom.c-store"]
+
+
 @pytest.mark.network
-def test_c_store_is_logged_with_the_ae_title(receiver, tmp_path: Path) -> None:
+def test_c_store_is_one_entry_per_association_and_study(
+    entries_wait_for_the_association: None, receiver: Any, tmp_path: Path
+) -> None:
+    """PS3.15 A.5.3 DICOM Instances Transferred: what an association stored of a study
+    is one entry (its SOP Classes and counts), written when the association ends; a
+    refused instance keeps an entry of its own, with its status."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
     from core.synthetic import write_ct_series
     from tests.support import run_dcmtk
 
-    write_ct_series(tmp_path / "ct", slices=5, rows=32, columns=32)
+    paths = write_ct_series(tmp_path / "ct", slices=5, rows=32, columns=32)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
     result = run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1",
                         str(receiver.port), str(tmp_path / "ct")], nodelay=True)
     assert result.returncode == 0, result.stderr
     service = receiver.service
-    assert service.audit.flush()
-    entries = [e for e in service.audit.entries() if e.event_type == "dicom.c-store"]
-    assert len(entries) == 5
-    assert {e.agent for e in entries} == {"CT_ROOM_1"}
-    assert all(e.patient_key and e.outcome == "0" for e in entries)
+    (entry,) = _store_entries(service)
+    assert (entry.agent, entry.agent_type, entry.outcome, entry.outcome_desc,
+            entry.resource) == ("CT_ROOM_1", "ae", "0", "0x0000 stored", f"Study/{study}")
+    assert json.loads(entry.detail) == {"study_instance_uid": study, "instances": 5,
+                                        "sop_classes": {CT_IMAGE_STORAGE: 5}}
+    assert entry.patient_key and entry.correlation_id not in ("", "-")
+
+    # A second association: the same five again (duplicates) and one whose pixel data
+    # is shorter than Rows × Columns says (refused, PS3.5 8.1.1).
+    bad = pydicom.dcmread(paths[0])
+    bad.SOPInstanceUID = generate_uid()
+    bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
+    bad.Rows = 64
+    (tmp_path / "bad").mkdir()
+    bad.save_as(tmp_path / "bad" / "short.dcm", enforce_file_format=True)
+    run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1", str(receiver.port),
+               str(tmp_path / "ct"), str(tmp_path / "bad")], nodelay=True)
+    first, *later = _store_entries(service)
+    assert first == entry
+    by_resource = {e.resource: e for e in later}
+    assert set(by_resource) == {f"Study/{study}", f"Instance/{bad.SOPInstanceUID}"}
+    again, refused = by_resource[f"Study/{study}"], by_resource[f"Instance/{bad.SOPInstanceUID}"]
+    assert again.outcome_desc == "0x0000 duplicate"
+    assert json.loads(again.detail)["instances"] == 5
+    assert refused.outcome != "0" and not refused.outcome_desc.startswith("0x0000")
+    assert json.loads(refused.detail) == {"sop_class_uid": CT_IMAGE_STORAGE}
+    assert again.correlation_id == refused.correlation_id != entry.correlation_id
     assert service.audit.verify() == []
+
+
+@pytest.mark.network
+def test_c_store_entries_when_a_pynetdicom_association_is_released_or_aborted(
+    entries_wait_for_the_association: None, receiver: Any, tmp_path: Path
+) -> None:
+    """Associations pynetdicom serves (here: a User Identity item, PS3.7 D.3.3.7) write
+    their entries on EVT_RELEASED and EVT_ABORTED."""
+    from pynetdicom import AE
+    from pynetdicom.pdu_primitives import UserIdentityNegotiation
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from core.synthetic import write_ct_series
+    from tests.support import wait_until
+
+    paths = write_ct_series(tmp_path / "ct", slices=3, rows=32, columns=32)
+    ae = AE(ae_title="MODALITY_X")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage)
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 1
+    identity.primary_field = b"technologist"
+    service = receiver.service
+
+    assoc = ae.associate("127.0.0.1", receiver.port, ext_neg=[identity])
+    assert assoc.is_established
+    for path in paths[:2]:
+        assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    (released,) = wait_until(lambda: _store_entries(service), message="no entry at release")
+    assert (released.agent, json.loads(released.detail)["instances"]) == ("MODALITY_X", 2)
+
+    assoc = ae.associate("127.0.0.1", receiver.port, ext_neg=[identity])
+    assert assoc.is_established
+    assert assoc.send_c_store(paths[2]).Status == 0x0000
+    assoc.abort()
+    wait_until(lambda: len(_store_entries(service)) == 2, message="no entry at abort")
+    _, aborted = _store_entries(service)
+    assert json.loads(aborted.detail)["instances"] == 1
+    assert aborted.correlation_id != released.correlation_id
