@@ -10,10 +10,11 @@ package, default SQLite index and its own storage, fresh each round) and storesc
 
 Beside the rate, each round reads the CPU time (``/proc/<pid>/stat`` utime + stime) of
 the server's processes before and after the transfer: for ``pacslab serve`` split into
-the receiver processes and the main process (API, worker, inboxes), per instance. For
-``pacslab serve`` the round then waits for the series pyramid (the series job ``done``
-in the index) and reports the time from the last acknowledgement to it, and the main
-process's CPU per instance up to then (the deferred instance jobs included).
+the main process (API, inboxes), the receiver processes and the job worker's process,
+per instance. For ``pacslab serve`` the round then waits for the series pyramid (the
+series job ``done`` in the index) and reports the time from the last acknowledgement to
+it, and the main process's and the worker's CPU per instance up to then (the deferred
+instance jobs and the series job included).
 
 Without --benchmark-enable this is a smoke run: 20 small instances, one round;
 ``./run bench --quick`` measures 40 instances of 256², three rounds.
@@ -116,6 +117,15 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _is_worker(pid: int) -> bool:
+    """``pacslab serve``'s job worker: the process it spawns through multiprocessing
+    (pacslab/worker_process.py); the receivers are forked, with the parent's command."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Server:
     def __init__(self, start: Callable[[Path, int], subprocess.Popen[bytes]], base: Path
                  ) -> None:
@@ -138,14 +148,32 @@ class Server:
             ready = getattr(self._start, "ready", None)
             if ready is not None:
                 ready(self.work, self.proc)
+            self._settle()
         except BaseException:
             self.stop()
             raise
 
-    def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far of (the main process, its descendants)."""
+    def _settle(self, quiet_s: float = 0.5, timeout: float = 60) -> None:
+        """Wait until the server's processes are idle: ``pacslab serve``'s worker is
+        still importing (Dask, zarr: a second or two of CPU) when the ports open, and
+        a hospital's service has long finished starting when a modality sends."""
+        deadline = time.monotonic() + timeout
+        total = sum(self.cpu().values())
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            now = sum(self.cpu().values())
+            if now - total < 0.02 * quiet_s:  # under 2 % of a core
+                return
+            total = now
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the main process, of its receivers (every descendant
+        but the worker) and of its job worker."""
         assert self.proc is not None
-        return _cpu_s(self.proc.pid), sum(_cpu_s(p) for p in _descendants(self.proc.pid))
+        seconds = {"main": _cpu_s(self.proc.pid), "receivers": 0.0, "worker": 0.0}
+        for pid in _descendants(self.proc.pid):
+            seconds["worker" if _is_worker(pid) else "receivers"] += _cpu_s(pid)
+        return seconds
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -291,10 +319,12 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
     if BEFORE_TREE:
         targets.insert(1, (BEFORE, start_serve_before))
     seconds: dict[str, list[float]] = {name: [] for name, _ in targets}
-    # CPU ms per instance: (main process, descendants) during the transfer
-    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in targets}
+    # CPU ms per instance during the transfer, by process (Server.cpu)
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name, _ in targets}
     pyramid_s: dict[str, list[float]] = {}
-    main_to_pyramid: dict[str, list[float]] = {}
+    # CPU ms per instance of the main process and the worker from the transfer's start
+    # to the series pyramid (the deferred instance jobs and the series job included)
+    to_pyramid: dict[str, list[float]] = {}
 
     def one_round() -> None:
         for n, (name, start) in enumerate(targets):
@@ -302,19 +332,19 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
             server.round = len(seconds[name])
             server.fresh()
             try:
-                main0, kids0 = server.cpu()
+                before = server.cpu()
                 began = time.perf_counter()
                 _storescu(server.port, folders, nodelay=True)
                 seconds[name].append(time.perf_counter() - began)
-                main1, kids1 = server.cpu()
-                cpu[name].append(((main1 - main0) * 1e3 / count,
-                                  (kids1 - kids0) * 1e3 / count))
+                after = server.cpu()
+                cpu[name].append({k: (after[k] - before[k]) * 1e3 / count for k in after})
                 if start in (start_serve, start_serve_before):
                     assert server.proc is not None
                     waited = _wait_pyramid(server.work, server.proc)
                     pyramid_s.setdefault(name, []).append(waited)
-                    main_to_pyramid.setdefault(name, []).append(
-                        (server.cpu()[0] - main0) * 1e3 / count)
+                    done = server.cpu()
+                    to_pyramid.setdefault(name, []).append(sum(
+                        done[k] - before[k] for k in ("main", "worker")) * 1e3 / count)
             finally:
                 server.stop()
 
@@ -324,33 +354,37 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
     goal = Goal(">=", 1.5, on="ratio", anchor="orthanc") if _orthanc_available() else None
     for name, times in seconds.items():
         median = statistics.median(times)
-        main_ms = statistics.median(c[0] for c in cpu[name])
-        kids_ms = statistics.median(c[1] for c in cpu[name])
+        rounds = {k: [c[k] for c in cpu[name]] for k in ("main", "receivers", "worker")}
+        rounds["children"] = [c["receivers"] + c["worker"] for c in cpu[name]]
+        ms = {k: statistics.median(v) for k, v in rounds.items()}
         info: dict[str, object] = {
             "inst_per_s": count / median, "mb_per_s": size / median / 1e6,
             "rounds_s": [round(t, 3) for t in times],
-            "cpu_ms_per_instance_main": round(main_ms, 3),
-            "cpu_ms_per_instance_children": round(kids_ms, 3)}
+            **{f"cpu_ms_per_instance_{k}": round(v, 3) for k, v in ms.items()}}
         if name in pyramid_s:
             info["last_instance_to_pyramid_s"] = [round(t, 2) for t in pyramid_s[name]]
-            info["cpu_ms_per_instance_main_to_pyramid"] = round(
-                statistics.median(main_to_pyramid[name]), 3)
+            info["cpu_ms_per_instance_main_worker_to_pyramid"] = round(
+                statistics.median(to_pyramid[name]), 3)
         benchmark.extra_info[name] = info  # type: ignore[attr-defined]
         record(case, name, count / median, "inst/s", rounds=[count / t for t in times],
                interleaved=True, goal=goal if name == SERVE else None)
         record(f"C-STORE {associations} association(s), CPU ms/instance, main process",
-               name, main_ms, "ms", rounds=[c[0] for c in cpu[name]], interleaved=True)
+               name, ms["main"], "ms", rounds=rounds["main"], interleaved=True)
         if name in (SERVE, BEFORE, RECEIVER, "storescp"):
             record(f"C-STORE {associations} association(s), CPU ms/instance, child processes",
-                   name, kids_ms, "ms", rounds=[c[1] for c in cpu[name]], interleaved=True)
+                   name, ms["children"], "ms", rounds=rounds["children"], interleaved=True)
+        if name in (SERVE, BEFORE):
+            for k in ("receivers", "worker"):
+                record(f"C-STORE {associations} association(s), CPU ms/instance, {k}",
+                       name, ms[k], "ms", rounds=rounds[k], interleaved=True)
         print(f"\n{case} {name}: {count / median:.0f} inst/s (rounds "
-              f"{[round(count / t) for t in times]}), CPU ms/inst main {main_ms:.2f} "
-              f"children {kids_ms:.2f}", end="")
+              f"{[round(count / t) for t in times]}), CPU ms/inst main {ms['main']:.2f} "
+              f"receivers {ms['receivers']:.2f} worker {ms['worker']:.2f}", end="")
     for name, waits in pyramid_s.items():
         record(f"C-STORE {associations} association(s), last instance to pyramid", name,
                statistics.median(waits), "s", rounds=waits)
         print(f"\n{case} {name} last instance -> pyramid s: {[round(t, 2) for t in waits]}; "
-              f"main CPU ms/inst to pyramid {statistics.median(main_to_pyramid[name]):.2f}",
+              f"main + worker CPU ms/inst to pyramid {statistics.median(to_pyramid[name]):.2f}",
               end="")
     if "orthanc" in seconds:
         for name in (SERVE, BEFORE):
