@@ -105,11 +105,6 @@ class IngestService:
         except Exception:
             logger.error("C-STORE audit entries not recorded", exc_info=True)
 
-    def flush_audit(self, timeout: float = 10.0) -> bool:
-        """Write every open summary and wait for the log (tests, shutdown)."""
-        self._write(self.summaries.drain())
-        return self.audit is None or self.audit.flush(timeout)
-
     def _ensure_sweeper(self) -> None:
         # Started on the first summary, so a process that never stores runs no thread.
         if self._sweeper is None and self.summaries.max_age_s > 0:
