@@ -333,8 +333,8 @@ def audit_message(entry: AuditEntry, source: AuditSource) -> bytes:
             },
         )
         _code(obj, "ParticipantObjectIDTypeCode", STUDY_UID)
-        # Instances Transferred: the transfer's SOP Classes, each with its number of instances (the
-        # C-STORE entry of an association and study, ingest/store_audit.py).
+        # Instances Transferred: the transfer's SOP Classes, each with its number of
+        # instances (the C-STORE entry of an association and study, ingest/store_audit.py).
         sop_classes = detail.get("sop_classes")
         if isinstance(sop_classes, dict):
             for uid, count in sorted(sop_classes.items()):
