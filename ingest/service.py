@@ -44,9 +44,6 @@ class IngestService:
         self._lock = threading.Lock()
         max_age = audit.settings.store_summary_s if audit is not None else 0.0
         self.summaries = TransferSummaries(max_age)
-        #: Patient references by (Patient ID, issuer): an HMAC per instance is
-        #: wasted work when a study's instances all name the same patient.
-        self._patient_keys: dict[tuple[str, str], str] = {}
         self._sweep_stop = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -65,15 +62,6 @@ class IngestService:
         except Exception:  # a side effect: log and carry on (STYLE.md §5)
             logger.error("C-STORE audit entry not recorded", exc_info=True)
 
-    def _patient_key(self, patient_id: str, issuer: str) -> str:
-        found = self._patient_keys.get((patient_id, issuer))
-        if found is None:
-            found = patient_key(self.patient_secret, patient_id, issuer)
-            if len(self._patient_keys) >= 4096:  # bounded: a day's patients, not a year's
-                self._patient_keys.clear()
-            self._patient_keys[(patient_id, issuer)] = found
-        return found
-
     def _audit_stored(self, staged: StagedFile, calling_ae: str, accepted: Accepted) -> None:
         if self.audit is None or not self.audit.enabled:
             return
@@ -83,7 +71,8 @@ class IngestService:
                 association=correlation_id.get(),
                 calling_ae=calling_ae,
                 study_instance_uid=rec.study_instance_uid,
-                patient_key=self._patient_key(rec.patient_id, rec.issuer_of_patient_id),
+                patient_key=patient_key(self.patient_secret, rec.patient_id,
+                                        rec.issuer_of_patient_id),
                 outcome_desc=f"0x0000 {accepted.outcome.status}",
             )
             self._write(self.summaries.add(key, staged.sop_class_uid))
@@ -96,12 +85,11 @@ class IngestService:
             for summary in summaries:
                 self.audit.record(summary.entry())
 
-    def association_ended(self, association: str | None = None) -> None:
-        """Write the entries of an association that ended (default: the current
-        correlation id's). Both transports call it; a side effect that never raises."""
+    def association_ended(self) -> None:
+        """Write the entries of the association that ended (the current correlation
+        id's). Both transports call it; a side effect that never raises."""
         try:
-            self._write(self.summaries.ended(
-                correlation_id.get() if association is None else association))
+            self._write(self.summaries.ended(correlation_id.get()))
         except Exception:
             logger.error("C-STORE audit entries not recorded", exc_info=True)
 
