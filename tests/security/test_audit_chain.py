@@ -176,16 +176,28 @@ def test_c_store_is_one_entry_per_association_and_study(
 
     paths = write_ct_series(tmp_path / "ct", slices=5, rows=32, columns=32)
     study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    # Another patient's study in the same association: an entry of its own, with its
+    # own count and patient reference.
+    other_paths = write_ct_series(tmp_path / "other", slices=2, rows=32, columns=32,
+                                  patient_id="SYN0002", accession_number="ACC0002")
+    other = str(pydicom.dcmread(other_paths[0], stop_before_pixels=True).StudyInstanceUID)
     result = run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1",
-                        str(receiver.port), str(tmp_path / "ct")], nodelay=True)
+                        str(receiver.port), str(tmp_path / "ct"), str(tmp_path / "other")],
+                       nodelay=True)
     assert result.returncode == 0, result.stderr
     service = receiver.service
-    (entry,) = _store_entries(service)
+    associated = _store_entries(service)
+    assert len(associated) == 2
+    by_study = {e.resource: e for e in associated}
+    entry, second = by_study[f"Study/{study}"], by_study[f"Study/{other}"]
     assert (entry.agent, entry.agent_type, entry.outcome, entry.outcome_desc,
             entry.resource) == ("CT_ROOM_1", "ae", "0", "0x0000 stored", f"Study/{study}")
     assert json.loads(entry.detail) == {"study_instance_uid": study, "instances": 5,
                                         "sop_classes": {CT_IMAGE_STORAGE: 5}}
-    assert entry.patient_key and entry.correlation_id not in ("", "-")
+    assert json.loads(second.detail) == {"study_instance_uid": other, "instances": 2,
+                                         "sop_classes": {CT_IMAGE_STORAGE: 2}}
+    assert entry.patient_key and second.patient_key and entry.patient_key != second.patient_key
+    assert entry.correlation_id == second.correlation_id not in ("", "-")
 
     # A second association: the same five again (duplicates) and one whose pixel data
     # is shorter than Rows × Columns says (refused, PS3.5 8.1.1).
@@ -197,9 +209,9 @@ def test_c_store_is_one_entry_per_association_and_study(
     bad.save_as(tmp_path / "bad" / "short.dcm", enforce_file_format=True)
     run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1", str(receiver.port),
                str(tmp_path / "ct"), str(tmp_path / "bad")], nodelay=True)
-    first, *later = _store_entries(service)
-    assert first == entry
-    by_resource = {e.resource: e for e in later}
+    later = _store_entries(service)
+    assert later[:2] == associated
+    by_resource = {e.resource: e for e in later[2:]}
     assert set(by_resource) == {f"Study/{study}", f"Instance/{bad.SOPInstanceUID}"}
     again, refused = by_resource[f"Study/{study}"], by_resource[f"Instance/{bad.SOPInstanceUID}"]
     assert again.outcome_desc == "0x0000 duplicate"
