@@ -316,6 +316,20 @@ def token_fragment(token: str) -> str:
     return f"#token={token}" if token else ""
 
 
+def _note_failed(failed: list[str], request: Any) -> None:
+    """Record a request that failed, unless it never left the browser.
+
+    ``blob:`` and ``data:`` URLs are object URLs OHIF makes from bytes it already holds
+    (decoded frames, worker scripts); when a navigation (``page.goto``) tears the page
+    down, Chromium aborts them and reports ``requestfailed``. They never reach pacslab,
+    so they say nothing about it; every http(s) request still counts.
+    """
+    url = str(request.url)
+    if url.startswith(("blob:", "data:")):
+        return
+    failed.append(f"failed {url} ({request.failure})")
+
+
 def open_viewer(browser: Any, server: Server, study: Study, *, wait_all: bool = True,
                 timeout_s: float = 90.0) -> Opened:
     """Open the deep link for ``study``; time the first image and all slices."""
@@ -325,7 +339,7 @@ def open_viewer(browser: Any, server: Server, study: Study, *, wait_all: bool = 
     failed: list[str] = []
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-    page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+    page.on("requestfailed", lambda r: _note_failed(failed, r))
     page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400
             else None)
     url = (f"{server.base}/ohif/viewer?StudyInstanceUIDs={study.study}"
