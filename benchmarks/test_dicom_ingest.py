@@ -26,6 +26,18 @@ was still importing, and that start was counted as ingest CPU. Quiet machine,
 1 association 369 inst/s, Orthanc 317 (1.16x; per-instance audit 347, 1.09x);
 4 associations 593, Orthanc 559 (1.06x; per-instance audit 560, 1.00x). CPU ms per
 instance: receivers 1.66 / 1.90, worker 0.02, Orthanc 2.36 / 2.32.
+
+What one association's 2.7 ms per instance is made of (2026-12-04, same benchmark,
+a patched checkout as the BENCH_BEFORE_TREE row, interleaved): receivers 1.0 ms user
+and 0.6 ms system CPU; storescp's 0.75 ms per instance bounds the sender and the
+network. Without the directory fsyncs and the second fan-out level: 393 inst/s
+against 370 (Orthanc 313). With the staged file's fsync as the only flush (no
+directory fsync, no WAL flush; unsafe, an upper bound for packing originals into
+segment files): 432 against 389 (Orthanc 309, 1.40x). Hashing the buffer in another
+thread during its O_DIRECT write, and the file's fsync during the header read, saved
+0.1 ms of wall time and cost 0.1 ms of CPU each (not kept). So one flush per instance
+alone does not reach 1.5x: the file create/truncate/rename work (~0.3 ms of system
+time) and Python's 1.0 ms must shrink too.
 """
 
 from __future__ import annotations
