@@ -35,11 +35,12 @@ against 370 (Orthanc 313). With the staged file's fsync as the only flush (no
 directory fsync, no WAL flush; unsafe, an upper bound for packing originals into
 segment files): 432 against 389 (Orthanc 309, 1.40x); with 4 associations 776 against
 588 (Orthanc 580, 1.34x), receivers' CPU 1.4 ms per instance against 1.9 (fsyncing the
-directories one after another instead of from a pool changed neither). Hashing the buffer in another
-thread during its O_DIRECT write, and the file's fsync during the header read, saved
-0.1 ms of wall time and cost 0.1 ms of CPU each (not kept). So one flush per instance
-alone does not reach 1.5x: the file create/truncate/rename work (~0.3 ms of system
-time) and Python's 1.0 ms must shrink too.
+directories one after another instead of from a pool changed neither). Hashing the
+buffer in another thread during its O_DIRECT write, with the file's fsync during the
+header read: 349 against 345 (noise), receivers' CPU 1.84 against 1.66 ms (not
+kept). So one flush per instance alone does not reach 1.5x: the file
+create/truncate/rename work (~0.3 ms of system time) and Python's 1.0 ms must shrink
+too.
 """
 
 from __future__ import annotations
