@@ -41,6 +41,19 @@ header read: 349 against 345 (noise), receivers' CPU 1.84 against 1.66 ms (not
 kept). So one flush per instance alone does not reach 1.5x: the file
 create/truncate/rename work (~0.3 ms of system time) and Python's 1.0 ms must shrink
 too.
+
+The original journal (storage/journal.py, 2026-12-04): instances kept in memory, appended
+to zero-filled segments with one ``fdatasync`` each, written out as files when idle.
+An upper bound first (unsafe patch, files never written): 485-512 inst/s against
+Orthanc 279-314 (1.57-1.75x) on one association, 779-795 against 554-576 (1.38-1.41x)
+on four. Writing each file as well during the transfer, even without a flush and after
+the answer, gave nothing (352-381 against main's 335-373): two device writes per
+instance. Nor did zero-filling lazily (``fallocate`` or a sparse file: 267-438).
+Measured here, 5 rounds, the journal against main as BENCH_BEFORE_TREE: one association
+428 inst/s, Orthanc 303 (1.41x, rounds 1.36-1.49x; main 341, 1.12x); four associations
+690, Orthanc 587 (1.18x, rounds 1.13-1.25x; main 563, 0.96x). Receivers' CPU per
+instance 1.5 / 1.6 ms (main 1.6 / 1.8); last instance to pyramid 12.0 / 11.9 s (main
+12.0 / 12.2). Each round waits 5 s after the journals are made (``_journals_ready``).
 """
 
 from __future__ import annotations
@@ -237,10 +250,37 @@ def start_serve(work: Path, port: int, tree: str = "") -> subprocess.Popen[bytes
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _journals_ready(work: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Wait until the original journals (storage/journal.py) are made: their segments
+    are zero-filled when a data dir is new, once; a hospital's service made them long
+    before a modality sends (a checkout without journals has none to wait for)."""
+    root = work / "originals" / ".journal"
+    deadline = time.monotonic() + timeout
+    stable = 0
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited"
+        dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+        done = all(len(list(d.glob("seg-[0-9][0-9][0-9]"))) == 8 and not any(d.glob("*.new"))
+                   for d in dirs)
+        stable = stable + 1 if done else 0
+        if stable >= 5:  # done, and no journal appeared for a second
+            # Zero-filling them wrote ~1.5 GB, which this machine kind's virtual disk
+            # is still taking in for a few seconds (flush latencies 2-3x, measured:
+            # rounds at 0.9x next to rounds at 1.45x without this wait).
+            time.sleep(5)
+            return
+        time.sleep(0.2)
+    raise AssertionError("original journals not made in time")
+
+
+start_pacslab.ready = _journals_ready  # type: ignore[attr-defined]
+
+
 def _serve_ready(work: Path, proc: subprocess.Popen[bytes]) -> None:
     # The DICOM port opens first (the receivers are forked before the API starts):
     # measure once the whole service is up, as a hospital's would be.
     _wait_port(int(work.with_suffix(".http-port").read_text()), proc)
+    _journals_ready(work, proc)
 
 
 start_serve.ready = _serve_ready  # type: ignore[attr-defined]

@@ -96,6 +96,11 @@ class StorageSettings(BaseModel):
     quarantine_dir: Path | None = None
     #: fsync every acknowledged file. Only tests of throughput without it turn it off.
     fsync: bool = True
+    #: MiB of original journal per receiving process (storage/journal.py): a burst of
+    #: instances up to this size is made durable with one data flush each, and written
+    #: out as ordinary files once the receiver is idle. Zero-filled at start (this much
+    #: disk per receiver process, and per HTTP process for STOW-RS, while running); 0 off.
+    journal_mb: int = Field(default=512, ge=0, le=65536)
 
     @field_validator("originals_url", "zarr_url")
     @classmethod

@@ -64,7 +64,9 @@ def api_app(settings: Settings) -> Iterator[FastAPI]:
     this process accepts anything.
     """
     index = build_index(settings, migrate=False)
-    archive = build_archive(settings, index, staging_name=http_staging_name(settings))
+    archive = build_archive(
+        settings, index, staging_name=http_staging_name(settings), journal=True
+    )
     removed = clear_staging(archive.staging_dir())
     if removed:
         logger.warning("removed %d unacknowledged STOW-RS files from staging", removed)

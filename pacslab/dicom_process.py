@@ -63,8 +63,13 @@ def run_receiver(
     """
     index = build_index(settings, migrate=False)
     service = build_ingest(
-        settings, index, staging_name=receiver_staging_name(listener.getsockname()[1])
+        settings,
+        index,
+        staging_name=receiver_staging_name(listener.getsockname()[1]),
+        journal=True,
     )
+    if service.archive.journal is not None:
+        _AT_TERM.append(service.archive.journal.close)
     # pynetdicom's and pydicom's globals and the temp directory, once for this
     # process (the receiver and the worklist SCP it also serves no longer set them).
     configure_runtime(receiver_staging=service.archive.staging_dir())
@@ -276,12 +281,36 @@ def _call_with(fn: Callable[..., Any], args: list[Any], event: Any) -> Any:
     return fn(event, *args)
 
 
+#: What a receiver process does when told to stop (SIGTERM), before it exits: write
+#: out its original journal (storage/journal.py), so that a stopped service leaves
+#: ordinary files (and if it is killed first, the next start does it).
+_AT_TERM: list[Callable[[], None]] = []
+
+
+def _terminate(*_: object) -> None:
+    """SIGTERM: run ``_AT_TERM`` in a thread of its own, then exit. Not in the handler
+    itself: it runs in the main thread, which the actions' locks must not depend on,
+    and a second SIGTERM (the process group's, then the supervisor's) is ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def stop() -> None:
+        try:
+            for action in _AT_TERM:
+                action()
+        except BaseException:
+            logger.exception("stopping the receiver")
+        finally:
+            os._exit(0)
+
+    threading.Thread(target=stop, name="receiver-stop", daemon=True).start()
+
+
 def _child_main(
     listener: socket.socket, settings: Settings, siblings: int, loads: AcceptLoads,
     parent_pid: int,
 ) -> None:
     die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, _terminate)
     configure(settings.log.level, json_format=settings.log.json_format)
     run_receiver(listener, settings, siblings=siblings, loads=loads)
 
@@ -350,5 +379,6 @@ class DicomProcesses:
         for proc in self._procs:
             proc.terminate()
         for proc in self._procs:
-            proc.join(timeout=5)
+            # (up to 30 s: a receiver writes out its original journal first)
+            proc.join(timeout=30)
         self.listener.close()

@@ -45,9 +45,12 @@ def build_archive(
     *,
     staging_name: str = "",
     audit: AuditLog | None = None,
+    journal: bool = False,
 ) -> Archive:
+    """``journal``: for a process that receives instances for long (a receiver, the
+    API), the original journal (storage/journal.py); not for a one-off command."""
     idx = index or build_index(settings)
-    archive = Archive.from_settings(settings, idx, staging_name=staging_name)
+    archive = Archive.from_settings(settings, idx, staging_name=staging_name, journal=journal)
     # IHE IOCM: a KOS rejection note is applied as it is stored (C-STORE and STOW-RS).
     archive.hooks.append(
         RejectionService(idx, archive.originals, audit=audit, retention=settings.retention)
@@ -65,12 +68,16 @@ def build_audit(settings: Settings, index: SqlIndex) -> tuple[AuditLog, bytes]:
 
 
 def build_ingest(
-    settings: Settings, index: SqlIndex | None = None, *, staging_name: str = ""
+    settings: Settings,
+    index: SqlIndex | None = None,
+    *,
+    staging_name: str = "",
+    journal: bool = False,
 ) -> IngestService:
     idx = index or build_index(settings)
     audit, secret = build_audit(settings, idx)
     return IngestService(
-        build_archive(settings, idx, staging_name=staging_name, audit=audit),
+        build_archive(settings, idx, staging_name=staging_name, audit=audit, journal=journal),
         audit=audit,
         patient_secret=secret,
     )

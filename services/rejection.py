@@ -94,6 +94,10 @@ class RejectionService:
 
     # -- the receiver's hook (storage.archive.AcceptHook) -------------------------
 
+    #: Only KOS documents can be rejection notes: other instances are not shown to the
+    #: hook (nor written out of memory for it).
+    sop_classes: frozenset[str] | None = frozenset({KOS_SOP_CLASS_UID})
+
     def before_index(
         self, record: InstanceRecord, path: Path, calling_ae: str
     ) -> Callable[[], None] | None:

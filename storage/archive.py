@@ -16,6 +16,13 @@ directory entries durable before it queues, and a leader flushes the WAL after h
 leadership on; both flushes are shared by the threads that need one at the same moment
 (:class:`storage._flush.SharedFlush`). Per instance the order stays: staged file
 fsynced → published → directories fsynced → row committed → WAL flushed → answered.
+
+Where the process has an original journal (storage/journal.py: receivers and the API,
+``storage.journal_mb``), an instance received in memory takes one data flush instead of
+the first three steps: record appended → ``fdatasync``'ed → pending link published →
+row committed → WAL flushed → answered; its file is written out when the receiver is
+idle. An instance the journal cannot take now (too large, no free segment) takes the
+file path above.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -45,7 +53,12 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 
-from core.errors import InvalidDatasetError, RejectedInstanceError, ServiceError
+from core.errors import (
+    InvalidDatasetError,
+    OutOfResourcesError,
+    RejectedInstanceError,
+    ServiceError,
+)
 from core.header import IMPLICIT_VR_LE, DatasetStructureError, check_structure, scan_header
 from core.instance import (
     INT_KEYWORDS,
@@ -58,9 +71,11 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
+from storage.journal import JournalRecord, OriginalJournal, Ticket
+from storage.originals import FileOriginalStore
 from storage.staging import StagedFile, StagedWriter
 
-__all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data"]
+__all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data", "open_journal"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +96,12 @@ def _fsync_file(path: Path) -> None:
 
 
 class _DatasetReader:
-    """``read(offset, n)`` over a staged data set: from the head kept in memory when
-    it holds the bytes, else ``pread`` from the file (opened only if needed)."""
+    """``read(offset, n)`` over a staged data set: from memory when the file or the head
+    kept there holds the bytes, else ``pread`` from the file (opened only if needed)."""
 
     def __init__(self, staged: StagedFile) -> None:
         self._head = staged.head
+        self._body = staged.body
         self._path = staged.path
         self._base = staged.dataset_offset
         self._fd: int | None = None
@@ -99,11 +115,50 @@ class _DatasetReader:
             self._fd = None
 
     def read(self, offset: int, n: int) -> bytes:
+        if self._body is not None:
+            start = self._base + offset
+            return self._body[start : start + n]
         if offset + n <= len(self._head):
             return self._head[offset : offset + n]
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
         return os.pread(self._fd, n, self._base + offset)
+
+
+def _nothing() -> None:
+    pass
+
+
+def open_journal(
+    originals: FileOriginalStore,
+    index: MetadataIndex,
+    base: str,
+    total_bytes: int,
+    *,
+    background: bool = True,
+) -> OriginalJournal:
+    """An original journal (storage/journal.py) for this process under ``originals``:
+    taken, what stopped processes left in theirs written out, its segments being
+    prepared in the background (or before this returns, without ``background``).
+    Eight segments of ``total_bytes / 8``."""
+
+    def write_out(records: list[JournalRecord]) -> None:
+        for record in records:
+            # Only what the index references: never acknowledged (or deleted since)
+            # is not an original.
+            if index.blob_referenced(record.key):
+                originals.write_final(record.key, record.body)
+
+    segments = 8
+    journal = OriginalJournal(
+        originals.root, base, segment_bytes=max(1 << 20, total_bytes // segments),
+        segments=segments, write_out=write_out,
+    )
+    journal.open()
+    if not background:
+        journal.prepare()
+    journal.start(prepare=background)
+    return journal
 
 
 #: Uncompressed encodings (PS3.5 A.1-A.3, A.5): pydicom's list.
@@ -119,6 +174,10 @@ class AcceptHook(Protocol):
     a returned callable runs once the instance is indexed, before the sender hears
     "stored" (its ServiceError fails the store, and a re-send runs it again).
     """
+
+    #: The SOP Classes it acts on (``before_index`` is called for these only); ``None``
+    #: (or no such attribute) for every instance.
+    sop_classes: frozenset[str] | None
 
     def before_index(
         self, record: InstanceRecord, path: Path, calling_ae: str
@@ -260,7 +319,10 @@ class Archive:
         max_batch: int = 64,
         max_inflated_bytes: int = 4 << 30,
         max_inflate_ratio: int = 200,
+        journal: OriginalJournal | None = None,
     ) -> None:
+        #: Where instances received in memory are made durable first (storage/journal.py).
+        self.journal = journal
         self.max_inflated_bytes = max_inflated_bytes
         self.max_inflate_ratio = max_inflate_ratio
         self.originals = originals
@@ -273,20 +335,43 @@ class Archive:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, index: MetadataIndex, *, staging_name: str = ""
+        cls,
+        settings: Settings,
+        index: MetadataIndex,
+        *,
+        staging_name: str = "",
+        journal: bool = False,
     ) -> Archive:
         """The archive of ``settings``' stores over ``index`` (C-STORE and STOW alike)."""
         from storage.originals import open_originals
 
         assert settings.storage.quarantine_dir is not None
+        originals = open_originals(settings, staging_name=staging_name)
+        original_journal = None
+        if (
+            journal
+            and settings.storage.fsync
+            and settings.storage.journal_mb > 0
+            and isinstance(originals, FileOriginalStore)
+        ):
+            original_journal = open_journal(
+                originals, index, staging_name or "local", settings.storage.journal_mb << 20
+            )
         return cls(
-            open_originals(settings, staging_name=staging_name),
+            originals,
             index,
             quarantine=settings.storage.quarantine_dir,
             fsync=settings.storage.fsync,
             max_inflated_bytes=settings.dicom.max_inflated_bytes,
             max_inflate_ratio=settings.dicom.max_inflate_ratio,
+            journal=original_journal,
         )
+
+    @property
+    def in_memory_staging(self) -> bool:
+        """Whether receivers should keep instances in memory (:class:`StagedWriter`
+        ``in_memory``): they are journaled, not staged as files."""
+        return self.journal is not None
 
     def staging_dir(self) -> Path:
         return self.originals.staging_dir()
@@ -303,21 +388,37 @@ class Archive:
             quarantine (or removed, for resource failures).
         """
         after: list[Callable[[], None]] = []
+        ticket: Ticket | None = None
         try:
             record = self._read(staged, check_request_uids)
             for hook in self.hooks:
-                then = hook.before_index(record, staged.path, calling_ae)
+                classes = getattr(hook, "sop_classes", None)
+                if classes is not None and record.sop_class_uid not in classes:
+                    continue  # (so an instance kept in memory is not written out for it)
+                then = hook.before_index(record, staged.ensure_file(), calling_ae)
                 if then is not None:
                     after.append(then)
-            if self.fsync:
-                _fsync_file(staged.path)
+            if self.journal is not None and staged.body is not None:
+                ticket = self.journal.append(staged.key, staged.body, staged.dataset_offset)
+            if ticket is None:
+                staged.ensure_file()
+                if self.fsync:
+                    _fsync_file(staged.path)
         except ServiceError as exc:
             self._quarantine(staged, exc, calling_ae)
             raise
         except OSError:
             staged.discard()
             raise
-        created = self.originals.commit(staged.path, staged.key, defer_sync=True)
+        done: Callable[[], None]
+        if ticket is not None and self.journal is not None:
+            created = self._journaled(staged, ticket)
+            # Given back once the index has decided: the journal writes out only what
+            # the index references, so it must not look at this record before then.
+            done = partial(self.journal.done, ticket)
+        else:
+            done = _nothing
+            created = self.originals.commit(staged.path, staged.key, defer_sync=True)
         item = NewInstance(
             record=record,
             blob_key=staged.key,
@@ -327,20 +428,24 @@ class Archive:
             correlation_id=correlation_id.get(),
         )
         try:
-            # The new directory entries durable before the index row: in this thread,
-            # one round of fsyncs shared with the threads publishing at the same moment.
-            self.originals.sync()
-            outcome = self._group.submit(item)
-        except Exception:
-            if created:
-                self._undo_blob(staged.key)
-            raise
-        if outcome.status == "refused":
-            # IHE IOCM: rejected before, sent again (the index decided, in the insert's
-            # transaction). Not quarantined: the sender is told, nothing is kept.
-            if created:
-                self._undo_blob(staged.key)
-            raise RejectedInstanceError(f"rejected before (code {outcome.reason})")
+            try:
+                # The new directory entries durable before the index row: in this thread,
+                # one round of fsyncs shared with the threads publishing at the same moment.
+                if ticket is None:
+                    self.originals.sync()
+                outcome = self._group.submit(item)
+            except Exception:
+                if created:
+                    self._undo_blob(staged.key)
+                raise
+            if outcome.status == "refused":
+                # IHE IOCM: rejected before, sent again (the index decided, in the insert's
+                # transaction). Not quarantined: the sender is told, nothing is kept.
+                if created:
+                    self._undo_blob(staged.key)
+                raise RejectedInstanceError(f"rejected before (code {outcome.reason})")
+        finally:
+            done()
         for then in after:
             then()
         if outcome.status == "replaced":
@@ -351,6 +456,22 @@ class Archive:
                 outcome.version,
             )
         return Accepted(record, outcome, staged.key)
+
+    def _journaled(self, staged: StagedFile, ticket: Ticket) -> bool:
+        """Make a journaled instance durable (its record's ``fdatasync``) and findable
+        (its pending link) before the index row names it; always True (the link is
+        this instance's, to undo if the index refuses it)."""
+        journal = self.journal
+        assert journal is not None
+        try:
+            journal.sync(ticket)
+            journal.publish(staged.key, ticket)
+        except OSError as exc:
+            journal.done(ticket)
+            staged.discard()
+            raise OutOfResourcesError("cannot make the original durable") from exc
+        staged.discard()  # a file a hook asked for (ensure_file), if any
+        return True
 
     def _read(self, staged: StagedFile, check_request_uids: bool) -> InstanceRecord:
         def record(src: HeaderSource) -> InstanceRecord:
@@ -426,7 +547,7 @@ class Archive:
             )
             return rec
         try:
-            with staged.path.open("rb") as fp:
+            with staged.open() as fp:
                 ds = dcmread(fp, defer_size=1024)
                 src = DatasetValues(ds)
                 rec = record(src)
@@ -476,7 +597,7 @@ class Archive:
         )
         total = 0
         try:
-            with staged.path.open("rb") as fp:
+            with staged.open() as fp:
                 fp.seek(staged.dataset_offset)
                 pending = b""
                 while True:
@@ -526,7 +647,7 @@ class Archive:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:8]}"
             target = self.quarantine / f"{stem}.dcm"
-            os.replace(staged.path, target)
+            os.replace(staged.ensure_file(), target)
             reason = {
                 "status": f"0x{exc.dimse_status:04X}",
                 "title": exc.title,
@@ -544,4 +665,6 @@ class Archive:
             staged.discard()
 
     def close(self) -> None:
-        """Nothing to stop: commits run in the receiving threads."""
+        """Stop the original journal (commits run in the receiving threads)."""
+        if self.journal is not None:
+            self.journal.close()

@@ -47,6 +47,7 @@ from core.audit import ChainedEntry, Checkpoint, verify_chain
 from core.settings import Settings
 from storage import _pgdump
 from storage.audit import AuditStore, CheckpointFile
+from storage.originals import FileOriginalStore
 
 __all__ = ["BackupReport", "backup", "restore", "verify"]
 
@@ -226,7 +227,13 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
 
     assert settings.storage.originals_dir is not None
     originals = settings.storage.originals_dir
-    for path in _walk(originals, skip=(".staging",)):
+    # Originals still only in a receiver's journal (storage/journal.py) are copied
+    # as the files they are about to become.
+    if (originals / ".pending").is_dir():
+        FileOriginalStore(
+            originals, fsync=False, staging=originals / ".staging" / "backup"
+        ).write_out_pending()
+    for path in _walk(originals, skip=(".staging", ".journal", ".pending")):
         rel = "originals/" + path.relative_to(originals).as_posix()
         target = partial / rel
         old = previous.get(rel)

@@ -7,6 +7,13 @@ on the same file system so that publishing is an atomic ``rename``; the caller f
 the file, :meth:`FileOriginalStore.sync` fsyncs the directories that gained a name,
 so an acknowledged original survives a power cut.
 
+An original may also still be in a receiver's original journal (storage/journal.py),
+not yet written out as its file: ``<root>/.pending/<key>`` is then a symbolic link whose
+target names the journal record (parsed, never followed). :meth:`FileOriginalStore.open`
+and :meth:`FileOriginalStore.exists` find it there, :meth:`FileOriginalStore.path` writes
+the file first (for callers that need one), :meth:`FileOriginalStore.delete` removes
+both.
+
 Every flush costs a device round trip (1.5-3 ms each on this machine kind, whether or
 not the journal has anything left to commit), and on one association an instance's
 latency is the sum of its flushes (issue 19). So: the 256 first-level fan-out
@@ -21,9 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import os
 import re
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +42,8 @@ from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from storage._flush import SharedFlush
 from storage.abc import OriginalStore
+from storage.journal import HEADER_BYTES, parse_link, segment_path
+from storage.staging import write_file
 
 __all__ = [
     "FileOriginalStore",
@@ -111,7 +123,8 @@ class FileOriginalStore:
         # ``staging`` must be on the same file system (default ``<root>/.staging``).
         self._staging = staging or root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: set[Path] = set()  # made, and their entries made durable
+        self._made_dirs: set[Path] = set()  # made for the journal (its checkpoint syncs)
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
         self._shared_sync = SharedFlush(self._sync_dirty)
@@ -143,26 +156,70 @@ class FileOriginalStore:
     def staging_dir(self) -> Path:
         return self._staging
 
-    def path(self, key: str) -> Path:
+    def _path(self, key: str) -> Path:
         if _CONTENT_KEY.fullmatch(key) is None:
             raise NotFoundError("not a content key")
         return self.root / key[:2] / key[2:4] / f"{key}.dcm"
 
-    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
-        final = self.path(key)
-        parent = final.parent
+    def path(self, key: str) -> Path:
+        """The original's file; one still in the original journal (storage/journal.py)
+        is written there first, so callers that need a file have one."""
+        final = self._path(key)
+        if not final.exists():
+            body = self._journaled(key)
+            if body is not None:
+                with contextlib.suppress(OSError):
+                    self.write_final(key, body)
+        return final
+
+    def _journaled(self, key: str) -> bytes | None:
+        """The whole file of ``key`` from the original journal, if a pending link names
+        a record there that still holds it (a segment may have been reused since)."""
         try:
-            if parent not in self._known_dirs:
-                try:
-                    parent.mkdir(exist_ok=True)
-                except FileNotFoundError:  # first level removed since the store opened
-                    parent.mkdir(parents=True, exist_ok=True)
+            parsed = parse_link(os.readlink(self.root / ".pending" / key))
+        except OSError:
+            return None
+        if parsed is None:
+            return None
+        name, segment, offset, length, dataset_offset = parsed
+        try:
+            with segment_path(self.root / ".journal", name, segment).open("rb") as fp:
+                body = os.pread(fp.fileno(), length, offset + HEADER_BYTES)
+        except OSError:
+            return None
+        if len(body) != length or hashlib.sha256(
+            memoryview(body)[dataset_offset:]
+        ).hexdigest() != key:
+            return None
+        return body
+
+    def _fanout(self, final: Path, *, track: bool = True) -> None:
+        """Make ``final``'s fan-out directory; with ``track``, note the directories
+        :meth:`sync` must make durable (without, a journal checkpoint does)."""
+        parent = final.parent
+        if not track and parent in self._made_dirs:
+            return
+        if parent not in self._known_dirs:
+            try:
+                parent.mkdir(exist_ok=True)
+            except FileNotFoundError:  # first level removed since the store opened
+                parent.mkdir(parents=True, exist_ok=True)
+                if track:
                     self._dirty(self.root)
-                # The fan-out directory must itself be a durable entry (made here, or by
-                # another process that may not have synced it yet).
+            # The fan-out directory must itself be a durable entry (made here, or by
+            # another process that may not have synced it yet).
+            if track:
                 self._dirty(parent.parent)
                 self._known_dirs.add(parent)
-            if final.exists():
+            else:
+                self._made_dirs.add(parent)
+
+    def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
+        final = self._path(key)
+        parent = final.parent
+        try:
+            self._fanout(final)
+            if _same_file(final, staged):
                 staged.unlink(missing_ok=True)
                 return False
             os.replace(staged, final)
@@ -176,6 +233,49 @@ class FileOriginalStore:
                 raise OutOfResourcesError("original store full or read-only") from exc
             raise
         return True
+
+    def write_final(self, key: str, body: bytes) -> bool:
+        """Write ``body`` (the whole Part-10 file) as the original of ``key``, without
+        any flush: it is in the original journal (storage/journal.py), whose checkpoint
+        makes it durable. Whether a file was created (False: this content was there).
+
+        The file is complete under a temporary name before it is renamed, so a reader
+        never sees part of it; a file already there is kept only if it is this content
+        (one left damaged by a crash before its journal record was whole is replaced).
+        """
+        final = self._path(key)
+        tmp = self._staging / f"{uuid.uuid4().hex}.final"
+        try:
+            self._fanout(final, track=False)
+            if _same_content(final, body):
+                return False
+            write_file(tmp, body)
+            os.replace(tmp, final)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise OutOfResourcesError("original store full or read-only") from exc
+            raise
+        return True
+
+    def write_out_pending(self) -> int:
+        """Write every original still only in an original journal as its ordinary
+        file (not durable: the journal's checkpoint does that), for a reader of the
+        directory tree such as a backup; how many."""
+        count = 0
+        try:
+            entries = list(os.scandir(self.root / ".pending"))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            key = entry.name
+            if _CONTENT_KEY.fullmatch(key) is None or self._path(key).exists():
+                continue
+            body = self._journaled(key)
+            if body is not None and self.write_final(key, body):
+                count += 1
+        return count
 
     def _dirty(self, *dirs: Path) -> None:
         if self.fsync:
@@ -206,16 +306,51 @@ class FileOriginalStore:
             raise OutOfResourcesError("cannot make originals durable") from exc
 
     def open(self, key: str) -> BinaryIO:
+        final = self._path(key)
         try:
-            return self.path(key).open("rb")
+            return final.open("rb")
+        except FileNotFoundError:
+            pass
+        body = self._journaled(key)
+        if body is not None:
+            return io.BytesIO(body)
+        try:  # written out from the journal meanwhile
+            return final.open("rb")
         except FileNotFoundError as exc:
             raise NotFoundError("original missing") from exc
 
     def exists(self, key: str) -> bool:
-        return self.path(key).exists()
+        return self._path(key).exists() or self._journaled(key) is not None
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        self._path(key).unlink(missing_ok=True)
+        # Not written out later either (the journal writes out only what the index
+        # still references; the link goes too, so readers stop finding it now).
+        with contextlib.suppress(OSError):
+            (self.root / ".pending" / key).unlink()
+
+
+def _same_content(path: Path, body: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``body``."""
+    try:
+        with path.open("rb") as fp:
+            if os.fstat(fp.fileno()).st_size != len(body):
+                return False
+            return fp.read() == body
+    except FileNotFoundError:
+        return False
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether ``path`` exists with the bytes of ``other`` (a re-sent instance: kept
+    only if whole; equal keys mean equal files, as the meta is written canonically)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size != other.stat().st_size:
+        return False
+    return _same_content(path, other.read_bytes())
 
 
 def staging_dir(settings: Settings, name: str = "") -> Path:

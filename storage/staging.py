@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import mmap
 import os
 import struct
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
@@ -35,6 +36,7 @@ __all__ = [
     "part10_prefix",
     "read_file_meta",
     "stage_part10",
+    "write_file",
 ]
 
 # pydicom's root (1.2.826.0.1.3680043.8.498) with our own suffix until pacslab has a root.
@@ -101,6 +103,21 @@ class StagedFile:
     head_complete: bool = False
     #: The data set's last 8 bytes (where encapsulated Pixel Data ends, PS3.5 A.4).
     tail: bytes = b""
+    #: The whole file, when it was kept in memory (``StagedWriter(in_memory=True)``):
+    #: then nothing is at ``path`` until :meth:`ensure_file` writes it there.
+    body: bytes | None = None
+
+    def ensure_file(self) -> Path:
+        """``path``, written from ``body`` first if the file is only in memory."""
+        if self.body is not None and not self.path.exists():
+            write_file(self.path, self.body)
+        return self.path
+
+    def open(self) -> BinaryIO:
+        """The whole Part-10 file, from memory or from ``path``."""
+        if self.body is not None:
+            return io.BytesIO(self.body)
+        return self.path.open("rb")
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -144,6 +161,87 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
+def _open_for_writing(path: Path, direct: bool = True) -> tuple[int, bool]:
+    """A new file at ``path``: with ``O_DIRECT`` where the file system allows it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    if not direct:
+        return os.open(path, flags, 0o644), False
+    try:
+        return os.open(path, flags | _O_DIRECT, 0o644), bool(_O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags, 0o644), False
+
+
+def _write_all(fd: int, buf: mmap.mmap, length: int, direct: bool) -> bool:
+    """Write ``buf[:length]``; whether direct I/O is still on (a file system may refuse it
+    only at the first write, and then the file carries on buffered)."""
+    out = memoryview(buf)[:length]
+    try:
+        written = 0
+        while written < length:
+            try:
+                written += os.write(fd, out[written:])
+            except OSError as exc:
+                if not (direct and exc.errno == errno.EINVAL and written == 0):
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                direct = False
+    finally:
+        out.release()
+    return direct
+
+
+def write_file(
+    path: Path, data: bytes | memoryview, *, fsync: bool = False, direct: bool = True
+) -> None:
+    """Write ``data`` as a new file at ``path`` the way :class:`StagedWriter` does
+    (direct I/O from a page-aligned buffer, the last block padded, then the file cut
+    to size); on failure nothing is left at ``path``."""
+    if not direct:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            if fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        os.close(fd)
+        return
+    fd, direct = _open_for_writing(path)
+    buf = _POOL.take()
+    try:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, _BUFFER)
+            buf[:n] = view[pos : pos + n]
+            length = n
+            if direct and n % _BLOCK:  # only the last piece: _BUFFER is whole blocks
+                length = -(-n // _BLOCK) * _BLOCK
+                buf[n:length] = bytes(length - n)
+            direct = _write_all(fd, buf, length, direct)
+            pos += n
+        os.ftruncate(fd, len(view))
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _POOL.give(buf)
+        raise
+    os.close(fd)
+    _POOL.give(buf)
+
+
 class StagedWriter:
     """Write one data set to ``staging/<random>.part`` fragment by fragment.
 
@@ -160,9 +258,19 @@ class StagedWriter:
     """
 
     def __init__(
-        self, staging: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+        self,
+        staging: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        *,
+        in_memory: bool = False,
     ) -> None:
         self._ids = (sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        # In memory: the file is created only if the data set outgrows one buffer, so an
+        # instance the archive journals (storage/journal.py) never touches staging.
+        self._in_memory = in_memory
+        self._direct = False
         self.path = staging / f"{uuid.uuid4().hex}.part"
         self._hash = hashlib.sha256()
         self._head = bytearray()
@@ -174,15 +282,8 @@ class StagedWriter:
         self._buf: mmap.mmap | None = None
         self._fill = 0
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            try:
-                self._fd = os.open(self.path, flags | _O_DIRECT, 0o644)
-                self._direct = bool(_O_DIRECT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._fd = os.open(self.path, flags, 0o644)
-                self._direct = False
+            if not in_memory:
+                self._fd, self._direct = _open_for_writing(self.path)
             self._buf = _POOL.take()
             self._put(prefix)
         except OSError as exc:
@@ -203,21 +304,10 @@ class StagedWriter:
                 self._fill = 0
 
     def _write_out(self, length: int) -> None:
-        assert self._fd is not None and self._buf is not None
-        view = memoryview(self._buf)[:length]
-        try:
-            written = 0
-            while written < length:
-                written += os.write(self._fd, view[written:])
-        except OSError as exc:
-            if not (self._direct and exc.errno == errno.EINVAL and written == 0):
-                raise
-            # The file system refused direct I/O after all: carry on buffered.
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            self._direct = False
-            os.write(self._fd, view)
-        finally:
-            view.release()
+        if self._fd is None:  # in memory until now
+            self._fd, self._direct = _open_for_writing(self.path)
+        assert self._buf is not None
+        self._direct = _write_all(self._fd, self._buf, length, self._direct)
 
     def write(self, data: bytes | memoryview) -> None:
         try:
@@ -267,9 +357,16 @@ class StagedWriter:
         self._size += len(data)
 
     def finish(self, *, fsync: bool = True) -> StagedFile:
-        assert self._fd is not None and self._buf is not None
+        assert self._buf is not None
+        body: bytes | None = None
+        if self._in_memory and self._fd is None:
+            body = self._buf[: self._fill]
+            self._fill = 0
         try:
+            if body is None and self._fd is None:
+                self._fd, self._direct = _open_for_writing(self.path)
             if self._fill:
+                assert self._fd is not None
                 if self._direct:  # whole blocks only: pad, then cut the file to size
                     padded = -(-self._fill // _BLOCK) * _BLOCK
                     self._buf[self._fill : padded] = bytes(padded - self._fill)
@@ -278,9 +375,10 @@ class StagedWriter:
                 else:
                     self._write_out(self._fill)
                 self._fill = 0
-            if fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
+            if self._fd is not None:
+                if fsync:
+                    os.fsync(self._fd)
+                os.close(self._fd)
         except OSError as exc:
             self.abort()
             raise _translate(exc) from exc
@@ -299,6 +397,7 @@ class StagedWriter:
             bytes(self._head),
             data_size <= HEAD_BYTES,
             self._tail,
+            body,
         )
 
     def _release(self) -> None:
@@ -356,7 +455,12 @@ class Readable(Protocol):
 
 
 def stage_part10(
-    staging: Path, fp: Readable, *, fsync: bool = True, chunk_size: int = 1 << 20
+    staging: Path,
+    fp: Readable,
+    *,
+    fsync: bool = True,
+    chunk_size: int = 1 << 20,
+    in_memory: bool = False,
 ) -> StagedFile:
     """Stage a Part-10 file read from ``fp`` (STOW-RS parts, files on disk).
 
@@ -384,6 +488,7 @@ def stage_part10(
         uid(0x0002, "MediaStorageSOPClassUID"),
         uid(0x0003, "MediaStorageSOPInstanceUID"),
         uid(0x0010, "TransferSyntaxUID"),
+        in_memory=in_memory,
     )
     try:
         writer.write(memoryview(head)[offset:])

@@ -87,8 +87,9 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             monkeypatch.delenv(key)
     # Authentication is off for the tests of other components; tests/security turns
     # it on explicitly (``Settings()`` itself defaults to on).
+    # A small original journal (storage/journal.py): its segments are zero-filled.
     made = Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"},
-                    auth={"enabled": False})
+                    auth={"enabled": False}, storage={"journal_mb": 16})
     # The default index starts as a copy of one migrated at the start of the session:
     # running the 11 migrations took 0.15-0.4 s of most tests' set-up (hundreds of
     # tests, minutes of the suite). Opening it still runs ``upgrade``, which finds it at

@@ -103,7 +103,9 @@ def env_for(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSLAB_")}
     env.update(PACSLAB_DATA_DIR=str(data_dir), PACSLAB_DICOM__PORT=str(free_port()),
                PACSLAB_HTTP__PORT=str(free_port()), PACSLAB_DICOM__HOST="127.0.0.1",
-               PACSLAB_HTTP__HOST="127.0.0.1")
+               PACSLAB_HTTP__HOST="127.0.0.1",
+               # A small original journal: its segments are zero-filled at start.
+               PACSLAB_STORAGE__JOURNAL_MB="16")
     return env
 
 

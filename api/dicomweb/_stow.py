@@ -117,11 +117,12 @@ class _Reader:
 def _check_study(staged: StagedFile, study_instance_uid: str) -> tuple[str, str]:
     """Study and Series Instance UID of a staged file; refuse another study (0xA900)."""
     try:
-        ds = dcmread(
-            staged.path,
-            stop_before_pixels=True,
-            specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
-        )
+        with staged.open() as fp:
+            ds = dcmread(
+                fp,
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID"],
+            )
         study = str(ds.get("StudyInstanceUID", "") or "")
         series = str(ds.get("SeriesInstanceUID", "") or "")
     except Exception as exc:  # the Archive reports unreadable files itself
@@ -177,7 +178,12 @@ def _store_part(
 ) -> None:
     try:
         # Archive.accept fsyncs the staged file itself (when configured to).
-        staged = stage_part10(archive.staging_dir(), _Reader(buf, start, end), fsync=False)
+        staged = stage_part10(
+            archive.staging_dir(),
+            _Reader(buf, start, end),
+            fsync=False,
+            in_memory=archive.in_memory_staging,
+        )
     except ServiceError as exc:
         result.failed.append(("", "", exc.dimse_status))
         return

@@ -484,6 +484,7 @@ class FastAssociation:
         on_refused: Callable[[str, str, tuple[int, int, int]], None] | None = None,
         on_request: RequestCallback | None = None,
         on_closed: Callable[[], None] | None = None,
+        in_memory: bool = False,
     ) -> None:
         self.on_request = on_request
         #: Called once the association is over (released, aborted or dropped), in its
@@ -504,6 +505,9 @@ class FastAssociation:
         self.accepted: dict[int, tuple[str, str]] = {}
         self.stored = 0
         self._staging = staging
+        #: Keep instances in memory rather than staging them as files (the archive
+        #: journals them: storage/journal.py).
+        self.in_memory = in_memory
 
     # -- association establishment (PS3.8 9.3.2-9.3.4) ---------------------------
 
@@ -677,7 +681,11 @@ class FastAssociation:
         _abstract, ts = self.accepted[context_id]
         try:
             return StagedWriter(
-                self._staging, command.affected_sop_class_uid, command.affected_sop_instance_uid, ts
+                self._staging,
+                command.affected_sop_class_uid,
+                command.affected_sop_instance_uid,
+                ts,
+                in_memory=self.in_memory,
             )
         except ServiceError as exc:
             logger.error("cannot stage incoming instance: %s", exc.title)

@@ -61,7 +61,12 @@ def handle_store(event: Event, service: IngestService) -> int | Dataset:
     """
     try:
         with open(event.dataset_path, "rb") as src:
-            staged = stage_part10(service.archive.staging_dir(), src, fsync=False)
+            staged = stage_part10(
+                service.archive.staging_dir(),
+                src,
+                fsync=False,
+                in_memory=service.archive.in_memory_staging,
+            )
         service.accept_instance(staged, calling_ae=event.assoc.requestor.ae_title)
     except ServiceError as exc:
         return status_dataset(exc.dimse_status, _comment(exc))

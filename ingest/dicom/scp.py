@@ -400,6 +400,7 @@ class DicomReceiver:
                 on_refused=self._refused,
                 on_request=self.plain_requests,
                 on_closed=self.service.association_ended,
+                in_memory=self.service.archive.in_memory_staging,
             ).run(plan)
             return
         calling_ae = plan.calling_ae if plan is not None else ""

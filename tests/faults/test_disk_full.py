@@ -94,7 +94,10 @@ def full_dir(tmp_path: Path) -> Iterator[Path]:
 class TestTmpfsFull:
     @pytest.fixture
     def settings(self, tmp_path: Path, full_dir: Path) -> Settings:
-        return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"})
+        # No original journal: a 2 MB file system has no room for one, and this is the
+        # file path's test (tests/storage/test_journal.py fills the disk under one).
+        return Settings(data_dir=tmp_path / "data", dicom={"port": 0, "host": "127.0.0.1"},
+                        storage={"journal_mb": 0})
 
     def test_tmpfs_full_then_freed(self, receiver: Receiver, full_dir: Path,
                                    tmp_path: Path) -> None:
@@ -114,6 +117,13 @@ class TestTmpfsFull:
 
 
 class TestSimulatedEnospc:
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        # The file path's test: instances kept in memory for the original journal are
+        # never staged (tests/storage/test_journal.py fills the disk under a journal).
+        settings.storage.journal_mb = 0
+        return settings
+
     def test_enospc_injected_into_staged_writes(self, receiver: Receiver, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
         files = write_ct_series(tmp_path / "ct", slices=35, rows=32, columns=32)

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from core.settings import Settings
 from core.synthetic import write_ct_series
 from tests.support import Receiver, run_dcmtk, storescu_responses
 
@@ -288,9 +289,15 @@ def test_calling_ae_not_allowed_is_rejected(
 
 
 def test_disk_full_answers_a700_and_leaves_nothing(
-    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     from storage.staging import StagedWriter
+
+    # Staged writes are the file path's: no original journal (whose segments are
+    # allocated ahead; tests/storage/test_journal.py fills the disk under one).
+    settings.storage.journal_mb = 0
+    receiver: Receiver = request.getfixturevalue("receiver")
 
     def full(self: StagedWriter, length: int) -> None:
         # Where the bytes leave for the file: fails like a full file system.

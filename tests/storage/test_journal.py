@@ -1,0 +1,264 @@
+"""The original journal (storage/journal.py; issue 19): instances made durable in a
+zero-filled segment, readable at once, written out as ordinary files when idle, and
+after a crash by the next process; never an original the index does not reference.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete
+
+from core.errors import NotFoundError
+from core.settings import IndexSettings
+from core.synthetic import write_ct_series
+from storage.archive import Archive, open_journal
+from storage.index.schema import instances
+from storage.index.sql import SqlIndex
+from storage.journal import OriginalJournal, read_records, segment_path
+from storage.originals import FileOriginalStore
+from storage.staging import StagedFile, StagedWriter, stage_part10
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[SqlIndex]:
+    idx = SqlIndex(IndexSettings(url=f"sqlite:///{tmp_path / 'index.db'}", migrate=True))
+    yield idx
+    idx.close()
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> list[Path]:
+    return write_ct_series(tmp_path / "ct", slices=6, rows=64, columns=64)
+
+
+def _archive(tmp_path: Path, index: SqlIndex, *, mb: int = 8) -> Archive:
+    originals = FileOriginalStore(tmp_path / "originals")
+    journal = open_journal(originals, index, "test", mb << 20, background=False)
+    return Archive(originals, index, quarantine=tmp_path / "q", journal=journal)
+
+
+def _stage(archive: Archive, path: Path) -> StagedFile:
+    with path.open("rb") as fp:
+        return stage_part10(archive.staging_dir(), fp, fsync=False, in_memory=True)
+
+
+def _journal(archive: Archive) -> OriginalJournal:
+    assert archive.journal is not None
+    return archive.journal
+
+
+def _dcm_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*.dcm") if ".staging" not in p.parts]
+
+
+def test_in_memory_writer_keeps_the_bytes_a_staged_file_has(tmp_path: Path,
+                                                            files: list[Path]) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with files[0].open("rb") as fp:
+        on_disk = stage_part10(staging, fp, fsync=False)
+    with files[0].open("rb") as fp:
+        in_memory = stage_part10(staging, fp, fsync=False, in_memory=True)
+    assert not in_memory.path.exists()
+    assert in_memory.body == on_disk.path.read_bytes()
+    assert (in_memory.key, in_memory.size, in_memory.head, in_memory.tail) == (
+        on_disk.key, on_disk.size, on_disk.head, on_disk.tail)
+    assert in_memory.ensure_file().read_bytes() == in_memory.body
+
+
+def test_in_memory_writer_spills_to_a_file_past_one_buffer(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    writer = StagedWriter(staging, "1.2.840.10008.5.1.4.1.1.7", "1.2.3", "1.2.840.10008.1.2.1",
+                          in_memory=True)
+    data = os.urandom(3 << 20)
+    writer.write(data)
+    staged = writer.finish(fsync=False)
+    assert staged.body is None
+    assert staged.path.read_bytes()[staged.dataset_offset:] == data
+    assert staged.key == hashlib.sha256(data).hexdigest()
+
+
+def test_journaled_instance_is_readable_at_once_and_a_file_once_idle(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    try:
+        staged = [_stage(archive, f) for f in files]
+        accepted = [archive.accept(s) for s in staged]
+        originals = archive.originals
+        assert _dcm_files(tmp_path / "originals") == []  # nothing but the journal yet
+        for st, acc in zip(staged, accepted, strict=True):
+            with originals.open(acc.key) as fp:
+                assert fp.read() == st.body
+            assert originals.exists(acc.key)
+        # A caller that needs a file (SimpleITK, storescu) gets one.
+        first = originals.path(accepted[0].key)
+        assert first.is_file()
+        with originals.open(accepted[0].key) as fp:
+            assert first.read_bytes() == fp.read()
+
+        written = _journal(archive).checkpoint()
+        assert written == len(files)
+        assert len(_dcm_files(tmp_path / "originals")) == len(files)
+        assert list((tmp_path / "originals" / ".pending").iterdir()) == []
+        for st in staged:
+            assert originals.path(st.key).read_bytes() == st.body
+    finally:
+        archive.close()
+
+
+def test_records_the_index_does_not_reference_are_never_written_out(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    try:
+        kept = archive.accept(_stage(archive, files[0]))
+        # Journaled and made durable, but never indexed (the index failed, or a crash
+        # came before the row): not an original.
+        orphan = _stage(archive, files[1])
+        assert orphan.body is not None
+        ticket = journal.append(orphan.key, orphan.body, orphan.dataset_offset)
+        assert ticket is not None
+        journal.sync(ticket)
+        journal.done(ticket)
+        # Deleted while still journaled (as retention does: the rows, then the original
+        # no row references): not written out either, and gone at once.
+        deleted = archive.accept(_stage(archive, files[2]))
+        with index.engine.begin() as conn:
+            conn.execute(delete(instances).where(instances.c.blob_key == deleted.key))
+        archive.originals.delete(deleted.key)
+        with pytest.raises(NotFoundError):
+            archive.originals.open(deleted.key)
+
+        journal.checkpoint()
+        names = {p.stem for p in _dcm_files(tmp_path / "originals")}
+        assert names == {kept.key}
+    finally:
+        archive.close()
+
+
+def test_a_crashed_process_journal_is_written_out_by_the_next(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    accepted = [archive.accept(_stage(archive, f)) for f in files]
+    journal = _journal(archive)
+    crashed = journal.directory
+    # A crash: the process is gone (its lock with it), nothing was written out.
+    for fd in journal._fds:
+        if fd is not None:
+            os.close(fd)
+    journal._fds = [None] * len(journal._fds)
+    assert journal._lock_fd is not None
+    os.close(journal._lock_fd)
+    journal._lock_fd = None
+    journal._closed = True
+    assert _dcm_files(tmp_path / "originals") == []
+
+    again = _archive(tmp_path, index)
+    try:
+        assert _journal(again).directory == crashed  # taken over, segments reused
+        assert len(_dcm_files(tmp_path / "originals")) == len(files)
+        assert list((tmp_path / "originals" / ".pending").iterdir()) == []
+        for acc in accepted:
+            assert archive.originals.path(acc.key).is_file()
+    finally:
+        again.close()
+
+
+def test_a_clean_stop_leaves_files_and_a_journal_not_read_again(
+    tmp_path: Path, index: SqlIndex, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _archive(tmp_path, index)
+    accepted = archive.accept(_stage(archive, files[0]))
+    archive.close()
+    assert archive.originals.path(accepted.key).is_file()
+    assert (_journal(archive).directory / "clean").exists()
+    assert not list(_journal(archive).directory.glob("seg-*"))  # disk given back
+
+    import storage.journal as journal_module
+
+    def no_scan(*args: object, **kwargs: object) -> Iterator[object]:
+        raise AssertionError("a clean journal is not read again")
+
+    monkeypatch.setattr(journal_module, "read_records", no_scan)
+    again = _archive(tmp_path, index)
+    try:
+        assert not (_journal(again).directory / "clean").exists()  # in use again
+    finally:
+        monkeypatch.undo()
+        again.close()
+
+
+def test_torn_records_are_skipped(tmp_path: Path, index: SqlIndex, files: list[Path]) -> None:
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    try:
+        good = archive.accept(_stage(archive, files[0]))
+        torn = archive.accept(_stage(archive, files[1]))
+        seg = segment_path(journal.journals, journal.name, 0)
+        data = bytearray(seg.read_bytes())
+        second = data.index(bytes.fromhex(torn.key)) - 4  # its header
+        data[second + 64 + 500] ^= 0xFF  # a byte of the data set
+        seg.write_bytes(bytes(data))
+        assert [r.key for r in read_records(seg)] == [good.key]
+        # The reader sees the damage too, and does not serve it.
+        with pytest.raises(NotFoundError):
+            archive.originals.open(torn.key)
+    finally:
+        archive.close()
+
+
+def test_a_full_journal_declines_and_the_file_path_takes_over(
+    tmp_path: Path, index: SqlIndex
+) -> None:
+    big = write_ct_series(tmp_path / "big", slices=8, rows=256, columns=256)  # ~130 KiB
+    archive = _archive(tmp_path, index, mb=1)  # eight segments of 1 MiB: 7 each
+    journal = _journal(archive)
+    journal.idle_s = 3600  # no write-out during the test
+    try:
+        for f in big:
+            archive.accept(_stage(archive, f))
+        staged = [_stage(archive, f)
+                  for f in write_ct_series(tmp_path / "more", slices=60, rows=256, columns=256)]
+        accepted = [archive.accept(s) for s in staged]
+        on_disk = {p.stem for p in _dcm_files(tmp_path / "originals")}
+        assert on_disk  # some took the file path, at once
+        assert all(archive.originals.exists(a.key) for a in accepted)
+    finally:
+        archive.close()
+    assert len(_dcm_files(tmp_path / "originals")) == 68
+
+
+def test_a_full_disk_keeps_records_journaled_until_space_returns(
+    tmp_path: Path, index: SqlIndex, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    journal.idle_s = 3600
+    try:
+        accepted = [archive.accept(_stage(archive, f)) for f in files[:3]]
+        real = FileOriginalStore.write_final
+
+        def full(self: FileOriginalStore, key: str, body: bytes) -> bool:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(FileOriginalStore, "write_final", full)
+        with pytest.raises(OSError):
+            journal.checkpoint()
+        for acc in accepted:  # acknowledged, still there
+            with archive.originals.open(acc.key) as fp:
+                assert fp.read()
+        monkeypatch.setattr(FileOriginalStore, "write_final", real)
+        assert journal.checkpoint() == 3
+        assert len(_dcm_files(tmp_path / "originals")) == 3
+    finally:
+        archive.close()
