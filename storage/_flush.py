@@ -10,10 +10,21 @@ after its call has succeeded.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["SharedFlush"]
+__all__ = ["SharedFlush", "fsync_dir"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SharedFlush:

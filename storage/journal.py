@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from storage._flush import SharedFlush
+from storage._flush import SharedFlush, fsync_dir
 
 __all__ = [
     "HEADER_BYTES",
@@ -181,18 +181,10 @@ def segment_path(journals: Path, name: str, segment: int) -> Path:
     return journals / name / f"seg-{segment:03d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _mark_clean(directory: Path) -> None:
     """Everything ``directory`` holds is written out and durable (a clean stop)."""
     (directory / "clean").touch()
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 class _Stopped(Exception):
@@ -264,7 +256,7 @@ class OriginalJournal:
         clean = self.directory / "clean"
         if clean.exists():
             clean.unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return count
 
     def _recover(self, directory: Path) -> int:
@@ -365,7 +357,7 @@ class OriginalJournal:
             os.close(fd)
             zeros.close()
         os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def start(self, *, prepare: bool = True) -> None:
         """Write out idle segments, and (``prepare``) make the segments, in background

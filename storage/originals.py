@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
-from storage._flush import SharedFlush
+from storage._flush import SharedFlush, fsync_dir
 from storage.abc import OriginalStore
 from storage.journal import HEADER_BYTES, parse_link, segment_path
 from storage.staging import write_file
@@ -54,14 +54,6 @@ __all__ = [
     "open_originals",
     "staging_dir",
 ]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _FANOUT = [f"{i:02x}" for i in range(256)]

@@ -161,11 +161,9 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
-def _open_for_writing(path: Path, direct: bool = True) -> tuple[int, bool]:
+def _open_for_writing(path: Path) -> tuple[int, bool]:
     """A new file at ``path``: with ``O_DIRECT`` where the file system allows it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    if not direct:
-        return os.open(path, flags, 0o644), False
     try:
         return os.open(path, flags | _O_DIRECT, 0o644), bool(_O_DIRECT)
     except OSError as exc:
@@ -193,28 +191,10 @@ def _write_all(fd: int, buf: mmap.mmap, length: int, direct: bool) -> bool:
     return direct
 
 
-def write_file(
-    path: Path, data: bytes | memoryview, *, fsync: bool = False, direct: bool = True
-) -> None:
+def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> None:
     """Write ``data`` as a new file at ``path`` the way :class:`StagedWriter` does
     (direct I/O from a page-aligned buffer, the last block padded, then the file cut
     to size); on failure nothing is left at ``path``."""
-    if not direct:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
-            if fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
-        os.close(fd)
-        return
     fd, direct = _open_for_writing(path)
     buf = _POOL.take()
     try:

@@ -172,7 +172,7 @@ def test_c_store_is_one_entry_per_association_and_study(
     from pydicom.uid import generate_uid
 
     from core.synthetic import write_ct_series
-    from tests.support import run_dcmtk
+    from tests.support import run_dcmtk, wait_until
 
     paths = write_ct_series(tmp_path / "ct", slices=5, rows=32, columns=32)
     study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
@@ -186,6 +186,9 @@ def test_c_store_is_one_entry_per_association_and_study(
                        nodelay=True)
     assert result.returncode == 0, result.stderr
     service = receiver.service
+    # storescu may exit on the A-RELEASE-RP before the receiver has closed its end and
+    # written the association's entries: wait for them (not for longer than needed).
+    wait_until(lambda: len(_store_entries(service)) >= 2, message="no entries at release")
     associated = _store_entries(service)
     assert len(associated) == 2
     by_study = {e.resource: e for e in associated}
@@ -209,6 +212,7 @@ def test_c_store_is_one_entry_per_association_and_study(
     bad.save_as(tmp_path / "bad" / "short.dcm", enforce_file_format=True)
     run_dcmtk(["storescu", "-aet", "CT_ROOM_1", "+sd", "127.0.0.1", str(receiver.port),
                str(tmp_path / "ct"), str(tmp_path / "bad")], nodelay=True)
+    wait_until(lambda: len(_store_entries(service)) >= 4, message="no entries at release")
     later = _store_entries(service)
     assert later[:2] == associated
     by_resource = {e.resource: e for e in later[2:]}
