@@ -497,6 +497,8 @@ class OriginalJournal:
             while any(self._inflight[seg] for seg in segments):
                 self._cond.wait()
             ends = {seg: self._fill[seg] for seg in segments}
+        if not segments:
+            return 0  # (no syncfs: a stop with nothing journaled stays instant)
         count = 0
         for seg in segments:
             records = list(read_records(segment_path(self.journals, self.name, seg), ends[seg]))
