@@ -39,7 +39,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -123,10 +122,6 @@ class _DatasetReader:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
         return os.pread(self._fd, n, self._base + offset)
-
-
-def _nothing() -> None:
-    pass
 
 
 def open_journal(
@@ -410,14 +405,9 @@ class Archive:
         except OSError:
             staged.discard()
             raise
-        done: Callable[[], None]
-        if ticket is not None and self.journal is not None:
+        if ticket is not None:
             created = self._journaled(staged, ticket)
-            # Given back once the index has decided: the journal writes out only what
-            # the index references, so it must not look at this record before then.
-            done = partial(self.journal.done, ticket)
         else:
-            done = _nothing
             created = self.originals.commit(staged.path, staged.key, defer_sync=True)
         item = NewInstance(
             record=record,
@@ -445,7 +435,10 @@ class Archive:
                     self._undo_blob(staged.key)
                 raise RejectedInstanceError(f"rejected before (code {outcome.reason})")
         finally:
-            done()
+            # Given back once the index has decided: the journal writes out only what
+            # the index references, so it must not look at this record before then.
+            if ticket is not None and self.journal is not None:
+                self.journal.done(ticket)
         for then in after:
             then()
         if outcome.status == "replaced":

@@ -135,7 +135,8 @@ def read_records(path: Path, end: int | None = None) -> Iterator[JournalRecord]:
     data set's SHA-256 equal to the key (a record torn by a crash fails one or the
     other; what a reused segment still holds of its last round is whole, and harmless)."""
     with path.open("rb") as fp:
-        size = os.fstat(fp.fileno()).st_size if end is None else end
+        file_size = os.fstat(fp.fileno()).st_size
+        size = file_size if end is None else end
         offset = 0
         while offset + HEADER_BYTES <= size:
             fp.seek(offset)
@@ -145,7 +146,7 @@ def read_records(path: Path, end: int | None = None) -> Iterator[JournalRecord]:
                 magic == _MAGIC
                 and crc == zlib.crc32(head[:-4])
                 and data_off <= length
-                and offset + HEADER_BYTES + length <= os.fstat(fp.fileno()).st_size
+                and offset + HEADER_BYTES + length <= file_size
             ):
                 offset += _ALIGN
                 continue
@@ -269,13 +270,15 @@ class OriginalJournal:
             records = list(read_records(seg))
             self._write_out(records)
             count += len(records)
-        syncfs(self.journals)
-        self._drop_links(directory.name)
-        if count:
+        if count:  # (no syncfs at every start for a journal that held nothing)
+            syncfs(self.journals)
             logger.warning("wrote out %d journaled originals after a stop", count)
+        self._drop_links(directory.name)
         return count
 
     def _adopt(self, directory: Path) -> int:
+        if (directory / "clean").exists():
+            return 0  # stopped cleanly (or just taken by a process that will remove it)
         try:
             fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

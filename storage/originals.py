@@ -34,6 +34,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -176,6 +177,9 @@ class FileOriginalStore:
         name, segment, offset, length, dataset_offset = parsed
         try:
             with segment_path(self.root / ".journal", name, segment).open("rb") as fp:
+                # (a link naming more than the segment holds is not ours to allocate for)
+                if offset + HEADER_BYTES + length > os.fstat(fp.fileno()).st_size:
+                    return None
                 body = os.pread(fp.fileno(), length, offset + HEADER_BYTES)
         except OSError:
             return None
@@ -209,7 +213,7 @@ class FileOriginalStore:
     def commit(self, staged: Path, key: str, *, defer_sync: bool = False) -> bool:
         final = self._path(key)
         parent = final.parent
-        try:
+        with _publishing(staged):
             self._fanout(final)
             if _same_file(final, staged):
                 staged.unlink(missing_ok=True)
@@ -218,12 +222,6 @@ class FileOriginalStore:
             self._dirty(parent)
             if not defer_sync:
                 self.sync()
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                staged.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise OutOfResourcesError("original store full or read-only") from exc
-            raise
         return True
 
     def write_final(self, key: str, body: bytes) -> bool:
@@ -237,18 +235,12 @@ class FileOriginalStore:
         """
         final = self._path(key)
         tmp = self._staging / f"{uuid.uuid4().hex}.final"
-        try:
+        with _publishing(tmp):
             self._fanout(final, track=False)
             if _same_content(final, body):
                 return False
             write_file(tmp, body)
             os.replace(tmp, final)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise OutOfResourcesError("original store full or read-only") from exc
-            raise
         return True
 
     def write_out_pending(self) -> int:
@@ -320,6 +312,20 @@ class FileOriginalStore:
         # still references; the link goes too, so readers stop finding it now).
         with contextlib.suppress(OSError):
             (self.root / ".pending" / key).unlink()
+
+
+@contextlib.contextmanager
+def _publishing(source: Path) -> Iterator[None]:
+    """Publishing ``source`` as an original: if that fails, ``source`` is removed, and a
+    full or read-only file system is :class:`OutOfResourcesError` (DIMSE 0xA700)."""
+    try:
+        yield
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            source.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise OutOfResourcesError("original store full or read-only") from exc
+        raise
 
 
 def _same_content(path: Path, body: bytes) -> bool:

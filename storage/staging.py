@@ -191,6 +191,14 @@ def _write_all(fd: int, buf: mmap.mmap, length: int, direct: bool) -> bool:
     return direct
 
 
+def _padded(buf: mmap.mmap, n: int, direct: bool) -> int:
+    """How much of ``buf`` to write for its first ``n`` bytes: under direct I/O whole
+    blocks, the rest of the last one zeroed (the caller then cuts the file to size)."""
+    length = -(-n // _BLOCK) * _BLOCK if direct else n
+    buf[n:length] = bytes(length - n)
+    return length
+
+
 def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> None:
     """Write ``data`` as a new file at ``path`` the way :class:`StagedWriter` does
     (direct I/O from a page-aligned buffer, the last block padded, then the file cut
@@ -201,13 +209,9 @@ def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> 
         view = memoryview(data)
         pos = 0
         while pos < len(view):
-            n = min(len(view) - pos, _BUFFER)
+            n = min(len(view) - pos, _BUFFER)  # (padding only the last: whole blocks)
             buf[:n] = view[pos : pos + n]
-            length = n
-            if direct and n % _BLOCK:  # only the last piece: _BUFFER is whole blocks
-                length = -(-n // _BLOCK) * _BLOCK
-                buf[n:length] = bytes(length - n)
-            direct = _write_all(fd, buf, length, direct)
+            direct = _write_all(fd, buf, _padded(buf, n, direct), direct)
             pos += n
         os.ftruncate(fd, len(view))
         if fsync:
@@ -347,13 +351,10 @@ class StagedWriter:
                 self._fd, self._direct = _open_for_writing(self.path)
             if self._fill:
                 assert self._fd is not None
-                if self._direct:  # whole blocks only: pad, then cut the file to size
-                    padded = -(-self._fill // _BLOCK) * _BLOCK
-                    self._buf[self._fill : padded] = bytes(padded - self._fill)
-                    self._write_out(padded)
+                padded = self._direct  # whole blocks only: pad, then cut the file to size
+                self._write_out(_padded(self._buf, self._fill, self._direct))
+                if padded:
                     os.ftruncate(self._fd, self._size)
-                else:
-                    self._write_out(self._fill)
                 self._fill = 0
             if self._fd is not None:
                 if fsync:

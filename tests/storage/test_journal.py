@@ -20,7 +20,7 @@ from core.synthetic import write_ct_series
 from storage.archive import Archive, open_journal
 from storage.index.schema import instances
 from storage.index.sql import SqlIndex
-from storage.journal import OriginalJournal, read_records, segment_path
+from storage.journal import OriginalJournal, parse_link, read_records, segment_path
 from storage.originals import FileOriginalStore
 from storage.staging import StagedFile, StagedWriter, stage_part10
 
@@ -260,5 +260,22 @@ def test_a_full_disk_keeps_records_journaled_until_space_returns(
         monkeypatch.setattr(FileOriginalStore, "write_final", real)
         assert journal.checkpoint() == 3
         assert len(_dcm_files(tmp_path / "originals")) == 3
+    finally:
+        archive.close()
+
+
+def test_a_pending_link_naming_more_than_its_segment_is_not_read(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    try:
+        acc = archive.accept(_stage(archive, files[0]))
+        link = tmp_path / "originals" / ".pending" / acc.key
+        name, segment, offset, _length, dataset_offset = parse_link(os.readlink(link)) or (
+            "", 0, 0, 0, 0)
+        link.unlink()
+        link.symlink_to(f"{name}/{segment}:{offset}:{1 << 40}:{dataset_offset}")
+        with pytest.raises(NotFoundError):  # neither read nor allocated for
+            archive.originals.open(acc.key)
     finally:
         archive.close()
