@@ -55,6 +55,8 @@ def build_archive(
     archive.hooks.append(
         RejectionService(idx, archive.originals, audit=audit, retention=settings.retention)
     )
+    # Taken (and what a crash left in it replayed) only now: a replay runs the hooks.
+    archive.open_journal()
     return archive
 
 

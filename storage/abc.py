@@ -36,6 +36,10 @@ class NewInstance:
     received_at: datetime
     metadata_json: str = "{}"
     correlation_id: str = ""
+    #: ``(journal id, sequence number)`` of its original journal record
+    #: (storage/journal.py): kept with the row, so that a commit a power cut undid is
+    #: replayed from the record, and only then.
+    journal_mark: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,15 @@ class MetadataIndex(Protocol):
     def sync_instances(self) -> None:
         """Make every ``add_instances(sync=False)`` committed before this call durable
         (OutOfResourcesError if it cannot)."""
+        ...
+
+    def journal_marks(self, journal: str) -> set[int]:
+        """The sequence numbers of ``journal``'s records indexed so far
+        (``NewInstance.journal_mark``)."""
+        ...
+
+    def forget_journal_marks(self, journal: str, upto: int | None = None) -> None:
+        """Drop ``journal``'s marks below ``upto`` (all when None)."""
         ...
 
     def get_instance(self, sop_instance_uid: str) -> StoredInstance:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import logging
 import os
@@ -72,9 +73,9 @@ from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
 from storage.journal import JournalRecord, OriginalJournal, Ticket
 from storage.originals import FileOriginalStore
-from storage.staging import StagedFile, StagedWriter
+from storage.staging import StagedFile, StagedWriter, stage_part10
 
-__all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data", "open_journal"]
+__all__ = ["AcceptHook", "Accepted", "Archive", "check_pixel_data", "make_journal"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,36 +125,22 @@ class _DatasetReader:
         return os.pread(self._fd, n, self._base + offset)
 
 
-def open_journal(
-    originals: FileOriginalStore,
-    index: MetadataIndex,
-    base: str,
-    total_bytes: int,
-    *,
-    background: bool = True,
-) -> OriginalJournal:
-    """An original journal (storage/journal.py) for this process under ``originals``:
-    taken, what stopped processes left in theirs written out, its segments being
-    prepared in the background (or before this returns, without ``background``).
-    Eight segments of ``total_bytes / 8``."""
-
-    def write_out(records: list[JournalRecord]) -> None:
-        for record in records:
-            # Only what the index references: never acknowledged (or deleted since)
-            # is not an original.
-            if index.blob_referenced(record.key):
-                originals.write_final(record.key, record.body)
-
+def make_journal(originals: FileOriginalStore, base: str, total_bytes: int) -> OriginalJournal:
+    """An original journal (storage/journal.py) for this process under ``originals``,
+    not opened yet (:meth:`Archive.open_journal`): eight segments of ``total_bytes / 8``."""
     segments = 8
-    journal = OriginalJournal(
+    return OriginalJournal(
         originals.root, base, segment_bytes=max(1 << 20, total_bytes // segments),
-        segments=segments, write_out=write_out,
+        segments=segments,
     )
-    journal.open()
-    if not background:
-        journal.prepare()
-    journal.start(prepare=background)
-    return journal
+
+
+def _arrival(calling_ae: str, received: datetime) -> bytes:
+    """What a journal record keeps of an instance's arrival, for a replay."""
+    return json.dumps(
+        {"ae": calling_ae[:64], "at": received.isoformat(), "cid": correlation_id.get()[:128]},
+        separators=(",", ":"),
+    ).encode()
 
 
 #: Uncompressed encodings (PS3.5 A.1-A.3, A.5): pydicom's list.
@@ -290,7 +277,9 @@ class _GroupCommit:
                 self._busy = False
         if successor is not None:
             successor.event.set()
-        if committed:
+        # Journaled instances only: their marks make the commit recoverable from the
+        # journal, whose records are durable already (storage/journal.py).
+        if committed and not all(w.item.journal_mark for w in batch):
             try:
                 self.index.sync_instances()
             except BaseException as exc:  # committed, not known durable: not "stored"
@@ -316,8 +305,11 @@ class Archive:
         max_inflate_ratio: int = 200,
         journal: OriginalJournal | None = None,
     ) -> None:
-        #: Where instances received in memory are made durable first (storage/journal.py).
+        #: Where instances received in memory are made durable first (storage/journal.py);
+        #: taken and recovered by :meth:`open_journal`, once the hooks are registered.
         self.journal = journal
+        if journal is not None:
+            journal.owner = self
         self.max_inflated_bytes = max_inflated_bytes
         self.max_inflate_ratio = max_inflate_ratio
         self.originals = originals
@@ -349,8 +341,8 @@ class Archive:
             and settings.storage.journal_mb > 0
             and isinstance(originals, FileOriginalStore)
         ):
-            original_journal = open_journal(
-                originals, index, staging_name or "local", settings.storage.journal_mb << 20
+            original_journal = make_journal(
+                originals, staging_name or "local", settings.storage.journal_mb << 20
             )
         return cls(
             originals,
@@ -362,6 +354,60 @@ class Archive:
             journal=original_journal,
         )
 
+    def open_journal(self, *, background: bool = True) -> None:
+        """Take this process's original journal: what it and the journals of stopped
+        processes hold is replayed or written out (storage/journal.py), then its
+        segments are prepared in the background (or before this returns). Called by the
+        composition root once the hooks are registered: a replay runs them."""
+        if self.journal is None:
+            return
+        self.journal.open()
+        if not background:
+            self.journal.prepare()
+        self.journal.start(prepare=background)
+
+    # -- the journal's owner (storage.journal.JournalOwner) ---------------------------
+
+    def write_out(self, records: list[JournalRecord]) -> None:
+        originals = self.originals
+        assert isinstance(originals, FileOriginalStore)
+        for record in records:
+            # Only what the index references: never acknowledged (or deleted since)
+            # is not an original.
+            if self.index.blob_referenced(record.key):
+                originals.write_final(record.key, record.body)
+
+    def replay(self, records: list[JournalRecord]) -> None:
+        """Accept ``records`` again, as they arrived (their calling AE title, time and
+        correlation id), through the file path: the journal is not taking records yet.
+        A refusal is what it would have been on arrival (logged, quarantined)."""
+        for record in records:
+            meta = record.meta
+            try:
+                received = datetime.fromisoformat(meta.get("at", ""))
+            except ValueError:
+                received = datetime.now(UTC)
+            token = correlation_id.set(meta.get("cid", "-"))
+            try:
+                staged = stage_part10(self.staging_dir(), io.BytesIO(record.body),
+                                      fsync=False, in_memory=True)
+                self.accept(staged, calling_ae=meta.get("ae", ""), check_request_uids=False,
+                            received_at=received)
+            except ServiceError as exc:
+                logger.warning("journaled original %s refused on replay: %s",
+                               record.key[:12], exc)
+            finally:
+                correlation_id.reset(token)
+
+    def marked(self, journal: str) -> set[int]:
+        return self.index.journal_marks(journal)
+
+    def forget(self, journal: str, upto: int | None) -> None:
+        self.index.forget_journal_marks(journal, upto)
+
+    def sync(self) -> None:
+        self.index.sync_instances()
+
     @property
     def in_memory_staging(self) -> bool:
         """Whether receivers should keep instances in memory (:class:`StagedWriter`
@@ -372,7 +418,12 @@ class Archive:
         return self.originals.staging_dir()
 
     def accept(
-        self, staged: StagedFile, *, calling_ae: str = "", check_request_uids: bool = True
+        self,
+        staged: StagedFile,
+        *,
+        calling_ae: str = "",
+        check_request_uids: bool = True,
+        received_at: datetime | None = None,
     ) -> Accepted:
         """Make a staged file durable and indexed, or quarantine it and raise.
 
@@ -384,6 +435,7 @@ class Archive:
         """
         after: list[Callable[[], None]] = []
         ticket: Ticket | None = None
+        received = received_at or datetime.now(UTC)
         try:
             record = self._read(staged, check_request_uids)
             for hook in self.hooks:
@@ -394,7 +446,10 @@ class Archive:
                 if then is not None:
                     after.append(then)
             if self.journal is not None and staged.body is not None:
-                ticket = self.journal.append(staged.key, staged.body, staged.dataset_offset)
+                ticket = self.journal.append(
+                    staged.key, staged.body, staged.dataset_offset,
+                    _arrival(calling_ae, received),
+                )
             if ticket is None:
                 staged.ensure_file()
                 if self.fsync:
@@ -414,8 +469,13 @@ class Archive:
             blob_key=staged.key,
             size=staged.size,
             calling_ae=calling_ae,
-            received_at=datetime.now(UTC),
+            received_at=received,
             correlation_id=correlation_id.get(),
+            # A journaled instance's commit needs no flush of its own (storage/journal.py).
+            journal_mark=(
+                (self.journal.id, ticket.seq)
+                if ticket is not None and self.journal is not None else None
+            ),
         )
         try:
             try:

@@ -15,8 +15,9 @@ ordinary files once the receiver is idle, the way PostgreSQL checkpoints its WAL
 Layout, per receiving process (``<originals>/.journal/<name>/``, locked with ``flock``):
 ``segments`` files of ``segment_bytes`` each, zero-filled when the process starts (in
 the background: until one is ready, instances take the file path) and reused until it
-stops, when they are removed. A record is a 64-byte header (magic, key, length, data
-set offset, CRC) and the whole Part-10 file, padded to 4 KiB pages. After its
+stops, when they are removed. A segment's first page is its header; a record is a
+64-byte header (magic, key, length, data set offset, sequence number, CRC), the whole
+Part-10 file and a little JSON about its arrival, padded to 4 KiB pages. After its
 ``fdatasync`` the archive publishes the record as a symbolic link
 ``<originals>/.pending/<key>`` whose target names the segment and offset (a name, never
 followed: readers parse it), then indexes the instance.
@@ -31,11 +32,23 @@ again. When no segment is free, :meth:`OriginalJournal.append` declines and the
 instance takes the old path (its own file, fsynced): a long transfer slows to the old
 rate, it never waits.
 
+Since the record is durable before the index row is written, the row's own flush is
+left out (issue 19: one flush per instance on one association, not two). The row is
+committed without flushing the index's WAL, with a *mark* ``(journal id, seq)`` in the
+same transaction; a power cut may lose the last such commits, never a record. Before a
+segment is freed, its checkpoint flushes the index (:meth:`JournalOwner.sync`), so
+what is written out is indexed durably, and the segment's header is then erased
+durably, so its records are never read again.
+
 After a crash, nothing needs the links: a process that finds the journal of one that
-is gone (its lock free, no ``clean`` mark) writes out every record the index
-references, syncs, and marks it clean. A record torn by the crash fails its CRC or its
-hash and was never acknowledged (the ``fdatasync`` precedes the index row, which
-precedes the answer).
+is gone (its lock free, no ``clean`` mark) *replays* every record of that journal's
+last incarnation that has no mark (its commit was lost, or never made: the index
+decides again, as on arrival), writes out every other record the index references,
+syncs, and marks it clean. A record torn by the crash fails its CRC or its hash and
+was never acknowledged (the ``fdatasync`` precedes the index row, which precedes the
+answer). Records of a segment's earlier rounds are told apart by the segment header
+(written when the segment is taken, made durable by its first record's flush): its
+journal id and first sequence number.
 """
 
 from __future__ import annotations
@@ -46,22 +59,27 @@ import ctypes.util
 import errno
 import fcntl
 import hashlib
+import io
+import json
 import logging
 import mmap
 import os
 import struct
 import threading
 import time
+import uuid
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from storage._flush import SharedFlush, fsync_dir
 
 __all__ = [
     "HEADER_BYTES",
+    "JournalOwner",
     "JournalRecord",
     "OriginalJournal",
     "Ticket",
@@ -72,10 +90,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"PLJ1"
-#: magic, key (SHA-256, 32 bytes), file length, data set offset, CRC-32 of the rest
-_HEADER = struct.Struct("<4s32sQII")
+_MAGIC = b"PLJ2"
+#: magic, key (SHA-256, 32 bytes), file length, data set offset, sequence number,
+#: metadata length, CRC-32 of the rest and of the metadata (which follows the file)
+_HEADER = struct.Struct("<4s32sQIQII")
+#: The records of a journal written before marks existed (no segment header, no
+#: metadata): indexed durably when they were written, so only ever written out.
+_LEGACY_MAGIC = b"PLJ1"
+_LEGACY = struct.Struct("<4s32sQII")
 HEADER_BYTES = 64
+_SEGMENT_MAGIC = b"PLS2"
+#: magic, journal id (16 bytes), first sequence number of this round, CRC-32
+_SEGMENT = struct.Struct("<4s16sQI")
+_MAX_META = 4096
 _ALIGN = 4096
 _ZERO_CHUNK = 4 << 20
 _ZEROS = bytes(4096)
@@ -115,49 +142,145 @@ class Ticket:
     offset: int
     length: int  # of the Part-10 file
     dataset_offset: int
+    seq: int = 0  # its sequence number in the journal's incarnation (its mark)
 
 
 @dataclass(frozen=True, slots=True)
 class JournalRecord:
     key: str
     body: bytes  # the whole Part-10 file
+    #: Its sequence number; 0 for a record of the old format (indexed durably).
+    seq: int = 0
+    #: What the archive kept of the arrival (calling AE title, time, correlation id),
+    #: for a replay.
+    meta: dict[str, str] = field(default_factory=dict)
 
 
-def _encode_header(key: str, length: int, dataset_offset: int) -> bytes:
+class JournalOwner(Protocol):
+    """What the journal asks of the archive that owns it (storage/archive.py)."""
+
+    def write_out(self, records: list[JournalRecord]) -> None:
+        """Write the records the index references as ordinary files (not durable yet)."""
+
+    def replay(self, records: list[JournalRecord]) -> None:
+        """Index records whose index commit was lost, in this order, as on arrival
+        (durably, with their files)."""
+
+    def marked(self, journal: str) -> set[int]:
+        """The sequence numbers of ``journal``'s records whose index commit is there."""
+
+    def forget(self, journal: str, upto: int | None) -> None:
+        """Drop the marks of ``journal`` (those below ``upto``, or all)."""
+
+    def sync(self) -> None:
+        """Make every index commit made so far durable."""
+
+
+def _encode_header(key: str, length: int, dataset_offset: int, seq: int, meta: bytes) -> bytes:
     raw = bytes.fromhex(key)
-    crc = zlib.crc32(_HEADER.pack(_MAGIC, raw, length, dataset_offset, 0)[:-4])
-    head = _HEADER.pack(_MAGIC, raw, length, dataset_offset, crc)
+    crc = zlib.crc32(meta, zlib.crc32(
+        _HEADER.pack(_MAGIC, raw, length, dataset_offset, seq, len(meta), 0)[:-4]))
+    head = _HEADER.pack(_MAGIC, raw, length, dataset_offset, seq, len(meta), crc)
     return head + bytes(HEADER_BYTES - len(head))
 
 
-def read_records(path: Path, end: int | None = None) -> Iterator[JournalRecord]:
-    """The whole records of one segment (up to ``end``): header CRC right and the
-    data set's SHA-256 equal to the key (a record torn by a crash fails one or the
-    other; what a reused segment still holds of its last round is whole, and harmless)."""
+def _encode_segment(journal: str, first_seq: int) -> bytes:
+    packed = _SEGMENT.pack(_SEGMENT_MAGIC, bytes.fromhex(journal), first_seq, 0)[:-4]
+    head = packed + struct.pack("<I", zlib.crc32(packed))
+    return head + bytes(_ALIGN - len(head))
+
+
+def segment_journal(fp: io.BufferedReader) -> tuple[str, int] | None:
+    """``(journal id, first sequence number)`` of an open segment's current round, or
+    None when it has no header (free, erased, or of the old format)."""
+    fp.seek(0)
+    head = fp.read(_SEGMENT.size)
+    if len(head) < _SEGMENT.size:
+        return None
+    magic, raw, first, crc = _SEGMENT.unpack(head)
+    if magic != _SEGMENT_MAGIC or crc != zlib.crc32(head[:-4]):
+        return None
+    return raw.hex(), int(first)
+
+
+def read_records(
+    path: Path, end: int | None = None, *, journal: str | None = None
+) -> Iterator[JournalRecord]:
+    """The whole records of one segment's current round (up to ``end``): a segment
+    header naming ``journal`` (when given), a sequence number from the header's on,
+    header CRC right and the data set's SHA-256 equal to the key (a record torn by a
+    crash fails one or the other; what a reused segment still holds of an earlier round
+    has a smaller sequence number). A segment without a header yields the records of
+    the old format it may hold, and nothing else."""
     with path.open("rb") as fp:
         file_size = os.fstat(fp.fileno()).st_size
-        size = file_size if end is None else end
-        offset = 0
+        size = file_size if end is None else min(end, file_size)
+        current = segment_journal(fp)
+        if current is None:
+            yield from _legacy_records(fp, size, file_size)
+            return
+        if journal is not None and current[0] != journal:
+            return
+        first = current[1]
+        offset = _ALIGN
         while offset + HEADER_BYTES <= size:
             fp.seek(offset)
-            head = fp.read(_HEADER.size)
-            magic, raw, length, data_off, crc = _HEADER.unpack(head)
+            head = fp.read(HEADER_BYTES)
+            magic, raw, length, data_off, seq, meta_len, crc = _HEADER.unpack(
+                head[: _HEADER.size])
+            end_of_body = offset + HEADER_BYTES + length
             if not (
                 magic == _MAGIC
-                and crc == zlib.crc32(head[:-4])
+                and seq >= first
                 and data_off <= length
-                and offset + HEADER_BYTES + length <= file_size
+                and meta_len <= _MAX_META
+                and end_of_body + meta_len <= file_size
             ):
                 offset += _ALIGN
                 continue
-            fp.seek(offset + HEADER_BYTES)
             body = fp.read(length)
-            key = raw.hex()
-            if hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == key:
-                yield JournalRecord(key, body)
-                offset += _aligned(HEADER_BYTES + length)
+            meta = fp.read(meta_len)
+            if (
+                crc == zlib.crc32(meta, zlib.crc32(head[: _HEADER.size - 4]))
+                and hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex()
+            ):
+                yield JournalRecord(raw.hex(), body, int(seq), _parse_meta(meta))
+                offset += _aligned(HEADER_BYTES + length + meta_len)
             else:
                 offset += _ALIGN
+
+
+def _parse_meta(raw: bytes) -> dict[str, str]:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _legacy_records(fp: io.BufferedReader, size: int, file_size: int) -> Iterator[JournalRecord]:
+    offset = 0
+    while offset + HEADER_BYTES <= size:
+        fp.seek(offset)
+        head = fp.read(_LEGACY.size)
+        magic, raw, length, data_off, crc = _LEGACY.unpack(head)
+        if not (
+            magic == _LEGACY_MAGIC
+            and crc == zlib.crc32(head[:-4])
+            and data_off <= length
+            and offset + HEADER_BYTES + length <= file_size
+        ):
+            offset += _ALIGN
+            continue
+        fp.seek(offset + HEADER_BYTES)
+        body = fp.read(length)
+        if hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex():
+            yield JournalRecord(raw.hex(), body)
+            offset += _aligned(HEADER_BYTES + length)
+        else:
+            offset += _ALIGN
 
 
 def link_target(name: str, ticket: Ticket) -> str:
@@ -188,6 +311,27 @@ def _mark_clean(directory: Path) -> None:
     fsync_dir(directory)
 
 
+def _read_id(directory: Path) -> str:
+    """The id of the journal's last incarnation ("" for none, or the old format)."""
+    try:
+        raw = (directory / "id").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return raw if len(raw) == 32 and all(c in "0123456789abcdef" for c in raw) else ""
+
+
+def _write_id(directory: Path, journal: str) -> None:
+    tmp = directory / "id.new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, journal.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / "id")
+    fsync_dir(directory)
+
+
 class _Stopped(Exception):
     """The journal was closed while a segment was being made."""
 
@@ -202,7 +346,7 @@ class OriginalJournal:
         *,
         segment_bytes: int,
         segments: int,
-        write_out: Callable[[list[JournalRecord]], None],
+        owner: JournalOwner | None = None,
         idle_s: float = 1.0,
     ) -> None:
         self.journals = root / ".journal"
@@ -212,13 +356,17 @@ class OriginalJournal:
         self.directory = self.journals
         self.segment_bytes = _aligned(segment_bytes)
         self.idle_s = idle_s
-        #: Writes the records the index references as ordinary files (not durable yet).
-        self._write_out = write_out
+        #: The archive: writes out, replays, keeps the marks (set before :meth:`open`).
+        self.owner = owner
+        #: This incarnation's id (hex), new at each :meth:`open`; records' marks name it.
+        self.id = ""
+        self._seq = 0
         self._cond = threading.Condition(threading.Lock())
         self._fds: list[int | None] = [None] * segments
         self._ready = [False] * segments
         self._fill = [0] * segments  # bytes written; 0 = free
         self._inflight = [0] * segments
+        self._last_seq = [0] * segments  # of the segment's current round
         self._current: int | None = None
         self._last_append = 0.0
         self._closed = False
@@ -248,7 +396,14 @@ class OriginalJournal:
             break
         else:
             raise OSError("no original journal free")
-        count = self._recover(self.directory)
+        previous = _read_id(self.directory)
+        count = self._recover(self.directory, previous)
+        # A new incarnation: the segments' old rounds are not its records. Durably
+        # before the old marks go, or a crash between would replay written-out records.
+        self.id = uuid.uuid4().hex
+        _write_id(self.directory, self.id)
+        if previous:
+            self._owned().forget(previous, None)
         for other in sorted(self.journals.iterdir()):
             if other != self.directory and other.is_dir():
                 count += self._adopt(other)
@@ -260,21 +415,36 @@ class OriginalJournal:
             fsync_dir(self.directory)
         return count
 
-    def _recover(self, directory: Path) -> int:
-        """Write out the records of ``directory`` (locked by the caller) unless it was
-        closed cleanly; they are durable when this returns."""
+    def _owned(self) -> JournalOwner:
+        if self.owner is None:
+            raise RuntimeError("original journal without an owner")
+        return self.owner
+
+    def _recover(self, directory: Path, journal: str) -> int:
+        """Replay and write out the records of ``directory``'s last incarnation
+        ``journal`` (locked by the caller) unless it was closed cleanly; they are
+        durable when this returns."""
         if (directory / "clean").exists():
             return 0
-        count = 0
+        owner = self._owned()
+        records: list[JournalRecord] = []
         for seg in sorted(directory.glob("seg-*[0-9]")):
-            records = list(read_records(seg))
-            self._write_out(records)
-            count += len(records)
-        if count:  # (no syncfs at every start for a journal that held nothing)
-            syncfs(self.journals)
-            logger.warning("wrote out %d journaled originals after a stop", count)
+            records.extend(read_records(seg, journal=journal or None))
+        if records:
+            marked = owner.marked(journal) if journal else set()
+            lost = sorted((r for r in records if r.seq and r.seq not in marked),
+                          key=lambda r: r.seq)
+            if lost:
+                # Stored, maybe answered, and its index commit lost with the power
+                # (or never made): the index decides again, durably.
+                owner.replay(lost)
+                logger.warning("re-indexed %d journaled originals whose index commit "
+                               "was lost", len(lost))
+            owner.write_out([r for r in records if not r.seq or r.seq in marked])
+            syncfs(self.journals)  # (no syncfs at every start for a journal that held nothing)
+            logger.warning("wrote out %d journaled originals after a stop", len(records))
         self._drop_links(directory.name)
-        return count
+        return len(records)
 
     def _adopt(self, directory: Path) -> int:
         if (directory / "clean").exists():
@@ -288,8 +458,11 @@ class OriginalJournal:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0  # a live process's journal
-            count = self._recover(directory)
+            journal = _read_id(directory)
+            count = self._recover(directory, journal)
             _mark_clean(directory)
+            if journal:
+                self._owned().forget(journal, None)
             for seg in directory.glob("seg-*"):  # its disk back, as at a clean stop
                 seg.unlink(missing_ok=True)
             return count
@@ -384,34 +557,40 @@ class OriginalJournal:
 
     # -- writing ------------------------------------------------------------------
 
-    def append(self, key: str, body: bytes, dataset_offset: int) -> Ticket | None:
+    def append(
+        self, key: str, body: bytes, dataset_offset: int, meta: bytes = b""
+    ) -> Ticket | None:
         """Write one record (not yet durable: :meth:`sync`); None when it cannot be
-        taken now. Every ticket returned must be given back with :meth:`done`."""
-        need = _aligned(HEADER_BYTES + len(body))
-        if need > self.segment_bytes:
+        taken now. Every ticket returned must be given back with :meth:`done`.
+        ``meta`` (up to 4 KiB) is kept for a replay (:meth:`JournalOwner.replay`)."""
+        if len(meta) > _MAX_META:
+            return None
+        need = _aligned(HEADER_BYTES + len(body) + len(meta))
+        if need + _ALIGN > self.segment_bytes or not self.id:
             return None
         with self._cond:
             if self._closed:
                 return None
             seg = self._current
             if seg is None or self._fill[seg] + need > self.segment_bytes:
-                seg = next((i for i, ready in enumerate(self._ready)
-                            if ready and self._fill[i] == 0 and i != self._current), None)
+                seg = self._take_segment()
                 if seg is None:
                     self._cond.notify_all()  # none free: write out the full ones now
                     return None
-                self._current = seg
             offset = self._fill[seg]
             self._fill[seg] += need
             self._inflight[seg] += 1
+            self._seq += 1
+            self._last_seq[seg] = self._seq
             self._last_append = time.monotonic()
             fd = self._fds[seg]
+            ticket = Ticket(seg, offset, len(body), dataset_offset, self._seq)
         assert fd is not None
-        ticket = Ticket(seg, offset, len(body), dataset_offset)
         # Whole pages only: a page written in part would first be read from the device
         # (the segment's pages are not cached: it was zero-filled with direct I/O).
-        pad = _ZEROS[: need - HEADER_BYTES - len(body)]
-        parts = [_encode_header(key, len(body), dataset_offset), body, pad]
+        pad = _ZEROS[: need - HEADER_BYTES - len(body) - len(meta)]
+        parts = [_encode_header(key, len(body), dataset_offset, ticket.seq, meta), body,
+                 meta, pad]
         try:
             written = os.pwritev(fd, parts, offset) - len(pad)
         except OSError:
@@ -419,12 +598,31 @@ class OriginalJournal:
         except BaseException:
             self.done(ticket)
             raise
-        if written != HEADER_BYTES + len(body):
+        if written != HEADER_BYTES + len(body) + len(meta):
             # (an I/O error: the instance takes the file path, which reports its own)
             logger.error("write to original journal %s failed", self.name)
             self.done(ticket)
             return None
         return ticket
+
+    def _take_segment(self) -> int | None:
+        """Start a round in a free segment (under the lock): its header names this
+        incarnation and the round's first sequence number, written before any of its
+        records, so the first record's flush makes it durable."""
+        seg = next((i for i, ready in enumerate(self._ready)
+                    if ready and self._fill[i] == 0 and i != self._current), None)
+        if seg is None:
+            return None
+        fd = self._fds[seg]
+        assert fd is not None
+        try:
+            os.pwrite(fd, _encode_segment(self.id, self._seq + 1), 0)
+        except OSError:
+            logger.error("write to original journal %s failed", self.name)
+            return None
+        self._current = seg
+        self._fill[seg] = _ALIGN
+        return seg
 
     def _fdatasync(self, seg: int) -> None:
         fd = self._fds[seg]
@@ -470,7 +668,7 @@ class OriginalJournal:
             if due:
                 try:
                     self.checkpoint(due)
-                except OSError:
+                except Exception:  # (the index's errors too: this thread must go on)
                     logger.error("writing out the original journal failed; retrying",
                                  exc_info=True)
                     time.sleep(1.0)
@@ -500,16 +698,34 @@ class OriginalJournal:
             while any(self._inflight[seg] for seg in segments):
                 self._cond.wait()
             ends = {seg: self._fill[seg] for seg in segments}
+            upto = max((self._last_seq[seg] for seg in segments), default=0) + 1
         if not segments:
             return 0  # (no syncfs: a stop with nothing journaled stays instant)
+        owner = self._owned()
+        # Every index commit of these records durable first: once the segments are
+        # erased, nothing could replay one a power cut had undone.
+        owner.sync()
         count = 0
         for seg in segments:
-            records = list(read_records(segment_path(self.journals, self.name, seg), ends[seg]))
-            self._write_out(records)
+            records = list(read_records(segment_path(self.journals, self.name, seg), ends[seg],
+                                        journal=self.id))
+            owner.write_out(records)
             count += len(records)
         syncfs(self.journals)
+        # Then the rounds' headers erased, durably: their records are never read again
+        # (after a crash, not replayed once their marks are gone).
+        for seg in segments:
+            fd = self._fds[seg]
+            if fd is None:
+                raise OSError("original journal closed")
+            os.pwrite(fd, bytes(_ALIGN), 0)
+            os.fdatasync(fd)
         for seg in segments:
             self._drop_links(self.name, seg)
+        try:
+            owner.forget(self.id, upto)
+        except Exception:  # marks left behind are harmless: the next start drops them
+            logger.warning("could not drop the original journal's marks", exc_info=True)
         with self._cond:
             for seg in segments:
                 self._fill[seg] = 0
@@ -533,7 +749,7 @@ class OriginalJournal:
                 self.checkpoint()
                 _mark_clean(self.directory)
                 clean = True
-            except OSError:
+            except Exception:  # (OSError, or the index unavailable)
                 logger.error("could not write out the original journal at stop; the next "
                              "start will", exc_info=True)
         with self._cond:

@@ -37,6 +37,7 @@ __all__ = [
     "index_counters",
     "instances",
     "jobs",
+    "journal_marks",
     "lab_files",
     "lab_reports",
     "lab_results",
@@ -204,6 +205,17 @@ instances = Table(
     Index("ix_instances_current", "series_pk", "is_current"),
     # "Is this original still used?" (a failed receive's undo, retention) was a scan.
     Index("ix_instances_blob_key", "blob_key"),
+)
+
+# The original journal's marks (storage/journal.py, migration 0015): one row per
+# journaled instance, committed with its index row without flushing the WAL. After a
+# power cut, a record of the journal with no mark here is replayed. Kept only until the
+# record's segment is written out.
+journal_marks = Table(
+    "journal_marks",
+    metadata,
+    Column("journal", String(32), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
 )
 
 # IHE IOCM (migration 0008): one row per rejected SOP Instance UID, the authority for

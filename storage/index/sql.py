@@ -61,6 +61,7 @@ from storage.index.schema import (
     index_counters,
     instances,
     jobs,
+    journal_marks,
     patient_name_words,
     patients,
     rejections,
@@ -630,6 +631,10 @@ class SqlIndex:
         self._insert_job = DirectStatement(
             jobs.insert().values({k: bindparam(k) for k in _NEW_JOB_KEYS}), dialect
         )
+        self._insert_mark = DirectStatement(
+            journal_marks.insert().values(journal=bindparam("journal"), seq=bindparam("seq")),
+            dialect,
+        )
 
     def _add(
         self, conn: Any, items: Sequence[NewInstance]
@@ -760,6 +765,10 @@ class SqlIndex:
             )
         for item in corrections:
             self._correct_study(conn, item, now)
+        marks = [{"journal": i.journal_mark[0], "seq": i.journal_mark[1]}
+                 for i in items if i.journal_mark is not None]
+        if marks:  # whatever the outcome: the index has decided (storage/journal.py)
+            self._insert_mark.execute(conn, marks)
         # The caller caches series_pk only once the transaction committed.
         return outcomes, series_pk
 
@@ -1284,6 +1293,22 @@ class SqlIndex:
         return Job(id=r.id, kind=r.kind, target=r.target, status=r.status, attempts=r.attempts,
                    correlation_id=r.correlation_id, error=r.error,
                    result=json.loads(r.result_json or "{}"))
+
+    def journal_marks(self, journal: str) -> set[int]:
+        with self._read() as conn:
+            return {
+                int(seq)
+                for (seq,) in conn.execute(
+                    select(journal_marks.c.seq).where(journal_marks.c.journal == journal)
+                )
+            }
+
+    def forget_journal_marks(self, journal: str, upto: int | None = None) -> None:
+        condition = journal_marks.c.journal == journal
+        if upto is not None:
+            condition = and_(condition, journal_marks.c.seq < upto)
+        with self._write() as conn:
+            conn.execute(journal_marks.delete().where(condition))
 
     def blob_referenced(self, key: str) -> bool:
         with self._read() as conn:

@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete
+from pydicom import dcmread
+from sqlalchemy import delete, select
 
 from core.errors import NotFoundError
 from core.settings import IndexSettings
 from core.synthetic import write_ct_series
-from storage.archive import Archive, open_journal
-from storage.index.schema import instances
+from storage.archive import Archive, make_journal
+from storage.index.schema import instances, jobs, journal_marks
 from storage.index.sql import SqlIndex
 from storage.journal import OriginalJournal, parse_link, read_records, segment_path
 from storage.originals import FileOriginalStore
@@ -39,8 +40,10 @@ def files(tmp_path: Path) -> list[Path]:
 
 def _archive(tmp_path: Path, index: SqlIndex, *, mb: int = 8) -> Archive:
     originals = FileOriginalStore(tmp_path / "originals")
-    journal = open_journal(originals, index, "test", mb << 20, background=False)
-    return Archive(originals, index, quarantine=tmp_path / "q", journal=journal)
+    archive = Archive(originals, index, quarantine=tmp_path / "q",
+                      journal=make_journal(originals, "test", mb << 20))
+    archive.open_journal(background=False)
+    return archive
 
 
 def _stage(archive: Archive, path: Path) -> StagedFile:
@@ -51,6 +54,10 @@ def _stage(archive: Archive, path: Path) -> StagedFile:
 def _journal(archive: Archive) -> OriginalJournal:
     assert archive.journal is not None
     return archive.journal
+
+
+def pydicom_uid(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _dcm_files(root: Path) -> list[Path]:
@@ -145,14 +152,9 @@ def test_records_the_index_does_not_reference_are_never_written_out(
         archive.close()
 
 
-def test_a_crashed_process_journal_is_written_out_by_the_next(
-    tmp_path: Path, index: SqlIndex, files: list[Path]
-) -> None:
-    archive = _archive(tmp_path, index)
-    accepted = [archive.accept(_stage(archive, f)) for f in files]
+def _crash(archive: Archive) -> None:
+    """What a crash leaves: the process gone (its lock with it), nothing written out."""
     journal = _journal(archive)
-    crashed = journal.directory
-    # A crash: the process is gone (its lock with it), nothing was written out.
     for fd in journal._fds:
         if fd is not None:
             os.close(fd)
@@ -161,6 +163,50 @@ def test_a_crashed_process_journal_is_written_out_by_the_next(
     os.close(journal._lock_fd)
     journal._lock_fd = None
     journal._closed = True
+
+
+def _lose_commit(index: SqlIndex, key: str) -> None:
+    """What a power cut does to a commit made without a WAL flush: its rows are gone,
+    its mark with them."""
+    with index.engine.begin() as conn:
+        uids = [r[0] for r in conn.execute(
+            select(instances.c.sop_instance_uid).where(instances.c.blob_key == key))]
+        conn.execute(delete(jobs).where(jobs.c.target.in_(uids)))
+        conn.execute(delete(instances).where(instances.c.blob_key == key))
+    journal_id, seq = _mark_of(index, key)
+    with index.engine.begin() as conn:
+        conn.execute(delete(journal_marks).where(
+            (journal_marks.c.journal == journal_id) & (journal_marks.c.seq == seq)))
+
+
+_MARKS: dict[str, tuple[str, int]] = {}
+_BODIES: dict[str, bytes] = {}
+
+
+def _mark_of(index: SqlIndex, key: str) -> tuple[str, int]:
+    return _MARKS[key]
+
+
+def _accept_marked(archive: Archive, path: Path) -> str:
+    """Accept ``path`` through the journal; its key (and its mark, noted)."""
+    journal = _journal(archive)
+    before = journal._seq
+    staged = _stage(archive, path)
+    acc = archive.accept(staged)
+    assert journal._seq == before + 1  # journaled, not the file path
+    _MARKS[acc.key] = (journal.id, journal._seq)
+    assert staged.body is not None
+    _BODIES[acc.key] = staged.body
+    return acc.key
+
+
+def test_a_crashed_process_journal_is_written_out_by_the_next(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    accepted = [archive.accept(_stage(archive, f)) for f in files]
+    crashed = _journal(archive).directory
+    _crash(archive)
     assert _dcm_files(tmp_path / "originals") == []
 
     again = _archive(tmp_path, index)
@@ -170,6 +216,90 @@ def test_a_crashed_process_journal_is_written_out_by_the_next(
         assert list((tmp_path / "originals" / ".pending").iterdir()) == []
         for acc in accepted:
             assert archive.originals.path(acc.key).is_file()
+    finally:
+        again.close()
+
+
+def test_a_journaled_commit_takes_no_flush_of_the_index_until_the_checkpoint(
+    tmp_path: Path, index: SqlIndex, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    journal.idle_s = 3600
+    flushes: list[int] = []
+    real = index.sync_instances
+    monkeypatch.setattr(index, "sync_instances", lambda: (flushes.append(1), real())[1])
+    try:
+        keys = [_accept_marked(archive, f) for f in files]
+        assert flushes == []  # the record's fdatasync was the only flush
+        assert index.journal_marks(journal.id) == {_MARKS[k][1] for k in keys}
+        journal.checkpoint()
+        assert flushes == [1]  # before the segment was let go
+        assert index.journal_marks(journal.id) == set()  # written out: marks dropped
+        seg = segment_path(journal.journals, journal.name, 0)
+        assert list(read_records(seg)) == []  # the round's header erased
+    finally:
+        archive.close()
+
+
+def test_a_commit_lost_to_a_power_cut_is_replayed_from_the_journal(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    keys = [_accept_marked(archive, f) for f in files]
+    before = {s.sop_instance_uid: s for s in
+              (index.get_instance(pydicom_uid(f)) for f in files)}
+    _crash(archive)
+    for key in keys[-2:]:  # the last two commits never reached the disk
+        _lose_commit(index, key)
+    assert not index.blob_referenced(keys[-1])
+
+    again = _archive(tmp_path, index)
+    try:
+        for f, key in zip(files, keys, strict=True):
+            uid = pydicom_uid(f)
+            stored = index.get_instance(uid)  # indexed again, as it arrived
+            assert stored.blob_key == key
+            assert stored.received_at == before[uid].received_at
+            assert again.originals.path(key).read_bytes() == _BODIES[key]
+        assert len(_dcm_files(tmp_path / "originals")) == len(files)
+        with index.engine.connect() as conn:  # and its instance job is there again
+            targets = {r[0] for r in conn.execute(select(jobs.c.target))}
+        assert {pydicom_uid(f) for f in files} <= targets
+    finally:
+        again.close()
+
+
+def test_what_was_deleted_or_written_out_is_never_replayed(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    journal.idle_s = 3600
+    # A round written out, then deleted (retention): its records stay in the segment
+    # past where the next round ends, with no marks.
+    old = [_accept_marked(archive, f) for f in files[:3]]
+    journal.checkpoint()
+    for key in old[1:]:
+        with index.engine.begin() as conn:
+            conn.execute(delete(instances).where(instances.c.blob_key == key))
+        archive.originals.delete(key)
+    # The next round: one record replayed (lost commit), one deleted after a durable
+    # commit (its mark stays), one kept.
+    lost, deleted, kept = (_accept_marked(archive, f) for f in files[3:6])
+    with index.engine.begin() as conn:
+        conn.execute(delete(instances).where(instances.c.blob_key == deleted))
+    archive.originals.delete(deleted)
+    _crash(archive)
+    _lose_commit(index, lost)
+
+    again = _archive(tmp_path, index)
+    try:
+        on_disk = {p.stem for p in _dcm_files(tmp_path / "originals")}
+        assert on_disk == {old[0], lost, kept}
+        assert index.blob_referenced(lost)
+        assert not index.blob_referenced(deleted)
+        assert not any(index.blob_referenced(k) for k in old[1:])
     finally:
         again.close()
 
