@@ -417,7 +417,7 @@ def cmd_purge_rejected(settings: Settings, args: argparse.Namespace) -> int:
     index = build_index(settings, migrate=True)
     audit, _secret = build_audit(settings, index)
     try:
-        service = RejectionService(index, open_originals(settings), audit=audit,
+        service = RejectionService(index, open_originals(settings, index=index), audit=audit,
                                    retention=settings.retention)
         try:
             report = service.purge(by=f"cli:{getpass.getuser()}", codes=args.code,
@@ -448,7 +448,7 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         audit, secret = build_audit(settings, index)
         service = ExportService(
             index,
-            open_originals(settings),
+            open_originals(settings, index=index),
             audit=audit,
             patient_secret=secret,
             max_instances=settings.qr.max_retrieve_instances,

@@ -59,7 +59,7 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
     ``embedded``, ``pacslab worker`` ``processing.worker_name``).
     """
     index = build_index(settings, migrate=False)
-    originals = build_originals(settings)
+    originals = build_originals(settings, index=index)  # (it finds journaled originals)
     processing = settings.processing
     forwarding = ForwardingService(
         settings.forwarding,

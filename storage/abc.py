@@ -36,10 +36,10 @@ class NewInstance:
     received_at: datetime
     metadata_json: str = "{}"
     correlation_id: str = ""
-    #: ``(journal id, sequence number)`` of its original journal record
+    #: ``(journal id, sequence number, location)`` of its original journal record
     #: (storage/journal.py): kept with the row, so that a commit a power cut undid is
-    #: replayed from the record, and only then.
-    journal_mark: tuple[str, int] | None = None
+    #: replayed from the record, and only then, and so that readers find the record.
+    journal_mark: tuple[str, int, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +149,21 @@ class MetadataIndex(Protocol):
     def journal_marks(self, journal: str) -> set[int]:
         """The sequence numbers of ``journal``'s records indexed so far
         (``NewInstance.journal_mark``)."""
+        ...
+
+    def journal_locations(self, blob_key: str) -> list[str]:
+        """Where journal records of ``blob_key`` are, newest first, while an instance
+        references it (``NewInstance.journal_mark``)."""
+        ...
+
+    def pending_originals(self) -> list[tuple[str, str]]:
+        """``(blob key, location)`` of every referenced original that may still be only
+        in an original journal."""
+        ...
+
+    def drop_journal_locations(self, blob_key: str) -> None:
+        """Forget where ``blob_key``'s journal records are (its original was deleted);
+        the marks themselves stay."""
         ...
 
     def forget_journal_marks(self, journal: str, upto: int | None = None) -> None:

@@ -19,10 +19,10 @@ fsynced → published → directories fsynced → row committed → WAL flushed 
 
 Where the process has an original journal (storage/journal.py: receivers and the API,
 ``storage.journal_mb``), an instance received in memory takes one data flush instead of
-the first three steps: record appended → ``fdatasync``'ed → pending link published →
-row committed → WAL flushed → answered; its file is written out when the receiver is
-idle. An instance the journal cannot take now (too large, no free segment) takes the
-file path above.
+the first three steps, and the WAL flush: record appended → ``fdatasync``'ed → row
+committed with the record's mark and location → answered; its file is written out when
+the receiver is idle (storage/journal.py). An instance the journal cannot take now (too
+large, no free segment) takes the file path above.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from core.instance import (
 from core.logging import correlation_id
 from core.settings import Settings
 from storage.abc import AddOutcome, MetadataIndex, NewInstance, OriginalStore
-from storage.journal import JournalRecord, OriginalJournal, Ticket
+from storage.journal import JournalRecord, OriginalJournal, Ticket, location
 from storage.originals import FileOriginalStore
 from storage.staging import StagedFile, StagedWriter, stage_part10
 
@@ -310,6 +310,8 @@ class Archive:
         self.journal = journal
         if journal is not None:
             journal.owner = self
+        if isinstance(originals, FileOriginalStore) and originals.index is None:
+            originals.index = index  # (it reads journaled originals: storage/originals.py)
         self.max_inflated_bytes = max_inflated_bytes
         self.max_inflate_ratio = max_inflate_ratio
         self.originals = originals
@@ -333,7 +335,7 @@ class Archive:
         from storage.originals import open_originals
 
         assert settings.storage.quarantine_dir is not None
-        originals = open_originals(settings, staging_name=staging_name)
+        originals = open_originals(settings, staging_name=staging_name, index=index)
         original_journal = None
         if (
             journal
@@ -473,7 +475,7 @@ class Archive:
             correlation_id=correlation_id.get(),
             # A journaled instance's commit needs no flush of its own (storage/journal.py).
             journal_mark=(
-                (self.journal.id, ticket.seq)
+                (self.journal.id, ticket.seq, location(self.journal.name, ticket))
                 if ticket is not None and self.journal is not None else None
             ),
         )
@@ -511,20 +513,19 @@ class Archive:
         return Accepted(record, outcome, staged.key)
 
     def _journaled(self, staged: StagedFile, ticket: Ticket) -> bool:
-        """Make a journaled instance durable (its record's ``fdatasync``) and findable
-        (its pending link) before the index row names it; always True (the link is
-        this instance's, to undo if the index refuses it)."""
+        """Make a journaled instance durable (its record's ``fdatasync``) before the
+        index row names it; always False: nothing to undo if the index refuses it (a
+        record no instance references is neither served nor written out)."""
         journal = self.journal
         assert journal is not None
         try:
             journal.sync(ticket)
-            journal.publish(staged.key, ticket)
         except OSError as exc:
             journal.done(ticket)
             staged.discard()
             raise OutOfResourcesError("cannot make the original durable") from exc
         staged.discard()  # a file a hook asked for (ensure_file), if any
-        return True
+        return False
 
     def _read(self, staged: StagedFile, check_request_uids: bool) -> InstanceRecord:
         def record(src: HeaderSource) -> InstanceRecord:

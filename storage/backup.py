@@ -47,6 +47,7 @@ from core.audit import ChainedEntry, Checkpoint, verify_chain
 from core.settings import Settings
 from storage import _pgdump
 from storage.audit import AuditStore, CheckpointFile
+from storage.index.sql import SqlIndex
 from storage.originals import FileOriginalStore
 
 __all__ = ["BackupReport", "backup", "restore", "verify"]
@@ -228,11 +229,16 @@ def backup(settings: Settings, dest: Path, *, link_dest: Path | None = None) -> 
     assert settings.storage.originals_dir is not None
     originals = settings.storage.originals_dir
     # Originals still only in a receiver's journal (storage/journal.py) are copied
-    # as the files they are about to become.
-    if (originals / ".pending").is_dir():
-        FileOriginalStore(
-            originals, fsync=False, staging=originals / ".staging" / "backup"
-        ).write_out_pending()
+    # as the files they are about to become (the index says which; a mark is dropped
+    # only once its file is durable, so each is a file or a mark by now).
+    if (originals / ".journal").is_dir():
+        live = SqlIndex(settings.index.model_copy(update={"migrate": False}))
+        try:
+            FileOriginalStore(
+                originals, fsync=False, staging=originals / ".staging" / "backup", index=live
+            ).write_out_pending()
+        finally:
+            live.close()
     for path in _walk(originals, skip=(".staging", ".journal", ".pending")):
         rel = "originals/" + path.relative_to(originals).as_posix()
         target = partial / rel

@@ -18,19 +18,21 @@ the background: until one is ready, instances take the file path) and reused unt
 stops, when they are removed. A segment's first page is its header; a record is a
 64-byte header (magic, key, length, data set offset, sequence number, CRC), the whole
 Part-10 file and a little JSON about its arrival, padded to 4 KiB pages. After its
-``fdatasync`` the archive publishes the record as a symbolic link
-``<originals>/.pending/<key>`` whose target names the segment and offset (a name, never
-followed: readers parse it), then indexes the instance.
-:class:`storage.originals.FileOriginalStore` serves a key whose file is not there yet
-from that record, checked against its SHA-256 (a segment may have been reused since
-the link was read).
+``fdatasync`` the archive indexes the instance, with the record's *mark* (below) and
+location (``<name>/<segment>:<offset>:<length>:<data set offset>``) in the same
+transaction. :class:`storage.originals.FileOriginalStore` serves a key whose file is not
+there yet from that record, checked against its SHA-256 (a segment may have been reused
+since the location was read). The location was a symbolic link per instance until
+2026-12-04: creating an inode cost a fifth of a receiver's CPU (ext4 without a journal
+scans its recently deleted inodes on every allocation, measured with ``perf``), and the
+index row is written anyway.
 
 A segment is written out when the receiver has been idle for ``idle_s`` (or when none
 is free): each record the index still references becomes its ordinary file, one
-``syncfs`` makes them all durable, their links are removed and the segment is free
-again. When no segment is free, :meth:`OriginalJournal.append` declines and the
-instance takes the old path (its own file, fsynced): a long transfer slows to the old
-rate, it never waits.
+``syncfs`` makes them all durable, and the segment is free again (its marks dropped).
+When no segment is free, :meth:`OriginalJournal.append` declines and the instance takes
+the old path (its own file, fsynced): a long transfer slows to the old rate, it never
+waits.
 
 Since the record is durable before the index row is written, the row's own flush is
 left out (issue 19: one flush per instance on one association, not two). The row is
@@ -40,7 +42,7 @@ segment is freed, its checkpoint flushes the index (:meth:`JournalOwner.sync`), 
 what is written out is indexed durably, and the segment's header is then erased
 durably, so its records are never read again.
 
-After a crash, nothing needs the links: a process that finds the journal of one that
+After a crash, a process that finds the journal of one that
 is gone (its lock free, no ``clean`` mark) *replays* every record of that journal's
 last incarnation that has no mark (its commit was lost, or never made: the index
 decides again, as on arrival), writes out every other record the index references,
@@ -83,7 +85,7 @@ __all__ = [
     "JournalRecord",
     "OriginalJournal",
     "Ticket",
-    "parse_link",
+    "parse_location",
     "read_records",
     "syncfs",
 ]
@@ -211,7 +213,7 @@ def read_records(
     header CRC right and the data set's SHA-256 equal to the key (a record torn by a
     crash fails one or the other; what a reused segment still holds of an earlier round
     has a smaller sequence number). A segment without a header yields the records of
-    the old format it may hold, and nothing else."""
+    the old format it may hold, and nothing else; ``journal=""`` only those."""
     with path.open("rb") as fp:
         file_size = os.fstat(fp.fileno()).st_size
         size = file_size if end is None else min(end, file_size)
@@ -250,6 +252,13 @@ def read_records(
                 offset += _ALIGN
 
 
+def _first_seq(path: Path) -> int:
+    """Where a segment's current round starts in its journal's sequence (0: none)."""
+    with path.open("rb") as fp:
+        current = segment_journal(fp)
+    return current[1] if current else 0
+
+
 def _parse_meta(raw: bytes) -> dict[str, str]:
     try:
         value = json.loads(raw) if raw else {}
@@ -283,13 +292,14 @@ def _legacy_records(fp: io.BufferedReader, size: int, file_size: int) -> Iterato
             offset += _ALIGN
 
 
-def link_target(name: str, ticket: Ticket) -> str:
+def location(name: str, ticket: Ticket) -> str:
+    """Where a record is, as the index keeps it with the record's mark."""
     return f"{name}/{ticket.segment}:{ticket.offset}:{ticket.length}:{ticket.dataset_offset}"
 
 
-def parse_link(target: str) -> tuple[str, int, int, int, int] | None:
-    """``(journal name, segment, offset, length, data set offset)`` of a pending link's
-    target, or None when it is not one of ours."""
+def parse_location(target: str) -> tuple[str, int, int, int, int] | None:
+    """``(journal name, segment, offset, length, data set offset)`` of a record's
+    location, or None when it is not one."""
     name, sep, rest = target.partition("/")
     parts = rest.split(":")
     if not sep or not name or "." in name or len(parts) != 4:
@@ -350,7 +360,6 @@ class OriginalJournal:
         idle_s: float = 1.0,
     ) -> None:
         self.journals = root / ".journal"
-        self.pending = root / ".pending"
         self.base = base
         self.name = ""  # ``<base>-<n>``: the first such journal no live process holds
         self.directory = self.journals
@@ -382,7 +391,6 @@ class OriginalJournal:
         references (nothing after a clean stop), and make sure they are durable files
         before anything new is appended. How many records were written out."""
         self.journals.mkdir(parents=True, exist_ok=True)
-        self.pending.mkdir(parents=True, exist_ok=True)
         for n in range(1024):
             directory = self.journals / f"{self.base}-{n}"
             directory.mkdir(exist_ok=True)
@@ -427,24 +435,25 @@ class OriginalJournal:
         if (directory / "clean").exists():
             return 0
         owner = self._owned()
-        records: list[JournalRecord] = []
-        for seg in sorted(directory.glob("seg-*[0-9]")):
-            records.extend(read_records(seg, journal=journal or None))
-        if records:
-            marked = owner.marked(journal) if journal else set()
-            lost = sorted((r for r in records if r.seq and r.seq not in marked),
-                          key=lambda r: r.seq)
-            if lost:
-                # Stored, maybe answered, and its index commit lost with the power
-                # (or never made): the index decides again, durably.
-                owner.replay(lost)
-                logger.warning("re-indexed %d journaled originals whose index commit "
-                               "was lost", len(lost))
+        marked = owner.marked(journal) if journal else set()
+        count = lost = 0
+        # Round by round in sequence order (one segment's records in memory at a time):
+        # a replay must see the instances in the order they arrived.
+        for seg in sorted(directory.glob("seg-*[0-9]"), key=_first_seq):
+            records = list(read_records(seg, journal=journal))
+            # Stored, maybe answered, and its index commit lost with the power (or
+            # never made): the index decides again, durably.
+            replay = [r for r in records if r.seq and r.seq not in marked]
+            if replay:
+                owner.replay(replay)
             owner.write_out([r for r in records if not r.seq or r.seq in marked])
-            syncfs(self.journals)  # (no syncfs at every start for a journal that held nothing)
-            logger.warning("wrote out %d journaled originals after a stop", len(records))
-        self._drop_links(directory.name)
-        return len(records)
+            count += len(records)
+            lost += len(replay)
+        if count:  # (no syncfs at every start for a journal that held nothing)
+            syncfs(self.journals)
+            logger.warning("wrote out %d journaled originals after a stop, %d of them "
+                           "indexed again (their index commit was lost)", count, lost)
+        return count
 
     def _adopt(self, directory: Path) -> int:
         if (directory / "clean").exists():
@@ -468,21 +477,6 @@ class OriginalJournal:
             return count
         finally:
             os.close(fd)
-
-    def _drop_links(self, name: str, segment: int | None = None) -> None:
-        """Remove the pending links into journal ``name`` (one segment, or all): their
-        records are durable ordinary files now, or were never acknowledged."""
-        with os.scandir(self.pending) as entries:
-            for entry in entries:
-                try:
-                    parsed = parse_link(os.readlink(entry.path))
-                except OSError:
-                    continue
-                if parsed is None or parsed[0] != name:
-                    continue
-                if segment is None or parsed[1] == segment:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
 
     def prepare(self) -> None:
         """Make the segments (zero-filled, durable) and open them; blocking. The service
@@ -635,19 +629,6 @@ class OriginalJournal:
         need one of the same segment at the same moment)."""
         self._flushes[ticket.segment]()
 
-    def publish(self, key: str, ticket: Ticket) -> None:
-        """Let readers find the record (before the index row names the instance)."""
-        link = self.pending / key
-        target = link_target(self.name, ticket)
-        try:
-            os.symlink(target, link)
-        except FileExistsError:  # the same content, journaled before: this record now
-            tmp = self.pending / f".{key}.{self.name}.{ticket.segment}.{ticket.offset}"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            os.symlink(target, tmp)
-            os.replace(tmp, link)
-
     def done(self, ticket: Ticket) -> None:
         """The record is indexed (or given up)."""
         with self._cond:
@@ -720,8 +701,6 @@ class OriginalJournal:
                 raise OSError("original journal closed")
             os.pwrite(fd, bytes(_ALIGN), 0)
             os.fdatasync(fd)
-        for seg in segments:
-            self._drop_links(self.name, seg)
         try:
             owner.forget(self.id, upto)
         except Exception:  # marks left behind are harmless: the next start drops them

@@ -8,11 +8,12 @@ the file, :meth:`FileOriginalStore.sync` fsyncs the directories that gained a na
 so an acknowledged original survives a power cut.
 
 An original may also still be in a receiver's original journal (storage/journal.py),
-not yet written out as its file: ``<root>/.pending/<key>`` is then a symbolic link whose
-target names the journal record (parsed, never followed). :meth:`FileOriginalStore.open`
-and :meth:`FileOriginalStore.exists` find it there, :meth:`FileOriginalStore.path` writes
-the file first (for callers that need one), :meth:`FileOriginalStore.delete` removes
-both.
+not yet written out as its file: the index then keeps the record's location, while an
+instance references the key (:class:`PendingIndex`; a store given none sees files only).
+:meth:`FileOriginalStore.open` and :meth:`FileOriginalStore.exists` find it there,
+:meth:`FileOriginalStore.path` writes the file first (for callers that need one),
+:meth:`FileOriginalStore.delete` makes the index forget it too; once no instance
+references the key, the record is neither served nor written out.
 
 Every flush costs a device round trip (1.5-3 ms each on this machine kind, whether or
 not the journal has anything left to commit), and on one association an instance's
@@ -37,17 +38,18 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from storage._flush import SharedFlush, fsync_dir
 from storage.abc import OriginalStore
-from storage.journal import HEADER_BYTES, parse_link, segment_path
+from storage.journal import HEADER_BYTES, parse_location, segment_path
 from storage.staging import write_file
 
 __all__ = [
     "FileOriginalStore",
+    "PendingIndex",
     "clear_staging",
     "flush_pool",
     "fsync_all",
@@ -107,11 +109,31 @@ def fsync_all(paths: list[Path]) -> None:
         raise errors[0]
 
 
+class PendingIndex(Protocol):
+    """Where the index says originals not written out yet are (storage.abc.MetadataIndex
+    ``journal_locations``, ``pending_originals``, ``drop_journal_locations``)."""
+
+    def journal_locations(self, blob_key: str) -> list[str]: ...
+
+    def pending_originals(self) -> list[tuple[str, str]]: ...
+
+    def drop_journal_locations(self, blob_key: str) -> None: ...
+
+
 class FileOriginalStore:
     """:class:`storage.abc.OriginalStore` on a directory."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, staging: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        staging: Path | None = None,
+        index: PendingIndex | None = None,
+    ) -> None:
         self.root = root
+        #: Where originals still in an original journal are found (module docstring).
+        self.index = index
         self.fsync = fsync
         # ``staging`` must be on the same file system (default ``<root>/.staging``).
         self._staging = staging or root / ".staging"
@@ -166,18 +188,24 @@ class FileOriginalStore:
         return final
 
     def _journaled(self, key: str) -> bytes | None:
-        """The whole file of ``key`` from the original journal, if a pending link names
-        a record there that still holds it (a segment may have been reused since)."""
-        try:
-            parsed = parse_link(os.readlink(self.root / ".pending" / key))
-        except OSError:
+        """The whole file of ``key`` from an original journal, if the index names a
+        record there that still holds it (a segment may have been reused since)."""
+        if self.index is None or _CONTENT_KEY.fullmatch(key) is None:
             return None
+        for where in self.index.journal_locations(key):
+            body = self._record(key, where)
+            if body is not None:
+                return body
+        return None
+
+    def _record(self, key: str, where: str) -> bytes | None:
+        parsed = parse_location(where)
         if parsed is None:
             return None
         name, segment, offset, length, dataset_offset = parsed
         try:
             with segment_path(self.root / ".journal", name, segment).open("rb") as fp:
-                # (a link naming more than the segment holds is not ours to allocate for)
+                # (a location naming more than the segment holds is not ours to allocate for)
                 if offset + HEADER_BYTES + length > os.fstat(fp.fileno()).st_size:
                     return None
                 body = os.pread(fp.fileno(), length, offset + HEADER_BYTES)
@@ -247,16 +275,13 @@ class FileOriginalStore:
         """Write every original still only in an original journal as its ordinary
         file (not durable: the journal's checkpoint does that), for a reader of the
         directory tree such as a backup; how many."""
-        count = 0
-        try:
-            entries = list(os.scandir(self.root / ".pending"))
-        except FileNotFoundError:
+        if self.index is None:
             return 0
-        for entry in entries:
-            key = entry.name
+        count = 0
+        for key, where in self.index.pending_originals():
             if _CONTENT_KEY.fullmatch(key) is None or self._path(key).exists():
                 continue
-            body = self._journaled(key)
+            body = self._record(key, where)
             if body is not None and self.write_final(key, body):
                 count += 1
         return count
@@ -308,10 +333,10 @@ class FileOriginalStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-        # Not written out later either (the journal writes out only what the index
-        # still references; the link goes too, so readers stop finding it now).
-        with contextlib.suppress(OSError):
-            (self.root / ".pending" / key).unlink()
+        # A journaled copy is no longer served either (and not written out once no
+        # instance references the key: callers delete those rows first).
+        if self.index is not None and _CONTENT_KEY.fullmatch(key) is not None:
+            self.index.drop_journal_locations(key)
 
 
 @contextlib.contextmanager
@@ -378,9 +403,12 @@ def clear_staging(staging: Path) -> int:
     return removed
 
 
-def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalStore:
+def open_originals(
+    settings: Settings, *, staging_name: str = "", index: PendingIndex | None = None
+) -> OriginalStore:
     """Originals on the local file system (default), or in object storage when
-    ``storage.originals_url`` is an fsspec URL; staging stays local either way."""
+    ``storage.originals_url`` is an fsspec URL; staging stays local either way. Give
+    the ``index`` where originals still in a receiver's journal must be read."""
     storage = settings.storage
     assert storage.originals_dir is not None
     staging = staging_dir(settings, staging_name)
@@ -391,6 +419,7 @@ def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalSto
             root,
             fsync=storage.fsync,
             staging=root / ".staging" / staging_name if staging_name else None,
+            index=index,
         )
     if url:
         from storage.objectstore import ObjectOriginalStore
@@ -401,4 +430,5 @@ def open_originals(settings: Settings, *, staging_name: str = "") -> OriginalSto
             cache=storage.originals_dir / ".cache",
             storage_options=storage.storage_options,
         )
-    return FileOriginalStore(storage.originals_dir, fsync=storage.fsync, staging=staging)
+    return FileOriginalStore(storage.originals_dir, fsync=storage.fsync, staging=staging,
+                             index=index)

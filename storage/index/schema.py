@@ -216,6 +216,10 @@ journal_marks = Table(
     metadata,
     Column("journal", String(32), primary_key=True),
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    # The original's content key and where its record is: how readers find an original
+    # not written out yet (storage/originals.py).
+    Column("blob_key", String(64), nullable=False, index=True),
+    Column("location", String(160), nullable=False),
 )
 
 # IHE IOCM (migration 0008): one row per rejected SOP Instance UID, the authority for

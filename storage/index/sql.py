@@ -632,7 +632,10 @@ class SqlIndex:
             jobs.insert().values({k: bindparam(k) for k in _NEW_JOB_KEYS}), dialect
         )
         self._insert_mark = DirectStatement(
-            journal_marks.insert().values(journal=bindparam("journal"), seq=bindparam("seq")),
+            journal_marks.insert().values(
+                journal=bindparam("journal"), seq=bindparam("seq"),
+                blob_key=bindparam("key"), location=bindparam("location"),
+            ),
             dialect,
         )
 
@@ -765,7 +768,8 @@ class SqlIndex:
             )
         for item in corrections:
             self._correct_study(conn, item, now)
-        marks = [{"journal": i.journal_mark[0], "seq": i.journal_mark[1]}
+        marks = [{"journal": i.journal_mark[0], "seq": i.journal_mark[1], "key": i.blob_key,
+                  "location": i.journal_mark[2]}
                  for i in items if i.journal_mark is not None]
         if marks:  # whatever the outcome: the index has decided (storage/journal.py)
             self._insert_mark.execute(conn, marks)
@@ -1302,6 +1306,39 @@ class SqlIndex:
                     select(journal_marks.c.seq).where(journal_marks.c.journal == journal)
                 )
             }
+
+    def journal_locations(self, blob_key: str) -> list[str]:
+        referenced = exists().where(instances.c.blob_key == journal_marks.c.blob_key)
+        with self._read() as conn:
+            return [
+                str(loc)
+                for (loc,) in conn.execute(
+                    select(journal_marks.c.location)
+                    .where(journal_marks.c.blob_key == blob_key, journal_marks.c.location != "",
+                           referenced)
+                    .order_by(journal_marks.c.seq.desc())
+                )
+            ]
+
+    def pending_originals(self) -> list[tuple[str, str]]:
+        referenced = exists().where(instances.c.blob_key == journal_marks.c.blob_key)
+        with self._read() as conn:
+            return [
+                (str(key), str(loc))
+                for key, loc in conn.execute(
+                    select(journal_marks.c.blob_key, journal_marks.c.location)
+                    .where(journal_marks.c.location != "", referenced)
+                    .order_by(journal_marks.c.seq)
+                )
+            ]
+
+    def drop_journal_locations(self, blob_key: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(journal_marks)
+                .where(journal_marks.c.blob_key == blob_key, journal_marks.c.location != "")
+                .values(location="")
+            )
 
     def forget_journal_marks(self, journal: str, upto: int | None = None) -> None:
         condition = journal_marks.c.journal == journal

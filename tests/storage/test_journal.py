@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from core.errors import NotFoundError
 from core.settings import IndexSettings
@@ -21,7 +21,7 @@ from core.synthetic import write_ct_series
 from storage.archive import Archive, make_journal
 from storage.index.schema import instances, jobs, journal_marks
 from storage.index.sql import SqlIndex
-from storage.journal import OriginalJournal, parse_link, read_records, segment_path
+from storage.journal import OriginalJournal, parse_location, read_records, segment_path
 from storage.originals import FileOriginalStore
 from storage.staging import StagedFile, StagedWriter, stage_part10
 
@@ -114,7 +114,7 @@ def test_journaled_instance_is_readable_at_once_and_a_file_once_idle(
         written = _journal(archive).checkpoint()
         assert written == len(files)
         assert len(_dcm_files(tmp_path / "originals")) == len(files)
-        assert list((tmp_path / "originals" / ".pending").iterdir()) == []
+        assert index.pending_originals() == []  # marks dropped with the segment
         for st in staged:
             assert originals.path(st.key).read_bytes() == st.body
     finally:
@@ -213,7 +213,7 @@ def test_a_crashed_process_journal_is_written_out_by_the_next(
     try:
         assert _journal(again).directory == crashed  # taken over, segments reused
         assert len(_dcm_files(tmp_path / "originals")) == len(files)
-        assert list((tmp_path / "originals" / ".pending").iterdir()) == []
+        assert index.pending_originals() == []
         for acc in accepted:
             assert archive.originals.path(acc.key).is_file()
     finally:
@@ -394,18 +394,40 @@ def test_a_full_disk_keeps_records_journaled_until_space_returns(
         archive.close()
 
 
-def test_a_pending_link_naming_more_than_its_segment_is_not_read(
+def test_a_location_naming_more_than_its_segment_is_not_read(
     tmp_path: Path, index: SqlIndex, files: list[Path]
 ) -> None:
     archive = _archive(tmp_path, index)
     try:
         acc = archive.accept(_stage(archive, files[0]))
-        link = tmp_path / "originals" / ".pending" / acc.key
-        name, segment, offset, _length, dataset_offset = parse_link(os.readlink(link)) or (
+        (where,) = index.journal_locations(acc.key)
+        name, segment, offset, _length, dataset_offset = parse_location(where) or (
             "", 0, 0, 0, 0)
-        link.unlink()
-        link.symlink_to(f"{name}/{segment}:{offset}:{1 << 40}:{dataset_offset}")
+        with index.engine.begin() as conn:
+            conn.execute(update(journal_marks).values(
+                location=f"{name}/{segment}:{offset}:{1 << 40}:{dataset_offset}"))
         with pytest.raises(NotFoundError):  # neither read nor allocated for
             archive.originals.open(acc.key)
+    finally:
+        archive.close()
+
+
+def test_other_processes_read_a_journaled_original_through_the_index(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    archive = _archive(tmp_path, index)
+    try:
+        staged = _stage(archive, files[0])
+        acc = archive.accept(staged)
+        reader = FileOriginalStore(tmp_path / "originals", index=index)  # the API, the worker
+        with reader.open(acc.key) as fp:
+            assert fp.read() == staged.body
+        assert index.pending_originals() == [(acc.key, index.journal_locations(acc.key)[0])]
+        # A store given no index sees files only.
+        assert not FileOriginalStore(tmp_path / "originals").exists(acc.key)
+        # A backup's reader writes it out as the file it is about to become.
+        assert reader.write_out_pending() == 1
+        assert (tmp_path / "originals" / acc.key[:2] / acc.key[2:4] / f"{acc.key}.dcm"
+                ).read_bytes() == staged.body
     finally:
         archive.close()

@@ -3,7 +3,8 @@
 An instance kept in a receiver's original journal (storage/journal.py) is indexed
 without flushing the index's WAL; ``(journal, seq)`` is inserted in the same
 transaction, so that after a power cut the journal replays exactly the records whose
-commit was lost. Rows live until the record's segment is written out.
+commit was lost; with the original's key and the record's location, where readers find
+an original not written out yet. Rows live until the record's segment is written out.
 
 Revision ID: 0015_journal_marks
 Revises: 0014_pir_change_patients
@@ -26,9 +27,13 @@ def upgrade() -> None:
         "journal_marks",
         sa.Column("journal", sa.String(length=32), nullable=False),
         sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("blob_key", sa.String(length=64), nullable=False),
+        sa.Column("location", sa.String(length=160), nullable=False),
         sa.PrimaryKeyConstraint("journal", "seq", name=op.f("pk_journal_marks")),
     )
+    op.create_index(op.f("ix_journal_marks_blob_key"), "journal_marks", ["blob_key"])
 
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_journal_marks_blob_key"), table_name="journal_marks")
     op.drop_table("journal_marks")
