@@ -499,7 +499,7 @@ class OrderService:
         # New step ids continue the ones scheduling derived from the row key.
         for s in rec.item.steps:
             head = s.step_id.removeprefix("SPS").split(".")[0]
-            if s.step_id.startswith("SPS") and head.isdigit():
+            if s.step_id.startswith("SPS") and head.isascii() and head.isdigit():
                 return int(head)
         return abs(hash(rec.id)) % 10**8
 

@@ -117,7 +117,7 @@ class _DatasetReader:
     def read(self, offset: int, n: int) -> bytes:
         if self._body is not None:
             start = self._base + offset
-            return self._body[start : start + n]
+            return bytes(self._body[start : start + n])
         if offset + n <= len(self._head):
             return self._head[offset : offset + n]
         if self._fd is None:
@@ -427,7 +427,8 @@ class Archive:
         check_request_uids: bool = True,
         received_at: datetime | None = None,
     ) -> Accepted:
-        """Make a staged file durable and indexed, or quarantine it and raise.
+        """Make a staged file durable and indexed, or quarantine it and raise. An
+        in-memory staged file's buffer is released when this returns.
 
         Raises
         ------
@@ -435,6 +436,18 @@ class Archive:
             With the DIMSE/HTTP mapping of the failure; the file is then in the
             quarantine (or removed, for resource failures).
         """
+        try:
+            return self._accept(staged, calling_ae, check_request_uids, received_at)
+        finally:
+            staged.release()
+
+    def _accept(
+        self,
+        staged: StagedFile,
+        calling_ae: str,
+        check_request_uids: bool,
+        received_at: datetime | None,
+    ) -> Accepted:
         after: list[Callable[[], None]] = []
         ticket: Ticket | None = None
         received = received_at or datetime.now(UTC)
@@ -450,7 +463,7 @@ class Archive:
             if self.journal is not None and staged.body is not None:
                 ticket = self.journal.append(
                     staged.key, staged.body, staged.dataset_offset,
-                    _arrival(calling_ae, received),
+                    _arrival(calling_ae, received), aligned=staged.aligned_body(),
                 )
             if ticket is None:
                 staged.ensure_file()

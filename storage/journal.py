@@ -15,9 +15,11 @@ ordinary files once the receiver is idle, the way PostgreSQL checkpoints its WAL
 Layout, per receiving process (``<originals>/.journal/<name>/``, locked with ``flock``):
 ``segments`` files of ``segment_bytes`` each, zero-filled when the process starts (in
 the background: until one is ready, instances take the file path) and reused until it
-stops, when they are removed. A segment's first page is its header; a record is a
-64-byte header (magic, key, length, data set offset, sequence number, CRC), the whole
-Part-10 file and a little JSON about its arrival, padded to 4 KiB pages. After its
+stops, when they are removed. A segment's first page is its header; a record is a page
+with its header (magic, key, length, data set offset, sequence number, CRC) and a little
+JSON about its arrival, then the whole Part-10 file padded to 4 KiB pages, written with
+direct I/O from the receiver's page-aligned buffer where the file system allows it (no
+page-cache copy, and nothing for the ``fdatasync`` to write back). After its
 ``fdatasync`` the archive indexes the instance, with the record's *mark* (below) and
 location (``<name>/<segment>:<offset>:<length>:<data set offset>``) in the same
 transaction. :class:`storage.originals.FileOriginalStore` serves a key whose file is not
@@ -100,11 +102,15 @@ _HEADER = struct.Struct("<4s32sQIQII")
 #: metadata): indexed durably when they were written, so only ever written out.
 _LEGACY_MAGIC = b"PLJ1"
 _LEGACY = struct.Struct("<4s32sQII")
-HEADER_BYTES = 64
+#: A record's first page: its header, then its metadata; the Part-10 file follows on
+#: the next page, so that both can be written with direct I/O from page-aligned memory.
+HEADER_BYTES = 4096
+_LEGACY_HEADER_BYTES = 64
 _SEGMENT_MAGIC = b"PLS2"
 #: magic, journal id (16 bytes), first sequence number of this round, CRC-32
 _SEGMENT = struct.Struct("<4s16sQI")
-_MAX_META = 4096
+_MAX_META = HEADER_BYTES - _HEADER.size
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _ALIGN = 4096
 _ZERO_CHUNK = 4 << 20
 _ZEROS = bytes(4096)
@@ -179,11 +185,24 @@ class JournalOwner(Protocol):
 
 
 def _encode_header(key: str, length: int, dataset_offset: int, seq: int, meta: bytes) -> bytes:
+    """A record's first page: header, metadata, zeros."""
     raw = bytes.fromhex(key)
     crc = zlib.crc32(meta, zlib.crc32(
         _HEADER.pack(_MAGIC, raw, length, dataset_offset, seq, len(meta), 0)[:-4]))
-    head = _HEADER.pack(_MAGIC, raw, length, dataset_offset, seq, len(meta), crc)
+    head = _HEADER.pack(_MAGIC, raw, length, dataset_offset, seq, len(meta), crc) + meta
     return head + bytes(HEADER_BYTES - len(head))
+
+
+_local = threading.local()
+
+
+def _page(data: bytes) -> memoryview:
+    """``data`` (one page) in page-aligned memory, for direct I/O (one per thread)."""
+    page: mmap.mmap | None = getattr(_local, "page", None)
+    if page is None:
+        page = _local.page = mmap.mmap(-1, _ALIGN)
+    page[:] = data
+    return memoryview(page)
 
 
 def _encode_segment(journal: str, first_seq: int) -> bytes:
@@ -230,24 +249,23 @@ def read_records(
             head = fp.read(HEADER_BYTES)
             magic, raw, length, data_off, seq, meta_len, crc = _HEADER.unpack(
                 head[: _HEADER.size])
-            end_of_body = offset + HEADER_BYTES + length
             if not (
                 magic == _MAGIC
                 and seq >= first
                 and data_off <= length
                 and meta_len <= _MAX_META
-                and end_of_body + meta_len <= file_size
+                and offset + HEADER_BYTES + length <= file_size
             ):
                 offset += _ALIGN
                 continue
+            meta = head[_HEADER.size : _HEADER.size + meta_len]
             body = fp.read(length)
-            meta = fp.read(meta_len)
             if (
                 crc == zlib.crc32(meta, zlib.crc32(head[: _HEADER.size - 4]))
                 and hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex()
             ):
                 yield JournalRecord(raw.hex(), body, int(seq), _parse_meta(meta))
-                offset += _aligned(HEADER_BYTES + length + meta_len)
+                offset += HEADER_BYTES + _aligned(length)
             else:
                 offset += _ALIGN
 
@@ -271,7 +289,7 @@ def _parse_meta(raw: bytes) -> dict[str, str]:
 
 def _legacy_records(fp: io.BufferedReader, size: int, file_size: int) -> Iterator[JournalRecord]:
     offset = 0
-    while offset + HEADER_BYTES <= size:
+    while offset + _LEGACY_HEADER_BYTES <= size:
         fp.seek(offset)
         head = fp.read(_LEGACY.size)
         magic, raw, length, data_off, crc = _LEGACY.unpack(head)
@@ -279,15 +297,15 @@ def _legacy_records(fp: io.BufferedReader, size: int, file_size: int) -> Iterato
             magic == _LEGACY_MAGIC
             and crc == zlib.crc32(head[:-4])
             and data_off <= length
-            and offset + HEADER_BYTES + length <= file_size
+            and offset + _LEGACY_HEADER_BYTES + length <= file_size
         ):
             offset += _ALIGN
             continue
-        fp.seek(offset + HEADER_BYTES)
+        fp.seek(offset + _LEGACY_HEADER_BYTES)
         body = fp.read(length)
         if hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex():
             yield JournalRecord(raw.hex(), body)
-            offset += _aligned(HEADER_BYTES + length)
+            offset += _aligned(_LEGACY_HEADER_BYTES + length)
         else:
             offset += _ALIGN
 
@@ -342,6 +360,18 @@ def _write_id(directory: Path, journal: str) -> None:
     fsync_dir(directory)
 
 
+def _open_segment(path: Path) -> tuple[int, bool]:
+    """A segment opened for appends: with ``O_DIRECT`` where the file system allows it."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags), False
+
+
 class _Stopped(Exception):
     """The journal was closed while a segment was being made."""
 
@@ -372,6 +402,7 @@ class OriginalJournal:
         self._seq = 0
         self._cond = threading.Condition(threading.Lock())
         self._fds: list[int | None] = [None] * segments
+        self._direct = [False] * segments  # opened with O_DIRECT
         self._ready = [False] * segments
         self._fill = [0] * segments  # bytes written; 0 = free
         self._inflight = [0] * segments
@@ -487,12 +518,13 @@ class OriginalJournal:
                 return
             if not (path.exists() and path.stat().st_size == self.segment_bytes):
                 self._make(path)
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd, direct = _open_segment(path)
             with self._cond:
                 if self._closed:
                     os.close(fd)
                     return
                 self._fds[i] = fd
+                self._direct[i] = direct
                 self._ready[i] = True
 
     def _make(self, path: Path) -> None:
@@ -552,14 +584,23 @@ class OriginalJournal:
     # -- writing ------------------------------------------------------------------
 
     def append(
-        self, key: str, body: bytes, dataset_offset: int, meta: bytes = b""
+        self,
+        key: str,
+        body: bytes | memoryview,
+        dataset_offset: int,
+        meta: bytes = b"",
+        *,
+        aligned: memoryview | None = None,
     ) -> Ticket | None:
         """Write one record (not yet durable: :meth:`sync`); None when it cannot be
         taken now. Every ticket returned must be given back with :meth:`done`.
-        ``meta`` (up to 4 KiB) is kept for a replay (:meth:`JournalOwner.replay`)."""
+        ``meta`` (up to 4 KiB) is kept for a replay (:meth:`JournalOwner.replay`).
+        ``aligned``: ``body`` zero-padded to whole pages in page-aligned memory, which
+        direct I/O writes without a copy (a segment opened with ``O_DIRECT`` takes
+        nothing else)."""
         if len(meta) > _MAX_META:
             return None
-        need = _aligned(HEADER_BYTES + len(body) + len(meta))
+        need = HEADER_BYTES + _aligned(len(body))
         if need + _ALIGN > self.segment_bytes or not self.id:
             return None
         with self._cond:
@@ -571,6 +612,9 @@ class OriginalJournal:
                 if seg is None:
                     self._cond.notify_all()  # none free: write out the full ones now
                     return None
+            direct = self._direct[seg]
+            if direct and (aligned is None or len(aligned) != need - HEADER_BYTES):
+                return None
             offset = self._fill[seg]
             self._fill[seg] += need
             self._inflight[seg] += 1
@@ -580,19 +624,25 @@ class OriginalJournal:
             fd = self._fds[seg]
             ticket = Ticket(seg, offset, len(body), dataset_offset, self._seq)
         assert fd is not None
-        # Whole pages only: a page written in part would first be read from the device
-        # (the segment's pages are not cached: it was zero-filled with direct I/O).
-        pad = _ZEROS[: need - HEADER_BYTES - len(body) - len(meta)]
-        parts = [_encode_header(key, len(body), dataset_offset, ticket.seq, meta), body,
-                 meta, pad]
+        head = _encode_header(key, len(body), dataset_offset, ticket.seq, meta)
+        parts: list[bytes | memoryview]
+        if direct:
+            # From the receiver's own buffer to the device: no page-cache copy, and
+            # the fdatasync has no dirty pages to write, only the device to flush.
+            assert aligned is not None
+            parts = [_page(head), aligned]
+        else:
+            # Whole pages only: a page written in part would first be read from the
+            # device (the segment's pages are not cached: it was zero-filled directly).
+            parts = [head, body, _ZEROS[: need - HEADER_BYTES - len(body)]]
         try:
-            written = os.pwritev(fd, parts, offset) - len(pad)
+            written = os.pwritev(fd, parts, offset)
         except OSError:
             written = -1
         except BaseException:
             self.done(ticket)
             raise
-        if written != HEADER_BYTES + len(body) + len(meta):
+        if written != need:
             # (an I/O error: the instance takes the file path, which reports its own)
             logger.error("write to original journal %s failed", self.name)
             self.done(ticket)
@@ -610,7 +660,7 @@ class OriginalJournal:
         fd = self._fds[seg]
         assert fd is not None
         try:
-            os.pwrite(fd, _encode_segment(self.id, self._seq + 1), 0)
+            os.pwrite(fd, _page(_encode_segment(self.id, self._seq + 1)), 0)
         except OSError:
             logger.error("write to original journal %s failed", self.name)
             return None
@@ -699,7 +749,7 @@ class OriginalJournal:
             fd = self._fds[seg]
             if fd is None:
                 raise OSError("original journal closed")
-            os.pwrite(fd, bytes(_ALIGN), 0)
+            os.pwrite(fd, _page(_ZEROS), 0)
             os.fdatasync(fd)
         try:
             owner.forget(self.id, upto)

@@ -19,7 +19,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -105,7 +105,34 @@ class StagedFile:
     tail: bytes = b""
     #: The whole file, when it was kept in memory (``StagedWriter(in_memory=True)``):
     #: then nothing is at ``path`` until :meth:`ensure_file` writes it there.
-    body: bytes | None = None
+    body: bytes | memoryview | None = None
+    #: The pooled page-aligned buffer ``body`` is a view of, until :meth:`release`.
+    buffer: mmap.mmap | None = field(default=None, compare=False, repr=False)
+
+    def aligned_body(self) -> memoryview | None:
+        """``body`` zero-padded to whole 4 KiB pages, in its page-aligned buffer (what
+        direct I/O can write without a copy); None when it is not in one."""
+        if self.buffer is None or self.body is None:
+            return None
+        n = len(self.body)
+        end = -(-n // _BLOCK) * _BLOCK
+        if end > len(self.buffer):
+            return None
+        self.buffer[n:end] = bytes(end - n)
+        return memoryview(self.buffer)[:end]
+
+    def release(self) -> None:
+        """Give the in-memory buffer back to the pool (the caller is done with
+        ``body``: the archive, once it has accepted or refused the instance)."""
+        buf = self.buffer
+        if buf is None:
+            return
+        body = self.body
+        object.__setattr__(self, "buffer", None)
+        object.__setattr__(self, "body", None)
+        if isinstance(body, memoryview):
+            body.release()
+        _POOL.give(buf)
 
     def ensure_file(self) -> Path:
         """``path``, written from ``body`` first if the file is only in memory."""
@@ -155,7 +182,8 @@ class _BufferPool:
             if len(self._free) < self._keep:
                 self._free.append(buf)
                 return
-        buf.close()
+        with contextlib.suppress(BufferError):  # a view still exported: unmapped with it
+            buf.close()
 
 
 _POOL = _BufferPool()
@@ -342,9 +370,13 @@ class StagedWriter:
 
     def finish(self, *, fsync: bool = True) -> StagedFile:
         assert self._buf is not None
-        body: bytes | None = None
+        body: bytes | memoryview | None = None
+        kept: mmap.mmap | None = None
         if self._in_memory and self._fd is None:
-            body = self._buf[: self._fill]
+            # A view, not a copy: the buffer goes with the staged file until its
+            # release (the journal writes it to the device as it is).
+            kept = self._buf
+            body = memoryview(kept)[: self._fill]
             self._fill = 0
         try:
             if body is None and self._fd is None:
@@ -364,6 +396,8 @@ class StagedWriter:
             self.abort()
             raise _translate(exc) from exc
         self._fd = None
+        if kept is not None:
+            self._buf = None  # (the staged file's now)
         self._release()
         cls, inst, ts = self._ids
         data_size = self._size - self._offset
@@ -379,6 +413,7 @@ class StagedWriter:
             data_size <= HEAD_BYTES,
             self._tail,
             body,
+            kept,
         )
 
     def _release(self) -> None:

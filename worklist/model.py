@@ -167,7 +167,7 @@ def make_item(
     distinct: patient id ``P<accession>``, requested procedure id ``RP<accession>``,
     one step ``SPS<accession>`` and a Study Instance UID under the DICOM example root.
     """
-    digits = str(int("".join(ch for ch in accession_number if ch.isdigit()) or "0"))
+    digits = str(int("".join(ch for ch in accession_number if "0" <= ch <= "9") or "0"))
     if steps is None:
         steps = [
             ScheduledProcedureStep(

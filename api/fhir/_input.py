@@ -58,7 +58,8 @@ class BodyTooLargeError(ServiceError):
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if (declared is not None and declared.isascii() and declared.isdigit()
+            and int(declared) > limit):
         raise BodyTooLargeError(f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0

@@ -108,7 +108,8 @@ def read_endpoint(request: Request) -> JSONResponse:
 def pk_of_patient(ident: str) -> int:
     """The ``patients`` row a Patient id names (ids are row keys); an id that cannot be
     one names no patient."""
-    return int(ident) if ident.isdigit() and len(ident) <= 18 else _NO_PATIENT
+    # (isascii: str.isdigit accepts superscripts, which int() refuses)
+    return int(ident) if ident.isascii() and ident.isdigit() and len(ident) <= 18 else _NO_PATIENT
 
 
 def _identifier_matches(raw: str) -> list[Match]:
@@ -387,7 +388,7 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
 @router.get("/Patient/{id}", summary="Read Patient", responses=_FHIR_RESPONSES)
 def read_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
     check_accept(request)
-    if not id.isdigit() or len(id) > 18:
+    if not (id.isascii() and id.isdigit()) or len(id) > 18:
         raise NotFoundError("no such Patient")
     rows = index.find(Query(level="patient", patient_pk=int(id)))
     if not rows:

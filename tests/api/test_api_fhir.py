@@ -173,3 +173,14 @@ def test_xml_is_not_acceptable(client: TestClient) -> None:
     r = client.get("/fhir/metadata", headers={"Accept": "application/fhir+xml"})
     assert r.status_code == 406
     OperationOutcome.model_validate(r.json())
+
+
+def test_a_patient_id_of_non_ascii_digits_is_404_not_500(client: TestClient) -> None:
+    # str.isdigit() accepts "³" and "²", which int() refuses (schemathesis found it).
+    for ident in ("³", "1²"):
+        assert client.get(f"/fhir/Patient/{ident}").status_code == 404
+        assert client.put(f"/fhir/Patient/{ident}", json={"resourceType": "Patient"},
+                          headers={"Content-Type": "application/fhir+json"}
+                          ).status_code in (401, 403, 404)
+    r = client.get("/fhir/ImagingStudy", params={"patient": "Patient/³"})
+    assert r.status_code == 400 or (r.status_code == 200 and r.json().get("total", 0) == 0)

@@ -21,7 +21,13 @@ from core.synthetic import write_ct_series
 from storage.archive import Archive, make_journal
 from storage.index.schema import instances, jobs, journal_marks
 from storage.index.sql import SqlIndex
-from storage.journal import OriginalJournal, parse_location, read_records, segment_path
+from storage.journal import (
+    HEADER_BYTES,
+    OriginalJournal,
+    parse_location,
+    read_records,
+    segment_path,
+)
 from storage.originals import FileOriginalStore
 from storage.staging import StagedFile, StagedWriter, stage_part10
 
@@ -98,12 +104,14 @@ def test_journaled_instance_is_readable_at_once_and_a_file_once_idle(
     archive = _archive(tmp_path, index)
     try:
         staged = [_stage(archive, f) for f in files]
+        bodies = [bytes(s.body or b"") for s in staged]  # (accept releases the buffer)
         accepted = [archive.accept(s) for s in staged]
+        assert all(s.body is None for s in staged)
         originals = archive.originals
         assert _dcm_files(tmp_path / "originals") == []  # nothing but the journal yet
-        for st, acc in zip(staged, accepted, strict=True):
+        for body, acc in zip(bodies, accepted, strict=True):
             with originals.open(acc.key) as fp:
-                assert fp.read() == st.body
+                assert fp.read() == body
             assert originals.exists(acc.key)
         # A caller that needs a file (SimpleITK, storescu) gets one.
         first = originals.path(accepted[0].key)
@@ -115,10 +123,46 @@ def test_journaled_instance_is_readable_at_once_and_a_file_once_idle(
         assert written == len(files)
         assert len(_dcm_files(tmp_path / "originals")) == len(files)
         assert index.pending_originals() == []  # marks dropped with the segment
-        for st in staged:
-            assert originals.path(st.key).read_bytes() == st.body
+        for body, st in zip(bodies, staged, strict=True):
+            assert originals.path(st.key).read_bytes() == body
     finally:
         archive.close()
+
+
+def test_direct_and_buffered_appends_write_the_same_records(
+    tmp_path: Path, index: SqlIndex, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct-I/O append (from the receiver's page-aligned buffer) against the
+    buffered one it replaces where the file system has no O_DIRECT: byte for byte."""
+    import storage.journal as journal_module
+
+    segments: dict[str, bytes] = {}
+    for mode in ("direct", "buffered"):
+        if mode == "buffered":
+            monkeypatch.setattr(journal_module, "_O_DIRECT", 0)
+        root = tmp_path / mode
+        archive = _archive(root, index)
+        journal = _journal(archive)
+        assert journal._direct[0] is (mode == "direct")
+        journal.idle_s = 3600
+        journal.id = "0" * 32  # (the same ids and sequence numbers in both)
+        try:
+            for f in files:
+                staged = _stage(archive, f)
+                assert staged.body is not None
+                ticket = journal.append(staged.key, staged.body, staged.dataset_offset,
+                                        b'{"ae":"X"}', aligned=staged.aligned_body())
+                assert ticket is not None
+                journal.sync(ticket)
+                journal.done(ticket)
+                staged.release()
+            seg = segment_path(journal.journals, journal.name, 0)
+            segments[mode] = seg.read_bytes()[: journal._fill[0]]
+            assert len(list(read_records(seg))) == len(files)
+        finally:
+            journal.id = ""  # (nothing of it is indexed: no write-out at close)
+            archive.close()
+    assert segments["direct"] == segments["buffered"]
 
 
 def test_records_the_index_does_not_reference_are_never_written_out(
@@ -132,7 +176,8 @@ def test_records_the_index_does_not_reference_are_never_written_out(
         # came before the row): not an original.
         orphan = _stage(archive, files[1])
         assert orphan.body is not None
-        ticket = journal.append(orphan.key, orphan.body, orphan.dataset_offset)
+        ticket = journal.append(orphan.key, orphan.body, orphan.dataset_offset,
+                                aligned=orphan.aligned_body())
         assert ticket is not None
         journal.sync(ticket)
         journal.done(ticket)
@@ -192,11 +237,12 @@ def _accept_marked(archive: Archive, path: Path) -> str:
     journal = _journal(archive)
     before = journal._seq
     staged = _stage(archive, path)
+    assert staged.body is not None
+    body = bytes(staged.body)
     acc = archive.accept(staged)
     assert journal._seq == before + 1  # journaled, not the file path
     _MARKS[acc.key] = (journal.id, journal._seq)
-    assert staged.body is not None
-    _BODIES[acc.key] = staged.body
+    _BODIES[acc.key] = body
     return acc.key
 
 
@@ -337,7 +383,7 @@ def test_torn_records_are_skipped(tmp_path: Path, index: SqlIndex, files: list[P
         seg = segment_path(journal.journals, journal.name, 0)
         data = bytearray(seg.read_bytes())
         second = data.index(bytes.fromhex(torn.key)) - 4  # its header
-        data[second + 64 + 500] ^= 0xFF  # a byte of the data set
+        data[second + HEADER_BYTES + 500] ^= 0xFF  # a byte of the data set
         seg.write_bytes(bytes(data))
         assert [r.key for r in read_records(seg)] == [good.key]
         # The reader sees the damage too, and does not serve it.
@@ -418,16 +464,17 @@ def test_other_processes_read_a_journaled_original_through_the_index(
     archive = _archive(tmp_path, index)
     try:
         staged = _stage(archive, files[0])
+        body = bytes(staged.body or b"")
         acc = archive.accept(staged)
         reader = FileOriginalStore(tmp_path / "originals", index=index)  # the API, the worker
         with reader.open(acc.key) as fp:
-            assert fp.read() == staged.body
+            assert fp.read() == body
         assert index.pending_originals() == [(acc.key, index.journal_locations(acc.key)[0])]
         # A store given no index sees files only.
         assert not FileOriginalStore(tmp_path / "originals").exists(acc.key)
         # A backup's reader writes it out as the file it is about to become.
         assert reader.write_out_pending() == 1
         assert (tmp_path / "originals" / acc.key[:2] / acc.key[2:4] / f"{acc.key}.dcm"
-                ).read_bytes() == staged.body
+                ).read_bytes() == body
     finally:
         archive.close()
