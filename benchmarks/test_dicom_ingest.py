@@ -264,7 +264,9 @@ def _journals_ready(work: Path, proc: subprocess.Popen[bytes], timeout: float = 
     stable = 0
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the server exited"
-        dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+        # (a journal marked clean is no process's: stopped, or left by a race at start)
+        dirs = ([d for d in root.iterdir() if d.is_dir() and not (d / "clean").exists()]
+                if root.is_dir() else [])
         done = all(len(list(d.glob("seg-[0-9][0-9][0-9]"))) == 8 and not any(d.glob("*.new"))
                    for d in dirs)
         stable = stable + 1 if done else 0

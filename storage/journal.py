@@ -489,6 +489,10 @@ class OriginalJournal:
     def _adopt(self, directory: Path) -> int:
         if (directory / "clean").exists():
             return 0  # stopped cleanly (or just taken by a process that will remove it)
+        if not any(directory.glob("seg-*")):
+            # Nothing to recover; and not locked for nothing: a process starting at
+            # this moment may have made the directory and not yet locked it.
+            return 0
         try:
             fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -6,6 +6,7 @@ after a crash by the next process; never an original the index does not referenc
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 from collections.abc import Iterator
@@ -218,7 +219,7 @@ def _lose_commit(index: SqlIndex, key: str) -> None:
             select(instances.c.sop_instance_uid).where(instances.c.blob_key == key))]
         conn.execute(delete(jobs).where(jobs.c.target.in_(uids)))
         conn.execute(delete(instances).where(instances.c.blob_key == key))
-    journal_id, seq = _mark_of(index, key)
+    journal_id, seq = _MARKS[key]
     with index.engine.begin() as conn:
         conn.execute(delete(journal_marks).where(
             (journal_marks.c.journal == journal_id) & (journal_marks.c.seq == seq)))
@@ -226,10 +227,6 @@ def _lose_commit(index: SqlIndex, key: str) -> None:
 
 _MARKS: dict[str, tuple[str, int]] = {}
 _BODIES: dict[str, bytes] = {}
-
-
-def _mark_of(index: SqlIndex, key: str) -> tuple[str, int]:
-    return _MARKS[key]
 
 
 def _accept_marked(archive: Archive, path: Path) -> str:
@@ -348,6 +345,25 @@ def test_what_was_deleted_or_written_out_is_never_replayed(
         assert not any(index.blob_referenced(k) for k in old[1:])
     finally:
         again.close()
+
+
+def test_a_journal_directory_with_no_segment_is_not_taken_by_another_process(
+    tmp_path: Path, index: SqlIndex
+) -> None:
+    # Another process starting at this moment: its directory made, not yet locked.
+    starting = tmp_path / "originals" / ".journal" / "other-0"
+    starting.mkdir(parents=True)
+    (starting / "lock").touch()
+    archive = _archive(tmp_path, index)
+    try:
+        assert not (starting / "clean").exists()  # neither adopted nor marked
+        fd = os.open(starting / "lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and free for its owner
+        finally:
+            os.close(fd)
+    finally:
+        archive.close()
 
 
 def test_a_clean_stop_leaves_files_and_a_journal_not_read_again(
