@@ -131,7 +131,8 @@ class StagedFile:
         object.__setattr__(self, "buffer", None)
         object.__setattr__(self, "body", None)
         if isinstance(body, memoryview):
-            body.release()
+            with contextlib.suppress(BufferError):  # (still exported: dropped with it)
+                body.release()
         _POOL.give(buf)
 
     def ensure_file(self) -> Path:
