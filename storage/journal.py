@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import fcntl
 import hashlib
 import io
@@ -80,6 +79,7 @@ from pathlib import Path
 from typing import Protocol
 
 from storage._flush import SharedFlush, fsync_dir
+from storage.staging import open_direct, write_all
 
 __all__ = [
     "HEADER_BYTES",
@@ -88,6 +88,7 @@ __all__ = [
     "OriginalJournal",
     "Ticket",
     "parse_location",
+    "read_record",
     "read_records",
     "syncfs",
 ]
@@ -96,7 +97,8 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"PLJ2"
 #: magic, key (SHA-256, 32 bytes), file length, data set offset, sequence number,
-#: metadata length, CRC-32 of the rest and of the metadata (which follows the file)
+#: metadata length, CRC-32 of the rest and of the metadata (which follows it, in the
+#: same page)
 _HEADER = struct.Struct("<4s32sQIQII")
 #: The records of a journal written before marks existed (no segment header, no
 #: metadata): indexed durably when they were written, so only ever written out.
@@ -110,7 +112,6 @@ _SEGMENT_MAGIC = b"PLS2"
 #: magic, journal id (16 bytes), first sequence number of this round, CRC-32
 _SEGMENT = struct.Struct("<4s16sQI")
 _MAX_META = HEADER_BYTES - _HEADER.size
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _ALIGN = 4096
 _ZERO_CHUNK = 4 << 20
 _ZEROS = bytes(4096)
@@ -224,6 +225,12 @@ def segment_journal(fp: io.BufferedReader) -> tuple[str, int] | None:
     return raw.hex(), int(first)
 
 
+def _intact(body: bytes, dataset_offset: int, key: str) -> bool:
+    """Whether ``body`` is the whole original of ``key`` (its data set's SHA-256): a
+    record torn by a crash, or overwritten since its location was read, is not."""
+    return hashlib.sha256(memoryview(body)[dataset_offset:]).hexdigest() == key
+
+
 def read_records(
     path: Path, end: int | None = None, *, journal: str | None = None
 ) -> Iterator[JournalRecord]:
@@ -262,7 +269,7 @@ def read_records(
             body = fp.read(length)
             if (
                 crc == zlib.crc32(meta, zlib.crc32(head[: _HEADER.size - 4]))
-                and hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex()
+                and _intact(body, data_off, raw.hex())
             ):
                 yield JournalRecord(raw.hex(), body, int(seq), _parse_meta(meta))
                 offset += HEADER_BYTES + _aligned(length)
@@ -303,7 +310,7 @@ def _legacy_records(fp: io.BufferedReader, size: int, file_size: int) -> Iterato
             continue
         fp.seek(offset + _LEGACY_HEADER_BYTES)
         body = fp.read(length)
-        if hashlib.sha256(memoryview(body)[data_off:]).hexdigest() == raw.hex():
+        if _intact(body, data_off, raw.hex()):
             yield JournalRecord(raw.hex(), body)
             offset += _aligned(_LEGACY_HEADER_BYTES + length)
         else:
@@ -333,6 +340,26 @@ def segment_path(journals: Path, name: str, segment: int) -> Path:
     return journals / name / f"seg-{segment:03d}"
 
 
+def read_record(journals: Path, where: str, key: str) -> bytes | None:
+    """The whole original of ``key`` from the record at ``where`` (a location the index
+    keeps) under ``journals``, if that record still holds it."""
+    parsed = parse_location(where)
+    if parsed is None:
+        return None
+    name, segment, offset, length, dataset_offset = parsed
+    try:
+        with segment_path(journals, name, segment).open("rb") as fp:
+            # (a location naming more than the segment holds is not ours to allocate for)
+            if offset + HEADER_BYTES + length > os.fstat(fp.fileno()).st_size:
+                return None
+            body = os.pread(fp.fileno(), length, offset + HEADER_BYTES)
+    except OSError:
+        return None
+    if len(body) != length or not _intact(body, dataset_offset, key):
+        return None
+    return body
+
+
 def _mark_clean(directory: Path) -> None:
     """Everything ``directory`` holds is written out and durable (a clean stop)."""
     (directory / "clean").touch()
@@ -358,18 +385,6 @@ def _write_id(directory: Path, journal: str) -> None:
         os.close(fd)
     os.replace(tmp, directory / "id")
     fsync_dir(directory)
-
-
-def _open_segment(path: Path) -> tuple[int, bool]:
-    """A segment opened for appends: with ``O_DIRECT`` where the file system allows it."""
-    flags = os.O_RDWR | os.O_CLOEXEC
-    if _O_DIRECT:
-        try:
-            return os.open(path, flags | _O_DIRECT), True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-    return os.open(path, flags), False
 
 
 class _Stopped(Exception):
@@ -418,9 +433,9 @@ class OriginalJournal:
 
     def open(self) -> int:
         """Take a journal (``<base>-0``, ``-1``, …: the first no live process holds),
-        write out what it and the journals of stopped processes hold that the index
-        references (nothing after a clean stop), and make sure they are durable files
-        before anything new is appended. How many records were written out."""
+        replay what it and the journals of stopped processes hold that the index lost,
+        write out what it references (nothing after a clean stop), and make sure they
+        are durable files before anything new is appended. How many records were read."""
         self.journals.mkdir(parents=True, exist_ok=True)
         for n in range(1024):
             directory = self.journals / f"{self.base}-{n}"
@@ -522,7 +537,7 @@ class OriginalJournal:
                 return
             if not (path.exists() and path.stat().st_size == self.segment_bytes):
                 self._make(path)
-            fd, direct = _open_segment(path)
+            fd, direct = open_direct(path, os.O_RDWR | os.O_CLOEXEC)
             with self._cond:
                 if self._closed:
                     os.close(fd)
@@ -536,25 +551,14 @@ class OriginalJournal:
         own. With direct I/O where the file system allows it: gigabytes of zeros would
         otherwise crowd the page cache and make the closing fsync long."""
         tmp = path.with_suffix(".new")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags | getattr(os, "O_DIRECT", 0), 0o644)
-        except OSError:
-            fd = os.open(tmp, flags, 0o644)
+        fd, direct = open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
         zeros = mmap.mmap(-1, _ZERO_CHUNK)  # page-aligned, and zero
         try:
             for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
                 if self._closed:
                     raise _Stopped
-                n = min(_ZERO_CHUNK, self.segment_bytes - offset)
-                try:
-                    os.pwrite(fd, memoryview(zeros)[:n], offset)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL)
-                                & ~getattr(os, "O_DIRECT", 0))
-                    os.pwrite(fd, memoryview(zeros)[:n], offset)
+                direct = write_all(fd, zeros, min(_ZERO_CHUNK, self.segment_bytes - offset),
+                                   direct)
             os.fsync(fd)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk, or stopping: give the space back

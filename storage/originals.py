@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import re
@@ -44,7 +43,7 @@ from core.errors import NotFoundError, OutOfResourcesError
 from core.settings import Settings
 from storage._flush import SharedFlush, fsync_dir
 from storage.abc import OriginalStore
-from storage.journal import HEADER_BYTES, parse_location, segment_path
+from storage.journal import read_record
 from storage.staging import write_file
 
 __all__ = [
@@ -193,29 +192,10 @@ class FileOriginalStore:
         if self.index is None or _CONTENT_KEY.fullmatch(key) is None:
             return None
         for where in self.index.journal_locations(key):
-            body = self._record(key, where)
+            body = read_record(self.root / ".journal", where, key)
             if body is not None:
                 return body
         return None
-
-    def _record(self, key: str, where: str) -> bytes | None:
-        parsed = parse_location(where)
-        if parsed is None:
-            return None
-        name, segment, offset, length, dataset_offset = parsed
-        try:
-            with segment_path(self.root / ".journal", name, segment).open("rb") as fp:
-                # (a location naming more than the segment holds is not ours to allocate for)
-                if offset + HEADER_BYTES + length > os.fstat(fp.fileno()).st_size:
-                    return None
-                body = os.pread(fp.fileno(), length, offset + HEADER_BYTES)
-        except OSError:
-            return None
-        if len(body) != length or hashlib.sha256(
-            memoryview(body)[dataset_offset:]
-        ).hexdigest() != key:
-            return None
-        return body
 
     def _fanout(self, final: Path, *, track: bool = True) -> None:
         """Make ``final``'s fan-out directory; with ``track``, note the directories
@@ -281,7 +261,7 @@ class FileOriginalStore:
         for key, where in self.index.pending_originals():
             if _CONTENT_KEY.fullmatch(key) is None or self._path(key).exists():
                 continue
-            body = self._record(key, where)
+            body = read_record(self.root / ".journal", where, key)
             if body is not None and self.write_final(key, body):
                 count += 1
         return count

@@ -33,9 +33,11 @@ __all__ = [
     "IMPLEMENTATION_VERSION",
     "StagedFile",
     "StagedWriter",
+    "open_direct",
     "part10_prefix",
     "read_file_meta",
     "stage_part10",
+    "write_all",
     "write_file",
 ]
 
@@ -112,14 +114,10 @@ class StagedFile:
     def aligned_body(self) -> memoryview | None:
         """``body`` zero-padded to whole 4 KiB pages, in its page-aligned buffer (what
         direct I/O can write without a copy); None when it is not in one."""
-        if self.buffer is None or self.body is None:
+        if self.buffer is None or self.body is None or len(self.body) > len(self.buffer):
             return None
-        n = len(self.body)
-        end = -(-n // _BLOCK) * _BLOCK
-        if end > len(self.buffer):
-            return None
-        self.buffer[n:end] = bytes(end - n)
-        return memoryview(self.buffer)[:end]
+        # (the buffer is whole pages: padding never runs past it)
+        return memoryview(self.buffer)[: _padded(self.buffer, len(self.body), True)]
 
     def release(self) -> None:
         """Give the in-memory buffer back to the pool (the caller is done with
@@ -190,18 +188,24 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
+def open_direct(path: Path, flags: int, mode: int = 0o644) -> tuple[int, bool]:
+    """``os.open`` with ``O_DIRECT`` where the file system allows it; whether it did
+    (the staged files here, the original journal's segments)."""
+    if _O_DIRECT:
+        try:
+            return os.open(path, flags | _O_DIRECT, mode), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, mode), False
+
+
 def _open_for_writing(path: Path) -> tuple[int, bool]:
     """A new file at ``path``: with ``O_DIRECT`` where the file system allows it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | _O_DIRECT, 0o644), bool(_O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    return os.open(path, flags, 0o644), False
+    return open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
 
 
-def _write_all(fd: int, buf: mmap.mmap, length: int, direct: bool) -> bool:
+def write_all(fd: int, buf: mmap.mmap, length: int, direct: bool) -> bool:
     """Write ``buf[:length]``; whether direct I/O is still on (a file system may refuse it
     only at the first write, and then the file carries on buffered)."""
     out = memoryview(buf)[:length]
@@ -240,7 +244,7 @@ def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> 
         while pos < len(view):
             n = min(len(view) - pos, _BUFFER)  # (padding only the last: whole blocks)
             buf[:n] = view[pos : pos + n]
-            direct = _write_all(fd, buf, _padded(buf, n, direct), direct)
+            direct = write_all(fd, buf, _padded(buf, n, direct), direct)
             pos += n
         os.ftruncate(fd, len(view))
         if fsync:
@@ -320,7 +324,7 @@ class StagedWriter:
         if self._fd is None:  # in memory until now
             self._fd, self._direct = _open_for_writing(self.path)
         assert self._buf is not None
-        self._direct = _write_all(self._fd, self._buf, length, self._direct)
+        self._direct = write_all(self._fd, self._buf, length, self._direct)
 
     def write(self, data: bytes | memoryview) -> None:
         try:

@@ -135,12 +135,12 @@ def test_direct_and_buffered_appends_write_the_same_records(
 ) -> None:
     """The direct-I/O append (from the receiver's page-aligned buffer) against the
     buffered one it replaces where the file system has no O_DIRECT: byte for byte."""
-    import storage.journal as journal_module
+    import storage.staging as staging_module
 
     segments: dict[str, bytes] = {}
     for mode in ("direct", "buffered"):
         if mode == "buffered":
-            monkeypatch.setattr(journal_module, "_O_DIRECT", 0)
+            monkeypatch.setattr(staging_module, "_O_DIRECT", 0)
         root = tmp_path / mode
         archive = _archive(root, index)
         journal = _journal(archive)
