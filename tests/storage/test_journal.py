@@ -479,18 +479,31 @@ def test_other_processes_read_a_journaled_original_through_the_index(
 ) -> None:
     archive = _archive(tmp_path, index)
     try:
-        staged = _stage(archive, files[0])
-        body = bytes(staged.body or b"")
-        acc = archive.accept(staged)
+        # Three originals from the same series, one deleted: every lookup must name
+        # its own record and skip what no instance references any more.
+        keys = [_accept_marked(archive, f) for f in files[:3]]
+        with index.engine.begin() as conn:
+            conn.execute(delete(instances).where(instances.c.blob_key == keys[1]))
         reader = FileOriginalStore(tmp_path / "originals", index=index)  # the API, the worker
-        with reader.open(acc.key) as fp:
-            assert fp.read() == body
-        assert index.pending_originals() == [(acc.key, index.journal_locations(acc.key)[0])]
+        for key in (keys[0], keys[2]):
+            with reader.open(key) as fp:
+                assert fp.read() == _BODIES[key]
+        assert index.journal_locations(keys[1]) == []
+        assert not reader.exists(keys[1])
+        locations = {k: index.journal_locations(k) for k in (keys[0], keys[2])}
+        assert all(len(v) == 1 for v in locations.values())
+        assert locations[keys[0]] != locations[keys[2]]
+        assert index.pending_originals() == [(k, locations[k][0]) for k in (keys[0], keys[2])]
         # A store given no index sees files only.
-        assert not FileOriginalStore(tmp_path / "originals").exists(acc.key)
-        # A backup's reader writes it out as the file it is about to become.
-        assert reader.write_out_pending() == 1
-        assert (tmp_path / "originals" / acc.key[:2] / acc.key[2:4] / f"{acc.key}.dcm"
-                ).read_bytes() == body
+        assert not FileOriginalStore(tmp_path / "originals").exists(keys[0])
+        # A backup's reader writes them out as the files they are about to become.
+        assert reader.write_out_pending() == 2
+        for key in (keys[0], keys[2]):
+            assert (tmp_path / "originals" / key[:2] / key[2:4] / f"{key}.dcm"
+                    ).read_bytes() == _BODIES[key]
+        # Deleting one original forgets its location only.
+        reader.delete(keys[0])
+        assert index.journal_locations(keys[0]) == []
+        assert index.journal_locations(keys[2]) == locations[keys[2]]
     finally:
         archive.close()
