@@ -415,7 +415,12 @@ class OriginalJournal:
         #: This incarnation's id (hex), new at each :meth:`open`; records' marks name it.
         self.id = ""
         self._seq = 0
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        #: Signalled when a segment's last record in flight is indexed, for a checkpoint
+        #: waiting on it. Apart from ``_cond`` (same lock) so that the checkpoint thread
+        #: is not woken by every instance: that cost a thread switch per instance.
+        self._drained = threading.Condition(lock)
         self._fds: list[int | None] = [None] * segments
         self._direct = [False] * segments  # opened with O_DIRECT
         self._ready = [False] * segments
@@ -691,7 +696,8 @@ class OriginalJournal:
         """The record is indexed (or given up)."""
         with self._cond:
             self._inflight[ticket.segment] -= 1
-            self._cond.notify_all()
+            if not self._inflight[ticket.segment]:
+                self._drained.notify_all()
 
     # -- writing out --------------------------------------------------------------
 
@@ -727,7 +733,7 @@ class OriginalJournal:
 
     def checkpoint(self, segments: list[int] | None = None) -> int:
         """Write out ``segments`` (default: every used one) and free them; how many
-        records were written out."""
+        records they held (the owner writes out those the index references)."""
         with self._cond:
             if segments is None:
                 segments = [i for i, fill in enumerate(self._fill) if fill]
@@ -735,7 +741,7 @@ class OriginalJournal:
                 if seg == self._current:
                     self._current = None  # appends go on in another segment
             while any(self._inflight[seg] for seg in segments):
-                self._cond.wait()
+                self._drained.wait()
             ends = {seg: self._fill[seg] for seg in segments}
             upto = max((self._last_seq[seg] for seg in segments), default=0) + 1
         if not segments:

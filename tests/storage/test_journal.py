@@ -9,6 +9,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -505,5 +506,45 @@ def test_other_processes_read_a_journaled_original_through_the_index(
         reader.delete(keys[0])
         assert index.journal_locations(keys[0]) == []
         assert index.journal_locations(keys[2]) == locations[keys[2]]
+    finally:
+        archive.close()
+
+
+def test_a_checkpoint_waits_for_the_records_still_being_indexed(
+    tmp_path: Path, index: SqlIndex, files: list[Path]
+) -> None:
+    """A segment is written out only once every record in it has been indexed or given
+    up (``done``): a record written out before its index row exists would be dropped,
+    and its instance acknowledged with no file. The wake-up comes from the last
+    ``done`` of the segment, not from every one (issue 19)."""
+    archive = _archive(tmp_path, index)
+    journal = _journal(archive)
+    journal.idle_s = 3600  # no write-out but ours
+    try:
+        first = _stage(archive, files[0])
+        accepted = archive.accept(first)  # indexed: written out by the checkpoint
+        staged = _stage(archive, files[1])
+        assert staged.body is not None
+        tickets = [journal.append(staged.key, staged.body, staged.dataset_offset,
+                                  aligned=staged.aligned_body())
+                   for _ in range(2)]
+        assert all(t is not None for t in tickets)
+        finished = threading.Event()
+        counted: list[int] = []
+
+        def checkpoint() -> None:
+            counted.append(journal.checkpoint())
+            finished.set()
+
+        thread = threading.Thread(target=checkpoint)
+        thread.start()
+        journal.done(tickets[0])  # type: ignore[arg-type]
+        assert not finished.wait(0.5)  # one record still in flight
+        journal.done(tickets[1])  # type: ignore[arg-type]
+        assert finished.wait(10)
+        thread.join()
+        staged.release()
+        assert counted == [3]  # read, and only the indexed one written out:
+        assert {p.stem for p in _dcm_files(tmp_path / "originals")} == {accepted.key}
     finally:
         archive.close()
