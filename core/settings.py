@@ -137,7 +137,8 @@ class DicomSettings(BaseModel):
     #: Our Maximum Length Received (PS3.8 D.1). Large PDUs mean far fewer Python calls
     #: per instance; 0 would mean unlimited, which some SCUs mishandle.
     max_pdu: int = Field(4_194_304, ge=0)
-    #: Receiver processes sharing the listening socket (0: one per CPU core).
+    #: Receiver processes sharing the listening socket (0: :func:`receiver_count`, two
+    #: per CPU core).
     workers: int = Field(0, ge=0)
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0

@@ -41,7 +41,13 @@ from storage.originals import clear_staging
 if TYPE_CHECKING:
     from ingest.dicom.qr_association import PlainQueryRetrieve
 
-__all__ = ["DicomProcesses", "receiver_staging_name", "run_receiver", "warn_open_access"]
+__all__ = [
+    "DicomProcesses",
+    "receiver_count",
+    "receiver_staging_name",
+    "run_receiver",
+    "warn_open_access",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +321,23 @@ def _child_main(
     run_receiver(listener, settings, siblings=siblings, loads=loads)
 
 
+def receiver_count(cores: int) -> int:
+    """Receiver processes when ``PACSLAB_DICOM__WORKERS`` is 0: two per core, at most 32
+    (never fewer than one per core).
+
+    Why two: a receiver waits on the network and the device for part of every
+    instance (the journal's ``fdatasync``, the SCU sending the next one), and a second
+    association in the same process then shares its GIL: each release and retake
+    around a system call becomes a thread switch when another thread waits. Measured
+    with 4 ``storescu`` associations on 2 cores (benchmarks/test_dicom_ingest.py, issue
+    19), 4 receivers took 7-10 % more instances per second than 2 (and fewer context
+    switches). Why at most 32: each holds an index connection and its original journal
+    (``PACSLAB_STORAGE__JOURNAL_MB`` of disk), and a site rarely has more modalities
+    sending at once.
+    """
+    return max(cores, min(2 * cores, 32))
+
+
 class DicomProcesses:
     """Bind the DICOM port, fork the receivers, restart any that dies."""
 
@@ -322,7 +345,7 @@ class DicomProcesses:
         self.settings = settings
         self.listener = bind_listener(settings.dicom.host, settings.dicom.port)
         self.port = self.listener.getsockname()[1]
-        self.count = settings.dicom.workers or os.cpu_count() or 1
+        self.count = settings.dicom.workers or receiver_count(os.cpu_count() or 1)
         self._ctx = mp.get_context("fork")
         #: Connections each receiver serves, in memory shared with all of them: a
         #: new connection goes to the least busy one (ingest.dicom.scp.AcceptLoads).
