@@ -54,6 +54,18 @@ Measured here, 5 rounds, the journal against main as BENCH_BEFORE_TREE: one asso
 690, Orthanc 587 (1.18x, rounds 1.13-1.25x; main 563, 0.96x). Receivers' CPU per
 instance 1.5 / 1.6 ms (main 1.6 / 1.8); last instance to pyramid 12.0 / 11.9 s (main
 12.0 / 12.2). Each round waits 5 s after the journals are made (``_journals_ready``).
+
+One flush per instance, no inode per instance, direct I/O from the receive buffer
+(2026-12-04, the index row's WAL flush left to the journal's checkpoint): 1.78-1.79x
+on one association, 1.37-1.46x on four (two runs). Then, with four associations CPU-bound
+(the machine 85-90 % busy, storescu included): two receivers per core instead of one
+(two associations no longer share a GIL; 29 futex calls per instance before), the next
+PDU's headers read with each data set fragment (18 receives per instance to ~10), the
+journal's checkpoint thread no longer woken by every instance. Two runs against the
+previous main as BENCH_BEFORE_TREE: four associations 788 / 736 inst/s, Orthanc 494 /
+491 (1.60x rounds 1.40-1.65, 1.50x rounds 1.44-1.63; previous main 1.46x / 1.40x); one
+association 518 / 500, Orthanc 271 / 275 (1.91x / 1.82x). Receivers' CPU per instance
+1.3 / 1.5-1.6 ms; last instance to pyramid 12.3-12.6 s (previous main 12.3-12.4 s).
 """
 
 from __future__ import annotations
