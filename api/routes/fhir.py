@@ -51,7 +51,7 @@ from api.fhir.imaging import (
 from api.fhir.registry import IMAGING_STUDY, PATIENT, RESOURCES
 from api.routes.dicomweb import PREFIX as DICOMWEB_PREFIX
 from api.routes.ohif import deep_link as ohif_deep_link
-from api.routes.patients import etag, with_links, with_links_many
+from api.routes.patients import etag, patient_pk, with_links, with_links_many
 from core import __version__
 from core.errors import InvalidQueryError, NotFoundError
 from storage.index.queries import Match, NameSearch, Query
@@ -106,10 +106,12 @@ def read_endpoint(request: Request) -> JSONResponse:
 
 
 def pk_of_patient(ident: str) -> int:
-    """The ``patients`` row a Patient id names (ids are row keys); an id that cannot be
-    one names no patient."""
-    # (isascii: str.isdigit accepts superscripts, which int() refuses)
-    return int(ident) if ident.isascii() and ident.isdigit() and len(ident) <= 18 else _NO_PATIENT
+    """The ``patients`` row a Patient id names (:func:`patient_pk`); an id that cannot
+    be one names no patient."""
+    try:
+        return patient_pk(ident)
+    except NotFoundError:
+        return _NO_PATIENT
 
 
 def _identifier_matches(raw: str) -> list[Match]:
@@ -388,9 +390,7 @@ def search_patient(request: Request, index: IndexDep) -> JSONResponse:
 @router.get("/Patient/{id}", summary="Read Patient", responses=_FHIR_RESPONSES)
 def read_patient(request: Request, index: IndexDep, id: str) -> JSONResponse:
     check_accept(request)
-    if not (id.isascii() and id.isdigit()) or len(id) > 18:
-        raise NotFoundError("no such Patient")
-    rows = index.find(Query(level="patient", patient_pk=int(id)))
+    rows = index.find(Query(level="patient", patient_pk=patient_pk(id)))
     if not rows:
         raise NotFoundError("no such Patient")
     resource = with_links(request, patient(rows[0]))  # merges (issue 17)

@@ -44,7 +44,7 @@ from services.patients import PatientIdentityService, PatientLinks
 from storage.index.queries import Query as IndexQuery
 from storage.index.sql import SqlIndex
 
-__all__ = ["admin_router", "etag", "fhir_router", "with_links"]
+__all__ = ["admin_router", "etag", "fhir_router", "patient_pk", "with_links"]
 
 fhir_router = APIRouter(prefix="/fhir", tags=["fhir"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
@@ -66,7 +66,10 @@ def _who(request: Request) -> str:
     return str(getattr(principal, "subject", "") or "anonymous")
 
 
-def _pk(ident: str) -> int:
+def patient_pk(ident: str) -> int:
+    """The ``patients`` row a Patient id names (ids are row keys); NotFoundError for an
+    id that cannot be one: ASCII digits only (``str.isdigit`` also accepts superscripts,
+    which ``int()`` refuses), at most 18 of them (a 64-bit key)."""
     if not (ident.isascii() and ident.isdigit()) or len(ident) > 18:
         raise NotFoundError("no such Patient")
     return int(ident)
@@ -225,7 +228,7 @@ async def update_patient(request: Request, index: IndexDep, id: str) -> JSONResp
     transaction), else 412 and nothing changes. The answer carries the new ``ETag``
     and ``meta.versionId``."""
     check_accept(request)
-    pk = _pk(id)
+    pk = patient_pk(id)
     expected = if_match_version(request)
     body = await read_resource(request)
     if body.get("resourceType") != "Patient":
@@ -280,7 +283,7 @@ def _merge_ref(
     if refs:
         ref = expect(refs[0].get("valueReference"), dict, f"{role}-patient.valueReference") or {}
         text = expect(ref.get("reference"), str, f"{role}-patient.valueReference.reference") or ""
-        pk = _pk(parse_reference(text, target="Patient", base=fhir_base(request)))
+        pk = patient_pk(parse_reference(text, target="Patient", base=fhir_base(request)))
         found = _row_ref(svc, pk)
         if idents:
             given = _identifier(idents[0].get("valueIdentifier"), f"{role}-patient-identifier")
