@@ -350,13 +350,13 @@ class PduReader:
 
     def recv_exactly(self, view: memoryview) -> None:
         """Fill ``view`` (a data set fragment), and keep what arrived after it."""
+        if not self._scatter:
+            self._read(view)
+            return
         got = self._take(view)
         n = len(view)
         if got == n:
-            return
-        if not self._scatter:
-            _recv_into(self.sock, view[got:])
-            return
+            return  # (from held bytes alone: those left stay held)
         while got < n:
             # Held bytes are all taken here: the look-ahead buffer is free.
             k = self.sock.recvmsg_into([view[got:], self._ahead])[0]

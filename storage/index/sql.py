@@ -199,6 +199,13 @@ _INSTANCE_KEYS = [
 ]
 _NEW_JOB_KEYS = ["kind", "target", "status", "correlation_id", "created_at", "updated_at"]
 
+#: Marks whose journal record readers may still need (storage/journal.py): a location
+#: kept (not dropped by a delete) and an instance still referencing the original.
+_LOCATED_AND_REFERENCED = and_(
+    journal_marks.c.location != "",
+    exists().where(instances.c.blob_key == journal_marks.c.blob_key),
+)
+
 
 #: DICOM JSON shorter than this is stored as text (compression would not pay).
 _COMPRESS_FROM = 256
@@ -1308,26 +1315,23 @@ class SqlIndex:
             }
 
     def journal_locations(self, blob_key: str) -> list[str]:
-        referenced = exists().where(instances.c.blob_key == journal_marks.c.blob_key)
         with self._read() as conn:
             return [
                 str(loc)
                 for (loc,) in conn.execute(
                     select(journal_marks.c.location)
-                    .where(journal_marks.c.blob_key == blob_key, journal_marks.c.location != "",
-                           referenced)
+                    .where(journal_marks.c.blob_key == blob_key, _LOCATED_AND_REFERENCED)
                     .order_by(journal_marks.c.seq.desc())
                 )
             ]
 
     def pending_originals(self) -> list[tuple[str, str]]:
-        referenced = exists().where(instances.c.blob_key == journal_marks.c.blob_key)
         with self._read() as conn:
             return [
                 (str(key), str(loc))
                 for key, loc in conn.execute(
                     select(journal_marks.c.blob_key, journal_marks.c.location)
-                    .where(journal_marks.c.location != "", referenced)
+                    .where(_LOCATED_AND_REFERENCED)
                     .order_by(journal_marks.c.seq)
                 )
             ]
