@@ -44,7 +44,7 @@ from core.settings import Settings
 from storage._flush import SharedFlush, fsync_dir
 from storage.abc import OriginalStore
 from storage.journal import read_record
-from storage.staging import write_file
+from storage.staging import link_unnamed, write_file, write_unnamed
 
 __all__ = [
     "FileOriginalStore",
@@ -237,9 +237,12 @@ class FileOriginalStore:
         any flush: it is in the original journal (storage/journal.py), whose checkpoint
         makes it durable. Whether a file was created (False: this content was there).
 
-        The file is complete under a temporary name before it is renamed, so a reader
-        never sees part of it; a file already there is kept only if it is this content
-        (one left damaged by a crash before its journal record was whole is replaced).
+        The file is complete before it has its name, so a reader never sees part of
+        it: written unnamed in its directory and then linked (``O_TMPFILE``; a process
+        killed meanwhile, the worker reading an original of the journal say, leaves
+        nothing behind), or under a temporary name in staging and renamed where the
+        file system cannot. A file already there is kept only if it is this content (one
+        left damaged by a crash before its journal record was whole is replaced).
         """
         final = self._path(key)
         tmp = self._staging / f"{uuid.uuid4().hex}.final"
@@ -247,8 +250,22 @@ class FileOriginalStore:
             self._fanout(final, track=False)
             if _same_content(final, body):
                 return False
-            write_file(tmp, body)
-            os.replace(tmp, final)
+            fd = write_unnamed(final.parent, body)
+            if fd is None:
+                write_file(tmp, body)
+                os.replace(tmp, final)
+                return True
+            try:
+                try:
+                    link_unnamed(fd, final)
+                    return True
+                except FileExistsError:  # written meanwhile, or the damaged one
+                    if _same_content(final, body):
+                        return False
+                link_unnamed(fd, tmp)
+                os.replace(tmp, final)
+            finally:
+                os.close(fd)
         return True
 
     def write_out_pending(self) -> int:

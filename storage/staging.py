@@ -186,6 +186,7 @@ class _BufferPool:
 
 
 _POOL = _BufferPool()
+_PROC_FD = Path("/proc/self/fd")
 
 
 def open_direct(path: Path, flags: int, mode: int = 0o644) -> tuple[int, bool]:
@@ -237,6 +238,47 @@ def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> 
     (direct I/O from a page-aligned buffer, the last block padded, then the file cut
     to size); on failure nothing is left at ``path``."""
     fd, direct = _open_for_writing(path)
+    try:
+        _write_body(fd, direct, data, fsync=fsync)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    os.close(fd)
+
+
+def write_unnamed(directory: Path, data: bytes | memoryview) -> int | None:
+    """A file in ``directory`` that has no name yet (Linux ``O_TMPFILE``), holding
+    ``data``: its open descriptor, for :func:`link_unnamed`; None where the file system
+    cannot make one (the caller then writes a named temporary file). A process killed
+    before the file is linked leaves nothing behind: no temporary name to clean up."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if not tmpfile or not _PROC_FD.is_dir():  # (linked through /proc: link_unnamed)
+        return None
+    try:
+        fd, direct = open_direct(directory, tmpfile | os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+    _write_body(fd, direct, data, fsync=False)
+    return fd
+
+
+def link_unnamed(fd: int, path: Path) -> None:
+    """Give the file of :func:`write_unnamed` the name ``path`` (``FileExistsError`` if
+    one is there; the file appears whole or not at all)."""
+    # linkat(..., AT_SYMLINK_FOLLOW), as open(2) shows for O_TMPFILE; os.link calls
+    # plain link(2), which would link the /proc entry itself, unless given a dir fd.
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(_PROC_FD / str(fd), path.name, dst_dir_fd=parent, follow_symlinks=True)
+    finally:
+        os.close(parent)
+
+
+def _write_body(fd: int, direct: bool, data: bytes | memoryview, *, fsync: bool) -> None:
+    """``data`` into the new file ``fd``; the descriptor is closed if this raises."""
     buf = _POOL.take()
     try:
         view = memoryview(data)
@@ -251,12 +293,9 @@ def write_file(path: Path, data: bytes | memoryview, *, fsync: bool = False) -> 
             os.fsync(fd)
     except BaseException:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        _POOL.give(buf)
         raise
-    os.close(fd)
-    _POOL.give(buf)
+    finally:
+        _POOL.give(buf)
 
 
 class StagedWriter:
