@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -33,7 +34,7 @@ def main() -> int:
 
     def on_report(event: evt.Event) -> tuple[int, None]:
         info = event.event_information
-        report["type"] = int(event.request.EventTypeID)  # type: ignore[union-attr]
+        report["type"] = int(event.request.EventTypeID)  # type: ignore[union-attr, arg-type]
         report["transaction"] = str(info.TransactionUID)
         report["committed"] = [
             str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])
@@ -62,8 +63,11 @@ def main() -> int:
         return 0
     ae = AE(ae_title=scu_ae)
     ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", int(port), ae_title="PACSLAB",
-                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    # ``away`` takes no report at all: without a handler pynetdicom answers one with
+    # 0x0110. Bound, a report the receiver sent before this SCU's release left was
+    # taken on a loaded machine (CI), and the test found it delivered, not owed.
+    handlers: list[Any] = [] if mode == "away" else [(evt.EVT_N_EVENT_REPORT, on_report)]
+    assoc = ae.associate("127.0.0.1", int(port), ae_title="PACSLAB", evt_handlers=handlers)
     if not assoc.is_established:
         print(json.dumps({"error": "association refused"}))
         return 1
