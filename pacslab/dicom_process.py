@@ -110,6 +110,7 @@ def run_receiver(
             private=settings.qr.private_storage_classes,
         ),
     )
+    index.prepare_ingest()  # (not in the first instance's acknowledgement)
     # Everything built so far (pydicom's dictionaries, pynetdicom, SQLAlchemy's tables
     # and compiled statements) lives as long as the process: out of the cyclic
     # collector's reach, a full collection no longer walks it. Measured here, the

@@ -135,3 +135,16 @@ def test_journal_mode_unknown_yet_uses_full_and_asks_again(
     assert index.add_instances([new(record(2), "b")])[0].status == "stored"
     assert index._ingest_setup is not None and index._ingest_setup[1] is not None
     assert len(calls) == 2
+
+
+def test_a_receiver_can_open_its_ingest_connection_before_the_first_instance(
+        index: SqlIndex) -> None:
+    """``prepare_ingest`` (called by each receiver process at start): the NORMAL
+    engine is settled and holds an open connection, which the first instance uses."""
+    index.prepare_ingest()
+    engine, wal = index._ingest()
+    assert wal and engine is not index.engine
+    assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    index.add_instances([new(record(1), "k1")])
+    assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]  # the same one
+    assert _synchronous(engine) == 1
