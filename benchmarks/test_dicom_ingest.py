@@ -69,6 +69,15 @@ previous main as BENCH_BEFORE_TREE: four associations 788 / 736 / 736 inst/s, Or
 12.3-12.6 s (previous main 12.1-12.4 s). Four associations are CPU-bound (~2.3 ms of
 machine CPU per instance with storescu): of a receiver's in-process accept (0.59 ms),
 the index commit is 0.23 ms, the header read 0.11, the journal append 0.09.
+
+On a slower machine of the same kind (2026-12-04 evening, everything ~1.6x slower,
+Orthanc included), with each receiver's index connection opened at start instead of in
+its first acknowledgement (0.26 ms less receiver CPU per instance here: each round is a
+fresh service, 125 instances per receiver): four associations 409 inst/s, Orthanc 255
+(1.60x, rounds 1.35-1.85x; previous main 364, 1.43x), one association 231, Orthanc 139
+(1.66x, rounds 1.43-1.82x; previous main 206, 1.48x); the run before it, on main
+unchanged, 1.60x and 1.67x. One index writer process for every receiver's rows was
+measured slower on two cores (storage/archive.py, ``_GroupCommit``).
 """
 
 from __future__ import annotations
