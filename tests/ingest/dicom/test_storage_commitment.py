@@ -48,6 +48,13 @@ def stored(receiver: Receiver) -> dict[str, str]:
     study = Study("SC001", "PHAM^VAN C", "20240501", "A5001", [("CT", CT, 3)])
     store(receiver.port, build(study))
     good, corrupt, other = study.sop_uids[0]
+    # Rot only once the receiver's journal is written out: its write-out replaces a file
+    # that is not the journaled content (storage/journal.py), and one that ran after the
+    # damage (~1 s after the last instance, the SCU still starting on a loaded machine)
+    # healed it, so the report committed the "corrupt" instance too (seen in CI).
+    index: Any = receiver.index
+    wait_until(lambda: not index.pending_originals(), timeout=60,
+               message="the receiver's journal was not written out")
     inst = receiver.index.get_instance(corrupt)  # type: ignore[attr-defined]
     path = receiver.service.archive.originals.path(inst.blob_key)  # type: ignore[attr-defined]
     raw = bytearray(path.read_bytes())
