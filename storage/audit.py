@@ -299,6 +299,10 @@ class AuditLog(AuditStore):
         self._pending: collections.deque[AuditEntry] = collections.deque()
         self._cond = threading.Condition()
         self._flushes: list[threading.Event] = []
+        #: Entries the writer took from ``_pending`` and is writing now: a flush waits
+        #: for them too (it returned while a batch was being written, and the entries
+        #: it had to wait for were not there yet: seen in CI).
+        self._writing = 0
         self._closed = False
         self.dropped = 0
         self._thread: threading.Thread | None = None
@@ -341,7 +345,7 @@ class AuditLog(AuditStore):
             return True
         done = threading.Event()
         with self._cond:
-            if not self._pending:
+            if not self._pending and not self._writing:
                 return True
             self._flushes.append(done)
             self._ensure_thread()
@@ -358,6 +362,7 @@ class AuditLog(AuditStore):
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._writing = 0  # (the last batch is written, or back in _pending)
                 while not self._pending and not self._closed:
                     self._release_flushes()
                     self._cond.wait()
@@ -369,6 +374,7 @@ class AuditLog(AuditStore):
                                     timeout=self.settings.flush_interval_s)
                 batch = [self._pending.popleft()
                          for _ in range(min(len(self._pending), self.settings.batch_max))]
+                self._writing = len(batch)
             try:
                 self.append(batch)
             except Exception:

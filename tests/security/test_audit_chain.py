@@ -264,3 +264,35 @@ def test_c_store_entries_when_a_pynetdicom_association_is_released_or_aborted(
     _, aborted = _store_entries(service)
     assert json.loads(aborted.detail)["instances"] == 1
     assert aborted.correlation_id != released.correlation_id
+
+
+def test_flush_waits_for_the_batch_being_written(settings: Settings) -> None:
+    """flush() returns once every entry queued before it is in the log, including the
+    ones the writer thread has already taken and is writing (it returned at once then,
+    and a C-MOVE test found its entry missing after the flush)."""
+    import threading
+
+    from pacslab.wiring import build_index
+
+    index = build_index(settings, migrate=True)
+    audit = AuditLog(index.engine, settings.audit, url=index.url)
+    writing, release = threading.Event(), threading.Event()
+    real = audit.append
+
+    def slow_append(entries: list[AuditEntry]) -> list[ChainedEntry]:
+        writing.set()
+        release.wait(30)
+        return real(entries)
+
+    audit.append = slow_append  # type: ignore[method-assign]
+    audit.record(_entry(1))
+    assert writing.wait(30)  # taken from the queue, not written yet
+    flushed: list[bool] = []
+    flusher = threading.Thread(target=lambda: flushed.append(audit.flush()))
+    flusher.start()
+    flusher.join(0.5)
+    assert flushed == []  # still waiting: the entry is not in the log
+    release.set()
+    flusher.join(30)
+    assert flushed == [True]
+    assert [e.resource for e in audit.entries()] == ["/dicomweb/studies/1.2.1"]
