@@ -253,19 +253,18 @@ class FileOriginalStore:
             fd = write_unnamed(final.parent, body)
             if fd is None:
                 write_file(tmp, body)
-                os.replace(tmp, final)
-                return True
-            try:
+            else:
                 try:
-                    link_unnamed(fd, final)
-                    return True
-                except FileExistsError:  # written meanwhile, or the damaged one
-                    if _same_content(final, body):
-                        return False
-                link_unnamed(fd, tmp)
-                os.replace(tmp, final)
-            finally:
-                os.close(fd)
+                    try:
+                        link_unnamed(fd, final)
+                        return True
+                    except FileExistsError:  # written meanwhile, or the damaged one
+                        if _same_content(final, body):
+                            return False
+                    link_unnamed(fd, tmp)  # replaced below, as the fallback's file
+                finally:
+                    os.close(fd)
+            os.replace(tmp, final)
         return True
 
     def write_out_pending(self) -> int:
