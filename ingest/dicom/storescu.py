@@ -34,13 +34,13 @@ from ingest.dicom._retrieve import p_data_tf
 from ingest.dicom.association import (
     A_ABORT,
     A_RELEASE_RP,
-    APPLICATION_CONTEXT,
     MAX_CONTROL_PDU,
     P_DATA_TF,
     AbortError,
     PduReader,
 )
 from ingest.dicom.dimse import C_STORE_RSP, decode_command
+from ingest.dicom.negotiation import APPLICATION_CONTEXT
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 __all__ = ["AssociationRefusedError", "StorageScu"]
