@@ -282,6 +282,11 @@ class ProcessingSettings(BaseModel):
     #: during a transfer the worker leaves the CPU and the index's write lock to the
     #: receivers (issue 19). Capped at ``series_quiet_s``; 0 runs them at once.
     instance_defer_s: float = Field(2.0, ge=0)
+    #: While any other series is arriving, a series' instance jobs wait up to this
+    #: long after its last instance (capped at ``series_quiet_s``): the next transfer
+    #: is received at full speed and the jobs run in its pause (issue 19). At or below
+    #: ``instance_defer_s``: only the series' own arrivals defer them.
+    instance_defer_busy_s: float = Field(10.0, ge=0)
     #: Jobs the worker claims at once (instance jobs of one series share one metadata
     #: transaction and one header read per study for the order reconciliation).
     batch: int = Field(64, ge=1, le=1000)

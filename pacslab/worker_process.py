@@ -98,6 +98,7 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
         prune_after_s=processing.done_job_retention_s,
         # Never later than the series roll-up: the pyramid's job comes after them.
         defer_arriving_s=min(processing.instance_defer_s, processing.series_quiet_s),
+        defer_busy_s=min(processing.instance_defer_busy_s, processing.series_quiet_s),
     )
 
     def roll_up() -> None:
@@ -110,7 +111,9 @@ def build_worker(settings: Settings, *, name: str = "embedded") -> JobWorker:
     worker.on_idle.append(forwarding.close)
     # Time alone makes work due when a series passes its quiet period (the roll-up),
     # its instance jobs' deferral ends, or a retry's back-off does.
-    waits = sorted({processing.series_quiet_s, worker.defer_arriving_s} - {0.0})
+    waits = sorted(
+        {processing.series_quiet_s, worker.defer_arriving_s, worker.defer_busy_s} - {0.0}
+    )
     worker.next_due = lambda: index.next_due(waits)
     # Paced by its CPU budget, on every idle poll (not only when a job may be due).
     worker.on_tick.append(

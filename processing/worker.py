@@ -14,7 +14,8 @@ would take over jobs still being converted, and write the same store twice at on
 
 Kinds with a batch handler (``instance``) run as one call per claim, each job still
 failing or succeeding on its own; with ``defer_arriving_s`` the index leaves the
-instance jobs of a series still arriving pending until the sender pauses (issue 19).
+instance jobs of a series still arriving pending until the sender pauses, and with
+``defer_busy_s`` while any series arrives, up to that long (issue 19).
 
 Nothing an idle worker does grows with the archive (issue 21): claiming looks for a
 pending job in a read-only transaction, the roll-up hook (``on_idle``) reads the series
@@ -114,12 +115,15 @@ class JobWorker:
         prune_every_s: float = 60.0,
         batch_handlers: Mapping[str, BatchHandler] | None = None,
         defer_arriving_s: float = 0.0,
+        defer_busy_s: float = 0.0,
     ) -> None:
         self.index = index
         self.handlers = dict(handlers)
         self.batch_handlers = dict(batch_handlers or {})
         # Instance jobs of a series still arriving wait (SqlIndex.claim_jobs, issue 19).
         self.defer_arriving_s = defer_arriving_s
+        # ... and while any series arrives, up to this long after their own (issue 19).
+        self.defer_busy_s = defer_busy_s
         self.name = name
         self.poll_interval_s = poll_interval_s
         self.max_attempts = max_attempts
@@ -147,7 +151,10 @@ class JobWorker:
         """Claim and run up to ``batch`` jobs; return how many ran."""
         if self.defer_arriving_s > 0:
             jobs = self.index.claim_jobs(
-                self.name, limit=self.batch, defer_arriving_s=self.defer_arriving_s
+                self.name,
+                limit=self.batch,
+                defer_arriving_s=self.defer_arriving_s,
+                defer_busy_s=self.defer_busy_s,
             )
         else:
             jobs = self.index.claim_jobs(self.name, limit=self.batch)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom import dcmread
 from sqlalchemy import update
 
@@ -59,6 +62,51 @@ def test_instance_jobs_wait_while_their_series_arrives(tmp_path: Path) -> None:
             meta = json.loads(index.get_instance(uid).metadata_json)
             assert meta["00080018"]["Value"] == [uid]
             assert meta["7FE00010"] == {"vr": "OW", "BulkDataURI": ""}
+    finally:
+        index.close()
+
+
+FIRST, SECOND = "1.2.826.0.1.3680043.99.1", "1.2.826.0.1.3680043.99.2"
+
+
+def _quiet_for(index: Any, series_uid: str, minutes: int) -> None:
+    """The series' last instance came ``minutes`` ago."""
+    with index.write() as conn:
+        conn.execute(update(series).where(series.c.series_instance_uid == series_uid)
+                     .values(rollup_due_at=datetime.now(UTC) - _minutes(minutes)))
+
+
+def _done(index: Any) -> set[str]:
+    return {j.target for j in index.get_jobs() if j.status == "done"}
+
+
+@pytest.mark.parametrize("busy", [300.0, 0.0])
+def test_instance_jobs_wait_while_another_series_arrives_up_to_the_busy_wait(
+    tmp_path: Path, busy: float
+) -> None:
+    """A series quiet past ``instance_defer_s`` still waits while another one arrives
+    (the next transfer is received without the worker beside it), until
+    ``instance_defer_busy_s`` after its own last instance; without the busy wait it
+    runs at once (the control)."""
+    settings = _settings(tmp_path, series_quiet_s=600, instance_defer_s=60,
+                         instance_defer_busy_s=busy)
+    first = _store(settings, write_ct_series(tmp_path / "a", slices=3, rows=32, columns=32,
+                                             series_instance_uid=FIRST))
+    second = _store(settings, write_ct_series(tmp_path / "b", slices=2, rows=32, columns=32,
+                                              series_instance_uid=SECOND))
+    worker = build_worker(settings)
+    index = worker.index
+    try:
+        _quiet_for(index, FIRST, 2)  # past instance_defer_s, the other series arriving
+        if busy:
+            assert worker.run_once() == 0
+            _quiet_for(index, FIRST, 6)  # past the busy wait
+        assert worker.run_once() == 3
+        assert _done(index) == set(first)
+        assert worker.run_once() == 0  # the other series is still arriving
+        _quiet_for(index, SECOND, 2)
+        assert worker.run_once() == 2
+        assert _done(index) == set(first) | set(second)
     finally:
         index.close()
 

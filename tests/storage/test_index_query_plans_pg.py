@@ -102,10 +102,10 @@ def test_an_idle_turn_takes_no_lock_and_scans_nothing(index: SqlIndex) -> None:
 
     def idle_turn() -> None:  # what JobWorker.run and pacslab/worker_process.py run
         index.requeue_stale_jobs(600, give_up_after=5)
-        assert index.claim_jobs("w", limit=64, defer_arriving_s=2.0) == []
+        assert index.claim_jobs("w", limit=64, defer_arriving_s=2.0, defer_busy_s=10.0) == []
         assert index.series_due(10) == []
         index.prune_jobs(3600)
-        index.next_due([2.0, 10.0])
+        index.next_due([2.0, 10.0, 10.0])
         index.series_arriving()
         index.counts()
 
@@ -120,7 +120,7 @@ def test_a_busy_turn_claims_through_indexes(index: SqlIndex) -> None:
     series still arriving, the roll-up and the finish read indexes only."""
 
     def busy_turn() -> None:
-        jobs = index.claim_jobs("w", limit=8, defer_arriving_s=2.0)
+        jobs = index.claim_jobs("w", limit=8, defer_arriving_s=2.0, defer_busy_s=10.0)
         assert jobs
         index.finish_jobs([(j.id, {}) for j in jobs])
         for uid in index.series_due(10)[:1]:
