@@ -123,12 +123,27 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     count, size = (40, 256) if quick() else (500, 512) if measuring else (20, 64)
     root = tmp_path_factory.mktemp("ct")
     files = write_ct_series(root / "all", slices=count, rows=size, columns=size)
+    _four_parts(root, files)
+    return {"root": root, "count": count, "bytes": sum(f.stat().st_size for f in files),
+            "rounds": 3 if quick() else 5 if measuring else 1, "size": size,
+            "measuring": measuring}
+
+
+def _four_parts(root: Path, files: list[Path]) -> None:
     for i, f in enumerate(files):  # four folders for four parallel associations
         part = root / f"part{i % 4}"
         part.mkdir(exist_ok=True)
         (part / f.name).symlink_to(f)
-    return {"root": root, "count": count, "bytes": sum(f.stat().st_size for f in files),
-            "rounds": 3 if quick() else 5 if measuring else 1}
+
+
+@pytest.fixture(scope="module")
+def next_series(corpus: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another series like the corpus's (new UIDs): the transfer that follows it."""
+    root = tmp_path_factory.mktemp("ct-next")
+    size = int(corpus["size"])  # type: ignore[call-overload]
+    _four_parts(root, write_ct_series(root / "all", slices=int(corpus["count"]),  # type: ignore[call-overload]
+                                      rows=size, columns=size))
+    return root
 
 
 def _storescu(port: int, folders: list[Path], *, nodelay: bool) -> None:
@@ -443,7 +458,7 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
             finally:
                 server.stop()
 
-    benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined]
+    benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined, call-overload]
     size = int(corpus["bytes"])  # type: ignore[call-overload]
     case = f"C-STORE {associations} association(s), inst/s"
     goal = Goal(">=", 1.5, on="ratio", anchor="orthanc") if _orthanc_available() else None
@@ -490,3 +505,74 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
     if not _orthanc_available():
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
                     "it): measured without the anchor")
+
+
+#: Seconds from the end of one transfer to the start of the next (``test_next_series``):
+#: the first series' instance jobs are due (``processing.instance_defer_s``, 2 s) and its
+#: pyramid is not (``series_quiet_s``, 10 s).
+NEXT_SERIES_AFTER_S = 3.0
+
+
+@pytest.mark.timeout(7200)
+def test_next_series(benchmark: object, corpus: dict[str, object], next_series: Path,
+                     tmp_path: Path) -> None:
+    """A second series, 4 associations, 3 s after the first: a busy hospital's
+    receivers take it while the service has the first series' work to do (issue 19:
+    background work yields to ingest). The rate of the second transfer, interleaved
+    with Orthanc doing the same; CPU per instance by process during it."""
+    root = corpus["root"]
+    assert isinstance(root, Path)
+    count = int(corpus["count"])  # type: ignore[call-overload]
+    first = [root / f"part{i}" for i in range(4)]
+    second = [next_series / f"part{i}" for i in range(4)]
+    targets: list[tuple[str, Callable[[Path, int], subprocess.Popen[bytes]]]] = [
+        (SERVE, start_serve)]
+    if BEFORE_TREE:
+        targets.append((BEFORE, start_serve_before))
+    if _orthanc_available():
+        targets.append(("orthanc", start_orthanc))
+    seconds: dict[str, list[float]] = {name: [] for name, _ in targets}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name, _ in targets}
+    pause = NEXT_SERIES_AFTER_S if corpus["measuring"] else 0.0
+
+    def one_round() -> None:
+        for n, (name, start) in enumerate(targets):
+            server = Server(start, tmp_path / f"server{n}")
+            server.round = len(seconds[name])
+            server.fresh()
+            try:
+                _storescu(server.port, first, nodelay=True)
+                time.sleep(pause)
+                before = server.cpu()
+                began = time.perf_counter()
+                _storescu(server.port, second, nodelay=True)
+                seconds[name].append(time.perf_counter() - began)
+                after = server.cpu()
+                cpu[name].append({k: (after[k] - before[k]) * 1e3 / count for k in after})
+            finally:
+                server.stop()
+
+    benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined, call-overload]
+    case = "C-STORE 4 associations, the next series 3 s after one, inst/s"
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        ms = {k: statistics.median(c[k] for c in cpu[name])
+              for k in ("main", "receivers", "worker")}
+        benchmark.extra_info[name] = {  # type: ignore[attr-defined]
+            "inst_per_s": count / median, "rounds_s": [round(t, 3) for t in times],
+            **{f"cpu_ms_per_instance_{k}": round(v, 3) for k, v in ms.items()}}
+        record(case, name, count / median, "inst/s", rounds=[count / t for t in times],
+               interleaved=True)
+        if name != "orthanc":
+            record("C-STORE 4 associations, the next series, CPU ms/instance, worker",
+                   name, ms["worker"], "ms", rounds=[c["worker"] for c in cpu[name]],
+                   interleaved=True)
+        print(f"\n{case} {name}: {count / median:.0f} inst/s (rounds "
+              f"{[round(count / t) for t in times]}), CPU ms/inst receivers "
+              f"{ms['receivers']:.2f} worker {ms['worker']:.2f}", end="")
+    if "orthanc" in seconds:
+        for name in (SERVE, BEFORE):
+            if name in seconds:
+                ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
+                print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
+                      end="")
