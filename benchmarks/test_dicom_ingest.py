@@ -78,6 +78,21 @@ fresh service, 125 instances per receiver): four associations 409 inst/s, Orthan
 (1.66x, rounds 1.43-1.82x; previous main 206, 1.48x); the run before it, on main
 unchanged, 1.60x and 1.67x. One index writer process for every receiver's rows was
 measured slower on two cores (storage/archive.py, ``_GroupCommit``).
+
+2026-12-04 night, same machine, previous main (df33edd) as BENCH_BEFORE_TREE: with
+storescu's A-ASSOCIATE-RQ answered without pynetdicom's PDU objects (18 ms -> 1.4 ms of
+CPU, paid by each fresh receiver on its first association) four associations 528 inst/s,
+Orthanc 342 (1.54x, rounds 1.44-1.76x; previous main 481, 1.41x), receivers 1.88 ms per
+instance (2.04); one association 318, Orthanc 186 (1.71x; previous main 302, 1.62x); a
+second run of four associations 557, Orthanc 327 (1.70x, rounds 1.65-2.00x; previous
+main 509, 1.56x). The machine was 25 % idle with four associations: with the data dir on
+tmpfs the same service took 707-778 inst/s against 453-500 (97 % busy), so flush and
+direct-write latency (3 ms per instance under four writers, perf sched) is what the rest
+is made of; buffered journal writes and one flush shared by the receivers (flock + a
+monotonic timestamp) were measured and changed nothing (not kept). ``test_next_series``
+(the worker busy with the first series' instance jobs while the second arrives; they now
+wait while any series arrives, up to 10 s): 533 inst/s, Orthanc 336 (1.59x; previous
+main 437, 1.30x), worker 0.56 ms per instance during the transfer (1.18).
 """
 
 from __future__ import annotations
