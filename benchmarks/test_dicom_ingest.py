@@ -108,7 +108,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -412,6 +412,43 @@ def _orthanc_available() -> bool:
     return bool(shutil.which("Orthanc")) or Path("/usr/sbin/Orthanc").exists()
 
 
+@contextlib.contextmanager
+def _fresh(start: Callable[[Path, int], subprocess.Popen[bytes]], base: Path,
+           rounds_done: int) -> Iterator[Server]:
+    """A server on a fresh data dir for one round, stopped after it."""
+    server = Server(start, base)
+    server.round = rounds_done
+    server.fresh()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _measure(server: Server, folders: list[Path], count: int, seconds: list[float],
+             cpu: list[dict[str, float]]) -> dict[str, float]:
+    """One measured transfer to ``server``: its seconds and its CPU ms per instance by
+    process appended; the CPU seconds before it returned."""
+    before = server.cpu()
+    began = time.perf_counter()
+    _storescu(server.port, folders, nodelay=True)
+    seconds.append(time.perf_counter() - began)
+    after = server.cpu()
+    cpu.append({k: (after[k] - before[k]) * 1e3 / count for k in after})
+    return before
+
+
+def _print_ratios(case: str, seconds: dict[str, list[float]]) -> None:
+    """pacslab's rounds against Orthanc's, round by round (interleaved)."""
+    if "orthanc" not in seconds:
+        return
+    for name in (SERVE, BEFORE):
+        if name in seconds:
+            ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
+            print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
+                  end="")
+
+
 SERVE = "pacslab"  # the headline row: the whole service, as hospitals run it
 RECEIVER = "pacslab dicom (receiver only)"
 BEFORE = "pacslab (BENCH_BEFORE_TREE)"
@@ -453,16 +490,8 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
 
     def one_round() -> None:
         for n, (name, start) in enumerate(targets):
-            server = Server(start, tmp_path / f"server{n}")
-            server.round = len(seconds[name])
-            server.fresh()
-            try:
-                before = server.cpu()
-                began = time.perf_counter()
-                _storescu(server.port, folders, nodelay=True)
-                seconds[name].append(time.perf_counter() - began)
-                after = server.cpu()
-                cpu[name].append({k: (after[k] - before[k]) * 1e3 / count for k in after})
+            with _fresh(start, tmp_path / f"server{n}", len(seconds[name])) as server:
+                before = _measure(server, folders, count, seconds[name], cpu[name])
                 if start in (start_serve, start_serve_before):
                     assert server.proc is not None
                     waited = _wait_pyramid(server.work, server.proc)
@@ -470,8 +499,6 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
                     done = server.cpu()
                     to_pyramid.setdefault(name, []).append(sum(
                         done[k] - before[k] for k in ("main", "worker")) * 1e3 / count)
-            finally:
-                server.stop()
 
     benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined, call-overload]
     size = int(corpus["bytes"])  # type: ignore[call-overload]
@@ -511,12 +538,7 @@ def test_cstore_throughput(benchmark: object, corpus: dict[str, object], tmp_pat
         print(f"\n{case} {name} last instance -> pyramid s: {[round(t, 2) for t in waits]}; "
               f"main + worker CPU ms/inst to pyramid {statistics.median(to_pyramid[name]):.2f}",
               end="")
-    if "orthanc" in seconds:
-        for name in (SERVE, BEFORE):
-            if name in seconds:
-                ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
-                print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
-                      end="")
+    _print_ratios(case, seconds)
     if not _orthanc_available():
         pytest.skip("Orthanc not installed (Debian package orthanc; ./run test installs "
                     "it): measured without the anchor")
@@ -552,20 +574,10 @@ def test_next_series(benchmark: object, corpus: dict[str, object], next_series: 
 
     def one_round() -> None:
         for n, (name, start) in enumerate(targets):
-            server = Server(start, tmp_path / f"server{n}")
-            server.round = len(seconds[name])
-            server.fresh()
-            try:
+            with _fresh(start, tmp_path / f"server{n}", len(seconds[name])) as server:
                 _storescu(server.port, first, nodelay=True)
                 time.sleep(pause)
-                before = server.cpu()
-                began = time.perf_counter()
-                _storescu(server.port, second, nodelay=True)
-                seconds[name].append(time.perf_counter() - began)
-                after = server.cpu()
-                cpu[name].append({k: (after[k] - before[k]) * 1e3 / count for k in after})
-            finally:
-                server.stop()
+                _measure(server, second, count, seconds[name], cpu[name])
 
     benchmark.pedantic(one_round, rounds=int(corpus["rounds"]), iterations=1)  # type: ignore[attr-defined, call-overload]
     case = "C-STORE 4 associations, the next series 3 s after one, inst/s"
@@ -585,9 +597,4 @@ def test_next_series(benchmark: object, corpus: dict[str, object], next_series: 
         print(f"\n{case} {name}: {count / median:.0f} inst/s (rounds "
               f"{[round(count / t) for t in times]}), CPU ms/inst receivers "
               f"{ms['receivers']:.2f} worker {ms['worker']:.2f}", end="")
-    if "orthanc" in seconds:
-        for name in (SERVE, BEFORE):
-            if name in seconds:
-                ratios = [o / p for p, o in zip(seconds[name], seconds["orthanc"], strict=True)]
-                print(f"\n{case} {name}/orthanc per round: {[round(r, 2) for r in ratios]}",
-                      end="")
+    _print_ratios(case, seconds)
