@@ -62,9 +62,9 @@ from ingest.dicom.dimse import (
 from ingest.dicom.negotiation import (
     APPLICATION_CONTEXT,
     DEFAULT_PEER_MAX_PDU,
-    VERIFICATION,
     Negotiation,
     quick_negotiation,
+    served_here,
 )
 from storage.staging import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StagedWriter
 
@@ -499,14 +499,8 @@ def is_fast_path(
             "AsynchronousOperationsWindowNegotiation",
         }:
             return False
-    for cx in rq.presentation_context_definition_list:
-        uid = str(cx.abstract_syntax)
-        if elsewhere is not None:
-            if uid in elsewhere:
-                return False
-        elif uid != VERIFICATION and uid not in storage_sop_classes:
-            return False
-    return True
+    return all(served_here(str(cx.abstract_syntax), storage_sop_classes, elsewhere)
+               for cx in rq.presentation_context_definition_list)
 
 
 class FastAssociation:

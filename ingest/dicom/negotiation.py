@@ -32,7 +32,7 @@ from typing import Protocol
 
 from pynetdicom.presentation import SCP_SCU_ROLES, PresentationContext
 
-__all__ = ["Negotiation", "PlainPolicy", "quick_negotiation"]
+__all__ = ["Negotiation", "PlainPolicy", "quick_negotiation", "served_here"]
 
 VERIFICATION = "1.2.840.10008.1.1"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -169,6 +169,16 @@ def _parse(rq: bytes) -> _Request:
     return _Request(called, calling, contexts, peer_max_pdu)
 
 
+def served_here(uid: str, served: frozenset[str], elsewhere: frozenset[str] | None) -> bool:
+    """Whether an association proposing SOP class ``uid`` may stay on the fast path:
+    with ``elsewhere`` (the classes only pynetdicom serves), any class not among them
+    (those unknown anywhere are rejected here, PS3.8 9.3.3.2 result 3); without it,
+    Verification and ``served`` only."""
+    if elsewhere is not None:
+        return uid not in elsewhere
+    return uid == VERIFICATION or uid in served
+
+
 def _item(kind: int, value: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(value)) + value
 
@@ -200,10 +210,8 @@ def quick_negotiation(
         return None
     served = policy.storage_sop_classes | policy.plain_sop_classes
     elsewhere = policy.pynetdicom_sop_classes
-    for _cid, abstract, _ts in rq.contexts:
-        if (abstract in elsewhere) if elsewhere is not None else (
-                abstract != VERIFICATION and abstract not in served):
-            return None
+    if not all(served_here(abstract, served, elsewhere) for _, abstract, _ in rq.contexts):
+        return None
     ours = {str(cx.abstract_syntax): cx for cx in policy.contexts}
     results: list[tuple[int, int, str]] = []
     accepted: dict[int, tuple[str, str]] = {}
