@@ -938,22 +938,23 @@ class SqlIndex:
         if kind is not None:
             cond = and_(cond, jobs.c.kind == kind)
         if defer_arriving_s > 0:
-            cutoff = datetime.fromtimestamp(time.time() - defer_arriving_s, UTC)
-            # Its own series arriving within the wait (the busy wait if any series is
-            # arriving, since its own series is one): one index range each.
-            wait = defer_arriving_s
-            if defer_busy_s > defer_arriving_s and self._any_arriving(cutoff):
-                wait = defer_busy_s
-            since = datetime.fromtimestamp(time.time() - wait, UTC)
+            clock = time.time()
+            cutoff = datetime.fromtimestamp(clock - defer_arriving_s, UTC)
+            waiting = series.c.rollup_due_at > cutoff
+            if defer_busy_s > defer_arriving_s:
+                # Its own series within the busy wait while any series arrives (its own
+                # within ``defer_arriving_s`` is one): one index range each, the second
+                # not correlated, so read once per statement.
+                other = series.alias("other")
+                waiting = and_(
+                    series.c.rollup_due_at
+                    > datetime.fromtimestamp(clock - defer_busy_s, UTC),
+                    exists(select(other.c.id).where(other.c.rollup_due_at > cutoff)),
+                )
             arriving = exists(
                 select(instances.c.id)
                 .select_from(instances.join(series, instances.c.series_pk == series.c.id))
-                .where(
-                    and_(
-                        instances.c.sop_instance_uid == jobs.c.target,
-                        series.c.rollup_due_at > since,
-                    )
-                )
+                .where(and_(instances.c.sop_instance_uid == jobs.c.target, waiting))
             )
             cond = and_(cond, or_(jobs.c.kind != "instance", not_(arriving)))
         retried = select(jobs).where(and_(cond, jobs.c.attempts > 0)).order_by(jobs.c.id)
@@ -1212,13 +1213,6 @@ class SqlIndex:
             rows.append({"uid": uid, "key": key, "text": packed_text, "packed": packed})
         with self._write() as conn:
             conn.execute(stmt, rows)
-
-    def _any_arriving(self, cutoff: datetime) -> bool:
-        """Whether any series received an instance after ``cutoff`` (one read of
-        ``ix_series_rollup_due_at``)."""
-        query = select(series.c.id).where(series.c.rollup_due_at > cutoff).limit(1)
-        with self._read() as conn:
-            return conn.execute(query).first() is not None
 
     def series_arriving(self) -> bool:
         """True while any series has instances its roll-up has not taken yet (a
